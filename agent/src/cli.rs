@@ -1,0 +1,200 @@
+//! Command-line interface.
+
+use std::{
+    fs,
+    io::{self, Write as _},
+    path::PathBuf,
+};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing::info;
+
+use crate::{
+    dataplane::{self, Datapath, DatapathConfig},
+    model::{RoutingTable, ServiceJson},
+};
+
+/// sockmesh: eBPF socket-level service load balancing for a service mesh.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "SOCKMESH_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Commands,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Where the datapath is pinned and which cgroup it serves.
+#[derive(Debug, clap::Args)]
+pub struct DatapathArgs {
+    /// cgroup v2 directory whose processes get socket-level load balancing.
+    #[arg(long, env = "SOCKMESH_CGROUP")]
+    pub cgroup: PathBuf,
+    /// Directory on bpffs for the pinned maps and links (created; bpffs is mounted
+    /// at /sys/fs/bpf if needed).
+    #[arg(long, env = "SOCKMESH_BPFFS", default_value = "/sys/fs/bpf/sockmesh")]
+    pub bpffs: PathBuf,
+    /// Allow attaching to the root of the cgroup hierarchy (every process on the node).
+    #[arg(long, env = "SOCKMESH_ALLOW_ROOT_CGROUP")]
+    pub allow_root_cgroup: bool,
+}
+
+impl DatapathArgs {
+    fn config(&self) -> DatapathConfig {
+        DatapathConfig {
+            bpffs: self.bpffs.clone(),
+            cgroup: self.cgroup.clone(),
+            allow_root_cgroup: self.allow_root_cgroup,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Commands {
+    /// Install (or adopt) the datapath and apply a static routing table from a JSON
+    /// file (the format `sockmesh services --json` prints).
+    Apply {
+        #[command(flatten)]
+        datapath: DatapathArgs,
+        /// JSON file: an array of {"vip","port","protocol","backends":[{"address","port","weight"}]}.
+        #[arg(long)]
+        table: PathBuf,
+        /// Stay running until SIGINT/SIGTERM (the datapath stays pinned either way).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Print the routing table read back from the pinned maps (no agent needed).
+    Services {
+        /// Directory on bpffs the datapath is pinned under.
+        #[arg(long, env = "SOCKMESH_BPFFS", default_value = "/sys/fs/bpf/sockmesh")]
+        bpffs: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the kernel datapath counters (summed over CPUs).
+    Stats {
+        /// Directory on bpffs the datapath is pinned under.
+        #[arg(long, env = "SOCKMESH_BPFFS", default_value = "/sys/fs/bpf/sockmesh")]
+        bpffs: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach the programs and remove every pin of the datapath.
+    Uninstall {
+        /// Directory on bpffs the datapath is pinned under.
+        #[arg(long, env = "SOCKMESH_BPFFS", default_value = "/sys/fs/bpf/sockmesh")]
+        bpffs: PathBuf,
+    },
+}
+
+impl Commands {
+    /// Runs the command.
+    pub fn execute(self) -> Result<()> {
+        match self {
+            Commands::Apply {
+                datapath,
+                table,
+                wait,
+            } => apply(&datapath, &table, wait),
+            Commands::Services { bpffs, json } => services(&bpffs, json),
+            Commands::Stats { bpffs, json } => stats(&bpffs, json),
+            Commands::Uninstall { bpffs } => {
+                let removed = dataplane::uninstall(&bpffs)?;
+                info!(bpffs = %bpffs.display(), removed, "datapath uninstalled");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Reads a JSON routing table file.
+pub fn read_table_file(path: &PathBuf) -> Result<RoutingTable> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let services: Vec<ServiceJson> =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ok(RoutingTable::from_json(&services))
+}
+
+fn apply(args: &DatapathArgs, table: &PathBuf, wait: bool) -> Result<()> {
+    let table = read_table_file(table)?;
+    table.validate().context("refusing the table")?;
+    let mut datapath = Datapath::install(&args.config())?;
+    let report = datapath.apply(&table)?;
+    info!(?report, "routing table applied");
+    if wait {
+        wait_for_termination()?;
+        info!("exiting; the datapath stays pinned");
+    }
+    Ok(())
+}
+
+fn wait_for_termination() -> Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.thread_block().context("blocking signals")?;
+    let sig = set.wait().context("waiting for a signal")?;
+    info!(signal = ?sig, "signal received");
+    Ok(())
+}
+
+fn services(bpffs: &PathBuf, json: bool) -> Result<()> {
+    let table = dataplane::read_table(bpffs)?;
+    let services = table.to_json();
+    let mut out = io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &services)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    writeln!(out, "{:<40} {:<5} BACKENDS", "SERVICE", "PROTO")?;
+    for s in services {
+        let vip = match s.vip {
+            std::net::IpAddr::V4(ip) => format!("{ip}:{}", s.port),
+            std::net::IpAddr::V6(ip) => format!("[{ip}]:{}", s.port),
+        };
+        let mut backends: Vec<String> = s
+            .backends
+            .iter()
+            .map(|b| format!("{}:{} (w{})", b.address, b.port, b.weight))
+            .collect();
+        backends.extend(s.draining.iter().map(|b| format!("{}:{} (draining)", b.address, b.port)));
+        let list = if backends.is_empty() {
+            "(none: connections refused)".to_owned()
+        } else {
+            backends.join(", ")
+        };
+        writeln!(out, "{vip:<40} {:<5} {list}", s.protocol.to_string())?;
+    }
+    Ok(())
+}
+
+fn stats(bpffs: &PathBuf, json: bool) -> Result<()> {
+    let counters = dataplane::read_counters(bpffs)?;
+    let mut out = io::stdout().lock();
+    if json {
+        let map: serde_json::Map<String, serde_json::Value> = counters
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), serde_json::Value::from(*v)))
+            .collect();
+        serde_json::to_writer_pretty(&mut out, &map)?;
+        writeln!(out)?;
+    } else {
+        for (name, value) in counters {
+            writeln!(out, "{name:<16} {value}")?;
+        }
+    }
+    Ok(())
+}

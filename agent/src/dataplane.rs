@@ -1,0 +1,194 @@
+//! The kernel datapath: load, attach, pin, adopt, and write the routing table.
+//!
+//! [`Datapath::install`] is the one entry point for the agent: it leaves the
+//! programs attached to the cgroup and the maps pinned, so the datapath keeps
+//! working when the agent exits; run again, it adopts what is pinned instead of
+//! wiping it. [`Datapath::apply`] makes the maps hold a routing table, writing only
+//! what differs. [`read_table`], [`read_counters`] and [`uninstall`] work on the
+//! pins alone, without an agent.
+
+mod kernel;
+mod keys;
+mod loader;
+pub mod store;
+mod writer;
+
+use std::{
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use aya::Ebpf;
+pub use keys::{ip_to_words, port_to_map, service_key};
+pub use loader::{Attachment, PROGRAMS, PinLayout};
+use tracing::info;
+pub use writer::{ApplyReport, MapWriter, WriteError, table_from_snapshot};
+
+pub use self::kernel::{KernelMaps, MAP_NAMES};
+use crate::model::RoutingTable;
+
+/// Why the datapath could not be set up or read.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("{path} is not on a bpffs (mount one with `mount -t bpf bpf {path}`)", path = path.display())]
+    NotBpffs { path: PathBuf },
+    #[error("mounting bpffs at {}", path.display())]
+    Mount {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cgroup {} does not exist", path.display())]
+    CgroupNotFound { path: PathBuf },
+    #[error("{} is not a cgroup v2 directory", path.display())]
+    NotCgroup2 { path: PathBuf },
+    #[error(
+        "{} is the root of the cgroup hierarchy: every process on the node would be redirected; pass --allow-root-cgroup if that is intended",
+        path.display()
+    )]
+    RootCgroup { path: PathBuf },
+    #[error(
+        "the datapath pinned at {} is attached to another cgroup; uninstall it first (this cgroup's id is {cgroup_id})",
+        pins.display()
+    )]
+    OtherCgroup { pins: PathBuf, cgroup_id: u64 },
+    #[error("no sockmesh datapath is pinned at {} (is the agent installed with this --bpffs?)", path.display())]
+    NotInstalled { path: PathBuf },
+    #[error("{}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("loading the kernel object")]
+    Load(#[source] aya::EbpfError),
+    #[error("the kernel object has no program {name}")]
+    MissingProgram { name: &'static str },
+    #[error("the kernel object has no map {name}")]
+    MissingMap { name: &'static str },
+    #[error("program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("link of program {name}")]
+    Link {
+        name: &'static str,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("replacing program {name} in its pinned link")]
+    LinkUpdate {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pinning at {}", path.display())]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error(transparent)]
+    Write(#[from] WriteError),
+}
+
+/// Where the datapath lives.
+#[derive(Clone, Debug)]
+pub struct DatapathConfig {
+    /// A directory on bpffs; pins go under `<bpffs>/v<LAYOUT_VERSION>/`.
+    pub bpffs: PathBuf,
+    /// The cgroup v2 directory whose processes are load balanced.
+    pub cgroup: PathBuf,
+    /// Permit attaching to the root of the cgroup hierarchy (every process).
+    pub allow_root_cgroup: bool,
+}
+
+/// An installed datapath owned by this process.
+pub struct Datapath {
+    /// Keeps the loaded programs and map descriptors open while we run.
+    _ebpf: Ebpf,
+    writer: MapWriter<KernelMaps>,
+    layout: PinLayout,
+    attachment: Attachment,
+}
+
+impl Datapath {
+    /// Loads and attaches the datapath, or adopts the pinned one.
+    pub fn install(cfg: &DatapathConfig) -> Result<Self, DataplaneError> {
+        loader::ensure_bpffs(&cfg.bpffs)?;
+        let (cgroup, cgroup_id) = loader::open_cgroup(&cfg.cgroup, cfg.allow_root_cgroup)?;
+        let layout = PinLayout::new(&cfg.bpffs);
+        let mut ebpf = loader::load(&layout)?;
+        let attachment = loader::attach(&mut ebpf, &layout, cgroup.as_fd(), cgroup_id)?;
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name)
+                .ok_or(DataplaneError::MissingMap { name })
+        };
+        let maps = KernelMaps::new(take("SM_SERVICES")?, take("SM_SLOTS")?, take("SM_BACKENDS")?)?;
+        let writer = MapWriter::adopt(maps)?;
+        let services = writer.table().services.len();
+        info!(
+            cgroup = %cfg.cgroup.display(),
+            pins = %layout.root.display(),
+            ?attachment,
+            services,
+            "datapath ready"
+        );
+        Ok(Self {
+            _ebpf: ebpf,
+            writer,
+            layout,
+            attachment,
+        })
+    }
+
+    /// Makes the kernel maps hold `table`, writing only the difference.
+    pub fn apply(&mut self, table: &RoutingTable) -> Result<ApplyReport, WriteError> {
+        self.writer.apply(table)
+    }
+
+    /// The table installed in the kernel.
+    pub fn table(&self) -> RoutingTable {
+        self.writer.table()
+    }
+
+    /// Whether this process attached the programs or adopted pinned ones.
+    pub fn attachment(&self) -> Attachment {
+        self.attachment
+    }
+
+    /// The pin paths.
+    pub fn layout(&self) -> &PinLayout {
+        &self.layout
+    }
+}
+
+/// The routing table held by the maps pinned under `bpffs` (no agent needed).
+pub fn read_table(bpffs: &Path) -> Result<RoutingTable, DataplaneError> {
+    use store::MapStore as _;
+    let layout = PinLayout::new(bpffs);
+    let maps = KernelMaps::open_pinned(&layout.maps)?;
+    let snapshot = maps
+        .snapshot()
+        .map_err(|e| DataplaneError::Write(WriteError::Snapshot(e)))?;
+    Ok(table_from_snapshot(&snapshot))
+}
+
+/// The datapath counters pinned under `bpffs`, summed over CPUs.
+pub fn read_counters(bpffs: &Path) -> Result<Vec<(&'static str, u64)>, DataplaneError> {
+    kernel::read_counters(&PinLayout::new(bpffs).maps)
+}
+
+/// Detaches the programs and removes every pin under `bpffs`. Returns the number of
+/// pins removed (0 if nothing was installed).
+pub fn uninstall(bpffs: &Path) -> Result<usize, DataplaneError> {
+    loader::remove_pins(&PinLayout::new(bpffs))
+}

@@ -1,0 +1,130 @@
+//! [`MapStore`] over the real kernel maps, and read-only access to pinned maps.
+
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
+use sockmesh_common::{BackendInfo, BackendKey, ServiceKey, ServiceValue, SlotKey, counter};
+
+use super::{
+    DataplaneError,
+    store::{MapName, MapStore, Snapshot, StoreError},
+};
+
+/// The routing maps of a loaded or pinned datapath.
+pub struct KernelMaps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    slots: HashMap<MapData, SlotKey, u32>,
+    backends: HashMap<MapData, BackendKey, BackendInfo>,
+}
+
+/// Every map name the datapath pins, in creation order.
+pub const MAP_NAMES: [&str; 5] = [
+    "SM_SERVICES",
+    "SM_SLOTS",
+    "SM_BACKENDS",
+    "SM_REVERSE",
+    "SM_COUNTERS",
+];
+
+impl KernelMaps {
+    /// Wraps maps taken from a loaded object.
+    pub fn new(services: Map, slots: Map, backends: Map) -> Result<Self, DataplaneError> {
+        let conv = |name: &'static str, e: MapError| DataplaneError::Map { name, source: e };
+        Ok(Self {
+            services: HashMap::try_from(services).map_err(|e| conv("SM_SERVICES", e))?,
+            slots: HashMap::try_from(slots).map_err(|e| conv("SM_SLOTS", e))?,
+            backends: HashMap::try_from(backends).map_err(|e| conv("SM_BACKENDS", e))?,
+        })
+    }
+
+    /// Opens the routing maps pinned under `maps_dir` (no program is loaded).
+    pub fn open_pinned(maps_dir: &Path) -> Result<Self, DataplaneError> {
+        Self::new(
+            Map::HashMap(open_pin(maps_dir, "SM_SERVICES")?),
+            Map::HashMap(open_pin(maps_dir, "SM_SLOTS")?),
+            Map::HashMap(open_pin(maps_dir, "SM_BACKENDS")?),
+        )
+    }
+}
+
+fn open_pin(dir: &Path, name: &'static str) -> Result<MapData, DataplaneError> {
+    let path: PathBuf = dir.join(name);
+    if !path.exists() {
+        return Err(DataplaneError::NotInstalled { path });
+    }
+    MapData::from_pin(&path).map_err(|source| DataplaneError::Map { name, source })
+}
+
+fn err(map: MapName, op: &'static str) -> impl FnOnce(MapError) -> StoreError {
+    move |e| StoreError {
+        map,
+        op,
+        source: Box::new(e),
+    }
+}
+
+/// Deleting an absent key is fine: the caller wanted it gone.
+fn absent_ok(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+impl MapStore for KernelMaps {
+    fn put_service(&mut self, k: &ServiceKey, v: &ServiceValue) -> Result<(), StoreError> {
+        self.services.insert(k, v, 0).map_err(err(MapName::Services, "insert"))
+    }
+    fn del_service(&mut self, k: &ServiceKey) -> Result<(), StoreError> {
+        absent_ok(self.services.remove(k)).map_err(err(MapName::Services, "delete"))
+    }
+    fn put_slot(&mut self, k: &SlotKey, backend_index: u32) -> Result<(), StoreError> {
+        self.slots.insert(k, &backend_index, 0).map_err(err(MapName::Slots, "insert"))
+    }
+    fn del_slot(&mut self, k: &SlotKey) -> Result<(), StoreError> {
+        absent_ok(self.slots.remove(k)).map_err(err(MapName::Slots, "delete"))
+    }
+    fn put_backend(&mut self, k: &BackendKey, v: &BackendInfo) -> Result<(), StoreError> {
+        self.backends.insert(k, v, 0).map_err(err(MapName::Backends, "insert"))
+    }
+    fn del_backend(&mut self, k: &BackendKey) -> Result<(), StoreError> {
+        absent_ok(self.backends.remove(k)).map_err(err(MapName::Backends, "delete"))
+    }
+    fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        Ok(Snapshot {
+            services: self
+                .services
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(err(MapName::Services, "iterate"))?,
+            slots: self
+                .slots
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(err(MapName::Slots, "iterate"))?,
+            backends: self
+                .backends
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(err(MapName::Backends, "iterate"))?,
+        })
+    }
+}
+
+/// The datapath counters, summed over CPUs, by name.
+pub fn read_counters(maps_dir: &Path) -> Result<Vec<(&'static str, u64)>, DataplaneError> {
+    let data = open_pin(maps_dir, "SM_COUNTERS")?;
+    let conv = |source| DataplaneError::Map {
+        name: "SM_COUNTERS",
+        source,
+    };
+    let array: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(conv)?;
+    let mut out = Vec::with_capacity(counter::NAMES.len());
+    for (i, name) in counter::NAMES.iter().enumerate() {
+        let values = array.get(&(i as u32), 0).map_err(conv)?;
+        out.push((*name, values.iter().sum()));
+    }
+    Ok(out)
+}

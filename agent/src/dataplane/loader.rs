@@ -1,0 +1,361 @@
+//! Loading the kernel object, attaching it to a cgroup, pinning, and adopting pins.
+//!
+//! Pin layout under the user's bpffs directory:
+//! ```text
+//! <bpffs>/v<LAYOUT_VERSION>/maps/SM_SERVICES …   the maps (aya reuses them if present)
+//! <bpffs>/v<LAYOUT_VERSION>/links/cg<ID>/<prog>   one bpf_link per program; ID is the
+//!                                                 cgroup's id (its inode on cgroup2)
+//! ```
+//! Pinned links keep the programs attached, and pinned maps keep the routing table,
+//! when the agent exits or is killed. A new agent loads the same object, reuses the
+//! pinned maps, and swaps its freshly loaded programs into the pinned links with
+//! `BPF_LINK_UPDATE` — an atomic, in-place replacement with no detach window.
+
+use std::{
+    ffi::CString,
+    fs, io,
+    os::{
+        fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        unix::{ffi::OsStrExt, fs::MetadataExt},
+    },
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, links::FdLink},
+};
+use sockmesh_common::LAYOUT_VERSION;
+use tracing::{debug, info};
+
+use super::DataplaneError;
+
+/// Magic numbers from `linux/magic.h`.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+/// The conventional bpffs mount point, mounted on demand.
+const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
+
+/// The kernel object, built by `build.rs` from `ebpf/programs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sockmesh-ebpf"));
+
+/// Every program in the object: ELF name and whether it is a sock_addr hook.
+pub const PROGRAMS: [(&str, bool); 9] = [
+    ("sm_connect4", true),
+    ("sm_connect6", true),
+    ("sm_sendmsg4", true),
+    ("sm_sendmsg6", true),
+    ("sm_recvmsg4", true),
+    ("sm_recvmsg6", true),
+    ("sm_getpeername4", true),
+    ("sm_getpeername6", true),
+    ("sm_sock_release", false),
+];
+
+/// Paths of one datapath's pins.
+#[derive(Clone, Debug)]
+pub struct PinLayout {
+    /// `<bpffs>/v<LAYOUT_VERSION>`
+    pub root: PathBuf,
+    pub maps: PathBuf,
+    pub links: PathBuf,
+}
+
+impl PinLayout {
+    pub fn new(bpffs: &Path) -> Self {
+        let root = bpffs.join(format!("v{LAYOUT_VERSION}"));
+        Self {
+            maps: root.join("maps"),
+            links: root.join("links"),
+            root,
+        }
+    }
+
+    /// Link directory for the cgroup with `cgroup_id`.
+    pub fn cgroup_links(&self, cgroup_id: u64) -> PathBuf {
+        self.links.join(format!("cg{cgroup_id}"))
+    }
+}
+
+/// How the programs came to be attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attachment {
+    /// Newly attached and pinned.
+    Attached,
+    /// Pinned links were found; the new programs replaced the old ones in place.
+    Adopted,
+}
+
+/// Makes sure `dir` is a directory on bpffs, mounting bpffs at `/sys/fs/bpf` if
+/// `dir` lies under it and nothing is mounted there yet.
+pub fn ensure_bpffs(dir: &Path) -> Result<(), DataplaneError> {
+    let mut existing = dir;
+    while !existing.exists() {
+        existing = existing.parent().unwrap_or(Path::new("/"));
+    }
+    if fs_magic(existing)? != BPF_FS_MAGIC {
+        let default = Path::new(DEFAULT_BPFFS);
+        if dir.starts_with(default) && default.is_dir() && fs_magic(default)? != BPF_FS_MAGIC {
+            info!(path = DEFAULT_BPFFS, "mounting bpffs");
+            nix::mount::mount(
+                Some("bpf"),
+                default,
+                Some("bpf"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .map_err(|e| DataplaneError::Mount {
+                path: default.to_owned(),
+                source: io::Error::from(e),
+            })?;
+        } else {
+            return Err(DataplaneError::NotBpffs {
+                path: dir.to_owned(),
+            });
+        }
+    }
+    fs::create_dir_all(dir).map_err(|source| DataplaneError::Io {
+        path: dir.to_owned(),
+        source,
+    })
+}
+
+/// Checks that `cgroup` is a cgroup v2 directory and returns it opened, with its id.
+pub fn open_cgroup(cgroup: &Path, allow_root: bool) -> Result<(fs::File, u64), DataplaneError> {
+    let meta = fs::metadata(cgroup).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => DataplaneError::CgroupNotFound {
+            path: cgroup.to_owned(),
+        },
+        _ => DataplaneError::Io {
+            path: cgroup.to_owned(),
+            source,
+        },
+    })?;
+    if !meta.is_dir() || fs_magic(cgroup)? != CGROUP2_SUPER_MAGIC {
+        return Err(DataplaneError::NotCgroup2 {
+            path: cgroup.to_owned(),
+        });
+    }
+    // The root of a cgroup2 hierarchy has no cgroup.type file; every child has one.
+    if !allow_root && !cgroup.join("cgroup.type").exists() {
+        return Err(DataplaneError::RootCgroup {
+            path: cgroup.to_owned(),
+        });
+    }
+    let file = fs::File::open(cgroup).map_err(|source| DataplaneError::Io {
+        path: cgroup.to_owned(),
+        source,
+    })?;
+    Ok((file, meta.ino()))
+}
+
+fn fs_magic(path: &Path) -> Result<i64, DataplaneError> {
+    let st = nix::sys::statfs::statfs(path).map_err(|e| DataplaneError::Io {
+        path: path.to_owned(),
+        source: io::Error::from(e),
+    })?;
+    Ok(st.filesystem_type().0 as i64)
+}
+
+/// Loads the object, reusing pinned maps or creating and pinning them.
+pub fn load(layout: &PinLayout) -> Result<Ebpf, DataplaneError> {
+    for dir in [&layout.maps, &layout.links] {
+        fs::create_dir_all(dir).map_err(|source| DataplaneError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    EbpfLoader::new()
+        .default_map_pin_directory(&layout.maps)
+        .load(OBJECT)
+        .map_err(DataplaneError::Load)
+}
+
+/// Attaches every program to the cgroup, or adopts the links pinned for it.
+pub fn attach(
+    ebpf: &mut Ebpf,
+    layout: &PinLayout,
+    cgroup: BorrowedFd<'_>,
+    cgroup_id: u64,
+) -> Result<Attachment, DataplaneError> {
+    refuse_other_cgroups(layout, cgroup_id)?;
+    let dir = layout.cgroup_links(cgroup_id);
+    fs::create_dir_all(&dir).map_err(|source| DataplaneError::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    let mut adopted = 0;
+    for (name, sock_addr) in PROGRAMS {
+        let pin = dir.join(name);
+        let prog = ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::MissingProgram { name })?;
+        let perr = |source: ProgramError| DataplaneError::Program { name, source };
+        // The two program types share these steps but no trait; the macro keeps one copy.
+        macro_rules! attach_or_adopt {
+            ($ty:ty) => {{
+                let p: &mut $ty = prog.try_into().map_err(perr)?;
+                p.load().map_err(perr)?;
+                if pin.exists() {
+                    replace_in_link(&pin, p.fd().map_err(perr)?.as_fd(), name)?;
+                    adopted += 1;
+                } else {
+                    let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
+                    let link: FdLink = p
+                        .take_link(id)
+                        .map_err(perr)?
+                        .try_into()
+                        .map_err(|source| DataplaneError::Link { name, source })?;
+                    pin_link(link, &pin)?;
+                }
+            }};
+        }
+        if sock_addr {
+            attach_or_adopt!(CgroupSockAddr);
+        } else {
+            attach_or_adopt!(CgroupSock);
+        }
+        debug!(program = name, pin = %pin.display(), "attached");
+    }
+    Ok(match adopted {
+        0 => Attachment::Attached,
+        _ => Attachment::Adopted,
+    })
+}
+
+/// A pinned datapath serves one cgroup; attaching the same maps to a second one
+/// would be surprising, so it is refused.
+fn refuse_other_cgroups(layout: &PinLayout, cgroup_id: u64) -> Result<(), DataplaneError> {
+    let Ok(entries) = fs::read_dir(&layout.links) else {
+        return Ok(());
+    };
+    let mine = format!("cg{cgroup_id}");
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name != mine && fs::read_dir(entry.path()).is_ok_and(|mut d| d.next().is_some()) {
+            return Err(DataplaneError::OtherCgroup {
+                pins: entry.path(),
+                cgroup_id,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn pin_link(link: FdLink, pin: &Path) -> Result<(), DataplaneError> {
+    link.pin(pin).map(drop).map_err(|source| DataplaneError::Pin {
+        path: pin.to_owned(),
+        source,
+    })
+}
+
+/// Swaps `prog` into the link pinned at `pin` (`BPF_LINK_UPDATE`).
+fn replace_in_link(pin: &Path, prog: BorrowedFd<'_>, name: &'static str) -> Result<(), DataplaneError> {
+    let link = obj_get(pin).map_err(|source| DataplaneError::Io {
+        path: pin.to_owned(),
+        source,
+    })?;
+    link_update(link.as_fd(), prog).map_err(|source| DataplaneError::LinkUpdate { name, source })
+}
+
+/// `bpf(BPF_OBJ_GET)`: open a pinned object.
+fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    #[repr(C)]
+    struct ObjGetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+    }
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let attr = ObjGetAttr {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+    };
+    // SAFETY: attr is a valid bpf_attr prefix; c_path outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &raw const attr,
+            std::mem::size_of::<ObjGetAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(rc as i32) })
+}
+
+/// `bpf(BPF_LINK_UPDATE)`: atomically replace the program behind a link.
+fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    #[repr(C)]
+    struct LinkUpdateAttr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    const BPF_LINK_UPDATE: libc::c_long = 30;
+    let attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: attr is a valid, initialised bpf_attr prefix of the size we pass.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &raw const attr,
+            std::mem::size_of::<LinkUpdateAttr>(),
+        )
+    };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Removes every pin under `layout` (detaching the programs once no process holds
+/// their links). Returns the number of pins removed.
+pub fn remove_pins(layout: &PinLayout) -> Result<usize, DataplaneError> {
+    let mut removed = 0;
+    if !layout.root.exists() {
+        return Ok(0);
+    }
+    // Links first, so the programs stop running before their maps go away.
+    for dir in [&layout.links, &layout.maps] {
+        removed += remove_tree(dir)?;
+    }
+    let _ = fs::remove_dir(&layout.root);
+    Ok(removed)
+}
+
+fn remove_tree(dir: &Path) -> Result<usize, DataplaneError> {
+    let io_err = |source| DataplaneError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(0);
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let path = entry.map_err(io_err)?.path();
+        if path.is_dir() {
+            removed += remove_tree(&path)?;
+        } else {
+            fs::remove_file(&path).map_err(|source| DataplaneError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            removed += 1;
+        }
+    }
+    fs::remove_dir(dir).map_err(io_err)?;
+    Ok(removed)
+}

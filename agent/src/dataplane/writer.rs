@@ -1,0 +1,577 @@
+//! The single writer of the routing maps.
+//!
+//! [`MapWriter`] keeps a mirror of what the kernel maps hold, turns a desired
+//! [`RoutingTable`] into the difference, and writes it in an order that never shows
+//! a kernel program a half-written service (see `ebpf/programs/src/maps.rs`):
+//! backends → slots of the unpublished generation → service value (publish) →
+//! delete the old generation's slots → delete unreferenced backends.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use sockmesh_common::{
+    BackendInfo, BackendKey, MAX_BACKENDS_TOTAL, MAX_SLOTS_TOTAL, ServiceKey, ServiceValue,
+    SlotKey, backend_state,
+};
+use tracing::{debug, warn};
+
+use super::{
+    keys::{ip_to_words, port_from_map, port_to_map, service_addr, service_key, words_to_ip},
+    store::{MapStore, Snapshot, StoreError},
+};
+use crate::{
+    lb::weighted_slots,
+    model::{Backend, BackendState, ModelError, RoutingTable, ServiceAddr},
+};
+
+/// Why an apply was refused or did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The table breaks a datapath rule; nothing was written.
+    #[error("invalid routing table: {0}")]
+    Invalid(#[from] ModelError),
+    /// The table does not fit in the maps; nothing was written.
+    #[error("routing table needs {needed} {what} but the datapath holds {limit}")]
+    Capacity {
+        what: &'static str,
+        needed: usize,
+        limit: u32,
+    },
+    /// A map write failed while updating `service`. Services before it in this apply
+    /// are updated, `service` keeps its previous published state, later ones were
+    /// not touched.
+    #[error("updating service {service}")]
+    Store {
+        service: ServiceAddr,
+        #[source]
+        source: StoreError,
+    },
+    /// Reading the maps failed.
+    #[error("reading the routing maps")]
+    Snapshot(#[source] StoreError),
+}
+
+/// What an apply changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub added: usize,
+    pub updated: usize,
+    pub removed: usize,
+    pub unchanged: usize,
+    /// Map writes and deletes performed.
+    pub map_ops: usize,
+}
+
+/// A service as installed in the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Installed {
+    id: u32,
+    generation: u8,
+    revision: u32,
+    /// Published slots: backend index per slot.
+    slots: Vec<u32>,
+    /// Backend entries present in the map, by index.
+    backends: BTreeMap<u32, BackendInfo>,
+    /// The kernel copy was found inconsistent on adoption: rewrite on next apply.
+    dirty: bool,
+    /// Slots `0..leftover` of the unpublished generation may still exist (a delete
+    /// failed after publishing); the next write of this service removes them.
+    leftover: usize,
+}
+
+/// The mirror of the kernel maps.
+#[derive(Clone, Debug, Default)]
+struct Mirror {
+    services: HashMap<ServiceKey, Installed>,
+    next_id: u32,
+}
+
+/// Entries found in the maps that no published service uses (left by an agent that
+/// stopped mid-update); adoption deletes them.
+#[derive(Debug, Default)]
+struct Garbage {
+    slots: Vec<SlotKey>,
+    backends: Vec<BackendKey>,
+}
+
+/// The single owner of the routing maps.
+pub struct MapWriter<S: MapStore> {
+    store: S,
+    mirror: Mirror,
+}
+
+impl<S: MapStore> MapWriter<S> {
+    /// Takes over whatever the maps hold (a restarted agent adopts its predecessor's
+    /// table without rewriting it), deleting only entries no published service uses.
+    pub fn adopt(mut store: S) -> Result<Self, WriteError> {
+        let snapshot = store.snapshot().map_err(WriteError::Snapshot)?;
+        let (mirror, garbage) = Mirror::from_snapshot(&snapshot);
+        for k in &garbage.slots {
+            store.del_slot(k).map_err(WriteError::Snapshot)?;
+        }
+        for k in &garbage.backends {
+            store.del_backend(k).map_err(WriteError::Snapshot)?;
+        }
+        if !garbage.slots.is_empty() || !garbage.backends.is_empty() {
+            warn!(
+                slots = garbage.slots.len(),
+                backends = garbage.backends.len(),
+                "removed map entries left by an interrupted update"
+            );
+        }
+        Ok(Self { store, mirror })
+    }
+
+    /// The installed table, as the kernel sees it.
+    pub fn table(&self) -> RoutingTable {
+        self.mirror.table()
+    }
+
+    /// The map store (for tests and diagnostics).
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Mutable access to the map store (tests inject failures through it).
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
+
+    /// Makes the kernel maps hold `desired`, writing only what differs. Validation and
+    /// capacity are checked before any write.
+    pub fn apply(&mut self, desired: &RoutingTable) -> Result<ApplyReport, WriteError> {
+        desired.validate()?;
+        let wanted: HashMap<ServiceKey, &ServiceAddr> =
+            desired.services.keys().map(|s| (service_key(s), s)).collect();
+        self.check_capacity(desired)?;
+
+        let mut report = ApplyReport::default();
+        // Removals first: they free capacity for what follows.
+        let gone: Vec<ServiceKey> = self
+            .mirror
+            .services
+            .keys()
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect();
+        for key in gone {
+            report.map_ops += self.remove_service(&key)?;
+            report.removed += 1;
+        }
+        for (service, backends) in &desired.services {
+            let key = service_key(service);
+            match self.mirror.services.contains_key(&key) {
+                true => match self.update_service(service, &key, backends)? {
+                    0 => report.unchanged += 1,
+                    ops => {
+                        report.updated += 1;
+                        report.map_ops += ops;
+                    }
+                },
+                false => {
+                    report.map_ops += self.add_service(service, &key, backends)?;
+                    report.added += 1;
+                }
+            }
+        }
+        debug!(?report, "routing table applied");
+        Ok(report)
+    }
+
+    fn check_capacity(&self, desired: &RoutingTable) -> Result<(), WriteError> {
+        let backends = desired.backend_count();
+        // During an update a service's old and new backends coexist; the largest
+        // service bounds that transient.
+        let largest = desired.services.values().map(Vec::len).max().unwrap_or(0);
+        if backends + largest > MAX_BACKENDS_TOTAL as usize {
+            return Err(WriteError::Capacity {
+                what: "backend entries",
+                needed: backends + largest,
+                limit: MAX_BACKENDS_TOTAL,
+            });
+        }
+        let slot_counts = desired.services.values().map(|b| planned_slot_count(b));
+        let (total, max) = slot_counts.fold((0, 0), |(t, m), n| (t + n, m.max(n)));
+        if total + max > MAX_SLOTS_TOTAL as usize {
+            return Err(WriteError::Capacity {
+                what: "selection slots",
+                needed: total + max,
+                limit: MAX_SLOTS_TOTAL,
+            });
+        }
+        Ok(())
+    }
+
+    fn alloc_id(&mut self) -> u32 {
+        let used: HashSet<u32> = self.mirror.services.values().map(|s| s.id).collect();
+        // Ids are not reused soon: a program that read a removed service's value just
+        // before removal must not find another service's slots under the same id.
+        loop {
+            let id = self.mirror.next_id;
+            self.mirror.next_id = self.mirror.next_id.wrapping_add(1);
+            if !used.contains(&id) {
+                return id;
+            }
+        }
+    }
+
+    fn add_service(
+        &mut self,
+        service: &ServiceAddr,
+        key: &ServiceKey,
+        backends: &[Backend],
+    ) -> Result<usize, WriteError> {
+        let id = self.alloc_id();
+        let mut installed = Installed {
+            id,
+            generation: 1,
+            revision: 0,
+            slots: Vec::new(),
+            backends: BTreeMap::new(),
+            // Not published yet: the first write must publish even an empty service.
+            dirty: true,
+            leftover: 0,
+        };
+        let plan = plan_backends(&installed, backends);
+        let mut ops = 0;
+        let result = write_and_publish(&mut self.store, key, &mut installed, plan, &mut ops);
+        match result {
+            Ok(()) => {
+                self.mirror.services.insert(*key, installed);
+                Ok(ops)
+            }
+            Err(source) => {
+                // Nothing was published; remove what was written.
+                rollback(&mut self.store, &installed, id);
+                Err(WriteError::Store {
+                    service: *service,
+                    source,
+                })
+            }
+        }
+    }
+
+    /// Returns the number of map operations (0 when the service was unchanged).
+    fn update_service(
+        &mut self,
+        service: &ServiceAddr,
+        key: &ServiceKey,
+        backends: &[Backend],
+    ) -> Result<usize, WriteError> {
+        let Some(current) = self.mirror.services.get(key) else {
+            return Ok(0);
+        };
+        let plan = plan_backends(current, backends);
+        if !current.dirty && plan.is_noop(current) {
+            return Ok(0);
+        }
+        let mut installed = current.clone();
+        let mut ops = 0;
+        let result = write_and_publish(&mut self.store, key, &mut installed, plan, &mut ops);
+        // Keep the mirror exact whatever happened: a failure before publishing leaves
+        // the old generation live, but written backend entries exist (and will be
+        // reused or removed by the next apply).
+        self.mirror.services.insert(*key, installed);
+        result.map(|()| ops).map_err(|source| WriteError::Store {
+            service: *service,
+            source,
+        })
+    }
+
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<usize, WriteError> {
+        let Some(inst) = self.mirror.services.get(key).cloned() else {
+            return Ok(0);
+        };
+        let service = service_addr(key).ok_or_else(|| WriteError::Snapshot(unknown_proto(key)))?;
+        let wrap = |source| WriteError::Store { service, source };
+        // Unpublish first, then the entries only it could reach. Once unpublished,
+        // anything a failed delete leaves behind is unreachable (adoption collects it).
+        self.store.del_service(key).map_err(wrap)?;
+        self.mirror.services.remove(key);
+        let mut ops = 1;
+        for (slot, _) in inst.slots.iter().enumerate() {
+            self.store
+                .del_slot(&slot_key(inst.id, inst.generation, slot))
+                .map_err(wrap)?;
+            ops += 1;
+        }
+        for slot in 0..inst.leftover {
+            self.store
+                .del_slot(&slot_key(inst.id, 1 - inst.generation, slot))
+                .map_err(wrap)?;
+            ops += 1;
+        }
+        for &index in inst.backends.keys() {
+            self.store
+                .del_backend(&BackendKey {
+                    service_id: inst.id,
+                    index,
+                })
+                .map_err(wrap)?;
+            ops += 1;
+        }
+        Ok(ops)
+    }
+}
+
+fn unknown_proto(key: &ServiceKey) -> StoreError {
+    StoreError {
+        map: super::store::MapName::Services,
+        op: "decode",
+        source: format!("service key with unknown protocol {}", key.proto).into(),
+    }
+}
+
+/// The target state of one service's backends.
+struct BackendPlan {
+    /// Backend entries to hold after the update, by index.
+    backends: BTreeMap<u32, BackendInfo>,
+    /// Slots to publish.
+    slots: Vec<u32>,
+}
+
+impl BackendPlan {
+    fn is_noop(&self, current: &Installed) -> bool {
+        self.slots == current.slots && self.backends == current.backends && current.leftover == 0
+    }
+}
+
+fn planned_slot_count(backends: &[Backend]) -> usize {
+    let weights: Vec<u32> = backends
+        .iter()
+        .filter(|b| b.state == BackendState::Active)
+        .map(|b| b.weight)
+        .collect();
+    weighted_slots(&weights).len()
+}
+
+/// Assigns backend indexes (a backend keeps its index; a new one takes the lowest
+/// index not in use before or after the update) and computes the slots.
+fn plan_backends(current: &Installed, desired: &[Backend]) -> BackendPlan {
+    let by_addr: HashMap<([u32; 4], u16), u32> = current
+        .backends
+        .iter()
+        .map(|(&i, b)| ((b.addr, b.port), i))
+        .collect();
+    let mut backends = BTreeMap::new();
+    let mut fresh = Vec::new();
+    for b in desired {
+        let info = BackendInfo {
+            addr: ip_to_words(b.address),
+            port: port_to_map(b.port),
+            state: match b.state {
+                BackendState::Active => backend_state::ACTIVE,
+                BackendState::Draining => backend_state::DRAINING,
+            },
+            pad: 0,
+            weight: b.weight,
+        };
+        match by_addr.get(&(info.addr, info.port)) {
+            Some(&i) => {
+                backends.insert(i, info);
+            }
+            None => fresh.push(info),
+        }
+    }
+    let mut next = 0u32;
+    for info in fresh {
+        while current.backends.contains_key(&next) || backends.contains_key(&next) {
+            next += 1;
+        }
+        backends.insert(next, info);
+    }
+    let active: Vec<(u32, u32)> = backends
+        .iter()
+        .filter(|(_, b)| b.state == backend_state::ACTIVE)
+        .map(|(&i, b)| (i, b.weight))
+        .collect();
+    let weights: Vec<u32> = active.iter().map(|&(_, w)| w).collect();
+    let slots = weighted_slots(&weights)
+        .into_iter()
+        .map(|pos| active[pos].0)
+        .collect();
+    BackendPlan { backends, slots }
+}
+
+fn slot_key(service_id: u32, generation: u8, slot: usize) -> SlotKey {
+    SlotKey {
+        service_id,
+        generation,
+        pad: 0,
+        // Slot counts are bounded by MAX_SLOTS_PER_SERVICE (≤ 65,536).
+        slot: slot as u16,
+    }
+}
+
+/// Writes `plan` for one service in publish order, updating `inst` to match the
+/// kernel after every step (also when a step fails).
+fn write_and_publish<S: MapStore>(
+    store: &mut S,
+    key: &ServiceKey,
+    inst: &mut Installed,
+    plan: BackendPlan,
+    ops: &mut usize,
+) -> Result<(), StoreError> {
+    let id = inst.id;
+    // 0. Remove what an earlier failed delete left in the unpublished generation.
+    while inst.leftover > 0 {
+        store.del_slot(&slot_key(id, 1 - inst.generation, inst.leftover - 1))?;
+        inst.leftover -= 1;
+        *ops += 1;
+    }
+    // 1. New and changed backend entries. An existing index keeps its address, so
+    //    rewriting it (weight/state) never changes what a slot resolves to.
+    for (&index, info) in &plan.backends {
+        if inst.backends.get(&index) != Some(info) {
+            store.put_backend(&BackendKey { service_id: id, index }, info)?;
+            inst.backends.insert(index, *info);
+            *ops += 1;
+        }
+    }
+    let old_generation = inst.generation;
+    let old_slots = inst.slots.len();
+    if plan.slots != inst.slots || inst.dirty {
+        let generation = 1 - old_generation;
+        let value = ServiceValue {
+            id,
+            slot_count: plan.slots.len() as u32,
+            generation,
+            pad: [0; 3],
+            revision: inst.revision.wrapping_add(1),
+        };
+        // 2. Slots of the unpublished generation, then 3. publish. On failure the
+        //    old generation stays live and the partial new one is removed.
+        let mut publish = || -> Result<(), StoreError> {
+            for (slot, &index) in plan.slots.iter().enumerate() {
+                store.put_slot(&slot_key(id, generation, slot), index)?;
+                *ops += 1;
+            }
+            store.put_service(key, &value)?;
+            *ops += 1;
+            Ok(())
+        };
+        if let Err(e) = publish() {
+            for slot in 0..plan.slots.len() {
+                let _ = store.del_slot(&slot_key(id, generation, slot));
+            }
+            return Err(e);
+        }
+        inst.generation = generation;
+        inst.revision = value.revision;
+        inst.slots = plan.slots;
+        inst.dirty = false;
+        // 4. The old generation is unreachable now. Deleted from the end, so after a
+        //    failure exactly `0..leftover` remain.
+        inst.leftover = old_slots;
+        while inst.leftover > 0 {
+            store.del_slot(&slot_key(id, old_generation, inst.leftover - 1))?;
+            inst.leftover -= 1;
+            *ops += 1;
+        }
+    }
+    // 5. Backends no slot references any more.
+    let stale: Vec<u32> = inst
+        .backends
+        .keys()
+        .filter(|i| !plan.backends.contains_key(i))
+        .copied()
+        .collect();
+    for index in stale {
+        store.del_backend(&BackendKey { service_id: id, index })?;
+        inst.backends.remove(&index);
+        *ops += 1;
+    }
+    Ok(())
+}
+
+/// Undoes the writes of a new service that was never published.
+fn rollback<S: MapStore>(store: &mut S, inst: &Installed, id: u32) {
+    for &index in inst.backends.keys() {
+        let _ = store.del_backend(&BackendKey { service_id: id, index });
+    }
+}
+
+impl Mirror {
+    fn from_snapshot(snap: &Snapshot) -> (Self, Garbage) {
+        let mut services: HashMap<ServiceKey, Installed> = HashMap::new();
+        let mut by_id: HashMap<u32, ServiceKey> = HashMap::new();
+        let mut next_id = 0u32;
+        for (k, v) in &snap.services {
+            by_id.insert(v.id, *k);
+            next_id = next_id.max(v.id.wrapping_add(1));
+            services.insert(
+                *k,
+                Installed {
+                    id: v.id,
+                    generation: v.generation,
+                    revision: v.revision,
+                    slots: vec![u32::MAX; v.slot_count as usize],
+                    backends: BTreeMap::new(),
+                    dirty: false,
+                    leftover: 0,
+                },
+            );
+        }
+        let mut garbage = Garbage::default();
+        for (k, b) in &snap.backends {
+            match by_id.get(&k.service_id).and_then(|sk| services.get_mut(sk)) {
+                Some(inst) => {
+                    inst.backends.insert(k.index, *b);
+                }
+                None => garbage.backends.push(*k),
+            }
+        }
+        for (k, index) in &snap.slots {
+            let inst = by_id.get(&k.service_id).and_then(|sk| services.get_mut(sk));
+            match inst {
+                Some(inst)
+                    if k.generation == inst.generation && usize::from(k.slot) < inst.slots.len() =>
+                {
+                    inst.slots[usize::from(k.slot)] = *index;
+                }
+                _ => garbage.slots.push(*k),
+            }
+        }
+        for inst in services.values_mut() {
+            inst.dirty = inst
+                .slots
+                .iter()
+                .any(|i| *i == u32::MAX || !inst.backends.contains_key(i));
+        }
+        (Self { services, next_id }, garbage)
+    }
+
+    fn table(&self) -> RoutingTable {
+        let mut table = RoutingTable::default();
+        for (key, inst) in &self.services {
+            let Some(service) = service_addr(key) else {
+                continue;
+            };
+            let live: HashSet<u32> = inst.slots.iter().copied().collect();
+            let backends = inst
+                .backends
+                .iter()
+                .map(|(i, b)| Backend {
+                    address: words_to_ip(b.addr),
+                    port: port_from_map(b.port),
+                    weight: b.weight,
+                    state: if live.contains(i) {
+                        BackendState::Active
+                    } else {
+                        BackendState::Draining
+                    },
+                })
+                .collect();
+            table.insert(service, backends);
+        }
+        table
+    }
+}
+
+/// The routing table held by a snapshot of the maps (no agent needed).
+pub fn table_from_snapshot(snap: &Snapshot) -> RoutingTable {
+    Mirror::from_snapshot(snap).0.table()
+}
+
+#[cfg(test)]
+#[path = "writer_tests.rs"]
+mod tests;

@@ -1,0 +1,10 @@
+//! sockmesh: socket-level service load balancing in the kernel, driven by a routing
+//! table (and, through the xDS client, by any Envoy control plane).
+//!
+//! Flow: source → [`model::RoutingTable`] → [`dataplane::Datapath`] (`MapWriter`) →
+//! kernel maps → kernel programs (`ebpf/programs`).
+
+pub mod cli;
+pub mod dataplane;
+pub mod lb;
+pub mod model;

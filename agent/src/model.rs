@@ -1,0 +1,406 @@
+//! The routing table: what the datapath should do, in plain types.
+//!
+//! Everything upstream (xDS translation, static files) produces a [`RoutingTable`];
+//! the datapath's `MapWriter` makes the kernel maps match it.
+
+use std::{collections::BTreeMap, fmt, net::IpAddr, str::FromStr};
+
+use serde::{Deserialize, Serialize};
+use sockmesh_common::{MAX_BACKENDS_PER_SERVICE, MAX_SERVICES};
+
+/// Transport protocol of a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number used in the kernel maps.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => sockmesh_common::PROTO_TCP,
+            Protocol::Udp => sockmesh_common::PROTO_UDP,
+        }
+    }
+
+    /// The protocol for an IP protocol number, if sockmesh handles it.
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            sockmesh_common::PROTO_TCP => Some(Protocol::Tcp),
+            sockmesh_common::PROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            _ => Err(ModelError::UnknownProtocol(s.to_owned())),
+        }
+    }
+}
+
+/// A service address: what clients connect to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceAddr {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for ServiceAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.vip {
+            IpAddr::V4(ip) => write!(f, "{ip}:{}/{}", self.port, self.protocol),
+            IpAddr::V6(ip) => write!(f, "[{ip}]:{}/{}", self.port, self.protocol),
+        }
+    }
+}
+
+/// Whether a backend receives new connections.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    /// Receives new connections.
+    #[default]
+    Active,
+    /// Receives no new connections; established ones continue.
+    Draining,
+}
+
+/// One endpoint of a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Backend {
+    pub address: IpAddr,
+    pub port: u16,
+    /// Relative weight, at least 1.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default, skip_serializing)]
+    pub state: BackendState,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl Backend {
+    /// An active backend of weight 1.
+    pub fn new(address: IpAddr, port: u16) -> Self {
+        Self {
+            address,
+            port,
+            weight: 1,
+            state: BackendState::Active,
+        }
+    }
+
+    /// This backend with `weight`.
+    #[must_use]
+    pub fn weighted(mut self, weight: u32) -> Self {
+        self.weight = weight;
+        self
+    }
+
+    /// This backend, draining.
+    #[must_use]
+    pub fn draining(mut self) -> Self {
+        self.state = BackendState::Draining;
+        self
+    }
+}
+
+/// The desired (or installed) routing table: service address → backends.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoutingTable {
+    pub services: BTreeMap<ServiceAddr, Vec<Backend>>,
+}
+
+/// A routing table that breaks a datapath rule.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ModelError {
+    #[error("service {service}: port 0 is not a valid service port")]
+    ServicePortZero { service: ServiceAddr },
+    #[error("service {service}: backend[{index}] {address} port 0 is out of range")]
+    BackendPortZero {
+        service: ServiceAddr,
+        index: usize,
+        address: IpAddr,
+    },
+    #[error("service {service}: backend[{index}] {address}:{port} has weight 0 (must be at least 1)")]
+    ZeroWeight {
+        service: ServiceAddr,
+        index: usize,
+        address: IpAddr,
+        port: u16,
+    },
+    #[error(
+        "service {service}: backend[{index}] {address} is not of the service's address family (IPv4 and IPv6 cannot be mixed in one service)"
+    )]
+    FamilyMismatch {
+        service: ServiceAddr,
+        index: usize,
+        address: IpAddr,
+    },
+    #[error("service {service}: backend {address}:{port} is listed twice")]
+    DuplicateBackend {
+        service: ServiceAddr,
+        address: IpAddr,
+        port: u16,
+    },
+    #[error("service {service}: {count} backends exceed the limit of {limit} per service")]
+    TooManyBackends {
+        service: ServiceAddr,
+        count: usize,
+        limit: u32,
+    },
+    #[error("{count} services exceed the limit of {limit}")]
+    TooManyServices { count: usize, limit: u32 },
+    #[error("unknown protocol {0:?} (expected tcp or udp)")]
+    UnknownProtocol(String),
+}
+
+impl RoutingTable {
+    /// Adds (or replaces) a service.
+    pub fn insert(&mut self, service: ServiceAddr, backends: Vec<Backend>) {
+        self.services.insert(service, backends);
+    }
+
+    /// Checks every rule the datapath relies on; the first broken one is returned.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        if self.services.len() > MAX_SERVICES as usize {
+            return Err(ModelError::TooManyServices {
+                count: self.services.len(),
+                limit: MAX_SERVICES,
+            });
+        }
+        for (service, backends) in &self.services {
+            validate_service(service, backends)?;
+        }
+        Ok(())
+    }
+
+    /// Total number of backends over all services.
+    pub fn backend_count(&self) -> usize {
+        self.services.values().map(Vec::len).sum()
+    }
+}
+
+fn validate_service(service: &ServiceAddr, backends: &[Backend]) -> Result<(), ModelError> {
+    let service = *service;
+    if service.port == 0 {
+        return Err(ModelError::ServicePortZero { service });
+    }
+    if backends.len() > MAX_BACKENDS_PER_SERVICE as usize {
+        return Err(ModelError::TooManyBackends {
+            service,
+            count: backends.len(),
+            limit: MAX_BACKENDS_PER_SERVICE,
+        });
+    }
+    let mut seen = std::collections::HashSet::with_capacity(backends.len());
+    for (index, b) in backends.iter().enumerate() {
+        if b.port == 0 {
+            return Err(ModelError::BackendPortZero {
+                service,
+                index,
+                address: b.address,
+            });
+        }
+        if b.weight == 0 {
+            return Err(ModelError::ZeroWeight {
+                service,
+                index,
+                address: b.address,
+                port: b.port,
+            });
+        }
+        if b.address.is_ipv4() != service.vip.is_ipv4() {
+            return Err(ModelError::FamilyMismatch {
+                service,
+                index,
+                address: b.address,
+            });
+        }
+        if !seen.insert((b.address, b.port)) {
+            return Err(ModelError::DuplicateBackend {
+                service,
+                address: b.address,
+                port: b.port,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The JSON form of one service, used by `sockmesh services --json` and by static
+/// table files (`sockmesh apply --table`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceJson {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    /// Backends that receive new connections.
+    pub backends: Vec<BackendJson>,
+    /// Backends that are known but receive no new connections.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub draining: Vec<BackendJson>,
+}
+
+/// The JSON form of one backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendJson {
+    pub address: IpAddr,
+    pub port: u16,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+impl RoutingTable {
+    /// The table as JSON services, sorted by VIP, port and protocol.
+    pub fn to_json(&self) -> Vec<ServiceJson> {
+        self.services
+            .iter()
+            .map(|(s, backends)| {
+                let pick = |state| {
+                    let mut v: Vec<BackendJson> = backends
+                        .iter()
+                        .filter(|b| b.state == state)
+                        .map(|b| BackendJson {
+                            address: b.address,
+                            port: b.port,
+                            weight: b.weight,
+                        })
+                        .collect();
+                    v.sort_by_key(|b| (b.address, b.port));
+                    v
+                };
+                ServiceJson {
+                    vip: s.vip,
+                    port: s.port,
+                    protocol: s.protocol,
+                    backends: pick(BackendState::Active),
+                    draining: pick(BackendState::Draining),
+                }
+            })
+            .collect()
+    }
+
+    /// A table from JSON services (the inverse of [`RoutingTable::to_json`]).
+    pub fn from_json(services: &[ServiceJson]) -> Self {
+        let mut table = RoutingTable::default();
+        for s in services {
+            let key = ServiceAddr {
+                vip: s.vip,
+                port: s.port,
+                protocol: s.protocol,
+            };
+            let active = s
+                .backends
+                .iter()
+                .map(|b| Backend::new(b.address, b.port).weighted(b.weight));
+            let draining = s
+                .draining
+                .iter()
+                .map(|b| Backend::new(b.address, b.port).weighted(b.weight).draining());
+            table.insert(key, active.chain(draining).collect());
+        }
+        table
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(vip: &str, port: u16) -> ServiceAddr {
+        ServiceAddr {
+            vip: vip.parse().expect("test address"),
+            port,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    fn be(addr: &str, port: u16) -> Backend {
+        Backend::new(addr.parse().expect("test address"), port)
+    }
+
+    #[test]
+    fn validation_names_service_and_field() {
+        let mut t = RoutingTable::default();
+        t.insert(svc("10.96.0.1", 80), vec![be("10.0.0.1", 8080), be("10.0.0.2", 0)]);
+        let err = t.validate().expect_err("port 0 must be rejected");
+        assert_eq!(
+            err.to_string(),
+            "service 10.96.0.1:80/tcp: backend[1] 10.0.0.2 port 0 is out of range"
+        );
+    }
+
+    #[test]
+    fn validation_rejects_mixed_families_duplicates_and_zero_weight() {
+        let mut t = RoutingTable::default();
+        t.insert(svc("10.96.0.1", 80), vec![be("fd00::1", 80)]);
+        assert!(matches!(t.validate(), Err(ModelError::FamilyMismatch { .. })));
+
+        let mut t = RoutingTable::default();
+        t.insert(svc("10.96.0.1", 80), vec![be("10.0.0.1", 80), be("10.0.0.1", 80)]);
+        assert!(matches!(t.validate(), Err(ModelError::DuplicateBackend { .. })));
+
+        let mut t = RoutingTable::default();
+        t.insert(svc("10.96.0.1", 80), vec![be("10.0.0.1", 80).weighted(0)]);
+        assert!(matches!(t.validate(), Err(ModelError::ZeroWeight { .. })));
+    }
+
+    #[test]
+    fn validation_enforces_backend_limit() {
+        let mut t = RoutingTable::default();
+        let many = (0..=MAX_BACKENDS_PER_SERVICE)
+            .map(|i| be("10.0.0.1", u16::try_from(i + 1).expect("fits")))
+            .collect();
+        t.insert(svc("10.96.0.1", 80), many);
+        assert!(matches!(t.validate(), Err(ModelError::TooManyBackends { count: 1025, .. })));
+    }
+
+    #[test]
+    fn json_round_trip_sorts_and_splits_draining() {
+        let mut t = RoutingTable::default();
+        t.insert(
+            svc("10.96.0.2", 53),
+            vec![be("10.0.0.9", 53), be("10.0.0.1", 53).weighted(3), be("10.0.0.5", 53).draining()],
+        );
+        t.insert(svc("10.96.0.1", 80), vec![]);
+        let json = serde_json::to_value(t.to_json()).expect("serialise");
+        assert_eq!(json[0]["vip"], "10.96.0.1");
+        assert_eq!(json[1]["backends"][0]["address"], "10.0.0.1");
+        assert_eq!(json[1]["backends"][0]["weight"], 3);
+        assert_eq!(json[1]["draining"][0]["address"], "10.0.0.5");
+        assert_eq!(json[1]["protocol"], "tcp");
+        let back: Vec<ServiceJson> = serde_json::from_value(json).expect("parse");
+        let mut again = RoutingTable::from_json(&back);
+        for b in again.services.values_mut() {
+            b.sort();
+        }
+        let mut orig = t;
+        for b in orig.services.values_mut() {
+            b.sort();
+        }
+        assert_eq!(again, orig);
+    }
+}

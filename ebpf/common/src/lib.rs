@@ -1,0 +1,214 @@
+//! Map keys and values shared by the sockmesh kernel programs and the agent.
+//!
+//! Every type is `#[repr(C)]` with explicit padding fields (the verifier and the
+//! kernel compare keys byte for byte, so no byte may be left uninitialised) and a
+//! compile-time size check. Addresses and ports are stored exactly as the kernel
+//! hands them to `cgroup/connect*` programs: network byte order. IPv4 addresses are
+//! stored in their IPv4-mapped IPv6 form (`::ffff:a.b.c.d`) so one map serves both
+//! families, and a dual-stack IPv6 socket connecting to `::ffff:a.b.c.d` finds the
+//! same entry as an IPv4 socket connecting to `a.b.c.d`.
+//!
+//! The maps themselves are defined, and documented, in `ebpf/programs/src/maps.rs`.
+
+#![no_std]
+
+/// Pin-directory layout version. Bump it whenever a key or value below changes
+/// shape; the agent pins under `<bpffs>/v<LAYOUT_VERSION>/` so an agent with a
+/// different layout never reinterprets another layout's bytes.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Most services (VIP, port, protocol) the service map holds. Sized for a large
+/// cluster (Kubernetes' default service CIDR /12 is far larger, but 64 Ki ports on
+/// VIPs covers the biggest real meshes) while keeping the map at a few MiB.
+pub const MAX_SERVICES: u32 = 65_536;
+
+/// Most backends one service may have. Istio and Kubernetes EndpointSlices routinely
+/// reach hundreds; 1,024 leaves headroom and bounds one service's update cost.
+pub const MAX_BACKENDS_PER_SERVICE: u32 = 1_024;
+
+/// Most selection slots one service may use. Weighted random selection picks a
+/// uniformly random slot; a backend holds slots in proportion to its weight. 16 Ki
+/// slots give every one of 1,024 backends at least 16 slots, i.e. weights resolved to
+/// about 1/16,384 of the total, and fit the `u16` slot index.
+pub const MAX_SLOTS_PER_SERVICE: u32 = 16_384;
+
+/// Capacity of the backend map, all services together (entries are allocated on
+/// demand, so an emptier table costs only its hash buckets).
+pub const MAX_BACKENDS_TOTAL: u32 = 262_144;
+
+/// Capacity of the slot map, all services together. An update writes the new
+/// generation's slots before deleting the old one's, so a service transiently needs
+/// twice its slots; the default leaves room for that across 10 k+ services.
+pub const MAX_SLOTS_TOTAL: u32 = 1_048_576;
+
+/// Capacity of the reverse-translation LRU map: one entry per open client socket
+/// connected to a VIP (plus one per VIP an unconnected UDP socket talked to).
+pub const MAX_REVERSE_ENTRIES: u32 = 131_072;
+
+/// `IPPROTO_TCP`, as in the service key's `proto` field.
+pub const PROTO_TCP: u8 = 6;
+/// `IPPROTO_UDP`, as in the service key's `proto` field.
+pub const PROTO_UDP: u8 = 17;
+
+/// The third 32-bit word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`), as stored
+/// in memory (bytes `00 00 ff ff`).
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// Backend state values in [`BackendInfo::state`].
+pub mod backend_state {
+    /// Receives new connections (holds slots).
+    pub const ACTIVE: u8 = 0;
+    /// Known but receives no new connections (DRAINING, or DEGRADED while healthy
+    /// backends exist); established connections keep working.
+    pub const DRAINING: u8 = 1;
+}
+
+/// Indexes into the per-CPU counter array.
+pub mod counter {
+    /// A connect/sendmsg to a service address was rewritten to a backend.
+    pub const REDIRECT: u32 = 0;
+    /// A service was found but had no active backend; the call was refused.
+    pub const NO_BACKEND: u32 = 1;
+    /// recvmsg/getpeername found no reverse entry for the peer, so the caller saw the
+    /// peer as it is. Every peer that is not a backend reached through a VIP counts
+    /// here too; read it next to `REVERSE_HIT` (a rise with flat hits means evictions
+    /// from the reverse map).
+    pub const REVERSE_MISS: u32 = 2;
+    /// A selected slot was missing (update raced the lookup) and the lookup was retried.
+    pub const SLOT_RETRY: u32 = 3;
+    /// Reverse translations performed (recvmsg/getpeername rewrote to the VIP).
+    pub const REVERSE_HIT: u32 = 4;
+    /// Number of counters.
+    pub const COUNT: u32 = 5;
+    /// Human names, indexed like the constants above.
+    pub const NAMES: [&str; COUNT as usize] =
+        ["redirects", "no_backend", "reverse_miss", "slot_retry", "reverse_hits"];
+}
+
+/// Key of the service map: one (VIP, port, protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// IPv6 address or IPv4-mapped IPv6 address, network byte order.
+    pub addr: [u32; 4],
+    /// Port, network byte order.
+    pub port: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    /// Always 0.
+    pub pad: u8,
+}
+
+/// Value of the service map. Replaced as a whole by one map update, which is what
+/// publishes a new backend set atomically.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Service id, unique while the service exists; keys its slots and backends.
+    pub id: u32,
+    /// Number of slots in the published generation; 0 means no active backend
+    /// (connections are refused with `ECONNREFUSED`).
+    pub slot_count: u32,
+    /// Published slot generation, 0 or 1.
+    pub generation: u8,
+    /// Always 0.
+    pub pad: [u8; 3],
+    /// Monotonic revision, bumped by every update of this service (diagnostics).
+    pub revision: u32,
+}
+
+/// Key of the slot map: slot `slot` of generation `generation` of service `service_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    pub service_id: u32,
+    pub generation: u8,
+    /// Always 0.
+    pub pad: u8,
+    pub slot: u16,
+}
+
+/// Key of the backend map: backend `index` of service `service_id`. A backend keeps
+/// its index for as long as it belongs to the service, so slots written for a new
+/// generation can point at it without rewriting its entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendKey {
+    pub service_id: u32,
+    pub index: u32,
+}
+
+/// Value of the backend map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendInfo {
+    /// IPv6 or IPv4-mapped address, network byte order.
+    pub addr: [u32; 4],
+    /// Port, network byte order.
+    pub port: u16,
+    /// One of [`backend_state`].
+    pub state: u8,
+    /// Always 0.
+    pub pad: u8,
+    /// Configured weight (1..=u32::MAX). Only userspace reads it; the kernel selects
+    /// by slots.
+    pub weight: u32,
+}
+
+/// Key of the reverse-translation map: a socket and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ReverseKey {
+    /// `bpf_get_socket_cookie()` of the client socket.
+    pub cookie: u64,
+    /// Backend address (IPv6 or IPv4-mapped), network byte order.
+    pub addr: [u32; 4],
+    /// Backend port, network byte order.
+    pub port: u16,
+    /// Always 0.
+    pub pad: [u8; 6],
+}
+
+/// Value of the reverse-translation map: the service address the socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReverseValue {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub pad: [u8; 2],
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<ServiceKey>() == 20);
+    assert!(core::mem::size_of::<ServiceValue>() == 16);
+    assert!(core::mem::size_of::<SlotKey>() == 8);
+    assert!(core::mem::size_of::<BackendKey>() == 8);
+    assert!(core::mem::size_of::<BackendInfo>() == 24);
+    assert!(core::mem::size_of::<ReverseKey>() == 32);
+    assert!(core::mem::size_of::<ReverseValue>() == 20);
+    assert!(MAX_SLOTS_PER_SERVICE <= u16::MAX as u32 + 1);
+    assert!(MAX_BACKENDS_PER_SERVICE <= MAX_SLOTS_PER_SERVICE);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::{
+        BackendInfo, BackendKey, ReverseKey, ReverseValue, ServiceKey, ServiceValue, SlotKey,
+    };
+
+    // SAFETY: all types are #[repr(C)], made only of integers, with every padding
+    // byte an explicit field: any bit pattern is a valid value.
+    unsafe impl aya::Pod for ServiceKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ServiceValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SlotKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for BackendKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for BackendInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ReverseKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ReverseValue {}
+}

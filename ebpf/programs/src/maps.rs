@@ -1,0 +1,87 @@
+//! Every map of the sockmesh datapath, in one place.
+//!
+//! The agent pins each of them under `<bpffs>/v<LAYOUT_VERSION>/maps/<NAME>`, so they
+//! outlive the agent process and a restarted agent adopts them.
+//!
+//! Update protocol (agent side, `agent/src/dataplane/writer.rs`), which makes every
+//! connect() see either the old or the new backend set of a service, never a mix:
+//! 1. write the backend entries that are new (`SM_BACKENDS`),
+//! 2. write the slots of the *unpublished* generation (`SM_SLOTS`),
+//! 3. publish by replacing the service value (`SM_SERVICES`): one atomic map update
+//!    switches `generation` and `slot_count` together,
+//! 4. delete the old generation's slots, then backends that no slot references.
+//!
+//! A program that read the old service value before step 3 and looks up a slot after
+//! step 4 misses; it re-reads the service value once (`counter::SLOT_RETRY`).
+//!
+//! The userspace-written hash maps use `BPF_F_NO_PREALLOC`: a replaced or deleted
+//! element is freed only after an RCU grace period, so a program holding a pointer
+//! to an old value never sees it reused for another key.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use sockmesh_common::{
+    BackendInfo, BackendKey, MAX_BACKENDS_TOTAL, MAX_REVERSE_ENTRIES, MAX_SERVICES,
+    MAX_SLOTS_TOTAL, ReverseKey, ReverseValue, ServiceKey, ServiceValue, SlotKey, counter,
+};
+
+/// Services.
+/// - key: [`ServiceKey`] (VIP as IPv6/IPv4-mapped, port, protocol; network order)
+/// - value: [`ServiceValue`] (service id, published generation and slot count)
+/// - writer: the agent (`MapWriter`), one whole-value update per publish
+/// - reader: every sock_addr program (forward translation)
+/// - capacity: `MAX_SERVICES` (65,536)
+#[map(name = "SM_SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+/// Selection slots: a backend owns as many slots as its weight's share.
+/// - key: [`SlotKey`] (service id, generation 0/1, slot index)
+/// - value: `u32` backend index within the service (key of `SM_BACKENDS`)
+/// - writer: the agent, only into the unpublished generation
+/// - reader: connect4/6, sendmsg4/6
+/// - capacity: `MAX_SLOTS_TOTAL`; two generations of a service coexist briefly
+#[map(name = "SM_SLOTS")]
+pub static SLOTS: HashMap<SlotKey, u32> =
+    HashMap::pinned(MAX_SLOTS_TOTAL, BPF_F_NO_PREALLOC);
+
+/// Backends of each service.
+/// - key: [`BackendKey`] (service id, backend index)
+/// - value: [`BackendInfo`] (address, port, state, weight)
+/// - writer: the agent; an index is stable while the backend stays in the service
+/// - reader: connect4/6, sendmsg4/6 (address, port); `sockmesh services` (all fields)
+/// - capacity: `MAX_BACKENDS_TOTAL`
+#[map(name = "SM_BACKENDS")]
+pub static BACKENDS: HashMap<BackendKey, BackendInfo> =
+    HashMap::pinned(MAX_BACKENDS_TOTAL, BPF_F_NO_PREALLOC);
+
+/// Reverse translation: which VIP a socket asked for when it was sent to a backend.
+/// - key: [`ReverseKey`] (socket cookie, backend address, backend port)
+/// - value: [`ReverseValue`] (VIP address and port)
+/// - writer: connect4/6 and sendmsg4/6 insert; sock_release deletes the connected
+///   peer's entry; the LRU evicts what is left (unconnected UDP peers)
+/// - reader: recvmsg4/6 (UDP reply source), getpeername4/6
+/// - capacity: `MAX_REVERSE_ENTRIES` (one per open client socket to a VIP)
+#[map(name = "SM_REVERSE")]
+pub static REVERSE: LruHashMap<ReverseKey, ReverseValue> =
+    LruHashMap::pinned(MAX_REVERSE_ENTRIES, 0);
+
+/// Datapath counters, per CPU (no atomics on the hot path).
+/// - key: `u32` index, one of `sockmesh_common::counter`
+/// - value: `u64` count on this CPU
+/// - writer: every program
+/// - reader: `sockmesh stats`, the agent's metrics (summed over CPUs)
+#[map(name = "SM_COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
+
+/// Adds one to counter `index` on this CPU.
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU value, programs do not migrate CPUs while running.
+        unsafe { *slot += 1 };
+    }
+}

@@ -1,0 +1,230 @@
+//! cgroup sock_addr hooks (IPv4 and IPv6) and the sock_release cleanup hook.
+//!
+//! Each hook is a one-line wrapper: it reads the address out of its context, asks
+//! `xlate` what to do, and turns the answer into the hook's return value.
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_get_socket_cookie, bpf_set_retval},
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
+};
+use sockmesh_common::{PROTO_TCP, PROTO_UDP, V4_MAPPED_WORD, counter};
+
+use crate::{
+    maps::count,
+    xlate::{self, Addr, Forward, Pick},
+};
+
+/// Let the call proceed (the only value recvmsg/getpeername may return).
+const PROCEED: i32 = 1;
+/// Reject the call; the errno is whatever `bpf_set_retval` set.
+const REJECT: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+/// What a forward hook decided.
+enum Verdict {
+    Proceed,
+    /// Service without an active backend: fail with ECONNREFUSED.
+    Refuse,
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn sm_connect4(ctx: SockAddrContext) -> i32 {
+    verdict(forward(&ctx, Family::V4, false))
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn sm_connect6(ctx: SockAddrContext) -> i32 {
+    verdict(forward(&ctx, Family::V6, false))
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sm_sendmsg4(ctx: SockAddrContext) -> i32 {
+    verdict(forward(&ctx, Family::V4, true))
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sm_sendmsg6(ctx: SockAddrContext) -> i32 {
+    verdict(forward(&ctx, Family::V6, true))
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sm_recvmsg4(ctx: SockAddrContext) -> i32 {
+    restore_vip(&ctx, Family::V4)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sm_recvmsg6(ctx: SockAddrContext) -> i32 {
+    restore_vip(&ctx, Family::V6)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sm_getpeername4(ctx: SockAddrContext) -> i32 {
+    restore_vip(&ctx, Family::V4)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn sm_getpeername6(ctx: SockAddrContext) -> i32 {
+    restore_vip(&ctx, Family::V6)
+}
+
+/// Drops the closing socket's reverse entry for its connected peer, so the reverse
+/// map holds only live sockets (unconnected UDP peers are left to the LRU).
+#[cgroup_sock(sock_release)]
+pub fn sm_sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: ctx.sock is the program's context; the verifier checks each field read.
+    let (family, proto, port) = unsafe {
+        let sk = &*ctx.sock;
+        (sk.family, sk.protocol, sk.dst_port)
+    };
+    if (proto != u32::from(PROTO_TCP) && proto != u32::from(PROTO_UDP)) || port == 0 {
+        return PROCEED;
+    }
+    // SAFETY: as above.
+    let ip = unsafe {
+        match family {
+            AF_INET => mapped((*ctx.sock).dst_ip4),
+            AF_INET6 => (*ctx.sock).dst_ip6,
+            _ => return PROCEED,
+        }
+    };
+    xlate::forget(cookie(&ctx), Addr { ip, port });
+    PROCEED
+}
+
+fn verdict(v: Verdict) -> i32 {
+    match v {
+        Verdict::Proceed => PROCEED,
+        Verdict::Refuse => {
+            // SAFETY: helper call; cgroup hooks may set their return value (5.18+).
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            REJECT
+        }
+    }
+}
+
+/// connect (`per_socket == false`: a fresh random pick) and unconnected UDP sendmsg
+/// (`per_socket == true`: the pick follows the socket cookie, so all datagrams of a
+/// socket reach one backend).
+#[inline(always)]
+fn forward(ctx: &SockAddrContext, family: Family, per_socket: bool) -> Verdict {
+    let sa = SockAddr(ctx);
+    let proto = sa.protocol();
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Verdict::Proceed;
+    }
+    let vip = sa.dst(family);
+    let cookie = cookie(ctx);
+    let pick = if per_socket { Pick::Hash(cookie) } else { Pick::Random };
+    match xlate::forward(vip, proto, pick) {
+        Forward::Pass => Verdict::Proceed,
+        Forward::NoBackend => {
+            count(counter::NO_BACKEND);
+            Verdict::Refuse
+        }
+        Forward::Redirect(backend) => {
+            // An IPv4 socket can only be sent to an IPv4 backend (the agent never
+            // mixes families in one service; this guards the invariant).
+            if !sa.set_dst(family, backend) {
+                count(counter::NO_BACKEND);
+                return Verdict::Refuse;
+            }
+            xlate::remember(cookie, backend, vip);
+            count(counter::REDIRECT);
+            Verdict::Proceed
+        }
+    }
+}
+
+/// recvmsg (reply source) and getpeername (peer): show the VIP the socket asked for.
+#[inline(always)]
+fn restore_vip(ctx: &SockAddrContext, family: Family) -> i32 {
+    let sa = SockAddr(ctx);
+    match xlate::reverse(cookie(ctx), sa.dst(family)) {
+        Some(vip) => {
+            if sa.set_dst(family, vip) {
+                count(counter::REVERSE_HIT);
+            }
+        }
+        None => count(counter::REVERSE_MISS),
+    }
+    PROCEED
+}
+
+#[inline(always)]
+fn cookie<C: EbpfContext>(ctx: &C) -> u64 {
+    // SAFETY: helper taking the program context.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+#[inline(always)]
+fn mapped(ip4: u32) -> [u32; 4] {
+    [0, 0, V4_MAPPED_WORD, ip4]
+}
+
+/// Field access to `struct bpf_sock_addr`, one 32-bit load or store per field as
+/// the verifier requires for the writable fields.
+struct SockAddr<'a>(&'a SockAddrContext);
+
+impl SockAddr<'_> {
+    #[inline(always)]
+    fn protocol(&self) -> u8 {
+        // SAFETY: context field read at a constant offset.
+        unsafe { (*self.0.sock_addr).protocol as u8 }
+    }
+
+    /// The user-supplied address (connect/sendmsg destination; recvmsg source;
+    /// getpeername peer), IPv4 as IPv4-mapped.
+    #[inline(always)]
+    fn dst(&self, family: Family) -> Addr {
+        let p = self.0.sock_addr;
+        // SAFETY: context field reads at constant offsets, one 32-bit load each.
+        unsafe {
+            let port = core::ptr::read_volatile(&raw const (*p).user_port) as u16;
+            let ip = match family {
+                Family::V4 => mapped(core::ptr::read_volatile(&raw const (*p).user_ip4)),
+                Family::V6 => [
+                    core::ptr::read_volatile(&raw const (*p).user_ip6[0]),
+                    core::ptr::read_volatile(&raw const (*p).user_ip6[1]),
+                    core::ptr::read_volatile(&raw const (*p).user_ip6[2]),
+                    core::ptr::read_volatile(&raw const (*p).user_ip6[3]),
+                ],
+            };
+            Addr { ip, port }
+        }
+    }
+
+    /// Rewrites the user-supplied address. Returns false (and writes nothing) when
+    /// an IPv4 hook is given an address that is not IPv4-mapped.
+    #[inline(always)]
+    fn set_dst(&self, family: Family, a: Addr) -> bool {
+        let p = self.0.sock_addr;
+        if family == Family::V4 && (a.ip[0] != 0 || a.ip[1] != 0 || a.ip[2] != V4_MAPPED_WORD) {
+            return false;
+        }
+        // SAFETY: context field writes at constant offsets, one 32-bit store each
+        // (the only store size the verifier accepts for these fields).
+        unsafe {
+            match family {
+                Family::V4 => core::ptr::write_volatile(&raw mut (*p).user_ip4, a.ip[3]),
+                Family::V6 => {
+                    core::ptr::write_volatile(&raw mut (*p).user_ip6[0], a.ip[0]);
+                    core::ptr::write_volatile(&raw mut (*p).user_ip6[1], a.ip[1]);
+                    core::ptr::write_volatile(&raw mut (*p).user_ip6[2], a.ip[2]);
+                    core::ptr::write_volatile(&raw mut (*p).user_ip6[3], a.ip[3]);
+                }
+            }
+            core::ptr::write_volatile(&raw mut (*p).user_port, u32::from(a.port));
+        }
+        true
+    }
+}

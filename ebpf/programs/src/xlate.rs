@@ -1,0 +1,151 @@
+//! Forward (VIP → backend) and reverse (backend → VIP) translation, independent of
+//! the hook's context type. Addresses are IPv6 or IPv4-mapped, network byte order.
+
+use sockmesh_common::{BackendKey, ReverseKey, ReverseValue, ServiceKey, SlotKey, counter};
+
+use crate::maps::{BACKENDS, REVERSE, SERVICES, SLOTS, count};
+
+/// A socket address in map form.
+#[derive(Clone, Copy)]
+pub struct Addr {
+    pub ip: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+}
+
+/// What a forward lookup decided.
+pub enum Forward {
+    /// Not a service address: leave the call alone.
+    Pass,
+    /// A service with an active backend: send there.
+    Redirect(Addr),
+    /// A service without an active backend: refuse the call.
+    NoBackend,
+}
+
+/// How a backend is picked among the service's slots.
+#[derive(Clone, Copy)]
+pub enum Pick {
+    /// A fresh random slot (one connect(), one choice).
+    Random,
+    /// A slot derived from this value (the socket cookie for unconnected UDP), so
+    /// every datagram of one socket goes to the same backend while the service is
+    /// unchanged.
+    Hash(u64),
+}
+
+impl Pick {
+    #[inline(always)]
+    fn index(self, slot_count: u32) -> u32 {
+        let r = match self {
+            // SAFETY: helper without arguments.
+            Pick::Random => unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() },
+            // Fibonacci hashing spreads consecutive cookies over the slots.
+            Pick::Hash(v) => ((v ^ (v >> 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32,
+        };
+        r % slot_count
+    }
+}
+
+/// Looks `dst` up as a service for `proto` and picks a backend.
+#[inline(always)]
+pub fn forward(dst: Addr, proto: u8, pick: Pick) -> Forward {
+    let key = ServiceKey {
+        addr: dst.ip,
+        port: dst.port,
+        proto,
+        pad: 0,
+    };
+    // Two attempts: the second only if an update deleted the slot we picked between
+    // our service lookup and our slot lookup; by then the new generation is published.
+    match try_pick(&key, pick) {
+        Attempt::Done(f) => f,
+        Attempt::Raced => {
+            count(counter::SLOT_RETRY);
+            match try_pick(&key, pick) {
+                Attempt::Done(f) => f,
+                Attempt::Raced => Forward::NoBackend,
+            }
+        }
+    }
+}
+
+enum Attempt {
+    Done(Forward),
+    Raced,
+}
+
+#[inline(always)]
+fn try_pick(key: &ServiceKey, pick: Pick) -> Attempt {
+    // SAFETY: the map is BPF_F_NO_PREALLOC, so the value stays valid for this
+    // program's RCU read section even if the agent replaces it; we copy it at once.
+    let Some(svc) = (unsafe { SERVICES.get(key) }).copied() else {
+        return Attempt::Done(Forward::Pass);
+    };
+    if svc.slot_count == 0 {
+        return Attempt::Done(Forward::NoBackend);
+    }
+    let slot = SlotKey {
+        service_id: svc.id,
+        generation: svc.generation,
+        pad: 0,
+        slot: pick.index(svc.slot_count) as u16,
+    };
+    // SAFETY: as above.
+    let Some(index) = (unsafe { SLOTS.get(&slot) }).copied() else {
+        return Attempt::Raced;
+    };
+    let bkey = BackendKey {
+        service_id: svc.id,
+        index,
+    };
+    // SAFETY: as above.
+    match unsafe { BACKENDS.get(&bkey) } {
+        Some(b) => Attempt::Done(Forward::Redirect(Addr {
+            ip: b.addr,
+            port: b.port,
+        })),
+        None => Attempt::Raced,
+    }
+}
+
+/// Remembers that socket `cookie` asked for `vip` and was sent to `backend`.
+#[inline(always)]
+pub fn remember(cookie: u64, backend: Addr, vip: Addr) {
+    let key = reverse_key(cookie, backend);
+    let value = ReverseValue {
+        addr: vip.ip,
+        port: vip.port,
+        pad: [0; 2],
+    };
+    // Failure (map full of non-evictable entries cannot happen for an LRU map) only
+    // costs reverse translation for this socket; the connection itself proceeds.
+    let _ = REVERSE.insert(&key, &value, 0);
+}
+
+/// The VIP that socket `cookie` asked for when it reached `peer`, if any.
+#[inline(always)]
+pub fn reverse(cookie: u64, peer: Addr) -> Option<Addr> {
+    let key = reverse_key(cookie, peer);
+    // SAFETY: value copied at once; an LRU reuse would at worst give a stale VIP.
+    unsafe { REVERSE.get(&key) }.map(|v| Addr {
+        ip: v.addr,
+        port: v.port,
+    })
+}
+
+/// Forgets socket `cookie`'s entry for `peer` (socket closing).
+#[inline(always)]
+pub fn forget(cookie: u64, peer: Addr) {
+    let _ = REVERSE.remove(&reverse_key(cookie, peer));
+}
+
+#[inline(always)]
+fn reverse_key(cookie: u64, a: Addr) -> ReverseKey {
+    ReverseKey {
+        cookie,
+        addr: a.ip,
+        port: a.port,
+        pad: [0; 6],
+    }
+}
