@@ -301,7 +301,8 @@ fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
         flags: u32,
         old_prog_fd: u32,
     }
-    const BPF_LINK_UPDATE: libc::c_long = 30;
+    // enum bpf_cmd in linux/bpf.h.
+    const BPF_LINK_UPDATE: libc::c_long = 29;
     let attr = LinkUpdateAttr {
         link_fd: link.as_raw_fd() as u32,
         new_prog_fd: prog.as_raw_fd() as u32,
