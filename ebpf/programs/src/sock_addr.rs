@@ -89,13 +89,25 @@ pub fn sm_sock_release(ctx: SockContext) -> i32 {
     if (proto != u32::from(PROTO_TCP) && proto != u32::from(PROTO_UDP)) || port == 0 {
         return PROCEED;
     }
-    // SAFETY: as above.
-    let ip = unsafe {
-        match family {
-            AF_INET => mapped((*ctx.sock).dst_ip4),
-            AF_INET6 => (*ctx.sock).dst_ip6,
-            _ => return PROCEED,
-        }
+    let sk = ctx.sock;
+    // SAFETY: as above. Every field is read unconditionally, then selected: loads
+    // inside the family branches get merged by LLVM into one load at ctx + variable
+    // offset, which the verifier rejects.
+    let (v4, v6) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*sk).dst_ip4),
+            [
+                core::ptr::read_volatile(&raw const (*sk).dst_ip6[0]),
+                core::ptr::read_volatile(&raw const (*sk).dst_ip6[1]),
+                core::ptr::read_volatile(&raw const (*sk).dst_ip6[2]),
+                core::ptr::read_volatile(&raw const (*sk).dst_ip6[3]),
+            ],
+        )
+    };
+    let ip = match family {
+        AF_INET => mapped(v4),
+        AF_INET6 => v6,
+        _ => return PROCEED,
     };
     xlate::forget(cookie(&ctx), Addr { ip, port });
     PROCEED
