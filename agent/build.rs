@@ -12,7 +12,10 @@ fn main() -> anyhow::Result<()> {
     let root = manifest_dir.join("..");
     let toolchain_file = root.join("rust-toolchain.toml");
     println!("cargo::rerun-if-changed={}", toolchain_file.display());
-    println!("cargo::rerun-if-changed={}", root.join("ebpf/common/src").display());
+    println!(
+        "cargo::rerun-if-changed={}",
+        root.join("ebpf/common/src").display()
+    );
     let toolchain = pinned_channel(&toolchain_file)?;
 
     // `-Z build-std=core` is needed for bpfel-unknown-none; aya-build passes it only
@@ -32,7 +35,9 @@ fn main() -> anyhow::Result<()> {
         }],
         Toolchain::Custom(&toolchain),
     )
-    .context("building the eBPF programs (run `cargo xtask setup` if bpf-linker or rust-src is missing)")
+    .context(
+        "building the eBPF programs (run `cargo xtask setup` if bpf-linker or rust-src is missing)",
+    )
 }
 
 /// The `channel = "…"` of rust-toolchain.toml.

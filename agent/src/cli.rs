@@ -3,7 +3,7 @@
 use std::{
     fs,
     io::{self, Write as _},
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, Result};
@@ -119,14 +119,14 @@ impl Commands {
 }
 
 /// Reads a JSON routing table file.
-pub fn read_table_file(path: &PathBuf) -> Result<RoutingTable> {
+pub fn read_table_file(path: &Path) -> Result<RoutingTable> {
     let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let services: Vec<ServiceJson> =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     Ok(RoutingTable::from_json(&services))
 }
 
-fn apply(args: &DatapathArgs, table: &PathBuf, wait: bool) -> Result<()> {
+fn apply(args: &DatapathArgs, table: &Path, wait: bool) -> Result<()> {
     let table = read_table_file(table)?;
     table.validate().context("refusing the table")?;
     let mut datapath = Datapath::install(&args.config())?;
@@ -150,7 +150,7 @@ fn wait_for_termination() -> Result<()> {
     Ok(())
 }
 
-fn services(bpffs: &PathBuf, json: bool) -> Result<()> {
+fn services(bpffs: &Path, json: bool) -> Result<()> {
     let table = dataplane::read_table(bpffs)?;
     let services = table.to_json();
     let mut out = io::stdout().lock();
@@ -170,7 +170,11 @@ fn services(bpffs: &PathBuf, json: bool) -> Result<()> {
             .iter()
             .map(|b| format!("{}:{} (w{})", b.address, b.port, b.weight))
             .collect();
-        backends.extend(s.draining.iter().map(|b| format!("{}:{} (draining)", b.address, b.port)));
+        backends.extend(
+            s.draining
+                .iter()
+                .map(|b| format!("{}:{} (draining)", b.address, b.port)),
+        );
         let list = if backends.is_empty() {
             "(none: connections refused)".to_owned()
         } else {
@@ -181,7 +185,7 @@ fn services(bpffs: &PathBuf, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn stats(bpffs: &PathBuf, json: bool) -> Result<()> {
+fn stats(bpffs: &Path, json: bool) -> Result<()> {
     let counters = dataplane::read_counters(bpffs)?;
     let mut out = io::stdout().lock();
     if json {

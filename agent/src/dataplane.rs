@@ -132,7 +132,11 @@ impl Datapath {
             ebpf.take_map(name)
                 .ok_or(DataplaneError::MissingMap { name })
         };
-        let maps = KernelMaps::new(take("SM_SERVICES")?, take("SM_SLOTS")?, take("SM_BACKENDS")?)?;
+        let maps = KernelMaps::new(
+            take("SM_SERVICES")?,
+            take("SM_SLOTS")?,
+            take("SM_BACKENDS")?,
+        )?;
         let writer = MapWriter::adopt(maps)?;
         let services = writer.table().services.len();
         info!(

@@ -115,11 +115,18 @@ mod tests {
         let s = weighted_slots(&weights);
         assert_eq!(s.len(), MAX_SLOTS_PER_SERVICE as usize);
         let c = counts(&s, weights.len());
-        assert!(c.iter().all(|&x| x >= 1), "every backend keeps a slot: {c:?}");
+        assert!(
+            c.iter().all(|&x| x >= 1),
+            "every backend keeps a slot: {c:?}"
+        );
         let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
         for (i, &w) in weights.iter().enumerate() {
             let want = f64::from(w) / total * f64::from(MAX_SLOTS_PER_SERVICE);
-            assert!((c[i] as f64 - want).abs() < 1.0, "backend {i}: {} vs {want}", c[i]);
+            assert!(
+                (c[i] as f64 - want).abs() < 1.0,
+                "backend {i}: {} vs {want}",
+                c[i]
+            );
         }
     }
 

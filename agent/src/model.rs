@@ -73,7 +73,9 @@ impl fmt::Display for ServiceAddr {
 }
 
 /// Whether a backend receives new connections.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendState {
     /// Receives new connections.
@@ -142,7 +144,9 @@ pub enum ModelError {
         index: usize,
         address: IpAddr,
     },
-    #[error("service {service}: backend[{index}] {address}:{port} has weight 0 (must be at least 1)")]
+    #[error(
+        "service {service}: backend[{index}] {address}:{port} has weight 0 (must be at least 1)"
+    )]
     ZeroWeight {
         service: ServiceAddr,
         index: usize,
@@ -316,10 +320,11 @@ impl RoutingTable {
                 .backends
                 .iter()
                 .map(|b| Backend::new(b.address, b.port).weighted(b.weight));
-            let draining = s
-                .draining
-                .iter()
-                .map(|b| Backend::new(b.address, b.port).weighted(b.weight).draining());
+            let draining = s.draining.iter().map(|b| {
+                Backend::new(b.address, b.port)
+                    .weighted(b.weight)
+                    .draining()
+            });
             table.insert(key, active.chain(draining).collect());
         }
         table
@@ -345,7 +350,10 @@ mod tests {
     #[test]
     fn validation_names_service_and_field() {
         let mut t = RoutingTable::default();
-        t.insert(svc("10.96.0.1", 80), vec![be("10.0.0.1", 8080), be("10.0.0.2", 0)]);
+        t.insert(
+            svc("10.96.0.1", 80),
+            vec![be("10.0.0.1", 8080), be("10.0.0.2", 0)],
+        );
         let err = t.validate().expect_err("port 0 must be rejected");
         assert_eq!(
             err.to_string(),
@@ -357,11 +365,20 @@ mod tests {
     fn validation_rejects_mixed_families_duplicates_and_zero_weight() {
         let mut t = RoutingTable::default();
         t.insert(svc("10.96.0.1", 80), vec![be("fd00::1", 80)]);
-        assert!(matches!(t.validate(), Err(ModelError::FamilyMismatch { .. })));
+        assert!(matches!(
+            t.validate(),
+            Err(ModelError::FamilyMismatch { .. })
+        ));
 
         let mut t = RoutingTable::default();
-        t.insert(svc("10.96.0.1", 80), vec![be("10.0.0.1", 80), be("10.0.0.1", 80)]);
-        assert!(matches!(t.validate(), Err(ModelError::DuplicateBackend { .. })));
+        t.insert(
+            svc("10.96.0.1", 80),
+            vec![be("10.0.0.1", 80), be("10.0.0.1", 80)],
+        );
+        assert!(matches!(
+            t.validate(),
+            Err(ModelError::DuplicateBackend { .. })
+        ));
 
         let mut t = RoutingTable::default();
         t.insert(svc("10.96.0.1", 80), vec![be("10.0.0.1", 80).weighted(0)]);
@@ -375,7 +392,10 @@ mod tests {
             .map(|i| be("10.0.0.1", u16::try_from(i + 1).expect("fits")))
             .collect();
         t.insert(svc("10.96.0.1", 80), many);
-        assert!(matches!(t.validate(), Err(ModelError::TooManyBackends { count: 1025, .. })));
+        assert!(matches!(
+            t.validate(),
+            Err(ModelError::TooManyBackends { count: 1025, .. })
+        ));
     }
 
     #[test]
@@ -383,7 +403,11 @@ mod tests {
         let mut t = RoutingTable::default();
         t.insert(
             svc("10.96.0.2", 53),
-            vec![be("10.0.0.9", 53), be("10.0.0.1", 53).weighted(3), be("10.0.0.5", 53).draining()],
+            vec![
+                be("10.0.0.9", 53),
+                be("10.0.0.1", 53).weighted(3),
+                be("10.0.0.5", 53).draining(),
+            ],
         );
         t.insert(svc("10.96.0.1", 80), vec![]);
         let json = serde_json::to_value(t.to_json()).expect("serialise");

@@ -1,1 +1,147 @@
-fn main() {}
+//! Developer tasks: `cargo xtask setup | build | test`.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// Packages bpf-linker needs to build against Debian's LLVM 22, plus runtime tools.
+const APT_PACKAGES: [&str; 6] = [
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "iproute2",
+    "bpftool",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing (apt packages, rust-src, bpf-linker); idempotent.
+    Setup,
+    /// Build the kernel object and the agent.
+    Build,
+    /// Setup, then unit tests, clippy and fmt checks, then the privileged tests.
+    Test,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup(),
+        Task::Build => {
+            setup()?;
+            cargo(&["build", "-p", "sockmesh"])
+        }
+        Task::Test => test(),
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    run(Command::new("cargo").args(args).current_dir(root()))
+}
+
+fn toolchain() -> Result<String> {
+    let text = std::fs::read_to_string(root().join("rust-toolchain.toml"))?;
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("channel"))
+        .filter_map(|r| r.trim().strip_prefix('='))
+        .map(|v| v.trim().trim_matches('"').to_owned())
+        .next()
+        .context("no channel in rust-toolchain.toml")
+}
+
+fn setup() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if !missing.is_empty() {
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let tc = toolchain()?;
+    run(Command::new("rustup").args([
+        "toolchain",
+        "install",
+        &tc,
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src,clippy,rustfmt",
+    ]))?;
+    let have_linker = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
+    if !have_linker {
+        run(Command::new("cargo")
+            .args([
+                &format!("+{tc}"),
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+                "--locked",
+            ])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
+    }
+    eprintln!("setup: everything present");
+    Ok(())
+}
+
+fn test() -> Result<()> {
+    setup()?;
+    cargo(&["fmt", "--all", "--check"])?;
+    cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    cargo(&["test", "-p", "sockmesh", "-p", "sockmesh-common"])?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        bail!("the privileged integration tests need root (network namespaces, cgroups, bpf)");
+    }
+    cargo(&[
+        "test",
+        "-p",
+        "sockmesh-tests",
+        "--",
+        "--test-threads=1",
+        "--include-ignored",
+    ])
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}

@@ -74,19 +74,25 @@ fn absent_ok(r: Result<(), MapError>) -> Result<(), MapError> {
 
 impl MapStore for KernelMaps {
     fn put_service(&mut self, k: &ServiceKey, v: &ServiceValue) -> Result<(), StoreError> {
-        self.services.insert(k, v, 0).map_err(err(MapName::Services, "insert"))
+        self.services
+            .insert(k, v, 0)
+            .map_err(err(MapName::Services, "insert"))
     }
     fn del_service(&mut self, k: &ServiceKey) -> Result<(), StoreError> {
         absent_ok(self.services.remove(k)).map_err(err(MapName::Services, "delete"))
     }
     fn put_slot(&mut self, k: &SlotKey, backend_index: u32) -> Result<(), StoreError> {
-        self.slots.insert(k, &backend_index, 0).map_err(err(MapName::Slots, "insert"))
+        self.slots
+            .insert(k, &backend_index, 0)
+            .map_err(err(MapName::Slots, "insert"))
     }
     fn del_slot(&mut self, k: &SlotKey) -> Result<(), StoreError> {
         absent_ok(self.slots.remove(k)).map_err(err(MapName::Slots, "delete"))
     }
     fn put_backend(&mut self, k: &BackendKey, v: &BackendInfo) -> Result<(), StoreError> {
-        self.backends.insert(k, v, 0).map_err(err(MapName::Backends, "insert"))
+        self.backends
+            .insert(k, v, 0)
+            .map_err(err(MapName::Backends, "insert"))
     }
     fn del_backend(&mut self, k: &BackendKey) -> Result<(), StoreError> {
         absent_ok(self.backends.remove(k)).map_err(err(MapName::Backends, "delete"))

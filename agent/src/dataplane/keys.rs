@@ -71,7 +71,10 @@ mod tests {
     fn v4_is_stored_mapped_in_network_order() {
         let w = ip_to_words("10.96.0.1".parse().expect("addr"));
         let bytes: Vec<u8> = w.iter().flat_map(|x| x.to_ne_bytes()).collect();
-        assert_eq!(bytes, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 96, 0, 1]);
+        assert_eq!(
+            bytes,
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 96, 0, 1]
+        );
         assert_eq!(w[2], sockmesh_common::V4_MAPPED_WORD);
         assert_eq!(words_to_ip(w), "10.96.0.1".parse::<IpAddr>().expect("addr"));
     }
@@ -81,7 +84,11 @@ mod tests {
         let ip: IpAddr = "fd00:96::1".parse().expect("addr");
         assert_eq!(words_to_ip(ip_to_words(ip)), ip);
         assert_eq!(port_to_map(80).to_ne_bytes(), [0, 80]);
-        let s = ServiceAddr { vip: ip, port: 53, protocol: Protocol::Udp };
+        let s = ServiceAddr {
+            vip: ip,
+            port: 53,
+            protocol: Protocol::Udp,
+        };
         assert_eq!(service_addr(&service_key(&s)), Some(s));
     }
 }

@@ -243,14 +243,20 @@ fn refuse_other_cgroups(layout: &PinLayout, cgroup_id: u64) -> Result<(), Datapl
 }
 
 fn pin_link(link: FdLink, pin: &Path) -> Result<(), DataplaneError> {
-    link.pin(pin).map(drop).map_err(|source| DataplaneError::Pin {
-        path: pin.to_owned(),
-        source,
-    })
+    link.pin(pin)
+        .map(drop)
+        .map_err(|source| DataplaneError::Pin {
+            path: pin.to_owned(),
+            source,
+        })
 }
 
 /// Swaps `prog` into the link pinned at `pin` (`BPF_LINK_UPDATE`).
-fn replace_in_link(pin: &Path, prog: BorrowedFd<'_>, name: &'static str) -> Result<(), DataplaneError> {
+fn replace_in_link(
+    pin: &Path,
+    prog: BorrowedFd<'_>,
+    name: &'static str,
+) -> Result<(), DataplaneError> {
     let link = obj_get(pin).map_err(|source| DataplaneError::Io {
         path: pin.to_owned(),
         source,
@@ -318,7 +324,11 @@ fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
             std::mem::size_of::<LinkUpdateAttr>(),
         )
     };
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Removes every pin under `layout` (detaching the programs once no process holds

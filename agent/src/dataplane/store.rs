@@ -66,6 +66,10 @@ pub enum Op {
     DelBackend(BackendKey),
 }
 
+/// A resolved backend: address words and port, as in the maps.
+#[cfg(any(test, feature = "testing"))]
+pub type Resolved = ([u32; 4], u16);
+
 /// Hook run after every write of a [`MemStore`].
 #[cfg(any(test, feature = "testing"))]
 pub type AfterWrite = Box<dyn FnMut(&MemStore, &Op)>;
@@ -110,7 +114,7 @@ impl MemStore {
     /// What a kernel program would pick from for `key` right now: `None` if no such
     /// service, otherwise every slot resolved to (address words, port), or the slot
     /// that does not resolve.
-    pub fn resolve(&self, key: &ServiceKey) -> Option<Result<Vec<([u32; 4], u16)>, SlotKey>> {
+    pub fn resolve(&self, key: &ServiceKey) -> Option<Result<Vec<Resolved>, SlotKey>> {
         let svc = self.services.get(key)?;
         let mut out = Vec::new();
         for slot in 0..svc.slot_count {

@@ -140,8 +140,11 @@ impl<S: MapStore> MapWriter<S> {
     /// capacity are checked before any write.
     pub fn apply(&mut self, desired: &RoutingTable) -> Result<ApplyReport, WriteError> {
         desired.validate()?;
-        let wanted: HashMap<ServiceKey, &ServiceAddr> =
-            desired.services.keys().map(|s| (service_key(s), s)).collect();
+        let wanted: HashMap<ServiceKey, &ServiceAddr> = desired
+            .services
+            .keys()
+            .map(|s| (service_key(s), s))
+            .collect();
         self.check_capacity(desired)?;
 
         let mut report = ApplyReport::default();
@@ -422,7 +425,13 @@ fn write_and_publish<S: MapStore>(
     //    rewriting it (weight/state) never changes what a slot resolves to.
     for (&index, info) in &plan.backends {
         if inst.backends.get(&index) != Some(info) {
-            store.put_backend(&BackendKey { service_id: id, index }, info)?;
+            store.put_backend(
+                &BackendKey {
+                    service_id: id,
+                    index,
+                },
+                info,
+            )?;
             inst.backends.insert(index, *info);
             *ops += 1;
         }
@@ -476,7 +485,10 @@ fn write_and_publish<S: MapStore>(
         .copied()
         .collect();
     for index in stale {
-        store.del_backend(&BackendKey { service_id: id, index })?;
+        store.del_backend(&BackendKey {
+            service_id: id,
+            index,
+        })?;
         inst.backends.remove(&index);
         *ops += 1;
     }
@@ -486,7 +498,10 @@ fn write_and_publish<S: MapStore>(
 /// Undoes the writes of a new service that was never published.
 fn rollback<S: MapStore>(store: &mut S, inst: &Installed, id: u32) {
     for &index in inst.backends.keys() {
-        let _ = store.del_backend(&BackendKey { service_id: id, index });
+        let _ = store.del_backend(&BackendKey {
+            service_id: id,
+            index,
+        });
     }
 }
 
@@ -524,7 +539,8 @@ impl Mirror {
             let inst = by_id.get(&k.service_id).and_then(|sk| services.get_mut(sk));
             match inst {
                 Some(inst)
-                    if k.generation == inst.generation && usize::from(k.slot) < inst.slots.len() =>
+                    if k.generation == inst.generation
+                        && usize::from(k.slot) < inst.slots.len() =>
                 {
                     inst.slots[usize::from(k.slot)] = *index;
                 }

@@ -67,7 +67,13 @@ fn apply_then_reapply_writes_nothing() {
     assert_eq!((r.added, r.updated, r.removed), (1, 0, 0));
     assert_eq!(reachable(w.store(), &s), Some(set(&t.services[&s])));
     let r = w.apply(&t).expect("reapply");
-    assert_eq!(r, ApplyReport { unchanged: 1, ..ApplyReport::default() });
+    assert_eq!(
+        r,
+        ApplyReport {
+            unchanged: 1,
+            ..ApplyReport::default()
+        }
+    );
     assert_eq!(sorted(w.table()), sorted(t));
 }
 
@@ -92,7 +98,10 @@ fn every_intermediate_state_is_old_or_new() {
         let seen2 = Rc::clone(&seen);
         w.store_mut().after_write = Some(Box::new(move |st: &MemStore, op: &Op| {
             let now = reachable(st, &s).expect("service stays published");
-            assert!(now == old || now == new, "after {op:?}: {now:?} is neither {old:?} nor {new:?}");
+            assert!(
+                now == old || now == new,
+                "after {op:?}: {now:?} is neither {old:?} nor {new:?}"
+            );
             *seen2.borrow_mut() += 1;
         }));
         w.apply(&table(&[(s, pair[1].clone())])).expect("step");
@@ -107,12 +116,18 @@ fn an_update_touches_only_its_service() {
     let a = svc("10.96.0.1", 80);
     let b = svc("10.96.0.2", 80);
     let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
-    w.apply(&table(&[(a, vec![be("10.0.0.1", 80)]), (b, vec![be("10.0.1.1", 80)])]))
-        .expect("initial");
+    w.apply(&table(&[
+        (a, vec![be("10.0.0.1", 80)]),
+        (b, vec![be("10.0.1.1", 80)]),
+    ]))
+    .expect("initial");
     let b_id = w.store().services[&service_key(&b)].id;
     w.store_mut().log.clear();
     let r = w
-        .apply(&table(&[(a, vec![be("10.0.0.1", 80)]), (b, vec![be("10.0.1.2", 80)])]))
+        .apply(&table(&[
+            (a, vec![be("10.0.0.1", 80)]),
+            (b, vec![be("10.0.1.2", 80)]),
+        ]))
         .expect("update b");
     assert_eq!((r.updated, r.unchanged), (1, 1));
     for op in &w.store().log {
@@ -134,18 +149,32 @@ fn an_update_touches_only_its_service() {
 fn weight_change_rewrites_slots_draining_keeps_entry() {
     let s = svc("10.96.0.1", 80);
     let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
-    w.apply(&table(&[(s, vec![be("10.0.0.1", 80), be("10.0.0.2", 80)])])).expect("a");
-    w.apply(&table(&[(s, vec![be("10.0.0.1", 80), be("10.0.0.2", 80).weighted(3)])]))
-        .expect("b");
+    w.apply(&table(&[(s, vec![be("10.0.0.1", 80), be("10.0.0.2", 80)])]))
+        .expect("a");
+    w.apply(&table(&[(
+        s,
+        vec![be("10.0.0.1", 80), be("10.0.0.2", 80).weighted(3)],
+    )]))
+    .expect("b");
     let v = w.store().services[&service_key(&s)];
     assert_eq!(v.slot_count, 4);
-    w.apply(&table(&[(s, vec![be("10.0.0.1", 80).draining(), be("10.0.0.2", 80)])]))
-        .expect("c");
+    w.apply(&table(&[(
+        s,
+        vec![be("10.0.0.1", 80).draining(), be("10.0.0.2", 80)],
+    )]))
+    .expect("c");
     assert_eq!(reachable(w.store(), &s), Some(set(&[be("10.0.0.2", 80)])));
     let t = w.table();
     let listed = &t.services[&s];
-    assert!(listed.contains(&be("10.0.0.1", 80).draining()), "{listed:?}");
-    assert_eq!(w.store().backends.len(), 2, "draining backend keeps its entry");
+    assert!(
+        listed.contains(&be("10.0.0.1", 80).draining()),
+        "{listed:?}"
+    );
+    assert_eq!(
+        w.store().backends.len(),
+        2,
+        "draining backend keeps its entry"
+    );
 }
 
 #[test]
@@ -162,25 +191,36 @@ fn zero_backends_publishes_an_empty_service() {
 fn removal_deletes_everything_of_the_service() {
     let s = svc("10.96.0.1", 80);
     let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
-    w.apply(&table(&[(s, vec![be("10.0.0.1", 80), be("10.0.0.2", 80).draining()])]))
-        .expect("apply");
+    w.apply(&table(&[(
+        s,
+        vec![be("10.0.0.1", 80), be("10.0.0.2", 80).draining()],
+    )]))
+    .expect("apply");
     let before = w.store().log.len();
     let r = w.apply(&RoutingTable::default()).expect("remove");
     assert_eq!(r.removed, 1);
     let st = w.store();
     assert!(st.services.is_empty() && st.slots.is_empty() && st.backends.is_empty());
-    assert_eq!(st.log[before], Op::DelService(service_key(&s)), "unpublished first");
+    assert_eq!(
+        st.log[before],
+        Op::DelService(service_key(&s)),
+        "unpublished first"
+    );
 }
 
 #[test]
 fn invalid_tables_write_nothing() {
     let s = svc("10.96.0.1", 80);
     let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
-    w.apply(&table(&[(s, vec![be("10.0.0.1", 80)])])).expect("good");
+    w.apply(&table(&[(s, vec![be("10.0.0.1", 80)])]))
+        .expect("good");
     let before = w.store().log.len();
     let bad = table(&[(s, vec![be("10.0.0.2", 0)]), (svc("10.96.0.2", 80), vec![])]);
     let err = w.apply(&bad).expect_err("port 0");
-    assert!(matches!(err, WriteError::Invalid(ModelError::BackendPortZero { .. })), "{err}");
+    assert!(
+        matches!(err, WriteError::Invalid(ModelError::BackendPortZero { .. })),
+        "{err}"
+    );
     assert_eq!(w.store().log.len(), before);
     assert_eq!(reachable(w.store(), &s), Some(set(&[be("10.0.0.1", 80)])));
 }
@@ -198,12 +238,19 @@ fn a_failed_write_keeps_the_service_on_a_consistent_set_and_recovers() {
         w.store_mut().fail_at = Some(base + fail);
         let result = w.apply(&table(&[(s, new.clone())]));
         let now = reachable(w.store(), &s).expect("still published");
-        assert!(now == set(&old) || now == set(&new), "fail at {fail}: {now:?}");
+        assert!(
+            now == set(&old) || now == set(&new),
+            "fail at {fail}: {now:?}"
+        );
         if result.is_err() {
             // The mirror matches the maps: adopting them gives the writer's view,
             // and a retry converges.
             let snap = w.store().snapshot().expect("snapshot");
-            assert_eq!(sorted(table_from_snapshot(&snap)), sorted(w.table()), "fail at {fail}");
+            assert_eq!(
+                sorted(table_from_snapshot(&snap)),
+                sorted(w.table()),
+                "fail at {fail}"
+            );
         }
         w.apply(&table(&[(s, new.clone())])).expect("retry");
         assert_eq!(reachable(w.store(), &s), Some(set(&new)));
@@ -222,7 +269,13 @@ fn adopt_takes_over_without_rewriting_and_collects_garbage() {
         protocol: Protocol::Udp,
     };
     let t = table(&[
-        (a, vec![be("10.0.0.1", 80).weighted(2), be("10.0.0.2", 80).draining()]),
+        (
+            a,
+            vec![
+                be("10.0.0.1", 80).weighted(2),
+                be("10.0.0.2", 80).draining(),
+            ],
+        ),
         (b, vec![be("fd00::1", 53), be("fd00::2", 53)]),
     ]);
     let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
@@ -231,12 +284,30 @@ fn adopt_takes_over_without_rewriting_and_collects_garbage() {
     // An interrupted update left an unpublished slot and an orphan backend.
     let id = store.services[&service_key(&a)].id;
     let unpublished = 1 - store.services[&service_key(&a)].generation;
-    store.slots.insert(SlotKey { service_id: id, generation: unpublished, pad: 0, slot: 0 }, 0);
-    store.backends.insert(BackendKey { service_id: 999, index: 0 }, store.backends.values().copied().next().expect("one"));
+    store.slots.insert(
+        SlotKey {
+            service_id: id,
+            generation: unpublished,
+            pad: 0,
+            slot: 0,
+        },
+        0,
+    );
+    store.backends.insert(
+        BackendKey {
+            service_id: 999,
+            index: 0,
+        },
+        store.backends.values().copied().next().expect("one"),
+    );
     store.log.clear();
 
     let mut w = MapWriter::adopt(store).expect("adopt again");
-    assert_eq!(w.store().log.len(), 2, "only the two garbage entries are deleted");
+    assert_eq!(
+        w.store().log.len(),
+        2,
+        "only the two garbage entries are deleted"
+    );
     assert_eq!(sorted(w.table()), sorted(t.clone()));
     w.store_mut().log.clear();
     assert_eq!(w.apply(&t).expect("same").map_ops, 0);
@@ -246,7 +317,12 @@ fn adopt_takes_over_without_rewriting_and_collects_garbage() {
     let mut t2 = t;
     t2.insert(c, vec![be("10.0.0.7", 80)]);
     w.apply(&t2).expect("add");
-    let ids: HashSet<u32> = w.store().services.values().map(|v: &ServiceValue| v.id).collect();
+    let ids: HashSet<u32> = w
+        .store()
+        .services
+        .values()
+        .map(|v: &ServiceValue| v.id)
+        .collect();
     assert_eq!(ids.len(), 3);
 }
 
@@ -254,12 +330,15 @@ fn adopt_takes_over_without_rewriting_and_collects_garbage() {
 fn adopt_marks_inconsistent_services_dirty() {
     let s = svc("10.96.0.1", 80);
     let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
-    w.apply(&table(&[(s, vec![be("10.0.0.1", 80), be("10.0.0.2", 80)])])).expect("apply");
+    w.apply(&table(&[(s, vec![be("10.0.0.1", 80), be("10.0.0.2", 80)])]))
+        .expect("apply");
     let mut store = std::mem::take(w.store_mut());
     let first = *store.slots.keys().next().expect("a slot");
     store.slots.remove(&first);
     let mut w = MapWriter::adopt(store).expect("adopt");
-    let r = w.apply(&table(&[(s, vec![be("10.0.0.1", 80), be("10.0.0.2", 80)])])).expect("repair");
+    let r = w
+        .apply(&table(&[(s, vec![be("10.0.0.1", 80), be("10.0.0.2", 80)])]))
+        .expect("repair");
     assert_eq!(r.updated, 1);
     assert_eq!(reachable(w.store(), &s).map(|s| s.len()), Some(2));
 }
@@ -270,10 +349,20 @@ fn services_over_the_limit_are_refused_before_writing() {
     for i in 0..=sockmesh_common::MAX_SERVICES {
         let ip = IpAddr::from([10, 96, (i >> 8) as u8, i as u8]);
         let port = 1 + (i >> 16) as u16;
-        t.insert(ServiceAddr { vip: ip, port, protocol: Protocol::Tcp }, vec![]);
+        t.insert(
+            ServiceAddr {
+                vip: ip,
+                port,
+                protocol: Protocol::Tcp,
+            },
+            vec![],
+        );
     }
     let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
     let err = w.apply(&t).expect_err("too many");
-    assert!(matches!(err, WriteError::Invalid(ModelError::TooManyServices { .. })), "{err}");
+    assert!(
+        matches!(err, WriteError::Invalid(ModelError::TooManyServices { .. })),
+        "{err}"
+    );
     assert!(w.store().log.is_empty());
 }

@@ -81,8 +81,13 @@ pub mod counter {
     /// Number of counters.
     pub const COUNT: u32 = 5;
     /// Human names, indexed like the constants above.
-    pub const NAMES: [&str; COUNT as usize] =
-        ["redirects", "no_backend", "reverse_miss", "slot_retry", "reverse_hits"];
+    pub const NAMES: [&str; COUNT as usize] = [
+        "redirects",
+        "no_backend",
+        "reverse_miss",
+        "slot_retry",
+        "reverse_hits",
+    ];
 }
 
 /// Key of the service map: one (VIP, port, protocol).

@@ -45,8 +45,7 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
 /// - reader: connect4/6, sendmsg4/6
 /// - capacity: `MAX_SLOTS_TOTAL`; two generations of a service coexist briefly
 #[map(name = "SM_SLOTS")]
-pub static SLOTS: HashMap<SlotKey, u32> =
-    HashMap::pinned(MAX_SLOTS_TOTAL, BPF_F_NO_PREALLOC);
+pub static SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(MAX_SLOTS_TOTAL, BPF_F_NO_PREALLOC);
 
 /// Backends of each service.
 /// - key: [`BackendKey`] (service id, backend index)

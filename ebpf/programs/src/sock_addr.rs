@@ -136,7 +136,11 @@ fn forward(ctx: &SockAddrContext, family: Family, per_socket: bool) -> Verdict {
     }
     let vip = sa.dst(family);
     let cookie = cookie(ctx);
-    let pick = if per_socket { Pick::Hash(cookie) } else { Pick::Random };
+    let pick = if per_socket {
+        Pick::Hash(cookie)
+    } else {
+        Pick::Random
+    };
     match xlate::forward(vip, proto, pick) {
         Forward::Pass => Verdict::Proceed,
         Forward::NoBackend => {
