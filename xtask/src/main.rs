@@ -135,9 +135,9 @@ fn test() -> Result<()> {
         "test",
         "-p",
         "sockmesh-tests",
+        "--tests",
         "--",
         "--test-threads=1",
-        "--include-ignored",
     ])
 }
 
