@@ -116,3 +116,13 @@ pub fn python_in(netns: &NetNs, cgroup: Option<&Cgroup>, code: &str) -> std::pro
         .output()
         .expect("run python3")
 }
+
+/// Installs a datapath for `cgroup`, pinned under `bpffs`.
+pub fn install(cgroup: &Cgroup, bpffs: &Bpffs) -> sockmesh::dataplane::Datapath {
+    sockmesh::dataplane::Datapath::install(&sockmesh::dataplane::DatapathConfig {
+        bpffs: bpffs.0.clone(),
+        cgroup: cgroup.0.clone(),
+        allow_root_cgroup: false,
+    })
+    .expect("install datapath")
+}

@@ -3,11 +3,8 @@
 
 use std::net::IpAddr;
 
-use sockmesh::{
-    dataplane::{Datapath, DatapathConfig},
-    model::{Backend, Protocol, RoutingTable, ServiceAddr},
-};
-use sockmesh_tests::{Bpffs, Cgroup, NetNs, python_in, veth};
+use sockmesh::model::{Backend, Protocol, RoutingTable, ServiceAddr};
+use sockmesh_tests::{Bpffs, Cgroup, NetNs, install, python_in, veth};
 
 const SERVER: &str = r#"
 import socket, sys
@@ -37,12 +34,7 @@ fn tcp_vip_redirects_reports_vip_refuses_empty_and_spares_outsiders() {
         ])
         .spawn()
         .expect("server");
-    let mut dp = Datapath::install(&DatapathConfig {
-        bpffs: bpffs.0.clone(),
-        cgroup: cgroup.0.clone(),
-        allow_root_cgroup: false,
-    })
-    .expect("install datapath");
+    let mut dp = install(&cgroup, &bpffs);
     let vip = |last: u8| ServiceAddr {
         vip: IpAddr::from([10, 96, 0, last]),
         port: 80,

@@ -2,11 +2,8 @@
 
 use std::net::IpAddr;
 
-use sockmesh::{
-    dataplane::{Datapath, DatapathConfig},
-    model::{Backend, Protocol, RoutingTable, ServiceAddr},
-};
-use sockmesh_tests::{Bpffs, Cgroup, NetNs, python_in, veth};
+use sockmesh::model::{Backend, Protocol, RoutingTable, ServiceAddr};
+use sockmesh_tests::{Bpffs, Cgroup, NetNs, install, python_in, veth};
 
 const SERVERS: &str = r#"
 import socket, threading
@@ -43,12 +40,7 @@ fn udp_reply_comes_from_vip_and_ipv6_vip_works() {
         .args(["netns", "exec", &backend.0, "python3", "-c", SERVERS])
         .spawn()
         .expect("server");
-    let mut dp = Datapath::install(&DatapathConfig {
-        bpffs: bpffs.0.clone(),
-        cgroup: cgroup.0.clone(),
-        allow_root_cgroup: false,
-    })
-    .expect("install");
+    let mut dp = install(&cgroup, &bpffs);
     let mut table = RoutingTable::default();
     table.insert(
         ServiceAddr {
