@@ -19,12 +19,12 @@ use std::{
 };
 
 use aya::Ebpf;
-pub use keys::{ip_to_words, port_to_map, service_key};
+pub use keys::service_key;
 pub use loader::{Attachment, PROGRAMS, PinLayout};
 use tracing::info;
 pub use writer::{ApplyReport, MapWriter, WriteError, table_from_snapshot};
 
-pub use self::kernel::{KernelMaps, MAP_NAMES};
+pub use self::kernel::KernelMaps;
 use crate::model::RoutingTable;
 
 /// Why the datapath could not be set up or read.

@@ -131,14 +131,28 @@ fn test() -> Result<()> {
     if unsafe { libc_geteuid() } != 0 {
         bail!("the privileged integration tests need root (network namespaces, cgroups, bpf)");
     }
-    cargo(&[
+    // The datapath mounts bpffs at /sys/fs/bpf when it is missing; leave the machine
+    // as found: unmount it again if this run mounted it (and nothing else is pinned).
+    let mounted_before = bpffs_mounted();
+    let result = cargo(&[
         "test",
         "-p",
         "sockmesh-tests",
         "--tests",
         "--",
         "--test-threads=1",
-    ])
+    ]);
+    if !mounted_before && bpffs_mounted() {
+        run(Command::new("umount").arg(BPFFS))?;
+    }
+    result
+}
+
+const BPFFS: &str = "/sys/fs/bpf";
+
+fn bpffs_mounted() -> bool {
+    std::fs::read_to_string("/proc/self/mounts")
+        .is_ok_and(|m| m.lines().any(|l| l.split(' ').nth(1) == Some(BPFFS)))
 }
 
 unsafe extern "C" {

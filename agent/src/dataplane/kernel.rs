@@ -17,15 +17,6 @@ pub struct KernelMaps {
     backends: HashMap<MapData, BackendKey, BackendInfo>,
 }
 
-/// Every map name the datapath pins, in creation order.
-pub const MAP_NAMES: [&str; 5] = [
-    "SM_SERVICES",
-    "SM_SLOTS",
-    "SM_BACKENDS",
-    "SM_REVERSE",
-    "SM_COUNTERS",
-];
-
 impl KernelMaps {
     /// Wraps maps taken from a loaded object.
     pub fn new(services: Map, slots: Map, backends: Map) -> Result<Self, DataplaneError> {
