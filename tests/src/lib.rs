@@ -2,9 +2,12 @@
 //! also when a test fails.
 
 use std::{
+    ffi::OsStr,
     fs,
+    io::{BufRead as _, BufReader},
+    os::{fd::AsFd as _, unix::process::CommandExt as _},
     path::PathBuf,
-    process::Command,
+    process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
 };
 
@@ -125,4 +128,102 @@ pub fn install(cgroup: &Cgroup, bpffs: &Bpffs) -> sockmesh::dataplane::Datapath 
         allow_root_cgroup: false,
     })
     .expect("install datapath")
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the same clock in every process and namespace on
+/// the machine, so the probe's timestamps compare with the test's.
+pub fn monotonic_ns() -> u64 {
+    let ts =
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000
+        + u64::try_from(ts.tv_nsec()).unwrap_or(0)
+}
+
+/// A command that runs `program` inside `netns` and, if given, inside `cgroup`. The
+/// child joins the cgroup and then the namespace with `setns`, which (unlike `ip
+/// netns exec`) does not remount /sys.
+pub fn command_in(netns: &NetNs, cgroup: Option<&Cgroup>, program: impl AsRef<OsStr>) -> Command {
+    let ns = fs::File::open(format!("/run/netns/{}", netns.0)).expect("open netns");
+    let procs = cgroup.map(|c| {
+        fs::OpenOptions::new()
+            .write(true)
+            .open(c.0.join("cgroup.procs"))
+            .expect("open cgroup.procs")
+    });
+    let mut cmd = Command::new(program);
+    // SAFETY: the closure only makes the write(2) and setns(2) system calls, which
+    // are async-signal-safe, on descriptors opened before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(procs) = &procs {
+                nix::unistd::write(procs.as_fd(), b"0")?;
+            }
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// A child process killed and reaped on drop.
+pub struct Proc(pub Child);
+
+impl Proc {
+    /// Starts a long-running server and waits for its first stdout line (`ready`).
+    pub fn server(mut cmd: Command) -> Self {
+        let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn server");
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("stdout piped");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("server output");
+        let proc = Proc(child);
+        assert_eq!(line.trim(), "ready", "server did not start");
+        proc
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs a command to completion (bounded by `timeout`) and returns its stdout;
+/// panics with its stderr if it fails.
+pub fn run(mut cmd: Command) -> String {
+    let out = cmd.stdin(Stdio::null()).output().expect("run command");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The `sockmesh` binary built next to the test binaries (`cargo xtask test` builds
+/// it; by hand: `cargo build -p sockmesh`).
+pub fn sockmesh_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .join("sockmesh");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p sockmesh` first (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Adds an address to a device inside a namespace.
+pub fn add_addr(netns: &NetNs, dev: &str, cidr: &str) {
+    let mut args = vec!["-n", &netns.0, "addr", "add", cidr, "dev", dev];
+    if cidr.contains(':') {
+        args.push("nodad");
+    }
+    ip(&args);
 }

@@ -134,6 +134,8 @@ fn test() -> Result<()> {
     // The datapath mounts bpffs at /sys/fs/bpf when it is missing; leave the machine
     // as found: unmount it again if this run mounted it (and nothing else is pinned).
     let mounted_before = bpffs_mounted();
+    // The restart test runs the real `sockmesh` binary.
+    cargo(&["build", "-p", "sockmesh"])?;
     let result = cargo(&[
         "test",
         "-p",

@@ -1,0 +1,150 @@
+//! Test and benchmark traffic tool. Runs inside a namespace/cgroup the caller put it
+//! in (see `sockmesh_tests::Spawn`).
+//!
+//! ```text
+//! smprobe serve ADDR:PORT=NAME [ADDR:PORT=NAME ...]   TCP: send NAME, close.
+//!                                                     UDP (prefix udp:): reply NAME.
+//! smprobe connect ADDR:PORT COUNT [MILLIS]            COUNT TCP connects (or until
+//!     MILLIS have passed); one line each: START_NS END_NS NAME|E<errno>
+//!     START/END are CLOCK_MONOTONIC, comparable with the caller's clock.
+//! smprobe udp ADDR:PORT COUNT                         COUNT fresh UDP sockets, one
+//!     request each; one line each: FROM NAME|E<errno>
+//! smprobe peer ADDR:PORT                              connect once, print getpeername
+//! ```
+
+use std::{
+    io::{self, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    process::ExitCode,
+    thread,
+    time::{Duration, Instant},
+};
+
+use sockmesh_tests::monotonic_ns;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("serve") => serve(&args[1..]),
+        Some("connect") => connect(&args[1..]),
+        Some("udp") => udp(&args[1..]),
+        Some("peer") => peer(&args[1..]),
+        _ => Err("usage: smprobe serve|connect|udp|peer ...".to_owned()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = writeln!(io::stderr(), "smprobe: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn addr(s: Option<&String>) -> Result<SocketAddr, String> {
+    let s = s.ok_or("missing ADDR:PORT")?;
+    s.parse().map_err(|e| format!("{s}: {e}"))
+}
+
+fn number(s: Option<&String>, default: u64) -> Result<u64, String> {
+    s.map_or(Ok(default), |s| s.parse().map_err(|e| format!("{s}: {e}")))
+}
+
+fn serve(specs: &[String]) -> Result<(), String> {
+    let mut handles = Vec::new();
+    for spec in specs {
+        let (udp, spec) = match spec.strip_prefix("udp:") {
+            Some(rest) => (true, rest),
+            None => (false, spec.as_str()),
+        };
+        let (at, name) = spec.split_once('=').ok_or("serve wants ADDR:PORT=NAME")?;
+        let at: SocketAddr = at.parse().map_err(|e| format!("{at}: {e}"))?;
+        let name = name.as_bytes().to_vec();
+        if udp {
+            let sock = UdpSocket::bind(at).map_err(|e| format!("bind udp {at}: {e}"))?;
+            handles.push(thread::spawn(move || {
+                let mut buf = [0u8; 512];
+                while let Ok((_, from)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(&name, from);
+                }
+            }));
+        } else {
+            let listener = TcpListener::bind(at).map_err(|e| format!("bind tcp {at}: {e}"))?;
+            handles.push(thread::spawn(move || {
+                for mut conn in listener.incoming().flatten() {
+                    let _ = conn.write_all(&name);
+                }
+            }));
+        }
+    }
+    // Tell the caller the sockets are bound.
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "ready");
+    let _ = out.flush();
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+fn errno(e: &io::Error) -> String {
+    format!("E{}", e.raw_os_error().unwrap_or(0))
+}
+
+fn connect(args: &[String]) -> Result<(), String> {
+    let to = addr(args.first())?;
+    let count = number(args.get(1), 1)?;
+    let limit = Duration::from_millis(number(args.get(2), 60_000)?);
+    let started = Instant::now();
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    for _ in 0..count {
+        if started.elapsed() > limit {
+            break;
+        }
+        let t0 = monotonic_ns();
+        let result = TcpStream::connect_timeout(&to, Duration::from_secs(2)).and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let mut name = String::new();
+            s.read_to_string(&mut name)?;
+            Ok(name)
+        });
+        let t1 = monotonic_ns();
+        let what = result.unwrap_or_else(|e| errno(&e));
+        writeln!(out, "{t0} {t1} {what}").map_err(|e| e.to_string())?;
+    }
+    out.flush().map_err(|e| e.to_string())
+}
+
+fn udp(args: &[String]) -> Result<(), String> {
+    let to = addr(args.first())?;
+    let count = number(args.get(1), 1)?;
+    let any: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    for _ in 0..count {
+        let result = UdpSocket::bind(any).and_then(|s| {
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.send_to(b"q", to)?;
+            let mut buf = [0u8; 512];
+            let (n, from) = s.recv_from(&mut buf)?;
+            Ok(format!("{from} {}", String::from_utf8_lossy(&buf[..n])))
+        });
+        let line = result.unwrap_or_else(|e| format!("- {}", errno(&e)));
+        writeln!(out, "{line}").map_err(|e| e.to_string())?;
+    }
+    out.flush().map_err(|e| e.to_string())
+}
+
+fn peer(args: &[String]) -> Result<(), String> {
+    let to = addr(args.first())?;
+    let line = match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+        Ok(mut s) => {
+            let peer = s.peer_addr().map_err(|e| e.to_string())?;
+            let mut name = String::new();
+            let _ = s.read_to_string(&mut name);
+            format!("{peer} {name}")
+        }
+        Err(e) => format!("- {}", errno(&e)),
+    };
+    writeln!(io::stdout(), "{line}").map_err(|e| e.to_string())
+}

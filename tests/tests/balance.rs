@@ -1,0 +1,203 @@
+//! Backend selection on real sockets: equal weights spread evenly, weights are
+//! honoured, and a service updated under a tight connect loop never fails a
+//! connection nor sends one to a removed backend after the update returns.
+
+use std::{collections::BTreeMap, net::IpAddr, process::Command};
+
+use sockmesh::model::{Backend, Protocol, RoutingTable, ServiceAddr};
+use sockmesh_tests::{
+    Bpffs, Cgroup, NetNs, Proc, add_addr, command_in, install, monotonic_ns, run, veth,
+};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
+
+/// Fields drop in order: datapath, pins, server, cgroup, namespaces.
+struct Lab {
+    dp: sockmesh::dataplane::Datapath,
+    _bpffs: Bpffs,
+    _server: Proc,
+    cgroup: Cgroup,
+    client: NetNs,
+    _backend: NetNs,
+}
+
+/// One client namespace, one backend namespace serving `b1`..`b4` on
+/// 10.10.1.11..14:8080, a datapath on a fresh cgroup.
+fn lab() -> Lab {
+    let client = NetNs::new();
+    let backend = NetNs::new();
+    veth(&client, "10.10.1.1/24", &backend, "10.10.1.11/24");
+    for last in 12..=14 {
+        add_addr(&backend, "sm1", &format!("10.10.1.{last}/24"));
+    }
+    let mut serve = command_in(&backend, None, PROBE);
+    serve.arg("serve");
+    for i in 1..=4 {
+        serve.arg(format!("10.10.1.{}:8080=b{i}", 10 + i));
+    }
+    let server = Proc::server(serve);
+    let cgroup = Cgroup::new();
+    let bpffs = Bpffs::new();
+    let dp = install(&cgroup, &bpffs);
+    Lab {
+        dp,
+        _bpffs: bpffs,
+        _server: server,
+        cgroup,
+        client,
+        _backend: backend,
+    }
+}
+
+fn service() -> ServiceAddr {
+    ServiceAddr {
+        vip: IpAddr::from([10, 96, 0, 10]),
+        port: 80,
+        protocol: Protocol::Tcp,
+    }
+}
+
+fn backend(i: u8) -> Backend {
+    Backend::new(IpAddr::from([10, 10, 1, 10 + i]), 8080)
+}
+
+fn table(backends: Vec<Backend>) -> RoutingTable {
+    let mut t = RoutingTable::default();
+    t.insert(service(), backends);
+    t
+}
+
+/// One line per connection: (start ns, end ns, backend name or `E<errno>`).
+fn connect_loop(lab: &Lab, count: u32, millis: u32) -> Command {
+    let mut cmd = command_in(&lab.client, Some(&lab.cgroup), PROBE);
+    cmd.args([
+        "connect",
+        "10.96.0.10:80",
+        &count.to_string(),
+        &millis.to_string(),
+    ]);
+    cmd
+}
+
+fn parse(out: &str) -> Vec<(u64, String)> {
+    out.lines()
+        .map(|l| {
+            let mut f = l.split(' ');
+            let start = f.next().and_then(|s| s.parse().ok()).expect("start ns");
+            let _end = f.next();
+            (start, f.next().unwrap_or("").to_owned())
+        })
+        .collect()
+}
+
+fn histogram(conns: &[(u64, String)]) -> BTreeMap<String, u64> {
+    let mut h = BTreeMap::new();
+    for (_, name) in conns {
+        *h.entry(name.clone()).or_insert(0) += 1;
+    }
+    h
+}
+
+/// Pearson's chi-squared statistic of observed counts against expected shares.
+fn chi_squared(hist: &BTreeMap<String, u64>, expected: &[(&str, f64)]) -> f64 {
+    let total: u64 = hist.values().sum();
+    expected
+        .iter()
+        .map(|(name, share)| {
+            let e = share * total as f64;
+            let o = *hist.get(*name).unwrap_or(&0) as f64;
+            (o - e).powi(2) / e
+        })
+        .sum()
+}
+
+#[test]
+fn equal_weights_spread_evenly_and_weights_are_honoured() {
+    let mut lab = lab();
+    lab.dp
+        .apply(&table(vec![backend(1), backend(2), backend(3)]))
+        .expect("apply");
+    let conns = parse(&run(connect_loop(&lab, 3000, 60_000)));
+    let hist = histogram(&conns);
+    assert_eq!(conns.len(), 3000);
+    assert_eq!(
+        hist.keys().collect::<Vec<_>>(),
+        ["b1", "b2", "b3"],
+        "{hist:?}"
+    );
+    // 2 degrees of freedom: P(chi2 > 13.82) = 0.001 for a fair pick.
+    let chi = chi_squared(
+        &hist,
+        &[("b1", 1.0 / 3.0), ("b2", 1.0 / 3.0), ("b3", 1.0 / 3.0)],
+    );
+    assert!(chi < 13.82, "uneven spread {hist:?}, chi2 {chi:.2}");
+
+    lab.dp
+        .apply(&table(vec![backend(1).weighted(1), backend(2).weighted(3)]))
+        .expect("apply weights");
+    let conns = parse(&run(connect_loop(&lab, 2000, 60_000)));
+    let hist = histogram(&conns);
+    assert_eq!(hist.keys().collect::<Vec<_>>(), ["b1", "b2"], "{hist:?}");
+    // 1 degree of freedom: P(chi2 > 10.83) = 0.001 for a 1:3 pick.
+    let chi = chi_squared(&hist, &[("b1", 0.25), ("b2", 0.75)]);
+    assert!(
+        chi < 10.83,
+        "weights 1:3 not honoured {hist:?}, chi2 {chi:.2}"
+    );
+}
+
+#[test]
+fn updates_under_a_tight_connect_loop_lose_nothing() {
+    let mut lab = lab();
+    // Rotate a three-backend window over b1..b4: every step adds one backend and
+    // removes another, while the client connects as fast as it can.
+    let sets: [[u8; 3]; 4] = [[1, 2, 3], [2, 3, 4], [3, 4, 1], [4, 1, 2]];
+    let names = |set: &[u8; 3]| set.map(|i| format!("b{i}"));
+    lab.dp
+        .apply(&table(sets[0].iter().map(|&i| backend(i)).collect()))
+        .expect("apply");
+    let mut client = connect_loop(&lab, 1_000_000, 2_500);
+    let client = client
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("client");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut applied = Vec::new();
+    for step in 1..=40 {
+        let set = &sets[step % sets.len()];
+        lab.dp
+            .apply(&table(set.iter().map(|&i| backend(i)).collect()))
+            .expect("apply");
+        applied.push((monotonic_ns(), names(set)));
+        std::thread::sleep(std::time::Duration::from_millis(40));
+    }
+    let out = client.wait_with_output().expect("client output");
+    let conns = parse(&String::from_utf8_lossy(&out.stdout));
+    assert!(conns.len() > 1000, "only {} connections", conns.len());
+    let failed: Vec<_> = conns.iter().filter(|(_, n)| n.starts_with('E')).collect();
+    assert!(
+        failed.is_empty(),
+        "{} connections failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    let mut stale = 0;
+    let mut checked = 0;
+    for (start, name) in &conns {
+        // The last update that had returned before this connect() began.
+        if let Some((_, set)) = applied.iter().rev().find(|(t, _)| t < start) {
+            checked += 1;
+            if !set.contains(name) {
+                stale += 1;
+            }
+        }
+    }
+    assert!(
+        checked > 500,
+        "only {checked} connections after the first update"
+    );
+    assert_eq!(
+        stale, 0,
+        "{stale} of {checked} connections reached a removed backend"
+    );
+}

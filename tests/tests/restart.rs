@@ -1,0 +1,137 @@
+//! The datapath outlives its loader: `sockmesh apply --wait` is SIGKILLed, the
+//! pinned programs keep redirecting, and a second `sockmesh apply` adopts the pinned
+//! maps and links and updates them in place. `sockmesh uninstall` then removes it all.
+
+use std::{fs, process::Command, time::Duration};
+
+use sockmesh_tests::{
+    Bpffs, Cgroup, NetNs, Proc, add_addr, command_in, run, sockmesh_bin, unique, veth,
+};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
+
+fn write_table(backend_last: u8) -> tempfile_path::TempFile {
+    let path = std::env::temp_dir().join(unique("sockmesh-table-"));
+    let json = format!(
+        r#"[{{"vip":"10.96.0.20","port":80,"protocol":"tcp","backends":[{{"address":"10.10.1.{backend_last}","port":8080,"weight":1}}]}}]"#
+    );
+    fs::write(&path, json).expect("write table");
+    tempfile_path::TempFile(path)
+}
+
+mod tempfile_path {
+    /// A file removed on drop.
+    pub struct TempFile(pub std::path::PathBuf);
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+fn sockmesh(cgroup: &Cgroup, bpffs: &Bpffs, table: &std::path::Path) -> Command {
+    let mut cmd = Command::new(sockmesh_bin());
+    cmd.arg("apply")
+        .arg("--cgroup")
+        .arg(&cgroup.0)
+        .arg("--bpffs")
+        .arg(&bpffs.0)
+        .arg("--table")
+        .arg(table);
+    cmd
+}
+
+fn reached(client: &NetNs, cgroup: &Cgroup) -> String {
+    let mut probe = command_in(client, Some(cgroup), PROBE);
+    probe.args(["connect", "10.96.0.20:80", "20"]);
+    let out = run(probe);
+    let mut names: Vec<&str> = out.lines().filter_map(|l| l.split(' ').nth(2)).collect();
+    names.dedup();
+    names.join(",")
+}
+
+#[test]
+fn datapath_survives_sigkill_of_the_loader_and_is_adopted() {
+    let client = NetNs::new();
+    let backend = NetNs::new();
+    veth(&client, "10.10.1.1/24", &backend, "10.10.1.11/24");
+    add_addr(&backend, "sm1", "10.10.1.12/24");
+    let mut serve = command_in(&backend, None, PROBE);
+    serve.args(["serve", "10.10.1.11:8080=b1", "10.10.1.12:8080=b2"]);
+    let _server = Proc::server(serve);
+    let cgroup = Cgroup::new();
+    let bpffs = Bpffs::new();
+
+    let first = write_table(11);
+    let mut loader = sockmesh(&cgroup, &bpffs, &first.0);
+    loader.arg("--wait").stderr(std::process::Stdio::null());
+    let mut loader = loader.spawn().expect("start loader");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sockmesh::dataplane::read_table(&bpffs.0).map_or(true, |t| t.services.is_empty()) {
+        assert!(std::time::Instant::now() < deadline, "loader never applied");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(reached(&client, &cgroup), "b1");
+
+    loader.kill().expect("SIGKILL loader");
+    let status = loader.wait().expect("reap loader");
+    assert!(!status.success());
+    assert_eq!(
+        reached(&client, &cgroup),
+        "b1",
+        "redirect stopped with the loader"
+    );
+
+    let second = write_table(12);
+    let out = sockmesh(&cgroup, &bpffs, &second.0)
+        .output()
+        .expect("second loader");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("Adopted"),
+        "did not adopt the pinned links: {log}"
+    );
+    assert_eq!(reached(&client, &cgroup), "b2");
+
+    let out = Command::new(sockmesh_bin())
+        .arg("uninstall")
+        .arg("--bpffs")
+        .arg(&bpffs.0)
+        .output()
+        .expect("uninstall");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let left: Vec<_> = walk(&bpffs.0);
+    assert!(left.is_empty(), "pins left behind: {left:?}");
+    // Detached: the VIP is no longer redirected (no default route: unreachable).
+    let mut probe = command_in(&client, Some(&cgroup), PROBE);
+    probe.args(["connect", "10.96.0.20:80", "1"]);
+    let out = run(probe);
+    assert!(
+        out.contains("E101"),
+        "still redirected after uninstall: {out}"
+    );
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                let inner = walk(&path);
+                if inner.is_empty() {
+                    continue;
+                }
+                found.extend(inner);
+            } else {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
