@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask setup | build | test`.
+//! Developer tasks: `cargo xtask setup | build | test | bench`.
 
 use std::{
     path::{Path, PathBuf},
@@ -33,6 +33,8 @@ enum Task {
     Build,
     /// Setup, then unit tests, clippy and fmt checks, then the privileged tests.
     Test,
+    /// Benchmarks (root, bounded in time): prints tables, writes target/bench/report.json.
+    Bench,
 }
 
 fn main() -> Result<()> {
@@ -43,7 +45,37 @@ fn main() -> Result<()> {
             cargo(&["build", "-p", "sockmesh"])
         }
         Task::Test => test(),
+        Task::Bench => bench(),
     }
+}
+
+fn bench() -> Result<()> {
+    setup()?;
+    require_root("the benchmarks")?;
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "sockmesh",
+        "-p",
+        "sockmesh-tests",
+        "--bins",
+    ])?;
+    let mounted_before = bpffs_mounted();
+    let report = root().join("target/bench/report.json");
+    let result = run(Command::new(root().join("target/release/smbench")).arg(&report));
+    if !mounted_before && bpffs_mounted() {
+        run(Command::new("umount").arg(BPFFS))?;
+    }
+    result
+}
+
+fn require_root(what: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        bail!("{what} need root (network namespaces, cgroups, bpf)");
+    }
+    Ok(())
 }
 
 fn root() -> PathBuf {
@@ -127,10 +159,7 @@ fn test() -> Result<()> {
     cargo(&["fmt", "--all", "--check"])?;
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
     cargo(&["test", "-p", "sockmesh", "-p", "sockmesh-common"])?;
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc_geteuid() } != 0 {
-        bail!("the privileged integration tests need root (network namespaces, cgroups, bpf)");
-    }
+    require_root("the privileged integration tests")?;
     // The datapath mounts bpffs at /sys/fs/bpf when it is missing; leave the machine
     // as found: unmount it again if this run mounted it (and nothing else is pinned).
     let mounted_before = bpffs_mounted();

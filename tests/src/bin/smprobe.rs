@@ -10,6 +10,8 @@
 //! smprobe udp ADDR:PORT COUNT                         COUNT fresh UDP sockets, one
 //!     request each; one line each: FROM NAME|E<errno>
 //! smprobe peer ADDR:PORT                              connect once, print getpeername
+//! smprobe cc ADDR:PORT COUNT                          COUNT connect()+close() (RST,
+//!     no TIME_WAIT); prints COUNT FAILED MEAN_NS P50_NS P99_NS
 //! ```
 
 use std::{
@@ -29,6 +31,7 @@ fn main() -> ExitCode {
         Some("connect") => connect(&args[1..]),
         Some("udp") => udp(&args[1..]),
         Some("peer") => peer(&args[1..]),
+        Some("cc") => connect_close(&args[1..]),
         _ => Err("usage: smprobe serve|connect|udp|peer ...".to_owned()),
     };
     match result {
@@ -68,12 +71,18 @@ fn serve(specs: &[String]) -> Result<(), String> {
                 }
             }));
         } else {
-            let listener = TcpListener::bind(at).map_err(|e| format!("bind tcp {at}: {e}"))?;
-            handles.push(thread::spawn(move || {
-                for mut conn in listener.incoming().flatten() {
-                    let _ = conn.write_all(&name);
-                }
-            }));
+            let listener = listen(at).map_err(|e| format!("bind tcp {at}: {e}"))?;
+            // Several acceptors so the accept queue never overflows (an overflow
+            // drops the SYN and costs the client a 1 s retransmission).
+            for _ in 0..4 {
+                let listener = listener.try_clone().map_err(|e| e.to_string())?;
+                let name = name.clone();
+                handles.push(thread::spawn(move || {
+                    for mut conn in listener.incoming().flatten() {
+                        let _ = conn.write_all(&name);
+                    }
+                }));
+            }
         }
     }
     // Tell the caller the sockets are bound.
@@ -147,4 +156,64 @@ fn peer(args: &[String]) -> Result<(), String> {
         Err(e) => format!("- {}", errno(&e)),
     };
     writeln!(io::stdout(), "{line}").map_err(|e| e.to_string())
+}
+
+fn connect_close(args: &[String]) -> Result<(), String> {
+    let to = addr(args.first())?;
+    let count = number(args.get(1), 1000)?;
+    let mut samples = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+    let mut failed = 0u64;
+    for _ in 0..count {
+        let t0 = Instant::now();
+        match TcpStream::connect(to) {
+            Ok(s) => {
+                drop(s);
+                samples.push(u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX));
+            }
+            Err(e) => {
+                if failed == 0 {
+                    let _ = writeln!(io::stderr(), "smprobe cc: first failure: {e}");
+                }
+                failed += 1;
+            }
+        }
+    }
+    samples.sort_unstable();
+    let n = samples.len().max(1);
+    let mean = samples.iter().sum::<u64>() / n as u64;
+    let pct = |p: usize| {
+        samples
+            .get((samples.len() * p / 100).min(n - 1))
+            .copied()
+            .unwrap_or(0)
+    };
+    writeln!(
+        io::stdout(),
+        "{} {failed} {mean} {} {}",
+        samples.len(),
+        pct(50),
+        pct(99)
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// A listening TCP socket with a deep accept queue (std's `bind` uses 128).
+fn listen(at: SocketAddr) -> io::Result<TcpListener> {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, bind, setsockopt, socket,
+        sockopt::ReuseAddr,
+    };
+    let family = if at.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&fd, ReuseAddr, &true)?;
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(at),
+    )?;
+    nix::sys::socket::listen(&fd, Backlog::new(4096).map_err(io::Error::from)?)?;
+    Ok(TcpListener::from(fd))
 }

@@ -1,0 +1,184 @@
+//! The benchmark suite behind `cargo xtask bench` (root). Every scenario builds its
+//! own namespaces (no default route), cgroup and bpffs directory, measures the
+//! paths it compares side by side in one run (interleaved rounds), prints a table
+//! and adds its figures to the JSON report given as the first argument.
+
+use std::{
+    io::Write as _,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use serde_json::{Value, json};
+use sockmesh::model::{Backend, Protocol, RoutingTable, ServiceAddr};
+use sockmesh_tests::{Bpffs, Cgroup, NetNs, Proc, command_in, install, run, veth};
+
+fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let report_path = PathBuf::from(
+        args.first()
+            .map_or("target/bench/report.json", String::as_str),
+    );
+    let probe = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("smprobe")))
+        .unwrap_or_else(|| PathBuf::from("smprobe"));
+    let mut report = serde_json::Map::new();
+    report.insert("kernel".into(), json!(uname()));
+    report.insert("connect_cost".into(), connect_cost(&probe));
+    let text = serde_json::to_string_pretty(&Value::Object(report)).unwrap_or_default();
+    if let Some(dir) = report_path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    if let Err(e) = std::fs::write(&report_path, text + "\n") {
+        let _ = writeln!(std::io::stderr(), "writing {}: {e}", report_path.display());
+        return std::process::ExitCode::FAILURE;
+    }
+    say(&format!("report: {}", report_path.display()));
+    std::process::ExitCode::SUCCESS
+}
+
+fn say(line: &str) {
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
+fn uname() -> String {
+    Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Filler services so the service map is as full as a busy node's.
+const FILLER_SERVICES: u32 = 10_000;
+const ROUNDS: usize = 25;
+const CONNECTS_PER_ROUND: u32 = 3_000;
+
+/// connect()+close() latency to one backend: directly from a process outside the
+/// datapath's cgroup (no program runs), directly from inside it (the program runs
+/// and misses), and through a VIP (the program runs and rewrites).
+fn connect_cost(probe: &Path) -> Value {
+    let client = NetNs::new();
+    let backend = NetNs::new();
+    veth(&client, "10.10.1.1/24", &backend, "10.10.1.11/24");
+    // Every (round, path) run gets its own backend port, so no 4-tuple is reused
+    // while an earlier connection to it is in TIME_WAIT.
+    let runs = (ROUNDS + 1) * 3;
+    let port = |run: usize| 9000 + u16::try_from(run).unwrap_or(0);
+    let mut serve = command_in(&backend, None, probe);
+    serve.arg("serve");
+    serve.args((0..runs).map(|r| format!("10.10.1.11:{}=b1", port(r))));
+    let _server = Proc::server(serve);
+    let cgroup = Cgroup::new();
+    let bpffs = Bpffs::new();
+    let mut dp = install(&cgroup, &bpffs);
+    let target = Backend::new(IpAddr::from([10, 10, 1, 11]), 9000);
+    let mut table = RoutingTable::default();
+    for i in 0..FILLER_SERVICES {
+        let [_, _, hi, lo] = (0x0a_c8_00_00u32 + i).to_be_bytes();
+        table.insert(
+            ServiceAddr {
+                vip: IpAddr::from([10, 200, hi, lo]),
+                port: 80,
+                protocol: Protocol::Tcp,
+            },
+            vec![target.clone()],
+        );
+    }
+    for r in 0..runs {
+        table.insert(
+            ServiceAddr {
+                vip: IpAddr::from([10, 96, 0, 1]),
+                port: port(r) + 1000,
+                protocol: Protocol::Tcp,
+            },
+            vec![Backend::new(IpAddr::from([10, 10, 1, 11]), port(r))],
+        );
+    }
+    if let Err(e) = dp.apply(&table) {
+        say(&format!("connect_cost: apply failed: {e}"));
+        return json!({"error": e.to_string()});
+    }
+
+    let paths: [(&str, bool, &str); 3] = [
+        ("direct, no program", false, "10.10.1.11"),
+        ("direct, program (miss)", true, "10.10.1.11"),
+        ("VIP, program (rewrite)", true, "10.96.0.1"),
+    ];
+    let mut means = vec![Vec::new(); paths.len()];
+    let mut p50s = vec![Vec::new(); paths.len()];
+    let mut p99s = vec![Vec::new(); paths.len()];
+    let mut failures = 0u64;
+    // Round 0 warms up caches and is discarded; the paths alternate within a round,
+    // in a rotating order, so that machine noise hits them alike.
+    for round in 0..=ROUNDS {
+        // Rotate the order each round so no path always runs first.
+        for k in 0..paths.len() {
+            let i = (round + k) % paths.len();
+            let (_, in_cgroup, addr) = &paths[i];
+            let run_port = port(round * paths.len() + i) + if i == 2 { 1000 } else { 0 };
+            let mut cmd = command_in(&client, in_cgroup.then_some(&cgroup), probe);
+            cmd.args([
+                "cc",
+                &format!("{addr}:{run_port}"),
+                &CONNECTS_PER_ROUND.to_string(),
+            ]);
+            let out = run(cmd);
+            let f: Vec<u64> = out
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            let [_, failed, mean, p50, p99] = f[..] else {
+                say(&format!("connect_cost: bad probe output {out:?}"));
+                return json!({"error": "bad probe output"});
+            };
+            if round > 0 {
+                failures += failed;
+                means[i].push(mean as f64);
+                p50s[i].push(p50 as f64);
+                p99s[i].push(p99 as f64);
+            }
+        }
+    }
+    let base = median(means[0].clone());
+    let base_p50 = median(p50s[0].clone());
+    say(&format!(
+        "\nconnect()+close(), {ROUNDS} interleaved rounds x {CONNECTS_PER_ROUND}, {FILLER_SERVICES} services loaded (median of round means)"
+    ));
+    say(&format!(
+        "{:<26} {:>10} {:>10} {:>10} {:>11} {:>10}",
+        "path", "mean µs", "p50 µs", "p99 µs", "mean ratio", "p50 ratio"
+    ));
+    let mut rows = Vec::new();
+    for (i, (name, _, addr)) in paths.iter().enumerate() {
+        let mean = median(means[i].clone());
+        let p50 = median(p50s[i].clone());
+        let p99 = median(p99s[i].clone());
+        let ratio = mean / base;
+        let ratio_p50 = p50 / base_p50;
+        say(&format!(
+            "{name:<26} {:>10.2} {:>10.2} {:>10.2} {:>11.3} {:>10.3}",
+            mean / 1e3,
+            p50 / 1e3,
+            p99 / 1e3,
+            ratio,
+            ratio_p50
+        ));
+        rows.push(json!({
+            "path": name, "address": addr, "mean_ns": mean, "p50_ns": p50,
+            "p99_ns": p99, "mean_ratio_to_direct": ratio, "p50_ratio_to_direct": ratio_p50,
+        }));
+    }
+    say(&format!("failed connects: {failures}"));
+    json!({
+        "rounds": ROUNDS, "connects_per_round": CONNECTS_PER_ROUND,
+        "services_loaded": FILLER_SERVICES + 1, "failures": failures, "paths": rows,
+    })
+}
