@@ -102,24 +102,6 @@ impl Drop for Bpffs {
     }
 }
 
-/// Runs a python3 snippet inside `netns`, optionally inside `cgroup` (joined before
-/// entering the namespace, since `ip netns exec` hides the cgroup tree).
-pub fn python_in(netns: &NetNs, cgroup: Option<&Cgroup>, code: &str) -> std::process::Output {
-    let join = cgroup
-        .map(|c| format!("echo $$ > {}/cgroup.procs; ", c.0.display()))
-        .unwrap_or_default();
-    Command::new("timeout")
-        .args([
-            "20",
-            "sh",
-            "-c",
-            &format!("{join}exec ip netns exec {} python3 -c \"$0\"", netns.0),
-            code,
-        ])
-        .output()
-        .expect("run python3")
-}
-
 /// Installs a datapath for `cgroup`, pinned under `bpffs`.
 pub fn install(cgroup: &Cgroup, bpffs: &Bpffs) -> sockmesh::dataplane::Datapath {
     sockmesh::dataplane::Datapath::install(&sockmesh::dataplane::DatapathConfig {

@@ -1,45 +1,31 @@
-//! UDP request/response through a VIP (reply seen from the VIP) and an IPv6 VIP.
+//! UDP request/response through a VIP (replies seen from the VIP, each socket
+//! sticking to one backend) and an IPv6 VIP.
 
-use std::net::IpAddr;
+use std::{collections::BTreeSet, net::IpAddr};
 
 use sockmesh::model::{Backend, Protocol, RoutingTable, ServiceAddr};
-use sockmesh_tests::{Bpffs, Cgroup, NetNs, install, python_in, veth};
+use sockmesh_tests::{Bpffs, Cgroup, NetNs, Proc, add_addr, command_in, install, run, veth};
 
-const SERVERS: &str = r#"
-import socket, threading
-def udp():
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("10.10.1.2", 5353))
-    while True:
-        d, a = u.recvfrom(100); u.sendto(b"udp-b1", a)
-def tcp6():
-    t = socket.socket(socket.AF_INET6); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    t.bind(("fd00:10::2", 8080)); t.listen(16)
-    while True:
-        c, a = t.accept(); c.send(b"v6-b1"); c.close()
-threading.Thread(target=udp, daemon=True).start(); tcp6()
-"#;
+const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
 
 #[test]
 fn udp_reply_comes_from_vip_and_ipv6_vip_works() {
     let client = NetNs::new();
     let backend = NetNs::new();
     veth(&client, "10.10.1.1/24", &backend, "10.10.1.2/24");
-    for (ns, dev, addr) in [
-        (&client, "sm0", "fd00:10::1/64"),
-        (&backend, "sm1", "fd00:10::2/64"),
-    ] {
-        let st = std::process::Command::new("ip")
-            .args(["-n", &ns.0, "addr", "add", addr, "dev", dev, "nodad"])
-            .status()
-            .expect("ip");
-        assert!(st.success());
-    }
+    add_addr(&backend, "sm1", "10.10.1.3/24");
+    add_addr(&client, "sm0", "fd00:10::1/64");
+    add_addr(&backend, "sm1", "fd00:10::2/64");
+    let mut serve = command_in(&backend, None, PROBE);
+    serve.args([
+        "serve",
+        "udp:10.10.1.2:5353=u1",
+        "udp:10.10.1.3:5353=u2",
+        "[fd00:10::2]:8080=v6-b1",
+    ]);
+    let _server = Proc::server(serve);
     let cgroup = Cgroup::new();
     let bpffs = Bpffs::new();
-    let mut server = std::process::Command::new("ip")
-        .args(["netns", "exec", &backend.0, "python3", "-c", SERVERS])
-        .spawn()
-        .expect("server");
     let mut dp = install(&cgroup, &bpffs);
     let mut table = RoutingTable::default();
     table.insert(
@@ -48,7 +34,10 @@ fn udp_reply_comes_from_vip_and_ipv6_vip_works() {
             port: 53,
             protocol: Protocol::Udp,
         },
-        vec![Backend::new("10.10.1.2".parse().expect("ip"), 5353)],
+        vec![
+            Backend::new(IpAddr::from([10, 10, 1, 2]), 5353),
+            Backend::new(IpAddr::from([10, 10, 1, 3]), 5353),
+        ],
     );
     table.insert(
         ServiceAddr {
@@ -59,29 +48,28 @@ fn udp_reply_comes_from_vip_and_ipv6_vip_works() {
         vec![Backend::new("fd00:10::2".parse().expect("ip"), 8080)],
     );
     dp.apply(&table).expect("apply");
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    let out = python_in(
-        &client,
-        Some(&cgroup),
-        r#"
-import socket
-u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(2)
-u.sendto(b"q", ("10.96.0.53", 53)); d, a = u.recvfrom(100)
-print("udp", d.decode(), a[0], a[1])
-s = socket.create_connection(("fd00:96::1", 80), timeout=2)
-print("v6", s.recv(16).decode(), s.getpeername()[0], s.getpeername()[1])
-"#,
-    );
-    let _ = server.kill();
-    let _ = server.wait();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stdout.contains("udp udp-b1 10.96.0.53 53"),
-        "{stdout} {stderr}"
-    );
-    assert!(
-        stdout.contains("v6 v6-b1 fd00:96::1 80"),
-        "{stdout} {stderr}"
+
+    let probe = |args: &[&str]| {
+        let mut cmd = command_in(&client, Some(&cgroup), PROBE);
+        cmd.args(args);
+        run(cmd)
+    };
+    // 40 fresh sockets, each sending 3 datagrams: every reply comes from the VIP,
+    // each socket stays on one backend, and both backends are used.
+    let out = probe(&["udp", "10.96.0.53:53", "40", "3"]);
+    let mut used = BTreeSet::new();
+    for line in out.lines() {
+        let (from, names) = line.split_once(' ').expect("FROM NAMES");
+        assert_eq!(from, "10.96.0.53:53", "reply not from the VIP: {out}");
+        let names: BTreeSet<&str> = names.split(',').collect();
+        assert_eq!(names.len(), 1, "socket moved between backends: {line}");
+        used.extend(names);
+    }
+    assert_eq!(out.lines().count(), 40);
+    assert_eq!(used, BTreeSet::from(["u1", "u2"]), "{out}");
+
+    assert_eq!(
+        probe(&["peer", "[fd00:96::1]:80"]).trim(),
+        "[fd00:96::1]:80 v6-b1"
     );
 }

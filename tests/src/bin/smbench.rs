@@ -89,7 +89,7 @@ fn connect_cost(probe: &Path) -> Value {
                 port: 80,
                 protocol: Protocol::Tcp,
             },
-            vec![target.clone()],
+            vec![target],
         );
     }
     for r in 0..runs {

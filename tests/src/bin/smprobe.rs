@@ -7,8 +7,8 @@
 //! smprobe connect ADDR:PORT COUNT [MILLIS]            COUNT TCP connects (or until
 //!     MILLIS have passed); one line each: START_NS END_NS NAME|E<errno>
 //!     START/END are CLOCK_MONOTONIC, comparable with the caller's clock.
-//! smprobe udp ADDR:PORT COUNT                         COUNT fresh UDP sockets, one
-//!     request each; one line each: FROM NAME|E<errno>
+//! smprobe udp ADDR:PORT COUNT [N]                     COUNT fresh UDP sockets, N
+//!     requests each; one line each: FROM[|FROM..] NAME,NAME.. or `- E<errno>`
 //! smprobe peer ADDR:PORT                              connect once, print getpeername
 //! smprobe cc ADDR:PORT COUNT                          COUNT connect()+close() (RST,
 //!     no TIME_WAIT); prints COUNT FAILED MEAN_NS P50_NS P99_NS
@@ -126,6 +126,7 @@ fn connect(args: &[String]) -> Result<(), String> {
 fn udp(args: &[String]) -> Result<(), String> {
     let to = addr(args.first())?;
     let count = number(args.get(1), 1)?;
+    let per_socket = number(args.get(2), 1)?;
     let any: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
         .parse()
         .map_err(|e| format!("{e}"))?;
@@ -133,10 +134,17 @@ fn udp(args: &[String]) -> Result<(), String> {
     for _ in 0..count {
         let result = UdpSocket::bind(any).and_then(|s| {
             s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            s.send_to(b"q", to)?;
-            let mut buf = [0u8; 512];
-            let (n, from) = s.recv_from(&mut buf)?;
-            Ok(format!("{from} {}", String::from_utf8_lossy(&buf[..n])))
+            let mut senders = Vec::new();
+            let mut names = Vec::new();
+            for _ in 0..per_socket {
+                s.send_to(b"q", to)?;
+                let mut buf = [0u8; 512];
+                let (n, from) = s.recv_from(&mut buf)?;
+                senders.push(from.to_string());
+                names.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+            senders.dedup();
+            Ok(format!("{} {}", senders.join("|"), names.join(",")))
         });
         let line = result.unwrap_or_else(|e| format!("- {}", errno(&e)));
         writeln!(out, "{line}").map_err(|e| e.to_string())?;
