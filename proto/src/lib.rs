@@ -1,1 +1,60 @@
+//! Envoy xDS types and their descriptors.
+//!
+//! The Rust types come from `envoy-types` (prost). [`descriptor_pool`] holds the
+//! protobuf descriptors of the same .proto files, which is what proto3 JSON/YAML
+//! decoding (`@type` in `Any`, camelCase and snake_case names, durations as strings,
+//! wrapper types) needs.
 
+use std::sync::OnceLock;
+
+pub use envoy_types::pb;
+use prost_reflect::DescriptorPool;
+pub use prost_reflect;
+
+static DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/envoy_descriptors.bin"));
+
+/// The descriptors of every message `envoy-types` generates (Envoy data-plane API,
+/// xDS, googleapis well-known types, validate annotations). Decoded once.
+pub fn descriptor_pool() -> &'static DescriptorPool {
+    static POOL: OnceLock<DescriptorPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        // The set is a build input checked by the unit test below; failing to decode
+        // it is a build defect, not a runtime condition.
+        #[expect(clippy::expect_used, reason = "build-time constant input")]
+        DescriptorPool::decode(DESCRIPTORS).expect("envoy-types descriptor set decodes")
+    })
+}
+
+/// Type URLs of the resources sockmesh consumes.
+pub mod type_url {
+    pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+    pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+    pub const ENDPOINT: &str =
+        "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+    pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_knows_the_resource_types() {
+        let pool = descriptor_pool();
+        for url in [
+            type_url::LISTENER,
+            type_url::CLUSTER,
+            type_url::ENDPOINT,
+            type_url::ROUTE,
+        ] {
+            let name = url.trim_start_matches("type.googleapis.com/");
+            assert!(pool.get_message_by_name(name).is_some(), "{name}");
+        }
+        assert!(
+            pool.get_message_by_name(
+                "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+            )
+            .is_some()
+        );
+    }
+}

@@ -1,0 +1,40 @@
+//! Copies the FileDescriptorSet that `envoy-types` ships (compiled from the same
+//! .proto files as its Rust types) into OUT_DIR, so that `sockmesh-proto` can decode
+//! proto3 JSON/YAML of any Envoy type by reflection. `envoy-types` does not export
+//! the set, so its package directory is found through `cargo metadata`.
+
+use std::{env, fs, path::PathBuf, process::Command};
+
+fn main() {
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    let out = Command::new(cargo)
+        .args(["metadata", "--format-version", "1", "--filter-platform"])
+        .arg(env::var("TARGET").expect("TARGET"))
+        .arg("--manifest-path")
+        .arg(manifest.join("Cargo.toml"))
+        .output()
+        .expect("run cargo metadata");
+    assert!(
+        out.status.success(),
+        "cargo metadata failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("metadata JSON");
+    let package = meta["packages"]
+        .as_array()
+        .and_then(|ps| {
+            ps.iter()
+                .find(|p| p["name"] == "envoy-types" && p["version"].as_str().is_some_and(|v| v.starts_with("0.7.")))
+        })
+        .expect("envoy-types 0.7 in the dependency graph");
+    let dir = PathBuf::from(package["manifest_path"].as_str().expect("manifest_path"))
+        .parent()
+        .expect("package dir")
+        .to_path_buf();
+    let set = dir.join("src/generated/types.bin");
+    let dest = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR")).join("envoy_descriptors.bin");
+    fs::copy(&set, &dest).unwrap_or_else(|e| panic!("copying {}: {e}", set.display()));
+    println!("cargo:rerun-if-changed={}", set.display());
+    println!("cargo:rerun-if-changed=build.rs");
+}
