@@ -24,8 +24,10 @@ fn main() {
     let package = meta["packages"]
         .as_array()
         .and_then(|ps| {
-            ps.iter()
-                .find(|p| p["name"] == "envoy-types" && p["version"].as_str().is_some_and(|v| v.starts_with("0.7.")))
+            ps.iter().find(|p| {
+                p["name"] == "envoy-types"
+                    && p["version"].as_str().is_some_and(|v| v.starts_with("0.7."))
+            })
         })
         .expect("envoy-types 0.7 in the dependency graph");
     let dir = PathBuf::from(package["manifest_path"].as_str().expect("manifest_path"))

@@ -8,3 +8,4 @@ pub mod cli;
 pub mod dataplane;
 pub mod lb;
 pub mod model;
+pub mod xds;

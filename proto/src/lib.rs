@@ -8,8 +8,8 @@
 use std::sync::OnceLock;
 
 pub use envoy_types::pb;
-use prost_reflect::DescriptorPool;
 pub use prost_reflect;
+use prost_reflect::DescriptorPool;
 
 static DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/envoy_descriptors.bin"));
 
@@ -29,8 +29,7 @@ pub fn descriptor_pool() -> &'static DescriptorPool {
 pub mod type_url {
     pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
     pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
-    pub const ENDPOINT: &str =
-        "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+    pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
     pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 }
 
@@ -51,10 +50,8 @@ mod tests {
             assert!(pool.get_message_by_name(name).is_some(), "{name}");
         }
         assert!(
-            pool.get_message_by_name(
-                "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
-            )
-            .is_some()
+            pool.get_message_by_name("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy")
+                .is_some()
         );
     }
 }

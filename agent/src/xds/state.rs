@@ -1,0 +1,354 @@
+//! The accepted xDS state and the accept/reject decision for each update.
+//!
+//! An update is decoded and validated completely, applied to the resource set, and
+//! translated; if anything fails (a bad resource, a table beyond the datapath's
+//! limits) the resource set is rolled back and the update is NACKed, so the last
+//! good table stays. Transport-agnostic: the ADS client (SotW and delta), the file
+//! source and the REST poller all feed [`XdsState::apply`].
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use sockmesh_proto::pb::google::protobuf::Any;
+
+use super::{
+    decode::{DecodeError, Kind, Resource, decode_any},
+    translate::{Resources, Translation, translate},
+};
+use crate::model::RoutingTable;
+
+/// One update from a control plane.
+#[derive(Clone, Debug)]
+pub enum Update {
+    /// State of the world for one type: for LDS and CDS the complete set (missing
+    /// resources are removed); for RDS and EDS the named resources sent.
+    SotW {
+        kind: Kind,
+        version: String,
+        resources: Vec<Any>,
+    },
+    /// Incremental: resources added or changed (name, version, body), names removed.
+    Delta {
+        kind: Kind,
+        added: Vec<(String, String, Any)>,
+        removed: Vec<String>,
+    },
+    /// Everything at once (file source): replaces all four types.
+    Full {
+        version: String,
+        resources: Vec<Any>,
+    },
+}
+
+impl Update {
+    fn kinds(&self) -> Vec<Kind> {
+        match self {
+            Update::SotW { kind, .. } | Update::Delta { kind, .. } => vec![*kind],
+            Update::Full { .. } => Kind::ALL.to_vec(),
+        }
+    }
+}
+
+/// A rejected update: the message goes into the NACK's `error_detail`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Nack(pub String);
+
+/// What an accepted update changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Accepted {
+    /// The routing table differs from before.
+    pub table_changed: bool,
+    /// RDS or EDS names to subscribe to changed.
+    pub subscriptions_changed: bool,
+}
+
+/// Counters per type, for metrics and `config_dump`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TypeStats {
+    pub received: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub version: String,
+    pub last_error: Option<String>,
+}
+
+/// The accepted resources, the table they translate to, and per-type bookkeeping.
+#[derive(Debug, Default)]
+pub struct XdsState {
+    resources: Resources,
+    /// Per-resource versions (delta protocol; `initial_resource_versions`).
+    resource_versions: BTreeMap<Kind, BTreeMap<String, String>>,
+    translation: Translation,
+    stats: BTreeMap<Kind, TypeStats>,
+    /// Lines about unsupported features, deduplicated, for logs.
+    ignored_seen: BTreeSet<String>,
+    /// Resources of types sockmesh does not consume, skipped.
+    pub ignored_resources: u64,
+}
+
+type Undo = Vec<(Kind, String, Option<Resource>)>;
+
+impl XdsState {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The routing table of the accepted state.
+    pub fn table(&self) -> &RoutingTable {
+        &self.translation.table
+    }
+
+    pub fn resources(&self) -> &Resources {
+        &self.resources
+    }
+
+    pub fn stats(&self) -> &BTreeMap<Kind, TypeStats> {
+        &self.stats
+    }
+
+    /// Names to subscribe to for a non-wildcard type (RDS, EDS).
+    pub fn wanted(&self, kind: Kind) -> Vec<String> {
+        match kind {
+            Kind::Route => self.translation.route_names.iter().cloned().collect(),
+            Kind::Endpoint => self.translation.eds_names.iter().cloned().collect(),
+            Kind::Cluster | Kind::Listener => Vec::new(),
+        }
+    }
+
+    /// The versions of the resources held, for a delta reconnect.
+    pub fn resource_versions(&self, kind: Kind) -> BTreeMap<String, String> {
+        self.resource_versions
+            .get(&kind)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The last accepted version of a type (SotW `version_info`).
+    pub fn version(&self, kind: Kind) -> String {
+        self.stats
+            .get(&kind)
+            .map(|s| s.version.clone())
+            .unwrap_or_default()
+    }
+
+    /// Services waiting for their clusters/endpoints.
+    pub fn warming(&self) -> &[crate::model::ServiceAddr] {
+        &self.translation.warming
+    }
+
+    /// Unsupported features seen for the first time by the last update.
+    pub fn take_new_ignored(&mut self) -> Vec<String> {
+        let mut fresh = Vec::new();
+        for line in &self.translation.ignored {
+            if self.ignored_seen.insert(line.clone()) {
+                fresh.push(line.clone());
+            }
+        }
+        fresh
+    }
+
+    /// Accepts or rejects `update`. On rejection nothing changes.
+    pub fn apply(&mut self, update: Update) -> Result<Accepted, Nack> {
+        for kind in update.kinds() {
+            self.stats.entry(kind).or_default().received += 1;
+        }
+        let result = self.try_apply(&update);
+        let version = match &update {
+            Update::SotW { version, .. } | Update::Full { version, .. } => Some(version.clone()),
+            Update::Delta { .. } => None,
+        };
+        for kind in update.kinds() {
+            let s = self.stats.entry(kind).or_default();
+            match &result {
+                Ok(_) => {
+                    s.accepted += 1;
+                    s.last_error = None;
+                    if let Some(v) = &version {
+                        s.version.clone_from(v);
+                    }
+                }
+                Err(e) => {
+                    s.rejected += 1;
+                    s.last_error = Some(e.0.clone());
+                }
+            }
+        }
+        result
+    }
+
+    fn try_apply(&mut self, update: &Update) -> Result<Accepted, Nack> {
+        let mut undo: Undo = Vec::new();
+        let mut versions: Vec<(Kind, String, Option<String>)> = Vec::new();
+        match update {
+            Update::SotW {
+                kind, resources, ..
+            } => {
+                let decoded = decode_all(resources.iter().map(|a| (*kind, a)))?;
+                let names: BTreeSet<String> = decoded.iter().map(|r| r.name().to_owned()).collect();
+                if kind.is_wildcard() {
+                    for name in self.names(*kind) {
+                        if !names.contains(&name) {
+                            undo.push((*kind, name.clone(), self.remove(*kind, &name)));
+                        }
+                    }
+                }
+                for r in decoded {
+                    let name = r.name().to_owned();
+                    undo.push((*kind, name, self.put(r)));
+                }
+            }
+            Update::Delta {
+                kind,
+                added,
+                removed,
+            } => {
+                let decoded = decode_all(added.iter().map(|(_, _, a)| (*kind, a)))?;
+                for ((sent_name, version, _), r) in added.iter().zip(decoded) {
+                    if !sent_name.is_empty() && sent_name != r.name() {
+                        return Err(Nack(format!(
+                            "{} resource {sent_name:?} carries the name {:?}",
+                            kind.short(),
+                            r.name()
+                        )));
+                    }
+                    let name = r.name().to_owned();
+                    versions.push((*kind, name.clone(), Some(version.clone())));
+                    undo.push((*kind, name, self.put(r)));
+                }
+                for name in removed {
+                    versions.push((*kind, name.clone(), None));
+                    undo.push((*kind, name.clone(), self.remove(*kind, name)));
+                }
+            }
+            Update::Full { resources, .. } => {
+                // Types sockmesh does not consume (secrets, runtime, ...) are skipped
+                // and counted, not an error.
+                let known = resources.iter().filter_map(|a| {
+                    let kind = Kind::from_type_url(&a.type_url);
+                    if kind.is_none() {
+                        self.ignored_resources += 1;
+                    }
+                    kind.map(|k| (k, a))
+                });
+                let decoded = decode_all(known.collect::<Vec<_>>().into_iter())?;
+                for kind in Kind::ALL {
+                    for name in self.names(kind) {
+                        undo.push((kind, name.clone(), self.remove(kind, &name)));
+                    }
+                }
+                for r in decoded {
+                    let name = r.name().to_owned();
+                    undo.push((r.kind(), name, self.put(r)));
+                }
+            }
+        }
+        let translation = translate(&self.resources, &self.translation.table);
+        if let Err(e) = translation.table.validate() {
+            self.rollback(undo);
+            return Err(Nack(format!("the resulting routing table is refused: {e}")));
+        }
+        for (kind, name, version) in versions {
+            let map = self.resource_versions.entry(kind).or_default();
+            match version {
+                Some(v) => map.insert(name, v),
+                None => map.remove(&name),
+            };
+        }
+        let accepted = Accepted {
+            table_changed: translation.table != self.translation.table,
+            subscriptions_changed: translation.route_names != self.translation.route_names
+                || translation.eds_names != self.translation.eds_names,
+        };
+        self.translation = translation;
+        Ok(accepted)
+    }
+
+    fn rollback(&mut self, undo: Undo) {
+        for (kind, name, old) in undo.into_iter().rev() {
+            match old {
+                Some(r) => {
+                    self.put(r);
+                }
+                None => {
+                    self.remove(kind, &name);
+                }
+            }
+        }
+    }
+
+    fn names(&self, kind: Kind) -> Vec<String> {
+        let r = &self.resources;
+        match kind {
+            Kind::Cluster => r.clusters.keys().cloned().collect(),
+            Kind::Endpoint => r.endpoints.keys().cloned().collect(),
+            Kind::Listener => r.listeners.keys().cloned().collect(),
+            Kind::Route => r.routes.keys().cloned().collect(),
+        }
+    }
+
+    fn put(&mut self, r: Resource) -> Option<Resource> {
+        let res = &mut self.resources;
+        match r {
+            Resource::Cluster(c) => res
+                .clusters
+                .insert(c.name.clone(), *c)
+                .map(|c| Resource::Cluster(Box::new(c))),
+            Resource::Endpoint(e) => res
+                .endpoints
+                .insert(e.cluster_name.clone(), *e)
+                .map(|e| Resource::Endpoint(Box::new(e))),
+            Resource::Listener(l) => res
+                .listeners
+                .insert(l.name.clone(), *l)
+                .map(|l| Resource::Listener(Box::new(l))),
+            Resource::Route(r) => res
+                .routes
+                .insert(r.name.clone(), *r)
+                .map(|r| Resource::Route(Box::new(r))),
+        }
+    }
+
+    fn remove(&mut self, kind: Kind, name: &str) -> Option<Resource> {
+        let res = &mut self.resources;
+        match kind {
+            Kind::Cluster => res
+                .clusters
+                .remove(name)
+                .map(|c| Resource::Cluster(Box::new(c))),
+            Kind::Endpoint => res
+                .endpoints
+                .remove(name)
+                .map(|e| Resource::Endpoint(Box::new(e))),
+            Kind::Listener => res
+                .listeners
+                .remove(name)
+                .map(|l| Resource::Listener(Box::new(l))),
+            Kind::Route => res
+                .routes
+                .remove(name)
+                .map(|r| Resource::Route(Box::new(r))),
+        }
+    }
+}
+
+/// Decodes every resource; all errors are reported together.
+fn decode_all<'a>(items: impl Iterator<Item = (Kind, &'a Any)>) -> Result<Vec<Resource>, Nack> {
+    let mut out = Vec::new();
+    let mut errors: Vec<String> = Vec::new();
+    for (kind, any) in items {
+        match decode_any(any, kind) {
+            Ok(r) => out.push(r),
+            Err(DecodeError::WrongType { type_url, .. })
+                if Kind::from_type_url(&type_url).is_none() =>
+            {
+                errors.push(format!("resource type {type_url} is not supported"));
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(Nack(errors.join("; ")))
+    }
+}

@@ -1,0 +1,403 @@
+//! Translation and accept/reject tests on real Envoy YAML, decoded by reflection.
+
+use std::net::IpAddr;
+
+use super::{
+    decode::{Kind, discovery_response_from_text},
+    state::{Update, XdsState},
+};
+use crate::model::{Backend, Protocol, ServiceAddr};
+
+fn full(yaml: &str) -> Update {
+    let resp = discovery_response_from_text(yaml).expect("decodes");
+    Update::Full {
+        version: resp.version_info,
+        resources: resp.resources,
+    }
+}
+
+fn sotw(kind: Kind, version: &str, yaml: &str) -> Update {
+    let resp = discovery_response_from_text(yaml).expect("decodes");
+    Update::SotW {
+        kind,
+        version: version.into(),
+        resources: resp.resources,
+    }
+}
+
+fn svc(vip: &str, port: u16, protocol: Protocol) -> ServiceAddr {
+    ServiceAddr {
+        vip: vip.parse().expect("ip"),
+        port,
+        protocol,
+    }
+}
+
+fn be(addr: &str, port: u16, weight: u32) -> Backend {
+    Backend::new(addr.parse::<IpAddr>().expect("ip"), port).weighted(weight)
+}
+
+const TCP_EDS: &str = r#"
+version_info: "1"
+resources:
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: reviews
+  address: { socket_address: { address: 10.96.0.10, port_value: 9080 } }
+  filter_chains:
+  - filters:
+    - name: envoy.filters.network.tcp_proxy
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+        stat_prefix: reviews
+        cluster: reviews
+        idleTimeout: 30s
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: reviews
+  type: EDS
+  connectTimeout: 1s
+  eds_cluster_config: { service_name: reviews.default.svc, eds_config: { ads: {} } }
+- "@type": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment
+  clusterName: reviews.default.svc
+  endpoints:
+  - locality: { zone: a }
+    loadBalancingWeight: 2
+    lb_endpoints:
+    - endpoint: { address: { socket_address: { address: 10.1.0.1, port_value: 8080 } } }
+      load_balancing_weight: 3
+    - endpoint: { address: { socket_address: { address: 10.1.0.2, port_value: 8080 } } }
+      health_status: DRAINING
+    - endpoint: { address: { socket_address: { address: 10.1.0.3, port_value: 8080 } } }
+      health_status: UNHEALTHY
+  - locality: { zone: b }
+    lb_endpoints:
+    - endpoint: { address: { socket_address: { address: 10.1.0.4, port_value: 8080 } } }
+      health_status: HEALTHY
+  - priority: 1
+    lb_endpoints:
+    - endpoint: { address: { socket_address: { address: 10.1.0.9, port_value: 8080 } } }
+"#;
+
+#[test]
+fn tcp_proxy_over_eds_with_health_locality_and_priority() {
+    let mut st = XdsState::new();
+    st.apply(full(TCP_EDS)).expect("accepted");
+    let backends = &st.table().services[&svc("10.96.0.10", 9080, Protocol::Tcp)];
+    assert_eq!(
+        backends,
+        &vec![
+            be("10.1.0.1", 8080, 6),
+            be("10.1.0.2", 8080, 2).draining(),
+            be("10.1.0.3", 8080, 2).draining(),
+            be("10.1.0.4", 8080, 1),
+        ],
+        "priority 1 unused while priority 0 is healthy; draining/unhealthy get no new connections"
+    );
+    assert_eq!(st.wanted(Kind::Endpoint), ["reviews.default.svc"]);
+}
+
+#[test]
+fn lower_priority_and_degraded_take_over_only_when_needed() {
+    let yaml = TCP_EDS
+        .replace(
+            "      load_balancing_weight: 3\n",
+            "      load_balancing_weight: 3\n      health_status: UNHEALTHY\n",
+        )
+        .replace(
+            "      health_status: HEALTHY\n",
+            "      health_status: DEGRADED\n",
+        );
+    let mut st = XdsState::new();
+    st.apply(full(&yaml)).expect("accepted");
+    let active: Vec<_> = st.table().services[&svc("10.96.0.10", 9080, Protocol::Tcp)]
+        .iter()
+        .filter(|b| b.state == crate::model::BackendState::Active)
+        .map(|b| b.address.to_string())
+        .collect();
+    assert_eq!(
+        active,
+        ["10.1.0.9"],
+        "priority 1 healthy beats priority 0 degraded"
+    );
+
+    let yaml = yaml.replace("  - priority: 1\n", "  - priority: 1\n    lb_endpoints: []\n  - priority: 2\n").replace(
+        "    - endpoint: { address: { socket_address: { address: 10.1.0.9, port_value: 8080 } } }\n",
+        "    - endpoint: { address: { socket_address: { address: 10.1.0.9, port_value: 8080 } } }\n      health_status: TIMEOUT\n",
+    );
+    st.apply(full(&yaml)).expect("accepted");
+    let active: Vec<_> = st.table().services[&svc("10.96.0.10", 9080, Protocol::Tcp)]
+        .iter()
+        .filter(|b| b.state == crate::model::BackendState::Active)
+        .map(|b| b.address.to_string())
+        .collect();
+    assert_eq!(
+        active,
+        ["10.1.0.4"],
+        "degraded only when nothing healthy remains"
+    );
+}
+
+#[test]
+fn weighted_clusters_multiply_into_backend_weights() {
+    let yaml = r#"
+resources:
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: l
+  address: { socket_address: { address: 10.96.0.11, port_value: 80 } }
+  filter_chains:
+  - filters:
+    - name: tcp
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+        stat_prefix: s
+        weighted_clusters:
+          clusters: [ { name: v1, weight: 90 }, { name: v2, weight: 10 } ]
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: v1
+  load_assignment:
+    cluster_name: v1
+    endpoints: [ { lb_endpoints: [
+      { endpoint: { address: { socket_address: { address: 10.1.1.1, port_value: 80 } } } },
+      { endpoint: { address: { socket_address: { address: 10.1.1.2, port_value: 80 } } } } ] } ]
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: v2
+  load_assignment:
+    cluster_name: v2
+    endpoints: [ { lb_endpoints: [
+      { endpoint: { address: { socket_address: { address: 10.1.2.1, port_value: 80 } } } } ] } ]
+"#;
+    let mut st = XdsState::new();
+    st.apply(full(yaml)).expect("accepted");
+    let b = &st.table().services[&svc("10.96.0.11", 80, Protocol::Tcp)];
+    let w: Vec<u32> = b.iter().map(|b| b.weight).collect();
+    assert_eq!(w, [450_000, 450_000, 100_000]);
+}
+
+#[test]
+fn virtual_outbound_http_rds_and_udp_listeners() {
+    let yaml = r#"
+resources:
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: virtualOutbound
+  address: { socket_address: { address: 0.0.0.0, port_value: 15001 } }
+  filter_chains:
+  - filter_chain_match:
+      destination_port: 443
+      prefix_ranges: [ { address_prefix: 10.96.1.1, prefix_len: 32 }, { address_prefix: 10.96.1.2, prefix_len: 32 }, { address_prefix: 10.0.0.0, prefix_len: 8 } ]
+    filters:
+    - name: tcp
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+        stat_prefix: s
+        cluster: web
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: 0.0.0.0_8080
+  address: { socket_address: { address: 0.0.0.0, port_value: 8080 } }
+  filter_chains:
+  - filters:
+    - name: envoy.filters.network.http_connection_manager
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+        stat_prefix: http
+        rds: { route_config_name: "8080", config_source: { ads: {} } }
+        http_filters: [ { name: envoy.filters.http.router, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router } } ]
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: dns
+  address: { socket_address: { address: 10.96.0.53, port_value: 53, protocol: UDP } }
+  udp_listener_config: {}
+  listener_filters:
+  - name: envoy.filters.udp_listener.udp_proxy
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig
+      stat_prefix: dns
+      cluster: web
+- "@type": type.googleapis.com/envoy.config.route.v3.RouteConfiguration
+  name: "8080"
+  virtual_hosts:
+  - name: productpage
+    domains: [ "productpage.default.svc.cluster.local", "10.96.2.1", "10.96.2.1:8080", "10.96.2.2:9999" ]
+    routes:
+    - match: { prefix: /api }
+      route: { cluster: other }
+    - match: { prefix: / }
+      route: { cluster: web, timeout: 0s }
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: web
+  type: STATIC
+  load_assignment:
+    cluster_name: web
+    endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 10.1.3.1, port_value: 80 } } } } ] } ]
+"#;
+    let mut st = XdsState::new();
+    st.apply(full(yaml)).expect("accepted");
+    let keys: Vec<String> = st
+        .table()
+        .services
+        .keys()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "10.96.0.53:53/udp",
+            "10.96.1.1:443/tcp",
+            "10.96.1.2:443/tcp",
+            "10.96.2.1:8080/tcp"
+        ]
+    );
+    assert_eq!(st.wanted(Kind::Route), ["8080"]);
+    assert!(
+        st.take_new_ignored()
+            .iter()
+            .any(|l| l.contains("10.0.0.0/8")),
+        "a wide prefix range is reported, not expanded"
+    );
+}
+
+#[test]
+fn warming_keeps_previous_backends_until_endpoints_arrive() {
+    let mut st = XdsState::new();
+    let listener = r#"
+resources:
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: l
+  address: { socket_address: { address: 10.96.0.12, port_value: 80 } }
+  filter_chains: [ { filters: [ { name: tcp, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: c } } ] } ]
+"#;
+    st.apply(sotw(Kind::Listener, "1", listener)).expect("lds");
+    assert!(
+        st.table().services.is_empty(),
+        "not published before its cluster warms"
+    );
+    assert_eq!(st.warming().len(), 1);
+    let cds = r#"
+resources:
+- { "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster, name: c, type: EDS, eds_cluster_config: { eds_config: { ads: {} } } }
+"#;
+    st.apply(sotw(Kind::Cluster, "1", cds)).expect("cds");
+    assert!(
+        st.table().services.is_empty(),
+        "cluster known, endpoints not yet"
+    );
+    assert_eq!(st.wanted(Kind::Endpoint), ["c"]);
+    let eds = r#"
+resources:
+- "@type": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment
+  cluster_name: c
+  endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 10.1.4.1, port_value: 80 } } } } ] } ]
+"#;
+    st.apply(sotw(Kind::Endpoint, "1", eds)).expect("eds");
+    assert_eq!(
+        st.table().services[&svc("10.96.0.12", 80, Protocol::Tcp)],
+        [be("10.1.4.1", 80, 1)]
+    );
+    // A new cluster version that is EDS again keeps the endpoints known.
+    st.apply(sotw(Kind::Cluster, "2", cds)).expect("cds again");
+    assert_eq!(st.table().services.len(), 1);
+}
+
+#[test]
+fn invalid_resources_are_nacked_naming_resource_and_field_and_keep_state() {
+    let mut st = XdsState::new();
+    st.apply(full(TCP_EDS)).expect("accepted");
+    let before = st.table().clone();
+    let bad_port = TCP_EDS.replace(
+        "address: 10.1.0.4, port_value: 8080",
+        "address: 10.1.0.4, port_value: 70000",
+    );
+    let nack = st.apply(full(&bad_port)).expect_err("port out of range");
+    assert!(
+        nack.0.contains("ClusterLoadAssignment \"reviews.default.svc\": endpoints[1].lb_endpoints[0].endpoint.address.socket_address.port_value: 70000 is out of range"),
+        "{nack}"
+    );
+    let bad_addr = TCP_EDS.replace("address: 10.96.0.10,", "address: not-an-ip,");
+    let nack = st.apply(full(&bad_addr)).expect_err("bad address");
+    assert!(
+        nack.0.contains("Listener \"reviews\": address.socket_address.address: \"not-an-ip\" is not an IP address"),
+        "{nack}"
+    );
+    assert_eq!(st.table(), &before, "the last good table stays");
+    assert_eq!(st.version(Kind::Listener), "1");
+    assert_eq!(st.stats()[&Kind::Endpoint].rejected, 2);
+}
+
+#[test]
+fn too_many_endpoints_is_nacked_with_the_limit() {
+    let mut eps = String::new();
+    for i in 0..1025u32 {
+        eps.push_str(&format!(
+            "      - endpoint: {{ address: {{ socket_address: {{ address: 10.2.{}.{}, port_value: 80 }} }} }}\n",
+            i / 256,
+            i % 256
+        ));
+    }
+    let yaml = format!(
+        r#"
+resources:
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: l
+  address: {{ socket_address: {{ address: 10.96.0.13, port_value: 80 }} }}
+  filter_chains: [ {{ filters: [ {{ name: tcp, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: big }} }} ] }} ]
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: big
+  load_assignment:
+    cluster_name: big
+    endpoints:
+    - lb_endpoints:
+{eps}"#
+    );
+    let mut st = XdsState::new();
+    let nack = st.apply(full(&yaml)).expect_err("over the limit");
+    assert!(
+        nack.0.contains("1025 backends exceed the limit of 1024"),
+        "{nack}"
+    );
+    assert!(st.table().services.is_empty());
+}
+
+#[test]
+fn delta_adds_and_removes_and_remembers_versions() {
+    let resp = discovery_response_from_text(TCP_EDS).expect("decodes");
+    let mut st = XdsState::new();
+    for kind in Kind::ALL {
+        let added = resp
+            .resources
+            .iter()
+            .filter(|a| a.type_url == kind.type_url())
+            .map(|a| (String::new(), "v1".to_owned(), a.clone()))
+            .collect();
+        st.apply(Update::Delta {
+            kind,
+            added,
+            removed: vec![],
+        })
+        .expect("delta");
+    }
+    assert_eq!(st.table().services.len(), 1);
+    assert_eq!(st.resource_versions(Kind::Listener)["reviews"], "v1");
+    st.apply(Update::Delta {
+        kind: Kind::Listener,
+        added: vec![],
+        removed: vec!["reviews".into()],
+    })
+    .expect("removal");
+    assert!(st.table().services.is_empty());
+    assert!(st.resource_versions(Kind::Listener).is_empty());
+}
+
+#[test]
+fn json_camel_case_and_malformed_documents() {
+    let json = r#"{"versionInfo":"7","resources":[{"@type":"type.googleapis.com/envoy.config.cluster.v3.Cluster","name":"c","connectTimeout":"0.25s","loadAssignment":{"clusterName":"c","endpoints":[{"lbEndpoints":[{"endpoint":{"address":{"socketAddress":{"address":"fd00::1","portValue":80}}},"loadBalancingWeight":5}]}]}}]}"#;
+    let resp = discovery_response_from_text(json).expect("camelCase JSON decodes");
+    assert_eq!(resp.version_info, "7");
+    assert_eq!(resp.resources.len(), 1);
+
+    let err = discovery_response_from_text("resources:\n- \"@type\": type.googleapis.com/envoy.config.cluster.v3.Cluster\n  name: c\n  bogus_field: 1\n")
+        .expect_err("unknown field");
+    assert!(err.to_string().contains("bogus_field"), "{err}");
+    let err = discovery_response_from_text("resources: [\n  {name: }\n").expect_err("syntax");
+    assert!(err.to_string().contains("line"), "{err}");
+    let err =
+        discovery_response_from_text("resources:\n- \"@type\": type.googleapis.com/no.such.Type\n")
+            .expect_err("unknown type");
+    assert!(err.to_string().contains("no.such.Type"), "{err}");
+}
