@@ -11,8 +11,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tracing::info;
 
 use crate::{
+    agent::{AgentConfig, NodeArgs, Source},
     dataplane::{self, Datapath, DatapathConfig},
     model::{RoutingTable, ServiceJson},
+    xds::ads::{TlsFiles, XdsProtocol},
 };
 
 /// sockmesh: eBPF socket-level service load balancing for a service mesh.
@@ -60,6 +62,9 @@ impl DatapathArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Commands {
+    /// Run the agent: follow an xDS source and keep the kernel maps in sync with it
+    /// until SIGTERM/SIGINT (the datapath stays pinned after exit).
+    Agent(Box<AgentArgs>),
     /// Install (or adopt) the datapath and apply a static routing table from a JSON
     /// file (the format `sockmesh services --json` prints).
     Apply {
@@ -98,10 +103,96 @@ pub enum Commands {
     },
 }
 
+/// `sockmesh agent` flags.
+#[derive(Debug, clap::Args)]
+pub struct AgentArgs {
+    #[command(flatten)]
+    pub datapath: DatapathArgs,
+    /// Configuration source: grpc://HOST:PORT, grpcs://HOST:PORT (ADS), http://HOST:PORT
+    /// (REST-JSON xDS) or file:///path/resources.yaml (watched).
+    #[arg(long, env = "SOCKMESH_XDS")]
+    pub xds: String,
+    /// xDS protocol variant for grpc(s)://.
+    #[arg(long, value_enum, default_value_t = XdsProtocol::Delta, env = "SOCKMESH_XDS_PROTOCOL")]
+    pub xds_protocol: XdsProtocol,
+    /// Node id; default is Istio's sidecar form from INSTANCE_IP/POD_IP, POD_NAME, POD_NAMESPACE.
+    #[arg(long, env = "SOCKMESH_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Node cluster.
+    #[arg(long, default_value = "sockmesh", env = "SOCKMESH_NODE_CLUSTER")]
+    pub node_cluster: String,
+    /// Node metadata, KEY=VALUE, repeatable.
+    #[arg(long = "node-metadata", value_parser = parse_key_value)]
+    pub node_metadata: Vec<(String, String)>,
+    /// CA bundle (PEM) to verify a grpcs:// control plane.
+    #[arg(long, env = "SOCKMESH_XDS_CA")]
+    pub xds_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, env = "SOCKMESH_XDS_CERT")]
+    pub xds_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(long, env = "SOCKMESH_XDS_KEY")]
+    pub xds_key: Option<PathBuf>,
+    /// TLS server name to verify, if not the URL's host (e.g. istiod.istio-system.svc).
+    #[arg(long, env = "SOCKMESH_XDS_SERVER_NAME")]
+    pub xds_server_name: Option<String>,
+    /// Poll interval of the REST (http://) source, e.g. 1s, 500ms.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub xds_refresh: std::time::Duration,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected e.g. 500ms or 2s"))?;
+    match unit {
+        "ms" => Ok(std::time::Duration::from_millis(n)),
+        "s" => Ok(std::time::Duration::from_secs(n)),
+        "m" => Ok(std::time::Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?}: unit must be ms, s or m")),
+    }
+}
+
+fn agent(args: AgentArgs) -> Result<()> {
+    let cfg = AgentConfig {
+        datapath: args.datapath.config(),
+        source: Source::parse(&args.xds)?,
+        protocol: args.xds_protocol,
+        node: NodeArgs {
+            id: args.node_id,
+            cluster: args.node_cluster,
+            metadata: args.node_metadata,
+        },
+        tls: TlsFiles {
+            ca: args.xds_ca,
+            cert: args.xds_cert,
+            key: args.xds_key,
+            server_name: args.xds_server_name,
+        },
+        refresh: args.xds_refresh,
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(crate::agent::run(cfg))
+}
+
 impl Commands {
     /// Runs the command.
     pub fn execute(self) -> Result<()> {
         match self {
+            Commands::Agent(args) => agent(*args),
             Commands::Apply {
                 datapath,
                 table,

@@ -1,7 +1,11 @@
 //! The xDS side: decoding Envoy resources, translating them into the routing table,
 //! and the sources that deliver them (ADS over gRPC, files, REST-JSON).
 
+pub mod ads;
+pub mod core;
 pub mod decode;
+pub mod file;
+pub mod rest;
 pub mod state;
 pub mod translate;
 

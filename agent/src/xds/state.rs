@@ -84,6 +84,9 @@ pub struct XdsState {
     ignored_seen: BTreeSet<String>,
     /// Resources of types sockmesh does not consume, skipped.
     pub ignored_resources: u64,
+    /// The table found in the kernel at start: backends for services still warming
+    /// until the control plane has delivered everything once.
+    seed: RoutingTable,
 }
 
 type Undo = Vec<(Kind, String, Option<Resource>)>;
@@ -91,6 +94,15 @@ type Undo = Vec<(Kind, String, Option<Resource>)>;
 impl XdsState {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A state whose "previous table" is `table` (what the kernel holds), so
+    /// services still warming keep those backends.
+    pub fn with_previous(table: RoutingTable) -> Self {
+        Self {
+            seed: table,
+            ..Self::default()
+        }
     }
 
     /// The routing table of the accepted state.
@@ -242,7 +254,7 @@ impl XdsState {
                 }
             }
         }
-        let translation = translate(&self.resources, &self.translation.table);
+        let translation = translate(&self.resources, &[&self.translation.table, &self.seed]);
         if let Err(e) = translation.table.validate() {
             self.rollback(undo);
             return Err(Nack(format!("the resulting routing table is refused: {e}")));
@@ -260,6 +272,11 @@ impl XdsState {
                 || translation.eds_names != self.translation.eds_names,
         };
         self.translation = translation;
+        let heard =
+            |k| self.stats.get(&k).is_some_and(|s| s.accepted > 0) || update.kinds().contains(&k);
+        if self.translation.warming.is_empty() && heard(Kind::Listener) && heard(Kind::Cluster) {
+            self.seed = RoutingTable::default();
+        }
         Ok(accepted)
     }
 

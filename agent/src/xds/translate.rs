@@ -635,10 +635,10 @@ fn cluster_assignment<'a>(
     }
 }
 
-/// Translates everything. `previous` supplies the backends of services whose
+/// Translates everything. `previous` (first match wins) supplies the backends of services whose
 /// clusters are still warming, so a service never flaps to empty while its
 /// endpoints are on the way.
-pub fn translate(res: &Resources, previous: &RoutingTable) -> Translation {
+pub fn translate(res: &Resources, previous: &[&RoutingTable]) -> Translation {
     let mut t = Translation::default();
     let mut specs = Vec::new();
     for l in res.listeners.values() {
@@ -695,7 +695,7 @@ pub fn translate(res: &Resources, previous: &RoutingTable) -> Translation {
             .collect();
         let Some(parts) = parts else {
             t.warming.push(spec.service);
-            if let Some(old) = previous.services.get(&spec.service) {
+            if let Some(old) = previous.iter().find_map(|t| t.services.get(&spec.service)) {
                 t.table.insert(spec.service, old.clone());
             }
             continue;

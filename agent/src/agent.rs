@@ -1,0 +1,211 @@
+//! `sockmesh agent`: install (or adopt) the datapath, follow an xDS source, apply
+//! every accepted update to the kernel, until SIGTERM/SIGINT. The datapath stays
+//! pinned when the agent exits.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use sockmesh_proto::pb::{
+    envoy::config::core::v3::Node,
+    google::protobuf::{Struct, Value, value::Kind as ValueKind},
+};
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::{
+    dataplane::{Datapath, DatapathConfig},
+    xds::{
+        ads::{self, AdsConfig, TlsFiles, XdsProtocol},
+        core::Core,
+        file, rest,
+    },
+};
+
+/// Where the configuration comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    Grpc(String),
+    File(PathBuf),
+    Rest(String),
+}
+
+impl Source {
+    pub fn parse(url: &str) -> Result<Self> {
+        if url.starts_with("grpc://") || url.starts_with("grpcs://") {
+            Ok(Source::Grpc(url.to_owned()))
+        } else if let Some(path) = url.strip_prefix("file://") {
+            if path.is_empty() {
+                bail!(
+                    "--xds {url:?}: file:// needs a path, e.g. file:///etc/sockmesh/resources.yaml"
+                );
+            }
+            Ok(Source::File(PathBuf::from(path)))
+        } else if url.starts_with("http://") {
+            Ok(Source::Rest(url.to_owned()))
+        } else {
+            bail!("--xds {url:?}: expected grpc://, grpcs://, http:// or file://")
+        }
+    }
+}
+
+/// The node identity sent to the control plane.
+#[derive(Clone, Debug, Default)]
+pub struct NodeArgs {
+    pub id: Option<String>,
+    pub cluster: String,
+    pub metadata: Vec<(String, String)>,
+}
+
+/// Istio's sidecar form, `sidecar~<POD_IP>~<POD_NAME>.<NAMESPACE>~<NAMESPACE>.svc.cluster.local`,
+/// from `INSTANCE_IP`/`POD_IP`, `POD_NAME` (or the host name) and `POD_NAMESPACE`.
+pub fn default_node_id(env: &HashMap<String, String>) -> String {
+    let get = |k: &str| env.get(k).filter(|v| !v.is_empty()).cloned();
+    let ip = get("INSTANCE_IP")
+        .or_else(|| get("POD_IP"))
+        .unwrap_or_else(|| "127.0.0.1".into());
+    let name = get("POD_NAME")
+        .or_else(|| get("HOSTNAME"))
+        .unwrap_or_else(|| "sockmesh".into());
+    let ns = get("POD_NAMESPACE").unwrap_or_else(|| "default".into());
+    format!("sidecar~{ip}~{name}.{ns}~{ns}.svc.cluster.local")
+}
+
+impl NodeArgs {
+    pub fn node(&self) -> Node {
+        let env: HashMap<String, String> = std::env::vars().collect();
+        let fields = self
+            .metadata
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    Value {
+                        kind: Some(ValueKind::StringValue(v.clone())),
+                    },
+                )
+            })
+            .collect();
+        Node {
+            id: self.id.clone().unwrap_or_else(|| default_node_id(&env)),
+            cluster: self.cluster.clone(),
+            metadata: (!self.metadata.is_empty()).then_some(Struct { fields }),
+            user_agent_name: "sockmesh".into(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Everything `sockmesh agent` needs.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub datapath: DatapathConfig,
+    pub source: Source,
+    pub protocol: XdsProtocol,
+    pub node: NodeArgs,
+    pub tls: TlsFiles,
+    pub refresh: Duration,
+}
+
+/// Runs the agent until SIGINT/SIGTERM.
+pub async fn run(cfg: AgentConfig) -> Result<()> {
+    let datapath = Datapath::install(&cfg.datapath)?;
+    // Decode the protobuf descriptors now, not inside the first update's latency.
+    let _ = sockmesh_proto::descriptor_pool();
+    let core = Arc::new(Mutex::new(Core::new(Box::new(datapath))));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let node = cfg.node.node();
+    info!(node_id = %node.id, source = ?cfg.source, "agent starting");
+    let task = match cfg.source.clone() {
+        Source::Grpc(url) => {
+            let ads_cfg = AdsConfig {
+                url,
+                protocol: cfg.protocol,
+                node,
+                tls: cfg.tls.clone(),
+                backoff_base: Duration::from_millis(250),
+                backoff_max: Duration::from_secs(30),
+            };
+            let core = core.clone();
+            tokio::spawn(async move {
+                ads::run(ads_cfg, core, stop_rx)
+                    .await
+                    .map_err(anyhow::Error::from)
+            })
+        }
+        Source::File(path) => {
+            let core = core.clone();
+            tokio::spawn(async move {
+                file::run(path, core, stop_rx)
+                    .await
+                    .map_err(anyhow::Error::from)
+            })
+        }
+        Source::Rest(base) => {
+            let core = core.clone();
+            let refresh = cfg.refresh;
+            tokio::spawn(async move {
+                rest::run(base, node, refresh, core, stop_rx).await;
+                Ok(())
+            })
+        }
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let abort = task.abort_handle();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+        _ = term.recv() => info!("SIGTERM received"),
+        r = task => {
+            r.context("source task")??;
+            bail!("the configuration source stopped");
+        }
+    }
+    let _ = stop_tx.send(true);
+    abort.abort();
+    info!("exiting; the datapath stays pinned");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_id_in_istio_sidecar_form() {
+        let env: HashMap<String, String> = [
+            ("INSTANCE_IP", "10.1.2.3"),
+            ("POD_NAME", "sockmesh-abcde"),
+            ("POD_NAMESPACE", "kube-system"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert_eq!(
+            default_node_id(&env),
+            "sidecar~10.1.2.3~sockmesh-abcde.kube-system~kube-system.svc.cluster.local"
+        );
+    }
+
+    #[test]
+    fn sources_by_scheme() {
+        assert_eq!(
+            Source::parse("file:///etc/x.yaml").expect("file"),
+            Source::File("/etc/x.yaml".into())
+        );
+        assert!(matches!(
+            Source::parse("grpcs://istiod:15012"),
+            Ok(Source::Grpc(_))
+        ));
+        assert!(matches!(
+            Source::parse("http://cp:8080"),
+            Ok(Source::Rest(_))
+        ));
+        assert!(Source::parse("ftp://x").is_err());
+        assert!(Source::parse("file://").is_err());
+    }
+}

@@ -1,0 +1,357 @@
+//! Aggregated Discovery Service client (gRPC, tonic), state-of-the-world and
+//! incremental (delta) protocols, as Envoy speaks them:
+//! - CDS and LDS wildcard, then EDS and RDS for the names they reference;
+//! - every response ACKed (version + nonce) or NACKed (`error_detail`), the previous
+//!   state kept on NACK;
+//! - reconnect with exponential backoff and full jitter; while disconnected the
+//!   kernel keeps the last good table; on reconnect the known versions (SotW) or
+//!   resource versions (delta) are sent so the server can skip what we have.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use rand::Rng as _;
+use sockmesh_proto::pb::{
+    envoy::{
+        config::core::v3::Node,
+        service::discovery::v3::{
+            DeltaDiscoveryRequest, DiscoveryRequest,
+            aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+        },
+    },
+    google::rpc::Status,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tracing::{info, warn};
+
+use super::{
+    core::{Core, SourceState},
+    decode::Kind,
+    state::Update,
+};
+
+/// Which xDS protocol variant to speak.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdsProtocol {
+    Sotw,
+    Delta,
+}
+
+/// TLS for `grpcs://`.
+#[derive(Clone, Debug, Default)]
+pub struct TlsFiles {
+    /// CA bundle to verify the control plane (system roots are not used).
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key (mutual TLS), both PEM.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Server name to verify, if not the host of the URL.
+    pub server_name: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct AdsConfig {
+    /// `grpc://host:port` or `grpcs://host:port`.
+    pub url: String,
+    pub protocol: XdsProtocol,
+    pub node: Node,
+    pub tls: TlsFiles,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdsError {
+    #[error("xDS URL {0:?}: expected grpc://HOST:PORT or grpcs://HOST:PORT")]
+    Url(String),
+    #[error("reading {path}: {source}", path = path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+}
+
+fn endpoint(cfg: &AdsConfig) -> Result<Endpoint, AdsError> {
+    let (tls, rest) = if let Some(rest) = cfg.url.strip_prefix("grpcs://") {
+        (true, rest)
+    } else if let Some(rest) = cfg.url.strip_prefix("grpc://") {
+        (false, rest)
+    } else {
+        return Err(AdsError::Url(cfg.url.clone()));
+    };
+    let scheme = if tls { "https" } else { "http" };
+    let mut ep = Endpoint::from_shared(format!("{scheme}://{rest}"))
+        .map_err(|_| AdsError::Url(cfg.url.clone()))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    if tls {
+        let read = |p: &PathBuf| {
+            std::fs::read(p).map_err(|source| AdsError::Read {
+                path: p.clone(),
+                source,
+            })
+        };
+        let mut t = ClientTlsConfig::new();
+        if let Some(ca) = &cfg.tls.ca {
+            t = t.ca_certificate(Certificate::from_pem(read(ca)?));
+        }
+        match (&cfg.tls.cert, &cfg.tls.key) {
+            (Some(c), Some(k)) => t = t.identity(Identity::from_pem(read(c)?, read(k)?)),
+            (None, None) => {}
+            _ => return Err(AdsError::Tls("--xds-cert and --xds-key go together".into())),
+        }
+        if let Some(name) = &cfg.tls.server_name {
+            t = t.domain_name(name.clone());
+        }
+        ep = ep.tls_config(t).map_err(|e| AdsError::Tls(e.to_string()))?;
+    }
+    Ok(ep)
+}
+
+/// Runs the ADS client until `shutdown` flips to true. Only configuration errors
+/// return early; connection failures are retried with backoff.
+pub async fn run(
+    cfg: AdsConfig,
+    core: Arc<Mutex<Core>>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), AdsError> {
+    let ep = endpoint(&cfg)?;
+    let mut attempt: u32 = 0;
+    loop {
+        let started = Instant::now();
+        let result = tokio::select! {
+            r = session(&cfg, &ep, &core) => r,
+            _ = shutdown.changed() => return Ok(()),
+        };
+        set_source(&core, SourceState::Disconnected);
+        // A session that lasted a while resets the backoff.
+        if started.elapsed() > Duration::from_secs(10) {
+            attempt = 0;
+        }
+        let ceiling = cfg
+            .backoff_base
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(cfg.backoff_max);
+        let delay = ceiling.mul_f64(rand::rng().random_range(0.5..=1.0));
+        attempt = attempt.saturating_add(1);
+        warn!(
+            url = %cfg.url,
+            error = %result.err().unwrap_or_else(|| "stream closed by the server".into()),
+            retry_in_ms = delay.as_millis(),
+            "xDS disconnected; serving the last good state"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => return Ok(()),
+        }
+    }
+}
+
+fn set_source(core: &Arc<Mutex<Core>>, s: SourceState) {
+    if let Ok(mut c) = core.lock() {
+        c.source = s;
+    }
+}
+
+fn lock(core: &Arc<Mutex<Core>>) -> Result<std::sync::MutexGuard<'_, Core>, String> {
+    core.lock().map_err(|_| "agent state poisoned".to_owned())
+}
+
+/// One connection: returns when the stream ends (Ok(None)) or fails.
+async fn session(cfg: &AdsConfig, ep: &Endpoint, core: &Arc<Mutex<Core>>) -> Result<(), String> {
+    let channel: Channel = ep.connect().await.map_err(|e| format!("connect: {e}"))?;
+    let mut client =
+        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
+    info!(url = %cfg.url, protocol = ?cfg.protocol, "xDS connected");
+    match cfg.protocol {
+        XdsProtocol::Sotw => sotw(cfg, &mut client, core).await,
+        XdsProtocol::Delta => delta(cfg, &mut client, core).await,
+    }
+}
+
+fn nack_status(message: String) -> Status {
+    Status {
+        code: tonic::Code::InvalidArgument as i32,
+        message,
+        details: vec![],
+    }
+}
+
+async fn sotw(
+    cfg: &AdsConfig,
+    client: &mut AggregatedDiscoveryServiceClient<Channel>,
+    core: &Arc<Mutex<Core>>,
+) -> Result<(), String> {
+    let (tx, rx) = mpsc::channel::<DiscoveryRequest>(64);
+    // Names last requested and last nonce, per type.
+    let mut sent: BTreeMap<Kind, Vec<String>> = BTreeMap::new();
+    let mut nonces: BTreeMap<Kind, String> = BTreeMap::new();
+    let request =
+        |kind: Kind, names: Vec<String>, version: String, nonce: String, error: Option<Status>| {
+            DiscoveryRequest {
+                version_info: version,
+                node: Some(cfg.node.clone()),
+                resource_names: names,
+                type_url: kind.type_url().to_owned(),
+                response_nonce: nonce,
+                error_detail: error,
+                ..Default::default()
+            }
+        };
+    {
+        let c = lock(core)?;
+        for kind in Kind::ALL {
+            let names = c.state().wanted(kind);
+            if !kind.is_wildcard() && names.is_empty() {
+                continue;
+            }
+            sent.insert(kind, names.clone());
+            tx.try_send(request(
+                kind,
+                names,
+                c.state().version(kind),
+                String::new(),
+                None,
+            ))
+            .map_err(|e| e.to_string())?;
+        }
+    }
+    let mut stream = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .map_err(|e| format!("StreamAggregatedResources: {e}"))?
+        .into_inner();
+    set_source(core, SourceState::Connected);
+    while let Some(resp) = stream.message().await.map_err(|e| e.to_string())? {
+        let received = Instant::now();
+        let Some(kind) = Kind::from_type_url(&resp.type_url) else {
+            warn!(type_url = %resp.type_url, "ignoring a response of a type sockmesh does not consume");
+            lock(core)?.ignored_types += 1;
+            continue;
+        };
+        nonces.insert(kind, resp.nonce.clone());
+        let mut follow_ups = Vec::new();
+        {
+            let mut c = lock(core)?;
+            let result = c.handle(
+                Update::SotW {
+                    kind,
+                    version: resp.version_info.clone(),
+                    resources: resp.resources,
+                },
+                received,
+            );
+            let names = sent.get(&kind).cloned().unwrap_or_default();
+            let version = c.state().version(kind);
+            let error = result.as_ref().err().map(|n| nack_status(n.0.clone()));
+            follow_ups.push(request(kind, names, version, resp.nonce, error));
+            // New RDS/EDS names: (re)subscribe.
+            for k in [Kind::Endpoint, Kind::Route] {
+                let wanted = c.state().wanted(k);
+                if sent.get(&k).map_or(!wanted.is_empty(), |s| *s != wanted) {
+                    sent.insert(k, wanted.clone());
+                    let nonce = nonces.get(&k).cloned().unwrap_or_default();
+                    follow_ups.push(request(k, wanted, c.state().version(k), nonce, None));
+                }
+            }
+        }
+        for r in follow_ups {
+            tx.send(r).await.map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+async fn delta(
+    cfg: &AdsConfig,
+    client: &mut AggregatedDiscoveryServiceClient<Channel>,
+    core: &Arc<Mutex<Core>>,
+) -> Result<(), String> {
+    let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
+    let mut subscribed: BTreeMap<Kind, BTreeSet<String>> = BTreeMap::new();
+    {
+        let c = lock(core)?;
+        for kind in Kind::ALL {
+            let names: BTreeSet<String> = c.state().wanted(kind).into_iter().collect();
+            if !kind.is_wildcard() && names.is_empty() {
+                continue;
+            }
+            let initial = c.state().resource_versions(kind);
+            subscribed.insert(kind, names.clone());
+            tx.try_send(DeltaDiscoveryRequest {
+                node: Some(cfg.node.clone()),
+                type_url: kind.type_url().to_owned(),
+                // Empty on a wildcard type: the legacy wildcard every server knows.
+                resource_names_subscribe: names.into_iter().collect(),
+                initial_resource_versions: initial.into_iter().collect(),
+                ..Default::default()
+            })
+            .map_err(|e| e.to_string())?;
+        }
+    }
+    let mut stream = client
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .map_err(|e| format!("DeltaAggregatedResources: {e}"))?
+        .into_inner();
+    set_source(core, SourceState::Connected);
+    while let Some(resp) = stream.message().await.map_err(|e| e.to_string())? {
+        let received = Instant::now();
+        let Some(kind) = Kind::from_type_url(&resp.type_url) else {
+            warn!(type_url = %resp.type_url, "ignoring a response of a type sockmesh does not consume");
+            lock(core)?.ignored_types += 1;
+            continue;
+        };
+        let mut follow_ups = Vec::new();
+        {
+            let mut c = lock(core)?;
+            let mut removed = resp.removed_resources;
+            removed.extend(resp.removed_resource_names.into_iter().map(|n| n.name));
+            let added = resp
+                .resources
+                .into_iter()
+                .filter_map(|r| r.resource.map(|any| (r.name, r.version, any)))
+                .collect();
+            let result = c.handle(
+                Update::Delta {
+                    kind,
+                    added,
+                    removed,
+                },
+                received,
+            );
+            follow_ups.push(DeltaDiscoveryRequest {
+                type_url: kind.type_url().to_owned(),
+                response_nonce: resp.nonce,
+                error_detail: result.as_ref().err().map(|n| nack_status(n.0.clone())),
+                ..Default::default()
+            });
+            for k in [Kind::Endpoint, Kind::Route] {
+                let wanted: BTreeSet<String> = c.state().wanted(k).into_iter().collect();
+                let had = subscribed.entry(k).or_default();
+                if *had != wanted {
+                    follow_ups.push(DeltaDiscoveryRequest {
+                        type_url: k.type_url().to_owned(),
+                        resource_names_subscribe: wanted.difference(had).cloned().collect(),
+                        resource_names_unsubscribe: had.difference(&wanted).cloned().collect(),
+                        ..Default::default()
+                    });
+                    *had = wanted;
+                }
+            }
+        }
+        for r in follow_ups {
+            tx.send(r).await.map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,217 @@
+//! The agent's core: the accepted xDS state and the datapath it drives. Every
+//! source calls [`Core::handle`]; it decides ACK or NACK and writes the kernel
+//! maps when the table changed.
+
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
+
+use tracing::{debug, info, warn};
+
+use super::{
+    decode::Kind,
+    state::{Accepted, Nack, Update, XdsState},
+};
+use crate::model::RoutingTable;
+
+/// Where accepted tables go: the kernel datapath, or a fake in tests.
+pub trait TableSink: Send {
+    /// Makes the datapath hold `table`; returns the number of map operations.
+    fn apply(&mut self, table: &RoutingTable) -> Result<usize, String>;
+    /// What the datapath holds now (adopted from pins on restart).
+    fn table(&self) -> RoutingTable;
+}
+
+impl TableSink for crate::dataplane::Datapath {
+    fn apply(&mut self, table: &RoutingTable) -> Result<usize, String> {
+        crate::dataplane::Datapath::apply(self, table)
+            .map(|r| r.map_ops)
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    fn table(&self) -> RoutingTable {
+        crate::dataplane::Datapath::table(self)
+    }
+}
+
+/// Timing of the last kernel write, for logs, metrics and benchmarks.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PushStats {
+    pub pushes: u64,
+    pub last_map_ops: usize,
+    /// Update received → kernel maps written.
+    pub last_latency: Duration,
+}
+
+/// Connection state of the control-plane source.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SourceState {
+    #[default]
+    Connecting,
+    Connected,
+    Disconnected,
+}
+
+pub struct Core {
+    state: XdsState,
+    sink: Box<dyn TableSink>,
+    /// Types accepted at least once since start.
+    synced: BTreeSet<Kind>,
+    pushed: bool,
+    pub push: PushStats,
+    pub source: SourceState,
+    /// Responses of types sockmesh does not consume.
+    pub ignored_types: u64,
+}
+
+impl Core {
+    /// A core over `sink`. The table the datapath already holds (pins adopted after a
+    /// restart) seeds the state, so services keep their backends until the control
+    /// plane has been heard from, and warming services do not flap to empty.
+    pub fn new(sink: Box<dyn TableSink>) -> Self {
+        let state = XdsState::with_previous(sink.table());
+        Self {
+            state,
+            sink,
+            synced: BTreeSet::new(),
+            pushed: false,
+            push: PushStats::default(),
+            source: SourceState::Connecting,
+            ignored_types: 0,
+        }
+    }
+
+    pub fn state(&self) -> &XdsState {
+        &self.state
+    }
+
+    /// Whether the kernel is driven by the control plane yet: LDS and CDS have been
+    /// accepted once (until then the adopted table stays as it is).
+    pub fn synced(&self) -> bool {
+        self.synced.contains(&Kind::Listener) && self.synced.contains(&Kind::Cluster)
+    }
+
+    /// Accepts (and pushes to the kernel) or rejects one update.
+    pub fn handle(&mut self, update: Update, received: Instant) -> Result<Accepted, Nack> {
+        let kinds: Vec<Kind> = match &update {
+            Update::SotW { kind, .. } | Update::Delta { kind, .. } => vec![*kind],
+            Update::Full { .. } => Kind::ALL.to_vec(),
+        };
+        let accepted = match self.state.apply(update) {
+            Ok(a) => a,
+            Err(nack) => {
+                warn!(types = ?kinds, error = %nack, "update rejected (NACK); keeping the last good state");
+                return Err(nack);
+            }
+        };
+        for line in self.state.take_new_ignored() {
+            warn!("ignored: {line}");
+        }
+        self.synced.extend(kinds.iter().copied());
+        if self.synced() && (accepted.table_changed || !self.pushed) {
+            let ops = self.sink.apply(self.state.table()).map_err(|e| {
+                warn!(error = %e, "writing the kernel maps failed");
+                Nack(format!("writing the kernel maps failed: {e}"))
+            })?;
+            self.pushed = true;
+            self.push = PushStats {
+                pushes: self.push.pushes + 1,
+                last_map_ops: ops,
+                last_latency: received.elapsed(),
+            };
+            info!(
+                types = ?kinds,
+                services = self.state.table().services.len(),
+                map_ops = ops,
+                latency_us = self.push.last_latency.as_micros(),
+                "routing table applied"
+            );
+        } else {
+            debug!(types = ?kinds, synced = self.synced(), "update accepted; table unchanged");
+        }
+        Ok(accepted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::model::{Backend, Protocol, ServiceAddr};
+
+    #[derive(Clone, Default)]
+    struct Fake(Arc<Mutex<(RoutingTable, u32)>>);
+
+    impl TableSink for Fake {
+        fn apply(&mut self, table: &RoutingTable) -> Result<usize, String> {
+            let mut g = self.0.lock().map_err(|e| e.to_string())?;
+            g.0 = table.clone();
+            g.1 += 1;
+            Ok(1)
+        }
+        fn table(&self) -> RoutingTable {
+            self.0.lock().map(|g| g.0.clone()).unwrap_or_default()
+        }
+    }
+
+    fn sotw(kind: Kind, yaml: &str) -> Update {
+        let r = super::super::decode::discovery_response_from_text(yaml).expect("yaml");
+        Update::SotW {
+            kind,
+            version: "1".into(),
+            resources: r.resources,
+        }
+    }
+
+    #[test]
+    fn adopted_table_is_kept_until_lds_and_cds_arrive_and_warming_keeps_it() {
+        let svc = ServiceAddr {
+            vip: "10.96.0.12".parse().expect("ip"),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        let old = Backend::new("10.1.9.9".parse().expect("ip"), 80);
+        let fake = Fake::default();
+        fake.0.lock().expect("lock").0.insert(svc, vec![old]);
+        let mut core = Core::new(Box::new(fake.clone()));
+        let cds = r#"
+resources:
+- { "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster, name: c, type: EDS, eds_cluster_config: { eds_config: { ads: {} } } }
+"#;
+        core.handle(sotw(Kind::Cluster, cds), Instant::now())
+            .expect("cds");
+        assert_eq!(
+            fake.0.lock().expect("lock").1,
+            0,
+            "nothing written before LDS"
+        );
+        let lds = r#"
+resources:
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: l
+  address: { socket_address: { address: 10.96.0.12, port_value: 80 } }
+  filter_chains: [ { filters: [ { name: tcp, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: c } } ] } ]
+"#;
+        core.handle(sotw(Kind::Listener, lds), Instant::now())
+            .expect("lds");
+        assert_eq!(
+            fake.0.lock().expect("lock").0.services[&svc],
+            [old],
+            "service warming (no EDS yet) keeps the adopted backends"
+        );
+        let eds = r#"
+resources:
+- "@type": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment
+  cluster_name: c
+  endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 10.1.4.1, port_value: 80 } } } } ] } ]
+"#;
+        core.handle(sotw(Kind::Endpoint, eds), Instant::now())
+            .expect("eds");
+        assert_eq!(
+            fake.0.lock().expect("lock").0.services[&svc],
+            [Backend::new("10.1.4.1".parse().expect("ip"), 80)]
+        );
+    }
+}
