@@ -11,6 +11,8 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
+pub mod control_plane;
+
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A name unique to this process and call.

@@ -1,0 +1,372 @@
+//! A small, real xDS control plane (ADS over gRPC, SotW and delta) for tests and
+//! benchmarks. It holds resources per type, pushes changes to every connected
+//! client, and records each request (so tests can see ACKs and NACKs).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use sockmesh_proto::pb::{
+    envoy::service::discovery::v3::{
+        DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+        Resource,
+        aggregated_discovery_service_server::{
+            AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+        },
+    },
+    google::protobuf::Any,
+};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_stream::{Stream, StreamExt as _, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+
+/// One request a client sent.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub type_url: String,
+    pub version: String,
+    pub nonce: String,
+    pub names: Vec<String>,
+    pub error: Option<String>,
+    pub delta: bool,
+}
+
+#[derive(Default)]
+struct Store {
+    version: u64,
+    /// type_url → name → (version, body).
+    resources: BTreeMap<String, BTreeMap<String, (u64, Any)>>,
+    type_versions: BTreeMap<String, u64>,
+    seen: Vec<Seen>,
+    nonce: u64,
+    /// When each version was published.
+    published: BTreeMap<u64, Instant>,
+}
+
+/// The control plane. Clone it freely; all clones share the state.
+#[derive(Clone)]
+pub struct ControlPlane {
+    store: Arc<Mutex<Store>>,
+    changed: Arc<Notify>,
+    /// Bumped by [`ControlPlane::disconnect_all`]; open streams end when it moves.
+    cut: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for ControlPlane {
+    fn default() -> Self {
+        Self {
+            store: Arc::default(),
+            changed: Arc::default(),
+            cut: Arc::new(tokio::sync::watch::channel(0).0),
+        }
+    }
+}
+
+const WILDCARD: [&str; 2] = [
+    "type.googleapis.com/envoy.config.listener.v3.Listener",
+    "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+];
+
+impl ControlPlane {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets some resources (by name, inferred from the body) of their types; with
+    /// `replace`, resources of those types not listed are removed. Returns the new
+    /// version and notifies the clients.
+    pub fn publish(&self, resources: &[(String, Any)], replace: bool) -> u64 {
+        let mut s = self.store.lock().expect("store");
+        s.version += 1;
+        let v = s.version;
+        let types: BTreeSet<String> = resources.iter().map(|(_, a)| a.type_url.clone()).collect();
+        for t in &types {
+            if replace {
+                s.resources.entry(t.clone()).or_default().clear();
+            }
+            s.type_versions.insert(t.clone(), v);
+        }
+        for (name, any) in resources {
+            s.resources
+                .entry(any.type_url.clone())
+                .or_default()
+                .insert(name.clone(), (v, any.clone()));
+        }
+        s.published.insert(v, Instant::now());
+        drop(s);
+        self.changed.notify_waiters();
+        v
+    }
+
+    /// Removes resources of a type by name.
+    pub fn remove(&self, type_url: &str, names: &[&str]) -> u64 {
+        let mut s = self.store.lock().expect("store");
+        s.version += 1;
+        let v = s.version;
+        if let Some(m) = s.resources.get_mut(type_url) {
+            for n in names {
+                m.remove(*n);
+            }
+        }
+        s.type_versions.insert(type_url.to_owned(), v);
+        s.published.insert(v, Instant::now());
+        drop(s);
+        self.changed.notify_waiters();
+        v
+    }
+
+    /// Ends every open stream (the clients see the server go away).
+    pub fn disconnect_all(&self) {
+        self.cut.send_modify(|g| *g += 1);
+    }
+
+    /// When version `v` was published.
+    pub fn published_at(&self, v: u64) -> Option<Instant> {
+        self.store.lock().expect("store").published.get(&v).copied()
+    }
+
+    /// Requests seen so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.store.lock().expect("store").seen.clone()
+    }
+
+    /// Error details of NACKs seen so far.
+    pub fn nacks(&self) -> Vec<String> {
+        self.seen().into_iter().filter_map(|s| s.error).collect()
+    }
+
+    /// Serves on `addr` (e.g. 127.0.0.1:0) until the returned sender is dropped or
+    /// fired; returns the bound address.
+    pub async fn serve(&self, addr: SocketAddr) -> (SocketAddr, oneshot::Sender<()>) {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .expect("bind control plane");
+        let local = listener.local_addr().expect("local addr");
+        let (tx, rx) = oneshot::channel::<()>();
+        let svc = AggregatedDiscoveryServiceServer::new(self.clone())
+            .max_decoding_message_size(256 * 1024 * 1024)
+            .max_encoding_message_size(256 * 1024 * 1024);
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async {
+                        let _ = rx.await;
+                    },
+                )
+                .await;
+        });
+        (local, tx)
+    }
+
+    fn record(&self, seen: Seen) {
+        self.store.lock().expect("store").seen.push(seen);
+    }
+
+    fn next_nonce(&self) -> String {
+        let mut s = self.store.lock().expect("store");
+        s.nonce += 1;
+        s.nonce.to_string()
+    }
+}
+
+type Out<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for ControlPlane {
+    type StreamAggregatedResourcesStream = Out<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = Out<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let mut input = request.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let cp = self.clone();
+        let mut cut = self.cut.subscribe();
+        tokio::spawn(async move {
+            // type_url → (subscribed names (None: wildcard), version sent (None: send))
+            let mut subs: BTreeMap<String, (Option<BTreeSet<String>>, Option<u64>)> =
+                BTreeMap::new();
+            loop {
+                let notified = cp.changed.notified();
+                // Push whatever changed for the subscribed types.
+                let responses: Vec<DiscoveryResponse> = {
+                    let s = cp.store.lock().expect("store");
+                    let mut out = Vec::new();
+                    for (t, (names, sent)) in subs.iter_mut() {
+                        let tv = s.type_versions.get(t).copied().unwrap_or(0);
+                        if *sent == Some(tv) {
+                            continue;
+                        }
+                        *sent = Some(tv);
+                        let resources = s
+                            .resources
+                            .get(t)
+                            .map(|m| {
+                                m.iter()
+                                    .filter(|(n, _)| {
+                                        names.as_ref().is_none_or(|ns| ns.contains(*n))
+                                    })
+                                    .map(|(_, (_, a))| a.clone())
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        out.push(DiscoveryResponse {
+                            version_info: tv.to_string(),
+                            resources,
+                            type_url: t.clone(),
+                            ..Default::default()
+                        });
+                    }
+                    out
+                };
+                for mut r in responses {
+                    r.nonce = cp.next_nonce();
+                    if tx.send(Ok(r)).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    _ = cut.changed() => return,
+                    () = notified => {}
+                    msg = input.next() => {
+                        let Some(Ok(req)) = msg else { return };
+                        cp.record(Seen {
+                            type_url: req.type_url.clone(),
+                            version: req.version_info.clone(),
+                            nonce: req.response_nonce.clone(),
+                            names: req.resource_names.clone(),
+                            error: req.error_detail.as_ref().map(|e| e.message.clone()),
+                            delta: false,
+                        });
+                        let names = if WILDCARD.contains(&req.type_url.as_str()) {
+                            None
+                        } else {
+                            Some(req.resource_names.iter().cloned().collect::<BTreeSet<_>>())
+                        };
+                        match subs.get_mut(&req.type_url) {
+                            // An ACK or NACK of what was sent: nothing new to send.
+                            Some(entry) if entry.0 == names => {}
+                            // New or changed subscription: send the current state.
+                            _ => {
+                                subs.insert(req.type_url.clone(), (names, None));
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let mut input = request.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let cp = self.clone();
+        let mut cut = self.cut.subscribe();
+        tokio::spawn(async move {
+            // type_url → (subscribed names (None: wildcard), name → version the client has)
+            let mut subs: BTreeMap<String, (Option<BTreeSet<String>>, BTreeMap<String, u64>)> =
+                BTreeMap::new();
+            loop {
+                let notified = cp.changed.notified();
+                let responses: Vec<DeltaDiscoveryResponse> = {
+                    let s = cp.store.lock().expect("store");
+                    let mut out = Vec::new();
+                    for (t, (names, has)) in subs.iter_mut() {
+                        let empty = BTreeMap::new();
+                        let current = s.resources.get(t).unwrap_or(&empty);
+                        let mut added = Vec::new();
+                        for (n, (v, a)) in current {
+                            if names.as_ref().is_some_and(|ns| !ns.contains(n)) {
+                                continue;
+                            }
+                            if has.get(n) != Some(v) {
+                                has.insert(n.clone(), *v);
+                                added.push(Resource {
+                                    name: n.clone(),
+                                    version: v.to_string(),
+                                    resource: Some(a.clone()),
+                                    ..Default::default()
+                                });
+                            }
+                        }
+                        let gone: Vec<String> = has
+                            .keys()
+                            .filter(|n| {
+                                !current.contains_key(*n)
+                                    || names.as_ref().is_some_and(|ns| !ns.contains(*n))
+                            })
+                            .cloned()
+                            .collect();
+                        for n in &gone {
+                            has.remove(n);
+                        }
+                        if !added.is_empty() || !gone.is_empty() {
+                            out.push(DeltaDiscoveryResponse {
+                                system_version_info: s.version.to_string(),
+                                resources: added,
+                                type_url: t.clone(),
+                                removed_resources: gone,
+                                ..Default::default()
+                            });
+                        }
+                    }
+                    out
+                };
+                for mut r in responses {
+                    r.nonce = cp.next_nonce();
+                    if tx.send(Ok(r)).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    _ = cut.changed() => return,
+                    () = notified => {}
+                    msg = input.next() => {
+                        let Some(Ok(req)) = msg else { return };
+                        cp.record(Seen {
+                            type_url: req.type_url.clone(),
+                            version: String::new(),
+                            nonce: req.response_nonce.clone(),
+                            names: req.resource_names_subscribe.clone(),
+                            error: req.error_detail.as_ref().map(|e| e.message.clone()),
+                            delta: true,
+                        });
+                        let first = !subs.contains_key(&req.type_url);
+                        let entry = subs.entry(req.type_url.clone()).or_insert_with(|| {
+                            let wildcard = WILDCARD.contains(&req.type_url.as_str())
+                                && (req.resource_names_subscribe.is_empty()
+                                    || req.resource_names_subscribe.iter().any(|n| n == "*"));
+                            (if wildcard { None } else { Some(BTreeSet::new()) }, BTreeMap::new())
+                        });
+                        if first {
+                            for (n, v) in &req.initial_resource_versions {
+                                if let Ok(v) = v.parse() {
+                                    entry.1.insert(n.clone(), v);
+                                }
+                            }
+                        }
+                        if let Some(ns) = entry.0.as_mut() {
+                            ns.extend(req.resource_names_subscribe.iter().cloned());
+                            for n in &req.resource_names_unsubscribe {
+                                ns.remove(n);
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
