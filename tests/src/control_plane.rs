@@ -370,3 +370,96 @@ impl AggregatedDiscoveryService for ControlPlane {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
+
+impl ControlPlane {
+    /// Serves Envoy's REST-JSON xDS (`POST /v3/discovery:{clusters,endpoints,listeners,routes}`)
+    /// on `addr` until the returned sender fires or is dropped.
+    pub async fn serve_rest(&self, addr: SocketAddr) -> (SocketAddr, oneshot::Sender<()>) {
+        use hyper::{Response as HttpResponse, body::Bytes, service::service_fn};
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .expect("bind REST");
+        let local = listener.local_addr().expect("local addr");
+        let (tx, mut rx) = oneshot::channel::<()>();
+        let cp = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = &mut rx => return,
+                    a = listener.accept() => match a { Ok(a) => a, Err(_) => return },
+                };
+                let cp = cp.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let cp = cp.clone();
+                        async move {
+                            use http_body_util::BodyExt as _;
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let (status, text) = cp.rest_answer(&String::from_utf8_lossy(&body));
+                            Ok::<_, std::convert::Infallible>(
+                                HttpResponse::builder()
+                                    .status(status)
+                                    .header("content-type", "application/json")
+                                    .body(http_body_util::Full::new(Bytes::from(text)))
+                                    .unwrap_or_else(|_| {
+                                        HttpResponse::new(http_body_util::Full::new(Bytes::new()))
+                                    }),
+                            )
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        (local, tx)
+    }
+
+    fn rest_answer(&self, body: &str) -> (hyper::StatusCode, String) {
+        let req = match sockmesh::xds::decode::discovery_request_from_text(body) {
+            Ok(r) => r,
+            Err(e) => return (hyper::StatusCode::BAD_REQUEST, e.to_string()),
+        };
+        self.record(Seen {
+            type_url: req.type_url.clone(),
+            version: req.version_info.clone(),
+            nonce: String::new(),
+            names: req.resource_names.clone(),
+            error: None,
+            delta: false,
+        });
+        let s = self.store.lock().expect("store");
+        let tv = s.type_versions.get(&req.type_url).copied().unwrap_or(0);
+        if req.version_info == tv.to_string() {
+            return (hyper::StatusCode::NOT_MODIFIED, String::new());
+        }
+        let wildcard = WILDCARD.contains(&req.type_url.as_str());
+        let resources = s
+            .resources
+            .get(&req.type_url)
+            .map(|m| {
+                m.iter()
+                    .filter(|(n, _)| wildcard || req.resource_names.contains(n))
+                    .map(|(_, (_, a))| a.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let resp = DiscoveryResponse {
+            version_info: tv.to_string(),
+            resources,
+            type_url: req.type_url.clone(),
+            ..Default::default()
+        };
+        match sockmesh::xds::decode::discovery_response_to_json(&resp) {
+            Ok(text) => (hyper::StatusCode::OK, text),
+            Err(e) => (hyper::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    }
+}

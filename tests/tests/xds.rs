@@ -228,3 +228,50 @@ fn agent_follows_ads_delta() {
 fn agent_follows_ads_sotw() {
     scenario("sotw");
 }
+
+#[test]
+fn agent_follows_rest_json() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let cgroup = Cgroup::new();
+    let bpffs = Bpffs::new();
+    let cp = ControlPlane::new();
+    let (addr, _stop) = rt.block_on(cp.serve_rest("127.0.0.1:0".parse().expect("addr")));
+    let mut initial = resources(LDS_CDS);
+    initial.extend(resources(&eds(&[1], 8080)));
+    cp.publish(&initial, true);
+    let log_path = std::env::temp_dir().join(unique("sockmesh-agent-log-"));
+    let agent = Command::new(sockmesh_bin())
+        .arg("agent")
+        .arg("--cgroup")
+        .arg(&cgroup.0)
+        .arg("--bpffs")
+        .arg(&bpffs.0)
+        .args(["--xds", &format!("http://{addr}"), "--xds-refresh", "100ms"])
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log_path).expect("log"))
+        .spawn()
+        .expect("start agent");
+    let _agent = Proc(agent);
+    let agent_log = || fs::read_to_string(&log_path).unwrap_or_default();
+    wait_for(&bpffs, "REST initial sync", &["10.10.1.11"]);
+    cp.publish(&resources(&eds(&[2, 3], 8080)), false);
+    wait_for(&bpffs, "REST EDS update", &["10.10.1.12", "10.10.1.13"]);
+    cp.publish(&resources(&eds(&[4], 70000)), false);
+    let started = Instant::now();
+    while !agent_log().contains("port_value: 70000 is out of range") {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{}",
+            agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_for(
+        &bpffs,
+        "after a rejected response",
+        &["10.10.1.12", "10.10.1.13"],
+    );
+    // The poller sent its node and asked for the EDS name the cluster references.
+    assert!(cp.seen().iter().any(|s| s.names == ["web.default"]));
+    let _ = fs::remove_file(&log_path);
+}

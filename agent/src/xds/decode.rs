@@ -155,9 +155,32 @@ pub fn decode_any(any: &Any, kind: Kind) -> Result<Resource, DecodeError> {
 /// Envoy's filesystem subscriptions and REST-JSON xDS. Errors carry the line and
 /// column (JSON/YAML syntax) or the field path (unknown field, wrong type).
 pub fn discovery_response_from_text(text: &str) -> Result<DiscoveryResponse, DecodeError> {
+    message_from_text("envoy.service.discovery.v3.DiscoveryResponse", text)
+}
+
+/// A `DiscoveryRequest` from proto3 JSON or YAML (the REST-JSON request body).
+pub fn discovery_request_from_text(text: &str) -> Result<DiscoveryRequest, DecodeError> {
+    message_from_text("envoy.service.discovery.v3.DiscoveryRequest", text)
+}
+
+/// The proto3 JSON of a `DiscoveryRequest` (REST-JSON xDS).
+pub fn discovery_request_to_json(req: &DiscoveryRequest) -> Result<String, DecodeError> {
+    message_to_json("envoy.service.discovery.v3.DiscoveryRequest", req)
+}
+
+/// The proto3 JSON of a `DiscoveryResponse` (REST-JSON xDS, `config_dump`).
+pub fn discovery_response_to_json(resp: &DiscoveryResponse) -> Result<String, DecodeError> {
+    message_to_json("envoy.service.discovery.v3.DiscoveryResponse", resp)
+}
+
+/// Decodes proto3 JSON or YAML of the message `full_name` into `M`.
+pub fn message_from_text<M: prost::Message + Default>(
+    full_name: &str,
+    text: &str,
+) -> Result<M, DecodeError> {
     let desc = descriptor_pool()
-        .get_message_by_name("envoy.service.discovery.v3.DiscoveryResponse")
-        .ok_or_else(|| DecodeError::Document("descriptor of DiscoveryResponse missing".into()))?;
+        .get_message_by_name(full_name)
+        .ok_or_else(|| DecodeError::Document(format!("no descriptor for {full_name}")))?;
     let options = DeserializeOptions::new().deny_unknown_fields(true);
     let dynamic = if text.trim_start().starts_with('{') {
         let mut de = serde_json::Deserializer::from_str(text);
@@ -171,23 +194,21 @@ pub fn discovery_response_from_text(text: &str) -> Result<DiscoveryResponse, Dec
         DynamicMessage::deserialize_with_options(desc, de, &options)
             .map_err(|e| DecodeError::Document(format!("YAML: {e}")))?
     };
-    DiscoveryResponse::decode(dynamic.encode_to_vec().as_slice()).map_err(|source| {
-        DecodeError::Protobuf {
-            type_url: "DiscoveryResponse".into(),
-            source,
-        }
+    M::decode(dynamic.encode_to_vec().as_slice()).map_err(|source| DecodeError::Protobuf {
+        type_url: full_name.to_owned(),
+        source,
     })
 }
 
-/// The proto3 JSON of a `DiscoveryRequest` (REST-JSON xDS).
-pub fn discovery_request_to_json(req: &DiscoveryRequest) -> Result<String, DecodeError> {
+/// Encodes `msg` (of the message type `full_name`) as proto3 JSON.
+pub fn message_to_json<M: prost::Message>(full_name: &str, msg: &M) -> Result<String, DecodeError> {
     let desc = descriptor_pool()
-        .get_message_by_name("envoy.service.discovery.v3.DiscoveryRequest")
-        .ok_or_else(|| DecodeError::Document("descriptor of DiscoveryRequest missing".into()))?;
+        .get_message_by_name(full_name)
+        .ok_or_else(|| DecodeError::Document(format!("no descriptor for {full_name}")))?;
     let dynamic =
-        DynamicMessage::decode(desc, req.encode_to_vec().as_slice()).map_err(|source| {
+        DynamicMessage::decode(desc, msg.encode_to_vec().as_slice()).map_err(|source| {
             DecodeError::Protobuf {
-                type_url: "DiscoveryRequest".into(),
+                type_url: full_name.to_owned(),
                 source,
             }
         })?;
