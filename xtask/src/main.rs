@@ -33,6 +33,8 @@ enum Task {
     Build,
     /// Setup, then unit tests, clippy and fmt checks, then the privileged tests.
     Test,
+    /// The tour (root): pods in namespaces, the agent on a watched file, scaling.
+    Demo,
     /// Benchmarks (root, bounded in time): prints tables, writes target/bench/report.json.
     Bench,
 }
@@ -46,12 +48,18 @@ fn main() -> Result<()> {
         }
         Task::Test => test(),
         Task::Bench => bench(),
+        Task::Demo => demo(),
     }
 }
 
-fn bench() -> Result<()> {
+fn demo() -> Result<()> {
     setup()?;
-    require_root("the benchmarks")?;
+    require_root("the demo")?;
+    release_bins()?;
+    with_bpffs(|| run(&mut Command::new(root().join("target/release/smdemo"))))
+}
+
+fn release_bins() -> Result<()> {
     cargo(&[
         "build",
         "--release",
@@ -60,14 +68,25 @@ fn bench() -> Result<()> {
         "-p",
         "sockmesh-tests",
         "--bins",
-    ])?;
+    ])
+}
+
+/// Runs `f`; unmounts /sys/fs/bpf afterwards if it was not mounted before.
+fn with_bpffs(f: impl FnOnce() -> Result<()>) -> Result<()> {
     let mounted_before = bpffs_mounted();
-    let report = root().join("target/bench/report.json");
-    let result = run(Command::new(root().join("target/release/smbench")).arg(&report));
+    let result = f();
     if !mounted_before && bpffs_mounted() {
         run(Command::new("umount").arg(BPFFS))?;
     }
     result
+}
+
+fn bench() -> Result<()> {
+    setup()?;
+    require_root("the benchmarks")?;
+    release_bins()?;
+    let report = root().join("target/bench/report.json");
+    with_bpffs(|| run(Command::new(root().join("target/release/smbench")).arg(&report)))
 }
 
 fn require_root(what: &str) -> Result<()> {
