@@ -186,6 +186,12 @@ pub fn read_table(bpffs: &Path) -> Result<RoutingTable, DataplaneError> {
     Ok(table_from_snapshot(&snapshot))
 }
 
+/// Opens the routing maps pinned under `bpffs` for reading single services
+/// ([`KernelMaps::reachable`]).
+pub fn open_pinned(bpffs: &Path) -> Result<KernelMaps, DataplaneError> {
+    KernelMaps::open_pinned(&PinLayout::new(bpffs).maps)
+}
+
 /// The datapath counters pinned under `bpffs`, summed over CPUs.
 pub fn read_counters(bpffs: &Path) -> Result<Vec<(&'static str, u64)>, DataplaneError> {
     kernel::read_counters(&PinLayout::new(bpffs).maps)

@@ -12,6 +12,7 @@ use std::{
 };
 
 pub mod control_plane;
+pub mod mesh;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -201,6 +202,11 @@ pub fn sockmesh_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// The `sockmesh` binary in `dir` (benchmarks and the demo use the release build).
+pub fn sockmesh_bin_in(dir: &std::path::Path) -> PathBuf {
+    dir.join("sockmesh")
 }
 
 /// Adds an address to a device inside a namespace.

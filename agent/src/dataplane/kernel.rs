@@ -38,6 +38,43 @@ impl KernelMaps {
     }
 }
 
+impl KernelMaps {
+    /// The backends a connect() to `service` can reach now (what the published slots
+    /// point at), sorted; `None` if the service is not in the map.
+    pub fn reachable(
+        &self,
+        service: &crate::model::ServiceAddr,
+    ) -> Result<Option<Vec<(std::net::IpAddr, u16)>>, MapError> {
+        use super::keys::{port_from_map, service_key, words_to_ip};
+        let value = match self.services.get(&service_key(service), 0) {
+            Ok(v) => v,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut out = Vec::new();
+        for slot in 0..value.slot_count {
+            let key = SlotKey {
+                service_id: value.id,
+                generation: value.generation,
+                pad: 0,
+                slot: u16::try_from(slot).unwrap_or(u16::MAX),
+            };
+            let index = self.slots.get(&key, 0)?;
+            let info = self.backends.get(
+                &BackendKey {
+                    service_id: value.id,
+                    index,
+                },
+                0,
+            )?;
+            out.push((words_to_ip(info.addr), port_from_map(info.port)));
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(Some(out))
+    }
+}
+
 fn open_pin(dir: &Path, name: &'static str) -> Result<MapData, DataplaneError> {
     let path: PathBuf = dir.join(name);
     if !path.exists() {

@@ -20,13 +20,20 @@ fn main() -> std::process::ExitCode {
         args.first()
             .map_or("target/bench/report.json", String::as_str),
     );
-    let probe = std::env::current_exe()
+    let bin_dir = std::env::current_exe()
         .ok()
-        .and_then(|p| p.parent().map(|d| d.join("smprobe")))
-        .unwrap_or_else(|| PathBuf::from("smprobe"));
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_default();
+    let probe = bin_dir.join("smprobe");
     let mut report = serde_json::Map::new();
     report.insert("kernel".into(), json!(uname()));
-    report.insert("connect_cost".into(), connect_cost(&probe));
+    let only = args.get(1).map(String::as_str);
+    if only.is_none_or(|o| o == "propagation") {
+        report.insert("propagation".into(), propagation(&bin_dir));
+    }
+    if only.is_none_or(|o| o == "connect") {
+        report.insert("connect_cost".into(), connect_cost(&probe));
+    }
     let text = serde_json::to_string_pretty(&Value::Object(report)).unwrap_or_default();
     if let Some(dir) = report_path.parent() {
         let _ = std::fs::create_dir_all(dir);
@@ -180,5 +187,146 @@ fn connect_cost(probe: &Path) -> Value {
     json!({
         "rounds": ROUNDS, "connects_per_round": CONNECTS_PER_ROUND,
         "services_loaded": FILLER_SERVICES + 1, "failures": failures, "paths": rows,
+    })
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "index")]
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+const PROP_SERVICES: u32 = 10_000;
+const PROP_ENDPOINTS: u16 = 10;
+const PROP_CHANGES: u32 = 1_000;
+
+/// Control plane writes a ClusterLoadAssignment → the kernel map holds it, with
+/// 10,000 services × 10 endpoints loaded, over ADS delta, 1,000 changes.
+fn propagation(bin_dir: &Path) -> Value {
+    use sockmesh_tests::{control_plane::ControlPlane, mesh, sockmesh_bin_in, unique};
+    let Ok(rt) = tokio::runtime::Runtime::new() else {
+        return json!({"error": "no tokio runtime"});
+    };
+    let cgroup = Cgroup::new();
+    let bpffs = Bpffs::new();
+    let cp = ControlPlane::new();
+    let (addr, _stop) = rt.block_on(cp.serve("127.0.0.1:0".parse().expect("addr")));
+    let built = std::time::Instant::now();
+    cp.publish(&mesh::services(PROP_SERVICES, PROP_ENDPOINTS), true);
+    say(&format!(
+        "\npropagation: {PROP_SERVICES} services x {PROP_ENDPOINTS} endpoints published by the in-process ADS server ({:.1} s to build)",
+        built.elapsed().as_secs_f64()
+    ));
+    let log_path = std::env::temp_dir().join(unique("sockmesh-bench-agent-"));
+    let Ok(log) = std::fs::File::create(&log_path) else {
+        return json!({"error": "log file"});
+    };
+    let started = std::time::Instant::now();
+    let agent = Command::new(sockmesh_bin_in(bin_dir))
+        .arg("agent")
+        .arg("--cgroup")
+        .arg(&cgroup.0)
+        .arg("--bpffs")
+        .arg(&bpffs.0)
+        .args(["--xds", &format!("grpc://{addr}"), "--xds-protocol", "delta"])
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn();
+    let Ok(agent) = agent else {
+        return json!({"error": "agent did not start"});
+    };
+    let agent = Proc(agent);
+    let last = ServiceAddr {
+        vip: {
+            let [_, _, hi, lo] = (PROP_SERVICES - 1).to_be_bytes();
+            IpAddr::from([10, 200, hi, lo])
+        },
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    let reader = loop {
+        if let Ok(r) = sockmesh::dataplane::open_pinned(&bpffs.0)
+            && r.reachable(&last).ok().flatten().is_some_and(|b| b.len() == usize::from(PROP_ENDPOINTS))
+        {
+            break r;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(120) {
+            return json!({"error": "initial load did not finish in 120 s"});
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let initial_load = started.elapsed();
+    let rss_kib = std::fs::read_to_string(format!("/proc/{}/status", agent.0.id()))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        })
+        .unwrap_or(0);
+    say(&format!(
+        "  initial load (agent start -> all {PROP_SERVICES} services in the kernel): {:.2} s; agent RSS {} MiB",
+        initial_load.as_secs_f64(),
+        rss_kib / 1024
+    ));
+    let target = ServiceAddr {
+        vip: IpAddr::from([10, 200, 0, 0]),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    let log_before = std::fs::read_to_string(&log_path).map(|t| t.len()).unwrap_or(0);
+    let mut e2e = Vec::new();
+    for i in 0..PROP_CHANGES {
+        let [_, _, hi, lo] = i.to_be_bytes();
+        let ep = (IpAddr::from([10, 40, hi, lo]), 9000);
+        let t0 = std::time::Instant::now();
+        cp.publish(&[mesh::assignment("svc-0", &[ep])], false);
+        loop {
+            if reader.reachable(&target).ok().flatten().is_some_and(|b| b == [ep]) {
+                break;
+            }
+            if t0.elapsed() > std::time::Duration::from_secs(10) {
+                return json!({"error": format!("change {i} not in the kernel after 10 s")});
+            }
+            std::hint::spin_loop();
+        }
+        e2e.push(t0.elapsed().as_secs_f64() * 1e6);
+    }
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let mut agent_side: Vec<f64> = log
+        .get(log_before..)
+        .unwrap_or("")
+        .lines()
+        .filter(|l| l.contains("routing table applied"))
+        .filter_map(|l| {
+            l.split("latency_us=")
+                .nth(1)
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        })
+        .collect();
+    drop(agent);
+    let _ = std::fs::remove_file(&log_path);
+    e2e.sort_by(f64::total_cmp);
+    agent_side.sort_by(f64::total_cmp);
+    let row = |name: &str, v: &[f64]| {
+        say(&format!(
+            "  {name:<44} p50 {:>8.1} µs  p99 {:>8.1} µs  max {:>8.1} µs  (n={})",
+            percentile(v, 0.5),
+            percentile(v, 0.99),
+            v.last().copied().unwrap_or(0.0),
+            v.len()
+        ));
+        json!({"p50_us": percentile(v, 0.5), "p99_us": percentile(v, 0.99), "max_us": v.last().copied().unwrap_or(0.0), "n": v.len()})
+    };
+    let e2e_json = row("control plane publish -> kernel map holds it", &e2e);
+    let agent_json = row("agent: response received -> maps written", &agent_side);
+    json!({
+        "services": PROP_SERVICES, "endpoints_per_service": PROP_ENDPOINTS, "changes": PROP_CHANGES,
+        "initial_load_s": initial_load.as_secs_f64(), "agent_rss_kib": rss_kib,
+        "publish_to_map": e2e_json, "agent_receive_to_map": agent_json,
     })
 }

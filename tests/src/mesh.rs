@@ -1,0 +1,116 @@
+//! Envoy resources built in code, for tests and benchmarks at scale.
+
+use std::net::IpAddr;
+
+use sockmesh_proto::pb::{
+    envoy::{
+        config::{
+            cluster::v3::{Cluster, cluster},
+            core::v3::{
+                Address, AggregatedConfigSource, ConfigSource, SocketAddress, address,
+                config_source, socket_address,
+            },
+            endpoint::v3::{ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint},
+            listener::v3::{Filter, FilterChain, Listener, filter},
+        },
+        extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy},
+    },
+    google::protobuf::Any,
+};
+
+fn any<M: prost::Message>(type_url: &str, m: &M) -> Any {
+    Any {
+        type_url: type_url.to_owned(),
+        value: m.encode_to_vec(),
+    }
+}
+
+fn socket(ip: IpAddr, port: u16) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: ip.to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(port))),
+            ..Default::default()
+        })),
+    }
+}
+
+/// A listener on `vip:port` whose tcp_proxy sends to `cluster`.
+pub fn tcp_listener(name: &str, vip: IpAddr, port: u16, cluster: &str) -> (String, Any) {
+    let proxy = TcpProxy {
+        stat_prefix: name.to_owned(),
+        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.to_owned())),
+        ..Default::default()
+    };
+    let l = Listener {
+        name: name.to_owned(),
+        address: Some(socket(vip, port)),
+        filter_chains: vec![FilterChain {
+            filters: vec![Filter {
+                name: "envoy.filters.network.tcp_proxy".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(any(
+                    "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                    &proxy,
+                ))),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    (name.to_owned(), any(sockmesh_proto::type_url::LISTENER, &l))
+}
+
+/// An EDS cluster over ADS.
+pub fn eds_cluster(name: &str) -> (String, Any) {
+    let c = Cluster {
+        name: name.to_owned(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Eds as i32)),
+        eds_cluster_config: Some(cluster::EdsClusterConfig {
+            eds_config: Some(ConfigSource {
+                config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
+                ..Default::default()
+            }),
+            service_name: String::new(),
+        }),
+        ..Default::default()
+    };
+    (name.to_owned(), any(sockmesh_proto::type_url::CLUSTER, &c))
+}
+
+/// A load assignment for `name` with healthy endpoints.
+pub fn assignment(name: &str, endpoints: &[(IpAddr, u16)]) -> (String, Any) {
+    let cla = ClusterLoadAssignment {
+        cluster_name: name.to_owned(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints: endpoints
+                .iter()
+                .map(|(ip, port)| LbEndpoint {
+                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                        address: Some(socket(*ip, *port)),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    (name.to_owned(), any(sockmesh_proto::type_url::ENDPOINT, &cla))
+}
+
+/// `n` services `10.200.x.y:80`, each an EDS cluster `svc-i` with `per` endpoints
+/// `10.30.x.y:8080`.. (listeners, clusters, load assignments).
+pub fn services(n: u32, per: u16) -> Vec<(String, Any)> {
+    let mut out = Vec::with_capacity(n as usize * 3);
+    for i in 0..n {
+        let [_, _, hi, lo] = i.to_be_bytes();
+        let vip = IpAddr::from([10, 200, hi, lo]);
+        let name = format!("svc-{i}");
+        out.push(tcp_listener(&name, vip, 80, &name));
+        out.push(eds_cluster(&name));
+        let eps: Vec<(IpAddr, u16)> = (0..per).map(|p| (IpAddr::from([10, 30, hi, lo]), 8080 + p)).collect();
+        out.push(assignment(&name, &eps));
+    }
+    out
+}
