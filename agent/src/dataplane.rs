@@ -159,6 +159,17 @@ impl Datapath {
         self.writer.apply(table)
     }
 
+    /// Changes some services (`None`: remove), leaving the others untouched.
+    pub fn apply_changes(
+        &mut self,
+        changes: &std::collections::BTreeMap<
+            crate::model::ServiceAddr,
+            Option<Vec<crate::model::Backend>>,
+        >,
+    ) -> Result<ApplyReport, WriteError> {
+        self.writer.apply_changes(changes)
+    }
+
     /// The table installed in the kernel.
     pub fn table(&self) -> RoutingTable {
         self.writer.table()

@@ -205,7 +205,8 @@ impl RoutingTable {
     }
 }
 
-fn validate_service(service: &ServiceAddr, backends: &[Backend]) -> Result<(), ModelError> {
+/// Checks one service against the datapath's rules.
+pub fn validate_service(service: &ServiceAddr, backends: &[Backend]) -> Result<(), ModelError> {
     let service = *service;
     if service.port == 0 {
         return Err(ModelError::ServicePortZero { service });

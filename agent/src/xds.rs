@@ -5,6 +5,7 @@ pub mod ads;
 pub mod core;
 pub mod decode;
 pub mod file;
+pub mod incremental;
 pub mod rest;
 pub mod state;
 pub mod translate;

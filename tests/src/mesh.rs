@@ -10,7 +10,9 @@ use sockmesh_proto::pb::{
                 Address, AggregatedConfigSource, ConfigSource, SocketAddress, address,
                 config_source, socket_address,
             },
-            endpoint::v3::{ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint},
+            endpoint::v3::{
+                ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+            },
             listener::v3::{Filter, FilterChain, Listener, filter},
         },
         extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy},
@@ -64,10 +66,14 @@ pub fn tcp_listener(name: &str, vip: IpAddr, port: u16, cluster: &str) -> (Strin
 pub fn eds_cluster(name: &str) -> (String, Any) {
     let c = Cluster {
         name: name.to_owned(),
-        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Eds as i32)),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Eds as i32,
+        )),
         eds_cluster_config: Some(cluster::EdsClusterConfig {
             eds_config: Some(ConfigSource {
-                config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
+                config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+                    AggregatedConfigSource {},
+                )),
                 ..Default::default()
             }),
             service_name: String::new(),
@@ -96,7 +102,10 @@ pub fn assignment(name: &str, endpoints: &[(IpAddr, u16)]) -> (String, Any) {
         }],
         ..Default::default()
     };
-    (name.to_owned(), any(sockmesh_proto::type_url::ENDPOINT, &cla))
+    (
+        name.to_owned(),
+        any(sockmesh_proto::type_url::ENDPOINT, &cla),
+    )
 }
 
 /// `n` services `10.200.x.y:80`, each an EDS cluster `svc-i` with `per` endpoints
@@ -109,7 +118,9 @@ pub fn services(n: u32, per: u16) -> Vec<(String, Any)> {
         let name = format!("svc-{i}");
         out.push(tcp_listener(&name, vip, 80, &name));
         out.push(eds_cluster(&name));
-        let eps: Vec<(IpAddr, u16)> = (0..per).map(|p| (IpAddr::from([10, 30, hi, lo]), 8080 + p)).collect();
+        let eps: Vec<(IpAddr, u16)> = (0..per)
+            .map(|p| (IpAddr::from([10, 30, hi, lo]), 8080 + p))
+            .collect();
         out.push(assignment(&name, &eps));
     }
     out

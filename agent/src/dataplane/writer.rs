@@ -9,8 +9,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use sockmesh_common::{
-    BackendInfo, BackendKey, MAX_BACKENDS_TOTAL, MAX_SLOTS_TOTAL, ServiceKey, ServiceValue,
-    SlotKey, backend_state,
+    BackendInfo, BackendKey, MAX_BACKENDS_TOTAL, MAX_SERVICES, MAX_SLOTS_TOTAL, ServiceKey,
+    ServiceValue, SlotKey, backend_state,
 };
 use tracing::{debug, warn};
 
@@ -177,6 +177,84 @@ impl<S: MapStore> MapWriter<S> {
             }
         }
         debug!(?report, "routing table applied");
+        Ok(report)
+    }
+
+    /// Applies changes to some services (`None`: remove the service), leaving every
+    /// other service untouched. Costs O(changed services) map work; the capacity
+    /// check walks the mirror's counters only.
+    pub fn apply_changes(
+        &mut self,
+        changes: &BTreeMap<ServiceAddr, Option<Vec<Backend>>>,
+    ) -> Result<ApplyReport, WriteError> {
+        let mut backends_total: usize = self
+            .mirror
+            .services
+            .values()
+            .map(|i| i.backends.len())
+            .sum();
+        let mut slots_total: usize = self.mirror.services.values().map(|i| i.slots.len()).sum();
+        let mut services_total = self.mirror.services.len();
+        let (mut largest_b, mut largest_s) = (0, 0);
+        for (service, backends) in changes {
+            let old = self.mirror.services.get(&service_key(service));
+            backends_total -= old.map_or(0, |i| i.backends.len());
+            slots_total -= old.map_or(0, |i| i.slots.len());
+            match backends {
+                Some(b) => {
+                    crate::model::validate_service(service, b)?;
+                    backends_total += b.len();
+                    let n = planned_slot_count(b);
+                    slots_total += n;
+                    largest_b = largest_b.max(b.len());
+                    largest_s = largest_s.max(n);
+                    services_total += usize::from(old.is_none());
+                }
+                None => services_total -= usize::from(old.is_some()),
+            }
+        }
+        if services_total > MAX_SERVICES as usize {
+            return Err(WriteError::Invalid(ModelError::TooManyServices {
+                count: services_total,
+                limit: MAX_SERVICES,
+            }));
+        }
+        if backends_total + largest_b > MAX_BACKENDS_TOTAL as usize {
+            return Err(WriteError::Capacity {
+                what: "backend entries",
+                needed: backends_total + largest_b,
+                limit: MAX_BACKENDS_TOTAL,
+            });
+        }
+        if slots_total + largest_s > MAX_SLOTS_TOTAL as usize {
+            return Err(WriteError::Capacity {
+                what: "selection slots",
+                needed: slots_total + largest_s,
+                limit: MAX_SLOTS_TOTAL,
+            });
+        }
+        let mut report = ApplyReport::default();
+        for service in changes.iter().filter(|(_, b)| b.is_none()).map(|(s, _)| s) {
+            let ops = self.remove_service(&service_key(service))?;
+            report.removed += usize::from(ops > 0);
+            report.map_ops += ops;
+        }
+        for (service, backends) in changes {
+            let Some(backends) = backends else { continue };
+            let key = service_key(service);
+            if self.mirror.services.contains_key(&key) {
+                match self.update_service(service, &key, backends)? {
+                    0 => report.unchanged += 1,
+                    ops => {
+                        report.updated += 1;
+                        report.map_ops += ops;
+                    }
+                }
+            } else {
+                report.map_ops += self.add_service(service, &key, backends)?;
+                report.added += 1;
+            }
+        }
         Ok(report)
     }
 

@@ -366,3 +366,39 @@ fn services_over_the_limit_are_refused_before_writing() {
     );
     assert!(w.store().log.is_empty());
 }
+
+#[test]
+fn apply_changes_touches_only_the_changed_services_and_checks_limits() {
+    let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
+    let a = svc("10.96.0.1", 80);
+    let b = svc("10.96.0.2", 80);
+    let c = svc("10.96.0.3", 80);
+    w.apply(&table(&[
+        (a, vec![be("10.1.0.1", 80)]),
+        (b, vec![be("10.1.0.2", 80)]),
+    ]))
+    .expect("apply");
+    let log_before = w.store().log.len();
+    let mut changes = BTreeMap::new();
+    changes.insert(a, Some(vec![be("10.1.0.9", 80), be("10.1.0.8", 80)]));
+    changes.insert(b, None);
+    changes.insert(c, Some(vec![be("10.1.0.3", 80)]));
+    let report = w.apply_changes(&changes).expect("changes");
+    assert_eq!((report.added, report.updated, report.removed), (1, 1, 1));
+    assert_eq!(
+        sorted(w.table()),
+        sorted(table(&[
+            (a, vec![be("10.1.0.8", 80), be("10.1.0.9", 80)]),
+            (c, vec![be("10.1.0.3", 80)])
+        ]))
+    );
+    assert_eq!(reachable(w.store(), &b), None);
+    assert!(w.store().log.len() > log_before);
+
+    // A change breaking a rule is refused before any write.
+    let log_before = w.store().log.len();
+    let mut bad = BTreeMap::new();
+    bad.insert(c, Some(vec![be("10.1.0.3", 0)]));
+    assert!(w.apply_changes(&bad).is_err());
+    assert_eq!(w.store().log.len(), log_before);
+}

@@ -11,6 +11,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     decode::Kind,
+    incremental::Changes,
     state::{Accepted, Nack, Update, XdsState},
 };
 use crate::model::RoutingTable;
@@ -19,6 +20,8 @@ use crate::model::RoutingTable;
 pub trait TableSink: Send {
     /// Makes the datapath hold `table`; returns the number of map operations.
     fn apply(&mut self, table: &RoutingTable) -> Result<usize, String>;
+    /// Changes some services only (`None`: remove).
+    fn apply_changes(&mut self, changes: &Changes) -> Result<usize, String>;
     /// What the datapath holds now (adopted from pins on restart).
     fn table(&self) -> RoutingTable;
 }
@@ -26,6 +29,12 @@ pub trait TableSink: Send {
 impl TableSink for crate::dataplane::Datapath {
     fn apply(&mut self, table: &RoutingTable) -> Result<usize, String> {
         crate::dataplane::Datapath::apply(self, table)
+            .map(|r| r.map_ops)
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    fn apply_changes(&mut self, changes: &Changes) -> Result<usize, String> {
+        crate::dataplane::Datapath::apply_changes(self, changes)
             .map(|r| r.map_ops)
             .map_err(|e| format!("{e:#}"))
     }
@@ -110,7 +119,14 @@ impl Core {
         }
         self.synced.extend(kinds.iter().copied());
         if self.synced() && (accepted.table_changed || !self.pushed) {
-            let ops = self.sink.apply(self.state.table()).map_err(|e| {
+            // The first write makes the kernel equal to the whole table (it may hold
+            // an adopted one); later writes touch the changed services only.
+            let result = if self.pushed {
+                self.sink.apply_changes(&accepted.changes)
+            } else {
+                self.sink.apply(self.state.table())
+            };
+            let ops = result.map_err(|e| {
                 warn!(error = %e, "writing the kernel maps failed");
                 Nack(format!("writing the kernel maps failed: {e}"))
             })?;
@@ -148,6 +164,19 @@ mod tests {
         fn apply(&mut self, table: &RoutingTable) -> Result<usize, String> {
             let mut g = self.0.lock().map_err(|e| e.to_string())?;
             g.0 = table.clone();
+            g.1 += 1;
+            Ok(1)
+        }
+        fn apply_changes(&mut self, changes: &Changes) -> Result<usize, String> {
+            let mut g = self.0.lock().map_err(|e| e.to_string())?;
+            for (s, b) in changes {
+                match b {
+                    Some(b) => g.0.insert(*s, b.clone()),
+                    None => {
+                        g.0.services.remove(s);
+                    }
+                }
+            }
             g.1 += 1;
             Ok(1)
         }

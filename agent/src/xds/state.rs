@@ -12,9 +12,10 @@ use sockmesh_proto::pb::google::protobuf::Any;
 
 use super::{
     decode::{DecodeError, Kind, Resource, decode_any},
-    translate::{Resources, Translation, translate},
+    incremental::{Changes, Dirty, Incremental},
+    translate::Resources,
 };
-use crate::model::RoutingTable;
+use crate::model::{ModelError, RoutingTable, validate_service};
 
 /// One update from a control plane.
 #[derive(Clone, Debug)]
@@ -56,6 +57,8 @@ pub struct Nack(pub String);
 /// What an accepted update changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Accepted {
+    /// The services whose backends changed (`None`: removed).
+    pub changes: Changes,
     /// The routing table differs from before.
     pub table_changed: bool,
     /// RDS or EDS names to subscribe to changed.
@@ -78,7 +81,8 @@ pub struct XdsState {
     resources: Resources,
     /// Per-resource versions (delta protocol; `initial_resource_versions`).
     resource_versions: BTreeMap<Kind, BTreeMap<String, String>>,
-    translation: Translation,
+    inc: Incremental,
+    table: RoutingTable,
     stats: BTreeMap<Kind, TypeStats>,
     /// Lines about unsupported features, deduplicated, for logs.
     ignored_seen: BTreeSet<String>,
@@ -107,7 +111,12 @@ impl XdsState {
 
     /// The routing table of the accepted state.
     pub fn table(&self) -> &RoutingTable {
-        &self.translation.table
+        &self.table
+    }
+
+    #[cfg(test)]
+    pub fn debug_indexes(&self) -> String {
+        format!("{:#?}", self.inc)
     }
 
     pub fn resources(&self) -> &Resources {
@@ -121,8 +130,8 @@ impl XdsState {
     /// Names to subscribe to for a non-wildcard type (RDS, EDS).
     pub fn wanted(&self, kind: Kind) -> Vec<String> {
         match kind {
-            Kind::Route => self.translation.route_names.iter().cloned().collect(),
-            Kind::Endpoint => self.translation.eds_names.iter().cloned().collect(),
+            Kind::Route => self.inc.route_names(),
+            Kind::Endpoint => self.inc.eds_names(),
             Kind::Cluster | Kind::Listener => Vec::new(),
         }
     }
@@ -144,16 +153,16 @@ impl XdsState {
     }
 
     /// Services waiting for their clusters/endpoints.
-    pub fn warming(&self) -> &[crate::model::ServiceAddr] {
-        &self.translation.warming
+    pub fn warming(&self) -> Vec<crate::model::ServiceAddr> {
+        self.inc.warming().copied().collect()
     }
 
     /// Unsupported features seen for the first time by the last update.
     pub fn take_new_ignored(&mut self) -> Vec<String> {
         let mut fresh = Vec::new();
-        for line in &self.translation.ignored {
+        for line in self.inc.ignored() {
             if self.ignored_seen.insert(line.clone()) {
-                fresh.push(line.clone());
+                fresh.push(line);
             }
         }
         fresh
@@ -254,8 +263,20 @@ impl XdsState {
                 }
             }
         }
-        let translation = translate(&self.resources, &[&self.translation.table, &self.seed]);
-        if let Err(e) = translation.table.validate() {
+        let mut dirty = Dirty::default();
+        for (kind, name, _) in &undo {
+            let set = match kind {
+                Kind::Listener => &mut dirty.listeners,
+                Kind::Route => &mut dirty.routes,
+                Kind::Cluster => &mut dirty.clusters,
+                Kind::Endpoint => &mut dirty.endpoints,
+            };
+            set.insert(name.clone());
+        }
+        let staged = self
+            .inc
+            .stage(&self.resources, &dirty, &self.table, &self.seed);
+        if let Err(e) = check_changes(&self.table, &staged.changes) {
             self.rollback(undo);
             return Err(Nack(format!("the resulting routing table is refused: {e}")));
         }
@@ -266,15 +287,17 @@ impl XdsState {
                 None => map.remove(&name),
             };
         }
+        let subscriptions = (self.inc.route_names(), self.inc.eds_names());
+        let changes = staged.changes.clone();
+        self.inc.commit(staged, &mut self.table);
         let accepted = Accepted {
-            table_changed: translation.table != self.translation.table,
-            subscriptions_changed: translation.route_names != self.translation.route_names
-                || translation.eds_names != self.translation.eds_names,
+            table_changed: !changes.is_empty(),
+            changes,
+            subscriptions_changed: subscriptions != (self.inc.route_names(), self.inc.eds_names()),
         };
-        self.translation = translation;
         let heard =
             |k| self.stats.get(&k).is_some_and(|s| s.accepted > 0) || update.kinds().contains(&k);
-        if self.translation.warming.is_empty() && heard(Kind::Listener) && heard(Kind::Cluster) {
+        if self.inc.warming().next().is_none() && heard(Kind::Listener) && heard(Kind::Cluster) {
             self.seed = RoutingTable::default();
         }
         Ok(accepted)
@@ -368,4 +391,24 @@ fn decode_all<'a>(items: impl Iterator<Item = (Kind, &'a Any)>) -> Result<Vec<Re
     } else {
         Err(Nack(errors.join("; ")))
     }
+}
+
+/// The datapath's rules, checked on the changed services only (and the count).
+fn check_changes(table: &RoutingTable, changes: &Changes) -> Result<(), ModelError> {
+    let mut count = table.services.len();
+    for (service, backends) in changes {
+        match (table.services.contains_key(service), backends) {
+            (false, Some(_)) => count += 1,
+            (true, None) => count -= 1,
+            _ => {}
+        }
+        if let Some(b) = backends {
+            validate_service(service, b)?;
+        }
+    }
+    let limit = sockmesh_common::MAX_SERVICES;
+    if count > limit as usize {
+        return Err(ModelError::TooManyServices { count, limit });
+    }
+    Ok(())
 }

@@ -602,12 +602,11 @@ fn merge(backends: Vec<Backend>) -> Vec<Backend> {
     by.into_values().collect()
 }
 
-/// Where a cluster's endpoints come from.
-fn cluster_assignment<'a>(
-    c: &'a Cluster,
-    res: &'a Resources,
-    eds_names: &mut BTreeSet<String>,
-) -> Result<Option<&'a ClusterLoadAssignment>, String> {
+/// Where a cluster's endpoints come from: the EDS name it subscribes to, or its
+/// inline load assignment (STATIC). Other discovery types are not supported.
+pub fn cluster_source(
+    c: &Cluster,
+) -> Result<(Option<String>, Option<&ClusterLoadAssignment>), String> {
     let ty = match &c.cluster_discovery_type {
         Some(cluster::ClusterDiscoveryType::Type(t)) => *t,
         Some(cluster::ClusterDiscoveryType::ClusterType(ct)) => {
@@ -622,16 +621,31 @@ fn cluster_assignment<'a>(
             .map(|e| e.service_name.as_str())
             .filter(|n| !n.is_empty())
             .unwrap_or(&c.name);
-        eds_names.insert(name.to_owned());
-        Ok(res.endpoints.get(name))
+        Ok((Some(name.to_owned()), None))
     } else if ty == cluster::DiscoveryType::Static as i32 {
-        Ok(c.load_assignment.as_ref())
+        Ok((None, c.load_assignment.as_ref()))
     } else {
         Err(format!(
             "discovery type {} is not supported (EDS and STATIC are)",
             cluster::DiscoveryType::try_from(ty)
                 .map_or_else(|_| ty.to_string(), |t| t.as_str_name().to_owned())
         ))
+    }
+}
+
+/// A cluster's backends (`None` while its EDS resource has not arrived).
+fn backends_of_cluster(
+    c: &Cluster,
+    res: &Resources,
+    eds_names: &mut BTreeSet<String>,
+) -> Result<Option<Vec<Backend>>, String> {
+    match cluster_source(c)? {
+        (Some(eds), _) => {
+            let backends = res.endpoints.get(&eds).map(assignment_backends);
+            eds_names.insert(eds);
+            Ok(backends)
+        }
+        (None, inline) => Ok(Some(inline.map(assignment_backends).unwrap_or_default())),
     }
 }
 
@@ -658,9 +672,8 @@ pub fn translate(res: &Resources, previous: &[&RoutingTable]) -> Translation {
             }
             let backends = match res.clusters.get(name) {
                 None => None,
-                Some(c) => match cluster_assignment(c, res, &mut t.eds_names) {
-                    Ok(Some(cla)) => Some(assignment_backends(cla)),
-                    Ok(None) => None,
+                Some(c) => match backends_of_cluster(c, res, &mut t.eds_names) {
+                    Ok(backends) => backends,
                     Err(why) => {
                         t.ignored.push(format!("Cluster {name:?}: {why}"));
                         Some(Vec::new())
@@ -673,10 +686,14 @@ pub fn translate(res: &Resources, previous: &[&RoutingTable]) -> Translation {
     // EDS names of clusters no listener uses are still subscribed (Envoy warms every
     // cluster it knows).
     for c in res.clusters.values() {
-        let _ = cluster_assignment(c, res, &mut t.eds_names);
+        if let Ok((Some(eds), _)) = cluster_source(c) {
+            t.eds_names.insert(eds);
+        }
     }
+    let mut defined = BTreeSet::new();
     for spec in specs {
-        if t.table.services.contains_key(&spec.service) {
+        // The first definition (by listener name) wins, even while it warms.
+        if !defined.insert(spec.service) {
             t.ignored.push(format!(
                 "service {} is defined twice; the first definition wins",
                 spec.service
@@ -710,7 +727,7 @@ pub fn translate(res: &Resources, previous: &[&RoutingTable]) -> Translation {
 /// Combines weighted clusters into one backend list: a backend's weight is its
 /// cluster's share times its share within the cluster, scaled to integers. Backends
 /// of the other address family are left out.
-fn combine(parts: &[(u32, &Vec<Backend>)], v4: bool) -> Vec<Backend> {
+pub fn combine(parts: &[(u32, &Vec<Backend>)], v4: bool) -> Vec<Backend> {
     let same_family = |b: &&Backend| b.address.is_ipv4() == v4;
     if let [(_, only)] = parts {
         return merge(only.iter().filter(same_family).copied().collect());

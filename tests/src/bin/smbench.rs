@@ -194,7 +194,11 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
-    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "index")]
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "index"
+    )]
     let i = ((sorted.len() - 1) as f64 * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
 }
@@ -231,7 +235,12 @@ fn propagation(bin_dir: &Path) -> Value {
         .arg(&cgroup.0)
         .arg("--bpffs")
         .arg(&bpffs.0)
-        .args(["--xds", &format!("grpc://{addr}"), "--xds-protocol", "delta"])
+        .args([
+            "--xds",
+            &format!("grpc://{addr}"),
+            "--xds-protocol",
+            "delta",
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn();
@@ -249,7 +258,10 @@ fn propagation(bin_dir: &Path) -> Value {
     };
     let reader = loop {
         if let Ok(r) = sockmesh::dataplane::open_pinned(&bpffs.0)
-            && r.reachable(&last).ok().flatten().is_some_and(|b| b.len() == usize::from(PROP_ENDPOINTS))
+            && r.reachable(&last)
+                .ok()
+                .flatten()
+                .is_some_and(|b| b.len() == usize::from(PROP_ENDPOINTS))
         {
             break r;
         }
@@ -262,9 +274,11 @@ fn propagation(bin_dir: &Path) -> Value {
     let rss_kib = std::fs::read_to_string(format!("/proc/{}/status", agent.0.id()))
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
         })
         .unwrap_or(0);
     say(&format!(
@@ -277,7 +291,9 @@ fn propagation(bin_dir: &Path) -> Value {
         port: 80,
         protocol: Protocol::Tcp,
     };
-    let log_before = std::fs::read_to_string(&log_path).map(|t| t.len()).unwrap_or(0);
+    let log_before = std::fs::read_to_string(&log_path)
+        .map(|t| t.len())
+        .unwrap_or(0);
     let mut e2e = Vec::new();
     for i in 0..PROP_CHANGES {
         let [_, _, hi, lo] = i.to_be_bytes();
@@ -285,7 +301,12 @@ fn propagation(bin_dir: &Path) -> Value {
         let t0 = std::time::Instant::now();
         cp.publish(&[mesh::assignment("svc-0", &[ep])], false);
         loop {
-            if reader.reachable(&target).ok().flatten().is_some_and(|b| b == [ep]) {
+            if reader
+                .reachable(&target)
+                .ok()
+                .flatten()
+                .is_some_and(|b| b == [ep])
+            {
                 break;
             }
             if t0.elapsed() > std::time::Duration::from_secs(10) {
