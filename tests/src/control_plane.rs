@@ -45,6 +45,8 @@ struct Store {
     nonce: u64,
     /// When each version was published.
     published: BTreeMap<u64, Instant>,
+    /// Names (type_url, name) each version touched.
+    log: BTreeMap<u64, Vec<(String, String)>>,
 }
 
 /// The control plane. Clone it freely; all clones share the state.
@@ -84,12 +86,20 @@ impl ControlPlane {
         s.version += 1;
         let v = s.version;
         let types: BTreeSet<String> = resources.iter().map(|(_, a)| a.type_url.clone()).collect();
+        let mut touched = Vec::new();
         for t in &types {
             if replace {
-                s.resources.entry(t.clone()).or_default().clear();
+                let old = std::mem::take(s.resources.entry(t.clone()).or_default());
+                touched.extend(old.into_keys().map(|n| (t.clone(), n)));
             }
             s.type_versions.insert(t.clone(), v);
         }
+        touched.extend(
+            resources
+                .iter()
+                .map(|(n, a)| (a.type_url.clone(), n.clone())),
+        );
+        s.log.insert(v, touched);
         for (name, any) in resources {
             s.resources
                 .entry(any.type_url.clone())
@@ -112,6 +122,11 @@ impl ControlPlane {
                 m.remove(*n);
             }
         }
+        let touched = names
+            .iter()
+            .map(|n| (type_url.to_owned(), (*n).to_owned()))
+            .collect();
+        s.log.insert(v, touched);
         s.type_versions.insert(type_url.to_owned(), v);
         s.published.insert(v, Instant::now());
         drop(s);
@@ -278,39 +293,55 @@ impl AggregatedDiscoveryService for ControlPlane {
             // type_url → (subscribed names (None: wildcard), name → version the client has)
             let mut subs: BTreeMap<String, (Option<BTreeSet<String>>, BTreeMap<String, u64>)> =
                 BTreeMap::new();
+            let mut seen: u64 = 0;
+            let mut rescan: BTreeSet<String> = BTreeSet::new();
             loop {
                 let notified = cp.changed.notified();
                 let responses: Vec<DeltaDiscoveryResponse> = {
                     let s = cp.store.lock().expect("store");
+                    // Names touched since the last pass (from the change log), or
+                    // everything of a type whose subscription just changed.
+                    let mut touched: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+                    for (_, names) in s.log.range(seen + 1..) {
+                        for (t, n) in names {
+                            touched.entry(t.as_str()).or_default().insert(n.as_str());
+                        }
+                    }
                     let mut out = Vec::new();
                     for (t, (names, has)) in subs.iter_mut() {
                         let empty = BTreeMap::new();
                         let current = s.resources.get(t).unwrap_or(&empty);
+                        let candidates: BTreeSet<String> = if rescan.contains(t) {
+                            current.keys().chain(has.keys()).cloned().collect()
+                        } else {
+                            touched
+                                .get(t.as_str())
+                                .map(|n| n.iter().map(|x| (*x).to_owned()).collect())
+                                .unwrap_or_default()
+                        };
                         let mut added = Vec::new();
-                        for (n, (v, a)) in current {
-                            if names.as_ref().is_some_and(|ns| !ns.contains(n)) {
-                                continue;
+                        let mut gone = Vec::new();
+                        for n in &candidates {
+                            let n = n.as_str();
+                            let wanted = names.as_ref().is_none_or(|ns| ns.contains(n));
+                            match current.get(n) {
+                                Some((v, a)) if wanted => {
+                                    if has.get(n) != Some(v) {
+                                        has.insert(n.to_owned(), *v);
+                                        added.push(Resource {
+                                            name: n.to_owned(),
+                                            version: v.to_string(),
+                                            resource: Some(a.clone()),
+                                            ..Default::default()
+                                        });
+                                    }
+                                }
+                                _ => {
+                                    if has.remove(n).is_some() {
+                                        gone.push(n.to_owned());
+                                    }
+                                }
                             }
-                            if has.get(n) != Some(v) {
-                                has.insert(n.clone(), *v);
-                                added.push(Resource {
-                                    name: n.clone(),
-                                    version: v.to_string(),
-                                    resource: Some(a.clone()),
-                                    ..Default::default()
-                                });
-                            }
-                        }
-                        let gone: Vec<String> = has
-                            .keys()
-                            .filter(|n| {
-                                !current.contains_key(*n)
-                                    || names.as_ref().is_some_and(|ns| !ns.contains(*n))
-                            })
-                            .cloned()
-                            .collect();
-                        for n in &gone {
-                            has.remove(n);
                         }
                         if !added.is_empty() || !gone.is_empty() {
                             out.push(DeltaDiscoveryResponse {
@@ -322,6 +353,8 @@ impl AggregatedDiscoveryService for ControlPlane {
                             });
                         }
                     }
+                    seen = s.version;
+                    rescan.clear();
                     out
                 };
                 for mut r in responses {
@@ -362,6 +395,12 @@ impl AggregatedDiscoveryService for ControlPlane {
                             for n in &req.resource_names_unsubscribe {
                                 ns.remove(n);
                             }
+                        }
+                        if first
+                            || !req.resource_names_subscribe.is_empty()
+                            || !req.resource_names_unsubscribe.is_empty()
+                        {
+                            rescan.insert(req.type_url.clone());
                         }
                     }
                 }

@@ -255,7 +255,11 @@ async fn sotw(
             let error = result.as_ref().err().map(|n| nack_status(n.0.clone()));
             follow_ups.push(request(kind, names, version, resp.nonce, error));
             // New RDS/EDS names: (re)subscribe.
-            for k in [Kind::Endpoint, Kind::Route] {
+            let resubscribe = result.as_ref().is_ok_and(|a| a.subscriptions_changed);
+            for k in [Kind::Endpoint, Kind::Route]
+                .into_iter()
+                .filter(|_| resubscribe)
+            {
                 let wanted = c.state().wanted(k);
                 if sent.get(&k).map_or(!wanted.is_empty(), |s| *s != wanted) {
                     sent.insert(k, wanted.clone());
@@ -335,7 +339,11 @@ async fn delta(
                 error_detail: result.as_ref().err().map(|n| nack_status(n.0.clone())),
                 ..Default::default()
             });
-            for k in [Kind::Endpoint, Kind::Route] {
+            let resubscribe = result.as_ref().is_ok_and(|a| a.subscriptions_changed);
+            for k in [Kind::Endpoint, Kind::Route]
+                .into_iter()
+                .filter(|_| resubscribe)
+            {
                 let wanted: BTreeSet<String> = c.state().wanted(k).into_iter().collect();
                 let had = subscribed.entry(k).or_default();
                 if *had != wanted {

@@ -88,6 +88,8 @@ pub struct XdsState {
     ignored_seen: BTreeSet<String>,
     /// Resources of types sockmesh does not consume, skipped.
     pub ignored_resources: u64,
+    /// Listeners or clusters changed since the last `take_new_ignored`.
+    ignored_dirty: bool,
     /// The table found in the kernel at start: backends for services still warming
     /// until the control plane has delivered everything once.
     seed: RoutingTable,
@@ -160,6 +162,10 @@ impl XdsState {
     /// Unsupported features seen for the first time by the last update.
     pub fn take_new_ignored(&mut self) -> Vec<String> {
         let mut fresh = Vec::new();
+        // Only listeners and clusters produce such lines.
+        if !std::mem::take(&mut self.ignored_dirty) {
+            return fresh;
+        }
         for line in self.inc.ignored() {
             if self.ignored_seen.insert(line.clone()) {
                 fresh.push(line);
@@ -287,13 +293,18 @@ impl XdsState {
                 None => map.remove(&name),
             };
         }
-        let subscriptions = (self.inc.route_names(), self.inc.eds_names());
+        // Only listeners and clusters decide what RDS/EDS names are wanted.
+        self.ignored_dirty |= !dirty.listeners.is_empty() || !dirty.clusters.is_empty();
+        let may_resubscribe =
+            !dirty.listeners.is_empty() || !dirty.routes.is_empty() || !dirty.clusters.is_empty();
+        let subscriptions = may_resubscribe.then(|| (self.inc.route_names(), self.inc.eds_names()));
         let changes = staged.changes.clone();
         self.inc.commit(staged, &mut self.table);
         let accepted = Accepted {
             table_changed: !changes.is_empty(),
             changes,
-            subscriptions_changed: subscriptions != (self.inc.route_names(), self.inc.eds_names()),
+            subscriptions_changed: subscriptions
+                .is_some_and(|s| s != (self.inc.route_names(), self.inc.eds_names())),
         };
         let heard =
             |k| self.stats.get(&k).is_some_and(|s| s.accepted > 0) || update.kinds().contains(&k);
