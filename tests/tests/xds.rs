@@ -181,6 +181,7 @@ fn scenario(protocol: &str) {
     );
     std::thread::sleep(Duration::from_millis(200));
     wait_for(&bpffs, "after NACK", &["10.10.1.12", "10.10.1.13"]);
+    assert!(reach(20).iter().all(|n| n == "b2" || n == "b3"));
 
     // Outage: the control plane goes away; the table stays.
     cp.disconnect_all();

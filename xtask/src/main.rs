@@ -177,7 +177,15 @@ fn test() -> Result<()> {
     setup()?;
     cargo(&["fmt", "--all", "--check"])?;
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
-    cargo(&["test", "-p", "sockmesh", "-p", "sockmesh-common"])?;
+    cargo(&[
+        "test",
+        "-p",
+        "sockmesh",
+        "-p",
+        "sockmesh-common",
+        "-p",
+        "sockmesh-proto",
+    ])?;
     require_root("the privileged integration tests")?;
     // The datapath mounts bpffs at /sys/fs/bpf when it is missing; leave the machine
     // as found: unmount it again if this run mounted it (and nothing else is pinned).

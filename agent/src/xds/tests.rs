@@ -519,3 +519,160 @@ fn incremental_translation_matches_full_translation() {
     }
     assert!(accepted > 500, "only {accepted} updates accepted");
 }
+
+/// Resources shaped as istiod sends them to a sidecar: per-service outbound
+/// listeners named `VIP_PORT`, `outbound|PORT||host` EDS clusters, the HTTP
+/// listener `0.0.0.0_PORT` with RDS, and the `virtualOutbound` listener whose
+/// filter chains match destination /32s.
+#[test]
+fn istio_shaped_resources() {
+    let yaml = r#"
+versionInfo: "2026-11-24T09:00:00Z/42"
+resources:
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: 10.96.0.20_3306
+  address: { socketAddress: { address: 10.96.0.20, portValue: 3306 } }
+  trafficDirection: OUTBOUND
+  bindToPort: false
+  filterChains:
+  - filters:
+    - name: envoy.filters.network.rbac
+      typedConfig:
+        "@type": type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC
+        statPrefix: tcp.
+        rules: { policies: { ns-default: { permissions: [ { any: true } ], principals: [ { authenticated: { principalName: { exact: spiffe://cluster.local/ns/default/sa/app } } } ] } } }
+    - name: envoy.filters.network.tcp_proxy
+      typedConfig:
+        "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+        statPrefix: outbound|3306||mysql.default.svc.cluster.local
+        cluster: outbound|3306||mysql.default.svc.cluster.local
+        idleTimeout: 3600s
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: 0.0.0.0_9080
+  address: { socketAddress: { address: 0.0.0.0, portValue: 9080 } }
+  trafficDirection: OUTBOUND
+  bindToPort: false
+  filterChains:
+  - filterChainMatch: { transportProtocol: raw_buffer, applicationProtocols: [ http/1.1, h2c ] }
+    filters:
+    - name: envoy.filters.network.http_connection_manager
+      typedConfig:
+        "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+        statPrefix: outbound_0.0.0.0_9080
+        rds: { configSource: { ads: {}, initialFetchTimeout: 0s, resourceApiVersion: V3 }, routeConfigName: "9080" }
+        useRemoteAddress: false
+        httpFilters:
+        - name: envoy.filters.http.router
+          typedConfig: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }
+  defaultFilterChain:
+    filters:
+    - name: envoy.filters.network.tcp_proxy
+      typedConfig: { "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, statPrefix: PassthroughCluster, cluster: PassthroughCluster }
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: virtualOutbound
+  address: { socketAddress: { address: 0.0.0.0, portValue: 15001 } }
+  useOriginalDst: true
+  filterChains:
+  - filterChainMatch: { destinationPort: 6379, prefixRanges: [ { addressPrefix: 10.96.0.30, prefixLen: 32 } ] }
+    filters:
+    - name: envoy.filters.network.tcp_proxy
+      typedConfig: { "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, statPrefix: redis, cluster: "outbound|6379||redis.default.svc.cluster.local" }
+  - name: PassthroughFilterChain
+    filters:
+    - name: envoy.filters.network.tcp_proxy
+      typedConfig: { "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, statPrefix: PassthroughCluster, cluster: PassthroughCluster }
+- "@type": type.googleapis.com/envoy.config.route.v3.RouteConfiguration
+  name: "9080"
+  validateClusters: false
+  virtualHosts:
+  - name: reviews.default.svc.cluster.local:9080
+    domains: [ reviews.default.svc.cluster.local, reviews, reviews.default.svc, 10.96.0.10 ]
+    includeRequestAttemptCount: true
+    routes:
+    - name: default
+      match: { prefix: / }
+      route:
+        cluster: outbound|9080||reviews.default.svc.cluster.local
+        timeout: 0s
+        retryPolicy: { retryOn: "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes", numRetries: 2 }
+        maxGrpcTimeout: 0s
+      decorator: { operation: "reviews.default.svc.cluster.local:9080/*" }
+  - name: allow_any
+    domains: [ "*" ]
+    routes:
+    - name: allow_any
+      match: { prefix: / }
+      route: { cluster: PassthroughCluster, timeout: 0s }
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: PassthroughCluster
+  type: ORIGINAL_DST
+  connectTimeout: 10s
+  lbPolicy: CLUSTER_PROVIDED
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: outbound|9080||reviews.default.svc.cluster.local
+  type: EDS
+  edsClusterConfig: { edsConfig: { ads: {}, initialFetchTimeout: 0s, resourceApiVersion: V3 }, serviceName: outbound|9080||reviews.default.svc.cluster.local }
+  connectTimeout: 10s
+  lbPolicy: LEAST_REQUEST
+  circuitBreakers: { thresholds: [ { maxConnections: 4294967295, maxPendingRequests: 4294967295, maxRequests: 4294967295, maxRetries: 4294967295 } ] }
+  commonLbConfig: {}
+  metadata: { filterMetadata: { istio: { services: [ { host: reviews.default.svc.cluster.local, name: reviews, namespace: default } ] } } }
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: outbound|3306||mysql.default.svc.cluster.local
+  type: EDS
+  edsClusterConfig: { edsConfig: { ads: {}, resourceApiVersion: V3 }, serviceName: outbound|3306||mysql.default.svc.cluster.local }
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: outbound|6379||redis.default.svc.cluster.local
+  type: EDS
+  edsClusterConfig: { edsConfig: { ads: {}, resourceApiVersion: V3 }, serviceName: outbound|6379||redis.default.svc.cluster.local }
+- "@type": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment
+  clusterName: outbound|9080||reviews.default.svc.cluster.local
+  endpoints:
+  - locality: { region: us-east1, zone: us-east1-b }
+    lbEndpoints:
+    - endpoint: { address: { socketAddress: { address: 10.244.1.5, portValue: 9080 } } }
+      healthStatus: HEALTHY
+      metadata: { filterMetadata: { istio: { workload: "reviews-v1;default;reviews;v1;Kubernetes" } } }
+      loadBalancingWeight: 1
+    - endpoint: { address: { socketAddress: { address: 10.244.2.7, portValue: 9080 } } }
+      healthStatus: HEALTHY
+      loadBalancingWeight: 1
+    loadBalancingWeight: 2
+- "@type": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment
+  clusterName: outbound|3306||mysql.default.svc.cluster.local
+  endpoints: [ { lbEndpoints: [ { endpoint: { address: { socketAddress: { address: 10.244.3.9, portValue: 3306 } } } } ] } ]
+- "@type": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment
+  clusterName: outbound|6379||redis.default.svc.cluster.local
+  endpoints: [ { lbEndpoints: [ { endpoint: { address: { socketAddress: { address: 10.244.4.2, portValue: 6379 } } } } ] } ]
+"#;
+    let mut st = XdsState::new();
+    st.apply(full(yaml)).expect("accepted");
+    let got: Vec<String> = st
+        .table()
+        .services
+        .iter()
+        .map(|(s, b)| {
+            let b: Vec<String> = b
+                .iter()
+                .map(|b| format!("{}:{} w{}", b.address, b.port, b.weight))
+                .collect();
+            format!("{s} -> {}", b.join(", "))
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "10.96.0.10:9080/tcp -> 10.244.1.5:9080 w2, 10.244.2.7:9080 w2",
+            "10.96.0.20:3306/tcp -> 10.244.3.9:3306 w1",
+            "10.96.0.30:6379/tcp -> 10.244.4.2:6379 w1",
+        ]
+    );
+    let ignored = st.take_new_ignored();
+    assert!(
+        ignored
+            .iter()
+            .any(|l| l.contains("PassthroughCluster") && l.contains("ORIGINAL_DST")),
+        "{ignored:?}"
+    );
+    assert_eq!(st.version(Kind::Listener), "2026-11-24T09:00:00Z/42");
+}
