@@ -11,7 +11,9 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
+pub mod churn;
 pub mod control_plane;
+pub mod kubeproxy;
 pub mod mesh;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);

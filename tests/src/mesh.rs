@@ -108,6 +108,37 @@ pub fn assignment(name: &str, endpoints: &[(IpAddr, u16)]) -> (String, Any) {
     )
 }
 
+/// A load assignment with endpoints HEALTHY (`true`) or DRAINING (`false`).
+pub fn assignment_with_health(name: &str, endpoints: &[(IpAddr, u16, bool)]) -> (String, Any) {
+    use sockmesh_proto::pb::envoy::config::core::v3::HealthStatus;
+    let cla = ClusterLoadAssignment {
+        cluster_name: name.to_owned(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints: endpoints
+                .iter()
+                .map(|(ip, port, healthy)| LbEndpoint {
+                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                        address: Some(socket(*ip, *port)),
+                        ..Default::default()
+                    })),
+                    health_status: if *healthy {
+                        HealthStatus::Healthy as i32
+                    } else {
+                        HealthStatus::Draining as i32
+                    },
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    (
+        name.to_owned(),
+        any(sockmesh_proto::type_url::ENDPOINT, &cla),
+    )
+}
+
 /// `n` services `10.200.x.y:80`, each an EDS cluster `svc-i` with `per` endpoints
 /// `10.30.x.y:8080`.. (listeners, clusters, load assignments).
 pub fn services(n: u32, per: u16) -> Vec<(String, Any)> {

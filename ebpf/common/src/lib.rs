@@ -33,8 +33,9 @@ pub const MAX_BACKENDS_PER_SERVICE: u32 = 1_024;
 pub const MAX_SLOTS_PER_SERVICE: u32 = 16_384;
 
 /// Capacity of the backend map, all services together (entries are allocated on
-/// demand, so an emptier table costs only its hash buckets).
-pub const MAX_BACKENDS_TOTAL: u32 = 262_144;
+/// demand, so an emptier table costs only its hash buckets): 50,000 services with 10
+/// endpoints each fit.
+pub const MAX_BACKENDS_TOTAL: u32 = 524_288;
 
 /// Capacity of the slot map, all services together. An update writes the new
 /// generation's slots before deleting the old one's, so a service transiently needs

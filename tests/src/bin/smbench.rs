@@ -29,7 +29,16 @@ fn main() -> std::process::ExitCode {
     report.insert("kernel".into(), json!(uname()));
     let only = args.get(1).map(String::as_str);
     if only.is_none_or(|o| o == "propagation") {
-        report.insert("propagation".into(), propagation(&bin_dir));
+        report.insert(
+            "propagation".into(),
+            propagation(&bin_dir, PROP_SERVICES, PROP_ENDPOINTS, PROP_CHANGES),
+        );
+    }
+    if only.is_none_or(|o| o == "scale") {
+        report.insert("scale".into(), scale(&bin_dir));
+    }
+    if only == Some("kubeproxy-check") {
+        report.insert("kubeproxy_check".into(), kubeproxy_check());
     }
     if only.is_none_or(|o| o == "connect") {
         report.insert("connect_cost".into(), connect_cost(&probe));
@@ -48,6 +57,13 @@ fn main() -> std::process::ExitCode {
 
 fn say(line: &str) {
     let _ = writeln!(std::io::stdout(), "{line}");
+}
+
+/// Like [`say`], silenced while a scenario runs as part of another.
+fn detail(line: &str) {
+    if !QUIET.load(std::sync::atomic::Ordering::Relaxed) {
+        say(line);
+    }
 }
 
 fn uname() -> String {
@@ -209,7 +225,7 @@ const PROP_CHANGES: u32 = 1_000;
 
 /// Control plane writes a ClusterLoadAssignment → the kernel map holds it, with
 /// 10,000 services × 10 endpoints loaded, over ADS delta, 1,000 changes.
-fn propagation(bin_dir: &Path) -> Value {
+fn propagation(bin_dir: &Path, services: u32, endpoints: u16, changes: u32) -> Value {
     use sockmesh_tests::{control_plane::ControlPlane, mesh, sockmesh_bin_in, unique};
     let Ok(rt) = tokio::runtime::Runtime::new() else {
         return json!({"error": "no tokio runtime"});
@@ -219,9 +235,9 @@ fn propagation(bin_dir: &Path) -> Value {
     let cp = ControlPlane::new();
     let (addr, _stop) = rt.block_on(cp.serve("127.0.0.1:0".parse().expect("addr")));
     let built = std::time::Instant::now();
-    cp.publish(&mesh::services(PROP_SERVICES, PROP_ENDPOINTS), true);
-    say(&format!(
-        "\npropagation: {PROP_SERVICES} services x {PROP_ENDPOINTS} endpoints published by the in-process ADS server ({:.1} s to build)",
+    cp.publish(&mesh::services(services, endpoints), true);
+    detail(&format!(
+        "\npropagation: {services} services x {endpoints} endpoints published by the in-process ADS server ({:.1} s to build)",
         built.elapsed().as_secs_f64()
     ));
     let log_path = std::env::temp_dir().join(unique("sockmesh-bench-agent-"));
@@ -250,7 +266,7 @@ fn propagation(bin_dir: &Path) -> Value {
     let agent = Proc(agent);
     let last = ServiceAddr {
         vip: {
-            let [_, _, hi, lo] = (PROP_SERVICES - 1).to_be_bytes();
+            let [_, _, hi, lo] = (services - 1).to_be_bytes();
             IpAddr::from([10, 200, hi, lo])
         },
         port: 80,
@@ -261,7 +277,7 @@ fn propagation(bin_dir: &Path) -> Value {
             && r.reachable(&last)
                 .ok()
                 .flatten()
-                .is_some_and(|b| b.len() == usize::from(PROP_ENDPOINTS))
+                .is_some_and(|b| b.len() == usize::from(endpoints))
         {
             break r;
         }
@@ -281,8 +297,8 @@ fn propagation(bin_dir: &Path) -> Value {
             })
         })
         .unwrap_or(0);
-    say(&format!(
-        "  initial load (agent start -> all {PROP_SERVICES} services in the kernel): {:.2} s; agent RSS {} MiB",
+    detail(&format!(
+        "  initial load (agent start -> all {services} services in the kernel): {:.2} s; agent RSS {} MiB",
         initial_load.as_secs_f64(),
         rss_kib / 1024
     ));
@@ -300,7 +316,7 @@ fn propagation(bin_dir: &Path) -> Value {
         .map(|t| t.len())
         .unwrap_or(0);
     let mut e2e = Vec::new();
-    for i in 0..PROP_CHANGES {
+    for i in 0..changes {
         let [_, _, hi, lo] = i.to_be_bytes();
         let ep = (IpAddr::from([10, 40, hi, lo]), 9000);
         let t0 = std::time::Instant::now();
@@ -341,7 +357,7 @@ fn propagation(bin_dir: &Path) -> Value {
     e2e.sort_by(f64::total_cmp);
     agent_side.sort_by(f64::total_cmp);
     let row = |name: &str, v: &[f64]| {
-        say(&format!(
+        detail(&format!(
             "  {name:<44} p50 {:>8.1} µs  p99 {:>8.1} µs  max {:>8.1} µs  (n={})",
             percentile(v, 0.5),
             percentile(v, 0.99),
@@ -353,8 +369,167 @@ fn propagation(bin_dir: &Path) -> Value {
     let e2e_json = row("control plane publish -> kernel map holds it", &e2e);
     let agent_json = row("agent: response received -> maps written", &agent_side);
     json!({
-        "services": PROP_SERVICES, "endpoints_per_service": PROP_ENDPOINTS, "changes": PROP_CHANGES,
+        "services": services, "endpoints_per_service": endpoints, "changes": changes,
         "initial_load_s": initial_load.as_secs_f64(), "agent_rss_kib": rss_kib,
         "publish_to_map": e2e_json, "agent_receive_to_map": agent_json,
     })
 }
+
+/// Quick self-check of the kube-proxy layouts (`smbench x kubeproxy-check`).
+fn kubeproxy_check() -> Value {
+    use sockmesh_tests::kubeproxy::*;
+    let ns = NetNs::new();
+    let mut out = serde_json::Map::new();
+    for (tool, load, change) in [
+        (
+            "iptables",
+            iptables_ruleset(1000, 10),
+            iptables_change(5, 10, 0, 1, "10.40.0.1:9000"),
+        ),
+        (
+            "nft",
+            nft_ruleset(1000, 10),
+            nft_change(5, 10, 0, 1, "10.40.0.1:9000"),
+        ),
+    ] {
+        let (prog, args): (&str, &[&str]) = if tool == "iptables" {
+            ("iptables-legacy-restore", &[])
+        } else {
+            ("nft", &["-f", "-"])
+        };
+        let l = run_in(&ns, prog, args, &load);
+        let (prog, args): (&str, &[&str]) = if tool == "iptables" {
+            ("iptables-legacy-restore", &["--noflush"])
+        } else {
+            ("nft", &["-f", "-"])
+        };
+        let c = run_in(&ns, prog, args, &change);
+        detail(&format!("{tool}: load {l:?} change {c:?}"));
+        out.insert(tool.into(), json!(format!("{l:?} {c:?}")));
+    }
+    Value::Object(out)
+}
+
+/// One datapath change (one service moves to a new endpoint) as the table grows:
+/// sockmesh (control plane publish → kernel map), kube-proxy's iptables layout
+/// (`iptables-restore --noflush`) and its nftables layout (one `nft -f`
+/// transaction), each with N services × 10 endpoints loaded. A tool is skipped at
+/// the next size once loading took over `LOAD_BUDGET`.
+fn scale(bin_dir: &Path) -> Value {
+    use sockmesh_tests::kubeproxy::{
+        iptables_change, iptables_ruleset, nft_change, nft_ruleset, run_in,
+    };
+    const SIZES: [u32; 5] = [1_000, 5_000, 10_000, 20_000, 50_000];
+    const PER: u16 = 10;
+    const LOAD_BUDGET: std::time::Duration = std::time::Duration::from_secs(90);
+    let mut rows = Vec::new();
+    let mut skip_iptables = false;
+    let mut skip_nft = false;
+    say(
+        "\nscale: one change (a service moves to a new endpoint) vs table size, 10 endpoints per service",
+    );
+    say(&format!(
+        "{:>8} {:>14} {:>14} {:>14} {:>14} {:>12} {:>12}",
+        "services",
+        "sockmesh p50",
+        "sockmesh p99",
+        "iptables p50",
+        "nftables p50",
+        "ipt load s",
+        "nft load s"
+    ));
+    for n in SIZES {
+        let sm = propagation_quiet(bin_dir, n, PER, 200);
+        let kp = |tool: &str, skip: &mut bool| -> (Option<f64>, Option<f64>) {
+            if *skip {
+                return (None, None);
+            }
+            let ns = NetNs::new();
+            let (prog, load_args, change_args, load): (&str, &[&str], &[&str], String) =
+                if tool == "iptables" {
+                    (
+                        "iptables-legacy-restore",
+                        &[],
+                        &["--noflush"],
+                        iptables_ruleset(n, PER),
+                    )
+                } else {
+                    ("nft", &["-f", "-"], &["-f", "-"], nft_ruleset(n, PER))
+                };
+            let loaded = match run_in(&ns, prog, load_args, &load) {
+                Ok(t) => t,
+                Err(e) => {
+                    say(&format!("  {tool} load failed: {e}"));
+                    *skip = true;
+                    return (None, None);
+                }
+            };
+            if loaded > LOAD_BUDGET {
+                *skip = true;
+            }
+            let mut times = Vec::new();
+            let started = std::time::Instant::now();
+            for g in 1..=20u32 {
+                let svc = n / 2;
+                let old = if g == 1 { 0 } else { g - 1 };
+                let per_old = if g == 1 { PER } else { 1 };
+                let ep = format!("10.40.{}.{}:9000", g / 256, g % 256);
+                let change = if tool == "iptables" {
+                    iptables_change(svc, per_old, old, g, &ep)
+                } else {
+                    nft_change(svc, per_old, old, g, &ep)
+                };
+                match run_in(&ns, prog, change_args, &change) {
+                    Ok(t) => times.push(t.as_secs_f64() * 1e6),
+                    Err(e) => {
+                        say(&format!("  {tool} change failed: {e}"));
+                        break;
+                    }
+                }
+                // At most ~60 s of changes per size.
+                if started.elapsed() > std::time::Duration::from_secs(60) && times.len() >= 3 {
+                    break;
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            (Some(percentile(&times, 0.5)), Some(loaded.as_secs_f64()))
+        };
+        let (ipt, ipt_load) = kp("iptables", &mut skip_iptables);
+        let (nft, nft_load) = kp("nft", &mut skip_nft);
+        let sm_p50 = sm["publish_to_map"]["p50_us"].as_f64();
+        let sm_p99 = sm["publish_to_map"]["p99_us"].as_f64();
+        let us = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.0} µs"));
+        let secs = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
+        say(&format!(
+            "{n:>8} {:>14} {:>14} {:>14} {:>14} {:>12} {:>12}",
+            us(sm_p50),
+            us(sm_p99),
+            us(ipt),
+            us(nft),
+            secs(ipt_load),
+            secs(nft_load)
+        ));
+        rows.push(json!({
+            "services": n, "endpoints_per_service": PER,
+            "sockmesh_p50_us": sm_p50, "sockmesh_p99_us": sm_p99,
+            "sockmesh_agent_p50_us": sm["agent_receive_to_map"]["p50_us"].as_f64(),
+            "sockmesh_initial_load_s": sm["initial_load_s"].as_f64(),
+            "sockmesh_agent_rss_kib": sm["agent_rss_kib"].as_u64(),
+            "iptables_p50_us": ipt, "iptables_load_s": ipt_load,
+            "nftables_p50_us": nft, "nftables_load_s": nft_load,
+            "iptables_over_sockmesh": ipt.zip(sm_p50).map(|(a, b)| a / b),
+            "nftables_over_sockmesh": nft.zip(sm_p50).map(|(a, b)| a / b),
+        }));
+    }
+    Value::Array(rows)
+}
+
+/// [`propagation`] without its printout.
+fn propagation_quiet(bin_dir: &Path, services: u32, endpoints: u16, changes: u32) -> Value {
+    QUIET.store(true, std::sync::atomic::Ordering::Relaxed);
+    let v = propagation(bin_dir, services, endpoints, changes);
+    QUIET.store(false, std::sync::atomic::Ordering::Relaxed);
+    v
+}
+
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

@@ -10,6 +10,9 @@
 //! smprobe udp ADDR:PORT COUNT [N]                     COUNT fresh UDP sockets, N
 //!     requests each; one line each: FROM[|FROM..] NAME,NAME.. or `- E<errno>`
 //! smprobe peer ADDR:PORT                              connect once, print getpeername
+//! smprobe rate ADDR:PORT RPS MILLIS [http]           open-loop fixed rate, a new TCP
+//!     connection per request (HTTP/1.1 GET with Connection: close if `http`, the
+//!     body is the name); one line each: START_NS END_NS NAME|E<errno>
 //! smprobe cc ADDR:PORT COUNT                          COUNT connect()+close() (RST,
 //!     no TIME_WAIT); prints COUNT FAILED MEAN_NS P50_NS P99_NS
 //! ```
@@ -32,6 +35,7 @@ fn main() -> ExitCode {
         Some("udp") => udp(&args[1..]),
         Some("peer") => peer(&args[1..]),
         Some("cc") => connect_close(&args[1..]),
+        Some("rate") => rate(&args[1..]),
         _ => Err("usage: smprobe serve|connect|udp|peer ...".to_owned()),
     };
     match result {
@@ -224,4 +228,54 @@ fn listen(at: SocketAddr) -> io::Result<TcpListener> {
     )?;
     nix::sys::socket::listen(&fd, Backlog::new(4096).map_err(io::Error::from)?)?;
     Ok(TcpListener::from(fd))
+}
+
+/// One request on a new connection: the backend's name, or `E<errno>`.
+fn request(to: &SocketAddr, http: bool) -> String {
+    let result = TcpStream::connect_timeout(to, Duration::from_secs(2)).and_then(|mut s| {
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        if http {
+            s.write_all(b"GET / HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")?;
+        }
+        let mut reply = String::new();
+        s.read_to_string(&mut reply)?;
+        if !http {
+            return Ok(reply);
+        }
+        let ok = reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200");
+        match reply.split_once("\r\n\r\n") {
+            Some((_, body)) if ok => Ok(body.trim().to_owned()),
+            _ => Err(io::Error::other(format!(
+                "bad HTTP reply: {:?}",
+                reply.lines().next().unwrap_or("")
+            ))),
+        }
+    });
+    result.unwrap_or_else(|e| match e.raw_os_error() {
+        Some(n) => format!("E{n}"),
+        None => "Ehttp".to_owned(),
+    })
+}
+
+fn rate(args: &[String]) -> Result<(), String> {
+    let to = addr(args.first())?;
+    let rps = number(args.get(1), 1000)?.max(1);
+    let millis = number(args.get(2), 1000)?;
+    let http = args.get(3).is_some_and(|a| a == "http");
+    let interval = Duration::from_nanos(1_000_000_000 / rps);
+    let total = millis * rps / 1000;
+    let started = Instant::now();
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    for i in 0..total {
+        // Open loop: each request has its slot in time; a late one goes at once.
+        let due = interval * u32::try_from(i).unwrap_or(u32::MAX);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            thread::sleep(wait);
+        }
+        let t0 = monotonic_ns();
+        let what = request(&to, http);
+        let t1 = monotonic_ns();
+        writeln!(out, "{t0} {t1} {what}").map_err(|e| e.to_string())?;
+    }
+    out.flush().map_err(|e| e.to_string())
 }
