@@ -161,7 +161,7 @@ pub fn run(c: &Churn<'_>) -> Result<ChurnResult, String> {
                 }
                 _ => draining.clear(), // drained pods are removed
             }
-        } else if (k - c.rolling_steps) % 2 == 0 {
+        } else if (k - c.rolling_steps).is_multiple_of(2) {
             // Scale up by one (any free pod).
             if let Some(p) = (0..n).find(|p| !active.contains(p) && !draining.contains(p)) {
                 active.insert(p);
