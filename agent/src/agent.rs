@@ -109,6 +109,8 @@ pub struct AgentConfig {
     pub node: NodeArgs,
     pub tls: TlsFiles,
     pub refresh: Duration,
+    /// Abort sockets still connected to endpoints removed from a service.
+    pub terminate_removed: bool,
 }
 
 /// Runs the agent until SIGINT/SIGTERM.
@@ -116,7 +118,19 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let datapath = Datapath::install(&cfg.datapath)?;
     // Decode the protobuf descriptors now, not inside the first update's latency.
     let _ = sockmesh_proto::descriptor_pool();
-    let core = Arc::new(Mutex::new(Core::new(Box::new(datapath))));
+    let mut core = Core::new(Box::new(datapath));
+    if cfg.terminate_removed {
+        match crate::dataplane::destroy::probe() {
+            Ok(()) => {
+                core.terminate_removed = true;
+                info!("--terminate-removed-connections: inet_diag SOCK_DESTROY available");
+            }
+            Err(e) => tracing::error!(
+                "--terminate-removed-connections is not available, sockets of removed endpoints will stay open: {e}"
+            ),
+        }
+    }
+    let core = Arc::new(Mutex::new(core));
     let (stop_tx, stop_rx) = watch::channel(false);
     let node = cfg.node.node();
     info!(node_id = %node.id, source = ?cfg.source, "agent starting");

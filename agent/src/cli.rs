@@ -136,6 +136,10 @@ pub struct AgentArgs {
     /// TLS server name to verify, if not the URL's host (e.g. istiod.istio-system.svc).
     #[arg(long, env = "SOCKMESH_XDS_SERVER_NAME")]
     pub xds_server_name: Option<String>,
+    /// Close sockets still connected to an endpoint removed from a service (not one
+    /// that is draining), in every network namespace, with inet_diag SOCK_DESTROY.
+    #[arg(long, env = "SOCKMESH_TERMINATE_REMOVED_CONNECTIONS")]
+    pub terminate_removed_connections: bool,
     /// Poll interval of the REST (http://) source, e.g. 1s, 500ms.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub xds_refresh: std::time::Duration,
@@ -179,6 +183,7 @@ fn agent(args: AgentArgs) -> Result<()> {
             server_name: args.xds_server_name,
         },
         refresh: args.xds_refresh,
+        terminate_removed: args.terminate_removed_connections,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

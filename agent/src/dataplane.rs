@@ -7,6 +7,7 @@
 //! what differs. [`read_table`], [`read_counters`] and [`uninstall`] work on the
 //! pins alone, without an agent.
 
+pub mod destroy;
 mod kernel;
 mod keys;
 mod loader;
@@ -168,6 +169,15 @@ impl Datapath {
         >,
     ) -> Result<ApplyReport, WriteError> {
         self.writer.apply_changes(changes)
+    }
+
+    /// Aborts sockets that sockmesh redirected to `targets`, in every network
+    /// namespace (see [`destroy`]).
+    pub fn terminate(
+        &self,
+        targets: &std::collections::BTreeSet<destroy::Target>,
+    ) -> Result<destroy::DestroyReport, destroy::DestroyError> {
+        destroy::destroy_everywhere(&self.layout.maps, targets)
     }
 
     /// The table installed in the kernel.

@@ -61,6 +61,13 @@ fn sep_rules(out: &mut String, i: u32, chain: &str, ep: &str) {
 
 /// The full `nat` table for `services` × `per` endpoints (iptables-restore input).
 pub fn iptables_ruleset(services: u32, per: u16) -> String {
+    iptables_ruleset_with(services, per, None)
+}
+
+/// As [`iptables_ruleset`], plus one real service `vip` (any port) → `dest` (port
+/// kept) whose KUBE-SERVICES rule sits in the middle of the list, where an average
+/// service's does.
+pub fn iptables_ruleset_with(services: u32, per: u16, real: Option<(&str, &str)>) -> String {
     let mut chains = String::from(
         "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n",
     );
@@ -68,6 +75,20 @@ pub fn iptables_ruleset(services: u32, per: u16) -> String {
         "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
     );
     for i in 0..services {
+        if let Some((vip, dest)) = real.filter(|_| i == services / 2) {
+            chains.push_str(":KUBE-SVC-REAL - [0:0]\n:KUBE-SEP-REAL - [0:0]\n");
+            let _ = writeln!(
+                rules,
+                "-A KUBE-SERVICES -d {vip}/32 -p tcp -m comment --comment \"default/real cluster IP\" -j KUBE-SVC-REAL"
+            );
+            rules.push_str(
+                "-A KUBE-SVC-REAL -m comment --comment \"default/real\" -j KUBE-SEP-REAL\n",
+            );
+            let _ = writeln!(
+                rules,
+                "-A KUBE-SEP-REAL -m comment --comment \"default/real\" -p tcp -j DNAT --to-destination {dest}"
+            );
+        }
         let _ = writeln!(chains, ":{} - [0:0]", svc_chain(i));
         let _ = writeln!(
             rules,

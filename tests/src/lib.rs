@@ -219,3 +219,45 @@ pub fn add_addr(netns: &NetNs, dev: &str, cidr: &str) {
     }
     ip(&args);
 }
+
+/// Starts nginx (Debian's) inside `netns`, one `server` per (address, port, body),
+/// answering every request with 200 and `body`. Single process (`master_process
+/// off`), so killing it by PID stops everything. Files live in `dir`.
+pub fn nginx(
+    netns: &NetNs,
+    dir: &std::path::Path,
+    servers: &[(std::net::IpAddr, u16, String)],
+) -> Proc {
+    use std::fmt::Write as _;
+    let mut conf = format!(
+        "daemon off;\nmaster_process off;\nworker_rlimit_nofile 65536;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+         events {{ worker_connections 16384; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  keepalive_timeout 0;\n",
+        d = dir.display()
+    );
+    for (ip, port, body) in servers {
+        let listen = match ip {
+            std::net::IpAddr::V4(v4) => format!("{v4}:{port}"),
+            std::net::IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+        };
+        let _ = writeln!(
+            conf,
+            "  server {{ listen {listen} backlog=4096; location / {{ return 200 \"{body}\"; }} }}"
+        );
+    }
+    conf.push_str("}\n");
+    let path = dir.join("nginx.conf");
+    fs::write(&path, conf).expect("write nginx.conf");
+    let mut cmd = command_in(netns, None, "nginx");
+    cmd.arg("-c")
+        .arg(&path)
+        .arg("-e")
+        .arg(dir.join("error.log"));
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start nginx (apt-get install nginx-light)");
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    Proc(child)
+}

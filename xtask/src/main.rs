@@ -17,6 +17,9 @@ const APT_PACKAGES: [&str; 6] = [
     "iproute2",
     "bpftool",
 ];
+/// What the benchmarks compare against and drive: kube-proxy's iptables and
+/// nftables datapaths, nginx backends, the wrk HTTP client.
+const BENCH_APT_PACKAGES: [&str; 4] = ["iptables", "nftables", "nginx-light", "wrk"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 #[derive(Parser)]
@@ -82,11 +85,22 @@ fn with_bpffs(f: impl FnOnce() -> Result<()>) -> Result<()> {
 }
 
 fn bench() -> Result<()> {
-    setup()?;
+    setup_with(&BENCH_APT_PACKAGES)?;
+    let have_matplotlib = Command::new("python3")
+        .args(["-c", "import matplotlib"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_matplotlib {
+        run(Command::new("python3").args(["-m", "pip", "install", "-q", "matplotlib"]))?;
+    }
     require_root("the benchmarks")?;
     release_bins()?;
     let report = root().join("target/bench/report.json");
-    with_bpffs(|| run(Command::new(root().join("target/release/smbench")).arg(&report)))
+    with_bpffs(|| run(Command::new(root().join("target/release/smbench")).arg(&report)))?;
+    run(Command::new("python3")
+        .arg(root().join("docs/plot_bench.py"))
+        .arg(&report)
+        .arg(root().join("target/bench/change-latency.png")))
 }
 
 fn require_root(what: &str) -> Result<()> {
@@ -125,8 +139,13 @@ fn toolchain() -> Result<String> {
 }
 
 fn setup() -> Result<()> {
+    setup_with(&[])
+}
+
+fn setup_with(extra: &[&str]) -> Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
+        .chain(extra)
         .copied()
         .filter(|p| {
             !Command::new("dpkg-query")

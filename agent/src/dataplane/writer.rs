@@ -97,6 +97,10 @@ struct Garbage {
 pub struct MapWriter<S: MapStore> {
     store: S,
     mirror: Mirror,
+    /// Backend entries and slots of all services, kept current so that
+    /// `apply_changes` checks capacity without walking every service.
+    backends_total: usize,
+    slots_total: usize,
 }
 
 impl<S: MapStore> MapWriter<S> {
@@ -118,7 +122,45 @@ impl<S: MapStore> MapWriter<S> {
                 "removed map entries left by an interrupted update"
             );
         }
-        Ok(Self { store, mirror })
+        let mut w = Self {
+            store,
+            mirror,
+            backends_total: 0,
+            slots_total: 0,
+        };
+        w.recount();
+        Ok(w)
+    }
+
+    fn recount(&mut self) {
+        self.backends_total = self
+            .mirror
+            .services
+            .values()
+            .map(|i| i.backends.len())
+            .sum();
+        self.slots_total = self.mirror.services.values().map(|i| i.slots.len()).sum();
+    }
+
+    fn counts(&self, key: &ServiceKey) -> (usize, usize) {
+        self.mirror
+            .services
+            .get(key)
+            .map_or((0, 0), |i| (i.backends.len(), i.slots.len()))
+    }
+
+    /// Runs one service operation, keeping the totals current.
+    fn counted<T>(
+        &mut self,
+        key: &ServiceKey,
+        op: impl FnOnce(&mut Self) -> Result<T, WriteError>,
+    ) -> Result<T, WriteError> {
+        let (b0, s0) = self.counts(key);
+        let result = op(self);
+        let (b1, s1) = self.counts(key);
+        self.backends_total = self.backends_total + b1 - b0;
+        self.slots_total = self.slots_total + s1 - s0;
+        result
     }
 
     /// The installed table, as the kernel sees it.
@@ -139,6 +181,13 @@ impl<S: MapStore> MapWriter<S> {
     /// Makes the kernel maps hold `desired`, writing only what differs. Validation and
     /// capacity are checked before any write.
     pub fn apply(&mut self, desired: &RoutingTable) -> Result<ApplyReport, WriteError> {
+        let result = self.apply_all(desired);
+        // Whatever happened, the totals follow the mirror.
+        self.recount();
+        result
+    }
+
+    fn apply_all(&mut self, desired: &RoutingTable) -> Result<ApplyReport, WriteError> {
         desired.validate()?;
         let wanted: HashMap<ServiceKey, &ServiceAddr> = desired
             .services
@@ -235,7 +284,8 @@ impl<S: MapStore> MapWriter<S> {
         }
         let mut report = ApplyReport::default();
         for service in changes.iter().filter(|(_, b)| b.is_none()).map(|(s, _)| s) {
-            let ops = self.remove_service(&service_key(service))?;
+            let key = service_key(service);
+            let ops = self.counted(&key, |w| w.remove_service(&key))?;
             report.removed += usize::from(ops > 0);
             report.map_ops += ops;
         }
@@ -243,7 +293,7 @@ impl<S: MapStore> MapWriter<S> {
             let Some(backends) = backends else { continue };
             let key = service_key(service);
             if self.mirror.services.contains_key(&key) {
-                match self.update_service(service, &key, backends)? {
+                match self.counted(&key, |w| w.update_service(service, &key, backends))? {
                     0 => report.unchanged += 1,
                     ops => {
                         report.updated += 1;
@@ -251,7 +301,7 @@ impl<S: MapStore> MapWriter<S> {
                     }
                 }
             } else {
-                report.map_ops += self.add_service(service, &key, backends)?;
+                report.map_ops += self.counted(&key, |w| w.add_service(service, &key, backends))?;
                 report.added += 1;
             }
         }

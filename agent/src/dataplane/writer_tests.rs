@@ -394,6 +394,13 @@ fn apply_changes_touches_only_the_changed_services_and_checks_limits() {
     );
     assert_eq!(reachable(w.store(), &b), None);
     assert!(w.store().log.len() > log_before);
+    let (bt, st) = (w.backends_total, w.slots_total);
+    w.recount();
+    assert_eq!(
+        (bt, st),
+        (w.backends_total, w.slots_total),
+        "running totals drifted"
+    );
 
     // A change breaking a rule is refused before any write.
     let log_before = w.store().log.len();

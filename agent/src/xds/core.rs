@@ -9,6 +9,8 @@ use std::{
 
 use tracing::{debug, info, warn};
 
+use crate::dataplane::destroy::Target;
+
 use super::{
     decode::Kind,
     incremental::Changes,
@@ -24,6 +26,10 @@ pub trait TableSink: Send {
     fn apply_changes(&mut self, changes: &Changes) -> Result<usize, String>;
     /// What the datapath holds now (adopted from pins on restart).
     fn table(&self) -> RoutingTable;
+    /// Aborts sockets redirected to removed endpoints; returns how many.
+    fn terminate(&mut self, _targets: &BTreeSet<Target>) -> Result<usize, String> {
+        Ok(0)
+    }
 }
 
 impl TableSink for crate::dataplane::Datapath {
@@ -41,6 +47,12 @@ impl TableSink for crate::dataplane::Datapath {
 
     fn table(&self) -> RoutingTable {
         crate::dataplane::Datapath::table(self)
+    }
+
+    fn terminate(&mut self, targets: &BTreeSet<Target>) -> Result<usize, String> {
+        crate::dataplane::Datapath::terminate(self, targets)
+            .map(|r| r.destroyed)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -72,6 +84,10 @@ pub struct Core {
     pub source: SourceState,
     /// Responses of types sockmesh does not consume.
     pub ignored_types: u64,
+    /// Abort sockets connected to endpoints removed from a service.
+    pub terminate_removed: bool,
+    /// Sockets aborted so far.
+    pub terminated: u64,
 }
 
 impl Core {
@@ -88,6 +104,8 @@ impl Core {
             push: PushStats::default(),
             source: SourceState::Connecting,
             ignored_types: 0,
+            terminate_removed: false,
+            terminated: 0,
         }
     }
 
@@ -136,6 +154,19 @@ impl Core {
                 last_map_ops: ops,
                 last_latency: received.elapsed(),
             };
+            if self.terminate_removed && !accepted.removed.is_empty() {
+                match self.sink.terminate(&accepted.removed) {
+                    Ok(n) => {
+                        self.terminated += n as u64;
+                        info!(
+                            endpoints = accepted.removed.len(),
+                            sockets = n,
+                            "closed sockets of removed endpoints"
+                        );
+                    }
+                    Err(e) => warn!(error = %e, "closing sockets of removed endpoints failed"),
+                }
+            }
             info!(
                 types = ?kinds,
                 services = self.state.table().services.len(),

@@ -63,6 +63,8 @@ pub struct Accepted {
     pub table_changed: bool,
     /// RDS or EDS names to subscribe to changed.
     pub subscriptions_changed: bool,
+    /// Endpoints removed outright (not draining) from some service.
+    pub removed: std::collections::BTreeSet<crate::dataplane::destroy::Target>,
 }
 
 /// Counters per type, for metrics and `config_dump`.
@@ -299,12 +301,24 @@ impl XdsState {
             !dirty.listeners.is_empty() || !dirty.routes.is_empty() || !dirty.clusters.is_empty();
         let subscriptions = may_resubscribe.then(|| (self.inc.route_names(), self.inc.eds_names()));
         let changes = staged.changes.clone();
+        let mut removed = std::collections::BTreeSet::new();
+        for (service, after) in &changes {
+            if let Some(before) = self.table.services.get(service) {
+                crate::dataplane::destroy::removed_endpoints(
+                    service,
+                    before,
+                    after.as_ref(),
+                    &mut removed,
+                );
+            }
+        }
         self.inc.commit(staged, &mut self.table);
         let accepted = Accepted {
             table_changed: !changes.is_empty(),
             changes,
             subscriptions_changed: subscriptions
                 .is_some_and(|s| s != (self.inc.route_names(), self.inc.eds_names())),
+            removed,
         };
         let heard =
             |k| self.stats.get(&k).is_some_and(|s| s.accepted > 0) || update.kinds().contains(&k);

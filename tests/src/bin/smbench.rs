@@ -34,6 +34,12 @@ fn main() -> std::process::ExitCode {
             propagation(&bin_dir, PROP_SERVICES, PROP_ENDPOINTS, PROP_CHANGES),
         );
     }
+    if only.is_none_or(|o| o == "http") {
+        report.insert("http".into(), http_rps());
+    }
+    if only.is_none_or(|o| o == "churn") {
+        report.insert("churn".into(), churn_bench(&bin_dir));
+    }
     if only.is_none_or(|o| o == "scale") {
         report.insert("scale".into(), scale(&bin_dir));
     }
@@ -93,7 +99,7 @@ fn connect_cost(probe: &Path) -> Value {
     veth(&client, "10.10.1.1/24", &backend, "10.10.1.11/24");
     // Every (round, path) run gets its own backend port, so no 4-tuple is reused
     // while an earlier connection to it is in TIME_WAIT.
-    let runs = (ROUNDS + 1) * 3;
+    let runs = (ROUNDS + 1) * 4;
     let port = |run: usize| 9000 + u16::try_from(run).unwrap_or(0);
     let mut serve = command_in(&backend, None, probe);
     serve.arg("serve");
@@ -130,10 +136,26 @@ fn connect_cost(probe: &Path) -> Value {
         return json!({"error": e.to_string()});
     }
 
-    let paths: [(&str, bool, &str); 3] = [
+    // kube-proxy's iptables layout in the client namespace: 10,000 services and the
+    // real VIP 10.96.0.2 (any port, DNAT to the backend keeping the port).
+    let rules = sockmesh_tests::kubeproxy::iptables_ruleset_with(
+        FILLER_SERVICES,
+        10,
+        Some(("10.96.0.2", "10.10.1.11")),
+    );
+    if let Err(e) =
+        sockmesh_tests::kubeproxy::run_in(&client, "iptables-legacy-restore", &[], &rules)
+    {
+        say(&format!(
+            "connect_cost: loading the iptables rules failed: {e}"
+        ));
+        return json!({"error": e});
+    }
+    let paths: [(&str, bool, &str); 4] = [
         ("direct, no program", false, "10.10.1.11"),
         ("direct, program (miss)", true, "10.10.1.11"),
-        ("VIP, program (rewrite)", true, "10.96.0.1"),
+        ("VIP, sockmesh (rewrite)", true, "10.96.0.1"),
+        ("VIP, iptables DNAT", false, "10.96.0.2"),
     ];
     let mut means = vec![Vec::new(); paths.len()];
     let mut p50s = vec![Vec::new(); paths.len()];
@@ -147,6 +169,7 @@ fn connect_cost(probe: &Path) -> Value {
             let i = (round + k) % paths.len();
             let (_, in_cgroup, addr) = &paths[i];
             let run_port = port(round * paths.len() + i) + if i == 2 { 1000 } else { 0 };
+            // (the iptables path keeps the port: 10.96.0.2:P → 10.10.1.11:P)
             let mut cmd = command_in(&client, in_cgroup.then_some(&cgroup), probe);
             cmd.args([
                 "cc",
@@ -173,7 +196,7 @@ fn connect_cost(probe: &Path) -> Value {
     let base = median(means[0].clone());
     let base_p50 = median(p50s[0].clone());
     say(&format!(
-        "\nconnect()+close(), {ROUNDS} interleaved rounds x {CONNECTS_PER_ROUND}, {FILLER_SERVICES} services loaded (median of round means)"
+        "\nconnect()+close(), {ROUNDS} interleaved rounds x {CONNECTS_PER_ROUND}, {FILLER_SERVICES} services loaded in sockmesh and in iptables (median of round means)"
     ));
     say(&format!(
         "{:<26} {:>10} {:>10} {:>10} {:>11} {:>10}",
@@ -533,3 +556,206 @@ fn propagation_quiet(bin_dir: &Path, services: u32, endpoints: u16, changes: u32
 }
 
 static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// HTTP requests per second (`wrk`, `Connection: close`, so one connection per
+/// request) against nginx: directly, through the sockmesh VIP, and through the
+/// kube-proxy iptables VIP (10,000 services loaded in each), interleaved rounds.
+fn http_rps() -> Value {
+    let client = NetNs::new();
+    let backend = NetNs::new();
+    veth(&client, "10.10.1.1/24", &backend, "10.10.1.11/24");
+    let dir = std::env::temp_dir().join(sockmesh_tests::unique("sockmesh-bench-nginx-"));
+    let _ = std::fs::create_dir_all(&dir);
+    let _nginx = sockmesh_tests::nginx(
+        &backend,
+        &dir,
+        &[(IpAddr::from([10, 10, 1, 11]), 8080, "b1".into())],
+    );
+    let cgroup = Cgroup::new();
+    let bpffs = Bpffs::new();
+    let mut dp = install(&cgroup, &bpffs);
+    let mut table = RoutingTable::default();
+    let target = Backend::new(IpAddr::from([10, 10, 1, 11]), 8080);
+    for i in 0..FILLER_SERVICES {
+        let [_, _, hi, lo] = i.to_be_bytes();
+        table.insert(
+            ServiceAddr {
+                vip: IpAddr::from([10, 200, hi, lo]),
+                port: 80,
+                protocol: Protocol::Tcp,
+            },
+            vec![target],
+        );
+    }
+    table.insert(
+        ServiceAddr {
+            vip: IpAddr::from([10, 96, 0, 1]),
+            port: 8080,
+            protocol: Protocol::Tcp,
+        },
+        vec![target],
+    );
+    if let Err(e) = dp.apply(&table) {
+        return json!({"error": e.to_string()});
+    }
+    let rules = sockmesh_tests::kubeproxy::iptables_ruleset_with(
+        FILLER_SERVICES,
+        10,
+        Some(("10.96.0.2", "10.10.1.11")),
+    );
+    if let Err(e) =
+        sockmesh_tests::kubeproxy::run_in(&client, "iptables-legacy-restore", &[], &rules)
+    {
+        return json!({"error": e});
+    }
+    let paths: [(&str, bool, &str); 3] = [
+        ("direct", false, "http://10.10.1.11:8080/"),
+        ("VIP, sockmesh", true, "http://10.96.0.1:8080/"),
+        ("VIP, iptables DNAT", false, "http://10.96.0.2:8080/"),
+    ];
+    const ROUNDS_HTTP: usize = 3;
+    let mut rps = vec![Vec::new(); paths.len()];
+    let mut errors = vec![0u64; paths.len()];
+    for round in 0..ROUNDS_HTTP {
+        for k in 0..paths.len() {
+            let i = (round + k) % paths.len();
+            let (_, inside, url) = paths[i];
+            let mut cmd = command_in(&client, inside.then_some(&cgroup), "wrk");
+            cmd.args(["-t2", "-c32", "-d5s", "-H", "Connection: close", url]);
+            let out = match cmd.output() {
+                Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
+                Err(e) => return json!({"error": format!("wrk: {e}")}),
+            };
+            let value = |key: &str| {
+                out.lines()
+                    .find(|l| l.trim_start().starts_with(key))
+                    .and_then(|l| l.split(':').nth(1))
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|v| v.parse::<f64>().ok())
+            };
+            rps[i].push(value("Requests/sec").unwrap_or(0.0));
+            // "Socket errors: connect 0, read 0, write 0, timeout 0" and non-2xx lines.
+            for line in out
+                .lines()
+                .filter(|l| l.contains("Socket errors") || l.contains("Non-2xx"))
+            {
+                errors[i] += line
+                    .split(|c: char| !c.is_ascii_digit())
+                    .filter_map(|n| n.parse::<u64>().ok())
+                    .sum::<u64>();
+            }
+        }
+    }
+    let base = median(rps[0].clone());
+    say(
+        "\nHTTP (wrk -t2 -c32 -d5s, Connection: close, nginx backend; median of 3 interleaved rounds)",
+    );
+    say(&format!(
+        "{:<22} {:>12} {:>8} {:>8}",
+        "path", "requests/s", "ratio", "errors"
+    ));
+    let mut rows = Vec::new();
+    for (i, (name, _, url)) in paths.iter().enumerate() {
+        let m = median(rps[i].clone());
+        say(&format!(
+            "{name:<22} {m:>12.0} {:>8.3} {:>8}",
+            m / base,
+            errors[i]
+        ));
+        rows.push(json!({"path": name, "url": url, "requests_per_s": m, "ratio_to_direct": m / base, "errors": errors[i], "rounds": rps[i]}));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    json!({"services_loaded": FILLER_SERVICES + 1, "paths": rows})
+}
+
+/// Churn with a real HTTP client and nginx pods: 1,000 requests/s, a new connection
+/// each, while the control plane does 100 rolling-update steps and 100 scale steps.
+fn churn_bench(bin_dir: &Path) -> Value {
+    use sockmesh_tests::{churn, control_plane::ControlPlane, sockmesh_bin_in};
+    let Ok(rt) = tokio::runtime::Runtime::new() else {
+        return json!({"error": "no tokio runtime"});
+    };
+    let client = NetNs::new();
+    let backend = NetNs::new();
+    veth(&client, "10.10.1.1/24", &backend, "10.10.1.11/24");
+    let pods: Vec<(String, IpAddr)> = (1..=8u8)
+        .map(|i| (format!("p{i}"), IpAddr::from([10, 10, 1, 10 + i])))
+        .collect();
+    for (_, ip) in pods.iter().skip(1) {
+        sockmesh_tests::add_addr(&backend, "sm1", &format!("{ip}/24"));
+    }
+    let dir = std::env::temp_dir().join(sockmesh_tests::unique("sockmesh-bench-churn-"));
+    let _ = std::fs::create_dir_all(&dir);
+    let servers: Vec<(IpAddr, u16, String)> =
+        pods.iter().map(|(n, ip)| (*ip, 8080, n.clone())).collect();
+    let _nginx = sockmesh_tests::nginx(&backend, &dir, &servers);
+    let cgroup = Cgroup::new();
+    let bpffs = Bpffs::new();
+    let cp = ControlPlane::new();
+    let (addr, _stop) = rt.block_on(cp.serve("127.0.0.1:0".parse().expect("addr")));
+    cp.publish(&churn::resources(), true);
+    let agent = Command::new(sockmesh_bin_in(bin_dir))
+        .arg("agent")
+        .arg("--cgroup")
+        .arg(&cgroup.0)
+        .arg("--bpffs")
+        .arg(&bpffs.0)
+        .args(["--xds", &format!("grpc://{addr}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    let Ok(agent) = agent else {
+        return json!({"error": "agent did not start"});
+    };
+    let _agent = Proc(agent);
+    let started = std::time::Instant::now();
+    while sockmesh::dataplane::open_pinned(&bpffs.0).is_err() {
+        if started.elapsed() > std::time::Duration::from_secs(10) {
+            return json!({"error": "agent never installed"});
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let probe = bin_dir.join("smprobe");
+    let result = churn::run(&churn::Churn {
+        client: &client,
+        cgroup: &cgroup,
+        probe: &probe,
+        bpffs: &bpffs.0,
+        cp: &cp,
+        pods,
+        port: 8080,
+        rps: 1000,
+        rolling_steps: 100,
+        scale_steps: 100,
+        step_every: std::time::Duration::from_millis(100),
+        http: true,
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    match result {
+        Ok(r) => {
+            let rate = r.requests as f64 / r.duration.as_secs_f64();
+            say(&format!(
+                "\nchurn (HTTP via nginx, new connection per request): {} requests in {:.1} s ({rate:.0}/s), {} steps (100 rolling + 100 scale): {} failed, {} reached a DRAINING/removed endpoint; step publish -> kernel p50 {:.0} µs p99 {:.0} µs",
+                r.requests,
+                r.duration.as_secs_f64(),
+                r.steps,
+                r.failures,
+                r.stale,
+                percentile(&r.apply_us, 0.5),
+                percentile(&r.apply_us, 0.99)
+            ));
+            if !r.first_failures.is_empty() {
+                say(&format!("  first failures: {:?}", r.first_failures));
+            }
+            json!({
+                "requests": r.requests, "duration_s": r.duration.as_secs_f64(), "rate_per_s": rate,
+                "steps": r.steps, "failures": r.failures, "stale": r.stale,
+                "apply_p50_us": percentile(&r.apply_us, 0.5), "apply_p99_us": percentile(&r.apply_us, 0.99),
+            })
+        }
+        Err(e) => {
+            say(&format!("churn failed: {e}"));
+            json!({"error": e})
+        }
+    }
+}

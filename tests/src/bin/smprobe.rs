@@ -13,6 +13,8 @@
 //! smprobe rate ADDR:PORT RPS MILLIS [http]           open-loop fixed rate, a new TCP
 //!     connection per request (HTTP/1.1 GET with Connection: close if `http`, the
 //!     body is the name); one line each: START_NS END_NS NAME|E<errno>
+//! smprobe udp-hold ADDR:PORT MILLIS                   one connected UDP socket asking
+//!     every 50 ms until MILLIS pass or an error; one line each: NAME or E<errno>
 //! smprobe cc ADDR:PORT COUNT                          COUNT connect()+close() (RST,
 //!     no TIME_WAIT); prints COUNT FAILED MEAN_NS P50_NS P99_NS
 //! ```
@@ -36,6 +38,7 @@ fn main() -> ExitCode {
         Some("peer") => peer(&args[1..]),
         Some("cc") => connect_close(&args[1..]),
         Some("rate") => rate(&args[1..]),
+        Some("udp-hold") => udp_hold(&args[1..]),
         _ => Err("usage: smprobe serve|connect|udp|peer ...".to_owned()),
     };
     match result {
@@ -278,4 +281,31 @@ fn rate(args: &[String]) -> Result<(), String> {
         writeln!(out, "{t0} {t1} {what}").map_err(|e| e.to_string())?;
     }
     out.flush().map_err(|e| e.to_string())
+}
+
+fn udp_hold(args: &[String]) -> Result<(), String> {
+    let to = addr(args.first())?;
+    let millis = number(args.get(1), 1000)?;
+    let any = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let sock = UdpSocket::bind(any).map_err(|e| e.to_string())?;
+    sock.connect(to).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let mut out = io::stdout().lock();
+    while started.elapsed() < Duration::from_millis(millis) {
+        let mut buf = [0u8; 512];
+        let result = sock.send(b"q").and_then(|_| sock.recv(&mut buf));
+        let line = match result {
+            Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+            Err(e) => errno(&e),
+        };
+        writeln!(out, "{line}").map_err(|e| e.to_string())?;
+        let _ = out.flush();
+        if line.starts_with('E') && line != "E11" {
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
 }

@@ -1,0 +1,408 @@
+//! Closing sockets still connected to removed endpoints (`--terminate-removed-connections`).
+//!
+//! The kernel's inet_diag `SOCK_DESTROY` (what `ss -K` uses; `CONFIG_INET_DIAG_DESTROY`)
+//! aborts a socket by its id: the application sees ECONNABORTED on its next call. In
+//! every network namespace on the node (`/proc/*/ns/net`, each once), sockets are
+//! dumped per family and protocol, and one is destroyed only if its destination is a
+//! removed endpoint *and* sockmesh redirected it: its (cookie, destination) is in the
+//! reverse-translation map SM_REVERSE. Sockets that connected to the endpoint's
+//! address directly are left alone. UDP clients of a removed endpoint are the main
+//! users: a connected UDP socket has no handshake that would ever fail by itself.
+//!
+//! `bpf_sock_destroy()` from a socket iterator (6.5+) would do the same from a BPF
+//! program; aya-ebpf 0.3 has no kfunc call support, so the netlink path is used.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    net::IpAddr,
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::Path,
+};
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use sockmesh_common::{ReverseKey, ReverseValue};
+
+use super::keys::{ip_to_words, port_to_map};
+use crate::model::{Backend, Protocol, ServiceAddr};
+
+const NETLINK_SOCK_DIAG: i32 = 4;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DESTROY: u16 = 21;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+/// TCP states worth aborting (everything but LISTEN, TIME_WAIT, CLOSE); a connected
+/// UDP socket reports ESTABLISHED.
+const STATES: u32 =
+    (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 8) | (1 << 9) | (1 << 11);
+const HDR: usize = 16;
+const REQ: usize = 56;
+const MSG_MIN: usize = 72;
+
+/// Why sockets could not be destroyed.
+#[derive(Debug, thiserror::Error)]
+pub enum DestroyError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "this kernel cannot destroy sockets: inet_diag SOCK_DESTROY answered {0} (needs CONFIG_INET_DIAG_DESTROY and CAP_NET_ADMIN)"
+    )]
+    Unsupported(std::io::Error),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DestroyError {
+    let what = what.into();
+    move |source| DestroyError::Io { what, source }
+}
+
+/// An endpoint whose sockets should go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Target {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// Endpoints of `service` in `before` and absent (in any state) from `after`: what
+/// a change removed outright (draining ones stay).
+pub fn removed_endpoints(
+    service: &ServiceAddr,
+    before: &[Backend],
+    after: Option<&Vec<Backend>>,
+    out: &mut BTreeSet<Target>,
+) {
+    {
+        for b in before {
+            let kept = after
+                .as_ref()
+                .is_some_and(|a| a.iter().any(|x| x.address == b.address && x.port == b.port));
+            if !kept {
+                out.insert(Target {
+                    addr: b.address,
+                    port: b.port,
+                    protocol: service.protocol,
+                });
+            }
+        }
+    }
+}
+
+/// What a sweep did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DestroyReport {
+    pub namespaces: usize,
+    pub destroyed: usize,
+    /// Matching sockets not redirected by sockmesh (left alone).
+    pub skipped: usize,
+}
+
+fn netlink() -> Result<OwnedFd, DestroyError> {
+    // SAFETY: plain socket(2); the result is checked before it is wrapped.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(io("netlink sock_diag socket")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: `fd` is a new, valid descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn send(fd: &OwnedFd, msg: &[u8]) -> Result<(), DestroyError> {
+    // SAFETY: `msg` is a valid buffer of its length; the kernel address is implied
+    // by the netlink socket (a zeroed sockaddr_nl is the kernel).
+    let n = unsafe {
+        let mut sa: libc::sockaddr_nl = std::mem::zeroed();
+        sa.nl_family = libc::AF_NETLINK as u16;
+        libc::sendto(
+            fd.as_raw_fd(),
+            msg.as_ptr().cast(),
+            msg.len(),
+            0,
+            (&raw const sa).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        )
+    };
+    if n < 0 {
+        return Err(io("netlink send")(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn recv(fd: &OwnedFd, buf: &mut [u8]) -> Result<usize, DestroyError> {
+    // SAFETY: `buf` is a valid writable buffer of its length.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    usize::try_from(n).map_err(|_| io("netlink recv")(std::io::Error::last_os_error()))
+}
+
+fn request(kind: u16, flags: u16, family: u8, protocol: u8, states: u32, id: &[u8; 48]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(HDR + REQ);
+    m.extend_from_slice(&((HDR + REQ) as u32).to_ne_bytes());
+    m.extend_from_slice(&kind.to_ne_bytes());
+    m.extend_from_slice(&flags.to_ne_bytes());
+    m.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    m.extend_from_slice(&0u32.to_ne_bytes()); // pid
+    m.extend_from_slice(&[family, protocol, 0, 0]);
+    m.extend_from_slice(&states.to_ne_bytes());
+    m.extend_from_slice(id);
+    m
+}
+
+/// Reads the NLMSG_ERROR answer of a non-dump request: Ok for 0, the errno otherwise.
+fn ack(fd: &OwnedFd) -> Result<Result<(), std::io::Error>, DestroyError> {
+    let mut buf = [0u8; 512];
+    let n = recv(fd, &mut buf)?;
+    if n >= HDR + 4 && u16::from_ne_bytes([buf[4], buf[5]]) == NLMSG_ERROR {
+        let err = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
+        return Ok(if err == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::from_raw_os_error(-err))
+        });
+    }
+    Ok(Ok(()))
+}
+
+/// Checks that SOCK_DESTROY exists here: destroying a socket that does not exist
+/// must answer ENOENT, not EOPNOTSUPP.
+pub fn probe() -> Result<(), DestroyError> {
+    let fd = netlink()?;
+    let mut id = [0u8; 48];
+    id[0..2].copy_from_slice(&1u16.to_be_bytes());
+    id[2..4].copy_from_slice(&1u16.to_be_bytes());
+    id[40..48].copy_from_slice(&[0xff; 8]); // INET_DIAG_NOCOOKIE
+    send(
+        &fd,
+        &request(
+            SOCK_DESTROY,
+            NLM_F_REQUEST | NLM_F_ACK,
+            libc::AF_INET as u8,
+            libc::IPPROTO_TCP as u8,
+            STATES,
+            &id,
+        ),
+    )?;
+    match ack(&fd)? {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(DestroyError::Unsupported(e)),
+    }
+}
+
+fn id_dst(id: &[u8]) -> ([u32; 4], u16) {
+    let port = u16::from_be_bytes([id[2], id[3]]);
+    let mut dst = [0u32; 4];
+    for (i, w) in dst.iter_mut().enumerate() {
+        let o = 20 + i * 4;
+        *w = u32::from_ne_bytes([id[o], id[o + 1], id[o + 2], id[o + 3]]);
+    }
+    (dst, port)
+}
+
+fn id_cookie(id: &[u8]) -> u64 {
+    let lo = u32::from_ne_bytes([id[40], id[41], id[42], id[43]]);
+    let hi = u32::from_ne_bytes([id[44], id[45], id[46], id[47]]);
+    u64::from(lo) | (u64::from(hi) << 32)
+}
+
+/// Map words of an address as inet_diag reports it for `family`.
+fn diag_words(family: u8, addr: IpAddr) -> Option<[u32; 4]> {
+    match (family as i32, addr) {
+        (libc::AF_INET, IpAddr::V4(v4)) => Some([u32::from_ne_bytes(v4.octets()), 0, 0, 0]),
+        (libc::AF_INET6, ip) => Some(ip_to_words(ip)),
+        _ => None,
+    }
+}
+
+/// Destroys, in the current network namespace, the sockets redirected to `targets`.
+fn sweep_here(
+    targets: &BTreeSet<Target>,
+    reverse: &BpfHashMap<MapData, ReverseKey, ReverseValue>,
+    report: &mut DestroyReport,
+) -> Result<(), DestroyError> {
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        for (proto, protocol) in [
+            (libc::IPPROTO_TCP as u8, Protocol::Tcp),
+            (libc::IPPROTO_UDP as u8, Protocol::Udp),
+        ] {
+            let wanted: Vec<([u32; 4], u16, Target)> = targets
+                .iter()
+                .filter(|t| t.protocol == protocol)
+                .filter_map(|t| diag_words(family, t.addr).map(|w| (w, t.port, *t)))
+                .collect();
+            if wanted.is_empty() {
+                continue;
+            }
+            let fd = netlink()?;
+            tracing::debug!(family, proto, "dumping sockets");
+            send(
+                &fd,
+                &request(
+                    SOCK_DIAG_BY_FAMILY,
+                    NLM_F_REQUEST | NLM_F_DUMP,
+                    family,
+                    proto,
+                    STATES,
+                    &[0; 48],
+                ),
+            )?;
+            let mut doomed: Vec<[u8; 48]> = Vec::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            'dump: loop {
+                let n = recv(&fd, &mut buf)?;
+                let mut off = 0;
+                while off + HDR <= n {
+                    let len =
+                        u32::from_ne_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]])
+                            as usize;
+                    let kind = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
+                    if kind == NLMSG_DONE || kind == NLMSG_ERROR || len < HDR {
+                        break 'dump;
+                    }
+                    if len >= HDR + MSG_MIN && off + len <= n {
+                        let id = &buf[off + HDR + 4..off + HDR + 52];
+                        let (dst, dport) = id_dst(id);
+                        if let Some((_, _, t)) =
+                            wanted.iter().find(|(w, p, _)| *w == dst && *p == dport)
+                        {
+                            let key = ReverseKey {
+                                cookie: id_cookie(id),
+                                addr: ip_to_words(t.addr),
+                                port: port_to_map(t.port),
+                                pad: [0; 6],
+                            };
+                            if reverse.get(&key, 0).is_ok() {
+                                let mut copy = [0u8; 48];
+                                copy.copy_from_slice(id);
+                                doomed.push(copy);
+                            } else {
+                                report.skipped += 1;
+                            }
+                        }
+                    }
+                    off += (len + 3) & !3;
+                }
+                if n == 0 {
+                    break;
+                }
+            }
+            tracing::debug!(
+                family,
+                proto,
+                doomed = doomed.len(),
+                skipped = report.skipped,
+                "dump done"
+            );
+            for id in doomed {
+                send(
+                    &fd,
+                    &request(
+                        SOCK_DESTROY,
+                        NLM_F_REQUEST | NLM_F_ACK,
+                        family,
+                        proto,
+                        STATES,
+                        &id,
+                    ),
+                )?;
+                match ack(&fd)? {
+                    Ok(()) => report.destroyed += 1,
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) => return Err(DestroyError::Unsupported(e)),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The network namespaces on the node, one open descriptor each.
+fn namespaces() -> Vec<fs::File> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    let mut candidates: Vec<std::path::PathBuf> = fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .map(|e| e.path().join("ns/net"))
+        .collect();
+    candidates.extend(
+        fs::read_dir("/run/netns")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path()),
+    );
+    for path in candidates {
+        let Ok(meta) = fs::metadata(&path) else {
+            continue;
+        };
+        let key = std::os::unix::fs::MetadataExt::ino(&meta);
+        if seen.insert(key)
+            && let Ok(f) = fs::File::open(&path)
+        {
+            out.push(f);
+        }
+    }
+    out
+}
+
+/// Destroys sockets redirected to `targets` in every network namespace. The
+/// reverse-translation map is read from `maps_dir` (the pinned maps).
+pub fn destroy_everywhere(
+    maps_dir: &Path,
+    targets: &BTreeSet<Target>,
+) -> Result<DestroyReport, DestroyError> {
+    let mut report = DestroyReport::default();
+    if targets.is_empty() {
+        return Ok(report);
+    }
+    let pin = maps_dir.join("SM_REVERSE");
+    let data = MapData::from_pin(&pin)
+        .map_err(|e| io(format!("opening {}", pin.display()))(std::io::Error::other(e)))?;
+    let reverse: BpfHashMap<MapData, ReverseKey, ReverseValue> =
+        BpfHashMap::try_from(aya::maps::Map::LruHashMap(data))
+            .map_err(|e| io("SM_REVERSE")(std::io::Error::other(e)))?;
+    let namespaces = namespaces();
+    report.namespaces = namespaces.len();
+    // Each namespace is entered by a short-lived thread (setns changes only the
+    // calling thread's network namespace), so the agent's own threads stay put.
+    std::thread::scope(|scope| {
+        let handle = scope.spawn(|| -> Result<DestroyReport, DestroyError> {
+            let mut r = DestroyReport::default();
+            for ns in &namespaces {
+                nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| io("setns")(std::io::Error::from(e)))?;
+                sweep_here(targets, &reverse, &mut r)?;
+            }
+            Ok(r)
+        });
+        match handle.join() {
+            Ok(r) => r.map(|r| {
+                report.destroyed = r.destroyed;
+                report.skipped = r.skipped;
+            }),
+            Err(_) => Err(io("sweeper thread")(std::io::Error::other("panicked"))),
+        }
+    })?;
+    Ok(report)
+}
