@@ -111,6 +111,8 @@ pub struct AgentConfig {
     pub refresh: Duration,
     /// Abort sockets still connected to endpoints removed from a service.
     pub terminate_removed: bool,
+    /// Admin HTTP address (`None`: no admin server).
+    pub admin: Option<std::net::SocketAddr>,
 }
 
 /// Runs the agent until SIGINT/SIGTERM.
@@ -132,6 +134,20 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     }
     let core = Arc::new(Mutex::new(core));
     let (stop_tx, stop_rx) = watch::channel(false);
+    if let Some(addr) = cfg.admin {
+        let admin = crate::admin::Admin {
+            core: core.clone(),
+            bpffs: cfg.datapath.bpffs.clone(),
+        };
+        // The admin server failing (say, its port is taken) must not take the
+        // datapath's control loop down with it: it is logged and the agent goes on.
+        let stop = stop_rx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::admin::serve(addr, admin, stop).await {
+                tracing::error!(error = %e, "admin server stopped");
+            }
+        });
+    }
     let node = cfg.node.node();
     info!(node_id = %node.id, source = ?cfg.source, "agent starting");
     let task = match cfg.source.clone() {

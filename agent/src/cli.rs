@@ -140,6 +140,10 @@ pub struct AgentArgs {
     /// that is draining), in every network namespace, with inet_diag SOCK_DESTROY.
     #[arg(long, env = "SOCKMESH_TERMINATE_REMOVED_CONNECTIONS")]
     pub terminate_removed_connections: bool,
+    /// Admin HTTP server (/healthz, /readyz, /metrics, /config_dump). Loopback by
+    /// default; "off" disables it.
+    #[arg(long, default_value = "127.0.0.1:15200", env = "SOCKMESH_ADMIN")]
+    pub admin: String,
     /// Poll interval of the REST (http://) source, e.g. 1s, 500ms.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub xds_refresh: std::time::Duration,
@@ -184,6 +188,13 @@ fn agent(args: AgentArgs) -> Result<()> {
         },
         refresh: args.xds_refresh,
         terminate_removed: args.terminate_removed_connections,
+        admin: match args.admin.as_str() {
+            "off" | "" => None,
+            a => Some(
+                a.parse()
+                    .with_context(|| format!("--admin {a:?}: expected IP:PORT or off"))?,
+            ),
+        },
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -4,6 +4,7 @@
 //! Flow: source → [`model::RoutingTable`] → [`dataplane::Datapath`] (`MapWriter`) →
 //! kernel maps → kernel programs (`ebpf/programs`).
 
+pub mod admin;
 pub mod agent;
 pub mod cli;
 pub mod dataplane;

@@ -57,13 +57,31 @@ impl Drop for NetNs {
 /// Connects `a` (address `a_ip`) and `b` (address `b_ip`) with a veth pair; no
 /// default route anywhere.
 pub fn veth(a: &NetNs, a_ip: &str, b: &NetNs, b_ip: &str) {
+    veth_named(a, "sm0", a_ip, b, "sm1", b_ip);
+}
+
+/// [`veth`] with chosen device names (for a second link between namespaces).
+pub fn veth_named(a: &NetNs, a_if: &str, a_ip: &str, b: &NetNs, b_if: &str, b_ip: &str) {
     ip(&[
-        "link", "add", "sm0", "netns", &a.0, "type", "veth", "peer", "name", "sm1", "netns", &b.0,
+        "link", "add", a_if, "netns", &a.0, "type", "veth", "peer", "name", b_if, "netns", &b.0,
     ]);
-    ip(&["-n", &a.0, "addr", "add", a_ip, "dev", "sm0"]);
-    ip(&["-n", &b.0, "addr", "add", b_ip, "dev", "sm1"]);
-    ip(&["-n", &a.0, "link", "set", "sm0", "up"]);
-    ip(&["-n", &b.0, "link", "set", "sm1", "up"]);
+    ip(&["-n", &a.0, "addr", "add", a_ip, "dev", a_if]);
+    ip(&["-n", &b.0, "addr", "add", b_ip, "dev", b_if]);
+    ip(&["-n", &a.0, "link", "set", a_if, "up"]);
+    ip(&["-n", &b.0, "link", "set", b_if, "up"]);
+}
+
+/// A second client namespace for kube-proxy's iptables datapath, linked to `backend`
+/// (10.10.2.1 ↔ 10.10.2.11), with the rules `rules` (iptables-restore input)
+/// loaded. The VIP range 10.96.0.0/16 and the backends' 10.10.1.0/24 are routed
+/// onto the link: the route lookup at connect() happens before the OUTPUT DNAT.
+pub fn iptables_client(backend: &NetNs, rules: &str) -> Result<NetNs, String> {
+    let ns = NetNs::new();
+    veth_named(&ns, "sm2", "10.10.2.1/24", backend, "sm3", "10.10.2.11/24");
+    ip(&["-n", &ns.0, "route", "add", "10.96.0.0/16", "dev", "sm2"]);
+    ip(&["-n", &ns.0, "route", "add", "10.10.1.0/24", "dev", "sm2"]);
+    kubeproxy::run_in(&ns, "iptables-legacy-restore", &[], rules)?;
+    Ok(ns)
 }
 
 /// A child cgroup v2 directory, removed on drop.

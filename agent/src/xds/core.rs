@@ -65,6 +65,45 @@ pub struct PushStats {
     pub last_latency: Duration,
 }
 
+/// A fixed-bucket latency histogram (seconds), for `/metrics`.
+#[derive(Clone, Debug, Default)]
+pub struct LatencyHistogram {
+    counts: [u64; Self::BOUNDS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl LatencyHistogram {
+    pub const BOUNDS: [f64; 12] = [
+        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0,
+    ];
+
+    pub fn record(&mut self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = Self::BOUNDS.iter().position(|b| secs <= *b) {
+            self.counts[i] += 1;
+        }
+        self.count += 1;
+        self.sum += secs;
+    }
+
+    /// (upper bound, observations in that bucket alone).
+    pub fn buckets(&self) -> impl Iterator<Item = (f64, u64)> + '_ {
+        Self::BOUNDS
+            .iter()
+            .copied()
+            .zip(self.counts.iter().copied())
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub fn sum(&self) -> f64 {
+        self.sum
+    }
+}
+
 /// Connection state of the control-plane source.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SourceState {
@@ -88,6 +127,8 @@ pub struct Core {
     pub terminate_removed: bool,
     /// Sockets aborted so far.
     pub terminated: u64,
+    /// Update arrival → kernel maps written.
+    pub latency: LatencyHistogram,
 }
 
 impl Core {
@@ -106,6 +147,7 @@ impl Core {
             ignored_types: 0,
             terminate_removed: false,
             terminated: 0,
+            latency: LatencyHistogram::default(),
         }
     }
 
@@ -154,6 +196,7 @@ impl Core {
                 last_map_ops: ops,
                 last_latency: received.elapsed(),
             };
+            self.latency.record(self.push.last_latency);
             if self.terminate_removed && !accepted.removed.is_empty() {
                 match self.sink.terminate(&accepted.removed) {
                     Ok(n) => {

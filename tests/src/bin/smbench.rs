@@ -143,14 +143,18 @@ fn connect_cost(probe: &Path) -> Value {
         10,
         Some(("10.96.0.2", "10.10.1.11")),
     );
-    if let Err(e) =
-        sockmesh_tests::kubeproxy::run_in(&client, "iptables-legacy-restore", &[], &rules)
-    {
-        say(&format!(
-            "connect_cost: loading the iptables rules failed: {e}"
-        ));
-        return json!({"error": e});
-    }
+    // kube-proxy's rules live in their own client namespace: loaded into the
+    // sockmesh client's, every new connection there (direct ones too) would walk
+    // the nat OUTPUT chain.
+    let ipt_client = match sockmesh_tests::iptables_client(&backend, &rules) {
+        Ok(ns) => ns,
+        Err(e) => {
+            say(&format!(
+                "connect_cost: loading the iptables rules failed: {e}"
+            ));
+            return json!({"error": e});
+        }
+    };
     let paths: [(&str, bool, &str); 4] = [
         ("direct, no program", false, "10.10.1.11"),
         ("direct, program (miss)", true, "10.10.1.11"),
@@ -170,7 +174,8 @@ fn connect_cost(probe: &Path) -> Value {
             let (_, in_cgroup, addr) = &paths[i];
             let run_port = port(round * paths.len() + i) + if i == 2 { 1000 } else { 0 };
             // (the iptables path keeps the port: 10.96.0.2:P → 10.10.1.11:P)
-            let mut cmd = command_in(&client, in_cgroup.then_some(&cgroup), probe);
+            let ns = if i == 3 { &ipt_client } else { &client };
+            let mut cmd = command_in(ns, in_cgroup.then_some(&cgroup), probe);
             cmd.args([
                 "cc",
                 &format!("{addr}:{run_port}"),
@@ -610,10 +615,20 @@ fn http_rps() -> Value {
         10,
         Some(("10.96.0.2", "10.10.1.11")),
     );
-    if let Err(e) =
-        sockmesh_tests::kubeproxy::run_in(&client, "iptables-legacy-restore", &[], &rules)
-    {
-        return json!({"error": e});
+    // kube-proxy's rules live in their own client namespace: loaded into the
+    // sockmesh client's, every new connection there (direct ones too) would walk
+    // the nat OUTPUT chain.
+    let ipt_client = match sockmesh_tests::iptables_client(&backend, &rules) {
+        Ok(ns) => ns,
+        Err(e) => return json!({"error": e}),
+    };
+    // Every request is a new connection: without this, tens of thousands of
+    // TIME_WAIT entries per run on nginx's side collide with reused client ports
+    // (SYNs answered by challenge ACKs, 1 s retransmissions) and the numbers measure
+    // that, not the datapath. Namespace-local settings, on our namespaces only.
+    for ns in [&client, &ipt_client, &backend] {
+        sysctl_in(ns, "net.ipv4.tcp_max_tw_buckets", "0");
+        sysctl_in(ns, "net.ipv4.ip_local_port_range", "1024 65535");
     }
     let paths: [(&str, bool, &str); 3] = [
         ("direct", false, "http://10.10.1.11:8080/"),
@@ -627,7 +642,8 @@ fn http_rps() -> Value {
         for k in 0..paths.len() {
             let i = (round + k) % paths.len();
             let (_, inside, url) = paths[i];
-            let mut cmd = command_in(&client, inside.then_some(&cgroup), "wrk");
+            let ns = if i == 2 { &ipt_client } else { &client };
+            let mut cmd = command_in(ns, inside.then_some(&cgroup), "wrk");
             cmd.args(["-t2", "-c32", "-d5s", "-H", "Connection: close", url]);
             let out = match cmd.output() {
                 Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
@@ -765,4 +781,19 @@ fn churn_bench(bin_dir: &Path) -> Value {
             json!({"error": e})
         }
     }
+}
+
+/// `sysctl -w key=value` inside `ns` (network sysctls are per namespace).
+fn sysctl_in(ns: &NetNs, key: &str, value: &str) {
+    let _ = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.0,
+            "sysctl",
+            "-q",
+            "-w",
+            &format!("{key}={value}"),
+        ])
+        .status();
 }

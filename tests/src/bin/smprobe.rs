@@ -267,18 +267,35 @@ fn rate(args: &[String]) -> Result<(), String> {
     let http = args.get(3).is_some_and(|a| a == "http");
     let interval = Duration::from_nanos(1_000_000_000 / rps);
     let total = millis * rps / 1000;
+    // Open loop over 4 threads: request i is due at i × interval and goes at once
+    // if late, so one slow request does not hold back the ones after it.
+    const THREADS: u64 = 4;
     let started = Instant::now();
+    let workers: Vec<_> = (0..THREADS)
+        .map(|k| {
+            thread::spawn(move || {
+                let mut lines = Vec::new();
+                let mut i = k;
+                while i < total {
+                    let due = interval * u32::try_from(i).unwrap_or(u32::MAX);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        thread::sleep(wait);
+                    }
+                    let t0 = monotonic_ns();
+                    let what = request(&to, http);
+                    let t1 = monotonic_ns();
+                    lines.push(format!("{t0} {t1} {what}"));
+                    i += THREADS;
+                }
+                lines
+            })
+        })
+        .collect();
     let mut out = io::BufWriter::new(io::stdout().lock());
-    for i in 0..total {
-        // Open loop: each request has its slot in time; a late one goes at once.
-        let due = interval * u32::try_from(i).unwrap_or(u32::MAX);
-        if let Some(wait) = due.checked_sub(started.elapsed()) {
-            thread::sleep(wait);
+    for w in workers {
+        for line in w.join().map_err(|_| "worker panicked".to_owned())? {
+            writeln!(out, "{line}").map_err(|e| e.to_string())?;
         }
-        let t0 = monotonic_ns();
-        let what = request(&to, http);
-        let t1 = monotonic_ns();
-        writeln!(out, "{t0} {t1} {what}").map_err(|e| e.to_string())?;
     }
     out.flush().map_err(|e| e.to_string())
 }
