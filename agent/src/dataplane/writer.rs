@@ -101,6 +101,9 @@ pub struct MapWriter<S: MapStore> {
     /// `apply_changes` checks capacity without walking every service.
     backends_total: usize,
     slots_total: usize,
+    /// Ids in use (and ids handed out during a full apply), so allocation does not
+    /// walk every service.
+    ids: HashSet<u32>,
 }
 
 impl<S: MapStore> MapWriter<S> {
@@ -127,12 +130,14 @@ impl<S: MapStore> MapWriter<S> {
             mirror,
             backends_total: 0,
             slots_total: 0,
+            ids: HashSet::new(),
         };
         w.recount();
         Ok(w)
     }
 
     fn recount(&mut self) {
+        self.ids = self.mirror.services.values().map(|i| i.id).collect();
         self.backends_total = self
             .mirror
             .services
@@ -236,13 +241,8 @@ impl<S: MapStore> MapWriter<S> {
         &mut self,
         changes: &BTreeMap<ServiceAddr, Option<Vec<Backend>>>,
     ) -> Result<ApplyReport, WriteError> {
-        let mut backends_total: usize = self
-            .mirror
-            .services
-            .values()
-            .map(|i| i.backends.len())
-            .sum();
-        let mut slots_total: usize = self.mirror.services.values().map(|i| i.slots.len()).sum();
+        let mut backends_total = self.backends_total;
+        let mut slots_total = self.slots_total;
         let mut services_total = self.mirror.services.len();
         let (mut largest_b, mut largest_s) = (0, 0);
         for (service, backends) in changes {
@@ -333,13 +333,12 @@ impl<S: MapStore> MapWriter<S> {
     }
 
     fn alloc_id(&mut self) -> u32 {
-        let used: HashSet<u32> = self.mirror.services.values().map(|s| s.id).collect();
         // Ids are not reused soon: a program that read a removed service's value just
         // before removal must not find another service's slots under the same id.
         loop {
             let id = self.mirror.next_id;
             self.mirror.next_id = self.mirror.next_id.wrapping_add(1);
-            if !used.contains(&id) {
+            if self.ids.insert(id) {
                 return id;
             }
         }
@@ -418,6 +417,7 @@ impl<S: MapStore> MapWriter<S> {
         // anything a failed delete leaves behind is unreachable (adoption collects it).
         self.store.del_service(key).map_err(wrap)?;
         self.mirror.services.remove(key);
+        self.ids.remove(&inst.id);
         let mut ops = 1;
         for (slot, _) in inst.slots.iter().enumerate() {
             self.store

@@ -48,6 +48,8 @@ pub struct Staged {
     removed_listeners: BTreeSet<String>,
     clusters: BTreeMap<String, Option<ClusterView>>,
     pub changes: Changes,
+    /// Services defined by the re-staged listeners, and by which.
+    staged_owners: BTreeMap<ServiceAddr, BTreeSet<String>>,
     warming_now: BTreeSet<ServiceAddr>,
     not_warming: BTreeSet<ServiceAddr>,
 }
@@ -155,6 +157,11 @@ impl Incremental {
                 });
             st.clusters.insert(c.clone(), view);
         }
+        for (l, (specs, _, _)) in &st.specs {
+            for spec in specs {
+                st.staged_owners.entry(spec.service).or_default().insert(l.clone());
+            }
+        }
         // Services whose result may differ.
         let mut services: BTreeSet<ServiceAddr> = BTreeSet::new();
         for l in &listeners {
@@ -210,10 +217,8 @@ impl Incremental {
             .get(s)
             .map(|o| o.iter().filter(|l| !dirty_listeners.contains(*l)).collect())
             .unwrap_or_default();
-        for (l, (specs, _, _)) in &st.specs {
-            if specs.iter().any(|x| x.service == *s) {
-                owners.insert(l);
-            }
+        if let Some(staged) = st.staged_owners.get(s) {
+            owners.extend(staged.iter());
         }
         let Some(winner) = owners.first() else {
             return Resolved::Gone;

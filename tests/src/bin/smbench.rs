@@ -31,7 +31,18 @@ fn main() -> std::process::ExitCode {
     if only.is_none_or(|o| o == "propagation") {
         report.insert(
             "propagation".into(),
-            propagation(&bin_dir, PROP_SERVICES, PROP_ENDPOINTS, PROP_CHANGES),
+            propagation(
+                &bin_dir,
+                std::env::var("SMBENCH_SERVICES")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(PROP_SERVICES),
+                PROP_ENDPOINTS,
+                std::env::var("SMBENCH_CHANGES")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(PROP_CHANGES),
+            ),
         );
     }
     if only.is_none_or(|o| o == "http") {
@@ -458,8 +469,11 @@ fn scale(bin_dir: &Path) -> Value {
     const PER: u16 = 10;
     const LOAD_BUDGET: std::time::Duration = std::time::Duration::from_secs(90);
     let mut rows = Vec::new();
-    let mut skip_iptables = false;
-    let mut skip_nft = false;
+    // SMBENCH_SKIP_KUBEPROXY=1 measures sockmesh alone (the kube-proxy side takes
+    // most of this scenario's 15 minutes and does not depend on sockmesh).
+    let skip = std::env::var("SMBENCH_SKIP_KUBEPROXY").is_ok_and(|v| v == "1");
+    let mut skip_iptables = skip;
+    let mut skip_nft = skip;
     say(
         "\nscale: one change (a service moves to a new endpoint) vs table size, 10 endpoints per service",
     );
