@@ -115,6 +115,7 @@ fn scenario(protocol: &str) {
 
     let log_path = std::env::temp_dir().join(unique("sockmesh-agent-log-"));
     let log = fs::File::create(&log_path).expect("log file");
+    let admin = sockmesh_tests::free_port();
     let agent = Command::new(sockmesh_bin())
         .arg("agent")
         .arg("--cgroup")
@@ -193,12 +194,18 @@ fn scenario(protocol: &str) {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(reach(10).iter().all(|n| n == "b2" || n == "b3"));
+    // Liveness stays ok; readiness says why it is degraded.
+    assert_eq!(sockmesh_tests::http_get(admin, "/healthz").0, 200);
+    let (status, body) = sockmesh_tests::http_get(admin, "/readyz");
+    assert_eq!(status, 503);
+    assert!(body.contains("degraded: xDS disconnected"), "{body}");
 
     // Back, on the same address, with a change made meanwhile: converges.
     cp.publish(&resources(&eds(&[4], 8080)), false);
     let (_addr2, _stop2) = rt.block_on(cp.serve(addr));
     wait_for(&bpffs, "after reconnect", &["10.10.1.14"]);
     assert_eq!(reach(10), ["b4"]);
+    assert_eq!(sockmesh_tests::http_get(admin, "/readyz").0, 200);
 
     // SIGTERM: the agent exits cleanly, the datapath stays.
     nix::sys::signal::kill(

@@ -159,7 +159,10 @@ impl Incremental {
         }
         for (l, (specs, _, _)) in &st.specs {
             for spec in specs {
-                st.staged_owners.entry(spec.service).or_default().insert(l.clone());
+                st.staged_owners
+                    .entry(spec.service)
+                    .or_default()
+                    .insert(l.clone());
             }
         }
         // Services whose result may differ.

@@ -1,0 +1,94 @@
+//! The admin server on loopback: /healthz, /readyz, /metrics and /config_dump
+//! answer, and follow accepted and rejected updates.
+
+use std::{
+    fs,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use sockmesh_tests::{Bpffs, Cgroup, Proc, free_port, http_get, sockmesh_bin, unique};
+
+const CONFIG: &str = r#"resources:
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: api
+  address: { socket_address: { address: 10.96.0.20, port_value: 443 } }
+  filter_chains: [ { filters: [ { name: tcp, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: api, cluster: api } } ] } ]
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: api
+  type: STATIC
+  load_assignment: { cluster_name: api, endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 10.10.1.11, port_value: 8443 } } } } ] } ] }
+"#;
+
+#[test]
+fn admin_endpoints_answer_on_loopback() {
+    let dir = std::env::temp_dir().join(unique("sockmesh-admin-"));
+    fs::create_dir(&dir).expect("dir");
+    let file = dir.join("resources.yaml");
+    fs::write(&file, CONFIG).expect("write");
+    let cgroup = Cgroup::new();
+    let bpffs = Bpffs::new();
+    let port = free_port();
+    let agent = Command::new(sockmesh_bin())
+        .arg("agent")
+        .arg("--cgroup")
+        .arg(&cgroup.0)
+        .arg("--bpffs")
+        .arg(&bpffs.0)
+        .arg("--xds")
+        .arg(format!("file://{}", file.display()))
+        .args(["--admin", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("agent");
+    let _agent = Proc(agent);
+    let started = Instant::now();
+    while http_get(port, "/readyz").0 != 200 {
+        assert!(started.elapsed() < Duration::from_secs(10), "never ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(http_get(port, "/healthz"), (200, "ok\n".to_owned()));
+    let (status, metrics) = http_get(port, "/metrics");
+    assert_eq!(status, 200);
+    for line in [
+        "sockmesh_xds_connected 1",
+        "sockmesh_services 1",
+        "sockmesh_backends 1",
+        "sockmesh_xds_updates_total{type=\"lds\",result=\"accepted\"} 1",
+        "sockmesh_update_to_kernel_seconds_count 1",
+        "sockmesh_datapath_events_total{event=\"redirects\"} 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "missing {line:?} in:\n{metrics}"
+        );
+    }
+    let (status, dump) = http_get(port, "/config_dump");
+    assert_eq!(status, 200);
+    let dump: serde_json::Value = serde_json::from_str(&dump).expect("config_dump is JSON");
+    assert_eq!(dump["services"][0]["vip"], "10.96.0.20");
+    assert_eq!(dump["services"][0]["port"], 443);
+
+    // A rejected file shows up in the counters and the dump; the table stays.
+    let tmp = dir.join("resources.tmp");
+    fs::write(&tmp, CONFIG.replace("port_value: 8443", "port_value: 0")).expect("write");
+    fs::rename(&tmp, &file).expect("rename");
+    let started = Instant::now();
+    loop {
+        let (_, metrics) = http_get(port, "/metrics");
+        if metrics.contains("sockmesh_xds_updates_total{type=\"eds\",result=\"rejected\"} 1") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "rejection not counted:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (_, dump) = http_get(port, "/config_dump");
+    assert!(dump.contains("port_value: 0 is out of range"), "{dump}");
+    assert!(dump.contains("10.10.1.11"), "table lost: {dump}");
+    assert_eq!(http_get(port, "/nope").0, 404);
+    let _ = fs::remove_dir_all(&dir);
+}
