@@ -132,6 +132,7 @@ fn scenario(protocol: &str) {
             "--node-id",
             "sidecar~10.10.1.1~test.default~default.svc.cluster.local",
         ])
+        .args(["--admin", &format!("127.0.0.1:{admin}")])
         .env("RUST_LOG", "sockmesh=debug")
         .stdout(Stdio::null())
         .stderr(log)
@@ -195,7 +196,12 @@ fn scenario(protocol: &str) {
     }
     assert!(reach(10).iter().all(|n| n == "b2" || n == "b3"));
     // Liveness stays ok; readiness says why it is degraded.
-    assert_eq!(sockmesh_tests::http_get(admin, "/healthz").0, 200);
+    assert_eq!(
+        sockmesh_tests::http_get(admin, "/healthz").0,
+        200,
+        "{}",
+        agent_log()
+    );
     let (status, body) = sockmesh_tests::http_get(admin, "/readyz");
     assert_eq!(status, 503);
     assert!(body.contains("degraded: xDS disconnected"), "{body}");
