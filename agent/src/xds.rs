@@ -12,3 +12,6 @@ pub mod translate;
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod fuzz;

@@ -63,13 +63,18 @@ fn sigkill_and_restart_under_traffic_lose_nothing() {
     let mut first = start_agent("first.log");
     let started = Instant::now();
     while sockmesh::dataplane::read_table(&bpffs.0).map_or(true, |t| t.backend_count() != 2) {
-        assert!(started.elapsed() < Duration::from_secs(10), "first agent never synced");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "first agent never synced"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 
     // 300 connections/s for 3 s; the agent is killed at 0.5 s and restarted at 1.5 s.
     let mut traffic = command_in(&client, Some(&cgroup), PROBE);
-    traffic.args(["rate", "10.96.0.10:80", "300", "3000"]).stdout(Stdio::piped());
+    traffic
+        .args(["rate", "10.96.0.10:80", "300", "3000"])
+        .stdout(Stdio::piped());
     let traffic = traffic.spawn().expect("traffic");
     std::thread::sleep(Duration::from_millis(500));
     first.kill().expect("SIGKILL");
@@ -84,7 +89,12 @@ fn sigkill_and_restart_under_traffic_lose_nothing() {
         .filter(|l| !(l.ends_with(" b1") || l.ends_with(" b2")))
         .collect();
     assert!(total >= 850, "only {total} requests");
-    assert!(failed.is_empty(), "{} failed: {:?}", failed.len(), &failed[..failed.len().min(5)]);
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
 
     // The restarted agent adopted the pins and found nothing to rewrite.
     let started = Instant::now();
@@ -93,7 +103,10 @@ fn sigkill_and_restart_under_traffic_lose_nothing() {
         if log.contains("routing table applied") {
             break log;
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "second agent never synced:\n{log}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "second agent never synced:\n{log}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(log.contains("attachment=Adopted"), "{log}");
@@ -102,7 +115,10 @@ fn sigkill_and_restart_under_traffic_lose_nothing() {
         .lines()
         .find(|l| l.contains("routing table applied") && l.contains("xds::core"))
         .unwrap_or_default();
-    assert!(applied.contains("map_ops=0"), "unchanged entries rewritten: {applied}");
+    assert!(
+        applied.contains("map_ops=0"),
+        "unchanged entries rewritten: {applied}"
+    );
     drop(second);
     let _ = fs::remove_dir_all(&dir);
 }

@@ -55,6 +55,40 @@ fn main() -> Result<()> {
     }
 }
 
+/// Lints the YAML and validates the Kubernetes manifests against the Kubernetes
+/// schemas offline (kubernetes-validate bundles them).
+fn check_deploy() -> Result<()> {
+    let have = |module: &str| {
+        Command::new("python3")
+            .args(["-c", &format!("import {module}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !have("kubernetes_validate") || !have("yamllint") {
+        run(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "kubernetes-validate==1.37.0",
+            "yamllint",
+        ]))?;
+    }
+    run(Command::new("python3")
+        .args(["-m", "yamllint", "--strict"])
+        .arg(root().join("deploy"))
+        .arg(root().join("examples")))?;
+    let manifests: Vec<PathBuf> = std::fs::read_dir(root().join("deploy/kubernetes"))
+        .context("reading deploy/kubernetes")?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    run(Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict", "--quiet"])
+        .args(&manifests))
+}
+
 fn demo() -> Result<()> {
     setup()?;
     require_root("the demo")?;
@@ -196,6 +230,7 @@ fn test() -> Result<()> {
     setup()?;
     cargo(&["fmt", "--all", "--check"])?;
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    check_deploy()?;
     cargo(&[
         "test",
         "-p",
