@@ -95,6 +95,19 @@ pub enum Commands {
         #[arg(long)]
         json: bool,
     },
+    /// Agent, xDS and datapath summary: asks the agent's admin server and reads the
+    /// pins (works without an agent too).
+    Status {
+        /// Directory on bpffs the datapath is pinned under.
+        #[arg(long, env = "SOCKMESH_BPFFS", default_value = "/sys/fs/bpf/sockmesh")]
+        bpffs: PathBuf,
+        /// The agent's admin address.
+        #[arg(long, env = "SOCKMESH_ADMIN", default_value = "127.0.0.1:15200")]
+        admin: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Detach the programs and remove every pin of the datapath.
     Uninstall {
         /// Directory on bpffs the datapath is pinned under.
@@ -216,6 +229,7 @@ impl Commands {
             } => apply(&datapath, &table, wait),
             Commands::Services { bpffs, json } => services(&bpffs, json),
             Commands::Stats { bpffs, json } => stats(&bpffs, json),
+            Commands::Status { bpffs, admin, json } => status(&bpffs, &admin, json),
             Commands::Uninstall { bpffs } => {
                 let removed = dataplane::uninstall(&bpffs)?;
                 info!(bpffs = %bpffs.display(), removed, "datapath uninstalled");
@@ -306,6 +320,98 @@ fn stats(bpffs: &Path, json: bool) -> Result<()> {
         for (name, value) in counters {
             writeln!(out, "{name:<16} {value}")?;
         }
+    }
+    Ok(())
+}
+
+/// `GET path` from the admin server: (status, body), or `None` if it does not answer.
+fn admin_get(admin: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::Read as _;
+    let addr: std::net::SocketAddr = admin.parse().ok()?;
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: sockmesh\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).ok()?;
+    let code = reply.split_whitespace().nth(1)?.parse().ok()?;
+    let body = reply.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((code, body))
+}
+
+fn status(bpffs: &Path, admin: &str, json: bool) -> Result<()> {
+    let ready = admin_get(admin, "/readyz");
+    let dump: Option<serde_json::Value> =
+        admin_get(admin, "/config_dump").and_then(|(_, b)| serde_json::from_str(&b).ok());
+    let table = dataplane::read_table(bpffs);
+    let counters = dataplane::read_counters(bpffs).unwrap_or_default();
+    let datapath = match &table {
+        Ok(t) => serde_json::json!({
+            "installed": true, "services": t.services.len(), "backends": t.backend_count(),
+            "counters": counters.iter().map(|(k, v)| ((*k).to_owned(), serde_json::Value::from(*v))).collect::<serde_json::Map<_, _>>(),
+        }),
+        Err(e) => serde_json::json!({"installed": false, "error": e.to_string()}),
+    };
+    let agent = match &ready {
+        Some((code, body)) => {
+            serde_json::json!({"running": true, "ready": *code == 200, "readiness": body.trim()})
+        }
+        None => serde_json::json!({"running": false}),
+    };
+    let xds = dump
+        .as_ref()
+        .map(|d| d["xds"].clone())
+        .unwrap_or(serde_json::Value::Null);
+    let mut out = io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(
+            &mut out,
+            &serde_json::json!({"agent": agent, "xds": xds, "datapath": datapath}),
+        )?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    match &ready {
+        Some((_, body)) => writeln!(out, "agent:    running at {admin}: {}", body.trim())?,
+        None => writeln!(
+            out,
+            "agent:    not answering at {admin} (the pinned datapath works without it)"
+        )?,
+    }
+    if let Some(types) = xds.as_object() {
+        for (kind, s) in types {
+            writeln!(
+                out,
+                "xds {kind}:  version {:?}, accepted {}, rejected {}{}",
+                s["version"].as_str().unwrap_or(""),
+                s["accepted"],
+                s["rejected"],
+                s["last_error"]
+                    .as_str()
+                    .map(|e| format!(", last error: {e}"))
+                    .unwrap_or_default()
+            )?;
+        }
+    }
+    match &table {
+        Ok(t) => writeln!(
+            out,
+            "datapath: {} services, {} backends pinned under {}; {}",
+            t.services.len(),
+            t.backend_count(),
+            bpffs.display(),
+            counters
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        )?,
+        Err(e) => writeln!(out, "datapath: not installed ({e})")?,
     }
     Ok(())
 }

@@ -90,5 +90,19 @@ fn admin_endpoints_answer_on_loopback() {
     assert!(dump.contains("port_value: 0 is out of range"), "{dump}");
     assert!(dump.contains("10.10.1.11"), "table lost: {dump}");
     assert_eq!(http_get(port, "/nope").0, 404);
+
+    // `sockmesh status --json` puts the three views together.
+    let out = Command::new(sockmesh_bin())
+        .arg("status")
+        .arg("--bpffs")
+        .arg(&bpffs.0)
+        .args(["--admin", &format!("127.0.0.1:{port}"), "--json"])
+        .output()
+        .expect("status");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert_eq!(status["agent"]["running"], true, "{status}");
+    assert_eq!(status["agent"]["ready"], true, "{status}");
+    assert_eq!(status["datapath"]["services"], 1, "{status}");
+    assert_eq!(status["xds"]["eds"]["rejected"], 1, "{status}");
     let _ = fs::remove_dir_all(&dir);
 }
