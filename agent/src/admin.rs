@@ -7,7 +7,6 @@
 
 use std::{
     convert::Infallible,
-    fmt::Write as _,
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -86,7 +85,7 @@ pub fn route(admin: &Admin, path: &str) -> Response<Full<Bytes>> {
             let counters = crate::dataplane::read_counters(&admin.bpffs).unwrap_or_default();
             reply(
                 StatusCode::OK,
-                "text/plain; version=0.0.4",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 metrics(&core, &counters),
             )
         }
@@ -115,126 +114,103 @@ pub fn readiness(core: &Core) -> (StatusCode, &'static str) {
     }
 }
 
-/// Prometheus text exposition.
+/// Prometheus (OpenMetrics text) exposition, built with `prometheus-client` from the
+/// agent's state at scrape time; the latency histogram is the one the agent fills.
 pub fn metrics(core: &Core, kernel: &[(&str, u64)]) -> String {
-    let mut out = String::new();
-    fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    }
-    header(
-        &mut out,
+    use prometheus_client::{
+        encoding::text::encode,
+        metrics::{counter::Counter, family::Family, gauge::Gauge},
+        registry::Registry,
+    };
+    type Labels = Vec<(String, String)>;
+    let mut r = Registry::default();
+    let gauge = |r: &mut Registry, name: &str, help: &str, v: usize| {
+        let g: Gauge = Gauge::default();
+        g.set(i64::try_from(v).unwrap_or(i64::MAX));
+        r.register(name, help, g);
+    };
+    gauge(
+        &mut r,
         "sockmesh_xds_connected",
-        "gauge",
-        "1 while the configuration source is connected.",
+        "1 while the configuration source is connected",
+        usize::from(core.source == SourceState::Connected),
     );
-    let _ = writeln!(
-        out,
-        "sockmesh_xds_connected {}",
-        u8::from(core.source == SourceState::Connected)
-    );
-    header(
-        &mut out,
-        "sockmesh_xds_updates_total",
-        "counter",
-        "xDS updates by type and result.",
-    );
+    let updates: Family<Labels, Counter> = Family::default();
     for (kind, s) in core.state().stats() {
         for (result, n) in [
             ("received", s.received),
             ("accepted", s.accepted),
             ("rejected", s.rejected),
         ] {
-            let _ = writeln!(
-                out,
-                "sockmesh_xds_updates_total{{type=\"{}\",result=\"{result}\"}} {n}",
-                kind.short()
-            );
+            updates
+                .get_or_create(&vec![
+                    ("type".to_owned(), kind.short().to_owned()),
+                    ("result".to_owned(), result.to_owned()),
+                ])
+                .inc_by(n);
         }
     }
-    header(
-        &mut out,
-        "sockmesh_xds_ignored_responses_total",
-        "counter",
-        "Responses of types sockmesh does not consume.",
+    r.register(
+        "sockmesh_xds_updates",
+        "xDS updates by type and result",
+        updates,
     );
-    let _ = writeln!(
-        out,
-        "sockmesh_xds_ignored_responses_total {}",
-        core.ignored_types
+    let ignored: Counter = Counter::default();
+    ignored.inc_by(core.ignored_types);
+    r.register(
+        "sockmesh_xds_ignored_responses",
+        "Responses of types sockmesh does not consume",
+        ignored,
     );
-    header(
-        &mut out,
+    r.register(
         "sockmesh_update_to_kernel_seconds",
-        "histogram",
-        "Time from an xDS update's arrival to the kernel maps holding it.",
+        "Time from an xDS update's arrival to the kernel maps holding it",
+        core.latency.clone(),
     );
-    let h = &core.latency;
-    let mut cumulative = 0;
-    for (bound, count) in h.buckets() {
-        cumulative += count;
-        let _ = writeln!(
-            out,
-            "sockmesh_update_to_kernel_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
-        );
-    }
-    let _ = writeln!(
-        out,
-        "sockmesh_update_to_kernel_seconds_bucket{{le=\"+Inf\"}} {}",
-        h.count()
-    );
-    let _ = writeln!(out, "sockmesh_update_to_kernel_seconds_sum {}", h.sum());
-    let _ = writeln!(out, "sockmesh_update_to_kernel_seconds_count {}", h.count());
     let table = core.state().table();
     let backends = table.backend_count();
-    header(
-        &mut out,
+    gauge(
+        &mut r,
         "sockmesh_services",
-        "gauge",
-        "Services in the kernel maps.",
+        "Services in the kernel maps",
+        table.services.len(),
     );
-    let _ = writeln!(out, "sockmesh_services {}", table.services.len());
-    header(
-        &mut out,
+    gauge(
+        &mut r,
         "sockmesh_backends",
-        "gauge",
-        "Backends in the kernel maps.",
+        "Backends in the kernel maps",
+        backends,
     );
-    let _ = writeln!(out, "sockmesh_backends {backends}");
-    header(
-        &mut out,
+    let fill: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>> = Family::default();
+    fill.get_or_create(&vec![("map".to_owned(), "services".to_owned())])
+        .set(table.services.len() as f64 / f64::from(sockmesh_common::MAX_SERVICES));
+    fill.get_or_create(&vec![("map".to_owned(), "backends".to_owned())])
+        .set(backends as f64 / f64::from(sockmesh_common::MAX_BACKENDS_TOTAL));
+    r.register(
         "sockmesh_map_fill_ratio",
-        "gauge",
-        "Used fraction of each map's capacity.",
+        "Used fraction of each map's capacity",
+        fill,
     );
-    let _ = writeln!(
-        out,
-        "sockmesh_map_fill_ratio{{map=\"services\"}} {}",
-        table.services.len() as f64 / f64::from(sockmesh_common::MAX_SERVICES)
+    let terminated: Counter = Counter::default();
+    terminated.inc_by(core.terminated);
+    r.register(
+        "sockmesh_terminated_sockets",
+        "Sockets of removed endpoints closed",
+        terminated,
     );
-    let _ = writeln!(
-        out,
-        "sockmesh_map_fill_ratio{{map=\"backends\"}} {}",
-        backends as f64 / f64::from(sockmesh_common::MAX_BACKENDS_TOTAL)
-    );
-    header(
-        &mut out,
-        "sockmesh_terminated_sockets_total",
-        "counter",
-        "Sockets of removed endpoints closed.",
-    );
-    let _ = writeln!(out, "sockmesh_terminated_sockets_total {}", core.terminated);
-    header(
-        &mut out,
-        "sockmesh_datapath_events_total",
-        "counter",
-        "Kernel datapath counters, summed over CPUs.",
-    );
+    let events: Family<Labels, Counter> = Family::default();
     for (name, value) in kernel {
-        let _ = writeln!(
-            out,
-            "sockmesh_datapath_events_total{{event=\"{name}\"}} {value}"
-        );
+        events
+            .get_or_create(&vec![("event".to_owned(), (*name).to_owned())])
+            .inc_by(*value);
     }
+    r.register(
+        "sockmesh_datapath_events",
+        "Kernel datapath counters, summed over CPUs",
+        events,
+    );
+    let mut out = String::new();
+    let _ = encode(&mut out, &r);
     out
 }
 

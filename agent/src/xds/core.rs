@@ -65,44 +65,10 @@ pub struct PushStats {
     pub last_latency: Duration,
 }
 
-/// A fixed-bucket latency histogram (seconds), for `/metrics`.
-#[derive(Clone, Debug, Default)]
-pub struct LatencyHistogram {
-    counts: [u64; Self::BOUNDS.len()],
-    count: u64,
-    sum: f64,
-}
-
-impl LatencyHistogram {
-    pub const BOUNDS: [f64; 12] = [
-        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0,
-    ];
-
-    pub fn record(&mut self, d: Duration) {
-        let secs = d.as_secs_f64();
-        if let Some(i) = Self::BOUNDS.iter().position(|b| secs <= *b) {
-            self.counts[i] += 1;
-        }
-        self.count += 1;
-        self.sum += secs;
-    }
-
-    /// (upper bound, observations in that bucket alone).
-    pub fn buckets(&self) -> impl Iterator<Item = (f64, u64)> + '_ {
-        Self::BOUNDS
-            .iter()
-            .copied()
-            .zip(self.counts.iter().copied())
-    }
-
-    pub fn count(&self) -> u64 {
-        self.count
-    }
-
-    pub fn sum(&self) -> f64 {
-        self.sum
-    }
-}
+/// Buckets of the update → kernel latency histogram (seconds): 50 µs … 1 s.
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0,
+];
 
 /// Connection state of the control-plane source.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -127,8 +93,8 @@ pub struct Core {
     pub terminate_removed: bool,
     /// Sockets aborted so far.
     pub terminated: u64,
-    /// Update arrival → kernel maps written.
-    pub latency: LatencyHistogram,
+    /// Update arrival → kernel maps written (shared with `/metrics`).
+    pub latency: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Core {
@@ -147,7 +113,7 @@ impl Core {
             ignored_types: 0,
             terminate_removed: false,
             terminated: 0,
-            latency: LatencyHistogram::default(),
+            latency: prometheus_client::metrics::histogram::Histogram::new(LATENCY_BUCKETS),
         }
     }
 
@@ -196,7 +162,7 @@ impl Core {
                 last_map_ops: ops,
                 last_latency: received.elapsed(),
             };
-            self.latency.record(self.push.last_latency);
+            self.latency.observe(self.push.last_latency.as_secs_f64());
             if self.terminate_removed && !accepted.removed.is_empty() {
                 match self.sink.terminate(&accepted.removed) {
                     Ok(n) => {
