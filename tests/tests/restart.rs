@@ -107,6 +107,14 @@ fn datapath_survives_sigkill_of_the_loader_and_is_adopted() {
     );
     let left: Vec<_> = walk(&bpffs.0);
     assert!(left.is_empty(), "pins left behind: {left:?}");
+    // Nothing stays attached to the cgroup either.
+    let attached = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(&cgroup.0)
+        .output()
+        .expect("bpftool");
+    let attached = String::from_utf8_lossy(&attached.stdout);
+    assert!(!attached.contains("sm_"), "still attached: {attached}");
     // Detached: the VIP is no longer redirected (no default route: unreachable).
     let mut probe = command_in(&client, Some(&cgroup), PROBE);
     probe.args(["connect", "10.96.0.20:80", "1"]);
