@@ -48,6 +48,15 @@ pub struct DatapathArgs {
     /// Allow attaching to the root of the cgroup hierarchy (every process on the node).
     #[arg(long, env = "SOCKMESH_ALLOW_ROOT_CGROUP")]
     pub allow_root_cgroup: bool,
+    /// Capacity of the service map (at install; pinned maps keep theirs).
+    #[arg(long, env = "SOCKMESH_MAX_SERVICES", default_value_t = sockmesh_common::MAX_SERVICES)]
+    pub max_services: u32,
+    /// Capacity of the backend map, all services together.
+    #[arg(long, env = "SOCKMESH_MAX_BACKENDS", default_value_t = sockmesh_common::MAX_BACKENDS_TOTAL)]
+    pub max_backends: u32,
+    /// Capacity of the slot map, all services together.
+    #[arg(long, env = "SOCKMESH_MAX_SLOTS", default_value_t = sockmesh_common::MAX_SLOTS_TOTAL)]
+    pub max_slots: u32,
 }
 
 impl DatapathArgs {
@@ -56,6 +65,11 @@ impl DatapathArgs {
             bpffs: self.bpffs.clone(),
             cgroup: self.cgroup.clone(),
             allow_root_cgroup: self.allow_root_cgroup,
+            limits: crate::dataplane::Limits {
+                services: self.max_services,
+                backends: self.max_backends,
+                slots: self.max_slots,
+            },
         }
     }
 }

@@ -23,7 +23,7 @@ use aya::Ebpf;
 pub use keys::service_key;
 pub use loader::{Attachment, PROGRAMS, PinLayout};
 use tracing::info;
-pub use writer::{ApplyReport, MapWriter, WriteError, table_from_snapshot};
+pub use writer::{ApplyReport, Limits, MapWriter, WriteError, table_from_snapshot};
 
 pub use self::kernel::KernelMaps;
 use crate::model::RoutingTable;
@@ -110,6 +110,8 @@ pub struct DatapathConfig {
     pub cgroup: PathBuf,
     /// Permit attaching to the root of the cgroup hierarchy (every process).
     pub allow_root_cgroup: bool,
+    /// Map capacities for a fresh install (pinned maps keep theirs).
+    pub limits: Limits,
 }
 
 /// An installed datapath owned by this process.
@@ -127,7 +129,7 @@ impl Datapath {
         loader::ensure_bpffs(&cfg.bpffs)?;
         let (cgroup, cgroup_id) = loader::open_cgroup(&cfg.cgroup, cfg.allow_root_cgroup)?;
         let layout = PinLayout::new(&cfg.bpffs);
-        let mut ebpf = loader::load(&layout)?;
+        let mut ebpf = loader::load(&layout, &cfg.limits)?;
         let attachment = loader::attach(&mut ebpf, &layout, cgroup.as_fd(), cgroup_id)?;
         let mut take = |name: &'static str| {
             ebpf.take_map(name)
@@ -138,7 +140,15 @@ impl Datapath {
             take("SM_SLOTS")?,
             take("SM_BACKENDS")?,
         )?;
-        let writer = MapWriter::adopt(maps)?;
+        let limits = loader::pinned_limits(&layout)?;
+        if limits != cfg.limits {
+            tracing::warn!(
+                requested = ?cfg.limits,
+                pinned = ?limits,
+                "the pinned maps keep the capacities they were created with; uninstall to resize"
+            );
+        }
+        let writer = MapWriter::adopt(maps)?.with_limits(limits);
         let services = writer.table().services.len();
         info!(
             cgroup = %cfg.cgroup.display(),
@@ -183,6 +193,11 @@ impl Datapath {
     /// The table installed in the kernel.
     pub fn table(&self) -> RoutingTable {
         self.writer.table()
+    }
+
+    /// The maps' capacities.
+    pub fn limits(&self) -> Limits {
+        self.writer.limits()
     }
 
     /// Whether this process attached the programs or adopted pinned ones.

@@ -131,6 +131,7 @@ pub fn install(cgroup: &Cgroup, bpffs: &Bpffs) -> sockmesh::dataplane::Datapath 
         bpffs: bpffs.0.clone(),
         cgroup: cgroup.0.clone(),
         allow_root_cgroup: false,
+        limits: sockmesh::dataplane::Limits::default(),
     })
     .expect("install datapath")
 }

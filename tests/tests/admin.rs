@@ -106,3 +106,111 @@ fn admin_endpoints_answer_on_loopback() {
     assert_eq!(status["xds"]["eds"]["rejected"], 1, "{status}");
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// Map sizes are configurable; an update beyond them is NACKed naming the limit,
+/// counted, and the services already installed keep working.
+#[test]
+fn capacity_limits_nack_and_keep_existing_services() {
+    let svc = |i: u32, backends: &[u8]| {
+        let eps: Vec<String> = backends
+            .iter()
+            .map(|b| format!("{{ endpoint: {{ address: {{ socket_address: {{ address: 10.10.1.{b}, port_value: 8080 }} }} }} }}"))
+            .collect();
+        format!(
+            r#"- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: s{i}
+  address: {{ socket_address: {{ address: 10.96.0.{i}, port_value: 80 }} }}
+  filter_chains: [ {{ filters: [ {{ name: tcp, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: c{i} }} }} ] }} ]
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: c{i}
+  type: STATIC
+  load_assignment: {{ cluster_name: c{i}, endpoints: [ {{ lb_endpoints: [ {} ] }} ] }}
+"#,
+            eps.join(", ")
+        )
+    };
+    let dir = std::env::temp_dir().join(unique("sockmesh-cap-"));
+    fs::create_dir(&dir).expect("dir");
+    let file = dir.join("resources.yaml");
+    let write = |text: String| {
+        let tmp = dir.join("resources.tmp");
+        fs::write(&tmp, text).expect("write");
+        fs::rename(&tmp, &file).expect("rename");
+    };
+    write(format!(
+        "resources:\n{}{}",
+        svc(1, &[11, 12]),
+        svc(2, &[13])
+    ));
+    let cgroup = Cgroup::new();
+    let bpffs = Bpffs::new();
+    let port = free_port();
+    let agent = Command::new(sockmesh_bin())
+        .arg("agent")
+        .arg("--cgroup")
+        .arg(&cgroup.0)
+        .arg("--bpffs")
+        .arg(&bpffs.0)
+        .arg("--xds")
+        .arg(format!("file://{}", file.display()))
+        .args(["--admin", &format!("127.0.0.1:{port}")])
+        .args(["--max-services", "2", "--max-backends", "5"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("agent");
+    let _agent = Proc(agent);
+    let services = || {
+        sockmesh::dataplane::read_table(&bpffs.0)
+            .map(|t| t.services.len())
+            .unwrap_or(0)
+    };
+    let started = Instant::now();
+    while services() != 2 {
+        assert!(started.elapsed() < Duration::from_secs(10), "never applied");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let error_after = |text: String| {
+        write(text);
+        let started = Instant::now();
+        loop {
+            let (_, dump) = http_get(port, "/config_dump");
+            let dump: serde_json::Value = serde_json::from_str(&dump).unwrap_or_default();
+            if let Some(e) = dump["xds"]["lds"]["last_error"].as_str() {
+                return e.to_owned();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "no NACK: {dump}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let e = error_after(format!(
+        "resources:\n{}{}{}",
+        svc(1, &[11]),
+        svc(2, &[13]),
+        svc(3, &[14])
+    ));
+    assert!(e.contains("3 services exceed the limit of 2"), "{e}");
+    assert_eq!(services(), 2, "existing services lost");
+    let e = error_after(format!(
+        "resources:\n{}{}",
+        svc(1, &[11, 12, 13]),
+        svc(2, &[14, 15])
+    ));
+    assert!(
+        e.contains(
+            "5 backends (+3 while one service is rewritten) exceed the backend map's capacity of 5"
+        ),
+        "{e}"
+    );
+    let (_, metrics) = http_get(port, "/metrics");
+    assert!(
+        metrics.contains("sockmesh_xds_updates_total{type=\"lds\",result=\"rejected\"} 2"),
+        "{metrics}"
+    );
+    let t = sockmesh::dataplane::read_table(&bpffs.0).expect("table");
+    assert_eq!(t.backend_count(), 3, "the last good table stays");
+    let _ = fs::remove_dir_all(&dir);
+}

@@ -158,7 +158,7 @@ fn fs_magic(path: &Path) -> Result<i64, DataplaneError> {
 }
 
 /// Loads the object, reusing pinned maps or creating and pinning them.
-pub fn load(layout: &PinLayout) -> Result<Ebpf, DataplaneError> {
+pub fn load(layout: &PinLayout, limits: &super::Limits) -> Result<Ebpf, DataplaneError> {
     for dir in [&layout.maps, &layout.links] {
         fs::create_dir_all(dir).map_err(|source| DataplaneError::Io {
             path: dir.clone(),
@@ -167,6 +167,9 @@ pub fn load(layout: &PinLayout) -> Result<Ebpf, DataplaneError> {
     }
     EbpfLoader::new()
         .default_map_pin_directory(&layout.maps)
+        .map_max_entries("SM_SERVICES", limits.services)
+        .map_max_entries("SM_BACKENDS", limits.backends)
+        .map_max_entries("SM_SLOTS", limits.slots)
         .load(OBJECT)
         .map_err(DataplaneError::Load)
 }
@@ -369,4 +372,20 @@ fn remove_tree(dir: &Path) -> Result<usize, DataplaneError> {
     }
     fs::remove_dir(dir).map_err(io_err)?;
     Ok(removed)
+}
+
+/// The capacities the pinned maps really have (a map adopted from an earlier
+/// install keeps the size it was created with).
+pub fn pinned_limits(layout: &PinLayout) -> Result<super::Limits, DataplaneError> {
+    let size = |name: &'static str| -> Result<u32, DataplaneError> {
+        let path = layout.maps.join(name);
+        aya::maps::MapInfo::from_pin(&path)
+            .map(|i| i.max_entries())
+            .map_err(|source| DataplaneError::Map { name, source })
+    };
+    Ok(super::Limits {
+        services: size("SM_SERVICES")?,
+        backends: size("SM_BACKENDS")?,
+        slots: size("SM_SLOTS")?,
+    })
 }

@@ -93,6 +93,24 @@ struct Garbage {
     backends: Vec<BackendKey>,
 }
 
+/// Capacities of the routing maps (their `max_entries`), configurable at install.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub services: u32,
+    pub backends: u32,
+    pub slots: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            services: MAX_SERVICES,
+            backends: MAX_BACKENDS_TOTAL,
+            slots: MAX_SLOTS_TOTAL,
+        }
+    }
+}
+
 /// The single owner of the routing maps.
 pub struct MapWriter<S: MapStore> {
     store: S,
@@ -104,6 +122,7 @@ pub struct MapWriter<S: MapStore> {
     /// Ids in use (and ids handed out during a full apply), so allocation does not
     /// walk every service.
     ids: HashSet<u32>,
+    limits: Limits,
 }
 
 impl<S: MapStore> MapWriter<S> {
@@ -131,9 +150,21 @@ impl<S: MapStore> MapWriter<S> {
             backends_total: 0,
             slots_total: 0,
             ids: HashSet::new(),
+            limits: Limits::default(),
         };
         w.recount();
         Ok(w)
+    }
+
+    /// Uses `limits` (the maps' real capacities) for every capacity check.
+    #[must_use]
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     fn recount(&mut self) {
@@ -262,26 +293,11 @@ impl<S: MapStore> MapWriter<S> {
                 None => services_total -= usize::from(old.is_some()),
             }
         }
-        if services_total > MAX_SERVICES as usize {
-            return Err(WriteError::Invalid(ModelError::TooManyServices {
-                count: services_total,
-                limit: MAX_SERVICES,
-            }));
-        }
-        if backends_total + largest_b > MAX_BACKENDS_TOTAL as usize {
-            return Err(WriteError::Capacity {
-                what: "backend entries",
-                needed: backends_total + largest_b,
-                limit: MAX_BACKENDS_TOTAL,
-            });
-        }
-        if slots_total + largest_s > MAX_SLOTS_TOTAL as usize {
-            return Err(WriteError::Capacity {
-                what: "selection slots",
-                needed: slots_total + largest_s,
-                limit: MAX_SLOTS_TOTAL,
-            });
-        }
+        self.check_totals(
+            services_total,
+            backends_total + largest_b,
+            slots_total + largest_s,
+        )?;
         let mut report = ApplyReport::default();
         for service in changes.iter().filter(|(_, b)| b.is_none()).map(|(s, _)| s) {
             let key = service_key(service);
@@ -313,20 +329,35 @@ impl<S: MapStore> MapWriter<S> {
         // During an update a service's old and new backends coexist; the largest
         // service bounds that transient.
         let largest = desired.services.values().map(Vec::len).max().unwrap_or(0);
-        if backends + largest > MAX_BACKENDS_TOTAL as usize {
-            return Err(WriteError::Capacity {
-                what: "backend entries",
-                needed: backends + largest,
-                limit: MAX_BACKENDS_TOTAL,
-            });
-        }
         let slot_counts = desired.services.values().map(|b| planned_slot_count(b));
         let (total, max) = slot_counts.fold((0, 0), |(t, m), n| (t + n, m.max(n)));
-        if total + max > MAX_SLOTS_TOTAL as usize {
+        self.check_totals(desired.services.len(), backends + largest, total + max)
+    }
+
+    fn check_totals(
+        &self,
+        services: usize,
+        backends: usize,
+        slots: usize,
+    ) -> Result<(), WriteError> {
+        if services > self.limits.services as usize {
+            return Err(WriteError::Invalid(ModelError::TooManyServices {
+                count: services,
+                limit: self.limits.services,
+            }));
+        }
+        if backends > self.limits.backends as usize {
+            return Err(WriteError::Capacity {
+                what: "backend entries",
+                needed: backends,
+                limit: self.limits.backends,
+            });
+        }
+        if slots > self.limits.slots as usize {
             return Err(WriteError::Capacity {
                 what: "selection slots",
-                needed: total + max,
-                limit: MAX_SLOTS_TOTAL,
+                needed: slots,
+                limit: self.limits.slots,
             });
         }
         Ok(())

@@ -26,6 +26,10 @@ pub trait TableSink: Send {
     fn apply_changes(&mut self, changes: &Changes) -> Result<usize, String>;
     /// What the datapath holds now (adopted from pins on restart).
     fn table(&self) -> RoutingTable;
+    /// The maps' capacities (updates beyond them are NACKed).
+    fn limits(&self) -> crate::dataplane::Limits {
+        crate::dataplane::Limits::default()
+    }
     /// Aborts sockets redirected to removed endpoints; returns how many.
     fn terminate(&mut self, _targets: &BTreeSet<Target>) -> Result<usize, String> {
         Ok(0)
@@ -47,6 +51,10 @@ impl TableSink for crate::dataplane::Datapath {
 
     fn table(&self) -> RoutingTable {
         crate::dataplane::Datapath::table(self)
+    }
+
+    fn limits(&self) -> crate::dataplane::Limits {
+        crate::dataplane::Datapath::limits(self)
     }
 
     fn terminate(&mut self, targets: &BTreeSet<Target>) -> Result<usize, String> {
@@ -102,7 +110,8 @@ impl Core {
     /// restart) seeds the state, so services keep their backends until the control
     /// plane has been heard from, and warming services do not flap to empty.
     pub fn new(sink: Box<dyn TableSink>) -> Self {
-        let state = XdsState::with_previous(sink.table());
+        let mut state = XdsState::with_previous(sink.table());
+        state.set_limits(sink.limits());
         Self {
             state,
             sink,

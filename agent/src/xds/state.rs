@@ -92,6 +92,10 @@ pub struct XdsState {
     pub ignored_resources: u64,
     /// Listeners or clusters changed since the last `take_new_ignored`.
     ignored_dirty: bool,
+    /// The datapath's capacities: an update beyond them is NACKed.
+    limits: crate::dataplane::Limits,
+    /// Backends over all services of `table`.
+    backends_total: usize,
     /// The table found in the kernel at start: backends for services still warming
     /// until the control plane has delivered everything once.
     seed: RoutingTable,
@@ -111,6 +115,11 @@ impl XdsState {
             seed: table,
             ..Self::default()
         }
+    }
+
+    /// NACK updates that would not fit maps of these capacities.
+    pub fn set_limits(&mut self, limits: crate::dataplane::Limits) {
+        self.limits = limits;
     }
 
     /// The routing table of the accepted state.
@@ -284,7 +293,12 @@ impl XdsState {
         let staged = self
             .inc
             .stage(&self.resources, &dirty, &self.table, &self.seed);
-        if let Err(e) = check_changes(&self.table, &staged.changes) {
+        if let Err(e) = check_changes(
+            &self.table,
+            &staged.changes,
+            &self.limits,
+            self.backends_total,
+        ) {
             self.rollback(undo);
             return Err(Nack(format!("the resulting routing table is refused: {e}")));
         }
@@ -311,6 +325,10 @@ impl XdsState {
                     &mut removed,
                 );
             }
+        }
+        for (service, after) in &changes {
+            self.backends_total -= self.table.services.get(service).map_or(0, Vec::len);
+            self.backends_total += after.as_ref().map_or(0, Vec::len);
         }
         self.inc.commit(staged, &mut self.table);
         let accepted = Accepted {
@@ -418,22 +436,44 @@ fn decode_all<'a>(items: impl Iterator<Item = (Kind, &'a Any)>) -> Result<Vec<Re
     }
 }
 
-/// The datapath's rules, checked on the changed services only (and the count).
-fn check_changes(table: &RoutingTable, changes: &Changes) -> Result<(), ModelError> {
+/// The datapath's rules, checked on the changed services only, and the map
+/// capacities (services, backends over all services).
+fn check_changes(
+    table: &RoutingTable,
+    changes: &Changes,
+    limits: &crate::dataplane::Limits,
+    backends_total: usize,
+) -> Result<(), String> {
     let mut count = table.services.len();
-    for (service, backends) in changes {
-        match (table.services.contains_key(service), backends) {
-            (false, Some(_)) => count += 1,
-            (true, None) => count -= 1,
+    let mut backends = backends_total;
+    // While a service is rewritten its old and new backends coexist in the map, as
+    // the writer plans for: leave room for the largest changed service.
+    let mut largest = 0;
+    for (service, after) in changes {
+        largest = largest.max(after.as_ref().map_or(0, Vec::len));
+        match (table.services.get(service), after) {
+            (None, Some(_)) => count += 1,
+            (Some(_), None) => count -= 1,
             _ => {}
         }
-        if let Some(b) = backends {
-            validate_service(service, b)?;
+        backends -= table.services.get(service).map_or(0, Vec::len);
+        backends += after.as_ref().map_or(0, Vec::len);
+        if let Some(b) = after {
+            validate_service(service, b).map_err(|e| e.to_string())?;
         }
     }
-    let limit = sockmesh_common::MAX_SERVICES;
-    if count > limit as usize {
-        return Err(ModelError::TooManyServices { count, limit });
+    if count > limits.services as usize {
+        return Err(ModelError::TooManyServices {
+            count,
+            limit: limits.services,
+        }
+        .to_string());
+    }
+    if backends + largest > limits.backends as usize {
+        return Err(format!(
+            "{backends} backends (+{largest} while one service is rewritten) exceed the backend map's capacity of {} (--max-backends)",
+            limits.backends
+        ));
     }
     Ok(())
 }
