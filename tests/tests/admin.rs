@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sockmesh_tests::{Bpffs, Cgroup, Proc, free_port, http_get, sockmesh_bin, unique};
+use sockmesh_tests::{Bpffs, Cgroup, Proc, TempDir, free_port, http_get, sockmesh_bin};
 
 const CONFIG: &str = r#"resources:
 - "@type": type.googleapis.com/envoy.config.listener.v3.Listener
@@ -22,8 +22,8 @@ const CONFIG: &str = r#"resources:
 
 #[test]
 fn admin_endpoints_answer_on_loopback() {
-    let dir = std::env::temp_dir().join(unique("sockmesh-admin-"));
-    fs::create_dir(&dir).expect("dir");
+    let tmp = TempDir::new("sockmesh-admin-");
+    let dir = &tmp.0;
     let file = dir.join("resources.yaml");
     fs::write(&file, CONFIG).expect("write");
     let cgroup = Cgroup::new();
@@ -104,7 +104,6 @@ fn admin_endpoints_answer_on_loopback() {
     assert_eq!(status["agent"]["ready"], true, "{status}");
     assert_eq!(status["datapath"]["services"], 1, "{status}");
     assert_eq!(status["xds"]["eds"]["rejected"], 1, "{status}");
-    let _ = fs::remove_dir_all(&dir);
 }
 
 /// Map sizes are configurable; an update beyond them is NACKed naming the limit,
@@ -129,8 +128,8 @@ fn capacity_limits_nack_and_keep_existing_services() {
             eps.join(", ")
         )
     };
-    let dir = std::env::temp_dir().join(unique("sockmesh-cap-"));
-    fs::create_dir(&dir).expect("dir");
+    let tmp = TempDir::new("sockmesh-cap-");
+    let dir = &tmp.0;
     let file = dir.join("resources.yaml");
     let write = |text: String| {
         let tmp = dir.join("resources.tmp");
@@ -212,5 +211,4 @@ fn capacity_limits_nack_and_keep_existing_services() {
     );
     let t = sockmesh::dataplane::read_table(&bpffs.0).expect("table");
     assert_eq!(t.backend_count(), 3, "the last good table stays");
-    let _ = fs::remove_dir_all(&dir);
 }

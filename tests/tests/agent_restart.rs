@@ -10,8 +10,8 @@ use std::{
 };
 
 use sockmesh_tests::{
-    Bpffs, Cgroup, NetNs, Proc, add_addr, command_in, control_plane::ControlPlane, mesh,
-    sockmesh_bin, unique, veth,
+    Bpffs, Cgroup, NetNs, Proc, TempDir, add_addr, command_in, control_plane::ControlPlane, mesh,
+    sockmesh_bin, veth,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -45,8 +45,8 @@ fn sigkill_and_restart_under_traffic_lose_nothing() {
         ],
         true,
     );
-    let dir = std::env::temp_dir().join(unique("sockmesh-restart-"));
-    fs::create_dir(&dir).expect("dir");
+    let tmp = TempDir::new("sockmesh-restart-");
+    let dir = &tmp.0;
     let start_agent = |log: &str| {
         Command::new(sockmesh_bin())
             .arg("agent")
@@ -120,5 +120,4 @@ fn sigkill_and_restart_under_traffic_lose_nothing() {
         "unchanged entries rewritten: {applied}"
     );
     drop(second);
-    let _ = fs::remove_dir_all(&dir);
 }

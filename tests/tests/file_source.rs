@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sockmesh_tests::{Bpffs, Cgroup, Proc, sockmesh_bin, unique};
+use sockmesh_tests::{Bpffs, Cgroup, Proc, TempDir, sockmesh_bin};
 
 fn config(backends: &[&str], port: u32) -> String {
     let eps: String = backends
@@ -67,8 +67,8 @@ fn wait_for(bpffs: &Bpffs, want: &[&str]) -> Duration {
 
 #[test]
 fn file_edits_apply_and_bad_files_change_nothing() {
-    let dir = std::env::temp_dir().join(unique("sockmesh-file-"));
-    fs::create_dir(&dir).expect("dir");
+    let tmp = TempDir::new("sockmesh-file-");
+    let dir = &tmp.0;
     let file = dir.join("resources.yaml");
     fs::write(&file, config(&["10.10.1.11"], 8080)).expect("write");
     let cgroup = Cgroup::new();
@@ -111,5 +111,4 @@ fn file_edits_apply_and_bad_files_change_nothing() {
 
     replace(&file, &config(&["10.10.1.14"], 8080));
     wait_for(&bpffs, &["10.10.1.14"]);
-    let _ = fs::remove_dir_all(&dir);
 }

@@ -10,7 +10,7 @@ use std::{
 };
 
 use sockmesh_tests::{
-    Bpffs, Cgroup, NetNs, Proc, add_addr, command_in, sockmesh_bin, unique, veth,
+    Bpffs, Cgroup, NetNs, Proc, TempDir, add_addr, command_in, sockmesh_bin, veth,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -44,8 +44,8 @@ fn removed_endpoint_sockets_are_aborted_and_others_kept() {
     let mut serve = command_in(&backend, None, PROBE);
     serve.args(["serve", "udp:10.10.1.11:5353=u1", "udp:10.10.1.12:5353=u2"]);
     let _server = Proc::server(serve);
-    let dir = std::env::temp_dir().join(unique("sockmesh-term-"));
-    fs::create_dir(&dir).expect("dir");
+    let tmp = TempDir::new("sockmesh-term-");
+    let dir = &tmp.0;
     let file = dir.join("resources.yaml");
     fs::write(&file, config("10.10.1.11")).expect("write");
     let cgroup = Cgroup::new();
@@ -109,5 +109,4 @@ fn removed_endpoint_sockets_are_aborted_and_others_kept() {
         direct_out.lines().all(|l| l == "u1") && direct_out.lines().count() > 30,
         "a socket sockmesh did not redirect was touched: {direct_out}"
     );
-    let _ = fs::remove_dir_all(&dir);
 }

@@ -12,8 +12,8 @@ use std::{
 use sockmesh::model::{Backend, RoutingTable};
 use sockmesh_proto::pb::google::protobuf::Any;
 use sockmesh_tests::{
-    Bpffs, Cgroup, NetNs, Proc, add_addr, command_in, control_plane::ControlPlane, run,
-    sockmesh_bin, unique, veth,
+    Bpffs, Cgroup, NetNs, Proc, TempDir, add_addr, command_in, control_plane::ControlPlane, run,
+    sockmesh_bin, veth,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -113,7 +113,8 @@ fn scenario(protocol: &str) {
     initial.extend(resources(&eds(&[1], 8080)));
     cp.publish(&initial, true);
 
-    let log_path = std::env::temp_dir().join(unique("sockmesh-agent-log-"));
+    let tmp = TempDir::new("sockmesh-agent-log-");
+    let log_path = tmp.0.join("agent.log");
     let log = fs::File::create(&log_path).expect("log file");
     let admin = sockmesh_tests::free_port();
     let agent = Command::new(sockmesh_bin())
@@ -224,7 +225,6 @@ fn scenario(protocol: &str) {
     assert_eq!(reach(10), ["b4"], "datapath gone with the agent");
     let log = agent_log();
     assert!(log.contains("xDS disconnected"), "{log}");
-    let _ = fs::remove_file(&log_path);
     // Every response was answered: as many ACK/NACKs as the server saw nonces for.
     assert!(
         cp.seen()
@@ -253,7 +253,8 @@ fn agent_follows_rest_json() {
     let mut initial = resources(LDS_CDS);
     initial.extend(resources(&eds(&[1], 8080)));
     cp.publish(&initial, true);
-    let log_path = std::env::temp_dir().join(unique("sockmesh-agent-log-"));
+    let tmp = TempDir::new("sockmesh-agent-log-");
+    let log_path = tmp.0.join("agent.log");
     let agent = Command::new(sockmesh_bin())
         .arg("agent")
         .arg("--cgroup")
@@ -287,5 +288,4 @@ fn agent_follows_rest_json() {
     );
     // The poller sent its node and asked for the EDS name the cluster references.
     assert!(cp.seen().iter().any(|s| s.names == ["web.default"]));
-    let _ = fs::remove_file(&log_path);
 }
