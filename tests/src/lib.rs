@@ -332,3 +332,15 @@ impl Drop for TempDir {
         let _ = fs::remove_dir_all(&self.0);
     }
 }
+
+/// `sockmesh agent --cgroup … --bpffs …` for `bin`; callers add the source and
+/// whatever else they test.
+pub fn agent_command(bin: impl AsRef<OsStr>, cgroup: &Cgroup, bpffs: &Bpffs) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.arg("agent")
+        .arg("--cgroup")
+        .arg(&cgroup.0)
+        .arg("--bpffs")
+        .arg(&bpffs.0);
+    cmd
+}

@@ -7,7 +7,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sockmesh_tests::{Bpffs, Cgroup, Proc, TempDir, free_port, http_get, sockmesh_bin};
+use sockmesh_tests::{
+    Bpffs, Cgroup, Proc, TempDir, agent_command, free_port, http_get, sockmesh_bin,
+};
 
 const CONFIG: &str = r#"resources:
 - "@type": type.googleapis.com/envoy.config.listener.v3.Listener
@@ -29,12 +31,7 @@ fn admin_endpoints_answer_on_loopback() {
     let cgroup = Cgroup::new();
     let bpffs = Bpffs::new();
     let port = free_port();
-    let agent = Command::new(sockmesh_bin())
-        .arg("agent")
-        .arg("--cgroup")
-        .arg(&cgroup.0)
-        .arg("--bpffs")
-        .arg(&bpffs.0)
+    let agent = agent_command(sockmesh_bin(), &cgroup, &bpffs)
         .arg("--xds")
         .arg(format!("file://{}", file.display()))
         .args(["--admin", &format!("127.0.0.1:{port}")])
@@ -144,12 +141,7 @@ fn capacity_limits_nack_and_keep_existing_services() {
     let cgroup = Cgroup::new();
     let bpffs = Bpffs::new();
     let port = free_port();
-    let agent = Command::new(sockmesh_bin())
-        .arg("agent")
-        .arg("--cgroup")
-        .arg(&cgroup.0)
-        .arg("--bpffs")
-        .arg(&bpffs.0)
+    let agent = agent_command(sockmesh_bin(), &cgroup, &bpffs)
         .arg("--xds")
         .arg(format!("file://{}", file.display()))
         .args(["--admin", &format!("127.0.0.1:{port}")])

@@ -5,13 +5,13 @@
 
 use std::{
     fs,
-    process::{Command, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
 use sockmesh_tests::{
-    Bpffs, Cgroup, NetNs, Proc, TempDir, add_addr, command_in, control_plane::ControlPlane, mesh,
-    sockmesh_bin, veth,
+    Bpffs, Cgroup, NetNs, Proc, TempDir, add_addr, agent_command, command_in,
+    control_plane::ControlPlane, mesh, sockmesh_bin, veth,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -48,12 +48,7 @@ fn sigkill_and_restart_under_traffic_lose_nothing() {
     let tmp = TempDir::new("sockmesh-restart-");
     let dir = &tmp.0;
     let start_agent = |log: &str| {
-        Command::new(sockmesh_bin())
-            .arg("agent")
-            .arg("--cgroup")
-            .arg(&cgroup.0)
-            .arg("--bpffs")
-            .arg(&bpffs.0)
+        agent_command(sockmesh_bin(), &cgroup, &bpffs)
             .args(["--xds", &format!("grpc://{addr}"), "--admin", "off"])
             .stdout(Stdio::null())
             .stderr(fs::File::create(dir.join(log)).expect("log"))

@@ -5,8 +5,8 @@
 use std::{net::IpAddr, process::Stdio, time::Duration};
 
 use sockmesh_tests::{
-    Bpffs, Cgroup, NetNs, Proc, add_addr, churn, command_in, control_plane::ControlPlane,
-    sockmesh_bin, veth,
+    Bpffs, Cgroup, NetNs, Proc, add_addr, agent_command, churn, command_in,
+    control_plane::ControlPlane, sockmesh_bin, veth,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -32,12 +32,7 @@ fn rolling_and_scaling_under_load_lose_nothing() {
     let cp = ControlPlane::new();
     let (addr, _stop) = rt.block_on(cp.serve("127.0.0.1:0".parse().expect("addr")));
     cp.publish(&churn::resources(), true);
-    let agent = std::process::Command::new(sockmesh_bin())
-        .arg("agent")
-        .arg("--cgroup")
-        .arg(&cgroup.0)
-        .arg("--bpffs")
-        .arg(&bpffs.0)
+    let agent = agent_command(sockmesh_bin(), &cgroup, &bpffs)
         .args(["--xds", &format!("grpc://{addr}")])
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -4,11 +4,11 @@
 use std::{
     fs,
     path::Path,
-    process::{Command, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
-use sockmesh_tests::{Bpffs, Cgroup, Proc, TempDir, sockmesh_bin};
+use sockmesh_tests::{Bpffs, Cgroup, Proc, TempDir, agent_command, sockmesh_bin};
 
 fn config(backends: &[&str], port: u32) -> String {
     let eps: String = backends
@@ -74,12 +74,7 @@ fn file_edits_apply_and_bad_files_change_nothing() {
     let cgroup = Cgroup::new();
     let bpffs = Bpffs::new();
     let log_path = dir.join("agent.log");
-    let agent = Command::new(sockmesh_bin())
-        .arg("agent")
-        .arg("--cgroup")
-        .arg(&cgroup.0)
-        .arg("--bpffs")
-        .arg(&bpffs.0)
+    let agent = agent_command(sockmesh_bin(), &cgroup, &bpffs)
         .arg("--xds")
         .arg(format!("file://{}", file.display()))
         .stdout(Stdio::null())

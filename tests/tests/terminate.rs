@@ -3,14 +3,10 @@
 //! update, while a socket that reached the same endpoint directly (not through
 //! sockmesh) is left alone.
 
-use std::{
-    fs,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{fs, process::Stdio, time::Duration};
 
 use sockmesh_tests::{
-    Bpffs, Cgroup, NetNs, Proc, TempDir, add_addr, command_in, sockmesh_bin, veth,
+    Bpffs, Cgroup, NetNs, Proc, TempDir, add_addr, agent_command, command_in, sockmesh_bin, veth,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -51,12 +47,7 @@ fn removed_endpoint_sockets_are_aborted_and_others_kept() {
     let cgroup = Cgroup::new();
     let bpffs = Bpffs::new();
     let log_path = dir.join("agent.log");
-    let agent = Command::new(sockmesh_bin())
-        .arg("agent")
-        .arg("--cgroup")
-        .arg(&cgroup.0)
-        .arg("--bpffs")
-        .arg(&bpffs.0)
+    let agent = agent_command(sockmesh_bin(), &cgroup, &bpffs)
         .arg("--xds")
         .arg(format!("file://{}", file.display()))
         .arg("--terminate-removed-connections")

@@ -5,15 +5,15 @@
 
 use std::{
     fs,
-    process::{Command, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
 use sockmesh::model::{Backend, RoutingTable};
 use sockmesh_proto::pb::google::protobuf::Any;
 use sockmesh_tests::{
-    Bpffs, Cgroup, NetNs, Proc, TempDir, add_addr, command_in, control_plane::ControlPlane, run,
-    sockmesh_bin, veth,
+    Bpffs, Cgroup, NetNs, Proc, TempDir, add_addr, agent_command, command_in,
+    control_plane::ControlPlane, run, sockmesh_bin, veth,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -117,12 +117,7 @@ fn scenario(protocol: &str) {
     let log_path = tmp.0.join("agent.log");
     let log = fs::File::create(&log_path).expect("log file");
     let admin = sockmesh_tests::free_port();
-    let agent = Command::new(sockmesh_bin())
-        .arg("agent")
-        .arg("--cgroup")
-        .arg(&cgroup.0)
-        .arg("--bpffs")
-        .arg(&bpffs.0)
+    let agent = agent_command(sockmesh_bin(), &cgroup, &bpffs)
         .args([
             "--xds",
             &format!("grpc://{addr}"),
@@ -255,12 +250,7 @@ fn agent_follows_rest_json() {
     cp.publish(&initial, true);
     let tmp = TempDir::new("sockmesh-agent-log-");
     let log_path = tmp.0.join("agent.log");
-    let agent = Command::new(sockmesh_bin())
-        .arg("agent")
-        .arg("--cgroup")
-        .arg(&cgroup.0)
-        .arg("--bpffs")
-        .arg(&bpffs.0)
+    let agent = agent_command(sockmesh_bin(), &cgroup, &bpffs)
         .args(["--xds", &format!("http://{addr}"), "--xds-refresh", "100ms"])
         .stdout(Stdio::null())
         .stderr(fs::File::create(&log_path).expect("log"))

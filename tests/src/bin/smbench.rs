@@ -12,7 +12,7 @@ use std::{
 
 use serde_json::{Value, json};
 use sockmesh::model::{Backend, Protocol, RoutingTable, ServiceAddr};
-use sockmesh_tests::{Bpffs, Cgroup, NetNs, Proc, command_in, install, run, veth};
+use sockmesh_tests::{Bpffs, Cgroup, NetNs, Proc, agent_command, command_in, install, run, veth};
 
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -284,12 +284,7 @@ fn propagation(bin_dir: &Path, services: u32, endpoints: u16, changes: u32) -> V
         return json!({"error": "log file"});
     };
     let started = std::time::Instant::now();
-    let agent = Command::new(sockmesh_bin_in(bin_dir))
-        .arg("agent")
-        .arg("--cgroup")
-        .arg(&cgroup.0)
-        .arg("--bpffs")
-        .arg(&bpffs.0)
+    let agent = agent_command(sockmesh_bin_in(bin_dir), &cgroup, &bpffs)
         .args([
             "--xds",
             &format!("grpc://{addr}"),
@@ -731,12 +726,7 @@ fn churn_bench(bin_dir: &Path) -> Value {
     let cp = ControlPlane::new();
     let (addr, _stop) = rt.block_on(cp.serve("127.0.0.1:0".parse().expect("addr")));
     cp.publish(&churn::resources(), true);
-    let agent = Command::new(sockmesh_bin_in(bin_dir))
-        .arg("agent")
-        .arg("--cgroup")
-        .arg(&cgroup.0)
-        .arg("--bpffs")
-        .arg(&bpffs.0)
+    let agent = agent_command(sockmesh_bin_in(bin_dir), &cgroup, &bpffs)
         .args(["--xds", &format!("grpc://{addr}")])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

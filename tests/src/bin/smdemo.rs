@@ -14,7 +14,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sockmesh_tests::{Bpffs, Cgroup, NetNs, Proc, add_addr, command_in, run, unique, veth};
+use sockmesh_tests::{
+    Bpffs, Cgroup, NetNs, Proc, add_addr, agent_command, command_in, run, unique, veth,
+};
 
 fn say(line: &str) {
     let _ = writeln!(std::io::stdout(), "{line}");
@@ -137,12 +139,7 @@ fn demo(probe: &Path, sockmesh: &Path, work: &Path) -> bool {
     let Ok(log_file) = fs::File::create(&log) else {
         return false;
     };
-    let agent = Command::new(sockmesh)
-        .arg("agent")
-        .arg("--cgroup")
-        .arg(&cgroup.0)
-        .arg("--bpffs")
-        .arg(&bpffs.0)
+    let agent = agent_command(sockmesh, &cgroup, &bpffs)
         .arg("--xds")
         .arg(format!("file://{}", file.display()))
         .stdout(Stdio::null())
