@@ -33,7 +33,7 @@ use sockmesh_common::{
 /// - value: [`ServiceValue`] (service id, published generation and slot count)
 /// - writer: the agent (`MapWriter`), one whole-value update per publish
 /// - reader: every sock_addr program (forward translation)
-/// - capacity: `MAX_SERVICES` (65,536)
+/// - capacity: `MAX_SERVICES` (65,536) by default; `--max-services` at install
 #[map(name = "SM_SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
@@ -43,7 +43,7 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
 /// - value: `u32` backend index within the service (key of `SM_BACKENDS`)
 /// - writer: the agent, only into the unpublished generation
 /// - reader: connect4/6, sendmsg4/6
-/// - capacity: `MAX_SLOTS_TOTAL`; two generations of a service coexist briefly
+/// - capacity: `MAX_SLOTS_TOTAL` by default (`--max-slots`); two generations of a service coexist briefly
 #[map(name = "SM_SLOTS")]
 pub static SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(MAX_SLOTS_TOTAL, BPF_F_NO_PREALLOC);
 
@@ -52,7 +52,7 @@ pub static SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(MAX_SLOTS_TOTAL, BPF_F
 /// - value: [`BackendInfo`] (address, port, state, weight)
 /// - writer: the agent; an index is stable while the backend stays in the service
 /// - reader: connect4/6, sendmsg4/6 (address, port); `sockmesh services` (all fields)
-/// - capacity: `MAX_BACKENDS_TOTAL`
+/// - capacity: `MAX_BACKENDS_TOTAL` (524,288) by default; `--max-backends` at install
 #[map(name = "SM_BACKENDS")]
 pub static BACKENDS: HashMap<BackendKey, BackendInfo> =
     HashMap::pinned(MAX_BACKENDS_TOTAL, BPF_F_NO_PREALLOC);
