@@ -68,6 +68,16 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<
 
 /// Answers one request (pure apart from reading the shared state and the pins).
 pub fn route(admin: &Admin, path: &str) -> Response<Full<Bytes>> {
+    // Liveness needs nothing from the agent's state, and the pinned maps are read
+    // before the state is locked: a scrape never holds up an xDS update on I/O.
+    if path == "/healthz" {
+        return reply(StatusCode::OK, "text/plain", "ok\n".into());
+    }
+    let counters = if path == "/metrics" {
+        crate::dataplane::read_counters(&admin.bpffs).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
     let Ok(core) = admin.core.lock() else {
         return reply(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -76,19 +86,15 @@ pub fn route(admin: &Admin, path: &str) -> Response<Full<Bytes>> {
         );
     };
     match path {
-        "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => {
             let (status, text) = readiness(&core);
             reply(status, "text/plain", format!("{text}\n"))
         }
-        "/metrics" => {
-            let counters = crate::dataplane::read_counters(&admin.bpffs).unwrap_or_default();
-            reply(
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                metrics(&core, &counters),
-            )
-        }
+        "/metrics" => reply(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics(&core, &counters),
+        ),
         "/config_dump" => reply(StatusCode::OK, "application/json", config_dump(&core)),
         _ => reply(
             StatusCode::NOT_FOUND,
