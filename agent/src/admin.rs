@@ -28,6 +28,21 @@ pub struct Admin {
     pub bpffs: PathBuf,
 }
 
+/// `GET path` from an admin server (`sockmesh status`, tests): (status, body), or
+/// `None` if nothing answers within 2 s.
+pub fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let timeout = std::time::Duration::from_secs(2);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: sockmesh\r\nConnection: close\r\n\r\n").ok()?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).ok()?;
+    let code = reply.split_whitespace().nth(1)?.parse().ok()?;
+    let body = reply.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((code, body))
+}
+
 /// Serves until `shutdown`.
 pub async fn serve(
     addr: SocketAddr,

@@ -338,30 +338,12 @@ fn stats(bpffs: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// `GET path` from the admin server: (status, body), or `None` if it does not answer.
-fn admin_get(admin: &str, path: &str) -> Option<(u16, String)> {
-    use std::io::Read as _;
-    let addr: std::net::SocketAddr = admin.parse().ok()?;
-    let mut s =
-        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
-        .ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: sockmesh\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).ok()?;
-    let code = reply.split_whitespace().nth(1)?.parse().ok()?;
-    let body = reply.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-    Some((code, body))
-}
-
 fn status(bpffs: &Path, admin: &str, json: bool) -> Result<()> {
-    let ready = admin_get(admin, "/readyz");
+    let addr: Option<std::net::SocketAddr> = admin.parse().ok();
+    let get = |path| addr.and_then(|a| crate::admin::get(a, path));
+    let ready = get("/readyz");
     let dump: Option<serde_json::Value> =
-        admin_get(admin, "/config_dump").and_then(|(_, b)| serde_json::from_str(&b).ok());
+        get("/config_dump").and_then(|(_, b)| serde_json::from_str(&b).ok());
     let table = dataplane::read_table(bpffs);
     let counters = dataplane::read_counters(bpffs).unwrap_or_default();
     let datapath = match &table {

@@ -289,30 +289,11 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
-/// `GET path` on 127.0.0.1:`port` (HTTP/1.1, connection closed by us after the
-/// reply): (status, body). Status 0 if nothing answered.
+/// `GET path` on 127.0.0.1:`port` (the agent's own admin client): (status, body),
+/// status 0 if nothing answered.
 pub fn http_get(port: u16, path: &str) -> (u16, String) {
-    use std::io::{Read as _, Write as _};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return (0, String::new());
-    };
-    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
-    let _ = write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
-    );
-    let mut reply = String::new();
-    let _ = s.read_to_string(&mut reply);
-    let status = reply
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = reply
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    sockmesh::admin::get(std::net::SocketAddr::from(([127, 0, 0, 1], port)), path)
+        .unwrap_or((0, String::new()))
 }
 
 /// A temporary directory, removed with its contents on drop (also when a test
