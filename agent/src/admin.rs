@@ -35,7 +35,11 @@ pub fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let timeout = std::time::Duration::from_secs(2);
     let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
     s.set_read_timeout(Some(timeout)).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: sockmesh\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: sockmesh\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut reply = String::new();
     s.read_to_string(&mut reply).ok()?;
     let code = reply.split_whitespace().nth(1)?.parse().ok()?;

@@ -49,6 +49,34 @@ struct Store {
     log: BTreeMap<u64, Vec<(String, String)>>,
 }
 
+impl Store {
+    /// State of the world for `type_url`: every resource, or only `names` (for a
+    /// type subscribed by name), at the type's current version.
+    fn sotw_response(&self, type_url: &str, names: Option<&BTreeSet<String>>) -> DiscoveryResponse {
+        let resources = self
+            .resources
+            .get(type_url)
+            .map(|m| {
+                m.iter()
+                    .filter(|(n, _)| names.is_none_or(|ns| ns.contains(*n)))
+                    .map(|(_, (_, a))| a.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        DiscoveryResponse {
+            version_info: self
+                .type_versions
+                .get(type_url)
+                .copied()
+                .unwrap_or(0)
+                .to_string(),
+            resources,
+            type_url: type_url.to_owned(),
+            ..Default::default()
+        }
+    }
+}
+
 /// The control plane. Clone it freely; all clones share the state.
 #[derive(Clone)]
 pub struct ControlPlane {
@@ -221,24 +249,7 @@ impl AggregatedDiscoveryService for ControlPlane {
                             continue;
                         }
                         *sent = Some(tv);
-                        let resources = s
-                            .resources
-                            .get(t)
-                            .map(|m| {
-                                m.iter()
-                                    .filter(|(n, _)| {
-                                        names.as_ref().is_none_or(|ns| ns.contains(*n))
-                                    })
-                                    .map(|(_, (_, a))| a.clone())
-                                    .collect()
-                            })
-                            .unwrap_or_default();
-                        out.push(DiscoveryResponse {
-                            version_info: tv.to_string(),
-                            resources,
-                            type_url: t.clone(),
-                            ..Default::default()
-                        });
+                        out.push(s.sotw_response(t, names.as_ref()));
                     }
                     out
                 };
@@ -479,23 +490,9 @@ impl ControlPlane {
         if req.version_info == tv.to_string() {
             return (hyper::StatusCode::NOT_MODIFIED, String::new());
         }
-        let wildcard = WILDCARD.contains(&req.type_url.as_str());
-        let resources = s
-            .resources
-            .get(&req.type_url)
-            .map(|m| {
-                m.iter()
-                    .filter(|(n, _)| wildcard || req.resource_names.contains(n))
-                    .map(|(_, (_, a))| a.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
-        let resp = DiscoveryResponse {
-            version_info: tv.to_string(),
-            resources,
-            type_url: req.type_url.clone(),
-            ..Default::default()
-        };
+        let names: Option<BTreeSet<String>> = (!WILDCARD.contains(&req.type_url.as_str()))
+            .then(|| req.resource_names.iter().cloned().collect());
+        let resp = s.sotw_response(&req.type_url, names.as_ref());
         match sockmesh::xds::decode::discovery_response_to_json(&resp) {
             Ok(text) => (hyper::StatusCode::OK, text),
             Err(e) => (hyper::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),

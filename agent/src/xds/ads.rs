@@ -178,6 +178,20 @@ async fn session(cfg: &AdsConfig, ep: &Endpoint, core: &Arc<Mutex<Core>>) -> Res
     }
 }
 
+/// The kind of a response, or `None` (logged and counted) for a type sockmesh does
+/// not consume.
+fn consumed_kind(core: &Arc<Mutex<Core>>, type_url: &str) -> Result<Option<Kind>, String> {
+    let kind = Kind::from_type_url(type_url);
+    if kind.is_none() {
+        warn!(
+            type_url,
+            "ignoring a response of a type sockmesh does not consume"
+        );
+        lock(core)?.ignored_types += 1;
+    }
+    Ok(kind)
+}
+
 fn nack_status(message: String) -> Status {
     Status {
         code: tonic::Code::InvalidArgument as i32,
@@ -233,9 +247,7 @@ async fn sotw(
     set_source(core, SourceState::Connected);
     while let Some(resp) = stream.message().await.map_err(|e| e.to_string())? {
         let received = Instant::now();
-        let Some(kind) = Kind::from_type_url(&resp.type_url) else {
-            warn!(type_url = %resp.type_url, "ignoring a response of a type sockmesh does not consume");
-            lock(core)?.ignored_types += 1;
+        let Some(kind) = consumed_kind(core, &resp.type_url)? else {
             continue;
         };
         nonces.insert(kind, resp.nonce.clone());
@@ -310,9 +322,7 @@ async fn delta(
     set_source(core, SourceState::Connected);
     while let Some(resp) = stream.message().await.map_err(|e| e.to_string())? {
         let received = Instant::now();
-        let Some(kind) = Kind::from_type_url(&resp.type_url) else {
-            warn!(type_url = %resp.type_url, "ignoring a response of a type sockmesh does not consume");
-            lock(core)?.ignored_types += 1;
+        let Some(kind) = consumed_kind(core, &resp.type_url)? else {
             continue;
         };
         let mut follow_ups = Vec::new();
