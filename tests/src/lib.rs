@@ -325,3 +325,28 @@ pub fn agent_command(bin: impl AsRef<OsStr>, cgroup: &Cgroup, bpffs: &Bpffs) -> 
         .arg(&bpffs.0);
     cmd
 }
+
+/// Links `client` (10.10.1.1) to `backend` over veth and gives `backend` the pod
+/// addresses 10.10.1.11, .12, … (`pods` of them); returns those addresses.
+pub fn pod_network(client: &NetNs, backend: &NetNs, pods: u8) -> Vec<std::net::IpAddr> {
+    veth(client, "10.10.1.1/24", backend, "10.10.1.11/24");
+    let addrs: Vec<std::net::IpAddr> = (1..=pods)
+        .map(|i| std::net::IpAddr::from([10, 10, 1, 10 + i]))
+        .collect();
+    for a in addrs.iter().skip(1) {
+        add_addr(backend, "sm1", &format!("{a}/24"));
+    }
+    addrs
+}
+
+/// Runs `probe serve SPEC…` (see smprobe) inside `netns` until dropped, once it
+/// listens.
+pub fn serve(
+    netns: &NetNs,
+    probe: impl AsRef<OsStr>,
+    specs: impl IntoIterator<Item = String>,
+) -> Proc {
+    let mut cmd = command_in(netns, None, probe);
+    cmd.arg("serve").args(specs);
+    Proc::server(cmd)
+}

@@ -10,8 +10,8 @@ use std::{
 };
 
 use sockmesh_tests::{
-    Bpffs, Cgroup, NetNs, Proc, TempDir, add_addr, agent_command, command_in,
-    control_plane::ControlPlane, mesh, sockmesh_bin, veth,
+    Bpffs, Cgroup, NetNs, Proc, TempDir, agent_command, command_in, control_plane::ControlPlane,
+    mesh, pod_network, serve, sockmesh_bin,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -21,11 +21,12 @@ fn sigkill_and_restart_under_traffic_lose_nothing() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let client = NetNs::new();
     let backend = NetNs::new();
-    veth(&client, "10.10.1.1/24", &backend, "10.10.1.11/24");
-    add_addr(&backend, "sm1", "10.10.1.12/24");
-    let mut serve = command_in(&backend, None, PROBE);
-    serve.args(["serve", "10.10.1.11:8080=b1", "10.10.1.12:8080=b2"]);
-    let _server = Proc::server(serve);
+    pod_network(&client, &backend, 2);
+    let _server = serve(
+        &backend,
+        PROBE,
+        ["10.10.1.11:8080=b1".into(), "10.10.1.12:8080=b2".into()],
+    );
     let cgroup = Cgroup::new();
     let bpffs = Bpffs::new();
     let cp = ControlPlane::new();

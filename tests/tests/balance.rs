@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::IpAddr, process::Command};
 
 use sockmesh::model::{Backend, Protocol, RoutingTable, ServiceAddr};
 use sockmesh_tests::{
-    Bpffs, Cgroup, NetNs, Proc, add_addr, command_in, install, monotonic_ns, run, veth,
+    Bpffs, Cgroup, NetNs, Proc, command_in, install, monotonic_ns, pod_network, run, serve,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -26,16 +26,14 @@ struct Lab {
 fn lab() -> Lab {
     let client = NetNs::new();
     let backend = NetNs::new();
-    veth(&client, "10.10.1.1/24", &backend, "10.10.1.11/24");
-    for last in 12..=14 {
-        add_addr(&backend, "sm1", &format!("10.10.1.{last}/24"));
-    }
-    let mut serve = command_in(&backend, None, PROBE);
-    serve.arg("serve");
-    for i in 1..=4 {
-        serve.arg(format!("10.10.1.{}:8080=b{i}", 10 + i));
-    }
-    let server = Proc::server(serve);
+    let pods = pod_network(&client, &backend, 4);
+    let server = serve(
+        &backend,
+        PROBE,
+        pods.iter()
+            .zip(1..)
+            .map(|(ip, i)| format!("{ip}:8080=b{i}")),
+    );
     let cgroup = Cgroup::new();
     let bpffs = Bpffs::new();
     let dp = install(&cgroup, &bpffs);

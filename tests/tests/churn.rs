@@ -5,8 +5,8 @@
 use std::{net::IpAddr, process::Stdio, time::Duration};
 
 use sockmesh_tests::{
-    Bpffs, Cgroup, NetNs, Proc, add_addr, agent_command, churn, command_in,
-    control_plane::ControlPlane, sockmesh_bin, veth,
+    Bpffs, Cgroup, NetNs, Proc, agent_command, churn, control_plane::ControlPlane, pod_network,
+    serve, sockmesh_bin,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -16,17 +16,16 @@ fn rolling_and_scaling_under_load_lose_nothing() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let client = NetNs::new();
     let backend = NetNs::new();
-    veth(&client, "10.10.1.1/24", &backend, "10.10.1.11/24");
-    let pods: Vec<(String, IpAddr)> = (1..=6u8)
-        .map(|i| (format!("p{i}"), IpAddr::from([10, 10, 1, 10 + i])))
+    let pods: Vec<(String, IpAddr)> = pod_network(&client, &backend, 6)
+        .into_iter()
+        .zip(1..)
+        .map(|(ip, i)| (format!("p{i}"), ip))
         .collect();
-    for (_, ip) in pods.iter().skip(1) {
-        add_addr(&backend, "sm1", &format!("{ip}/24"));
-    }
-    let mut serve = command_in(&backend, None, PROBE);
-    serve.arg("serve");
-    serve.args(pods.iter().map(|(n, ip)| format!("{ip}:8080={n}")));
-    let _server = Proc::server(serve);
+    let _server = serve(
+        &backend,
+        PROBE,
+        pods.iter().map(|(n, ip)| format!("{ip}:8080={n}")),
+    );
     let cgroup = Cgroup::new();
     let bpffs = Bpffs::new();
     let cp = ControlPlane::new();

@@ -5,7 +5,7 @@
 use std::{fs, process::Command, time::Duration};
 
 use sockmesh_tests::{
-    Bpffs, Cgroup, NetNs, Proc, add_addr, command_in, run, sockmesh_bin, unique, veth,
+    Bpffs, Cgroup, NetNs, command_in, pod_network, run, serve, sockmesh_bin, unique,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -54,11 +54,12 @@ fn reached(client: &NetNs, cgroup: &Cgroup) -> String {
 fn datapath_survives_sigkill_of_the_loader_and_is_adopted() {
     let client = NetNs::new();
     let backend = NetNs::new();
-    veth(&client, "10.10.1.1/24", &backend, "10.10.1.11/24");
-    add_addr(&backend, "sm1", "10.10.1.12/24");
-    let mut serve = command_in(&backend, None, PROBE);
-    serve.args(["serve", "10.10.1.11:8080=b1", "10.10.1.12:8080=b2"]);
-    let _server = Proc::server(serve);
+    pod_network(&client, &backend, 2);
+    let _server = serve(
+        &backend,
+        PROBE,
+        ["10.10.1.11:8080=b1".into(), "10.10.1.12:8080=b2".into()],
+    );
     let cgroup = Cgroup::new();
     let bpffs = Bpffs::new();
 

@@ -6,7 +6,8 @@
 use std::{fs, process::Stdio, time::Duration};
 
 use sockmesh_tests::{
-    Bpffs, Cgroup, NetNs, Proc, TempDir, add_addr, agent_command, command_in, sockmesh_bin, veth,
+    Bpffs, Cgroup, NetNs, Proc, TempDir, agent_command, command_in, pod_network, serve,
+    sockmesh_bin,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -35,11 +36,15 @@ fn config(backend: &str) -> String {
 fn removed_endpoint_sockets_are_aborted_and_others_kept() {
     let client = NetNs::new();
     let backend = NetNs::new();
-    veth(&client, "10.10.1.1/24", &backend, "10.10.1.11/24");
-    add_addr(&backend, "sm1", "10.10.1.12/24");
-    let mut serve = command_in(&backend, None, PROBE);
-    serve.args(["serve", "udp:10.10.1.11:5353=u1", "udp:10.10.1.12:5353=u2"]);
-    let _server = Proc::server(serve);
+    pod_network(&client, &backend, 2);
+    let _server = serve(
+        &backend,
+        PROBE,
+        [
+            "udp:10.10.1.11:5353=u1".into(),
+            "udp:10.10.1.12:5353=u2".into(),
+        ],
+    );
     let tmp = TempDir::new("sockmesh-term-");
     let dir = &tmp.0;
     let file = dir.join("resources.yaml");

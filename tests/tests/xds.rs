@@ -12,8 +12,8 @@ use std::{
 use sockmesh::model::{Backend, RoutingTable};
 use sockmesh_proto::pb::google::protobuf::Any;
 use sockmesh_tests::{
-    Bpffs, Cgroup, NetNs, Proc, TempDir, add_addr, agent_command, command_in,
-    control_plane::ControlPlane, run, sockmesh_bin, veth,
+    Bpffs, Cgroup, NetNs, Proc, TempDir, agent_command, command_in, control_plane::ControlPlane,
+    pod_network, run, serve, sockmesh_bin,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -94,16 +94,14 @@ fn scenario(protocol: &str) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let client = NetNs::new();
     let backend = NetNs::new();
-    veth(&client, "10.10.1.1/24", &backend, "10.10.1.11/24");
-    for last in 12..=14 {
-        add_addr(&backend, "sm1", &format!("10.10.1.{last}/24"));
-    }
-    let mut serve = command_in(&backend, None, PROBE);
-    serve.arg("serve");
-    for i in 1..=4 {
-        serve.arg(format!("10.10.1.{}:8080=b{i}", 10 + i));
-    }
-    let _server = Proc::server(serve);
+    let pods = pod_network(&client, &backend, 4);
+    let _server = serve(
+        &backend,
+        PROBE,
+        pods.iter()
+            .zip(1..)
+            .map(|(ip, i)| format!("{ip}:8080=b{i}")),
+    );
     let cgroup = Cgroup::new();
     let bpffs = Bpffs::new();
 
