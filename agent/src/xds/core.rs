@@ -235,12 +235,7 @@ mod tests {
     }
 
     fn sotw(kind: Kind, yaml: &str) -> Update {
-        let r = super::super::decode::discovery_response_from_text(yaml).expect("yaml");
-        Update::SotW {
-            kind,
-            version: "1".into(),
-            resources: r.resources,
-        }
+        crate::xds::tests::sotw(kind, "1", yaml)
     }
 
     #[test]

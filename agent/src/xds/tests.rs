@@ -16,7 +16,8 @@ fn full(yaml: &str) -> Update {
     }
 }
 
-fn sotw(kind: Kind, version: &str, yaml: &str) -> Update {
+/// A state-of-the-world update from YAML (also used by `core`'s tests).
+pub(super) fn sotw(kind: Kind, version: &str, yaml: &str) -> Update {
     let resp = discovery_response_from_text(yaml).expect("decodes");
     Update::SotW {
         kind,

@@ -99,6 +99,23 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Filler services so the service map is as full as a busy node's.
 const FILLER_SERVICES: u32 = 10_000;
 const ROUNDS: usize = 25;
+
+/// `FILLER_SERVICES` services 10.200.x.y:80, all to `target`.
+fn filler_table(target: Backend) -> RoutingTable {
+    let mut table = RoutingTable::default();
+    for i in 0..FILLER_SERVICES {
+        let [_, _, hi, lo] = i.to_be_bytes();
+        table.insert(
+            ServiceAddr {
+                vip: IpAddr::from([10, 200, hi, lo]),
+                port: 80,
+                protocol: Protocol::Tcp,
+            },
+            vec![target],
+        );
+    }
+    table
+}
 const CONNECTS_PER_ROUND: u32 = 3_000;
 
 /// connect()+close() latency to one backend: directly from a process outside the
@@ -120,18 +137,7 @@ fn connect_cost(probe: &Path) -> Value {
     let bpffs = Bpffs::new();
     let mut dp = install(&cgroup, &bpffs);
     let target = Backend::new(IpAddr::from([10, 10, 1, 11]), 9000);
-    let mut table = RoutingTable::default();
-    for i in 0..FILLER_SERVICES {
-        let [_, _, hi, lo] = (0x0a_c8_00_00u32 + i).to_be_bytes();
-        table.insert(
-            ServiceAddr {
-                vip: IpAddr::from([10, 200, hi, lo]),
-                port: 80,
-                protocol: Protocol::Tcp,
-            },
-            vec![target],
-        );
-    }
+    let mut table = filler_table(target);
     for r in 0..runs {
         table.insert(
             ServiceAddr {
@@ -595,19 +601,7 @@ fn http_rps() -> Value {
     let cgroup = Cgroup::new();
     let bpffs = Bpffs::new();
     let mut dp = install(&cgroup, &bpffs);
-    let mut table = RoutingTable::default();
-    let target = Backend::new(IpAddr::from([10, 10, 1, 11]), 8080);
-    for i in 0..FILLER_SERVICES {
-        let [_, _, hi, lo] = i.to_be_bytes();
-        table.insert(
-            ServiceAddr {
-                vip: IpAddr::from([10, 200, hi, lo]),
-                port: 80,
-                protocol: Protocol::Tcp,
-            },
-            vec![target],
-        );
-    }
+    let mut table = filler_table(Backend::new(IpAddr::from([10, 10, 1, 11]), 8080));
     table.insert(
         ServiceAddr {
             vip: IpAddr::from([10, 96, 0, 1]),
