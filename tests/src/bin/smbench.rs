@@ -601,7 +601,8 @@ fn http_rps() -> Value {
     let cgroup = Cgroup::new();
     let bpffs = Bpffs::new();
     let mut dp = install(&cgroup, &bpffs);
-    let mut table = filler_table(Backend::new(IpAddr::from([10, 10, 1, 11]), 8080));
+    let target = Backend::new(IpAddr::from([10, 10, 1, 11]), 8080);
+    let mut table = filler_table(target);
     table.insert(
         ServiceAddr {
             vip: IpAddr::from([10, 96, 0, 1]),
