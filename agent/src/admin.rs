@@ -92,10 +92,13 @@ pub fn route(admin: &Admin, path: &str) -> Response<Full<Bytes>> {
     if path == "/healthz" {
         return reply(StatusCode::OK, "text/plain", "ok\n".into());
     }
-    let counters = if path == "/metrics" {
-        crate::dataplane::read_counters(&admin.bpffs).unwrap_or_default()
+    let (counters, services) = if path == "/metrics" {
+        (
+            crate::dataplane::read_counters(&admin.bpffs).unwrap_or_default(),
+            crate::dataplane::read_service_counters(&admin.bpffs).unwrap_or_default(),
+        )
     } else {
-        Vec::new()
+        (Vec::new(), Vec::new())
     };
     let Ok(core) = admin.core.lock() else {
         return reply(
@@ -112,7 +115,7 @@ pub fn route(admin: &Admin, path: &str) -> Response<Full<Bytes>> {
         "/metrics" => reply(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics(&core, &counters),
+            metrics(&core, &counters, &services),
         ),
         "/config_dump" => reply(StatusCode::OK, "application/json", config_dump(&core)),
         _ => reply(
@@ -126,6 +129,12 @@ pub fn route(admin: &Admin, path: &str) -> Response<Full<Bytes>> {
 /// Ready once the control plane's LDS and CDS are in the kernel and the source is
 /// connected; a disconnected source after that is "degraded".
 pub fn readiness(core: &Core) -> (StatusCode, &'static str) {
+    if core.migrating() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: migrating from another pin layout (the old datapath serves until this one is filled)",
+        );
+    }
     match (core.synced(), core.source) {
         (true, SourceState::Connected) => (StatusCode::OK, "ready"),
         (true, _) => (
@@ -141,7 +150,11 @@ pub fn readiness(core: &Core) -> (StatusCode, &'static str) {
 
 /// Prometheus (OpenMetrics text) exposition, built with `prometheus-client` from the
 /// agent's state at scrape time; the latency histogram is the one the agent fills.
-pub fn metrics(core: &Core, kernel: &[(&str, u64)]) -> String {
+pub fn metrics(
+    core: &Core,
+    kernel: &[(&str, u64)],
+    services: &[(crate::model::ServiceAddr, sockmesh_common::ServiceStats)],
+) -> String {
     use prometheus_client::{
         encoding::text::encode,
         metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -206,11 +219,12 @@ pub fn metrics(core: &Core, kernel: &[(&str, u64)]) -> String {
         "Backends in the kernel maps",
         backends,
     );
+    let limits = core.limits();
     let fill: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>> = Family::default();
     fill.get_or_create(&vec![("map".to_owned(), "services".to_owned())])
-        .set(table.services.len() as f64 / f64::from(sockmesh_common::MAX_SERVICES));
+        .set(table.services.len() as f64 / f64::from(limits.services.max(1)));
     fill.get_or_create(&vec![("map".to_owned(), "backends".to_owned())])
-        .set(backends as f64 / f64::from(sockmesh_common::MAX_BACKENDS_TOTAL));
+        .set(backends as f64 / f64::from(limits.backends.max(1)));
     r.register(
         "sockmesh_map_fill_ratio",
         "Used fraction of each map's capacity",
@@ -233,6 +247,23 @@ pub fn metrics(core: &Core, kernel: &[(&str, u64)]) -> String {
         "sockmesh_datapath_events",
         "Kernel datapath counters, summed over CPUs",
         events,
+    );
+    let redirects: Family<Labels, Counter> = Family::default();
+    let refused: Family<Labels, Counter> = Family::default();
+    for (service, stats) in services {
+        let labels = vec![("service".to_owned(), service.to_string())];
+        redirects.get_or_create(&labels).inc_by(stats.redirects);
+        refused.get_or_create(&labels).inc_by(stats.no_backend);
+    }
+    r.register(
+        "sockmesh_service_redirects",
+        "Connections (and unconnected UDP sends) sent to one of the service's backends, from the kernel's per-CPU counters",
+        redirects,
+    );
+    r.register(
+        "sockmesh_service_no_backend",
+        "Calls to the service refused (ECONNREFUSED) because it had no active backend",
+        refused,
     );
     let mut out = String::new();
     let _ = encode(&mut out, &r);

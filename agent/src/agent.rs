@@ -187,12 +187,27 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     let abort = task.abort_handle();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
-        _ = term.recv() => info!("SIGTERM received"),
-        r = task => {
-            r.context("source task")??;
-            bail!("the configuration source stopped");
+    tokio::pin!(task);
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {
+                info!("SIGINT received");
+                break;
+            }
+            _ = term.recv() => {
+                info!("SIGTERM received");
+                break;
+            }
+            r = &mut task => {
+                r.context("source task")??;
+                bail!("the configuration source stopped");
+            }
+            _ = ticks.tick() => {
+                if let Ok(mut core) = core.lock() {
+                    core.tick(std::time::Instant::now());
+                }
+            }
         }
     }
     let _ = stop_tx.send(true);

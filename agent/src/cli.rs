@@ -122,11 +122,17 @@ pub enum Commands {
         #[arg(long)]
         json: bool,
     },
-    /// Detach the programs and remove every pin of the datapath.
+    /// Detach the programs and remove every pin of the datapath (every layout
+    /// version pinned under --bpffs).
     Uninstall {
         /// Directory on bpffs the datapath is pinned under.
         #[arg(long, env = "SOCKMESH_BPFFS", default_value = "/sys/fs/bpf/sockmesh")]
         bpffs: PathBuf,
+        /// The cgroup the datapath was attached to: refuse if the pins under --bpffs
+        /// serve another cgroup, and check afterwards that no sockmesh program is
+        /// left attached to this one.
+        #[arg(long, env = "SOCKMESH_CGROUP")]
+        cgroup: Option<PathBuf>,
     },
 }
 
@@ -244,8 +250,17 @@ impl Commands {
             Commands::Services { bpffs, json } => services(&bpffs, json),
             Commands::Stats { bpffs, json } => stats(&bpffs, json),
             Commands::Status { bpffs, admin, json } => status(&bpffs, &admin, json),
-            Commands::Uninstall { bpffs } => {
-                let removed = dataplane::uninstall(&bpffs)?;
+            Commands::Uninstall { bpffs, cgroup } => {
+                let removed = dataplane::uninstall(&bpffs, cgroup.as_deref())?;
+                if let Some(cgroup) = &cgroup {
+                    let left = dataplane::attached_programs(cgroup)?;
+                    if !left.is_empty() {
+                        anyhow::bail!(
+                            "sockmesh programs are still attached to {}: {left:?}",
+                            cgroup.display()
+                        );
+                    }
+                }
                 info!(bpffs = %bpffs.display(), removed, "datapath uninstalled");
                 Ok(())
             }
@@ -267,6 +282,10 @@ fn apply(args: &DatapathArgs, table: &Path, wait: bool) -> Result<()> {
     let mut datapath = Datapath::install(&args.config())?;
     let report = datapath.apply(&table)?;
     info!(?report, "routing table applied");
+    // The table is complete: a datapath built beside another layout's goes live now.
+    if let Some(migration) = datapath.activate()? {
+        info!(?migration, "attached; the other pin layouts removed");
+    }
     if wait {
         wait_for_termination()?;
         info!("exiting; the datapath stays pinned");
@@ -322,17 +341,43 @@ fn services(bpffs: &Path, json: bool) -> Result<()> {
 
 fn stats(bpffs: &Path, json: bool) -> Result<()> {
     let counters = dataplane::read_counters(bpffs)?;
+    let services = dataplane::read_service_counters(bpffs)?;
     let mut out = io::stdout().lock();
     if json {
         let map: serde_json::Map<String, serde_json::Value> = counters
             .iter()
             .map(|(k, v)| ((*k).to_owned(), serde_json::Value::from(*v)))
             .collect();
-        serde_json::to_writer_pretty(&mut out, &map)?;
+        let services: Vec<serde_json::Value> = services
+            .iter()
+            .map(|(s, c)| {
+                serde_json::json!({
+                    "service": s.to_string(), "redirects": c.redirects, "no_backend": c.no_backend,
+                })
+            })
+            .collect();
+        serde_json::to_writer_pretty(
+            &mut out,
+            &serde_json::json!({"counters": map, "services": services}),
+        )?;
         writeln!(out)?;
     } else {
         for (name, value) in counters {
             writeln!(out, "{name:<16} {value}")?;
+        }
+        writeln!(
+            out,
+            "\n{:<48} {:>12} {:>12}",
+            "SERVICE", "REDIRECTS", "NO_BACKEND"
+        )?;
+        for (s, c) in services {
+            writeln!(
+                out,
+                "{:<48} {:>12} {:>12}",
+                s.to_string(),
+                c.redirects,
+                c.no_backend
+            )?;
         }
     }
     Ok(())

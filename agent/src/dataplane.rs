@@ -21,11 +21,11 @@ use std::{
 
 use aya::Ebpf;
 pub use keys::service_key;
-pub use loader::{Attachment, PROGRAMS, PinLayout};
+pub use loader::{Attachment, PROGRAMS, PinLayout, attached_programs};
 use tracing::info;
 pub use writer::{ApplyReport, Limits, MapWriter, WriteError, table_from_snapshot};
 
-pub use self::kernel::KernelMaps;
+pub use self::kernel::{KernelMaps, ServiceStatsMap};
 use crate::model::RoutingTable;
 
 /// Why the datapath could not be set up or read.
@@ -117,20 +117,71 @@ pub struct DatapathConfig {
 /// An installed datapath owned by this process.
 pub struct Datapath {
     /// Keeps the loaded programs and map descriptors open while we run.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     writer: MapWriter<KernelMaps>,
+    stats: ServiceStatsMap,
     layout: PinLayout,
     attachment: Attachment,
+    /// Set while another layout's datapath serves the cgroup (see [`Self::activate`]).
+    pending: Option<Pending>,
+}
+
+/// A datapath built beside another layout's, not attached yet.
+struct Pending {
+    cgroup: std::fs::File,
+    cgroup_id: u64,
+    /// The layouts to retire once this one is attached: (version, pins).
+    others: Vec<(u32, PinLayout)>,
+}
+
+/// What [`Datapath::activate`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Migration {
+    /// Layout versions whose datapath was detached and whose pins were removed.
+    pub retired: Vec<u32>,
+    /// Pins removed.
+    pub pins_removed: usize,
 }
 
 impl Datapath {
-    /// Loads and attaches the datapath, or adopts the pinned one.
+    /// Loads and attaches the datapath, or adopts the pinned one. If another
+    /// layout's datapath serves the cgroup, the new one is built but left unattached
+    /// ([`Attachment::Pending`]) until [`Self::activate`].
     pub fn install(cfg: &DatapathConfig) -> Result<Self, DataplaneError> {
         loader::ensure_bpffs(&cfg.bpffs)?;
         let (cgroup, cgroup_id) = loader::open_cgroup(&cfg.cgroup, cfg.allow_root_cgroup)?;
         let layout = PinLayout::new(&cfg.bpffs);
+        let others = loader::other_layouts(&cfg.bpffs);
+        for (_, other) in &others {
+            // Retiring a layout that serves another cgroup would take its datapath away.
+            loader::refuse_other_cgroups(other, cgroup_id)?;
+        }
         let mut ebpf = loader::load(&layout, &cfg.limits)?;
-        let attachment = loader::attach(&mut ebpf, &layout, cgroup.as_fd(), cgroup_id)?;
+        loader::load_programs(&mut ebpf)?;
+        // Our links already pinned means an earlier run of this layout filled the maps
+        // and attached (perhaps stopping before it retired the others).
+        let (attachment, pending) = if others.is_empty() || loader::links_pinned(&layout, cgroup_id)
+        {
+            let attachment = loader::attach(&mut ebpf, &layout, cgroup.as_fd(), cgroup_id)?;
+            if !others.is_empty() {
+                let retired = retire(&others)?;
+                info!(?retired, "removed the datapath of other pin layouts");
+            }
+            (attachment, None)
+        } else {
+            info!(
+                other_layouts = ?others.iter().map(|(v, _)| *v).collect::<Vec<_>>(),
+                layout = sockmesh_common::LAYOUT_VERSION,
+                "another pin layout serves this cgroup: building this layout beside it; it \
+                 attaches once filled from the control plane"
+            );
+            let pending = Pending {
+                cgroup,
+                cgroup_id,
+                others,
+            };
+            (Attachment::Pending, Some(pending))
+        };
         let mut take = |name: &'static str| {
             ebpf.take_map(name)
                 .ok_or(DataplaneError::MissingMap { name })
@@ -140,6 +191,7 @@ impl Datapath {
             take("SM_SLOTS")?,
             take("SM_BACKENDS")?,
         )?;
+        let stats = ServiceStatsMap::new(take("SM_SERVICE_STATS")?)?;
         let limits = loader::pinned_limits(&layout)?;
         if limits != cfg.limits {
             tracing::warn!(
@@ -158,16 +210,45 @@ impl Datapath {
             "datapath ready"
         );
         Ok(Self {
-            _ebpf: ebpf,
+            ebpf,
             writer,
+            stats,
             layout,
             attachment,
+            pending,
         })
+    }
+
+    /// Whether this datapath waits to be attached (another layout serves meanwhile).
+    pub fn is_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Attaches a pending datapath, then detaches the other layouts' programs and
+    /// removes their pins. Call it once the maps hold the control plane's table.
+    /// `Ok(None)` if nothing was pending.
+    pub fn activate(&mut self) -> Result<Option<Migration>, DataplaneError> {
+        let Some(p) = self.pending.as_ref() else {
+            return Ok(None);
+        };
+        loader::attach(&mut self.ebpf, &self.layout, p.cgroup.as_fd(), p.cgroup_id)?;
+        let pins_removed = retire(&p.others)?;
+        let retired = p.others.iter().map(|(v, _)| *v).collect();
+        self.pending = None;
+        self.attachment = Attachment::Migrated;
+        Ok(Some(Migration {
+            retired,
+            pins_removed,
+        }))
     }
 
     /// Makes the kernel maps hold `table`, writing only the difference.
     pub fn apply(&mut self, table: &RoutingTable) -> Result<ApplyReport, WriteError> {
-        self.writer.apply(table)
+        let keys: std::collections::HashSet<_> = table.services.keys().map(service_key).collect();
+        self.count_services(|s| s.ensure(&keys));
+        let report = self.writer.apply(table)?;
+        self.count_services(|s| s.retain(&keys));
+        Ok(report)
     }
 
     /// Changes some services (`None`: remove), leaving the others untouched.
@@ -178,7 +259,24 @@ impl Datapath {
             Option<Vec<crate::model::Backend>>,
         >,
     ) -> Result<ApplyReport, WriteError> {
-        self.writer.apply_changes(changes)
+        let (kept, removed): (Vec<_>, Vec<_>) = changes.iter().partition(|(_, b)| b.is_some());
+        let kept: Vec<_> = kept.into_iter().map(|(s, _)| service_key(s)).collect();
+        let removed: Vec<_> = removed.into_iter().map(|(s, _)| service_key(s)).collect();
+        self.count_services(|s| s.ensure(&kept));
+        let report = self.writer.apply_changes(changes)?;
+        self.count_services(|s| s.remove(&removed));
+        Ok(report)
+    }
+
+    /// Per-service counters are bookkeeping, not routing: a failure to keep their
+    /// entries (say, the map is full) is logged and the table is written regardless.
+    fn count_services(
+        &mut self,
+        op: impl FnOnce(&mut ServiceStatsMap) -> Result<(), aya::maps::MapError>,
+    ) {
+        if let Err(e) = op(&mut self.stats) {
+            tracing::warn!(error = %e, "updating SM_SERVICE_STATS entries");
+        }
     }
 
     /// Aborts sockets that sockmesh redirected to `targets`, in every network
@@ -233,8 +331,50 @@ pub fn read_counters(bpffs: &Path) -> Result<Vec<(&'static str, u64)>, Dataplane
     kernel::read_counters(&PinLayout::new(bpffs).maps)
 }
 
-/// Detaches the programs and removes every pin under `bpffs`. Returns the number of
-/// pins removed (0 if nothing was installed).
-pub fn uninstall(bpffs: &Path) -> Result<usize, DataplaneError> {
-    loader::remove_pins(&PinLayout::new(bpffs))
+/// Per-service counters pinned under `bpffs`, summed over CPUs, by service.
+pub fn read_service_counters(
+    bpffs: &Path,
+) -> Result<Vec<(crate::model::ServiceAddr, sockmesh_common::ServiceStats)>, DataplaneError> {
+    let map = ServiceStatsMap::open_pinned(&PinLayout::new(bpffs).maps)?;
+    let entries = map.read().map_err(|source| DataplaneError::Map {
+        name: "SM_SERVICE_STATS",
+        source,
+    })?;
+    let mut out: Vec<_> = entries
+        .into_iter()
+        .filter_map(|(k, v)| Some((keys::service_addr(&k)?, v)))
+        .collect();
+    out.sort_by_key(|(s, _)| *s);
+    Ok(out)
+}
+
+/// Detaches the programs and removes the pins of every layout under `bpffs`. With
+/// `cgroup`, refuses if the pinned datapath serves another cgroup. Returns the
+/// number of pins removed (0 if nothing was installed).
+pub fn uninstall(bpffs: &Path, cgroup: Option<&Path>) -> Result<usize, DataplaneError> {
+    let mut layouts: Vec<PinLayout> = loader::other_layouts(bpffs)
+        .into_iter()
+        .map(|(_, l)| l)
+        .collect();
+    layouts.push(PinLayout::new(bpffs));
+    if let Some(cgroup) = cgroup {
+        let (_, cgroup_id) = loader::open_cgroup(cgroup, true)?;
+        for layout in &layouts {
+            loader::refuse_other_cgroups(layout, cgroup_id)?;
+        }
+    }
+    let mut removed = 0;
+    for layout in &layouts {
+        removed += loader::remove_pins(layout)?;
+    }
+    Ok(removed)
+}
+
+/// Detaches and removes the pins of `layouts`; returns the pins removed.
+fn retire(layouts: &[(u32, PinLayout)]) -> Result<usize, DataplaneError> {
+    let mut removed = 0;
+    for (_, layout) in layouts {
+        removed += loader::remove_pins(layout)?;
+    }
+    Ok(removed)
 }

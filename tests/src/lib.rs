@@ -120,7 +120,7 @@ impl Bpffs {
 
 impl Drop for Bpffs {
     fn drop(&mut self) {
-        let _ = sockmesh::dataplane::uninstall(&self.0);
+        let _ = sockmesh::dataplane::uninstall(&self.0, None);
         let _ = fs::remove_dir(&self.0);
     }
 }

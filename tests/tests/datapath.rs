@@ -60,8 +60,26 @@ fn tcp_vip_redirects_reports_vip_refuses_empty_and_spares_outsiders() {
         .collect();
     assert_eq!(counters.get("redirects"), Some(&2), "{counters:?}");
     assert_eq!(counters.get("no_backend"), Some(&1), "{counters:?}");
+    // The same events per service, from SM_SERVICE_STATS.
+    let per_service: Vec<(String, u64, u64)> = sockmesh::dataplane::read_service_counters(&bpffs.0)
+        .expect("service counters")
+        .into_iter()
+        .map(|(s, c)| (s.to_string(), c.redirects, c.no_backend))
+        .collect();
+    assert_eq!(
+        per_service,
+        [
+            ("10.96.0.1:80/tcp".to_owned(), 2, 0),
+            ("10.96.0.2:80/tcp".to_owned(), 0, 1)
+        ]
+    );
     assert_eq!(
         sockmesh::dataplane::read_table(&bpffs.0).expect("read pins"),
         table
     );
+    // Removing a service removes its counters.
+    table.services.remove(&vip(2));
+    dp.apply(&table).expect("apply");
+    let left = sockmesh::dataplane::read_service_counters(&bpffs.0).expect("service counters");
+    assert_eq!(left.len(), 1, "{left:?}");
 }

@@ -99,6 +99,8 @@ fn datapath_survives_sigkill_of_the_loader_and_is_adopted() {
         .arg("uninstall")
         .arg("--bpffs")
         .arg(&bpffs.0)
+        .arg("--cgroup")
+        .arg(&cgroup.0)
         .output()
         .expect("uninstall");
     assert!(

@@ -2,8 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
-use sockmesh_common::{BackendInfo, BackendKey, ServiceKey, ServiceValue, SlotKey, counter};
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use sockmesh_common::{
+    BackendInfo, BackendKey, ServiceKey, ServiceStats, ServiceValue, SlotKey, counter,
+};
 
 use super::{
     DataplaneError,
@@ -161,4 +163,92 @@ pub fn read_counters(maps_dir: &Path) -> Result<Vec<(&'static str, u64)>, Datapl
         out.push((*name, values.iter().sum()));
     }
     Ok(out)
+}
+
+/// The per-service counter map (`SM_SERVICE_STATS`). The agent creates a zeroed
+/// entry before a service is published and deletes it once the service is gone; the
+/// programs only add to existing entries.
+pub struct ServiceStatsMap {
+    map: PerCpuHashMap<MapData, ServiceKey, ServiceStats>,
+    cpus: usize,
+}
+
+impl ServiceStatsMap {
+    /// Wraps the map taken from a loaded object.
+    pub fn new(map: Map) -> Result<Self, DataplaneError> {
+        let conv = |source| DataplaneError::Map {
+            name: "SM_SERVICE_STATS",
+            source,
+        };
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(path, source)| DataplaneError::Io {
+                path: path.into(),
+                source,
+            })?
+            .get() as usize;
+        Ok(Self {
+            map: PerCpuHashMap::try_from(map).map_err(conv)?,
+            cpus,
+        })
+    }
+
+    /// Opens the map pinned under `maps_dir`.
+    pub fn open_pinned(maps_dir: &Path) -> Result<Self, DataplaneError> {
+        Self::new(Map::PerCpuHashMap(open_pin(maps_dir, "SM_SERVICE_STATS")?))
+    }
+
+    /// Creates zeroed entries for the services that have none (existing counts stay).
+    pub fn ensure<'a>(
+        &mut self,
+        keys: impl IntoIterator<Item = &'a ServiceKey>,
+    ) -> Result<(), MapError> {
+        const BPF_NOEXIST: u64 = 1;
+        for key in keys {
+            let zero = PerCpuValues::try_from(vec![ServiceStats::default(); self.cpus])?;
+            match self.map.insert(key, zero, BPF_NOEXIST) {
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                other => other?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the entries of these services.
+    pub fn remove<'a>(
+        &mut self,
+        keys: impl IntoIterator<Item = &'a ServiceKey>,
+    ) -> Result<(), MapError> {
+        for key in keys {
+            absent_ok(self.map.remove(key))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes every entry whose service is not in `keep`.
+    pub fn retain(&mut self, keep: &std::collections::HashSet<ServiceKey>) -> Result<(), MapError> {
+        let stale: Vec<ServiceKey> = self
+            .map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep.contains(k))
+            .collect();
+        self.remove(&stale)
+    }
+
+    /// Every service's counters, summed over CPUs.
+    pub fn read(&self) -> Result<Vec<(ServiceKey, ServiceStats)>, MapError> {
+        let mut out = Vec::new();
+        for entry in self.map.iter() {
+            let (key, values) = entry?;
+            let sum = values
+                .iter()
+                .fold(ServiceStats::default(), |a, v| ServiceStats {
+                    redirects: a.redirects + v.redirects,
+                    no_backend: a.no_backend + v.no_backend,
+                });
+            out.push((key, sum));
+        }
+        Ok(out)
+    }
 }

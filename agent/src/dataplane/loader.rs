@@ -10,6 +10,15 @@
 //! when the agent exits or is killed. A new agent loads the same object, reuses the
 //! pinned maps, and swaps its freshly loaded programs into the pinned links with
 //! `BPF_LINK_UPDATE` — an atomic, in-place replacement with no detach window.
+//!
+//! An agent whose map layout differs (another `v<N>` directory is pinned) migrates:
+//! it creates and pins its own maps beside the old ones, leaves its programs
+//! unattached while the agent fills the maps from the control plane, then attaches
+//! its links and only then detaches and removes the other layout's pins
+//! ([`retire`]). Until that moment the old datapath serves every connection with its
+//! last table; a half-filled table is never live. cgroup links are multi-attach, so
+//! for the instant both run, the old programs translate first and the new ones see
+//! a backend address, which is not a service: no connection is translated twice.
 
 use std::{
     ffi::CString,
@@ -62,8 +71,14 @@ pub struct PinLayout {
 }
 
 impl PinLayout {
+    /// This build's layout.
     pub fn new(bpffs: &Path) -> Self {
-        let root = bpffs.join(format!("v{LAYOUT_VERSION}"));
+        Self::version(bpffs, LAYOUT_VERSION)
+    }
+
+    /// Layout `version`'s directories (of this or another build).
+    pub fn version(bpffs: &Path, version: u32) -> Self {
+        let root = bpffs.join(format!("v{version}"));
         Self {
             maps: root.join("maps"),
             links: root.join("links"),
@@ -84,6 +99,36 @@ pub enum Attachment {
     Attached,
     /// Pinned links were found; the new programs replaced the old ones in place.
     Adopted,
+    /// Another layout's datapath serves the cgroup: this one is loaded and its maps
+    /// pinned, but its programs wait for a complete table before they attach.
+    Pending,
+    /// Attached after filling, and the other layout's datapath removed.
+    Migrated,
+}
+
+/// The other layouts pinned under `bpffs` (an older or newer agent's `v<N>`
+/// directories), oldest first.
+pub fn other_layouts(bpffs: &Path) -> Vec<(u32, PinLayout)> {
+    let Ok(entries) = fs::read_dir(bpffs) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(u32, PinLayout)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let version: u32 = name.strip_prefix('v')?.parse().ok()?;
+            let layout = PinLayout::version(bpffs, version);
+            (version != LAYOUT_VERSION && (layout.maps.is_dir() || layout.links.is_dir()))
+                .then_some((version, layout))
+        })
+        .collect();
+    found.sort_by_key(|(v, _)| *v);
+    found
+}
+
+/// Whether `layout` has links pinned for the cgroup `cgroup_id`.
+pub fn links_pinned(layout: &PinLayout, cgroup_id: u64) -> bool {
+    fs::read_dir(layout.cgroup_links(cgroup_id)).is_ok_and(|mut d| d.next().is_some())
 }
 
 /// Makes sure `dir` is a directory on bpffs, mounting bpffs at `/sys/fs/bpf` if
@@ -168,13 +213,32 @@ pub fn load(layout: &PinLayout, limits: &super::Limits) -> Result<Ebpf, Dataplan
     EbpfLoader::new()
         .default_map_pin_directory(&layout.maps)
         .map_max_entries("SM_SERVICES", limits.services)
+        .map_max_entries("SM_SERVICE_STATS", limits.services)
         .map_max_entries("SM_BACKENDS", limits.backends)
         .map_max_entries("SM_SLOTS", limits.slots)
         .load(OBJECT)
         .map_err(DataplaneError::Load)
 }
 
-/// Attaches every program to the cgroup, or adopts the links pinned for it.
+/// Loads every program into the kernel (the verifier runs here), unattached.
+pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
+    for (name, sock_addr) in PROGRAMS {
+        let prog = ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::MissingProgram { name })?;
+        let perr = |source: ProgramError| DataplaneError::Program { name, source };
+        if sock_addr {
+            let p: &mut CgroupSockAddr = prog.try_into().map_err(perr)?;
+            p.load().map_err(perr)?;
+        } else {
+            let p: &mut CgroupSock = prog.try_into().map_err(perr)?;
+            p.load().map_err(perr)?;
+        }
+    }
+    Ok(())
+}
+
+/// Attaches every (loaded) program to the cgroup, or adopts the links pinned for it.
 pub fn attach(
     ebpf: &mut Ebpf,
     layout: &PinLayout,
@@ -198,7 +262,6 @@ pub fn attach(
         macro_rules! attach_or_adopt {
             ($ty:ty) => {{
                 let p: &mut $ty = prog.try_into().map_err(perr)?;
-                p.load().map_err(perr)?;
                 if pin.exists() {
                     replace_in_link(&pin, p.fd().map_err(perr)?.as_fd(), name)?;
                     adopted += 1;
@@ -228,7 +291,7 @@ pub fn attach(
 
 /// A pinned datapath serves one cgroup; attaching the same maps to a second one
 /// would be surprising, so it is refused.
-fn refuse_other_cgroups(layout: &PinLayout, cgroup_id: u64) -> Result<(), DataplaneError> {
+pub fn refuse_other_cgroups(layout: &PinLayout, cgroup_id: u64) -> Result<(), DataplaneError> {
     let Ok(entries) = fs::read_dir(&layout.links) else {
         return Ok(());
     };
@@ -334,19 +397,74 @@ fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
     }
 }
 
-/// Removes every pin under `layout` (detaching the programs once no process holds
-/// their links). Returns the number of pins removed.
+/// Detaches the programs of every link pinned under `layout` (at once, even if
+/// another process still holds a link), then removes every pin under it. Returns
+/// the number of pins removed.
 pub fn remove_pins(layout: &PinLayout) -> Result<usize, DataplaneError> {
     let mut removed = 0;
     if !layout.root.exists() {
         return Ok(0);
     }
     // Links first, so the programs stop running before their maps go away.
+    detach_tree(&layout.links)?;
     for dir in [&layout.links, &layout.maps] {
         removed += remove_tree(dir)?;
     }
     let _ = fs::remove_dir(&layout.root);
     Ok(removed)
+}
+
+/// `BPF_LINK_DETACH` on every link pinned under `dir`.
+fn detach_tree(dir: &Path) -> Result<(), DataplaneError> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            detach_tree(&path)?;
+            continue;
+        }
+        let io = |source| DataplaneError::Io {
+            path: path.clone(),
+            source,
+        };
+        let link = obj_get(&path).map_err(io)?;
+        match link_detach(link.as_fd()) {
+            // Already detached (its cgroup was removed): nothing to do.
+            Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {}
+            r => r.map_err(io)?,
+        }
+    }
+    Ok(())
+}
+
+/// `bpf(BPF_LINK_DETACH)`: detach a link's program now; the link object stays
+/// (defunct) until its last reference goes.
+fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    #[repr(C)]
+    struct LinkDetachAttr {
+        link_fd: u32,
+    }
+    // enum bpf_cmd in linux/bpf.h.
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let attr = LinkDetachAttr {
+        link_fd: link.as_raw_fd() as u32,
+    };
+    // SAFETY: attr is a valid, initialised bpf_attr prefix of the size we pass.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &raw const attr,
+            std::mem::size_of::<LinkDetachAttr>(),
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 fn remove_tree(dir: &Path) -> Result<usize, DataplaneError> {
@@ -388,4 +506,79 @@ pub fn pinned_limits(layout: &PinLayout) -> Result<super::Limits, DataplaneError
         backends: size("SM_BACKENDS")?,
         slots: size("SM_SLOTS")?,
     })
+}
+
+/// Names of the sockmesh programs (`sm_*`) attached to `cgroup` now, asked of the
+/// kernel (`BPF_PROG_QUERY` for each hook sockmesh uses), not read from pins.
+pub fn attached_programs(cgroup: &Path) -> Result<Vec<String>, DataplaneError> {
+    // enum bpf_attach_type in linux/bpf.h: connect4/6, sendmsg4/6, recvmsg4/6,
+    // getpeername4/6, sock_release.
+    const HOOKS: [u32; 9] = [10, 11, 14, 15, 19, 20, 29, 30, 34];
+    let (dir, _) = open_cgroup(cgroup, true)?;
+    let io = |source| DataplaneError::Io {
+        path: cgroup.to_owned(),
+        source,
+    };
+    let mut ids = Vec::new();
+    for hook in HOOKS {
+        ids.extend(prog_query(dir.as_fd(), hook).map_err(io)?);
+    }
+    let mut names = Vec::new();
+    for info in aya::programs::loaded_programs().flatten() {
+        if ids.contains(&info.id())
+            && let Some(name) = info.name_as_str().filter(|n| n.starts_with("sm_"))
+        {
+            names.push(name.to_owned());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// `bpf(BPF_PROG_QUERY)`: ids of the programs attached to `target` at `attach_type`.
+fn prog_query(target: BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<u32>> {
+    #[repr(C)]
+    struct ProgQueryAttr {
+        target_fd: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        pad: u32,
+        prog_attach_flags: u64,
+        link_ids: u64,
+        link_attach_flags: u64,
+        revision: u64,
+    }
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    let mut ids = [0u32; 64];
+    let mut attr = ProgQueryAttr {
+        target_fd: target.as_raw_fd() as u32,
+        attach_type,
+        query_flags: 0,
+        attach_flags: 0,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        pad: 0,
+        prog_attach_flags: 0,
+        link_ids: 0,
+        link_attach_flags: 0,
+        revision: 0,
+    };
+    // SAFETY: attr is a valid bpf_attr prefix; prog_ids points at `ids`, which has
+    // room for prog_cnt entries and outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            &raw mut attr,
+            std::mem::size_of::<ProgQueryAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = (attr.prog_cnt as usize).min(ids.len());
+    Ok(ids[..n].to_vec())
 }

@@ -34,6 +34,16 @@ pub trait TableSink: Send {
     fn terminate(&mut self, _targets: &BTreeSet<Target>) -> Result<usize, String> {
         Ok(0)
     }
+    /// Whether the datapath is built but not attached yet, because another pin
+    /// layout's datapath serves meanwhile (an upgrade that changed the map layout).
+    fn pending(&self) -> bool {
+        false
+    }
+    /// Attaches a pending datapath and removes the other layout's; returns the
+    /// layout versions retired.
+    fn activate(&mut self) -> Result<Vec<u32>, String> {
+        Ok(Vec::new())
+    }
 }
 
 impl TableSink for crate::dataplane::Datapath {
@@ -62,6 +72,16 @@ impl TableSink for crate::dataplane::Datapath {
             .map(|r| r.destroyed)
             .map_err(|e| e.to_string())
     }
+
+    fn pending(&self) -> bool {
+        self.is_pending()
+    }
+
+    fn activate(&mut self) -> Result<Vec<u32>, String> {
+        crate::dataplane::Datapath::activate(self)
+            .map(|m| m.map(|m| m.retired).unwrap_or_default())
+            .map_err(|e| format!("{e:#}"))
+    }
 }
 
 /// Timing of the last kernel write, for logs, metrics and benchmarks.
@@ -77,6 +97,11 @@ pub struct PushStats {
 pub const LATENCY_BUCKETS: [f64; 12] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0,
 ];
+
+/// How long a datapath built beside another layout's waits for warming services
+/// (clusters or endpoints not received yet) before it goes live anyway, as Envoy's
+/// `initial_fetch_timeout` (15 s) bounds its own warming.
+pub const MIGRATION_WARMING_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Connection state of the control-plane source.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -103,6 +128,9 @@ pub struct Core {
     pub terminated: u64,
     /// Update arrival → kernel maps written (shared with `/metrics`).
     pub latency: prometheus_client::metrics::histogram::Histogram,
+    /// While the datapath is pending (a layout migration): when the control plane's
+    /// table was first written, which starts the warming timeout.
+    first_push: Option<Instant>,
 }
 
 impl Core {
@@ -123,6 +151,49 @@ impl Core {
             terminate_removed: false,
             terminated: 0,
             latency: prometheus_client::metrics::histogram::Histogram::new(LATENCY_BUCKETS),
+            first_push: None,
+        }
+    }
+
+    /// The datapath maps' capacities.
+    pub fn limits(&self) -> crate::dataplane::Limits {
+        self.sink.limits()
+    }
+
+    /// Whether the datapath waits to go live (a layout migration in progress).
+    pub fn migrating(&self) -> bool {
+        self.sink.pending()
+    }
+
+    /// Periodic work: a pending datapath goes live once its table is complete, or
+    /// when the warming timeout runs out.
+    pub fn tick(&mut self, now: Instant) {
+        if !self.sink.pending() || !self.pushed {
+            return;
+        }
+        let warming = self.state.warming().len();
+        let timed_out = self
+            .first_push
+            .is_some_and(|t| now.duration_since(t) >= MIGRATION_WARMING_TIMEOUT);
+        if warming > 0 && !timed_out {
+            return;
+        }
+        if warming > 0 {
+            warn!(
+                warming,
+                "going live although some services are still warming (no cluster or endpoints yet)"
+            );
+        }
+        match self.sink.activate() {
+            Ok(retired) => info!(
+                ?retired,
+                services = self.state.table().services.len(),
+                "datapath attached; the other pin layouts' programs detached and pins removed"
+            ),
+            Err(e) => tracing::error!(
+                error = %e,
+                "attaching the new datapath failed; the old layout keeps serving, retrying"
+            ),
         }
     }
 
@@ -166,6 +237,7 @@ impl Core {
                 Nack(format!("writing the kernel maps failed: {e}"))
             })?;
             self.pushed = true;
+            self.first_push.get_or_insert(received);
             self.push = PushStats {
                 pushes: self.push.pushes + 1,
                 last_map_ops: ops,
@@ -195,6 +267,7 @@ impl Core {
         } else {
             debug!(types = ?kinds, synced = self.synced(), "update accepted; table unchanged");
         }
+        self.tick(Instant::now());
         Ok(accepted)
     }
 }

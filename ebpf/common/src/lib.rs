@@ -12,10 +12,15 @@
 
 #![no_std]
 
-/// Pin-directory layout version. Bump it whenever a key or value below changes
-/// shape; the agent pins under `<bpffs>/v<LAYOUT_VERSION>/` so an agent with a
-/// different layout never reinterprets another layout's bytes.
-pub const LAYOUT_VERSION: u32 = 1;
+/// Pin-directory layout version. Bump it whenever a map is added or removed or a
+/// key or value below changes shape; the agent pins under
+/// `<bpffs>/v<LAYOUT_VERSION>/` so an agent with a different layout never
+/// reinterprets another layout's bytes, and migrates by building its own layout
+/// beside the old one (see `agent/src/dataplane/loader.rs`).
+///
+/// - 1: services, slots, backends, reverse translation, per-CPU node counters.
+/// - 2: adds `SM_SERVICE_STATS`, per-service counters.
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Most services (VIP, port, protocol) the service map holds. Sized for a large
 /// cluster (Kubernetes' default service CIDR /12 is far larger, but 64 Ki ports on
@@ -123,6 +128,16 @@ pub struct ServiceValue {
     pub revision: u32,
 }
 
+/// Value of the per-service counter map (one per CPU), keyed by [`ServiceKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// Connects and unconnected-UDP sends rewritten to one of the service's backends.
+    pub redirects: u64,
+    /// Calls refused because the service had no active backend.
+    pub no_backend: u64,
+}
+
 /// Key of the slot map: slot `slot` of generation `generation` of service `service_id`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -188,6 +203,7 @@ const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 20);
     assert!(core::mem::size_of::<ServiceValue>() == 16);
     assert!(core::mem::size_of::<SlotKey>() == 8);
+    assert!(core::mem::size_of::<ServiceStats>() == 16);
     assert!(core::mem::size_of::<BackendKey>() == 8);
     assert!(core::mem::size_of::<BackendInfo>() == 24);
     assert!(core::mem::size_of::<ReverseKey>() == 32);
@@ -199,7 +215,8 @@ const _: () = {
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        BackendInfo, BackendKey, ReverseKey, ReverseValue, ServiceKey, ServiceValue, SlotKey,
+        BackendInfo, BackendKey, ReverseKey, ReverseValue, ServiceKey, ServiceStats, ServiceValue,
+        SlotKey,
     };
 
     // SAFETY: all types are #[repr(C)], made only of integers, with every padding
@@ -209,6 +226,8 @@ mod pod {
     unsafe impl aya::Pod for ServiceValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SlotKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ServiceStats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for BackendKey {}
     // SAFETY: as above.

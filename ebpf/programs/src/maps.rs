@@ -21,11 +21,12 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use sockmesh_common::{
     BackendInfo, BackendKey, MAX_BACKENDS_TOTAL, MAX_REVERSE_ENTRIES, MAX_SERVICES,
-    MAX_SLOTS_TOTAL, ReverseKey, ReverseValue, ServiceKey, ServiceValue, SlotKey, counter,
+    MAX_SLOTS_TOTAL, ReverseKey, ReverseValue, ServiceKey, ServiceStats, ServiceValue, SlotKey,
+    counter,
 };
 
 /// Services.
@@ -37,6 +38,18 @@ use sockmesh_common::{
 #[map(name = "SM_SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+/// Per-service counters, per CPU.
+/// - key: [`ServiceKey`], as in `SM_SERVICES`
+/// - value: [`ServiceStats`] (redirects, calls refused for want of a backend)
+/// - writer: the agent creates a zeroed entry before it publishes a service and
+///   deletes it after removing the service; connect4/6 and sendmsg4/6 only add to
+///   an existing entry (no insert on the hot path)
+/// - reader: `sockmesh stats`, the agent's `/metrics` (summed over CPUs)
+/// - capacity: as `SM_SERVICES` (`--max-services`); entries allocated on demand
+#[map(name = "SM_SERVICE_STATS")]
+pub static SERVICE_STATS: PerCpuHashMap<ServiceKey, ServiceStats> =
+    PerCpuHashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
 
 /// Selection slots: a backend owns as many slots as its weight's share.
 /// - key: [`SlotKey`] (service id, generation 0/1, slot index)
@@ -82,5 +95,21 @@ pub fn count(index: u32) {
     if let Some(slot) = COUNTERS.get_ptr_mut(index) {
         // SAFETY: per-CPU value, programs do not migrate CPUs while running.
         unsafe { *slot += 1 };
+    }
+}
+
+/// Adds one to `service`'s redirect (`redirected`) or no-backend count on this CPU.
+#[inline(always)]
+pub fn count_service(service: &ServiceKey, redirected: bool) {
+    if let Some(stats) = SERVICE_STATS.get_ptr_mut(service) {
+        // SAFETY: this CPU's value of an entry the agent created; NO_PREALLOC keeps a
+        // concurrently deleted entry's memory valid until the program returns.
+        unsafe {
+            if redirected {
+                (*stats).redirects += 1;
+            } else {
+                (*stats).no_backend += 1;
+            }
+        }
     }
 }

@@ -3,7 +3,7 @@
 
 use sockmesh_common::{BackendKey, ReverseKey, ReverseValue, ServiceKey, SlotKey, counter};
 
-use crate::maps::{BACKENDS, REVERSE, SERVICES, SLOTS, count};
+use crate::maps::{BACKENDS, REVERSE, SERVICES, SLOTS, count, count_service};
 
 /// A socket address in map form.
 #[derive(Clone, Copy)]
@@ -58,7 +58,7 @@ pub fn forward(dst: Addr, proto: u8, pick: Pick) -> Forward {
     };
     // Two attempts: the second only if an update deleted the slot we picked between
     // our service lookup and our slot lookup; by then the new generation is published.
-    match try_pick(&key, pick) {
+    let verdict = match try_pick(&key, pick) {
         Attempt::Done(f) => f,
         Attempt::Raced => {
             count(counter::SLOT_RETRY);
@@ -67,7 +67,13 @@ pub fn forward(dst: Addr, proto: u8, pick: Pick) -> Forward {
                 Attempt::Raced => Forward::NoBackend,
             }
         }
+    };
+    match verdict {
+        Forward::Pass => {}
+        Forward::Redirect(_) => count_service(&key, true),
+        Forward::NoBackend => count_service(&key, false),
     }
+    verdict
 }
 
 enum Attempt {
