@@ -225,6 +225,73 @@ pub fn sockmesh_bin() -> PathBuf {
     bin
 }
 
+/// The last commit whose agent pins map layout v1 (before `SM_SERVICE_STATS`): the
+/// "previous release" of the layout-migration test.
+pub const LAYOUT_V1_COMMIT: &str = "5b0917009e2a78ce0bc9eeedcb793d04614a4b43";
+
+/// `sockmesh` as built from [`LAYOUT_V1_COMMIT`]: the source is taken from git
+/// (`git archive`) into `target/layout-v1/src` and built there with its own target
+/// directory, once; later calls reuse the binary.
+pub fn layout_v1_bin() -> PathBuf {
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned();
+    let dir = workspace.join("target/layout-v1");
+    let bin = dir.join("target/debug/sockmesh");
+    let stamp = dir.join("commit");
+    if bin.exists() && fs::read_to_string(&stamp).is_ok_and(|c| c == LAYOUT_V1_COMMIT) {
+        return bin;
+    }
+    let src = dir.join("src");
+    let _ = fs::remove_dir_all(&src);
+    fs::create_dir_all(&src).expect("create layout-v1 dir");
+    let has_commit = Command::new("git")
+        .args(["-C"])
+        .arg(&workspace)
+        .args(["cat-file", "-e", &format!("{LAYOUT_V1_COMMIT}^{{commit}}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        has_commit,
+        "commit {LAYOUT_V1_COMMIT} (the layout-v1 release) is not in this git checkout; \
+         the migration test needs the repository's history (not a shallow clone)"
+    );
+    let archive = Command::new("git")
+        .arg("-C")
+        .arg(&workspace)
+        .args(["archive", "--format=tar", LAYOUT_V1_COMMIT])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("git archive");
+    let status = Command::new("tar")
+        .arg("-x")
+        .arg("-C")
+        .arg(&src)
+        .stdin(archive.stdout.expect("archive stdout"))
+        .status()
+        .expect("tar");
+    assert!(status.success(), "extracting {LAYOUT_V1_COMMIT}");
+    let out = Command::new("cargo")
+        .args(["build", "--locked", "-p", "sockmesh", "--bin", "sockmesh"])
+        .current_dir(&src)
+        .env("CARGO_TARGET_DIR", dir.join("target"))
+        // This test's own toolchain choice must not leak into the old tree's build
+        // (it has its own rust-toolchain.toml).
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .env_remove("RUSTC")
+        .output()
+        .expect("cargo build of the layout-v1 agent");
+    assert!(
+        out.status.success(),
+        "building the layout-v1 agent failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fs::write(&stamp, LAYOUT_V1_COMMIT).expect("stamp");
+    bin
+}
+
 /// The `sockmesh` binary in `dir` (benchmarks and the demo use the release build).
 pub fn sockmesh_bin_in(dir: &std::path::Path) -> PathBuf {
     dir.join("sockmesh")
