@@ -118,7 +118,9 @@ fn layout_upgrade_builds_beside_the_old_datapath_and_swaps_without_loss() {
     assert_eq!(attached.len(), 9, "{attached:?}");
     assert!(v1.join("maps/SM_SERVICES").exists());
     assert!(
-        !v2.join("links").read_dir().is_ok_and(|mut d| d.next().is_some()),
+        !v2.join("links")
+            .read_dir()
+            .is_ok_and(|mut d| d.next().is_some()),
         "v2 attached before it had a table"
     );
     let (code, body) = http_get(admin, "/readyz");
@@ -134,7 +136,11 @@ fn layout_upgrade_builds_beside_the_old_datapath_and_swaps_without_loss() {
     });
     let swap_ms = swapped.elapsed().as_millis();
     let attached = sockmesh::dataplane::attached_programs(&cgroup.0).expect("query");
-    assert_eq!(attached.len(), 9, "old programs left attached: {attached:?}");
+    assert_eq!(
+        attached.len(),
+        9,
+        "old programs left attached: {attached:?}"
+    );
     assert_eq!(http_get(admin, "/readyz").0, 200);
 
     let out = traffic.wait_with_output().expect("traffic output");

@@ -307,6 +307,111 @@ mod tests {
         }
     }
 
+    /// A datapath built beside another layout's: pending until activated.
+    #[derive(Clone, Default)]
+    struct Migrating {
+        inner: Fake,
+        activated: Arc<Mutex<Option<RoutingTable>>>,
+    }
+
+    impl TableSink for Migrating {
+        fn apply(&mut self, table: &RoutingTable) -> Result<usize, String> {
+            self.inner.apply(table)
+        }
+        fn apply_changes(&mut self, changes: &Changes) -> Result<usize, String> {
+            self.inner.apply_changes(changes)
+        }
+        fn table(&self) -> RoutingTable {
+            self.inner.table()
+        }
+        fn pending(&self) -> bool {
+            self.activated.lock().is_ok_and(|a| a.is_none())
+        }
+        fn activate(&mut self) -> Result<Vec<u32>, String> {
+            *self.activated.lock().map_err(|e| e.to_string())? = Some(self.inner.table());
+            Ok(vec![1])
+        }
+    }
+
+    const LDS_TWO: &str = r#"
+resources:
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: a
+  address: { socket_address: { address: 10.96.0.1, port_value: 80 } }
+  filter_chains: [ { filters: [ { name: tcp, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: a } } ] } ]
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: b
+  address: { socket_address: { address: 10.96.0.2, port_value: 80 } }
+  filter_chains: [ { filters: [ { name: tcp, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: b } } ] } ]
+"#;
+    const CDS_TWO: &str = r#"
+resources:
+- { "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster, name: a, type: EDS, eds_cluster_config: { eds_config: { ads: {} } } }
+- { "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster, name: b, type: EDS, eds_cluster_config: { eds_config: { ads: {} } } }
+"#;
+    fn eds(names: &[&str]) -> Update {
+        let resources: String = names
+            .iter()
+            .map(|n| {
+                format!(
+                    r#"
+- "@type": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment
+  cluster_name: {n}
+  endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ socket_address: {{ address: 10.1.4.1, port_value: 80 }} }} }} }} ] }} ]
+"#
+                )
+            })
+            .collect();
+        sotw(Kind::Endpoint, &format!("resources:{resources}"))
+    }
+
+    #[test]
+    fn a_migrating_datapath_goes_live_only_with_a_complete_table() {
+        let sink = Migrating::default();
+        let mut core = Core::new(Box::new(sink.clone()));
+        let t0 = Instant::now();
+        core.handle(sotw(Kind::Cluster, CDS_TWO), t0).expect("cds");
+        core.handle(sotw(Kind::Listener, LDS_TWO), t0).expect("lds");
+        core.handle(eds(&["a"]), t0).expect("eds a");
+        // Service b is still warming: not live yet, even after a while.
+        core.tick(t0 + Duration::from_secs(5));
+        assert!(core.migrating(), "went live with a warming service");
+        core.handle(eds(&["a", "b"]), t0).expect("eds a, b");
+        assert!(!core.migrating());
+        let live = sink
+            .activated
+            .lock()
+            .expect("lock")
+            .clone()
+            .expect("activated");
+        assert_eq!(live.services.len(), 2, "went live without b: {live:?}");
+    }
+
+    #[test]
+    fn a_migrating_datapath_goes_live_after_the_warming_timeout() {
+        let sink = Migrating::default();
+        let mut core = Core::new(Box::new(sink.clone()));
+        let t0 = Instant::now();
+        core.tick(t0 + MIGRATION_WARMING_TIMEOUT * 2);
+        assert!(
+            core.migrating(),
+            "went live before the control plane was heard"
+        );
+        core.handle(sotw(Kind::Cluster, CDS_TWO), t0).expect("cds");
+        core.handle(sotw(Kind::Listener, LDS_TWO), t0).expect("lds");
+        core.handle(eds(&["a"]), t0).expect("eds a");
+        assert!(core.migrating());
+        core.tick(Instant::now() + MIGRATION_WARMING_TIMEOUT);
+        assert!(!core.migrating(), "b never arrives: live after the timeout");
+        let live = sink
+            .activated
+            .lock()
+            .expect("lock")
+            .clone()
+            .expect("activated");
+        assert_eq!(live.services.len(), 1);
+    }
+
     fn sotw(kind: Kind, yaml: &str) -> Update {
         crate::xds::tests::sotw(kind, "1", yaml)
     }
