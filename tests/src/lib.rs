@@ -257,18 +257,21 @@ pub fn layout_v1_bin() -> PathBuf {
         "commit {LAYOUT_V1_COMMIT} (the layout-v1 release) is not in this git checkout; \
          the migration test needs the repository's history (not a shallow clone)"
     );
-    let archive = Command::new("git")
+    let tarball = dir.join("src.tar");
+    let status = Command::new("git")
         .arg("-C")
         .arg(&workspace)
-        .args(["archive", "--format=tar", LAYOUT_V1_COMMIT])
-        .stdout(Stdio::piped())
-        .spawn()
+        .args(["archive", "--format=tar", "-o"])
+        .arg(&tarball)
+        .arg(LAYOUT_V1_COMMIT)
+        .status()
         .expect("git archive");
+    assert!(status.success(), "git archive {LAYOUT_V1_COMMIT}");
     let status = Command::new("tar")
-        .arg("-x")
+        .arg("-xf")
+        .arg(&tarball)
         .arg("-C")
         .arg(&src)
-        .stdin(archive.stdout.expect("archive stdout"))
         .status()
         .expect("tar");
     assert!(status.success(), "extracting {LAYOUT_V1_COMMIT}");

@@ -95,6 +95,24 @@ fn datapath_survives_sigkill_of_the_loader_and_is_adopted() {
     );
     assert_eq!(reached(&client, &cgroup), "b2");
 
+    // Naming another cgroup is refused, and nothing is removed.
+    let other = Cgroup::new();
+    let out = Command::new(sockmesh_bin())
+        .arg("uninstall")
+        .arg("--bpffs")
+        .arg(&bpffs.0)
+        .arg("--cgroup")
+        .arg(&other.0)
+        .output()
+        .expect("uninstall");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("attached to another cgroup"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(reached(&client, &cgroup), "b2");
+
     let out = Command::new(sockmesh_bin())
         .arg("uninstall")
         .arg("--bpffs")
