@@ -55,6 +55,9 @@ fn admin_endpoints_answer_on_loopback() {
         "sockmesh_xds_updates_total{type=\"lds\",result=\"accepted\"} 1",
         "sockmesh_update_to_kernel_seconds_count 1",
         "sockmesh_datapath_events_total{event=\"redirects\"} 0",
+        "sockmesh_service_redirects_total{service=\"10.96.0.20:443/tcp\"} 0",
+        "sockmesh_service_no_backend_total{service=\"10.96.0.20:443/tcp\"} 0",
+        "sockmesh_map_fill_ratio{map=\"services\"} 0.0000152587890625",
     ] {
         assert!(
             metrics.lines().any(|l| l == line),
@@ -199,6 +202,11 @@ fn capacity_limits_nack_and_keep_existing_services() {
     let (_, metrics) = http_get(port, "/metrics");
     assert!(
         metrics.contains("sockmesh_xds_updates_total{type=\"lds\",result=\"rejected\"} 2"),
+        "{metrics}"
+    );
+    // Fill ratios are against the maps' real (configured) capacity.
+    assert!(
+        metrics.contains("sockmesh_map_fill_ratio{map=\"services\"} 1.0"),
         "{metrics}"
     );
     let t = sockmesh::dataplane::read_table(&bpffs.0).expect("table");

@@ -180,6 +180,7 @@ fn scenario(protocol: &str) {
     assert!(reach(20).iter().all(|n| n == "b2" || n == "b3"));
 
     // Outage: the control plane goes away; the table stays.
+    let cut = Instant::now();
     cp.disconnect_all();
     drop(stop);
     std::thread::sleep(Duration::from_millis(100));
@@ -201,9 +202,16 @@ fn scenario(protocol: &str) {
     assert!(body.contains("degraded: xDS disconnected"), "{body}");
 
     // Back, on the same address, with a change made meanwhile: converges.
+    let outage = cut.elapsed();
     cp.publish(&resources(&eds(&[4], 8080)), false);
     let (_addr2, _stop2) = rt.block_on(cp.serve(addr));
+    let back = Instant::now();
     wait_for(&bpffs, "after reconnect", &["10.10.1.14"]);
+    eprintln!(
+        "{protocol}: outage of {} ms with the table kept; server back → change in the kernel {} ms (reconnect backoff included)",
+        outage.as_millis(),
+        back.elapsed().as_millis()
+    );
     assert_eq!(reach(10), ["b4"]);
     assert_eq!(sockmesh_tests::http_get(admin, "/readyz").0, 200);
 
