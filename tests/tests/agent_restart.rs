@@ -116,7 +116,7 @@ fn sigkill_and_restart_under_traffic_lose_nothing() {
         "unchanged entries rewritten: {applied}"
     );
     eprintln!(
-        "{total} requests, 0 failed across kill -9 and restart; the restarted agent's first write: {}",
+        "{total} requests, 0 failed across kill -9 and restart; the restarted agent's first write: map_ops{}",
         applied.split_once("map_ops").map_or("", |(_, r)| r)
     );
     drop(second);
