@@ -119,7 +119,12 @@ impl Incremental {
                 Some(listener) => {
                     let mut routes = BTreeSet::new();
                     let mut ignored = Vec::new();
-                    let specs = listener_services(listener, &res.routes, &mut routes, &mut ignored);
+                    let specs = listener_services(
+                        &listener.decode(),
+                        &res.routes,
+                        &mut routes,
+                        &mut ignored,
+                    );
                     st.specs.insert(l.clone(), (specs, routes, ignored));
                 }
                 None => {
@@ -137,10 +142,13 @@ impl Incremental {
             let view = res
                 .clusters
                 .get(c)
-                .map(|cluster| match cluster_source(cluster) {
+                .map(|cluster| match cluster_source(&cluster.decode()) {
                     Ok((eds, inline)) => {
                         let backends = match &eds {
-                            Some(name) => res.endpoints.get(name).map(assignment_backends),
+                            Some(name) => res
+                                .endpoints
+                                .get(name)
+                                .map(|e| assignment_backends(&e.decode())),
                             None => inline.map(assignment_backends).or(Some(Vec::new())),
                         };
                         ClusterView {

@@ -11,9 +11,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use sockmesh_proto::pb::google::protobuf::Any;
 
 use super::{
-    decode::{DecodeError, Kind, Resource, decode_any},
+    decode::{DecodeError, Kind, decode_any},
     incremental::{Changes, Dirty, Incremental},
-    translate::Resources,
+    translate::{Encoded, Resources},
 };
 use crate::model::{ModelError, RoutingTable, validate_service};
 
@@ -101,7 +101,16 @@ pub struct XdsState {
     seed: RoutingTable,
 }
 
-type Undo = Vec<(Kind, String, Option<Resource>)>;
+/// A resource that decoded and passed validation, as its encoding.
+struct Checked {
+    kind: Kind,
+    name: String,
+    bytes: Box<[u8]>,
+}
+
+/// What an update replaced, to put back on a NACK: (kind, name, the previous
+/// encoding or `None` if the resource was absent).
+type Undo = Vec<(Kind, String, Option<Box<[u8]>>)>;
 
 impl XdsState {
     pub fn new() -> Self {
@@ -222,7 +231,7 @@ impl XdsState {
                 kind, resources, ..
             } => {
                 let decoded = decode_all(resources.iter().map(|a| (*kind, a)))?;
-                let names: BTreeSet<String> = decoded.iter().map(|r| r.name().to_owned()).collect();
+                let names: BTreeSet<String> = decoded.iter().map(|r| r.name.clone()).collect();
                 if kind.is_wildcard() {
                     for name in self.names(*kind) {
                         if !names.contains(&name) {
@@ -231,8 +240,10 @@ impl XdsState {
                     }
                 }
                 for r in decoded {
-                    let name = r.name().to_owned();
-                    undo.push((*kind, name, self.put(r)));
+                    // A resource sent again unchanged is neither undone nor re-translated.
+                    if let Some(old) = self.put(&r) {
+                        undo.push((*kind, r.name, old));
+                    }
                 }
             }
             Update::Delta {
@@ -242,16 +253,17 @@ impl XdsState {
             } => {
                 let decoded = decode_all(added.iter().map(|(_, _, a)| (*kind, a)))?;
                 for ((sent_name, version, _), r) in added.iter().zip(decoded) {
-                    if !sent_name.is_empty() && sent_name != r.name() {
+                    if !sent_name.is_empty() && *sent_name != r.name {
                         return Err(Nack(format!(
                             "{} resource {sent_name:?} carries the name {:?}",
                             kind.short(),
-                            r.name()
+                            r.name
                         )));
                     }
-                    let name = r.name().to_owned();
-                    versions.push((*kind, name.clone(), Some(version.clone())));
-                    undo.push((*kind, name, self.put(r)));
+                    versions.push((*kind, r.name.clone(), Some(version.clone())));
+                    if let Some(old) = self.put(&r) {
+                        undo.push((*kind, r.name, old));
+                    }
                 }
                 for name in removed {
                     versions.push((*kind, name.clone(), None));
@@ -275,8 +287,9 @@ impl XdsState {
                     }
                 }
                 for r in decoded {
-                    let name = r.name().to_owned();
-                    undo.push((r.kind(), name, self.put(r)));
+                    if let Some(old) = self.put(&r) {
+                        undo.push((r.kind, r.name, old));
+                    }
                 }
             }
         }
@@ -349,9 +362,7 @@ impl XdsState {
     fn rollback(&mut self, undo: Undo) {
         for (kind, name, old) in undo.into_iter().rev() {
             match old {
-                Some(r) => {
-                    self.put(r);
-                }
+                Some(bytes) => self.restore(kind, name, bytes),
                 None => {
                     self.remove(kind, &name);
                 }
@@ -369,58 +380,73 @@ impl XdsState {
         }
     }
 
-    fn put(&mut self, r: Resource) -> Option<Resource> {
+    /// Stores `r`. Returns `None` if the same encoding was stored already (nothing
+    /// changed), else `Some(previous encoding, if any)`.
+    fn put(&mut self, r: &Checked) -> Option<Option<Box<[u8]>>> {
+        fn put_in<T: prost::Message + Default>(
+            map: &mut BTreeMap<String, Encoded<T>>,
+            r: &Checked,
+        ) -> Option<Option<Box<[u8]>>> {
+            if map.get(&r.name).is_some_and(|old| old.bytes() == &*r.bytes) {
+                return None;
+            }
+            let new = Encoded::from_bytes(r.bytes.clone());
+            Some(map.insert(r.name.clone(), new).map(Encoded::into_bytes))
+        }
         let res = &mut self.resources;
-        match r {
-            Resource::Cluster(c) => res
-                .clusters
-                .insert(c.name.clone(), *c)
-                .map(|c| Resource::Cluster(Box::new(c))),
-            Resource::Endpoint(e) => res
-                .endpoints
-                .insert(e.cluster_name.clone(), *e)
-                .map(|e| Resource::Endpoint(Box::new(e))),
-            Resource::Listener(l) => res
-                .listeners
-                .insert(l.name.clone(), *l)
-                .map(|l| Resource::Listener(Box::new(l))),
-            Resource::Route(r) => res
-                .routes
-                .insert(r.name.clone(), *r)
-                .map(|r| Resource::Route(Box::new(r))),
+        match r.kind {
+            Kind::Cluster => put_in(&mut res.clusters, r),
+            Kind::Endpoint => put_in(&mut res.endpoints, r),
+            Kind::Listener => put_in(&mut res.listeners, r),
+            Kind::Route => put_in(&mut res.routes, r),
         }
     }
 
-    fn remove(&mut self, kind: Kind, name: &str) -> Option<Resource> {
+    /// Puts back an encoding an undo log kept.
+    fn restore(&mut self, kind: Kind, name: String, bytes: Box<[u8]>) {
         let res = &mut self.resources;
         match kind {
-            Kind::Cluster => res
-                .clusters
-                .remove(name)
-                .map(|c| Resource::Cluster(Box::new(c))),
-            Kind::Endpoint => res
-                .endpoints
-                .remove(name)
-                .map(|e| Resource::Endpoint(Box::new(e))),
-            Kind::Listener => res
-                .listeners
-                .remove(name)
-                .map(|l| Resource::Listener(Box::new(l))),
-            Kind::Route => res
-                .routes
-                .remove(name)
-                .map(|r| Resource::Route(Box::new(r))),
+            Kind::Cluster => {
+                res.clusters.insert(name, Encoded::from_bytes(bytes));
+            }
+            Kind::Endpoint => {
+                res.endpoints.insert(name, Encoded::from_bytes(bytes));
+            }
+            Kind::Listener => {
+                res.listeners.insert(name, Encoded::from_bytes(bytes));
+            }
+            Kind::Route => {
+                res.routes.insert(name, Encoded::from_bytes(bytes));
+            }
+        }
+    }
+
+    fn remove(&mut self, kind: Kind, name: &str) -> Option<Box<[u8]>> {
+        let res = &mut self.resources;
+        match kind {
+            Kind::Cluster => res.clusters.remove(name).map(Encoded::into_bytes),
+            Kind::Endpoint => res.endpoints.remove(name).map(Encoded::into_bytes),
+            Kind::Listener => res.listeners.remove(name).map(Encoded::into_bytes),
+            Kind::Route => res.routes.remove(name).map(Encoded::into_bytes),
         }
     }
 }
 
 /// Decodes every resource; all errors are reported together.
-fn decode_all<'a>(items: impl Iterator<Item = (Kind, &'a Any)>) -> Result<Vec<Resource>, Nack> {
+///
+/// Each resource is kept only in its encoding once checked: decoding a whole update
+/// first would hold every decoded message at once (about 230 MiB for an initial
+/// push of 10,000 services), and the allocator keeps such a peak as resident memory.
+fn decode_all<'a>(items: impl Iterator<Item = (Kind, &'a Any)>) -> Result<Vec<Checked>, Nack> {
     let mut out = Vec::new();
     let mut errors: Vec<String> = Vec::new();
     for (kind, any) in items {
         match decode_any(any, kind) {
-            Ok(r) => out.push(r),
+            Ok(r) => out.push(Checked {
+                kind: r.kind(),
+                name: r.name().to_owned(),
+                bytes: r.encode(),
+            }),
             Err(DecodeError::WrongType { type_url, .. })
                 if Kind::from_type_url(&type_url).is_none() =>
             {
