@@ -289,6 +289,15 @@ pub fn config_dump(core: &Core) -> String {
     let dump = serde_json::json!({
         "source": format!("{:?}", core.source),
         "synced": core.synced(),
+        "datapath": {
+            "layout_version": sockmesh_common::LAYOUT_VERSION,
+            "migrating": core.migrating(),
+            "limits": {
+                "services": core.limits().services,
+                "backends": core.limits().backends,
+                "slots": core.limits().slots,
+            },
+        },
         "xds": types,
         "warming": core.state().warming().iter().map(ToString::to_string).collect::<Vec<_>>(),
         "services": core.state().table().to_json(),

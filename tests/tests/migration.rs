@@ -126,6 +126,10 @@ fn layout_upgrade_builds_beside_the_old_datapath_and_swaps_without_loss() {
     let (code, body) = http_get(admin, "/readyz");
     assert_eq!(code, 503);
     assert!(body.contains("migrating"), "{body}");
+    let (_, dump) = http_get(admin, "/config_dump");
+    let dump: serde_json::Value = serde_json::from_str(&dump).expect("config_dump JSON");
+    assert_eq!(dump["datapath"]["migrating"], true, "{dump}");
+    assert_eq!(dump["datapath"]["layout_version"], 2, "{dump}");
 
     // The control plane returns, with the service rolled to b2, b3 meanwhile.
     publish(&pods[1..]);
