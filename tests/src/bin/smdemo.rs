@@ -233,14 +233,16 @@ fn demo(probe: &Path, sockmesh: &Path, work: &Path) -> bool {
             if stray { "  (UNEXPECTED)" } else { "" }
         ));
     }
-    say("\n$ sockmesh services");
-    if let Ok(out) = Command::new(sockmesh)
-        .arg("services")
-        .arg("--bpffs")
-        .arg(&bpffs.0)
-        .output()
-    {
-        say(String::from_utf8_lossy(&out.stdout).trim_end());
+    for command in ["services", "stats"] {
+        say(&format!("\n$ sockmesh {command}"));
+        if let Ok(out) = Command::new(sockmesh)
+            .arg(command)
+            .arg("--bpffs")
+            .arg(&bpffs.0)
+            .output()
+        {
+            say(String::from_utf8_lossy(&out.stdout).trim_end());
+        }
     }
     say("\nCleaning up: agent stopped, datapath uninstalled, namespaces and cgroup removed.");
     all_ok
