@@ -101,7 +101,16 @@ impl Cgroup {
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
-        let _ = fs::remove_dir(&self.0);
+        // Whatever a failed test left running in its own cgroup (an agent, a traffic
+        // generator) is ended first: `cgroup.kill` signals exactly this cgroup's
+        // processes. Then the now-empty cgroup is removed.
+        let _ = fs::write(self.0.join("cgroup.kill"), "1");
+        for _ in 0..100 {
+            if fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }
 

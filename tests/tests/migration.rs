@@ -66,12 +66,15 @@ fn layout_upgrade_builds_beside_the_old_datapath_and_swaps_without_loss() {
     let v2 = bpffs.0.join("v2");
 
     // The previous release installs layout v1 and syncs.
-    let mut old = agent_command(&old_bin, &cgroup, &bpffs)
-        .args(["--xds", &format!("grpc://{addr}"), "--admin", "off"])
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(dir.join("v1.log")).expect("log"))
-        .spawn()
-        .expect("v1 agent");
+    // In a guard: a failing assertion must not leave it running in the cgroup.
+    let mut old = Proc(
+        agent_command(&old_bin, &cgroup, &bpffs)
+            .args(["--xds", &format!("grpc://{addr}"), "--admin", "off"])
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.join("v1.log")).expect("log"))
+            .spawn()
+            .expect("v1 agent"),
+    );
     wait_for("the v1 agent's table", Duration::from_secs(10), || {
         let out = Command::new(&old_bin)
             .args(["services", "--json", "--bpffs"])
@@ -92,11 +95,11 @@ fn layout_upgrade_builds_beside_the_old_datapath_and_swaps_without_loss() {
     // The rolling update stops the old agent; the control plane is down meanwhile.
     std::thread::sleep(Duration::from_millis(300));
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(old.id() as i32),
+        nix::unistd::Pid::from_raw(old.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .expect("SIGTERM v1");
-    assert!(old.wait().expect("reap v1").success());
+    assert!(old.0.wait().expect("reap v1").success());
     drop(stop_cp);
     let admin = free_port();
     let new = Proc(
