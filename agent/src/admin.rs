@@ -230,6 +230,13 @@ pub fn metrics(
         "Used fraction of each map's capacity",
         fill,
     );
+    let write_failures: Counter = Counter::default();
+    write_failures.inc_by(core.kernel_write_failures);
+    r.register(
+        "sockmesh_kernel_write_failures",
+        "Kernel map writes that failed (the agent retries the whole table every second)",
+        write_failures,
+    );
     let terminated: Counter = Counter::default();
     terminated.inc_by(core.terminated);
     r.register(

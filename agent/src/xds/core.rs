@@ -131,6 +131,11 @@ pub struct Core {
     /// While the datapath is pending (a layout migration): when the control plane's
     /// table was first written, which starts the warming timeout.
     first_push: Option<Instant>,
+    /// A kernel write failed: the maps lag the accepted table until a whole-table
+    /// write succeeds (next update, or the next tick).
+    kernel_behind: bool,
+    /// Kernel writes that failed.
+    pub kernel_write_failures: u64,
 }
 
 impl Core {
@@ -152,6 +157,8 @@ impl Core {
             terminated: 0,
             latency: prometheus_client::metrics::histogram::Histogram::new(LATENCY_BUCKETS),
             first_push: None,
+            kernel_behind: false,
+            kernel_write_failures: 0,
         }
     }
 
@@ -165,10 +172,28 @@ impl Core {
         self.sink.pending()
     }
 
-    /// Periodic work: a pending datapath goes live once its table is complete, or
-    /// when the warming timeout runs out.
+    /// Periodic work: after a failed kernel write, write the whole table again (the
+    /// writer diffs it against its mirror of the maps, so only what lags is
+    /// written); a pending datapath goes live once its table is complete, or when
+    /// the warming timeout runs out.
     pub fn tick(&mut self, now: Instant) {
-        if !self.sink.pending() || !self.pushed {
+        if self.kernel_behind && self.synced() {
+            match self.sink.apply(self.state.table()) {
+                Ok(ops) => {
+                    self.kernel_behind = false;
+                    self.pushed = true;
+                    info!(
+                        map_ops = ops,
+                        "kernel maps caught up with the accepted table"
+                    );
+                }
+                Err(e) => {
+                    self.kernel_write_failures += 1;
+                    warn!(error = %e, "writing the kernel maps failed again; retrying");
+                }
+            }
+        }
+        if !self.sink.pending() || !self.pushed || self.kernel_behind {
             return;
         }
         let warming = self.state.warming().len();
@@ -224,18 +249,25 @@ impl Core {
             warn!("ignored: {line}");
         }
         self.synced.extend(kinds.iter().copied());
-        if self.synced() && (accepted.table_changed || !self.pushed) {
+        if self.synced() && (accepted.table_changed || !self.pushed || self.kernel_behind) {
             // The first write makes the kernel equal to the whole table (it may hold
-            // an adopted one); later writes touch the changed services only.
-            let result = if self.pushed {
+            // an adopted one); later writes touch the changed services only, unless
+            // an earlier write failed and the kernel has to catch up.
+            let result = if self.pushed && !self.kernel_behind {
                 self.sink.apply_changes(&accepted.changes)
             } else {
                 self.sink.apply(self.state.table())
             };
+            // The update is valid and stays accepted in the state, but it is NACKed
+            // because the kernel does not hold it; the kernel is brought up to the
+            // accepted table by the next update or tick.
             let ops = result.map_err(|e| {
-                warn!(error = %e, "writing the kernel maps failed");
+                self.kernel_behind = true;
+                self.kernel_write_failures += 1;
+                warn!(error = %e, "writing the kernel maps failed; retrying the whole table every second");
                 Nack(format!("writing the kernel maps failed: {e}"))
             })?;
+            self.kernel_behind = false;
             self.pushed = true;
             self.first_push.get_or_insert(received);
             self.push = PushStats {
@@ -410,6 +442,62 @@ resources:
             .clone()
             .expect("activated");
         assert_eq!(live.services.len(), 1);
+    }
+
+    /// Fails `apply_changes` while `failing` is set.
+    #[derive(Clone, Default)]
+    struct Flaky {
+        inner: Fake,
+        failing: Arc<Mutex<bool>>,
+    }
+
+    impl TableSink for Flaky {
+        fn apply(&mut self, table: &RoutingTable) -> Result<usize, String> {
+            if *self.failing.lock().map_err(|e| e.to_string())? {
+                return Err("ENOMEM".into());
+            }
+            self.inner.apply(table)
+        }
+        fn apply_changes(&mut self, changes: &Changes) -> Result<usize, String> {
+            if *self.failing.lock().map_err(|e| e.to_string())? {
+                return Err("ENOMEM".into());
+            }
+            self.inner.apply_changes(changes)
+        }
+        fn table(&self) -> RoutingTable {
+            self.inner.table()
+        }
+    }
+
+    #[test]
+    fn a_failed_kernel_write_is_nacked_and_caught_up_on_the_next_tick() {
+        let sink = Flaky::default();
+        let mut core = Core::new(Box::new(sink.clone()));
+        let t0 = Instant::now();
+        core.handle(sotw(Kind::Cluster, CDS_TWO), t0).expect("cds");
+        core.handle(sotw(Kind::Listener, LDS_TWO), t0).expect("lds");
+        core.handle(eds(&["a"]), t0).expect("eds a");
+        assert_eq!(sink.table().services.len(), 1);
+        *sink.failing.lock().expect("lock") = true;
+        let nack = core
+            .handle(eds(&["a", "b"]), t0)
+            .expect_err("kernel write fails");
+        assert!(nack.0.contains("ENOMEM"), "{nack}");
+        core.tick(Instant::now());
+        assert_eq!(core.kernel_write_failures, 2);
+        assert_eq!(
+            sink.table().services.len(),
+            1,
+            "nothing written while failing"
+        );
+        *sink.failing.lock().expect("lock") = false;
+        core.tick(Instant::now());
+        assert_eq!(
+            sink.table(),
+            *core.state().table(),
+            "the kernel caught up with the accepted table"
+        );
+        assert_eq!(sink.table().services.len(), 2);
     }
 
     fn sotw(kind: Kind, yaml: &str) -> Update {
