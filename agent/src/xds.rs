@@ -6,6 +6,7 @@ pub mod core;
 pub mod decode;
 pub mod file;
 pub mod incremental;
+pub mod resources;
 pub mod rest;
 pub mod state;
 pub mod translate;
