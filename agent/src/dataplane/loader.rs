@@ -342,24 +342,14 @@ fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     const BPF_OBJ_GET: libc::c_long = 7;
     let c_path = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let attr = ObjGetAttr {
+    let mut attr = ObjGetAttr {
         pathname: c_path.as_ptr() as u64,
         bpf_fd: 0,
         file_flags: 0,
         path_fd: 0,
     };
-    // SAFETY: attr is a valid bpf_attr prefix; c_path outlives the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &raw const attr,
-            std::mem::size_of::<ObjGetAttr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // SAFETY: ObjGetAttr is the BPF_OBJ_GET part of bpf_attr; c_path outlives the call.
+    let rc = unsafe { sys_bpf(BPF_OBJ_GET, &raw mut attr) }?;
     // SAFETY: the kernel returned a new descriptor that we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(rc as i32) })
 }
@@ -375,26 +365,14 @@ fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
     }
     // enum bpf_cmd in linux/bpf.h.
     const BPF_LINK_UPDATE: libc::c_long = 29;
-    let attr = LinkUpdateAttr {
+    let mut attr = LinkUpdateAttr {
         link_fd: link.as_raw_fd() as u32,
         new_prog_fd: prog.as_raw_fd() as u32,
         flags: 0,
         old_prog_fd: 0,
     };
-    // SAFETY: attr is a valid, initialised bpf_attr prefix of the size we pass.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_UPDATE,
-            &raw const attr,
-            std::mem::size_of::<LinkUpdateAttr>(),
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    // SAFETY: LinkUpdateAttr is the BPF_LINK_UPDATE part of bpf_attr.
+    unsafe { sys_bpf(BPF_LINK_UPDATE, &raw mut attr) }.map(drop)
 }
 
 /// Detaches the programs of every link pinned under `layout` (at once, even if
@@ -448,23 +426,11 @@ fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
     }
     // enum bpf_cmd in linux/bpf.h.
     const BPF_LINK_DETACH: libc::c_long = 34;
-    let attr = LinkDetachAttr {
+    let mut attr = LinkDetachAttr {
         link_fd: link.as_raw_fd() as u32,
     };
-    // SAFETY: attr is a valid, initialised bpf_attr prefix of the size we pass.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            &raw const attr,
-            std::mem::size_of::<LinkDetachAttr>(),
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    // SAFETY: LinkDetachAttr is the BPF_LINK_DETACH part of bpf_attr.
+    unsafe { sys_bpf(BPF_LINK_DETACH, &raw mut attr) }.map(drop)
 }
 
 fn remove_tree(dir: &Path) -> Result<usize, DataplaneError> {
@@ -566,19 +532,25 @@ fn prog_query(target: BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<u32>> 
         link_attach_flags: 0,
         revision: 0,
     };
-    // SAFETY: attr is a valid bpf_attr prefix; prog_ids points at `ids`, which has
-    // room for prog_cnt entries and outlives the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_QUERY,
-            &raw mut attr,
-            std::mem::size_of::<ProgQueryAttr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // SAFETY: ProgQueryAttr is the BPF_PROG_QUERY part of bpf_attr; prog_ids points
+    // at `ids`, which has room for prog_cnt entries and outlives the call.
+    unsafe { sys_bpf(BPF_PROG_QUERY, &raw mut attr) }?;
     let n = (attr.prog_cnt as usize).min(ids.len());
     Ok(ids[..n].to_vec())
+}
+
+/// `bpf(cmd, attr, sizeof attr)`; the kernel's non-negative result, or errno.
+///
+/// # Safety
+/// `A` must be `#[repr(C)]` and laid out as the part of `union bpf_attr` that `cmd`
+/// reads (and writes, for commands that answer through it), with every pointer in it
+/// valid for the call.
+unsafe fn sys_bpf<A>(cmd: libc::c_long, attr: *mut A) -> io::Result<libc::c_long> {
+    // SAFETY: the caller vouches for attr's layout and pointers.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, std::mem::size_of::<A>()) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
 }

@@ -397,14 +397,19 @@ resources:
         sotw(Kind::Endpoint, &format!("resources:{resources}"))
     }
 
+    /// Services a and b (LDS, CDS), endpoints for a only: b is warming.
+    fn sync_only_a(core: &mut Core, t0: Instant) {
+        core.handle(sotw(Kind::Cluster, CDS_TWO), t0).expect("cds");
+        core.handle(sotw(Kind::Listener, LDS_TWO), t0).expect("lds");
+        core.handle(eds(&["a"]), t0).expect("eds a");
+    }
+
     #[test]
     fn a_migrating_datapath_goes_live_only_with_a_complete_table() {
         let sink = Migrating::default();
         let mut core = Core::new(Box::new(sink.clone()));
         let t0 = Instant::now();
-        core.handle(sotw(Kind::Cluster, CDS_TWO), t0).expect("cds");
-        core.handle(sotw(Kind::Listener, LDS_TWO), t0).expect("lds");
-        core.handle(eds(&["a"]), t0).expect("eds a");
+        sync_only_a(&mut core, t0);
         // Service b is still warming: not live yet, even after a while.
         core.tick(t0 + Duration::from_secs(5));
         assert!(core.migrating(), "went live with a warming service");
@@ -429,9 +434,7 @@ resources:
             core.migrating(),
             "went live before the control plane was heard"
         );
-        core.handle(sotw(Kind::Cluster, CDS_TWO), t0).expect("cds");
-        core.handle(sotw(Kind::Listener, LDS_TWO), t0).expect("lds");
-        core.handle(eds(&["a"]), t0).expect("eds a");
+        sync_only_a(&mut core, t0);
         assert!(core.migrating());
         core.tick(Instant::now() + MIGRATION_WARMING_TIMEOUT);
         assert!(!core.migrating(), "b never arrives: live after the timeout");
@@ -474,9 +477,7 @@ resources:
         let sink = Flaky::default();
         let mut core = Core::new(Box::new(sink.clone()));
         let t0 = Instant::now();
-        core.handle(sotw(Kind::Cluster, CDS_TWO), t0).expect("cds");
-        core.handle(sotw(Kind::Listener, LDS_TWO), t0).expect("lds");
-        core.handle(eds(&["a"]), t0).expect("eds a");
+        sync_only_a(&mut core, t0);
         assert_eq!(sink.table().services.len(), 1);
         *sink.failing.lock().expect("lock") = true;
         let nack = core
