@@ -167,6 +167,11 @@ pub fn metrics(
         g.set(i64::try_from(v).unwrap_or(i64::MAX));
         r.register(name, help, g);
     };
+    let counter = |r: &mut Registry, name: &str, help: &str, v: u64| {
+        let c: Counter = Counter::default();
+        c.inc_by(v);
+        r.register(name, help, c);
+    };
     gauge(
         &mut r,
         "sockmesh_xds_connected",
@@ -193,12 +198,11 @@ pub fn metrics(
         "xDS updates by type and result",
         updates,
     );
-    let ignored: Counter = Counter::default();
-    ignored.inc_by(core.ignored_types);
-    r.register(
+    counter(
+        &mut r,
         "sockmesh_xds_ignored_responses",
         "Responses of types sockmesh does not consume",
-        ignored,
+        core.ignored_types,
     );
     r.register(
         "sockmesh_update_to_kernel_seconds",
@@ -230,19 +234,17 @@ pub fn metrics(
         "Used fraction of each map's capacity",
         fill,
     );
-    let write_failures: Counter = Counter::default();
-    write_failures.inc_by(core.kernel_write_failures);
-    r.register(
+    counter(
+        &mut r,
         "sockmesh_kernel_write_failures",
         "Kernel map writes that failed (the agent retries the whole table every second)",
-        write_failures,
+        core.kernel_write_failures,
     );
-    let terminated: Counter = Counter::default();
-    terminated.inc_by(core.terminated);
-    r.register(
+    counter(
+        &mut r,
         "sockmesh_terminated_sockets",
         "Sockets of removed endpoints closed",
-        terminated,
+        core.terminated,
     );
     let events: Family<Labels, Counter> = Family::default();
     for (name, value) in kernel {
