@@ -339,25 +339,47 @@ mod tests {
         }
     }
 
-    /// A datapath built beside another layout's: pending until activated.
+    /// A sink whose writes fail while `failing` is set and which, if `migrating`,
+    /// stays pending (built beside another layout's datapath) until activated.
     #[derive(Clone, Default)]
-    struct Migrating {
+    struct Scripted {
         inner: Fake,
+        failing: Arc<Mutex<bool>>,
+        migrating: bool,
         activated: Arc<Mutex<Option<RoutingTable>>>,
     }
 
-    impl TableSink for Migrating {
+    impl Scripted {
+        fn migrating() -> Self {
+            Self {
+                migrating: true,
+                ..Self::default()
+            }
+        }
+
+        fn check(&self) -> Result<(), String> {
+            match self.failing.lock() {
+                Ok(f) if *f => Err("ENOMEM".into()),
+                Ok(_) => Ok(()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    }
+
+    impl TableSink for Scripted {
         fn apply(&mut self, table: &RoutingTable) -> Result<usize, String> {
+            self.check()?;
             self.inner.apply(table)
         }
         fn apply_changes(&mut self, changes: &Changes) -> Result<usize, String> {
+            self.check()?;
             self.inner.apply_changes(changes)
         }
         fn table(&self) -> RoutingTable {
             self.inner.table()
         }
         fn pending(&self) -> bool {
-            self.activated.lock().is_ok_and(|a| a.is_none())
+            self.migrating && self.activated.lock().is_ok_and(|a| a.is_none())
         }
         fn activate(&mut self) -> Result<Vec<u32>, String> {
             *self.activated.lock().map_err(|e| e.to_string())? = Some(self.inner.table());
@@ -406,7 +428,7 @@ resources:
 
     #[test]
     fn a_migrating_datapath_goes_live_only_with_a_complete_table() {
-        let sink = Migrating::default();
+        let sink = Scripted::migrating();
         let mut core = Core::new(Box::new(sink.clone()));
         let t0 = Instant::now();
         sync_only_a(&mut core, t0);
@@ -426,7 +448,7 @@ resources:
 
     #[test]
     fn a_migrating_datapath_goes_live_after_the_warming_timeout() {
-        let sink = Migrating::default();
+        let sink = Scripted::migrating();
         let mut core = Core::new(Box::new(sink.clone()));
         let t0 = Instant::now();
         core.tick(t0 + MIGRATION_WARMING_TIMEOUT * 2);
@@ -447,34 +469,9 @@ resources:
         assert_eq!(live.services.len(), 1);
     }
 
-    /// Fails `apply_changes` while `failing` is set.
-    #[derive(Clone, Default)]
-    struct Flaky {
-        inner: Fake,
-        failing: Arc<Mutex<bool>>,
-    }
-
-    impl TableSink for Flaky {
-        fn apply(&mut self, table: &RoutingTable) -> Result<usize, String> {
-            if *self.failing.lock().map_err(|e| e.to_string())? {
-                return Err("ENOMEM".into());
-            }
-            self.inner.apply(table)
-        }
-        fn apply_changes(&mut self, changes: &Changes) -> Result<usize, String> {
-            if *self.failing.lock().map_err(|e| e.to_string())? {
-                return Err("ENOMEM".into());
-            }
-            self.inner.apply_changes(changes)
-        }
-        fn table(&self) -> RoutingTable {
-            self.inner.table()
-        }
-    }
-
     #[test]
     fn a_failed_kernel_write_is_nacked_and_caught_up_on_the_next_tick() {
-        let sink = Flaky::default();
+        let sink = Scripted::default();
         let mut core = Core::new(Box::new(sink.clone()));
         let t0 = Instant::now();
         sync_only_a(&mut core, t0);
