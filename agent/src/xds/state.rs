@@ -41,6 +41,14 @@ pub enum Update {
 }
 
 impl Update {
+    /// Resources added, replaced or removed.
+    pub fn resource_count(&self) -> usize {
+        match self {
+            Update::SotW { resources, .. } | Update::Full { resources, .. } => resources.len(),
+            Update::Delta { added, removed, .. } => added.len() + removed.len(),
+        }
+    }
+
     fn kinds(&self) -> Vec<Kind> {
         match self {
             Update::SotW { kind, .. } | Update::Delta { kind, .. } => vec![*kind],
