@@ -399,9 +399,10 @@ fn status(bpffs: &Path, admin: &str, json: bool) -> Result<()> {
         Err(e) => serde_json::json!({"installed": false, "error": e.to_string()}),
     };
     let agent = match &ready {
-        Some((code, body)) => {
-            serde_json::json!({"running": true, "ready": *code == 200, "readiness": body.trim()})
-        }
+        Some((code, body)) => serde_json::json!({
+            "running": true, "ready": *code == 200, "readiness": body.trim(),
+            "datapath": dump.as_ref().map(|d| d["datapath"].clone()),
+        }),
         None => serde_json::json!({"running": false}),
     };
     let xds = dump
@@ -423,6 +424,20 @@ fn status(bpffs: &Path, admin: &str, json: bool) -> Result<()> {
             out,
             "agent:    not answering at {admin} (the pinned datapath works without it)"
         )?,
+    }
+    if let Some(d) = dump.as_ref().map(|d| &d["datapath"]) {
+        writeln!(
+            out,
+            "layout:   v{}{}; capacity {} services, {} backends",
+            d["layout_version"],
+            if d["migrating"] == true {
+                " (migrating: the previous layout serves until this one is filled)"
+            } else {
+                ""
+            },
+            d["limits"]["services"],
+            d["limits"]["backends"],
+        )?;
     }
     if let Some(types) = xds.as_object() {
         for (kind, s) in types {
