@@ -47,13 +47,21 @@ pub fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
-/// Serves until `shutdown`.
+/// Serves until `shutdown`. With `address_file`, the bound address is written there
+/// (atomically: a reader sees the whole address or no file) once the server listens.
 pub async fn serve(
     addr: SocketAddr,
+    address_file: Option<PathBuf>,
     admin: Admin,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    if let Some(path) = address_file {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, addr.to_string())?;
+        std::fs::rename(&tmp, &path)?;
+    }
     info!(%addr, "admin server listening");
     loop {
         let (stream, _) = tokio::select! {
@@ -204,6 +212,12 @@ pub fn metrics(
         "Responses of types sockmesh does not consume",
         core.ignored_types,
     );
+    counter(
+        &mut r,
+        "sockmesh_xds_source_errors",
+        "Documents the source could not read or parse (file syntax errors, REST bodies that are not proto3 JSON)",
+        core.source_errors,
+    );
     r.register(
         "sockmesh_update_to_kernel_seconds",
         "Time from an xDS update's arrival to the kernel maps holding it",
@@ -291,15 +305,27 @@ pub fn config_dump(core: &Core) -> String {
                 serde_json::json!({
                     "version": s.version, "received": s.received, "accepted": s.accepted,
                     "rejected": s.rejected, "last_error": s.last_error,
+                    "rejected_version": s.rejected_version,
                 }),
             )
         })
         .collect();
     let dump = serde_json::json!({
         "source": format!("{:?}", core.source),
+        "source_errors": core.source_errors,
+        "source_last_error": core.source_last_error,
         "synced": core.synced(),
+        "push": {
+            "pushes": core.push.pushes,
+            "last_map_ops": core.push.last_map_ops,
+            "last_latency_us": u64::try_from(core.push.last_latency.as_micros()).unwrap_or(u64::MAX),
+            "kernel_write_failures": core.kernel_write_failures,
+            "terminated_sockets": core.terminated,
+        },
         "datapath": {
             "layout_version": sockmesh_common::LAYOUT_VERSION,
+            "attachment": core.attachment().map(|a| format!("{a:?}")),
+            "retired_layouts": core.retired(),
             "migrating": core.migrating(),
             "limits": {
                 "services": core.limits().services,

@@ -113,6 +113,9 @@ pub struct AgentConfig {
     pub terminate_removed: bool,
     /// Admin HTTP address (`None`: no admin server).
     pub admin: Option<std::net::SocketAddr>,
+    /// Where to write the admin server's bound address (Envoy's
+    /// `--admin-address-path`), useful with port 0.
+    pub admin_address_file: Option<PathBuf>,
 }
 
 /// Runs the agent until SIGINT/SIGTERM.
@@ -142,8 +145,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         // The admin server failing (say, its port is taken) must not take the
         // datapath's control loop down with it: it is logged and the agent goes on.
         let stop = stop_rx.clone();
+        let address_file = cfg.admin_address_file.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::admin::serve(addr, admin, stop).await {
+            if let Err(e) = crate::admin::serve(addr, address_file, admin, stop).await {
                 tracing::error!(error = %e, "admin server stopped");
             }
         });

@@ -177,6 +177,10 @@ pub struct AgentArgs {
     /// default; "off" disables it.
     #[arg(long, default_value = "127.0.0.1:15200", env = "SOCKMESH_ADMIN")]
     pub admin: String,
+    /// Write the admin server's bound address (IP:PORT) to this file once it listens
+    /// (as Envoy's --admin-address-path; useful with --admin 127.0.0.1:0).
+    #[arg(long, env = "SOCKMESH_ADMIN_ADDRESS_FILE")]
+    pub admin_address_file: Option<PathBuf>,
     /// Poll interval of the REST (http://) source, e.g. 1s, 500ms.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub xds_refresh: std::time::Duration,
@@ -228,6 +232,7 @@ fn agent(args: AgentArgs) -> Result<()> {
                     .with_context(|| format!("--admin {a:?}: expected IP:PORT or off"))?,
             ),
         },
+        admin_address_file: args.admin_address_file,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

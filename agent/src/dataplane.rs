@@ -15,13 +15,14 @@ pub mod store;
 mod writer;
 
 use std::{
+    fs,
     os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
 use aya::Ebpf;
 pub use keys::service_key;
-pub use loader::{Attachment, PROGRAMS, PinLayout, attached_programs};
+pub use loader::{Attachment, PROGRAMS, PinLayout, attached_programs, cgroup2_root};
 use tracing::info;
 pub use writer::{ApplyReport, Limits, MapWriter, WriteError, table_from_snapshot};
 
@@ -124,6 +125,8 @@ pub struct Datapath {
     attachment: Attachment,
     /// Set while another layout's datapath serves the cgroup (see [`Self::activate`]).
     pending: Option<Pending>,
+    /// Layout versions this datapath detached and removed.
+    retired: Vec<u32>,
 }
 
 /// A datapath built beside another layout's, not attached yet.
@@ -160,12 +163,14 @@ impl Datapath {
         loader::load_programs(&mut ebpf)?;
         // Our links already pinned means an earlier run of this layout filled the maps
         // and attached (perhaps stopping before it retired the others).
+        let mut retired = Vec::new();
         let (attachment, pending) = if others.is_empty() || loader::links_pinned(&layout, cgroup_id)
         {
             let attachment = loader::attach(&mut ebpf, &layout, cgroup.as_fd(), cgroup_id)?;
             if !others.is_empty() {
-                let retired = retire(&others)?;
-                info!(?retired, "removed the datapath of other pin layouts");
+                let pins = retire(&others)?;
+                retired = others.iter().map(|(v, _)| *v).collect();
+                info!(?retired, pins, "removed the datapath of other pin layouts");
             }
             (attachment, None)
         } else {
@@ -216,7 +221,13 @@ impl Datapath {
             layout,
             attachment,
             pending,
+            retired,
         })
+    }
+
+    /// The other layout versions this datapath detached and removed.
+    pub fn retired(&self) -> &[u32] {
+        &self.retired
     }
 
     /// Whether this datapath waits to be attached (another layout serves meanwhile).
@@ -233,7 +244,8 @@ impl Datapath {
         };
         loader::attach(&mut self.ebpf, &self.layout, p.cgroup.as_fd(), p.cgroup_id)?;
         let pins_removed = retire(&p.others)?;
-        let retired = p.others.iter().map(|(v, _)| *v).collect();
+        let retired: Vec<u32> = p.others.iter().map(|(v, _)| *v).collect();
+        self.retired.extend(&retired);
         self.pending = None;
         self.attachment = Attachment::Migrated;
         Ok(Some(Migration {
@@ -345,6 +357,54 @@ pub fn read_service_counters(
         .filter_map(|(k, v)| Some((keys::service_addr(&k)?, v)))
         .collect();
     out.sort_by_key(|(s, _)| *s);
+    Ok(out)
+}
+
+/// One program's pinned link, as the kernel reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinnedLinkInfo {
+    /// The pin's file name: the program's name (`sm_connect4`, …).
+    pub program: String,
+    /// The kernel's id of the link: it stays while the link is adopted.
+    pub link_id: u32,
+    /// The id of the program the link runs now: it changes when an agent swaps its
+    /// own program in (`BPF_LINK_UPDATE`).
+    pub program_id: u32,
+}
+
+/// The links of this build's layout pinned under `bpffs`, sorted by program name.
+pub fn pinned_links(bpffs: &Path) -> Result<Vec<PinnedLinkInfo>, DataplaneError> {
+    let links = PinLayout::new(bpffs).links;
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| DataplaneError::Io { path, source }
+    };
+    let mut out = Vec::new();
+    for cgroup in fs::read_dir(&links).map_err(io(&links))?.flatten() {
+        let dir = cgroup.path();
+        for pin in fs::read_dir(&dir).map_err(io(&dir))?.flatten() {
+            let path = pin.path();
+            let program = pin.file_name().to_string_lossy().into_owned();
+            let link = aya::programs::links::PinnedLink::from_pin(&path).map_err(|source| {
+                DataplaneError::Link {
+                    name: "pinned link",
+                    source,
+                }
+            })?;
+            let info = aya::programs::links::FdLink::from(link)
+                .info()
+                .map_err(|source| DataplaneError::Link {
+                    name: "pinned link",
+                    source,
+                })?;
+            out.push(PinnedLinkInfo {
+                program,
+                link_id: info.id(),
+                program_id: info.program_id(),
+            });
+        }
+    }
+    out.sort_by(|a, b| a.program.cmp(&b.program));
     Ok(out)
 }
 

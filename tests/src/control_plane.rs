@@ -43,6 +43,8 @@ struct Store {
     type_versions: BTreeMap<String, u64>,
     seen: Vec<Seen>,
     nonce: u64,
+    /// Every nonce sent, with its response's type.
+    sent_nonces: Vec<(String, String)>,
     /// When each version was published.
     published: BTreeMap<u64, Instant>,
     /// Names (type_url, name) each version touched.
@@ -211,10 +213,17 @@ impl ControlPlane {
         self.store.lock().expect("store").seen.push(seen);
     }
 
-    fn next_nonce(&self) -> String {
+    fn next_nonce(&self, type_url: &str) -> String {
         let mut s = self.store.lock().expect("store");
         s.nonce += 1;
-        s.nonce.to_string()
+        let nonce = s.nonce.to_string();
+        s.sent_nonces.push((type_url.to_owned(), nonce.clone()));
+        nonce
+    }
+
+    /// (type URL, nonce) of every response sent so far.
+    pub fn sent_nonces(&self) -> Vec<(String, String)> {
+        self.store.lock().expect("store").sent_nonces.clone()
     }
 }
 
@@ -254,7 +263,7 @@ impl AggregatedDiscoveryService for ControlPlane {
                     out
                 };
                 for mut r in responses {
-                    r.nonce = cp.next_nonce();
+                    r.nonce = cp.next_nonce(&r.type_url);
                     if tx.send(Ok(r)).await.is_err() {
                         return;
                     }
@@ -369,7 +378,7 @@ impl AggregatedDiscoveryService for ControlPlane {
                     out
                 };
                 for mut r in responses {
-                    r.nonce = cp.next_nonce();
+                    r.nonce = cp.next_nonce(&r.type_url);
                     if tx.send(Ok(r)).await.is_err() {
                         return;
                     }

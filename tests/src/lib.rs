@@ -3,12 +3,18 @@
 
 use std::{
     ffi::OsStr,
+    fmt::Debug,
     fs,
-    io::{BufRead as _, BufReader},
+    io::{BufRead as _, BufReader, Read},
     os::{fd::AsFd as _, unix::process::CommandExt as _},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        mpsc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
 };
 
 pub mod churn;
@@ -25,6 +31,123 @@ pub fn unique(prefix: &str) -> String {
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// The factor every deadline of the suite is multiplied by: `SOCKMESH_TEST_TIME_SCALE`,
+/// which the VM runner sets (an emulated CPU is several times slower), else 1.
+/// Deadlines only bound how long a test waits for an event; nothing asserted depends
+/// on them.
+pub fn time_scale() -> f64 {
+    std::env::var("SOCKMESH_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|f| f.is_finite() && *f >= 1.0)
+        .unwrap_or(1.0)
+}
+
+/// `d` scaled by [`time_scale`].
+pub fn scaled(d: Duration) -> Duration {
+    d.mul_f64(time_scale())
+}
+
+/// What a [`wait_until`] condition returns: done (with a value) or not yet (with what
+/// it saw, for the failure message).
+pub trait Outcome {
+    type Value;
+    fn into_result(self) -> Result<Self::Value, String>;
+}
+
+impl Outcome for bool {
+    type Value = ();
+    fn into_result(self) -> Result<(), String> {
+        if self { Ok(()) } else { Err("false".into()) }
+    }
+}
+
+impl<T> Outcome for Option<T> {
+    type Value = T;
+    fn into_result(self) -> Result<T, String> {
+        self.ok_or_else(|| "None".into())
+    }
+}
+
+impl<T, E: Debug> Outcome for Result<T, E> {
+    type Value = T;
+    fn into_result(self) -> Result<T, String> {
+        self.map_err(|e| format!("{e:?}"))
+    }
+}
+
+/// Polls `condition` until it is done and returns its value; panics naming `what`
+/// and the last thing the condition saw if that takes longer than `timeout` (scaled
+/// by [`time_scale`]). The one way this suite waits: for the event a step caused (a
+/// version, a counter, a backend in the kernel map), never for a fixed time.
+pub fn wait_until<O: Outcome>(
+    what: &str,
+    timeout: Duration,
+    mut condition: impl FnMut() -> O,
+) -> O::Value {
+    let deadline = scaled(timeout);
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match condition().into_result() {
+            Ok(v) => return v,
+            Err(last) => assert!(
+                started.elapsed() < deadline,
+                "timed out after {deadline:?} waiting for {what}; last seen: {last}"
+            ),
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}
+
+/// The lines a child writes on stdout, read on a thread as they come: a test can
+/// wait for one line (the event it needs) and collect the rest at the end.
+pub struct Lines {
+    rx: mpsc::Receiver<String>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl Lines {
+    /// Reads `child`'s piped stdout.
+    pub fn of(child: &mut Child) -> Self {
+        let stdout = child.stdout.take().expect("stdout piped");
+        Self::from_reader(stdout)
+    }
+
+    fn from_reader(r: impl Read + Send + 'static) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(r).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            rx,
+            reader: Some(reader),
+        }
+    }
+
+    /// The next line; panics naming `what` if none comes within `timeout` (scaled).
+    pub fn next(&self, what: &str, timeout: Duration) -> String {
+        let deadline = scaled(timeout);
+        self.rx
+            .recv_timeout(deadline)
+            .unwrap_or_else(|e| panic!("no {what} within {deadline:?}: {e}"))
+    }
+
+    /// Every line not taken yet, once the child closed its stdout.
+    pub fn rest(mut self) -> Vec<String> {
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        self.rx.try_iter().collect()
+    }
 }
 
 fn ip(args: &[&str]) {
@@ -93,7 +216,9 @@ impl Cgroup {
         reason = "creating a fixture has side effects"
     )]
     pub fn new() -> Self {
-        let path = PathBuf::from("/sys/fs/cgroup/unified").join(unique("sockmesh-test-"));
+        let root = sockmesh::dataplane::cgroup2_root()
+            .expect("no cgroup v2 mount in /proc/self/mountinfo");
+        let path = root.join(unique("sockmesh-test-"));
         fs::create_dir(&path).expect("create cgroup");
         Cgroup(path)
     }
@@ -184,17 +309,28 @@ pub fn command_in(netns: &NetNs, cgroup: Option<&Cgroup>, program: impl AsRef<Os
 pub struct Proc(pub Child);
 
 impl Proc {
-    /// Starts a long-running server and waits for its first stdout line (`ready`).
+    /// Starts a long-running server and waits (bounded) for its first stdout line,
+    /// `ready`; the rest of its output is drained until it exits.
     pub fn server(mut cmd: Command) -> Self {
         let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn server");
-        let mut line = String::new();
-        let stdout = child.stdout.take().expect("stdout piped");
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("server output");
+        let lines = Lines::of(&mut child);
         let proc = Proc(child);
-        assert_eq!(line.trim(), "ready", "server did not start");
+        let first = lines.next("server readiness (\"ready\")", Duration::from_secs(10));
+        assert_eq!(first.trim(), "ready", "server did not start");
+        // The reader thread keeps draining (so the server never blocks on a full
+        // pipe) and ends with the server.
+        drop(lines);
         proc
+    }
+
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).expect("pid fits"))
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        self.0.wait().expect("reap")
     }
 }
 
@@ -356,23 +492,110 @@ pub fn nginx(
         .stderr(Stdio::null())
         .spawn()
         .expect("start nginx (apt-get install nginx-light)");
-    std::thread::sleep(std::time::Duration::from_millis(400));
-    Proc(child)
+    let proc = Proc(child);
+    let ports: Vec<u16> = servers.iter().map(|(_, port, _)| *port).collect();
+    wait_until("nginx to listen", Duration::from_secs(10), || {
+        let listening = listening_ports(proc.0.id());
+        if ports.iter().all(|p| listening.contains(p)) {
+            Ok(())
+        } else {
+            Err(format!("listening on {listening:?}, want {ports:?}"))
+        }
+    });
+    proc
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+/// TCP ports in LISTEN state in the network namespace of process `pid` (its
+/// `/proc/PID/net/tcp` and `tcp6` show that namespace's sockets).
+pub fn listening_ports(pid: u32) -> Vec<u16> {
+    const TCP_LISTEN: &str = "0A";
+    let mut ports = Vec::new();
+    for file in ["tcp", "tcp6"] {
+        let text = fs::read_to_string(format!("/proc/{pid}/net/{file}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let mut f = line.split_whitespace();
+            let local = f.nth(1);
+            let state = f.nth(1);
+            if state == Some(TCP_LISTEN)
+                && let Some(port) = local
+                    .and_then(|l| l.rsplit_once(':'))
+                    .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+            {
+                ports.push(port);
+            }
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }
 
-/// `GET path` on 127.0.0.1:`port` (the agent's own admin client): (status, body),
-/// status 0 if nothing answered.
-pub fn http_get(port: u16, path: &str) -> (u16, String) {
-    sockmesh::admin::get(std::net::SocketAddr::from(([127, 0, 0, 1], port)), path)
-        .unwrap_or((0, String::new()))
+/// The admin server of an agent a test starts: the agent binds 127.0.0.1:0 and
+/// writes the address it got to a file (`--admin-address-file`), so no port is ever
+/// guessed.
+pub struct Admin {
+    file: PathBuf,
+    addr: std::cell::OnceCell<std::net::SocketAddr>,
+}
+
+impl Admin {
+    /// An admin server whose address will be written to `dir/admin.addr`.
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            file: dir.join(unique("admin-")),
+            addr: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// The agent flags.
+    pub fn args(&self) -> Vec<std::ffi::OsString> {
+        vec![
+            "--admin".into(),
+            "127.0.0.1:0".into(),
+            "--admin-address-file".into(),
+            self.file.clone().into(),
+        ]
+    }
+
+    /// The bound address, once the agent has written it.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        *self.addr.get_or_init(|| {
+            wait_until(
+                "the admin server's address",
+                Duration::from_secs(20),
+                || {
+                    fs::read_to_string(&self.file)
+                        .map_err(|e| e.to_string())
+                        .and_then(|t| {
+                            t.trim()
+                                .parse::<std::net::SocketAddr>()
+                                .map_err(|e| e.to_string())
+                        })
+                },
+            )
+        })
+    }
+
+    /// `GET path`: (status, body); status 0 if nothing answered.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        sockmesh::admin::get(self.addr(), path).unwrap_or((0, String::new()))
+    }
+
+    /// `/config_dump` as JSON (`Null` if the agent did not answer).
+    pub fn dump(&self) -> serde_json::Value {
+        let (_, body) = self.get("/config_dump");
+        serde_json::from_str(&body).unwrap_or_default()
+    }
+
+    /// The value of one series of `/metrics`, by its exact name and labels, e.g.
+    /// `sockmesh_services` or `sockmesh_xds_updates_total{type="eds",result="rejected"}`.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let (_, body) = self.get("/metrics");
+        body.lines().find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        })
+    }
 }
 
 /// A temporary directory, removed with its contents on drop (also when a test
@@ -428,4 +651,33 @@ pub fn serve(
     let mut cmd = command_in(netns, None, probe);
     cmd.arg("serve").args(specs);
     Proc::server(cmd)
+}
+
+/// The addresses of every backend (active or draining) of every service in the
+/// maps pinned under `bpffs`, as the kernel holds them (empty if nothing is pinned).
+pub fn kernel_backends(bpffs: &Bpffs) -> Vec<String> {
+    sockmesh::dataplane::read_table(&bpffs.0)
+        .map(|t| {
+            t.services
+                .values()
+                .flatten()
+                .map(|b| b.address.to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until the pinned maps hold exactly the backends `want` (see
+/// [`kernel_backends`]); returns how long that took.
+pub fn wait_for_backends(bpffs: &Bpffs, what: &str, want: &[&str]) -> Duration {
+    let started = Instant::now();
+    wait_until(what, Duration::from_secs(15), || {
+        let got = kernel_backends(bpffs);
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!("kernel has {got:?}, want {want:?}"))
+        }
+    });
+    started.elapsed()
 }

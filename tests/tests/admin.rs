@@ -3,12 +3,13 @@
 
 use std::{
     fs,
+    path::Path,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use sockmesh_tests::{
-    Bpffs, Cgroup, Proc, TempDir, agent_command, free_port, http_get, sockmesh_bin,
+    Admin, Bpffs, Cgroup, Proc, TempDir, agent_command, sockmesh_bin, wait_until,
 };
 
 const CONFIG: &str = r#"resources:
@@ -30,23 +31,21 @@ fn admin_endpoints_answer_on_loopback() {
     fs::write(&file, CONFIG).expect("write");
     let cgroup = Cgroup::new();
     let bpffs = Bpffs::new();
-    let port = free_port();
+    let admin = Admin::in_dir(dir);
     let agent = agent_command(sockmesh_bin(), &cgroup, &bpffs)
         .arg("--xds")
         .arg(format!("file://{}", file.display()))
-        .args(["--admin", &format!("127.0.0.1:{port}")])
+        .args(admin.args())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("agent");
     let _agent = Proc(agent);
-    let started = Instant::now();
-    while http_get(port, "/readyz").0 != 200 {
-        assert!(started.elapsed() < Duration::from_secs(10), "never ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(http_get(port, "/healthz"), (200, "ok\n".to_owned()));
-    let (status, metrics) = http_get(port, "/metrics");
+    wait_until("/readyz 200", Duration::from_secs(10), || {
+        admin.get("/readyz").0 == 200
+    });
+    assert_eq!(admin.get("/healthz"), (200, "ok\n".to_owned()));
+    let (status, metrics) = admin.get("/metrics");
     assert_eq!(status, 200);
     for line in [
         "sockmesh_xds_connected 1",
@@ -64,39 +63,52 @@ fn admin_endpoints_answer_on_loopback() {
             "missing {line:?} in:\n{metrics}"
         );
     }
-    let (status, dump) = http_get(port, "/config_dump");
+    let (status, _) = admin.get("/config_dump");
     assert_eq!(status, 200);
-    let dump: serde_json::Value = serde_json::from_str(&dump).expect("config_dump is JSON");
+    let dump = admin.dump();
     assert_eq!(dump["services"][0]["vip"], "10.96.0.20");
     assert_eq!(dump["services"][0]["port"], 443);
 
     // A rejected file shows up in the counters and the dump; the table stays.
-    let tmp = dir.join("resources.tmp");
-    fs::write(&tmp, CONFIG.replace("port_value: 8443", "port_value: 0")).expect("write");
-    fs::rename(&tmp, &file).expect("rename");
-    let started = Instant::now();
-    loop {
-        let (_, metrics) = http_get(port, "/metrics");
-        if metrics.contains("sockmesh_xds_updates_total{type=\"eds\",result=\"rejected\"} 1") {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "rejection not counted:\n{metrics}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let (_, dump) = http_get(port, "/config_dump");
-    assert!(dump.contains("port_value: 0 is out of range"), "{dump}");
-    assert!(dump.contains("10.10.1.11"), "table lost: {dump}");
-    assert_eq!(http_get(port, "/nope").0, 404);
+    replace(
+        &file,
+        &format!(
+            "version_info: bad-port\n{}",
+            CONFIG.replace("port_value: 8443", "port_value: 0")
+        ),
+    );
+    let dump = wait_until(
+        "the bad-port update's NACK",
+        Duration::from_secs(10),
+        || {
+            let dump = admin.dump();
+            (dump["xds"]["eds"]["rejected_version"] == "bad-port")
+                .then_some(dump.clone())
+                .ok_or(dump)
+        },
+    );
+    let error = dump["xds"]["eds"]["last_error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(error.contains("port_value: 0 is out of range"), "{dump}");
+    assert_eq!(
+        dump["services"][0]["backends"][0]["address"], "10.10.1.11",
+        "table lost: {dump}"
+    );
+    assert_eq!(
+        admin.metric("sockmesh_xds_updates_total{type=\"eds\",result=\"rejected\"}"),
+        Some(1.0)
+    );
+    assert_eq!(admin.get("/nope").0, 404);
 
     // `sockmesh status --json` puts the three views together.
     let out = Command::new(sockmesh_bin())
         .arg("status")
         .arg("--bpffs")
         .arg(&bpffs.0)
-        .args(["--admin", &format!("127.0.0.1:{port}"), "--json"])
+        .arg("--admin")
+        .arg(admin.addr().to_string())
+        .arg("--json")
         .output()
         .expect("status");
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
@@ -133,23 +145,20 @@ fn capacity_limits_nack_and_keep_existing_services() {
     let tmp = TempDir::new("sockmesh-cap-");
     let dir = &tmp.0;
     let file = dir.join("resources.yaml");
-    let write = |text: String| {
-        let tmp = dir.join("resources.tmp");
-        fs::write(&tmp, text).expect("write");
-        fs::rename(&tmp, &file).expect("rename");
+    let write = |version: &str, services: &[String]| {
+        replace(
+            &file,
+            &format!("version_info: {version}\nresources:\n{}", services.concat()),
+        );
     };
-    write(format!(
-        "resources:\n{}{}",
-        svc(1, &[11, 12]),
-        svc(2, &[13])
-    ));
+    write("good", &[svc(1, &[11, 12]), svc(2, &[13])]);
     let cgroup = Cgroup::new();
     let bpffs = Bpffs::new();
-    let port = free_port();
+    let admin = Admin::in_dir(dir);
     let agent = agent_command(sockmesh_bin(), &cgroup, &bpffs)
         .arg("--xds")
         .arg(format!("file://{}", file.display()))
-        .args(["--admin", &format!("127.0.0.1:{port}")])
+        .args(admin.args())
         .args(["--max-services", "2", "--max-backends", "5"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -161,56 +170,57 @@ fn capacity_limits_nack_and_keep_existing_services() {
             .map(|t| t.services.len())
             .unwrap_or(0)
     };
-    let started = Instant::now();
-    while services() != 2 {
-        assert!(started.elapsed() < Duration::from_secs(10), "never applied");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let error_after = |text: String| {
-        write(text);
-        let started = Instant::now();
-        loop {
-            let (_, dump) = http_get(port, "/config_dump");
-            let dump: serde_json::Value = serde_json::from_str(&dump).unwrap_or_default();
-            if let Some(e) = dump["xds"]["lds"]["last_error"].as_str() {
-                return e.to_owned();
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(5),
-                "no NACK: {dump}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    wait_until("2 services in the kernel", Duration::from_secs(10), || {
+        services() == 2
+    });
+    // Each bad file carries its own version, and the NACK of exactly that version
+    // is what the test waits for.
+    let error_of = |version: &str| {
+        wait_until(
+            &format!("the NACK of {version}"),
+            Duration::from_secs(10),
+            || {
+                let dump = admin.dump();
+                let lds = &dump["xds"]["lds"];
+                if lds["rejected_version"] == version {
+                    Ok(lds["last_error"].as_str().unwrap_or_default().to_owned())
+                } else {
+                    Err(lds.clone())
+                }
+            },
+        )
     };
-    let e = error_after(format!(
-        "resources:\n{}{}{}",
-        svc(1, &[11]),
-        svc(2, &[13]),
-        svc(3, &[14])
-    ));
+    write(
+        "three-services",
+        &[svc(1, &[11]), svc(2, &[13]), svc(3, &[14])],
+    );
+    let e = error_of("three-services");
     assert!(e.contains("3 services exceed the limit of 2"), "{e}");
     assert_eq!(services(), 2, "existing services lost");
-    let e = error_after(format!(
-        "resources:\n{}{}",
-        svc(1, &[11, 12, 13]),
-        svc(2, &[14, 15])
-    ));
+    write("six-backends", &[svc(1, &[11, 12, 13]), svc(2, &[14, 15])]);
+    let e = error_of("six-backends");
     assert!(
         e.contains(
             "5 backends (+3 while one service is rewritten) exceed the backend map's capacity of 5"
         ),
         "{e}"
     );
-    let (_, metrics) = http_get(port, "/metrics");
-    assert!(
-        metrics.contains("sockmesh_xds_updates_total{type=\"lds\",result=\"rejected\"} 2"),
-        "{metrics}"
+    assert_eq!(
+        admin.metric("sockmesh_xds_updates_total{type=\"lds\",result=\"rejected\"}"),
+        Some(2.0)
     );
     // Fill ratios are against the maps' real (configured) capacity.
-    assert!(
-        metrics.contains("sockmesh_map_fill_ratio{map=\"services\"} 1.0"),
-        "{metrics}"
+    assert_eq!(
+        admin.metric("sockmesh_map_fill_ratio{map=\"services\"}"),
+        Some(1.0)
     );
     let t = sockmesh::dataplane::read_table(&bpffs.0).expect("table");
     assert_eq!(t.backend_count(), 3, "the last good table stays");
+}
+
+/// Writes like an editor or a ConfigMap update: a new file renamed over the old.
+fn replace(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, text).expect("write");
+    fs::rename(&tmp, path).expect("rename");
 }

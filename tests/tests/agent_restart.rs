@@ -3,15 +3,11 @@
 //! pinned maps and resyncs from the control plane without rewriting unchanged
 //! entries (its first kernel write makes 0 map operations).
 
-use std::{
-    fs,
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::{process::Stdio, time::Duration};
 
 use sockmesh_tests::{
-    Bpffs, Cgroup, NetNs, Proc, TempDir, agent_command, command_in, control_plane::ControlPlane,
-    mesh, pod_network, serve, sockmesh_bin,
+    Admin, Bpffs, Cgroup, Lines, NetNs, Proc, TempDir, agent_command, command_in,
+    control_plane::ControlPlane, mesh, pod_network, serve, sockmesh_bin, wait_until,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -47,41 +43,40 @@ fn sigkill_and_restart_under_traffic_lose_nothing() {
         true,
     );
     let tmp = TempDir::new("sockmesh-restart-");
-    let dir = &tmp.0;
-    let start_agent = |log: &str| {
+    let start_agent = |admin: &Admin| {
         agent_command(sockmesh_bin(), &cgroup, &bpffs)
-            .args(["--xds", &format!("grpc://{addr}"), "--admin", "off"])
+            .args(["--xds", &format!("grpc://{addr}")])
+            .args(admin.args())
             .stdout(Stdio::null())
-            .stderr(fs::File::create(dir.join(log)).expect("log"))
+            .stderr(Stdio::null())
             .spawn()
             .expect("agent")
     };
-    let mut first = start_agent("first.log");
-    let started = Instant::now();
-    while sockmesh::dataplane::read_table(&bpffs.0).map_or(true, |t| t.backend_count() != 2) {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "first agent never synced"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut first = Proc(start_agent(&Admin::in_dir(&tmp.0)));
+    wait_until("the first agent's table", Duration::from_secs(10), || {
+        sockmesh::dataplane::read_table(&bpffs.0).is_ok_and(|t| t.backend_count() == 2)
+    });
 
-    // 300 connections/s for 3 s; the agent is killed at 0.5 s and restarted at 1.5 s.
+    // 300 connections/s for 3 s; the agent is killed once traffic flows and
+    // restarted 1 s later.
     let mut traffic = command_in(&client, Some(&cgroup), PROBE);
     traffic
         .args(["rate", "10.96.0.10:80", "300", "3000"])
         .stdout(Stdio::piped());
-    let traffic = traffic.spawn().expect("traffic");
-    std::thread::sleep(Duration::from_millis(500));
-    first.kill().expect("SIGKILL");
-    let _ = first.wait();
+    let mut traffic = traffic.spawn().expect("traffic");
+    let lines = Lines::of(&mut traffic);
+    let mut seen = vec![lines.next("the first response", Duration::from_secs(10))];
+    first.0.kill().expect("SIGKILL");
+    let _ = first.0.wait();
+    // The outage itself: traffic keeps flowing against the pinned datapath alone.
     std::thread::sleep(Duration::from_millis(1000));
-    let second = Proc(start_agent("second.log"));
-    let out = traffic.wait_with_output().expect("traffic output");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let total = text.lines().count();
-    let failed: Vec<&str> = text
-        .lines()
+    let admin = Admin::in_dir(&tmp.0);
+    let second = Proc(start_agent(&admin));
+    seen.extend(lines.rest());
+    let _ = traffic.wait();
+    let total = seen.len();
+    let failed: Vec<&String> = seen
+        .iter()
         .filter(|l| !(l.ends_with(" b1") || l.ends_with(" b2")))
         .collect();
     assert!(total >= 850, "only {total} requests");
@@ -92,32 +87,29 @@ fn sigkill_and_restart_under_traffic_lose_nothing() {
         &failed[..failed.len().min(5)]
     );
 
-    // The restarted agent adopted the pins and found nothing to rewrite.
-    let started = Instant::now();
-    let log = loop {
-        let log = fs::read_to_string(dir.join("second.log")).unwrap_or_default();
-        if log.contains("routing table applied") {
-            break log;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "second agent never synced:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(log.contains("attachment=Adopted"), "{log}");
-    assert!(log.contains("services=1"), "{log}");
-    let applied = log
-        .lines()
-        .find(|l| l.contains("routing table applied") && l.contains("xds::core"))
-        .unwrap_or_default();
-    assert!(
-        applied.contains("map_ops=0"),
-        "unchanged entries rewritten: {applied}"
+    // The restarted agent adopted the pins and found nothing to rewrite: its first
+    // kernel write, once LDS and CDS are back, makes no map operation.
+    let dump = wait_until(
+        "the second agent's first kernel write",
+        Duration::from_secs(10),
+        || {
+            let dump = admin.dump();
+            if dump["push"]["pushes"].as_u64() >= Some(1) {
+                Ok(dump)
+            } else {
+                Err(dump["push"].clone())
+            }
+        },
+    );
+    assert_eq!(dump["datapath"]["attachment"], "Adopted", "{dump}");
+    assert_eq!(dump["services"].as_array().map(Vec::len), Some(1), "{dump}");
+    assert_eq!(
+        dump["push"]["last_map_ops"], 0,
+        "unchanged entries rewritten: {dump}"
     );
     eprintln!(
-        "{total} requests, 0 failed across kill -9 and restart; the restarted agent's first write: map_ops{}",
-        applied.split_once("map_ops").map_or("", |(_, r)| r)
+        "{total} requests, 0 failed across kill -9 and restart; the restarted agent's first write: {} map operations, {} µs",
+        dump["push"]["last_map_ops"], dump["push"]["last_latency_us"]
     );
     drop(second);
 }

@@ -38,14 +38,9 @@ fn rolling_and_scaling_under_load_lose_nothing() {
         .spawn()
         .expect("agent");
     let _agent = Proc(agent);
-    let started = std::time::Instant::now();
-    while sockmesh::dataplane::open_pinned(&bpffs.0).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "agent never installed"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    sockmesh_tests::wait_until("the agent's datapath", Duration::from_secs(10), || {
+        sockmesh::dataplane::open_pinned(&bpffs.0).map(drop)
+    });
     let result = churn::run(&churn::Churn {
         client: &client,
         cgroup: &cgroup,

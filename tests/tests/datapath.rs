@@ -47,10 +47,9 @@ fn tcp_vip_redirects_reports_vip_refuses_empty_and_spares_outsiders() {
         probe(true, &["peer", "[::ffff:10.96.0.1]:80"]).trim(),
         "[::ffff:10.96.0.1]:80 b1"
     );
-    // No backends: refused at once (ECONNREFUSED), not a timeout.
-    let started = std::time::Instant::now();
+    // No backends: refused by the program (ECONNREFUSED), not left to time out (the
+    // VIP has no route, which would give ENETUNREACH).
     assert_eq!(probe(true, &["peer", "10.96.0.2:80"]).trim(), "- E111");
-    assert!(started.elapsed() < std::time::Duration::from_secs(1));
     // Outside the cgroup nothing is rewritten: no default route, ENETUNREACH.
     assert_eq!(probe(false, &["peer", "10.96.0.1:80"]).trim(), "- E101");
 

@@ -6,26 +6,17 @@
 //! them, and detaches and removes every v1 pin. No connection fails throughout.
 
 use std::{
-    fs,
     net::IpAddr,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use sockmesh_tests::{
-    Bpffs, Cgroup, NetNs, Proc, TempDir, agent_command, command_in, control_plane::ControlPlane,
-    free_port, http_get, layout_v1_bin, mesh, pod_network, serve, sockmesh_bin,
+    Admin, Bpffs, Cgroup, Lines, NetNs, Proc, TempDir, agent_command, command_in,
+    control_plane::ControlPlane, layout_v1_bin, mesh, pod_network, serve, sockmesh_bin, wait_until,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
-
-fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !done() {
-        assert!(started.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[test]
 fn layout_upgrade_builds_beside_the_old_datapath_and_swaps_without_loss() {
@@ -71,11 +62,11 @@ fn layout_upgrade_builds_beside_the_old_datapath_and_swaps_without_loss() {
         agent_command(&old_bin, &cgroup, &bpffs)
             .args(["--xds", &format!("grpc://{addr}"), "--admin", "off"])
             .stdout(Stdio::null())
-            .stderr(fs::File::create(dir.join("v1.log")).expect("log"))
+            .stderr(Stdio::null())
             .spawn()
             .expect("v1 agent"),
     );
-    wait_for("the v1 agent's table", Duration::from_secs(10), || {
+    wait_until("the v1 agent's table", Duration::from_secs(10), || {
         let out = Command::new(&old_bin)
             .args(["services", "--json", "--bpffs"])
             .arg(&bpffs.0)
@@ -90,33 +81,39 @@ fn layout_upgrade_builds_beside_the_old_datapath_and_swaps_without_loss() {
     traffic
         .args(["rate", "10.96.0.10:80", "250", "5000"])
         .stdout(Stdio::piped());
-    let traffic = traffic.spawn().expect("traffic");
+    let mut traffic = traffic.spawn().expect("traffic");
+    let lines = Lines::of(&mut traffic);
+    let mut seen = vec![lines.next("the first response", Duration::from_secs(10))];
 
     // The rolling update stops the old agent; the control plane is down meanwhile.
-    std::thread::sleep(Duration::from_millis(300));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(old.0.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM v1");
-    assert!(old.0.wait().expect("reap v1").success());
+    assert!(old.terminate().success(), "v1 agent exit");
     drop(stop_cp);
-    let admin = free_port();
+    let admin = Admin::in_dir(dir);
     let new = Proc(
         agent_command(sockmesh_bin(), &cgroup, &bpffs)
             .args(["--xds", &format!("grpc://{addr}")])
-            .args(["--admin", &format!("127.0.0.1:{admin}")])
+            .args(admin.args())
             .stdout(Stdio::null())
-            .stderr(fs::File::create(dir.join("v2.log")).expect("log"))
+            .stderr(Stdio::null())
             .spawn()
             .expect("v2 agent"),
     );
-    wait_for("the v2 maps", Duration::from_secs(10), || {
-        v2.join("maps/SM_SERVICE_STATS").exists()
-    });
-    std::thread::sleep(Duration::from_millis(700));
-    // Built, not live: only v1's nine programs run, v1's pins are intact, and the
-    // agent says why it is not ready.
+    // The admin server starts after the datapath is installed, so once it answers
+    // the new agent has built (and decided not to attach) its datapath. Without a
+    // control plane nothing can make it attach.
+    let dump = wait_until(
+        "the v2 agent's admin server",
+        Duration::from_secs(20),
+        || {
+            let dump = admin.dump();
+            (!dump.is_null()).then_some(dump)
+        },
+    );
+    assert_eq!(dump["datapath"]["migrating"], true, "{dump}");
+    assert_eq!(dump["datapath"]["attachment"], "Pending", "{dump}");
+    assert_eq!(dump["datapath"]["layout_version"], 2, "{dump}");
+    // Built, not live: only v1's nine programs run, v1's pins are intact.
+    assert!(v2.join("maps/SM_SERVICE_STATS").exists());
     let attached = sockmesh::dataplane::attached_programs(&cgroup.0).expect("query");
     assert_eq!(attached.len(), 9, "{attached:?}");
     assert!(v1.join("maps/SM_SERVICES").exists());
@@ -126,19 +123,15 @@ fn layout_upgrade_builds_beside_the_old_datapath_and_swaps_without_loss() {
             .is_ok_and(|mut d| d.next().is_some()),
         "v2 attached before it had a table"
     );
-    let (code, body) = http_get(admin, "/readyz");
+    let (code, body) = admin.get("/readyz");
     assert_eq!(code, 503);
     assert!(body.contains("migrating"), "{body}");
-    let (_, dump) = http_get(admin, "/config_dump");
-    let dump: serde_json::Value = serde_json::from_str(&dump).expect("config_dump JSON");
-    assert_eq!(dump["datapath"]["migrating"], true, "{dump}");
-    assert_eq!(dump["datapath"]["layout_version"], 2, "{dump}");
 
     // The control plane returns, with the service rolled to b2, b3 meanwhile.
     publish(&pods[1..]);
     let (_, _stop_cp) = rt.block_on(cp.serve(addr));
     let swapped = Instant::now();
-    wait_for("v1's pins to be removed", Duration::from_secs(10), || {
+    wait_until("v1's pins to be removed", Duration::from_secs(10), || {
         !v1.exists()
     });
     let swap_ms = swapped.elapsed().as_millis();
@@ -148,36 +141,41 @@ fn layout_upgrade_builds_beside_the_old_datapath_and_swaps_without_loss() {
         9,
         "old programs left attached: {attached:?}"
     );
-    assert_eq!(http_get(admin, "/readyz").0, 200);
+    let dump = admin.dump();
+    assert_eq!(dump["datapath"]["attachment"], "Migrated", "{dump}");
+    assert_eq!(
+        dump["datapath"]["retired_layouts"],
+        serde_json::json!([1]),
+        "{dump}"
+    );
+    wait_until("/readyz 200", Duration::from_secs(10), || {
+        admin.get("/readyz").0 == 200
+    });
 
-    let out = traffic.wait_with_output().expect("traffic output");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<&str> = text.lines().collect();
-    let failed: Vec<&&str> = lines
+    seen.extend(lines.rest());
+    let _ = traffic.wait();
+    let failed: Vec<&String> = seen
         .iter()
         .filter(|l| !(l.ends_with(" b1") || l.ends_with(" b2") || l.ends_with(" b3")))
         .collect();
-    assert!(lines.len() >= 1000, "only {} requests", lines.len());
+    assert!(seen.len() >= 1000, "only {} requests", seen.len());
     assert!(
         failed.is_empty(),
         "{} of {} failed: {:?}",
         failed.len(),
-        lines.len(),
+        seen.len(),
         &failed[..failed.len().min(5)]
     );
     // After the swap the new table (b2, b3) is the one in force.
-    let tail = &lines[lines.len() - 50..];
+    let tail = &seen[seen.len() - 50..];
     assert!(tail.iter().all(|l| !l.ends_with(" b1")), "{tail:?}");
     assert!(tail.iter().any(|l| l.ends_with(" b3")), "{tail:?}");
     // And the new layout's per-service counters count them.
     let counted = sockmesh::dataplane::read_service_counters(&bpffs.0).expect("stats");
     assert!(counted[0].1.redirects > 0, "{counted:?}");
-    let log = fs::read_to_string(dir.join("v2.log")).unwrap_or_default();
-    assert!(log.contains("attachment=Pending"), "{log}");
-    assert!(log.contains("retired=[1]"), "{log}");
     eprintln!(
         "{} requests, 0 failed; v2 live and v1 removed {swap_ms} ms after the control plane returned",
-        lines.len()
+        seen.len()
     );
     drop(new);
 }

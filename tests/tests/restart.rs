@@ -5,7 +5,7 @@
 use std::{fs, process::Command, time::Duration};
 
 use sockmesh_tests::{
-    Bpffs, Cgroup, NetNs, command_in, pod_network, run, serve, sockmesh_bin, unique,
+    Bpffs, Cgroup, NetNs, command_in, pod_network, run, serve, sockmesh_bin, unique, wait_until,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -67,16 +67,22 @@ fn datapath_survives_sigkill_of_the_loader_and_is_adopted() {
     let mut loader = sockmesh(&cgroup, &bpffs, &first.0);
     loader.arg("--wait").stderr(std::process::Stdio::null());
     let mut loader = loader.spawn().expect("start loader");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while sockmesh::dataplane::read_table(&bpffs.0).map_or(true, |t| t.services.is_empty()) {
-        assert!(std::time::Instant::now() < deadline, "loader never applied");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        "the loader's table in the kernel",
+        Duration::from_secs(10),
+        || sockmesh::dataplane::read_table(&bpffs.0).is_ok_and(|t| !t.services.is_empty()),
+    );
     assert_eq!(reached(&client, &cgroup), "b1");
+    let links_before = sockmesh::dataplane::pinned_links(&bpffs.0).expect("pinned links");
+    assert_eq!(links_before.len(), sockmesh::dataplane::PROGRAMS.len());
 
+    // `--wait` kept the loader running until now; it dies without any cleanup.
+    assert!(
+        loader.try_wait().expect("loader status").is_none(),
+        "apply --wait exited on its own"
+    );
     loader.kill().expect("SIGKILL loader");
-    let status = loader.wait().expect("reap loader");
-    assert!(!status.success());
+    loader.wait().expect("reap loader");
     assert_eq!(
         reached(&client, &cgroup),
         "b1",
@@ -87,12 +93,26 @@ fn datapath_survives_sigkill_of_the_loader_and_is_adopted() {
     let out = sockmesh(&cgroup, &bpffs, &second.0)
         .output()
         .expect("second loader");
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{log}");
     assert!(
-        log.contains("Adopted"),
-        "did not adopt the pinned links: {log}"
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    // Adopted: the same kernel links, now running the second loader's programs.
+    let links_after = sockmesh::dataplane::pinned_links(&bpffs.0).expect("pinned links");
+    for (before, after) in links_before.iter().zip(&links_after) {
+        assert_eq!(before.program, after.program);
+        assert_eq!(
+            before.link_id, after.link_id,
+            "{} was re-attached, not adopted",
+            after.program
+        );
+        assert_ne!(
+            before.program_id, after.program_id,
+            "{} still runs the first loader's program",
+            after.program
+        );
+    }
     assert_eq!(reached(&client, &cgroup), "b2");
 
     // Naming another cgroup is refused, and nothing is removed.

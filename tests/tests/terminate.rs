@@ -6,8 +6,8 @@
 use std::{fs, process::Stdio, time::Duration};
 
 use sockmesh_tests::{
-    Bpffs, Cgroup, NetNs, Proc, TempDir, agent_command, command_in, pod_network, serve,
-    sockmesh_bin,
+    Admin, Bpffs, Cgroup, Lines, NetNs, Proc, TempDir, agent_command, command_in, pod_network,
+    serve, sockmesh_bin, wait_until,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -51,58 +51,59 @@ fn removed_endpoint_sockets_are_aborted_and_others_kept() {
     fs::write(&file, config("10.10.1.11")).expect("write");
     let cgroup = Cgroup::new();
     let bpffs = Bpffs::new();
-    let log_path = dir.join("agent.log");
+    let admin = Admin::in_dir(dir);
     let agent = agent_command(sockmesh_bin(), &cgroup, &bpffs)
         .arg("--xds")
         .arg(format!("file://{}", file.display()))
         .arg("--terminate-removed-connections")
+        .args(admin.args())
         .stdout(Stdio::null())
-        .stderr(fs::File::create(&log_path).expect("log"))
+        .stderr(Stdio::null())
         .spawn()
         .expect("agent");
     let _agent = Proc(agent);
-    let started = std::time::Instant::now();
-    while sockmesh::dataplane::read_table(&bpffs.0).map_or(true, |t| t.services.is_empty()) {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "agent never applied"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until("the agent's table", Duration::from_secs(10), || {
+        sockmesh::dataplane::read_table(&bpffs.0).is_ok_and(|t| !t.services.is_empty())
+    });
     let hold = |inside: bool, to: &str| {
         let mut cmd = command_in(&client, inside.then_some(&cgroup), PROBE);
         cmd.args(["udp-hold", to, "2500"]).stdout(Stdio::piped());
-        cmd.spawn().expect("client")
+        let mut child = cmd.spawn().expect("client");
+        let lines = Lines::of(&mut child);
+        // The socket is connected and answered before the endpoint is removed.
+        let first = lines.next("the first UDP reply", Duration::from_secs(10));
+        (Proc(child), first, lines)
     };
-    let through_vip = hold(true, "10.96.0.53:53");
-    let direct = hold(false, "10.10.1.11:5353");
-    std::thread::sleep(Duration::from_millis(700));
+    let (_vip_proc, vip_first, vip_lines) = hold(true, "10.96.0.53:53");
+    let (_direct_proc, direct_first, direct_lines) = hold(false, "10.10.1.11:5353");
+    assert_eq!(vip_first, "u1");
+    assert_eq!(direct_first, "u1");
     let tmp = dir.join("resources.tmp");
     fs::write(&tmp, config("10.10.1.12")).expect("write");
     fs::rename(&tmp, &file).expect("rename");
 
-    let vip_out = String::from_utf8_lossy(&through_vip.wait_with_output().expect("client").stdout)
-        .into_owned();
-    let direct_out =
-        String::from_utf8_lossy(&direct.wait_with_output().expect("client").stdout).into_owned();
-    let log = fs::read_to_string(&log_path).unwrap_or_default();
-    let lines: Vec<&str> = vip_out.lines().collect();
-    assert!(lines.first() == Some(&"u1"), "{vip_out}");
+    let vip_out = vip_lines.rest();
+    let direct_out = direct_lines.rest();
     // The kernel aborts the socket and disconnects it: a pending recv() sees
     // ECONNABORTED (103), the next send() on the now unconnected socket
     // EDESTADDRREQ (89).
     assert!(
-        matches!(lines.last(), Some(&"E103" | &"E89")),
-        "not aborted: {vip_out}\n{log}"
+        matches!(vip_out.last().map(String::as_str), Some("E103" | "E89")),
+        "not aborted: {vip_out:?}"
     );
     assert!(
-        lines.len() < 30,
-        "aborted only after {} requests: {vip_out}",
-        lines.len()
+        vip_out.len() < 30,
+        "aborted only after {} requests: {vip_out:?}",
+        vip_out.len()
     );
-    assert!(log.contains("closed sockets of removed endpoints"), "{log}");
+    // Exactly the redirected socket was closed, and the agent counted it.
+    wait_until(
+        "the termination to be counted",
+        Duration::from_secs(10),
+        || admin.metric("sockmesh_terminated_sockets_total") == Some(1.0),
+    );
     assert!(
-        direct_out.lines().all(|l| l == "u1") && direct_out.lines().count() > 30,
-        "a socket sockmesh did not redirect was touched: {direct_out}"
+        direct_out.iter().all(|l| l == "u1") && direct_out.len() > 30,
+        "a socket sockmesh did not redirect was touched: {direct_out:?}"
     );
 }

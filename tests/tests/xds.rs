@@ -4,16 +4,16 @@
 //! SIGTERM the datapath keeps redirecting.
 
 use std::{
-    fs,
+    collections::BTreeMap,
     process::Stdio,
     time::{Duration, Instant},
 };
 
-use sockmesh::model::{Backend, RoutingTable};
 use sockmesh_proto::pb::google::protobuf::Any;
 use sockmesh_tests::{
-    Bpffs, Cgroup, NetNs, Proc, TempDir, agent_command, command_in, control_plane::ControlPlane,
-    pod_network, run, serve, sockmesh_bin,
+    Admin, Bpffs, Cgroup, NetNs, Proc, TempDir, agent_command, command_in,
+    control_plane::ControlPlane, pod_network, run, serve, sockmesh_bin, wait_for_backends,
+    wait_until,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -64,30 +64,27 @@ fn eds(backends: &[u8], port: u32) -> String {
     )
 }
 
-fn backends_of(table: &RoutingTable) -> Vec<String> {
-    table
-        .services
-        .values()
-        .flatten()
-        .map(|b: &Backend| b.address.to_string())
-        .collect()
-}
-
-fn wait_for(bpffs: &Bpffs, what: &str, want: &[&str]) -> Duration {
-    let started = Instant::now();
-    loop {
-        let got = sockmesh::dataplane::read_table(&bpffs.0)
-            .map(|t| backends_of(&t))
-            .unwrap_or_default();
-        if got == want {
-            return started.elapsed();
+/// Every response the server sent so far was answered: each nonce comes back in
+/// at least one request, and the requests that carry one nonce agree on ACK or NACK.
+fn all_answered(cp: &ControlPlane) -> Result<(), String> {
+    let mut answers: BTreeMap<String, Vec<bool>> = BTreeMap::new();
+    for s in cp.seen() {
+        if !s.nonce.is_empty() {
+            answers.entry(s.nonce).or_default().push(s.error.is_none());
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "{what}: kernel has {got:?}, want {want:?}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
     }
+    for (type_url, nonce) in cp.sent_nonces() {
+        match answers.get(&nonce) {
+            None => return Err(format!("{type_url} nonce {nonce} never answered")),
+            Some(a) if a.iter().any(|x| *x != a[0]) => {
+                return Err(format!(
+                    "{type_url} nonce {nonce} both ACKed and NACKed: {a:?}"
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
 }
 
 fn scenario(protocol: &str) {
@@ -111,10 +108,8 @@ fn scenario(protocol: &str) {
     initial.extend(resources(&eds(&[1], 8080)));
     cp.publish(&initial, true);
 
-    let tmp = TempDir::new("sockmesh-agent-log-");
-    let log_path = tmp.0.join("agent.log");
-    let log = fs::File::create(&log_path).expect("log file");
-    let admin = sockmesh_tests::free_port();
+    let tmp = TempDir::new("sockmesh-agent-");
+    let admin = Admin::in_dir(&tmp.0);
     let agent = agent_command(sockmesh_bin(), &cgroup, &bpffs)
         .args([
             "--xds",
@@ -126,16 +121,14 @@ fn scenario(protocol: &str) {
             "--node-id",
             "sidecar~10.10.1.1~test.default~default.svc.cluster.local",
         ])
-        .args(["--admin", &format!("127.0.0.1:{admin}")])
-        .env("RUST_LOG", "sockmesh=debug")
+        .args(admin.args())
         .stdout(Stdio::null())
-        .stderr(log)
+        .stderr(Stdio::null())
         .spawn()
         .expect("start agent");
     let mut agent = Proc(agent);
-    let agent_log = || fs::read_to_string(&log_path).unwrap_or_default();
 
-    wait_for(&bpffs, "initial sync", &["10.10.1.11"]);
+    wait_for_backends(&bpffs, "initial sync", &["10.10.1.11"]);
     let reach = |n: u32| {
         let mut probe = command_in(&client, Some(&cgroup), PROBE);
         probe.args(["connect", "10.96.0.10:80", &n.to_string()]);
@@ -153,85 +146,95 @@ fn scenario(protocol: &str) {
 
     // Scale: endpoints move to b2, b3.
     cp.publish(&resources(&eds(&[2, 3], 8080)), false);
-    let took = wait_for(&bpffs, "EDS update", &["10.10.1.12", "10.10.1.13"]);
+    let took = wait_for_backends(&bpffs, "EDS update", &["10.10.1.12", "10.10.1.13"]);
     eprintln!(
         "{protocol}: EDS update visible in the pinned maps after {took:?} (includes polling)"
     );
     assert!(reach(60).iter().all(|n| n == "b2" || n == "b3"));
 
-    // A bad update: NACKed with the field named, kernel unchanged.
+    // A bad update: NACKed with the field named, kernel unchanged. The NACK is the
+    // agent's answer to exactly this update (no other update is invalid), and the
+    // agent answers only after it has decided, so the kernel is final by then.
     cp.publish(&resources(&eds(&[4], 70000)), false);
-    let started = Instant::now();
-    while cp.nacks().is_empty() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "no NACK; agent log:\n{}",
-            agent_log()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let nack = cp.nacks().remove(0);
+    let nack = wait_until("the NACK of port 70000", Duration::from_secs(10), || {
+        cp.nacks().first().cloned()
+    });
     assert!(
         nack.contains("web.default") && nack.contains("port_value: 70000 is out of range"),
         "{nack}"
     );
-    std::thread::sleep(Duration::from_millis(200));
-    wait_for(&bpffs, "after NACK", &["10.10.1.12", "10.10.1.13"]);
+    assert_eq!(
+        sockmesh_tests::kernel_backends(&bpffs),
+        ["10.10.1.12", "10.10.1.13"],
+        "a NACKed update reached the kernel"
+    );
     assert!(reach(20).iter().all(|n| n == "b2" || n == "b3"));
+    wait_until(
+        "an answer to every response",
+        Duration::from_secs(10),
+        || all_answered(&cp),
+    );
 
-    // Outage: the control plane goes away; the table stays.
+    // Outage: the control plane goes away; the agent notices and keeps the table.
     let cut = Instant::now();
     cp.disconnect_all();
     drop(stop);
-    std::thread::sleep(Duration::from_millis(100));
-    rt.block_on(async { tokio::time::sleep(Duration::from_millis(300)).await });
-    for _ in 0..10 {
-        wait_for(&bpffs, "during the outage", &["10.10.1.12", "10.10.1.13"]);
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(reach(10).iter().all(|n| n == "b2" || n == "b3"));
-    // Liveness stays ok; readiness says why it is degraded.
-    assert_eq!(
-        sockmesh_tests::http_get(admin, "/healthz").0,
-        200,
-        "{}",
-        agent_log()
+    wait_until(
+        "readiness to report the outage",
+        Duration::from_secs(10),
+        || {
+            let (status, body) = admin.get("/readyz");
+            (status == 503 && body.contains("degraded: xDS disconnected"))
+                .then_some(())
+                .ok_or(body)
+        },
     );
-    let (status, body) = sockmesh_tests::http_get(admin, "/readyz");
-    assert_eq!(status, 503);
-    assert!(body.contains("degraded: xDS disconnected"), "{body}");
+    assert_eq!(admin.metric("sockmesh_xds_connected"), Some(0.0));
+    assert_eq!(
+        admin.get("/healthz").0,
+        200,
+        "liveness must not follow the control plane"
+    );
+    assert_eq!(
+        sockmesh_tests::kernel_backends(&bpffs),
+        ["10.10.1.12", "10.10.1.13"],
+        "table lost during the outage"
+    );
+    assert!(reach(10).iter().all(|n| n == "b2" || n == "b3"));
 
     // Back, on the same address, with a change made meanwhile: converges.
     let outage = cut.elapsed();
     cp.publish(&resources(&eds(&[4], 8080)), false);
     let (_addr2, _stop2) = rt.block_on(cp.serve(addr));
     let back = Instant::now();
-    wait_for(&bpffs, "after reconnect", &["10.10.1.14"]);
+    wait_for_backends(&bpffs, "after reconnect", &["10.10.1.14"]);
     eprintln!(
         "{protocol}: outage of {} ms with the table kept; server back → change in the kernel {} ms (reconnect backoff included)",
         outage.as_millis(),
         back.elapsed().as_millis()
     );
     assert_eq!(reach(10), ["b4"]);
-    assert_eq!(sockmesh_tests::http_get(admin, "/readyz").0, 200);
+    wait_until(
+        "/readyz 200 after reconnect",
+        Duration::from_secs(10),
+        || admin.get("/readyz").0 == 200,
+    );
+    wait_until(
+        "an answer to every response",
+        Duration::from_secs(10),
+        || all_answered(&cp),
+    );
+    assert_eq!(
+        cp.nacks().len(),
+        1,
+        "only the bad update is NACKed: {:?}",
+        cp.nacks()
+    );
 
     // SIGTERM: the agent exits cleanly, the datapath stays.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(agent.0.id()).expect("pid")),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
-    let status = agent.0.wait().expect("agent exit");
-    assert!(status.success(), "agent exit {status}: {}", agent_log());
+    let status = agent.terminate();
+    assert!(status.success(), "agent exit {status}");
     assert_eq!(reach(10), ["b4"], "datapath gone with the agent");
-    let log = agent_log();
-    assert!(log.contains("xDS disconnected"), "{log}");
-    // Every response was answered: as many ACK/NACKs as the server saw nonces for.
-    assert!(
-        cp.seen()
-            .iter()
-            .any(|s| !s.nonce.is_empty() && s.error.is_none())
-    );
 }
 
 #[test]
@@ -254,33 +257,41 @@ fn agent_follows_rest_json() {
     let mut initial = resources(LDS_CDS);
     initial.extend(resources(&eds(&[1], 8080)));
     cp.publish(&initial, true);
-    let tmp = TempDir::new("sockmesh-agent-log-");
-    let log_path = tmp.0.join("agent.log");
+    let tmp = TempDir::new("sockmesh-agent-");
+    let admin = Admin::in_dir(&tmp.0);
     let agent = agent_command(sockmesh_bin(), &cgroup, &bpffs)
         .args(["--xds", &format!("http://{addr}"), "--xds-refresh", "100ms"])
+        .args(admin.args())
         .stdout(Stdio::null())
-        .stderr(fs::File::create(&log_path).expect("log"))
+        .stderr(Stdio::null())
         .spawn()
         .expect("start agent");
     let _agent = Proc(agent);
-    let agent_log = || fs::read_to_string(&log_path).unwrap_or_default();
-    wait_for(&bpffs, "REST initial sync", &["10.10.1.11"]);
+    wait_for_backends(&bpffs, "REST initial sync", &["10.10.1.11"]);
     cp.publish(&resources(&eds(&[2, 3], 8080)), false);
-    wait_for(&bpffs, "REST EDS update", &["10.10.1.12", "10.10.1.13"]);
-    cp.publish(&resources(&eds(&[4], 70000)), false);
-    let started = Instant::now();
-    while !agent_log().contains("port_value: 70000 is out of range") {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "{}",
-            agent_log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    wait_for(
-        &bpffs,
-        "after a rejected response",
-        &["10.10.1.12", "10.10.1.13"],
+    wait_for_backends(&bpffs, "REST EDS update", &["10.10.1.12", "10.10.1.13"]);
+    let bad = cp.publish(&resources(&eds(&[4], 70000)), false).to_string();
+    let error = wait_until(
+        "the rejection of the bad EDS version",
+        Duration::from_secs(10),
+        || {
+            let dump = admin.dump();
+            let eds = &dump["xds"]["eds"];
+            if eds["rejected_version"].as_str() == Some(bad.as_str()) {
+                Ok(eds["last_error"].as_str().unwrap_or_default().to_owned())
+            } else {
+                Err(eds.clone())
+            }
+        },
+    );
+    assert!(
+        error.contains("port_value: 70000 is out of range"),
+        "{error}"
+    );
+    assert_eq!(
+        sockmesh_tests::kernel_backends(&bpffs),
+        ["10.10.1.12", "10.10.1.13"],
+        "a rejected response reached the kernel"
     );
     // The poller sent its node and asked for the EDS name the cluster references.
     assert!(cp.seen().iter().any(|s| s.names == ["web.default"]));

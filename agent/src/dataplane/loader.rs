@@ -165,6 +165,52 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), DataplaneError> {
     })
 }
 
+/// Where the cgroup v2 hierarchy is mounted, from `/proc/self/mountinfo`:
+/// `/sys/fs/cgroup` on a pure-v2 node, `/sys/fs/cgroup/unified` on a hybrid one.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    cgroup2_root_in(&text)
+}
+
+/// The first cgroup2 mount of the whole hierarchy (its root is `/`) in a mountinfo
+/// text. Fields: id, parent, dev, root, mount point, options…, `-`, fstype, source.
+fn cgroup2_root_in(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (mount, fs) = line.split_once(" - ")?;
+        if fs.split(' ').next() != Some("cgroup2") {
+            return None;
+        }
+        let mut fields = mount.split(' ');
+        let root = fields.nth(3)?;
+        let point = fields.next()?;
+        (root == "/").then(|| PathBuf::from(unescape_mountinfo(point)))
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo` octal.
+fn unescape_mountinfo(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
+            let d = std::str::from_utf8(d).ok()?;
+            u8::from_str_radix(d, 8).ok()
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(b)) => {
+                out.push(b);
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Checks that `cgroup` is a cgroup v2 directory and returns it opened, with its id.
 pub fn open_cgroup(cgroup: &Path, allow_root: bool) -> Result<(fs::File, u64), DataplaneError> {
     let meta = fs::metadata(cgroup).map_err(|source| match source.kind() {
@@ -332,12 +378,15 @@ fn replace_in_link(
 
 /// `bpf(BPF_OBJ_GET)`: open a pinned object.
 fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    /// The BPF_OBJ_GET part of `union bpf_attr`. The kernel requires every byte
+    /// past the fields it reads to be zero, so the tail padding is a field too.
     #[repr(C)]
     struct ObjGetAttr {
         pathname: u64,
         bpf_fd: u32,
         file_flags: u32,
         path_fd: i32,
+        pad: u32,
     }
     const BPF_OBJ_GET: libc::c_long = 7;
     let c_path = CString::new(path.as_os_str().as_bytes())
@@ -347,8 +396,11 @@ fn obj_get(path: &Path) -> io::Result<OwnedFd> {
         bpf_fd: 0,
         file_flags: 0,
         path_fd: 0,
+        pad: 0,
     };
-    // SAFETY: ObjGetAttr is the BPF_OBJ_GET part of bpf_attr; c_path outlives the call.
+    const _: () = assert!(std::mem::size_of::<ObjGetAttr>() == 24);
+    // SAFETY: ObjGetAttr is the BPF_OBJ_GET part of bpf_attr, every byte initialised;
+    // c_path outlives the call.
     let rc = unsafe { sys_bpf(BPF_OBJ_GET, &raw mut attr) }?;
     // SAFETY: the kernel returned a new descriptor that we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(rc as i32) })
@@ -552,5 +604,28 @@ unsafe fn sys_bpf<A>(cmd: libc::c_long, attr: *mut A) -> io::Result<libc::c_long
         Err(io::Error::last_os_error())
     } else {
         Ok(rc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroup2_mount_found_in_hybrid_and_pure_layouts() {
+        let hybrid = "25 30 0:22 / /sys/fs/cgroup ro,nosuid shared:9 - tmpfs tmpfs ro,mode=755\n\
+                      26 25 0:23 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw\n\
+                      27 25 0:24 / /sys/fs/cgroup/cpu rw shared:11 - cgroup cgroup rw,cpu\n";
+        assert_eq!(
+            cgroup2_root_in(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let pure = "30 23 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(cgroup2_root_in(pure), Some(PathBuf::from("/sys/fs/cgroup")));
+        // A bind mount of a sub-tree (a container's view) is not the hierarchy root.
+        let sub = "40 23 0:26 /kubepods /mnt/x rw - cgroup2 cgroup2 rw\n\
+                   41 23 0:26 / /mnt/cg\\040two rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(cgroup2_root_in(sub), Some(PathBuf::from("/mnt/cg two")));
+        assert_eq!(cgroup2_root_in("1 0 0:1 / / rw - ext4 /dev/vda rw\n"), None);
     }
 }

@@ -230,28 +230,39 @@ fn a_failed_write_keeps_the_service_on_a_consistent_set_and_recovers() {
     let s = svc("10.96.0.1", 80);
     let old = vec![be("10.0.0.1", 80), be("10.0.0.2", 80)];
     let new = vec![be("10.0.0.2", 80), be("10.0.0.3", 80), be("10.0.0.4", 80)];
-    // Fail each write of the update in turn.
-    for fail in 0..12 {
+    // How many writes the update makes when nothing fails.
+    let writes = {
+        let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
+        w.apply(&table(&[(s, old.clone())])).expect("old");
+        let base = w.store().log.len();
+        w.apply(&table(&[(s, new.clone())])).expect("new");
+        w.store().log.len() - base
+    };
+    assert!(writes >= 8, "the update makes {writes} writes");
+    // Fail each write of the update in turn: every one of them fails the update.
+    for fail in 0..writes {
         let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
         w.apply(&table(&[(s, old.clone())])).expect("old");
         let base = w.store().log.len();
         w.store_mut().fail_at = Some(base + fail);
         let result = w.apply(&table(&[(s, new.clone())]));
+        assert!(
+            result.is_err(),
+            "fail at write {fail} of {writes} not reported"
+        );
         let now = reachable(w.store(), &s).expect("still published");
         assert!(
             now == set(&old) || now == set(&new),
             "fail at {fail}: {now:?}"
         );
-        if result.is_err() {
-            // The mirror matches the maps: adopting them gives the writer's view,
-            // and a retry converges.
-            let snap = w.store().snapshot().expect("snapshot");
-            assert_eq!(
-                sorted(table_from_snapshot(&snap)),
-                sorted(w.table()),
-                "fail at {fail}"
-            );
-        }
+        // The mirror matches the maps: adopting them gives the writer's view, and a
+        // retry converges.
+        let snap = w.store().snapshot().expect("snapshot");
+        assert_eq!(
+            sorted(table_from_snapshot(&snap)),
+            sorted(w.table()),
+            "fail at {fail}"
+        );
         w.apply(&table(&[(s, new.clone())])).expect("retry");
         assert_eq!(reachable(w.store(), &s), Some(set(&new)));
         let st = w.store();

@@ -44,6 +44,14 @@ pub trait TableSink: Send {
     fn activate(&mut self) -> Result<Vec<u32>, String> {
         Ok(Vec::new())
     }
+    /// How the programs came to be attached (`None`: a sink without a kernel).
+    fn attachment(&self) -> Option<crate::dataplane::Attachment> {
+        None
+    }
+    /// The other pin layouts this datapath detached and removed.
+    fn retired(&self) -> Vec<u32> {
+        Vec::new()
+    }
 }
 
 impl TableSink for crate::dataplane::Datapath {
@@ -81,6 +89,14 @@ impl TableSink for crate::dataplane::Datapath {
         crate::dataplane::Datapath::activate(self)
             .map(|m| m.map(|m| m.retired).unwrap_or_default())
             .map_err(|e| format!("{e:#}"))
+    }
+
+    fn attachment(&self) -> Option<crate::dataplane::Attachment> {
+        Some(crate::dataplane::Datapath::attachment(self))
+    }
+
+    fn retired(&self) -> Vec<u32> {
+        crate::dataplane::Datapath::retired(self).to_vec()
     }
 }
 
@@ -152,6 +168,10 @@ pub struct Core {
     kernel_behind: bool,
     /// Kernel writes that failed.
     pub kernel_write_failures: u64,
+    /// Documents the source could not read or parse (a file with a syntax error, a
+    /// REST body that is not JSON): nothing reached the state.
+    pub source_errors: u64,
+    pub source_last_error: Option<String>,
 }
 
 impl Core {
@@ -175,7 +195,25 @@ impl Core {
             first_push: None,
             kernel_behind: false,
             kernel_write_failures: 0,
+            source_errors: 0,
+            source_last_error: None,
         }
+    }
+
+    /// Records a document the source could not read or parse.
+    pub fn source_error(&mut self, error: String) {
+        self.source_errors += 1;
+        self.source_last_error = Some(error);
+    }
+
+    /// How the datapath's programs came to be attached.
+    pub fn attachment(&self) -> Option<crate::dataplane::Attachment> {
+        self.sink.attachment()
+    }
+
+    /// The other pin layouts the datapath retired.
+    pub fn retired(&self) -> Vec<u32> {
+        self.sink.retired()
     }
 
     /// The datapath maps' capacities.

@@ -31,10 +31,18 @@ pub enum FileSourceError {
 /// Reads, decodes and applies the file once. Returns the error text on failure.
 pub fn load_once(path: &Path, core: &Arc<Mutex<Core>>) -> Result<(), String> {
     let received = Instant::now();
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let resp =
-        discovery_response_from_text(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let parsed = std::fs::read_to_string(path)
+        .map_err(|e| e.to_string())
+        .and_then(|text| discovery_response_from_text(&text).map_err(|e| e.to_string()))
+        .map_err(|e| format!("{}: {e}", path.display()));
     let mut c = core.lock().map_err(|_| "agent state poisoned".to_owned())?;
+    let resp = match parsed {
+        Ok(resp) => resp,
+        Err(e) => {
+            c.source_error(e.clone());
+            return Err(e);
+        }
+    };
     c.source = SourceState::Connected;
     c.handle(
         Update::Full {

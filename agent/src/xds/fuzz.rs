@@ -3,7 +3,6 @@
 //! accept or a NACK, never a panic, and a NACK leaves the table as it was.
 
 use proptest::prelude::*;
-use prost::Message as _;
 use sockmesh_proto::pb::google::protobuf::Any;
 
 use super::{
@@ -93,11 +92,28 @@ proptest! {
     }
 }
 
+/// The mutations start from a complete, valid mesh: the seed is accepted and
+/// translates to one service with both clusters' backends, weighted 3:1.
 #[test]
-fn seed_encodes() {
-    assert!(
-        seed()
+fn seed_is_a_complete_valid_mesh() {
+    let mut st = XdsState::new();
+    st.apply(Update::Full {
+        version: "1".into(),
+        resources: seed(),
+    })
+    .expect("seed accepted");
+    let services = &st.table().services;
+    assert_eq!(services.len(), 1, "{services:?}");
+    let backends = services.values().next().expect("one service");
+    let weight = |ip: &str| {
+        backends
             .iter()
-            .all(|a| !a.value.is_empty() || a.encoded_len() > 0)
+            .find(|b| b.address.to_string() == ip)
+            .map(|b| b.weight)
+    };
+    let (c, d) = (
+        weight("10.1.0.1").expect("c"),
+        weight("10.1.0.9").expect("d"),
     );
+    assert_eq!(c, 3 * d, "cluster weights 3:1: {backends:?}");
 }

@@ -115,9 +115,18 @@ async fn poll(
         ));
     }
     let received = Instant::now();
-    let text = std::str::from_utf8(&bytes).map_err(|e| e.to_string())?;
-    let resp = discovery_response_from_text(text).map_err(|e| e.to_string())?;
+    let parsed = std::str::from_utf8(&bytes)
+        .map_err(|e| e.to_string())
+        .and_then(|text| discovery_response_from_text(text).map_err(|e| e.to_string()));
     let mut c = core.lock().map_err(|_| "agent state poisoned".to_owned())?;
+    let resp = match parsed {
+        Ok(resp) => resp,
+        Err(e) => {
+            let e = format!("{} response: {e}", kind.short());
+            c.source_error(e.clone());
+            return Err(e);
+        }
+    };
     if resp.version_info == c.state().version(kind) && !resp.version_info.is_empty() {
         return Ok(());
     }

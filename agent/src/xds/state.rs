@@ -83,6 +83,9 @@ pub struct TypeStats {
     pub rejected: u64,
     pub version: String,
     pub last_error: Option<String>,
+    /// `version_info` of the last rejected update (SotW and file updates carry one),
+    /// so a caller can tell which update a `last_error` belongs to.
+    pub rejected_version: Option<String>,
 }
 
 /// The accepted resources, the table they translate to, and per-type bookkeeping.
@@ -225,6 +228,7 @@ impl XdsState {
                 Err(e) => {
                     s.rejected += 1;
                     s.last_error = Some(e.0.clone());
+                    s.rejected_version.clone_from(&version);
                 }
             }
         }

@@ -395,8 +395,14 @@ fn json_camel_case_and_malformed_documents() {
     let err = discovery_response_from_text("resources:\n- \"@type\": type.googleapis.com/envoy.config.cluster.v3.Cluster\n  name: c\n  bogus_field: 1\n")
         .expect_err("unknown field");
     assert!(err.to_string().contains("bogus_field"), "{err}");
-    let err = discovery_response_from_text("resources: [\n  {name: }\n").expect_err("syntax");
-    assert!(err.to_string().contains("line"), "{err}");
+    // Errors point at the line and column.
+    let err = discovery_response_from_text("resources: [\n  {name: }\n").expect_err("no @type");
+    assert!(err.to_string().ends_with("at line 2 column 3"), "{err}");
+    let err = discovery_response_from_text("{\n  \"resources\": [\n    {\"name\": }\n  ]\n}")
+        .expect_err("JSON syntax");
+    assert!(err.to_string().ends_with("at line 3 column 14"), "{err}");
+    let err = discovery_response_from_text("resources: [\n  { name: \n").expect_err("YAML syntax");
+    assert!(err.to_string().contains("at line 3 column 1"), "{err}");
     let err =
         discovery_response_from_text("resources:\n- \"@type\": type.googleapis.com/no.such.Type\n")
             .expect_err("unknown type");

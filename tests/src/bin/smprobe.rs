@@ -112,6 +112,7 @@ fn connect(args: &[String]) -> Result<(), String> {
     let limit = Duration::from_millis(number(args.get(2), 60_000)?);
     let started = Instant::now();
     let mut out = io::BufWriter::new(io::stdout().lock());
+    let mut first = true;
     for _ in 0..count {
         if started.elapsed() > limit {
             break;
@@ -126,6 +127,12 @@ fn connect(args: &[String]) -> Result<(), String> {
         let t1 = monotonic_ns();
         let what = result.unwrap_or_else(|e| errno(&e));
         writeln!(out, "{t0} {t1} {what}").map_err(|e| e.to_string())?;
+        if first {
+            // The caller may wait for the loop to be running; later lines are
+            // buffered so that printing does not slow the loop down.
+            out.flush().map_err(|e| e.to_string())?;
+            first = false;
+        }
     }
     out.flush().map_err(|e| e.to_string())
 }
@@ -271,10 +278,13 @@ fn rate(args: &[String]) -> Result<(), String> {
     // if late, so one slow request does not hold back the ones after it.
     const THREADS: u64 = 4;
     let started = Instant::now();
+    // Each line is printed as its request completes, so a caller can act on the
+    // first responses while the load runs.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
     let workers: Vec<_> = (0..THREADS)
         .map(|k| {
+            let tx = tx.clone();
             thread::spawn(move || {
-                let mut lines = Vec::new();
                 let mut i = k;
                 while i < total {
                     let due = interval * u32::try_from(i).unwrap_or(u32::MAX);
@@ -284,20 +294,24 @@ fn rate(args: &[String]) -> Result<(), String> {
                     let t0 = monotonic_ns();
                     let what = request(&to, http);
                     let t1 = monotonic_ns();
-                    lines.push(format!("{t0} {t1} {what}"));
+                    if tx.send(format!("{t0} {t1} {what}")).is_err() {
+                        return;
+                    }
                     i += THREADS;
                 }
-                lines
             })
         })
         .collect();
-    let mut out = io::BufWriter::new(io::stdout().lock());
-    for w in workers {
-        for line in w.join().map_err(|_| "worker panicked".to_owned())? {
-            writeln!(out, "{line}").map_err(|e| e.to_string())?;
-        }
+    drop(tx);
+    let mut out = io::stdout().lock();
+    for line in rx {
+        writeln!(out, "{line}").map_err(|e| e.to_string())?;
+        out.flush().map_err(|e| e.to_string())?;
     }
-    out.flush().map_err(|e| e.to_string())
+    for w in workers {
+        w.join().map_err(|_| "worker panicked".to_owned())?;
+    }
+    Ok(())
 }
 
 fn udp_hold(args: &[String]) -> Result<(), String> {
