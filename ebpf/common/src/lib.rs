@@ -9,8 +9,51 @@
 //! same entry as an IPv4 socket connecting to `a.b.c.d`.
 //!
 //! The maps themselves are defined, and documented, in `ebpf/programs/src/maps.rs`.
+//!
+//! This crate is the kernel contract's single source: the map names
+//! ([`map_names`]), the hook table ([`hooks`]) and slot resolution ([`resolve`]) are
+//! defined here and used by the kernel programs and the agent alike.
 
 #![no_std]
+
+pub mod hooks;
+pub mod resolve;
+
+/// Map names: the ELF symbols of the maps and their pin file names under
+/// `<bpffs>/v<LAYOUT_VERSION>/maps/`. `#[map(name = …)]` in `ebpf/programs` needs a
+/// literal; it checks the literal against these at compile time.
+pub mod map_names {
+    /// Services ([`crate::ServiceKey`] → [`crate::ServiceValue`]).
+    pub const SERVICES: &str = "SM_SERVICES";
+    /// Per-service counters, per CPU ([`crate::ServiceKey`] → [`crate::ServiceStats`]).
+    pub const SERVICE_STATS: &str = "SM_SERVICE_STATS";
+    /// Selection slots ([`crate::SlotKey`] → backend index).
+    pub const SLOTS: &str = "SM_SLOTS";
+    /// Backends ([`crate::BackendKey`] → [`crate::BackendInfo`]).
+    pub const BACKENDS: &str = "SM_BACKENDS";
+    /// Reverse translation ([`crate::ReverseKey`] → [`crate::ReverseValue`]).
+    pub const REVERSE: &str = "SM_REVERSE";
+    /// Node counters, per CPU (index in [`crate::counter`] → count).
+    pub const COUNTERS: &str = "SM_COUNTERS";
+    /// Every map of the object.
+    pub const ALL: [&str; 6] = [SERVICES, SERVICE_STATS, SLOTS, BACKENDS, REVERSE, COUNTERS];
+}
+
+/// `a == b`, usable in constants (the kernel programs' compile-time checks).
+pub const fn str_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
 
 /// Pin-directory layout version. Bump it whenever a map is added or removed or a
 /// key or value below changes shape; the agent pins under
@@ -236,4 +279,26 @@ mod pod {
     unsafe impl aya::Pod for ReverseKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ReverseValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn str_eq_compares_bytes() {
+        assert!(str_eq("SM_SLOTS", map_names::SLOTS));
+        assert!(!str_eq("SM_SLOT", map_names::SLOTS));
+        assert!(!str_eq("SM_SLOTZ", map_names::SLOTS));
+        assert!(str_eq("", ""));
+    }
+
+    #[test]
+    fn map_names_are_distinct() {
+        for (i, a) in map_names::ALL.iter().enumerate() {
+            for b in &map_names::ALL[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+    }
 }

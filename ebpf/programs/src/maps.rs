@@ -26,68 +26,95 @@ use aya_ebpf::{
 use sockmesh_common::{
     BackendInfo, BackendKey, MAX_BACKENDS_TOTAL, MAX_REVERSE_ENTRIES, MAX_SERVICES,
     MAX_SLOTS_TOTAL, ReverseKey, ReverseValue, ServiceKey, ServiceStats, ServiceValue, SlotKey,
-    counter,
+    counter, map_names,
 };
 
-/// Services.
-/// - key: [`ServiceKey`] (VIP as IPv6/IPv4-mapped, port, protocol; network order)
-/// - value: [`ServiceValue`] (service id, published generation and slot count)
-/// - writer: the agent (`MapWriter`), one whole-value update per publish
-/// - reader: every sock_addr program (forward translation)
-/// - capacity: `MAX_SERVICES` (65,536) by default; `--max-services` at install
-#[map(name = "SM_SERVICES")]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+/// Defines a map named `$name`. `#[map(name = …)]` takes only a string literal, so
+/// the literal stays here and a compile-time assertion checks that it is the name
+/// `sockmesh_common::map_names` gives the agent.
+macro_rules! named_map {
+    ($(#[$doc:meta])* $name:literal == $common:path; $vis:vis static $ident:ident: $ty:ty = $init:expr;) => {
+        const _: () = assert!(
+            sockmesh_common::str_eq($name, $common),
+            concat!("map ", $name, " is not named as in sockmesh_common::map_names")
+        );
+        $(#[$doc])*
+        #[map(name = $name)]
+        $vis static $ident: $ty = $init;
+    };
+}
 
-/// Per-service counters, per CPU.
-/// - key: [`ServiceKey`], as in `SM_SERVICES`
-/// - value: [`ServiceStats`] (redirects, calls refused for want of a backend)
-/// - writer: the agent creates a zeroed entry before it publishes a service and
-///   deletes it after removing the service; connect4/6 and sendmsg4/6 only add to
-///   an existing entry (no insert on the hot path)
-/// - reader: `sockmesh stats`, the agent's `/metrics` (summed over CPUs)
-/// - capacity: as `SM_SERVICES` (`--max-services`); entries allocated on demand
-#[map(name = "SM_SERVICE_STATS")]
-pub static SERVICE_STATS: PerCpuHashMap<ServiceKey, ServiceStats> =
-    PerCpuHashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+named_map! {
+    /// Services.
+    /// - key: [`ServiceKey`] (VIP as IPv6/IPv4-mapped, port, protocol; network order)
+    /// - value: [`ServiceValue`] (service id, published generation and slot count)
+    /// - writer: the agent (`MapWriter`), one whole-value update per publish
+    /// - reader: every sock_addr program (forward translation)
+    /// - capacity: `MAX_SERVICES` (65,536) by default; `--max-services` at install
+    "SM_SERVICES" == map_names::SERVICES;
+    pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+        HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+}
 
-/// Selection slots: a backend owns as many slots as its weight's share.
-/// - key: [`SlotKey`] (service id, generation 0/1, slot index)
-/// - value: `u32` backend index within the service (key of `SM_BACKENDS`)
-/// - writer: the agent, only into the unpublished generation
-/// - reader: connect4/6, sendmsg4/6
-/// - capacity: `MAX_SLOTS_TOTAL` by default (`--max-slots`); two generations of a service coexist briefly
-#[map(name = "SM_SLOTS")]
-pub static SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(MAX_SLOTS_TOTAL, BPF_F_NO_PREALLOC);
+named_map! {
+    /// Per-service counters, per CPU.
+    /// - key: [`ServiceKey`], as in `SM_SERVICES`
+    /// - value: [`ServiceStats`] (redirects, calls refused for want of a backend)
+    /// - writer: the agent creates a zeroed entry before it publishes a service and
+    ///   deletes it after removing the service; connect4/6 and sendmsg4/6 only add to
+    ///   an existing entry (no insert on the hot path)
+    /// - reader: `sockmesh stats`, the agent's `/metrics` (summed over CPUs)
+    /// - capacity: as `SM_SERVICES` (`--max-services`); entries allocated on demand
+    "SM_SERVICE_STATS" == map_names::SERVICE_STATS;
+    pub static SERVICE_STATS: PerCpuHashMap<ServiceKey, ServiceStats> =
+        PerCpuHashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+}
 
-/// Backends of each service.
-/// - key: [`BackendKey`] (service id, backend index)
-/// - value: [`BackendInfo`] (address, port, state, weight)
-/// - writer: the agent; an index is stable while the backend stays in the service
-/// - reader: connect4/6, sendmsg4/6 (address, port); `sockmesh services` (all fields)
-/// - capacity: `MAX_BACKENDS_TOTAL` (524,288) by default; `--max-backends` at install
-#[map(name = "SM_BACKENDS")]
-pub static BACKENDS: HashMap<BackendKey, BackendInfo> =
-    HashMap::pinned(MAX_BACKENDS_TOTAL, BPF_F_NO_PREALLOC);
+named_map! {
+    /// Selection slots: a backend owns as many slots as its weight's share.
+    /// - key: [`SlotKey`] (service id, generation 0/1, slot index)
+    /// - value: `u32` backend index within the service (key of `SM_BACKENDS`)
+    /// - writer: the agent, only into the unpublished generation
+    /// - reader: connect4/6, sendmsg4/6
+    /// - capacity: `MAX_SLOTS_TOTAL` by default (`--max-slots`); two generations of a service coexist briefly
+    "SM_SLOTS" == map_names::SLOTS;
+    pub static SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(MAX_SLOTS_TOTAL, BPF_F_NO_PREALLOC);
+}
 
-/// Reverse translation: which VIP a socket asked for when it was sent to a backend.
-/// - key: [`ReverseKey`] (socket cookie, backend address, backend port)
-/// - value: [`ReverseValue`] (VIP address and port)
-/// - writer: connect4/6 and sendmsg4/6 insert; sock_release deletes the connected
-///   peer's entry; the LRU evicts what is left (unconnected UDP peers)
-/// - reader: recvmsg4/6 (UDP reply source), getpeername4/6
-/// - capacity: `MAX_REVERSE_ENTRIES` (one per open client socket to a VIP)
-#[map(name = "SM_REVERSE")]
-pub static REVERSE: LruHashMap<ReverseKey, ReverseValue> =
-    LruHashMap::pinned(MAX_REVERSE_ENTRIES, 0);
+named_map! {
+    /// Backends of each service.
+    /// - key: [`BackendKey`] (service id, backend index)
+    /// - value: [`BackendInfo`] (address, port, state, weight)
+    /// - writer: the agent; an index is stable while the backend stays in the service
+    /// - reader: connect4/6, sendmsg4/6 (address, port); `sockmesh services` (all fields)
+    /// - capacity: `MAX_BACKENDS_TOTAL` (524,288) by default; `--max-backends` at install
+    "SM_BACKENDS" == map_names::BACKENDS;
+    pub static BACKENDS: HashMap<BackendKey, BackendInfo> =
+        HashMap::pinned(MAX_BACKENDS_TOTAL, BPF_F_NO_PREALLOC);
+}
 
-/// Datapath counters, per CPU (no atomics on the hot path).
-/// - key: `u32` index, one of `sockmesh_common::counter`
-/// - value: `u64` count on this CPU
-/// - writer: every program
-/// - reader: `sockmesh stats`, the agent's metrics (summed over CPUs)
-#[map(name = "SM_COUNTERS")]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
+named_map! {
+    /// Reverse translation: which VIP a socket asked for when it was sent to a backend.
+    /// - key: [`ReverseKey`] (socket cookie, backend address, backend port)
+    /// - value: [`ReverseValue`] (VIP address and port)
+    /// - writer: connect4/6 and sendmsg4/6 insert; sock_release deletes the connected
+    ///   peer's entry; the LRU evicts what is left (unconnected UDP peers)
+    /// - reader: recvmsg4/6 (UDP reply source), getpeername4/6
+    /// - capacity: `MAX_REVERSE_ENTRIES` (one per open client socket to a VIP)
+    "SM_REVERSE" == map_names::REVERSE;
+    pub static REVERSE: LruHashMap<ReverseKey, ReverseValue> =
+        LruHashMap::pinned(MAX_REVERSE_ENTRIES, 0);
+}
+
+named_map! {
+    /// Datapath counters, per CPU (no atomics on the hot path).
+    /// - key: `u32` index, one of `sockmesh_common::counter`
+    /// - value: `u64` count on this CPU
+    /// - writer: every program
+    /// - reader: `sockmesh stats`, the agent's metrics (summed over CPUs)
+    "SM_COUNTERS" == map_names::COUNTERS;
+    pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
+}
 
 /// Adds one to counter `index` on this CPU.
 #[inline(always)]

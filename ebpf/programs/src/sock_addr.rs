@@ -9,7 +9,10 @@ use aya_ebpf::{
     macros::{cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
 };
-use sockmesh_common::{PROTO_TCP, PROTO_UDP, V4_MAPPED_WORD, counter};
+use sockmesh_common::{
+    PROTO_TCP, PROTO_UDP, V4_MAPPED_WORD, counter,
+    hooks::{self, ProgramType},
+};
 
 use crate::{
     maps::count,
@@ -37,50 +40,72 @@ enum Verdict {
     Refuse,
 }
 
-#[cgroup_sock_addr(connect4)]
-pub fn sm_connect4(ctx: SockAddrContext) -> i32 {
+/// Defines hook `$hook` of the hook table (`sockmesh_common::hooks`). The aya-ebpf
+/// macros take the program's name and attach point as identifiers, so they stay
+/// here and a compile-time assertion checks them, and the program type, against
+/// the table the agent loads and attaches by.
+macro_rules! hook {
+    (sock_addr $hook:path, $attach:ident, $(#[$doc:meta])* fn $name:ident($ctx:ident) $body:block) => {
+        hook!(@check $hook, CgroupSockAddr, $name, $attach);
+        $(#[$doc])*
+        #[cgroup_sock_addr($attach)]
+        pub fn $name($ctx: SockAddrContext) -> i32 $body
+    };
+    (sock $hook:path, $attach:ident, $(#[$doc:meta])* fn $name:ident($ctx:ident) $body:block) => {
+        hook!(@check $hook, CgroupSock, $name, $attach);
+        $(#[$doc])*
+        #[cgroup_sock($attach)]
+        pub fn $name($ctx: SockContext) -> i32 $body
+    };
+    (@check $hook:path, $type:ident, $name:ident, $attach:ident) => {
+        const _: () = assert!(
+            hooks::matches(&$hook, stringify!($name), stringify!($attach))
+                && matches!($hook.program_type, ProgramType::$type),
+            concat!(
+                "hook ",
+                stringify!($name),
+                " differs from sockmesh_common::hooks"
+            )
+        );
+    };
+}
+
+hook!(sock_addr hooks::CONNECT4, connect4, fn sm_connect4(ctx) {
     verdict(forward(&ctx, Family::V4, false))
-}
+});
 
-#[cgroup_sock_addr(connect6)]
-pub fn sm_connect6(ctx: SockAddrContext) -> i32 {
+hook!(sock_addr hooks::CONNECT6, connect6, fn sm_connect6(ctx) {
     verdict(forward(&ctx, Family::V6, false))
-}
+});
 
-#[cgroup_sock_addr(sendmsg4)]
-pub fn sm_sendmsg4(ctx: SockAddrContext) -> i32 {
+hook!(sock_addr hooks::SENDMSG4, sendmsg4, fn sm_sendmsg4(ctx) {
     verdict(forward(&ctx, Family::V4, true))
-}
+});
 
-#[cgroup_sock_addr(sendmsg6)]
-pub fn sm_sendmsg6(ctx: SockAddrContext) -> i32 {
+hook!(sock_addr hooks::SENDMSG6, sendmsg6, fn sm_sendmsg6(ctx) {
     verdict(forward(&ctx, Family::V6, true))
-}
+});
 
-#[cgroup_sock_addr(recvmsg4)]
-pub fn sm_recvmsg4(ctx: SockAddrContext) -> i32 {
+hook!(sock_addr hooks::RECVMSG4, recvmsg4, fn sm_recvmsg4(ctx) {
     restore_vip(&ctx, Family::V4)
-}
+});
 
-#[cgroup_sock_addr(recvmsg6)]
-pub fn sm_recvmsg6(ctx: SockAddrContext) -> i32 {
+hook!(sock_addr hooks::RECVMSG6, recvmsg6, fn sm_recvmsg6(ctx) {
     restore_vip(&ctx, Family::V6)
-}
+});
 
-#[cgroup_sock_addr(getpeername4)]
-pub fn sm_getpeername4(ctx: SockAddrContext) -> i32 {
+hook!(sock_addr hooks::GETPEERNAME4, getpeername4, fn sm_getpeername4(ctx) {
     restore_vip(&ctx, Family::V4)
-}
+});
 
-#[cgroup_sock_addr(getpeername6)]
-pub fn sm_getpeername6(ctx: SockAddrContext) -> i32 {
+hook!(sock_addr hooks::GETPEERNAME6, getpeername6, fn sm_getpeername6(ctx) {
     restore_vip(&ctx, Family::V6)
-}
+});
 
+hook!(sock hooks::SOCK_RELEASE, sock_release,
 /// Drops the closing socket's reverse entry for its connected peer, so the reverse
 /// map holds only live sockets (unconnected UDP peers are left to the LRU).
-#[cgroup_sock(sock_release)]
-pub fn sm_sock_release(ctx: SockContext) -> i32 {
+fn sm_sock_release(ctx) {
     // SAFETY: ctx.sock is the program's context; the verifier checks each field read.
     let (family, proto, port) = unsafe {
         let sk = &*ctx.sock;
@@ -111,7 +136,7 @@ pub fn sm_sock_release(ctx: SockContext) -> i32 {
     };
     xlate::forget(cookie(&ctx), Addr { ip, port });
     PROCEED
-}
+});
 
 fn verdict(v: Verdict) -> i32 {
     match v {

@@ -1,7 +1,12 @@
 //! Forward (VIP → backend) and reverse (backend → VIP) translation, independent of
 //! the hook's context type. Addresses are IPv6 or IPv4-mapped, network byte order.
 
-use sockmesh_common::{BackendKey, ReverseKey, ReverseValue, ServiceKey, SlotKey, counter};
+use core::convert::Infallible;
+
+use sockmesh_common::{
+    BackendKey, ReverseKey, ReverseValue, ServiceKey, ServiceValue, SlotKey, counter,
+    resolve::{self, Picked, RoutingMaps},
+};
 
 use crate::maps::{BACKENDS, REVERSE, SERVICES, SLOTS, count, count_service};
 
@@ -35,15 +40,15 @@ pub enum Pick {
 }
 
 impl Pick {
+    /// The value the slot is drawn from (`value % slot_count`).
     #[inline(always)]
-    fn index(self, slot_count: u32) -> u32 {
-        let r = match self {
+    fn value(self) -> u32 {
+        match self {
             // SAFETY: helper without arguments.
             Pick::Random => unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() },
             // Fibonacci hashing spreads consecutive cookies over the slots.
             Pick::Hash(v) => ((v ^ (v >> 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32,
-        };
-        r % slot_count
+        }
     }
 }
 
@@ -59,59 +64,60 @@ pub fn forward(dst: Addr, proto: u8, pick: Pick) -> Forward {
     // Two attempts: the second only if an update deleted the slot we picked between
     // our service lookup and our slot lookup; by then the new generation is published.
     let verdict = match try_pick(&key, pick) {
-        Attempt::Done(f) => f,
-        Attempt::Raced => {
+        Picked::Raced => {
             count(counter::SLOT_RETRY);
-            match try_pick(&key, pick) {
-                Attempt::Done(f) => f,
-                Attempt::Raced => Forward::NoBackend,
-            }
+            try_pick(&key, pick)
         }
+        done => done,
     };
     match verdict {
-        Forward::Pass => {}
-        Forward::Redirect(_) => count_service(&key, true),
-        Forward::NoBackend => count_service(&key, false),
+        Picked::NotService => Forward::Pass,
+        Picked::Backend(backend) => {
+            count_service(&key, true);
+            Forward::Redirect(backend)
+        }
+        Picked::NoBackend | Picked::Raced => {
+            count_service(&key, false);
+            Forward::NoBackend
+        }
     }
-    verdict
-}
-
-enum Attempt {
-    Done(Forward),
-    Raced,
 }
 
 #[inline(always)]
-fn try_pick(key: &ServiceKey, pick: Pick) -> Attempt {
-    // SAFETY: the map is BPF_F_NO_PREALLOC, so the value stays valid for this
-    // program's RCU read section even if the agent replaces it; we copy it at once.
-    let Some(svc) = (unsafe { SERVICES.get(key) }).copied() else {
-        return Attempt::Done(Forward::Pass);
-    };
-    if svc.slot_count == 0 {
-        return Attempt::Done(Forward::NoBackend);
+fn try_pick(key: &ServiceKey, pick: Pick) -> Picked<Addr> {
+    match resolve::pick(&Maps, key, || pick.value()) {
+        Ok(picked) => picked,
+        Err(never) => match never {},
     }
-    let slot = SlotKey {
-        service_id: svc.id,
-        generation: svc.generation,
-        pad: 0,
-        slot: pick.index(svc.slot_count) as u16,
-    };
-    // SAFETY: as above.
-    let Some(index) = (unsafe { SLOTS.get(&slot) }).copied() else {
-        return Attempt::Raced;
-    };
-    let bkey = BackendKey {
-        service_id: svc.id,
-        index,
-    };
-    // SAFETY: as above.
-    match unsafe { BACKENDS.get(&bkey) } {
-        Some(b) => Attempt::Done(Forward::Redirect(Addr {
+}
+
+/// The routing maps, as slot resolution (`sockmesh_common::resolve`) reads them.
+struct Maps;
+
+impl RoutingMaps for Maps {
+    type Backend = Addr;
+    type Error = Infallible;
+
+    #[inline(always)]
+    fn service(&self, key: &ServiceKey) -> Result<Option<ServiceValue>, Infallible> {
+        // SAFETY: the map is BPF_F_NO_PREALLOC, so the value stays valid for this
+        // program's RCU read section even if the agent replaces it; we copy it at once.
+        Ok(unsafe { SERVICES.get(key) }.copied())
+    }
+
+    #[inline(always)]
+    fn slot(&self, key: &SlotKey) -> Result<Option<u32>, Infallible> {
+        // SAFETY: as above.
+        Ok(unsafe { SLOTS.get(key) }.copied())
+    }
+
+    #[inline(always)]
+    fn backend(&self, key: &BackendKey) -> Result<Option<Addr>, Infallible> {
+        // SAFETY: as above; only address and port are copied out.
+        Ok(unsafe { BACKENDS.get(key) }.map(|b| Addr {
             ip: b.addr,
             port: b.port,
-        })),
-        None => Attempt::Raced,
+        }))
     }
 }
 
