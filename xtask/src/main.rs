@@ -8,6 +8,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod vm;
+
 /// Packages bpf-linker needs to build against Debian's LLVM 22, plus runtime tools.
 const APT_PACKAGES: [&str; 6] = [
     "llvm-22-dev",
@@ -40,6 +42,8 @@ enum Task {
     Demo,
     /// Benchmarks (root, bounded in time): prints tables, writes target/bench/report.json.
     Bench,
+    /// Run a command as root in a VM booted with Debian 12's 6.1 kernel: `vm -- CMD...`.
+    Vm(vm::Args),
 }
 
 fn main() -> Result<()> {
@@ -52,6 +56,7 @@ fn main() -> Result<()> {
         Task::Test => test(),
         Task::Bench => bench(),
         Task::Demo => demo(),
+        Task::Vm(args) => vm::main(args),
     }
 }
 
