@@ -48,7 +48,10 @@ enum Task {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Task::Setup => setup(),
+        Task::Setup => {
+            setup()?;
+            vm::setup()
+        }
         Task::Build => {
             setup()?;
             cargo(&["build", "-p", "sockmesh"])
@@ -249,9 +252,9 @@ fn test() -> Result<()> {
     // The datapath mounts bpffs at /sys/fs/bpf when it is missing; leave the machine
     // as found: unmount it again if this run mounted it (and nothing else is pinned).
     let mounted_before = bpffs_mounted();
-    // The restart test runs the real `sockmesh` binary.
+    // The tests run the real `sockmesh` binary.
     cargo(&["build", "-p", "sockmesh"])?;
-    let result = cargo(&[
+    let host = cargo(&[
         "test",
         "-p",
         "sockmesh-tests",
@@ -262,7 +265,84 @@ fn test() -> Result<()> {
     if !mounted_before && bpffs_mounted() {
         run(Command::new("umount").arg(BPFFS))?;
     }
-    result
+    host?;
+    vm_tests()
+}
+
+/// The namespace suite again, in a VM booted with Debian 12's 6.1 kernel and a pure
+/// cgroup v2 layout (see `vm.rs`): the same test binaries, copied into the guest.
+fn vm_tests() -> Result<()> {
+    vm::setup()?;
+    let tests = test_executables()?;
+    let mut copy_in: Vec<PathBuf> = tests.iter().map(PathBuf::from).collect();
+    let debug = root().join("target/debug");
+    copy_in.extend([debug.join("smprobe"), debug.join("sockmesh")]);
+    // The migration test's previous release, built by the host run.
+    let v1 = root().join("target/layout-v1/target/debug/sockmesh");
+    if v1.exists() {
+        copy_in.push(v1);
+    }
+    let mut cmd: Vec<String> = [
+        "/bin/sh",
+        "-c",
+        r#"rc=0; for t; do echo "== $t" >&2; "$t" --test-threads=1 || rc=1; done; exit $rc"#,
+        "sh",
+    ]
+    .map(String::from)
+    .into();
+    cmd.extend(tests);
+    let started = std::time::Instant::now();
+    let status = vm::run(&vm::Job {
+        cmd,
+        env: vec![("RUST_BACKTRACE".into(), "1".into())],
+        copy_in,
+        timeout: std::time::Duration::from_secs(30 * 60),
+    })?;
+    eprintln!(
+        "VM namespace suite: {status} after {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    if !status.success() {
+        bail!("the namespace tests failed on the VM's kernel: {status}");
+    }
+    Ok(())
+}
+
+/// The namespace test binaries (`cargo test --no-run`), built if needed.
+fn test_executables() -> Result<Vec<String>> {
+    let out = Command::new("cargo")
+        .args([
+            "test",
+            "-p",
+            "sockmesh-tests",
+            "--tests",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .current_dir(root())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("building the namespace tests failed");
+    }
+    let mut tests = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let is_test = msg["target"]["kind"]
+            .as_array()
+            .is_some_and(|k| k.iter().any(|k| k == "test"));
+        if let (true, Some(exe)) = (is_test, msg["executable"].as_str()) {
+            tests.push(exe.to_owned());
+        }
+    }
+    if tests.is_empty() {
+        bail!("no namespace test binaries found");
+    }
+    tests.sort();
+    Ok(tests)
 }
 
 const BPFFS: &str = "/sys/fs/bpf";
