@@ -7,11 +7,15 @@
 //! what differs. [`read_table`], [`read_counters`] and [`uninstall`] work on the
 //! pins alone, without an agent.
 
+#[cfg(test)]
+mod contract;
 pub mod destroy;
 mod kernel;
 mod keys;
 mod loader;
+mod mirror;
 pub mod store;
+mod sys;
 mod writer;
 
 use std::{
@@ -22,11 +26,14 @@ use std::{
 
 use aya::Ebpf;
 pub use keys::service_key;
-pub use loader::{Attachment, PROGRAMS, PinLayout, attached_programs, cgroup2_root};
+pub use loader::{Attachment, PinLayout, attached_programs, cgroup2_root};
+pub use mirror::table_from_snapshot;
+pub use sockmesh_common::hooks::HOOKS;
+use sockmesh_common::map_names;
 use tracing::info;
-pub use writer::{ApplyReport, Limits, MapWriter, WriteError, table_from_snapshot};
+pub use writer::{ApplyReport, Limits, MapWriter, WriteError};
 
-pub use self::kernel::{KernelMaps, ServiceStatsMap};
+pub use self::kernel::{KernelMaps, WrittenMaps};
 use crate::model::RoutingTable;
 
 /// Why the datapath could not be set up or read.
@@ -86,6 +93,12 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    #[error("replacing program {name} in its pinned link")]
+    LinkReplace {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
     #[error("pinning at {}", path.display())]
     Pin {
         path: PathBuf,
@@ -120,7 +133,6 @@ pub struct Datapath {
     /// Keeps the loaded programs and map descriptors open while we run.
     ebpf: Ebpf,
     writer: MapWriter<KernelMaps>,
-    stats: ServiceStatsMap,
     layout: PinLayout,
     attachment: Attachment,
     /// Set while another layout's datapath serves the cgroup (see [`Self::activate`]).
@@ -191,12 +203,12 @@ impl Datapath {
             ebpf.take_map(name)
                 .ok_or(DataplaneError::MissingMap { name })
         };
-        let maps = KernelMaps::new(
-            take("SM_SERVICES")?,
-            take("SM_SLOTS")?,
-            take("SM_BACKENDS")?,
-        )?;
-        let stats = ServiceStatsMap::new(take("SM_SERVICE_STATS")?)?;
+        let maps = KernelMaps::new(WrittenMaps {
+            services: take(map_names::SERVICES)?,
+            slots: take(map_names::SLOTS)?,
+            backends: take(map_names::BACKENDS)?,
+            stats: take(map_names::SERVICE_STATS)?,
+        })?;
         let limits = loader::pinned_limits(&layout)?;
         if limits != cfg.limits {
             tracing::warn!(
@@ -217,7 +229,6 @@ impl Datapath {
         Ok(Self {
             ebpf,
             writer,
-            stats,
             layout,
             attachment,
             pending,
@@ -256,11 +267,7 @@ impl Datapath {
 
     /// Makes the kernel maps hold `table`, writing only the difference.
     pub fn apply(&mut self, table: &RoutingTable) -> Result<ApplyReport, WriteError> {
-        let keys: std::collections::HashSet<_> = table.services.keys().map(service_key).collect();
-        self.count_services(|s| s.ensure(&keys));
-        let report = self.writer.apply(table)?;
-        self.count_services(|s| s.retain(&keys));
-        Ok(report)
+        self.writer.apply(table)
     }
 
     /// Changes some services (`None`: remove), leaving the others untouched.
@@ -271,24 +278,7 @@ impl Datapath {
             Option<Vec<crate::model::Backend>>,
         >,
     ) -> Result<ApplyReport, WriteError> {
-        let (kept, removed): (Vec<_>, Vec<_>) = changes.iter().partition(|(_, b)| b.is_some());
-        let kept: Vec<_> = kept.into_iter().map(|(s, _)| service_key(s)).collect();
-        let removed: Vec<_> = removed.into_iter().map(|(s, _)| service_key(s)).collect();
-        self.count_services(|s| s.ensure(&kept));
-        let report = self.writer.apply_changes(changes)?;
-        self.count_services(|s| s.remove(&removed));
-        Ok(report)
-    }
-
-    /// Per-service counters are bookkeeping, not routing: a failure to keep their
-    /// entries (say, the map is full) is logged and the table is written regardless.
-    fn count_services(
-        &mut self,
-        op: impl FnOnce(&mut ServiceStatsMap) -> Result<(), aya::maps::MapError>,
-    ) {
-        if let Err(e) = op(&mut self.stats) {
-            tracing::warn!(error = %e, "updating SM_SERVICE_STATS entries");
-        }
+        self.writer.apply_changes(changes)
     }
 
     /// Aborts sockets that sockmesh redirected to `targets`, in every network
@@ -347,11 +337,7 @@ pub fn read_counters(bpffs: &Path) -> Result<Vec<(&'static str, u64)>, Dataplane
 pub fn read_service_counters(
     bpffs: &Path,
 ) -> Result<Vec<(crate::model::ServiceAddr, sockmesh_common::ServiceStats)>, DataplaneError> {
-    let map = ServiceStatsMap::open_pinned(&PinLayout::new(bpffs).maps)?;
-    let entries = map.read().map_err(|source| DataplaneError::Map {
-        name: "SM_SERVICE_STATS",
-        source,
-    })?;
+    let entries = kernel::read_service_stats(&PinLayout::new(bpffs).maps)?;
     let mut out: Vec<_> = entries
         .into_iter()
         .filter_map(|(k, v)| Some((keys::service_addr(&k)?, v)))

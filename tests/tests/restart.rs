@@ -74,7 +74,7 @@ fn datapath_survives_sigkill_of_the_loader_and_is_adopted() {
     );
     assert_eq!(reached(&client, &cgroup), "b1");
     let links_before = sockmesh::dataplane::pinned_links(&bpffs.0).expect("pinned links");
-    assert_eq!(links_before.len(), sockmesh::dataplane::PROGRAMS.len());
+    assert_eq!(links_before.len(), sockmesh::dataplane::HOOKS.len());
 
     // `--wait` kept the loader running until now; it dies without any cleanup.
     assert!(

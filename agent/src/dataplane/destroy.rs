@@ -21,7 +21,7 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use sockmesh_common::{ReverseKey, ReverseValue};
+use sockmesh_common::{ReverseKey, ReverseValue, map_names};
 
 use super::keys::{ip_to_words, port_to_map};
 use crate::model::{Backend, Protocol, ServiceAddr};
@@ -50,6 +50,12 @@ pub enum DestroyError {
         what: String,
         #[source]
         source: std::io::Error,
+    },
+    #[error("map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
     },
     #[error(
         "this kernel cannot destroy sockets: inet_diag SOCK_DESTROY answered {0} (needs CONFIG_INET_DIAG_DESTROY and CAP_NET_ADMIN)"
@@ -376,12 +382,11 @@ pub fn destroy_everywhere(
     if targets.is_empty() {
         return Ok(report);
     }
-    let pin = maps_dir.join("SM_REVERSE");
-    let data = MapData::from_pin(&pin)
-        .map_err(|e| io(format!("opening {}", pin.display()))(std::io::Error::other(e)))?;
+    let name = map_names::REVERSE;
+    let map_err = |source| DestroyError::Map { name, source };
+    let data = MapData::from_pin(maps_dir.join(name)).map_err(map_err)?;
     let reverse: BpfHashMap<MapData, ReverseKey, ReverseValue> =
-        BpfHashMap::try_from(aya::maps::Map::LruHashMap(data))
-            .map_err(|e| io("SM_REVERSE")(std::io::Error::other(e)))?;
+        BpfHashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(map_err)?;
     let namespaces = namespaces();
     report.namespaces = namespaces.len();
     // Each namespace is entered by a short-lived thread (setns changes only the

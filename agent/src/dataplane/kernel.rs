@@ -1,79 +1,111 @@
 //! [`MapStore`] over the real kernel maps, and read-only access to pinned maps.
 
-use std::path::{Path, PathBuf};
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use sockmesh_common::{
-    BackendInfo, BackendKey, ServiceKey, ServiceStats, ServiceValue, SlotKey, counter,
+    BackendInfo, BackendKey, ServiceKey, ServiceStats, ServiceValue, SlotKey, counter, map_names,
+    resolve::{RoutingMaps, Slot, published_slots, resolve_slot},
 };
 
 use super::{
     DataplaneError,
+    keys::{port_from_map, service_key, words_to_ip},
     store::{MapName, MapStore, Snapshot, StoreError},
 };
+use crate::model::ServiceAddr;
 
-/// The routing maps of a loaded or pinned datapath.
+/// Every map the agent writes, of a loaded or pinned datapath: the three routing
+/// maps and the per-service counters.
 pub struct KernelMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     slots: HashMap<MapData, SlotKey, u32>,
     backends: HashMap<MapData, BackendKey, BackendInfo>,
+    stats: PerCpuHashMap<MapData, ServiceKey, ServiceStats>,
+    /// Possible CPUs: the number of values of a per-CPU entry.
+    cpus: usize,
+}
+
+/// The maps [`KernelMaps`] holds, taken from a loaded object or opened from pins.
+pub struct WrittenMaps {
+    pub services: Map,
+    pub slots: Map,
+    pub backends: Map,
+    pub stats: Map,
 }
 
 impl KernelMaps {
     /// Wraps maps taken from a loaded object.
-    pub fn new(services: Map, slots: Map, backends: Map) -> Result<Self, DataplaneError> {
-        let conv = |name: &'static str, e: MapError| DataplaneError::Map { name, source: e };
+    pub fn new(maps: WrittenMaps) -> Result<Self, DataplaneError> {
+        let conv = |name: &'static str| move |source| DataplaneError::Map { name, source };
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(path, source)| DataplaneError::Io {
+                path: path.into(),
+                source,
+            })?
+            .get() as usize;
         Ok(Self {
-            services: HashMap::try_from(services).map_err(|e| conv("SM_SERVICES", e))?,
-            slots: HashMap::try_from(slots).map_err(|e| conv("SM_SLOTS", e))?,
-            backends: HashMap::try_from(backends).map_err(|e| conv("SM_BACKENDS", e))?,
+            services: HashMap::try_from(maps.services).map_err(conv(map_names::SERVICES))?,
+            slots: HashMap::try_from(maps.slots).map_err(conv(map_names::SLOTS))?,
+            backends: HashMap::try_from(maps.backends).map_err(conv(map_names::BACKENDS))?,
+            stats: PerCpuHashMap::try_from(maps.stats).map_err(conv(map_names::SERVICE_STATS))?,
+            cpus,
         })
     }
 
-    /// Opens the routing maps pinned under `maps_dir` (no program is loaded).
+    /// Opens the maps pinned under `maps_dir` (no program is loaded).
     pub fn open_pinned(maps_dir: &Path) -> Result<Self, DataplaneError> {
-        Self::new(
-            Map::HashMap(open_pin(maps_dir, "SM_SERVICES")?),
-            Map::HashMap(open_pin(maps_dir, "SM_SLOTS")?),
-            Map::HashMap(open_pin(maps_dir, "SM_BACKENDS")?),
-        )
+        Self::new(WrittenMaps {
+            services: Map::HashMap(open_pin(maps_dir, map_names::SERVICES)?),
+            slots: Map::HashMap(open_pin(maps_dir, map_names::SLOTS)?),
+            backends: Map::HashMap(open_pin(maps_dir, map_names::BACKENDS)?),
+            stats: Map::PerCpuHashMap(open_pin(maps_dir, map_names::SERVICE_STATS)?),
+        })
     }
-}
 
-impl KernelMaps {
     /// The backends a connect() to `service` can reach now (what the published slots
-    /// point at), sorted; `None` if the service is not in the map.
-    pub fn reachable(
-        &self,
-        service: &crate::model::ServiceAddr,
-    ) -> Result<Option<Vec<(std::net::IpAddr, u16)>>, MapError> {
-        use super::keys::{port_from_map, service_key, words_to_ip};
-        let value = match self.services.get(&service_key(service), 0) {
-            Ok(v) => v,
-            Err(MapError::KeyNotFound) => return Ok(None),
-            Err(e) => return Err(e),
+    /// point at), sorted; `None` if the service is not in the map. A slot that does
+    /// not resolve (an update raced this read) is `MapError::KeyNotFound`.
+    pub fn reachable(&self, service: &ServiceAddr) -> Result<Option<Vec<(IpAddr, u16)>>, MapError> {
+        let Some(value) = self.service(&service_key(service))? else {
+            return Ok(None);
         };
         let mut out = Vec::new();
-        for slot in 0..value.slot_count {
-            let key = SlotKey {
-                service_id: value.id,
-                generation: value.generation,
-                pad: 0,
-                slot: u16::try_from(slot).unwrap_or(u16::MAX),
-            };
-            let index = self.slots.get(&key, 0)?;
-            let info = self.backends.get(
-                &BackendKey {
-                    service_id: value.id,
-                    index,
-                },
-                0,
-            )?;
-            out.push((words_to_ip(info.addr), port_from_map(info.port)));
+        for slot in published_slots(&value) {
+            match resolve_slot(self, &value, slot)? {
+                Slot::Backend(info) => out.push((words_to_ip(info.addr), port_from_map(info.port))),
+                Slot::Missing(_) => return Err(MapError::KeyNotFound),
+            }
         }
         out.sort_unstable();
         out.dedup();
         Ok(Some(out))
+    }
+}
+
+/// An absent key is `None`.
+fn found<V>(r: Result<V, MapError>) -> Result<Option<V>, MapError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+impl RoutingMaps for KernelMaps {
+    type Backend = BackendInfo;
+    type Error = MapError;
+    fn service(&self, key: &ServiceKey) -> Result<Option<ServiceValue>, MapError> {
+        found(self.services.get(key, 0))
+    }
+    fn slot(&self, key: &SlotKey) -> Result<Option<u32>, MapError> {
+        found(self.slots.get(key, 0))
+    }
+    fn backend(&self, key: &BackendKey) -> Result<Option<BackendInfo>, MapError> {
+        found(self.backends.get(key, 0))
     }
 }
 
@@ -93,13 +125,17 @@ fn err(map: MapName, op: &'static str) -> impl FnOnce(MapError) -> StoreError {
     }
 }
 
+/// Whether a failed map syscall failed with `errno`.
+fn is_errno(r: &Result<(), MapError>, errno: i32) -> bool {
+    matches!(r, Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(errno))
+}
+
 /// Deleting an absent key is fine: the caller wanted it gone.
 fn absent_ok(r: Result<(), MapError>) -> Result<(), MapError> {
-    match r {
-        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        Err(MapError::KeyNotFound) => Ok(()),
-        other => other,
+    if is_errno(&r, libc::ENOENT) || matches!(r, Err(MapError::KeyNotFound)) {
+        return Ok(());
     }
+    r
 }
 
 impl MapStore for KernelMaps {
@@ -127,6 +163,26 @@ impl MapStore for KernelMaps {
     fn del_backend(&mut self, k: &BackendKey) -> Result<(), StoreError> {
         absent_ok(self.backends.remove(k)).map_err(err(MapName::Backends, "delete"))
     }
+    fn create_stats(&mut self, k: &ServiceKey) -> Result<(), StoreError> {
+        let zero =
+            PerCpuValues::try_from(vec![ServiceStats::default(); self.cpus]).map_err(|e| {
+                StoreError {
+                    map: MapName::ServiceStats,
+                    op: "insert",
+                    source: Box::new(e),
+                }
+            })?;
+        let flags = u64::from(aya_obj::generated::BPF_NOEXIST);
+        let r = self.stats.insert(k, zero, flags);
+        // Present already: its counts stay.
+        if is_errno(&r, libc::EEXIST) {
+            return Ok(());
+        }
+        r.map_err(err(MapName::ServiceStats, "insert"))
+    }
+    fn del_stats(&mut self, k: &ServiceKey) -> Result<(), StoreError> {
+        absent_ok(self.stats.remove(k)).map_err(err(MapName::ServiceStats, "delete"))
+    }
     fn snapshot(&self) -> Result<Snapshot, StoreError> {
         Ok(Snapshot {
             services: self
@@ -144,111 +200,52 @@ impl MapStore for KernelMaps {
                 .iter()
                 .collect::<Result<_, _>>()
                 .map_err(err(MapName::Backends, "iterate"))?,
+            stats: self
+                .stats
+                .keys()
+                .collect::<Result<_, _>>()
+                .map_err(err(MapName::ServiceStats, "iterate"))?,
         })
     }
 }
 
 /// The datapath counters, summed over CPUs, by name.
 pub fn read_counters(maps_dir: &Path) -> Result<Vec<(&'static str, u64)>, DataplaneError> {
-    let data = open_pin(maps_dir, "SM_COUNTERS")?;
+    let data = open_pin(maps_dir, map_names::COUNTERS)?;
     let conv = |source| DataplaneError::Map {
-        name: "SM_COUNTERS",
+        name: map_names::COUNTERS,
         source,
     };
     let array: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(conv)?;
     let mut out = Vec::with_capacity(counter::NAMES.len());
-    for (i, name) in counter::NAMES.iter().enumerate() {
-        let values = array.get(&(i as u32), 0).map_err(conv)?;
-        out.push((*name, values.iter().sum()));
+    for (i, name) in (0u32..).zip(counter::NAMES) {
+        let values = array.get(&i, 0).map_err(conv)?;
+        out.push((name, values.iter().sum()));
     }
     Ok(out)
 }
 
-/// The per-service counter map (`SM_SERVICE_STATS`). The agent creates a zeroed
-/// entry before a service is published and deletes it once the service is gone; the
-/// programs only add to existing entries.
-pub struct ServiceStatsMap {
-    map: PerCpuHashMap<MapData, ServiceKey, ServiceStats>,
-    cpus: usize,
-}
-
-impl ServiceStatsMap {
-    /// Wraps the map taken from a loaded object.
-    pub fn new(map: Map) -> Result<Self, DataplaneError> {
-        let conv = |source| DataplaneError::Map {
-            name: "SM_SERVICE_STATS",
-            source,
-        };
-        let cpus = aya::util::nr_cpus()
-            .map_err(|(path, source)| DataplaneError::Io {
-                path: path.into(),
-                source,
-            })?
-            .get() as usize;
-        Ok(Self {
-            map: PerCpuHashMap::try_from(map).map_err(conv)?,
-            cpus,
-        })
+/// Every service's counters pinned under `maps_dir` (`SM_SERVICE_STATS`), summed
+/// over CPUs. Only this map is opened: a scrape reads nothing else.
+pub fn read_service_stats(
+    maps_dir: &Path,
+) -> Result<Vec<(ServiceKey, ServiceStats)>, DataplaneError> {
+    let name = map_names::SERVICE_STATS;
+    let conv = |source| DataplaneError::Map { name, source };
+    let data = open_pin(maps_dir, name)?;
+    let map: PerCpuHashMap<MapData, ServiceKey, ServiceStats> =
+        PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).map_err(conv)?;
+    let mut out = Vec::new();
+    for entry in map.iter() {
+        let (key, values) = entry.map_err(conv)?;
+        let sum = values
+            .iter()
+            .fold(ServiceStats::default(), |a, v| ServiceStats {
+                redirects: a.redirects + v.redirects,
+                no_backend: a.no_backend + v.no_backend,
+            });
+        out.push((key, sum));
     }
-
-    /// Opens the map pinned under `maps_dir`.
-    pub fn open_pinned(maps_dir: &Path) -> Result<Self, DataplaneError> {
-        Self::new(Map::PerCpuHashMap(open_pin(maps_dir, "SM_SERVICE_STATS")?))
-    }
-
-    /// Creates zeroed entries for the services that have none (existing counts stay).
-    pub fn ensure<'a>(
-        &mut self,
-        keys: impl IntoIterator<Item = &'a ServiceKey>,
-    ) -> Result<(), MapError> {
-        const BPF_NOEXIST: u64 = 1;
-        for key in keys {
-            let zero = PerCpuValues::try_from(vec![ServiceStats::default(); self.cpus])?;
-            match self.map.insert(key, zero, BPF_NOEXIST) {
-                Err(MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-                other => other?,
-            }
-        }
-        Ok(())
-    }
-
-    /// Deletes the entries of these services.
-    pub fn remove<'a>(
-        &mut self,
-        keys: impl IntoIterator<Item = &'a ServiceKey>,
-    ) -> Result<(), MapError> {
-        for key in keys {
-            absent_ok(self.map.remove(key))?;
-        }
-        Ok(())
-    }
-
-    /// Deletes every entry whose service is not in `keep`.
-    pub fn retain(&mut self, keep: &std::collections::HashSet<ServiceKey>) -> Result<(), MapError> {
-        let stale: Vec<ServiceKey> = self
-            .map
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !keep.contains(k))
-            .collect();
-        self.remove(&stale)
-    }
-
-    /// Every service's counters, summed over CPUs.
-    pub fn read(&self) -> Result<Vec<(ServiceKey, ServiceStats)>, MapError> {
-        let mut out = Vec::new();
-        for entry in self.map.iter() {
-            let (key, values) = entry?;
-            let sum = values
-                .iter()
-                .fold(ServiceStats::default(), |a, v| ServiceStats {
-                    redirects: a.redirects + v.redirects,
-                    no_backend: a.no_backend + v.no_backend,
-                });
-            out.push((key, sum));
-        }
-        Ok(out)
-    }
+    Ok(out)
 }

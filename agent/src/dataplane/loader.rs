@@ -11,6 +11,10 @@
 //! pinned maps, and swaps its freshly loaded programs into the pinned links with
 //! `BPF_LINK_UPDATE` — an atomic, in-place replacement with no detach window.
 //!
+//! Programs, their types and attach points come from the hook table and map names
+//! from `sockmesh_common` (the kernel contract's single source); the `bpf(2)`
+//! commands aya has no API for are in [`super::sys`].
+//!
 //! An agent whose map layout differs (another `v<N>` directory is pinned) migrates:
 //! it creates and pins its own maps beside the old ones, leaves its programs
 //! unattached while the agent fills the maps from the control plane, then attaches
@@ -21,23 +25,30 @@
 //! a backend address, which is not a service: no connection is translated twice.
 
 use std::{
-    ffi::CString,
     fs, io,
     os::{
-        fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
-        unix::{ffi::OsStrExt, fs::MetadataExt},
+        fd::{AsFd, BorrowedFd},
+        unix::fs::MetadataExt,
     },
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError,
+        cgroup_sock_addr::CgroupSockAddrLink,
+        links::{FdLink, PinnedLink},
+    },
 };
-use sockmesh_common::LAYOUT_VERSION;
+use sockmesh_common::{
+    LAYOUT_VERSION,
+    hooks::{HOOKS, PROGRAM_PREFIX, ProgramType},
+    map_names,
+};
 use tracing::{debug, info};
 
-use super::DataplaneError;
+use super::{DataplaneError, sys};
 
 /// Magic numbers from `linux/magic.h`.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -46,20 +57,8 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 
 /// The kernel object, built by `build.rs` from `ebpf/programs`.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sockmesh-ebpf"));
-
-/// Every program in the object: ELF name and whether it is a sock_addr hook.
-pub const PROGRAMS: [(&str, bool); 9] = [
-    ("sm_connect4", true),
-    ("sm_connect6", true),
-    ("sm_sendmsg4", true),
-    ("sm_sendmsg6", true),
-    ("sm_recvmsg4", true),
-    ("sm_recvmsg6", true),
-    ("sm_getpeername4", true),
-    ("sm_getpeername6", true),
-    ("sm_sock_release", false),
-];
+pub(super) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sockmesh-ebpf"));
 
 /// Paths of one datapath's pins.
 #[derive(Clone, Debug)]
@@ -258,27 +257,31 @@ pub fn load(layout: &PinLayout, limits: &super::Limits) -> Result<Ebpf, Dataplan
     }
     EbpfLoader::new()
         .default_map_pin_directory(&layout.maps)
-        .map_max_entries("SM_SERVICES", limits.services)
-        .map_max_entries("SM_SERVICE_STATS", limits.services)
-        .map_max_entries("SM_BACKENDS", limits.backends)
-        .map_max_entries("SM_SLOTS", limits.slots)
+        .map_max_entries(map_names::SERVICES, limits.services)
+        .map_max_entries(map_names::SERVICE_STATS, limits.services)
+        .map_max_entries(map_names::BACKENDS, limits.backends)
+        .map_max_entries(map_names::SLOTS, limits.slots)
         .load(OBJECT)
         .map_err(DataplaneError::Load)
 }
 
 /// Loads every program into the kernel (the verifier runs here), unattached.
 pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
-    for (name, sock_addr) in PROGRAMS {
+    for hook in HOOKS {
+        let name = hook.program;
         let prog = ebpf
             .program_mut(name)
             .ok_or(DataplaneError::MissingProgram { name })?;
         let perr = |source: ProgramError| DataplaneError::Program { name, source };
-        if sock_addr {
-            let p: &mut CgroupSockAddr = prog.try_into().map_err(perr)?;
-            p.load().map_err(perr)?;
-        } else {
-            let p: &mut CgroupSock = prog.try_into().map_err(perr)?;
-            p.load().map_err(perr)?;
+        match hook.program_type {
+            ProgramType::CgroupSockAddr => {
+                let p: &mut CgroupSockAddr = prog.try_into().map_err(perr)?;
+                p.load().map_err(perr)?;
+            }
+            ProgramType::CgroupSock => {
+                let p: &mut CgroupSock = prog.try_into().map_err(perr)?;
+                p.load().map_err(perr)?;
+            }
         }
     }
     Ok(())
@@ -298,34 +301,49 @@ pub fn attach(
         source,
     })?;
     let mut adopted = 0;
-    for (name, sock_addr) in PROGRAMS {
+    for hook in HOOKS {
+        let name = hook.program;
         let pin = dir.join(name);
         let prog = ebpf
             .program_mut(name)
             .ok_or(DataplaneError::MissingProgram { name })?;
         let perr = |source: ProgramError| DataplaneError::Program { name, source };
-        // The two program types share these steps but no trait; the macro keeps one copy.
-        macro_rules! attach_or_adopt {
-            ($ty:ty) => {{
-                let p: &mut $ty = prog.try_into().map_err(perr)?;
+        let lerr = |source| DataplaneError::Link { name, source };
+        // The two program types share the attach steps but no trait; the macro keeps
+        // one copy.
+        macro_rules! attach_new {
+            ($p:expr) => {{
+                let id = $p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
+                let link: FdLink = $p.take_link(id).map_err(perr)?.try_into().map_err(lerr)?;
+                pin_link(link, &pin)?;
+            }};
+        }
+        match hook.program_type {
+            ProgramType::CgroupSockAddr => {
+                let p: &mut CgroupSockAddr = prog.try_into().map_err(perr)?;
+                if pin.exists() {
+                    // aya's BPF_LINK_UPDATE; the program keeps the link open (the pin
+                    // keeps it attached).
+                    let link = CgroupSockAddrLink::try_from(FdLink::from(
+                        PinnedLink::from_pin(&pin).map_err(lerr)?,
+                    ))
+                    .map_err(lerr)?;
+                    p.attach_to_link(link)
+                        .map_err(|source| DataplaneError::LinkReplace { name, source })?;
+                    adopted += 1;
+                } else {
+                    attach_new!(p);
+                }
+            }
+            ProgramType::CgroupSock => {
+                let p: &mut CgroupSock = prog.try_into().map_err(perr)?;
                 if pin.exists() {
                     replace_in_link(&pin, p.fd().map_err(perr)?.as_fd(), name)?;
                     adopted += 1;
                 } else {
-                    let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
-                    let link: FdLink = p
-                        .take_link(id)
-                        .map_err(perr)?
-                        .try_into()
-                        .map_err(|source| DataplaneError::Link { name, source })?;
-                    pin_link(link, &pin)?;
+                    attach_new!(p);
                 }
-            }};
-        }
-        if sock_addr {
-            attach_or_adopt!(CgroupSockAddr);
-        } else {
-            attach_or_adopt!(CgroupSock);
+            }
         }
         debug!(program = name, pin = %pin.display(), "attached");
     }
@@ -363,68 +381,19 @@ fn pin_link(link: FdLink, pin: &Path) -> Result<(), DataplaneError> {
         })
 }
 
-/// Swaps `prog` into the link pinned at `pin` (`BPF_LINK_UPDATE`).
+/// Swaps `prog` into the link pinned at `pin` (`BPF_LINK_UPDATE`, raw: aya has it
+/// only for sock_addr links; see [`super::sys`]).
 fn replace_in_link(
     pin: &Path,
     prog: BorrowedFd<'_>,
     name: &'static str,
 ) -> Result<(), DataplaneError> {
-    let link = obj_get(pin).map_err(|source| DataplaneError::Io {
+    let link = sys::obj_get(pin).map_err(|source| DataplaneError::Io {
         path: pin.to_owned(),
         source,
     })?;
-    link_update(link.as_fd(), prog).map_err(|source| DataplaneError::LinkUpdate { name, source })
-}
-
-/// `bpf(BPF_OBJ_GET)`: open a pinned object.
-fn obj_get(path: &Path) -> io::Result<OwnedFd> {
-    /// The BPF_OBJ_GET part of `union bpf_attr`. The kernel requires every byte
-    /// past the fields it reads to be zero, so the tail padding is a field too.
-    #[repr(C)]
-    struct ObjGetAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-        pad: u32,
-    }
-    const BPF_OBJ_GET: libc::c_long = 7;
-    let c_path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let mut attr = ObjGetAttr {
-        pathname: c_path.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-        path_fd: 0,
-        pad: 0,
-    };
-    const _: () = assert!(std::mem::size_of::<ObjGetAttr>() == 24);
-    // SAFETY: ObjGetAttr is the BPF_OBJ_GET part of bpf_attr, every byte initialised;
-    // c_path outlives the call.
-    let rc = unsafe { sys_bpf(BPF_OBJ_GET, &raw mut attr) }?;
-    // SAFETY: the kernel returned a new descriptor that we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(rc as i32) })
-}
-
-/// `bpf(BPF_LINK_UPDATE)`: atomically replace the program behind a link.
-fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
-    #[repr(C)]
-    struct LinkUpdateAttr {
-        link_fd: u32,
-        new_prog_fd: u32,
-        flags: u32,
-        old_prog_fd: u32,
-    }
-    // enum bpf_cmd in linux/bpf.h.
-    const BPF_LINK_UPDATE: libc::c_long = 29;
-    let mut attr = LinkUpdateAttr {
-        link_fd: link.as_raw_fd() as u32,
-        new_prog_fd: prog.as_raw_fd() as u32,
-        flags: 0,
-        old_prog_fd: 0,
-    };
-    // SAFETY: LinkUpdateAttr is the BPF_LINK_UPDATE part of bpf_attr.
-    unsafe { sys_bpf(BPF_LINK_UPDATE, &raw mut attr) }.map(drop)
+    sys::link_update(link.as_fd(), prog)
+        .map_err(|source| DataplaneError::LinkUpdate { name, source })
 }
 
 /// Detaches the programs of every link pinned under `layout` (at once, even if
@@ -459,30 +428,14 @@ fn detach_tree(dir: &Path) -> Result<(), DataplaneError> {
             path: path.clone(),
             source,
         };
-        let link = obj_get(&path).map_err(io)?;
-        match link_detach(link.as_fd()) {
+        let link = sys::obj_get(&path).map_err(io)?;
+        match sys::link_detach(link.as_fd()) {
             // Already detached (its cgroup was removed): nothing to do.
             Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {}
             r => r.map_err(io)?,
         }
     }
     Ok(())
-}
-
-/// `bpf(BPF_LINK_DETACH)`: detach a link's program now; the link object stays
-/// (defunct) until its last reference goes.
-fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
-    #[repr(C)]
-    struct LinkDetachAttr {
-        link_fd: u32,
-    }
-    // enum bpf_cmd in linux/bpf.h.
-    const BPF_LINK_DETACH: libc::c_long = 34;
-    let mut attr = LinkDetachAttr {
-        link_fd: link.as_raw_fd() as u32,
-    };
-    // SAFETY: LinkDetachAttr is the BPF_LINK_DETACH part of bpf_attr.
-    unsafe { sys_bpf(BPF_LINK_DETACH, &raw mut attr) }.map(drop)
 }
 
 fn remove_tree(dir: &Path) -> Result<usize, DataplaneError> {
@@ -520,18 +473,15 @@ pub fn pinned_limits(layout: &PinLayout) -> Result<super::Limits, DataplaneError
             .map_err(|source| DataplaneError::Map { name, source })
     };
     Ok(super::Limits {
-        services: size("SM_SERVICES")?,
-        backends: size("SM_BACKENDS")?,
-        slots: size("SM_SLOTS")?,
+        services: size(map_names::SERVICES)?,
+        backends: size(map_names::BACKENDS)?,
+        slots: size(map_names::SLOTS)?,
     })
 }
 
 /// Names of the sockmesh programs (`sm_*`) attached to `cgroup` now, asked of the
-/// kernel (`BPF_PROG_QUERY` for each hook sockmesh uses), not read from pins.
+/// kernel (`BPF_PROG_QUERY` at each hook's attach type), not read from pins.
 pub fn attached_programs(cgroup: &Path) -> Result<Vec<String>, DataplaneError> {
-    // enum bpf_attach_type in linux/bpf.h: connect4/6, sendmsg4/6, recvmsg4/6,
-    // getpeername4/6, sock_release.
-    const HOOKS: [u32; 9] = [10, 11, 14, 15, 19, 20, 29, 30, 34];
     let (dir, _) = open_cgroup(cgroup, true)?;
     let io = |source| DataplaneError::Io {
         path: cgroup.to_owned(),
@@ -539,72 +489,18 @@ pub fn attached_programs(cgroup: &Path) -> Result<Vec<String>, DataplaneError> {
     };
     let mut ids = Vec::new();
     for hook in HOOKS {
-        ids.extend(prog_query(dir.as_fd(), hook).map_err(io)?);
+        ids.extend(sys::prog_query(dir.as_fd(), hook.attach_type).map_err(io)?);
     }
     let mut names = Vec::new();
     for info in aya::programs::loaded_programs().flatten() {
         if ids.contains(&info.id())
-            && let Some(name) = info.name_as_str().filter(|n| n.starts_with("sm_"))
+            && let Some(name) = info.name_as_str().filter(|n| n.starts_with(PROGRAM_PREFIX))
         {
             names.push(name.to_owned());
         }
     }
     names.sort();
     Ok(names)
-}
-
-/// `bpf(BPF_PROG_QUERY)`: ids of the programs attached to `target` at `attach_type`.
-fn prog_query(target: BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<u32>> {
-    #[repr(C)]
-    struct ProgQueryAttr {
-        target_fd: u32,
-        attach_type: u32,
-        query_flags: u32,
-        attach_flags: u32,
-        prog_ids: u64,
-        prog_cnt: u32,
-        pad: u32,
-        prog_attach_flags: u64,
-        link_ids: u64,
-        link_attach_flags: u64,
-        revision: u64,
-    }
-    const BPF_PROG_QUERY: libc::c_long = 16;
-    let mut ids = [0u32; 64];
-    let mut attr = ProgQueryAttr {
-        target_fd: target.as_raw_fd() as u32,
-        attach_type,
-        query_flags: 0,
-        attach_flags: 0,
-        prog_ids: ids.as_mut_ptr() as u64,
-        prog_cnt: ids.len() as u32,
-        pad: 0,
-        prog_attach_flags: 0,
-        link_ids: 0,
-        link_attach_flags: 0,
-        revision: 0,
-    };
-    // SAFETY: ProgQueryAttr is the BPF_PROG_QUERY part of bpf_attr; prog_ids points
-    // at `ids`, which has room for prog_cnt entries and outlives the call.
-    unsafe { sys_bpf(BPF_PROG_QUERY, &raw mut attr) }?;
-    let n = (attr.prog_cnt as usize).min(ids.len());
-    Ok(ids[..n].to_vec())
-}
-
-/// `bpf(cmd, attr, sizeof attr)`; the kernel's non-negative result, or errno.
-///
-/// # Safety
-/// `A` must be `#[repr(C)]` and laid out as the part of `union bpf_attr` that `cmd`
-/// reads (and writes, for commands that answer through it), with every pointer in it
-/// valid for the call.
-unsafe fn sys_bpf<A>(cmd: libc::c_long, attr: *mut A) -> io::Result<libc::c_long> {
-    // SAFETY: the caller vouches for attr's layout and pointers.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, std::mem::size_of::<A>()) };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
 }
 
 #[cfg(test)]

@@ -1,10 +1,16 @@
-//! Access to the three routing maps, behind a trait so the writer's ordering can be
-//! unit-tested against an in-memory fake.
+//! Access to every map the agent writes (the three routing maps and the per-service
+//! counters), behind a trait so the writer's ordering can be unit-tested against an
+//! in-memory fake.
 
 #[cfg(any(test, feature = "testing"))]
 use std::collections::BTreeMap;
 
-use sockmesh_common::{BackendInfo, BackendKey, ServiceKey, ServiceValue, SlotKey};
+use sockmesh_common::{BackendInfo, BackendKey, ServiceKey, ServiceValue, SlotKey, map_names};
+#[cfg(any(test, feature = "testing"))]
+use sockmesh_common::{
+    ServiceStats,
+    resolve::{RoutingMaps, Slot, published_slots, resolve_slot},
+};
 
 /// Which map an operation touched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -12,15 +18,17 @@ pub enum MapName {
     Services,
     Slots,
     Backends,
+    ServiceStats,
 }
 
 impl MapName {
     /// The map's name in the ELF object and its pin file name.
     pub fn as_str(self) -> &'static str {
         match self {
-            MapName::Services => "SM_SERVICES",
-            MapName::Slots => "SM_SLOTS",
-            MapName::Backends => "SM_BACKENDS",
+            MapName::Services => map_names::SERVICES,
+            MapName::Slots => map_names::SLOTS,
+            MapName::Backends => map_names::BACKENDS,
+            MapName::ServiceStats => map_names::SERVICE_STATS,
         }
     }
 }
@@ -35,15 +43,18 @@ pub struct StoreError {
     pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
-/// Everything the three routing maps hold.
+/// Everything the routing maps hold, and which services have counters.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub services: Vec<(ServiceKey, ServiceValue)>,
     pub slots: Vec<(SlotKey, u32)>,
     pub backends: Vec<(BackendKey, BackendInfo)>,
+    /// Keys of the per-service counter entries (`SM_SERVICE_STATS`); their counts
+    /// belong to the kernel programs and are not part of the table.
+    pub stats: Vec<ServiceKey>,
 }
 
-/// The routing maps. Deleting an absent key is not an error.
+/// The maps the agent writes. Deleting an absent key is not an error.
 pub trait MapStore {
     fn put_service(&mut self, k: &ServiceKey, v: &ServiceValue) -> Result<(), StoreError>;
     fn del_service(&mut self, k: &ServiceKey) -> Result<(), StoreError>;
@@ -51,6 +62,11 @@ pub trait MapStore {
     fn del_slot(&mut self, k: &SlotKey) -> Result<(), StoreError>;
     fn put_backend(&mut self, k: &BackendKey, v: &BackendInfo) -> Result<(), StoreError>;
     fn del_backend(&mut self, k: &BackendKey) -> Result<(), StoreError>;
+    /// Creates `k`'s per-service counters, zeroed, unless they exist (existing
+    /// counts stay).
+    fn create_stats(&mut self, k: &ServiceKey) -> Result<(), StoreError>;
+    /// Deletes `k`'s per-service counters.
+    fn del_stats(&mut self, k: &ServiceKey) -> Result<(), StoreError>;
     fn snapshot(&self) -> Result<Snapshot, StoreError>;
 }
 
@@ -64,6 +80,8 @@ pub enum Op {
     DelSlot(SlotKey),
     PutBackend(BackendKey),
     DelBackend(BackendKey),
+    CreateStats(ServiceKey),
+    DelStats(ServiceKey),
 }
 
 /// A resolved backend: address words and port, as in the maps.
@@ -83,6 +101,8 @@ pub struct MemStore {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub slots: BTreeMap<SlotKey, u32>,
     pub backends: BTreeMap<BackendKey, BackendInfo>,
+    /// Per-service counters (one value: the kernel's per-CPU values summed).
+    pub stats: BTreeMap<ServiceKey, ServiceStats>,
     pub log: Vec<Op>,
     /// Fail the write with this 0-based index (counted over all writes).
     pub fail_at: Option<usize>,
@@ -115,27 +135,34 @@ impl MemStore {
     /// service, otherwise every slot resolved to (address words, port), or the slot
     /// that does not resolve.
     pub fn resolve(&self, key: &ServiceKey) -> Option<Result<Vec<Resolved>, SlotKey>> {
-        let svc = self.services.get(key)?;
-        let mut out = Vec::new();
-        for slot in 0..svc.slot_count {
-            let sk = SlotKey {
-                service_id: svc.id,
-                generation: svc.generation,
-                pad: 0,
-                slot: slot as u16,
-            };
-            let Some(&index) = self.slots.get(&sk) else {
-                return Some(Err(sk));
-            };
-            let Some(b) = self.backends.get(&BackendKey {
-                service_id: svc.id,
-                index,
-            }) else {
-                return Some(Err(sk));
-            };
-            out.push((b.addr, b.port));
+        fn never<T>(e: std::convert::Infallible) -> T {
+            match e {}
         }
-        Some(Ok(out))
+        let service = self.service(key).unwrap_or_else(never)?;
+        let resolved = published_slots(&service)
+            .map(
+                |slot| match resolve_slot(self, &service, slot).unwrap_or_else(never) {
+                    Slot::Backend(b) => Ok((b.addr, b.port)),
+                    Slot::Missing(key) => Err(key),
+                },
+            )
+            .collect();
+        Some(resolved)
+    }
+}
+
+#[cfg(any(test, feature = "testing"))]
+impl RoutingMaps for MemStore {
+    type Backend = BackendInfo;
+    type Error = std::convert::Infallible;
+    fn service(&self, key: &ServiceKey) -> Result<Option<ServiceValue>, Self::Error> {
+        Ok(self.services.get(key).copied())
+    }
+    fn slot(&self, key: &SlotKey) -> Result<Option<u32>, Self::Error> {
+        Ok(self.slots.get(key).copied())
+    }
+    fn backend(&self, key: &BackendKey) -> Result<Option<BackendInfo>, Self::Error> {
+        Ok(self.backends.get(key).copied())
     }
 }
 
@@ -177,11 +204,24 @@ impl MapStore for MemStore {
         self.after();
         Ok(())
     }
+    fn create_stats(&mut self, k: &ServiceKey) -> Result<(), StoreError> {
+        self.record(Op::CreateStats(*k), MapName::ServiceStats)?;
+        self.stats.entry(*k).or_default();
+        self.after();
+        Ok(())
+    }
+    fn del_stats(&mut self, k: &ServiceKey) -> Result<(), StoreError> {
+        self.record(Op::DelStats(*k), MapName::ServiceStats)?;
+        self.stats.remove(k);
+        self.after();
+        Ok(())
+    }
     fn snapshot(&self) -> Result<Snapshot, StoreError> {
         Ok(Snapshot {
             services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
             slots: self.slots.iter().map(|(k, v)| (*k, *v)).collect(),
             backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+            stats: self.stats.keys().copied().collect(),
         })
     }
 }

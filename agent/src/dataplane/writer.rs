@@ -1,10 +1,15 @@
-//! The single writer of the routing maps.
+//! The single writer of the maps the agent owns.
 //!
 //! [`MapWriter`] keeps a mirror of what the kernel maps hold, turns a desired
 //! [`RoutingTable`] into the difference, and writes it in an order that never shows
 //! a kernel program a half-written service (see `ebpf/programs/src/maps.rs`):
 //! backends → slots of the unpublished generation → service value (publish) →
 //! delete the old generation's slots → delete unreferenced backends.
+//!
+//! It also owns the lifecycle of each service's counter entry (`SM_SERVICE_STATS`):
+//! created, zeroed, before the service is first published, deleted once it is
+//! unpublished, so the kernel programs never insert on the connect path and a
+//! service's counters exist exactly while the service does.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -15,8 +20,9 @@ use sockmesh_common::{
 use tracing::{debug, warn};
 
 use super::{
-    keys::{ip_to_words, port_from_map, port_to_map, service_addr, service_key, words_to_ip},
-    store::{MapStore, Snapshot, StoreError},
+    keys::{ip_to_words, port_to_map, service_addr, service_key},
+    mirror::{Installed, Mirror},
+    store::{MapStore, StoreError},
 };
 use crate::{
     lb::weighted_slots,
@@ -57,40 +63,9 @@ pub struct ApplyReport {
     pub updated: usize,
     pub removed: usize,
     pub unchanged: usize,
-    /// Map writes and deletes performed.
+    /// Routing-map writes and deletes performed (the counter entries' creation and
+    /// deletion, bookkeeping, are not counted).
     pub map_ops: usize,
-}
-
-/// A service as installed in the kernel.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Installed {
-    id: u32,
-    generation: u8,
-    revision: u32,
-    /// Published slots: backend index per slot.
-    slots: Vec<u32>,
-    /// Backend entries present in the map, by index.
-    backends: BTreeMap<u32, BackendInfo>,
-    /// The kernel copy was found inconsistent on adoption: rewrite on next apply.
-    dirty: bool,
-    /// Slots `0..leftover` of the unpublished generation may still exist (a delete
-    /// failed after publishing); the next write of this service removes them.
-    leftover: usize,
-}
-
-/// The mirror of the kernel maps.
-#[derive(Clone, Debug, Default)]
-struct Mirror {
-    services: HashMap<ServiceKey, Installed>,
-    next_id: u32,
-}
-
-/// Entries found in the maps that no published service uses (left by an agent that
-/// stopped mid-update); adoption deletes them.
-#[derive(Debug, Default)]
-struct Garbage {
-    slots: Vec<SlotKey>,
-    backends: Vec<BackendKey>,
 }
 
 /// Capacities of the routing maps (their `max_entries`), configurable at install.
@@ -123,6 +98,67 @@ pub struct MapWriter<S: MapStore> {
     /// walk every service.
     ids: HashSet<u32>,
     limits: Limits,
+    counters: CounterBook,
+}
+
+/// Bookkeeping of the per-service counter entries. They are not routing: a failed
+/// create or delete (say, the map is full) does not fail the update. Failures are
+/// logged once per apply; a missing entry is created by the service's next write,
+/// a failed delete is retried by the next apply.
+#[derive(Debug, Default)]
+struct CounterBook {
+    /// Entries whose service is gone but whose delete failed.
+    orphans: HashSet<ServiceKey>,
+    /// Failures since the last report, and the first of them.
+    failures: usize,
+    first: Option<StoreError>,
+}
+
+impl CounterBook {
+    /// Creates `key`'s entry unless `present` says it exists.
+    fn create<S: MapStore>(&mut self, store: &mut S, key: &ServiceKey, present: &mut bool) {
+        if *present {
+            return;
+        }
+        self.orphans.remove(key);
+        match store.create_stats(key) {
+            Ok(()) => *present = true,
+            Err(e) => self.failed(e),
+        }
+    }
+
+    fn delete<S: MapStore>(&mut self, store: &mut S, key: &ServiceKey) {
+        if let Err(e) = store.del_stats(key) {
+            self.orphans.insert(*key);
+            self.failed(e);
+        }
+    }
+
+    /// Retries the deletes that failed.
+    fn sweep<S: MapStore>(&mut self, store: &mut S) {
+        for key in std::mem::take(&mut self.orphans) {
+            self.delete(store, &key);
+        }
+    }
+
+    fn failed(&mut self, e: StoreError) {
+        self.failures += 1;
+        self.first.get_or_insert(e);
+    }
+
+    /// Logs the failures since the last report.
+    fn report(&mut self) {
+        if let Some(e) = self.first.take() {
+            warn!(
+                map = sockmesh_common::map_names::SERVICE_STATS,
+                failures = self.failures,
+                error = %e,
+                cause = %e.source,
+                "keeping the per-service counter entries; the routing maps were written regardless"
+            );
+            self.failures = 0;
+        }
+    }
 }
 
 impl<S: MapStore> MapWriter<S> {
@@ -137,10 +173,15 @@ impl<S: MapStore> MapWriter<S> {
         for k in &garbage.backends {
             store.del_backend(k).map_err(WriteError::Snapshot)?;
         }
-        if !garbage.slots.is_empty() || !garbage.backends.is_empty() {
+        let mut counters = CounterBook::default();
+        for k in &garbage.counters {
+            counters.delete(&mut store, k);
+        }
+        if !garbage.is_empty() {
             warn!(
                 slots = garbage.slots.len(),
                 backends = garbage.backends.len(),
+                counters = garbage.counters.len(),
                 "removed map entries left by an interrupted update"
             );
         }
@@ -151,7 +192,13 @@ impl<S: MapStore> MapWriter<S> {
             slots_total: 0,
             ids: HashSet::new(),
             limits: Limits::default(),
+            counters,
         };
+        // Every published service has its counters (an earlier create may have failed).
+        for (key, inst) in &mut w.mirror.services {
+            w.counters.create(&mut w.store, key, &mut inst.counters);
+        }
+        w.counters.report();
         w.recount();
         Ok(w)
     }
@@ -220,6 +267,7 @@ impl<S: MapStore> MapWriter<S> {
         let result = self.apply_all(desired);
         // Whatever happened, the totals follow the mirror.
         self.recount();
+        self.counters.report();
         result
     }
 
@@ -231,6 +279,7 @@ impl<S: MapStore> MapWriter<S> {
             .map(|s| (service_key(s), s))
             .collect();
         self.check_capacity(desired)?;
+        self.counters.sweep(&mut self.store);
 
         let mut report = ApplyReport::default();
         // Removals first: they free capacity for what follows.
@@ -272,6 +321,15 @@ impl<S: MapStore> MapWriter<S> {
         &mut self,
         changes: &BTreeMap<ServiceAddr, Option<Vec<Backend>>>,
     ) -> Result<ApplyReport, WriteError> {
+        let result = self.apply_changed(changes);
+        self.counters.report();
+        result
+    }
+
+    fn apply_changed(
+        &mut self,
+        changes: &BTreeMap<ServiceAddr, Option<Vec<Backend>>>,
+    ) -> Result<ApplyReport, WriteError> {
         let mut backends_total = self.backends_total;
         let mut slots_total = self.slots_total;
         let mut services_total = self.mirror.services.len();
@@ -298,6 +356,7 @@ impl<S: MapStore> MapWriter<S> {
             backends_total + largest_b,
             slots_total + largest_s,
         )?;
+        self.counters.sweep(&mut self.store);
         let mut report = ApplyReport::default();
         for service in changes.iter().filter(|(_, b)| b.is_none()).map(|(s, _)| s) {
             let key = service_key(service);
@@ -382,16 +441,10 @@ impl<S: MapStore> MapWriter<S> {
         backends: &[Backend],
     ) -> Result<usize, WriteError> {
         let id = self.alloc_id();
-        let mut installed = Installed {
-            id,
-            generation: 1,
-            revision: 0,
-            slots: Vec::new(),
-            backends: BTreeMap::new(),
-            // Not published yet: the first write must publish even an empty service.
-            dirty: true,
-            leftover: 0,
-        };
+        let mut installed = Installed::new(id);
+        // Counters first: the programs count into an entry from the first connect().
+        self.counters
+            .create(&mut self.store, key, &mut installed.counters);
         let plan = plan_backends(&installed, backends);
         let mut ops = 0;
         let result = write_and_publish(&mut self.store, key, &mut installed, plan, &mut ops);
@@ -403,6 +456,9 @@ impl<S: MapStore> MapWriter<S> {
             Err(source) => {
                 // Nothing was published; remove what was written.
                 rollback(&mut self.store, &installed, id);
+                if installed.counters {
+                    self.counters.delete(&mut self.store, key);
+                }
                 Err(WriteError::Store {
                     service: *service,
                     source,
@@ -418,9 +474,11 @@ impl<S: MapStore> MapWriter<S> {
         key: &ServiceKey,
         backends: &[Backend],
     ) -> Result<usize, WriteError> {
-        let Some(current) = self.mirror.services.get(key) else {
+        let Some(current) = self.mirror.services.get_mut(key) else {
             return Ok(0);
         };
+        self.counters
+            .create(&mut self.store, key, &mut current.counters);
         let plan = plan_backends(current, backends);
         if !current.dirty && plan.is_noop(current) {
             return Ok(0);
@@ -449,6 +507,9 @@ impl<S: MapStore> MapWriter<S> {
         self.store.del_service(key).map_err(wrap)?;
         self.mirror.services.remove(key);
         self.ids.remove(&inst.id);
+        if inst.counters {
+            self.counters.delete(&mut self.store, key);
+        }
         let mut ops = 1;
         for (slot, _) in inst.slots.iter().enumerate() {
             self.store
@@ -662,89 +723,6 @@ fn rollback<S: MapStore>(store: &mut S, inst: &Installed, id: u32) {
             index,
         });
     }
-}
-
-impl Mirror {
-    fn from_snapshot(snap: &Snapshot) -> (Self, Garbage) {
-        let mut services: HashMap<ServiceKey, Installed> = HashMap::new();
-        let mut by_id: HashMap<u32, ServiceKey> = HashMap::new();
-        let mut next_id = 0u32;
-        for (k, v) in &snap.services {
-            by_id.insert(v.id, *k);
-            next_id = next_id.max(v.id.wrapping_add(1));
-            services.insert(
-                *k,
-                Installed {
-                    id: v.id,
-                    generation: v.generation,
-                    revision: v.revision,
-                    slots: vec![u32::MAX; v.slot_count as usize],
-                    backends: BTreeMap::new(),
-                    dirty: false,
-                    leftover: 0,
-                },
-            );
-        }
-        let mut garbage = Garbage::default();
-        for (k, b) in &snap.backends {
-            match by_id.get(&k.service_id).and_then(|sk| services.get_mut(sk)) {
-                Some(inst) => {
-                    inst.backends.insert(k.index, *b);
-                }
-                None => garbage.backends.push(*k),
-            }
-        }
-        for (k, index) in &snap.slots {
-            let inst = by_id.get(&k.service_id).and_then(|sk| services.get_mut(sk));
-            match inst {
-                Some(inst)
-                    if k.generation == inst.generation
-                        && usize::from(k.slot) < inst.slots.len() =>
-                {
-                    inst.slots[usize::from(k.slot)] = *index;
-                }
-                _ => garbage.slots.push(*k),
-            }
-        }
-        for inst in services.values_mut() {
-            inst.dirty = inst
-                .slots
-                .iter()
-                .any(|i| *i == u32::MAX || !inst.backends.contains_key(i));
-        }
-        (Self { services, next_id }, garbage)
-    }
-
-    fn table(&self) -> RoutingTable {
-        let mut table = RoutingTable::default();
-        for (key, inst) in &self.services {
-            let Some(service) = service_addr(key) else {
-                continue;
-            };
-            let live: HashSet<u32> = inst.slots.iter().copied().collect();
-            let backends = inst
-                .backends
-                .iter()
-                .map(|(i, b)| Backend {
-                    address: words_to_ip(b.addr),
-                    port: port_from_map(b.port),
-                    weight: b.weight,
-                    state: if live.contains(i) {
-                        BackendState::Active
-                    } else {
-                        BackendState::Draining
-                    },
-                })
-                .collect();
-            table.insert(service, backends);
-        }
-        table
-    }
-}
-
-/// The routing table held by a snapshot of the maps (no agent needed).
-pub fn table_from_snapshot(snap: &Snapshot) -> RoutingTable {
-    Mirror::from_snapshot(snap).0.table()
 }
 
 #[cfg(test)]

@@ -9,7 +9,11 @@ use sockmesh_common::{BackendKey, ServiceValue, SlotKey};
 
 use super::*;
 use crate::{
-    dataplane::store::{MemStore, Op},
+    dataplane::{
+        keys::{port_from_map, words_to_ip},
+        store::{MemStore, Op},
+        table_from_snapshot,
+    },
     model::Protocol,
 };
 
@@ -132,7 +136,7 @@ fn an_update_touches_only_its_service() {
     assert_eq!((r.updated, r.unchanged), (1, 1));
     for op in &w.store().log {
         let id = match op {
-            Op::PutService(k) | Op::DelService(k) => {
+            Op::PutService(k) | Op::DelService(k) | Op::CreateStats(k) | Op::DelStats(k) => {
                 assert_eq!(*k, service_key(&b));
                 b_id
             }
@@ -419,4 +423,122 @@ fn apply_changes_touches_only_the_changed_services_and_checks_limits() {
     bad.insert(c, Some(vec![be("10.1.0.3", 0)]));
     assert!(w.apply_changes(&bad).is_err());
     assert_eq!(w.store().log.len(), log_before);
+}
+
+/// Per-service counters exist exactly while the service is published: created
+/// before the first publish, deleted once it is unpublished.
+#[test]
+fn counters_exist_exactly_while_the_service_is_published() {
+    let (a, b, c) = (
+        svc("10.96.0.1", 80),
+        svc("10.96.0.2", 80),
+        svc("10.96.0.3", 80),
+    );
+    let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
+    w.store_mut().after_write = Some(Box::new(|st: &MemStore, op: &Op| {
+        for key in st.services.keys() {
+            assert!(
+                st.stats.contains_key(key),
+                "after {op:?}: {key:?} has no counters"
+            );
+        }
+    }));
+    w.apply(&table(&[
+        (a, vec![be("10.1.0.1", 80)]),
+        (b, vec![be("10.1.0.2", 80)]),
+    ]))
+    .expect("apply");
+    let mut changes = BTreeMap::new();
+    changes.insert(b, None);
+    changes.insert(c, Some(vec![be("10.1.0.3", 80)]));
+    w.apply_changes(&changes).expect("changes");
+    let st = w.store();
+    let keys: Vec<_> = st.stats.keys().copied().collect();
+    assert_eq!(keys, [service_key(&a), service_key(&c)]);
+    let at = |op: Op| st.log.iter().position(|o| *o == op).expect("logged");
+    assert!(at(Op::CreateStats(service_key(&c))) < at(Op::PutService(service_key(&c))));
+    assert!(at(Op::DelService(service_key(&b))) < at(Op::DelStats(service_key(&b))));
+    w.apply(&RoutingTable::default()).expect("remove all");
+    assert!(w.store().stats.is_empty());
+}
+
+#[test]
+fn counts_survive_updates_and_counter_failures_do_not_fail_the_table() {
+    let (a, c) = (svc("10.96.0.1", 80), svc("10.96.0.3", 80));
+    let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
+    w.apply(&table(&[(a, vec![be("10.1.0.1", 80)])]))
+        .expect("apply");
+    if let Some(s) = w.store_mut().stats.get_mut(&service_key(&a)) {
+        s.redirects = 5;
+    }
+    w.apply(&table(&[(a, vec![be("10.1.0.2", 80)])]))
+        .expect("update");
+    assert_eq!(
+        w.store().stats[&service_key(&a)].redirects,
+        5,
+        "counts stay"
+    );
+    // The first write of a new service is its counter entry: fail it.
+    let base = w.store().log.len();
+    w.store_mut().fail_at = Some(base);
+    let t = table(&[(a, vec![be("10.1.0.2", 80)]), (c, vec![be("10.1.0.3", 80)])]);
+    let r = w
+        .apply(&t)
+        .expect("a counter failure does not fail the apply");
+    assert_eq!((r.added, r.unchanged), (1, 1));
+    assert_eq!(reachable(w.store(), &c), Some(set(&[be("10.1.0.3", 80)])));
+    assert!(!w.store().stats.contains_key(&service_key(&c)));
+    // The next apply creates the missing entry without touching the routing maps.
+    let r = w.apply(&t).expect("again");
+    assert_eq!((r.unchanged, r.map_ops), (2, 0));
+    assert!(w.store().stats.contains_key(&service_key(&c)));
+
+    // A failed delete is retried by the next apply.
+    let base = w.store().log.len();
+    let mut changes = BTreeMap::new();
+    changes.insert(c, None);
+    let del = {
+        let mut probe = MapWriter::adopt(MemStore::default()).expect("adopt");
+        probe.apply(&t).expect("apply");
+        let before = probe.store().log.len();
+        probe.apply_changes(&changes).expect("remove");
+        let log = &probe.store().log[before..];
+        log.iter()
+            .position(|o| *o == Op::DelStats(service_key(&c)))
+            .expect("deleted")
+    };
+    w.store_mut().fail_at = Some(base + del);
+    w.apply_changes(&changes).expect("removed anyway");
+    assert_eq!(reachable(w.store(), &c), None);
+    assert!(
+        w.store().stats.contains_key(&service_key(&c)),
+        "delete failed"
+    );
+    w.apply_changes(&BTreeMap::new())
+        .expect("nothing to change");
+    assert!(!w.store().stats.contains_key(&service_key(&c)), "retried");
+}
+
+#[test]
+fn adopt_deletes_orphan_counters_and_creates_missing_ones() {
+    let (a, b) = (svc("10.96.0.1", 80), svc("10.96.0.2", 80));
+    let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
+    w.apply(&table(&[(a, vec![be("10.1.0.1", 80)]), (b, vec![])]))
+        .expect("apply");
+    let mut store = std::mem::take(w.store_mut());
+    // An agent stopped between creating a service's counters and publishing it, and
+    // another one's counters were lost.
+    let orphan = service_key(&svc("10.96.0.9", 80));
+    store
+        .stats
+        .insert(orphan, sockmesh_common::ServiceStats::default());
+    store.stats.remove(&service_key(&b));
+    store.log.clear();
+    let w = MapWriter::adopt(store).expect("adopt again");
+    let keys: Vec<_> = w.store().stats.keys().copied().collect();
+    assert_eq!(keys, [service_key(&a), service_key(&b)]);
+    assert_eq!(
+        w.store().log,
+        [Op::DelStats(orphan), Op::CreateStats(service_key(&b))]
+    );
 }

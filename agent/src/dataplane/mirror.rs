@@ -1,0 +1,161 @@
+//! The writer's mirror of the kernel maps: what each installed service holds, built
+//! from a snapshot on adoption and turned back into a [`RoutingTable`].
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use sockmesh_common::{BackendInfo, BackendKey, ServiceKey, SlotKey};
+
+use super::{
+    keys::{port_from_map, service_addr, words_to_ip},
+    store::Snapshot,
+};
+use crate::model::{Backend, BackendState, RoutingTable};
+
+/// A service as installed in the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Installed {
+    pub(super) id: u32,
+    pub(super) generation: u8,
+    pub(super) revision: u32,
+    /// Published slots: backend index per slot.
+    pub(super) slots: Vec<u32>,
+    /// Backend entries present in the map, by index.
+    pub(super) backends: BTreeMap<u32, BackendInfo>,
+    /// The kernel copy was found inconsistent on adoption: rewrite on next apply.
+    pub(super) dirty: bool,
+    /// Slots `0..leftover` of the unpublished generation may still exist (a delete
+    /// failed after publishing); the next write of this service removes them.
+    pub(super) leftover: usize,
+    /// The service's entry in `SM_SERVICE_STATS` exists.
+    pub(super) counters: bool,
+}
+
+impl Installed {
+    /// A service about to be written for the first time.
+    pub(super) fn new(id: u32) -> Self {
+        Self {
+            id,
+            generation: 1,
+            revision: 0,
+            slots: Vec::new(),
+            backends: BTreeMap::new(),
+            // Not published yet: the first write must publish even an empty service.
+            dirty: true,
+            leftover: 0,
+            counters: false,
+        }
+    }
+}
+
+/// The mirror of the kernel maps.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Mirror {
+    pub(super) services: HashMap<ServiceKey, Installed>,
+    pub(super) next_id: u32,
+}
+
+/// Entries found in the maps that no published service uses (left by an agent that
+/// stopped mid-update); adoption deletes them.
+#[derive(Debug, Default)]
+pub(super) struct Garbage {
+    pub(super) slots: Vec<SlotKey>,
+    pub(super) backends: Vec<BackendKey>,
+    /// Counter entries of services that are not published.
+    pub(super) counters: Vec<ServiceKey>,
+}
+
+impl Garbage {
+    pub(super) fn is_empty(&self) -> bool {
+        self.slots.is_empty() && self.backends.is_empty() && self.counters.is_empty()
+    }
+}
+
+impl Mirror {
+    pub(super) fn from_snapshot(snap: &Snapshot) -> (Self, Garbage) {
+        let mut services: HashMap<ServiceKey, Installed> = HashMap::new();
+        let mut by_id: HashMap<u32, ServiceKey> = HashMap::new();
+        let mut next_id = 0u32;
+        for (k, v) in &snap.services {
+            by_id.insert(v.id, *k);
+            next_id = next_id.max(v.id.wrapping_add(1));
+            services.insert(
+                *k,
+                Installed {
+                    id: v.id,
+                    generation: v.generation,
+                    revision: v.revision,
+                    slots: vec![u32::MAX; v.slot_count as usize],
+                    backends: BTreeMap::new(),
+                    dirty: false,
+                    leftover: 0,
+                    counters: false,
+                },
+            );
+        }
+        let mut garbage = Garbage::default();
+        for (k, b) in &snap.backends {
+            match by_id.get(&k.service_id).and_then(|sk| services.get_mut(sk)) {
+                Some(inst) => {
+                    inst.backends.insert(k.index, *b);
+                }
+                None => garbage.backends.push(*k),
+            }
+        }
+        for (k, index) in &snap.slots {
+            let inst = by_id.get(&k.service_id).and_then(|sk| services.get_mut(sk));
+            match inst {
+                Some(inst)
+                    if k.generation == inst.generation
+                        && usize::from(k.slot) < inst.slots.len() =>
+                {
+                    inst.slots[usize::from(k.slot)] = *index;
+                }
+                _ => garbage.slots.push(*k),
+            }
+        }
+        for key in &snap.stats {
+            match services.get_mut(key) {
+                Some(inst) => inst.counters = true,
+                None => garbage.counters.push(*key),
+            }
+        }
+        for inst in services.values_mut() {
+            inst.dirty = inst
+                .slots
+                .iter()
+                .any(|i| *i == u32::MAX || !inst.backends.contains_key(i));
+        }
+        (Self { services, next_id }, garbage)
+    }
+
+    pub(super) fn table(&self) -> RoutingTable {
+        let mut table = RoutingTable::default();
+        for (key, inst) in &self.services {
+            let Some(service) = service_addr(key) else {
+                continue;
+            };
+            let live: HashSet<u32> = inst.slots.iter().copied().collect();
+            let backends = inst
+                .backends
+                .iter()
+                .map(|(i, b)| Backend {
+                    address: words_to_ip(b.addr),
+                    port: port_from_map(b.port),
+                    weight: b.weight,
+                    state: if live.contains(i) {
+                        BackendState::Active
+                    } else {
+                        BackendState::Draining
+                    },
+                })
+                .collect();
+            table.insert(service, backends);
+        }
+        table
+    }
+}
+
+/// The routing table held by a snapshot of the maps (no agent needed).
+pub fn table_from_snapshot(snap: &Snapshot) -> RoutingTable {
+    Mirror::from_snapshot(snap).0.table()
+}

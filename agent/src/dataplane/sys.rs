@@ -1,0 +1,117 @@
+//! The `bpf(2)` commands the agent issues itself, because aya 0.16 has no public
+//! API for them:
+//!
+//! - `BPF_LINK_DETACH` (detach a pinned link's program now, even while another
+//!   process holds the link): aya has none at all; dropping or unpinning a link only
+//!   closes a reference.
+//! - `BPF_LINK_UPDATE` for a `cgroup_sock` link (swap a new program into a pinned
+//!   link): aya has it only for `CgroupSockAddr` (`attach_to_link`, used for the
+//!   eight sock_addr hooks); `CgroupSock` has no `attach_to_link` and its link type
+//!   no conversion from an `FdLink`.
+//! - `BPF_OBJ_GET`, only to get the descriptor the two commands above take: aya's
+//!   `PinnedLink::from_pin` opens the pin but keeps its descriptor private.
+//! - `BPF_PROG_QUERY` of a cgroup for a sock_addr or sock attach type: aya's
+//!   queries are crate-private except for lirc, cgroup-device and TC programs, and
+//!   `loaded_links()` does not say which cgroup a link is attached to.
+//!
+//! Each command fills its member of aya-obj's generated `union bpf_attr` (the
+//! kernel headers' layout) in an attribute zeroed as a whole, as aya does: the
+//! kernel rejects a non-zero byte past the fields a command reads.
+
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    path::Path,
+};
+
+use aya_obj::generated::{bpf_attr, bpf_cmd};
+
+/// An all-zero `union bpf_attr`.
+fn zeroed_attr() -> bpf_attr {
+    // SAFETY: bpf_attr is a C union of integer fields (and unions and arrays of
+    // them): the all-zero bit pattern is a valid value of every member.
+    unsafe { std::mem::zeroed() }
+}
+
+/// A descriptor as the `__u32` fd fields of `bpf_attr` take it (always ≥ 0).
+fn fd_u32(fd: BorrowedFd<'_>) -> u32 {
+    fd.as_raw_fd().unsigned_abs()
+}
+
+/// `bpf(BPF_OBJ_GET)`: open a pinned object.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = zeroed_attr();
+    attr.__bindgen_anon_4.pathname = c_path.as_ptr() as u64;
+    // SAFETY: the BPF_OBJ_GET member is filled in, the rest is zero; `c_path`
+    // outlives the call.
+    let rc = unsafe { sys_bpf(bpf_cmd::BPF_OBJ_GET, &mut attr) }?;
+    let fd = i32::try_from(rc).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `bpf(BPF_LINK_UPDATE)`: atomically replace the program behind a link.
+pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = zeroed_attr();
+    attr.link_update.link_fd = fd_u32(link);
+    attr.link_update.__bindgen_anon_1.new_prog_fd = fd_u32(prog);
+    // SAFETY: the BPF_LINK_UPDATE member is filled in (no flags, no expected old
+    // program), the rest is zero.
+    unsafe { sys_bpf(bpf_cmd::BPF_LINK_UPDATE, &mut attr) }.map(drop)
+}
+
+/// `bpf(BPF_LINK_DETACH)`: detach a link's program now; the link object stays
+/// (defunct) until its last reference goes.
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = zeroed_attr();
+    attr.link_detach.link_fd = fd_u32(link);
+    // SAFETY: the BPF_LINK_DETACH member is filled in, the rest is zero.
+    unsafe { sys_bpf(bpf_cmd::BPF_LINK_DETACH, &mut attr) }.map(drop)
+}
+
+/// `bpf(BPF_PROG_QUERY)`: ids of the programs attached to `target` at
+/// `attach_type` (an `enum bpf_attach_type` value), at most 64.
+pub fn prog_query(target: BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<u32>> {
+    let mut ids = [0u32; 64];
+    let mut attr = zeroed_attr();
+    attr.query.__bindgen_anon_1.target_fd = fd_u32(target);
+    attr.query.attach_type = attach_type;
+    attr.query.prog_ids = ids.as_mut_ptr() as u64;
+    attr.query.__bindgen_anon_2.prog_cnt = ids.len() as u32;
+    // SAFETY: the BPF_PROG_QUERY member is filled in, the rest is zero; prog_ids
+    // points at `ids`, which has room for prog_cnt entries and outlives the call.
+    unsafe { sys_bpf(bpf_cmd::BPF_PROG_QUERY, &mut attr) }?;
+    // SAFETY: reading back the member the kernel answered in (plain integers).
+    let n = unsafe { attr.query.__bindgen_anon_2.prog_cnt } as usize;
+    Ok(ids[..n.min(ids.len())].to_vec())
+}
+
+/// `bpf(cmd, attr, sizeof attr)`; the kernel's non-negative result, or errno.
+///
+/// # Safety
+/// `attr`'s member for `cmd` must be filled in, every other byte zero, and every
+/// pointer in it valid (and, where the kernel writes through it, writable) for the
+/// call.
+unsafe fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<libc::c_long> {
+    // SAFETY: the caller vouches for attr's contents and pointers; the size is the
+    // whole union, as aya passes it.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            std::ptr::from_mut(attr),
+            std::mem::size_of::<bpf_attr>(),
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
