@@ -212,6 +212,17 @@ pub fn metrics(
         "Responses of types sockmesh does not consume",
         core.ignored_types,
     );
+    let opaque: Family<Labels, Counter> = Family::default();
+    for (type_url, n) in &core.opaque_types {
+        opaque
+            .get_or_create(&vec![("type_url".to_owned(), type_url.clone())])
+            .inc_by(*n);
+    }
+    r.register(
+        "sockmesh_xds_opaque_configs",
+        "Nested typed configs of types sockmesh does not know, carried opaquely by the file and REST sources (never read)",
+        opaque,
+    );
     counter(
         &mut r,
         "sockmesh_xds_source_errors",
@@ -335,6 +346,7 @@ pub fn config_dump(core: &Core) -> String {
         },
         "xds": types,
         "warming": core.state().warming().iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "passthrough": core.state().passthrough().iter().map(ToString::to_string).collect::<Vec<_>>(),
         "services": core.state().table().to_json(),
     });
     serde_json::to_string_pretty(&dump).unwrap_or_default() + "\n"

@@ -2,15 +2,20 @@
 //! and the sources that deliver them (ADS over gRPC, files, REST-JSON).
 
 pub mod ads;
+pub mod clusters;
 pub mod core;
 pub mod decode;
 pub mod file;
 pub mod incremental;
+pub mod opaque;
 pub mod resources;
 pub mod rest;
 pub mod state;
 pub mod translate;
+pub mod validate;
 
+#[cfg(test)]
+mod full;
 #[cfg(test)]
 mod tests;
 

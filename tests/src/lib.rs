@@ -19,6 +19,7 @@ use std::{
 
 pub mod churn;
 pub mod control_plane;
+pub mod corpus;
 pub mod kubeproxy;
 pub mod mesh;
 

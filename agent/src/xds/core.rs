@@ -172,6 +172,9 @@ pub struct Core {
     /// REST body that is not JSON): nothing reached the state.
     pub source_errors: u64,
     pub source_last_error: Option<String>,
+    /// Nested `Any`s of types sockmesh does not know, carried opaquely by the text
+    /// sources, by type URL (see [`super::opaque`]).
+    pub opaque_types: super::opaque::OpaqueTypes,
 }
 
 impl Core {
@@ -197,6 +200,21 @@ impl Core {
             kernel_write_failures: 0,
             source_errors: 0,
             source_last_error: None,
+            opaque_types: super::opaque::OpaqueTypes::new(),
+        }
+    }
+
+    /// Counts the opaque nested `Any`s of a document; a type seen for the first
+    /// time is logged.
+    pub fn note_opaque(&mut self, found: super::opaque::OpaqueTypes) {
+        for (type_url, n) in found {
+            if !self.opaque_types.contains_key(&type_url) {
+                info!(
+                    %type_url,
+                    "carrying typed configs of a type sockmesh does not know opaquely (never read)"
+                );
+            }
+            *self.opaque_types.entry(type_url).or_insert(0) += n;
         }
     }
 

@@ -20,7 +20,8 @@ use sockmesh_proto::{
     type_url,
 };
 
-use super::translate::{
+use super::opaque::{self, OpaqueError, OpaqueTypes};
+use super::validate::{
     InvalidResource, validate_cluster, validate_endpoints, validate_listener, validate_route,
 };
 
@@ -121,6 +122,8 @@ pub enum DecodeError {
     },
     #[error(transparent)]
     Invalid(#[from] InvalidResource),
+    #[error(transparent)]
+    Opaque(#[from] OpaqueError),
     #[error("{0}")]
     Document(String),
 }
@@ -167,12 +170,20 @@ pub fn decode_any(any: &Any, kind: Kind) -> Result<Resource, DecodeError> {
 /// Envoy's filesystem subscriptions and REST-JSON xDS. Errors carry the line and
 /// column (JSON/YAML syntax) or the field path (unknown field, wrong type).
 pub fn discovery_response_from_text(text: &str) -> Result<DiscoveryResponse, DecodeError> {
+    discovery_response_with_opaque(text).map(|(r, _)| r)
+}
+
+/// [`discovery_response_from_text`], also returning the nested `Any`s of types
+/// sockmesh does not know, which were carried opaquely (see [`super::opaque`]).
+pub fn discovery_response_with_opaque(
+    text: &str,
+) -> Result<(DiscoveryResponse, OpaqueTypes), DecodeError> {
     message_from_text("envoy.service.discovery.v3.DiscoveryResponse", text)
 }
 
 /// A `DiscoveryRequest` from proto3 JSON or YAML (the REST-JSON request body).
 pub fn discovery_request_from_text(text: &str) -> Result<DiscoveryRequest, DecodeError> {
-    message_from_text("envoy.service.discovery.v3.DiscoveryRequest", text)
+    message_from_text("envoy.service.discovery.v3.DiscoveryRequest", text).map(|(m, _)| m)
 }
 
 /// The proto3 JSON of a `DiscoveryRequest` (REST-JSON xDS).
@@ -186,30 +197,59 @@ pub fn discovery_response_to_json(resp: &DiscoveryResponse) -> Result<String, De
 }
 
 /// Decodes proto3 JSON or YAML of the message `full_name` into `M`.
+///
+/// A document whose every `@type` the descriptor pool knows is decoded as a stream
+/// (errors keep their line and column). One that names other types is read into a
+/// tree first, its unknown nested `Any`s are made opaque, and it is decoded against
+/// the pool plus placeholders for those types.
 pub fn message_from_text<M: prost::Message + Default>(
     full_name: &str,
     text: &str,
-) -> Result<M, DecodeError> {
-    let desc = descriptor_pool()
-        .get_message_by_name(full_name)
-        .ok_or_else(|| DecodeError::Document(format!("no descriptor for {full_name}")))?;
+) -> Result<(M, OpaqueTypes), DecodeError> {
+    let base = descriptor_pool();
+    let unknown = opaque::unknown_types_in_text(text, base);
     let options = DeserializeOptions::new().deny_unknown_fields(true);
-    let dynamic = if text.trim_start().starts_with('{') {
-        let mut de = serde_json::Deserializer::from_str(text);
-        let m = DynamicMessage::deserialize_with_options(desc, &mut de, &options)
-            .map_err(|e| DecodeError::Document(format!("JSON: {e}")))?;
-        de.end()
-            .map_err(|e| DecodeError::Document(format!("JSON: {e}")))?;
-        m
-    } else {
-        let de = serde_yaml_ng::Deserializer::from_str(text);
-        DynamicMessage::deserialize_with_options(desc, de, &options)
-            .map_err(|e| DecodeError::Document(format!("YAML: {e}")))?
+    let json = text.trim_start().starts_with('{');
+    let descriptor = |pool: &prost_reflect::DescriptorPool| {
+        pool.get_message_by_name(full_name)
+            .ok_or_else(|| DecodeError::Document(format!("no descriptor for {full_name}")))
     };
-    M::decode(dynamic.encode_to_vec().as_slice()).map_err(|source| DecodeError::Protobuf {
-        type_url: full_name.to_owned(),
-        source,
-    })
+    let (dynamic, found) = if unknown.is_empty() {
+        let desc = descriptor(base)?;
+        let m = if json {
+            let mut de = serde_json::Deserializer::from_str(text);
+            let m = DynamicMessage::deserialize_with_options(desc, &mut de, &options)
+                .map_err(|e| DecodeError::Document(format!("JSON: {e}")))?;
+            de.end()
+                .map_err(|e| DecodeError::Document(format!("JSON: {e}")))?;
+            m
+        } else {
+            let de = serde_yaml_ng::Deserializer::from_str(text);
+            DynamicMessage::deserialize_with_options(desc, de, &options)
+                .map_err(|e| DecodeError::Document(format!("YAML: {e}")))?
+        };
+        (m, OpaqueTypes::new())
+    } else {
+        let format = if json { "JSON" } else { "YAML" };
+        let mut tree: serde_json::Value = if json {
+            serde_json::from_str(text).map_err(|e| DecodeError::Document(format!("JSON: {e}")))?
+        } else {
+            serde_yaml_ng::from_str(text)
+                .map_err(|e| DecodeError::Document(format!("YAML: {e}")))?
+        };
+        let found = opaque::scrub_document(&mut tree, base)?;
+        let types = found.keys().cloned().collect();
+        let pool = opaque::pool_with_placeholders(base, &types)?;
+        let m = DynamicMessage::deserialize_with_options(descriptor(&pool)?, tree, &options)
+            .map_err(|e| DecodeError::Document(format!("{format}: {e}")))?;
+        (m, found)
+    };
+    let message =
+        M::decode(dynamic.encode_to_vec().as_slice()).map_err(|source| DecodeError::Protobuf {
+            type_url: full_name.to_owned(),
+            source,
+        })?;
+    Ok((message, found))
 }
 
 /// Encodes `msg` (of the message type `full_name`) as proto3 JSON.

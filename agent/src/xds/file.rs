@@ -18,7 +18,7 @@ use tracing::{error, info};
 
 use super::{
     core::{Core, SourceState},
-    decode::discovery_response_from_text,
+    decode::discovery_response_with_opaque,
     state::Update,
 };
 
@@ -33,11 +33,14 @@ pub fn load_once(path: &Path, core: &Arc<Mutex<Core>>) -> Result<(), String> {
     let received = Instant::now();
     let parsed = std::fs::read_to_string(path)
         .map_err(|e| e.to_string())
-        .and_then(|text| discovery_response_from_text(&text).map_err(|e| e.to_string()))
+        .and_then(|text| discovery_response_with_opaque(&text).map_err(|e| e.to_string()))
         .map_err(|e| format!("{}: {e}", path.display()));
     let mut c = core.lock().map_err(|_| "agent state poisoned".to_owned())?;
     let resp = match parsed {
-        Ok(resp) => resp,
+        Ok((resp, opaque)) => {
+            c.note_opaque(opaque);
+            resp
+        }
         Err(e) => {
             c.source_error(e.clone());
             return Err(e);

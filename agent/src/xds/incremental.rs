@@ -1,6 +1,6 @@
 //! Incremental translation: an update recomputes only what it touches.
 //!
-//! [`super::translate::translate`] rebuilds the whole table from every resource;
+//! [`super::full::translate`] rebuilds the whole table from every resource;
 //! at 10,000 services that is ~100 ms per update. Here each listener's services and
 //! each cluster's backends are cached, with reverse indexes (route → listeners,
 //! EDS name → clusters, cluster → services), so a ClusterLoadAssignment change
@@ -10,18 +10,23 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::translate::{
-    Resources, ServiceSpec, assignment_backends, cluster_source, combine, listener_services,
+use super::{
+    clusters::{
+        ClusterBackends, ClusterSource, DnsTarget, ServiceBackends, cluster_backends,
+        cluster_source, service_backends,
+    },
+    translate::{Resources, ServiceSpec, listener_services},
 };
 use crate::model::{Backend, RoutingTable, ServiceAddr};
 
 /// What one cluster contributes.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct ClusterView {
     /// The EDS name it subscribes to, if any.
     eds: Option<String>,
-    /// Its backends; `None` while warming (EDS not received).
-    backends: Option<Vec<Backend>>,
+    /// The names the agent resolves for it (STRICT_DNS, LOGICAL_DNS).
+    dns: Option<DnsTarget>,
+    backends: ClusterBackends,
     ignored: Option<String>,
 }
 
@@ -32,6 +37,8 @@ pub struct Dirty {
     pub routes: BTreeSet<String>,
     pub clusters: BTreeSet<String>,
     pub endpoints: BTreeSet<String>,
+    /// Clusters whose DNS answers changed.
+    pub dns: BTreeSet<String>,
 }
 
 /// Service → new backends (`None`: the service goes away).
@@ -52,6 +59,8 @@ pub struct Staged {
     staged_owners: BTreeMap<ServiceAddr, BTreeSet<String>>,
     warming_now: BTreeSet<ServiceAddr>,
     not_warming: BTreeSet<ServiceAddr>,
+    passthrough_now: BTreeSet<ServiceAddr>,
+    not_passthrough: BTreeSet<ServiceAddr>,
 }
 
 /// The caches and indexes.
@@ -66,6 +75,7 @@ pub struct Incremental {
     owners: BTreeMap<ServiceAddr, BTreeSet<String>>,
     cluster_users: BTreeMap<String, BTreeSet<ServiceAddr>>,
     warming: BTreeSet<ServiceAddr>,
+    passthrough: BTreeSet<ServiceAddr>,
 }
 
 impl Incremental {
@@ -89,6 +99,27 @@ impl Incremental {
 
     pub fn warming(&self) -> impl Iterator<Item = &ServiceAddr> {
         self.warming.iter()
+    }
+
+    /// Services sent to their original destination (no entry in the table).
+    pub fn passthrough(&self) -> impl Iterator<Item = &ServiceAddr> {
+        self.passthrough.iter()
+    }
+
+    /// The DNS clusters and what to resolve for each.
+    pub fn dns_targets(&self) -> BTreeMap<String, DnsTarget> {
+        self.clusters
+            .iter()
+            .filter_map(|(name, v)| Some((name.clone(), v.dns.clone()?)))
+            .collect()
+    }
+
+    /// Route configurations listeners reference that have not arrived.
+    pub fn pending_routes<'a>(&'a self, res: &'a Resources) -> impl Iterator<Item = &'a String> {
+        self.route_users
+            .iter()
+            .filter(|(name, users)| !users.is_empty() && !res.routes.contains_key(*name))
+            .map(|(name, _)| name)
     }
 
     /// Unsupported features seen in the current resources.
@@ -133,36 +164,36 @@ impl Incremental {
             }
         }
         let mut clusters = dirty.clusters.clone();
+        clusters.extend(dirty.dns.iter().cloned());
         for e in &dirty.endpoints {
             if let Some(users) = self.eds_users.get(e) {
                 clusters.extend(users.iter().cloned());
             }
         }
         for c in &clusters {
-            let view = res
-                .clusters
-                .get(c)
-                .map(|cluster| match cluster_source(&cluster.decode()) {
-                    Ok((eds, inline)) => {
-                        let backends = match &eds {
-                            Some(name) => res
-                                .endpoints
-                                .get(name)
-                                .map(|e| assignment_backends(&e.decode())),
-                            None => inline.map(assignment_backends).or(Some(Vec::new())),
-                        };
-                        ClusterView {
-                            eds,
-                            backends,
-                            ignored: None,
-                        }
-                    }
+            let view = res.clusters.get(c).map(|cluster| {
+                let cluster = cluster.decode();
+                match cluster_source(&cluster) {
+                    Ok(source) => ClusterView {
+                        eds: match &source {
+                            ClusterSource::Eds(eds) => Some(eds.clone()),
+                            _ => None,
+                        },
+                        dns: match &source {
+                            ClusterSource::Dns { target, .. } => Some(target.clone()),
+                            _ => None,
+                        },
+                        backends: cluster_backends(c, &source, res),
+                        ignored: None,
+                    },
                     Err(why) => ClusterView {
                         eds: None,
-                        backends: Some(Vec::new()),
+                        dns: None,
+                        backends: ClusterBackends::Backends(Vec::new()),
                         ignored: Some(format!("Cluster {c:?}: {why}")),
                     },
-                });
+                }
+            });
             st.clusters.insert(c.clone(), view);
         }
         for (l, (specs, _, _)) in &st.specs {
@@ -189,15 +220,25 @@ impl Incremental {
             }
         }
         for s in services {
-            let result = self.resolve(&st, &listeners, &s);
-            let new = match result {
-                Resolved::Gone => None,
+            let new = match self.resolve(&st, &listeners, &s) {
+                Resolved::Gone => {
+                    st.not_warming.insert(s);
+                    st.not_passthrough.insert(s);
+                    None
+                }
+                Resolved::Passthrough => {
+                    st.not_warming.insert(s);
+                    st.passthrough_now.insert(s);
+                    None
+                }
                 Resolved::Backends(b) => {
                     st.not_warming.insert(s);
+                    st.not_passthrough.insert(s);
                     Some(b)
                 }
                 Resolved::Warming => {
                     st.warming_now.insert(s);
+                    st.not_passthrough.insert(s);
                     table
                         .services
                         .get(&s)
@@ -205,9 +246,6 @@ impl Incremental {
                         .cloned()
                 }
             };
-            if new.is_none() {
-                st.not_warming.insert(s);
-            }
             if table.services.get(&s) != new.as_ref() {
                 st.changes.insert(s, new);
             }
@@ -231,30 +269,35 @@ impl Incremental {
         if let Some(staged) = st.staged_owners.get(s) {
             owners.extend(staged.iter());
         }
-        let Some(winner) = owners.first() else {
-            return Resolved::Gone;
-        };
-        let spec = st
-            .specs
-            .get(*winner)
-            .map(|(specs, _, _)| specs)
-            .or_else(|| self.specs.get(*winner))
-            .and_then(|specs| specs.iter().find(|x| x.service == *s));
+        // The owner Envoy's original-destination matching would pick: the lowest
+        // precedence, then the first listener by name.
+        let spec = owners
+            .iter()
+            .filter_map(|l| {
+                st.specs
+                    .get(*l)
+                    .map(|(specs, _, _)| specs)
+                    .or_else(|| self.specs.get(*l))
+                    .and_then(|specs| specs.iter().find(|x| x.service == *s))
+                    .map(|spec| (spec.precedence, *l, spec))
+            })
+            .min_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)))
+            .map(|(_, _, spec)| spec);
         let Some(spec) = spec else {
             return Resolved::Gone;
         };
-        let mut parts = Vec::with_capacity(spec.clusters.len());
-        for (name, weight) in &spec.clusters {
-            let view = match st.clusters.get(name) {
+        let view = |name: &str| {
+            match st.clusters.get(name) {
                 Some(staged) => staged.as_ref(),
                 None => self.clusters.get(name),
-            };
-            match view.and_then(|v| v.backends.as_ref()) {
-                Some(b) => parts.push((*weight, b)),
-                None => return Resolved::Warming,
             }
+            .map(|v| &v.backends)
+        };
+        match service_backends(spec, view) {
+            ServiceBackends::Warming => Resolved::Warming,
+            ServiceBackends::Passthrough => Resolved::Passthrough,
+            ServiceBackends::Backends(b) => Resolved::Backends(b),
         }
-        Resolved::Backends(combine(&parts, s.vip.is_ipv4()))
     }
 
     /// Makes the staged state current.
@@ -313,6 +356,10 @@ impl Incremental {
             self.warming.remove(&s);
         }
         self.warming.extend(st.warming_now);
+        for s in st.not_passthrough {
+            self.passthrough.remove(&s);
+        }
+        self.passthrough.extend(st.passthrough_now);
         for (s, b) in st.changes {
             match b {
                 Some(b) => {
@@ -372,5 +419,6 @@ impl Incremental {
 enum Resolved {
     Gone,
     Warming,
+    Passthrough,
     Backends(Vec<Backend>),
 }

@@ -17,6 +17,9 @@ pub struct Resources {
     pub clusters: BTreeMap<String, Encoded<Cluster>>,
     /// ClusterLoadAssignments by `cluster_name` (the EDS service name).
     pub endpoints: BTreeMap<String, Encoded<ClusterLoadAssignment>>,
+    /// The last good DNS answers of each STRICT_DNS/LOGICAL_DNS cluster, by
+    /// cluster name (the agent resolves them; see `xds::dns`).
+    pub dns: BTreeMap<String, super::clusters::DnsAnswers>,
 }
 
 /// One accepted resource, held as its protobuf encoding and decoded when a change

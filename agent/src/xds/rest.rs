@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 
 use super::{
     core::{Core, SourceState},
-    decode::{Kind, discovery_request_to_json, discovery_response_from_text},
+    decode::{Kind, discovery_request_to_json, discovery_response_with_opaque},
     state::Update,
 };
 
@@ -117,10 +117,13 @@ async fn poll(
     let received = Instant::now();
     let parsed = std::str::from_utf8(&bytes)
         .map_err(|e| e.to_string())
-        .and_then(|text| discovery_response_from_text(text).map_err(|e| e.to_string()));
+        .and_then(|text| discovery_response_with_opaque(text).map_err(|e| e.to_string()));
     let mut c = core.lock().map_err(|_| "agent state poisoned".to_owned())?;
     let resp = match parsed {
-        Ok(resp) => resp,
+        Ok((resp, opaque)) => {
+            c.note_opaque(opaque);
+            resp
+        }
         Err(e) => {
             let e = format!("{} response: {e}", kind.short());
             c.source_error(e.clone());

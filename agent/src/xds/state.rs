@@ -190,6 +190,12 @@ impl XdsState {
         self.inc.warming().copied().collect()
     }
 
+    /// Services sent to their original destination (ORIGINAL_DST clusters): no
+    /// entry in the table.
+    pub fn passthrough(&self) -> Vec<crate::model::ServiceAddr> {
+        self.inc.passthrough().copied().collect()
+    }
+
     /// Unsupported features seen for the first time by the last update.
     pub fn take_new_ignored(&mut self) -> Vec<String> {
         let mut fresh = Vec::new();

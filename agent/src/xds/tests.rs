@@ -416,7 +416,7 @@ fn json_camel_case_and_malformed_documents() {
 fn incremental_translation_matches_full_translation() {
     use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 
-    use super::translate::translate;
+    use super::full::translate;
 
     let mut rng = StdRng::seed_from_u64(7);
     let mut st = XdsState::new();
@@ -674,12 +674,132 @@ resources:
             "10.96.0.30:6379/tcp -> 10.244.4.2:6379 w1",
         ]
     );
+    // PassthroughCluster (ORIGINAL_DST) is understood, not ignored; the `*`
+    // virtual host of a wildcard listener names no VIP.
     let ignored = st.take_new_ignored();
     assert!(
-        ignored
-            .iter()
-            .any(|l| l.contains("PassthroughCluster") && l.contains("ORIGINAL_DST")),
+        !ignored.iter().any(|l| l.contains("ORIGINAL_DST")),
         "{ignored:?}"
     );
+    assert!(st.passthrough().is_empty());
     assert_eq!(st.version(Kind::Listener), "2026-11-24T09:00:00Z/42");
+}
+
+/// The shapes istiod generates around pass-through: per-IP listeners of headless
+/// services and node addresses whose cluster is ORIGINAL_DST get no entry (the
+/// connection goes where it was sent); a weighted mix sends the pass-through share
+/// to the VIP itself; a VIP_port listener with an HTTP chain whose RDS has not
+/// arrived warms, and its default chain does not stand in; a listener bound to the
+/// VIP beats a wildcard listener's virtual host; INBOUND and internal listeners are
+/// skipped without a word; istiod's own filter types are carried opaquely.
+#[test]
+fn passthrough_precedence_pending_routes_and_opaque_types() {
+    let yaml = r#"
+resources:
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: 172.16.18.249_9093
+  address: { socket_address: { address: 172.16.18.249, port_value: 9093 } }
+  traffic_direction: OUTBOUND
+  bind_to_port: false
+  filter_chains:
+  - filters:
+    - { name: istio.stats, typed_config: { "@type": type.googleapis.com/stats.PluginConfig, x: 1 } }
+    - { name: tcp, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: "outbound|9093||alertmanager-operated" } }
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: 10.96.0.40_80
+  address: { socket_address: { address: 10.96.0.40, port_value: 80 } }
+  filter_chains:
+  - filters:
+    - { name: tcp, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, weighted_clusters: { clusters: [ { name: web, weight: 3 }, { name: "outbound|9093||alertmanager-operated", weight: 1 } ] } } }
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: 10.96.0.50_16686
+  address: { socket_address: { address: 10.96.0.50, port_value: 16686 } }
+  filter_chains:
+  - filter_chain_match: { transport_protocol: raw_buffer, application_protocols: [ http/1.1, h2c ] }
+    filters:
+    - { name: hcm, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager, stat_prefix: s, rds: { route_config_name: "jaeger:16686", config_source: { ads: {} } } } }
+  default_filter_chain:
+    filters:
+    - { name: tcp, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: web } }
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: 0.0.0.0_80
+  address: { socket_address: { address: 0.0.0.0, port_value: 80 } }
+  filter_chains:
+  - filters:
+    - { name: hcm, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager, stat_prefix: s, route_config: { name: "80", virtual_hosts: [ { name: v, domains: [ "web.default", "10.96.0.40", "10.96.0.41" ], routes: [ { match: { prefix: / }, route: { cluster: other } } ] } ] } } }
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: inbound_8080
+  address: { socket_address: { address: 10.244.0.9, port_value: 8080 } }
+  traffic_direction: INBOUND
+  filter_chains: [ { filters: [ { name: tcp, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: web } } ] } ]
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: main_internal
+  internal_listener: {}
+  filter_chains: [ { filters: [ { name: tcp, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: web } } ] } ]
+- { "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster, name: "outbound|9093||alertmanager-operated", type: ORIGINAL_DST, lb_policy: CLUSTER_PROVIDED }
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: web
+  load_assignment: { cluster_name: web, endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 10.244.1.5, port_value: 8080 } } } } ] } ] }
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: other
+  load_assignment: { cluster_name: other, endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 10.244.1.6, port_value: 8080 } } } } ] } ] }
+"#;
+    let (resp, opaque) =
+        super::decode::discovery_response_with_opaque(yaml).expect("istiod's types carried");
+    assert_eq!(opaque["type.googleapis.com/stats.PluginConfig"], 1);
+    let mut st = XdsState::new();
+    st.apply(Update::Full {
+        version: "1".into(),
+        resources: resp.resources,
+    })
+    .expect("accepted");
+    let got: Vec<String> = st
+        .table()
+        .services
+        .iter()
+        .map(|(s, b)| {
+            let b: Vec<String> = b
+                .iter()
+                .map(|b| format!("{}:{} w{}", b.address, b.port, b.weight))
+                .collect();
+            format!("{s} -> {}", b.join(", "))
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            // Bound to the VIP: beats 0.0.0.0_80's virtual host; a quarter of the
+            // connections go to the original destination, the VIP itself.
+            "10.96.0.40:80/tcp -> 10.96.0.40:80 w250000, 10.244.1.5:8080 w750000",
+            "10.96.0.41:80/tcp -> 10.244.1.6:8080 w1",
+        ]
+    );
+    let passthrough: Vec<String> = st.passthrough().iter().map(ToString::to_string).collect();
+    assert_eq!(passthrough, ["172.16.18.249:9093/tcp"]);
+    let warming: Vec<String> = st.warming().iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warming,
+        ["10.96.0.50:16686/tcp"],
+        "the RDS route is pending"
+    );
+    let ignored = st.take_new_ignored();
+    assert!(ignored.is_empty(), "{ignored:?}");
+
+    // An unknown type in the filter that decides the cluster is an error naming it.
+    let bad = yaml.replace(
+        "- { name: tcp, typed_config: { \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: \"outbound|9093||alertmanager-operated\" } }",
+        "- { name: mystery, typed_config: { \"@type\": type.googleapis.com/acme.Proxy } }",
+    );
+    assert_ne!(bad, yaml);
+    let (resp, _) = super::decode::discovery_response_with_opaque(&bad).expect("decodes");
+    let err = XdsState::new()
+        .apply(Update::Full {
+            version: "2".into(),
+            resources: resp.resources,
+        })
+        .expect_err("terminal filter of an unknown type");
+    assert!(
+        err.0.contains("Listener \"172.16.18.249_9093\": filter_chains[0].filters[1].typed_config: type type.googleapis.com/acme.Proxy of the terminal filter \"mystery\" is not known"),
+        "{err}"
+    );
 }

@@ -1,296 +1,81 @@
-//! Envoy resources → routing table. Pure: no I/O, unit-tested without root.
+//! Listeners → the services they ask for. Pure: no I/O, unit-tested without root.
 //!
-//! What becomes a service (see docs in README "xDS translation"):
+//! What becomes a service (README, "xDS: what becomes a service"):
 //! - a Listener on a specific IP whose filter chain ends in `tcp_proxy` (its cluster
 //!   or weighted clusters), `http_connection_manager` (the catch-all route of the
-//!   virtual host for that IP, or of `*`), or, for UDP, a `udp_proxy` listener filter;
+//!   virtual host for that IP, or of `*`), or, for UDP, a `udp_proxy` listener
+//!   filter; its `default_filter_chain` for a VIP no other chain serves;
 //! - a Listener on 0.0.0.0/:: whose filter chains match destination prefix ranges
 //!   (Istio's virtual outbound style): one service per /32 (/128) range;
 //! - an HTTP listener's virtual hosts whose domains name an IP or IP:port.
 //!
+//! Where several listeners name one service, the one Envoy's original-destination
+//! matching would pick wins: a listener bound to the VIP, then a wildcard listener's
+//! chain matching the VIP's prefix, then a wildcard listener's virtual host.
+//! INBOUND listeners (traffic to the workload itself) and internal listeners (no
+//! socket address) are left out.
+//!
 //! Per-request HTTP routing (paths, headers) is out of scope for a socket-level load
-//! balancer: only the catch-all route (prefix `/`) of a virtual host is used.
+//! balancer: only the catch-all route (prefix `/`) of a virtual host is used. A
+//! chain that needs a route configuration not received yet makes its service
+//! warm (it keeps its previous backends), as Envoy warms such a listener.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
 };
 
-use prost::Message as _;
 use sockmesh_proto::pb::envoy::{
     config::{
-        cluster::v3::{Cluster, cluster},
-        core::v3::{Address, HealthStatus, SocketAddress, address, socket_address},
-        endpoint::v3::{ClusterLoadAssignment, lb_endpoint},
-        listener::v3::{Filter, Listener, filter, listener_filter},
+        core::v3::TrafficDirection,
+        listener::v3::{FilterChain, Listener, listener_filter},
         route::v3::{RouteConfiguration, route, route_action, route_match},
     },
     extensions::filters::{
         network::{
-            http_connection_manager::v3::{HttpConnectionManager, http_connection_manager},
+            http_connection_manager::v3::http_connection_manager,
             tcp_proxy::v3::{TcpProxy, tcp_proxy},
         },
-        udp::udp_proxy::v3::{UdpProxyConfig, udp_proxy_config},
+        udp::udp_proxy::v3::udp_proxy_config,
     },
 };
-use sockmesh_proto::pb::google::protobuf::Any;
 
 pub use super::resources::{Encoded, Resources};
-use crate::model::{Backend, BackendState, Protocol, RoutingTable, ServiceAddr};
+use super::validate::{
+    NetFilter, decode_filter, decode_udp_proxy, parse_socket_address, socket_address_of,
+};
+use crate::model::{Protocol, ServiceAddr};
 
-const TCP_PROXY: &str =
-    "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
-const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
-const UDP_PROXY: &str =
-    "type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig";
-
-/// A resource that cannot be accepted; the message names the resource and field.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{kind} {name:?}: {field}: {problem}")]
-pub struct InvalidResource {
-    pub kind: &'static str,
-    pub name: String,
-    pub field: String,
-    pub problem: String,
+/// Which listener wins a service several listeners name: lower is stronger.
+pub mod precedence {
+    /// The listener is bound to the VIP itself.
+    pub const BOUND: u8 = 0;
+    /// A wildcard listener's filter chain matches the VIP's prefix range.
+    pub const PREFIX_RANGE: u8 = 1;
+    /// A wildcard listener's HTTP virtual host names the VIP.
+    pub const VIRTUAL_HOST: u8 = 2;
 }
 
-impl InvalidResource {
-    fn new(
-        kind: &'static str,
-        name: &str,
-        field: impl Into<String>,
-        problem: impl Into<String>,
-    ) -> Self {
-        Self {
-            kind,
-            name: name.to_owned(),
-            field: field.into(),
-            problem: problem.into(),
-        }
-    }
-}
-
-/// What one listener asks for: services and the clusters (with weights) behind each.
+/// What one listener asks for: a service and the clusters (with weights) behind it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceSpec {
     pub service: ServiceAddr,
     pub clusters: Vec<(String, u32)>,
+    /// See [`precedence`].
+    pub precedence: u8,
+    /// The chain's route configuration has not arrived: the service warms.
+    pub route_pending: bool,
 }
 
-/// The result of translating [`Resources`].
-#[derive(Clone, Debug, Default)]
-pub struct Translation {
-    pub table: RoutingTable,
-    /// RouteConfiguration names referenced by listeners (RDS subscription).
-    pub route_names: BTreeSet<String>,
-    /// EDS service names referenced by clusters (EDS subscription).
-    pub eds_names: BTreeSet<String>,
-    /// Services whose clusters are not all known yet (warming); they keep their
-    /// previous backends, or are left out if they had none.
-    pub warming: Vec<ServiceAddr>,
-    /// Things ignored on purpose (unsupported features), one line each.
-    pub ignored: Vec<String>,
-}
-
-/// Checks a listener the way a NACK needs it: names resource and field.
-pub fn validate_listener(l: &Listener) -> Result<(), InvalidResource> {
-    let bad =
-        |field: &str, problem: String| InvalidResource::new("Listener", &l.name, field, problem);
-    if l.name.is_empty() {
-        return Err(bad("name", "must not be empty".into()));
-    }
-    if let Some(sa) = socket_address_of(l.address.as_ref()) {
-        parse_socket_address(sa)
-            .map_err(|(f, p)| bad(&format!("address.socket_address.{f}"), p))?;
-    }
-    for (i, chain) in l.filter_chains.iter().enumerate() {
-        if let Some(m) = &chain.filter_chain_match {
-            if let Some(port) = &m.destination_port
-                && (port.value == 0 || port.value > 65_535)
-            {
-                return Err(bad(
-                    &format!("filter_chains[{i}].filter_chain_match.destination_port"),
-                    format!("{} is out of range (1-65535)", port.value),
-                ));
-            }
-            for (j, r) in m.prefix_ranges.iter().enumerate() {
-                let ip: IpAddr = r.address_prefix.parse().map_err(|_| {
-                    bad(
-                        &format!("filter_chains[{i}].filter_chain_match.prefix_ranges[{j}].address_prefix"),
-                        format!("{:?} is not an IP address", r.address_prefix),
-                    )
-                })?;
-                let max = if ip.is_ipv4() { 32 } else { 128 };
-                if r.prefix_len.as_ref().is_some_and(|p| p.value > max) {
-                    return Err(bad(
-                        &format!(
-                            "filter_chains[{i}].filter_chain_match.prefix_ranges[{j}].prefix_len"
-                        ),
-                        format!("more than {max}"),
-                    ));
-                }
-            }
-        }
-        for (j, f) in chain.filters.iter().enumerate() {
-            decode_filter(f)
-                .map_err(|p| bad(&format!("filter_chains[{i}].filters[{j}].typed_config"), p))?;
+impl ServiceSpec {
+    fn new(service: ServiceAddr, clusters: Vec<(String, u32)>, precedence: u8) -> Self {
+        Self {
+            service,
+            clusters,
+            precedence,
+            route_pending: false,
         }
     }
-    Ok(())
-}
-
-/// Checks a ClusterLoadAssignment: addresses are IPs, ports in 1-65535.
-pub fn validate_endpoints(cla: &ClusterLoadAssignment) -> Result<(), InvalidResource> {
-    let name = &cla.cluster_name;
-    if name.is_empty() {
-        return Err(InvalidResource::new(
-            "ClusterLoadAssignment",
-            name,
-            "cluster_name",
-            "must not be empty",
-        ));
-    }
-    for (i, loc) in cla.endpoints.iter().enumerate() {
-        for (j, lb) in loc.lb_endpoints.iter().enumerate() {
-            let field = format!("endpoints[{i}].lb_endpoints[{j}]");
-            let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &lb.host_identifier else {
-                return Err(InvalidResource::new(
-                    "ClusterLoadAssignment",
-                    name,
-                    format!("{field}.endpoint"),
-                    "missing (named endpoints are not supported)",
-                ));
-            };
-            let Some(sa) = socket_address_of(ep.address.as_ref()) else {
-                return Err(InvalidResource::new(
-                    "ClusterLoadAssignment",
-                    name,
-                    format!("{field}.endpoint.address.socket_address"),
-                    "missing (pipe and internal addresses are not supported)",
-                ));
-            };
-            parse_socket_address(sa).map_err(|(f, p)| {
-                InvalidResource::new(
-                    "ClusterLoadAssignment",
-                    name,
-                    format!("{field}.endpoint.address.socket_address.{f}"),
-                    p,
-                )
-            })?;
-            if lb
-                .load_balancing_weight
-                .as_ref()
-                .is_some_and(|w| w.value == 0)
-            {
-                return Err(InvalidResource::new(
-                    "ClusterLoadAssignment",
-                    name,
-                    format!("{field}.load_balancing_weight"),
-                    "must be at least 1",
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Checks a cluster (its inline load assignment, if any).
-pub fn validate_cluster(c: &Cluster) -> Result<(), InvalidResource> {
-    if c.name.is_empty() {
-        return Err(InvalidResource::new(
-            "Cluster",
-            &c.name,
-            "name",
-            "must not be empty",
-        ));
-    }
-    if let Some(cla) = &c.load_assignment {
-        validate_endpoints(cla).map_err(|mut e| {
-            e.kind = "Cluster";
-            e.name = c.name.clone();
-            e.field = format!("load_assignment.{}", e.field);
-            e
-        })?;
-    }
-    Ok(())
-}
-
-/// Checks a route configuration (decodable; no further constraints).
-pub fn validate_route(r: &RouteConfiguration) -> Result<(), InvalidResource> {
-    if r.name.is_empty() {
-        return Err(InvalidResource::new(
-            "RouteConfiguration",
-            &r.name,
-            "name",
-            "must not be empty",
-        ));
-    }
-    Ok(())
-}
-
-fn socket_address_of(a: Option<&Address>) -> Option<&SocketAddress> {
-    match a?.address.as_ref()? {
-        address::Address::SocketAddress(sa) => Some(sa),
-        _ => None,
-    }
-}
-
-/// (ip, port, protocol) of a socket address, or (field, problem).
-fn parse_socket_address(
-    sa: &SocketAddress,
-) -> Result<(IpAddr, u16, Protocol), (&'static str, String)> {
-    let ip: IpAddr = sa
-        .address
-        .parse()
-        .map_err(|_| ("address", format!("{:?} is not an IP address", sa.address)))?;
-    let port = match sa.port_specifier {
-        Some(socket_address::PortSpecifier::PortValue(p)) => p,
-        Some(socket_address::PortSpecifier::NamedPort(ref n)) => {
-            return Err((
-                "named_port",
-                format!("{n:?}: named ports are not supported"),
-            ));
-        }
-        None => 0,
-    };
-    let port = u16::try_from(port)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or(("port_value", format!("{port} is out of range (1-65535)")))?;
-    let protocol = if sa.protocol == socket_address::Protocol::Udp as i32 {
-        Protocol::Udp
-    } else {
-        Protocol::Tcp
-    };
-    Ok((ip, port, protocol))
-}
-
-/// A network filter's decoded config.
-enum NetFilter {
-    Tcp(Box<TcpProxy>),
-    Http(Box<HttpConnectionManager>),
-    Other(String),
-}
-
-fn decode_filter(f: &Filter) -> Result<NetFilter, String> {
-    let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
-        return Ok(NetFilter::Other(f.name.clone()));
-    };
-    match any.type_url.as_str() {
-        TCP_PROXY => TcpProxy::decode(any.value.as_slice())
-            .map(|t| NetFilter::Tcp(Box::new(t)))
-            .map_err(|e| format!("TcpProxy: {e}")),
-        HCM => HttpConnectionManager::decode(any.value.as_slice())
-            .map(|h| NetFilter::Http(Box::new(h)))
-            .map_err(|e| format!("HttpConnectionManager: {e}")),
-        other => Ok(NetFilter::Other(other.to_owned())),
-    }
-}
-
-fn decode_udp_proxy(any: &Any) -> Option<UdpProxyConfig> {
-    (any.type_url == UDP_PROXY)
-        .then(|| UdpProxyConfig::decode(any.value.as_slice()).ok())
-        .flatten()
 }
 
 fn tcp_proxy_clusters(t: &TcpProxy) -> Vec<(String, u32)> {
@@ -353,11 +138,12 @@ fn domain_ip(domain: &str) -> Option<(IpAddr, Option<u16>)> {
 }
 
 /// Services named by an HTTP route configuration, for a listener on `vip` (None for
-/// a wildcard listener) and `port`.
+/// a wildcard listener without prefix ranges) and `port`.
 fn http_services(
     rc: &RouteConfiguration,
     vip: Option<IpAddr>,
     port: u16,
+    precedence: u8,
     out: &mut Vec<ServiceSpec>,
 ) {
     let mut by_ip: BTreeMap<IpAddr, Vec<(String, u32)>> = BTreeMap::new();
@@ -381,18 +167,22 @@ fn http_services(
         by_ip.entry(vip).or_insert(clusters);
     }
     for (ip, clusters) in by_ip {
-        out.push(ServiceSpec {
-            service: ServiceAddr {
-                vip: ip,
-                port,
-                protocol: Protocol::Tcp,
-            },
-            clusters,
-        });
+        let service = ServiceAddr {
+            vip: ip,
+            port,
+            protocol: Protocol::Tcp,
+        };
+        let precedence = if vip.is_some() {
+            precedence
+        } else {
+            self::precedence::VIRTUAL_HOST
+        };
+        out.push(ServiceSpec::new(service, clusters, precedence));
     }
 }
 
-/// The services one listener asks for. `routes` resolves RDS names.
+/// The services one listener asks for. `routes` resolves RDS names; the names used
+/// are added to `route_names`, unsupported features to `ignored`.
 pub fn listener_services(
     l: &Listener,
     routes: &BTreeMap<String, Encoded<RouteConfiguration>>,
@@ -400,371 +190,186 @@ pub fn listener_services(
     ignored: &mut Vec<String>,
 ) -> Vec<ServiceSpec> {
     let mut out = Vec::new();
-    let Some(Ok((ip, port, protocol))) =
-        socket_address_of(l.address.as_ref()).map(parse_socket_address)
-    else {
+    if l.traffic_direction == TrafficDirection::Inbound as i32 {
+        // Traffic to this workload, not from it: nothing to balance.
+        return out;
+    }
+    let Some(sa) = socket_address_of(l.address.as_ref()) else {
+        if l.address.is_some() {
+            ignored.push(format!("Listener {:?}: not an IP socket address", l.name));
+        }
+        // No address at all: an internal listener (Envoy-to-Envoy plumbing).
+        return out;
+    };
+    let Ok((ip, port, protocol)) = parse_socket_address(sa) else {
         ignored.push(format!("Listener {:?}: no IP socket address", l.name));
         return out;
     };
     let wildcard = ip.is_unspecified();
     if protocol == Protocol::Udp || l.udp_listener_config.is_some() {
-        let cluster = l
-            .listener_filters
-            .iter()
-            .find_map(|f| match &f.config_type {
-                Some(listener_filter::ConfigType::TypedConfig(any)) => decode_udp_proxy(any),
-                _ => None,
-            });
-        // `cluster` is deprecated in favour of a matcher, but it is what a plain
-        // UDP proxy to one cluster (and every control plane today) uses.
-        #[expect(deprecated, reason = "the simple cluster form is still the common one")]
-        match cluster.and_then(|c| c.route_specifier) {
-            Some(udp_proxy_config::RouteSpecifier::Cluster(c)) if !wildcard => {
-                out.push(ServiceSpec {
-                    service: ServiceAddr {
-                        vip: ip,
-                        port,
-                        protocol: Protocol::Udp,
-                    },
-                    clusters: vec![(c, 1)],
-                })
-            }
-            _ => ignored.push(format!(
-                "Listener {:?}: UDP listener without a udp_proxy cluster on a specific IP",
-                l.name
-            )),
-        }
+        udp_service(l, ip, port, wildcard, ignored, &mut out);
         return out;
     }
-    for chain in &l.filter_chains {
-        let m = chain.filter_chain_match.as_ref();
-        let chain_port = m
-            .and_then(|m| m.destination_port.as_ref())
-            .and_then(|p| u16::try_from(p.value).ok())
-            .unwrap_or(port);
-        // The VIPs this chain serves.
-        let mut vips = Vec::new();
-        let ranges = m.map(|m| m.prefix_ranges.as_slice()).unwrap_or(&[]);
-        if ranges.is_empty() {
-            if wildcard {
-                // A catch-all chain on a wildcard listener names no VIP (HTTP
-                // virtual hosts may, below).
+    let chains = l
+        .filter_chains
+        .iter()
+        .chain(l.default_filter_chain.as_ref());
+    for chain in chains {
+        let before = out.len();
+        chain_services(l, chain, ip, port, routes, route_names, ignored, &mut out);
+        // A VIP an earlier chain of this listener serves keeps that chain (the
+        // default chain comes last: it serves what no other chain matches).
+        let earlier: BTreeSet<ServiceAddr> = out[..before].iter().map(|s| s.service).collect();
+        let mut i = before;
+        while i < out.len() {
+            if earlier.contains(&out[i].service) {
+                out.remove(i);
             } else {
-                vips.push(ip);
+                i += 1;
             }
-        }
-        for r in ranges {
-            let Ok(addr) = r.address_prefix.parse::<IpAddr>() else {
-                continue;
-            };
-            let full = if addr.is_ipv4() { 32 } else { 128 };
-            match r.prefix_len.as_ref().map_or(full, |p| p.value) {
-                len if len == full => vips.push(addr),
-                len => ignored.push(format!(
-                    "Listener {:?}: prefix range {}/{len} is not a single VIP",
-                    l.name, r.address_prefix
-                )),
-            }
-        }
-        let Some(terminal) = chain.filters.last() else {
-            continue;
-        };
-        match decode_filter(terminal) {
-            Ok(NetFilter::Tcp(t)) => {
-                let clusters = tcp_proxy_clusters(&t);
-                for vip in vips {
-                    out.push(ServiceSpec {
-                        service: ServiceAddr {
-                            vip,
-                            port: chain_port,
-                            protocol: Protocol::Tcp,
-                        },
-                        clusters: clusters.clone(),
-                    });
-                }
-            }
-            Ok(NetFilter::Http(h)) => {
-                let rc = match &h.route_specifier {
-                    Some(http_connection_manager::RouteSpecifier::Rds(rds)) => {
-                        route_names.insert(rds.route_config_name.clone());
-                        routes
-                            .get(&rds.route_config_name)
-                            .map(|rc| std::borrow::Cow::Owned(rc.decode()))
-                    }
-                    Some(http_connection_manager::RouteSpecifier::RouteConfig(rc)) => {
-                        Some(std::borrow::Cow::Borrowed(rc))
-                    }
-                    _ => {
-                        ignored.push(format!(
-                            "Listener {:?}: HTTP filter without RDS or inline routes",
-                            l.name
-                        ));
-                        None
-                    }
-                };
-                if let Some(rc) = rc {
-                    if vips.is_empty() {
-                        http_services(&rc, None, chain_port, &mut out);
-                    }
-                    for vip in vips {
-                        http_services(&rc, Some(vip), chain_port, &mut out);
-                    }
-                }
-            }
-            Ok(NetFilter::Other(name)) => {
-                ignored.push(format!(
-                    "Listener {:?}: terminal filter {name} is not supported",
-                    l.name
-                ));
-            }
-            Err(e) => ignored.push(format!("Listener {:?}: {e}", l.name)),
         }
     }
     out
 }
 
-/// The backends of a load assignment, by Envoy's rules: the lowest priority with a
-/// healthy (HEALTHY/UNKNOWN) endpoint wins; DEGRADED endpoints only when no priority
-/// has a healthy one; DRAINING/UNHEALTHY/TIMEOUT get no new connections (they are
-/// kept as draining so established connections continue). Weights are locality
-/// weight × endpoint weight.
-pub fn assignment_backends(cla: &ClusterLoadAssignment) -> Vec<Backend> {
-    let healthy = |s: i32| s == HealthStatus::Unknown as i32 || s == HealthStatus::Healthy as i32;
-    let degraded = |s: i32| s == HealthStatus::Degraded as i32;
-    let mut entries = Vec::new(); // (priority, status, backend)
-    for loc in &cla.endpoints {
-        let loc_weight = loc
-            .load_balancing_weight
-            .as_ref()
-            .map_or(1, |w| w.value.max(1));
-        for lb in &loc.lb_endpoints {
-            let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &lb.host_identifier else {
-                continue;
+fn udp_service(
+    l: &Listener,
+    ip: IpAddr,
+    port: u16,
+    wildcard: bool,
+    ignored: &mut Vec<String>,
+    out: &mut Vec<ServiceSpec>,
+) {
+    let cluster = l
+        .listener_filters
+        .iter()
+        .find_map(|f| match &f.config_type {
+            Some(listener_filter::ConfigType::TypedConfig(any)) => decode_udp_proxy(any),
+            _ => None,
+        });
+    // `cluster` is deprecated in favour of a matcher, but it is what a plain UDP
+    // proxy to one cluster (and every control plane today) uses.
+    #[expect(deprecated, reason = "the simple cluster form is still the common one")]
+    match cluster.and_then(|c| c.route_specifier) {
+        Some(udp_proxy_config::RouteSpecifier::Cluster(c)) if !wildcard => {
+            let service = ServiceAddr {
+                vip: ip,
+                port,
+                protocol: Protocol::Udp,
             };
-            let Some(Ok((ip, port, _))) =
-                socket_address_of(ep.address.as_ref()).map(parse_socket_address)
-            else {
-                continue;
-            };
-            let weight = lb
-                .load_balancing_weight
-                .as_ref()
-                .map_or(1, |w| w.value.max(1));
-            let b = Backend::new(ip, port).weighted(loc_weight.saturating_mul(weight));
-            entries.push((loc.priority, lb.health_status, b));
+            out.push(ServiceSpec::new(service, vec![(c, 1)], precedence::BOUND));
         }
+        _ => ignored.push(format!(
+            "Listener {:?}: UDP listener without a udp_proxy cluster on a specific IP",
+            l.name
+        )),
     }
-    let chosen = entries
-        .iter()
-        .filter(|(_, s, _)| healthy(*s))
-        .map(|(p, _, _)| *p)
-        .min();
-    let use_degraded = chosen.is_none();
-    let degraded_priority = entries
-        .iter()
-        .filter(|(_, s, _)| degraded(*s))
-        .map(|(p, _, _)| *p)
-        .min();
-    let mut out: Vec<Backend> = Vec::new();
-    for (p, s, b) in &entries {
-        let active = match chosen {
-            Some(c) => *p == c && healthy(*s),
-            None => use_degraded && Some(*p) == degraded_priority && degraded(*s),
+}
+
+/// The services one filter chain serves.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the listener's parts, passed down once"
+)]
+fn chain_services(
+    l: &Listener,
+    chain: &FilterChain,
+    ip: IpAddr,
+    port: u16,
+    routes: &BTreeMap<String, Encoded<RouteConfiguration>>,
+    route_names: &mut BTreeSet<String>,
+    ignored: &mut Vec<String>,
+    out: &mut Vec<ServiceSpec>,
+) {
+    let wildcard = ip.is_unspecified();
+    let m = chain.filter_chain_match.as_ref();
+    let chain_port = m
+        .and_then(|m| m.destination_port.as_ref())
+        .and_then(|p| u16::try_from(p.value).ok())
+        .unwrap_or(port);
+    // The VIPs this chain serves.
+    let mut vips = Vec::new();
+    let ranges = m.map(|m| m.prefix_ranges.as_slice()).unwrap_or(&[]);
+    if ranges.is_empty() && !wildcard {
+        vips.push(ip);
+    }
+    // A catch-all chain on a wildcard listener names no VIP (HTTP virtual hosts
+    // may, below).
+    for r in ranges {
+        let Ok(addr) = r.address_prefix.parse::<IpAddr>() else {
+            continue;
         };
-        if active {
-            out.push(*b);
-        } else if !healthy(*s) && !degraded(*s) {
-            out.push(b.draining());
+        let full = if addr.is_ipv4() { 32 } else { 128 };
+        match r.prefix_len.as_ref().map_or(full, |p| p.value) {
+            len if len == full => vips.push(addr),
+            len => ignored.push(format!(
+                "Listener {:?}: prefix range {}/{len} is not a single VIP",
+                l.name, r.address_prefix
+            )),
         }
     }
-    merge(out)
-}
-
-/// Merges duplicates (same address and port): active wins, weights add.
-fn merge(backends: Vec<Backend>) -> Vec<Backend> {
-    let mut by: BTreeMap<(IpAddr, u16), Backend> = BTreeMap::new();
-    for b in backends {
-        by.entry((b.address, b.port))
-            .and_modify(|e| match (e.state, b.state) {
-                (BackendState::Active, BackendState::Active) => {
-                    e.weight = e.weight.saturating_add(b.weight)
-                }
-                (BackendState::Draining, BackendState::Active) => *e = b,
-                _ => {}
-            })
-            .or_insert(b);
-    }
-    by.into_values().collect()
-}
-
-/// Where a cluster's endpoints come from: the EDS name it subscribes to, or its
-/// inline load assignment (STATIC). Other discovery types are not supported.
-pub fn cluster_source(
-    c: &Cluster,
-) -> Result<(Option<String>, Option<&ClusterLoadAssignment>), String> {
-    let ty = match &c.cluster_discovery_type {
-        Some(cluster::ClusterDiscoveryType::Type(t)) => *t,
-        Some(cluster::ClusterDiscoveryType::ClusterType(ct)) => {
-            return Err(format!("custom cluster type {}", ct.name));
-        }
-        None => cluster::DiscoveryType::Static as i32,
-    };
-    if ty == cluster::DiscoveryType::Eds as i32 {
-        let name = c
-            .eds_cluster_config
-            .as_ref()
-            .map(|e| e.service_name.as_str())
-            .filter(|n| !n.is_empty())
-            .unwrap_or(&c.name);
-        Ok((Some(name.to_owned()), None))
-    } else if ty == cluster::DiscoveryType::Static as i32 {
-        Ok((None, c.load_assignment.as_ref()))
+    let precedence = if wildcard {
+        precedence::PREFIX_RANGE
     } else {
-        Err(format!(
-            "discovery type {} is not supported (EDS and STATIC are)",
-            cluster::DiscoveryType::try_from(ty)
-                .map_or_else(|_| ty.to_string(), |t| t.as_str_name().to_owned())
-        ))
-    }
-}
-
-/// A cluster's backends (`None` while its EDS resource has not arrived).
-fn backends_of_cluster(
-    c: &Cluster,
-    res: &Resources,
-    eds_names: &mut BTreeSet<String>,
-) -> Result<Option<Vec<Backend>>, String> {
-    match cluster_source(c)? {
-        (Some(eds), _) => {
-            let backends = res
-                .endpoints
-                .get(&eds)
-                .map(|e| assignment_backends(&e.decode()));
-            eds_names.insert(eds);
-            Ok(backends)
-        }
-        (None, inline) => Ok(Some(inline.map(assignment_backends).unwrap_or_default())),
-    }
-}
-
-/// Translates everything. `previous` (first match wins) supplies the backends of services whose
-/// clusters are still warming, so a service never flaps to empty while its
-/// endpoints are on the way.
-pub fn translate(res: &Resources, previous: &[&RoutingTable]) -> Translation {
-    let mut t = Translation::default();
-    let mut specs = Vec::new();
-    for l in res.listeners.values() {
-        specs.extend(listener_services(
-            &l.decode(),
-            &res.routes,
-            &mut t.route_names,
-            &mut t.ignored,
-        ));
-    }
-    // Backends per cluster (None: not known yet).
-    let mut cluster_backends: BTreeMap<String, Option<Vec<Backend>>> = BTreeMap::new();
-    for spec in &specs {
-        for (name, _) in &spec.clusters {
-            if cluster_backends.contains_key(name.as_str()) {
-                continue;
+        precedence::BOUND
+    };
+    let tcp = |vip| ServiceAddr {
+        vip,
+        port: chain_port,
+        protocol: Protocol::Tcp,
+    };
+    let Some(terminal) = chain.filters.last() else {
+        return;
+    };
+    match decode_filter(terminal) {
+        Ok(NetFilter::Tcp(t)) => {
+            let clusters = tcp_proxy_clusters(&t);
+            for vip in vips {
+                out.push(ServiceSpec::new(tcp(vip), clusters.clone(), precedence));
             }
-            let backends = match res.clusters.get(name) {
-                None => None,
-                Some(c) => match backends_of_cluster(&c.decode(), res, &mut t.eds_names) {
-                    Ok(backends) => backends,
-                    Err(why) => {
-                        t.ignored.push(format!("Cluster {name:?}: {why}"));
-                        Some(Vec::new())
+        }
+        Ok(NetFilter::Http(h)) => {
+            let rc = match &h.route_specifier {
+                Some(http_connection_manager::RouteSpecifier::Rds(rds)) => {
+                    route_names.insert(rds.route_config_name.clone());
+                    match routes.get(&rds.route_config_name) {
+                        Some(rc) => Some(std::borrow::Cow::Owned(rc.decode())),
+                        None => {
+                            for vip in vips {
+                                let mut spec = ServiceSpec::new(tcp(vip), Vec::new(), precedence);
+                                spec.route_pending = true;
+                                out.push(spec);
+                            }
+                            return;
+                        }
                     }
-                },
+                }
+                Some(http_connection_manager::RouteSpecifier::RouteConfig(rc)) => {
+                    Some(std::borrow::Cow::Borrowed(rc))
+                }
+                _ => {
+                    ignored.push(format!(
+                        "Listener {:?}: HTTP filter without RDS or inline routes",
+                        l.name
+                    ));
+                    None
+                }
             };
-            cluster_backends.insert(name.clone(), backends);
+            if let Some(rc) = rc {
+                if vips.is_empty() {
+                    http_services(&rc, None, chain_port, precedence, out);
+                }
+                for vip in vips {
+                    http_services(&rc, Some(vip), chain_port, precedence, out);
+                }
+            }
         }
-    }
-    // EDS names of clusters no listener uses are still subscribed (Envoy warms every
-    // cluster it knows).
-    for c in res.clusters.values() {
-        if let Ok((Some(eds), _)) = cluster_source(&c.decode()) {
-            t.eds_names.insert(eds);
-        }
-    }
-    let mut defined = BTreeSet::new();
-    for spec in specs {
-        // The first definition (by listener name) wins, even while it warms.
-        if !defined.insert(spec.service) {
-            t.ignored.push(format!(
-                "service {} is defined twice; the first definition wins",
-                spec.service
+        Ok(NetFilter::Other(name)) => {
+            ignored.push(format!(
+                "Listener {:?}: terminal filter {name} is not supported",
+                l.name
             ));
-            continue;
         }
-        let parts: Option<Vec<(u32, &Vec<Backend>)>> = spec
-            .clusters
-            .iter()
-            .map(|(name, w)| {
-                cluster_backends
-                    .get(name.as_str())
-                    .and_then(|b| b.as_ref())
-                    .map(|b| (*w, b))
-            })
-            .collect();
-        let Some(parts) = parts else {
-            t.warming.push(spec.service);
-            if let Some(old) = previous.iter().find_map(|t| t.services.get(&spec.service)) {
-                t.table.insert(spec.service, old.clone());
-            }
-            continue;
-        };
-        let family_v4 = spec.service.vip.is_ipv4();
-        let backends = combine(&parts, family_v4);
-        t.table.insert(spec.service, backends);
+        Err(e) => ignored.push(format!("Listener {:?}: {e}", l.name)),
     }
-    t
-}
-
-/// Combines weighted clusters into one backend list: a backend's weight is its
-/// cluster's share times its share within the cluster, scaled to integers. Backends
-/// of the other address family are left out.
-pub fn combine(parts: &[(u32, &Vec<Backend>)], v4: bool) -> Vec<Backend> {
-    let same_family = |b: &&Backend| b.address.is_ipv4() == v4;
-    if let [(_, only)] = parts {
-        return merge(only.iter().filter(same_family).copied().collect());
-    }
-    let active_parts: Vec<(f64, f64, &Vec<Backend>)> = parts
-        .iter()
-        .map(|(w, bs)| {
-            let sum: u64 = bs
-                .iter()
-                .filter(same_family)
-                .filter(|b| b.state == BackendState::Active)
-                .map(|b| u64::from(b.weight))
-                .sum();
-            (f64::from(*w), sum as f64, *bs)
-        })
-        .collect();
-    let total_cluster_weight: f64 = active_parts
-        .iter()
-        .filter(|(_, s, _)| *s > 0.0)
-        .map(|(w, _, _)| w)
-        .sum();
-    const SCALE: f64 = 1_000_000.0;
-    let mut out = Vec::new();
-    for (w, sum, bs) in active_parts {
-        for b in bs.iter().filter(same_family) {
-            if b.state == BackendState::Active && sum > 0.0 {
-                let share = w / total_cluster_weight * f64::from(b.weight) / sum;
-                // Truncation to an integer weight is the intent; at least 1.
-                #[expect(
-                    clippy::cast_possible_truncation,
-                    clippy::cast_sign_loss,
-                    reason = "bounded by SCALE"
-                )]
-                let weight = ((share * SCALE).round() as u32).max(1);
-                out.push(b.weighted(weight));
-            } else if b.state == BackendState::Draining {
-                out.push(*b);
-            }
-        }
-    }
-    merge(out)
 }

@@ -1,0 +1,440 @@
+//! Clusters → backends: where a cluster's endpoints come from (EDS, inline,
+//! resolved host names, or the original destination), Envoy's priority and health
+//! rules over a load assignment, and weighted clusters combined into one backend
+//! list.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use prost::Message as _;
+use sockmesh_proto::pb::envoy::{
+    config::{
+        cluster::v3::{Cluster, cluster},
+        core::v3::{HealthStatus, SocketAddress, address},
+        endpoint::v3::{ClusterLoadAssignment, lb_endpoint},
+    },
+    extensions::network::dns_resolver::cares::v3::CaresDnsResolverConfig,
+};
+
+use super::{
+    resources::Resources,
+    validate::{parse_host_port, parse_socket_address, socket_address_of},
+};
+use crate::model::{Backend, BackendState};
+
+/// The c-ares resolver config (`typed_dns_resolver_config`), the only one Envoy
+/// ships on Linux.
+const CARES: &str =
+    "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig";
+
+/// Envoy's default `dns_refresh_rate`.
+pub const DEFAULT_DNS_REFRESH: Duration = Duration::from_secs(5);
+
+/// Which address families a DNS cluster asks for (`dns_lookup_family`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DnsFamily {
+    /// IPv6, falling back to IPv4 when a name has no IPv6 address (Envoy's AUTO).
+    #[default]
+    Auto,
+    V4Only,
+    V6Only,
+    /// IPv4, falling back to IPv6.
+    V4Preferred,
+    /// Both.
+    All,
+}
+
+/// What the agent resolves for a STRICT_DNS or LOGICAL_DNS cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsTarget {
+    /// Host names of its endpoints (IP literals need no resolution).
+    pub hosts: BTreeSet<String>,
+    pub family: DnsFamily,
+    /// `dns_refresh_rate` (default 5 s).
+    pub refresh: Duration,
+    /// `respect_dns_ttl`: refresh when the answer's TTL runs out instead.
+    pub respect_ttl: bool,
+    /// Name servers from `typed_dns_resolver_config` (c-ares `resolvers`) or the
+    /// deprecated `dns_resolvers`; empty: the node's `/etc/resolv.conf`.
+    pub resolvers: Vec<SocketAddr>,
+}
+
+/// The last good answers for one cluster's host names.
+pub type DnsAnswers = BTreeMap<String, Vec<IpAddr>>;
+
+/// Where a cluster's endpoints come from.
+#[derive(Debug)]
+pub enum ClusterSource<'a> {
+    /// EDS, under this service name.
+    Eds(String),
+    /// Inline (STATIC), if any.
+    Static(Option<&'a ClusterLoadAssignment>),
+    /// ORIGINAL_DST: a connection goes to the address the client asked for.
+    OriginalDst,
+    /// Host names the agent resolves; `logical` (LOGICAL_DNS) uses only the first
+    /// address of its one host.
+    Dns {
+        target: DnsTarget,
+        assignment: Option<&'a ClusterLoadAssignment>,
+        logical: bool,
+    },
+}
+
+/// A cluster's endpoints as they stand.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClusterBackends {
+    /// Not known yet: EDS not received, names not resolved yet.
+    Warming,
+    /// The original destination (ORIGINAL_DST).
+    Passthrough,
+    Backends(Vec<Backend>),
+}
+
+/// Where a cluster's endpoints come from. Other discovery types (custom cluster
+/// types) are not supported: the error says why.
+pub fn cluster_source(c: &Cluster) -> Result<ClusterSource<'_>, String> {
+    use cluster::DiscoveryType as T;
+    let ty = match &c.cluster_discovery_type {
+        Some(cluster::ClusterDiscoveryType::Type(t)) => T::try_from(*t).ok(),
+        Some(cluster::ClusterDiscoveryType::ClusterType(ct)) => {
+            return Err(format!("custom cluster type {} is not supported", ct.name));
+        }
+        None => Some(T::Static),
+    };
+    match ty {
+        Some(T::Eds) => {
+            let name = c
+                .eds_cluster_config
+                .as_ref()
+                .map(|e| e.service_name.as_str())
+                .filter(|n| !n.is_empty())
+                .unwrap_or(&c.name);
+            Ok(ClusterSource::Eds(name.to_owned()))
+        }
+        Some(T::Static) => Ok(ClusterSource::Static(c.load_assignment.as_ref())),
+        Some(T::OriginalDst) => Ok(ClusterSource::OriginalDst),
+        Some(t @ (T::StrictDns | T::LogicalDns)) => Ok(ClusterSource::Dns {
+            target: dns_target(c),
+            assignment: c.load_assignment.as_ref(),
+            logical: t == T::LogicalDns,
+        }),
+        None => Err("unknown discovery type".into()),
+    }
+}
+
+#[expect(
+    deprecated,
+    reason = "dns_refresh_rate, respect_dns_ttl and dns_resolvers are what istiod sends"
+)]
+fn dns_target(c: &Cluster) -> DnsTarget {
+    use cluster::DnsLookupFamily as F;
+    let mut hosts = BTreeSet::new();
+    for ep in endpoints_of(c.load_assignment.as_ref()) {
+        if let Some(sa) = socket_address_of(ep.address.as_ref())
+            && sa.address.parse::<IpAddr>().is_err()
+            && let Ok((host, _)) = parse_host_port(sa)
+        {
+            hosts.insert(host);
+        }
+    }
+    let family = match F::try_from(c.dns_lookup_family) {
+        Ok(F::V4Only) => DnsFamily::V4Only,
+        Ok(F::V6Only) => DnsFamily::V6Only,
+        Ok(F::V4Preferred) => DnsFamily::V4Preferred,
+        Ok(F::All) => DnsFamily::All,
+        Ok(F::Auto) | Err(_) => DnsFamily::Auto,
+    };
+    let refresh = c
+        .dns_refresh_rate
+        .as_ref()
+        .and_then(|d| {
+            let secs = u64::try_from(d.seconds).ok()?;
+            let nanos = u32::try_from(d.nanos).ok()?;
+            Some(Duration::new(secs, nanos))
+        })
+        .filter(|d| !d.is_zero())
+        .unwrap_or(DEFAULT_DNS_REFRESH);
+    let socket = |a: &SocketAddress| -> Option<SocketAddr> {
+        let ip: IpAddr = a.address.parse().ok()?;
+        let port = match a.port_specifier {
+            Some(sockmesh_proto::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(p)) => {
+                u16::try_from(p).ok().filter(|p| *p != 0)?
+            }
+            _ => 53,
+        };
+        Some(SocketAddr::new(ip, port))
+    };
+    let mut resolvers: Vec<SocketAddr> = c
+        .typed_dns_resolver_config
+        .as_ref()
+        .and_then(|t| t.typed_config.as_ref())
+        .filter(|any| any.type_url == CARES)
+        .and_then(|any| CaresDnsResolverConfig::decode(any.value.as_slice()).ok())
+        .map(|cares| {
+            cares
+                .resolvers
+                .iter()
+                .filter_map(|a| match a.address.as_ref()? {
+                    address::Address::SocketAddress(sa) => socket(sa),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if resolvers.is_empty() {
+        resolvers = c
+            .dns_resolvers
+            .iter()
+            .filter_map(|a| match a.address.as_ref()? {
+                address::Address::SocketAddress(sa) => socket(sa),
+                _ => None,
+            })
+            .collect();
+    }
+    DnsTarget {
+        hosts,
+        family,
+        refresh,
+        respect_ttl: c.respect_dns_ttl,
+        resolvers,
+    }
+}
+
+fn endpoints_of(
+    cla: Option<&ClusterLoadAssignment>,
+) -> impl Iterator<Item = &sockmesh_proto::pb::envoy::config::endpoint::v3::Endpoint> {
+    cla.into_iter()
+        .flat_map(|c| &c.endpoints)
+        .flat_map(|l| &l.lb_endpoints)
+        .filter_map(|lb| match &lb.host_identifier {
+            Some(lb_endpoint::HostIdentifier::Endpoint(ep)) => Some(ep),
+            _ => None,
+        })
+}
+
+/// A cluster's backends from the accepted resources (and, for a DNS cluster, the
+/// last good answers in `res.dns`).
+pub fn cluster_backends(
+    name: &str,
+    source: &ClusterSource<'_>,
+    res: &Resources,
+) -> ClusterBackends {
+    match source {
+        ClusterSource::Eds(eds) => res
+            .endpoints
+            .get(eds)
+            .map_or(ClusterBackends::Warming, |e| {
+                ClusterBackends::Backends(assignment_backends(&e.decode()))
+            }),
+        ClusterSource::Static(cla) => {
+            ClusterBackends::Backends(cla.map(assignment_backends).unwrap_or_default())
+        }
+        ClusterSource::OriginalDst => ClusterBackends::Passthrough,
+        ClusterSource::Dns {
+            target,
+            assignment,
+            logical,
+        } => {
+            let answers = res.dns.get(name);
+            if target
+                .hosts
+                .iter()
+                .any(|h| answers.is_none_or(|a| !a.contains_key(h)))
+            {
+                return ClusterBackends::Warming;
+            }
+            let empty = DnsAnswers::new();
+            let answers = answers.unwrap_or(&empty);
+            let backends = assignment.map_or_else(Vec::new, |cla| {
+                backends_with(cla, |sa| {
+                    let (host, port) = parse_host_port(sa).ok()?;
+                    let addrs: Vec<IpAddr> = match host.parse::<IpAddr>() {
+                        Ok(ip) => vec![ip],
+                        Err(_) => answers.get(&host).cloned().unwrap_or_default(),
+                    };
+                    let take = if *logical { 1 } else { addrs.len() };
+                    Some(addrs.into_iter().take(take).map(|ip| (ip, port)).collect())
+                })
+            });
+            ClusterBackends::Backends(backends)
+        }
+    }
+}
+
+/// The backends of a load assignment, by Envoy's rules: the lowest priority with a
+/// healthy (HEALTHY/UNKNOWN) endpoint wins; DEGRADED endpoints only when no priority
+/// has a healthy one; DRAINING/UNHEALTHY/TIMEOUT get no new connections (they are
+/// kept as draining so established connections continue). Weights are locality
+/// weight × endpoint weight.
+pub fn assignment_backends(cla: &ClusterLoadAssignment) -> Vec<Backend> {
+    backends_with(cla, |sa| {
+        parse_socket_address(sa)
+            .ok()
+            .map(|(ip, port, _)| vec![(ip, port)])
+    })
+}
+
+/// [`assignment_backends`] with each endpoint's socket address turned into
+/// addresses by `addresses` (one for an IP; the resolved ones for a host name).
+fn backends_with(
+    cla: &ClusterLoadAssignment,
+    addresses: impl Fn(&SocketAddress) -> Option<Vec<(IpAddr, u16)>>,
+) -> Vec<Backend> {
+    let healthy = |s: i32| s == HealthStatus::Unknown as i32 || s == HealthStatus::Healthy as i32;
+    let degraded = |s: i32| s == HealthStatus::Degraded as i32;
+    let mut entries = Vec::new(); // (priority, status, backend)
+    for loc in &cla.endpoints {
+        let loc_weight = loc
+            .load_balancing_weight
+            .as_ref()
+            .map_or(1, |w| w.value.max(1));
+        for lb in &loc.lb_endpoints {
+            let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &lb.host_identifier else {
+                continue;
+            };
+            let Some(addrs) = socket_address_of(ep.address.as_ref()).and_then(&addresses) else {
+                continue;
+            };
+            let weight = lb
+                .load_balancing_weight
+                .as_ref()
+                .map_or(1, |w| w.value.max(1));
+            for (ip, port) in addrs {
+                let b = Backend::new(ip, port).weighted(loc_weight.saturating_mul(weight));
+                entries.push((loc.priority, lb.health_status, b));
+            }
+        }
+    }
+    let chosen = entries
+        .iter()
+        .filter(|(_, s, _)| healthy(*s))
+        .map(|(p, _, _)| *p)
+        .min();
+    let use_degraded = chosen.is_none();
+    let degraded_priority = entries
+        .iter()
+        .filter(|(_, s, _)| degraded(*s))
+        .map(|(p, _, _)| *p)
+        .min();
+    let mut out: Vec<Backend> = Vec::new();
+    for (p, s, b) in &entries {
+        let active = match chosen {
+            Some(c) => *p == c && healthy(*s),
+            None => use_degraded && Some(*p) == degraded_priority && degraded(*s),
+        };
+        if active {
+            out.push(*b);
+        } else if !healthy(*s) && !degraded(*s) {
+            out.push(b.draining());
+        }
+    }
+    merge(out)
+}
+
+/// Merges duplicates (same address and port): active wins, weights add.
+fn merge(backends: Vec<Backend>) -> Vec<Backend> {
+    let mut by: BTreeMap<(IpAddr, u16), Backend> = BTreeMap::new();
+    for b in backends {
+        by.entry((b.address, b.port))
+            .and_modify(|e| match (e.state, b.state) {
+                (BackendState::Active, BackendState::Active) => {
+                    e.weight = e.weight.saturating_add(b.weight)
+                }
+                (BackendState::Draining, BackendState::Active) => *e = b,
+                _ => {}
+            })
+            .or_insert(b);
+    }
+    by.into_values().collect()
+}
+
+/// Combines weighted clusters into one backend list: a backend's weight is its
+/// cluster's share times its share within the cluster, scaled to integers. Backends
+/// of the other address family are left out.
+pub fn combine(parts: &[(u32, &Vec<Backend>)], v4: bool) -> Vec<Backend> {
+    let same_family = |b: &&Backend| b.address.is_ipv4() == v4;
+    if let [(_, only)] = parts {
+        return merge(only.iter().filter(same_family).copied().collect());
+    }
+    let active_parts: Vec<(f64, f64, &Vec<Backend>)> = parts
+        .iter()
+        .map(|(w, bs)| {
+            let sum: u64 = bs
+                .iter()
+                .filter(same_family)
+                .filter(|b| b.state == BackendState::Active)
+                .map(|b| u64::from(b.weight))
+                .sum();
+            (f64::from(*w), sum as f64, *bs)
+        })
+        .collect();
+    let total_cluster_weight: f64 = active_parts
+        .iter()
+        .filter(|(_, s, _)| *s > 0.0)
+        .map(|(w, _, _)| w)
+        .sum();
+    const SCALE: f64 = 1_000_000.0;
+    let mut out = Vec::new();
+    for (w, sum, bs) in active_parts {
+        for b in bs.iter().filter(same_family) {
+            if b.state == BackendState::Active && sum > 0.0 {
+                let share = w / total_cluster_weight * f64::from(b.weight) / sum;
+                // Truncation to an integer weight is the intent; at least 1.
+                #[expect(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    reason = "bounded by SCALE"
+                )]
+                let weight = ((share * SCALE).round() as u32).max(1);
+                out.push(b.weighted(weight));
+            } else if b.state == BackendState::Draining {
+                out.push(*b);
+            }
+        }
+    }
+    merge(out)
+}
+
+/// What a service resolves to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServiceBackends {
+    /// A route, cluster or load assignment it needs has not arrived: it keeps its
+    /// previous backends.
+    Warming,
+    /// Every cluster forwards to the original destination: no entry, connections
+    /// go where the application sent them.
+    Passthrough,
+    Backends(Vec<Backend>),
+}
+
+/// The backends of `spec`, given each cluster's (`None`: the cluster is unknown).
+/// A pass-through cluster among weighted ones contributes the original
+/// destination, the service address itself, with its cluster's weight.
+pub fn service_backends<'a>(
+    spec: &super::translate::ServiceSpec,
+    cluster: impl Fn(&str) -> Option<&'a ClusterBackends>,
+) -> ServiceBackends {
+    if spec.route_pending {
+        return ServiceBackends::Warming;
+    }
+    let original = vec![Backend::new(spec.service.vip, spec.service.port)];
+    let mut parts: Vec<(u32, &Vec<Backend>)> = Vec::with_capacity(spec.clusters.len());
+    let mut passthrough = 0;
+    for (name, weight) in &spec.clusters {
+        match cluster(name) {
+            None | Some(ClusterBackends::Warming) => return ServiceBackends::Warming,
+            Some(ClusterBackends::Passthrough) => {
+                passthrough += 1;
+                parts.push((*weight, &original));
+            }
+            Some(ClusterBackends::Backends(b)) => parts.push((*weight, b)),
+        }
+    }
+    if passthrough > 0 && passthrough == parts.len() {
+        return ServiceBackends::Passthrough;
+    }
+    ServiceBackends::Backends(combine(&parts, spec.service.vip.is_ipv4()))
+}

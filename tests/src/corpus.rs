@@ -1,0 +1,440 @@
+//! Real Istio config dumps (`../shared/xds-corpus/`, third-party, never copied into
+//! the project) as xDS input, and what Envoy would do with them.
+//!
+//! [`Corpus::expected`] is an oracle written from Envoy's documented behaviour and
+//! the dump itself, over the JSON, sharing no code with sockmesh's translation:
+//! - the listener a connection to `VIP:port` reaches is the one bound to exactly
+//!   that address, else the wildcard (`0.0.0.0`) listener on the port
+//!   (original-destination matching); in a wildcard listener a filter chain whose
+//!   `prefix_ranges` hold the VIP beats one without;
+//! - a chain ending in `tcp_proxy` sends to its `cluster` or `weighted_clusters`;
+//!   one ending in `http_connection_manager` to the catch-all route (`prefix: /`)
+//!   of the virtual host whose `domains` name the VIP (or `VIP:port`), else of
+//!   `*`; a socket-level balancer cannot see whether the application speaks HTTP,
+//!   so the HTTP chain is taken before the `default_filter_chain` (a raw TCP
+//!   client would get the latter: in Istio both name the same cluster);
+//! - INBOUND listeners describe traffic to this pod, not from it; listeners
+//!   without a socket address are internal listeners;
+//! - an `ORIGINAL_DST` cluster forwards to the address the client asked for: the
+//!   service gets no entry; an EDS cluster's endpoints are its load assignment's,
+//!   the lowest priority with a healthy (HEALTHY or UNKNOWN) endpoint,
+//!   weight = locality weight × endpoint weight; a STATIC cluster's come inline
+//!   (BlackHoleCluster has none: connections are refused).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use serde_json::Value;
+
+/// Where the corpus is: `SOCKMESH_XDS_CORPUS`, else `../shared/xds-corpus` beside
+/// the project. `None` (the tests then skip, saying so) if it is not there.
+pub fn corpus_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("SOCKMESH_XDS_CORPUS").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/xds-corpus"),
+        PathBuf::from,
+    );
+    dir.is_dir().then_some(dir)
+}
+
+/// The config dumps in the corpus, by file name.
+pub fn corpus_files() -> Vec<PathBuf> {
+    let Some(dir) = corpus_dir() else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "json" || e == "yaml"))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+/// The dynamic resources of one dump, each a JSON object with its `@type`.
+pub struct Corpus {
+    pub name: String,
+    pub listeners: Vec<Value>,
+    pub clusters: Vec<Value>,
+    pub endpoints: Vec<Value>,
+    pub routes: Vec<Value>,
+}
+
+/// Clusters with their weights.
+type Clusters = Vec<(String, f64)>;
+
+/// One expected service: its backends (address, port) and each one's share of
+/// new connections.
+pub type Backends = BTreeMap<(IpAddr, u16), f64>;
+
+/// What Envoy would do with a dump's services.
+#[derive(Debug, Default)]
+pub struct Expected {
+    /// Services with their backends (an empty map: connections refused).
+    pub services: BTreeMap<String, Backends>,
+    /// Services whose traffic Envoy sends to the original destination.
+    pub passthrough: BTreeSet<String>,
+    /// Services whose clusters or endpoints the dump does not hold.
+    pub warming: BTreeSet<String>,
+}
+
+impl Corpus {
+    /// Reads a dump (every file is JSON, whatever its extension). Only the dynamic
+    /// resources are taken, active listeners only, and load assignments only of EDS
+    /// clusters (the dump lists those of STATIC and ORIGINAL_DST clusters too); a dump
+    /// without clusters keeps all its load assignments.
+    pub fn load(path: &Path) -> Self {
+        let text = std::fs::read_to_string(path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        let dump: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
+        let mut c = Corpus {
+            name: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            listeners: Vec::new(),
+            clusters: Vec::new(),
+            endpoints: Vec::new(),
+            routes: Vec::new(),
+        };
+        let configs = dump["configs"].as_array().cloned().unwrap_or_default();
+        let of = |suffix: &str| {
+            configs.iter().find(|cfg| {
+                cfg["@type"]
+                    .as_str()
+                    .is_some_and(|t| t.rsplit('.').next() == Some(suffix))
+            })
+        };
+        let list = |v: Option<&Value>, key: &str| -> Vec<Value> {
+            v.and_then(|v| v[key].as_array().cloned())
+                .unwrap_or_default()
+        };
+        for l in list(of("ListenersConfigDump"), "dynamic_listeners") {
+            if !l["active_state"]["listener"].is_null() {
+                c.listeners.push(l["active_state"]["listener"].clone());
+            }
+        }
+        for cl in list(of("ClustersConfigDump"), "dynamic_active_clusters") {
+            c.clusters.push(cl["cluster"].clone());
+        }
+        for r in list(of("RoutesConfigDump"), "dynamic_route_configs") {
+            c.routes.push(r["route_config"].clone());
+        }
+        let eds: BTreeSet<String> = c
+            .clusters
+            .iter()
+            .filter(|cl| cl["type"] == "EDS")
+            .map(eds_name)
+            .collect();
+        for e in list(of("EndpointsConfigDump"), "dynamic_endpoint_configs") {
+            let cla = e["endpoint_config"].clone();
+            let name = cla["cluster_name"].as_str().unwrap_or_default().to_owned();
+            if c.clusters.is_empty() || eds.contains(&name) {
+                c.endpoints.push(cla);
+            }
+        }
+        c
+    }
+
+    /// Every resource, as a `DiscoveryResponse` (proto3 JSON) the file source reads.
+    pub fn discovery_response(&self) -> String {
+        let resources: Vec<&Value> = self
+            .clusters
+            .iter()
+            .chain(&self.endpoints)
+            .chain(&self.listeners)
+            .chain(&self.routes)
+            .collect();
+        serde_json::json!({"version_info": format!("corpus-{}", self.name), "resources": resources})
+            .to_string()
+    }
+
+    /// What Envoy would do (see the module documentation).
+    pub fn expected(&self) -> Expected {
+        let mut chosen: BTreeMap<String, (u8, String, Clusters)> = BTreeMap::new();
+        for l in &self.listeners {
+            let lname = l["name"].as_str().unwrap_or_default().to_owned();
+            for (service, precedence, clusters) in listener_candidates(l, &self.routes) {
+                let better = chosen
+                    .get(&service)
+                    .is_none_or(|(p, n, _)| (precedence, &lname) < (*p, n));
+                if better {
+                    chosen.insert(service, (precedence, lname.clone(), clusters));
+                }
+            }
+        }
+        let mut out = Expected::default();
+        for (service, (_, _, clusters)) in chosen {
+            match self.backends_of(&clusters) {
+                Resolution::Warming => {
+                    out.warming.insert(service);
+                }
+                Resolution::Passthrough => {
+                    out.passthrough.insert(service);
+                }
+                Resolution::Backends(b) => {
+                    out.services.insert(service, b);
+                }
+            }
+        }
+        out
+    }
+
+    fn backends_of(&self, clusters: &[(String, f64)]) -> Resolution {
+        let total: f64 = clusters.iter().map(|(_, w)| w).sum();
+        let mut out = Backends::new();
+        let mut all_passthrough = true;
+        for (name, weight) in clusters {
+            let Some(cluster) = self.clusters.iter().find(|c| c["name"] == name.as_str()) else {
+                return Resolution::Warming;
+            };
+            let cla = match cluster["type"].as_str() {
+                Some("ORIGINAL_DST") => continue,
+                Some("EDS") => {
+                    let eds = eds_name(cluster);
+                    match self
+                        .endpoints
+                        .iter()
+                        .find(|e| e["cluster_name"] == eds.as_str())
+                    {
+                        Some(cla) => cla.clone(),
+                        None => return Resolution::Warming,
+                    }
+                }
+                Some("STATIC") | None => cluster["load_assignment"].clone(),
+                Some(other) => panic!("the oracle does not resolve {other} clusters ({name})"),
+            };
+            all_passthrough = false;
+            let endpoints = healthy_endpoints(&cla);
+            let sum: f64 = endpoints.values().sum();
+            for (addr, w) in endpoints {
+                *out.entry(addr).or_default() += weight / total * w / sum;
+            }
+        }
+        if all_passthrough {
+            Resolution::Passthrough
+        } else {
+            Resolution::Backends(out)
+        }
+    }
+}
+
+enum Resolution {
+    Warming,
+    Passthrough,
+    Backends(Backends),
+}
+
+fn eds_name(cluster: &Value) -> String {
+    cluster["eds_cluster_config"]["service_name"]
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .or_else(|| cluster["name"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn port_of(v: &Value) -> Option<u16> {
+    v.as_u64().and_then(|p| u16::try_from(p).ok())
+}
+
+/// The lowest priority that has a healthy endpoint: (address, port) → weight.
+fn healthy_endpoints(cla: &Value) -> BTreeMap<(IpAddr, u16), f64> {
+    let healthy = |e: &Value| {
+        matches!(
+            e["health_status"].as_str(),
+            None | Some("HEALTHY" | "UNKNOWN")
+        )
+    };
+    let localities = cla["endpoints"].as_array().cloned().unwrap_or_default();
+    let priority = |loc: &Value| loc["priority"].as_u64().unwrap_or(0);
+    let best = localities
+        .iter()
+        .filter(|loc| {
+            loc["lb_endpoints"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(healthy))
+        })
+        .map(priority)
+        .min();
+    let mut out = BTreeMap::new();
+    for loc in localities.iter().filter(|loc| Some(priority(loc)) == best) {
+        let lw = loc["load_balancing_weight"].as_f64().unwrap_or(1.0);
+        for e in loc["lb_endpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| healthy(e))
+        {
+            let sa = &e["endpoint"]["address"]["socket_address"];
+            let (Some(ip), Some(port)) = (
+                sa["address"]
+                    .as_str()
+                    .and_then(|a| a.parse::<IpAddr>().ok()),
+                port_of(&sa["port_value"]),
+            ) else {
+                continue;
+            };
+            let w = e["load_balancing_weight"].as_f64().unwrap_or(1.0);
+            *out.entry((ip, port)).or_default() += lw * w;
+        }
+    }
+    out
+}
+
+/// (service, precedence, clusters with weights) that one listener asks for.
+/// Precedence: 0 the listener is bound to the VIP; 1 a wildcard listener's chain
+/// matching the VIP's prefix; 2 a wildcard listener's HTTP virtual host naming it.
+fn listener_candidates(l: &Value, routes: &[Value]) -> Vec<(String, u8, Clusters)> {
+    let mut out = Vec::new();
+    if l["traffic_direction"] == "INBOUND" {
+        return out;
+    }
+    let sa = &l["address"]["socket_address"];
+    let (Some(ip), Some(port)) = (
+        sa["address"]
+            .as_str()
+            .and_then(|a| a.parse::<IpAddr>().ok()),
+        port_of(&sa["port_value"]),
+    ) else {
+        return out; // an internal listener
+    };
+    assert!(
+        sa["protocol"] != "UDP",
+        "the oracle does not cover UDP listeners"
+    );
+    let wildcard = ip.is_unspecified();
+    let mut seen = BTreeSet::new();
+    let chains = l["filter_chains"].as_array().cloned().unwrap_or_default();
+    let default_chain =
+        (!l["default_filter_chain"].is_null()).then(|| l["default_filter_chain"].clone());
+    for chain in chains.iter().chain(default_chain.as_ref()) {
+        let m = &chain["filter_chain_match"];
+        let dport = port_of(&m["destination_port"]).unwrap_or(port);
+        let mut vips: Vec<IpAddr> = Vec::new();
+        let ranges = m["prefix_ranges"].as_array().cloned().unwrap_or_default();
+        for r in &ranges {
+            let Some(a) = r["address_prefix"]
+                .as_str()
+                .and_then(|a| a.parse::<IpAddr>().ok())
+            else {
+                continue;
+            };
+            let full = if a.is_ipv4() { 32 } else { 128 };
+            if r["prefix_len"].as_u64().unwrap_or(full) == full {
+                vips.push(a);
+            }
+        }
+        if ranges.is_empty() && !wildcard {
+            vips.push(ip);
+        }
+        let precedence = u8::from(wildcard);
+        let Some(terminal) = chain["filters"].as_array().and_then(|f| f.last()) else {
+            continue;
+        };
+        let config = &terminal["typed_config"];
+        let ty = config["@type"].as_str().unwrap_or_default();
+        let mut add = |vip: IpAddr, precedence: u8, clusters: Vec<(String, f64)>| {
+            let service = match vip {
+                IpAddr::V4(v) => format!("{v}:{dport}/tcp"),
+                IpAddr::V6(v) => format!("[{v}]:{dport}/tcp"),
+            };
+            if seen.insert(service.clone()) && !clusters.is_empty() {
+                out.push((service, precedence, clusters));
+            }
+        };
+        if ty.ends_with(".TcpProxy") {
+            let clusters = tcp_proxy_clusters(config);
+            for vip in vips {
+                add(vip, precedence, clusters.clone());
+            }
+        } else if ty.ends_with(".HttpConnectionManager") {
+            let rc = match config["rds"]["route_config_name"].as_str() {
+                Some(name) => routes.iter().find(|r| r["name"] == name).cloned(),
+                None => Some(config["route_config"].clone()),
+            };
+            let Some(rc) = rc else { continue };
+            let vhosts = rc["virtual_hosts"].as_array().cloned().unwrap_or_default();
+            let names = |vh: &Value, vip: IpAddr| {
+                vh["domains"].as_array().into_iter().flatten().any(|d| {
+                    let d = d.as_str().unwrap_or_default();
+                    d == vip.to_string()
+                        || d == format!("{vip}:{dport}")
+                        || d == format!("[{vip}]:{dport}")
+                })
+            };
+            for vip in vips {
+                let vh = vhosts.iter().find(|vh| names(vh, vip)).or_else(|| {
+                    vhosts.iter().find(|vh| {
+                        vh["domains"]
+                            .as_array()
+                            .is_some_and(|d| d.iter().any(|d| d == "*"))
+                    })
+                });
+                if let Some(clusters) = vh.and_then(catch_all) {
+                    add(vip, precedence, clusters);
+                }
+            }
+            if wildcard && ranges.is_empty() {
+                for vh in &vhosts {
+                    for d in vh["domains"].as_array().into_iter().flatten() {
+                        let d = d.as_str().unwrap_or_default();
+                        let ip = d.parse::<IpAddr>().ok().or_else(|| {
+                            d.parse::<std::net::SocketAddr>()
+                                .ok()
+                                .filter(|sa| sa.port() == dport)
+                                .map(|sa| sa.ip())
+                        });
+                        if let (Some(ip), Some(clusters)) = (ip, catch_all(vh)) {
+                            add(ip, 2, clusters);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn tcp_proxy_clusters(config: &Value) -> Vec<(String, f64)> {
+    if let Some(c) = config["cluster"].as_str() {
+        return vec![(c.to_owned(), 1.0)];
+    }
+    config["weighted_clusters"]["clusters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| Some((c["name"].as_str()?.to_owned(), c["weight"].as_f64()?)))
+        .filter(|(_, w)| *w > 0.0)
+        .collect()
+}
+
+/// The clusters of a virtual host's catch-all route (`prefix: /`).
+fn catch_all(vh: &Value) -> Option<Vec<(String, f64)>> {
+    let route = vh["routes"].as_array()?.iter().find(|r| {
+        matches!(r["match"]["prefix"].as_str(), Some("/" | ""))
+            || r["match"]["path_separated_prefix"] == "/"
+    })?;
+    let action = &route["route"];
+    if let Some(c) = action["cluster"].as_str() {
+        return Some(vec![(c.to_owned(), 1.0)]);
+    }
+    let weighted: Vec<(String, f64)> = action["weighted_clusters"]["clusters"]
+        .as_array()?
+        .iter()
+        .filter_map(|c| {
+            Some((
+                c["name"].as_str()?.to_owned(),
+                c["weight"].as_f64().unwrap_or(1.0),
+            ))
+        })
+        .filter(|(_, w)| *w > 0.0)
+        .collect();
+    (!weighted.is_empty()).then_some(weighted)
+}

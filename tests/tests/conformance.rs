@@ -1,0 +1,235 @@
+//! Real istiod output: the Istio sidecar config dumps in `../shared/xds-corpus/`
+//! (read from there, never copied into the project) replayed to `sockmesh agent`
+//! through the file source and through ADS (delta and SotW), and the kernel's table
+//! checked against what Envoy would do with the same resources
+//! (`sockmesh_tests::corpus`, an oracle over the dump's JSON that shares no code with
+//! sockmesh's translation): every service with its endpoints and weights, no entry
+//! for pass-through (ORIGINAL_DST) services, warming services reported as such.
+
+use std::{collections::BTreeSet, process::Stdio, time::Duration};
+
+use sockmesh::model::{BackendState, RoutingTable};
+use sockmesh_tests::{
+    Admin, Bpffs, Cgroup, Proc, TempDir, agent_command,
+    control_plane::ControlPlane,
+    corpus::{Corpus, Expected, corpus_dir, corpus_files},
+    sockmesh_bin, wait_until,
+};
+
+/// The dumps, or `None` after saying why the test does not run.
+fn corpora() -> Option<Vec<Corpus>> {
+    if corpus_dir().is_none() {
+        eprintln!(
+            "SKIPPED: the xDS corpus (../shared/xds-corpus, or SOCKMESH_XDS_CORPUS) is not on this machine"
+        );
+        return None;
+    }
+    let files = corpus_files();
+    assert!(!files.is_empty(), "the corpus folder holds no dump");
+    Some(files.iter().map(|f| Corpus::load(f)).collect())
+}
+
+/// `Ok` if the kernel's table is what Envoy would do; else what differs.
+fn compare(table: &RoutingTable, expected: &Expected) -> Result<(), String> {
+    let mut problems = Vec::new();
+    let got: BTreeSet<String> = table.services.keys().map(ToString::to_string).collect();
+    let want: BTreeSet<String> = expected.services.keys().cloned().collect();
+    for s in got.difference(&want) {
+        let why = if expected.passthrough.contains(s) {
+            " (Envoy passes it through to the original destination)"
+        } else {
+            ""
+        };
+        problems.push(format!("unexpected service {s}{why}"));
+    }
+    for s in want.difference(&got) {
+        problems.push(format!("missing service {s}"));
+    }
+    for (service, backends) in &table.services {
+        let Some(want) = expected.services.get(&service.to_string()) else {
+            continue;
+        };
+        let active: Vec<_> = backends
+            .iter()
+            .filter(|b| b.state == BackendState::Active)
+            .collect();
+        let total: f64 = active.iter().map(|b| f64::from(b.weight)).sum();
+        let got: BTreeSet<(std::net::IpAddr, u16)> =
+            active.iter().map(|b| (b.address, b.port)).collect();
+        let keys: BTreeSet<(std::net::IpAddr, u16)> = want.keys().copied().collect();
+        if got != keys {
+            problems.push(format!("{service}: backends {got:?}, Envoy: {keys:?}"));
+            continue;
+        }
+        for b in active {
+            let share = f64::from(b.weight) / total;
+            let envoy = want[&(b.address, b.port)];
+            if (share - envoy).abs() > 1e-4 {
+                problems.push(format!(
+                    "{service}: {}:{} gets {share:.4} of new connections, Envoy {envoy:.4}",
+                    b.address, b.port
+                ));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{} differences: {problems:#?}", problems.len()))
+    }
+}
+
+/// Waits for the agent to hold `expected` in the kernel, then checks what it
+/// reports about the rest.
+fn check(corpus: &Corpus, expected: &Expected, bpffs: &Bpffs, admin: &Admin) {
+    let listed = |dump: &serde_json::Value, key: &str| -> BTreeSet<String> {
+        dump[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(str::to_owned))
+            .collect()
+    };
+    wait_until(
+        &format!("{}: the agent to route as Envoy would", corpus.name),
+        Duration::from_secs(30),
+        || {
+            let table = sockmesh::dataplane::read_table(&bpffs.0).map_err(|e| e.to_string())?;
+            compare(&table, expected)?;
+            let dump = admin.dump();
+            let (passthrough, warming) = (listed(&dump, "passthrough"), listed(&dump, "warming"));
+            if passthrough != expected.passthrough {
+                return Err(format!(
+                    "passthrough {passthrough:?}, Envoy {:?}",
+                    expected.passthrough
+                ));
+            }
+            if warming != expected.warming {
+                return Err(format!("warming {warming:?}, Envoy {:?}", expected.warming));
+            }
+            Ok(())
+        },
+    );
+    eprintln!(
+        "{}: {} services as Envoy would route them ({} with no endpoint), {} passed through, {} warming",
+        corpus.name,
+        expected.services.len(),
+        expected.services.values().filter(|b| b.is_empty()).count(),
+        expected.passthrough.len(),
+        expected.warming.len(),
+    );
+}
+
+#[test]
+fn istio_dumps_through_the_file_source_route_as_envoy_would() {
+    let Some(corpora) = corpora() else { return };
+    for corpus in corpora {
+        let tmp = TempDir::new("sockmesh-corpus-");
+        let file = tmp.0.join("resources.json");
+        std::fs::write(&file, corpus.discovery_response()).expect("write");
+        let cgroup = Cgroup::new();
+        let bpffs = Bpffs::new();
+        let admin = Admin::in_dir(&tmp.0);
+        let _agent = Proc(
+            agent_command(sockmesh_bin(), &cgroup, &bpffs)
+                .arg("--xds")
+                .arg(format!("file://{}", file.display()))
+                .args(admin.args())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("agent"),
+        );
+        let version = format!("corpus-{}", corpus.name);
+        wait_until("the dump to be accepted", Duration::from_secs(30), || {
+            let dump = admin.dump();
+            (dump["xds"]["lds"]["version"] == version.as_str())
+                .then_some(())
+                .ok_or(dump)
+        });
+        let expected = corpus.expected();
+        check(&corpus, &expected, &bpffs, &admin);
+        let dump = admin.dump();
+        assert_eq!(dump["xds"]["lds"]["rejected"], 0, "{}: {dump}", corpus.name);
+        assert_eq!(dump["source_errors"], 0, "{}: {dump}", corpus.name);
+        // istiod's own extension types are carried, not rejected, and counted.
+        if corpus.discovery_response().contains("stats.PluginConfig") {
+            let counted = admin.metric(
+                "sockmesh_xds_opaque_configs_total{type_url=\"type.googleapis.com/stats.PluginConfig\"}",
+            );
+            assert!(
+                counted.is_some_and(|n| n > 0.0),
+                "{}: {counted:?}",
+                corpus.name
+            );
+        }
+    }
+}
+
+/// The resources of a dump as the control plane serves them: (name, Any).
+fn ads_resources(corpus: &Corpus) -> Vec<(String, sockmesh_proto::pb::google::protobuf::Any)> {
+    let resp = sockmesh::xds::decode::discovery_response_from_text(&corpus.discovery_response())
+        .expect("the dump decodes");
+    let names = corpus
+        .clusters
+        .iter()
+        .map(|c| &c["name"])
+        .chain(corpus.endpoints.iter().map(|e| &e["cluster_name"]))
+        .chain(corpus.listeners.iter().map(|l| &l["name"]))
+        .chain(corpus.routes.iter().map(|r| &r["name"]))
+        .map(|n| n.as_str().unwrap_or_default().to_owned());
+    names.zip(resp.resources).collect()
+}
+
+fn through_ads(protocol: &str) {
+    let Some(corpora) = corpora() else { return };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    for corpus in corpora {
+        if corpus.listeners.is_empty() || corpus.clusters.is_empty() {
+            // Nothing a client would subscribe to by name; the file replay covers it.
+            eprintln!(
+                "{}: no listeners or clusters to serve over ADS",
+                corpus.name
+            );
+            continue;
+        }
+        let cp = ControlPlane::new();
+        let (addr, _stop) = rt.block_on(cp.serve("127.0.0.1:0".parse().expect("addr")));
+        cp.publish(&ads_resources(&corpus), true);
+        let tmp = TempDir::new("sockmesh-corpus-");
+        let cgroup = Cgroup::new();
+        let bpffs = Bpffs::new();
+        let admin = Admin::in_dir(&tmp.0);
+        let _agent = Proc(
+            agent_command(sockmesh_bin(), &cgroup, &bpffs)
+                .args([
+                    "--xds",
+                    &format!("grpc://{addr}"),
+                    "--xds-protocol",
+                    protocol,
+                ])
+                .args(admin.args())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("agent"),
+        );
+        check(&corpus, &corpus.expected(), &bpffs, &admin);
+        assert!(
+            cp.nacks().is_empty(),
+            "{}: NACKed {:?}",
+            corpus.name,
+            cp.nacks()
+        );
+    }
+}
+
+#[test]
+fn istio_dumps_over_ads_delta_route_as_envoy_would() {
+    through_ads("delta");
+}
+
+#[test]
+fn istio_dumps_over_ads_sotw_route_as_envoy_would() {
+    through_ads("sotw");
+}
