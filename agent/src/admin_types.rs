@@ -1,0 +1,235 @@
+//! The `/config_dump` document, typed: the admin server serializes a [`ConfigDump`]
+//! and `sockmesh status` decodes one, so both sides share one definition.
+//!
+//! [`ConfigDump::to_json`] renders it as the admin server serves it: pretty JSON
+//! with every object's keys in sorted order (the document goes through
+//! `serde_json::Value`, whose maps are sorted), then a newline.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::ServiceJson;
+
+/// Everything `/config_dump` reports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigDump {
+    /// The configuration source's state, as `SourceState`'s `Debug` form
+    /// (`Connected`, `Disconnected`, …).
+    pub source: String,
+    /// Documents the source could not read or parse.
+    pub source_errors: u64,
+    /// The last of them, if any.
+    pub source_last_error: Option<String>,
+    /// LDS and CDS have been received (the table is the control plane's).
+    pub synced: bool,
+    pub push: PushDump,
+    pub datapath: DatapathDump,
+    /// Per xDS type, by short name (`lds`, `rds`, `cds`, `eds`).
+    pub xds: BTreeMap<String, TypeDump>,
+    /// Services waiting for their clusters or endpoints (`ServiceAddr` display form,
+    /// `10.96.0.10:80/tcp`).
+    pub warming: Vec<String>,
+    /// The routing table, as `sockmesh services --json` prints it.
+    pub services: Vec<ServiceJson>,
+}
+
+/// The last write of the table into the kernel, and write-side counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushDump {
+    /// Writes of the table into the kernel maps.
+    pub pushes: u64,
+    /// Map operations of the last one.
+    pub last_map_ops: usize,
+    /// Update received → kernel maps written, for the last one (µs, saturating).
+    pub last_latency_us: u64,
+    pub kernel_write_failures: u64,
+    /// Sockets of removed endpoints closed (`--terminate-removed-connections`).
+    pub terminated_sockets: u64,
+}
+
+/// The agent's datapath.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatapathDump {
+    /// This build's pin layout (`LAYOUT_VERSION`).
+    pub layout_version: u32,
+    /// How the programs came to be attached (`Attachment`'s `Debug` form:
+    /// `Attached`, `Adopted`, `Pending`, `Migrated`), if the agent has a datapath.
+    pub attachment: Option<String>,
+    /// Layout versions this agent detached and removed.
+    pub retired_layouts: Vec<u32>,
+    /// Another layout's datapath serves until this one is filled and attached.
+    pub migrating: bool,
+    pub limits: LimitsDump,
+}
+
+/// The maps' capacities.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitsDump {
+    pub services: u32,
+    pub backends: u32,
+    pub slots: u32,
+}
+
+impl From<crate::dataplane::Limits> for LimitsDump {
+    fn from(l: crate::dataplane::Limits) -> Self {
+        Self {
+            services: l.services,
+            backends: l.backends,
+            slots: l.slots,
+        }
+    }
+}
+
+/// One xDS type's bookkeeping.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TypeDump {
+    /// The accepted `version_info`.
+    pub version: String,
+    pub received: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    /// Why the last rejected update was rejected.
+    pub last_error: Option<String>,
+    /// `version_info` of the last rejected update.
+    pub rejected_version: Option<String>,
+}
+
+impl ConfigDump {
+    /// The document as `/config_dump` serves it (see the module docs).
+    pub fn to_json(&self) -> String {
+        serde_json::to_value(self)
+            .and_then(|v| serde_json::to_string_pretty(&v))
+            .unwrap_or_default()
+            + "\n"
+    }
+}
+
+/// Saturating microseconds of a duration, as [`PushDump::last_latency_us`] holds.
+pub fn micros(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> ConfigDump {
+        let services: Vec<ServiceJson> = serde_json::from_str(
+            r#"[{"vip":"10.96.0.20","port":443,"protocol":"tcp",
+                 "backends":[{"address":"10.10.1.11","port":8443,"weight":2}],
+                 "draining":[{"address":"10.10.1.12","port":8443,"weight":1}]}]"#,
+        )
+        .expect("services");
+        ConfigDump {
+            source: "Connected".into(),
+            source_errors: 1,
+            source_last_error: Some("line 3: bad".into()),
+            synced: true,
+            push: PushDump {
+                pushes: 4,
+                last_map_ops: 7,
+                last_latency_us: micros(std::time::Duration::from_micros(250)),
+                kernel_write_failures: 0,
+                terminated_sockets: 2,
+            },
+            datapath: DatapathDump {
+                layout_version: 2,
+                attachment: Some("Attached".into()),
+                retired_layouts: vec![1],
+                migrating: false,
+                limits: crate::dataplane::Limits::default().into(),
+            },
+            xds: BTreeMap::from([
+                (
+                    "eds".to_owned(),
+                    TypeDump {
+                        version: "3".into(),
+                        received: 3,
+                        accepted: 2,
+                        rejected: 1,
+                        last_error: Some("port 0".into()),
+                        rejected_version: Some("bad-port".into()),
+                    },
+                ),
+                ("lds".to_owned(), TypeDump::default()),
+            ]),
+            warming: vec!["10.96.0.30:80/tcp".into()],
+            services,
+        }
+    }
+
+    /// The document the admin server built with `serde_json::json!` before it was
+    /// typed, for the same state: the typed one must render byte for byte the same.
+    fn untyped(d: &ConfigDump) -> String {
+        let types: serde_json::Map<String, serde_json::Value> = d
+            .xds
+            .iter()
+            .map(|(k, s)| {
+                (
+                    k.clone(),
+                    serde_json::json!({
+                        "version": s.version, "received": s.received, "accepted": s.accepted,
+                        "rejected": s.rejected, "last_error": s.last_error,
+                        "rejected_version": s.rejected_version,
+                    }),
+                )
+            })
+            .collect();
+        let dump = serde_json::json!({
+            "source": d.source,
+            "source_errors": d.source_errors,
+            "source_last_error": d.source_last_error,
+            "synced": d.synced,
+            "push": {
+                "pushes": d.push.pushes,
+                "last_map_ops": d.push.last_map_ops,
+                "last_latency_us": d.push.last_latency_us,
+                "kernel_write_failures": d.push.kernel_write_failures,
+                "terminated_sockets": d.push.terminated_sockets,
+            },
+            "datapath": {
+                "layout_version": d.datapath.layout_version,
+                "attachment": d.datapath.attachment,
+                "retired_layouts": d.datapath.retired_layouts,
+                "migrating": d.datapath.migrating,
+                "limits": {
+                    "services": d.datapath.limits.services,
+                    "backends": d.datapath.limits.backends,
+                    "slots": d.datapath.limits.slots,
+                },
+            },
+            "xds": types,
+            "warming": d.warming,
+            "services": d.services,
+        });
+        serde_json::to_string_pretty(&dump).unwrap_or_default() + "\n"
+    }
+
+    #[test]
+    fn renders_as_the_untyped_document_did_and_round_trips() {
+        let d = sample();
+        let text = d.to_json();
+        assert_eq!(text, untyped(&d));
+        let back: ConfigDump = serde_json::from_str(&text).expect("decodes");
+        assert_eq!(back, d);
+        let none = ConfigDump {
+            source_last_error: None,
+            datapath: DatapathDump {
+                attachment: None,
+                ..d.datapath.clone()
+            },
+            ..d
+        };
+        assert_eq!(none.to_json(), untyped(&none));
+    }
+
+    #[test]
+    fn unknown_fields_of_a_newer_agent_are_ignored() {
+        let mut v = serde_json::to_value(sample()).expect("value");
+        v["future"] = serde_json::json!({"x": 1});
+        v["push"]["future"] = serde_json::json!(1);
+        let d: ConfigDump = serde_json::from_value(v).expect("decodes");
+        assert_eq!(d, sample());
+    }
+}

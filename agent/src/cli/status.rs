@@ -1,0 +1,208 @@
+//! `sockmesh status`: the agent (asked over its admin server), its xDS state and
+//! the pinned datapath, in one view.
+
+use std::{
+    collections::BTreeMap,
+    io::{self, Write as _},
+    net::SocketAddr,
+    path::Path,
+};
+
+use anyhow::Result;
+use serde::Serialize;
+
+use super::{DEFAULT_ADMIN, PinArgs};
+use crate::{
+    admin_types::{ConfigDump, DatapathDump, TypeDump},
+    dataplane,
+    model::RoutingTable,
+};
+
+/// `sockmesh status` flags.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub pins: PinArgs,
+    /// The agent's admin address.
+    #[arg(long, env = "SOCKMESH_ADMIN", default_value = DEFAULT_ADMIN)]
+    pub admin: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What the agent's admin server answered.
+struct AgentView {
+    /// `/readyz`: (status, body); `None` if nothing answers.
+    ready: Option<(u16, String)>,
+    /// `/config_dump`, if it answered with a document this build understands.
+    dump: Option<ConfigDump>,
+}
+
+impl AgentView {
+    fn ask(admin: &str) -> Self {
+        let addr: Option<SocketAddr> = admin.parse().ok();
+        let get = |path| addr.and_then(|a| crate::admin::get(a, path));
+        Self {
+            ready: get("/readyz"),
+            dump: get("/config_dump").and_then(|(_, body)| serde_json::from_str(&body).ok()),
+        }
+    }
+}
+
+/// What the pins hold.
+struct PinView {
+    table: Result<RoutingTable, dataplane::DataplaneError>,
+    counters: Vec<(&'static str, u64)>,
+}
+
+impl PinView {
+    fn read(bpffs: &Path) -> Self {
+        Self {
+            table: dataplane::read_table(bpffs),
+            counters: dataplane::read_counters(bpffs).unwrap_or_default(),
+        }
+    }
+}
+
+/// `status --json`.
+#[derive(Serialize)]
+struct StatusJson<'a> {
+    agent: AgentJson<'a>,
+    xds: Option<&'a BTreeMap<String, TypeDump>>,
+    datapath: PinsJson,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum AgentJson<'a> {
+    Running {
+        running: bool,
+        ready: bool,
+        readiness: &'a str,
+        datapath: Option<&'a DatapathDump>,
+    },
+    Absent {
+        running: bool,
+    },
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum PinsJson {
+    Installed {
+        installed: bool,
+        services: usize,
+        backends: usize,
+        counters: BTreeMap<&'static str, u64>,
+    },
+    Missing {
+        installed: bool,
+        error: String,
+    },
+}
+
+impl StatusArgs {
+    /// Prints the three views, as JSON or as text.
+    pub fn execute(self) -> Result<()> {
+        let agent = AgentView::ask(&self.admin);
+        let pins = PinView::read(&self.pins.bpffs);
+        let mut out = io::stdout().lock();
+        if self.json {
+            // Through a `Value`, whose maps sort their keys, as this output always has.
+            let json = serde_json::to_value(status_json(&agent, &pins))?;
+            serde_json::to_writer_pretty(&mut out, &json)?;
+            writeln!(out)?;
+        } else {
+            write_text(&mut out, &self.admin, &self.pins.bpffs, &agent, &pins)?;
+        }
+        Ok(())
+    }
+}
+
+fn status_json<'a>(agent: &'a AgentView, pins: &PinView) -> StatusJson<'a> {
+    StatusJson {
+        agent: match &agent.ready {
+            Some((code, body)) => AgentJson::Running {
+                running: true,
+                ready: *code == 200,
+                readiness: body.trim(),
+                datapath: agent.dump.as_ref().map(|d| &d.datapath),
+            },
+            None => AgentJson::Absent { running: false },
+        },
+        xds: agent.dump.as_ref().map(|d| &d.xds),
+        datapath: match &pins.table {
+            Ok(t) => PinsJson::Installed {
+                installed: true,
+                services: t.services.len(),
+                backends: t.backend_count(),
+                counters: pins.counters.iter().copied().collect(),
+            },
+            Err(e) => PinsJson::Missing {
+                installed: false,
+                error: e.to_string(),
+            },
+        },
+    }
+}
+
+fn write_text(
+    out: &mut impl io::Write,
+    admin: &str,
+    bpffs: &Path,
+    agent: &AgentView,
+    pins: &PinView,
+) -> io::Result<()> {
+    match &agent.ready {
+        Some((_, body)) => writeln!(out, "agent:    running at {admin}: {}", body.trim())?,
+        None => writeln!(
+            out,
+            "agent:    not answering at {admin} (the pinned datapath works without it)"
+        )?,
+    }
+    if let Some(dump) = &agent.dump {
+        let d = &dump.datapath;
+        writeln!(
+            out,
+            "layout:   v{}{}; capacity {} services, {} backends",
+            d.layout_version,
+            if d.migrating {
+                " (migrating: the previous layout serves until this one is filled)"
+            } else {
+                ""
+            },
+            d.limits.services,
+            d.limits.backends,
+        )?;
+        for (kind, s) in &dump.xds {
+            writeln!(
+                out,
+                "xds {kind}:  version {:?}, accepted {}, rejected {}{}",
+                s.version,
+                s.accepted,
+                s.rejected,
+                s.last_error
+                    .as_ref()
+                    .map(|e| format!(", last error: {e}"))
+                    .unwrap_or_default()
+            )?;
+        }
+    }
+    match &pins.table {
+        Ok(t) => writeln!(
+            out,
+            "datapath: {} services, {} backends pinned under {}; {}",
+            t.services.len(),
+            t.backend_count(),
+            bpffs.display(),
+            pins.counters
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        )?,
+        Err(e) => writeln!(out, "datapath: not installed ({e})")?,
+    }
+    Ok(())
+}
