@@ -206,3 +206,103 @@ fn write_text(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::admin_types::{LimitsDump, PushDump};
+
+    fn dump() -> ConfigDump {
+        ConfigDump {
+            source: "Connected".into(),
+            source_errors: 0,
+            source_last_error: None,
+            synced: true,
+            push: PushDump::default(),
+            datapath: DatapathDump {
+                layout_version: 2,
+                attachment: Some("Attached".into()),
+                retired_layouts: vec![],
+                migrating: true,
+                limits: LimitsDump {
+                    services: 8,
+                    backends: 16,
+                    slots: 32,
+                },
+            },
+            xds: BTreeMap::from([(
+                "eds".to_owned(),
+                TypeDump {
+                    version: "v\"2".into(),
+                    received: 2,
+                    accepted: 1,
+                    rejected: 1,
+                    last_error: Some("port 0".into()),
+                    rejected_version: None,
+                },
+            )]),
+            warming: vec![],
+            services: vec![],
+        }
+    }
+
+    fn not_installed() -> PinView {
+        PinView {
+            table: Err(dataplane::DataplaneError::NotInstalled {
+                path: PathBuf::from("/pins/v2/maps/SM_SERVICES"),
+            }),
+            counters: vec![],
+        }
+    }
+
+    #[test]
+    fn text_shows_agent_layout_xds_and_pins() {
+        let agent = AgentView {
+            ready: Some((503, "not ready: migrating\n".into())),
+            dump: Some(dump()),
+        };
+        let mut out = Vec::new();
+        write_text(
+            &mut out,
+            "127.0.0.1:9",
+            Path::new("/pins"),
+            &agent,
+            &not_installed(),
+        )
+        .expect("write");
+        let text = String::from_utf8(out).expect("utf-8");
+        assert_eq!(
+            text.lines().collect::<Vec<_>>(),
+            [
+                "agent:    running at 127.0.0.1:9: not ready: migrating",
+                "layout:   v2 (migrating: the previous layout serves until this one is filled); capacity 8 services, 16 backends",
+                r#"xds eds:  version "v\"2", accepted 1, rejected 1, last error: port 0"#,
+                "datapath: not installed (no sockmesh datapath is pinned at /pins/v2/maps/SM_SERVICES (is the agent installed with this --bpffs?))",
+            ]
+        );
+    }
+
+    #[test]
+    fn json_has_the_three_views() {
+        let agent = AgentView {
+            ready: Some((200, "ready\n".into())),
+            dump: Some(dump()),
+        };
+        let json = serde_json::to_value(status_json(&agent, &not_installed())).expect("json");
+        assert_eq!(json["agent"]["running"], true);
+        assert_eq!(json["agent"]["ready"], true);
+        assert_eq!(json["agent"]["readiness"], "ready");
+        assert_eq!(json["agent"]["datapath"]["layout_version"], 2);
+        assert_eq!(json["xds"]["eds"]["rejected"], 1);
+        assert_eq!(json["datapath"]["installed"], false);
+        let absent = AgentView {
+            ready: None,
+            dump: None,
+        };
+        let json = serde_json::to_value(status_json(&absent, &not_installed())).expect("json");
+        assert_eq!(json["agent"], serde_json::json!({"running": false}));
+        assert_eq!(json["xds"], serde_json::Value::Null);
+    }
+}
