@@ -30,6 +30,11 @@ pub struct ConfigDump {
     /// Services waiting for their clusters or endpoints (`ServiceAddr` display form,
     /// `10.96.0.10:80/tcp`).
     pub warming: Vec<String>,
+    /// Services sent to their original destination (`ORIGINAL_DST` clusters; no
+    /// entry in the table), in display form. Absent from an agent older than this
+    /// field: empty.
+    #[serde(default)]
+    pub passthrough: Vec<String>,
     /// The routing table, as `sockmesh services --json` prints it.
     pub services: Vec<ServiceJson>,
 }
@@ -155,6 +160,7 @@ mod tests {
                 ("lds".to_owned(), TypeDump::default()),
             ]),
             warming: vec!["10.96.0.30:80/tcp".into()],
+            passthrough: vec!["10.96.0.40:443/tcp".into()],
             services,
         }
     }
@@ -201,6 +207,7 @@ mod tests {
             },
             "xds": types,
             "warming": d.warming,
+            "passthrough": d.passthrough,
             "services": d.services,
         });
         serde_json::to_string_pretty(&dump).unwrap_or_default() + "\n"

@@ -244,6 +244,7 @@ mod tests {
                 },
             )]),
             warming: vec![],
+            passthrough: vec![],
             services: vec![],
         }
     }
