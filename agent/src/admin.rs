@@ -306,48 +306,55 @@ pub fn metrics(
 
 /// The routing table and per-type xDS state as JSON.
 pub fn config_dump(core: &Core) -> String {
-    let types: serde_json::Map<String, serde_json::Value> = core
-        .state()
-        .stats()
-        .iter()
-        .map(|(k, s)| {
-            (
-                k.short().to_owned(),
-                serde_json::json!({
-                    "version": s.version, "received": s.received, "accepted": s.accepted,
-                    "rejected": s.rejected, "last_error": s.last_error,
-                    "rejected_version": s.rejected_version,
-                }),
-            )
-        })
-        .collect();
-    let dump = serde_json::json!({
-        "source": format!("{:?}", core.source),
-        "source_errors": core.source_errors,
-        "source_last_error": core.source_last_error,
-        "synced": core.synced(),
-        "push": {
-            "pushes": core.push.pushes,
-            "last_map_ops": core.push.last_map_ops,
-            "last_latency_us": u64::try_from(core.push.last_latency.as_micros()).unwrap_or(u64::MAX),
-            "kernel_write_failures": core.kernel_write_failures,
-            "terminated_sockets": core.terminated,
+    use crate::admin_types::{ConfigDump, DatapathDump, PushDump, TypeDump, micros};
+    ConfigDump {
+        source: format!("{:?}", core.source),
+        source_errors: core.source_errors,
+        source_last_error: core.source_last_error.clone(),
+        synced: core.synced(),
+        push: PushDump {
+            pushes: core.push.pushes,
+            last_map_ops: core.push.last_map_ops,
+            last_latency_us: micros(core.push.last_latency),
+            kernel_write_failures: core.kernel_write_failures,
+            terminated_sockets: core.terminated,
         },
-        "datapath": {
-            "layout_version": sockmesh_common::LAYOUT_VERSION,
-            "attachment": core.attachment().map(|a| format!("{a:?}")),
-            "retired_layouts": core.retired(),
-            "migrating": core.migrating(),
-            "limits": {
-                "services": core.limits().services,
-                "backends": core.limits().backends,
-                "slots": core.limits().slots,
-            },
+        datapath: DatapathDump {
+            layout_version: sockmesh_common::LAYOUT_VERSION,
+            attachment: core.attachment().map(|a| format!("{a:?}")),
+            retired_layouts: core.retired(),
+            migrating: core.migrating(),
+            limits: core.limits().into(),
         },
-        "xds": types,
-        "warming": core.state().warming().iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "passthrough": core.state().passthrough().iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "services": core.state().table().to_json(),
-    });
-    serde_json::to_string_pretty(&dump).unwrap_or_default() + "\n"
+        xds: core
+            .state()
+            .stats()
+            .iter()
+            .map(|(k, s)| {
+                let dump = TypeDump {
+                    version: s.version.clone(),
+                    received: s.received,
+                    accepted: s.accepted,
+                    rejected: s.rejected,
+                    last_error: s.last_error.clone(),
+                    rejected_version: s.rejected_version.clone(),
+                };
+                (k.short().to_owned(), dump)
+            })
+            .collect(),
+        warming: core
+            .state()
+            .warming()
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        passthrough: core
+            .state()
+            .passthrough()
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        services: core.state().table().to_json(),
+    }
+    .to_json()
 }
