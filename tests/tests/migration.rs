@@ -77,8 +77,9 @@ fn layout_upgrade_builds_beside_the_old_datapath_and_swaps_without_loss() {
     });
     assert!(v1.join("maps/SM_SERVICES").exists());
 
-    // 250 connections/s across the whole upgrade (5 s, longer on a slow guest).
-    let window = scaled(Duration::from_secs(5)).as_millis().to_string();
+    // 250 connections/s across the whole upgrade: the load runs until the test has
+    // seen the swap and stops it (the window is only a bound).
+    let window = scaled(Duration::from_secs(120)).as_millis().to_string();
     let mut traffic = command_in(&client, Some(&cgroup), PROBE);
     traffic
         .args(["rate", "10.96.0.10:80", "250", &window])
@@ -158,13 +159,18 @@ fn layout_upgrade_builds_beside_the_old_datapath_and_swaps_without_loss() {
         admin.get("/readyz").0 == 200
     });
 
+    // A few more responses after the swap, then the load stops.
+    for _ in 0..50 {
+        seen.push(lines.next("a response after the swap", Duration::from_secs(10)));
+    }
+    let _ = traffic.kill();
     seen.extend(lines.rest());
     let _ = traffic.wait();
     let failed: Vec<&String> = seen
         .iter()
         .filter(|l| !(l.ends_with(" b1") || l.ends_with(" b2") || l.ends_with(" b3")))
         .collect();
-    assert!(seen.len() >= 1000, "only {} requests", seen.len());
+    assert!(seen.len() >= 100, "only {} requests", seen.len());
     assert!(
         failed.is_empty(),
         "{} of {} failed: {:?}",
