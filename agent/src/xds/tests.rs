@@ -654,18 +654,7 @@ resources:
 "#;
     let mut st = XdsState::new();
     st.apply(full(yaml)).expect("accepted");
-    let got: Vec<String> = st
-        .table()
-        .services
-        .iter()
-        .map(|(s, b)| {
-            let b: Vec<String> = b
-                .iter()
-                .map(|b| format!("{}:{} w{}", b.address, b.port, b.weight))
-                .collect();
-            format!("{s} -> {}", b.join(", "))
-        })
-        .collect();
+    let got = table_lines(st.table());
     assert_eq!(
         got,
         [
@@ -753,18 +742,7 @@ resources:
         resources: resp.resources,
     })
     .expect("accepted");
-    let got: Vec<String> = st
-        .table()
-        .services
-        .iter()
-        .map(|(s, b)| {
-            let b: Vec<String> = b
-                .iter()
-                .map(|b| format!("{}:{} w{}", b.address, b.port, b.weight))
-                .collect();
-            format!("{s} -> {}", b.join(", "))
-        })
-        .collect();
+    let got = table_lines(st.table());
     assert_eq!(
         got,
         [
@@ -802,4 +780,19 @@ resources:
         err.0.contains("Listener \"172.16.18.249_9093\": filter_chains[0].filters[1].typed_config: type type.googleapis.com/acme.Proxy of the terminal filter \"mystery\" is not known"),
         "{err}"
     );
+}
+
+/// Each service as `VIP:port/proto -> addr:port wWEIGHT, …`.
+fn table_lines(table: &crate::model::RoutingTable) -> Vec<String> {
+    table
+        .services
+        .iter()
+        .map(|(s, b)| {
+            let b: Vec<String> = b
+                .iter()
+                .map(|b| format!("{}:{} w{}", b.address, b.port, b.weight))
+                .collect();
+            format!("{s} -> {}", b.join(", "))
+        })
+        .collect()
 }

@@ -286,6 +286,18 @@ pub(crate) fn parse_socket_address(
         .address
         .parse()
         .map_err(|_| ("address", format!("{:?} is not an IP address", sa.address)))?;
+    let port = port_of(sa)?;
+    let protocol = if sa.protocol == socket_address::Protocol::Udp as i32 {
+        Protocol::Udp
+    } else {
+        Protocol::Tcp
+    };
+    Ok((ip, port, protocol))
+}
+
+/// The port of a socket address (1-65535; named ports are not supported), or
+/// (field, problem).
+fn port_of(sa: &SocketAddress) -> Result<u16, (&'static str, String)> {
     let port = match sa.port_specifier {
         Some(socket_address::PortSpecifier::PortValue(p)) => p,
         Some(socket_address::PortSpecifier::NamedPort(ref n)) => {
@@ -296,16 +308,10 @@ pub(crate) fn parse_socket_address(
         }
         None => 0,
     };
-    let port = u16::try_from(port)
+    u16::try_from(port)
         .ok()
         .filter(|p| *p != 0)
-        .ok_or(("port_value", format!("{port} is out of range (1-65535)")))?;
-    let protocol = if sa.protocol == socket_address::Protocol::Udp as i32 {
-        Protocol::Udp
-    } else {
-        Protocol::Tcp
-    };
-    Ok((ip, port, protocol))
+        .ok_or(("port_value", format!("{port} is out of range (1-65535)")))
 }
 
 /// (host name, port) of a DNS cluster's endpoint, or (field, problem). The name is
@@ -323,20 +329,7 @@ pub(crate) fn parse_host_port(sa: &SocketAddress) -> Result<(String, u16), (&'st
     if host.parse::<IpAddr>().is_err() && (host.len() > 253 || !host.split('.').all(label_ok)) {
         return Err(("address", format!("{:?} is not a host name", sa.address)));
     }
-    let port = match sa.port_specifier {
-        Some(socket_address::PortSpecifier::PortValue(p)) => p,
-        Some(socket_address::PortSpecifier::NamedPort(ref n)) => {
-            return Err((
-                "named_port",
-                format!("{n:?}: named ports are not supported"),
-            ));
-        }
-        None => 0,
-    };
-    let port = u16::try_from(port)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or(("port_value", format!("{port} is out of range (1-65535)")))?;
+    let port = port_of(sa)?;
     Ok((host.to_owned(), port))
 }
 
