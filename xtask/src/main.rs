@@ -278,9 +278,13 @@ fn vm_tests() -> Result<()> {
     let debug = root().join("target/debug");
     copy_in.extend([debug.join("smprobe"), debug.join("sockmesh")]);
     // The migration test's previous release, built by the host run.
-    let v1 = root().join("target/layout-v1/target/debug/sockmesh");
-    if v1.exists() {
-        copy_in.push(v1);
+    // (and its stamp, which says the binary is current: the guest's /tmp is its own,
+    // so a checkout under /tmp is not visible there).
+    let v1 = root().join("target/layout-v1");
+    for f in [v1.join("target/debug/sockmesh"), v1.join("commit")] {
+        if f.exists() {
+            copy_in.push(f);
+        }
     }
     let mut cmd: Vec<String> = [
         "/bin/sh",
