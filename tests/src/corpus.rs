@@ -240,6 +240,12 @@ fn eds_name(cluster: &Value) -> String {
         .to_owned()
 }
 
+/// The IP and port of a `socket_address` object.
+fn ip_port(sa: &Value) -> Option<(IpAddr, u16)> {
+    let ip = sa["address"].as_str()?.parse().ok()?;
+    Some((ip, port_of(&sa["port_value"])?))
+}
+
 fn port_of(v: &Value) -> Option<u16> {
     v.as_u64().and_then(|p| u16::try_from(p).ok())
 }
@@ -272,13 +278,7 @@ fn healthy_endpoints(cla: &Value) -> BTreeMap<(IpAddr, u16), f64> {
             .flatten()
             .filter(|e| healthy(e))
         {
-            let sa = &e["endpoint"]["address"]["socket_address"];
-            let (Some(ip), Some(port)) = (
-                sa["address"]
-                    .as_str()
-                    .and_then(|a| a.parse::<IpAddr>().ok()),
-                port_of(&sa["port_value"]),
-            ) else {
+            let Some((ip, port)) = ip_port(&e["endpoint"]["address"]["socket_address"]) else {
                 continue;
             };
             let w = e["load_balancing_weight"].as_f64().unwrap_or(1.0);
@@ -297,12 +297,7 @@ fn listener_candidates(l: &Value, routes: &[Value]) -> Vec<(String, u8, Clusters
         return out;
     }
     let sa = &l["address"]["socket_address"];
-    let (Some(ip), Some(port)) = (
-        sa["address"]
-            .as_str()
-            .and_then(|a| a.parse::<IpAddr>().ok()),
-        port_of(&sa["port_value"]),
-    ) else {
+    let Some((ip, port)) = ip_port(sa) else {
         return out; // an internal listener
     };
     assert!(
