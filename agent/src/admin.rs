@@ -229,6 +229,25 @@ pub fn metrics(
         "Documents the source could not read or parse (file syntax errors, REST bodies that are not proto3 JSON)",
         core.source_errors,
     );
+    let resolutions: Family<Labels, Counter> = Family::default();
+    let failures: Family<Labels, Counter> = Family::default();
+    for (cluster, status) in &core.dns {
+        let labels = vec![("cluster".to_owned(), cluster.clone())];
+        resolutions
+            .get_or_create(&labels)
+            .inc_by(status.resolutions);
+        failures.get_or_create(&labels).inc_by(status.failures);
+    }
+    r.register(
+        "sockmesh_dns_resolutions",
+        "Rounds of resolution of a STRICT_DNS/LOGICAL_DNS cluster's host names",
+        resolutions,
+    );
+    r.register(
+        "sockmesh_dns_failures",
+        "Host-name resolutions that failed (the cluster keeps the last good addresses)",
+        failures,
+    );
     r.register(
         "sockmesh_update_to_kernel_seconds",
         "Time from an xDS update's arrival to the kernel maps holding it",
@@ -353,6 +372,26 @@ pub fn config_dump(core: &Core) -> String {
             .passthrough()
             .iter()
             .map(ToString::to_string)
+            .collect(),
+        dns: core
+            .state()
+            .dns_targets()
+            .into_keys()
+            .map(|cluster| {
+                let status = core.dns.get(&cluster).cloned().unwrap_or_default();
+                let dump = crate::admin_types::DnsDump {
+                    hosts: core
+                        .state()
+                        .dns_answers(&cluster)
+                        .cloned()
+                        .unwrap_or_default(),
+                    resolutions: status.resolutions,
+                    failures: status.failures,
+                    refused: status.refused,
+                    last_error: status.last_error,
+                };
+                (cluster, dump)
+            })
             .collect(),
         services: core.state().table().to_json(),
     }

@@ -35,6 +35,10 @@ pub struct ConfigDump {
     /// field: empty.
     #[serde(default)]
     pub passthrough: Vec<String>,
+    /// STRICT_DNS / LOGICAL_DNS clusters, by name: what their host names resolve
+    /// to now and how resolution goes. Absent from an older agent: empty.
+    #[serde(default)]
+    pub dns: BTreeMap<String, DnsDump>,
     /// The routing table, as `sockmesh services --json` prints it.
     pub services: Vec<ServiceJson>,
 }
@@ -84,6 +88,21 @@ impl From<crate::dataplane::Limits> for LimitsDump {
             slots: l.slots,
         }
     }
+}
+
+/// One DNS cluster's resolution.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsDump {
+    /// Host name → the addresses in use (the last good ones while resolution
+    /// fails; empty: no address, or not resolved yet).
+    pub hosts: BTreeMap<String, Vec<std::net::IpAddr>>,
+    /// Rounds of resolution (all host names of the cluster).
+    pub resolutions: u64,
+    /// Host-name resolutions that failed (timeouts, SERVFAIL, REFUSED, ...).
+    pub failures: u64,
+    /// Answers refused because the table would break the datapath's limits.
+    pub refused: u64,
+    pub last_error: Option<String>,
 }
 
 /// One xDS type's bookkeeping.
@@ -161,6 +180,19 @@ mod tests {
             ]),
             warming: vec!["10.96.0.30:80/tcp".into()],
             passthrough: vec!["10.96.0.40:443/tcp".into()],
+            dns: BTreeMap::from([(
+                "outbound|443||api.example.com".to_owned(),
+                DnsDump {
+                    hosts: BTreeMap::from([(
+                        "api.example.com".to_owned(),
+                        vec!["192.0.2.7".parse().expect("ip")],
+                    )]),
+                    resolutions: 5,
+                    failures: 1,
+                    refused: 0,
+                    last_error: Some("resolving \"api.example.com\": timed out".into()),
+                },
+            )]),
             services,
         }
     }
@@ -208,6 +240,7 @@ mod tests {
             "xds": types,
             "warming": d.warming,
             "passthrough": d.passthrough,
+            "dns": d.dns,
             "services": d.services,
         });
         serde_json::to_string_pretty(&dump).unwrap_or_default() + "\n"

@@ -135,8 +135,15 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             ),
         }
     }
+    let dns_targets = core.dns_targets();
     let core = Arc::new(Mutex::new(core));
     let (stop_tx, stop_rx) = watch::channel(false);
+    // STRICT_DNS / LOGICAL_DNS clusters: resolved beside xDS handling, never in it.
+    tokio::spawn(crate::xds::dns::run(
+        core.clone(),
+        dns_targets,
+        stop_rx.clone(),
+    ));
     if let Some(addr) = cfg.admin {
         let admin = crate::admin::Admin {
             core: core.clone(),

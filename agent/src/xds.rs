@@ -5,6 +5,7 @@ pub mod ads;
 pub mod clusters;
 pub mod core;
 pub mod decode;
+pub mod dns;
 pub mod file;
 pub mod incremental;
 pub mod opaque;

@@ -188,6 +188,20 @@ fn write_text(
                     .unwrap_or_default()
             )?;
         }
+        for (cluster, d) in &dump.dns {
+            let addresses: usize = d.hosts.values().map(Vec::len).sum();
+            writeln!(
+                out,
+                "dns:      {cluster}: {} host names, {addresses} addresses, {} resolutions, {} failed{}",
+                d.hosts.len(),
+                d.resolutions,
+                d.failures,
+                d.last_error
+                    .as_ref()
+                    .map(|e| format!(", last error: {e}"))
+                    .unwrap_or_default()
+            )?;
+        }
     }
     match &pins.table {
         Ok(t) => writeln!(
@@ -245,6 +259,19 @@ mod tests {
             )]),
             warming: vec![],
             passthrough: vec![],
+            dns: BTreeMap::from([(
+                "outbound|443||api.example.com".to_owned(),
+                crate::admin_types::DnsDump {
+                    hosts: BTreeMap::from([(
+                        "api.example.com".to_owned(),
+                        vec!["192.0.2.7".parse().expect("ip")],
+                    )]),
+                    resolutions: 3,
+                    failures: 1,
+                    refused: 0,
+                    last_error: Some("timed out".into()),
+                },
+            )]),
             services: vec![],
         }
     }
@@ -280,6 +307,7 @@ mod tests {
                 "agent:    running at 127.0.0.1:9: not ready: migrating",
                 "layout:   v2 (migrating: the previous layout serves until this one is filled); capacity 8 services, 16 backends",
                 r#"xds eds:  version "v\"2", accepted 1, rejected 1, last error: port 0"#,
+                "dns:      outbound|443||api.example.com: 1 host names, 1 addresses, 3 resolutions, 1 failed, last error: timed out",
                 "datapath: not installed (no sockmesh datapath is pinned at /pins/v2/maps/SM_SERVICES (is the agent installed with this --bpffs?))",
             ]
         );

@@ -57,6 +57,10 @@ pub struct DnsTarget {
     pub refresh: Duration,
     /// `respect_dns_ttl`: refresh when the answer's TTL runs out instead.
     pub respect_ttl: bool,
+    /// `dns_failure_refresh_rate`: after a failed resolution, retry after `base`,
+    /// doubling up to `max` while failures go on (default: `refresh` and 10× it).
+    pub failure_base: Duration,
+    pub failure_max: Duration,
     /// Name servers from `typed_dns_resolver_config` (c-ares `resolvers`) or the
     /// deprecated `dns_resolvers`; empty: the node's `/etc/resolv.conf`.
     pub resolvers: Vec<SocketAddr>,
@@ -147,16 +151,15 @@ fn dns_target(c: &Cluster) -> DnsTarget {
         Ok(F::All) => DnsFamily::All,
         Ok(F::Auto) | Err(_) => DnsFamily::Auto,
     };
-    let refresh = c
-        .dns_refresh_rate
-        .as_ref()
-        .and_then(|d| {
-            let secs = u64::try_from(d.seconds).ok()?;
-            let nanos = u32::try_from(d.nanos).ok()?;
-            Some(Duration::new(secs, nanos))
-        })
-        .filter(|d| !d.is_zero())
-        .unwrap_or(DEFAULT_DNS_REFRESH);
+    let refresh = duration(c.dns_refresh_rate.as_ref()).unwrap_or(DEFAULT_DNS_REFRESH);
+    let failure = c.dns_failure_refresh_rate.as_ref();
+    let failure_base = failure
+        .and_then(|f| duration(f.base_interval.as_ref()))
+        .unwrap_or(refresh);
+    let failure_max = failure
+        .and_then(|f| duration(f.max_interval.as_ref()))
+        .filter(|m| *m >= failure_base)
+        .unwrap_or(failure_base * 10);
     let socket = |a: &SocketAddress| -> Option<SocketAddr> {
         let ip: IpAddr = a.address.parse().ok()?;
         let port = match a.port_specifier {
@@ -199,8 +202,18 @@ fn dns_target(c: &Cluster) -> DnsTarget {
         family,
         refresh,
         respect_ttl: c.respect_dns_ttl,
+        failure_base,
+        failure_max,
         resolvers,
     }
+}
+
+/// A positive protobuf duration (zero, negative or out of range: `None`).
+fn duration(d: Option<&sockmesh_proto::pb::google::protobuf::Duration>) -> Option<Duration> {
+    let d = d?;
+    let secs = u64::try_from(d.seconds).ok()?;
+    let nanos = u32::try_from(d.nanos).ok()?;
+    Some(Duration::new(secs, nanos)).filter(|d| !d.is_zero())
 }
 
 fn endpoints_of(

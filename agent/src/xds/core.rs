@@ -3,16 +3,19 @@
 //! maps when the table changed.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     time::{Duration, Instant},
 };
 
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::dataplane::destroy::Target;
 
 use super::{
+    clusters::{DnsAnswers, DnsTarget},
     decode::Kind,
+    dns::Round,
     incremental::Changes,
     state::{Accepted, Nack, Update, XdsState},
 };
@@ -52,6 +55,12 @@ pub trait TableSink: Send {
     fn retired(&self) -> Vec<u32> {
         Vec::new()
     }
+}
+
+fn status_refused(dns: &mut BTreeMap<String, DnsStatus>, cluster: &str, why: &str) {
+    let status = dns.entry(cluster.to_owned()).or_default();
+    status.refused += 1;
+    status.last_error = Some(format!("answers refused: {why}"));
 }
 
 impl TableSink for crate::dataplane::Datapath {
@@ -175,6 +184,22 @@ pub struct Core {
     /// Nested `Any`s of types sockmesh does not know, carried opaquely by the text
     /// sources, by type URL (see [`super::opaque`]).
     pub opaque_types: super::opaque::OpaqueTypes,
+    /// Resolution of the DNS clusters, by cluster name.
+    pub dns: BTreeMap<String, DnsStatus>,
+    /// The DNS clusters to resolve, for the resolver task (see [`super::dns`]).
+    dns_targets: watch::Sender<BTreeMap<String, DnsTarget>>,
+}
+
+/// How one DNS cluster's resolution goes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DnsStatus {
+    /// Rounds of resolution of all its host names.
+    pub resolutions: u64,
+    /// Host-name resolutions that failed (timeouts, SERVFAIL, REFUSED, ...).
+    pub failures: u64,
+    pub last_error: Option<String>,
+    /// Answers refused because the table would break the datapath's limits.
+    pub refused: u64,
 }
 
 impl Core {
@@ -201,6 +226,45 @@ impl Core {
             source_errors: 0,
             source_last_error: None,
             opaque_types: super::opaque::OpaqueTypes::new(),
+            dns: BTreeMap::new(),
+            dns_targets: watch::Sender::new(BTreeMap::new()),
+        }
+    }
+
+    /// The DNS clusters to resolve, as they change.
+    pub fn dns_targets(&self) -> watch::Receiver<BTreeMap<String, DnsTarget>> {
+        self.dns_targets.subscribe()
+    }
+
+    /// A round of resolution of a DNS cluster (`answers`: its host names'
+    /// addresses, the last good ones where this round failed), from the agent's
+    /// resolver: counted, and the table follows.
+    pub fn handle_dns(
+        &mut self,
+        cluster: &str,
+        answers: DnsAnswers,
+        round: &Round,
+        received: Instant,
+    ) {
+        if !self.dns_targets.borrow().contains_key(cluster) {
+            return;
+        }
+        let status = self.dns.entry(cluster.to_owned()).or_default();
+        status.resolutions += 1;
+        status.failures += round.failed.len() as u64;
+        if let Some(why) = round.failed.values().next() {
+            status.last_error = Some(why.clone());
+        }
+        match self.state.apply_dns(cluster, answers) {
+            Ok(accepted) => {
+                if let Err(e) = self.write_kernel(&accepted, received, "dns") {
+                    warn!(cluster, error = %e, "DNS answers accepted; the kernel write failed");
+                }
+            }
+            Err(e) => {
+                status_refused(&mut self.dns, cluster, &e);
+                warn!(cluster, error = %e, "DNS answers refused; keeping the last good addresses");
+            }
         }
     }
 
@@ -318,23 +382,25 @@ impl Core {
         result
     }
 
-    fn handle_inner(
+    /// Tells the resolver task which DNS clusters there are now.
+    fn publish_dns_targets(&mut self) {
+        let targets = self.state.dns_targets();
+        self.dns.retain(|c, _| targets.contains_key(c));
+        self.dns_targets.send_if_modified(|t| {
+            let changed = *t != targets;
+            *t = targets;
+            changed
+        });
+    }
+
+    /// Writes what an accepted update changed into the kernel, once the table is
+    /// the control plane's. `what` names the update for logs.
+    fn write_kernel(
         &mut self,
-        update: Update,
+        accepted: &Accepted,
         received: Instant,
-        kinds: Vec<Kind>,
-    ) -> Result<Accepted, Nack> {
-        let accepted = match self.state.apply(update) {
-            Ok(a) => a,
-            Err(nack) => {
-                warn!(types = ?kinds, error = %nack, "update rejected (NACK); keeping the last good state");
-                return Err(nack);
-            }
-        };
-        for line in self.state.take_new_ignored() {
-            warn!("ignored: {line}");
-        }
-        self.synced.extend(kinds.iter().copied());
+        what: &str,
+    ) -> Result<(), Nack> {
         if self.synced() && (accepted.table_changed || !self.pushed || self.kernel_behind) {
             // The first write makes the kernel equal to the whole table (it may hold
             // an adopted one); later writes touch the changed services only, unless
@@ -376,15 +442,41 @@ impl Core {
                 }
             }
             info!(
-                types = ?kinds,
+                types = what,
                 services = self.state.table().services.len(),
                 map_ops = ops,
                 latency_us = self.push.last_latency.as_micros(),
                 "routing table applied"
             );
         } else {
-            debug!(types = ?kinds, synced = self.synced(), "update accepted; table unchanged");
+            debug!(
+                types = what,
+                synced = self.synced(),
+                "update accepted; table unchanged"
+            );
         }
+        Ok(())
+    }
+
+    fn handle_inner(
+        &mut self,
+        update: Update,
+        received: Instant,
+        kinds: Vec<Kind>,
+    ) -> Result<Accepted, Nack> {
+        let accepted = match self.state.apply(update) {
+            Ok(a) => a,
+            Err(nack) => {
+                warn!(types = ?kinds, error = %nack, "update rejected (NACK); keeping the last good state");
+                return Err(nack);
+            }
+        };
+        for line in self.state.take_new_ignored() {
+            warn!("ignored: {line}");
+        }
+        self.synced.extend(kinds.iter().copied());
+        self.publish_dns_targets();
+        self.write_kernel(&accepted, received, &format!("{kinds:?}"))?;
         self.tick(Instant::now());
         Ok(accepted)
     }

@@ -321,18 +321,13 @@ impl XdsState {
             };
             set.insert(name.clone());
         }
-        let staged = self
-            .inc
-            .stage(&self.resources, &dirty, &self.table, &self.seed);
-        if let Err(e) = check_changes(
-            &self.table,
-            &staged.changes,
-            &self.limits,
-            self.backends_total,
-        ) {
-            self.rollback(undo);
-            return Err(Nack(format!("the resulting routing table is refused: {e}")));
-        }
+        let accepted = match self.commit_dirty(&dirty, &update.kinds()) {
+            Ok(a) => a,
+            Err(e) => {
+                self.rollback(undo);
+                return Err(Nack(format!("the resulting routing table is refused: {e}")));
+            }
+        };
         for (kind, name, version) in versions {
             let map = self.resource_versions.entry(kind).or_default();
             match version {
@@ -340,6 +335,63 @@ impl XdsState {
                 None => map.remove(&name),
             };
         }
+        Ok(accepted)
+    }
+
+    /// The last good answers of a DNS cluster.
+    pub fn dns_answers(&self, cluster: &str) -> Option<&super::clusters::DnsAnswers> {
+        self.resources.dns.get(cluster)
+    }
+
+    /// The DNS clusters (STRICT_DNS, LOGICAL_DNS) and what to resolve for each.
+    pub fn dns_targets(&self) -> BTreeMap<String, super::clusters::DnsTarget> {
+        self.inc.dns_targets()
+    }
+
+    /// New answers for a DNS cluster's host names, from the agent's resolver (not
+    /// the control plane). A cluster that is no longer a DNS cluster is left
+    /// alone; answers that would break the datapath's limits are refused and
+    /// nothing changes.
+    pub fn apply_dns(
+        &mut self,
+        cluster: &str,
+        answers: super::clusters::DnsAnswers,
+    ) -> Result<Accepted, String> {
+        if !self.inc.dns_targets().contains_key(cluster)
+            || self.resources.dns.get(cluster) == Some(&answers)
+        {
+            return Ok(Accepted::default());
+        }
+        let previous = self.resources.dns.insert(cluster.to_owned(), answers);
+        let mut dirty = Dirty::default();
+        dirty.dns.insert(cluster.to_owned());
+        self.commit_dirty(&dirty, &[]).inspect_err(|_| {
+            match previous {
+                Some(p) => self.resources.dns.insert(cluster.to_owned(), p),
+                None => self.resources.dns.remove(cluster),
+            };
+        })
+    }
+
+    /// Forgets the answers of clusters that are no longer DNS clusters.
+    fn prune_dns(&mut self) {
+        let targets = self.inc.dns_targets();
+        self.resources.dns.retain(|c, _| targets.contains_key(c));
+    }
+
+    /// Re-translates what `dirty` touches, checks the result against the
+    /// datapath's rules and limits, and makes it the table. On an error nothing
+    /// of the state's indexes or table changed (the caller restores resources).
+    fn commit_dirty(&mut self, dirty: &Dirty, kinds: &[Kind]) -> Result<Accepted, String> {
+        let staged = self
+            .inc
+            .stage(&self.resources, dirty, &self.table, &self.seed);
+        check_changes(
+            &self.table,
+            &staged.changes,
+            &self.limits,
+            self.backends_total,
+        )?;
         // Only listeners and clusters decide what RDS/EDS names are wanted.
         self.ignored_dirty |= !dirty.listeners.is_empty() || !dirty.clusters.is_empty();
         let may_resubscribe =
@@ -369,10 +421,12 @@ impl XdsState {
                 .is_some_and(|s| s != (self.inc.route_names(), self.inc.eds_names())),
             removed,
         };
-        let heard =
-            |k| self.stats.get(&k).is_some_and(|s| s.accepted > 0) || update.kinds().contains(&k);
+        let heard = |k| self.stats.get(&k).is_some_and(|s| s.accepted > 0) || kinds.contains(&k);
         if self.inc.warming().next().is_none() && heard(Kind::Listener) && heard(Kind::Cluster) {
             self.seed = RoutingTable::default();
+        }
+        if !dirty.clusters.is_empty() {
+            self.prune_dns();
         }
         Ok(accepted)
     }

@@ -796,3 +796,180 @@ fn table_lines(table: &crate::model::RoutingTable) -> Vec<String> {
         })
         .collect()
 }
+
+/// A ServiceEntry with `resolution: DNS` as istiod sends it: a STRICT_DNS cluster
+/// with two host names (one of them twice at different ports), and a LOGICAL_DNS
+/// one.
+const DNS_CLUSTERS: &str = r#"
+version_info: "1"
+resources:
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: ext
+  address: { socket_address: { address: 240.240.0.5, port_value: 443 } }
+  filter_chains: [ { filters: [ { name: tcp, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: "outbound|443||ext.example" } } ] } ]
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: logical
+  address: { socket_address: { address: 240.240.0.6, port_value: 80 } }
+  filter_chains: [ { filters: [ { name: tcp, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: "outbound|80||one.example" } } ] } ]
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: "outbound|443||ext.example"
+  type: STRICT_DNS
+  dns_lookup_family: V4_ONLY
+  dns_refresh_rate: 2s
+  respect_dns_ttl: true
+  dns_resolvers: [ { socket_address: { address: 127.0.0.1, port_value: 5353 } } ]
+  load_assignment:
+    cluster_name: "outbound|443||ext.example"
+    endpoints:
+    - lb_endpoints:
+      - endpoint: { address: { socket_address: { address: a.ext.example, port_value: 443 } } }
+        load_balancing_weight: 2
+      - endpoint: { address: { socket_address: { address: b.ext.example, port_value: 8443 } } }
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: "outbound|80||one.example"
+  type: LOGICAL_DNS
+  load_assignment:
+    cluster_name: "outbound|80||one.example"
+    endpoints:
+    - lb_endpoints:
+      - endpoint: { address: { socket_address: { address: one.example, port_value: 80 } } }
+"#;
+
+fn answers(pairs: &[(&str, &[&str])]) -> super::clusters::DnsAnswers {
+    pairs
+        .iter()
+        .map(|(h, ips)| {
+            let ips = ips.iter().map(|i| i.parse().expect("ip")).collect();
+            ((*h).to_owned(), ips)
+        })
+        .collect()
+}
+
+#[test]
+fn dns_clusters_warm_until_resolved_then_follow_their_answers() {
+    let mut st = XdsState::new();
+    st.apply(full(DNS_CLUSTERS)).expect("accepted");
+    let ext = svc("240.240.0.5", 443, Protocol::Tcp);
+    let one = svc("240.240.0.6", 80, Protocol::Tcp);
+    assert_eq!(st.warming(), [ext, one], "nothing resolved yet");
+    let targets = st.dns_targets();
+    let t = &targets["outbound|443||ext.example"];
+    assert_eq!(
+        t.hosts.iter().collect::<Vec<_>>(),
+        ["a.ext.example", "b.ext.example"]
+    );
+    assert_eq!(t.family, super::clusters::DnsFamily::V4Only);
+    assert_eq!(t.refresh, std::time::Duration::from_secs(2));
+    assert_eq!(t.failure_base, t.refresh);
+    assert_eq!(t.failure_max, t.refresh * 10);
+    assert!(t.respect_ttl);
+    assert_eq!(t.resolvers, ["127.0.0.1:5353".parse().expect("addr")]);
+    assert!(
+        targets["outbound|80||one.example"].resolvers.is_empty(),
+        "no resolvers of its own: the node's /etc/resolv.conf"
+    );
+
+    let a = st
+        .apply_dns(
+            "outbound|443||ext.example",
+            answers(&[
+                ("a.ext.example", &["192.0.2.1", "192.0.2.2"]),
+                ("b.ext.example", &["192.0.2.9"]),
+            ]),
+        )
+        .expect("fits");
+    assert!(a.table_changed);
+    assert_eq!(
+        st.table().services[&ext],
+        [
+            be("192.0.2.1", 443, 2),
+            be("192.0.2.2", 443, 2),
+            be("192.0.2.9", 8443, 1)
+        ],
+        "STRICT_DNS: every address of every host name, with the endpoint's weight"
+    );
+    st.apply_dns(
+        "outbound|80||one.example",
+        answers(&[("one.example", &["198.51.100.1", "198.51.100.2"])]),
+    )
+    .expect("fits");
+    assert_eq!(
+        st.table().services[&one],
+        [be("198.51.100.1", 80, 1)],
+        "LOGICAL_DNS: the first address only"
+    );
+    assert!(st.warming().is_empty());
+
+    // The same answers again change nothing; a name that lost an address follows.
+    let same = st
+        .apply_dns(
+            "outbound|80||one.example",
+            answers(&[("one.example", &["198.51.100.1", "198.51.100.2"])]),
+        )
+        .expect("same");
+    assert!(!same.table_changed);
+    st.apply_dns(
+        "outbound|443||ext.example",
+        answers(&[("a.ext.example", &["192.0.2.2"]), ("b.ext.example", &[])]),
+    )
+    .expect("fits");
+    assert_eq!(st.table().services[&ext], [be("192.0.2.2", 443, 2)]);
+
+    // Answers for a cluster that is not a DNS cluster are ignored.
+    let other = st
+        .apply_dns("reviews", answers(&[("x", &["10.0.0.1"])]))
+        .expect("ignored");
+    assert_eq!(other, super::state::Accepted::default());
+}
+
+#[test]
+fn dns_answers_beyond_the_limits_are_refused_and_the_last_good_ones_stay() {
+    let mut st = XdsState::new();
+    st.set_limits(crate::dataplane::Limits {
+        services: 8,
+        backends: 4,
+        ..crate::dataplane::Limits::default()
+    });
+    st.apply(full(DNS_CLUSTERS)).expect("accepted");
+    let good = answers(&[("a.ext.example", &["192.0.2.1"]), ("b.ext.example", &[])]);
+    st.apply_dns("outbound|443||ext.example", good.clone())
+        .expect("fits");
+    let before = table_lines(st.table());
+    let many = answers(&[
+        (
+            "a.ext.example",
+            &["192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4"],
+        ),
+        ("b.ext.example", &["192.0.2.5"]),
+    ]);
+    let err = st
+        .apply_dns("outbound|443||ext.example", many)
+        .expect_err("5 backends (+5 while rewritten) exceed 4");
+    assert!(
+        err.contains("exceed the backend map's capacity of 4"),
+        "{err}"
+    );
+    assert_eq!(table_lines(st.table()), before);
+    assert_eq!(st.dns_answers("outbound|443||ext.example"), Some(&good));
+}
+
+#[test]
+fn a_cluster_that_stops_being_a_dns_cluster_forgets_its_answers() {
+    let mut st = XdsState::new();
+    st.apply(full(DNS_CLUSTERS)).expect("accepted");
+    st.apply_dns(
+        "outbound|80||one.example",
+        answers(&[("one.example", &["198.51.100.1"])]),
+    )
+    .expect("fits");
+    let static_cluster = DNS_CLUSTERS
+        .replace("type: LOGICAL_DNS", "type: STATIC")
+        .replace("address: one.example", "address: 198.51.100.7");
+    st.apply(full(&static_cluster)).expect("accepted");
+    assert!(!st.dns_targets().contains_key("outbound|80||one.example"));
+    assert_eq!(st.dns_answers("outbound|80||one.example"), None);
+    assert_eq!(
+        st.table().services[&svc("240.240.0.6", 80, Protocol::Tcp)],
+        [be("198.51.100.7", 80, 1)]
+    );
+}
