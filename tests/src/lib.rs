@@ -20,6 +20,7 @@ use std::{
 pub mod churn;
 pub mod control_plane;
 pub mod corpus;
+pub mod dns;
 pub mod kubeproxy;
 pub mod mesh;
 
