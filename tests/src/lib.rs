@@ -618,6 +618,57 @@ impl Drop for TempDir {
     }
 }
 
+/// `sockmesh agent --xds file://…` on a file of its own, with its own cgroup,
+/// bpffs directory and admin server (port 0). Drop ends the agent first, then
+/// removes the cgroup, the pins and the directory.
+pub struct FileAgent {
+    pub agent: Proc,
+    pub admin: Admin,
+    /// The configuration file the agent watches.
+    pub file: PathBuf,
+    pub cgroup: Cgroup,
+    pub bpffs: Bpffs,
+    pub dir: TempDir,
+}
+
+impl FileAgent {
+    /// Writes `text` to `FILE_NAME` in a new directory and starts the agent on it,
+    /// with `extra` flags.
+    pub fn start(file_name: &str, text: &str, extra: &[&str]) -> Self {
+        let dir = TempDir::new("sockmesh-file-agent-");
+        let file = dir.0.join(file_name);
+        fs::write(&file, text).expect("write the configuration file");
+        let cgroup = Cgroup::new();
+        let bpffs = Bpffs::new();
+        let admin = Admin::in_dir(&dir.0);
+        let agent = agent_command(sockmesh_bin(), &cgroup, &bpffs)
+            .arg("--xds")
+            .arg(format!("file://{}", file.display()))
+            .args(admin.args())
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("agent");
+        Self {
+            agent: Proc(agent),
+            admin,
+            file,
+            cgroup,
+            bpffs,
+            dir,
+        }
+    }
+
+    /// Replaces the file as an editor or a ConfigMap update does: a new file
+    /// renamed over the old.
+    pub fn replace(&self, text: &str) {
+        let tmp = self.file.with_extension("tmp");
+        fs::write(&tmp, text).expect("write");
+        fs::rename(&tmp, &self.file).expect("rename");
+    }
+}
+
 /// `sockmesh agent --cgroup … --bpffs …` for `bin`; callers add the source and
 /// whatever else they test.
 pub fn agent_command(bin: impl AsRef<OsStr>, cgroup: &Cgroup, bpffs: &Bpffs) -> Command {

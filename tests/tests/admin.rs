@@ -1,16 +1,9 @@
 //! The admin server on loopback: /healthz, /readyz, /metrics and /config_dump
 //! answer, and follow accepted and rejected updates.
 
-use std::{
-    fs,
-    path::Path,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
-use sockmesh_tests::{
-    Admin, Bpffs, Cgroup, Proc, TempDir, agent_command, sockmesh_bin, wait_until,
-};
+use sockmesh_tests::{FileAgent, sockmesh_bin, wait_until};
 
 const CONFIG: &str = r#"resources:
 - "@type": type.googleapis.com/envoy.config.listener.v3.Listener
@@ -25,22 +18,8 @@ const CONFIG: &str = r#"resources:
 
 #[test]
 fn admin_endpoints_answer_on_loopback() {
-    let tmp = TempDir::new("sockmesh-admin-");
-    let dir = &tmp.0;
-    let file = dir.join("resources.yaml");
-    fs::write(&file, CONFIG).expect("write");
-    let cgroup = Cgroup::new();
-    let bpffs = Bpffs::new();
-    let admin = Admin::in_dir(dir);
-    let agent = agent_command(sockmesh_bin(), &cgroup, &bpffs)
-        .arg("--xds")
-        .arg(format!("file://{}", file.display()))
-        .args(admin.args())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("agent");
-    let _agent = Proc(agent);
+    let agent = FileAgent::start("resources.yaml", CONFIG, &[]);
+    let admin = &agent.admin;
     wait_until("/readyz 200", Duration::from_secs(10), || {
         admin.get("/readyz").0 == 200
     });
@@ -70,13 +49,10 @@ fn admin_endpoints_answer_on_loopback() {
     assert_eq!(dump["services"][0]["port"], 443);
 
     // A rejected file shows up in the counters and the dump; the table stays.
-    replace(
-        &file,
-        &format!(
-            "version_info: bad-port\n{}",
-            CONFIG.replace("port_value: 8443", "port_value: 0")
-        ),
-    );
+    agent.replace(&format!(
+        "version_info: bad-port\n{}",
+        CONFIG.replace("port_value: 8443", "port_value: 0")
+    ));
     let dump = wait_until(
         "the bad-port update's NACK",
         Duration::from_secs(10),
@@ -105,7 +81,7 @@ fn admin_endpoints_answer_on_loopback() {
     let out = Command::new(sockmesh_bin())
         .arg("status")
         .arg("--bpffs")
-        .arg(&bpffs.0)
+        .arg(&agent.bpffs.0)
         .arg("--admin")
         .arg(admin.addr().to_string())
         .arg("--json")
@@ -142,29 +118,16 @@ fn capacity_limits_nack_and_keep_existing_services() {
             eps.join(", ")
         )
     };
-    let tmp = TempDir::new("sockmesh-cap-");
-    let dir = &tmp.0;
-    let file = dir.join("resources.yaml");
-    let write = |version: &str, services: &[String]| {
-        replace(
-            &file,
-            &format!("version_info: {version}\nresources:\n{}", services.concat()),
-        );
+    let document = |version: &str, services: &[String]| {
+        format!("version_info: {version}\nresources:\n{}", services.concat())
     };
-    write("good", &[svc(1, &[11, 12]), svc(2, &[13])]);
-    let cgroup = Cgroup::new();
-    let bpffs = Bpffs::new();
-    let admin = Admin::in_dir(dir);
-    let agent = agent_command(sockmesh_bin(), &cgroup, &bpffs)
-        .arg("--xds")
-        .arg(format!("file://{}", file.display()))
-        .args(admin.args())
-        .args(["--max-services", "2", "--max-backends", "5"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("agent");
-    let _agent = Proc(agent);
+    let agent = FileAgent::start(
+        "resources.yaml",
+        &document("good", &[svc(1, &[11, 12]), svc(2, &[13])]),
+        &["--max-services", "2", "--max-backends", "5"],
+    );
+    let (admin, bpffs) = (&agent.admin, &agent.bpffs);
+    let write = |version: &str, services: &[String]| agent.replace(&document(version, services));
     let services = || {
         sockmesh::dataplane::read_table(&bpffs.0)
             .map(|t| t.services.len())
@@ -216,11 +179,4 @@ fn capacity_limits_nack_and_keep_existing_services() {
     );
     let t = sockmesh::dataplane::read_table(&bpffs.0).expect("table");
     assert_eq!(t.backend_count(), 3, "the last good table stays");
-}
-
-/// Writes like an editor or a ConfigMap update: a new file renamed over the old.
-fn replace(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, text).expect("write");
-    fs::rename(&tmp, path).expect("rename");
 }

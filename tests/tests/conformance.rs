@@ -10,7 +10,7 @@ use std::{collections::BTreeSet, process::Stdio, time::Duration};
 
 use sockmesh::model::{BackendState, RoutingTable};
 use sockmesh_tests::{
-    Admin, Bpffs, Cgroup, Proc, TempDir, agent_command,
+    Admin, Bpffs, Cgroup, FileAgent, Proc, TempDir, agent_command,
     control_plane::ControlPlane,
     corpus::{Corpus, Expected, corpus_dir, corpus_files},
     sockmesh_bin, wait_until,
@@ -124,22 +124,8 @@ fn check(corpus: &Corpus, expected: &Expected, bpffs: &Bpffs, admin: &Admin) {
 fn istio_dumps_through_the_file_source_route_as_envoy_would() {
     let Some(corpora) = corpora() else { return };
     for corpus in corpora {
-        let tmp = TempDir::new("sockmesh-corpus-");
-        let file = tmp.0.join("resources.json");
-        std::fs::write(&file, corpus.discovery_response()).expect("write");
-        let cgroup = Cgroup::new();
-        let bpffs = Bpffs::new();
-        let admin = Admin::in_dir(&tmp.0);
-        let _agent = Proc(
-            agent_command(sockmesh_bin(), &cgroup, &bpffs)
-                .arg("--xds")
-                .arg(format!("file://{}", file.display()))
-                .args(admin.args())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("agent"),
-        );
+        let agent = FileAgent::start("resources.json", &corpus.discovery_response(), &[]);
+        let (admin, bpffs) = (&agent.admin, &agent.bpffs);
         let version = format!("corpus-{}", corpus.name);
         wait_until("the dump to be accepted", Duration::from_secs(30), || {
             let dump = admin.dump();
@@ -148,7 +134,7 @@ fn istio_dumps_through_the_file_source_route_as_envoy_would() {
                 .ok_or(dump)
         });
         let expected = corpus.expected();
-        check(&corpus, &expected, &bpffs, &admin);
+        check(&corpus, &expected, bpffs, admin);
         let dump = admin.dump();
         assert_eq!(dump["xds"]["lds"]["rejected"], 0, "{}: {dump}", corpus.name);
         assert_eq!(dump["source_errors"], 0, "{}: {dump}", corpus.name);

@@ -4,12 +4,12 @@
 //! follows the answers as they change, and keeps the last good addresses while
 //! resolution fails.
 
-use std::{fs, process::Stdio, time::Duration};
+use std::time::Duration;
 
 use sockmesh_tests::{
-    Admin, Bpffs, Cgroup, NetNs, Proc, TempDir, agent_command, command_in,
+    Cgroup, FileAgent, NetNs, command_in,
     dns::{DnsServer, Mode},
-    kernel_backends, pod_network, run, serve, sockmesh_bin, wait_for_backends, wait_until,
+    kernel_backends, pod_network, run, serve, wait_for_backends, wait_until,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -71,30 +71,17 @@ fn strict_dns_cluster_follows_its_names_and_keeps_the_last_good_addresses() {
         PROBE,
         ["10.10.1.11:8080=a".into(), "10.10.1.12:8080=b".into()],
     );
-    let tmp = TempDir::new("sockmesh-dns-");
-    let file = tmp.0.join("resources.yaml");
-    fs::write(&file, config(dns.addr)).expect("write");
-    let cgroup = Cgroup::new();
-    let bpffs = Bpffs::new();
-    let admin = Admin::in_dir(&tmp.0);
-    let agent = agent_command(sockmesh_bin(), &cgroup, &bpffs)
-        .arg("--xds")
-        .arg(format!("file://{}", file.display()))
-        .args(admin.args())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("agent");
-    let _agent = Proc(agent);
+    let agent = FileAgent::start("resources.yaml", &config(dns.addr), &[]);
+    let (admin, bpffs, cgroup) = (&agent.admin, &agent.bpffs, &agent.cgroup);
 
-    wait_for_backends(&bpffs, "both names resolved", &["10.10.1.11", "10.10.1.12"]);
-    assert_eq!(reached(&client, &cgroup), ["a", "b"]);
+    wait_for_backends(bpffs, "both names resolved", &["10.10.1.11", "10.10.1.12"]);
+    assert_eq!(reached(&client, cgroup), ["a", "b"]);
 
     // A name that no longer exists is an answer (Envoy's
     // dns_nodata_noname_is_success): its address goes.
     dns.remove("web-a.sockmesh.test");
-    wait_for_backends(&bpffs, "web-a gone", &["10.10.1.12"]);
-    assert_eq!(reached(&client, &cgroup), ["b"]);
+    wait_for_backends(bpffs, "web-a gone", &["10.10.1.12"]);
+    assert_eq!(reached(&client, cgroup), ["b"]);
 
     // The resolver fails: the failures are counted and the last good address stays,
     // although the zone (unreachable now) has changed.
@@ -111,7 +98,7 @@ fn strict_dns_cluster_follows_its_names_and_keeps_the_last_good_addresses() {
             (now >= before + 4.0).then_some(()).ok_or(now)
         },
     );
-    assert_eq!(kernel_backends(&bpffs), ["10.10.1.12"]);
+    assert_eq!(kernel_backends(bpffs), ["10.10.1.12"]);
     let dump = admin.dump();
     let status = &dump["dns"][CLUSTER];
     assert_eq!(
@@ -125,12 +112,12 @@ fn strict_dns_cluster_follows_its_names_and_keeps_the_last_good_addresses() {
             .is_some_and(|e| e.contains("sockmesh.test")),
         "the error names the host: {status}"
     );
-    assert_eq!(reached(&client, &cgroup), ["b"]);
+    assert_eq!(reached(&client, cgroup), ["b"]);
 
     // It answers again: the cluster follows.
     dns.mode(Mode::Answer);
     wait_for_backends(
-        &bpffs,
+        bpffs,
         "web-a back after the outage",
         &["10.10.1.11", "10.10.1.12"],
     );

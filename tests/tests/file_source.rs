@@ -1,11 +1,9 @@
 //! `sockmesh agent --xds file://...`: edits reach the kernel in milliseconds; a
 //! malformed or invalid file is reported (line / field) and changes nothing.
 
-use std::{fs, path::Path, process::Stdio, time::Duration};
+use std::time::Duration;
 
-use sockmesh_tests::{
-    Admin, Bpffs, Cgroup, Proc, TempDir, agent_command, sockmesh_bin, wait_for_backends, wait_until,
-};
+use sockmesh_tests::{FileAgent, wait_for_backends, wait_until};
 
 fn config(version: &str, backends: &[&str], port: u32) -> String {
     let eps: String = backends
@@ -30,40 +28,19 @@ resources:
     )
 }
 
-/// Writes like an editor or a ConfigMap update: a new file renamed over the old.
-fn replace(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, text).expect("write");
-    fs::rename(&tmp, path).expect("rename");
-}
-
 #[test]
 fn file_edits_apply_and_bad_files_change_nothing() {
-    let tmp = TempDir::new("sockmesh-file-");
-    let dir = &tmp.0;
-    let file = dir.join("resources.yaml");
-    fs::write(&file, config("1", &["10.10.1.11"], 8080)).expect("write");
-    let cgroup = Cgroup::new();
-    let bpffs = Bpffs::new();
-    let admin = Admin::in_dir(dir);
-    let agent = agent_command(sockmesh_bin(), &cgroup, &bpffs)
-        .arg("--xds")
-        .arg(format!("file://{}", file.display()))
-        .args(admin.args())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("agent");
-    let _agent = Proc(agent);
+    let agent = FileAgent::start("resources.yaml", &config("1", &["10.10.1.11"], 8080), &[]);
+    let (admin, bpffs) = (&agent.admin, &agent.bpffs);
 
-    wait_for_backends(&bpffs, "the first file", &["10.10.1.11"]);
-    replace(&file, &config("2", &["10.10.1.12", "10.10.1.13"], 8080));
-    let took = wait_for_backends(&bpffs, "the edited file", &["10.10.1.12", "10.10.1.13"]);
+    wait_for_backends(bpffs, "the first file", &["10.10.1.11"]);
+    agent.replace(&config("2", &["10.10.1.12", "10.10.1.13"], 8080));
+    let took = wait_for_backends(bpffs, "the edited file", &["10.10.1.12", "10.10.1.13"]);
     eprintln!("file edit visible in the pinned maps after {took:?} (includes polling)");
 
     // A syntax error: counted as a source error whose message has the line, and
     // nothing changes.
-    replace(&file, "resources: [\n  { name: \n");
+    agent.replace("resources: [\n  { name: \n");
     let error = wait_until(
         "the syntax error to be reported",
         Duration::from_secs(10),
@@ -86,12 +63,12 @@ fn file_edits_apply_and_bad_files_change_nothing() {
         "no line number in: {error}"
     );
     assert_eq!(
-        sockmesh_tests::kernel_backends(&bpffs),
+        sockmesh_tests::kernel_backends(bpffs),
         ["10.10.1.12", "10.10.1.13"]
     );
 
     // An invalid port: NACKed with the field named, and nothing changes.
-    replace(&file, &config("bad-port", &["10.10.1.14"], 0));
+    agent.replace(&config("bad-port", &["10.10.1.14"], 0));
     let error = wait_until(
         "the NACK of version bad-port",
         Duration::from_secs(10),
@@ -110,10 +87,10 @@ fn file_edits_apply_and_bad_files_change_nothing() {
         "field not named in: {error}"
     );
     assert_eq!(
-        sockmesh_tests::kernel_backends(&bpffs),
+        sockmesh_tests::kernel_backends(bpffs),
         ["10.10.1.12", "10.10.1.13"]
     );
 
-    replace(&file, &config("4", &["10.10.1.14"], 8080));
-    wait_for_backends(&bpffs, "the fixed file", &["10.10.1.14"]);
+    agent.replace(&config("4", &["10.10.1.14"], 8080));
+    wait_for_backends(bpffs, "the fixed file", &["10.10.1.14"]);
 }
