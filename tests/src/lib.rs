@@ -694,6 +694,36 @@ pub fn pod_network(client: &NetNs, backend: &NetNs, pods: u8) -> Vec<std::net::I
     addrs
 }
 
+/// Two pods behind one client: namespaces linked by [`pod_network`] (client
+/// 10.10.1.1; pods 10.10.1.11 and .12), each pod serving TCP port 8080 with
+/// `smprobe serve`, answering its name (`names`).
+pub struct TwoPods {
+    pub client: NetNs,
+    pub backend: NetNs,
+    pub server: Proc,
+}
+
+impl TwoPods {
+    pub fn serving(probe: impl AsRef<OsStr>, names: [&str; 2]) -> Self {
+        let client = NetNs::new();
+        let backend = NetNs::new();
+        pod_network(&client, &backend, 2);
+        let server = serve(
+            &backend,
+            probe,
+            [
+                format!("10.10.1.11:8080={}", names[0]),
+                format!("10.10.1.12:8080={}", names[1]),
+            ],
+        );
+        Self {
+            client,
+            backend,
+            server,
+        }
+    }
+}
+
 /// Runs `probe serve SPEC…` (see smprobe) inside `netns` until dropped, once it
 /// listens.
 pub fn serve(

@@ -6,8 +6,8 @@
 use std::{process::Stdio, time::Duration};
 
 use sockmesh_tests::{
-    Admin, Bpffs, Cgroup, Lines, NetNs, Proc, TempDir, agent_command, command_in,
-    control_plane::ControlPlane, mesh, pod_network, serve, sockmesh_bin, wait_until,
+    Admin, Bpffs, Cgroup, Lines, Proc, TempDir, TwoPods, agent_command, command_in,
+    control_plane::ControlPlane, mesh, sockmesh_bin, wait_until,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -15,14 +15,8 @@ const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
 #[test]
 fn sigkill_and_restart_under_traffic_lose_nothing() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let client = NetNs::new();
-    let backend = NetNs::new();
-    pod_network(&client, &backend, 2);
-    let _server = serve(
-        &backend,
-        PROBE,
-        ["10.10.1.11:8080=b1".into(), "10.10.1.12:8080=b2".into()],
-    );
+    let pods = TwoPods::serving(PROBE, ["b1", "b2"]);
+    let client = &pods.client;
     let cgroup = Cgroup::new();
     let bpffs = Bpffs::new();
     let cp = ControlPlane::new();
@@ -59,7 +53,7 @@ fn sigkill_and_restart_under_traffic_lose_nothing() {
 
     // 300 connections/s for 3 s; the agent is killed once traffic flows and
     // restarted 1 s later.
-    let mut traffic = command_in(&client, Some(&cgroup), PROBE);
+    let mut traffic = command_in(client, Some(&cgroup), PROBE);
     traffic
         .args(["rate", "10.96.0.10:80", "300", "3000"])
         .stdout(Stdio::piped());

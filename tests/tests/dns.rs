@@ -7,9 +7,9 @@
 use std::time::Duration;
 
 use sockmesh_tests::{
-    Cgroup, FileAgent, NetNs, command_in,
+    Cgroup, FileAgent, NetNs, TwoPods, command_in,
     dns::{DnsServer, Mode},
-    kernel_backends, pod_network, run, serve, wait_for_backends, wait_until,
+    kernel_backends, run, wait_for_backends, wait_until,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -63,25 +63,19 @@ fn strict_dns_cluster_follows_its_names_and_keeps_the_last_good_addresses() {
     dns.set("web-a.sockmesh.test", &["10.10.1.11"]);
     // V4_ONLY: the IPv6 address is never asked for.
     dns.set("web-b.sockmesh.test", &["10.10.1.12", "fd00::12"]);
-    let client = NetNs::new();
-    let backend = NetNs::new();
-    pod_network(&client, &backend, 2);
-    let _server = serve(
-        &backend,
-        PROBE,
-        ["10.10.1.11:8080=a".into(), "10.10.1.12:8080=b".into()],
-    );
+    let pods = TwoPods::serving(PROBE, ["a", "b"]);
+    let client = &pods.client;
     let agent = FileAgent::start("resources.yaml", &config(dns.addr), &[]);
     let (admin, bpffs, cgroup) = (&agent.admin, &agent.bpffs, &agent.cgroup);
 
     wait_for_backends(bpffs, "both names resolved", &["10.10.1.11", "10.10.1.12"]);
-    assert_eq!(reached(&client, cgroup), ["a", "b"]);
+    assert_eq!(reached(client, cgroup), ["a", "b"]);
 
     // A name that no longer exists is an answer (Envoy's
     // dns_nodata_noname_is_success): its address goes.
     dns.remove("web-a.sockmesh.test");
     wait_for_backends(bpffs, "web-a gone", &["10.10.1.12"]);
-    assert_eq!(reached(&client, cgroup), ["b"]);
+    assert_eq!(reached(client, cgroup), ["b"]);
 
     // The resolver fails: the failures are counted and the last good address stays,
     // although the zone (unreachable now) has changed.
@@ -112,7 +106,7 @@ fn strict_dns_cluster_follows_its_names_and_keeps_the_last_good_addresses() {
             .is_some_and(|e| e.contains("sockmesh.test")),
         "the error names the host: {status}"
     );
-    assert_eq!(reached(&client, cgroup), ["b"]);
+    assert_eq!(reached(client, cgroup), ["b"]);
 
     // It answers again: the cluster follows.
     dns.mode(Mode::Answer);

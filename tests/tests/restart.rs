@@ -5,7 +5,7 @@
 use std::{fs, process::Command, time::Duration};
 
 use sockmesh_tests::{
-    Bpffs, Cgroup, NetNs, command_in, pod_network, run, serve, sockmesh_bin, unique, wait_until,
+    Bpffs, Cgroup, NetNs, TwoPods, command_in, run, sockmesh_bin, unique, wait_until,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -52,14 +52,8 @@ fn reached(client: &NetNs, cgroup: &Cgroup) -> String {
 
 #[test]
 fn datapath_survives_sigkill_of_the_loader_and_is_adopted() {
-    let client = NetNs::new();
-    let backend = NetNs::new();
-    pod_network(&client, &backend, 2);
-    let _server = serve(
-        &backend,
-        PROBE,
-        ["10.10.1.11:8080=b1".into(), "10.10.1.12:8080=b2".into()],
-    );
+    let pods = TwoPods::serving(PROBE, ["b1", "b2"]);
+    let client = &pods.client;
     let cgroup = Cgroup::new();
     let bpffs = Bpffs::new();
 
@@ -72,7 +66,7 @@ fn datapath_survives_sigkill_of_the_loader_and_is_adopted() {
         Duration::from_secs(10),
         || sockmesh::dataplane::read_table(&bpffs.0).is_ok_and(|t| !t.services.is_empty()),
     );
-    assert_eq!(reached(&client, &cgroup), "b1");
+    assert_eq!(reached(client, &cgroup), "b1");
     let links_before = sockmesh::dataplane::pinned_links(&bpffs.0).expect("pinned links");
     assert_eq!(links_before.len(), sockmesh::dataplane::HOOKS.len());
 
@@ -84,7 +78,7 @@ fn datapath_survives_sigkill_of_the_loader_and_is_adopted() {
     loader.kill().expect("SIGKILL loader");
     loader.wait().expect("reap loader");
     assert_eq!(
-        reached(&client, &cgroup),
+        reached(client, &cgroup),
         "b1",
         "redirect stopped with the loader"
     );
@@ -113,7 +107,7 @@ fn datapath_survives_sigkill_of_the_loader_and_is_adopted() {
             after.program
         );
     }
-    assert_eq!(reached(&client, &cgroup), "b2");
+    assert_eq!(reached(client, &cgroup), "b2");
 
     // Naming another cgroup is refused, and nothing is removed.
     let other = Cgroup::new();
@@ -131,7 +125,7 @@ fn datapath_survives_sigkill_of_the_loader_and_is_adopted() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(reached(&client, &cgroup), "b2");
+    assert_eq!(reached(client, &cgroup), "b2");
 
     let out = Command::new(sockmesh_bin())
         .arg("uninstall")
@@ -157,7 +151,7 @@ fn datapath_survives_sigkill_of_the_loader_and_is_adopted() {
     let attached = String::from_utf8_lossy(&attached.stdout);
     assert!(!attached.contains("sm_"), "still attached: {attached}");
     // Detached: the VIP is no longer redirected (no default route: unreachable).
-    let mut probe = command_in(&client, Some(&cgroup), PROBE);
+    let mut probe = command_in(client, Some(&cgroup), PROBE);
     probe.args(["connect", "10.96.0.20:80", "1"]);
     let out = run(probe);
     assert!(
