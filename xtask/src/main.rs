@@ -145,6 +145,9 @@ fn bench() -> Result<()> {
         .arg(root().join("target/bench/change-latency.png")))
 }
 
+/// Held while the namespace suite runs on the host (`flock(1)`).
+const PRIVILEGED_LOCK: &str = "/tmp/sockmesh-privileged.lock";
+
 fn require_root(what: &str) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc_geteuid() } != 0 {
@@ -254,14 +257,21 @@ fn test() -> Result<()> {
     let mounted_before = bpffs_mounted();
     // The tests run the real `sockmesh` binary.
     cargo(&["build", "-p", "sockmesh"])?;
-    let host = cargo(&[
-        "test",
-        "-p",
-        "sockmesh-tests",
-        "--tests",
-        "--",
-        "--test-threads=1",
-    ]);
+    // One privileged suite at a time on a machine: a second run (another
+    // checkout, a developer's own test) waits for the lock instead of competing.
+    eprintln!("waiting for {PRIVILEGED_LOCK} (one privileged suite at a time)");
+    let host = run(Command::new("flock")
+        .arg(PRIVILEGED_LOCK)
+        .args([
+            "cargo",
+            "test",
+            "-p",
+            "sockmesh-tests",
+            "--tests",
+            "--",
+            "--test-threads=1",
+        ])
+        .current_dir(root()));
     if !mounted_before && bpffs_mounted() {
         run(Command::new("umount").arg(BPFFS))?;
     }
