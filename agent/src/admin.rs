@@ -135,12 +135,19 @@ pub fn route(admin: &Admin, path: &str) -> Response<Full<Bytes>> {
 }
 
 /// Ready once the control plane's LDS and CDS are in the kernel and the source is
-/// connected; a disconnected source after that is "degraded".
+/// connected; a disconnected source after that, or kernel maps that lag the
+/// accepted configuration, is "degraded".
 pub fn readiness(core: &Core) -> (StatusCode, &'static str) {
     if core.migrating() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: migrating from another pin layout (the old datapath serves until this one is filled)",
+        );
+    }
+    if core.synced() && core.kernel_behind() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "degraded: the kernel maps lag the accepted configuration (a write failed; retrying every second)",
         );
     }
     match (core.synced(), core.source) {
@@ -253,26 +260,35 @@ pub fn metrics(
         "Time from an xDS update's arrival to the kernel maps holding it",
         core.latency.clone(),
     );
-    let table = core.state().table();
-    let backends = table.backend_count();
+    // What the kernel holds, not what the state accepted (they differ while a
+    // kernel write lags).
+    let held = core.kernel_usage();
     gauge(
         &mut r,
         "sockmesh_services",
         "Services in the kernel maps",
-        table.services.len(),
+        held.services,
     );
     gauge(
         &mut r,
         "sockmesh_backends",
         "Backends in the kernel maps",
-        backends,
+        held.backends,
+    );
+    gauge(
+        &mut r,
+        "sockmesh_kernel_behind",
+        "1 while the kernel maps lag the accepted configuration (a write failed; retried every second)",
+        usize::from(core.kernel_behind()),
     );
     let limits = core.limits();
     let fill: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>> = Family::default();
     fill.get_or_create(&vec![("map".to_owned(), "services".to_owned())])
-        .set(table.services.len() as f64 / f64::from(limits.services.max(1)));
+        .set(held.services as f64 / f64::from(limits.services.max(1)));
     fill.get_or_create(&vec![("map".to_owned(), "backends".to_owned())])
-        .set(backends as f64 / f64::from(limits.backends.max(1)));
+        .set(held.backends as f64 / f64::from(limits.backends.max(1)));
+    fill.get_or_create(&vec![("map".to_owned(), "slots".to_owned())])
+        .set(held.slots as f64 / f64::from(limits.slots.max(1)));
     r.register(
         "sockmesh_map_fill_ratio",
         "Used fraction of each map's capacity",

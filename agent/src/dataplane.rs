@@ -25,6 +25,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+pub use crate::model::Limits;
 use aya::Ebpf;
 pub use keys::service_key;
 pub use loader::{Attachment, PinLayout, attached_programs, cgroup2_root};
@@ -32,7 +33,7 @@ pub use mirror::table_from_snapshot;
 pub use sockmesh_common::hooks::HOOKS;
 use sockmesh_common::map_names;
 use tracing::info;
-pub use writer::{ApplyReport, Limits, MapWriter, WriteError};
+pub use writer::{ApplyReport, MapWriter, WriteError};
 
 pub use self::kernel::{KernelMaps, WrittenMaps};
 use crate::model::RoutingTable;
@@ -309,6 +310,11 @@ impl Datapath {
     /// The table installed in the kernel.
     pub fn table(&self) -> RoutingTable {
         self.writer.table()
+    }
+
+    /// What the kernel's maps hold (services, backends, slots).
+    pub fn usage(&self) -> crate::model::Usage {
+        self.writer.usage()
     }
 
     /// The maps' capacities.

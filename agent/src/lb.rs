@@ -34,6 +34,14 @@ pub fn weighted_slots(weights: &[u32]) -> Vec<usize> {
     slots
 }
 
+/// How many slots [`weighted_slots`] gives `weights`, without building them:
+/// the reduced total, or the cap when that is larger.
+pub fn slot_count(weights: impl Iterator<Item = u32> + Clone) -> usize {
+    let g = weights.clone().fold(0u32, gcd).max(1);
+    let total: u64 = weights.map(|w| u64::from(w.max(1) / g)).sum();
+    usize::try_from(total.min(u64::from(MAX_SLOTS_PER_SERVICE))).unwrap_or(usize::MAX)
+}
+
 /// Shares `cap` slots among `weights` (summing to `total` > `cap`) by largest
 /// remainder, giving every backend at least one slot.
 fn apportion(weights: &[u64], total: u64, cap: u64) -> Vec<u64> {
@@ -128,6 +136,30 @@ mod tests {
                 c[i]
             );
         }
+    }
+
+    #[test]
+    fn slot_count_is_the_length_of_the_slot_table() {
+        let cases: [&[u32]; 6] = [
+            &[],
+            &[1, 1, 1],
+            &[100, 300],
+            &[2, 3, 5],
+            &[1_000_000, 3_000_000, 1, 7_777_777],
+            &[16_384, 1],
+        ];
+        for weights in cases {
+            assert_eq!(
+                slot_count(weights.iter().copied()),
+                weighted_slots(weights).len(),
+                "{weights:?}"
+            );
+        }
+        let many: Vec<u32> = (0..1024).map(|i| 1000 + i).collect();
+        assert_eq!(
+            slot_count(many.iter().copied()),
+            weighted_slots(&many).len()
+        );
     }
 
     #[test]

@@ -6,7 +6,14 @@
 use std::{collections::BTreeMap, fmt, net::IpAddr, str::FromStr};
 
 use serde::{Deserialize, Serialize};
-use sockmesh_common::{MAX_BACKENDS_PER_SERVICE, MAX_SERVICES};
+use sockmesh_common::MAX_BACKENDS_PER_SERVICE;
+
+mod capacity;
+pub use capacity::{CapacityError, Limits, Usage, slot_count};
+
+/// What an update changes in a table: per service, its new backends (`None`:
+/// the service is removed).
+pub type Changes = BTreeMap<ServiceAddr, Option<Vec<Backend>>>;
 
 /// Transport protocol of a service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -173,8 +180,6 @@ pub enum ModelError {
         count: usize,
         limit: u32,
     },
-    #[error("{count} services exceed the limit of {limit}")]
-    TooManyServices { count: usize, limit: u32 },
     #[error("unknown protocol {0:?} (expected tcp or udp)")]
     UnknownProtocol(String),
 }
@@ -186,13 +191,8 @@ impl RoutingTable {
     }
 
     /// Checks every rule the datapath relies on; the first broken one is returned.
+    /// (Capacities are the maps' own: see [`Limits::check`].)
     pub fn validate(&self) -> Result<(), ModelError> {
-        if self.services.len() > MAX_SERVICES as usize {
-            return Err(ModelError::TooManyServices {
-                count: self.services.len(),
-                limit: MAX_SERVICES,
-            });
-        }
         for (service, backends) in &self.services {
             validate_service(service, backends)?;
         }

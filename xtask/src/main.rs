@@ -11,13 +11,16 @@ use clap::{Parser, Subcommand};
 mod vm;
 
 /// Packages bpf-linker needs to build against Debian's LLVM 22, plus runtime tools.
-const APT_PACKAGES: [&str; 6] = [
+const APT_PACKAGES: [&str; 7] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
     "iproute2",
     "bpftool",
+    // The manifest checks' and the plots' Python tools go into a venv of the
+    // project's (`python`): Debian's own Python refuses `pip install` (PEP 668).
+    "python3-venv",
 ];
 /// What the benchmarks compare against and drive: kube-proxy's iptables and
 /// nftables datapaths, nginx backends, the wrk HTTP client.
@@ -63,26 +66,36 @@ fn main() -> Result<()> {
     }
 }
 
-/// Lints the YAML and validates the Kubernetes manifests against the Kubernetes
-/// schemas offline (kubernetes-validate bundles them).
-fn check_deploy() -> Result<()> {
+/// The project's Python (a venv under `target/py`, made on first use) with
+/// `modules` installed (`packages`, pinned where it matters, if any is missing).
+fn python(modules: &[&str], packages: &[&str]) -> Result<PathBuf> {
+    let venv = root().join("target/py");
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    }
     let have = |module: &str| {
-        Command::new("python3")
+        Command::new(&python)
             .args(["-c", &format!("import {module}")])
             .output()
             .is_ok_and(|o| o.status.success())
     };
-    if !have("kubernetes_validate") || !have("yamllint") {
-        run(Command::new("python3").args([
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "kubernetes-validate==1.37.0",
-            "yamllint",
-        ]))?;
+    if !modules.iter().all(|m| have(m)) {
+        run(Command::new(&python)
+            .args(["-m", "pip", "install", "-q"])
+            .args(packages))?;
     }
-    run(Command::new("python3")
+    Ok(python)
+}
+
+/// Lints the YAML and validates the Kubernetes manifests against the Kubernetes
+/// schemas offline (kubernetes-validate bundles them).
+fn check_deploy() -> Result<()> {
+    let python = python(
+        &["kubernetes_validate", "yamllint"],
+        &["kubernetes-validate==1.37.0", "yamllint"],
+    )?;
+    run(Command::new(&python)
         .args(["-m", "yamllint", "--strict"])
         .arg(root().join("deploy"))
         .arg(root().join("examples")))?;
@@ -92,7 +105,7 @@ fn check_deploy() -> Result<()> {
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
-    run(Command::new("python3")
+    run(Command::new(&python)
         .args(["-m", "kubernetes_validate", "--strict", "--quiet"])
         .args(&manifests))
 }
@@ -128,18 +141,12 @@ fn with_bpffs(f: impl FnOnce() -> Result<()>) -> Result<()> {
 
 fn bench() -> Result<()> {
     setup_with(&BENCH_APT_PACKAGES)?;
-    let have_matplotlib = Command::new("python3")
-        .args(["-c", "import matplotlib"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !have_matplotlib {
-        run(Command::new("python3").args(["-m", "pip", "install", "-q", "matplotlib"]))?;
-    }
+    let python = python(&["matplotlib"], &["matplotlib"])?;
     require_root("the benchmarks")?;
     release_bins()?;
     let report = root().join("target/bench/report.json");
     with_bpffs(|| run(Command::new(root().join("target/release/smbench")).arg(&report)))?;
-    run(Command::new("python3")
+    run(Command::new(&python)
         .arg(root().join("docs/plot_bench.py"))
         .arg(&report)
         .arg(root().join("target/bench/change-latency.png")))

@@ -31,6 +31,15 @@ pub(super) struct Installed {
 }
 
 impl Installed {
+    /// What it takes of the maps.
+    pub(super) fn usage(&self) -> crate::model::Usage {
+        crate::model::Usage {
+            services: 1,
+            backends: self.backends.len(),
+            slots: self.slots.len(),
+        }
+    }
+
     /// A service about to be written for the first time.
     pub(super) fn new(id: u32) -> Self {
         Self {

@@ -13,10 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use sockmesh_common::{
-    BackendInfo, BackendKey, MAX_BACKENDS_TOTAL, MAX_SERVICES, MAX_SLOTS_TOTAL, ServiceKey,
-    ServiceValue, SlotKey, backend_state,
-};
+use sockmesh_common::{BackendInfo, BackendKey, ServiceKey, ServiceValue, SlotKey, backend_state};
 use tracing::{debug, warn};
 
 use super::{
@@ -26,7 +23,9 @@ use super::{
 };
 use crate::{
     lb::weighted_slots,
-    model::{Backend, BackendState, ModelError, RoutingTable, ServiceAddr},
+    model::{
+        Backend, BackendState, CapacityError, Limits, ModelError, RoutingTable, ServiceAddr, Usage,
+    },
 };
 
 /// Why an apply was refused or did not complete.
@@ -35,13 +34,10 @@ pub enum WriteError {
     /// The table breaks a datapath rule; nothing was written.
     #[error("invalid routing table: {0}")]
     Invalid(#[from] ModelError),
-    /// The table does not fit in the maps; nothing was written.
-    #[error("routing table needs {needed} {what} but the datapath holds {limit}")]
-    Capacity {
-        what: &'static str,
-        needed: usize,
-        limit: u32,
-    },
+    /// The table does not fit in the maps; nothing was written. (The state checks
+    /// the same before it commits an update, so this is an assertion.)
+    #[error("routing table refused: {0}")]
+    Capacity(#[from] CapacityError),
     /// A map write failed while updating `service`. Services before it in this apply
     /// are updated, `service` keeps its previous published state, later ones were
     /// not touched.
@@ -68,32 +64,13 @@ pub struct ApplyReport {
     pub map_ops: usize,
 }
 
-/// Capacities of the routing maps (their `max_entries`), configurable at install.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Limits {
-    pub services: u32,
-    pub backends: u32,
-    pub slots: u32,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            services: MAX_SERVICES,
-            backends: MAX_BACKENDS_TOTAL,
-            slots: MAX_SLOTS_TOTAL,
-        }
-    }
-}
-
 /// The single owner of the routing maps.
 pub struct MapWriter<S: MapStore> {
     store: S,
     mirror: Mirror,
-    /// Backend entries and slots of all services, kept current so that
+    /// Services, backend entries and slots of all services, kept current so that
     /// `apply_changes` checks capacity without walking every service.
-    backends_total: usize,
-    slots_total: usize,
+    usage: Usage,
     /// Ids in use (and ids handed out during a full apply), so allocation does not
     /// walk every service.
     ids: HashSet<u32>,
@@ -188,8 +165,7 @@ impl<S: MapStore> MapWriter<S> {
         let mut w = Self {
             store,
             mirror,
-            backends_total: 0,
-            slots_total: 0,
+            usage: Usage::default(),
             ids: HashSet::new(),
             limits: Limits::default(),
             counters,
@@ -216,20 +192,23 @@ impl<S: MapStore> MapWriter<S> {
 
     fn recount(&mut self) {
         self.ids = self.mirror.services.values().map(|i| i.id).collect();
-        self.backends_total = self
-            .mirror
-            .services
-            .values()
-            .map(|i| i.backends.len())
-            .sum();
-        self.slots_total = self.mirror.services.values().map(|i| i.slots.len()).sum();
+        self.usage =
+            self.mirror
+                .services
+                .values()
+                .map(Installed::usage)
+                .fold(Usage::default(), |a, b| Usage {
+                    services: a.services + b.services,
+                    backends: a.backends + b.backends,
+                    slots: a.slots + b.slots,
+                });
     }
 
-    fn counts(&self, key: &ServiceKey) -> (usize, usize) {
+    fn counts(&self, key: &ServiceKey) -> Usage {
         self.mirror
             .services
             .get(key)
-            .map_or((0, 0), |i| (i.backends.len(), i.slots.len()))
+            .map_or(Usage::default(), Installed::usage)
     }
 
     /// Runs one service operation, keeping the totals current.
@@ -238,12 +217,19 @@ impl<S: MapStore> MapWriter<S> {
         key: &ServiceKey,
         op: impl FnOnce(&mut Self) -> Result<T, WriteError>,
     ) -> Result<T, WriteError> {
-        let (b0, s0) = self.counts(key);
+        let before = self.counts(key);
         let result = op(self);
-        let (b1, s1) = self.counts(key);
-        self.backends_total = self.backends_total + b1 - b0;
-        self.slots_total = self.slots_total + s1 - s0;
+        let after = self.counts(key);
+        let u = &mut self.usage;
+        u.services = u.services + after.services - before.services;
+        u.backends = u.backends + after.backends - before.backends;
+        u.slots = u.slots + after.slots - before.slots;
         result
+    }
+
+    /// What the installed table takes of the maps.
+    pub fn usage(&self) -> Usage {
+        self.usage
     }
 
     /// The installed table, as the kernel sees it.
@@ -330,32 +316,18 @@ impl<S: MapStore> MapWriter<S> {
         &mut self,
         changes: &BTreeMap<ServiceAddr, Option<Vec<Backend>>>,
     ) -> Result<ApplyReport, WriteError> {
-        let mut backends_total = self.backends_total;
-        let mut slots_total = self.slots_total;
-        let mut services_total = self.mirror.services.len();
-        let (mut largest_b, mut largest_s) = (0, 0);
         for (service, backends) in changes {
-            let old = self.mirror.services.get(&service_key(service));
-            backends_total -= old.map_or(0, |i| i.backends.len());
-            slots_total -= old.map_or(0, |i| i.slots.len());
-            match backends {
-                Some(b) => {
-                    crate::model::validate_service(service, b)?;
-                    backends_total += b.len();
-                    let n = planned_slot_count(b);
-                    slots_total += n;
-                    largest_b = largest_b.max(b.len());
-                    largest_s = largest_s.max(n);
-                    services_total += usize::from(old.is_none());
-                }
-                None => services_total -= usize::from(old.is_some()),
+            if let Some(b) = backends {
+                crate::model::validate_service(service, b)?;
             }
         }
-        self.check_totals(
-            services_total,
-            backends_total + largest_b,
-            slots_total + largest_s,
-        )?;
+        let (usage, transient) = self.usage.after(changes, |s| {
+            self.mirror
+                .services
+                .get(&service_key(s))
+                .map(Installed::usage)
+        });
+        self.limits.check(&usage, &transient)?;
         self.counters.sweep(&mut self.store);
         let mut report = ApplyReport::default();
         for service in changes.iter().filter(|(_, b)| b.is_none()).map(|(s, _)| s) {
@@ -384,42 +356,15 @@ impl<S: MapStore> MapWriter<S> {
     }
 
     fn check_capacity(&self, desired: &RoutingTable) -> Result<(), WriteError> {
-        let backends = desired.backend_count();
         // During an update a service's old and new backends coexist; the largest
         // service bounds that transient.
-        let largest = desired.services.values().map(Vec::len).max().unwrap_or(0);
-        let slot_counts = desired.services.values().map(|b| planned_slot_count(b));
-        let (total, max) = slot_counts.fold((0, 0), |(t, m), n| (t + n, m.max(n)));
-        self.check_totals(desired.services.len(), backends + largest, total + max)
-    }
-
-    fn check_totals(
-        &self,
-        services: usize,
-        backends: usize,
-        slots: usize,
-    ) -> Result<(), WriteError> {
-        if services > self.limits.services as usize {
-            return Err(WriteError::Invalid(ModelError::TooManyServices {
-                count: services,
-                limit: self.limits.services,
-            }));
+        let mut transient = Usage::default();
+        for b in desired.services.values() {
+            let u = Usage::of_service(b);
+            transient.backends = transient.backends.max(u.backends);
+            transient.slots = transient.slots.max(u.slots);
         }
-        if backends > self.limits.backends as usize {
-            return Err(WriteError::Capacity {
-                what: "backend entries",
-                needed: backends,
-                limit: self.limits.backends,
-            });
-        }
-        if slots > self.limits.slots as usize {
-            return Err(WriteError::Capacity {
-                what: "selection slots",
-                needed: slots,
-                limit: self.limits.slots,
-            });
-        }
-        Ok(())
+        Ok(self.limits.check(&Usage::of_table(desired), &transient)?)
     }
 
     fn alloc_id(&mut self) -> u32 {
@@ -556,15 +501,6 @@ impl BackendPlan {
     fn is_noop(&self, current: &Installed) -> bool {
         self.slots == current.slots && self.backends == current.backends && current.leftover == 0
     }
-}
-
-fn planned_slot_count(backends: &[Backend]) -> usize {
-    let weights: Vec<u32> = backends
-        .iter()
-        .filter(|b| b.state == BackendState::Active)
-        .map(|b| b.weight)
-        .collect();
-    weighted_slots(&weights).len()
 }
 
 /// Assigns backend indexes (a backend keeps its index; a new one takes the lowest

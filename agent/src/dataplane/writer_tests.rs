@@ -358,10 +358,9 @@ fn adopt_marks_inconsistent_services_dirty() {
     assert_eq!(reachable(w.store(), &s).map(|s| s.len()), Some(2));
 }
 
-#[test]
-fn services_over_the_limit_are_refused_before_writing() {
+fn services(n: u32) -> RoutingTable {
     let mut t = RoutingTable::default();
-    for i in 0..=sockmesh_common::MAX_SERVICES {
+    for i in 0..n {
         let ip = IpAddr::from([10, 96, (i >> 8) as u8, i as u8]);
         let port = 1 + (i >> 16) as u16;
         t.insert(
@@ -373,13 +372,37 @@ fn services_over_the_limit_are_refused_before_writing() {
             vec![],
         );
     }
+    t
+}
+
+#[test]
+fn services_over_the_limit_are_refused_before_writing() {
+    let t = services(sockmesh_common::MAX_SERVICES + 1);
     let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
     let err = w.apply(&t).expect_err("too many");
     assert!(
-        matches!(err, WriteError::Invalid(ModelError::TooManyServices { .. })),
+        matches!(
+            err,
+            WriteError::Capacity(CapacityError::Services { count, limit: sockmesh_common::MAX_SERVICES })
+                if count == sockmesh_common::MAX_SERVICES as usize + 1
+        ),
         "{err}"
     );
     assert!(w.store().log.is_empty());
+}
+
+#[test]
+fn more_services_than_the_default_fit_when_the_maps_are_larger() {
+    let n = sockmesh_common::MAX_SERVICES + 10;
+    let limits = crate::model::Limits {
+        services: n,
+        ..crate::model::Limits::default()
+    };
+    let mut w = MapWriter::adopt(MemStore::default())
+        .expect("adopt")
+        .with_limits(limits);
+    let report = w.apply(&services(n)).expect("fits the raised limit");
+    assert_eq!(report.added, n as usize);
 }
 
 #[test]
@@ -409,13 +432,9 @@ fn apply_changes_touches_only_the_changed_services_and_checks_limits() {
     );
     assert_eq!(reachable(w.store(), &b), None);
     assert!(w.store().log.len() > log_before);
-    let (bt, st) = (w.backends_total, w.slots_total);
+    let before = w.usage;
     w.recount();
-    assert_eq!(
-        (bt, st),
-        (w.backends_total, w.slots_total),
-        "running totals drifted"
-    );
+    assert_eq!(before, w.usage, "running totals drifted");
 
     // A change breaking a rule is refused before any write.
     let log_before = w.store().log.len();

@@ -41,8 +41,7 @@ pub struct Dirty {
     pub dns: BTreeSet<String>,
 }
 
-/// Service → new backends (`None`: the service goes away).
-pub type Changes = BTreeMap<ServiceAddr, Option<Vec<Backend>>>;
+pub use crate::model::Changes;
 
 /// A listener's recomputed services, the routes it references, and what it
 /// ignored.

@@ -15,7 +15,7 @@ use super::{
     incremental::{Changes, Dirty, Incremental},
     translate::{Encoded, Resources},
 };
-use crate::model::{ModelError, RoutingTable, validate_service};
+use crate::model::{Limits, RoutingTable, Usage, validate_service};
 
 /// One update from a control plane.
 #[derive(Clone, Debug)]
@@ -104,9 +104,9 @@ pub struct XdsState {
     /// Listeners or clusters changed since the last `take_new_ignored`.
     ignored_dirty: bool,
     /// The datapath's capacities: an update beyond them is NACKed.
-    limits: crate::dataplane::Limits,
-    /// Backends over all services of `table`.
-    backends_total: usize,
+    limits: Limits,
+    /// What `table` takes of the maps.
+    usage: Usage,
     /// The table found in the kernel at start: backends for services still warming
     /// until the control plane has delivered everything once.
     seed: RoutingTable,
@@ -138,7 +138,7 @@ impl XdsState {
     }
 
     /// NACK updates that would not fit maps of these capacities.
-    pub fn set_limits(&mut self, limits: crate::dataplane::Limits) {
+    pub fn set_limits(&mut self, limits: Limits) {
         self.limits = limits;
     }
 
@@ -386,12 +386,7 @@ impl XdsState {
         let staged = self
             .inc
             .stage(&self.resources, dirty, &self.table, &self.seed);
-        check_changes(
-            &self.table,
-            &staged.changes,
-            &self.limits,
-            self.backends_total,
-        )?;
+        let usage = check_changes(&self.table, &staged.changes, &self.limits, &self.usage)?;
         // Only listeners and clusters decide what RDS/EDS names are wanted.
         self.ignored_dirty |= !dirty.listeners.is_empty() || !dirty.clusters.is_empty();
         let may_resubscribe =
@@ -409,10 +404,7 @@ impl XdsState {
                 );
             }
         }
-        for (service, after) in &changes {
-            self.backends_total -= self.table.services.get(service).map_or(0, Vec::len);
-            self.backends_total += after.as_ref().map_or(0, Vec::len);
-        }
+        self.usage = usage;
         self.inc.commit(staged, &mut self.table);
         let accepted = Accepted {
             table_changed: !changes.is_empty(),
@@ -534,44 +526,25 @@ fn decode_all<'a>(items: impl Iterator<Item = (Kind, &'a Any)>) -> Result<Vec<Ch
     }
 }
 
-/// The datapath's rules, checked on the changed services only, and the map
-/// capacities (services, backends over all services).
+/// The datapath's rules, checked on the changed services only, and every map
+/// capacity (services, backends, slots), with the transient of a service being
+/// rewritten. Returns the table's usage after the changes.
 fn check_changes(
     table: &RoutingTable,
     changes: &Changes,
-    limits: &crate::dataplane::Limits,
-    backends_total: usize,
-) -> Result<(), String> {
-    let mut count = table.services.len();
-    let mut backends = backends_total;
-    // While a service is rewritten its old and new backends coexist in the map, as
-    // the writer plans for: leave room for the largest changed service.
-    let mut largest = 0;
+    limits: &Limits,
+    usage: &Usage,
+) -> Result<Usage, String> {
     for (service, after) in changes {
-        largest = largest.max(after.as_ref().map_or(0, Vec::len));
-        match (table.services.get(service), after) {
-            (None, Some(_)) => count += 1,
-            (Some(_), None) => count -= 1,
-            _ => {}
-        }
-        backends -= table.services.get(service).map_or(0, Vec::len);
-        backends += after.as_ref().map_or(0, Vec::len);
         if let Some(b) = after {
             validate_service(service, b).map_err(|e| e.to_string())?;
         }
     }
-    if count > limits.services as usize {
-        return Err(ModelError::TooManyServices {
-            count,
-            limit: limits.services,
-        }
-        .to_string());
-    }
-    if backends + largest > limits.backends as usize {
-        return Err(format!(
-            "{backends} backends (+{largest} while one service is rewritten) exceed the backend map's capacity of {} (--max-backends)",
-            limits.backends
-        ));
-    }
-    Ok(())
+    let (after, transient) = usage.after(changes, |s| {
+        table.services.get(s).map(|b| Usage::of_service(b))
+    });
+    limits
+        .check(&after, &transient)
+        .map_err(|e| e.to_string())?;
+    Ok(after)
 }

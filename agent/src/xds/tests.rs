@@ -973,3 +973,48 @@ fn a_cluster_that_stops_being_a_dns_cluster_forgets_its_answers() {
         [be("198.51.100.7", 80, 1)]
     );
 }
+
+#[test]
+fn an_update_beyond_the_slot_map_is_nacked_by_the_state_and_nothing_changes() {
+    let mut st = XdsState::new();
+    // 1:3 weights take 4 slots; two services 8, plus 4 while one is rewritten.
+    st.set_limits(crate::dataplane::Limits {
+        slots: 11,
+        ..crate::dataplane::Limits::default()
+    });
+    let weighted = |name: &str, vip: &str| {
+        format!(
+            r#"
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: {name}
+  address: {{ socket_address: {{ address: {vip}, port_value: 80 }} }}
+  filter_chains: [ {{ filters: [ {{ name: tcp, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: {name} }} }} ] }} ]
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: {name}
+  type: STATIC
+  load_assignment:
+    cluster_name: {name}
+    endpoints:
+    - lb_endpoints:
+      - {{ endpoint: {{ address: {{ socket_address: {{ address: 10.1.0.1, port_value: 80 }} }} }}, load_balancing_weight: 1 }}
+      - {{ endpoint: {{ address: {{ socket_address: {{ address: 10.1.0.2, port_value: 80 }} }} }}, load_balancing_weight: 3 }}
+"#
+        )
+    };
+    let one = format!("resources:{}", weighted("a", "10.96.0.1"));
+    st.apply(full(&one)).expect("4 slots (+4) fit in 11");
+    let before = table_lines(st.table());
+    let two = format!(
+        "resources:{}{}",
+        weighted("a", "10.96.0.1"),
+        weighted("b", "10.96.0.2")
+    );
+    let nack = st.apply(full(&two)).expect_err("8 slots (+4) exceed 11");
+    assert!(
+        nack.0.contains(
+            "8 selection slots (+4 while one service is rewritten) exceed the slot map's capacity of 11 (--max-slots)"
+        ),
+        "{nack}"
+    );
+    assert_eq!(table_lines(st.table()), before, "the last good table stays");
+}

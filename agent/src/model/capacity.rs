@@ -1,0 +1,261 @@
+//! The routing maps' capacities and the one check against them.
+//!
+//! The state checks every update with [`Limits::check`] before it commits it, so
+//! an update that does not fit is NACKed and never reaches the kernel; the map
+//! writer runs the same check again only as an assertion (a table that reaches
+//! it has passed).
+
+use sockmesh_common::{MAX_BACKENDS_TOTAL, MAX_SERVICES, MAX_SLOTS_TOTAL};
+
+use super::{Backend, BackendState, Changes, RoutingTable};
+
+/// Capacities of the routing maps (their `max_entries`), set at install
+/// (`--max-services`, `--max-backends`, `--max-slots`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub services: u32,
+    pub backends: u32,
+    pub slots: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            services: MAX_SERVICES,
+            backends: MAX_BACKENDS_TOTAL,
+            slots: MAX_SLOTS_TOTAL,
+        }
+    }
+}
+
+/// What a table takes of the maps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub services: usize,
+    pub backends: usize,
+    pub slots: usize,
+}
+
+/// An update beyond the maps' capacities.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CapacityError {
+    #[error("{count} services exceed the limit of {limit} (--max-services)")]
+    Services { count: usize, limit: u32 },
+    #[error(
+        "{count} backends (+{transient} while one service is rewritten) exceed the backend map's capacity of {limit} (--max-backends)"
+    )]
+    Backends {
+        count: usize,
+        transient: usize,
+        limit: u32,
+    },
+    #[error(
+        "{count} selection slots (+{transient} while one service is rewritten) exceed the slot map's capacity of {limit} (--max-slots)"
+    )]
+    Slots {
+        count: usize,
+        transient: usize,
+        limit: u32,
+    },
+}
+
+/// The selection slots a service's backends take (active ones only; see
+/// [`crate::lb::weighted_slots`]).
+pub fn slot_count(backends: &[Backend]) -> usize {
+    crate::lb::slot_count(
+        backends
+            .iter()
+            .filter(|b| b.state == BackendState::Active)
+            .map(|b| b.weight),
+    )
+}
+
+impl Usage {
+    /// One service's backends and slots.
+    pub fn of_service(backends: &[Backend]) -> Self {
+        Self {
+            services: 1,
+            backends: backends.len(),
+            slots: slot_count(backends),
+        }
+    }
+
+    /// A whole table's.
+    pub fn of_table(table: &RoutingTable) -> Self {
+        table
+            .services
+            .values()
+            .map(|b| Self::of_service(b))
+            .fold(Self::default(), |a, b| a.plus(&b))
+    }
+
+    fn plus(&self, o: &Self) -> Self {
+        Self {
+            services: self.services + o.services,
+            backends: self.backends + o.backends,
+            slots: self.slots + o.slots,
+        }
+    }
+
+    fn minus(&self, o: &Self) -> Self {
+        Self {
+            services: self.services.saturating_sub(o.services),
+            backends: self.backends.saturating_sub(o.backends),
+            slots: self.slots.saturating_sub(o.slots),
+        }
+    }
+
+    /// This usage (of `table`) once `changes` are applied, and the transient of the
+    /// largest changed service: while a service is rewritten its old and new
+    /// backends and slots coexist in the maps. `before` gives a changed service's
+    /// current usage (none if it is new).
+    pub fn after(
+        &self,
+        changes: &Changes,
+        before: impl Fn(&super::ServiceAddr) -> Option<Usage>,
+    ) -> (Usage, Usage) {
+        let mut usage = *self;
+        let mut transient = Usage::default();
+        for (service, after) in changes {
+            if let Some(old) = before(service) {
+                usage = usage.minus(&old);
+            }
+            if let Some(b) = after {
+                let new = Self::of_service(b);
+                usage = usage.plus(&new);
+                transient.backends = transient.backends.max(new.backends);
+                transient.slots = transient.slots.max(new.slots);
+            }
+        }
+        (usage, transient)
+    }
+}
+
+impl Limits {
+    /// Whether `usage`, with `transient` more backends and slots while one service
+    /// is rewritten, fits in the maps.
+    pub fn check(&self, usage: &Usage, transient: &Usage) -> Result<(), CapacityError> {
+        if usage.services > self.services as usize {
+            return Err(CapacityError::Services {
+                count: usage.services,
+                limit: self.services,
+            });
+        }
+        if usage.backends + transient.backends > self.backends as usize {
+            return Err(CapacityError::Backends {
+                count: usage.backends,
+                transient: transient.backends,
+                limit: self.backends,
+            });
+        }
+        if usage.slots + transient.slots > self.slots as usize {
+            return Err(CapacityError::Slots {
+                count: usage.slots,
+                transient: transient.slots,
+                limit: self.slots,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Protocol, ServiceAddr};
+
+    fn svc(i: u8) -> ServiceAddr {
+        ServiceAddr {
+            vip: std::net::IpAddr::from([10, 96, 0, i]),
+            port: 80,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    fn backends(n: u8, weight: u32) -> Vec<Backend> {
+        (1..=n)
+            .map(|i| Backend::new(std::net::IpAddr::from([10, 1, 0, i]), 80).weighted(weight))
+            .collect()
+    }
+
+    #[test]
+    fn usage_after_changes_counts_replaced_added_and_removed_services() {
+        let mut table = RoutingTable::default();
+        table.insert(svc(1), backends(2, 1));
+        table.insert(svc(2), backends(3, 1));
+        let usage = Usage::of_table(&table);
+        assert_eq!(
+            usage,
+            Usage {
+                services: 2,
+                backends: 5,
+                slots: 5
+            }
+        );
+        let changes: Changes = [
+            (svc(1), None),
+            (svc(2), Some(backends(4, 1))),
+            (svc(3), Some(backends(1, 1))),
+        ]
+        .into();
+        let (after, transient) = usage.after(&changes, |s| {
+            table.services.get(s).map(|b| Usage::of_service(b))
+        });
+        assert_eq!(
+            after,
+            Usage {
+                services: 2,
+                backends: 5,
+                slots: 5
+            }
+        );
+        assert_eq!((transient.backends, transient.slots), (4, 4));
+    }
+
+    #[test]
+    fn every_limit_is_checked_with_the_rewrite_transient() {
+        let limits = Limits {
+            services: 2,
+            backends: 10,
+            slots: 10,
+        };
+        let ok = Usage {
+            services: 2,
+            backends: 6,
+            slots: 6,
+        };
+        let t = Usage {
+            services: 0,
+            backends: 4,
+            slots: 4,
+        };
+        assert_eq!(limits.check(&ok, &t), Ok(()));
+        let more = Usage { services: 3, ..ok };
+        assert_eq!(
+            limits.check(&more, &t).map_err(|e| e.to_string()),
+            Err("3 services exceed the limit of 2 (--max-services)".into())
+        );
+        let backends = Usage { backends: 7, ..ok };
+        assert!(matches!(
+            limits.check(&backends, &t),
+            Err(CapacityError::Backends { count: 7, .. })
+        ));
+        let slots = Usage { slots: 7, ..ok };
+        assert_eq!(
+            limits.check(&slots, &t).map_err(|e| e.to_string()),
+            Err("7 selection slots (+4 while one service is rewritten) exceed the slot map's capacity of 10 (--max-slots)".into())
+        );
+    }
+
+    #[test]
+    fn weighted_services_take_their_slot_count() {
+        // 1:3 reduces to 4 slots; a draining backend takes none.
+        let mut b = vec![
+            Backend::new([10, 1, 0, 1].into(), 80).weighted(100),
+            Backend::new([10, 1, 0, 2].into(), 80).weighted(300),
+        ];
+        assert_eq!(slot_count(&b), 4);
+        b[1].state = BackendState::Draining;
+        assert_eq!(slot_count(&b), 1);
+    }
+}
