@@ -41,12 +41,8 @@ use crate::model::RoutingTable;
 /// Why the datapath could not be set up or read.
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
-    #[error("this kernel is {kernel}; sockmesh needs {feature}, which Linux {needed} added")]
-    KernelTooOld {
-        kernel: features::Release,
-        feature: &'static str,
-        needed: features::Release,
-    },
+    #[error(transparent)]
+    Kernel(#[from] features::FeatureError),
     #[error("{path} is not on a bpffs (mount one with `mount -t bpf bpf {path}`)", path = path.display())]
     NotBpffs { path: PathBuf },
     #[error("mounting bpffs at {}", path.display())]
@@ -171,15 +167,7 @@ impl Datapath {
     /// layout's datapath serves the cgroup, the new one is built but left unattached
     /// ([`Attachment::Pending`]) until [`Self::activate`].
     pub fn install(cfg: &DatapathConfig) -> Result<Self, DataplaneError> {
-        if let Some(kernel) = features::running()
-            && let Some((feature, needed)) = features::missing(kernel)
-        {
-            return Err(DataplaneError::KernelTooOld {
-                kernel,
-                feature,
-                needed,
-            });
-        }
+        features::probe()?;
         loader::ensure_bpffs(&cfg.bpffs)?;
         let (cgroup, cgroup_id) = loader::open_cgroup(&cfg.cgroup, cfg.allow_root_cgroup)?;
         let layout = PinLayout::new(&cfg.bpffs);

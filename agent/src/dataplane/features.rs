@@ -1,11 +1,26 @@
-//! What the datapath needs from the kernel, checked before anything is loaded: an
-//! old kernel gets one line naming the feature and the version it needs, instead of
-//! a verifier log or an EINVAL from deep inside the loader.
+//! What the datapath needs from the kernel, probed before anything is loaded: a
+//! kernel that lacks something gets one line naming the feature and the Linux
+//! release that added it, instead of a verifier log or an EINVAL from deep inside
+//! the loader.
+//!
+//! The probes ask the kernel itself, as libbpf's and aya's feature probes do
+//! (distribution kernels backport features, so a release number decides
+//! nothing): every hook's program type and attach type loads a two-instruction
+//! program, `bpf_set_retval` is called from a cgroup sock_addr program, and each
+//! link command is issued with a descriptor that cannot be open (a known command
+//! says EBADF, an unknown one EINVAL). The release table says only what to ask
+//! for when something is missing.
 //!
 //! The oldest kernel this project tests is 6.1 LTS (Debian 12's package, in the CI
 //! VM); everything below is older than that.
 
-use std::fmt;
+use std::{fmt, io};
+
+use aya::{programs::ProgramType, sys::BpfHelper};
+use aya_obj::generated::bpf_cmd;
+use sockmesh_common::hooks::{self, HOOKS};
+
+use super::sys;
 
 /// A kernel release, `major.minor`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -52,7 +67,84 @@ fn parse(release: &str) -> Option<Release> {
     Some(Release(major, minor))
 }
 
-/// The first required feature `kernel` lacks.
+/// A feature the probes found missing, or a probe that could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum FeatureError {
+    #[error("this kernel{} lacks {feature}, which Linux {since} added", kernel.map(|k| format!(" ({k})")).unwrap_or_default())]
+    Missing {
+        kernel: Option<Release>,
+        feature: String,
+        since: Release,
+    },
+    #[error("probing the kernel for {feature} failed (the agent needs CAP_BPF, or root)")]
+    Probe {
+        feature: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The release that added an attach point of the datapath's programs.
+fn attach_since(attach_type: u32) -> Release {
+    use hooks::attach_type::*;
+    match attach_type {
+        CGROUP_INET4_CONNECT | CGROUP_INET6_CONNECT => Release(4, 17),
+        CGROUP_UDP4_SENDMSG | CGROUP_UDP6_SENDMSG => Release(4, 18),
+        CGROUP_UDP4_RECVMSG | CGROUP_UDP6_RECVMSG => Release(5, 2),
+        CGROUP_INET4_GETPEERNAME | CGROUP_INET6_GETPEERNAME => Release(5, 8),
+        CGROUP_INET_SOCK_RELEASE => Release(5, 9),
+        _ => Release(6, 1),
+    }
+}
+
+/// Probes everything in [`REQUIRED`] on the running kernel; the first thing
+/// missing is the error.
+pub fn probe() -> Result<(), FeatureError> {
+    let kernel = running();
+    let missing = |feature: String, since: Release| FeatureError::Missing {
+        kernel,
+        feature,
+        since,
+    };
+    let failed = |feature: &str, source: io::Error| FeatureError::Probe {
+        feature: feature.to_owned(),
+        source,
+    };
+    for hook in HOOKS {
+        let feature = format!("the cgroup {} hook (program {})", hook.attach, hook.program);
+        let ok = sys::probe_prog_load(hook.program_type.number(), hook.attach_type)
+            .map_err(|e| failed(&feature, e))?;
+        if !ok {
+            return Err(missing(feature, attach_since(hook.attach_type)));
+        }
+    }
+    for (cmd, feature, since) in [
+        (bpf_cmd::BPF_LINK_CREATE, REQUIRED[0].0, REQUIRED[0].1),
+        (bpf_cmd::BPF_LINK_UPDATE, REQUIRED[1].0, REQUIRED[1].1),
+        (bpf_cmd::BPF_LINK_DETACH, REQUIRED[3].0, REQUIRED[3].1),
+    ] {
+        if !sys::probe_link_command(cmd).map_err(|e| failed(feature, e))? {
+            return Err(missing(feature.to_owned(), since));
+        }
+    }
+    let (feature, since) = REQUIRED[5];
+    let retval =
+        aya::sys::is_helper_supported(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_set_retval)
+            .map_err(|e| failed(feature, io::Error::other(e)))?;
+    if !retval {
+        return Err(missing(feature.to_owned(), since));
+    }
+    Ok(())
+}
+
+/// Whether this kernel loads a program of `prog_type` for `attach_type` (the
+/// probe [`probe`] makes for each hook).
+pub fn loads(prog_type: u32, attach_type: u32) -> io::Result<bool> {
+    sys::probe_prog_load(prog_type, attach_type)
+}
+
+/// The first required feature `kernel` lacks, by release (for messages and
+/// documentation; the agent decides by [`probe`]).
 pub fn missing(kernel: Release) -> Option<(&'static str, Release)> {
     REQUIRED.into_iter().find(|(_, since)| kernel < *since)
 }

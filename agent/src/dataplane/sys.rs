@@ -13,6 +13,9 @@
 //! - `BPF_PROG_QUERY` of a cgroup for a sock_addr or sock attach type: aya's
 //!   queries are crate-private except for lirc, cgroup-device and TC programs, and
 //!   `loaded_links()` does not say which cgroup a link is attached to.
+//! - The feature probes of [`super::features`] that aya's `is_program_supported`
+//!   cannot make: a program load for a given *attach type* (aya probes a type with
+//!   one fixed attach type), and whether a command exists at all.
 //!
 //! Each command fills its member of aya-obj's generated `union bpf_attr` (the
 //! kernel headers' layout) in an attribute zeroed as a whole, as aya does: the
@@ -90,6 +93,60 @@ pub fn prog_query(target: BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<u3
     // SAFETY: reading back the member the kernel answered in (plain integers).
     let n = unsafe { attr.query.__bindgen_anon_2.prog_cnt } as usize;
     Ok(ids[..n.min(ids.len())].to_vec())
+}
+
+/// `bpf(BPF_PROG_LOAD)` of the smallest valid program (`r0 = 1; exit`) as
+/// `prog_type` (`enum bpf_prog_type`) for `attach_type` (`enum bpf_attach_type`):
+/// `Ok(false)` if the kernel does not know the pair (EINVAL, E2BIG), the error of
+/// any other failure (EPERM without CAP_BPF, ...). The program is closed at once.
+pub fn probe_prog_load(prog_type: u32, attach_type: u32) -> io::Result<bool> {
+    // BPF_ALU64|BPF_MOV|BPF_K into r0 with imm 1, then BPF_JMP|BPF_EXIT, as
+    // `struct bpf_insn` lays them out (code, regs, off, imm; little endian).
+    let insns: [u64; 2] = [0xb7 | (1 << 32), 0x95];
+    let license = c"GPL";
+    let mut attr = zeroed_attr();
+    // SAFETY: taking the BPF_PROG_LOAD member of an all-zero union: every field is
+    // an integer, valid as zero.
+    let load = unsafe { &mut attr.__bindgen_anon_3 };
+    load.prog_type = prog_type;
+    load.expected_attach_type = attach_type;
+    load.insn_cnt = insns.len() as u32;
+    load.insns = insns.as_ptr() as u64;
+    load.license = license.as_ptr() as u64;
+    // SAFETY: the BPF_PROG_LOAD member is filled in (no log buffer), the rest is
+    // zero; `insns` and `license` outlive the call.
+    match unsafe { sys_bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr) } {
+        Ok(fd) => {
+            let fd = i32::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+            // SAFETY: the kernel returned a new descriptor that nothing else owns.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+            Ok(true)
+        }
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::E2BIG)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether the kernel knows the link command `cmd` (`BPF_LINK_CREATE`,
+/// `BPF_LINK_UPDATE`, `BPF_LINK_DETACH`): given a descriptor that cannot be
+/// open, a known command fails with EBADF, an unknown one with EINVAL.
+pub fn probe_link_command(cmd: bpf_cmd) -> io::Result<bool> {
+    let bad = u32::MAX; // -1 as the kernel reads it: never an open descriptor
+    let mut attr = zeroed_attr();
+    match cmd {
+        bpf_cmd::BPF_LINK_CREATE => attr.link_create.__bindgen_anon_1.prog_fd = bad,
+        bpf_cmd::BPF_LINK_UPDATE => attr.link_update.link_fd = bad,
+        bpf_cmd::BPF_LINK_DETACH => attr.link_detach.link_fd = bad,
+        _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
+    }
+    // SAFETY: the command's member holds one descriptor field, the rest is zero;
+    // no pointers. The call cannot succeed (the descriptor is not open).
+    match unsafe { sys_bpf(cmd, &mut attr) } {
+        Err(e) if e.raw_os_error() == Some(libc::EBADF) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+        Err(e) => Err(e),
+        Ok(_) => Ok(true),
+    }
 }
 
 /// `bpf(cmd, attr, sizeof attr)`; the kernel's non-negative result, or errno.
