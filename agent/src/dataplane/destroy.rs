@@ -61,6 +61,20 @@ pub enum DestroyError {
         "this kernel cannot destroy sockets: inet_diag SOCK_DESTROY answered {0} (needs CONFIG_INET_DIAG_DESTROY and CAP_NET_ADMIN)"
     )]
     Unsupported(std::io::Error),
+    /// The kernel refused a socket dump, e.g. ENOENT when no inet_diag handler for
+    /// the protocol is built in or loadable (`udp_diag`, `tcp_diag`).
+    #[error("inet_diag dump of family {family} protocol {protocol} answered {source}")]
+    Dump {
+        family: u8,
+        protocol: u8,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The probe's own UDP socket was not aborted by SOCK_DESTROY.
+    #[error(
+        "inet_diag SOCK_DESTROY of a UDP socket did not abort it (socket error afterwards: {0:?})"
+    )]
+    NotAborted(Option<std::io::Error>),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DestroyError {
@@ -107,6 +121,8 @@ pub struct DestroyReport {
     pub destroyed: usize,
     /// Matching sockets not redirected by sockmesh (left alone).
     pub skipped: usize,
+    /// Namespaces whose sweep failed (each logged); the others were still swept.
+    pub failed: usize,
 }
 
 fn netlink() -> Result<OwnedFd, DestroyError> {
@@ -182,9 +198,18 @@ fn ack(fd: &OwnedFd) -> Result<Result<(), std::io::Error>, DestroyError> {
     Ok(Ok(()))
 }
 
-/// Checks that SOCK_DESTROY exists here: destroying a socket that does not exist
-/// must answer ENOENT, not EOPNOTSUPP.
+/// Checks that SOCK_DESTROY works here, for both protocols the sweep dumps: a
+/// TCP request for a socket that does not exist must answer ENOENT (not
+/// EOPNOTSUPP), and a real connected UDP socket on loopback must be aborted. The
+/// TCP answer alone proves little: sock_diag also answers ENOENT when no handler
+/// for the family or protocol is loaded, and UDP needs its own (`udp_diag`, a
+/// module on Debian's kernels).
 pub fn probe() -> Result<(), DestroyError> {
+    probe_tcp()?;
+    probe_udp()
+}
+
+fn probe_tcp() -> Result<(), DestroyError> {
     let fd = netlink()?;
     let mut id = [0u8; 48];
     id[0..2].copy_from_slice(&1u16.to_be_bytes());
@@ -205,6 +230,57 @@ pub fn probe() -> Result<(), DestroyError> {
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         Err(e) => Err(DestroyError::Unsupported(e)),
+    }
+}
+
+/// Destroys a connected UDP socket of the agent's own on loopback by its id and
+/// checks that the kernel aborted it.
+fn probe_udp() -> Result<(), DestroyError> {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").map_err(io("probe: UDP bind"))?;
+    let local = sock.local_addr().map_err(io("probe: UDP local address"))?;
+    sock.connect(local).map_err(io("probe: UDP connect"))?;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt(2) writes at most `len` bytes into `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io("probe: SO_COOKIE")(std::io::Error::last_os_error()));
+    }
+    let mut id = [0u8; 48];
+    id[0..2].copy_from_slice(&local.port().to_be_bytes());
+    id[2..4].copy_from_slice(&local.port().to_be_bytes());
+    id[4..8].copy_from_slice(&[127, 0, 0, 1]);
+    id[20..24].copy_from_slice(&[127, 0, 0, 1]);
+    #[expect(clippy::cast_possible_truncation, reason = "the cookie's two halves")]
+    {
+        id[40..44].copy_from_slice(&(cookie as u32).to_ne_bytes());
+        id[44..48].copy_from_slice(&((cookie >> 32) as u32).to_ne_bytes());
+    }
+    let fd = netlink()?;
+    send(
+        &fd,
+        &request(
+            SOCK_DESTROY,
+            NLM_F_REQUEST | NLM_F_ACK,
+            libc::AF_INET as u8,
+            libc::IPPROTO_UDP as u8,
+            STATES,
+            &id,
+        ),
+    )?;
+    ack(&fd)?.map_err(DestroyError::Unsupported)?;
+    match sock.take_error() {
+        Ok(Some(e)) if e.raw_os_error() == Some(libc::ECONNABORTED) => Ok(()),
+        Ok(other) => Err(DestroyError::NotAborted(other)),
+        Err(e) => Err(DestroyError::NotAborted(Some(e))),
     }
 }
 
@@ -275,6 +351,21 @@ fn sweep_here(
                         u32::from_ne_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]])
                             as usize;
                     let kind = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
+                    if kind == NLMSG_ERROR && off + HDR + 4 <= n {
+                        let err = i32::from_ne_bytes([
+                            buf[off + HDR],
+                            buf[off + HDR + 1],
+                            buf[off + HDR + 2],
+                            buf[off + HDR + 3],
+                        ]);
+                        if err != 0 {
+                            return Err(DestroyError::Dump {
+                                family,
+                                protocol: proto,
+                                source: std::io::Error::from_raw_os_error(-err),
+                            });
+                        }
+                    }
                     if kind == NLMSG_DONE || kind == NLMSG_ERROR || len < HDR {
                         break 'dump;
                     }
@@ -290,7 +381,17 @@ fn sweep_here(
                                 port: port_to_map(t.port),
                                 pad: [0; 6],
                             };
-                            if reverse.get(&key, 0).is_ok() {
+                            let redirected = reverse.get(&key, 0).is_ok();
+                            tracing::debug!(
+                                family,
+                                proto,
+                                cookie = key.cookie,
+                                endpoint = %t.addr,
+                                port = t.port,
+                                redirected,
+                                "socket of a removed endpoint"
+                            );
+                            if redirected {
                                 let mut copy = [0u8; 48];
                                 copy.copy_from_slice(id);
                                 doomed.push(copy);
@@ -324,8 +425,17 @@ fn sweep_here(
                         &id,
                     ),
                 )?;
-                match ack(&fd)? {
+                let answer = ack(&fd)?;
+                tracing::debug!(
+                    family,
+                    proto,
+                    cookie = id_cookie(&id),
+                    answer = ?answer,
+                    "SOCK_DESTROY"
+                );
+                match answer {
                     Ok(()) => report.destroyed += 1,
+                    // Closed since the dump.
                     Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
                     Err(e) => return Err(DestroyError::Unsupported(e)),
                 }
@@ -335,8 +445,9 @@ fn sweep_here(
     Ok(())
 }
 
-/// The network namespaces on the node, one open descriptor each.
-fn namespaces() -> Vec<fs::File> {
+/// The network namespaces on the node, one open descriptor each, with its nsfs
+/// inode (for logs).
+fn namespaces() -> Vec<(u64, fs::File)> {
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
     let mut candidates: Vec<std::path::PathBuf> = fs::read_dir("/proc")
@@ -366,7 +477,7 @@ fn namespaces() -> Vec<fs::File> {
         if seen.insert(key)
             && let Ok(f) = fs::File::open(&path)
         {
-            out.push(f);
+            out.push((key, f));
         }
     }
     out
@@ -394,17 +505,28 @@ pub fn destroy_everywhere(
     std::thread::scope(|scope| {
         let handle = scope.spawn(|| -> Result<DestroyReport, DestroyError> {
             let mut r = DestroyReport::default();
-            for ns in &namespaces {
-                nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(|e| io("setns")(std::io::Error::from(e)))?;
-                sweep_here(targets, &reverse, &mut r)?;
+            let mut first_error = None;
+            // One namespace that cannot be swept must not spare the others.
+            for (inode, ns) in &namespaces {
+                let swept = nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| io("setns")(std::io::Error::from(e)))
+                    .and_then(|()| sweep_here(targets, &reverse, &mut r));
+                if let Err(e) = swept {
+                    tracing::warn!(netns = inode, error = %e, "sweeping a network namespace failed");
+                    r.failed += 1;
+                    first_error.get_or_insert(e);
+                }
             }
-            Ok(r)
+            match first_error {
+                Some(e) if r.failed == namespaces.len() => Err(e),
+                _ => Ok(r),
+            }
         });
         match handle.join() {
             Ok(r) => r.map(|r| {
                 report.destroyed = r.destroyed;
                 report.skipped = r.skipped;
+                report.failed = r.failed;
             }),
             Err(_) => Err(io("sweeper thread")(std::io::Error::other("panicked"))),
         }
