@@ -52,13 +52,17 @@ fn removed_endpoint_sockets_are_aborted_and_others_kept() {
     let cgroup = Cgroup::new();
     let bpffs = Bpffs::new();
     let admin = Admin::in_dir(dir);
+    // The agent's log (with the sweep's debug lines) goes into failure messages.
+    let log = dir.join("agent.log");
+    let agent_log = || fs::read_to_string(&log).unwrap_or_default();
     let agent = agent_command(sockmesh_bin(), &cgroup, &bpffs)
         .arg("--xds")
         .arg(format!("file://{}", file.display()))
         .arg("--terminate-removed-connections")
         .args(admin.args())
+        .env("RUST_LOG", "info,sockmesh::dataplane::destroy=debug")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(fs::File::create(&log).expect("agent log"))
         .spawn()
         .expect("agent");
     let _agent = Proc(agent);
@@ -90,7 +94,8 @@ fn removed_endpoint_sockets_are_aborted_and_others_kept() {
     // EDESTADDRREQ (89).
     assert!(
         matches!(vip_out.last().map(String::as_str), Some("E103" | "E89")),
-        "not aborted: {vip_out:?}"
+        "not aborted: {vip_out:?}\nagent log:\n{}",
+        agent_log()
     );
     // Exactly the redirected socket was closed, and the agent counted it.
     wait_until(
@@ -100,6 +105,7 @@ fn removed_endpoint_sockets_are_aborted_and_others_kept() {
     );
     assert!(
         direct_out.iter().all(|l| l == "u1") && direct_out.len() > 30,
-        "a socket sockmesh did not redirect was touched: {direct_out:?}"
+        "a socket sockmesh did not redirect was touched: {direct_out:?}\nagent log:\n{}",
+        agent_log()
     );
 }
