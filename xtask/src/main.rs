@@ -291,9 +291,8 @@ fn test() -> Result<()> {
 fn vm_tests() -> Result<()> {
     vm::setup()?;
     let mut tests = test_executables()?;
-    // Open finding: on 6.1 in the VM, --terminate-removed-connections sometimes never
-    // aborts the UDP client (2 of 4 runs); it passes every time on the host. Until it
-    // is understood it runs on the host only, and this says so on every run.
+    // Tests with an open finding on 6.1 run on the host only, and this says so on
+    // every run.
     tests.retain(|t| {
         let known = VM_SKIPPED.iter().any(|name| {
             Path::new(t)
@@ -344,9 +343,8 @@ fn vm_tests() -> Result<()> {
 }
 
 /// Namespace tests left out of the VM run, each an open finding on 6.1 (they run on
-/// the host): `terminate` — the SOCK_DESTROY sweep sometimes leaves the redirected
-/// UDP client connected in the 6.1 guest.
-const VM_SKIPPED: [&str; 1] = ["terminate"];
+/// the host). None at present.
+const VM_SKIPPED: [&str; 0] = [];
 
 /// The namespace test binaries (`cargo test --no-run`), built if needed.
 fn test_executables() -> Result<Vec<String>> {
