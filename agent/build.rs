@@ -23,6 +23,8 @@ fn main() -> anyhow::Result<()> {
     // SAFETY: build scripts are single-threaded at this point.
     unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
 
+    share_kernel_build_dir(&root)?;
+
     let programs = root.join("ebpf/programs");
     let programs = programs
         .to_str()
@@ -38,6 +40,34 @@ fn main() -> anyhow::Result<()> {
     .context(
         "building the eBPF programs (run `cargo xtask setup` if bpf-linker or rust-src is missing)",
     )
+}
+
+/// aya-build builds the kernel crate in `OUT_DIR/aya-build/target/sockmesh-ebpf`,
+/// and `OUT_DIR` differs between `cargo clippy`, `cargo build` and `cargo test`
+/// (and with the `testing` feature): each of them rebuilt the kernel object and
+/// `core` from scratch, about 2 minutes apiece on a fresh checkout. One directory
+/// under the workspace's target dir, linked into each `OUT_DIR`, serves them all
+/// (cargo's lock on it serializes concurrent builds).
+fn share_kernel_build_dir(root: &Path) -> anyhow::Result<()> {
+    let out_dir = std::env::var_os("OUT_DIR").ok_or_else(|| anyhow!("OUT_DIR not set"))?;
+    let link = Path::new(&out_dir).join("aya-build/target/sockmesh-ebpf");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root.join("target"), std::path::PathBuf::from);
+    let shared = target.join("ebpf-build");
+    fs::create_dir_all(&shared).with_context(|| format!("creating {}", shared.display()))?;
+    if fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Ok(());
+    }
+    if link.exists() {
+        // A private build dir of an earlier build: replaced by the shared one.
+        fs::remove_dir_all(&link).with_context(|| format!("removing {}", link.display()))?;
+    }
+    let parent = link
+        .parent()
+        .ok_or_else(|| anyhow!("{} has no parent", link.display()))?;
+    fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    std::os::unix::fs::symlink(&shared, &link)
+        .with_context(|| format!("linking {} to {}", link.display(), shared.display()))
 }
 
 /// The `channel = "…"` of rust-toolchain.toml.
