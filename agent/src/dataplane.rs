@@ -278,10 +278,7 @@ impl Datapath {
     /// Changes some services (`None`: remove), leaving the others untouched.
     pub fn apply_changes(
         &mut self,
-        changes: &std::collections::BTreeMap<
-            crate::model::ServiceAddr,
-            Option<Vec<crate::model::Backend>>,
-        >,
+        changes: &crate::model::Changes,
     ) -> Result<ApplyReport, WriteError> {
         self.writer.apply_changes(changes)
     }
@@ -290,7 +287,7 @@ impl Datapath {
     /// namespace (see [`destroy`]).
     pub fn terminate(
         &self,
-        targets: &std::collections::BTreeSet<destroy::Target>,
+        targets: &std::collections::BTreeSet<crate::model::Endpoint>,
     ) -> Result<destroy::DestroyReport, destroy::DestroyError> {
         destroy::destroy_everywhere(&self.layout.maps, targets)
     }

@@ -11,6 +11,39 @@ use sockmesh_common::MAX_BACKENDS_PER_SERVICE;
 mod capacity;
 pub use capacity::{CapacityError, Limits, Usage, slot_count};
 
+/// An endpoint of a service: where its sockets go (a change that removes one can
+/// have its sockets closed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// Endpoints of `service` in `before` and absent (in any state) from `after`: what
+/// a change removed outright (draining ones stay).
+pub fn removed_endpoints(
+    service: &ServiceAddr,
+    before: &[Backend],
+    after: Option<&Vec<Backend>>,
+    out: &mut std::collections::BTreeSet<Endpoint>,
+) {
+    {
+        for b in before {
+            let kept = after
+                .as_ref()
+                .is_some_and(|a| a.iter().any(|x| x.address == b.address && x.port == b.port));
+            if !kept {
+                out.insert(Endpoint {
+                    addr: b.address,
+                    port: b.port,
+                    protocol: service.protocol,
+                });
+            }
+        }
+    }
+}
+
 /// What an update changes in a table: per service, its new backends (`None`:
 /// the service is removed).
 pub type Changes = BTreeMap<ServiceAddr, Option<Vec<Backend>>>;

@@ -24,7 +24,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 use sockmesh_common::{ReverseKey, ReverseValue, map_names};
 
 use super::keys::{ip_to_words, port_to_map};
-use crate::model::{Backend, Protocol, ServiceAddr};
+use crate::model::{Endpoint, Protocol};
 
 const NETLINK_SOCK_DIAG: i32 = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -80,38 +80,6 @@ pub enum DestroyError {
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DestroyError {
     let what = what.into();
     move |source| DestroyError::Io { what, source }
-}
-
-/// An endpoint whose sockets should go.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Target {
-    pub addr: IpAddr,
-    pub port: u16,
-    pub protocol: Protocol,
-}
-
-/// Endpoints of `service` in `before` and absent (in any state) from `after`: what
-/// a change removed outright (draining ones stay).
-pub fn removed_endpoints(
-    service: &ServiceAddr,
-    before: &[Backend],
-    after: Option<&Vec<Backend>>,
-    out: &mut BTreeSet<Target>,
-) {
-    {
-        for b in before {
-            let kept = after
-                .as_ref()
-                .is_some_and(|a| a.iter().any(|x| x.address == b.address && x.port == b.port));
-            if !kept {
-                out.insert(Target {
-                    addr: b.address,
-                    port: b.port,
-                    protocol: service.protocol,
-                });
-            }
-        }
-    }
 }
 
 /// What a sweep did.
@@ -311,7 +279,7 @@ fn diag_words(family: u8, addr: IpAddr) -> Option<[u32; 4]> {
 
 /// Destroys, in the current network namespace, the sockets redirected to `targets`.
 fn sweep_here(
-    targets: &BTreeSet<Target>,
+    targets: &BTreeSet<Endpoint>,
     reverse: &BpfHashMap<MapData, ReverseKey, ReverseValue>,
     report: &mut DestroyReport,
 ) -> Result<(), DestroyError> {
@@ -320,7 +288,7 @@ fn sweep_here(
             (libc::IPPROTO_TCP as u8, Protocol::Tcp),
             (libc::IPPROTO_UDP as u8, Protocol::Udp),
         ] {
-            let wanted: Vec<([u32; 4], u16, Target)> = targets
+            let wanted: Vec<([u32; 4], u16, Endpoint)> = targets
                 .iter()
                 .filter(|t| t.protocol == protocol)
                 .filter_map(|t| diag_words(family, t.addr).map(|w| (w, t.port, *t)))
@@ -487,7 +455,7 @@ fn namespaces() -> Vec<(u64, fs::File)> {
 /// reverse-translation map is read from `maps_dir` (the pinned maps).
 pub fn destroy_everywhere(
     maps_dir: &Path,
-    targets: &BTreeSet<Target>,
+    targets: &BTreeSet<Endpoint>,
 ) -> Result<DestroyReport, DestroyError> {
     let mut report = DestroyReport::default();
     if targets.is_empty() {

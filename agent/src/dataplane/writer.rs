@@ -24,7 +24,8 @@ use super::{
 use crate::{
     lb::weighted_slots,
     model::{
-        Backend, BackendState, CapacityError, Limits, ModelError, RoutingTable, ServiceAddr, Usage,
+        Backend, BackendState, CapacityError, Changes, Limits, ModelError, RoutingTable,
+        ServiceAddr, Usage,
     },
 };
 
@@ -303,19 +304,13 @@ impl<S: MapStore> MapWriter<S> {
     /// Applies changes to some services (`None`: remove the service), leaving every
     /// other service untouched. Costs O(changed services) map work; the capacity
     /// check walks the mirror's counters only.
-    pub fn apply_changes(
-        &mut self,
-        changes: &BTreeMap<ServiceAddr, Option<Vec<Backend>>>,
-    ) -> Result<ApplyReport, WriteError> {
+    pub fn apply_changes(&mut self, changes: &Changes) -> Result<ApplyReport, WriteError> {
         let result = self.apply_changed(changes);
         self.counters.report();
         result
     }
 
-    fn apply_changed(
-        &mut self,
-        changes: &BTreeMap<ServiceAddr, Option<Vec<Backend>>>,
-    ) -> Result<ApplyReport, WriteError> {
+    fn apply_changed(&mut self, changes: &Changes) -> Result<ApplyReport, WriteError> {
         for (service, backends) in changes {
             if let Some(b) = backends {
                 crate::model::validate_service(service, b)?;

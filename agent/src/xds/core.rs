@@ -10,7 +10,7 @@ use std::{
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::dataplane::destroy::Target;
+use crate::model::Endpoint;
 
 use super::{
     clusters::{DnsAnswers, DnsTarget},
@@ -21,12 +21,35 @@ use super::{
 };
 use crate::model::RoutingTable;
 
+/// Why the datapath could not do what the core asked.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error(transparent)]
+    Write(#[from] crate::dataplane::WriteError),
+    #[error(transparent)]
+    Datapath(#[from] crate::dataplane::DataplaneError),
+    #[error(transparent)]
+    Destroy(#[from] crate::dataplane::destroy::DestroyError),
+}
+
+/// An error with its sources, `outer: inner: …`, for logs and `/config_dump`.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
+}
+
 /// Where accepted tables go: the kernel datapath, or a fake in tests.
 pub trait TableSink: Send {
     /// Makes the datapath hold `table`; returns the number of map operations.
-    fn apply(&mut self, table: &RoutingTable) -> Result<usize, String>;
+    fn apply(&mut self, table: &RoutingTable) -> Result<usize, SinkError>;
     /// Changes some services only (`None`: remove).
-    fn apply_changes(&mut self, changes: &Changes) -> Result<usize, String>;
+    fn apply_changes(&mut self, changes: &Changes) -> Result<usize, SinkError>;
     /// What the datapath holds now (adopted from pins on restart).
     fn table(&self) -> RoutingTable;
     /// What the datapath's maps hold, counted (cheap: for gauges).
@@ -38,7 +61,7 @@ pub trait TableSink: Send {
         crate::dataplane::Limits::default()
     }
     /// Aborts sockets redirected to removed endpoints; returns how many.
-    fn terminate(&mut self, _targets: &BTreeSet<Target>) -> Result<usize, String> {
+    fn terminate(&mut self, _targets: &BTreeSet<Endpoint>) -> Result<usize, SinkError> {
         Ok(0)
     }
     /// Whether the datapath is built but not attached yet, because another pin
@@ -48,7 +71,7 @@ pub trait TableSink: Send {
     }
     /// Attaches a pending datapath and removes the other layout's; returns the
     /// layout versions retired.
-    fn activate(&mut self) -> Result<Vec<u32>, String> {
+    fn activate(&mut self) -> Result<Vec<u32>, SinkError> {
         Ok(Vec::new())
     }
     /// How the programs came to be attached (`None`: a sink without a kernel).
@@ -68,16 +91,12 @@ fn status_refused(dns: &mut BTreeMap<String, DnsStatus>, cluster: &str, why: &st
 }
 
 impl TableSink for crate::dataplane::Datapath {
-    fn apply(&mut self, table: &RoutingTable) -> Result<usize, String> {
-        crate::dataplane::Datapath::apply(self, table)
-            .map(|r| r.map_ops)
-            .map_err(|e| format!("{e:#}"))
+    fn apply(&mut self, table: &RoutingTable) -> Result<usize, SinkError> {
+        Ok(crate::dataplane::Datapath::apply(self, table)?.map_ops)
     }
 
-    fn apply_changes(&mut self, changes: &Changes) -> Result<usize, String> {
-        crate::dataplane::Datapath::apply_changes(self, changes)
-            .map(|r| r.map_ops)
-            .map_err(|e| format!("{e:#}"))
+    fn apply_changes(&mut self, changes: &Changes) -> Result<usize, SinkError> {
+        Ok(crate::dataplane::Datapath::apply_changes(self, changes)?.map_ops)
     }
 
     fn table(&self) -> RoutingTable {
@@ -92,20 +111,18 @@ impl TableSink for crate::dataplane::Datapath {
         crate::dataplane::Datapath::usage(self)
     }
 
-    fn terminate(&mut self, targets: &BTreeSet<Target>) -> Result<usize, String> {
-        crate::dataplane::Datapath::terminate(self, targets)
-            .map(|r| r.destroyed)
-            .map_err(|e| e.to_string())
+    fn terminate(&mut self, targets: &BTreeSet<Endpoint>) -> Result<usize, SinkError> {
+        Ok(crate::dataplane::Datapath::terminate(self, targets)?.destroyed)
     }
 
     fn pending(&self) -> bool {
         self.is_pending()
     }
 
-    fn activate(&mut self) -> Result<Vec<u32>, String> {
-        crate::dataplane::Datapath::activate(self)
-            .map(|m| m.map(|m| m.retired).unwrap_or_default())
-            .map_err(|e| format!("{e:#}"))
+    fn activate(&mut self) -> Result<Vec<u32>, SinkError> {
+        Ok(crate::dataplane::Datapath::activate(self)?
+            .map(|m| m.retired)
+            .unwrap_or_default())
     }
 
     fn attachment(&self) -> Option<crate::dataplane::Attachment> {
@@ -120,8 +137,8 @@ impl TableSink for crate::dataplane::Datapath {
 /// A kernel write that failed: the kernel lags the accepted table until a retry
 /// succeeds.
 #[derive(Debug, thiserror::Error)]
-#[error("writing the kernel maps failed: {0}")]
-pub struct KernelLag(String);
+#[error("writing the kernel maps failed")]
+pub struct KernelLag(#[source] SinkError);
 
 /// Timing of the last kernel write, for logs, metrics and benchmarks.
 #[derive(Clone, Copy, Debug, Default)]
@@ -272,7 +289,7 @@ impl Core {
         match self.state.apply_dns(cluster, answers) {
             Ok(accepted) => {
                 if let Err(e) = self.write_kernel(&accepted, received, "dns") {
-                    warn!(cluster, error = %e, "DNS answers accepted; the kernel write failed");
+                    warn!(cluster, error = %chain(&e), "DNS answers accepted; the kernel write failed");
                 }
             }
             Err(e) => {
@@ -351,7 +368,7 @@ impl Core {
                 }
                 Err(e) => {
                     self.kernel_write_failures += 1;
-                    warn!(error = %e, "writing the kernel maps failed again; retrying");
+                    warn!(error = %chain(&e), "writing the kernel maps failed again; retrying");
                 }
             }
         }
@@ -378,7 +395,7 @@ impl Core {
                 "datapath attached; the other pin layouts' programs detached and pins removed"
             ),
             Err(e) => tracing::error!(
-                error = %e,
+                error = %chain(&e),
                 "attaching the new datapath failed; the old layout keeps serving, retrying"
             ),
         }
@@ -443,7 +460,7 @@ impl Core {
             let ops = result.map_err(|e| {
                 self.kernel_behind = true;
                 self.kernel_write_failures += 1;
-                warn!(error = %e, "writing the kernel maps failed; retrying the whole table every second");
+                warn!(error = %chain(&e), "writing the kernel maps failed; retrying the whole table every second");
                 KernelLag(e)
             })?;
             self.kernel_behind = false;
@@ -465,7 +482,9 @@ impl Core {
                             "closed sockets of removed endpoints"
                         );
                     }
-                    Err(e) => warn!(error = %e, "closing sockets of removed endpoints failed"),
+                    Err(e) => {
+                        warn!(error = %chain(&e), "closing sockets of removed endpoints failed")
+                    }
                 }
             }
             info!(
@@ -521,14 +540,14 @@ mod tests {
     struct Fake(Arc<Mutex<(RoutingTable, u32)>>);
 
     impl TableSink for Fake {
-        fn apply(&mut self, table: &RoutingTable) -> Result<usize, String> {
-            let mut g = self.0.lock().map_err(|e| e.to_string())?;
+        fn apply(&mut self, table: &RoutingTable) -> Result<usize, SinkError> {
+            let mut g = self.0.lock().expect("lock");
             g.0 = table.clone();
             g.1 += 1;
             Ok(1)
         }
-        fn apply_changes(&mut self, changes: &Changes) -> Result<usize, String> {
-            let mut g = self.0.lock().map_err(|e| e.to_string())?;
+        fn apply_changes(&mut self, changes: &Changes) -> Result<usize, SinkError> {
+            let mut g = self.0.lock().expect("lock");
             for (s, b) in changes {
                 match b {
                     Some(b) => g.0.insert(*s, b.clone()),
@@ -563,21 +582,26 @@ mod tests {
             }
         }
 
-        fn check(&self) -> Result<(), String> {
-            match self.failing.lock() {
-                Ok(f) if *f => Err("ENOMEM".into()),
-                Ok(_) => Ok(()),
-                Err(e) => Err(e.to_string()),
+        fn check(&self) -> Result<(), SinkError> {
+            if *self.failing.lock().expect("lock") {
+                return Err(SinkError::Write(crate::dataplane::WriteError::Snapshot(
+                    crate::dataplane::store::StoreError {
+                        map: crate::dataplane::store::MapName::Services,
+                        op: "update",
+                        source: Box::new(std::io::Error::from_raw_os_error(libc::ENOMEM)),
+                    },
+                )));
             }
+            Ok(())
         }
     }
 
     impl TableSink for Scripted {
-        fn apply(&mut self, table: &RoutingTable) -> Result<usize, String> {
+        fn apply(&mut self, table: &RoutingTable) -> Result<usize, SinkError> {
             self.check()?;
             self.inner.apply(table)
         }
-        fn apply_changes(&mut self, changes: &Changes) -> Result<usize, String> {
+        fn apply_changes(&mut self, changes: &Changes) -> Result<usize, SinkError> {
             self.check()?;
             self.inner.apply_changes(changes)
         }
@@ -587,8 +611,8 @@ mod tests {
         fn pending(&self) -> bool {
             self.migrating && self.activated.lock().is_ok_and(|a| a.is_none())
         }
-        fn activate(&mut self) -> Result<Vec<u32>, String> {
-            *self.activated.lock().map_err(|e| e.to_string())? = Some(self.inner.table());
+        fn activate(&mut self) -> Result<Vec<u32>, SinkError> {
+            *self.activated.lock().expect("lock") = Some(self.inner.table());
             Ok(vec![1])
         }
     }

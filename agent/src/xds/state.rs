@@ -72,7 +72,7 @@ pub struct Accepted {
     /// RDS or EDS names to subscribe to changed.
     pub subscriptions_changed: bool,
     /// Endpoints removed outright (not draining) from some service.
-    pub removed: std::collections::BTreeSet<crate::dataplane::destroy::Target>,
+    pub removed: std::collections::BTreeSet<crate::model::Endpoint>,
 }
 
 /// Counters per type, for metrics and `config_dump`.
@@ -396,12 +396,7 @@ impl XdsState {
         let mut removed = std::collections::BTreeSet::new();
         for (service, after) in &changes {
             if let Some(before) = self.table.services.get(service) {
-                crate::dataplane::destroy::removed_endpoints(
-                    service,
-                    before,
-                    after.as_ref(),
-                    &mut removed,
-                );
+                crate::model::removed_endpoints(service, before, after.as_ref(), &mut removed);
             }
         }
         self.usage = usage;
