@@ -167,7 +167,7 @@ impl Datapath {
     /// layout's datapath serves the cgroup, the new one is built but left unattached
     /// ([`Attachment::Pending`]) until [`Self::activate`].
     pub fn install(cfg: &DatapathConfig) -> Result<Self, DataplaneError> {
-        features::probe()?;
+        let features = features::probe()?;
         loader::ensure_bpffs(&cfg.bpffs)?;
         let (cgroup, cgroup_id) = loader::open_cgroup(&cfg.cgroup, cfg.allow_root_cgroup)?;
         let layout = PinLayout::new(&cfg.bpffs);
@@ -176,7 +176,7 @@ impl Datapath {
             // Retiring a layout that serves another cgroup would take its datapath away.
             loader::refuse_other_cgroups(other, cgroup_id)?;
         }
-        let mut ebpf = loader::load(&layout, &cfg.limits)?;
+        let mut ebpf = loader::load(&layout, &cfg.limits, &features)?;
         loader::load_programs(&mut ebpf)?;
         // Our links already pinned means an earlier run of this layout filled the maps
         // and attached (perhaps stopping before it retired the others).

@@ -1,14 +1,22 @@
 //! The kernel feature probes the agent runs at start (`dataplane::features`),
 //! on the kernel this suite runs on (the host's, and 6.1 in the VM run): all of
 //! them find what the datapath needs, and a probe tells a missing attach point
-//! from a present one, so a kernel without it would be refused by name.
+//! from a present one, so a kernel without it would be refused by name. The one
+//! feature that degrades, `bpf_set_retval` (5.18), is turned off as on an older
+//! kernel: the datapath loads without it and refuses with EPERM.
+
+use std::{fs, process::Command};
 
 use sockmesh::dataplane::features;
 use sockmesh_common::hooks::{self, HOOKS, ProgramType};
+use sockmesh_tests::{Bpffs, Cgroup, TempDir, TwoPods, command_in, run, sockmesh_bin};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
 
 #[test]
 fn every_probe_passes_here_and_an_unknown_attach_point_is_missing() {
-    features::probe().expect("this kernel has everything the datapath needs");
+    let found = features::probe().expect("this kernel has everything the datapath needs");
+    assert!(found.set_retval, "both kernels CI runs have bpf_set_retval");
     for hook in HOOKS {
         assert_eq!(
             features::loads(hook.program_type.number(), hook.attach_type).ok(),
@@ -31,4 +39,45 @@ fn every_probe_passes_here_and_an_unknown_attach_point_is_missing() {
         .ok(),
         Some(false)
     );
+}
+
+#[test]
+fn without_bpf_set_retval_an_empty_service_refuses_with_eperm() {
+    let pods = TwoPods::serving(PROBE, ["b1", "b2"]);
+    let tmp = TempDir::new("sockmesh-features-");
+    let table = tmp.0.join("table.json");
+    fs::write(
+        &table,
+        r#"[{"vip":"10.96.0.30","port":80,"protocol":"tcp","backends":[{"address":"10.10.1.11","port":8080,"weight":1}]},
+            {"vip":"10.96.0.31","port":80,"protocol":"tcp","backends":[]}]"#,
+    )
+    .expect("write table");
+    let cgroup = Cgroup::new();
+    let bpffs = Bpffs::new();
+    let out = Command::new(sockmesh_bin())
+        .env("SOCKMESH_FEATURES_OFF", "set_retval")
+        .arg("apply")
+        .arg("--cgroup")
+        .arg(&cgroup.0)
+        .arg("--bpffs")
+        .arg(&bpffs.0)
+        .arg("--table")
+        .arg(&table)
+        .output()
+        .expect("sockmesh apply");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let peer = |vip: &str| {
+        let mut cmd = command_in(&pods.client, Some(&cgroup), PROBE);
+        cmd.args(["peer", vip]);
+        run(cmd).trim().to_owned()
+    };
+    // The datapath works without the helper ...
+    assert_eq!(peer("10.96.0.30:80"), "10.96.0.30:80 b1");
+    // ... and a service without a backend is still refused by the program, with
+    // the cgroup hooks' own errno (EPERM) instead of ECONNREFUSED.
+    assert_eq!(peer("10.96.0.31:80"), "- E1");
 }

@@ -97,9 +97,28 @@ fn attach_since(attach_type: u32) -> Release {
     }
 }
 
-/// Probes everything in [`REQUIRED`] on the running kernel; the first thing
-/// missing is the error.
-pub fn probe() -> Result<(), FeatureError> {
+/// What the datapath may use beyond what it requires.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Features {
+    /// `bpf_set_retval` in cgroup programs (5.18): a call to a service without a
+    /// backend fails with ECONNREFUSED; without it, with EPERM.
+    pub set_retval: bool,
+}
+
+impl Default for Features {
+    fn default() -> Self {
+        Self { set_retval: true }
+    }
+}
+
+/// `SOCKMESH_FEATURES_OFF=set_retval`: run as if the kernel lacked a feature that
+/// degrades, to see (and test) the degraded datapath on a kernel that has it.
+const FEATURES_OFF: &str = "SOCKMESH_FEATURES_OFF";
+
+/// Probes everything in [`REQUIRED`] on the running kernel. The first required
+/// feature missing is the error; one that degrades (`bpf_set_retval`) is
+/// reported with a warning and left out of the returned [`Features`].
+pub fn probe() -> Result<Features, FeatureError> {
     let kernel = running();
     let missing = |feature: String, since: Release| FeatureError::Missing {
         kernel,
@@ -128,13 +147,25 @@ pub fn probe() -> Result<(), FeatureError> {
         }
     }
     let (feature, since) = REQUIRED[5];
-    let retval =
-        aya::sys::is_helper_supported(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_set_retval)
-            .map_err(|e| failed(feature, io::Error::other(e)))?;
+    let off = std::env::var(FEATURES_OFF).unwrap_or_default();
+    let forced_off = off.split(',').any(|f| f.trim() == "set_retval");
+    let retval = !forced_off
+        && aya::sys::is_helper_supported(
+            ProgramType::CgroupSockAddr,
+            BpfHelper::BPF_FUNC_set_retval,
+        )
+        .map_err(|e| failed(feature, io::Error::other(e)))?;
     if !retval {
-        return Err(missing(feature.to_owned(), since));
+        let why = if forced_off {
+            format!("{FEATURES_OFF}={off}")
+        } else {
+            missing(feature.to_owned(), since).to_string()
+        };
+        tracing::warn!(
+            "{why}: calls to a service without a backend fail with EPERM instead of ECONNREFUSED"
+        );
     }
-    Ok(())
+    Ok(Features { set_retval: retval })
 }
 
 /// Whether this kernel loads a program of `prog_type` for `attach_type` (the

@@ -248,7 +248,11 @@ fn fs_magic(path: &Path) -> Result<i64, DataplaneError> {
 }
 
 /// Loads the object, reusing pinned maps or creating and pinning them.
-pub fn load(layout: &PinLayout, limits: &super::Limits) -> Result<Ebpf, DataplaneError> {
+pub fn load(
+    layout: &PinLayout,
+    limits: &super::Limits,
+    features: &super::features::Features,
+) -> Result<Ebpf, DataplaneError> {
     for dir in [&layout.maps, &layout.links] {
         fs::create_dir_all(dir).map_err(|source| DataplaneError::Io {
             path: dir.clone(),
@@ -261,6 +265,11 @@ pub fn load(layout: &PinLayout, limits: &super::Limits) -> Result<Ebpf, Dataplan
         .map_max_entries(map_names::SERVICE_STATS, limits.services)
         .map_max_entries(map_names::BACKENDS, limits.backends)
         .map_max_entries(map_names::SLOTS, limits.slots)
+        .override_global(
+            sockmesh_common::globals::SET_RETVAL,
+            &u8::from(features.set_retval),
+            true,
+        )
         .load(OBJECT)
         .map_err(DataplaneError::Load)
 }

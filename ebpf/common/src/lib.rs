@@ -39,6 +39,15 @@ pub mod map_names {
     pub const ALL: [&str; 6] = [SERVICES, SERVICE_STATS, SLOTS, BACKENDS, REVERSE, COUNTERS];
 }
 
+/// Read-only globals the agent sets at load (`EbpfLoader::override_global`).
+pub mod globals {
+    /// `u8`: 1 if the kernel has `bpf_set_retval` in cgroup programs (5.18+), so a
+    /// refused call fails with ECONNREFUSED; 0 on older kernels, where the call is
+    /// skipped (the verifier knows the value and never sees the helper) and the
+    /// call fails with the cgroup hooks' default, EPERM.
+    pub const SET_RETVAL: &str = "SM_SET_RETVAL";
+}
+
 /// `a == b`, usable in constants (the kernel programs' compile-time checks).
 pub const fn str_eq(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());

@@ -4,7 +4,7 @@
 //! `xlate` what to do, and turns the answer into the hook's return value.
 
 use aya_ebpf::{
-    EbpfContext,
+    EbpfContext, Global,
     helpers::{bpf_get_socket_cookie, bpf_set_retval},
     macros::{cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
@@ -19,9 +19,18 @@ use crate::{
     xlate::{self, Addr, Forward, Pick},
 };
 
+/// Whether to set ECONNREFUSED with `bpf_set_retval` (see
+/// `sockmesh_common::globals::SET_RETVAL`; set by the agent at load).
+#[unsafe(no_mangle)]
+static SM_SET_RETVAL: Global<u8> = Global::new(1);
+const _: () = assert!(sockmesh_common::str_eq(
+    "SM_SET_RETVAL",
+    sockmesh_common::globals::SET_RETVAL
+));
+
 /// Let the call proceed (the only value recvmsg/getpeername may return).
 const PROCEED: i32 = 1;
-/// Reject the call; the errno is whatever `bpf_set_retval` set.
+/// Reject the call; the errno is whatever `bpf_set_retval` set (EPERM without it).
 const REJECT: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 const AF_INET: u32 = 2;
@@ -142,8 +151,10 @@ fn verdict(v: Verdict) -> i32 {
     match v {
         Verdict::Proceed => PROCEED,
         Verdict::Refuse => {
-            // SAFETY: helper call; cgroup hooks may set their return value (5.18+).
-            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            if SM_SET_RETVAL.load() != 0 {
+                // SAFETY: helper call; cgroup hooks may set their return value (5.18+).
+                unsafe { bpf_set_retval(-ECONNREFUSED) };
+            }
             REJECT
         }
     }
