@@ -425,8 +425,12 @@ impl Core {
         result
     }
 
-    /// Tells the resolver task which DNS clusters there are now.
+    /// Tells the resolver task which DNS clusters there are now (after an update
+    /// that changed clusters; an EDS update does not walk them).
     fn publish_dns_targets(&mut self) {
+        if !self.state.take_dns_changed() {
+            return;
+        }
         let targets = self.state.dns_targets();
         self.dns.retain(|c, _| targets.contains_key(c));
         self.dns_targets.send_if_modified(|t| {

@@ -105,6 +105,11 @@ impl Incremental {
         self.passthrough.iter()
     }
 
+    /// Whether `cluster` is a DNS cluster (STRICT_DNS, LOGICAL_DNS).
+    pub fn is_dns_cluster(&self, cluster: &str) -> bool {
+        self.clusters.get(cluster).is_some_and(|v| v.dns.is_some())
+    }
+
     /// The DNS clusters and what to resolve for each.
     pub fn dns_targets(&self) -> BTreeMap<String, DnsTarget> {
         self.clusters

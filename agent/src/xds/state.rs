@@ -107,6 +107,9 @@ pub struct XdsState {
     limits: Limits,
     /// What `table` takes of the maps.
     usage: Usage,
+    /// Clusters changed since the last `take_dns_changed`: the DNS clusters may
+    /// have changed.
+    dns_dirty: bool,
     /// The table found in the kernel at start: backends for services still warming
     /// until the control plane has delivered everything once.
     seed: RoutingTable,
@@ -343,6 +346,12 @@ impl XdsState {
         self.resources.dns.get(cluster)
     }
 
+    /// Whether the DNS clusters may have changed since the last call (a cluster
+    /// changed): the core republishes them only then, not on every update.
+    pub fn take_dns_changed(&mut self) -> bool {
+        std::mem::take(&mut self.dns_dirty)
+    }
+
     /// The DNS clusters (STRICT_DNS, LOGICAL_DNS) and what to resolve for each.
     pub fn dns_targets(&self) -> BTreeMap<String, super::clusters::DnsTarget> {
         self.inc.dns_targets()
@@ -357,9 +366,7 @@ impl XdsState {
         cluster: &str,
         answers: super::clusters::DnsAnswers,
     ) -> Result<Accepted, String> {
-        if !self.inc.dns_targets().contains_key(cluster)
-            || self.resources.dns.get(cluster) == Some(&answers)
-        {
+        if !self.inc.is_dns_cluster(cluster) || self.resources.dns.get(cluster) == Some(&answers) {
             return Ok(Accepted::default());
         }
         let previous = self.resources.dns.insert(cluster.to_owned(), answers);
@@ -414,6 +421,7 @@ impl XdsState {
         }
         if !dirty.clusters.is_empty() {
             self.prune_dns();
+            self.dns_dirty = true;
         }
         Ok(accepted)
     }
