@@ -23,7 +23,7 @@ fn main() -> anyhow::Result<()> {
     // SAFETY: build scripts are single-threaded at this point.
     unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
 
-    share_kernel_build_dir(&root)?;
+    share_kernel_build_dir()?;
 
     let programs = root.join("ebpf/programs");
     let programs = programs
@@ -46,21 +46,39 @@ fn main() -> anyhow::Result<()> {
 /// and `OUT_DIR` differs between `cargo clippy`, `cargo build` and `cargo test`
 /// (and with the `testing` feature): each of them rebuilt the kernel object and
 /// `core` from scratch, about 2 minutes apiece on a fresh checkout. One directory
-/// under the workspace's target dir, linked into each `OUT_DIR`, serves them all
-/// (cargo's lock on it serializes concurrent builds).
-fn share_kernel_build_dir(root: &Path) -> anyhow::Result<()> {
+/// per profile of the target dir (`<target>/<profile>/ebpf-build`), linked into
+/// each `OUT_DIR`, serves them all (cargo's lock on it serializes concurrent
+/// builds).
+fn share_kernel_build_dir() -> anyhow::Result<()> {
     let out_dir = std::env::var_os("OUT_DIR").ok_or_else(|| anyhow!("OUT_DIR not set"))?;
     let link = Path::new(&out_dir).join("aya-build/target/sockmesh-ebpf");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root.join("target"), std::path::PathBuf::from);
-    let shared = target.join("ebpf-build");
+    // OUT_DIR is <target dir>/<profile>/build/<package>-<hash>/out: absolute, and
+    // cargo's real target dir whatever set it (--target-dir, CARGO_TARGET_DIR,
+    // build.target-dir).
+    let shared = Path::new(&out_dir)
+        .ancestors()
+        .find(|a| a.file_name().is_some_and(|n| n == "build"))
+        .and_then(Path::parent)
+        .ok_or_else(|| {
+            anyhow!(
+                "OUT_DIR {} is not under a build/ dir",
+                Path::new(&out_dir).display()
+            )
+        })?
+        .join("ebpf-build");
     fs::create_dir_all(&shared).with_context(|| format!("creating {}", shared.display()))?;
-    if fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink()) {
-        return Ok(());
-    }
-    if link.exists() {
+    match fs::symlink_metadata(&link) {
+        Ok(m) if m.file_type().is_symlink() => {
+            if fs::read_link(&link).is_ok_and(|to| to == shared) {
+                return Ok(());
+            }
+            fs::remove_file(&link).with_context(|| format!("removing {}", link.display()))?;
+        }
         // A private build dir of an earlier build: replaced by the shared one.
-        fs::remove_dir_all(&link).with_context(|| format!("removing {}", link.display()))?;
+        Ok(_) => {
+            fs::remove_dir_all(&link).with_context(|| format!("removing {}", link.display()))?
+        }
+        Err(_) => {}
     }
     let parent = link
         .parent()

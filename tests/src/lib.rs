@@ -698,9 +698,10 @@ pub fn pod_network(client: &NetNs, backend: &NetNs, pods: u8) -> Vec<std::net::I
 /// 10.10.1.1; pods 10.10.1.11 and .12), each pod serving TCP port 8080 with
 /// `smprobe serve`, answering its name (`names`).
 pub struct TwoPods {
+    /// Ended first (fields drop in order), then the namespaces go.
+    pub server: Proc,
     pub client: NetNs,
     pub backend: NetNs,
-    pub server: Proc,
 }
 
 impl TwoPods {
@@ -717,9 +718,9 @@ impl TwoPods {
             ],
         );
         Self {
+            server,
             client,
             backend,
-            server,
         }
     }
 }

@@ -71,8 +71,17 @@ fn main() -> Result<()> {
 fn python(modules: &[&str], packages: &[&str]) -> Result<PathBuf> {
     let venv = root().join("target/py");
     let python = venv.join("bin/python");
-    if !python.exists() {
-        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    let has_pip = |python: &Path| {
+        Command::new(python)
+            .args(["-m", "pip", "--version"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !has_pip(&python) {
+        // Missing, or left half-made by a failed run (no pip): made afresh.
+        run(Command::new("python3")
+            .args(["-m", "venv", "--clear"])
+            .arg(&venv))?;
     }
     let have = |module: &str| {
         Command::new(&python)
@@ -152,8 +161,28 @@ fn bench() -> Result<()> {
         .arg(root().join("target/bench/change-latency.png")))
 }
 
-/// Held while the namespace suite runs on the host (`flock(1)`).
+/// Held while the namespace suite runs on the host (`flock(2)`; `flock(1)` on
+/// the same file from a shell takes the same lock).
 const PRIVILEGED_LOCK: &str = "/tmp/sockmesh-privileged.lock";
+
+/// Waits for and holds [`PRIVILEGED_LOCK`] until the file is dropped.
+fn privileged_lock() -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd as _;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(PRIVILEGED_LOCK)
+        .with_context(|| format!("opening {PRIVILEGED_LOCK}"))?;
+    // SAFETY: flock(2) on a descriptor this function owns; LOCK_EX (2) blocks.
+    if unsafe { libc_flock(file.as_raw_fd(), 2) } != 0 {
+        bail!(
+            "locking {PRIVILEGED_LOCK}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(file)
+}
 
 fn require_root(what: &str) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
@@ -259,29 +288,30 @@ fn test() -> Result<()> {
         "sockmesh-proto",
     ])?;
     require_root("the privileged integration tests")?;
+    // The tests run the real `sockmesh` binary; everything is built before the
+    // lock is taken.
+    cargo(&["build", "-p", "sockmesh"])?;
+    cargo(&["test", "-p", "sockmesh-tests", "--tests", "--no-run"])?;
+    // One privileged suite at a time on a machine: a second run (another
+    // checkout, a developer's own test) waits here instead of competing, and the
+    // bpffs mount bookkeeping below happens under the same lock.
+    eprintln!("waiting for {PRIVILEGED_LOCK} (one privileged suite at a time)");
+    let lock = privileged_lock()?;
     // The datapath mounts bpffs at /sys/fs/bpf when it is missing; leave the machine
     // as found: unmount it again if this run mounted it (and nothing else is pinned).
     let mounted_before = bpffs_mounted();
-    // The tests run the real `sockmesh` binary.
-    cargo(&["build", "-p", "sockmesh"])?;
-    // One privileged suite at a time on a machine: a second run (another
-    // checkout, a developer's own test) waits for the lock instead of competing.
-    eprintln!("waiting for {PRIVILEGED_LOCK} (one privileged suite at a time)");
-    let host = run(Command::new("flock")
-        .arg(PRIVILEGED_LOCK)
-        .args([
-            "cargo",
-            "test",
-            "-p",
-            "sockmesh-tests",
-            "--tests",
-            "--",
-            "--test-threads=1",
-        ])
-        .current_dir(root()));
+    let host = cargo(&[
+        "test",
+        "-p",
+        "sockmesh-tests",
+        "--tests",
+        "--",
+        "--test-threads=1",
+    ]);
     if !mounted_before && bpffs_mounted() {
         run(Command::new("umount").arg(BPFFS))?;
     }
+    drop(lock);
     host?;
     vm_tests()
 }
@@ -393,4 +423,6 @@ fn bpffs_mounted() -> bool {
 unsafe extern "C" {
     #[link_name = "geteuid"]
     fn libc_geteuid() -> u32;
+    #[link_name = "flock"]
+    fn libc_flock(fd: i32, operation: i32) -> i32;
 }

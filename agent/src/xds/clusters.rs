@@ -159,7 +159,7 @@ fn dns_target(c: &Cluster) -> DnsTarget {
     let failure_max = failure
         .and_then(|f| duration(f.max_interval.as_ref()))
         .filter(|m| *m >= failure_base)
-        .unwrap_or(failure_base * 10);
+        .unwrap_or(failure_base.saturating_mul(10));
     let socket = |a: &SocketAddress| -> Option<SocketAddr> {
         let ip: IpAddr = a.address.parse().ok()?;
         let port = match a.port_specifier {
@@ -208,10 +208,13 @@ fn dns_target(c: &Cluster) -> DnsTarget {
     }
 }
 
-/// A positive protobuf duration (zero, negative or out of range: `None`).
+/// A positive protobuf duration (zero, negative or beyond the protobuf range of
+/// 315,576,000,000 s: `None`).
 fn duration(d: Option<&sockmesh_proto::pb::google::protobuf::Duration>) -> Option<Duration> {
     let d = d?;
-    let secs = u64::try_from(d.seconds).ok()?;
+    let secs = u64::try_from(d.seconds)
+        .ok()
+        .filter(|s| *s <= 315_576_000_000)?;
     let nanos = u32::try_from(d.nanos).ok()?;
     Some(Duration::new(secs, nanos)).filter(|d| !d.is_zero())
 }

@@ -217,6 +217,9 @@ pub struct Core {
     pub opaque_types: super::opaque::OpaqueTypes,
     /// Resolution of the DNS clusters, by cluster name.
     pub dns: BTreeMap<String, DnsStatus>,
+    /// Endpoints removed by updates whose kernel write failed: their sockets are
+    /// closed once the kernel catches up.
+    pending_removed: BTreeSet<Endpoint>,
     /// The DNS clusters to resolve, for the resolver task (see [`super::dns`]).
     dns_targets: watch::Sender<BTreeMap<String, DnsTarget>>,
 }
@@ -258,6 +261,7 @@ impl Core {
             source_last_error: None,
             opaque_types: super::opaque::OpaqueTypes::new(),
             dns: BTreeMap::new(),
+            pending_removed: BTreeSet::new(),
             dns_targets: watch::Sender::new(BTreeMap::new()),
         }
     }
@@ -273,19 +277,20 @@ impl Core {
     pub fn handle_dns(
         &mut self,
         cluster: &str,
+        target: &DnsTarget,
         answers: DnsAnswers,
         round: &Round,
         received: Instant,
     ) {
-        if !self.dns_targets.borrow().contains_key(cluster) {
+        // A round resolved for a target that has since changed (other hosts,
+        // family or resolvers) is dropped: its task is being replaced.
+        if self.dns_targets.borrow().get(cluster) != Some(target) {
             return;
         }
         let status = self.dns.entry(cluster.to_owned()).or_default();
         status.resolutions += 1;
         status.failures += round.failed.len() as u64;
-        if let Some(why) = round.failed.values().next() {
-            status.last_error = Some(why.clone());
-        }
+        status.last_error = round.failed.values().next().cloned();
         match self.state.apply_dns(cluster, answers) {
             Ok(accepted) => {
                 if let Err(e) = self.write_kernel(&accepted, received, "dns") {
@@ -365,6 +370,8 @@ impl Core {
                         map_ops = ops,
                         "kernel maps caught up with the accepted table"
                     );
+                    let removed = std::mem::take(&mut self.pending_removed);
+                    self.terminate(&removed);
                 }
                 Err(e) => {
                     self.kernel_write_failures += 1;
@@ -425,6 +432,25 @@ impl Core {
         result
     }
 
+    /// With `--terminate-removed-connections`, aborts the sockets redirected to
+    /// `removed` endpoints (once the kernel no longer selects them).
+    fn terminate(&mut self, removed: &BTreeSet<Endpoint>) {
+        if !self.terminate_removed || removed.is_empty() {
+            return;
+        }
+        match self.sink.terminate(removed) {
+            Ok(n) => {
+                self.terminated += n as u64;
+                info!(
+                    endpoints = removed.len(),
+                    sockets = n,
+                    "closed sockets of removed endpoints"
+                );
+            }
+            Err(e) => warn!(error = %chain(&e), "closing sockets of removed endpoints failed"),
+        }
+    }
+
     /// Tells the resolver task which DNS clusters there are now (after an update
     /// that changed clusters; an EDS update does not walk them).
     fn publish_dns_targets(&mut self) {
@@ -433,6 +459,19 @@ impl Core {
         }
         let targets = self.state.dns_targets();
         self.dns.retain(|c, _| targets.contains_key(c));
+        // A target that changed (family, resolvers, hosts) starts from fresh
+        // answers: the old ones are not the last good answers of the new question.
+        let changed: Vec<String> = {
+            let before = self.dns_targets.borrow();
+            targets
+                .iter()
+                .filter(|(c, t)| before.get(*c).is_some_and(|b| b != *t))
+                .map(|(c, _)| c.clone())
+                .collect()
+        };
+        for cluster in changed {
+            self.state.forget_dns(&cluster);
+        }
         self.dns_targets.send_if_modified(|t| {
             let changed = *t != targets;
             *t = targets;
@@ -464,6 +503,8 @@ impl Core {
             let ops = result.map_err(|e| {
                 self.kernel_behind = true;
                 self.kernel_write_failures += 1;
+                // Their sockets are closed once the kernel has caught up.
+                self.pending_removed.extend(accepted.removed.iter().copied());
                 warn!(error = %chain(&e), "writing the kernel maps failed; retrying the whole table every second");
                 KernelLag(e)
             })?;
@@ -476,21 +517,9 @@ impl Core {
                 last_latency: received.elapsed(),
             };
             self.latency.observe(self.push.last_latency.as_secs_f64());
-            if self.terminate_removed && !accepted.removed.is_empty() {
-                match self.sink.terminate(&accepted.removed) {
-                    Ok(n) => {
-                        self.terminated += n as u64;
-                        info!(
-                            endpoints = accepted.removed.len(),
-                            sockets = n,
-                            "closed sockets of removed endpoints"
-                        );
-                    }
-                    Err(e) => {
-                        warn!(error = %chain(&e), "closing sockets of removed endpoints failed")
-                    }
-                }
-            }
+            let mut removed = std::mem::take(&mut self.pending_removed);
+            removed.extend(accepted.removed.iter().copied());
+            self.terminate(&removed);
             info!(
                 types = what,
                 services = self.state.table().services.len(),

@@ -199,7 +199,8 @@ pub async fn run(
     loop {
         let want = targets.borrow_and_update().clone();
         tasks.retain(|name, (target, task)| {
-            let keep = want.get(name) == Some(target);
+            // A task that ended (it never returns, so it panicked) is started again.
+            let keep = want.get(name) == Some(target) && !task.is_finished();
             if !keep {
                 task.abort();
             }
@@ -216,8 +217,13 @@ pub async fn run(
         tokio::select! {
             changed = targets.changed() => if changed.is_err() { break },
             _ = stop.changed() => break,
-            // Reap finished (aborted) tasks so the set does not grow.
-            Some(_) = set.join_next(), if !set.is_empty() => {}
+            // Reap finished tasks so the set does not grow; one that panicked is
+            // restarted by the next pass.
+            Some(joined) = set.join_next(), if !set.is_empty() => {
+                if let Err(e) = joined && e.is_panic() {
+                    tracing::error!(error = %e, "a DNS cluster's resolver task panicked; restarting it");
+                }
+            }
         }
     }
     set.abort_all();
@@ -236,7 +242,7 @@ async fn follow(cluster: String, target: DnsTarget, core: Arc<Mutex<Core>>) {
                     failed: hosts.iter().map(|h| (h.clone(), e.to_string())).collect(),
                     ..Round::default()
                 };
-                report(&core, &cluster, &hosts, &round);
+                report(&core, &cluster, &target, &hosts, &round);
                 tokio::time::sleep(target.failure_max).await;
             }
         }
@@ -249,12 +255,12 @@ async fn follow(cluster: String, target: DnsTarget, core: Arc<Mutex<Core>>) {
         } else {
             failed_rounds = failed_rounds.saturating_add(1);
         }
-        report(&core, &cluster, &hosts, &round);
+        report(&core, &cluster, &target, &hosts, &round);
         tokio::time::sleep(next_refresh(&target, &round, failed_rounds)).await;
     }
 }
 
-fn report(core: &Mutex<Core>, cluster: &str, hosts: &[String], round: &Round) {
+fn report(core: &Mutex<Core>, cluster: &str, target: &DnsTarget, hosts: &[String], round: &Round) {
     let Ok(mut core) = core.lock() else {
         return;
     };
@@ -274,7 +280,7 @@ fn report(core: &Mutex<Core>, cluster: &str, hosts: &[String], round: &Round) {
     if answers != previous {
         info!(cluster, ?answers, "DNS answers changed");
     }
-    core.handle_dns(cluster, answers, round, Instant::now());
+    core.handle_dns(cluster, target, answers, round, Instant::now());
 }
 
 #[cfg(test)]

@@ -372,12 +372,23 @@ impl XdsState {
         let previous = self.resources.dns.insert(cluster.to_owned(), answers);
         let mut dirty = Dirty::default();
         dirty.dns.insert(cluster.to_owned());
-        self.commit_dirty(&dirty, &[]).inspect_err(|_| {
+        let mut accepted = self.commit_dirty(&dirty, &[]).inspect_err(|_| {
             match previous {
                 Some(p) => self.resources.dns.insert(cluster.to_owned(), p),
                 None => self.resources.dns.remove(cluster),
             };
-        })
+        })?;
+        // A name's addresses changing is not an endpoint removed by the control
+        // plane: Envoy keeps connections to a host DNS no longer returns, and a
+        // LOGICAL_DNS name behind round-robin DNS changes address every refresh.
+        accepted.removed.clear();
+        Ok(accepted)
+    }
+
+    /// Forgets a DNS cluster's answers (its target changed); its services keep
+    /// their backends in the table until the new answers arrive.
+    pub fn forget_dns(&mut self, cluster: &str) {
+        self.resources.dns.remove(cluster);
     }
 
     /// Forgets the answers of clusters that are no longer DNS clusters.
