@@ -177,24 +177,36 @@ pub fn probe() -> Result<(), DestroyError> {
     probe_udp()
 }
 
+/// Sends SOCK_DESTROY for the socket `id` (an `inet_diag_sockid`) and returns the
+/// kernel's answer: `Err(DestroyError)` if netlink itself failed, the inner
+/// result for what the kernel said about the socket.
+fn destroy_one(
+    fd: &OwnedFd,
+    family: u8,
+    protocol: u8,
+    id: &[u8; 48],
+) -> Result<Result<(), std::io::Error>, DestroyError> {
+    send(
+        fd,
+        &request(
+            SOCK_DESTROY,
+            NLM_F_REQUEST | NLM_F_ACK,
+            family,
+            protocol,
+            STATES,
+            id,
+        ),
+    )?;
+    ack(fd)
+}
+
 fn probe_tcp() -> Result<(), DestroyError> {
     let fd = netlink()?;
     let mut id = [0u8; 48];
     id[0..2].copy_from_slice(&1u16.to_be_bytes());
     id[2..4].copy_from_slice(&1u16.to_be_bytes());
     id[40..48].copy_from_slice(&[0xff; 8]); // INET_DIAG_NOCOOKIE
-    send(
-        &fd,
-        &request(
-            SOCK_DESTROY,
-            NLM_F_REQUEST | NLM_F_ACK,
-            libc::AF_INET as u8,
-            libc::IPPROTO_TCP as u8,
-            STATES,
-            &id,
-        ),
-    )?;
-    match ack(&fd)? {
+    match destroy_one(&fd, libc::AF_INET as u8, libc::IPPROTO_TCP as u8, &id)? {
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         Err(e) => Err(DestroyError::Unsupported(e)),
@@ -233,18 +245,8 @@ fn probe_udp() -> Result<(), DestroyError> {
         id[44..48].copy_from_slice(&((cookie >> 32) as u32).to_ne_bytes());
     }
     let fd = netlink()?;
-    send(
-        &fd,
-        &request(
-            SOCK_DESTROY,
-            NLM_F_REQUEST | NLM_F_ACK,
-            libc::AF_INET as u8,
-            libc::IPPROTO_UDP as u8,
-            STATES,
-            &id,
-        ),
-    )?;
-    ack(&fd)?.map_err(DestroyError::Unsupported)?;
+    destroy_one(&fd, libc::AF_INET as u8, libc::IPPROTO_UDP as u8, &id)?
+        .map_err(DestroyError::Unsupported)?;
     match sock.take_error() {
         Ok(Some(e)) if e.raw_os_error() == Some(libc::ECONNABORTED) => Ok(()),
         Ok(other) => Err(DestroyError::NotAborted(other)),
@@ -382,18 +384,7 @@ fn sweep_here(
                 "dump done"
             );
             for id in doomed {
-                send(
-                    &fd,
-                    &request(
-                        SOCK_DESTROY,
-                        NLM_F_REQUEST | NLM_F_ACK,
-                        family,
-                        proto,
-                        STATES,
-                        &id,
-                    ),
-                )?;
-                let answer = ack(&fd)?;
+                let answer = destroy_one(&fd, family, proto, &id)?;
                 tracing::debug!(
                     family,
                     proto,
