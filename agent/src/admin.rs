@@ -138,13 +138,14 @@ pub fn route(admin: &Admin, path: &str) -> Response<Full<Bytes>> {
 /// connected; a disconnected source after that, or kernel maps that lag the
 /// accepted configuration, is "degraded".
 pub fn readiness(core: &Core) -> (StatusCode, &'static str) {
-    if core.migrating() {
+    let kernel = core.kernel();
+    if kernel.migrating {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: migrating from another pin layout (the old datapath serves until this one is filled)",
         );
     }
-    if core.synced() && core.kernel_behind() {
+    if core.synced() && kernel.behind {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "degraded: the kernel maps lag the accepted configuration (a write failed; retrying every second)",
@@ -258,11 +259,12 @@ pub fn metrics(
     r.register(
         "sockmesh_update_to_kernel_seconds",
         "Time from an xDS update's arrival to the kernel maps holding it",
-        core.latency.clone(),
+        core.latency(),
     );
     // What the kernel holds, not what the state accepted (they differ while a
     // kernel write lags).
-    let held = core.kernel_usage();
+    let status = core.kernel();
+    let held = status.usage;
     gauge(
         &mut r,
         "sockmesh_services",
@@ -279,7 +281,7 @@ pub fn metrics(
         &mut r,
         "sockmesh_kernel_behind",
         "1 while the kernel maps lag the accepted configuration (a write failed; retried every second)",
-        usize::from(core.kernel_behind()),
+        usize::from(status.behind),
     );
     let limits = core.limits();
     let fill: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>> = Family::default();
@@ -298,13 +300,13 @@ pub fn metrics(
         &mut r,
         "sockmesh_kernel_write_failures",
         "Kernel map writes that failed (the agent retries the whole table every second)",
-        core.kernel_write_failures,
+        status.write_failures,
     );
     counter(
         &mut r,
         "sockmesh_terminated_sockets",
         "Sockets of removed endpoints closed",
-        core.terminated,
+        status.terminated,
     );
     let events: Family<Labels, Counter> = Family::default();
     for (name, value) in kernel {
@@ -342,23 +344,25 @@ pub fn metrics(
 /// The routing table and per-type xDS state as JSON.
 pub fn config_dump(core: &Core) -> String {
     use crate::admin_types::{ConfigDump, DatapathDump, PushDump, TypeDump, micros};
+    let kernel = core.kernel();
     ConfigDump {
         source: format!("{:?}", core.source),
         source_errors: core.source_errors,
         source_last_error: core.source_last_error.clone(),
         synced: core.synced(),
         push: PushDump {
-            pushes: core.push.pushes,
-            last_map_ops: core.push.last_map_ops,
-            last_latency_us: micros(core.push.last_latency),
-            kernel_write_failures: core.kernel_write_failures,
-            terminated_sockets: core.terminated,
+            pushes: kernel.push.pushes,
+            last_map_ops: kernel.push.last_map_ops,
+            last_latency_us: micros(kernel.push.last_latency),
+            kernel_write_failures: kernel.write_failures,
+            terminated_sockets: kernel.terminated,
+            writes_in_flight: core.writes_in_flight(),
         },
         datapath: DatapathDump {
             layout_version: sockmesh_common::LAYOUT_VERSION,
-            attachment: core.attachment().map(|a| format!("{a:?}")),
-            retired_layouts: core.retired(),
-            migrating: core.migrating(),
+            attachment: kernel.attachment.map(|a| format!("{a:?}")),
+            retired_layouts: kernel.retired.clone(),
+            migrating: kernel.migrating,
             limits: core.limits().into(),
         },
         xds: core

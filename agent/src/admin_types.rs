@@ -55,6 +55,9 @@ pub struct PushDump {
     pub kernel_write_failures: u64,
     /// Sockets of removed endpoints closed (`--terminate-removed-connections`).
     pub terminated_sockets: u64,
+    /// Accepted updates handed to the datapath task and not written yet.
+    #[serde(default)]
+    pub writes_in_flight: u64,
 }
 
 /// The agent's datapath.
@@ -156,6 +159,7 @@ mod tests {
                 last_latency_us: micros(std::time::Duration::from_micros(250)),
                 kernel_write_failures: 0,
                 terminated_sockets: 2,
+                writes_in_flight: 0,
             },
             datapath: DatapathDump {
                 layout_version: 2,
@@ -225,6 +229,8 @@ mod tests {
                 "last_latency_us": d.push.last_latency_us,
                 "kernel_write_failures": d.push.kernel_write_failures,
                 "terminated_sockets": d.push.terminated_sockets,
+                // Added with the datapath task.
+                "writes_in_flight": d.push.writes_in_flight,
             },
             "datapath": {
                 "layout_version": d.datapath.layout_version,

@@ -21,7 +21,7 @@ use crate::{
     dataplane::{Datapath, DatapathConfig},
     xds::{
         ads::{self, AdsConfig, TlsFiles, XdsProtocol},
-        core::Core,
+        core::{Core, DatapathHandle},
         file, rest,
     },
 };
@@ -123,18 +123,22 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let datapath = Datapath::install(&cfg.datapath)?;
     // Decode the protobuf descriptors now, not inside the first update's latency.
     let _ = sockmesh_proto::descriptor_pool();
-    let mut core = Core::new(Box::new(datapath));
-    if cfg.terminate_removed {
-        match crate::dataplane::destroy::probe() {
+    let terminate_removed = cfg.terminate_removed
+        && match crate::dataplane::destroy::probe() {
             Ok(()) => {
-                core.terminate_removed = true;
                 info!("--terminate-removed-connections: inet_diag SOCK_DESTROY available");
+                true
             }
-            Err(e) => tracing::error!(
-                "--terminate-removed-connections is not available, sockets of removed endpoints will stay open: {e}"
-            ),
-        }
-    }
+            Err(e) => {
+                tracing::error!(
+                    "--terminate-removed-connections is not available, sockets of removed endpoints will stay open: {e}"
+                );
+                false
+            }
+        };
+    // The one owner of the kernel maps, on its own thread.
+    let kernel = DatapathHandle::spawn(Box::new(datapath), terminate_removed);
+    let core = Core::new(kernel);
     let dns_targets = core.dns_targets();
     let core = Arc::new(Mutex::new(core));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -223,6 +227,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     }
     let _ = stop_tx.send(true);
     abort.abort();
+    // The write in progress finishes; the maps are never left half written by us.
+    if let Ok(mut core) = core.lock() {
+        core.stop_datapath();
+    }
     info!("exiting; the datapath stays pinned");
     Ok(())
 }

@@ -17,6 +17,7 @@ mod loader;
 mod mirror;
 pub mod store;
 mod sys;
+pub mod task;
 mod writer;
 
 use std::{

@@ -31,9 +31,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tracing::{info, warn};
 
 use super::{
-    core::{Core, SourceState},
+    core::{Core, Handled, SourceState, Written},
     decode::Kind,
-    state::Update,
+    state::{Nack, Update},
 };
 
 /// Which xDS protocol variant to speak.
@@ -143,9 +143,13 @@ pub async fn run(
             .min(cfg.backoff_max);
         let delay = ceiling.mul_f64(rand::rng().random_range(0.5..=1.0));
         attempt = attempt.saturating_add(1);
+        let error = match &result {
+            Err(e) => crate::xds::core::chain(e),
+            Ok(()) => "stream closed by the server".to_owned(),
+        };
         warn!(
             url = %cfg.url,
-            error = %result.err().unwrap_or_else(|| "stream closed by the server".into()),
+            error,
             retry_in_ms = delay.as_millis(),
             "xDS disconnected; serving the last good state"
         );
@@ -162,13 +166,48 @@ fn set_source(core: &Arc<Mutex<Core>>, s: SourceState) {
     }
 }
 
-fn lock(core: &Arc<Mutex<Core>>) -> Result<std::sync::MutexGuard<'_, Core>, String> {
-    core.lock().map_err(|_| "agent state poisoned".to_owned())
+/// Why an ADS session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("connect")]
+    Connect(#[source] tonic::transport::Error),
+    #[error("{call}")]
+    Call {
+        call: &'static str,
+        #[source]
+        source: tonic::Status,
+    },
+    #[error("stream")]
+    Stream(#[from] tonic::Status),
+    #[error("the request stream closed")]
+    RequestsClosed,
+    #[error("agent state poisoned")]
+    Poisoned,
+}
+
+impl<T> From<mpsc::error::SendError<T>> for SessionError {
+    fn from(_: mpsc::error::SendError<T>) -> Self {
+        Self::RequestsClosed
+    }
+}
+
+impl<T> From<mpsc::error::TrySendError<T>> for SessionError {
+    fn from(_: mpsc::error::TrySendError<T>) -> Self {
+        Self::RequestsClosed
+    }
+}
+
+fn lock(core: &Arc<Mutex<Core>>) -> Result<std::sync::MutexGuard<'_, Core>, SessionError> {
+    core.lock().map_err(|_| SessionError::Poisoned)
 }
 
 /// One connection: returns when the stream ends (Ok(None)) or fails.
-async fn session(cfg: &AdsConfig, ep: &Endpoint, core: &Arc<Mutex<Core>>) -> Result<(), String> {
-    let channel: Channel = ep.connect().await.map_err(|e| format!("connect: {e}"))?;
+async fn session(
+    cfg: &AdsConfig,
+    ep: &Endpoint,
+    core: &Arc<Mutex<Core>>,
+) -> Result<(), SessionError> {
+    let channel: Channel = ep.connect().await.map_err(SessionError::Connect)?;
     let mut client =
         AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
     info!(url = %cfg.url, protocol = ?cfg.protocol, "xDS connected");
@@ -180,7 +219,7 @@ async fn session(cfg: &AdsConfig, ep: &Endpoint, core: &Arc<Mutex<Core>>) -> Res
 
 /// The kind of a response, or `None` (logged and counted) for a type sockmesh does
 /// not consume.
-fn consumed_kind(core: &Arc<Mutex<Core>>, type_url: &str) -> Result<Option<Kind>, String> {
+fn consumed_kind(core: &Arc<Mutex<Core>>, type_url: &str) -> Result<Option<Kind>, SessionError> {
     let kind = Kind::from_type_url(type_url);
     if kind.is_none() {
         warn!(
@@ -190,6 +229,14 @@ fn consumed_kind(core: &Arc<Mutex<Core>>, type_url: &str) -> Result<Option<Kind>
         lock(core)?.ignored_types += 1;
     }
     Ok(kind)
+}
+
+/// The kernel write of a handled update (none for a NACK).
+fn written(result: &mut Result<Handled, Nack>) -> Written {
+    result
+        .as_mut()
+        .map(|h| std::mem::take(&mut h.written))
+        .unwrap_or_default()
 }
 
 fn nack_status(message: String) -> Status {
@@ -204,7 +251,7 @@ async fn sotw(
     cfg: &AdsConfig,
     client: &mut AggregatedDiscoveryServiceClient<Channel>,
     core: &Arc<Mutex<Core>>,
-) -> Result<(), String> {
+) -> Result<(), SessionError> {
     let (tx, rx) = mpsc::channel::<DiscoveryRequest>(64);
     // Names last requested and last nonce, per type.
     let mut sent: BTreeMap<Kind, Vec<String>> = BTreeMap::new();
@@ -235,26 +282,28 @@ async fn sotw(
                 c.state().version(kind),
                 String::new(),
                 None,
-            ))
-            .map_err(|e| e.to_string())?;
+            ))?;
         }
     }
     let mut stream = client
         .stream_aggregated_resources(ReceiverStream::new(rx))
         .await
-        .map_err(|e| format!("StreamAggregatedResources: {e}"))?
+        .map_err(|source| SessionError::Call {
+            call: "StreamAggregatedResources",
+            source,
+        })?
         .into_inner();
     set_source(core, SourceState::Connected);
-    while let Some(resp) = stream.message().await.map_err(|e| e.to_string())? {
+    while let Some(resp) = stream.message().await? {
         let received = Instant::now();
         let Some(kind) = consumed_kind(core, &resp.type_url)? else {
             continue;
         };
         nonces.insert(kind, resp.nonce.clone());
         let mut follow_ups = Vec::new();
-        {
+        let written = {
             let mut c = lock(core)?;
-            let result = c.handle(
+            let mut result = c.handle(
                 Update::SotW {
                     kind,
                     version: resp.version_info.clone(),
@@ -279,9 +328,12 @@ async fn sotw(
                     follow_ups.push(request(k, wanted, c.state().version(k), nonce, None));
                 }
             }
-        }
+            written(&mut result)
+        };
+        // The ACK (or NACK) follows the kernel write, as Envoy's follows applying.
+        written.wait().await;
         for r in follow_ups {
-            tx.send(r).await.map_err(|e| e.to_string())?;
+            tx.send(r).await?;
         }
     }
     Ok(())
@@ -291,7 +343,7 @@ async fn delta(
     cfg: &AdsConfig,
     client: &mut AggregatedDiscoveryServiceClient<Channel>,
     core: &Arc<Mutex<Core>>,
-) -> Result<(), String> {
+) -> Result<(), SessionError> {
     let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
     let mut subscribed: BTreeMap<Kind, BTreeSet<String>> = BTreeMap::new();
     {
@@ -310,23 +362,25 @@ async fn delta(
                 resource_names_subscribe: names.into_iter().collect(),
                 initial_resource_versions: initial.into_iter().collect(),
                 ..Default::default()
-            })
-            .map_err(|e| e.to_string())?;
+            })?;
         }
     }
     let mut stream = client
         .delta_aggregated_resources(ReceiverStream::new(rx))
         .await
-        .map_err(|e| format!("DeltaAggregatedResources: {e}"))?
+        .map_err(|source| SessionError::Call {
+            call: "DeltaAggregatedResources",
+            source,
+        })?
         .into_inner();
     set_source(core, SourceState::Connected);
-    while let Some(resp) = stream.message().await.map_err(|e| e.to_string())? {
+    while let Some(resp) = stream.message().await? {
         let received = Instant::now();
         let Some(kind) = consumed_kind(core, &resp.type_url)? else {
             continue;
         };
         let mut follow_ups = Vec::new();
-        {
+        let written = {
             let mut c = lock(core)?;
             let mut removed = resp.removed_resources;
             removed.extend(resp.removed_resource_names.into_iter().map(|n| n.name));
@@ -335,7 +389,7 @@ async fn delta(
                 .into_iter()
                 .filter_map(|r| r.resource.map(|any| (r.name, r.version, any)))
                 .collect();
-            let result = c.handle(
+            let mut result = c.handle(
                 Update::Delta {
                     kind,
                     added,
@@ -366,9 +420,12 @@ async fn delta(
                     *had = wanted;
                 }
             }
-        }
+            written(&mut result)
+        };
+        // The ACK (or NACK) follows the kernel write, as Envoy's follows applying.
+        written.wait().await;
         for r in follow_ups {
-            tx.send(r).await.map_err(|e| e.to_string())?;
+            tx.send(r).await?;
         }
     }
     Ok(())

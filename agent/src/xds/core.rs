@@ -4,160 +4,29 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::model::Endpoint;
-
 use super::{
     clusters::{DnsAnswers, DnsTarget},
     decode::Kind,
     dns::Round,
-    incremental::Changes,
     state::{Accepted, Nack, Update, XdsState},
 };
-use crate::model::RoutingTable;
 
-/// Why the datapath could not do what the core asked.
-#[derive(Debug, thiserror::Error)]
-pub enum SinkError {
-    #[error(transparent)]
-    Write(#[from] crate::dataplane::WriteError),
-    #[error(transparent)]
-    Datapath(#[from] crate::dataplane::DataplaneError),
-    #[error(transparent)]
-    Destroy(#[from] crate::dataplane::destroy::DestroyError),
-}
-
-/// An error with its sources, `outer: inner: …`, for logs and `/config_dump`.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        next = s.source();
-    }
-    out
-}
-
-/// Where accepted tables go: the kernel datapath, or a fake in tests.
-pub trait TableSink: Send {
-    /// Makes the datapath hold `table`; returns the number of map operations.
-    fn apply(&mut self, table: &RoutingTable) -> Result<usize, SinkError>;
-    /// Changes some services only (`None`: remove).
-    fn apply_changes(&mut self, changes: &Changes) -> Result<usize, SinkError>;
-    /// What the datapath holds now (adopted from pins on restart).
-    fn table(&self) -> RoutingTable;
-    /// What the datapath's maps hold, counted (cheap: for gauges).
-    fn usage(&self) -> crate::model::Usage {
-        crate::model::Usage::of_table(&self.table())
-    }
-    /// The maps' capacities (updates beyond them are NACKed).
-    fn limits(&self) -> crate::dataplane::Limits {
-        crate::dataplane::Limits::default()
-    }
-    /// Aborts sockets redirected to removed endpoints; returns how many.
-    fn terminate(&mut self, _targets: &BTreeSet<Endpoint>) -> Result<usize, SinkError> {
-        Ok(0)
-    }
-    /// Whether the datapath is built but not attached yet, because another pin
-    /// layout's datapath serves meanwhile (an upgrade that changed the map layout).
-    fn pending(&self) -> bool {
-        false
-    }
-    /// Attaches a pending datapath and removes the other layout's; returns the
-    /// layout versions retired.
-    fn activate(&mut self) -> Result<Vec<u32>, SinkError> {
-        Ok(Vec::new())
-    }
-    /// How the programs came to be attached (`None`: a sink without a kernel).
-    fn attachment(&self) -> Option<crate::dataplane::Attachment> {
-        None
-    }
-    /// The other pin layouts this datapath detached and removed.
-    fn retired(&self) -> Vec<u32> {
-        Vec::new()
-    }
-}
+pub use crate::dataplane::task::{
+    DatapathHandle, KernelStatus, LATENCY_BUCKETS, MIGRATION_WARMING_TIMEOUT, PushStats, SinkError,
+    TableSink, Write, Written, chain,
+};
 
 fn status_refused(dns: &mut BTreeMap<String, DnsStatus>, cluster: &str, why: &str) {
     let status = dns.entry(cluster.to_owned()).or_default();
     status.refused += 1;
     status.last_error = Some(format!("answers refused: {why}"));
 }
-
-impl TableSink for crate::dataplane::Datapath {
-    fn apply(&mut self, table: &RoutingTable) -> Result<usize, SinkError> {
-        Ok(crate::dataplane::Datapath::apply(self, table)?.map_ops)
-    }
-
-    fn apply_changes(&mut self, changes: &Changes) -> Result<usize, SinkError> {
-        Ok(crate::dataplane::Datapath::apply_changes(self, changes)?.map_ops)
-    }
-
-    fn table(&self) -> RoutingTable {
-        crate::dataplane::Datapath::table(self)
-    }
-
-    fn limits(&self) -> crate::dataplane::Limits {
-        crate::dataplane::Datapath::limits(self)
-    }
-
-    fn usage(&self) -> crate::model::Usage {
-        crate::dataplane::Datapath::usage(self)
-    }
-
-    fn terminate(&mut self, targets: &BTreeSet<Endpoint>) -> Result<usize, SinkError> {
-        Ok(crate::dataplane::Datapath::terminate(self, targets)?.destroyed)
-    }
-
-    fn pending(&self) -> bool {
-        self.is_pending()
-    }
-
-    fn activate(&mut self) -> Result<Vec<u32>, SinkError> {
-        Ok(crate::dataplane::Datapath::activate(self)?
-            .map(|m| m.retired)
-            .unwrap_or_default())
-    }
-
-    fn attachment(&self) -> Option<crate::dataplane::Attachment> {
-        Some(crate::dataplane::Datapath::attachment(self))
-    }
-
-    fn retired(&self) -> Vec<u32> {
-        crate::dataplane::Datapath::retired(self).to_vec()
-    }
-}
-
-/// A kernel write that failed: the kernel lags the accepted table until a retry
-/// succeeds.
-#[derive(Debug, thiserror::Error)]
-#[error("writing the kernel maps failed")]
-pub struct KernelLag(#[source] SinkError);
-
-/// Timing of the last kernel write, for logs, metrics and benchmarks.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct PushStats {
-    pub pushes: u64,
-    pub last_map_ops: usize,
-    /// Update received → kernel maps written.
-    pub last_latency: Duration,
-}
-
-/// Buckets of the update → kernel latency histogram (seconds): 50 µs … 1 s.
-pub const LATENCY_BUCKETS: [f64; 12] = [
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0,
-];
-
-/// How long a datapath built beside another layout's waits for warming services
-/// (clusters or endpoints not received yet) before it goes live anyway, as Envoy's
-/// `initial_fetch_timeout` (15 s) bounds its own warming.
-pub const MIGRATION_WARMING_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// An update with this many resources (an initial push, a full SotW of a big
 /// mesh) leaves megabytes freed but held by the allocator: see
@@ -167,12 +36,22 @@ const LARGE_UPDATE: usize = 1_000;
 /// Hands memory freed after a large update back to the kernel. glibc keeps freed
 /// heap in its arenas, so the transient peak of decoding a 50,000-service push
 /// would otherwise stay resident for the agent's lifetime.
-fn release_freed_memory() {
+pub(crate) fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks glibc's own arenas; no Rust invariant involved.
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// What an accepted update asks of its source.
+#[derive(Debug)]
+pub struct Handled {
+    /// RDS or EDS names to subscribe to changed.
+    pub subscriptions_changed: bool,
+    /// The kernel write, handed to the datapath task: an ADS client waits on it
+    /// before it ACKs.
+    pub written: Written,
 }
 
 /// Connection state of the control-plane source.
@@ -186,28 +65,16 @@ pub enum SourceState {
 
 pub struct Core {
     state: XdsState,
-    sink: Box<dyn TableSink>,
+    /// The datapath task, which owns the kernel maps.
+    kernel: DatapathHandle,
     /// Types accepted at least once since start.
     synced: BTreeSet<Kind>,
-    pushed: bool,
-    pub push: PushStats,
+    /// The whole table has been handed to the datapath once (later writes are
+    /// the changed services only).
+    sent_table: bool,
     pub source: SourceState,
     /// Responses of types sockmesh does not consume.
     pub ignored_types: u64,
-    /// Abort sockets connected to endpoints removed from a service.
-    pub terminate_removed: bool,
-    /// Sockets aborted so far.
-    pub terminated: u64,
-    /// Update arrival → kernel maps written (shared with `/metrics`).
-    pub latency: prometheus_client::metrics::histogram::Histogram,
-    /// While the datapath is pending (a layout migration): when the control plane's
-    /// table was first written, which starts the warming timeout.
-    first_push: Option<Instant>,
-    /// A kernel write failed: the maps lag the accepted table until a whole-table
-    /// write succeeds (next update, or the next tick).
-    kernel_behind: bool,
-    /// Kernel writes that failed.
-    pub kernel_write_failures: u64,
     /// Documents the source could not read or parse (a file with a syntax error, a
     /// REST body that is not JSON): nothing reached the state.
     pub source_errors: u64,
@@ -217,9 +84,6 @@ pub struct Core {
     pub opaque_types: super::opaque::OpaqueTypes,
     /// Resolution of the DNS clusters, by cluster name.
     pub dns: BTreeMap<String, DnsStatus>,
-    /// Endpoints removed by updates whose kernel write failed: their sockets are
-    /// closed once the kernel catches up.
-    pending_removed: BTreeSet<Endpoint>,
     /// The DNS clusters to resolve, for the resolver task (see [`super::dns`]).
     dns_targets: watch::Sender<BTreeMap<String, DnsTarget>>,
 }
@@ -237,31 +101,24 @@ pub struct DnsStatus {
 }
 
 impl Core {
-    /// A core over `sink`. The table the datapath already holds (pins adopted after a
-    /// restart) seeds the state, so services keep their backends until the control
-    /// plane has been heard from, and warming services do not flap to empty.
-    pub fn new(sink: Box<dyn TableSink>) -> Self {
-        let mut state = XdsState::with_previous(sink.table());
-        state.set_limits(sink.limits());
+    /// A core over the datapath task `kernel`. The table the datapath already
+    /// holds (pins adopted after a restart) seeds the state, so services keep their
+    /// backends until the control plane has been heard from, and warming services
+    /// do not flap to empty.
+    pub fn new(mut kernel: DatapathHandle) -> Self {
+        let mut state = XdsState::with_previous(kernel.take_adopted());
+        state.set_limits(kernel.limits());
         Self {
             state,
-            sink,
+            kernel,
             synced: BTreeSet::new(),
-            pushed: false,
-            push: PushStats::default(),
+            sent_table: false,
             source: SourceState::Connecting,
             ignored_types: 0,
-            terminate_removed: false,
-            terminated: 0,
-            latency: prometheus_client::metrics::histogram::Histogram::new(LATENCY_BUCKETS),
-            first_push: None,
-            kernel_behind: false,
-            kernel_write_failures: 0,
             source_errors: 0,
             source_last_error: None,
             opaque_types: super::opaque::OpaqueTypes::new(),
             dns: BTreeMap::new(),
-            pending_removed: BTreeSet::new(),
             dns_targets: watch::Sender::new(BTreeMap::new()),
         }
     }
@@ -293,9 +150,8 @@ impl Core {
         status.last_error = round.failed.values().next().cloned();
         match self.state.apply_dns(cluster, answers) {
             Ok(accepted) => {
-                if let Err(e) = self.write_kernel(&accepted, received, "dns") {
-                    warn!(cluster, error = %chain(&e), "DNS answers accepted; the kernel write failed");
-                }
+                // Not waited on: the resolver goes on; the status shows a failure.
+                drop(self.write_kernel(accepted, received, "dns"));
             }
             Err(e) => {
                 status_refused(&mut self.dns, cluster, &e);
@@ -324,88 +180,56 @@ impl Core {
         self.source_last_error = Some(error);
     }
 
-    /// How the datapath's programs came to be attached.
-    pub fn attachment(&self) -> Option<crate::dataplane::Attachment> {
-        self.sink.attachment()
+    /// What the datapath task reports: what the kernel's maps hold (not what the
+    /// state accepted: they differ while a kernel write lags or is in flight),
+    /// pushes, failures, the attachment.
+    pub fn kernel(&self) -> KernelStatus {
+        self.kernel.status()
     }
 
-    /// The other pin layouts the datapath retired.
-    pub fn retired(&self) -> Vec<u32> {
-        self.sink.retired()
+    /// Writes handed to the datapath task that it has not finished yet.
+    pub fn writes_in_flight(&self) -> u64 {
+        self.kernel
+            .sent()
+            .saturating_sub(self.kernel.status().handled)
     }
 
-    /// What the kernel's maps hold (not what the state accepted: they differ
-    /// while a kernel write lags).
-    pub fn kernel_usage(&self) -> crate::model::Usage {
-        self.sink.usage()
-    }
-
-    /// Whether the kernel lags the accepted table (a write failed; retried every
-    /// tick).
-    pub fn kernel_behind(&self) -> bool {
-        self.kernel_behind
+    /// Update arrival → kernel maps written (shared with `/metrics`).
+    pub fn latency(&self) -> prometheus_client::metrics::histogram::Histogram {
+        self.kernel.latency()
     }
 
     /// The datapath maps' capacities.
     pub fn limits(&self) -> crate::dataplane::Limits {
-        self.sink.limits()
+        self.kernel.limits()
     }
 
-    /// Whether the datapath waits to go live (a layout migration in progress).
-    pub fn migrating(&self) -> bool {
-        self.sink.pending()
+    /// Returns once the datapath task has handled everything sent to it.
+    pub fn flush(&mut self) -> Written {
+        self.kernel.flush()
     }
 
-    /// Periodic work: after a failed kernel write, write the whole table again (the
-    /// writer diffs it against its mirror of the maps, so only what lags is
-    /// written); a pending datapath goes live once its table is complete, or when
-    /// the warming timeout runs out.
+    /// Stops the datapath task once it has handled what was sent (at exit).
+    pub fn stop_datapath(&mut self) {
+        self.kernel.stop();
+    }
+
+    /// Periodic work: after a failed kernel write, hand the whole table to the
+    /// datapath again (the writer diffs it against its mirror of the maps, so only
+    /// what lags is written); a pending datapath goes live once its table is
+    /// complete, or when the warming timeout runs out.
     pub fn tick(&mut self, now: Instant) {
-        if self.kernel_behind && self.synced() {
-            match self.sink.apply(self.state.table()) {
-                Ok(ops) => {
-                    self.kernel_behind = false;
-                    self.pushed = true;
-                    info!(
-                        map_ops = ops,
-                        "kernel maps caught up with the accepted table"
-                    );
-                    let removed = std::mem::take(&mut self.pending_removed);
-                    self.terminate(&removed);
-                }
-                Err(e) => {
-                    self.kernel_write_failures += 1;
-                    warn!(error = %chain(&e), "writing the kernel maps failed again; retrying");
-                }
-            }
-        }
-        if !self.sink.pending() || !self.pushed || self.kernel_behind {
-            return;
-        }
         let warming = self.state.warming().len();
-        let timed_out = self
-            .first_push
-            .is_some_and(|t| now.duration_since(t) >= MIGRATION_WARMING_TIMEOUT);
-        if warming > 0 && !timed_out {
-            return;
-        }
-        if warming > 0 {
-            warn!(
+        // Only when the task is idle: a retry already queued is not doubled.
+        if self.synced() && self.kernel.idle() && self.kernel.status().behind {
+            drop(self.kernel.write(
+                Write::Table(self.state.table().clone()),
+                BTreeSet::new(),
+                now,
                 warming,
-                "going live although some services are still warming (no cluster or endpoints yet)"
-            );
+            ));
         }
-        match self.sink.activate() {
-            Ok(retired) => info!(
-                ?retired,
-                services = self.state.table().services.len(),
-                "datapath attached; the other pin layouts' programs detached and pins removed"
-            ),
-            Err(e) => tracing::error!(
-                error = %chain(&e),
-                "attaching the new datapath failed; the old layout keeps serving, retrying"
-            ),
-        }
+        self.kernel.tick(warming, now);
     }
 
     pub fn state(&self) -> &XdsState {
@@ -418,8 +242,9 @@ impl Core {
         self.synced.contains(&Kind::Listener) && self.synced.contains(&Kind::Cluster)
     }
 
-    /// Accepts (and pushes to the kernel) or rejects one update.
-    pub fn handle(&mut self, update: Update, received: Instant) -> Result<Accepted, Nack> {
+    /// Accepts or rejects one update; an accepted one that changed the table is
+    /// handed to the datapath task (see [`Handled::written`]).
+    pub fn handle(&mut self, update: Update, received: Instant) -> Result<Handled, Nack> {
         let kinds: Vec<Kind> = match &update {
             Update::SotW { kind, .. } | Update::Delta { kind, .. } => vec![*kind],
             Update::Full { .. } => Kind::ALL.to_vec(),
@@ -430,25 +255,6 @@ impl Core {
             release_freed_memory();
         }
         result
-    }
-
-    /// With `--terminate-removed-connections`, aborts the sockets redirected to
-    /// `removed` endpoints (once the kernel no longer selects them).
-    fn terminate(&mut self, removed: &BTreeSet<Endpoint>) {
-        if !self.terminate_removed || removed.is_empty() {
-            return;
-        }
-        match self.sink.terminate(removed) {
-            Ok(n) => {
-                self.terminated += n as u64;
-                info!(
-                    endpoints = removed.len(),
-                    sockets = n,
-                    "closed sockets of removed endpoints"
-                );
-            }
-            Err(e) => warn!(error = %chain(&e), "closing sockets of removed endpoints failed"),
-        }
     }
 
     /// Tells the resolver task which DNS clusters there are now (after an update
@@ -479,62 +285,35 @@ impl Core {
         });
     }
 
-    /// Writes what an accepted update changed into the kernel, once the table is
-    /// the control plane's. `what` names the update for logs.
-    fn write_kernel(
-        &mut self,
-        accepted: &Accepted,
-        received: Instant,
-        what: &str,
-    ) -> Result<(), KernelLag> {
-        if self.synced() && (accepted.table_changed || !self.pushed || self.kernel_behind) {
-            // The first write makes the kernel equal to the whole table (it may hold
-            // an adopted one); later writes touch the changed services only, unless
-            // an earlier write failed and the kernel has to catch up.
-            let result = if self.pushed && !self.kernel_behind {
-                self.sink.apply_changes(&accepted.changes)
-            } else {
-                self.sink.apply(self.state.table())
-            };
-            // The update is valid and stays accepted (the control plane is not told
-            // "rejected" for the node's own trouble); the kernel lags, which
-            // /readyz, /metrics and /config_dump show, and is brought up to the
-            // accepted table by the next update or tick.
-            let ops = result.map_err(|e| {
-                self.kernel_behind = true;
-                self.kernel_write_failures += 1;
-                // Their sockets are closed once the kernel has caught up.
-                self.pending_removed.extend(accepted.removed.iter().copied());
-                warn!(error = %chain(&e), "writing the kernel maps failed; retrying the whole table every second");
-                KernelLag(e)
-            })?;
-            self.kernel_behind = false;
-            self.pushed = true;
-            self.first_push.get_or_insert(received);
-            self.push = PushStats {
-                pushes: self.push.pushes + 1,
-                last_map_ops: ops,
-                last_latency: received.elapsed(),
-            };
-            self.latency.observe(self.push.last_latency.as_secs_f64());
-            let mut removed = std::mem::take(&mut self.pending_removed);
-            removed.extend(accepted.removed.iter().copied());
-            self.terminate(&removed);
-            info!(
-                types = what,
-                services = self.state.table().services.len(),
-                map_ops = ops,
-                latency_us = self.push.last_latency.as_micros(),
-                "routing table applied"
-            );
-        } else {
+    /// Hands what an accepted update changed to the datapath task, once the table
+    /// is the control plane's. `what` names the update for logs.
+    fn write_kernel(&mut self, accepted: Accepted, received: Instant, what: &str) -> Written {
+        let behind = self.kernel.status().behind;
+        if !self.synced() || !(accepted.table_changed || !self.sent_table || behind) {
             debug!(
                 types = what,
                 synced = self.synced(),
                 "update accepted; table unchanged"
             );
+            return Written::none();
         }
-        Ok(())
+        // The first write makes the kernel equal to the whole table (it may hold an
+        // adopted one); later writes touch the changed services only, unless an
+        // earlier write failed and the kernel has to catch up.
+        let write = if !self.sent_table || (behind && self.kernel.idle()) {
+            Write::Table(self.state.table().clone())
+        } else {
+            Write::Changes(accepted.changes)
+        };
+        self.sent_table = true;
+        debug!(
+            types = what,
+            services = self.state.table().services.len(),
+            "update accepted; handed to the datapath"
+        );
+        let warming = self.state.warming().len();
+        self.kernel
+            .write(write, accepted.removed, received, warming)
     }
 
     fn handle_inner(
@@ -542,7 +321,7 @@ impl Core {
         update: Update,
         received: Instant,
         kinds: Vec<Kind>,
-    ) -> Result<Accepted, Nack> {
+    ) -> Result<Handled, Nack> {
         let accepted = match self.state.apply(update) {
             Ok(a) => a,
             Err(nack) => {
@@ -555,10 +334,13 @@ impl Core {
         }
         self.synced.extend(kinds.iter().copied());
         self.publish_dns_targets();
+        let subscriptions_changed = accepted.subscriptions_changed;
         // A failed write is counted, shown and retried, not NACKed.
-        let _ = self.write_kernel(&accepted, received, &format!("{kinds:?}"));
-        self.tick(Instant::now());
-        Ok(accepted)
+        let written = self.write_kernel(accepted, received, &format!("{kinds:?}"));
+        Ok(Handled {
+            subscriptions_changed,
+            written,
+        })
     }
 }
 
@@ -567,7 +349,8 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
-    use crate::model::{Backend, Protocol, ServiceAddr};
+    use crate::model::{Backend, Changes, Protocol, RoutingTable, ServiceAddr};
+    use std::time::Duration;
 
     #[derive(Clone, Default)]
     struct Fake(Arc<Mutex<(RoutingTable, u32)>>);
@@ -682,24 +465,40 @@ resources:
         sotw(Kind::Endpoint, &format!("resources:{resources}"))
     }
 
+    fn core_over(sink: impl TableSink + 'static) -> Core {
+        Core::new(DatapathHandle::spawn(Box::new(sink), false))
+    }
+
+    /// Handles `update` and waits for its kernel write.
+    fn handle(core: &mut Core, update: Update, t0: Instant) -> Result<(), Nack> {
+        core.handle(update, t0)?.written.wait_blocking();
+        Ok(())
+    }
+
+    /// Ticks and waits for what the tick asked of the datapath task.
+    fn tick(core: &mut Core, now: Instant) {
+        core.tick(now);
+        core.flush().wait_blocking();
+    }
+
     /// Services a and b (LDS, CDS), endpoints for a only: b is warming.
     fn sync_only_a(core: &mut Core, t0: Instant) {
-        core.handle(sotw(Kind::Cluster, CDS_TWO), t0).expect("cds");
-        core.handle(sotw(Kind::Listener, LDS_TWO), t0).expect("lds");
-        core.handle(eds(&["a"]), t0).expect("eds a");
+        handle(core, sotw(Kind::Cluster, CDS_TWO), t0).expect("cds");
+        handle(core, sotw(Kind::Listener, LDS_TWO), t0).expect("lds");
+        handle(core, eds(&["a"]), t0).expect("eds a");
     }
 
     #[test]
     fn a_migrating_datapath_goes_live_only_with_a_complete_table() {
         let sink = Scripted::migrating();
-        let mut core = Core::new(Box::new(sink.clone()));
+        let mut core = core_over(sink.clone());
         let t0 = Instant::now();
         sync_only_a(&mut core, t0);
         // Service b is still warming: not live yet, even after a while.
-        core.tick(t0 + Duration::from_secs(5));
-        assert!(core.migrating(), "went live with a warming service");
-        core.handle(eds(&["a", "b"]), t0).expect("eds a, b");
-        assert!(!core.migrating());
+        tick(&mut core, t0 + Duration::from_secs(5));
+        assert!(core.kernel().migrating, "went live with a warming service");
+        handle(&mut core, eds(&["a", "b"]), t0).expect("eds a, b");
+        assert!(!core.kernel().migrating);
         let live = sink
             .activated
             .lock()
@@ -712,17 +511,20 @@ resources:
     #[test]
     fn a_migrating_datapath_goes_live_after_the_warming_timeout() {
         let sink = Scripted::migrating();
-        let mut core = Core::new(Box::new(sink.clone()));
+        let mut core = core_over(sink.clone());
         let t0 = Instant::now();
-        core.tick(t0 + MIGRATION_WARMING_TIMEOUT * 2);
+        tick(&mut core, t0 + MIGRATION_WARMING_TIMEOUT * 2);
         assert!(
-            core.migrating(),
+            core.kernel().migrating,
             "went live before the control plane was heard"
         );
         sync_only_a(&mut core, t0);
-        assert!(core.migrating());
-        core.tick(Instant::now() + MIGRATION_WARMING_TIMEOUT);
-        assert!(!core.migrating(), "b never arrives: live after the timeout");
+        assert!(core.kernel().migrating);
+        tick(&mut core, Instant::now() + MIGRATION_WARMING_TIMEOUT);
+        assert!(
+            !core.kernel().migrating,
+            "b never arrives: live after the timeout"
+        );
         let live = sink
             .activated
             .lock()
@@ -735,37 +537,124 @@ resources:
     #[test]
     fn a_failed_kernel_write_is_accepted_shown_and_caught_up_on_the_next_tick() {
         let sink = Scripted::default();
-        let mut core = Core::new(Box::new(sink.clone()));
+        let mut core = core_over(sink.clone());
         let t0 = Instant::now();
         sync_only_a(&mut core, t0);
         assert_eq!(sink.table().services.len(), 1);
         *sink.failing.lock().expect("lock") = true;
-        core.handle(eds(&["a", "b"]), t0)
+        handle(&mut core, eds(&["a", "b"]), t0)
             .expect("valid configuration is accepted although the kernel write fails");
-        assert!(core.kernel_behind());
+        assert!(core.kernel().behind);
         assert_eq!(
-            core.kernel_usage().services,
+            core.kernel().usage.services,
             1,
             "the gauges count what the kernel holds"
         );
         assert_eq!(core.state().table().services.len(), 2);
-        core.tick(Instant::now());
-        // The write, the retry at the end of handling, the tick's retry.
-        assert_eq!(core.kernel_write_failures, 3);
+        tick(&mut core, Instant::now());
+        // The write, and the tick's retry of the whole table.
+        assert_eq!(core.kernel().write_failures, 2);
         assert_eq!(
             sink.table().services.len(),
             1,
             "nothing written while failing"
         );
         *sink.failing.lock().expect("lock") = false;
-        core.tick(Instant::now());
+        tick(&mut core, Instant::now());
         assert_eq!(
             sink.table(),
             *core.state().table(),
             "the kernel caught up with the accepted table"
         );
         assert_eq!(sink.table().services.len(), 2);
-        assert!(!core.kernel_behind());
+        assert!(!core.kernel().behind);
+    }
+
+    /// A sink whose change writes block until the test lets them go.
+    struct Gated {
+        inner: Fake,
+        armed: Arc<std::sync::atomic::AtomicBool>,
+        entered: std::sync::mpsc::Sender<()>,
+        permits: std::sync::mpsc::Receiver<()>,
+    }
+
+    impl TableSink for Gated {
+        fn apply(&mut self, table: &RoutingTable) -> Result<usize, SinkError> {
+            self.inner.apply(table)
+        }
+        fn apply_changes(&mut self, changes: &Changes) -> Result<usize, SinkError> {
+            if self.armed.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = self.entered.send(());
+                let _ = self.permits.recv_timeout(Duration::from_secs(30));
+            }
+            self.inner.apply_changes(changes)
+        }
+        fn table(&self) -> RoutingTable {
+            self.inner.table()
+        }
+    }
+
+    #[test]
+    fn an_admin_scrape_during_a_kernel_write_returns_while_the_write_runs() {
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (permit, permits) = std::sync::mpsc::channel();
+        let fake = Fake::default();
+        let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut core = core_over(Gated {
+            inner: fake.clone(),
+            armed: armed.clone(),
+            entered: entered_tx,
+            permits,
+        });
+        let t0 = Instant::now();
+        sync_only_a(&mut core, t0);
+        core.source = SourceState::Connected;
+        armed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let core = Arc::new(Mutex::new(core));
+        let written = core
+            .lock()
+            .expect("lock")
+            .handle(eds(&["a", "b"]), t0)
+            .expect("accepted")
+            .written;
+        entered
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the datapath task is inside the write");
+        // The scrape runs on another thread; with a lock held over the write it
+        // would wait for the write to end, which only the permit below allows.
+        let admin = crate::admin::Admin {
+            core: core.clone(),
+            bpffs: "/nonexistent/sockmesh-test".into(),
+        };
+        let (answer_tx, answer) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let metrics = crate::admin::route(&admin, "/metrics").status();
+            let ready = crate::admin::route(&admin, "/readyz").status();
+            let dump = admin
+                .core
+                .lock()
+                .map(|c| crate::admin::config_dump(&c))
+                .unwrap_or_default();
+            let _ = answer_tx.send((metrics, ready, dump));
+        });
+        let (metrics, ready, dump) = answer
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the scrape returned while the kernel write runs");
+        assert_eq!((metrics.as_u16(), ready.as_u16()), (200, 200));
+        let dump: serde_json::Value = serde_json::from_str(&dump).expect("json");
+        assert_eq!(dump["push"]["writes_in_flight"], 1, "{dump}");
+        assert_eq!(
+            dump["services"].as_array().map(Vec::len),
+            Some(2),
+            "accepted"
+        );
+        assert_eq!(fake.table().services.len(), 1, "not written yet");
+        permit.send(()).expect("permit");
+        written.wait_blocking();
+        let core = core.lock().expect("lock");
+        assert_eq!(core.writes_in_flight(), 0);
+        assert_eq!(core.kernel().usage.services, 2);
+        assert_eq!(fake.table().services.len(), 2);
     }
 
     fn sotw(kind: Kind, yaml: &str) -> Update {
@@ -782,13 +671,12 @@ resources:
         let old = Backend::new("10.1.9.9".parse().expect("ip"), 80);
         let fake = Fake::default();
         fake.0.lock().expect("lock").0.insert(svc, vec![old]);
-        let mut core = Core::new(Box::new(fake.clone()));
+        let mut core = core_over(fake.clone());
         let cds = r#"
 resources:
 - { "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster, name: c, type: EDS, eds_cluster_config: { eds_config: { ads: {} } } }
 "#;
-        core.handle(sotw(Kind::Cluster, cds), Instant::now())
-            .expect("cds");
+        handle(&mut core, sotw(Kind::Cluster, cds), Instant::now()).expect("cds");
         assert_eq!(
             fake.0.lock().expect("lock").1,
             0,
@@ -801,8 +689,7 @@ resources:
   address: { socket_address: { address: 10.96.0.12, port_value: 80 } }
   filter_chains: [ { filters: [ { name: tcp, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: c } } ] } ]
 "#;
-        core.handle(sotw(Kind::Listener, lds), Instant::now())
-            .expect("lds");
+        handle(&mut core, sotw(Kind::Listener, lds), Instant::now()).expect("lds");
         assert_eq!(
             fake.0.lock().expect("lock").0.services[&svc],
             [old],
@@ -814,8 +701,7 @@ resources:
   cluster_name: c
   endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 10.1.4.1, port_value: 80 } } } } ] } ]
 "#;
-        core.handle(sotw(Kind::Endpoint, eds), Instant::now())
-            .expect("eds");
+        handle(&mut core, sotw(Kind::Endpoint, eds), Instant::now()).expect("eds");
         assert_eq!(
             fake.0.lock().expect("lock").0.services[&svc],
             [Backend::new("10.1.4.1".parse().expect("ip"), 80)]

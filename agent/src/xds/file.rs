@@ -17,9 +17,9 @@ use tokio::{io::unix::AsyncFd, sync::watch};
 use tracing::{error, info};
 
 use super::{
-    core::{Core, SourceState},
+    core::{Core, SourceState, Written},
     decode::discovery_response_with_opaque,
-    state::Update,
+    state::{Nack, Update},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -28,21 +28,48 @@ pub enum FileSourceError {
     Watch { path: PathBuf, source: nix::Error },
 }
 
-/// Reads, decodes and applies the file once. Returns the error text on failure.
-pub fn load_once(path: &Path, core: &Arc<Mutex<Core>>) -> Result<(), String> {
+/// Why a configuration file was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: {source}", path = path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}", path = path.display())]
+    Parse {
+        path: PathBuf,
+        source: super::decode::DecodeError,
+    },
+    #[error("{path}: {source}", path = path.display())]
+    Rejected { path: PathBuf, source: Nack },
+    #[error("agent state poisoned")]
+    Poisoned,
+}
+
+/// Reads, decodes and applies the file once; returns the kernel write it handed
+/// to the datapath task.
+pub fn load_once(path: &Path, core: &Arc<Mutex<Core>>) -> Result<Written, LoadError> {
     let received = Instant::now();
     let parsed = std::fs::read_to_string(path)
-        .map_err(|e| e.to_string())
-        .and_then(|text| discovery_response_with_opaque(&text).map_err(|e| e.to_string()))
-        .map_err(|e| format!("{}: {e}", path.display()));
-    let mut c = core.lock().map_err(|_| "agent state poisoned".to_owned())?;
+        .map_err(|source| LoadError::Read {
+            path: path.to_owned(),
+            source,
+        })
+        .and_then(|text| {
+            discovery_response_with_opaque(&text).map_err(|source| LoadError::Parse {
+                path: path.to_owned(),
+                source,
+            })
+        });
+    let mut c = core.lock().map_err(|_| LoadError::Poisoned)?;
     let resp = match parsed {
         Ok((resp, opaque)) => {
             c.note_opaque(opaque);
             resp
         }
         Err(e) => {
-            c.source_error(e.clone());
+            c.source_error(e.to_string());
             return Err(e);
         }
     };
@@ -54,8 +81,30 @@ pub fn load_once(path: &Path, core: &Arc<Mutex<Core>>) -> Result<(), String> {
         },
         received,
     )
-    .map(|_| ())
-    .map_err(|n| format!("{}: {n}", path.display()))
+    .map(|h| h.written)
+    .map_err(|source| LoadError::Rejected {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Applies the file unless its text is `last`'s, and waits for the kernel write.
+async fn apply(path: &Path, last: &mut Option<String>, core: &Arc<Mutex<Core>>) {
+    let text = std::fs::read_to_string(path).ok();
+    if text.is_some() && text == *last {
+        return;
+    }
+    last.clone_from(&text);
+    match load_once(path, core) {
+        Ok(written) => {
+            written.wait().await;
+            info!(file = %path.display(), "configuration file applied");
+        }
+        Err(e) => error!(
+            error = %crate::xds::core::chain(&e),
+            "configuration file rejected, keeping the previous state"
+        ),
+    }
 }
 
 /// Applies the file now and on every change until `shutdown`.
@@ -92,18 +141,7 @@ pub async fn run(
         ))
     })?;
     let mut last: Option<String> = None;
-    let mut apply = |core: &Arc<Mutex<Core>>| {
-        let text = std::fs::read_to_string(&path).ok();
-        if text.is_some() && text == last {
-            return;
-        }
-        last.clone_from(&text);
-        match load_once(&path, core) {
-            Ok(()) => info!(file = %path.display(), "configuration file applied"),
-            Err(e) => error!("configuration file rejected, keeping the previous state: {e}"),
-        }
-    };
-    apply(&core);
+    apply(&path, &mut last, &core).await;
     loop {
         tokio::select! {
             ready = fd.readable() => {
@@ -111,10 +149,10 @@ pub async fn run(
                 // Drain the events; which file changed does not matter, the content does.
                 let _ = guard.get_inner().0.read_events();
                 guard.clear_ready();
-                apply(&core);
+                apply(&path, &mut last, &core).await;
             }
             // A slow safety net for filesystems without inotify events (NFS, FUSE).
-            () = tokio::time::sleep(Duration::from_secs(5)) => apply(&core),
+            () = tokio::time::sleep(Duration::from_secs(5)) => apply(&path, &mut last, &core).await,
             _ = shutdown.changed() => return Ok(()),
         }
     }

@@ -62,7 +62,7 @@ pub async fn run(
                 ..Default::default()
             };
             if let Err(e) = poll(&client, &base, kind, &req, &core).await {
-                warn!(url = %base, kind = kind.short(), error = %e, "REST xDS poll failed; serving the last good state");
+                warn!(url = %base, kind = kind.short(), error = %crate::xds::core::chain(&e), "REST xDS poll failed; serving the last good state");
                 ok = false;
                 break;
             }
@@ -81,67 +81,105 @@ pub async fn run(
     }
 }
 
+/// Why one REST poll failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PollError {
+    #[error("encoding the request: {0}")]
+    Request(#[source] super::decode::DecodeError),
+    #[error("building the request: {0}")]
+    Http(#[from] hyper::http::Error),
+    #[error("timed out")]
+    Timeout,
+    #[error(transparent)]
+    Client(#[from] hyper_util::client::legacy::Error),
+    #[error("reading the body: {0}")]
+    Body(#[from] hyper::Error),
+    #[error("HTTP {status}: {body}")]
+    Status { status: StatusCode, body: String },
+    #[error("{kind} response is not UTF-8: {source}")]
+    Utf8 {
+        kind: &'static str,
+        source: std::str::Utf8Error,
+    },
+    #[error("{kind} response: {source}")]
+    Parse {
+        kind: &'static str,
+        source: super::decode::DecodeError,
+    },
+    #[error("agent state poisoned")]
+    Poisoned,
+}
+
 async fn poll(
     client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
     base: &str,
     kind: Kind,
     req: &DiscoveryRequest,
     core: &Arc<Mutex<Core>>,
-) -> Result<(), String> {
-    let body = discovery_request_to_json(req).map_err(|e| e.to_string())?;
+) -> Result<(), PollError> {
+    let body = discovery_request_to_json(req).map_err(PollError::Request)?;
     let http = Request::post(format!("{base}{}", path(kind)))
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
+        .body(Full::new(Bytes::from(body)))?;
     let resp = tokio::time::timeout(Duration::from_secs(10), client.request(http))
         .await
-        .map_err(|_| "timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| PollError::Timeout)??;
     let status = resp.status();
     if status == StatusCode::NOT_MODIFIED {
         debug!(kind = kind.short(), "not modified");
         return Ok(());
     }
-    let bytes = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
+    let bytes = resp.into_body().collect().await?.to_bytes();
     if !status.is_success() {
-        return Err(format!(
-            "HTTP {status}: {}",
-            String::from_utf8_lossy(&bytes)
-        ));
+        return Err(PollError::Status {
+            status,
+            body: String::from_utf8_lossy(&bytes).into_owned(),
+        });
     }
     let received = Instant::now();
+    let kind_name = kind.short();
     let parsed = std::str::from_utf8(&bytes)
-        .map_err(|e| e.to_string())
-        .and_then(|text| discovery_response_with_opaque(text).map_err(|e| e.to_string()));
-    let mut c = core.lock().map_err(|_| "agent state poisoned".to_owned())?;
-    let resp = match parsed {
-        Ok((resp, opaque)) => {
-            c.note_opaque(opaque);
-            resp
+        .map_err(|source| PollError::Utf8 {
+            kind: kind_name,
+            source,
+        })
+        .and_then(|text| {
+            discovery_response_with_opaque(text).map_err(|source| PollError::Parse {
+                kind: kind_name,
+                source,
+            })
+        });
+    let written = {
+        let mut c = core.lock().map_err(|_| PollError::Poisoned)?;
+        let resp = match parsed {
+            Ok((resp, opaque)) => {
+                c.note_opaque(opaque);
+                resp
+            }
+            Err(e) => {
+                c.source_error(e.to_string());
+                return Err(e);
+            }
+        };
+        if resp.version_info == c.state().version(kind) && !resp.version_info.is_empty() {
+            return Ok(());
         }
-        Err(e) => {
-            let e = format!("{} response: {e}", kind.short());
-            c.source_error(e.clone());
-            return Err(e);
+        match c.handle(
+            Update::SotW {
+                kind,
+                version: resp.version_info,
+                resources: resp.resources,
+            },
+            received,
+        ) {
+            Ok(handled) => handled.written,
+            Err(nack) => {
+                warn!(kind = kind.short(), error = %nack, "REST response rejected");
+                return Ok(());
+            }
         }
     };
-    if resp.version_info == c.state().version(kind) && !resp.version_info.is_empty() {
-        return Ok(());
-    }
-    if let Err(nack) = c.handle(
-        Update::SotW {
-            kind,
-            version: resp.version_info,
-            resources: resp.resources,
-        },
-        received,
-    ) {
-        warn!(kind = kind.short(), error = %nack, "REST response rejected");
-    }
+    // The next poll (which carries this version) follows the kernel write.
+    written.wait().await;
     Ok(())
 }

@@ -1,0 +1,523 @@
+//! The datapath task: the one owner of the kernel maps.
+//!
+//! The xDS core stages and checks every update, commits it, and hands what changed
+//! to this task over a channel ([`DatapathHandle::write`]). The task runs on its own
+//! thread, because everything it does is blocking kernel I/O: map writes, the
+//! retry of a write that failed, a layout migration going live, and the socket
+//! sweep of `--terminate-removed-connections` across every network namespace. No
+//! lock is held meanwhile: the core goes on with the next update, and the admin
+//! server reads the task's [`KernelStatus`] from a `watch` channel.
+//!
+//! Commands are handled in the order sent, so the kernel sees updates in the order
+//! they were accepted. Each write returns a [`Written`] the sender may wait on
+//! (the ADS client does, so an ACK follows the kernel write).
+
+use std::{
+    collections::BTreeSet,
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use prometheus_client::metrics::histogram::Histogram;
+use tokio::sync::{oneshot, watch};
+use tracing::{info, warn};
+
+use crate::model::{Changes, Endpoint, RoutingTable, Usage};
+
+use super::{Attachment, Limits};
+
+/// Why the datapath could not do what the core asked.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error(transparent)]
+    Write(#[from] super::WriteError),
+    #[error(transparent)]
+    Datapath(#[from] super::DataplaneError),
+    #[error(transparent)]
+    Destroy(#[from] super::destroy::DestroyError),
+}
+
+/// An error with its sources, `outer: inner: …`, for logs and `/config_dump`.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
+}
+
+/// Where accepted tables go: the kernel datapath, or a fake in tests.
+pub trait TableSink: Send {
+    /// Makes the datapath hold `table`; returns the number of map operations.
+    fn apply(&mut self, table: &RoutingTable) -> Result<usize, SinkError>;
+    /// Changes some services only (`None`: remove).
+    fn apply_changes(&mut self, changes: &Changes) -> Result<usize, SinkError>;
+    /// What the datapath holds now (adopted from pins on restart).
+    fn table(&self) -> RoutingTable;
+    /// What the datapath's maps hold, counted (cheap: for gauges).
+    fn usage(&self) -> Usage {
+        Usage::of_table(&self.table())
+    }
+    /// The maps' capacities (updates beyond them are NACKed).
+    fn limits(&self) -> Limits {
+        Limits::default()
+    }
+    /// Aborts sockets redirected to removed endpoints; returns how many.
+    fn terminate(&mut self, _targets: &BTreeSet<Endpoint>) -> Result<usize, SinkError> {
+        Ok(0)
+    }
+    /// Whether the datapath is built but not attached yet, because another pin
+    /// layout's datapath serves meanwhile (an upgrade that changed the map layout).
+    fn pending(&self) -> bool {
+        false
+    }
+    /// Attaches a pending datapath and removes the other layout's; returns the
+    /// layout versions retired.
+    fn activate(&mut self) -> Result<Vec<u32>, SinkError> {
+        Ok(Vec::new())
+    }
+    /// How the programs came to be attached (`None`: a sink without a kernel).
+    fn attachment(&self) -> Option<Attachment> {
+        None
+    }
+    /// The other pin layouts this datapath detached and removed.
+    fn retired(&self) -> Vec<u32> {
+        Vec::new()
+    }
+}
+
+impl TableSink for super::Datapath {
+    fn apply(&mut self, table: &RoutingTable) -> Result<usize, SinkError> {
+        Ok(super::Datapath::apply(self, table)?.map_ops)
+    }
+
+    fn apply_changes(&mut self, changes: &Changes) -> Result<usize, SinkError> {
+        Ok(super::Datapath::apply_changes(self, changes)?.map_ops)
+    }
+
+    fn table(&self) -> RoutingTable {
+        super::Datapath::table(self)
+    }
+
+    fn limits(&self) -> Limits {
+        super::Datapath::limits(self)
+    }
+
+    fn usage(&self) -> Usage {
+        super::Datapath::usage(self)
+    }
+
+    fn terminate(&mut self, targets: &BTreeSet<Endpoint>) -> Result<usize, SinkError> {
+        Ok(super::Datapath::terminate(self, targets)?.destroyed)
+    }
+
+    fn pending(&self) -> bool {
+        self.is_pending()
+    }
+
+    fn activate(&mut self) -> Result<Vec<u32>, SinkError> {
+        Ok(super::Datapath::activate(self)?
+            .map(|m| m.retired)
+            .unwrap_or_default())
+    }
+
+    fn attachment(&self) -> Option<Attachment> {
+        Some(super::Datapath::attachment(self))
+    }
+
+    fn retired(&self) -> Vec<u32> {
+        super::Datapath::retired(self).to_vec()
+    }
+}
+
+/// Buckets of the update → kernel latency histogram (seconds): 50 µs … 1 s.
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0,
+];
+
+/// How long a datapath built beside another layout's waits for warming services
+/// (clusters or endpoints not received yet) before it goes live anyway, as Envoy's
+/// `initial_fetch_timeout` (15 s) bounds its own warming.
+pub const MIGRATION_WARMING_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Timing of the last kernel write, for logs, metrics and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PushStats {
+    pub pushes: u64,
+    pub last_map_ops: usize,
+    /// Update received → kernel maps written.
+    pub last_latency: Duration,
+}
+
+/// What the kernel holds and how the task is doing, published after every
+/// command: `/readyz`, `/metrics` and `/config_dump` read it without a lock.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelStatus {
+    /// A write failed: the maps lag the accepted table until a whole-table write
+    /// succeeds.
+    pub behind: bool,
+    pub push: PushStats,
+    /// Kernel writes that failed.
+    pub write_failures: u64,
+    /// Sockets aborted so far (`--terminate-removed-connections`).
+    pub terminated: u64,
+    /// What the maps hold, counted.
+    pub usage: Usage,
+    pub attachment: Option<Attachment>,
+    pub retired: Vec<u32>,
+    /// Built beside another layout's datapath, waiting to go live.
+    pub migrating: bool,
+    /// Commands handled so far (see [`DatapathHandle::sent`]).
+    pub handled: u64,
+}
+
+/// What to write.
+#[derive(Debug)]
+pub enum Write {
+    /// Make the maps hold this whole table (the first write, and the catch-up
+    /// after a failed one; the writer diffs it against its mirror of the maps).
+    Table(RoutingTable),
+    /// Change these services only.
+    Changes(Changes),
+}
+
+enum Command {
+    Write {
+        write: Write,
+        /// Endpoints removed outright: their sockets are closed once the kernel no
+        /// longer selects them.
+        removed: BTreeSet<Endpoint>,
+        /// When the update arrived (for the latency histogram).
+        received: Instant,
+        /// Services still warming: a pending datapath goes live only without any,
+        /// or after [`MIGRATION_WARMING_TIMEOUT`].
+        warming: usize,
+        done: oneshot::Sender<()>,
+    },
+    /// Periodic work: a pending datapath may go live.
+    Tick { warming: usize, now: Instant },
+    /// Answers once every earlier command is handled.
+    Flush(oneshot::Sender<()>),
+}
+
+/// A write handed to the task; [`Written::wait`] returns once it is in the kernel
+/// (or failed, which the status shows).
+#[derive(Debug, Default)]
+#[must_use = "dropping it does not cancel the write; wait on it to know it is done"]
+pub struct Written(Option<oneshot::Receiver<()>>);
+
+impl Written {
+    /// Nothing to write.
+    pub fn none() -> Self {
+        Self(None)
+    }
+
+    /// Waits for the write (from async code).
+    pub async fn wait(self) {
+        if let Some(rx) = self.0 {
+            // An error only means the task has stopped: nothing left to wait for.
+            let _ = rx.await;
+        }
+    }
+
+    /// Waits for the write (from a thread that is not a runtime worker).
+    pub fn wait_blocking(self) {
+        if let Some(rx) = self.0 {
+            let _ = rx.blocking_recv();
+        }
+    }
+}
+
+/// The core's side of the task: sends commands, reads the status.
+pub struct DatapathHandle {
+    tx: mpsc::Sender<Command>,
+    status: watch::Receiver<KernelStatus>,
+    limits: Limits,
+    adopted: RoutingTable,
+    /// Update arrival → kernel maps written (shared with `/metrics`).
+    latency: Histogram,
+    sent: u64,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl DatapathHandle {
+    /// Starts the task over `sink`. With `terminate_removed`, the sockets of
+    /// endpoints removed outright are aborted after each write.
+    pub fn spawn(sink: Box<dyn TableSink>, terminate_removed: bool) -> Self {
+        let limits = sink.limits();
+        let adopted = sink.table();
+        let latency = Histogram::new(LATENCY_BUCKETS);
+        let mut task = Task {
+            status: KernelStatus {
+                usage: sink.usage(),
+                attachment: sink.attachment(),
+                retired: sink.retired(),
+                migrating: sink.pending(),
+                ..KernelStatus::default()
+            },
+            sink,
+            terminate_removed,
+            pending_removed: BTreeSet::new(),
+            pushed: false,
+            first_push: None,
+            latency: latency.clone(),
+        };
+        let (status_tx, status) = watch::channel(task.status.clone());
+        let (tx, rx) = mpsc::channel();
+        let thread = thread::Builder::new()
+            .name("datapath".into())
+            .spawn(move || task.run(&rx, &status_tx))
+            .ok();
+        if thread.is_none() {
+            tracing::error!("could not start the datapath thread; the kernel maps will not follow");
+        }
+        Self {
+            tx,
+            status,
+            limits,
+            adopted,
+            latency,
+            sent: 0,
+            thread,
+        }
+    }
+
+    /// What the datapath held when it started (pins adopted after a restart).
+    pub fn take_adopted(&mut self) -> RoutingTable {
+        std::mem::take(&mut self.adopted)
+    }
+
+    /// The maps' capacities.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// The latest status.
+    pub fn status(&self) -> KernelStatus {
+        self.status.borrow().clone()
+    }
+
+    /// The status channel, for readers that must not take the core's lock.
+    pub fn subscribe(&self) -> watch::Receiver<KernelStatus> {
+        self.status.clone()
+    }
+
+    pub fn latency(&self) -> Histogram {
+        self.latency.clone()
+    }
+
+    /// Commands sent so far: the task has handled every one of them when
+    /// [`KernelStatus::handled`] equals it.
+    pub fn sent(&self) -> u64 {
+        self.sent
+    }
+
+    /// Whether the task has handled everything sent to it.
+    pub fn idle(&self) -> bool {
+        self.status.borrow().handled == self.sent
+    }
+
+    /// Hands a write to the task.
+    pub fn write(
+        &mut self,
+        write: Write,
+        removed: BTreeSet<Endpoint>,
+        received: Instant,
+        warming: usize,
+    ) -> Written {
+        let (done, rx) = oneshot::channel();
+        self.send(Command::Write {
+            write,
+            removed,
+            received,
+            warming,
+            done,
+        });
+        Written(Some(rx))
+    }
+
+    /// Periodic work.
+    pub fn tick(&mut self, warming: usize, now: Instant) {
+        self.send(Command::Tick { warming, now });
+    }
+
+    /// Returns once every command sent before is handled.
+    pub fn flush(&mut self) -> Written {
+        let (done, rx) = oneshot::channel();
+        self.send(Command::Flush(done));
+        Written(Some(rx))
+    }
+
+    fn send(&mut self, c: Command) {
+        if self.tx.send(c).is_ok() {
+            self.sent += 1;
+        } else {
+            tracing::error!("the datapath task has stopped; the kernel maps no longer follow");
+        }
+    }
+
+    /// Stops the task once it has handled what was sent, and waits for it.
+    pub fn stop(&mut self) {
+        // A closed channel ends the task's loop.
+        let (tx, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.tx, tx));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Task {
+    sink: Box<dyn TableSink>,
+    terminate_removed: bool,
+    status: KernelStatus,
+    /// Endpoints removed by writes that failed: their sockets are closed once the
+    /// kernel catches up.
+    pending_removed: BTreeSet<Endpoint>,
+    /// A write has succeeded (the kernel holds the control plane's table).
+    pushed: bool,
+    /// While the datapath is pending (a layout migration): when the first write
+    /// happened, which starts the warming timeout.
+    first_push: Option<Instant>,
+    latency: Histogram,
+}
+
+impl Task {
+    fn run(&mut self, rx: &mpsc::Receiver<Command>, status: &watch::Sender<KernelStatus>) {
+        while let Ok(c) = rx.recv() {
+            let done = match c {
+                Command::Write {
+                    write,
+                    removed,
+                    received,
+                    warming,
+                    done,
+                } => {
+                    self.write(write, removed, received);
+                    self.maybe_go_live(warming, Instant::now());
+                    Some(done)
+                }
+                Command::Tick { warming, now } => {
+                    self.maybe_go_live(warming, now);
+                    None
+                }
+                Command::Flush(done) => Some(done),
+            };
+            self.status.handled += 1;
+            self.status.usage = self.sink.usage();
+            self.status.migrating = self.sink.pending();
+            self.status.attachment = self.sink.attachment();
+            self.status.retired = self.sink.retired();
+            status.send_replace(self.status.clone());
+            if let Some(done) = done {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    fn write(&mut self, write: Write, removed: BTreeSet<Endpoint>, received: Instant) {
+        let whole = matches!(write, Write::Table(_));
+        let result = match &write {
+            Write::Table(t) => self.sink.apply(t),
+            Write::Changes(c) => self.sink.apply_changes(c),
+        };
+        drop(write);
+        let ops = match result {
+            Ok(ops) => ops,
+            Err(e) => {
+                // The update stays accepted (the control plane is not told
+                // "rejected" for the node's own trouble); the kernel lags, which
+                // /readyz, /metrics and /config_dump show, and the core sends the
+                // whole table again on its next tick.
+                self.status.behind = true;
+                self.status.write_failures += 1;
+                self.pending_removed.extend(removed);
+                warn!(error = %chain(&e), "writing the kernel maps failed; retrying the whole table every second");
+                return;
+            }
+        };
+        let caught_up = whole && self.status.behind;
+        if whole {
+            self.status.behind = false;
+        }
+        self.pushed = true;
+        self.first_push.get_or_insert(received);
+        let latency = received.elapsed();
+        self.status.push = PushStats {
+            pushes: self.status.push.pushes + 1,
+            last_map_ops: ops,
+            last_latency: latency,
+        };
+        self.latency.observe(latency.as_secs_f64());
+        let mut removed = removed;
+        if !self.status.behind {
+            removed.append(&mut self.pending_removed);
+        }
+        if caught_up {
+            info!(
+                map_ops = ops,
+                "kernel maps caught up with the accepted table"
+            );
+        } else {
+            info!(
+                map_ops = ops,
+                latency_us = latency.as_micros(),
+                "routing table applied"
+            );
+        }
+        self.terminate(&removed);
+    }
+
+    /// With `--terminate-removed-connections`, aborts the sockets redirected to
+    /// `removed` endpoints (the kernel no longer selects them).
+    fn terminate(&mut self, removed: &BTreeSet<Endpoint>) {
+        if !self.terminate_removed || removed.is_empty() {
+            return;
+        }
+        match self.sink.terminate(removed) {
+            Ok(n) => {
+                self.status.terminated += n as u64;
+                info!(
+                    endpoints = removed.len(),
+                    sockets = n,
+                    "closed sockets of removed endpoints"
+                );
+            }
+            Err(e) => warn!(error = %chain(&e), "closing sockets of removed endpoints failed"),
+        }
+    }
+
+    /// A pending datapath goes live once the control plane's table is written and
+    /// complete (no service warming), or when the warming timeout runs out.
+    fn maybe_go_live(&mut self, warming: usize, now: Instant) {
+        if !self.sink.pending() || !self.pushed || self.status.behind {
+            return;
+        }
+        let timed_out = self
+            .first_push
+            .is_some_and(|t| now.duration_since(t) >= MIGRATION_WARMING_TIMEOUT);
+        if warming > 0 && !timed_out {
+            return;
+        }
+        if warming > 0 {
+            warn!(
+                warming,
+                "going live although some services are still warming (no cluster or endpoints yet)"
+            );
+        }
+        match self.sink.activate() {
+            Ok(retired) => info!(
+                ?retired,
+                "datapath attached; the other pin layouts' programs detached and pins removed"
+            ),
+            Err(e) => tracing::error!(
+                error = %chain(&e),
+                "attaching the new datapath failed; the old layout keeps serving, retrying"
+            ),
+        }
+    }
+}
