@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use sockmesh_common::MAX_BACKENDS_PER_SERVICE;
 
 mod capacity;
-pub use capacity::{CapacityError, Limits, Usage, slot_count};
+pub use capacity::{CapacityError, Limits, Usage, WriteStep, slot_count, write_order};
 
 /// An endpoint of a service: where its sockets go (a change that removes one can
 /// have its sockets closed).

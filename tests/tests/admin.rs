@@ -164,7 +164,7 @@ fn capacity_limits_nack_and_keep_existing_services() {
     let e = error_of("six-backends");
     assert!(
         e.contains(
-            "5 backends (+3 while one service is rewritten) exceed the backend map's capacity of 5"
+            "5 backends (+1 at the peak while services are rewritten) exceed the backend map's capacity of 5"
         ),
         "{e}"
     );

@@ -25,7 +25,7 @@ use crate::{
     lb::weighted_slots,
     model::{
         Backend, BackendState, CapacityError, Changes, Limits, ModelError, RoutingTable,
-        ServiceAddr, Usage,
+        ServiceAddr, Usage, write_order,
     },
 };
 
@@ -260,43 +260,44 @@ impl<S: MapStore> MapWriter<S> {
 
     fn apply_all(&mut self, desired: &RoutingTable) -> Result<ApplyReport, WriteError> {
         desired.validate()?;
+        // The whole table as changes against the mirror: services gone, and those
+        // whose kernel copy differs (or was found inconsistent on adoption). The
+        // rest are not written, so they take no transient either.
         let wanted: HashMap<ServiceKey, &ServiceAddr> = desired
             .services
             .keys()
             .map(|s| (service_key(s), s))
             .collect();
-        self.check_capacity(desired)?;
-        self.counters.sweep(&mut self.store);
-
-        let mut report = ApplyReport::default();
-        // Removals first: they free capacity for what follows.
-        let gone: Vec<ServiceKey> = self
+        let mut changes: Changes = self
             .mirror
             .services
             .keys()
             .filter(|k| !wanted.contains_key(k))
-            .copied()
+            .filter_map(service_addr)
+            .map(|s| (s, None))
             .collect();
-        for key in gone {
-            report.map_ops += self.remove_service(&key)?;
-            report.removed += 1;
-        }
+        let mut unchanged = 0;
         for (service, backends) in &desired.services {
             let key = service_key(service);
-            match self.mirror.services.contains_key(&key) {
-                true => match self.update_service(service, &key, backends)? {
-                    0 => report.unchanged += 1,
-                    ops => {
-                        report.updated += 1;
-                        report.map_ops += ops;
-                    }
-                },
-                false => {
-                    report.map_ops += self.add_service(service, &key, backends)?;
-                    report.added += 1;
+            let current = self.mirror.services.get_mut(&key);
+            let same = current.is_some_and(|current| {
+                let same = !current.dirty && plan_backends(current, backends).is_noop(current);
+                if same {
+                    // A counter entry that failed to be created before is made now,
+                    // without touching the routing maps.
+                    self.counters
+                        .create(&mut self.store, &key, &mut current.counters);
                 }
+                same
+            });
+            if same {
+                unchanged += 1;
+            } else {
+                changes.insert(*service, Some(backends.clone()));
             }
         }
+        let mut report = self.apply_changed(&changes)?;
+        report.unchanged += unchanged;
         debug!(?report, "routing table applied");
         Ok(report)
     }
@@ -325,17 +326,26 @@ impl<S: MapStore> MapWriter<S> {
         self.limits.check(&usage, &transient)?;
         self.counters.sweep(&mut self.store);
         let mut report = ApplyReport::default();
-        for service in changes.iter().filter(|(_, b)| b.is_none()).map(|(s, _)| s) {
-            let key = service_key(service);
-            let ops = self.counted(&key, |w| w.remove_service(&key))?;
-            report.removed += usize::from(ops > 0);
-            report.map_ops += ops;
-        }
-        for (service, backends) in changes {
-            let Some(backends) = backends else { continue };
-            let key = service_key(service);
+        // The order the state's capacity check simulated (removals, then shrinking
+        // services, then growing ones), so the maps never go above its peak.
+        let order = write_order(changes, |s| {
+            self.mirror
+                .services
+                .get(&service_key(s))
+                .map(Installed::usage)
+        });
+        let steps: Vec<(ServiceAddr, Option<&[Backend]>)> =
+            order.iter().map(|s| (*s.service, s.backends)).collect();
+        for (service, backends) in steps {
+            let key = service_key(&service);
+            let Some(backends) = backends else {
+                let ops = self.counted(&key, |w| w.remove_service(&key))?;
+                report.removed += usize::from(ops > 0);
+                report.map_ops += ops;
+                continue;
+            };
             if self.mirror.services.contains_key(&key) {
-                match self.counted(&key, |w| w.update_service(service, &key, backends))? {
+                match self.counted(&key, |w| w.update_service(&service, &key, backends))? {
                     0 => report.unchanged += 1,
                     ops => {
                         report.updated += 1;
@@ -343,23 +353,12 @@ impl<S: MapStore> MapWriter<S> {
                     }
                 }
             } else {
-                report.map_ops += self.counted(&key, |w| w.add_service(service, &key, backends))?;
+                report.map_ops +=
+                    self.counted(&key, |w| w.add_service(&service, &key, backends))?;
                 report.added += 1;
             }
         }
         Ok(report)
-    }
-
-    fn check_capacity(&self, desired: &RoutingTable) -> Result<(), WriteError> {
-        // During an update a service's old and new backends coexist; the largest
-        // service bounds that transient.
-        let mut transient = Usage::default();
-        for b in desired.services.values() {
-            let u = Usage::of_service(b);
-            transient.backends = transient.backends.max(u.backends);
-            transient.slots = transient.slots.max(u.slots);
-        }
-        Ok(self.limits.check(&Usage::of_table(desired), &transient)?)
     }
 
     fn alloc_id(&mut self) -> u32 {

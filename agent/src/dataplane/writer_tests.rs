@@ -561,3 +561,60 @@ fn adopt_deletes_orphan_counters_and_creates_missing_ones() {
         [Op::DelStats(orphan), Op::CreateStats(service_key(&b))]
     );
 }
+
+#[test]
+fn the_maps_never_go_above_the_peak_the_capacity_check_simulated() {
+    // a and b grow 1 → 5, c shrinks 9 → 1 (the order matters: written in address
+    // order the maps would hold 20 backends at once).
+    let (a, b, c) = (
+        svc("10.96.0.1", 80),
+        svc("10.96.0.2", 80),
+        svc("10.96.0.3", 80),
+    );
+    let n = |first: u8, count: u8| -> Vec<Backend> {
+        (first..first + count)
+            .map(|i| be(&format!("10.1.0.{i}"), 80))
+            .collect()
+    };
+    let before = table(&[(a, n(1, 1)), (b, n(2, 1)), (c, n(10, 9))]);
+    let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
+    w.apply(&before).expect("apply");
+    let changes: Changes = [
+        (a, Some(n(30, 5))),
+        (b, Some(n(40, 5))),
+        (c, Some(n(50, 1))),
+    ]
+    .into();
+    let (after, transient) = Usage::of_table(&before).after(&changes, |s| {
+        before.services.get(s).map(|b| Usage::of_service(b))
+    });
+    let seen = std::rc::Rc::new(std::cell::Cell::new((0, 0)));
+    let record = seen.clone();
+    w.store_mut().after_write = Some(Box::new(move |st: &MemStore, _: &Op| {
+        let (b, s) = record.get();
+        record.set((b.max(st.backends.len()), s.max(st.slots.len())));
+    }));
+    w.apply_changes(&changes).expect("changes");
+    let (peak_backends, peak_slots) = seen.get();
+    assert!(
+        peak_backends <= after.backends + transient.backends,
+        "{peak_backends} backends in the maps at once, the check allowed for {}",
+        after.backends + transient.backends
+    );
+    assert!(
+        peak_slots <= after.slots + transient.slots,
+        "{peak_slots} slots in the maps at once, the check allowed for {}",
+        after.slots + transient.slots
+    );
+    assert_eq!(after.backends + transient.backends, 12);
+    // A writer whose limit is that peak writes the whole update.
+    let mut tight = MapWriter::adopt(MemStore::default())
+        .expect("adopt")
+        .with_limits(crate::model::Limits {
+            backends: 12,
+            slots: 12,
+            ..crate::model::Limits::default()
+        });
+    tight.apply(&before).expect("apply");
+    tight.apply_changes(&changes).expect("fits at its peak");
+}

@@ -42,7 +42,7 @@ pub enum CapacityError {
     #[error("{count} services exceed the limit of {limit} (--max-services)")]
     Services { count: usize, limit: u32 },
     #[error(
-        "{count} backends (+{transient} while one service is rewritten) exceed the backend map's capacity of {limit} (--max-backends)"
+        "{count} backends (+{transient} at the peak while services are rewritten) exceed the backend map's capacity of {limit} (--max-backends)"
     )]
     Backends {
         count: usize,
@@ -50,7 +50,7 @@ pub enum CapacityError {
         limit: u32,
     },
     #[error(
-        "{count} selection slots (+{transient} while one service is rewritten) exceed the slot map's capacity of {limit} (--max-slots)"
+        "{count} selection slots (+{transient} at the peak while services are rewritten) exceed the slot map's capacity of {limit} (--max-slots)"
     )]
     Slots {
         count: usize,
@@ -105,35 +105,75 @@ impl Usage {
         }
     }
 
-    /// This usage (of `table`) once `changes` are applied, and the transient of the
-    /// largest changed service: while a service is rewritten its old and new
-    /// backends and slots coexist in the maps. `before` gives a changed service's
-    /// current usage (none if it is new).
+    /// This usage (of `table`) once `changes` are applied, and how far above it
+    /// the maps go while they are written ([`write_order`], each service's new
+    /// backends and slots written beside its old ones before those are freed): the
+    /// peak, simulated in the writer's own order, minus the final usage. `before`
+    /// gives a changed service's current usage (none if it is new).
     pub fn after(
         &self,
         changes: &Changes,
         before: impl Fn(&super::ServiceAddr) -> Option<Usage>,
     ) -> (Usage, Usage) {
         let mut usage = *self;
-        let mut transient = Usage::default();
-        for (service, after) in changes {
-            if let Some(old) = before(service) {
+        let mut peak = *self;
+        for step in write_order(changes, before) {
+            if let Some(new) = step.new {
+                peak.backends = peak.backends.max(usage.backends + new.backends);
+                peak.slots = peak.slots.max(usage.slots + new.slots);
+                usage = usage.plus(&new);
+            }
+            if let Some(old) = step.old {
                 usage = usage.minus(&old);
             }
-            if let Some(b) = after {
-                let new = Self::of_service(b);
-                usage = usage.plus(&new);
-                transient.backends = transient.backends.max(new.backends);
-                transient.slots = transient.slots.max(new.slots);
-            }
         }
+        let transient = Usage {
+            services: 0,
+            backends: peak.backends.saturating_sub(usage.backends),
+            slots: peak.slots.saturating_sub(usage.slots),
+        };
         (usage, transient)
     }
 }
 
+/// One service's write, in [`write_order`].
+#[derive(Clone, Copy, Debug)]
+pub struct WriteStep<'a> {
+    pub service: &'a super::ServiceAddr,
+    /// Its new backends (`None`: removed).
+    pub backends: Option<&'a [Backend]>,
+    /// What it takes now (`None`: new).
+    pub old: Option<Usage>,
+    /// What it will take (`None`: removed).
+    pub new: Option<Usage>,
+}
+
+/// The order the map writer applies `changes` in, which [`Usage::after`]
+/// simulates for the capacity check, so the check bounds the real peak: removals
+/// first (they free capacity), then services by growth, shrinking ones first, in
+/// address order among equals.
+pub fn write_order(
+    changes: &Changes,
+    before: impl Fn(&super::ServiceAddr) -> Option<Usage>,
+) -> Vec<WriteStep<'_>> {
+    let mut steps: Vec<WriteStep<'_>> = changes
+        .iter()
+        .map(|(service, after)| WriteStep {
+            service,
+            backends: after.as_deref(),
+            old: before(service),
+            new: after.as_deref().map(Usage::of_service),
+        })
+        .collect();
+    let size = |u: Option<Usage>| u.map_or(0, |u| (u.backends + u.slots) as i128);
+    // Stable: address order (the map's) among steps of equal growth.
+    steps.sort_by_key(|s| (s.new.is_some(), size(s.new) - size(s.old)));
+    steps
+}
+
 impl Limits {
-    /// Whether `usage`, with `transient` more backends and slots while one service
-    /// is rewritten, fits in the maps.
+    /// Whether `usage`, with `transient` more backends and slots at the peak while
+    /// services are rewritten, fits in the maps.
     pub fn check(&self, usage: &Usage, transient: &Usage) -> Result<(), CapacityError> {
         if usage.services > self.services as usize {
             return Err(CapacityError::Services {
@@ -209,7 +249,34 @@ mod tests {
                 slots: 5
             }
         );
-        assert_eq!((transient.backends, transient.slots), (4, 4));
+        // svc(1) removed first (3 left), svc(2) 3 → 4 beside its old 3 (peak 7),
+        // svc(3) added (5): 2 above the final usage at the peak.
+        assert_eq!((transient.backends, transient.slots), (2, 2));
+    }
+
+    #[test]
+    fn the_peak_is_simulated_in_the_writers_order_shrinking_services_first() {
+        // A and B grow 1 → 5, C shrinks 9 → 1: 11 backends before and after. In
+        // address order the maps would reach 20 (A and B's growth before C frees
+        // anything); the writer shrinks C first, so the peak is 12.
+        let mut table = RoutingTable::default();
+        table.insert(svc(1), backends(1, 1));
+        table.insert(svc(2), backends(1, 1));
+        table.insert(svc(3), backends(9, 1));
+        let before = |s: &ServiceAddr| table.services.get(s).map(|b| Usage::of_service(b));
+        let changes: Changes = [
+            (svc(1), Some(backends(5, 1))),
+            (svc(2), Some(backends(5, 1))),
+            (svc(3), Some(backends(1, 1))),
+        ]
+        .into();
+        let order: Vec<ServiceAddr> = write_order(&changes, before)
+            .iter()
+            .map(|s| *s.service)
+            .collect();
+        assert_eq!(order, [svc(3), svc(1), svc(2)]);
+        let (after, transient) = Usage::of_table(&table).after(&changes, before);
+        assert_eq!((after.backends, transient.backends), (11, 1));
     }
 
     #[test]
@@ -243,7 +310,7 @@ mod tests {
         let slots = Usage { slots: 7, ..ok };
         assert_eq!(
             limits.check(&slots, &t).map_err(|e| e.to_string()),
-            Err("7 selection slots (+4 while one service is rewritten) exceed the slot map's capacity of 10 (--max-slots)".into())
+            Err("7 selection slots (+4 at the peak while services are rewritten) exceed the slot map's capacity of 10 (--max-slots)".into())
         );
     }
 

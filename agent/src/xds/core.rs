@@ -154,7 +154,7 @@ impl Core {
                 drop(self.write_kernel(accepted, received, "dns"));
             }
             Err(e) => {
-                status_refused(&mut self.dns, cluster, &e);
+                status_refused(&mut self.dns, cluster, &e.to_string());
                 warn!(cluster, error = %e, "DNS answers refused; keeping the last good addresses");
             }
         }

@@ -62,6 +62,16 @@ impl Update {
 #[error("{0}")]
 pub struct Nack(pub String);
 
+/// Why a routing table was refused: a service the datapath cannot hold, or a
+/// table beyond the maps' capacities.
+#[derive(Debug, thiserror::Error)]
+pub enum TableRefused {
+    #[error(transparent)]
+    Service(#[from] crate::model::ModelError),
+    #[error(transparent)]
+    Capacity(#[from] crate::model::CapacityError),
+}
+
 /// What an accepted update changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Accepted {
@@ -365,7 +375,7 @@ impl XdsState {
         &mut self,
         cluster: &str,
         answers: super::clusters::DnsAnswers,
-    ) -> Result<Accepted, String> {
+    ) -> Result<Accepted, TableRefused> {
         if !self.inc.is_dns_cluster(cluster) || self.resources.dns.get(cluster) == Some(&answers) {
             return Ok(Accepted::default());
         }
@@ -400,7 +410,7 @@ impl XdsState {
     /// Re-translates what `dirty` touches, checks the result against the
     /// datapath's rules and limits, and makes it the table. On an error nothing
     /// of the state's indexes or table changed (the caller restores resources).
-    fn commit_dirty(&mut self, dirty: &Dirty, kinds: &[Kind]) -> Result<Accepted, String> {
+    fn commit_dirty(&mut self, dirty: &Dirty, kinds: &[Kind]) -> Result<Accepted, TableRefused> {
         let staged = self
             .inc
             .stage(&self.resources, dirty, &self.table, &self.seed);
@@ -548,17 +558,15 @@ fn check_changes(
     changes: &Changes,
     limits: &Limits,
     usage: &Usage,
-) -> Result<Usage, String> {
+) -> Result<Usage, TableRefused> {
     for (service, after) in changes {
         if let Some(b) = after {
-            validate_service(service, b).map_err(|e| e.to_string())?;
+            validate_service(service, b)?;
         }
     }
     let (after, transient) = usage.after(changes, |s| {
         table.services.get(s).map(|b| Usage::of_service(b))
     });
-    limits
-        .check(&after, &transient)
-        .map_err(|e| e.to_string())?;
+    limits.check(&after, &transient)?;
     Ok(after)
 }

@@ -946,7 +946,10 @@ fn dns_answers_beyond_the_limits_are_refused_and_the_last_good_ones_stay() {
         .apply_dns("outbound|443||ext.example", many)
         .expect_err("5 backends (+5 while rewritten) exceed 4");
     assert!(
-        err.contains("exceed the backend map's capacity of 4"),
+        matches!(err, super::state::TableRefused::Capacity(_))
+            && err
+                .to_string()
+                .contains("exceed the backend map's capacity of 4"),
         "{err}"
     );
     assert_eq!(table_lines(st.table()), before);
@@ -977,12 +980,13 @@ fn a_cluster_that_stops_being_a_dns_cluster_forgets_its_answers() {
 #[test]
 fn an_update_beyond_the_slot_map_is_nacked_by_the_state_and_nothing_changes() {
     let mut st = XdsState::new();
-    // 1:3 weights take 4 slots; two services 8, plus 4 while one is rewritten.
+    // 1:3 weights take 4 slots; two services 8 (each new, so no more at the
+    // peak), plus 4 while one of them is rewritten.
     st.set_limits(crate::dataplane::Limits {
         slots: 11,
         ..crate::dataplane::Limits::default()
     });
-    let weighted = |name: &str, vip: &str| {
+    let weighted = |name: &str, vip: &str, second: &str| {
         format!(
             r#"
 - "@type": type.googleapis.com/envoy.config.listener.v3.Listener
@@ -997,22 +1001,26 @@ fn an_update_beyond_the_slot_map_is_nacked_by_the_state_and_nothing_changes() {
     endpoints:
     - lb_endpoints:
       - {{ endpoint: {{ address: {{ socket_address: {{ address: 10.1.0.1, port_value: 80 }} }} }}, load_balancing_weight: 1 }}
-      - {{ endpoint: {{ address: {{ socket_address: {{ address: 10.1.0.2, port_value: 80 }} }} }}, load_balancing_weight: 3 }}
+      - {{ endpoint: {{ address: {{ socket_address: {{ address: {second}, port_value: 80 }} }} }}, load_balancing_weight: 3 }}
 "#
         )
     };
-    let one = format!("resources:{}", weighted("a", "10.96.0.1"));
-    st.apply(full(&one)).expect("4 slots (+4) fit in 11");
+    let one = format!(
+        "resources:{}{}",
+        weighted("a", "10.96.0.1", "10.1.0.2"),
+        weighted("b", "10.96.0.2", "10.1.0.2")
+    );
+    st.apply(full(&one)).expect("8 slots, added, fit in 11");
     let before = table_lines(st.table());
     let two = format!(
         "resources:{}{}",
-        weighted("a", "10.96.0.1"),
-        weighted("b", "10.96.0.2")
+        weighted("a", "10.96.0.1", "10.1.0.3"),
+        weighted("b", "10.96.0.2", "10.1.0.2")
     );
     let nack = st.apply(full(&two)).expect_err("8 slots (+4) exceed 11");
     assert!(
         nack.0.contains(
-            "8 selection slots (+4 while one service is rewritten) exceed the slot map's capacity of 11 (--max-slots)"
+            "8 selection slots (+4 at the peak while services are rewritten) exceed the slot map's capacity of 11 (--max-slots)"
         ),
         "{nack}"
     );
