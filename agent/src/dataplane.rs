@@ -421,6 +421,24 @@ pub fn uninstall(bpffs: &Path, cgroup: Option<&Path>) -> Result<usize, Dataplane
     for layout in &layouts {
         removed += loader::remove_pins(layout)?;
     }
+    // The connection counts, shared by the layouts, go with the last of them.
+    let conns = loader::conns_dir(bpffs);
+    if conns.exists() {
+        for name in sockmesh_common::map_names::CONNS {
+            let pin = conns.join(name);
+            if pin.exists() {
+                std::fs::remove_file(&pin).map_err(|source| DataplaneError::Io {
+                    path: pin.clone(),
+                    source,
+                })?;
+                removed += 1;
+            }
+        }
+        std::fs::remove_dir(&conns).map_err(|source| DataplaneError::Io {
+            path: conns.clone(),
+            source,
+        })?;
+    }
     Ok(removed)
 }
 

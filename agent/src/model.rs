@@ -25,7 +25,7 @@ pub struct Endpoint {
 pub fn removed_endpoints(
     service: &ServiceAddr,
     before: &[Backend],
-    after: Option<&Vec<Backend>>,
+    after: Option<&Service>,
     out: &mut std::collections::BTreeSet<Endpoint>,
 ) {
     {
@@ -44,9 +44,107 @@ pub fn removed_endpoints(
     }
 }
 
-/// What an update changes in a table: per service, its new backends (`None`:
-/// the service is removed).
-pub type Changes = BTreeMap<ServiceAddr, Option<Vec<Backend>>>;
+/// What an update changes in a table: per service, its new backends and policy
+/// (`None`: the service is removed).
+pub type Changes = BTreeMap<ServiceAddr, Option<Service>>;
+
+/// How connect() places a service's connections on its backends (from the
+/// cluster's `lb_policy`; see the README's translation table).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    /// A random slot (weight-proportional): Envoy's `RANDOM`, and the nearest
+    /// honest behaviour for the policies a socket balancer cannot follow.
+    #[default]
+    Random,
+    /// `choices` random slots, and of their backends the one with the fewest open
+    /// connections (`LEAST_REQUEST`, `LEAST_CONN`; Envoy's `choice_count`).
+    LeastConn { choices: u8 },
+}
+
+impl LbPolicy {
+    /// Envoy's default `choice_count`.
+    pub const DEFAULT_CHOICES: u8 = 2;
+
+    /// The kernel's encoding: (`ServiceValue::policy`, `ServiceValue::choices`).
+    pub fn to_kernel(self) -> (u8, u8) {
+        match self {
+            LbPolicy::Random => (sockmesh_common::lb_policy::RANDOM, 0),
+            LbPolicy::LeastConn { choices } => (sockmesh_common::lb_policy::LEAST_CONN, choices),
+        }
+    }
+
+    /// The policy a kernel service value encodes (an unknown one reads as random,
+    /// which is what the programs do with it).
+    pub fn from_kernel(policy: u8, choices: u8) -> Self {
+        match policy {
+            sockmesh_common::lb_policy::LEAST_CONN => LbPolicy::LeastConn {
+                choices: choices.clamp(1, sockmesh_common::MAX_CHOICES),
+            },
+            _ => LbPolicy::Random,
+        }
+    }
+}
+
+/// One service of the table: its backends and how connections are placed on them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    pub backends: Vec<Backend>,
+    pub policy: LbPolicy,
+}
+
+impl Service {
+    pub fn new(backends: Vec<Backend>, policy: LbPolicy) -> Self {
+        Self { backends, policy }
+    }
+}
+
+impl From<Vec<Backend>> for Service {
+    /// Backends under the default policy (weighted random).
+    fn from(backends: Vec<Backend>) -> Self {
+        Self {
+            backends,
+            policy: LbPolicy::Random,
+        }
+    }
+}
+
+impl std::ops::Deref for Service {
+    type Target = Vec<Backend>;
+    fn deref(&self) -> &Vec<Backend> {
+        &self.backends
+    }
+}
+
+impl std::ops::DerefMut for Service {
+    fn deref_mut(&mut self) -> &mut Vec<Backend> {
+        &mut self.backends
+    }
+}
+
+impl<'a> IntoIterator for &'a Service {
+    type Item = &'a Backend;
+    type IntoIter = std::slice::Iter<'a, Backend>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.backends.iter()
+    }
+}
+
+/// A service compares equal to a list of backends when it holds them.
+impl PartialEq<Vec<Backend>> for Service {
+    fn eq(&self, other: &Vec<Backend>) -> bool {
+        self.backends == *other
+    }
+}
+
+/// As above, for an array.
+impl<const N: usize> PartialEq<[Backend; N]> for Service {
+    fn eq(&self, other: &[Backend; N]) -> bool {
+        self.backends == other
+    }
+}
 
 /// Transport protocol of a service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -170,7 +268,7 @@ impl Backend {
 /// The desired (or installed) routing table: service address → backends.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RoutingTable {
-    pub services: BTreeMap<ServiceAddr, Vec<Backend>>,
+    pub services: BTreeMap<ServiceAddr, Service>,
 }
 
 /// A routing table that breaks a datapath rule.
@@ -218,9 +316,10 @@ pub enum ModelError {
 }
 
 impl RoutingTable {
-    /// Adds (or replaces) a service.
-    pub fn insert(&mut self, service: ServiceAddr, backends: Vec<Backend>) {
-        self.services.insert(service, backends);
+    /// Adds (or replaces) a service (weighted random unless `backends` is a
+    /// [`Service`] with another policy).
+    pub fn insert(&mut self, service: ServiceAddr, backends: impl Into<Service>) {
+        self.services.insert(service, backends.into());
     }
 
     /// Checks every rule the datapath relies on; the first broken one is returned.
@@ -234,7 +333,7 @@ impl RoutingTable {
 
     /// Total number of backends over all services.
     pub fn backend_count(&self) -> usize {
-        self.services.values().map(Vec::len).sum()
+        self.services.values().map(|s| s.backends.len()).sum()
     }
 }
 
@@ -299,6 +398,13 @@ pub struct ServiceJson {
     /// Backends that are known but receive no new connections.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub draining: Vec<BackendJson>,
+    /// How connect() picks among the backends (omitted: weighted random).
+    #[serde(default, skip_serializing_if = "is_random")]
+    pub lb_policy: LbPolicy,
+}
+
+fn is_random(p: &LbPolicy) -> bool {
+    *p == LbPolicy::Random
 }
 
 /// The JSON form of one backend.
@@ -336,6 +442,7 @@ impl RoutingTable {
                     protocol: s.protocol,
                     backends: pick(BackendState::Active),
                     draining: pick(BackendState::Draining),
+                    lb_policy: backends.policy,
                 }
             })
             .collect()
@@ -359,7 +466,10 @@ impl RoutingTable {
                     .weighted(b.weight)
                     .draining()
             });
-            table.insert(key, active.chain(draining).collect());
+            table.insert(
+                key,
+                Service::new(active.chain(draining).collect(), s.lb_policy),
+            );
         }
         table
     }
@@ -424,7 +534,7 @@ mod tests {
         let mut t = RoutingTable::default();
         let many = (0..=MAX_BACKENDS_PER_SERVICE)
             .map(|i| be("10.0.0.1", u16::try_from(i + 1).expect("fits")))
-            .collect();
+            .collect::<Vec<_>>();
         t.insert(svc("10.96.0.1", 80), many);
         assert!(matches!(
             t.validate(),

@@ -67,6 +67,9 @@ pub struct PinLayout {
     pub root: PathBuf,
     pub maps: PathBuf,
     pub links: PathBuf,
+    /// `<bpffs>/conns-v<CONNS_VERSION>`: the connection-tracking maps, shared by
+    /// every layout (see `sockmesh_common::CONNS_VERSION`).
+    pub conns: PathBuf,
 }
 
 impl PinLayout {
@@ -81,6 +84,7 @@ impl PinLayout {
         Self {
             maps: root.join("maps"),
             links: root.join("links"),
+            conns: conns_dir(bpffs),
             root,
         }
     }
@@ -89,6 +93,11 @@ impl PinLayout {
     pub fn cgroup_links(&self, cgroup_id: u64) -> PathBuf {
         self.links.join(format!("cg{cgroup_id}"))
     }
+}
+
+/// Where the connection-tracking maps are pinned, apart from any layout.
+pub fn conns_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join(format!("conns-v{}", sockmesh_common::CONNS_VERSION))
 }
 
 /// How the programs came to be attached.
@@ -253,14 +262,21 @@ pub fn load(
     limits: &super::Limits,
     features: &super::features::Features,
 ) -> Result<Ebpf, DataplaneError> {
-    for dir in [&layout.maps, &layout.links] {
+    for dir in [&layout.maps, &layout.links, &layout.conns] {
         fs::create_dir_all(dir).map_err(|source| DataplaneError::Io {
             path: dir.clone(),
             source,
         })?;
     }
+    let backend_conns = layout.conns.join(map_names::BACKEND_CONNS);
+    let sock_conns = layout.conns.join(map_names::SOCK_CONNS);
     EbpfLoader::new()
         .default_map_pin_directory(&layout.maps)
+        // Pinned apart from the layout: they outlive a migration (reused when
+        // present, as every pinned map is).
+        .map_pin_path(map_names::BACKEND_CONNS, backend_conns.as_path())
+        .map_pin_path(map_names::SOCK_CONNS, sock_conns.as_path())
+        .map_max_entries(map_names::BACKEND_CONNS, limits.backends)
         .map_max_entries(map_names::SERVICES, limits.services)
         .map_max_entries(map_names::SERVICE_STATS, limits.services)
         .map_max_entries(map_names::BACKENDS, limits.backends)

@@ -28,6 +28,8 @@ pub(super) struct Installed {
     pub(super) leftover: usize,
     /// The service's entry in `SM_SERVICE_STATS` exists.
     pub(super) counters: bool,
+    /// The published load-balancing policy.
+    pub(super) policy: crate::model::LbPolicy,
 }
 
 impl Installed {
@@ -52,6 +54,7 @@ impl Installed {
             dirty: true,
             leftover: 0,
             counters: false,
+            policy: crate::model::LbPolicy::Random,
         }
     }
 }
@@ -98,6 +101,7 @@ impl Mirror {
                     dirty: false,
                     leftover: 0,
                     counters: false,
+                    policy: crate::model::LbPolicy::from_kernel(v.policy, v.choices),
                 },
             );
         }
@@ -158,7 +162,7 @@ impl Mirror {
                     },
                 })
                 .collect();
-            table.insert(service, backends);
+            table.insert(service, crate::model::Service::new(backends, inst.policy));
         }
         table
     }

@@ -24,7 +24,7 @@ use super::{
 use crate::{
     lb::weighted_slots,
     model::{
-        Backend, BackendState, CapacityError, Changes, Limits, ModelError, RoutingTable,
+        BackendState, CapacityError, Changes, LbPolicy, Limits, ModelError, RoutingTable, Service,
         ServiceAddr, Usage, write_order,
     },
 };
@@ -334,7 +334,7 @@ impl<S: MapStore> MapWriter<S> {
                 .get(&service_key(s))
                 .map(Installed::usage)
         });
-        let steps: Vec<(ServiceAddr, Option<&[Backend]>)> =
+        let steps: Vec<(ServiceAddr, Option<&Service>)> =
             order.iter().map(|s| (*s.service, s.backends)).collect();
         for (service, backends) in steps {
             let key = service_key(&service);
@@ -377,7 +377,7 @@ impl<S: MapStore> MapWriter<S> {
         &mut self,
         service: &ServiceAddr,
         key: &ServiceKey,
-        backends: &[Backend],
+        backends: &Service,
     ) -> Result<usize, WriteError> {
         let id = self.alloc_id();
         let mut installed = Installed::new(id);
@@ -411,7 +411,7 @@ impl<S: MapStore> MapWriter<S> {
         &mut self,
         service: &ServiceAddr,
         key: &ServiceKey,
-        backends: &[Backend],
+        backends: &Service,
     ) -> Result<usize, WriteError> {
         let Some(current) = self.mirror.services.get_mut(key) else {
             return Ok(0);
@@ -489,17 +489,22 @@ struct BackendPlan {
     backends: BTreeMap<u32, BackendInfo>,
     /// Slots to publish.
     slots: Vec<u32>,
+    /// Policy to publish.
+    policy: LbPolicy,
 }
 
 impl BackendPlan {
     fn is_noop(&self, current: &Installed) -> bool {
-        self.slots == current.slots && self.backends == current.backends && current.leftover == 0
+        self.slots == current.slots
+            && self.backends == current.backends
+            && self.policy == current.policy
+            && current.leftover == 0
     }
 }
 
 /// Assigns backend indexes (a backend keeps its index; a new one takes the lowest
 /// index not in use before or after the update) and computes the slots.
-fn plan_backends(current: &Installed, desired: &[Backend]) -> BackendPlan {
+fn plan_backends(current: &Installed, desired: &Service) -> BackendPlan {
     let by_addr: HashMap<([u32; 4], u16), u32> = current
         .backends
         .iter()
@@ -507,7 +512,7 @@ fn plan_backends(current: &Installed, desired: &[Backend]) -> BackendPlan {
         .collect();
     let mut backends = BTreeMap::new();
     let mut fresh = Vec::new();
-    for b in desired {
+    for b in desired.iter() {
         let info = BackendInfo {
             addr: ip_to_words(b.address),
             port: port_to_map(b.port),
@@ -542,7 +547,11 @@ fn plan_backends(current: &Installed, desired: &[Backend]) -> BackendPlan {
         .into_iter()
         .map(|pos| active[pos].0)
         .collect();
-    BackendPlan { backends, slots }
+    BackendPlan {
+        backends,
+        slots,
+        policy: desired.policy,
+    }
 }
 
 fn slot_key(service_id: u32, generation: u8, slot: usize) -> SlotKey {
@@ -588,13 +597,16 @@ fn write_and_publish<S: MapStore>(
     }
     let old_generation = inst.generation;
     let old_slots = inst.slots.len();
-    if plan.slots != inst.slots || inst.dirty {
+    if plan.slots != inst.slots || inst.dirty || plan.policy != inst.policy {
         let generation = 1 - old_generation;
+        let (policy, choices) = plan.policy.to_kernel();
         let value = ServiceValue {
             id,
             slot_count: plan.slots.len() as u32,
             generation,
-            pad: [0; 3],
+            policy,
+            choices,
+            pad: 0,
             revision: inst.revision.wrapping_add(1),
         };
         // 2. Slots of the unpublished generation, then 3. publish. On failure the
@@ -616,6 +628,7 @@ fn write_and_publish<S: MapStore>(
         }
         inst.generation = generation;
         inst.revision = value.revision;
+        inst.policy = plan.policy;
         inst.slots = plan.slots;
         inst.dirty = false;
         // 4. The old generation is unreachable now. Deleted from the end, so after a

@@ -14,7 +14,7 @@ use crate::{
         store::{MemStore, Op},
         table_from_snapshot,
     },
-    model::Protocol,
+    model::{Backend, Protocol},
 };
 
 fn svc(vip: &str, port: u16) -> ServiceAddr {
@@ -418,9 +418,9 @@ fn apply_changes_touches_only_the_changed_services_and_checks_limits() {
     .expect("apply");
     let log_before = w.store().log.len();
     let mut changes = BTreeMap::new();
-    changes.insert(a, Some(vec![be("10.1.0.9", 80), be("10.1.0.8", 80)]));
+    changes.insert(a, Some(vec![be("10.1.0.9", 80), be("10.1.0.8", 80)].into()));
     changes.insert(b, None);
-    changes.insert(c, Some(vec![be("10.1.0.3", 80)]));
+    changes.insert(c, Some(vec![be("10.1.0.3", 80)].into()));
     let report = w.apply_changes(&changes).expect("changes");
     assert_eq!((report.added, report.updated, report.removed), (1, 1, 1));
     assert_eq!(
@@ -439,7 +439,7 @@ fn apply_changes_touches_only_the_changed_services_and_checks_limits() {
     // A change breaking a rule is refused before any write.
     let log_before = w.store().log.len();
     let mut bad = BTreeMap::new();
-    bad.insert(c, Some(vec![be("10.1.0.3", 0)]));
+    bad.insert(c, Some(vec![be("10.1.0.3", 0)].into()));
     assert!(w.apply_changes(&bad).is_err());
     assert_eq!(w.store().log.len(), log_before);
 }
@@ -469,7 +469,7 @@ fn counters_exist_exactly_while_the_service_is_published() {
     .expect("apply");
     let mut changes = BTreeMap::new();
     changes.insert(b, None);
-    changes.insert(c, Some(vec![be("10.1.0.3", 80)]));
+    changes.insert(c, Some(vec![be("10.1.0.3", 80)].into()));
     w.apply_changes(&changes).expect("changes");
     let st = w.store();
     let keys: Vec<_> = st.stats.keys().copied().collect();
@@ -580,9 +580,9 @@ fn the_maps_never_go_above_the_peak_the_capacity_check_simulated() {
     let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
     w.apply(&before).expect("apply");
     let changes: Changes = [
-        (a, Some(n(30, 5))),
-        (b, Some(n(40, 5))),
-        (c, Some(n(50, 1))),
+        (a, Some(n(30, 5).into())),
+        (b, Some(n(40, 5).into())),
+        (c, Some(n(50, 1).into())),
     ]
     .into();
     let (after, transient) = Usage::of_table(&before).after(&changes, |s| {
@@ -617,4 +617,36 @@ fn the_maps_never_go_above_the_peak_the_capacity_check_simulated() {
         });
     tight.apply(&before).expect("apply");
     tight.apply_changes(&changes).expect("fits at its peak");
+}
+
+#[test]
+fn the_policy_is_published_with_the_service_and_a_policy_change_republishes() {
+    use crate::model::{LbPolicy, Service};
+    let a = svc("10.96.0.1", 80);
+    let backends = vec![be("10.1.0.1", 80), be("10.1.0.2", 80)];
+    let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
+    let mut t = RoutingTable::default();
+    t.insert(
+        a,
+        Service::new(backends.clone(), LbPolicy::LeastConn { choices: 3 }),
+    );
+    w.apply(&t).expect("apply");
+    let v = w.store().services[&service_key(&a)];
+    assert_eq!(
+        (v.policy, v.choices),
+        (sockmesh_common::lb_policy::LEAST_CONN, 3)
+    );
+    assert_eq!(
+        table_from_snapshot(&w.store().snapshot().expect("snapshot")),
+        t
+    );
+    // The same backends under another policy: one publish, the new value.
+    let mut t2 = RoutingTable::default();
+    t2.insert(a, Service::new(backends, LbPolicy::Random));
+    let r = w.apply(&t2).expect("policy change");
+    assert_eq!(r.updated, 1);
+    let v2 = w.store().services[&service_key(&a)];
+    assert_eq!(v2.policy, sockmesh_common::lb_policy::RANDOM);
+    assert_ne!(v2.generation, v.generation, "published as a new generation");
+    assert_eq!(w.apply(&t2).expect("again").map_ops, 0, "then unchanged");
 }

@@ -140,8 +140,8 @@ impl Usage {
 #[derive(Clone, Copy, Debug)]
 pub struct WriteStep<'a> {
     pub service: &'a super::ServiceAddr,
-    /// Its new backends (`None`: removed).
-    pub backends: Option<&'a [Backend]>,
+    /// Its new backends and policy (`None`: removed).
+    pub backends: Option<&'a super::Service>,
     /// What it takes now (`None`: new).
     pub old: Option<Usage>,
     /// What it will take (`None`: removed).
@@ -160,9 +160,9 @@ pub fn write_order(
         .iter()
         .map(|(service, after)| WriteStep {
             service,
-            backends: after.as_deref(),
+            backends: after.as_ref(),
             old: before(service),
-            new: after.as_deref().map(Usage::of_service),
+            new: after.as_ref().map(|s| Usage::of_service(s)),
         })
         .collect();
     let size = |u: Option<Usage>| u.map_or(0, |u| (u.backends + u.slots) as i128);
@@ -234,8 +234,8 @@ mod tests {
         );
         let changes: Changes = [
             (svc(1), None),
-            (svc(2), Some(backends(4, 1))),
-            (svc(3), Some(backends(1, 1))),
+            (svc(2), Some(backends(4, 1).into())),
+            (svc(3), Some(backends(1, 1).into())),
         ]
         .into();
         let (after, transient) = usage.after(&changes, |s| {
@@ -265,9 +265,9 @@ mod tests {
         table.insert(svc(3), backends(9, 1));
         let before = |s: &ServiceAddr| table.services.get(s).map(|b| Usage::of_service(b));
         let changes: Changes = [
-            (svc(1), Some(backends(5, 1))),
-            (svc(2), Some(backends(5, 1))),
-            (svc(3), Some(backends(1, 1))),
+            (svc(1), Some(backends(5, 1).into())),
+            (svc(2), Some(backends(5, 1).into())),
+            (svc(3), Some(backends(1, 1).into())),
         ]
         .into();
         let order: Vec<ServiceAddr> = write_order(&changes, before)

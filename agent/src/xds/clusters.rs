@@ -23,7 +23,7 @@ use super::{
     resources::Resources,
     validate::{parse_host_port, parse_socket_address, socket_address_of},
 };
-use crate::model::{Backend, BackendState};
+use crate::model::{Backend, BackendState, LbPolicy, Service};
 
 /// The c-ares resolver config (`typed_dns_resolver_config`), the only one Envoy
 /// ships on Linux.
@@ -423,15 +423,17 @@ pub enum ServiceBackends {
     /// Every cluster forwards to the original destination: no entry, connections
     /// go where the application sent them.
     Passthrough,
-    Backends(Vec<Backend>),
+    Backends(Service),
 }
 
-/// The backends of `spec`, given each cluster's (`None`: the cluster is unknown).
-/// A pass-through cluster among weighted ones contributes the original
-/// destination, the service address itself, with its cluster's weight.
+/// The backends of `spec`, given each cluster's backends and policy (`None`: the
+/// cluster is unknown). A pass-through cluster among weighted ones contributes
+/// the original destination, the service address itself, with its cluster's
+/// weight. The service takes its clusters' policy; clusters of one route that
+/// disagree get weighted random (one backend list cannot follow two policies).
 pub fn service_backends<'a>(
     spec: &super::translate::ServiceSpec,
-    cluster: impl Fn(&str) -> Option<&'a ClusterBackends>,
+    cluster: impl Fn(&str) -> Option<(&'a ClusterBackends, LbPolicy)>,
 ) -> ServiceBackends {
     if spec.route_pending {
         return ServiceBackends::Warming;
@@ -439,18 +441,139 @@ pub fn service_backends<'a>(
     let original = vec![Backend::new(spec.service.vip, spec.service.port)];
     let mut parts: Vec<(u32, &Vec<Backend>)> = Vec::with_capacity(spec.clusters.len());
     let mut passthrough = 0;
+    let mut policies = BTreeSet::new();
     for (name, weight) in &spec.clusters {
         match cluster(name) {
-            None | Some(ClusterBackends::Warming) => return ServiceBackends::Warming,
-            Some(ClusterBackends::Passthrough) => {
+            None | Some((ClusterBackends::Warming, _)) => return ServiceBackends::Warming,
+            Some((ClusterBackends::Passthrough, _)) => {
                 passthrough += 1;
                 parts.push((*weight, &original));
             }
-            Some(ClusterBackends::Backends(b)) => parts.push((*weight, b)),
+            Some((ClusterBackends::Backends(b), policy)) => {
+                policies.insert(policy);
+                parts.push((*weight, b));
+            }
         }
     }
     if passthrough > 0 && passthrough == parts.len() {
         return ServiceBackends::Passthrough;
     }
-    ServiceBackends::Backends(combine(&parts, spec.service.vip.is_ipv4()))
+    let policy = match (policies.len(), policies.first()) {
+        (1, Some(p)) => *p,
+        _ => LbPolicy::Random,
+    };
+    ServiceBackends::Backends(Service::new(
+        combine(&parts, spec.service.vip.is_ipv4()),
+        policy,
+    ))
+}
+
+/// How a cluster asks connections to be placed, as the kernel can honour it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClusterPolicy {
+    pub policy: LbPolicy,
+    /// Why the kernel does something else than the cluster asks (logged once per
+    /// cluster; the README's translation table lists each case).
+    pub fallback: Option<&'static str>,
+}
+
+const LEAST_REQUEST_EXT: &str =
+    "type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest";
+const RANDOM_EXT: &str =
+    "type.googleapis.com/envoy.extensions.load_balancing_policies.random.v3.Random";
+const ROUND_ROBIN_EXT: &str =
+    "type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin";
+const MAGLEV_EXT: &str =
+    "type.googleapis.com/envoy.extensions.load_balancing_policies.maglev.v3.Maglev";
+const RING_HASH_EXT: &str =
+    "type.googleapis.com/envoy.extensions.load_balancing_policies.ring_hash.v3.RingHash";
+
+const CONSISTENT_HASH_FALLBACK: &str = "consistent hashing (MAGLEV, RING_HASH) is not in the kernel yet: connections are placed by weighted random";
+
+fn least_conn(choice_count: Option<u32>) -> ClusterPolicy {
+    let n = choice_count.unwrap_or(u32::from(LbPolicy::DEFAULT_CHOICES));
+    ClusterPolicy {
+        policy: LbPolicy::LeastConn {
+            // Envoy requires at least 2; more than MAX_CHOICES draws cost more
+            // than they balance, and are cut there.
+            choices: n.clamp(2, u32::from(sockmesh_common::MAX_CHOICES)) as u8,
+        },
+        fallback: None,
+    }
+}
+
+fn random() -> ClusterPolicy {
+    ClusterPolicy {
+        policy: LbPolicy::Random,
+        fallback: None,
+    }
+}
+
+/// The cluster's `lb_policy` (or `load_balancing_policy`, its typed form) as the
+/// kernel places connections at connect():
+/// - `LEAST_REQUEST`: least connections over `choice_count` random choices;
+/// - `ROUND_ROBIN` (the default) and `RANDOM`: weighted random (a per-connection
+///   rotation would need a shared counter on every connect; weighted random gives
+///   the same long-run shares);
+/// - `MAGLEV`, `RING_HASH`: weighted random, with a fallback note;
+/// - `CLUSTER_PROVIDED`: the cluster's own choice (ORIGINAL_DST passes through).
+pub fn cluster_policy(c: &Cluster) -> ClusterPolicy {
+    use cluster::LbPolicy as P;
+    // Set, the typed form takes precedence over `lb_policy` (as in Envoy).
+    if c.load_balancing_policy
+        .as_ref()
+        .is_some_and(|p| !p.policies.is_empty())
+    {
+        return typed_policy(c);
+    }
+    let choice_count = match &c.lb_config {
+        Some(cluster::LbConfig::LeastRequestLbConfig(l)) => l.choice_count.map(|v| v.value),
+        _ => None,
+    };
+    match P::try_from(c.lb_policy).unwrap_or(P::RoundRobin) {
+        P::LeastRequest => least_conn(choice_count),
+        P::RingHash | P::Maglev => ClusterPolicy {
+            policy: LbPolicy::Random,
+            fallback: Some(CONSISTENT_HASH_FALLBACK),
+        },
+        P::LoadBalancingPolicyConfig => typed_policy(c),
+        P::RoundRobin | P::Random | P::ClusterProvided => random(),
+    }
+}
+
+/// `load_balancing_policy`: the first policy of the list the kernel knows, as
+/// Envoy takes the first it supports.
+fn typed_policy(c: &Cluster) -> ClusterPolicy {
+    use sockmesh_proto::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
+    let policies = c
+        .load_balancing_policy
+        .iter()
+        .flat_map(|p| &p.policies)
+        .filter_map(|p| p.typed_extension_config.as_ref())
+        .filter_map(|t| t.typed_config.as_ref());
+    for any in policies {
+        match any.type_url.as_str() {
+            LEAST_REQUEST_EXT => {
+                let choices = LeastRequest::decode(any.value.as_slice())
+                    .ok()
+                    .and_then(|l| l.choice_count)
+                    .map(|v| v.value);
+                return least_conn(choices);
+            }
+            RANDOM_EXT | ROUND_ROBIN_EXT => return random(),
+            MAGLEV_EXT | RING_HASH_EXT => {
+                return ClusterPolicy {
+                    policy: LbPolicy::Random,
+                    fallback: Some(CONSISTENT_HASH_FALLBACK),
+                };
+            }
+            _ => {}
+        }
+    }
+    ClusterPolicy {
+        policy: LbPolicy::Random,
+        fallback: Some(
+            "no load_balancing_policy the kernel knows: connections are placed by weighted random",
+        ),
+    }
 }

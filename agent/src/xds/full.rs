@@ -6,12 +6,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
     clusters::{
-        ClusterBackends, ClusterSource, ServiceBackends, cluster_backends, cluster_source,
-        service_backends,
+        ClusterBackends, ClusterSource, ServiceBackends, cluster_backends, cluster_policy,
+        cluster_source, service_backends,
     },
     translate::{Resources, listener_services},
 };
-use crate::model::{RoutingTable, ServiceAddr};
+use crate::model::{LbPolicy, RoutingTable, ServiceAddr};
 
 /// The result of translating [`Resources`].
 #[derive(Clone, Debug, Default)]
@@ -45,7 +45,7 @@ pub fn translate(res: &Resources, previous: &[&RoutingTable]) -> Translation {
     // Envoy's original-destination matching decides between listeners that name
     // the same service; among equals the first listener by name wins.
     specs.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-    let mut clusters: BTreeMap<String, ClusterBackends> = BTreeMap::new();
+    let mut clusters: BTreeMap<String, (ClusterBackends, LbPolicy)> = BTreeMap::new();
     for (name, c) in &res.clusters {
         let c = c.decode();
         match cluster_source(&c) {
@@ -55,11 +55,23 @@ pub fn translate(res: &Resources, previous: &[&RoutingTable]) -> Translation {
                 if let ClusterSource::Eds(eds) = &source {
                     t.eds_names.insert(eds.clone());
                 }
-                clusters.insert(name.clone(), cluster_backends(name, &source, res));
+                clusters.insert(
+                    name.clone(),
+                    (
+                        cluster_backends(name, &source, res),
+                        cluster_policy(&c).policy,
+                    ),
+                );
             }
             Err(why) => {
                 t.ignored.push(format!("Cluster {name:?}: {why}"));
-                clusters.insert(name.clone(), ClusterBackends::Backends(Vec::new()));
+                clusters.insert(
+                    name.clone(),
+                    (
+                        ClusterBackends::Backends(Vec::new()),
+                        cluster_policy(&c).policy,
+                    ),
+                );
             }
         }
     }
@@ -68,7 +80,7 @@ pub fn translate(res: &Resources, previous: &[&RoutingTable]) -> Translation {
         if !defined.insert(spec.service) {
             continue;
         }
-        match service_backends(&spec, |name| clusters.get(name)) {
+        match service_backends(&spec, |name| clusters.get(name).map(|(b, p)| (b, *p))) {
             ServiceBackends::Warming => {
                 t.warming.push(spec.service);
                 if let Some(old) = previous.iter().find_map(|t| t.services.get(&spec.service)) {

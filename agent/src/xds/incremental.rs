@@ -13,11 +13,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::{
     clusters::{
         ClusterBackends, ClusterSource, DnsTarget, ServiceBackends, cluster_backends,
-        cluster_source, service_backends,
+        cluster_policy, cluster_source, service_backends,
     },
     translate::{Resources, ServiceSpec, listener_services},
 };
-use crate::model::{Backend, RoutingTable, ServiceAddr};
+use crate::model::{LbPolicy, RoutingTable, Service, ServiceAddr};
 
 /// What one cluster contributes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,6 +27,9 @@ struct ClusterView {
     /// The names the agent resolves for it (STRICT_DNS, LOGICAL_DNS).
     dns: Option<DnsTarget>,
     backends: ClusterBackends,
+    policy: LbPolicy,
+    /// Why the kernel places its connections otherwise than it asks.
+    fallback: Option<&'static str>,
     ignored: Option<String>,
 }
 
@@ -177,8 +180,11 @@ impl Incremental {
         for c in &clusters {
             let view = res.clusters.get(c).map(|cluster| {
                 let cluster = cluster.decode();
+                let policy = cluster_policy(&cluster);
                 match cluster_source(&cluster) {
                     Ok(source) => ClusterView {
+                        policy: policy.policy,
+                        fallback: policy.fallback,
                         eds: match &source {
                             ClusterSource::Eds(eds) => Some(eds.clone()),
                             _ => None,
@@ -191,6 +197,8 @@ impl Incremental {
                         ignored: None,
                     },
                     Err(why) => ClusterView {
+                        policy: policy.policy,
+                        fallback: policy.fallback,
                         eds: None,
                         dns: None,
                         backends: ClusterBackends::Backends(Vec::new()),
@@ -295,7 +303,7 @@ impl Incremental {
                 Some(staged) => staged.as_ref(),
                 None => self.clusters.get(name),
             }
-            .map(|v| &v.backends)
+            .map(|v| (&v.backends, v.policy))
         };
         match service_backends(spec, view) {
             ServiceBackends::Warming => Resolved::Warming,
@@ -337,7 +345,14 @@ impl Incremental {
             }
         }
         for (c, view) in st.clusters {
-            if let Some(old) = self.clusters.remove(&c)
+            let old = self.clusters.remove(&c);
+            // A policy fallback is logged when it starts, not on every EDS update.
+            if let Some(why) = view.as_ref().and_then(|v| v.fallback)
+                && old.as_ref().and_then(|o| o.fallback) != Some(why)
+            {
+                tracing::info!(cluster = %c, "load-balancing policy: {why}");
+            }
+            if let Some(old) = old
                 && let Some(e) = old.eds
                 && let Some(users) = self.eds_users.get_mut(&e)
             {
@@ -424,5 +439,5 @@ enum Resolved {
     Gone,
     Warming,
     Passthrough,
-    Backends(Vec<Backend>),
+    Backends(Service),
 }

@@ -1026,3 +1026,117 @@ fn an_update_beyond_the_slot_map_is_nacked_by_the_state_and_nothing_changes() {
     );
     assert_eq!(table_lines(st.table()), before, "the last good table stays");
 }
+
+/// A listener on `vip`:80 to `cluster`, and `cluster` (STATIC, one endpoint)
+/// with `policy` (extra Cluster fields in YAML flow form).
+fn policy_doc(clusters: &[(&str, &str)], route: &str) -> String {
+    let mut out = format!(
+        r#"
+resources:
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: l
+  address: {{ socket_address: {{ address: 10.96.0.1, port_value: 80 }} }}
+  filter_chains: [ {{ filters: [ {{ name: tcp, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, {route} }} }} ] }} ]
+"#
+    );
+    for (i, (name, policy)) in clusters.iter().enumerate() {
+        out.push_str(&format!(
+            r#"
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: {name}
+  type: STATIC
+  {policy}
+  load_assignment: {{ cluster_name: {name}, endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ socket_address: {{ address: 10.1.0.{n}, port_value: 80 }} }} }} }} ] }} ] }}
+"#,
+            n = i + 1
+        ));
+    }
+    out
+}
+
+fn policy_of(doc: &str) -> crate::model::LbPolicy {
+    let mut st = XdsState::new();
+    st.apply(full(doc)).expect("accepted");
+    st.table().services[&svc("10.96.0.1", 80, Protocol::Tcp)].policy
+}
+
+#[test]
+fn cluster_lb_policy_becomes_the_services_kernel_policy() {
+    use crate::model::LbPolicy;
+    let one = |policy: &str| policy_of(&policy_doc(&[("c", policy)], "cluster: c"));
+    // Istio's default: LEAST_REQUEST, Envoy's choice_count 2.
+    assert_eq!(
+        one("lb_policy: LEAST_REQUEST"),
+        LbPolicy::LeastConn { choices: 2 }
+    );
+    assert_eq!(
+        one("lb_policy: LEAST_REQUEST\n  least_request_lb_config: { choice_count: 5 }"),
+        LbPolicy::LeastConn { choices: 5 }
+    );
+    // More draws than MAX_CHOICES are cut there.
+    assert_eq!(
+        one("lb_policy: LEAST_REQUEST\n  least_request_lb_config: { choice_count: 100 }"),
+        LbPolicy::LeastConn {
+            choices: sockmesh_common::MAX_CHOICES
+        }
+    );
+    // The typed form.
+    assert_eq!(
+        one(
+            r#"load_balancing_policy: { policies: [ { typed_extension_config: { name: lr, typed_config: { "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest, choice_count: 3 } } } ] }"#
+        ),
+        LbPolicy::LeastConn { choices: 3 }
+    );
+    assert_eq!(one("lb_policy: ROUND_ROBIN"), LbPolicy::Random);
+    assert_eq!(one("lb_policy: RANDOM"), LbPolicy::Random);
+    assert_eq!(one(""), LbPolicy::Random, "the default is ROUND_ROBIN");
+    // Not in the kernel yet: the nearest honest behaviour.
+    assert_eq!(one("lb_policy: MAGLEV"), LbPolicy::Random);
+    assert_eq!(one("lb_policy: RING_HASH"), LbPolicy::Random);
+    // Weighted clusters that agree keep the policy; that disagree, random.
+    let weighted =
+        "weighted_clusters: { clusters: [ { name: a, weight: 1 }, { name: b, weight: 1 } ] }";
+    assert_eq!(
+        policy_of(&policy_doc(
+            &[
+                ("a", "lb_policy: LEAST_REQUEST"),
+                ("b", "lb_policy: LEAST_REQUEST")
+            ],
+            weighted
+        )),
+        LbPolicy::LeastConn { choices: 2 }
+    );
+    assert_eq!(
+        policy_of(&policy_doc(
+            &[
+                ("a", "lb_policy: LEAST_REQUEST"),
+                ("b", "lb_policy: RANDOM")
+            ],
+            weighted
+        )),
+        LbPolicy::Random
+    );
+}
+
+#[test]
+fn a_policy_change_alone_is_a_change_of_the_service() {
+    let mut st = XdsState::new();
+    st.apply(full(&policy_doc(
+        &[("c", "lb_policy: RANDOM")],
+        "cluster: c",
+    )))
+    .expect("random");
+    let accepted = st
+        .apply(full(&policy_doc(
+            &[("c", "lb_policy: LEAST_REQUEST")],
+            "cluster: c",
+        )))
+        .expect("least request");
+    let s = svc("10.96.0.1", 80, Protocol::Tcp);
+    assert!(accepted.table_changed);
+    assert_eq!(
+        accepted.changes[&s].as_ref().map(|x| x.policy),
+        Some(crate::model::LbPolicy::LeastConn { choices: 2 })
+    );
+    assert!(accepted.removed.is_empty(), "no endpoint removed");
+}

@@ -35,8 +35,28 @@ pub mod map_names {
     pub const REVERSE: &str = "SM_REVERSE";
     /// Node counters, per CPU (index in [`crate::counter`] → count).
     pub const COUNTERS: &str = "SM_COUNTERS";
+    /// Open connections per backend endpoint ([`crate::ConnKey`] → `u64`), for
+    /// least-connections services. Pinned apart from the layout's maps, under
+    /// `<bpffs>/conns-v<CONNS_VERSION>/` (see [`crate::CONNS_VERSION`]).
+    pub const BACKEND_CONNS: &str = "SM_BACKEND_CONNS";
+    /// Socket storage: the endpoint a socket was counted on ([`crate::SockConn`]),
+    /// pinned beside [`BACKEND_CONNS`].
+    pub const SOCK_CONNS: &str = "SM_SOCK_CONNS";
+    /// The maps pinned under the layout directory.
+    pub const LAYOUT: [&str; 6] = [SERVICES, SERVICE_STATS, SLOTS, BACKENDS, REVERSE, COUNTERS];
+    /// The maps pinned under the connection-tracking directory.
+    pub const CONNS: [&str; 2] = [BACKEND_CONNS, SOCK_CONNS];
     /// Every map of the object.
-    pub const ALL: [&str; 6] = [SERVICES, SERVICE_STATS, SLOTS, BACKENDS, REVERSE, COUNTERS];
+    pub const ALL: [&str; 8] = [
+        SERVICES,
+        SERVICE_STATS,
+        SLOTS,
+        BACKENDS,
+        REVERSE,
+        COUNTERS,
+        BACKEND_CONNS,
+        SOCK_CONNS,
+    ];
 }
 
 /// Read-only globals the agent sets at load (`EbpfLoader::override_global`).
@@ -73,6 +93,13 @@ pub const fn str_eq(a: &str, b: &str) -> bool {
 /// - 1: services, slots, backends, reverse translation, per-CPU node counters.
 /// - 2: adds `SM_SERVICE_STATS`, per-service counters.
 pub const LAYOUT_VERSION: u32 = 2;
+
+/// Version of the connection-tracking maps ([`map_names::CONNS`]). They are pinned
+/// under `<bpffs>/conns-v<CONNS_VERSION>/`, apart from the layout's directory,
+/// because the counts describe sockets, not the routing table: they must outlive a
+/// layout migration (the new layout's programs keep counting and releasing the
+/// same sockets). Bump it when [`ConnKey`] or [`SockConn`] changes shape.
+pub const CONNS_VERSION: u32 = 1;
 
 /// Most services (VIP, port, protocol) the service map holds. Sized for a large
 /// cluster (Kubernetes' default service CIDR /12 is far larger, but 64 Ki ports on
@@ -120,6 +147,20 @@ pub mod backend_state {
     /// backends exist); established connections keep working.
     pub const DRAINING: u8 = 1;
 }
+
+/// Load-balancing policies in [`ServiceValue::policy`]: how connect() picks among
+/// the service's slots.
+pub mod lb_policy {
+    /// One random slot (slots are weight-proportional): weighted random.
+    pub const RANDOM: u8 = 0;
+    /// [`crate::ServiceValue::choices`] random slots, and of their backends the one
+    /// with the fewest open connections (power of N choices, as Envoy's
+    /// `LEAST_REQUEST`); placed connections are counted per backend endpoint.
+    pub const LEAST_CONN: u8 = 1;
+}
+
+/// Most random choices a least-connections pick draws (the loop's bound).
+pub const MAX_CHOICES: u8 = 8;
 
 /// Indexes into the per-CPU counter array.
 pub mod counter {
@@ -174,8 +215,13 @@ pub struct ServiceValue {
     pub slot_count: u32,
     /// Published slot generation, 0 or 1.
     pub generation: u8,
+    /// One of [`lb_policy`] (0, weighted random, is what an agent that predates
+    /// policies wrote in this byte).
+    pub policy: u8,
+    /// Random choices of a least-connections pick, 1..=[`MAX_CHOICES`] (0: 1).
+    pub choices: u8,
     /// Always 0.
-    pub pad: [u8; 3],
+    pub pad: u8,
     /// Monotonic revision, bumped by every update of this service (diagnostics).
     pub revision: u32,
 }
@@ -251,8 +297,38 @@ pub struct ReverseValue {
     pub pad: [u8; 2],
 }
 
+/// Key of the open-connection counts: a backend endpoint (counted across every
+/// service it serves, as the pod's load is).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnKey {
+    /// IPv6 or IPv4-mapped address, network byte order.
+    pub addr: [u32; 4],
+    /// Port, network byte order.
+    pub port: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    /// Always 0.
+    pub pad: u8,
+}
+
+/// Socket storage of a socket connect() placed on a least-connections service:
+/// the endpoint it was counted on, released (once) when the socket goes away.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockConn {
+    pub endpoint: ConnKey,
+    /// 1 while the socket holds one count of `endpoint`.
+    pub counted: u8,
+    /// Always 0.
+    pub pad: [u8; 3],
+}
+
 const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 20);
+    assert!(core::mem::size_of::<ConnKey>() == 20);
+    assert!(core::mem::size_of::<SockConn>() == 24);
+    assert!(MAX_CHOICES >= 1);
     assert!(core::mem::size_of::<ServiceValue>() == 16);
     assert!(core::mem::size_of::<SlotKey>() == 8);
     assert!(core::mem::size_of::<ServiceStats>() == 16);
@@ -267,8 +343,8 @@ const _: () = {
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        BackendInfo, BackendKey, ReverseKey, ReverseValue, ServiceKey, ServiceStats, ServiceValue,
-        SlotKey,
+        BackendInfo, BackendKey, ConnKey, ReverseKey, ReverseValue, ServiceKey, ServiceStats,
+        ServiceValue, SlotKey, SockConn,
     };
 
     // SAFETY: all types are #[repr(C)], made only of integers, with every padding
@@ -288,6 +364,10 @@ mod pod {
     unsafe impl aya::Pod for ReverseKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ReverseValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ConnKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockConn {}
 }
 
 #[cfg(test)]

@@ -83,30 +83,76 @@ pub enum Picked<B> {
     /// A service with no active backend (`slot_count` 0).
     NoBackend,
     Backend(B),
+    /// A backend of a least-connections service: the caller counts the connection
+    /// on it.
+    Counted(B),
     /// The chosen slot did not resolve (see [`Slot::Missing`]); a retry reads the
     /// newly published service value.
     Raced,
 }
 
-/// Looks `key` up and resolves slot `random() % slot_count`. `random` is called
-/// only for a service with active backends.
+/// Looks `key` up and picks a backend. `random` is called only for a service with
+/// active backends: once for a weighted-random service (slot `random() %
+/// slot_count`), and, when `least` allows it, [`ServiceValue::choices`] times for a
+/// least-connections one, whose pick is the drawn backend with the smallest
+/// `load` (open connections; the first drawn among equals). Slots are
+/// weight-proportional, so a heavier backend is drawn more often: weights hold
+/// under both policies.
 #[inline(always)]
 pub fn pick<M: RoutingMaps>(
     maps: &M,
     key: &ServiceKey,
-    random: impl FnOnce() -> u32,
-) -> Result<Picked<M::Backend>, M::Error> {
+    least: bool,
+    mut random: impl FnMut() -> u32,
+    mut load: impl FnMut(&M::Backend) -> u64,
+) -> Result<Picked<M::Backend>, M::Error>
+where
+    M::Backend: Copy,
+{
     let Some(service) = maps.service(key)? else {
         return Ok(Picked::NotService);
     };
     if service.slot_count == 0 {
         return Ok(Picked::NoBackend);
     }
+    if !least || service.policy != crate::lb_policy::LEAST_CONN {
+        return Ok(match draw(maps, &service, random())? {
+            Some(b) => Picked::Backend(b),
+            None => Picked::Raced,
+        });
+    }
+    let choices = service.choices.clamp(1, crate::MAX_CHOICES);
+    let mut best: Option<(M::Backend, u64)> = None;
+    for i in 0..crate::MAX_CHOICES {
+        if i >= choices {
+            break;
+        }
+        let Some(b) = draw(maps, &service, random())? else {
+            return Ok(Picked::Raced);
+        };
+        let l = load(&b);
+        if best.is_none_or(|(_, least)| l < least) {
+            best = Some((b, l));
+        }
+    }
+    Ok(match best {
+        Some((b, _)) => Picked::Counted(b),
+        None => Picked::Raced,
+    })
+}
+
+/// The backend of slot `r % slot_count` (`None`: the slot did not resolve).
+#[inline(always)]
+fn draw<M: RoutingMaps>(
+    maps: &M,
+    service: &ServiceValue,
+    r: u32,
+) -> Result<Option<M::Backend>, M::Error> {
     // Below slot_count, which the agent keeps within MAX_SLOTS_PER_SERVICE (≤ 65,536).
-    let slot = (random() % service.slot_count) as u16;
-    Ok(match resolve_slot(maps, &service, slot)? {
-        Slot::Backend(b) => Picked::Backend(b),
-        Slot::Missing(_) => Picked::Raced,
+    let slot = (r % service.slot_count) as u16;
+    Ok(match resolve_slot(maps, service, slot)? {
+        Slot::Backend(b) => Some(b),
+        Slot::Missing(_) => None,
     })
 }
 
@@ -152,7 +198,9 @@ mod tests {
             id: 7,
             slot_count: 3,
             generation: 1,
-            pad: [0; 3],
+            policy: crate::lb_policy::RANDOM,
+            choices: 0,
+            pad: 0,
             revision: 1,
         };
         let mut m = Maps::default();
@@ -174,7 +222,7 @@ mod tests {
     }
 
     fn picked(m: &Maps, r: u32) -> Picked<u16> {
-        match pick(m, &KEY, || r) {
+        match pick(m, &KEY, true, || r, |_| 0) {
             Ok(p) => p,
             Err(never) => match never {},
         }
@@ -187,7 +235,7 @@ mod tests {
         assert_eq!(picked(&m, 4), Picked::Backend(600));
         assert_eq!(picked(&m, u32::MAX), Picked::Backend(500));
         let other = ServiceKey { port: 81, ..KEY };
-        assert_eq!(pick(&m, &other, || 0), Ok(Picked::NotService));
+        assert_eq!(pick(&m, &other, true, || 0, |_| 0), Ok(Picked::NotService));
     }
 
     #[test]
@@ -196,7 +244,13 @@ mod tests {
         if let Some(v) = m.services.get_mut(&KEY) {
             v.slot_count = 0;
         }
-        let r = pick(&m, &KEY, || panic!("no draw for an empty service"));
+        let r = pick(
+            &m,
+            &KEY,
+            true,
+            || panic!("no draw for an empty service"),
+            |_| 0,
+        );
         assert_eq!(r, Ok(Picked::NoBackend));
     }
 
@@ -218,6 +272,58 @@ mod tests {
                 Ok(Slot::Missing(slot_key(&value, 2))),
             ]
         );
+    }
+
+    #[test]
+    fn least_connections_draws_choices_and_takes_the_least_loaded() {
+        let mut m = maps();
+        if let Some(v) = m.services.get_mut(&KEY) {
+            v.policy = crate::lb_policy::LEAST_CONN;
+            v.choices = 2;
+        }
+        // Slots 0 and 1: backends 500 (3 open) and 600 (1 open).
+        let load = |b: &u16| if *b == 500 { 3 } else { 1 };
+        let mut draws = [0u32, 1].into_iter();
+        let r = pick(&m, &KEY, true, || draws.next().unwrap_or(0), load);
+        assert_eq!(r, Ok(Picked::Counted(600)));
+        // Equal loads: the first drawn.
+        let mut draws = [2u32, 1].into_iter();
+        let r = pick(&m, &KEY, true, || draws.next().unwrap_or(0), |_| 7);
+        assert_eq!(r, Ok(Picked::Counted(500)));
+        // An unconnected UDP pick (`least` false) stays one hashed draw, uncounted.
+        let r = pick(&m, &KEY, false, || 1, |_| panic!("no load read"));
+        assert_eq!(r, Ok(Picked::Backend(600)));
+        // choices 0 means 1; more than MAX_CHOICES is cut at it.
+        if let Some(v) = m.services.get_mut(&KEY) {
+            v.choices = 0;
+        }
+        let mut n = 0;
+        let _ = pick(
+            &m,
+            &KEY,
+            true,
+            || {
+                n += 1;
+                0
+            },
+            |_| 0,
+        );
+        assert_eq!(n, 1);
+        if let Some(v) = m.services.get_mut(&KEY) {
+            v.choices = u8::MAX;
+        }
+        let mut n = 0;
+        let _ = pick(
+            &m,
+            &KEY,
+            true,
+            || {
+                n += 1;
+                0
+            },
+            |_| 0,
+        );
+        assert_eq!(n, u32::from(crate::MAX_CHOICES));
     }
 
     #[test]

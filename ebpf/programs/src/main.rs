@@ -6,7 +6,10 @@
 
 #![no_std]
 #![no_main]
+// BPF inline assembly (the atomic add of `conns`): nightly-only on this target.
+#![feature(asm_experimental_arch)]
 
+mod conns;
 mod maps;
 mod sock_addr;
 mod xlate;

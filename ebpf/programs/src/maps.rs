@@ -20,13 +20,14 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    macros::map,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use sockmesh_common::{
-    BackendInfo, BackendKey, MAX_BACKENDS_TOTAL, MAX_REVERSE_ENTRIES, MAX_SERVICES,
+    BackendInfo, BackendKey, ConnKey, MAX_BACKENDS_TOTAL, MAX_REVERSE_ENTRIES, MAX_SERVICES,
     MAX_SLOTS_TOTAL, ReverseKey, ReverseValue, ServiceKey, ServiceStats, ServiceValue, SlotKey,
-    counter, map_names,
+    SockConn, counter, map_names,
 };
 
 /// Defines a map named `$name`. `#[map(name = …)]` takes only a string literal, so
@@ -115,6 +116,39 @@ named_map! {
     "SM_COUNTERS" == map_names::COUNTERS;
     pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
 }
+
+named_map! {
+    /// Open connections per backend endpoint, for least-connections services.
+    /// - key: [`ConnKey`] (endpoint address, port, protocol), across services
+    /// - value: `u64` connections placed on it by connect() and not yet released
+    /// - writer: connect4/6 add one (inserting the entry on first use) when they
+    ///   place a socket of a least-connections service; sock_release subtracts it
+    ///   (see `conns.rs`); the agent deletes entries at 0 of endpoints no service
+    ///   holds any more
+    /// - reader: connect4/6 (the least-loaded of the drawn backends); `/metrics`
+    /// - pinned under `<bpffs>/conns-v1/`, apart from the layout, so the counts
+    ///   survive a layout migration
+    /// - capacity: as `SM_BACKENDS` (`--max-backends`); a connection whose endpoint
+    ///   finds no room is placed but not counted
+    "SM_BACKEND_CONNS" == map_names::BACKEND_CONNS;
+    pub static BACKEND_CONNS: HashMap<ConnKey, u64> =
+        HashMap::pinned(MAX_BACKENDS_TOTAL, BPF_F_NO_PREALLOC);
+}
+
+const _: () = assert!(
+    sockmesh_common::str_eq("SM_SOCK_CONNS", map_names::SOCK_CONNS),
+    "map SM_SOCK_CONNS is not named as in sockmesh_common::map_names"
+);
+/// Socket storage: the endpoint a socket was counted on in `SM_BACKEND_CONNS`.
+/// - key: the socket (`BPF_MAP_TYPE_SK_STORAGE`); the kernel frees the value with
+///   the socket
+/// - value: [`SockConn`] (endpoint, whether it holds a count)
+/// - writer: connect4/6 (created on a least-connections placement); sock_release
+///   clears `counted` when it releases the count, so a socket releases once
+/// - pinned beside `SM_BACKEND_CONNS`: after an agent restart or a migration the
+///   new programs still find the storage of sockets placed before
+#[btf_map(name = "SM_SOCK_CONNS")]
+pub static SOCK_CONNS: SkStorage<SockConn> = SkStorage::new();
 
 /// Adds one to counter `index` on this CPU.
 #[inline(always)]

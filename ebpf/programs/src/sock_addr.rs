@@ -15,6 +15,7 @@ use sockmesh_common::{
 };
 
 use crate::{
+    conns,
     maps::count,
     xlate::{self, Addr, Forward, Pick},
 };
@@ -112,9 +113,13 @@ hook!(sock_addr hooks::GETPEERNAME6, getpeername6, fn sm_getpeername6(ctx) {
 });
 
 hook!(sock hooks::SOCK_RELEASE, sock_release,
-/// Drops the closing socket's reverse entry for its connected peer, so the reverse
+/// Releases the closing socket's open-connection count (least-connections
+/// services), and drops its reverse entry for its connected peer, so the reverse
 /// map holds only live sockets (unconnected UDP peers are left to the LRU).
 fn sm_sock_release(ctx) {
+    // First, whatever the socket's state: a failed connect may have cleared its
+    // peer, not its count.
+    conns::release(ctx.sock);
     // SAFETY: ctx.sock is the program's context; the verifier checks each field read.
     let (family, proto, port) = unsafe {
         let sk = &*ctx.sock;
@@ -183,12 +188,15 @@ fn forward(ctx: &SockAddrContext, family: Family, per_socket: bool) -> Verdict {
             count(counter::NO_BACKEND);
             Verdict::Refuse
         }
-        Forward::Redirect(backend) => {
+        Forward::Redirect { backend, counted } => {
             // An IPv4 socket can only be sent to an IPv4 backend (the agent never
             // mixes families in one service; this guards the invariant).
             if !sa.set_dst(family, backend) {
                 count(counter::NO_BACKEND);
                 return Verdict::Refuse;
+            }
+            if counted {
+                conns::place(ctx, conns::key(backend, proto));
             }
             xlate::remember(cookie, backend, vip);
             count(counter::REDIRECT);

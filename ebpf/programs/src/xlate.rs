@@ -8,7 +8,10 @@ use sockmesh_common::{
     resolve::{self, Picked, RoutingMaps},
 };
 
-use crate::maps::{BACKENDS, REVERSE, SERVICES, SLOTS, count, count_service};
+use crate::{
+    conns,
+    maps::{BACKENDS, REVERSE, SERVICES, SLOTS, count, count_service},
+};
 
 /// A socket address in map form.
 #[derive(Clone, Copy)]
@@ -22,8 +25,9 @@ pub struct Addr {
 pub enum Forward {
     /// Not a service address: leave the call alone.
     Pass,
-    /// A service with an active backend: send there.
-    Redirect(Addr),
+    /// A service with an active backend: send there; `counted`: a
+    /// least-connections service, whose placements are counted (`conns`).
+    Redirect { backend: Addr, counted: bool },
     /// A service without an active backend: refuse the call.
     NoBackend,
 }
@@ -74,7 +78,17 @@ pub fn forward(dst: Addr, proto: u8, pick: Pick) -> Forward {
         Picked::NotService => Forward::Pass,
         Picked::Backend(backend) => {
             count_service(&key, true);
-            Forward::Redirect(backend)
+            Forward::Redirect {
+                backend,
+                counted: false,
+            }
+        }
+        Picked::Counted(backend) => {
+            count_service(&key, true);
+            Forward::Redirect {
+                backend,
+                counted: true,
+            }
         }
         Picked::NoBackend | Picked::Raced => {
             count_service(&key, false);
@@ -85,7 +99,12 @@ pub fn forward(dst: Addr, proto: u8, pick: Pick) -> Forward {
 
 #[inline(always)]
 fn try_pick(key: &ServiceKey, pick: Pick) -> Picked<Addr> {
-    match resolve::pick(&Maps, key, || pick.value()) {
+    // A least-connections pick only for a fresh placement: an unconnected UDP
+    // socket's datagrams follow its hash, and are not connections to count.
+    let least = matches!(pick, Pick::Random);
+    let proto = key.proto;
+    let load = |b: &Addr| conns::load(&conns::key(*b, proto));
+    match resolve::pick(&Maps, key, least, || pick.value(), load) {
         Ok(picked) => picked,
         Err(never) => match never {},
     }
