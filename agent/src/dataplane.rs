@@ -354,6 +354,27 @@ pub fn read_service_counters(
     Ok(out)
 }
 
+/// Open connections counted per backend endpoint (least-connections services),
+/// by endpoint; an endpoint at 0 may be listed.
+pub fn read_conns(bpffs: &Path) -> Result<Vec<(crate::model::Endpoint, u64)>, DataplaneError> {
+    let entries = kernel::read_conns(&loader::conns_dir(bpffs))?;
+    let mut out: Vec<_> = entries
+        .into_iter()
+        .filter_map(|(k, n)| {
+            Some((
+                crate::model::Endpoint {
+                    addr: keys::words_to_ip(k.addr),
+                    port: keys::port_from_map(k.port),
+                    protocol: crate::model::Protocol::from_number(k.proto)?,
+                },
+                n,
+            ))
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
 /// One program's pinned link, as the kernel reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PinnedLinkInfo {

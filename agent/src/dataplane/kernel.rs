@@ -7,7 +7,8 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use sockmesh_common::{
-    BackendInfo, BackendKey, ServiceKey, ServiceStats, ServiceValue, SlotKey, counter, map_names,
+    BackendInfo, BackendKey, ConnKey, ServiceKey, ServiceStats, ServiceValue, SlotKey, counter,
+    map_names,
     resolve::{RoutingMaps, Slot, published_slots, resolve_slot},
 };
 
@@ -248,4 +249,14 @@ pub fn read_service_stats(
         out.push((key, sum));
     }
     Ok(out)
+}
+
+/// The open-connection counts pinned in `conns_dir` (`SM_BACKEND_CONNS`).
+pub fn read_conns(conns_dir: &Path) -> Result<Vec<(ConnKey, u64)>, DataplaneError> {
+    let name = map_names::BACKEND_CONNS;
+    let conv = |source| DataplaneError::Map { name, source };
+    let data = open_pin(conns_dir, name)?;
+    let map: HashMap<MapData, ConnKey, u64> =
+        HashMap::try_from(Map::HashMap(data)).map_err(conv)?;
+    map.iter().map(|entry| entry.map_err(conv)).collect()
 }

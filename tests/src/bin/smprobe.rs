@@ -17,6 +17,9 @@
 //!     every 50 ms until MILLIS pass or an error; one line each: NAME or E<errno>
 //! smprobe cc ADDR:PORT COUNT                          COUNT connect()+close() (RST,
 //!     no TIME_WAIT); prints COUNT FAILED MEAN_NS P50_NS P99_NS
+//! smprobe hold ADDR:PORT COUNT                        COUNT TCP connects one after
+//!     the other, each kept open; one line each: NAME|E<errno>, then `held`; closes
+//!     them all and exits when stdin closes (or a line arrives)
 //! ```
 
 use std::{
@@ -39,6 +42,7 @@ fn main() -> ExitCode {
         Some("cc") => connect_close(&args[1..]),
         Some("rate") => rate(&args[1..]),
         Some("udp-hold") => udp_hold(&args[1..]),
+        Some("hold") => hold(&args[1..]),
         _ => Err("usage: smprobe serve|connect|udp|peer ...".to_owned()),
     };
     match result {
@@ -135,6 +139,37 @@ fn connect(args: &[String]) -> Result<(), String> {
         }
     }
     out.flush().map_err(|e| e.to_string())
+}
+
+fn hold(args: &[String]) -> Result<(), String> {
+    let to = addr(args.first())?;
+    let count = number(args.get(1), 1)?;
+    let mut out = io::stdout().lock();
+    let mut open = Vec::new();
+    for _ in 0..count {
+        let what = match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+            Ok(mut s) => {
+                // The server sends its name and closes; the socket stays open here.
+                s.set_read_timeout(Some(Duration::from_secs(2)))
+                    .map_err(|e| e.to_string())?;
+                let mut name = String::new();
+                let name = match s.read_to_string(&mut name) {
+                    Ok(_) => name,
+                    Err(e) => errno(&e),
+                };
+                open.push(s);
+                name
+            }
+            Err(e) => errno(&e),
+        };
+        writeln!(out, "{what}").map_err(|e| e.to_string())?;
+    }
+    writeln!(out, "held").map_err(|e| e.to_string())?;
+    out.flush().map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    let _ = io::stdin().read_line(&mut line);
+    drop(open);
+    Ok(())
 }
 
 fn udp(args: &[String]) -> Result<(), String> {

@@ -1,0 +1,215 @@
+//! Least connections on real sockets: the kernel counts every connection it places
+//! on a least-connections service, spreads open connections evenly, keeps the
+//! counts across an agent restart, and releases every count when the sockets go
+//! away, failed connects included.
+
+use std::{
+    collections::BTreeMap,
+    io::Write as _,
+    net::IpAddr,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use sockmesh::model::{Backend, Endpoint, LbPolicy, Protocol, RoutingTable, Service, ServiceAddr};
+use sockmesh_tests::{
+    Bpffs, Cgroup, Lines, NetNs, Proc, command_in, install, pod_network, run, scaled, serve,
+    wait_until,
+};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
+
+/// Fields drop in order: datapath, pins, server, cgroup, namespaces.
+struct Lab {
+    dp: Option<sockmesh::dataplane::Datapath>,
+    bpffs: Bpffs,
+    _server: Proc,
+    cgroup: Cgroup,
+    client: NetNs,
+    _backend: NetNs,
+}
+
+/// Pods 10.10.1.11..13:8080 serve `b1`..`b3`; 10.10.1.14 has no server (its
+/// connects are refused).
+fn lab() -> Lab {
+    let client = NetNs::new();
+    let backend = NetNs::new();
+    let pods = pod_network(&client, &backend, 4);
+    let server = serve(
+        &backend,
+        PROBE,
+        pods.iter()
+            .take(3)
+            .zip(1..)
+            .map(|(ip, i)| format!("{ip}:8080=b{i}")),
+    );
+    let cgroup = Cgroup::new();
+    let bpffs = Bpffs::new();
+    let dp = install(&cgroup, &bpffs);
+    Lab {
+        dp: Some(dp),
+        bpffs,
+        _server: server,
+        cgroup,
+        client,
+        _backend: backend,
+    }
+}
+
+fn service() -> ServiceAddr {
+    ServiceAddr {
+        vip: IpAddr::from([10, 96, 0, 10]),
+        port: 80,
+        protocol: Protocol::Tcp,
+    }
+}
+
+fn backend(i: u8) -> Backend {
+    Backend::new(IpAddr::from([10, 10, 1, 10 + i]), 8080)
+}
+
+fn endpoint(i: u8) -> Endpoint {
+    Endpoint {
+        addr: IpAddr::from([10, 10, 1, 10 + i]),
+        port: 8080,
+        protocol: Protocol::Tcp,
+    }
+}
+
+fn least_conn(pods: &[u8], choices: u8) -> RoutingTable {
+    let mut t = RoutingTable::default();
+    t.insert(
+        service(),
+        Service::new(
+            pods.iter().map(|&i| backend(i)).collect(),
+            LbPolicy::LeastConn { choices },
+        ),
+    );
+    t
+}
+
+impl Lab {
+    fn apply(&mut self, t: &RoutingTable) {
+        self.dp.as_mut().expect("datapath").apply(t).expect("apply");
+    }
+
+    fn probe(&self) -> Command {
+        command_in(&self.client, Some(&self.cgroup), PROBE)
+    }
+
+    /// The kernel's open-connection counts, by endpoint (zeros left out).
+    fn counts(&self) -> BTreeMap<Endpoint, u64> {
+        sockmesh::dataplane::read_conns(&self.bpffs.0)
+            .expect("read SM_BACKEND_CONNS")
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+}
+
+/// A holder of `count` connections: their backends' names, and the process
+/// (closing its stdin makes it close them and exit).
+fn hold(lab: &Lab, count: u32) -> (BTreeMap<String, u64>, std::process::Child) {
+    let mut cmd = lab.probe();
+    cmd.args(["hold", "10.96.0.10:80", &count.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn holder");
+    let lines = Lines::of(&mut child);
+    let mut reached: BTreeMap<String, u64> = BTreeMap::new();
+    loop {
+        let line = lines.next("a held connection", scaled(Duration::from_secs(20)));
+        let line = line.trim();
+        if line == "held" {
+            break;
+        }
+        *reached.entry(line.to_owned()).or_default() += 1;
+    }
+    (reached, child)
+}
+
+fn release(mut holder: std::process::Child) {
+    if let Some(mut stdin) = holder.stdin.take() {
+        let _ = stdin.write_all(b"\n");
+    }
+    let status = holder.wait().expect("holder exits");
+    assert!(status.success(), "holder failed: {status}");
+}
+
+#[test]
+fn least_connections_spreads_open_connections_and_every_count_returns_to_zero() {
+    let mut lab = lab();
+    lab.apply(&least_conn(&[1, 2, 3], sockmesh_common::MAX_CHOICES));
+
+    // 60 connections held open: least connections keeps them even (20 each);
+    // a random pick would leave one backend outside 15..=25 in about one run of
+    // five.
+    let (reached, holder) = hold(&lab, 60);
+    assert_eq!(
+        reached.keys().collect::<Vec<_>>(),
+        ["b1", "b2", "b3"],
+        "{reached:?}"
+    );
+    for (name, n) in &reached {
+        assert!((15..=25).contains(n), "{name}: {n} of 60 ({reached:?})");
+    }
+    // The kernel counted each of them on its endpoint.
+    let want: BTreeMap<Endpoint, u64> = (1..=3u8)
+        .map(|i| (endpoint(i), reached[&format!("b{i}")]))
+        .collect();
+    assert_eq!(lab.counts(), want);
+
+    // An agent restart (the datapath dropped, installed again over its pins)
+    // keeps the counts: they describe sockets, which outlive the agent.
+    drop(lab.dp.take());
+    lab.dp = Some(install(&lab.cgroup, &lab.bpffs));
+    assert_eq!(lab.counts(), want, "counts lost across a restart");
+
+    // The sockets close: every count goes back to zero.
+    release(holder);
+    wait_until(
+        "every count released",
+        scaled(Duration::from_secs(5)),
+        || {
+            let c = lab.counts();
+            c.is_empty().then_some(()).ok_or(c)
+        },
+    );
+
+    // Thousands of connects, a quarter of them to a backend that refuses them:
+    // each socket is counted when placed and released when closed, a failed one
+    // too, and no count goes below zero (it would wrap to a huge value).
+    lab.apply(&least_conn(&[1, 2, 3, 4], 2));
+    let mut cmd = lab.probe();
+    cmd.args([
+        "connect",
+        "10.96.0.10:80",
+        "2000",
+        &scaled(Duration::from_secs(30)).as_millis().to_string(),
+    ]);
+    let out = run(cmd);
+    let lines: Vec<&str> = out.lines().collect();
+    let refused = lines.iter().filter(|l| l.ends_with(" E111")).count();
+    let served = lines
+        .iter()
+        .filter(|l| l.ends_with(" b1") || l.ends_with(" b2") || l.ends_with(" b3"))
+        .count();
+    assert!(lines.len() >= 500, "only {} connects ran", lines.len());
+    assert_eq!(refused + served, lines.len(), "unexpected outcomes: {out}");
+    assert!(
+        refused > 0 && served > 0,
+        "{refused} refused, {served} served"
+    );
+    wait_until(
+        "every count released after failed and served connects",
+        scaled(Duration::from_secs(5)),
+        || {
+            let c = lab.counts();
+            c.is_empty().then_some(()).ok_or(c)
+        },
+    );
+    eprintln!(
+        "least connections: held 60 as {reached:?}; {} connects ({refused} refused), all counts back to 0",
+        lines.len()
+    );
+}
