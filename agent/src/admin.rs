@@ -100,13 +100,14 @@ pub fn route(admin: &Admin, path: &str) -> Response<Full<Bytes>> {
     if path == "/healthz" {
         return reply(StatusCode::OK, "text/plain", "ok\n".into());
     }
-    let (counters, services) = if path == "/metrics" {
+    let (counters, services, conns) = if path == "/metrics" {
         (
             crate::dataplane::read_counters(&admin.bpffs).unwrap_or_default(),
             crate::dataplane::read_service_counters(&admin.bpffs).unwrap_or_default(),
+            crate::dataplane::read_conns(&admin.bpffs).unwrap_or_default(),
         )
     } else {
-        (Vec::new(), Vec::new())
+        (Vec::new(), Vec::new(), Vec::new())
     };
     let Ok(core) = admin.core.lock() else {
         return reply(
@@ -123,7 +124,7 @@ pub fn route(admin: &Admin, path: &str) -> Response<Full<Bytes>> {
         "/metrics" => reply(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics(&core, &counters, &services),
+            metrics(&core, &counters, &services, &conns),
         ),
         "/config_dump" => reply(StatusCode::OK, "application/json", config_dump(&core)),
         _ => reply(
@@ -170,6 +171,7 @@ pub fn metrics(
     core: &Core,
     kernel: &[(&str, u64)],
     services: &[(crate::model::ServiceAddr, sockmesh_common::ServiceStats)],
+    conns: &[(crate::model::Endpoint, u64)],
 ) -> String {
     use prometheus_client::{
         encoding::text::encode,
@@ -335,6 +337,20 @@ pub fn metrics(
         "sockmesh_service_no_backend",
         "Calls to the service refused (ECONNREFUSED) because it had no active backend",
         refused,
+    );
+    let open: Family<Labels, Gauge> = Family::default();
+    for (e, n) in conns.iter().filter(|(_, n)| *n > 0) {
+        let backend = match e.addr {
+            std::net::IpAddr::V4(ip) => format!("{ip}:{}/{}", e.port, e.protocol),
+            std::net::IpAddr::V6(ip) => format!("[{ip}]:{}/{}", e.port, e.protocol),
+        };
+        open.get_or_create(&vec![("backend".to_owned(), backend)])
+            .set(i64::try_from(*n).unwrap_or(i64::MAX));
+    }
+    r.register(
+        "sockmesh_backend_connections",
+        "Open connections the kernel placed on the backend for least-connections services (counted at connect, released when the socket closes)",
+        open,
     );
     let mut out = String::new();
     let _ = encode(&mut out, &r);

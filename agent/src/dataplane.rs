@@ -298,6 +298,49 @@ impl Datapath {
         self.writer.table()
     }
 
+    /// Deletes the open-connection counts at 0 of endpoints no service holds any
+    /// more (pods gone), so `SM_BACKEND_CONNS` does not fill with them; returns
+    /// how many. An entry with open connections stays until they close. (A connect
+    /// racing the delete can lose one count of an endpoint no service holds; its
+    /// release then finds no entry, and nothing goes below zero.)
+    pub fn sweep_conns(&mut self) -> Result<usize, DataplaneError> {
+        let live: std::collections::HashSet<sockmesh_common::ConnKey> = self
+            .writer
+            .table()
+            .services
+            .iter()
+            .flat_map(|(s, b)| {
+                b.iter().map(move |b| sockmesh_common::ConnKey {
+                    addr: keys::ip_to_words(b.address),
+                    port: keys::port_to_map(b.port),
+                    proto: s.protocol.number(),
+                    pad: 0,
+                })
+            })
+            .collect();
+        let name = sockmesh_common::map_names::BACKEND_CONNS;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::MissingMap { name })?;
+        let conv = |source| DataplaneError::Map { name, source };
+        let mut conns: aya::maps::HashMap<&mut aya::maps::MapData, sockmesh_common::ConnKey, u64> =
+            aya::maps::HashMap::try_from(map).map_err(conv)?;
+        let idle: Vec<sockmesh_common::ConnKey> = conns
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, n)| *n == 0 && !live.contains(k))
+            .map(|(k, _)| k)
+            .collect();
+        let mut removed = 0;
+        for k in idle {
+            if conns.remove(&k).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// What the kernel's maps hold (services, backends, slots).
     pub fn usage(&self) -> crate::model::Usage {
         self.writer.usage()

@@ -208,8 +208,156 @@ fn least_connections_spreads_open_connections_and_every_count_returns_to_zero() 
             c.is_empty().then_some(()).ok_or(c)
         },
     );
+    // Idle entries of endpoints still in a service stay; those of endpoints gone
+    // are swept, so the map does not fill with pods long dead.
+    let entries = |lab: &Lab| -> Vec<Endpoint> {
+        sockmesh::dataplane::read_conns(&lab.bpffs.0)
+            .expect("read")
+            .into_iter()
+            .map(|(e, _)| e)
+            .collect()
+    };
+    let dp = lab.dp.as_mut().expect("datapath");
+    assert_eq!(
+        dp.sweep_conns().expect("sweep"),
+        0,
+        "every endpoint is live"
+    );
+    assert_eq!(entries(&lab), (1..=4).map(endpoint).collect::<Vec<_>>());
+    lab.apply(&least_conn(&[1], 2));
+    let dp = lab.dp.as_mut().expect("datapath");
+    assert_eq!(dp.sweep_conns().expect("sweep"), 3);
+    assert_eq!(entries(&lab), [endpoint(1)]);
     eprintln!(
         "least connections: held 60 as {reached:?}; {} connects ({refused} refused), all counts back to 0",
         lines.len()
+    );
+}
+
+/// Istio's shapes: its default `LEAST_REQUEST` (with the locality-weighted
+/// config istiod adds) on one service, a DestinationRule `consistentHash` cluster
+/// (`MAGLEV`) on another.
+fn istio_clusters() -> String {
+    let service = |name: &str, vip: &str, cluster_fields: &str| {
+        format!(
+            r#"
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: {name}
+  address: {{ socket_address: {{ address: {vip}, port_value: 80 }} }}
+  filter_chains: [ {{ filters: [ {{ name: tcp, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: {name}, cluster: "outbound|80||{name}.default.svc.cluster.local" }} }} ] }} ]
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: "outbound|80||{name}.default.svc.cluster.local"
+  type: STATIC
+  {cluster_fields}
+  load_assignment:
+    cluster_name: "outbound|80||{name}.default.svc.cluster.local"
+    endpoints:
+    - locality: {{ region: r1, zone: z1 }}
+      lb_endpoints:
+      - endpoint: {{ address: {{ socket_address: {{ address: 10.10.1.11, port_value: 8080 }} }} }}
+      - endpoint: {{ address: {{ socket_address: {{ address: 10.10.1.12, port_value: 8080 }} }} }}
+"#
+        )
+    };
+    format!(
+        "version_info: istio\nresources:{}{}",
+        service(
+            "reviews",
+            "10.96.0.30",
+            "lb_policy: LEAST_REQUEST\n  common_lb_config: { locality_weighted_lb_config: {} }"
+        ),
+        service(
+            "ratings",
+            "10.96.0.31",
+            "lb_policy: MAGLEV\n  maglev_lb_config: { table_size: 65537 }"
+        ),
+    )
+}
+
+#[test]
+fn istio_least_request_clusters_are_placed_by_least_connections_and_shown() {
+    let pods = sockmesh_tests::TwoPods::serving(PROBE, ["r1", "r2"]);
+    let agent = sockmesh_tests::FileAgent::start("resources.yaml", &istio_clusters(), &[]);
+    let (admin, bpffs) = (&agent.admin, &agent.bpffs);
+    let policy = |vip: &str| {
+        sockmesh::dataplane::read_table(&bpffs.0)
+            .ok()
+            .and_then(|t| {
+                t.services
+                    .iter()
+                    .find(|(s, _)| s.vip.to_string() == vip)
+                    .map(|(_, s)| s.policy)
+            })
+    };
+    wait_until(
+        "both services in the kernel",
+        Duration::from_secs(15),
+        || policy("10.96.0.31").is_some(),
+    );
+    // The kernel holds each service's policy; MAGLEV falls back to weighted
+    // random until consistent hashing is in the kernel.
+    assert_eq!(
+        policy("10.96.0.30"),
+        Some(LbPolicy::LeastConn { choices: 2 })
+    );
+    assert_eq!(policy("10.96.0.31"), Some(LbPolicy::Random));
+    let dump = admin.dump();
+    let listed = |vip: &str| {
+        dump["services"]
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["vip"] == vip))
+            .map(|s| s["lb_policy"].clone())
+    };
+    assert_eq!(
+        listed("10.96.0.30"),
+        Some(serde_json::json!({ "least_conn": { "choices": 2 } })),
+        "{dump}"
+    );
+    assert_eq!(
+        listed("10.96.0.31"),
+        Some(serde_json::Value::Null),
+        "weighted random is the default and not listed: {dump}"
+    );
+
+    // Ten connections held through the least-request service (choice_count 2 of
+    // 2 pods: both draws land on the busier pod a quarter of the time, so not
+    // exactly 5 and 5; all 10 on one pod has a chance of 4e-6), each counted, as
+    // /metrics reports while they are open.
+    let mut cmd = command_in(&pods.client, Some(&agent.cgroup), PROBE);
+    cmd.args(["hold", "10.96.0.30:80", "10"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut holder = cmd.spawn().expect("holder");
+    let lines = Lines::of(&mut holder);
+    let mut reached: BTreeMap<String, u64> = BTreeMap::new();
+    loop {
+        let line = lines.next("a held connection", scaled(Duration::from_secs(20)));
+        if line.trim() == "held" {
+            break;
+        }
+        *reached.entry(line.trim().to_owned()).or_default() += 1;
+    }
+    assert_eq!(reached.values().sum::<u64>(), 10, "{reached:?}");
+    assert!(
+        reached.len() == 2 && reached.values().all(|n| (1..=9).contains(n)),
+        "{reached:?}"
+    );
+    for (pod, name) in [("10.10.1.11", "r1"), ("10.10.1.12", "r2")] {
+        let series = format!("sockmesh_backend_connections{{backend=\"{pod}:8080/tcp\"}}");
+        assert_eq!(
+            admin.metric(&series),
+            Some(reached[name] as f64),
+            "{series}"
+        );
+    }
+    release(holder);
+    wait_until(
+        "the gauges back to nothing",
+        Duration::from_secs(10),
+        || {
+            admin
+                .metric("sockmesh_backend_connections{backend=\"10.10.1.11:8080/tcp\"}")
+                .is_none()
+        },
     );
 }

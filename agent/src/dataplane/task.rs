@@ -88,6 +88,10 @@ pub trait TableSink: Send {
     fn retired(&self) -> Vec<u32> {
         Vec::new()
     }
+    /// Deletes idle open-connection counts of endpoints gone; returns how many.
+    fn sweep_conns(&mut self) -> Result<usize, SinkError> {
+        Ok(0)
+    }
 }
 
 impl TableSink for super::Datapath {
@@ -132,6 +136,10 @@ impl TableSink for super::Datapath {
     fn retired(&self) -> Vec<u32> {
         super::Datapath::retired(self).to_vec()
     }
+
+    fn sweep_conns(&mut self) -> Result<usize, SinkError> {
+        Ok(super::Datapath::sweep_conns(self)?)
+    }
 }
 
 /// Buckets of the update → kernel latency histogram (seconds): 50 µs … 1 s.
@@ -143,6 +151,9 @@ pub const LATENCY_BUCKETS: [f64; 12] = [
 /// (clusters or endpoints not received yet) before it goes live anyway, as Envoy's
 /// `initial_fetch_timeout` (15 s) bounds its own warming.
 pub const MIGRATION_WARMING_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Ticks (about a second each) between sweeps of idle connection counts.
+const CONN_SWEEP_TICKS: u64 = 60;
 
 /// Timing of the last kernel write, for logs, metrics and benchmarks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -265,6 +276,7 @@ impl DatapathHandle {
             pushed: false,
             first_push: None,
             latency: latency.clone(),
+            ticks: 0,
         };
         let (status_tx, status) = watch::channel(task.status.clone());
         let (tx, rx) = mpsc::channel();
@@ -384,6 +396,8 @@ struct Task {
     /// happened, which starts the warming timeout.
     first_push: Option<Instant>,
     latency: Histogram,
+    /// Ticks handled (for the periodic sweep).
+    ticks: u64,
 }
 
 impl Task {
@@ -403,6 +417,19 @@ impl Task {
                 }
                 Command::Tick { warming, now } => {
                     self.maybe_go_live(warming, now);
+                    self.ticks += 1;
+                    if self.ticks % CONN_SWEEP_TICKS == 0 {
+                        match self.sink.sweep_conns() {
+                            Ok(0) => {}
+                            Ok(n) => info!(
+                                entries = n,
+                                "deleted idle connection counts of endpoints gone"
+                            ),
+                            Err(e) => {
+                                warn!(error = %chain(&e), "sweeping idle connection counts failed")
+                            }
+                        }
+                    }
                     None
                 }
                 Command::Flush(done) => Some(done),
