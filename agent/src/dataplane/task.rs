@@ -418,7 +418,7 @@ impl Task {
                 Command::Tick { warming, now } => {
                     self.maybe_go_live(warming, now);
                     self.ticks += 1;
-                    if self.ticks % CONN_SWEEP_TICKS == 0 {
+                    if self.ticks.is_multiple_of(CONN_SWEEP_TICKS) {
                         match self.sink.sweep_conns() {
                             Ok(0) => {}
                             Ok(n) => info!(
