@@ -142,8 +142,8 @@ fn least_connections_spreads_open_connections_and_every_count_returns_to_zero() 
     lab.apply(&least_conn(&[1, 2, 3], sockmesh_common::MAX_CHOICES));
 
     // 60 connections held open: least connections keeps them even (20 each);
-    // a random pick would leave one backend outside 15..=25 in about one run of
-    // five.
+    // a random pick would leave a backend outside 15..=25 in about a third of
+    // runs.
     let (reached, holder) = hold(&lab, 60);
     assert_eq!(
         reached.keys().collect::<Vec<_>>(),
