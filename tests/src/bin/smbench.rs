@@ -60,6 +60,9 @@ fn main() -> std::process::ExitCode {
     if only.is_none_or(|o| o == "connect") {
         report.insert("connect_cost".into(), connect_cost(&probe));
     }
+    if only.is_none_or(|o| o == "least_conn") {
+        report.insert("least_conn".into(), least_conn_bench(&probe));
+    }
     let text = serde_json::to_string_pretty(&Value::Object(report)).unwrap_or_default();
     if let Some(dir) = report_path.parent() {
         let _ = std::fs::create_dir_all(dir);
@@ -697,6 +700,140 @@ fn http_rps() -> Value {
 
 /// Churn with a real HTTP client and nginx pods: 1,000 requests/s, a new connection
 /// each, while the control plane does 100 rolling-update steps and 100 scale steps.
+/// New connections per second of the least-connections scenario, for how long,
+/// and how long the fast backends hold each connection (the slow one 10×).
+const LC_RATE: u32 = 300;
+const LC_MILLIS: u32 = 8_000;
+const LC_HOLD_MS: u32 = 20;
+
+/// Least connections under long-lived connections: 3 backends, one of which holds
+/// its connections 10× longer, the same open-loop load under weighted random and
+/// under least connections (Envoy's default `choice_count` 2), one after the
+/// other on one datapath. Reports each backend's share of new connections and its
+/// peak of open connections, and the peak spread (most / fewest).
+fn least_conn_bench(probe: &Path) -> Value {
+    use sockmesh::model::{LbPolicy, Service};
+    let client = NetNs::new();
+    let backend = NetNs::new();
+    let pods = sockmesh_tests::pod_network(&client, &backend, 3);
+    let hold = |i: usize| if i == 0 { LC_HOLD_MS * 10 } else { LC_HOLD_MS };
+    let _server = sockmesh_tests::serve(
+        &backend,
+        probe,
+        pods.iter()
+            .enumerate()
+            .map(|(i, ip)| format!("{ip}:8080=b{}@{}", i + 1, hold(i))),
+    );
+    let cgroup = Cgroup::new();
+    let bpffs = Bpffs::new();
+    let mut dp = install(&cgroup, &bpffs);
+    let vip = ServiceAddr {
+        vip: IpAddr::from([10, 96, 0, 50]),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    let mut rows = serde_json::Map::new();
+    say(&format!(
+        "least_conn: {LC_RATE} new connections/s for {LC_MILLIS} ms; b1 holds each {} ms, b2 and b3 {LC_HOLD_MS} ms",
+        LC_HOLD_MS * 10
+    ));
+    say(
+        "| policy | b1 (slow) share / peak open | b2 share / peak | b3 share / peak | peak spread (most ÷ fewest) | most ÷ even | failed |",
+    );
+    say("|---|---|---|---|---|---|---|");
+    for (label, policy) in [
+        ("random", LbPolicy::Random),
+        (
+            "least_conn",
+            LbPolicy::LeastConn {
+                choices: LbPolicy::DEFAULT_CHOICES,
+            },
+        ),
+        ("least_conn_3", LbPolicy::LeastConn { choices: 3 }),
+    ] {
+        let mut t = RoutingTable::default();
+        t.insert(
+            vip,
+            Service::new(
+                pods.iter().map(|ip| Backend::new(*ip, 8080)).collect(),
+                policy,
+            ),
+        );
+        if let Err(e) = dp.apply(&t) {
+            return json!({"error": e.to_string()});
+        }
+        let mut cmd = command_in(&client, Some(&cgroup), probe);
+        cmd.args([
+            "load",
+            "10.96.0.50:80",
+            &LC_RATE.to_string(),
+            &LC_MILLIS.to_string(),
+        ]);
+        let out = run(cmd);
+        let mut backends = serde_json::Map::new();
+        let mut failed = 0u64;
+        let (mut total, mut peaks) = (0u64, Vec::new());
+        for line in out.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            match f.as_slice() {
+                ["failed", n] => failed = n.parse().unwrap_or(0),
+                [name, opened, peak] => {
+                    let (opened, peak): (u64, u64) =
+                        (opened.parse().unwrap_or(0), peak.parse().unwrap_or(0));
+                    total += opened;
+                    peaks.push(peak);
+                    backends.insert(
+                        (*name).to_owned(),
+                        json!({"new": opened, "peak_open": peak}),
+                    );
+                }
+                _ => {}
+            }
+        }
+        let spread = match (peaks.iter().max(), peaks.iter().min()) {
+            (Some(&most), Some(&fewest)) if fewest > 0 => most as f64 / fewest as f64,
+            _ => f64::INFINITY,
+        };
+        // The busiest backend's peak against an even split of all the peaks.
+        let even = peaks.iter().sum::<u64>() as f64 / peaks.len().max(1) as f64;
+        let of_even = peaks
+            .iter()
+            .max()
+            .map_or(0.0, |&m| m as f64 / even.max(1.0));
+        let cell = |name: &str| {
+            let b = &backends[name];
+            let new = b["new"].as_u64().unwrap_or(0);
+            format!(
+                "{:.0} % / {}",
+                100.0 * new as f64 / total.max(1) as f64,
+                b["peak_open"]
+            )
+        };
+        if backends.len() == 3 {
+            say(&format!(
+                "| {label} | {} | {} | {} | ×{spread:.1} | ×{of_even:.2} | {failed} |",
+                cell("b1"),
+                cell("b2"),
+                cell("b3")
+            ));
+        } else {
+            say(&format!(
+                "| {label} | backends reached: {backends:?} | | | | | {failed} |"
+            ));
+        }
+        rows.insert(
+            label.to_owned(),
+            json!({"backends": backends, "peak_spread": spread, "peak_of_even": of_even, "failed": failed, "total": total}),
+        );
+    }
+    json!({
+        "rate_per_s": LC_RATE,
+        "millis": LC_MILLIS,
+        "hold_ms": {"b1": LC_HOLD_MS * 10, "b2": LC_HOLD_MS, "b3": LC_HOLD_MS},
+        "policies": rows,
+    })
+}
+
 fn churn_bench(bin_dir: &Path) -> Value {
     use sockmesh_tests::{churn, control_plane::ControlPlane, sockmesh_bin_in};
     let Ok(rt) = tokio::runtime::Runtime::new() else {

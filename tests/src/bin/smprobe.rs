@@ -2,8 +2,10 @@
 //! in (see `sockmesh_tests::Spawn`).
 //!
 //! ```text
-//! smprobe serve ADDR:PORT=NAME [ADDR:PORT=NAME ...]   TCP: send NAME, close.
-//!                                                     UDP (prefix udp:): reply NAME.
+//! smprobe serve ADDR:PORT=NAME [ADDR:PORT=NAME ...]   TCP: send NAME, close
+//!                                                     (NAME@MILLIS: close MILLIS
+//!                                                     after sending). UDP (prefix
+//!                                                     udp:): reply NAME.
 //! smprobe connect ADDR:PORT COUNT [MILLIS]            COUNT TCP connects (or until
 //!     MILLIS have passed); one line each: START_NS END_NS NAME|E<errno>
 //!     START/END are CLOCK_MONOTONIC, comparable with the caller's clock.
@@ -17,6 +19,9 @@
 //!     every 50 ms until MILLIS pass or an error; one line each: NAME or E<errno>
 //! smprobe cc ADDR:PORT COUNT                          COUNT connect()+close() (RST,
 //!     no TIME_WAIT); prints COUNT FAILED MEAN_NS P50_NS P99_NS
+//! smprobe load ADDR:PORT RATE MILLIS                  open loop: RATE connects/s for
+//!     MILLIS, each read to the server's close; prints per backend NAME NEW PEAK
+//!     (connections opened, most open at once), then `failed N`
 //! smprobe hold ADDR:PORT COUNT                        COUNT TCP connects one after
 //!     the other, each kept open; one line each: NAME|E<errno>, then `held`; closes
 //!     them all and exits when stdin closes (or a line arrives)
@@ -43,6 +48,7 @@ fn main() -> ExitCode {
         Some("rate") => rate(&args[1..]),
         Some("udp-hold") => udp_hold(&args[1..]),
         Some("hold") => hold(&args[1..]),
+        Some("load") => load(&args[1..]),
         _ => Err("usage: smprobe serve|connect|udp|peer ...".to_owned()),
     };
     match result {
@@ -72,6 +78,13 @@ fn serve(specs: &[String]) -> Result<(), String> {
         };
         let (at, name) = spec.split_once('=').ok_or("serve wants ADDR:PORT=NAME")?;
         let at: SocketAddr = at.parse().map_err(|e| format!("{at}: {e}"))?;
+        let (name, hold) = match name.split_once('@') {
+            Some((n, ms)) => (
+                n,
+                Duration::from_millis(ms.parse().map_err(|e| format!("{ms}: {e}"))?),
+            ),
+            None => (name, Duration::ZERO),
+        };
         let name = name.as_bytes().to_vec();
         if udp {
             let sock = UdpSocket::bind(at).map_err(|e| format!("bind udp {at}: {e}"))?;
@@ -91,6 +104,13 @@ fn serve(specs: &[String]) -> Result<(), String> {
                 handles.push(thread::spawn(move || {
                     for mut conn in listener.incoming().flatten() {
                         let _ = conn.write_all(&name);
+                        if !hold.is_zero() {
+                            // Held open, then closed, on a thread of its own.
+                            thread::spawn(move || {
+                                thread::sleep(hold);
+                                drop(conn);
+                            });
+                        }
                     }
                 }));
             }
@@ -139,6 +159,67 @@ fn connect(args: &[String]) -> Result<(), String> {
         }
     }
     out.flush().map_err(|e| e.to_string())
+}
+
+fn load(args: &[String]) -> Result<(), String> {
+    use std::{
+        collections::BTreeMap,
+        sync::{Arc, Mutex},
+    };
+    let to = addr(args.first())?;
+    let rate = number(args.get(1), 100)?.max(1);
+    let limit = Duration::from_millis(number(args.get(2), 5_000)?);
+    // Per backend: (opened, open now, most open at once); failures.
+    type Tally = BTreeMap<String, (u64, u64, u64)>;
+    let tally: Arc<Mutex<(Tally, u64)>> = Arc::default();
+    let started = Instant::now();
+    let gap = Duration::from_secs(1) / u32::try_from(rate).unwrap_or(u32::MAX);
+    let mut workers = Vec::new();
+    let mut next = started;
+    while started.elapsed() < limit {
+        let tally = tally.clone();
+        workers.push(thread::spawn(move || {
+            let Ok(mut s) = TcpStream::connect_timeout(&to, Duration::from_secs(2)) else {
+                if let Ok(mut t) = tally.lock() {
+                    t.1 += 1;
+                }
+                return;
+            };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+            // The name arrives first; the socket stays open until the server closes.
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf).unwrap_or(0);
+            let name = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if let Ok(mut t) = tally.lock() {
+                let e = t.0.entry(name.clone()).or_default();
+                e.0 += 1;
+                e.1 += 1;
+                e.2 = e.2.max(e.1);
+            }
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+            drop(s);
+            if let Ok(mut t) = tally.lock() {
+                if let Some(e) = t.0.get_mut(&name) {
+                    e.1 -= 1;
+                }
+            }
+        }));
+        next += gap;
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            thread::sleep(wait);
+        }
+    }
+    for w in workers {
+        let _ = w.join();
+    }
+    let t = tally.lock().map_err(|_| "tally poisoned".to_owned())?;
+    let mut out = io::stdout().lock();
+    for (name, (opened, _, peak)) in &t.0 {
+        writeln!(out, "{name} {opened} {peak}").map_err(|e| e.to_string())?;
+    }
+    writeln!(out, "failed {}", t.1).map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 fn hold(args: &[String]) -> Result<(), String> {
