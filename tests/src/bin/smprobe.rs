@@ -199,10 +199,10 @@ fn load(args: &[String]) -> Result<(), String> {
             let mut rest = Vec::new();
             let _ = s.read_to_end(&mut rest);
             drop(s);
-            if let Ok(mut t) = tally.lock() {
-                if let Some(e) = t.0.get_mut(&name) {
-                    e.1 -= 1;
-                }
+            if let Ok(mut t) = tally.lock()
+                && let Some(e) = t.0.get_mut(&name)
+            {
+                e.1 -= 1;
             }
         }));
         next += gap;
