@@ -130,7 +130,7 @@ fn connect_cost(probe: &Path) -> Value {
     veth(&client, "10.10.1.1/24", &backend, "10.10.1.11/24");
     // Every (round, path) run gets its own backend port, so no 4-tuple is reused
     // while an earlier connection to it is in TIME_WAIT.
-    let runs = (ROUNDS + 1) * 4;
+    let runs = (ROUNDS + 1) * 5;
     let port = |run: usize| 9000 + u16::try_from(run).unwrap_or(0);
     let mut serve = command_in(&backend, None, probe);
     serve.arg("serve");
@@ -149,6 +149,22 @@ fn connect_cost(probe: &Path) -> Value {
                 protocol: Protocol::Tcp,
             },
             vec![Backend::new(IpAddr::from([10, 10, 1, 11]), port(r))],
+        );
+        // The same under least connections (Istio's default policy): two draws,
+        // the socket's storage and the count's atomic add on every connect, the
+        // release at close.
+        table.insert(
+            ServiceAddr {
+                vip: IpAddr::from([10, 96, 0, 3]),
+                port: port(r) + 2000,
+                protocol: Protocol::Tcp,
+            },
+            sockmesh::model::Service::new(
+                vec![Backend::new(IpAddr::from([10, 10, 1, 11]), port(r))],
+                sockmesh::model::LbPolicy::LeastConn {
+                    choices: sockmesh::model::LbPolicy::DEFAULT_CHOICES,
+                },
+            ),
         );
     }
     if let Err(e) = dp.apply(&table) {
@@ -175,11 +191,12 @@ fn connect_cost(probe: &Path) -> Value {
             return json!({"error": e});
         }
     };
-    let paths: [(&str, bool, &str); 4] = [
+    let paths: [(&str, bool, &str); 5] = [
         ("direct, no program", false, "10.10.1.11"),
         ("direct, program (miss)", true, "10.10.1.11"),
         ("VIP, sockmesh (rewrite)", true, "10.96.0.1"),
         ("VIP, iptables DNAT", false, "10.96.0.2"),
+        ("VIP, sockmesh least conn", true, "10.96.0.3"),
     ];
     let mut means = vec![Vec::new(); paths.len()];
     let mut p50s = vec![Vec::new(); paths.len()];
@@ -192,7 +209,12 @@ fn connect_cost(probe: &Path) -> Value {
         for k in 0..paths.len() {
             let i = (round + k) % paths.len();
             let (_, in_cgroup, addr) = &paths[i];
-            let run_port = port(round * paths.len() + i) + if i == 2 { 1000 } else { 0 };
+            let run_port = port(round * paths.len() + i)
+                + match i {
+                    2 => 1000,
+                    4 => 2000,
+                    _ => 0,
+                };
             // (the iptables path keeps the port: 10.96.0.2:P → 10.10.1.11:P)
             let ns = if i == 3 { &ipt_client } else { &client };
             let mut cmd = command_in(ns, in_cgroup.then_some(&cgroup), probe);
