@@ -33,7 +33,11 @@ impl ServicesArgs {
 }
 
 fn write_text(out: &mut impl io::Write, services: &[ServiceJson]) -> io::Result<()> {
-    writeln!(out, "{:<40} {:<5} BACKENDS", "SERVICE", "PROTO")?;
+    writeln!(
+        out,
+        "{:<40} {:<5} {:<14} BACKENDS",
+        "SERVICE", "PROTO", "POLICY"
+    )?;
     for s in services {
         let vip = match s.vip {
             std::net::IpAddr::V4(ip) => format!("{ip}:{}", s.port),
@@ -54,7 +58,15 @@ fn write_text(out: &mut impl io::Write, services: &[ServiceJson]) -> io::Result<
         } else {
             backends.join(", ")
         };
-        writeln!(out, "{vip:<40} {:<5} {list}", s.protocol.to_string())?;
+        let policy = match s.lb_policy {
+            crate::model::LbPolicy::Random => "random".to_owned(),
+            crate::model::LbPolicy::LeastConn { choices } => format!("least_conn/{choices}"),
+        };
+        writeln!(
+            out,
+            "{vip:<40} {:<5} {policy:<14} {list}",
+            s.protocol.to_string()
+        )?;
     }
     Ok(())
 }
@@ -69,7 +81,8 @@ mod tests {
             r#"[{"vip":"10.96.0.1","port":80,"protocol":"tcp",
                  "backends":[{"address":"10.1.0.2","port":8080,"weight":2}],
                  "draining":[{"address":"10.1.0.3","port":8080}]},
-                {"vip":"fd00::1","port":53,"protocol":"udp","backends":[]}]"#,
+                {"vip":"fd00::1","port":53,"protocol":"udp","backends":[],
+                 "lb_policy":{"least_conn":{"choices":2}}}]"#,
         )
         .expect("table");
         let mut out = Vec::new();
@@ -79,14 +92,14 @@ mod tests {
         assert_eq!(
             lines,
             [
-                format!("{:<40} {:<5} BACKENDS", "SERVICE", "PROTO"),
+                format!("{:<40} {:<5} {:<14} BACKENDS", "SERVICE", "PROTO", "POLICY"),
                 format!(
-                    "{:<40} {:<5} 10.1.0.2:8080 (w2), 10.1.0.3:8080 (draining)",
-                    "10.96.0.1:80", "tcp"
+                    "{:<40} {:<5} {:<14} 10.1.0.2:8080 (w2), 10.1.0.3:8080 (draining)",
+                    "10.96.0.1:80", "tcp", "random"
                 ),
                 format!(
-                    "{:<40} {:<5} (none: connections refused)",
-                    "[fd00::1]:53", "udp"
+                    "{:<40} {:<5} {:<14} (none: connections refused)",
+                    "[fd00::1]:53", "udp", "least_conn/2"
                 ),
             ]
         );
