@@ -647,7 +647,12 @@ impl FileAgent {
             .args(admin.args())
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            // SM_AGENT_STDERR=1 shows the agent's log (debugging a test).
+            .stderr(if std::env::var_os("SM_AGENT_STDERR").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .expect("agent");
         Self {
