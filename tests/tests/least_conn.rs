@@ -107,11 +107,17 @@ impl Lab {
     }
 }
 
-/// A holder of `count` connections: their backends' names, and the process
-/// (closing its stdin makes it close them and exit).
-fn hold(lab: &Lab, count: u32) -> (BTreeMap<String, u64>, std::process::Child) {
-    let mut cmd = lab.probe();
-    cmd.args(["hold", "10.96.0.10:80", &count.to_string()])
+/// A holder of `count` connections to `vip` from `client` in `cgroup`: their
+/// backends' names, and the process (closing its stdin makes it close them and
+/// exit).
+fn hold(
+    client: &NetNs,
+    cgroup: &Cgroup,
+    vip: &str,
+    count: u32,
+) -> (BTreeMap<String, u64>, std::process::Child) {
+    let mut cmd = command_in(client, Some(cgroup), PROBE);
+    cmd.args(["hold", vip, &count.to_string()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn holder");
@@ -144,7 +150,7 @@ fn least_connections_spreads_open_connections_and_every_count_returns_to_zero() 
     // 60 connections held open: least connections keeps them even (20 each);
     // a random pick would leave a backend outside 15..=25 in about a third of
     // runs.
-    let (reached, holder) = hold(&lab, 60);
+    let (reached, holder) = hold(&lab.client, &lab.cgroup, "10.96.0.10:80", 60);
     assert_eq!(
         reached.keys().collect::<Vec<_>>(),
         ["b1", "b2", "b3"],
@@ -323,20 +329,7 @@ fn istio_least_request_clusters_are_placed_by_least_connections_and_shown() {
     // 2 pods: both draws land on the busier pod a quarter of the time, so not
     // exactly 5 and 5; all 10 on one pod has a chance of 4e-6), each counted, as
     // /metrics reports while they are open.
-    let mut cmd = command_in(&pods.client, Some(&agent.cgroup), PROBE);
-    cmd.args(["hold", "10.96.0.30:80", "10"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
-    let mut holder = cmd.spawn().expect("holder");
-    let lines = Lines::of(&mut holder);
-    let mut reached: BTreeMap<String, u64> = BTreeMap::new();
-    loop {
-        let line = lines.next("a held connection", scaled(Duration::from_secs(20)));
-        if line.trim() == "held" {
-            break;
-        }
-        *reached.entry(line.trim().to_owned()).or_default() += 1;
-    }
+    let (reached, holder) = hold(&pods.client, &agent.cgroup, "10.96.0.30:80", 10);
     assert_eq!(reached.values().sum::<u64>(), 10, "{reached:?}");
     assert!(
         reached.len() == 2 && reached.values().all(|n| (1..=9).contains(n)),

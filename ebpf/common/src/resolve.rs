@@ -294,36 +294,20 @@ mod tests {
         let r = pick(&m, &KEY, false, || 1, |_| panic!("no load read"));
         assert_eq!(r, Ok(Picked::Backend(600)));
         // choices 0 means 1; more than MAX_CHOICES is cut at it.
-        if let Some(v) = m.services.get_mut(&KEY) {
-            v.choices = 0;
-        }
-        let mut n = 0;
-        let _ = pick(
-            &m,
-            &KEY,
-            true,
-            || {
+        let mut draws = |choices: u8| {
+            if let Some(v) = m.services.get_mut(&KEY) {
+                v.choices = choices;
+            }
+            let mut n = 0u32;
+            let count = || {
                 n += 1;
                 0
-            },
-            |_| 0,
-        );
-        assert_eq!(n, 1);
-        if let Some(v) = m.services.get_mut(&KEY) {
-            v.choices = u8::MAX;
-        }
-        let mut n = 0;
-        let _ = pick(
-            &m,
-            &KEY,
-            true,
-            || {
-                n += 1;
-                0
-            },
-            |_| 0,
-        );
-        assert_eq!(n, u32::from(crate::MAX_CHOICES));
+            };
+            let _ = pick(&m, &KEY, true, count, |_| 0);
+            n
+        };
+        assert_eq!(draws(0), 1);
+        assert_eq!(draws(u8::MAX), u32::from(crate::MAX_CHOICES));
     }
 
     #[test]
