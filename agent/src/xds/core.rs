@@ -7,6 +7,7 @@ use std::{
     time::Instant,
 };
 
+use sockmesh_proto::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -178,6 +179,24 @@ impl Core {
     pub fn source_error(&mut self, error: String) {
         self.source_errors += 1;
         self.source_last_error = Some(error);
+    }
+
+    /// A text source's parsed document: its opaque configs counted, or its error
+    /// recorded.
+    pub fn document<E: std::fmt::Display>(
+        &mut self,
+        parsed: Result<(DiscoveryResponse, super::opaque::OpaqueTypes), E>,
+    ) -> Result<DiscoveryResponse, E> {
+        match parsed {
+            Ok((resp, opaque)) => {
+                self.note_opaque(opaque);
+                Ok(resp)
+            }
+            Err(e) => {
+                self.source_error(e.to_string());
+                Err(e)
+            }
+        }
     }
 
     /// What the datapath task reports: what the kernel's maps hold (not what the

@@ -63,16 +63,7 @@ pub fn load_once(path: &Path, core: &Arc<Mutex<Core>>) -> Result<Written, LoadEr
             })
         });
     let mut c = core.lock().map_err(|_| LoadError::Poisoned)?;
-    let resp = match parsed {
-        Ok((resp, opaque)) => {
-            c.note_opaque(opaque);
-            resp
-        }
-        Err(e) => {
-            c.source_error(e.to_string());
-            return Err(e);
-        }
-    };
+    let resp = c.document(parsed)?;
     c.source = SourceState::Connected;
     c.handle(
         Update::Full {

@@ -151,16 +151,7 @@ async fn poll(
         });
     let written = {
         let mut c = core.lock().map_err(|_| PollError::Poisoned)?;
-        let resp = match parsed {
-            Ok((resp, opaque)) => {
-                c.note_opaque(opaque);
-                resp
-            }
-            Err(e) => {
-                c.source_error(e.to_string());
-                return Err(e);
-            }
-        };
+        let resp = c.document(parsed)?;
         if resp.version_info == c.state().version(kind) && !resp.version_info.is_empty() {
             return Ok(());
         }
