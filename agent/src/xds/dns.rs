@@ -68,8 +68,16 @@ pub struct Round {
 
 impl Round {
     /// `previous` updated with this round: answered hosts replaced, failed hosts
-    /// keep their last good addresses (none if they never had any).
+    /// keep their last good addresses (none if they never had any). While nothing
+    /// is known of any host (every one failed, none ever answered) there are no
+    /// answers at all, so the cluster keeps warming and its services keep what
+    /// they had: after an agent restart during a DNS outage, the backends the
+    /// kernel still holds.
     pub fn merge_into(&self, previous: &DnsAnswers, hosts: &[String]) -> DnsAnswers {
+        let known = |h: &String| self.answered.contains_key(h) || previous.contains_key(h);
+        if !hosts.iter().any(known) {
+            return DnsAnswers::new();
+        }
         hosts
             .iter()
             .map(|h| {
@@ -320,18 +328,48 @@ mod tests {
             ]
             .into()
         );
+        // A first round where one host answers: the failed one gets no address,
+        // and every host is present, so the cluster initializes.
         let first = Round {
+            answered: [("b.example".to_owned(), vec![ip("10.0.0.2")])].into(),
             failed: [("a.example".to_owned(), "timeout".to_owned())].into(),
-            ..Round::default()
+            ttl: None,
         };
         assert_eq!(
             first.merge_into(&DnsAnswers::new(), &hosts),
             [
                 ("a.example".to_owned(), vec![]),
-                ("b.example".to_owned(), vec![])
+                ("b.example".to_owned(), vec![ip("10.0.0.2")])
+            ]
+            .into()
+        );
+        // Nothing known of any host (all failed, none ever answered): no answers,
+        // the cluster keeps warming and its services what they had.
+        let outage = Round {
+            failed: [
+                ("a.example".to_owned(), "timeout".to_owned()),
+                ("b.example".to_owned(), "SERVFAIL".to_owned()),
             ]
             .into(),
-            "every host is present after the first round, so the cluster initializes"
+            ..Round::default()
+        };
+        assert_eq!(
+            outage.merge_into(&DnsAnswers::new(), &hosts),
+            DnsAnswers::new()
+        );
+        // "No such name" is an answer: the cluster initializes with no address.
+        let gone = Round {
+            answered: [("a.example".to_owned(), vec![])].into(),
+            failed: [("b.example".to_owned(), "timeout".to_owned())].into(),
+            ttl: None,
+        };
+        assert_eq!(
+            gone.merge_into(&DnsAnswers::new(), &hosts),
+            [
+                ("a.example".to_owned(), vec![]),
+                ("b.example".to_owned(), vec![])
+            ]
+            .into()
         );
     }
 

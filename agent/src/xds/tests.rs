@@ -1140,3 +1140,40 @@ fn a_policy_change_alone_is_a_change_of_the_service() {
     );
     assert!(accepted.removed.is_empty(), "no endpoint removed");
 }
+
+#[test]
+fn an_agent_restarted_during_a_dns_outage_keeps_the_kernels_backends() {
+    // The kernel held this DNS service's backends when the agent restarted.
+    let ext = svc("240.240.0.5", 443, Protocol::Tcp);
+    let mut adopted = crate::model::RoutingTable::default();
+    adopted.insert(ext, vec![be("192.0.2.1", 443, 2)]);
+    let mut st = XdsState::with_previous(adopted);
+    st.apply(full(DNS_CLUSTERS)).expect("accepted");
+    // Every host fails its first resolution: no answers at all.
+    let outage = super::dns::Round {
+        failed: [
+            ("a.ext.example".to_owned(), "timeout".to_owned()),
+            ("b.ext.example".to_owned(), "timeout".to_owned()),
+        ]
+        .into(),
+        ..super::dns::Round::default()
+    };
+    let hosts = ["a.ext.example".to_owned(), "b.ext.example".to_owned()];
+    let merged = outage.merge_into(&super::clusters::DnsAnswers::new(), &hosts);
+    st.apply_dns("outbound|443||ext.example", merged)
+        .expect("fits");
+    assert!(st.warming().contains(&ext), "still warming");
+    assert_eq!(
+        st.table().services[&ext],
+        [be("192.0.2.1", 443, 2)],
+        "the kernel's backends stay through the outage"
+    );
+    // DNS answers again: the cluster follows.
+    st.apply_dns(
+        "outbound|443||ext.example",
+        answers(&[("a.ext.example", &["192.0.2.7"]), ("b.ext.example", &[])]),
+    )
+    .expect("fits");
+    assert_eq!(st.table().services[&ext], [be("192.0.2.7", 443, 2)]);
+    assert!(!st.warming().contains(&ext));
+}
