@@ -730,6 +730,59 @@ impl TwoPods {
     }
 }
 
+/// A client namespace and a backend namespace linked by [`pod_network`] (`pods`
+/// addresses 10.10.1.11, .12, …), the first `served` of them serving TCP 8080
+/// with `smprobe serve` (names `b1`, `b2`, …; the others refuse connections),
+/// and a datapath installed on a fresh cgroup and bpffs directory. Fields drop in
+/// order: datapath, pins, server, cgroup, namespaces.
+pub struct PodLab {
+    /// `None` only while a test restarts it.
+    pub dp: Option<sockmesh::dataplane::Datapath>,
+    pub bpffs: Bpffs,
+    pub server: Proc,
+    pub cgroup: Cgroup,
+    pub client: NetNs,
+    pub backend: NetNs,
+}
+
+impl PodLab {
+    pub fn new(probe: impl AsRef<OsStr>, pods: u8, served: usize) -> Self {
+        let client = NetNs::new();
+        let backend = NetNs::new();
+        let addrs = pod_network(&client, &backend, pods);
+        let server = serve(
+            &backend,
+            probe,
+            addrs
+                .iter()
+                .take(served)
+                .zip(1..)
+                .map(|(ip, i)| format!("{ip}:8080=b{i}")),
+        );
+        let cgroup = Cgroup::new();
+        let bpffs = Bpffs::new();
+        let dp = install(&cgroup, &bpffs);
+        Self {
+            dp: Some(dp),
+            bpffs,
+            server,
+            cgroup,
+            client,
+            backend,
+        }
+    }
+
+    /// The datapath.
+    pub fn dp(&mut self) -> &mut sockmesh::dataplane::Datapath {
+        self.dp.as_mut().expect("datapath installed")
+    }
+
+    /// `program` in the client namespace and the cgroup.
+    pub fn client_command(&self, program: impl AsRef<OsStr>) -> Command {
+        command_in(&self.client, Some(&self.cgroup), program)
+    }
+}
+
 /// Runs `probe serve SPEC…` (see smprobe) inside `netns` until dropped, once it
 /// listens.
 pub fn serve(

@@ -5,47 +5,16 @@
 use std::{collections::BTreeMap, net::IpAddr, process::Command};
 
 use sockmesh::model::{Backend, Protocol, RoutingTable, ServiceAddr};
-use sockmesh_tests::{
-    Bpffs, Cgroup, Lines, NetNs, Proc, command_in, install, monotonic_ns, pod_network, run, scaled,
-    serve,
-};
+use sockmesh_tests::{Lines, PodLab, monotonic_ns, run, scaled};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
 
-/// Fields drop in order: datapath, pins, server, cgroup, namespaces.
-struct Lab {
-    dp: sockmesh::dataplane::Datapath,
-    _bpffs: Bpffs,
-    _server: Proc,
-    cgroup: Cgroup,
-    client: NetNs,
-    _backend: NetNs,
-}
+type Lab = PodLab;
 
 /// One client namespace, one backend namespace serving `b1`..`b4` on
 /// 10.10.1.11..14:8080, a datapath on a fresh cgroup.
 fn lab() -> Lab {
-    let client = NetNs::new();
-    let backend = NetNs::new();
-    let pods = pod_network(&client, &backend, 4);
-    let server = serve(
-        &backend,
-        PROBE,
-        pods.iter()
-            .zip(1..)
-            .map(|(ip, i)| format!("{ip}:8080=b{i}")),
-    );
-    let cgroup = Cgroup::new();
-    let bpffs = Bpffs::new();
-    let dp = install(&cgroup, &bpffs);
-    Lab {
-        dp,
-        _bpffs: bpffs,
-        _server: server,
-        cgroup,
-        client,
-        _backend: backend,
-    }
+    PodLab::new(PROBE, 4, 4)
 }
 
 fn service() -> ServiceAddr {
@@ -68,7 +37,7 @@ fn table(backends: Vec<Backend>) -> RoutingTable {
 
 /// One line per connection: (start ns, end ns, backend name or `E<errno>`).
 fn connect_loop(lab: &Lab, count: u32, millis: u32) -> Command {
-    let mut cmd = command_in(&lab.client, Some(&lab.cgroup), PROBE);
+    let mut cmd = lab.client_command(PROBE);
     cmd.args([
         "connect",
         "10.96.0.10:80",
@@ -121,7 +90,7 @@ fn chi_squared(hist: &BTreeMap<String, u64>, expected: &[(&str, f64)]) -> f64 {
 #[test]
 fn equal_weights_spread_evenly_and_weights_are_honoured() {
     let mut lab = lab();
-    lab.dp
+    lab.dp()
         .apply(&table(vec![backend(1), backend(2), backend(3)]))
         .expect("apply");
     let conns = parse(&run(connect_loop(&lab, 3000, 60_000)));
@@ -141,7 +110,7 @@ fn equal_weights_spread_evenly_and_weights_are_honoured() {
     );
     assert!(chi < 32.24, "uneven spread {hist:?}, chi2 {chi:.2}");
 
-    lab.dp
+    lab.dp()
         .apply(&table(vec![backend(1).weighted(1), backend(2).weighted(3)]))
         .expect("apply weights");
     let conns = parse(&run(connect_loop(&lab, 2000, 60_000)));
@@ -163,7 +132,7 @@ fn updates_under_a_tight_connect_loop_lose_nothing() {
     // removes another, while the client connects as fast as it can.
     let sets: [[u8; 3]; 4] = [[1, 2, 3], [2, 3, 4], [3, 4, 1], [4, 1, 2]];
     let names = |set: &[u8; 3]| set.map(|i| format!("b{i}"));
-    lab.dp
+    lab.dp()
         .apply(&table(sets[0].iter().map(|&i| backend(i)).collect()))
         .expect("apply");
     // The client's window is long enough for every update on a slow (emulated) CPU.
@@ -187,7 +156,7 @@ fn updates_under_a_tight_connect_loop_lose_nothing() {
     for step in 1..=40 {
         let set = &sets[step % sets.len()];
         let began = monotonic_ns();
-        lab.dp
+        lab.dp()
             .apply(&table(set.iter().map(|&i| backend(i)).collect()))
             .expect("apply");
         applied.push((began, monotonic_ns(), names(set)));

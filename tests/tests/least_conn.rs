@@ -3,57 +3,17 @@
 //! counts across an agent restart, and releases every count when the sockets go
 //! away, failed connects included.
 
-use std::{
-    collections::BTreeMap,
-    io::Write as _,
-    net::IpAddr,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{collections::BTreeMap, io::Write as _, net::IpAddr, process::Stdio, time::Duration};
 
 use sockmesh::model::{Backend, Endpoint, LbPolicy, Protocol, RoutingTable, Service, ServiceAddr};
-use sockmesh_tests::{
-    Bpffs, Cgroup, Lines, NetNs, Proc, command_in, install, pod_network, run, scaled, serve,
-    wait_until,
-};
+use sockmesh_tests::{Cgroup, Lines, NetNs, PodLab, command_in, install, run, scaled, wait_until};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
 
-/// Fields drop in order: datapath, pins, server, cgroup, namespaces.
-struct Lab {
-    dp: Option<sockmesh::dataplane::Datapath>,
-    bpffs: Bpffs,
-    _server: Proc,
-    cgroup: Cgroup,
-    client: NetNs,
-    _backend: NetNs,
-}
-
 /// Pods 10.10.1.11..13:8080 serve `b1`..`b3`; 10.10.1.14 has no server (its
 /// connects are refused).
-fn lab() -> Lab {
-    let client = NetNs::new();
-    let backend = NetNs::new();
-    let pods = pod_network(&client, &backend, 4);
-    let server = serve(
-        &backend,
-        PROBE,
-        pods.iter()
-            .take(3)
-            .zip(1..)
-            .map(|(ip, i)| format!("{ip}:8080=b{i}")),
-    );
-    let cgroup = Cgroup::new();
-    let bpffs = Bpffs::new();
-    let dp = install(&cgroup, &bpffs);
-    Lab {
-        dp: Some(dp),
-        bpffs,
-        _server: server,
-        cgroup,
-        client,
-        _backend: backend,
-    }
+fn lab() -> PodLab {
+    PodLab::new(PROBE, 4, 3)
 }
 
 fn service() -> ServiceAddr {
@@ -88,23 +48,17 @@ fn least_conn(pods: &[u8], choices: u8) -> RoutingTable {
     t
 }
 
-impl Lab {
-    fn apply(&mut self, t: &RoutingTable) {
-        self.dp.as_mut().expect("datapath").apply(t).expect("apply");
-    }
+/// The kernel's open-connection counts in `lab`, by endpoint (zeros left out).
+fn apply(lab: &mut PodLab, t: &RoutingTable) {
+    lab.dp().apply(t).expect("apply");
+}
 
-    fn probe(&self) -> Command {
-        command_in(&self.client, Some(&self.cgroup), PROBE)
-    }
-
-    /// The kernel's open-connection counts, by endpoint (zeros left out).
-    fn counts(&self) -> BTreeMap<Endpoint, u64> {
-        sockmesh::dataplane::read_conns(&self.bpffs.0)
-            .expect("read SM_BACKEND_CONNS")
-            .into_iter()
-            .filter(|(_, n)| *n > 0)
-            .collect()
-    }
+fn counts(lab: &PodLab) -> BTreeMap<Endpoint, u64> {
+    sockmesh::dataplane::read_conns(&lab.bpffs.0)
+        .expect("read SM_BACKEND_CONNS")
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .collect()
 }
 
 /// A holder of `count` connections to `vip` from `client` in `cgroup`: their
@@ -145,7 +99,10 @@ fn release(mut holder: std::process::Child) {
 #[test]
 fn least_connections_spreads_open_connections_and_every_count_returns_to_zero() {
     let mut lab = lab();
-    lab.apply(&least_conn(&[1, 2, 3], sockmesh_common::MAX_CHOICES));
+    apply(
+        &mut lab,
+        &least_conn(&[1, 2, 3], sockmesh_common::MAX_CHOICES),
+    );
 
     // 60 connections held open: least connections keeps them even (20 each);
     // a random pick would leave a backend outside 15..=25 in about a third of
@@ -163,13 +120,13 @@ fn least_connections_spreads_open_connections_and_every_count_returns_to_zero() 
     let want: BTreeMap<Endpoint, u64> = (1..=3u8)
         .map(|i| (endpoint(i), reached[&format!("b{i}")]))
         .collect();
-    assert_eq!(lab.counts(), want);
+    assert_eq!(counts(&lab), want);
 
     // An agent restart (the datapath dropped, installed again over its pins)
     // keeps the counts: they describe sockets, which outlive the agent.
     drop(lab.dp.take());
     lab.dp = Some(install(&lab.cgroup, &lab.bpffs));
-    assert_eq!(lab.counts(), want, "counts lost across a restart");
+    assert_eq!(counts(&lab), want, "counts lost across a restart");
 
     // The sockets close: every count goes back to zero.
     release(holder);
@@ -177,7 +134,7 @@ fn least_connections_spreads_open_connections_and_every_count_returns_to_zero() 
         "every count released",
         scaled(Duration::from_secs(5)),
         || {
-            let c = lab.counts();
+            let c = counts(&lab);
             c.is_empty().then_some(()).ok_or(c)
         },
     );
@@ -185,8 +142,8 @@ fn least_connections_spreads_open_connections_and_every_count_returns_to_zero() 
     // Thousands of connects, a quarter of them to a backend that refuses them:
     // each socket is counted when placed and released when closed, a failed one
     // too, and no count goes below zero (it would wrap to a huge value).
-    lab.apply(&least_conn(&[1, 2, 3, 4], 2));
-    let mut cmd = lab.probe();
+    apply(&mut lab, &least_conn(&[1, 2, 3, 4], 2));
+    let mut cmd = lab.client_command(PROBE);
     cmd.args([
         "connect",
         "10.96.0.10:80",
@@ -210,13 +167,13 @@ fn least_connections_spreads_open_connections_and_every_count_returns_to_zero() 
         "every count released after failed and served connects",
         scaled(Duration::from_secs(5)),
         || {
-            let c = lab.counts();
+            let c = counts(&lab);
             c.is_empty().then_some(()).ok_or(c)
         },
     );
     // Idle entries of endpoints still in a service stay; those of endpoints gone
     // are swept, so the map does not fill with pods long dead.
-    let entries = |lab: &Lab| -> Vec<Endpoint> {
+    let entries = |lab: &PodLab| -> Vec<Endpoint> {
         sockmesh::dataplane::read_conns(&lab.bpffs.0)
             .expect("read")
             .into_iter()
@@ -230,9 +187,8 @@ fn least_connections_spreads_open_connections_and_every_count_returns_to_zero() 
         "every endpoint is live"
     );
     assert_eq!(entries(&lab), (1..=4).map(endpoint).collect::<Vec<_>>());
-    lab.apply(&least_conn(&[1], 2));
-    let dp = lab.dp.as_mut().expect("datapath");
-    assert_eq!(dp.sweep_conns().expect("sweep"), 3);
+    apply(&mut lab, &least_conn(&[1], 2));
+    assert_eq!(lab.dp().sweep_conns().expect("sweep"), 3);
     assert_eq!(entries(&lab), [endpoint(1)]);
     eprintln!(
         "least connections: held 60 as {reached:?}; {} connects ({refused} refused), all counts back to 0",
