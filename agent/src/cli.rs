@@ -107,6 +107,9 @@ pub struct DatapathArgs {
     /// Capacity of the slot map, all services together.
     #[arg(long, env = "SOCKMESH_MAX_SLOTS", default_value_t = sockmesh_common::MAX_SLOTS_TOTAL)]
     pub max_slots: u32,
+    /// Services that may have a Maglev table (MAGLEV and RING_HASH clusters).
+    #[arg(long, env = "SOCKMESH_MAX_MAGLEV_SERVICES", default_value_t = sockmesh_common::MAX_MAGLEV_SERVICES)]
+    pub max_maglev_services: u32,
 }
 
 impl DatapathArgs {
@@ -120,6 +123,7 @@ impl DatapathArgs {
                 services: self.max_services,
                 backends: self.max_backends,
                 slots: self.max_slots,
+                maglev: self.max_maglev_services,
             },
         }
     }

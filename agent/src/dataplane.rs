@@ -213,6 +213,7 @@ impl Datapath {
             services: take(map_names::SERVICES)?,
             slots: take(map_names::SLOTS)?,
             backends: take(map_names::BACKENDS)?,
+            maglev: take(map_names::MAGLEV)?,
             stats: take(map_names::SERVICE_STATS)?,
         })?;
         let limits = loader::pinned_limits(&layout)?;

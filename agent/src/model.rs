@@ -62,6 +62,11 @@ pub enum LbPolicy {
     /// `choices` random slots, and of their backends the one with the fewest open
     /// connections (`LEAST_REQUEST`, `LEAST_CONN`; Envoy's `choice_count`).
     LeastConn { choices: u8 },
+    /// Maglev consistent hashing of the client (`MAGLEV`, `RING_HASH`): a table of
+    /// `table_size` entries (a prime) built from the backends' weights; connect()
+    /// takes the entry of the client's hash, so a client keeps its backend across
+    /// connections and only the clients of a removed backend move.
+    Maglev { table_size: u32 },
 }
 
 impl LbPolicy {
@@ -73,18 +78,28 @@ impl LbPolicy {
         match self {
             LbPolicy::Random => (sockmesh_common::lb_policy::RANDOM, 0),
             LbPolicy::LeastConn { choices } => (sockmesh_common::lb_policy::LEAST_CONN, choices),
+            LbPolicy::Maglev { .. } => (sockmesh_common::lb_policy::MAGLEV, 0),
         }
     }
 
     /// The policy a kernel service value encodes (an unknown one reads as random,
-    /// which is what the programs do with it).
-    pub fn from_kernel(policy: u8, choices: u8) -> Self {
-        match policy {
+    /// which is what the programs do with it). A Maglev table's size is its slot
+    /// count (0 for a service without active backends, whose next write rebuilds it).
+    pub fn from_kernel(value: &sockmesh_common::ServiceValue) -> Self {
+        match value.policy {
             sockmesh_common::lb_policy::LEAST_CONN => LbPolicy::LeastConn {
-                choices: choices.clamp(1, sockmesh_common::MAX_CHOICES),
+                choices: value.choices.clamp(1, sockmesh_common::MAX_CHOICES),
+            },
+            sockmesh_common::lb_policy::MAGLEV => LbPolicy::Maglev {
+                table_size: value.slot_count,
             },
             _ => LbPolicy::Random,
         }
+    }
+
+    /// Whether the service's slots are a Maglev table (kept in `SM_MAGLEV`).
+    pub fn is_maglev(self) -> bool {
+        matches!(self, LbPolicy::Maglev { .. })
     }
 }
 
@@ -311,6 +326,11 @@ pub enum ModelError {
         count: usize,
         limit: u32,
     },
+    #[error(
+        "service {service}: Maglev table size {size} must be a prime from 2 to {max}",
+        max = sockmesh_common::MAX_MAGLEV_TABLE_SIZE
+    )]
+    MaglevTableSize { service: ServiceAddr, size: u32 },
     #[error("unknown protocol {0:?} (expected tcp or udp)")]
     UnknownProtocol(String),
 }
@@ -338,10 +358,19 @@ impl RoutingTable {
 }
 
 /// Checks one service against the datapath's rules.
-pub fn validate_service(service: &ServiceAddr, backends: &[Backend]) -> Result<(), ModelError> {
+pub fn validate_service(service: &ServiceAddr, backends: &Service) -> Result<(), ModelError> {
     let service = *service;
     if service.port == 0 {
         return Err(ModelError::ServicePortZero { service });
+    }
+    if let LbPolicy::Maglev { table_size } = backends.policy
+        && (table_size > sockmesh_common::MAX_MAGLEV_TABLE_SIZE
+            || !crate::lb::is_prime(u64::from(table_size)))
+    {
+        return Err(ModelError::MaglevTableSize {
+            service,
+            size: table_size,
+        });
     }
     if backends.len() > MAX_BACKENDS_PER_SERVICE as usize {
         return Err(ModelError::TooManyBackends {

@@ -237,7 +237,7 @@ fn istio_clusters() -> String {
 }
 
 #[test]
-fn istio_least_request_clusters_are_placed_by_least_connections_and_shown() {
+fn istio_least_request_and_maglev_clusters_are_honoured_and_shown() {
     let pods = sockmesh_tests::TwoPods::serving(PROBE, ["r1", "r2"]);
     let agent = sockmesh_tests::FileAgent::start("resources.yaml", &istio_clusters(), &[]);
     let (admin, bpffs) = (&agent.admin, &agent.bpffs);
@@ -256,13 +256,16 @@ fn istio_least_request_clusters_are_placed_by_least_connections_and_shown() {
         Duration::from_secs(15),
         || policy("10.96.0.31").is_some(),
     );
-    // The kernel holds each service's policy; MAGLEV falls back to weighted
-    // random until consistent hashing is in the kernel.
+    // The kernel holds each service's policy: DestinationRule-style MAGLEV with
+    // Envoy's default table size is a Maglev table of that size.
     assert_eq!(
         policy("10.96.0.30"),
         Some(LbPolicy::LeastConn { choices: 2 })
     );
-    assert_eq!(policy("10.96.0.31"), Some(LbPolicy::Random));
+    assert_eq!(
+        policy("10.96.0.31"),
+        Some(LbPolicy::Maglev { table_size: 65537 })
+    );
     let dump = admin.dump();
     let listed = |vip: &str| {
         dump["services"]
@@ -277,9 +280,15 @@ fn istio_least_request_clusters_are_placed_by_least_connections_and_shown() {
     );
     assert_eq!(
         listed("10.96.0.31"),
-        Some(serde_json::Value::Null),
-        "weighted random is the default and not listed: {dump}"
+        Some(serde_json::json!({ "maglev": { "table_size": 65537 } })),
+        "{dump}"
     );
+    // The consistent-hash service keeps this client (its network namespace) on
+    // one pod.
+    let (reached, holder) = hold(&pods.client, &agent.cgroup, "10.96.0.31:80", 10);
+    assert_eq!(reached.len(), 1, "one client, one backend: {reached:?}");
+    assert_eq!(reached.values().sum::<u64>(), 10, "{reached:?}");
+    release(holder);
 
     // Ten connections held through the least-request service (choice_count 2 of
     // 2 pods: both draws land on the busier pod a quarter of the time, so not

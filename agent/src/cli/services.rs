@@ -61,6 +61,7 @@ fn write_text(out: &mut impl io::Write, services: &[ServiceJson]) -> io::Result<
         let policy = match s.lb_policy {
             crate::model::LbPolicy::Random => "random".to_owned(),
             crate::model::LbPolicy::LeastConn { choices } => format!("least_conn/{choices}"),
+            crate::model::LbPolicy::Maglev { table_size } => format!("maglev/{table_size}"),
         };
         writeln!(
             out,

@@ -7,8 +7,8 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use sockmesh_common::{
-    BackendInfo, BackendKey, ConnKey, ServiceKey, ServiceStats, ServiceValue, SlotKey, counter,
-    map_names,
+    BackendInfo, BackendKey, ConnKey, MaglevChunk, ServiceKey, ServiceStats, ServiceValue, SlotKey,
+    counter, map_names,
     resolve::{RoutingMaps, Slot, published_slots, resolve_slot},
 };
 
@@ -25,6 +25,7 @@ pub struct KernelMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     slots: HashMap<MapData, SlotKey, u32>,
     backends: HashMap<MapData, BackendKey, BackendInfo>,
+    maglev: HashMap<MapData, SlotKey, MaglevChunk>,
     stats: PerCpuHashMap<MapData, ServiceKey, ServiceStats>,
     /// Possible CPUs: the number of values of a per-CPU entry.
     cpus: usize,
@@ -35,6 +36,7 @@ pub struct WrittenMaps {
     pub services: Map,
     pub slots: Map,
     pub backends: Map,
+    pub maglev: Map,
     pub stats: Map,
 }
 
@@ -52,6 +54,7 @@ impl KernelMaps {
             services: HashMap::try_from(maps.services).map_err(conv(map_names::SERVICES))?,
             slots: HashMap::try_from(maps.slots).map_err(conv(map_names::SLOTS))?,
             backends: HashMap::try_from(maps.backends).map_err(conv(map_names::BACKENDS))?,
+            maglev: HashMap::try_from(maps.maglev).map_err(conv(map_names::MAGLEV))?,
             stats: PerCpuHashMap::try_from(maps.stats).map_err(conv(map_names::SERVICE_STATS))?,
             cpus,
         })
@@ -63,6 +66,7 @@ impl KernelMaps {
             services: Map::HashMap(open_pin(maps_dir, map_names::SERVICES)?),
             slots: Map::HashMap(open_pin(maps_dir, map_names::SLOTS)?),
             backends: Map::HashMap(open_pin(maps_dir, map_names::BACKENDS)?),
+            maglev: Map::HashMap(open_pin(maps_dir, map_names::MAGLEV)?),
             stats: Map::PerCpuHashMap(open_pin(maps_dir, map_names::SERVICE_STATS)?),
         })
     }
@@ -104,6 +108,10 @@ impl RoutingMaps for KernelMaps {
     }
     fn slot(&self, key: &SlotKey) -> Result<Option<u32>, MapError> {
         found(self.slots.get(key, 0))
+    }
+    fn maglev(&self, key: &SlotKey, entry: usize) -> Result<Option<u32>, MapError> {
+        Ok(found(self.maglev.get(key, 0))?
+            .and_then(|c| c.entries.get(entry).map(|&i| u32::from(i))))
     }
     fn backend(&self, key: &BackendKey) -> Result<Option<BackendInfo>, MapError> {
         found(self.backends.get(key, 0))
@@ -164,6 +172,14 @@ impl MapStore for KernelMaps {
     fn del_backend(&mut self, k: &BackendKey) -> Result<(), StoreError> {
         absent_ok(self.backends.remove(k)).map_err(err(MapName::Backends, "delete"))
     }
+    fn put_maglev(&mut self, k: &SlotKey, v: &MaglevChunk) -> Result<(), StoreError> {
+        self.maglev
+            .insert(k, v, 0)
+            .map_err(err(MapName::Maglev, "insert"))
+    }
+    fn del_maglev(&mut self, k: &SlotKey) -> Result<(), StoreError> {
+        absent_ok(self.maglev.remove(k)).map_err(err(MapName::Maglev, "delete"))
+    }
     fn create_stats(&mut self, k: &ServiceKey) -> Result<(), StoreError> {
         let zero =
             PerCpuValues::try_from(vec![ServiceStats::default(); self.cpus]).map_err(|e| {
@@ -201,6 +217,11 @@ impl MapStore for KernelMaps {
                 .iter()
                 .collect::<Result<_, _>>()
                 .map_err(err(MapName::Backends, "iterate"))?,
+            maglev: self
+                .maglev
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(err(MapName::Maglev, "iterate"))?,
             stats: self
                 .stats
                 .keys()

@@ -281,6 +281,10 @@ pub fn load(
         .map_max_entries(map_names::SERVICE_STATS, limits.services)
         .map_max_entries(map_names::BACKENDS, limits.backends)
         .map_max_entries(map_names::SLOTS, limits.slots)
+        .map_max_entries(
+            map_names::MAGLEV,
+            sockmesh_common::maglev_map_entries(limits.maglev),
+        )
         .override_global(
             sockmesh_common::globals::SET_RETVAL,
             &u8::from(features.set_retval),
@@ -501,6 +505,9 @@ pub fn pinned_limits(layout: &PinLayout) -> Result<super::Limits, DataplaneError
         services: size(map_names::SERVICES)?,
         backends: size(map_names::BACKENDS)?,
         slots: size(map_names::SLOTS)?,
+        // The map holds one table more than the limit (see maglev_map_entries).
+        maglev: (size(map_names::MAGLEV)? / sockmesh_common::MAX_MAGLEV_CHUNKS_PER_TABLE)
+            .saturating_sub(1),
     })
 }
 

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use sockmesh_common::{BackendInfo, BackendKey, ServiceKey, SlotKey};
+use sockmesh_common::{BackendInfo, BackendKey, MAGLEV_CHUNK, ServiceKey, SlotKey};
 
 use super::{
     keys::{port_from_map, service_addr, words_to_ip},
@@ -23,23 +23,58 @@ pub(super) struct Installed {
     pub(super) backends: BTreeMap<u32, BackendInfo>,
     /// The kernel copy was found inconsistent on adoption: rewrite on next apply.
     pub(super) dirty: bool,
-    /// Slots `0..leftover` of the unpublished generation may still exist (a delete
-    /// failed after publishing); the next write of this service removes them.
+    /// Entries `0..leftover` of the unpublished generation may still exist (a
+    /// delete failed after publishing), in `leftover_in`; the next write of this
+    /// service removes them.
     pub(super) leftover: usize,
+    pub(super) leftover_in: SlotMap,
     /// The service's entry in `SM_SERVICE_STATS` exists.
     pub(super) counters: bool,
     /// The published load-balancing policy.
     pub(super) policy: crate::model::LbPolicy,
 }
 
+/// Where a service's slots are kept: the slot map, one entry per slot, or (a
+/// Maglev table) the Maglev map, one chunk per `MAGLEV_CHUNK` entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum SlotMap {
+    Slots,
+    Maglev,
+}
+
+impl SlotMap {
+    pub(super) fn of(policy: crate::model::LbPolicy) -> Self {
+        if policy.is_maglev() {
+            SlotMap::Maglev
+        } else {
+            SlotMap::Slots
+        }
+    }
+
+    /// Map entries that hold `slots` slots.
+    pub(super) fn entries(self, slots: usize) -> usize {
+        match self {
+            SlotMap::Slots => slots,
+            SlotMap::Maglev => slots.div_ceil(MAGLEV_CHUNK),
+        }
+    }
+}
+
 impl Installed {
     /// What it takes of the maps.
     pub(super) fn usage(&self) -> crate::model::Usage {
+        let maglev = self.policy.is_maglev();
         crate::model::Usage {
             services: 1,
             backends: self.backends.len(),
-            slots: self.slots.len(),
+            slots: if maglev { 0 } else { self.slots.len() },
+            maglev: usize::from(maglev),
         }
+    }
+
+    /// Where its published slots are kept.
+    pub(super) fn slot_map(&self) -> SlotMap {
+        SlotMap::of(self.policy)
     }
 
     /// A service about to be written for the first time.
@@ -53,6 +88,7 @@ impl Installed {
             // Not published yet: the first write must publish even an empty service.
             dirty: true,
             leftover: 0,
+            leftover_in: SlotMap::Slots,
             counters: false,
             policy: crate::model::LbPolicy::Random,
         }
@@ -72,13 +108,17 @@ pub(super) struct Mirror {
 pub(super) struct Garbage {
     pub(super) slots: Vec<SlotKey>,
     pub(super) backends: Vec<BackendKey>,
+    pub(super) maglev: Vec<SlotKey>,
     /// Counter entries of services that are not published.
     pub(super) counters: Vec<ServiceKey>,
 }
 
 impl Garbage {
     pub(super) fn is_empty(&self) -> bool {
-        self.slots.is_empty() && self.backends.is_empty() && self.counters.is_empty()
+        self.slots.is_empty()
+            && self.backends.is_empty()
+            && self.maglev.is_empty()
+            && self.counters.is_empty()
     }
 }
 
@@ -100,8 +140,9 @@ impl Mirror {
                     backends: BTreeMap::new(),
                     dirty: false,
                     leftover: 0,
+                    leftover_in: SlotMap::Slots,
                     counters: false,
-                    policy: crate::model::LbPolicy::from_kernel(v.policy, v.choices),
+                    policy: crate::model::LbPolicy::from_kernel(v),
                 },
             );
         }
@@ -119,11 +160,31 @@ impl Mirror {
             match inst {
                 Some(inst)
                     if k.generation == inst.generation
+                        && inst.slot_map() == SlotMap::Slots
                         && usize::from(k.slot) < inst.slots.len() =>
                 {
                     inst.slots[usize::from(k.slot)] = *index;
                 }
                 _ => garbage.slots.push(*k),
+            }
+        }
+        for (k, chunk) in &snap.maglev {
+            let inst = by_id.get(&k.service_id).and_then(|sk| services.get_mut(sk));
+            let first = usize::from(k.slot) * MAGLEV_CHUNK;
+            match inst {
+                Some(inst)
+                    if k.generation == inst.generation
+                        && inst.slot_map() == SlotMap::Maglev
+                        && first < inst.slots.len() =>
+                {
+                    let n = (inst.slots.len() - first).min(MAGLEV_CHUNK);
+                    for (slot, &index) in
+                        inst.slots[first..first + n].iter_mut().zip(&chunk.entries)
+                    {
+                        *slot = u32::from(index);
+                    }
+                }
+                _ => garbage.maglev.push(*k),
             }
         }
         for key in &snap.stats {

@@ -5,7 +5,9 @@
 #[cfg(any(test, feature = "testing"))]
 use std::collections::BTreeMap;
 
-use sockmesh_common::{BackendInfo, BackendKey, ServiceKey, ServiceValue, SlotKey, map_names};
+use sockmesh_common::{
+    BackendInfo, BackendKey, MaglevChunk, ServiceKey, ServiceValue, SlotKey, map_names,
+};
 #[cfg(any(test, feature = "testing"))]
 use sockmesh_common::{
     ServiceStats,
@@ -19,6 +21,7 @@ pub enum MapName {
     Slots,
     Backends,
     ServiceStats,
+    Maglev,
 }
 
 impl MapName {
@@ -29,6 +32,7 @@ impl MapName {
             MapName::Slots => map_names::SLOTS,
             MapName::Backends => map_names::BACKENDS,
             MapName::ServiceStats => map_names::SERVICE_STATS,
+            MapName::Maglev => map_names::MAGLEV,
         }
     }
 }
@@ -49,6 +53,8 @@ pub struct Snapshot {
     pub services: Vec<(ServiceKey, ServiceValue)>,
     pub slots: Vec<(SlotKey, u32)>,
     pub backends: Vec<(BackendKey, BackendInfo)>,
+    /// Maglev table chunks (the chunk number in the key's `slot`).
+    pub maglev: Vec<(SlotKey, MaglevChunk)>,
     /// Keys of the per-service counter entries (`SM_SERVICE_STATS`); their counts
     /// belong to the kernel programs and are not part of the table.
     pub stats: Vec<ServiceKey>,
@@ -62,6 +68,8 @@ pub trait MapStore {
     fn del_slot(&mut self, k: &SlotKey) -> Result<(), StoreError>;
     fn put_backend(&mut self, k: &BackendKey, v: &BackendInfo) -> Result<(), StoreError>;
     fn del_backend(&mut self, k: &BackendKey) -> Result<(), StoreError>;
+    fn put_maglev(&mut self, k: &SlotKey, v: &MaglevChunk) -> Result<(), StoreError>;
+    fn del_maglev(&mut self, k: &SlotKey) -> Result<(), StoreError>;
     /// Creates `k`'s per-service counters, zeroed, unless they exist (existing
     /// counts stay).
     fn create_stats(&mut self, k: &ServiceKey) -> Result<(), StoreError>;
@@ -80,6 +88,8 @@ pub enum Op {
     DelSlot(SlotKey),
     PutBackend(BackendKey),
     DelBackend(BackendKey),
+    PutMaglev(SlotKey),
+    DelMaglev(SlotKey),
     CreateStats(ServiceKey),
     DelStats(ServiceKey),
 }
@@ -101,6 +111,7 @@ pub struct MemStore {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub slots: BTreeMap<SlotKey, u32>,
     pub backends: BTreeMap<BackendKey, BackendInfo>,
+    pub maglev: BTreeMap<SlotKey, MaglevChunk>,
     /// Per-service counters (one value: the kernel's per-CPU values summed).
     pub stats: BTreeMap<ServiceKey, ServiceStats>,
     pub log: Vec<Op>,
@@ -161,6 +172,13 @@ impl RoutingMaps for MemStore {
     fn slot(&self, key: &SlotKey) -> Result<Option<u32>, Self::Error> {
         Ok(self.slots.get(key).copied())
     }
+    fn maglev(&self, key: &SlotKey, entry: usize) -> Result<Option<u32>, Self::Error> {
+        Ok(self
+            .maglev
+            .get(key)
+            .and_then(|c| c.entries.get(entry))
+            .map(|&i| u32::from(i)))
+    }
     fn backend(&self, key: &BackendKey) -> Result<Option<BackendInfo>, Self::Error> {
         Ok(self.backends.get(key).copied())
     }
@@ -204,6 +222,18 @@ impl MapStore for MemStore {
         self.after();
         Ok(())
     }
+    fn put_maglev(&mut self, k: &SlotKey, v: &MaglevChunk) -> Result<(), StoreError> {
+        self.record(Op::PutMaglev(*k), MapName::Maglev)?;
+        self.maglev.insert(*k, *v);
+        self.after();
+        Ok(())
+    }
+    fn del_maglev(&mut self, k: &SlotKey) -> Result<(), StoreError> {
+        self.record(Op::DelMaglev(*k), MapName::Maglev)?;
+        self.maglev.remove(k);
+        self.after();
+        Ok(())
+    }
     fn create_stats(&mut self, k: &ServiceKey) -> Result<(), StoreError> {
         self.record(Op::CreateStats(*k), MapName::ServiceStats)?;
         self.stats.entry(*k).or_default();
@@ -221,6 +251,7 @@ impl MapStore for MemStore {
             services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
             slots: self.slots.iter().map(|(k, v)| (*k, *v)).collect(),
             backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+            maglev: self.maglev.iter().map(|(k, v)| (*k, *v)).collect(),
             stats: self.stats.keys().copied().collect(),
         })
     }

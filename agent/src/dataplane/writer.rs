@@ -13,16 +13,19 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use sockmesh_common::{BackendInfo, BackendKey, ServiceKey, ServiceValue, SlotKey, backend_state};
+use sockmesh_common::{
+    BackendInfo, BackendKey, MAGLEV_CHUNK, MaglevChunk, ServiceKey, ServiceValue, SlotKey,
+    backend_state,
+};
 use tracing::{debug, warn};
 
 use super::{
     keys::{ip_to_words, port_to_map, service_addr, service_key},
-    mirror::{Installed, Mirror},
+    mirror::{Installed, Mirror, SlotMap},
     store::{MapStore, StoreError},
 };
 use crate::{
-    lb::weighted_slots,
+    lb::{MaglevKey, maglev_table, weighted_slots},
     model::{
         BackendState, CapacityError, Changes, LbPolicy, Limits, ModelError, RoutingTable, Service,
         ServiceAddr, Usage, write_order,
@@ -151,6 +154,9 @@ impl<S: MapStore> MapWriter<S> {
         for k in &garbage.backends {
             store.del_backend(k).map_err(WriteError::Snapshot)?;
         }
+        for k in &garbage.maglev {
+            store.del_maglev(k).map_err(WriteError::Snapshot)?;
+        }
         let mut counters = CounterBook::default();
         for k in &garbage.counters {
             counters.delete(&mut store, k);
@@ -159,6 +165,7 @@ impl<S: MapStore> MapWriter<S> {
             warn!(
                 slots = garbage.slots.len(),
                 backends = garbage.backends.len(),
+                maglev_chunks = garbage.maglev.len(),
                 counters = garbage.counters.len(),
                 "removed map entries left by an interrupted update"
             );
@@ -193,16 +200,12 @@ impl<S: MapStore> MapWriter<S> {
 
     fn recount(&mut self) {
         self.ids = self.mirror.services.values().map(|i| i.id).collect();
-        self.usage =
-            self.mirror
-                .services
-                .values()
-                .map(Installed::usage)
-                .fold(Usage::default(), |a, b| Usage {
-                    services: a.services + b.services,
-                    backends: a.backends + b.backends,
-                    slots: a.slots + b.slots,
-                });
+        self.usage = self
+            .mirror
+            .services
+            .values()
+            .map(Installed::usage)
+            .fold(Usage::default(), |a, b| a.plus(&b));
     }
 
     fn counts(&self, key: &ServiceKey) -> Usage {
@@ -221,10 +224,7 @@ impl<S: MapStore> MapWriter<S> {
         let before = self.counts(key);
         let result = op(self);
         let after = self.counts(key);
-        let u = &mut self.usage;
-        u.services = u.services + after.services - before.services;
-        u.backends = u.backends + after.backends - before.backends;
-        u.slots = u.slots + after.slots - before.slots;
+        self.usage = self.usage.plus(&after).minus(&before);
         result
     }
 
@@ -450,16 +450,20 @@ impl<S: MapStore> MapWriter<S> {
             self.counters.delete(&mut self.store, key);
         }
         let mut ops = 1;
-        for (slot, _) in inst.slots.iter().enumerate() {
-            self.store
-                .del_slot(&slot_key(inst.id, inst.generation, slot))
-                .map_err(wrap)?;
+        let published = inst.slot_map();
+        for entry in 0..published.entries(inst.slots.len()) {
+            del_entry(&mut self.store, published, inst.id, inst.generation, entry).map_err(wrap)?;
             ops += 1;
         }
-        for slot in 0..inst.leftover {
-            self.store
-                .del_slot(&slot_key(inst.id, 1 - inst.generation, slot))
-                .map_err(wrap)?;
+        for entry in 0..inst.leftover {
+            del_entry(
+                &mut self.store,
+                inst.leftover_in,
+                inst.id,
+                1 - inst.generation,
+                entry,
+            )
+            .map_err(wrap)?;
             ops += 1;
         }
         for &index in inst.backends.keys() {
@@ -537,16 +541,34 @@ fn plan_backends(current: &Installed, desired: &Service) -> BackendPlan {
         }
         backends.insert(next, info);
     }
-    let active: Vec<(u32, u32)> = backends
+    let active: Vec<(u32, &BackendInfo)> = backends
         .iter()
         .filter(|(_, b)| b.state == backend_state::ACTIVE)
-        .map(|(&i, b)| (i, b.weight))
+        .map(|(&i, b)| (i, b))
         .collect();
-    let weights: Vec<u32> = active.iter().map(|&(_, w)| w).collect();
-    let slots = weighted_slots(&weights)
-        .into_iter()
-        .map(|pos| active[pos].0)
-        .collect();
+    let slots = match desired.policy {
+        LbPolicy::Maglev { table_size } => {
+            // Sorted by address, so the same backends give the same table whatever
+            // their order and indexes (a restarted agent rebuilds it identically).
+            let mut named: Vec<((MaglevKey, u32), u32)> = active
+                .iter()
+                .map(|&(i, b)| ((maglev_name(b), b.weight), i))
+                .collect();
+            named.sort_unstable();
+            let keys: Vec<(MaglevKey, u32)> = named.iter().map(|&(k, _)| k).collect();
+            maglev_table(&keys, table_size)
+                .into_iter()
+                .map(|pos| named[pos].1)
+                .collect()
+        }
+        LbPolicy::Random | LbPolicy::LeastConn { .. } => {
+            let weights: Vec<u32> = active.iter().map(|&(_, b)| b.weight).collect();
+            weighted_slots(&weights)
+                .into_iter()
+                .map(|pos| active[pos].0)
+                .collect()
+        }
+    };
     BackendPlan {
         backends,
         slots,
@@ -554,13 +576,73 @@ fn plan_backends(current: &Installed, desired: &Service) -> BackendPlan {
     }
 }
 
-fn slot_key(service_id: u32, generation: u8, slot: usize) -> SlotKey {
+/// A backend's name in its Maglev permutation: address bytes and host-order port.
+fn maglev_name(b: &BackendInfo) -> MaglevKey {
+    let mut addr = [0u8; 16];
+    for (bytes, word) in addr.as_chunks_mut::<4>().0.iter_mut().zip(b.addr) {
+        bytes.copy_from_slice(&word.to_ne_bytes());
+    }
+    (addr, u16::from_be(b.port))
+}
+
+/// Key of map entry `entry` of a generation: a slot, or a Maglev chunk.
+fn slot_key(service_id: u32, generation: u8, entry: usize) -> SlotKey {
     SlotKey {
         service_id,
         generation,
         pad: 0,
-        // Slot counts are bounded by MAX_SLOTS_PER_SERVICE (≤ 65,536).
-        slot: slot as u16,
+        // Slot counts are bounded by MAX_SLOTS_PER_SERVICE (≤ 65,536), chunk
+        // numbers by MAX_MAGLEV_CHUNKS_PER_TABLE.
+        slot: entry as u16,
+    }
+}
+
+/// Writes a generation's slots into `map`: one entry per slot, or one Maglev
+/// chunk per `MAGLEV_CHUNK` slots (entries past the table's end are 0).
+fn put_generation<S: MapStore>(
+    store: &mut S,
+    map: SlotMap,
+    id: u32,
+    generation: u8,
+    slots: &[u32],
+    ops: &mut usize,
+) -> Result<(), StoreError> {
+    match map {
+        SlotMap::Slots => {
+            for (slot, &index) in slots.iter().enumerate() {
+                store.put_slot(&slot_key(id, generation, slot), index)?;
+                *ops += 1;
+            }
+        }
+        SlotMap::Maglev => {
+            for (n, part) in slots.chunks(MAGLEV_CHUNK).enumerate() {
+                let mut chunk = MaglevChunk {
+                    entries: [0; MAGLEV_CHUNK],
+                };
+                for (e, &index) in chunk.entries.iter_mut().zip(part) {
+                    // Backend indexes stay below 2 × MAX_BACKENDS_PER_SERVICE.
+                    *e = index as u16;
+                }
+                store.put_maglev(&slot_key(id, generation, n), &chunk)?;
+                *ops += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deletes map entry `entry` of a generation kept in `map`.
+fn del_entry<S: MapStore>(
+    store: &mut S,
+    map: SlotMap,
+    id: u32,
+    generation: u8,
+    entry: usize,
+) -> Result<(), StoreError> {
+    let key = slot_key(id, generation, entry);
+    match map {
+        SlotMap::Slots => store.del_slot(&key),
+        SlotMap::Maglev => store.del_maglev(&key),
     }
 }
 
@@ -576,7 +658,8 @@ fn write_and_publish<S: MapStore>(
     let id = inst.id;
     // 0. Remove what an earlier failed delete left in the unpublished generation.
     while inst.leftover > 0 {
-        store.del_slot(&slot_key(id, 1 - inst.generation, inst.leftover - 1))?;
+        let entry = inst.leftover - 1;
+        del_entry(store, inst.leftover_in, id, 1 - inst.generation, entry)?;
         inst.leftover -= 1;
         *ops += 1;
     }
@@ -596,7 +679,9 @@ fn write_and_publish<S: MapStore>(
         }
     }
     let old_generation = inst.generation;
-    let old_slots = inst.slots.len();
+    let old_entries = inst.slot_map().entries(inst.slots.len());
+    let old_map = inst.slot_map();
+    let new_map = SlotMap::of(plan.policy);
     if plan.slots != inst.slots || inst.dirty || plan.policy != inst.policy {
         let generation = 1 - old_generation;
         let (policy, choices) = plan.policy.to_kernel();
@@ -612,17 +697,14 @@ fn write_and_publish<S: MapStore>(
         // 2. Slots of the unpublished generation, then 3. publish. On failure the
         //    old generation stays live and the partial new one is removed.
         let mut publish = || -> Result<(), StoreError> {
-            for (slot, &index) in plan.slots.iter().enumerate() {
-                store.put_slot(&slot_key(id, generation, slot), index)?;
-                *ops += 1;
-            }
+            put_generation(store, new_map, id, generation, &plan.slots, ops)?;
             store.put_service(key, &value)?;
             *ops += 1;
             Ok(())
         };
         if let Err(e) = publish() {
-            for slot in 0..plan.slots.len() {
-                let _ = store.del_slot(&slot_key(id, generation, slot));
+            for entry in 0..new_map.entries(plan.slots.len()) {
+                let _ = del_entry(store, new_map, id, generation, entry);
             }
             return Err(e);
         }
@@ -633,9 +715,10 @@ fn write_and_publish<S: MapStore>(
         inst.dirty = false;
         // 4. The old generation is unreachable now. Deleted from the end, so after a
         //    failure exactly `0..leftover` remain.
-        inst.leftover = old_slots;
+        inst.leftover = old_entries;
+        inst.leftover_in = old_map;
         while inst.leftover > 0 {
-            store.del_slot(&slot_key(id, old_generation, inst.leftover - 1))?;
+            del_entry(store, old_map, id, old_generation, inst.leftover - 1)?;
             inst.leftover -= 1;
             *ops += 1;
         }

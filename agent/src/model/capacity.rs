@@ -5,17 +5,20 @@
 //! writer runs the same check again only as an assertion (a table that reaches
 //! it has passed).
 
-use sockmesh_common::{MAX_BACKENDS_TOTAL, MAX_SERVICES, MAX_SLOTS_TOTAL};
+use sockmesh_common::{MAX_BACKENDS_TOTAL, MAX_MAGLEV_SERVICES, MAX_SERVICES, MAX_SLOTS_TOTAL};
 
-use super::{Backend, BackendState, Changes, RoutingTable};
+use super::{Backend, BackendState, Changes, RoutingTable, Service};
 
 /// Capacities of the routing maps (their `max_entries`), set at install
-/// (`--max-services`, `--max-backends`, `--max-slots`).
+/// (`--max-services`, `--max-backends`, `--max-slots`, `--max-maglev-services`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     pub services: u32,
     pub backends: u32,
     pub slots: u32,
+    /// Services that may have a Maglev table (the Maglev map holds that many
+    /// tables of the largest size, plus one being rewritten).
+    pub maglev: u32,
 }
 
 impl Default for Limits {
@@ -24,6 +27,7 @@ impl Default for Limits {
             services: MAX_SERVICES,
             backends: MAX_BACKENDS_TOTAL,
             slots: MAX_SLOTS_TOTAL,
+            maglev: MAX_MAGLEV_SERVICES,
         }
     }
 }
@@ -33,7 +37,10 @@ impl Default for Limits {
 pub struct Usage {
     pub services: usize,
     pub backends: usize,
+    /// Entries of the slot map (a Maglev service's slots are in its table).
     pub slots: usize,
+    /// Maglev tables (services with a consistent-hash policy).
+    pub maglev: usize,
 }
 
 /// An update beyond the maps' capacities.
@@ -57,6 +64,10 @@ pub enum CapacityError {
         transient: usize,
         limit: u32,
     },
+    #[error(
+        "{count} services with a Maglev table (MAGLEV or RING_HASH clusters) exceed the limit of {limit} (--max-maglev-services)"
+    )]
+    Maglev { count: usize, limit: u32 },
 }
 
 /// The selection slots a service's backends take (active ones only; see
@@ -71,12 +82,14 @@ pub fn slot_count(backends: &[Backend]) -> usize {
 }
 
 impl Usage {
-    /// One service's backends and slots.
-    pub fn of_service(backends: &[Backend]) -> Self {
+    /// One service's backends and slots (or Maglev table).
+    pub fn of_service(service: &Service) -> Self {
+        let maglev = service.policy.is_maglev();
         Self {
             services: 1,
-            backends: backends.len(),
-            slots: slot_count(backends),
+            backends: service.len(),
+            slots: if maglev { 0 } else { slot_count(service) },
+            maglev: usize::from(maglev),
         }
     }
 
@@ -85,23 +98,25 @@ impl Usage {
         table
             .services
             .values()
-            .map(|b| Self::of_service(b))
+            .map(Self::of_service)
             .fold(Self::default(), |a, b| a.plus(&b))
     }
 
-    fn plus(&self, o: &Self) -> Self {
+    pub fn plus(&self, o: &Self) -> Self {
         Self {
             services: self.services + o.services,
             backends: self.backends + o.backends,
             slots: self.slots + o.slots,
+            maglev: self.maglev + o.maglev,
         }
     }
 
-    fn minus(&self, o: &Self) -> Self {
+    pub fn minus(&self, o: &Self) -> Self {
         Self {
             services: self.services.saturating_sub(o.services),
             backends: self.backends.saturating_sub(o.backends),
             slots: self.slots.saturating_sub(o.slots),
+            maglev: self.maglev.saturating_sub(o.maglev),
         }
     }
 
@@ -127,10 +142,13 @@ impl Usage {
                 usage = usage.minus(&old);
             }
         }
+        // Maglev tables take no transient: the map has room for one more table
+        // than the limit, and services are rewritten one at a time.
         let transient = Usage {
             services: 0,
             backends: peak.backends.saturating_sub(usage.backends),
             slots: peak.slots.saturating_sub(usage.slots),
+            maglev: 0,
         };
         (usage, transient)
     }
@@ -162,7 +180,7 @@ pub fn write_order(
             service,
             backends: after.as_ref(),
             old: before(service),
-            new: after.as_ref().map(|s| Usage::of_service(s)),
+            new: after.as_ref().map(Usage::of_service),
         })
         .collect();
     let size = |u: Option<Usage>| u.map_or(0, |u| (u.backends + u.slots) as i128);
@@ -193,6 +211,12 @@ impl Limits {
                 count: usage.slots,
                 transient: transient.slots,
                 limit: self.slots,
+            });
+        }
+        if usage.maglev > self.maglev as usize {
+            return Err(CapacityError::Maglev {
+                count: usage.maglev,
+                limit: self.maglev,
             });
         }
         Ok(())
@@ -229,7 +253,8 @@ mod tests {
             Usage {
                 services: 2,
                 backends: 5,
-                slots: 5
+                slots: 5,
+                maglev: 0,
             }
         );
         let changes: Changes = [
@@ -238,15 +263,15 @@ mod tests {
             (svc(3), Some(backends(1, 1).into())),
         ]
         .into();
-        let (after, transient) = usage.after(&changes, |s| {
-            table.services.get(s).map(|b| Usage::of_service(b))
-        });
+        let (after, transient) =
+            usage.after(&changes, |s| table.services.get(s).map(Usage::of_service));
         assert_eq!(
             after,
             Usage {
                 services: 2,
                 backends: 5,
-                slots: 5
+                slots: 5,
+                maglev: 0,
             }
         );
         // svc(1) removed first (3 left), svc(2) 3 → 4 beside its old 3 (peak 7),
@@ -263,7 +288,7 @@ mod tests {
         table.insert(svc(1), backends(1, 1));
         table.insert(svc(2), backends(1, 1));
         table.insert(svc(3), backends(9, 1));
-        let before = |s: &ServiceAddr| table.services.get(s).map(|b| Usage::of_service(b));
+        let before = |s: &ServiceAddr| table.services.get(s).map(Usage::of_service);
         let changes: Changes = [
             (svc(1), Some(backends(5, 1).into())),
             (svc(2), Some(backends(5, 1).into())),
@@ -285,16 +310,19 @@ mod tests {
             services: 2,
             backends: 10,
             slots: 10,
+            maglev: 1,
         };
         let ok = Usage {
             services: 2,
             backends: 6,
             slots: 6,
+            maglev: 1,
         };
         let t = Usage {
             services: 0,
             backends: 4,
             slots: 4,
+            maglev: 0,
         };
         assert_eq!(limits.check(&ok, &t), Ok(()));
         let more = Usage { services: 3, ..ok };
@@ -312,6 +340,35 @@ mod tests {
             limits.check(&slots, &t).map_err(|e| e.to_string()),
             Err("7 selection slots (+4 at the peak while services are rewritten) exceed the slot map's capacity of 10 (--max-slots)".into())
         );
+        let maglev = Usage { maglev: 2, ..ok };
+        assert_eq!(
+            limits.check(&maglev, &t).map_err(|e| e.to_string()),
+            Err("2 services with a Maglev table (MAGLEV or RING_HASH clusters) exceed the limit of 1 (--max-maglev-services)".into())
+        );
+    }
+
+    #[test]
+    fn a_maglev_service_takes_a_table_not_slots() {
+        let service = Service::new(
+            backends(3, 1),
+            crate::model::LbPolicy::Maglev { table_size: 251 },
+        );
+        assert_eq!(
+            Usage::of_service(&service),
+            Usage {
+                services: 1,
+                backends: 3,
+                slots: 0,
+                maglev: 1,
+            }
+        );
+        // Random → Maglev frees the slots and takes a table.
+        let mut table = RoutingTable::default();
+        table.insert(svc(1), backends(3, 1));
+        let changes: Changes = [(svc(1), Some(service))].into();
+        let (after, _) = Usage::of_table(&table)
+            .after(&changes, |s| table.services.get(s).map(Usage::of_service));
+        assert_eq!((after.slots, after.maglev), (0, 1));
     }
 
     #[test]

@@ -488,7 +488,7 @@ const MAGLEV_EXT: &str =
 const RING_HASH_EXT: &str =
     "type.googleapis.com/envoy.extensions.load_balancing_policies.ring_hash.v3.RingHash";
 
-const CONSISTENT_HASH_FALLBACK: &str = "consistent hashing (MAGLEV, RING_HASH) is not in the kernel yet: connections are placed by weighted random";
+const RING_HASH_AS_MAGLEV: &str = "RING_HASH is served by a Maglev table (the same consistent hashing of the client, with minimal disruption; the ring's sizes do not apply)";
 
 fn least_conn(choice_count: Option<u32>) -> ClusterPolicy {
     let n = choice_count.unwrap_or(u32::from(LbPolicy::DEFAULT_CHOICES));
@@ -500,6 +500,58 @@ fn least_conn(choice_count: Option<u32>) -> ClusterPolicy {
         },
         fallback: None,
     }
+}
+
+/// Maglev with the cluster's table size (validated: a prime within
+/// `MAX_MAGLEV_TABLE_SIZE`), or the default.
+fn maglev(table_size: Option<u64>, fallback: Option<&'static str>) -> ClusterPolicy {
+    let table_size = table_size
+        .and_then(|t| u32::try_from(t).ok())
+        .filter(|&t| maglev_table_size_problem(u64::from(t)).is_none())
+        .unwrap_or(sockmesh_common::DEFAULT_MAGLEV_TABLE_SIZE);
+    ClusterPolicy {
+        policy: LbPolicy::Maglev { table_size },
+        fallback,
+    }
+}
+
+/// What is wrong with a Maglev `table_size`, if anything: Envoy requires a
+/// prime; the kernel's tables hold up to `MAX_MAGLEV_TABLE_SIZE` entries.
+pub fn maglev_table_size_problem(size: u64) -> Option<String> {
+    let max = sockmesh_common::MAX_MAGLEV_TABLE_SIZE;
+    if size > u64::from(max) {
+        return Some(format!(
+            "{size} exceeds the largest Maglev table the kernel holds, {max} (Envoy's default size)"
+        ));
+    }
+    if !crate::lb::is_prime(size) {
+        return Some(format!(
+            "{size} is not a prime (Maglev needs a prime table size)"
+        ));
+    }
+    None
+}
+
+/// The table size a cluster's Maglev config asks for, from `maglev_lb_config` or
+/// the typed `load_balancing_policy` extension (the first the kernel knows).
+pub fn maglev_table_size(c: &Cluster) -> Option<u64> {
+    use sockmesh_proto::pb::envoy::extensions::load_balancing_policies::maglev::v3::Maglev;
+    if let Some(cluster::LbConfig::MaglevLbConfig(m)) = &c.lb_config {
+        return m.table_size.map(|v| v.value);
+    }
+    typed_configs(c)
+        .find(|any| any.type_url == MAGLEV_EXT)
+        .and_then(|any| Maglev::decode(any.value.as_slice()).ok())
+        .and_then(|m| m.table_size)
+        .map(|v| v.value)
+}
+
+fn typed_configs(c: &Cluster) -> impl Iterator<Item = &sockmesh_proto::pb::google::protobuf::Any> {
+    c.load_balancing_policy
+        .iter()
+        .flat_map(|p| &p.policies)
+        .filter_map(|p| p.typed_extension_config.as_ref())
+        .filter_map(|t| t.typed_config.as_ref())
 }
 
 fn random() -> ClusterPolicy {
@@ -515,7 +567,9 @@ fn random() -> ClusterPolicy {
 /// - `ROUND_ROBIN` (the default) and `RANDOM`: weighted random (a per-connection
 ///   rotation would need a shared counter on every connect; weighted random gives
 ///   the same long-run shares);
-/// - `MAGLEV`, `RING_HASH`: weighted random, with a fallback note;
+/// - `MAGLEV`: a Maglev table of the cluster's `table_size` (default
+///   `DEFAULT_MAGLEV_TABLE_SIZE`), keyed by the client at connect();
+/// - `RING_HASH`: the same Maglev table (noted once: the ring's sizes do not apply);
 /// - `CLUSTER_PROVIDED`: the cluster's own choice (ORIGINAL_DST passes through).
 pub fn cluster_policy(c: &Cluster) -> ClusterPolicy {
     use cluster::LbPolicy as P;
@@ -532,10 +586,8 @@ pub fn cluster_policy(c: &Cluster) -> ClusterPolicy {
     };
     match P::try_from(c.lb_policy).unwrap_or(P::RoundRobin) {
         P::LeastRequest => least_conn(choice_count),
-        P::RingHash | P::Maglev => ClusterPolicy {
-            policy: LbPolicy::Random,
-            fallback: Some(CONSISTENT_HASH_FALLBACK),
-        },
+        P::Maglev => maglev(maglev_table_size(c), None),
+        P::RingHash => maglev(None, Some(RING_HASH_AS_MAGLEV)),
         P::LoadBalancingPolicyConfig => typed_policy(c),
         P::RoundRobin | P::Random | P::ClusterProvided => random(),
     }
@@ -545,13 +597,7 @@ pub fn cluster_policy(c: &Cluster) -> ClusterPolicy {
 /// Envoy takes the first it supports.
 fn typed_policy(c: &Cluster) -> ClusterPolicy {
     use sockmesh_proto::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
-    let policies = c
-        .load_balancing_policy
-        .iter()
-        .flat_map(|p| &p.policies)
-        .filter_map(|p| p.typed_extension_config.as_ref())
-        .filter_map(|t| t.typed_config.as_ref());
-    for any in policies {
+    for any in typed_configs(c) {
         match any.type_url.as_str() {
             LEAST_REQUEST_EXT => {
                 let choices = LeastRequest::decode(any.value.as_slice())
@@ -561,12 +607,8 @@ fn typed_policy(c: &Cluster) -> ClusterPolicy {
                 return least_conn(choices);
             }
             RANDOM_EXT | ROUND_ROBIN_EXT => return random(),
-            MAGLEV_EXT | RING_HASH_EXT => {
-                return ClusterPolicy {
-                    policy: LbPolicy::Random,
-                    fallback: Some(CONSISTENT_HASH_FALLBACK),
-                };
-            }
+            MAGLEV_EXT => return maglev(maglev_table_size(c), None),
+            RING_HASH_EXT => return maglev(None, Some(RING_HASH_AS_MAGLEV)),
             _ => {}
         }
     }

@@ -564,9 +564,7 @@ fn check_changes(
             validate_service(service, b)?;
         }
     }
-    let (after, transient) = usage.after(changes, |s| {
-        table.services.get(s).map(|b| Usage::of_service(b))
-    });
+    let (after, transient) = usage.after(changes, |s| table.services.get(s).map(Usage::of_service));
     limits.check(&after, &transient)?;
     Ok(after)
 }

@@ -1090,9 +1090,31 @@ fn cluster_lb_policy_becomes_the_services_kernel_policy() {
     assert_eq!(one("lb_policy: ROUND_ROBIN"), LbPolicy::Random);
     assert_eq!(one("lb_policy: RANDOM"), LbPolicy::Random);
     assert_eq!(one(""), LbPolicy::Random, "the default is ROUND_ROBIN");
-    // Not in the kernel yet: the nearest honest behaviour.
-    assert_eq!(one("lb_policy: MAGLEV"), LbPolicy::Random);
-    assert_eq!(one("lb_policy: RING_HASH"), LbPolicy::Random);
+    // Consistent hashing: a Maglev table, of the cluster's size or the default.
+    let default = sockmesh_common::DEFAULT_MAGLEV_TABLE_SIZE;
+    assert_eq!(
+        one("lb_policy: MAGLEV"),
+        LbPolicy::Maglev {
+            table_size: default
+        }
+    );
+    assert_eq!(
+        one("lb_policy: MAGLEV\n  maglev_lb_config: { table_size: 251 }"),
+        LbPolicy::Maglev { table_size: 251 }
+    );
+    assert_eq!(
+        one(
+            r#"load_balancing_policy: { policies: [ { typed_extension_config: { name: m, typed_config: { "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.maglev.v3.Maglev, table_size: 509 } } } ] }"#
+        ),
+        LbPolicy::Maglev { table_size: 509 }
+    );
+    // A ring hash is served by a Maglev table (its ring sizes do not apply).
+    assert_eq!(
+        one("lb_policy: RING_HASH\n  ring_hash_lb_config: { minimum_ring_size: 1024 }"),
+        LbPolicy::Maglev {
+            table_size: default
+        }
+    );
     // Weighted clusters that agree keep the policy; that disagree, random.
     let weighted =
         "weighted_clusters: { clusters: [ { name: a, weight: 1 }, { name: b, weight: 1 } ] }";
@@ -1116,6 +1138,46 @@ fn cluster_lb_policy_becomes_the_services_kernel_policy() {
         )),
         LbPolicy::Random
     );
+}
+
+#[test]
+fn a_maglev_table_size_that_is_not_a_prime_or_too_large_is_nacked() {
+    let mut st = XdsState::new();
+    st.apply(full(&policy_doc(
+        &[(
+            "c",
+            "lb_policy: MAGLEV\n  maglev_lb_config: { table_size: 251 }",
+        )],
+        "cluster: c",
+    )))
+    .expect("a prime");
+    let before = st.table().clone();
+    for (size, problem) in [
+        (
+            "1000",
+            "1000 is not a prime (Maglev needs a prime table size)",
+        ),
+        (
+            "65539",
+            "65539 exceeds the largest Maglev table the kernel holds, 65537 (Envoy's default size)",
+        ),
+    ] {
+        let doc = policy_doc(
+            &[(
+                "c",
+                &format!("lb_policy: MAGLEV\n  maglev_lb_config: {{ table_size: {size} }}"),
+            )],
+            "cluster: c",
+        );
+        let nack = st.apply(full(&doc)).expect_err("refused");
+        assert!(
+            nack.0.contains(&format!(
+                "Cluster \"c\": maglev_lb_config.table_size: {problem}"
+            )),
+            "{nack}"
+        );
+        assert_eq!(st.table(), &before, "the last good table stays");
+    }
 }
 
 #[test]

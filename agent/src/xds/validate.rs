@@ -235,6 +235,17 @@ pub fn validate_cluster(c: &Cluster) -> Result<(), InvalidResource> {
         }
         _ => None,
     };
+    if super::clusters::cluster_policy(c).policy.is_maglev()
+        && let Some(size) = super::clusters::maglev_table_size(c)
+        && let Some(problem) = super::clusters::maglev_table_size_problem(size)
+    {
+        let field = if matches!(c.lb_config, Some(cluster::LbConfig::MaglevLbConfig(_))) {
+            "maglev_lb_config.table_size"
+        } else {
+            "load_balancing_policy (Maglev).table_size"
+        };
+        return Err(bad(field, problem));
+    }
     if let Some(cla) = &c.load_assignment {
         let names = if dns.is_some() {
             Addresses::Hostnames

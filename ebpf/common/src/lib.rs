@@ -42,18 +42,30 @@ pub mod map_names {
     /// Socket storage: the endpoint a socket was counted on ([`crate::SockConn`]),
     /// pinned beside [`BACKEND_CONNS`].
     pub const SOCK_CONNS: &str = "SM_SOCK_CONNS";
+    /// Maglev lookup tables of consistent-hash services, in chunks
+    /// ([`crate::SlotKey`] with the chunk number as `slot` → [`crate::MaglevChunk`]).
+    pub const MAGLEV: &str = "SM_MAGLEV";
     /// The maps pinned under the layout directory.
-    pub const LAYOUT: [&str; 6] = [SERVICES, SERVICE_STATS, SLOTS, BACKENDS, REVERSE, COUNTERS];
-    /// The maps pinned under the connection-tracking directory.
-    pub const CONNS: [&str; 2] = [BACKEND_CONNS, SOCK_CONNS];
-    /// Every map of the object.
-    pub const ALL: [&str; 8] = [
+    pub const LAYOUT: [&str; 7] = [
         SERVICES,
         SERVICE_STATS,
         SLOTS,
         BACKENDS,
         REVERSE,
         COUNTERS,
+        MAGLEV,
+    ];
+    /// The maps pinned under the connection-tracking directory.
+    pub const CONNS: [&str; 2] = [BACKEND_CONNS, SOCK_CONNS];
+    /// Every map of the object.
+    pub const ALL: [&str; 9] = [
+        SERVICES,
+        SERVICE_STATS,
+        SLOTS,
+        BACKENDS,
+        REVERSE,
+        COUNTERS,
+        MAGLEV,
         BACKEND_CONNS,
         SOCK_CONNS,
     ];
@@ -92,7 +104,8 @@ pub const fn str_eq(a: &str, b: &str) -> bool {
 ///
 /// - 1: services, slots, backends, reverse translation, per-CPU node counters.
 /// - 2: adds `SM_SERVICE_STATS`, per-service counters.
-pub const LAYOUT_VERSION: u32 = 2;
+/// - 3: adds `SM_MAGLEV`, the Maglev tables of consistent-hash services.
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Version of the connection-tracking maps ([`map_names::CONNS`]). They are pinned
 /// under `<bpffs>/conns-v<CONNS_VERSION>/`, apart from the layout's directory,
@@ -126,6 +139,37 @@ pub const MAX_BACKENDS_TOTAL: u32 = 524_288;
 /// twice its slots; the default leaves room for that across 10 k+ services.
 pub const MAX_SLOTS_TOTAL: u32 = 1_048_576;
 
+/// Entries of one [`MaglevChunk`]: a Maglev table of `M` entries is stored as
+/// `ceil(M / MAGLEV_CHUNK)` chunks, so publishing a table costs a few dozen map
+/// updates instead of one per entry.
+pub const MAGLEV_CHUNK: usize = 256;
+
+/// Largest Maglev table (entries; a prime): Envoy's default `table_size`, 65,537.
+/// A table takes `ceil(M / 256)` chunks of 512 bytes (257 chunks, about 130 KiB of
+/// kernel memory, at this size).
+pub const MAX_MAGLEV_TABLE_SIZE: u32 = 65_537;
+
+/// Maglev table size when the cluster does not set one (a prime): Cilium's default.
+/// Envoy's own default, 65,537, balances no better for the hundreds of backends a
+/// service has and costs four times the memory and write time; a cluster that sets
+/// `maglev_lb_config.table_size` gets its size.
+pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 16_381;
+
+/// Services that may have a Maglev table at once, by default (`--max-maglev-services`).
+pub const MAX_MAGLEV_SERVICES: u32 = 1_024;
+
+/// Chunks of the largest table.
+pub const MAX_MAGLEV_CHUNKS_PER_TABLE: u32 = MAX_MAGLEV_TABLE_SIZE.div_ceil(MAGLEV_CHUNK as u32);
+
+/// Capacity of the Maglev map for `services` tables: every table at the largest
+/// size, plus one more, which an update writes (its new generation) before it
+/// deletes the old one.
+pub const fn maglev_map_entries(services: u32) -> u32 {
+    services
+        .saturating_add(1)
+        .saturating_mul(MAX_MAGLEV_CHUNKS_PER_TABLE)
+}
+
 /// Capacity of the reverse-translation LRU map: one entry per open client socket
 /// connected to a VIP (plus one per VIP an unconnected UDP socket talked to).
 pub const MAX_REVERSE_ENTRIES: u32 = 131_072;
@@ -157,6 +201,12 @@ pub mod lb_policy {
     /// with the fewest open connections (power of N choices, as Envoy's
     /// `LEAST_REQUEST`); placed connections are counted per backend endpoint.
     pub const LEAST_CONN: u8 = 1;
+    /// Maglev consistent hashing: the slots are the service's Maglev table (in
+    /// `SM_MAGLEV`, [`crate::ServiceValue::slot_count`] entries), and connect()
+    /// takes entry `hash(client) % slot_count`, where the client is the socket's
+    /// bound source address, or else its network namespace (one pod, one netns):
+    /// one client, one backend, while the backends stay.
+    pub const MAGLEV: u8 = 2;
 }
 
 /// Most random choices a least-connections pick draws (the loop's bound).
@@ -210,8 +260,9 @@ pub struct ServiceKey {
 pub struct ServiceValue {
     /// Service id, unique while the service exists; keys its slots and backends.
     pub id: u32,
-    /// Number of slots in the published generation; 0 means no active backend
-    /// (connections are refused with `ECONNREFUSED`).
+    /// Number of slots in the published generation (for a Maglev service, its
+    /// table's size); 0 means no active backend (connections are refused with
+    /// `ECONNREFUSED`).
     pub slot_count: u32,
     /// Published slot generation, 0 or 1.
     pub generation: u8,
@@ -224,6 +275,15 @@ pub struct ServiceValue {
     pub pad: u8,
     /// Monotonic revision, bumped by every update of this service (diagnostics).
     pub revision: u32,
+}
+
+/// Value of the Maglev map: entries `chunk * MAGLEV_CHUNK ..` of a service's Maglev
+/// table, each the index of a backend (key of the backend map). Entries past the
+/// table's end are 0 and never read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevChunk {
+    pub entries: [u16; MAGLEV_CHUNK],
 }
 
 /// Value of the per-service counter map (one per CPU), keyed by [`ServiceKey`].
@@ -336,6 +396,11 @@ const _: () = {
     assert!(core::mem::size_of::<BackendInfo>() == 24);
     assert!(core::mem::size_of::<ReverseKey>() == 32);
     assert!(core::mem::size_of::<ReverseValue>() == 20);
+    assert!(core::mem::size_of::<MaglevChunk>() == 512);
+    // Backend indexes stay below twice the per-service maximum (an update holds
+    // the old and new backends at once), which a chunk entry's u16 holds.
+    assert!(2 * MAX_BACKENDS_PER_SERVICE <= u16::MAX as u32);
+    assert!(MAX_MAGLEV_CHUNKS_PER_TABLE <= u16::MAX as u32);
     assert!(MAX_SLOTS_PER_SERVICE <= u16::MAX as u32 + 1);
     assert!(MAX_BACKENDS_PER_SERVICE <= MAX_SLOTS_PER_SERVICE);
 };
@@ -343,8 +408,8 @@ const _: () = {
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        BackendInfo, BackendKey, ConnKey, ReverseKey, ReverseValue, ServiceKey, ServiceStats,
-        ServiceValue, SlotKey, SockConn,
+        BackendInfo, BackendKey, ConnKey, MaglevChunk, ReverseKey, ReverseValue, ServiceKey,
+        ServiceStats, ServiceValue, SlotKey, SockConn,
     };
 
     // SAFETY: all types are #[repr(C)], made only of integers, with every padding
@@ -368,6 +433,8 @@ mod pod {
     unsafe impl aya::Pod for ConnKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SockConn {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for MaglevChunk {}
 }
 
 #[cfg(test)]

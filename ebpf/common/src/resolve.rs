@@ -1,6 +1,8 @@
 //! Slot resolution, the one lookup chain every reader of the routing maps follows:
 //! service key → [`ServiceValue`] → [`SlotKey`] (id, published generation, slot) →
-//! backend index → [`BackendKey`] → backend.
+//! backend index → [`BackendKey`] → backend. A Maglev service's slots are its
+//! table's entries, read from the table chunk that holds them
+//! ([`crate::MaglevChunk`], keyed by the chunk number in [`SlotKey::slot`]).
 //!
 //! The kernel programs (`ebpf/programs/src/xlate.rs`) resolve one slot per
 //! connect(); the agent's in-memory fake (`MemStore`) and its reader of the pinned
@@ -8,7 +10,7 @@
 //! [`RoutingMaps`] over their maps and call the functions below, so the key layout
 //! is written once.
 
-use crate::{BackendKey, ServiceKey, ServiceValue, SlotKey};
+use crate::{BackendKey, MAGLEV_CHUNK, ServiceKey, ServiceValue, SlotKey, lb_policy};
 
 /// Read access to the three routing maps. Absent keys are `Ok(None)`; `Error` is
 /// whatever a lookup itself can fail with (`Infallible` in the kernel and in memory).
@@ -18,17 +20,27 @@ pub trait RoutingMaps {
     type Error;
     fn service(&self, key: &ServiceKey) -> Result<Option<ServiceValue>, Self::Error>;
     fn slot(&self, key: &SlotKey) -> Result<Option<u32>, Self::Error>;
+    /// Entry `entry` (below [`MAGLEV_CHUNK`]) of the Maglev table chunk `key`.
+    fn maglev(&self, key: &SlotKey, entry: usize) -> Result<Option<u32>, Self::Error>;
     fn backend(&self, key: &BackendKey) -> Result<Option<Self::Backend>, Self::Error>;
 }
 
-/// Slot `slot` of `service`'s published generation.
+/// Slot `slot` of `service`'s published generation (for a Maglev service, the
+/// table chunk that holds entry `slot`).
 #[inline(always)]
-pub fn slot_key(service: &ServiceValue, slot: u16) -> SlotKey {
+pub fn slot_key(service: &ServiceValue, slot: u32) -> SlotKey {
+    let slot = if service.policy == lb_policy::MAGLEV {
+        slot / MAGLEV_CHUNK as u32
+    } else {
+        slot
+    };
     SlotKey {
         service_id: service.id,
         generation: service.generation,
         pad: 0,
-        slot,
+        // Within u16: slot counts are bounded by MAX_SLOTS_PER_SERVICE, chunk
+        // numbers by MAX_MAGLEV_CHUNKS_PER_TABLE.
+        slot: slot as u16,
     }
 }
 
@@ -56,10 +68,15 @@ pub enum Slot<B> {
 pub fn resolve_slot<M: RoutingMaps>(
     maps: &M,
     service: &ServiceValue,
-    slot: u16,
+    slot: u32,
 ) -> Result<Slot<M::Backend>, M::Error> {
     let key = slot_key(service, slot);
-    let Some(index) = maps.slot(&key)? else {
+    let index = if service.policy == lb_policy::MAGLEV {
+        maps.maglev(&key, slot as usize % MAGLEV_CHUNK)?
+    } else {
+        maps.slot(&key)?
+    };
+    let Some(index) = index else {
         return Ok(Slot::Missing(key));
     };
     Ok(match maps.backend(&backend_key(service, index))? {
@@ -69,10 +86,16 @@ pub fn resolve_slot<M: RoutingMaps>(
 }
 
 /// The slot indexes of `service`'s published generation. The agent keeps
-/// `slot_count` within `MAX_SLOTS_PER_SERVICE`, inside the `u16` index range; a
-/// larger count (written by something else) is cut at that range.
-pub fn published_slots(service: &ServiceValue) -> impl Iterator<Item = u16> {
-    (0..=u16::MAX).take(service.slot_count as usize)
+/// `slot_count` within `MAX_SLOTS_PER_SERVICE` (a Maglev table within
+/// `MAX_MAGLEV_TABLE_SIZE`); a larger count (written by something else) is cut
+/// there.
+pub fn published_slots(service: &ServiceValue) -> impl Iterator<Item = u32> {
+    let cap = if service.policy == lb_policy::MAGLEV {
+        crate::MAX_MAGLEV_TABLE_SIZE
+    } else {
+        u32::from(u16::MAX) + 1
+    };
+    0..service.slot_count.min(cap)
 }
 
 /// What a forward lookup of one service address found.
@@ -91,31 +114,51 @@ pub enum Picked<B> {
     Raced,
 }
 
-/// Looks `key` up and picks a backend. `random` is called only for a service with
-/// active backends: once for a weighted-random service (slot `random() %
-/// slot_count`), and, when `least` allows it, [`ServiceValue::choices`] times for a
-/// least-connections one, whose pick is the drawn backend with the smallest
-/// `load` (open connections; the first drawn among equals). Slots are
-/// weight-proportional, so a heavier backend is drawn more often: weights hold
-/// under both policies.
+/// How [`pick`] draws: `random` for a fresh random slot, `client` for the hash of
+/// the connecting client (a Maglev service's key), `load` for a backend's open
+/// connections. Each is called only when the service's policy needs it.
+pub struct Draw<R, C, L> {
+    pub random: R,
+    pub client: C,
+    pub load: L,
+}
+
+/// Looks `key` up and picks a backend. The draws are made only for a service
+/// with active backends: a weighted-random service takes slot `random() %
+/// slot_count`; a least-connections one, when `least` allows it, draws
+/// [`ServiceValue::choices`] random slots and takes the backend with the smallest
+/// `load` (open connections; the first drawn among equals); a Maglev service
+/// takes table entry `client() % slot_count`. Slots are weight-proportional (so
+/// are a Maglev table's entries), so a heavier backend is drawn more often: weights
+/// hold under every policy.
 #[inline(always)]
 pub fn pick<M: RoutingMaps>(
     maps: &M,
     key: &ServiceKey,
     least: bool,
-    mut random: impl FnMut() -> u32,
-    mut load: impl FnMut(&M::Backend) -> u64,
+    draw_with: Draw<impl FnMut() -> u32, impl FnOnce() -> u32, impl FnMut(&M::Backend) -> u64>,
 ) -> Result<Picked<M::Backend>, M::Error>
 where
     M::Backend: Copy,
 {
+    let Draw {
+        mut random,
+        client,
+        mut load,
+    } = draw_with;
     let Some(service) = maps.service(key)? else {
         return Ok(Picked::NotService);
     };
     if service.slot_count == 0 {
         return Ok(Picked::NoBackend);
     }
-    if !least || service.policy != crate::lb_policy::LEAST_CONN {
+    if service.policy == lb_policy::MAGLEV {
+        return Ok(match draw(maps, &service, client())? {
+            Some(b) => Picked::Backend(b),
+            None => Picked::Raced,
+        });
+    }
+    if !least || service.policy != lb_policy::LEAST_CONN {
         return Ok(match draw(maps, &service, random())? {
             Some(b) => Picked::Backend(b),
             None => Picked::Raced,
@@ -148,9 +191,7 @@ fn draw<M: RoutingMaps>(
     service: &ServiceValue,
     r: u32,
 ) -> Result<Option<M::Backend>, M::Error> {
-    // Below slot_count, which the agent keeps within MAX_SLOTS_PER_SERVICE (≤ 65,536).
-    let slot = (r % service.slot_count) as u16;
-    Ok(match resolve_slot(maps, service, slot)? {
+    Ok(match resolve_slot(maps, service, r % service.slot_count)? {
         Slot::Backend(b) => Some(b),
         Slot::Missing(_) => None,
     })
@@ -169,6 +210,7 @@ mod tests {
         services: BTreeMap<ServiceKey, ServiceValue>,
         slots: BTreeMap<SlotKey, u32>,
         backends: BTreeMap<BackendKey, u16>,
+        maglev: BTreeMap<SlotKey, crate::MaglevChunk>,
     }
 
     impl RoutingMaps for Maps {
@@ -179,6 +221,9 @@ mod tests {
         }
         fn slot(&self, key: &SlotKey) -> Result<Option<u32>, Infallible> {
             Ok(self.slots.get(key).copied())
+        }
+        fn maglev(&self, key: &SlotKey, entry: usize) -> Result<Option<u32>, Infallible> {
+            Ok(self.maglev.get(key).map(|c| u32::from(c.entries[entry])))
         }
         fn backend(&self, key: &BackendKey) -> Result<Option<u16>, Infallible> {
             Ok(self.backends.get(key).copied())
@@ -221,8 +266,29 @@ mod tests {
         m
     }
 
+    /// A pick of a service that is not Maglev (the client hash is never asked for).
+    fn pick_random(
+        m: &Maps,
+        key: &ServiceKey,
+        least: bool,
+        random: impl FnMut() -> u32,
+        load: impl FnMut(&u16) -> u64,
+    ) -> Result<Picked<u16>, Infallible> {
+        let client = || panic!("no client hash outside Maglev");
+        pick(
+            m,
+            key,
+            least,
+            Draw {
+                random,
+                client,
+                load,
+            },
+        )
+    }
+
     fn picked(m: &Maps, r: u32) -> Picked<u16> {
-        match pick(m, &KEY, true, || r, |_| 0) {
+        match pick_random(m, &KEY, true, || r, |_| 0) {
             Ok(p) => p,
             Err(never) => match never {},
         }
@@ -235,7 +301,10 @@ mod tests {
         assert_eq!(picked(&m, 4), Picked::Backend(600));
         assert_eq!(picked(&m, u32::MAX), Picked::Backend(500));
         let other = ServiceKey { port: 81, ..KEY };
-        assert_eq!(pick(&m, &other, true, || 0, |_| 0), Ok(Picked::NotService));
+        assert_eq!(
+            pick_random(&m, &other, true, || 0, |_| 0),
+            Ok(Picked::NotService)
+        );
     }
 
     #[test]
@@ -244,7 +313,7 @@ mod tests {
         if let Some(v) = m.services.get_mut(&KEY) {
             v.slot_count = 0;
         }
-        let r = pick(
+        let r = pick_random(
             &m,
             &KEY,
             true,
@@ -284,14 +353,14 @@ mod tests {
         // Slots 0 and 1: backends 500 (3 open) and 600 (1 open).
         let load = |b: &u16| if *b == 500 { 3 } else { 1 };
         let mut draws = [0u32, 1].into_iter();
-        let r = pick(&m, &KEY, true, || draws.next().unwrap_or(0), load);
+        let r = pick_random(&m, &KEY, true, || draws.next().unwrap_or(0), load);
         assert_eq!(r, Ok(Picked::Counted(600)));
         // Equal loads: the first drawn.
         let mut draws = [2u32, 1].into_iter();
-        let r = pick(&m, &KEY, true, || draws.next().unwrap_or(0), |_| 7);
+        let r = pick_random(&m, &KEY, true, || draws.next().unwrap_or(0), |_| 7);
         assert_eq!(r, Ok(Picked::Counted(500)));
         // An unconnected UDP pick (`least` false) stays one hashed draw, uncounted.
-        let r = pick(&m, &KEY, false, || 1, |_| panic!("no load read"));
+        let r = pick_random(&m, &KEY, false, || 1, |_| panic!("no load read"));
         assert_eq!(r, Ok(Picked::Backend(600)));
         // choices 0 means 1; more than MAX_CHOICES is cut at it.
         let mut draws = |choices: u8| {
@@ -303,11 +372,56 @@ mod tests {
                 n += 1;
                 0
             };
-            let _ = pick(&m, &KEY, true, count, |_| 0);
+            let _ = pick_random(&m, &KEY, true, count, |_| 0);
             n
         };
         assert_eq!(draws(0), 1);
         assert_eq!(draws(u8::MAX), u32::from(crate::MAX_CHOICES));
+    }
+
+    #[test]
+    fn maglev_takes_the_client_hash_entry_of_the_published_table() {
+        let mut m = maps();
+        let Some(v) = m.services.get_mut(&KEY) else {
+            panic!("service")
+        };
+        v.policy = crate::lb_policy::MAGLEV;
+        // A 300-entry table: chunk 0 holds entries 0..256, chunk 1 entries 256..300.
+        v.slot_count = 300;
+        let value = *v;
+        let mut chunks = [crate::MaglevChunk {
+            entries: [5; MAGLEV_CHUNK],
+        }; 2];
+        chunks[1].entries[299 - MAGLEV_CHUNK] = 6;
+        for (n, c) in chunks.iter().enumerate() {
+            m.maglev
+                .insert(slot_key(&value, (n * MAGLEV_CHUNK) as u32), *c);
+        }
+        assert_eq!(slot_key(&value, 299).slot, 1);
+        let hashed = |m: &Maps, h: u32| {
+            let random = || panic!("no random draw for Maglev");
+            let load = |_: &u16| panic!("no load read for Maglev");
+            let client = || h;
+            pick(
+                m,
+                &KEY,
+                true,
+                Draw {
+                    random,
+                    client,
+                    load,
+                },
+            )
+        };
+        assert_eq!(hashed(&m, 299), Ok(Picked::Backend(600)));
+        assert_eq!(hashed(&m, 599), Ok(Picked::Backend(600)));
+        assert_eq!(hashed(&m, 298), Ok(Picked::Backend(500)));
+        assert_eq!(hashed(&m, 0), Ok(Picked::Backend(500)));
+        // Entries come from the table, never from the slot map.
+        assert_eq!(published_slots(&value).count(), 300);
+        m.maglev.remove(&slot_key(&value, 0));
+        assert_eq!(hashed(&m, 3), Ok(Picked::Raced));
+        assert_eq!(hashed(&m, 299), Ok(Picked::Backend(600)));
     }
 
     #[test]

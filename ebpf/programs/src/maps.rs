@@ -25,9 +25,9 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use sockmesh_common::{
-    BackendInfo, BackendKey, ConnKey, MAX_BACKENDS_TOTAL, MAX_REVERSE_ENTRIES, MAX_SERVICES,
-    MAX_SLOTS_TOTAL, ReverseKey, ReverseValue, ServiceKey, ServiceStats, ServiceValue, SlotKey,
-    SockConn, counter, map_names,
+    BackendInfo, BackendKey, ConnKey, MAX_BACKENDS_TOTAL, MAX_MAGLEV_SERVICES, MAX_REVERSE_ENTRIES,
+    MAX_SERVICES, MAX_SLOTS_TOTAL, MaglevChunk, ReverseKey, ReverseValue, ServiceKey, ServiceStats,
+    ServiceValue, SlotKey, SockConn, counter, maglev_map_entries, map_names,
 };
 
 /// Defines a map named `$name`. `#[map(name = …)]` takes only a string literal, so
@@ -80,6 +80,21 @@ named_map! {
     /// - capacity: `MAX_SLOTS_TOTAL` by default (`--max-slots`); two generations of a service coexist briefly
     "SM_SLOTS" == map_names::SLOTS;
     pub static SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(MAX_SLOTS_TOTAL, BPF_F_NO_PREALLOC);
+}
+
+named_map! {
+    /// Maglev lookup tables of consistent-hash services (`lb_policy::MAGLEV`): the
+    /// service's slots, 256 to a chunk, so a table of 16,381 entries is published
+    /// with 64 map updates.
+    /// - key: [`SlotKey`] (service id, generation 0/1, chunk number in `slot`)
+    /// - value: [`MaglevChunk`] (backend index of each entry of the chunk)
+    /// - writer: the agent, only into the unpublished generation, as `SM_SLOTS`
+    /// - reader: connect4/6, sendmsg4/6 of Maglev services
+    /// - capacity: room for `MAX_MAGLEV_SERVICES` (1,024) tables of the largest size
+    ///   plus one being rewritten (`--max-maglev-services`); entries allocated on demand
+    "SM_MAGLEV" == map_names::MAGLEV;
+    pub static MAGLEV: HashMap<SlotKey, MaglevChunk> =
+        HashMap::pinned(maglev_map_entries(MAX_MAGLEV_SERVICES), BPF_F_NO_PREALLOC);
 }
 
 named_map! {

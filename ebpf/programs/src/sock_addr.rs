@@ -5,7 +5,7 @@
 
 use aya_ebpf::{
     EbpfContext, Global,
-    helpers::{bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     macros::{cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
 };
@@ -182,7 +182,8 @@ fn forward(ctx: &SockAddrContext, family: Family, per_socket: bool) -> Verdict {
     } else {
         Pick::Random
     };
-    match xlate::forward(vip, proto, pick) {
+    let client = || client_identity(ctx, family);
+    match xlate::forward(vip, proto, pick, &client) {
         Forward::Pass => Verdict::Proceed,
         Forward::NoBackend => {
             count(counter::NO_BACKEND);
@@ -218,6 +219,37 @@ fn restore_vip(ctx: &SockAddrContext, family: Family) -> i32 {
         None => count(counter::REVERSE_MISS),
     }
     PROCEED
+}
+
+/// The connecting client, as a Maglev service hashes it: the socket's bound source
+/// address if it has one, else its network namespace's cookie (one pod, one netns;
+/// what Cilium's socket LB uses for affinity).
+#[inline(always)]
+fn client_identity(ctx: &SockAddrContext, family: Family) -> u64 {
+    // SAFETY: `sk` of a sock_addr context is a socket pointer the verifier knows
+    // is valid (PTR_TO_SOCKET); each field is read unconditionally, then selected
+    // (see sm_sock_release on why).
+    let (v4, v6) = unsafe {
+        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+        (
+            core::ptr::read_volatile(&raw const (*sk).src_ip4),
+            [
+                core::ptr::read_volatile(&raw const (*sk).src_ip6[0]),
+                core::ptr::read_volatile(&raw const (*sk).src_ip6[1]),
+                core::ptr::read_volatile(&raw const (*sk).src_ip6[2]),
+                core::ptr::read_volatile(&raw const (*sk).src_ip6[3]),
+            ],
+        )
+    };
+    let bound = match family {
+        Family::V4 => u64::from(v4),
+        Family::V6 => (u64::from(v6[0] ^ v6[1]) << 32) | u64::from(v6[2] ^ v6[3]),
+    };
+    if bound != 0 {
+        return bound;
+    }
+    // SAFETY: helper taking the program context (sock_addr programs, 5.7+).
+    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
 }
 
 #[inline(always)]

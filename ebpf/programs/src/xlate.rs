@@ -4,13 +4,13 @@
 use core::convert::Infallible;
 
 use sockmesh_common::{
-    BackendKey, ReverseKey, ReverseValue, ServiceKey, ServiceValue, SlotKey, counter,
-    resolve::{self, Picked, RoutingMaps},
+    BackendKey, MAGLEV_CHUNK, ReverseKey, ReverseValue, ServiceKey, ServiceValue, SlotKey, counter,
+    resolve::{self, Draw, Picked, RoutingMaps},
 };
 
 use crate::{
     conns,
-    maps::{BACKENDS, REVERSE, SERVICES, SLOTS, count, count_service},
+    maps::{BACKENDS, MAGLEV, REVERSE, SERVICES, SLOTS, count, count_service},
 };
 
 /// A socket address in map form.
@@ -50,15 +50,25 @@ impl Pick {
         match self {
             // SAFETY: helper without arguments.
             Pick::Random => unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() },
-            // Fibonacci hashing spreads consecutive cookies over the slots.
-            Pick::Hash(v) => ((v ^ (v >> 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32,
+            Pick::Hash(v) => hash(v),
         }
     }
 }
 
-/// Looks `dst` up as a service for `proto` and picks a backend.
+/// A 64-bit value mixed down to 32 well-spread bits (the splitmix64 finalizer):
+/// consecutive cookies and addresses land on unrelated slots.
 #[inline(always)]
-pub fn forward(dst: Addr, proto: u8, pick: Pick) -> Forward {
+pub fn hash(v: u64) -> u32 {
+    let mut x = v;
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (x ^ (x >> 31)) as u32
+}
+
+/// Looks `dst` up as a service for `proto` and picks a backend. `client` gives the
+/// connecting client's identity, asked for only by a Maglev service.
+#[inline(always)]
+pub fn forward(dst: Addr, proto: u8, pick: Pick, client: &impl Fn() -> u64) -> Forward {
     let key = ServiceKey {
         addr: dst.ip,
         port: dst.port,
@@ -67,10 +77,10 @@ pub fn forward(dst: Addr, proto: u8, pick: Pick) -> Forward {
     };
     // Two attempts: the second only if an update deleted the slot we picked between
     // our service lookup and our slot lookup; by then the new generation is published.
-    let verdict = match try_pick(&key, pick) {
+    let verdict = match try_pick(&key, pick, client) {
         Picked::Raced => {
             count(counter::SLOT_RETRY);
-            try_pick(&key, pick)
+            try_pick(&key, pick, client)
         }
         done => done,
     };
@@ -98,13 +108,17 @@ pub fn forward(dst: Addr, proto: u8, pick: Pick) -> Forward {
 }
 
 #[inline(always)]
-fn try_pick(key: &ServiceKey, pick: Pick) -> Picked<Addr> {
+fn try_pick(key: &ServiceKey, pick: Pick, client: &impl Fn() -> u64) -> Picked<Addr> {
     // A least-connections pick only for a fresh placement: an unconnected UDP
     // socket's datagrams follow its hash, and are not connections to count.
     let least = matches!(pick, Pick::Random);
     let proto = key.proto;
-    let load = |b: &Addr| conns::load(&conns::key(*b, proto));
-    match resolve::pick(&Maps, key, least, || pick.value(), load) {
+    let draw = Draw {
+        random: || pick.value(),
+        client: || hash(client()),
+        load: |b: &Addr| conns::load(&conns::key(*b, proto)),
+    };
+    match resolve::pick(&Maps, key, least, draw) {
         Ok(picked) => picked,
         Err(never) => match never {},
     }
@@ -128,6 +142,13 @@ impl RoutingMaps for Maps {
     fn slot(&self, key: &SlotKey) -> Result<Option<u32>, Infallible> {
         // SAFETY: as above.
         Ok(unsafe { SLOTS.get(key) }.copied())
+    }
+
+    #[inline(always)]
+    fn maglev(&self, key: &SlotKey, entry: usize) -> Result<Option<u32>, Infallible> {
+        // SAFETY: as above; one entry is copied out. The mask keeps the index
+        // within the chunk for the verifier (resolve passes it below MAGLEV_CHUNK).
+        Ok(unsafe { MAGLEV.get(key) }.map(|c| u32::from(c.entries[entry & (MAGLEV_CHUNK - 1)])))
     }
 
     #[inline(always)]

@@ -25,6 +25,9 @@
 //! smprobe hold ADDR:PORT COUNT                        COUNT TCP connects one after
 //!     the other, each kept open; one line each: NAME|E<errno>, then `held`; closes
 //!     them all and exits when stdin closes (or a line arrives)
+//! smprobe clients ADDR:PORT PER SRC|- [SRC ...]       per client, PER TCP connects
+//!     one after the other, bound to source address SRC (`-`: unbound, the
+//!     kernel picks); one line per client: SRC NAME|E<errno> ...
 //! ```
 
 use std::{
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
         Some("rate") => rate(&args[1..]),
         Some("udp-hold") => udp_hold(&args[1..]),
         Some("hold") => hold(&args[1..]),
+        Some("clients") => clients(&args[1..]),
         Some("load") => load(&args[1..]),
         _ => Err("usage: smprobe serve|connect|udp|peer ...".to_owned()),
     };
@@ -251,6 +255,53 @@ fn hold(args: &[String]) -> Result<(), String> {
     let _ = io::stdin().read_line(&mut line);
     drop(open);
     Ok(())
+}
+
+fn clients(args: &[String]) -> Result<(), String> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, IntoRawFd as _};
+
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket};
+    let to = addr(args.first())?;
+    let per = number(args.get(1), 1)?;
+    let SocketAddr::V4(to4) = to else {
+        return Err("clients: an IPv4 service address".into());
+    };
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    for src in &args[2..] {
+        let from: Option<std::net::Ipv4Addr> = match src.as_str() {
+            "-" => None,
+            s => Some(s.parse().map_err(|e| format!("source {s}: {e}"))?),
+        };
+        write!(out, "{src}").map_err(|e| e.to_string())?;
+        for _ in 0..per {
+            let once = || -> io::Result<String> {
+                let fd = socket(
+                    AddressFamily::Inet,
+                    SockType::Stream,
+                    SockFlag::SOCK_CLOEXEC,
+                    None,
+                )?;
+                if let Some(ip) = from {
+                    bind(
+                        fd.as_raw_fd(),
+                        &SockaddrIn::from(std::net::SocketAddrV4::new(ip, 0)),
+                    )?;
+                }
+                connect(fd.as_raw_fd(), &SockaddrIn::from(to4))?;
+                // SAFETY: the descriptor is a connected TCP socket this function
+                // owns; into_raw_fd hands its ownership to the stream.
+                let mut s = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let mut name = String::new();
+                s.read_to_string(&mut name)?;
+                Ok(name)
+            };
+            let what = once().unwrap_or_else(|e| errno(&e));
+            write!(out, " {what}").map_err(|e| e.to_string())?;
+        }
+        writeln!(out).map_err(|e| e.to_string())?;
+    }
+    out.flush().map_err(|e| e.to_string())
 }
 
 fn udp(args: &[String]) -> Result<(), String> {
