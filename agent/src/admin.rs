@@ -293,6 +293,8 @@ pub fn metrics(
         .set(held.backends as f64 / f64::from(limits.backends.max(1)));
     fill.get_or_create(&vec![("map".to_owned(), "slots".to_owned())])
         .set(held.slots as f64 / f64::from(limits.slots.max(1)));
+    fill.get_or_create(&vec![("map".to_owned(), "maglev".to_owned())])
+        .set(held.maglev as f64 / f64::from(limits.maglev.max(1)));
     r.register(
         "sockmesh_map_fill_ratio",
         "Used fraction of each map's capacity",

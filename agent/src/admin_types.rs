@@ -81,6 +81,9 @@ pub struct LimitsDump {
     pub services: u32,
     pub backends: u32,
     pub slots: u32,
+    /// Services that may have a Maglev table (`--max-maglev-services`).
+    #[serde(default)]
+    pub maglev_services: u32,
 }
 
 impl From<crate::dataplane::Limits> for LimitsDump {
@@ -89,6 +92,7 @@ impl From<crate::dataplane::Limits> for LimitsDump {
             services: l.services,
             backends: l.backends,
             slots: l.slots,
+            maglev_services: l.maglev,
         }
     }
 }
@@ -241,6 +245,7 @@ mod tests {
                     "services": d.datapath.limits.services,
                     "backends": d.datapath.limits.backends,
                     "slots": d.datapath.limits.slots,
+                    "maglev_services": d.datapath.limits.maglev_services,
                 },
             },
             "xds": types,

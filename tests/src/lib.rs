@@ -699,6 +699,24 @@ pub fn pod_network(client: &NetNs, backend: &NetNs, pods: u8) -> Vec<std::net::I
     addrs
 }
 
+/// Client pod `i`: a namespace of its own linked to `backend` (10.12.`i`.1 ↔
+/// 10.12.`i`.2, devices `smc<i>` / `smb<i>`), with the pods' subnet of
+/// [`pod_network`] (10.10.1.0/24) routed over the link and no other route.
+pub fn client_pod(backend: &NetNs, i: u8) -> NetNs {
+    let ns = NetNs::new();
+    let dev = format!("smc{i}");
+    veth_named(
+        &ns,
+        &dev,
+        &format!("10.12.{i}.1/24"),
+        backend,
+        &format!("smb{i}"),
+        &format!("10.12.{i}.2/24"),
+    );
+    ip(&["-n", &ns.0, "route", "add", "10.10.1.0/24", "dev", &dev]);
+    ns
+}
+
 /// Two pods behind one client: namespaces linked by [`pod_network`] (client
 /// 10.10.1.1; pods 10.10.1.11 and .12), each pod serving TCP port 8080 with
 /// `smprobe serve`, answering its name (`names`).

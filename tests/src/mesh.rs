@@ -64,7 +64,14 @@ pub fn tcp_listener(name: &str, vip: IpAddr, port: u16, cluster: &str) -> (Strin
 
 /// An EDS cluster over ADS.
 pub fn eds_cluster(name: &str) -> (String, Any) {
-    let c = Cluster {
+    (
+        name.to_owned(),
+        any(sockmesh_proto::type_url::CLUSTER, &eds(name)),
+    )
+}
+
+fn eds(name: &str) -> Cluster {
+    Cluster {
         name: name.to_owned(),
         cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
             cluster::DiscoveryType::Eds as i32,
@@ -79,7 +86,20 @@ pub fn eds_cluster(name: &str) -> (String, Any) {
             service_name: String::new(),
         }),
         ..Default::default()
-    };
+    }
+}
+
+/// An EDS cluster over ADS with a DestinationRule-style consistent hash:
+/// `lb_policy: MAGLEV`, with `maglev_lb_config.table_size` if given (else the
+/// size is the consumer's default).
+pub fn maglev_cluster(name: &str, table_size: Option<u64>) -> (String, Any) {
+    let mut c = eds(name);
+    c.lb_policy = cluster::LbPolicy::Maglev as i32;
+    c.lb_config = table_size.map(|t| {
+        cluster::LbConfig::MaglevLbConfig(cluster::MaglevLbConfig {
+            table_size: Some(sockmesh_proto::pb::google::protobuf::UInt64Value { value: t }),
+        })
+    });
     (name.to_owned(), any(sockmesh_proto::type_url::CLUSTER, &c))
 }
 

@@ -90,7 +90,11 @@ fn admin_endpoints_answer_on_loopback() {
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
     assert_eq!(status["agent"]["running"], true, "{status}");
     assert_eq!(status["agent"]["ready"], true, "{status}");
-    assert_eq!(status["agent"]["datapath"]["layout_version"], 2, "{status}");
+    assert_eq!(
+        status["agent"]["datapath"]["layout_version"],
+        sockmesh_common::LAYOUT_VERSION,
+        "{status}"
+    );
     assert_eq!(status["agent"]["datapath"]["migrating"], false, "{status}");
     assert_eq!(status["datapath"]["services"], 1, "{status}");
     assert_eq!(status["xds"]["eds"]["rejected"], 1, "{status}");

@@ -6,7 +6,7 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use sockmesh::model::{Backend, LbPolicy, Protocol, RoutingTable, Service, ServiceAddr};
-use sockmesh_tests::{Cgroup, NetNs, PodLab, add_addr, command_in, run, veth_named};
+use sockmesh_tests::{Cgroup, NetNs, PodLab, add_addr, client_pod, command_in, run};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
 const VIP: &str = "10.96.0.10:80";
@@ -163,27 +163,6 @@ fn maglev_keeps_each_client_on_one_backend_and_moves_only_the_removed_ones() {
         random.values().any(|r| r.iter().any(|b| b != &r[0])),
         "random placement showed affinity: {random:?}"
     );
-}
-
-/// A client namespace of its own linked to the backends (10.10.(2+i).1 ↔ .2; the
-/// pods' subnet routed over the link), as a pod of the node.
-fn client_pod(backend: &NetNs, i: u8) -> NetNs {
-    let ns = NetNs::new();
-    let (a, b) = (format!("smc{i}"), format!("smb{i}"));
-    veth_named(
-        &ns,
-        &a,
-        &format!("10.10.{}.1/24", 2 + u32::from(i)),
-        backend,
-        &b,
-        &format!("10.10.{}.2/24", 2 + u32::from(i)),
-    );
-    let st = std::process::Command::new("ip")
-        .args(["-n", &ns.0, "route", "add", "10.10.1.0/24", "dev", &a])
-        .status()
-        .expect("ip route");
-    assert!(st.success(), "route in client pod {i}");
-    ns
 }
 
 #[test]

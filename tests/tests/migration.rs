@@ -1,6 +1,7 @@
 //! Upgrade across a map-layout change under continuous traffic: the previous release
-//! (pin layout v1, built from git) serves; it is stopped and this build (layout v2)
-//! starts while the control plane is down. The new agent builds its maps beside the
+//! (pin layout v1, built from git) serves; it is stopped and this build (the
+//! current layout, `LAYOUT_VERSION`, "new" below) starts while the control plane
+//! is down. The new agent builds its maps beside the
 //! old ones but must not attach a half-filled table: the v1 datapath keeps serving
 //! alone. Once the control plane is back, the new agent fills its maps, attaches
 //! them, and detaches and removes every v1 pin. No connection fails throughout.
@@ -55,7 +56,9 @@ fn layout_upgrade_builds_beside_the_old_datapath_and_swaps_without_loss() {
     let tmp = TempDir::new("sockmesh-migration-");
     let dir = &tmp.0;
     let v1 = bpffs.0.join("v1");
-    let v2 = bpffs.0.join("v2");
+    let current = bpffs
+        .0
+        .join(format!("v{}", sockmesh_common::LAYOUT_VERSION));
 
     // The previous release installs layout v1 and syncs.
     // In a guard: a failing assertion must not leave it running in the cgroup.
@@ -99,13 +102,13 @@ fn layout_upgrade_builds_beside_the_old_datapath_and_swaps_without_loss() {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("v2 agent"),
+            .expect("new agent"),
     );
     // The admin server starts after the datapath is installed, so once it answers
     // the new agent has built (and decided not to attach) its datapath. Without a
     // control plane nothing can make it attach.
     let dump = wait_until(
-        "the v2 agent's admin server",
+        "the new agent's admin server",
         Duration::from_secs(20),
         || {
             let dump = admin.dump();
@@ -114,17 +117,22 @@ fn layout_upgrade_builds_beside_the_old_datapath_and_swaps_without_loss() {
     );
     assert_eq!(dump["datapath"]["migrating"], true, "{dump}");
     assert_eq!(dump["datapath"]["attachment"], "Pending", "{dump}");
-    assert_eq!(dump["datapath"]["layout_version"], 2, "{dump}");
+    assert_eq!(
+        dump["datapath"]["layout_version"],
+        sockmesh_common::LAYOUT_VERSION,
+        "{dump}"
+    );
     // Built, not live: only v1's nine programs run, v1's pins are intact.
-    assert!(v2.join("maps/SM_SERVICE_STATS").exists());
+    assert!(current.join("maps/SM_SERVICE_STATS").exists());
     let attached = sockmesh::dataplane::attached_programs(&cgroup.0).expect("query");
     assert_eq!(attached.len(), 9, "{attached:?}");
     assert!(v1.join("maps/SM_SERVICES").exists());
     assert!(
-        !v2.join("links")
+        !current
+            .join("links")
             .read_dir()
             .is_ok_and(|mut d| d.next().is_some()),
-        "v2 attached before it had a table"
+        "new attached before it had a table"
     );
     let (code, body) = admin.get("/readyz");
     assert_eq!(code, 503);
@@ -193,7 +201,7 @@ fn layout_upgrade_builds_beside_the_old_datapath_and_swaps_without_loss() {
     let counted = sockmesh::dataplane::read_service_counters(&bpffs.0).expect("stats");
     assert!(counted[0].1.redirects > 0, "{counted:?}");
     eprintln!(
-        "{} requests, 0 failed; v2 live and v1 removed {swap_ms} ms after the control plane returned",
+        "{} requests, 0 failed; new live and v1 removed {swap_ms} ms after the control plane returned",
         seen.len()
     );
     drop(new);

@@ -244,6 +244,7 @@ mod tests {
                     services: 8,
                     backends: 16,
                     slots: 32,
+                    maglev_services: 4,
                 },
             },
             xds: BTreeMap::from([(

@@ -9,7 +9,7 @@ use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, Per
 use sockmesh_common::{
     BackendInfo, BackendKey, ConnKey, MaglevChunk, ServiceKey, ServiceStats, ServiceValue, SlotKey,
     counter, map_names,
-    resolve::{RoutingMaps, Slot, published_slots, resolve_slot},
+    resolve::{RoutingMaps, TableMaps, backend_key, published_indices},
 };
 
 use super::{
@@ -73,16 +73,25 @@ impl KernelMaps {
 
     /// The backends a connect() to `service` can reach now (what the published slots
     /// point at), sorted; `None` if the service is not in the map. A slot that does
-    /// not resolve (an update raced this read) is `MapError::KeyNotFound`.
+    /// not resolve (an update raced this read) is `MapError::KeyNotFound`. Each
+    /// backend is looked up once, however many slots it holds.
     pub fn reachable(&self, service: &ServiceAddr) -> Result<Option<Vec<(IpAddr, u16)>>, MapError> {
         let Some(value) = self.service(&service_key(service))? else {
             return Ok(None);
         };
-        let mut out = Vec::new();
-        for slot in published_slots(&value) {
-            match resolve_slot(self, &value, slot)? {
-                Slot::Backend(info) => out.push((words_to_ip(info.addr), port_from_map(info.port))),
-                Slot::Missing(_) => return Err(MapError::KeyNotFound),
+        let mut indexes = std::collections::BTreeSet::new();
+        if published_indices(self, &value, |i| {
+            indexes.insert(i);
+        })?
+        .is_err()
+        {
+            return Err(MapError::KeyNotFound);
+        }
+        let mut out = Vec::with_capacity(indexes.len());
+        for i in indexes {
+            match self.backend(&backend_key(&value, i))? {
+                Some(info) => out.push((words_to_ip(info.addr), port_from_map(info.port))),
+                None => return Err(MapError::KeyNotFound),
             }
         }
         out.sort_unstable();
@@ -115,6 +124,12 @@ impl RoutingMaps for KernelMaps {
     }
     fn backend(&self, key: &BackendKey) -> Result<Option<BackendInfo>, MapError> {
         found(self.backends.get(key, 0))
+    }
+}
+
+impl TableMaps for KernelMaps {
+    fn maglev_chunk(&self, key: &SlotKey) -> Result<Option<MaglevChunk>, MapError> {
+        found(self.maglev.get(key, 0))
     }
 }
 

@@ -89,13 +89,50 @@ pub fn resolve_slot<M: RoutingMaps>(
 /// `slot_count` within `MAX_SLOTS_PER_SERVICE` (a Maglev table within
 /// `MAX_MAGLEV_TABLE_SIZE`); a larger count (written by something else) is cut
 /// there.
-pub fn published_slots(service: &ServiceValue) -> impl Iterator<Item = u32> {
+pub fn published_slots(service: &ServiceValue) -> core::ops::Range<u32> {
     let cap = if service.policy == lb_policy::MAGLEV {
         crate::MAX_MAGLEV_TABLE_SIZE
     } else {
         u32::from(u16::MAX) + 1
     };
     0..service.slot_count.min(cap)
+}
+
+/// Whole-table reads, for userspace readers of the maps (the kernel programs
+/// resolve one slot at a time and never copy a chunk).
+pub trait TableMaps: RoutingMaps {
+    /// The Maglev table chunk `key`.
+    fn maglev_chunk(&self, key: &SlotKey) -> Result<Option<crate::MaglevChunk>, Self::Error>;
+}
+
+/// Calls `f` with the backend index of every published slot of `service`, in
+/// slot order, reading a Maglev table a chunk at a time (one lookup per 256
+/// entries, not per entry). `Ok(Err(key))`: slot or chunk `key` is absent.
+pub fn published_indices<M: TableMaps>(
+    maps: &M,
+    service: &ServiceValue,
+    mut f: impl FnMut(u32),
+) -> Result<Result<(), SlotKey>, M::Error> {
+    let count = published_slots(service).len();
+    if service.policy == lb_policy::MAGLEV {
+        for first in (0..count).step_by(MAGLEV_CHUNK) {
+            let key = slot_key(service, first as u32);
+            let Some(chunk) = maps.maglev_chunk(&key)? else {
+                return Ok(Err(key));
+            };
+            let n = (count - first).min(MAGLEV_CHUNK);
+            chunk.entries[..n].iter().for_each(|&i| f(u32::from(i)));
+        }
+    } else {
+        for slot in published_slots(service) {
+            let key = slot_key(service, slot);
+            let Some(index) = maps.slot(&key)? else {
+                return Ok(Err(key));
+            };
+            f(index);
+        }
+    }
+    Ok(Ok(()))
 }
 
 /// What a forward lookup of one service address found.

@@ -42,6 +42,7 @@ fn main() -> std::process::ExitCode {
                     .ok()
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(PROP_CHANGES),
+                PROP_MAGLEV,
             ),
         );
     }
@@ -62,6 +63,9 @@ fn main() -> std::process::ExitCode {
     }
     if only.is_none_or(|o| o == "least_conn") {
         report.insert("least_conn".into(), least_conn_bench(&probe));
+    }
+    if only.is_none_or(|o| o == "maglev") {
+        report.insert("maglev".into(), maglev_bench(&probe));
     }
     let text = serde_json::to_string_pretty(&Value::Object(report)).unwrap_or_default();
     if let Some(dir) = report_path.parent() {
@@ -124,13 +128,16 @@ const CONNECTS_PER_ROUND: u32 = 3_000;
 /// connect()+close() latency to one backend: directly from a process outside the
 /// datapath's cgroup (no program runs), directly from inside it (the program runs
 /// and misses), and through a VIP (the program runs and rewrites).
+/// The paths [`connect_cost`] compares.
+const PATHS: usize = 6;
+
 fn connect_cost(probe: &Path) -> Value {
     let client = NetNs::new();
     let backend = NetNs::new();
     veth(&client, "10.10.1.1/24", &backend, "10.10.1.11/24");
     // Every (round, path) run gets its own backend port, so no 4-tuple is reused
     // while an earlier connection to it is in TIME_WAIT.
-    let runs = (ROUNDS + 1) * 5;
+    let runs = (ROUNDS + 1) * PATHS;
     let port = |run: usize| 9000 + u16::try_from(run).unwrap_or(0);
     let mut serve = command_in(&backend, None, probe);
     serve.arg("serve");
@@ -166,6 +173,20 @@ fn connect_cost(probe: &Path) -> Value {
                 },
             ),
         );
+        // And under Maglev: the netns cookie, its hash and one table chunk.
+        table.insert(
+            ServiceAddr {
+                vip: IpAddr::from([10, 96, 0, 4]),
+                port: port(r) + 3000,
+                protocol: Protocol::Tcp,
+            },
+            sockmesh::model::Service::new(
+                vec![Backend::new(IpAddr::from([10, 10, 1, 11]), port(r))],
+                sockmesh::model::LbPolicy::Maglev {
+                    table_size: sockmesh_common::DEFAULT_MAGLEV_TABLE_SIZE,
+                },
+            ),
+        );
     }
     if let Err(e) = dp.apply(&table) {
         say(&format!("connect_cost: apply failed: {e}"));
@@ -191,12 +212,13 @@ fn connect_cost(probe: &Path) -> Value {
             return json!({"error": e});
         }
     };
-    let paths: [(&str, bool, &str); 5] = [
+    let paths: [(&str, bool, &str); PATHS] = [
         ("direct, no program", false, "10.10.1.11"),
         ("direct, program (miss)", true, "10.10.1.11"),
         ("VIP, sockmesh (rewrite)", true, "10.96.0.1"),
         ("VIP, iptables DNAT", false, "10.96.0.2"),
         ("VIP, sockmesh least conn", true, "10.96.0.3"),
+        ("VIP, sockmesh maglev", true, "10.96.0.4"),
     ];
     let mut means = vec![Vec::new(); paths.len()];
     let mut p50s = vec![Vec::new(); paths.len()];
@@ -213,6 +235,7 @@ fn connect_cost(probe: &Path) -> Value {
                 + match i {
                     2 => 1000,
                     4 => 2000,
+                    5 => 3000,
                     _ => 0,
                 };
             // (the iptables path keeps the port: 10.96.0.2:P → 10.10.1.11:P)
@@ -292,10 +315,17 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 const PROP_SERVICES: u32 = 10_000;
 const PROP_ENDPOINTS: u16 = 10;
 const PROP_CHANGES: u32 = 1_000;
+/// Services of the propagation scenario that are MAGLEV clusters (each with a
+/// Maglev table), as issue 13 measures the update path.
+const PROP_MAGLEV: u32 = 1_000;
 
 /// Control plane writes a ClusterLoadAssignment → the kernel map holds it, with
 /// 10,000 services × 10 endpoints loaded, over ADS delta, 1,000 changes.
-fn propagation(bin_dir: &Path, services: u32, endpoints: u16, changes: u32) -> Value {
+/// Endpoint changes through the agent, from the control plane's publish to the
+/// kernel map: on `svc-0` (weighted random), and, when `maglev` services
+/// (`svc-1`..) are consistent-hash clusters with a Maglev table each, on `svc-1`
+/// too.
+fn propagation(bin_dir: &Path, services: u32, endpoints: u16, changes: u32, maglev: u32) -> Value {
     use sockmesh_tests::{control_plane::ControlPlane, mesh, sockmesh_bin_in, unique};
     let Ok(rt) = tokio::runtime::Runtime::new() else {
         return json!({"error": "no tokio runtime"});
@@ -305,9 +335,18 @@ fn propagation(bin_dir: &Path, services: u32, endpoints: u16, changes: u32) -> V
     let cp = ControlPlane::new();
     let (addr, _stop) = rt.block_on(cp.serve("127.0.0.1:0".parse().expect("addr")));
     let built = std::time::Instant::now();
-    cp.publish(&mesh::services(services, endpoints), true);
+    let mut resources = mesh::services(services, endpoints);
+    for (name, any) in &mut resources {
+        let i: Option<u32> = name.strip_prefix("svc-").and_then(|i| i.parse().ok());
+        if i.is_some_and(|i| (1..=maglev).contains(&i))
+            && any.type_url == sockmesh_proto::type_url::CLUSTER
+        {
+            *any = mesh::maglev_cluster(name, None).1;
+        }
+    }
+    cp.publish(&resources, true);
     detail(&format!(
-        "\npropagation: {services} services x {endpoints} endpoints published by the in-process ADS server ({:.1} s to build)",
+        "\npropagation: {services} services x {endpoints} endpoints ({maglev} of them MAGLEV clusters) published by the in-process ADS server ({:.1} s to build)",
         built.elapsed().as_secs_f64()
     ));
     let log_path = std::env::temp_dir().join(unique("sockmesh-bench-agent-"));
@@ -372,45 +411,64 @@ fn propagation(bin_dir: &Path, services: u32, endpoints: u16, changes: u32) -> V
     unsafe {
         libc::prctl(libc::PR_SET_TIMERSLACK, 1);
     }
-    let target = ServiceAddr {
-        vip: IpAddr::from([10, 200, 0, 0]),
-        port: 80,
-        protocol: Protocol::Tcp,
-    };
     let log_before = std::fs::read_to_string(&log_path)
         .map(|t| t.len())
         .unwrap_or(0);
-    let mut e2e = Vec::new();
     let poll = std::time::Duration::from_micros(
         std::env::var("SMBENCH_POLL_US")
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(50),
     );
-    for i in 0..changes {
-        let [_, _, hi, lo] = i.to_be_bytes();
-        let ep = (IpAddr::from([10, 40, hi, lo]), 9000);
-        let t0 = std::time::Instant::now();
-        cp.publish(&[mesh::assignment("svc-0", &[ep])], false);
-        loop {
-            if reader
-                .reachable(&target)
-                .ok()
-                .flatten()
-                .is_some_and(|b| b == [ep])
-            {
-                break;
+    // `changes` endpoint changes of service `n`: publish → the kernel holds it.
+    let measure = |n: u32| -> Result<Vec<f64>, String> {
+        let [_, _, hi, lo] = n.to_be_bytes();
+        let target = ServiceAddr {
+            vip: IpAddr::from([10, 200, hi, lo]),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        let mut e2e = Vec::new();
+        for i in 0..changes {
+            let [_, _, hi, lo] = i.to_be_bytes();
+            let ep = (IpAddr::from([10, 40, hi, lo]), 9000);
+            let t0 = std::time::Instant::now();
+            cp.publish(&[mesh::assignment(&format!("svc-{n}"), &[ep])], false);
+            loop {
+                if reader
+                    .reachable(&target)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|b| b == [ep])
+                {
+                    break;
+                }
+                if t0.elapsed() > std::time::Duration::from_secs(10) {
+                    return Err(format!(
+                        "change {i} of svc-{n} not in the kernel after 10 s"
+                    ));
+                }
+                // Poll without starving the agent and the control plane of the
+                // machine's two cores (SMBENCH_POLL_US, default 50 µs; at 10 µs the
+                // poller itself pushed p99 from ~0.45 ms to ~2.5 ms here).
+                std::thread::sleep(poll);
             }
-            if t0.elapsed() > std::time::Duration::from_secs(10) {
-                return json!({"error": format!("change {i} not in the kernel after 10 s")});
-            }
-            // Poll without starving the agent and the control plane of the
-            // machine's two cores (SMBENCH_POLL_US, default 50 µs; at 10 µs the poller itself
-            // pushed p99 from ~0.45 ms to ~2.5 ms here).
-            std::thread::sleep(poll);
+            e2e.push(t0.elapsed().as_secs_f64() * 1e6);
         }
-        e2e.push(t0.elapsed().as_secs_f64() * 1e6);
-    }
+        Ok(e2e)
+    };
+    let mut e2e = match measure(0) {
+        Ok(v) => v,
+        Err(e) => return json!({ "error": e }),
+    };
+    let mut e2e_maglev = if maglev > 0 {
+        match measure(1) {
+            Ok(v) => v,
+            Err(e) => return json!({ "error": e }),
+        }
+    } else {
+        Vec::new()
+    };
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     let mut agent_side: Vec<f64> = log
         .get(log_before..)
@@ -427,6 +485,7 @@ fn propagation(bin_dir: &Path, services: u32, endpoints: u16, changes: u32) -> V
     drop(agent);
     let _ = std::fs::remove_file(&log_path);
     e2e.sort_by(f64::total_cmp);
+    e2e_maglev.sort_by(f64::total_cmp);
     agent_side.sort_by(f64::total_cmp);
     let row = |name: &str, v: &[f64]| {
         detail(&format!(
@@ -439,11 +498,19 @@ fn propagation(bin_dir: &Path, services: u32, endpoints: u16, changes: u32) -> V
         json!({"p50_us": percentile(v, 0.5), "p99_us": percentile(v, 0.99), "max_us": v.last().copied().unwrap_or(0.0), "n": v.len()})
     };
     let e2e_json = row("control plane publish -> kernel map holds it", &e2e);
+    let maglev_json = (maglev > 0).then(|| {
+        row(
+            "the same, a Maglev service (16,381-entry table)",
+            &e2e_maglev,
+        )
+    });
     let agent_json = row("agent: response received -> maps written", &agent_side);
     json!({
         "services": services, "endpoints_per_service": endpoints, "changes": changes,
+        "maglev_services": maglev,
         "initial_load_s": initial_load.as_secs_f64(), "agent_rss_kib": rss_kib,
-        "publish_to_map": e2e_json, "agent_receive_to_map": agent_json,
+        "publish_to_map": e2e_json, "publish_to_map_maglev": maglev_json,
+        "agent_receive_to_map": agent_json,
     })
 }
 
@@ -602,7 +669,7 @@ fn scale(bin_dir: &Path) -> Value {
 /// [`propagation`] without its printout.
 fn propagation_quiet(bin_dir: &Path, services: u32, endpoints: u16, changes: u32) -> Value {
     QUIET.store(true, std::sync::atomic::Ordering::Relaxed);
-    let v = propagation(bin_dir, services, endpoints, changes);
+    let v = propagation(bin_dir, services, endpoints, changes, 0);
     QUIET.store(false, std::sync::atomic::Ordering::Relaxed);
     v
 }
@@ -852,6 +919,125 @@ fn least_conn_bench(probe: &Path) -> Value {
         "rate_per_s": LC_RATE,
         "millis": LC_MILLIS,
         "hold_ms": {"b1": LC_HOLD_MS * 10, "b2": LC_HOLD_MS, "b3": LC_HOLD_MS},
+        "policies": rows,
+    })
+}
+
+/// Client pods and backends of the Maglev scenario, and connections per client.
+const MG_CLIENTS: u8 = 100;
+const MG_BACKENDS: u8 = 10;
+const MG_PER: u32 = 50;
+
+/// Consistent hashing: 100 client pods (a network namespace each, unbound
+/// sockets, so the client is its namespace) make 50 connections each to a service
+/// of 10 backends; then one backend is removed, then added back. Under Maglev and,
+/// for contrast, weighted random: the share of clients whose connections all
+/// reached one backend (affinity), and the share whose backend changed at each
+/// step (for random, the backend of a client's first connection).
+fn maglev_bench(probe: &Path) -> Value {
+    use sockmesh::model::{LbPolicy, Service};
+    let mut lab = sockmesh_tests::PodLab::new(probe, MG_BACKENDS, usize::from(MG_BACKENDS));
+    let clients: Vec<NetNs> = (0..MG_CLIENTS)
+        .map(|i| sockmesh_tests::client_pod(&lab.backend, i))
+        .collect();
+    let vip = ServiceAddr {
+        vip: IpAddr::from([10, 96, 0, 60]),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    let table = |pods: &[u8], policy: LbPolicy| {
+        let mut t = RoutingTable::default();
+        t.insert(
+            vip,
+            Service::new(
+                pods.iter()
+                    .map(|&i| Backend::new(IpAddr::from([10, 10, 1, 10 + i]), 8080))
+                    .collect(),
+                policy,
+            ),
+        );
+        t
+    };
+    // Per client, the backends its connections reached.
+    let round = |lab: &sockmesh_tests::PodLab| -> Vec<Vec<String>> {
+        clients
+            .iter()
+            .map(|ns| {
+                let mut cmd = command_in(ns, Some(&lab.cgroup), probe);
+                cmd.args(["clients", "10.96.0.60:80", &MG_PER.to_string(), "-"]);
+                run(cmd)
+                    .split_whitespace()
+                    .skip(1)
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .collect()
+    };
+    let all: Vec<u8> = (1..=MG_BACKENDS).collect();
+    let less: Vec<u8> = all.iter().copied().filter(|&i| i != 5).collect();
+    say(&format!(
+        "\nmaglev: {MG_CLIENTS} client pods x {MG_PER} connections, {MG_BACKENDS} backends; remove b5, add it back"
+    ));
+    say(
+        "| policy | clients on one backend | moved when b5 left (b5 held) | moved when b5 came back | failed |",
+    );
+    say("|---|---|---|---|---|");
+    let mut rows = serde_json::Map::new();
+    let maglev = LbPolicy::Maglev {
+        table_size: sockmesh_common::DEFAULT_MAGLEV_TABLE_SIZE,
+    };
+    for (label, policy) in [("maglev", maglev), ("random", LbPolicy::Random)] {
+        let mut rounds = Vec::new();
+        for pods in [&all, &less, &all] {
+            if let Err(e) = lab.dp().apply(&table(pods, policy)) {
+                return json!({"error": e.to_string()});
+            }
+            rounds.push(round(&lab));
+        }
+        let failed: usize = rounds
+            .iter()
+            .flatten()
+            .flatten()
+            .filter(|b| !b.starts_with('b'))
+            .count();
+        let sticky = rounds[0]
+            .iter()
+            .filter(|r| !r.is_empty() && r.iter().all(|b| b == &r[0]))
+            .count();
+        let first = |r: &Vec<Vec<String>>| -> Vec<Option<String>> {
+            r.iter().map(|c| c.first().cloned()).collect()
+        };
+        let (a, b, c) = (first(&rounds[0]), first(&rounds[1]), first(&rounds[2]));
+        let moved = |x: &[Option<String>], y: &[Option<String>]| {
+            x.iter().zip(y).filter(|(p, q)| p != q).count()
+        };
+        let held_b5 = a.iter().filter(|x| x.as_deref() == Some("b5")).count();
+        let pct = |n: usize| 100.0 * n as f64 / f64::from(MG_CLIENTS);
+        let (left, back) = (moved(&a, &b), moved(&b, &c));
+        say(&format!(
+            "| {label} | {:.0} % | {:.0} % ({:.0} %) | {:.0} % | {failed} |",
+            pct(sticky),
+            pct(left),
+            pct(held_b5),
+            pct(back)
+        ));
+        rows.insert(
+            label.to_owned(),
+            json!({
+                "clients_on_one_backend_pct": pct(sticky),
+                "moved_on_removal_pct": pct(left),
+                "held_by_removed_pct": pct(held_b5),
+                "moved_on_return_pct": pct(back),
+                "failed": failed,
+            }),
+        );
+    }
+    say(&format!(
+        "(bound: at most 1/N + 2 % = {:.0} % of clients move)",
+        100.0 / f64::from(MG_BACKENDS) + 2.0
+    ));
+    json!({
+        "clients": MG_CLIENTS, "backends": MG_BACKENDS, "connections_per_client": MG_PER,
         "policies": rows,
     })
 }
