@@ -63,6 +63,8 @@ pub struct Staged {
     not_warming: BTreeSet<ServiceAddr>,
     passthrough_now: BTreeSet<ServiceAddr>,
     not_passthrough: BTreeSet<ServiceAddr>,
+    unhashable_now: BTreeMap<ServiceAddr, &'static str>,
+    not_unhashable: BTreeSet<ServiceAddr>,
 }
 
 /// The caches and indexes.
@@ -78,6 +80,9 @@ pub struct Incremental {
     cluster_users: BTreeMap<String, BTreeSet<ServiceAddr>>,
     warming: BTreeSet<ServiceAddr>,
     passthrough: BTreeSet<ServiceAddr>,
+    /// Consistent-hash services whose hash policy names what connect() cannot see
+    /// (logged when that starts), and what.
+    unhashable: BTreeMap<ServiceAddr, &'static str>,
 }
 
 impl Incremental {
@@ -243,7 +248,15 @@ impl Incremental {
                     st.passthrough_now.insert(s);
                     None
                 }
-                Resolved::Backends(b) => {
+                Resolved::Backends(b, unhashable) => {
+                    match unhashable {
+                        Some(what) => {
+                            st.unhashable_now.insert(s, what);
+                        }
+                        None => {
+                            st.not_unhashable.insert(s);
+                        }
+                    }
                     st.not_warming.insert(s);
                     st.not_passthrough.insert(s);
                     Some(b)
@@ -308,7 +321,11 @@ impl Incremental {
         match service_backends(spec, view) {
             ServiceBackends::Warming => Resolved::Warming,
             ServiceBackends::Passthrough => Resolved::Passthrough,
-            ServiceBackends::Backends(b) => Resolved::Backends(b),
+            ServiceBackends::Backends(b) => {
+                // A consistent-hash service asked to hash what connect() cannot see.
+                let unhashable = spec.unhashable.filter(|_| b.policy.is_maglev());
+                Resolved::Backends(b, unhashable)
+            }
         }
     }
 
@@ -379,6 +396,17 @@ impl Incremental {
             self.passthrough.remove(&s);
         }
         self.passthrough.extend(st.passthrough_now);
+        for s in st.not_unhashable {
+            self.unhashable.remove(&s);
+        }
+        for (s, what) in st.unhashable_now {
+            if self.unhashable.insert(s, what) != Some(what) {
+                tracing::info!(
+                    service = %s,
+                    "hash policy: {what} cannot be seen at connect(); the consistent hash keys on the client (its source address or network namespace) instead"
+                );
+            }
+        }
         for (s, b) in st.changes {
             match b {
                 Some(b) => {
@@ -439,5 +467,7 @@ enum Resolved {
     Gone,
     Warming,
     Passthrough,
-    Backends(Service),
+    /// The backends, and what the hash policy names that a consistent hash at
+    /// connect() cannot follow.
+    Backends(Service, Option<&'static str>),
 }

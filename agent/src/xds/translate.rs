@@ -65,6 +65,10 @@ pub struct ServiceSpec {
     pub precedence: u8,
     /// The chain's route configuration has not arrived: the service warms.
     pub route_pending: bool,
+    /// What the route's or tcp_proxy's `hash_policy` hashes on when a socket
+    /// balancer cannot see it (a header, cookie, query parameter or filter state):
+    /// a consistent-hash service hashes the client instead, and says so once.
+    pub unhashable: Option<&'static str>,
 }
 
 impl ServiceSpec {
@@ -74,8 +78,43 @@ impl ServiceSpec {
             clusters,
             precedence,
             route_pending: false,
+            unhashable: None,
         }
     }
+
+    fn hashing(mut self, unhashable: Option<&'static str>) -> Self {
+        self.unhashable = unhashable;
+        self
+    }
+}
+
+/// The first request-level key of a route's hash policies, which no byte at
+/// connect() can give (`connection_properties.source_ip` is the client, which
+/// sockmesh hashes).
+fn route_unhashable(
+    policies: &[sockmesh_proto::pb::envoy::config::route::v3::route_action::HashPolicy],
+) -> Option<&'static str> {
+    use sockmesh_proto::pb::envoy::config::route::v3::route_action::hash_policy::PolicySpecifier as P;
+    policies
+        .iter()
+        .find_map(|p| match p.policy_specifier.as_ref()? {
+            P::Header(_) => Some("a header"),
+            P::Cookie(_) => Some("a cookie"),
+            P::QueryParameter(_) => Some("a query parameter"),
+            P::FilterState(_) => Some("filter state"),
+            P::ConnectionProperties(_) => None,
+        })
+}
+
+/// As [`route_unhashable`], for tcp_proxy's hash policies (`source_ip` is honoured).
+fn tcp_unhashable(t: &TcpProxy) -> Option<&'static str> {
+    use sockmesh_proto::pb::envoy::r#type::v3::hash_policy::PolicySpecifier as P;
+    t.hash_policy
+        .iter()
+        .find_map(|p| match p.policy_specifier.as_ref()? {
+            P::FilterState(_) => Some("filter state"),
+            P::SourceIp(_) => None,
+        })
 }
 
 fn tcp_proxy_clusters(t: &TcpProxy) -> Vec<(String, u32)> {
@@ -91,10 +130,14 @@ fn tcp_proxy_clusters(t: &TcpProxy) -> Vec<(String, u32)> {
     }
 }
 
+/// A route's clusters and weights, and what its hash policy asks for that no
+/// socket balancer can see.
+type RouteTarget = (Vec<(String, u32)>, Option<&'static str>);
+
 /// The clusters of a virtual host's catch-all route (prefix "/" or "").
 fn catch_all_clusters(
     routes: &[sockmesh_proto::pb::envoy::config::route::v3::Route],
-) -> Option<Vec<(String, u32)>> {
+) -> Option<RouteTarget> {
     let route = routes.iter().find(|r| {
         matches!(
             r.r#match.as_ref().and_then(|m| m.path_specifier.as_ref()),
@@ -107,19 +150,19 @@ fn catch_all_clusters(
     let Some(route::Action::Route(action)) = &route.action else {
         return None;
     };
-    match &action.cluster_specifier {
-        Some(route_action::ClusterSpecifier::Cluster(c)) => Some(vec![(c.clone(), 1)]),
-        Some(route_action::ClusterSpecifier::WeightedClusters(w)) => Some(
-            w.clusters
-                .iter()
-                .filter_map(|c| {
-                    let weight = c.weight.as_ref().map_or(1, |w| w.value);
-                    (weight > 0).then(|| (c.name.clone(), weight))
-                })
-                .collect(),
-        ),
-        _ => None,
-    }
+    let clusters = match &action.cluster_specifier {
+        Some(route_action::ClusterSpecifier::Cluster(c)) => vec![(c.clone(), 1)],
+        Some(route_action::ClusterSpecifier::WeightedClusters(w)) => w
+            .clusters
+            .iter()
+            .filter_map(|c| {
+                let weight = c.weight.as_ref().map_or(1, |w| w.value);
+                (weight > 0).then(|| (c.name.clone(), weight))
+            })
+            .collect(),
+        _ => return None,
+    };
+    Some((clusters, route_unhashable(&action.hash_policy)))
 }
 
 /// Parses a virtual host domain naming an IP (`10.0.0.1`, `10.0.0.1:80`, `[fd00::1]:80`).
@@ -146,7 +189,7 @@ fn http_services(
     precedence: u8,
     out: &mut Vec<ServiceSpec>,
 ) {
-    let mut by_ip: BTreeMap<IpAddr, Vec<(String, u32)>> = BTreeMap::new();
+    let mut by_ip: BTreeMap<IpAddr, RouteTarget> = BTreeMap::new();
     let mut wildcard = None;
     for vh in &rc.virtual_hosts {
         let Some(clusters) = catch_all_clusters(&vh.routes) else {
@@ -166,7 +209,7 @@ fn http_services(
     if let (Some(vip), Some(clusters)) = (vip, wildcard) {
         by_ip.entry(vip).or_insert(clusters);
     }
-    for (ip, clusters) in by_ip {
+    for (ip, (clusters, unhashable)) in by_ip {
         let service = ServiceAddr {
             vip: ip,
             port,
@@ -177,7 +220,7 @@ fn http_services(
         } else {
             self::precedence::VIRTUAL_HOST
         };
-        out.push(ServiceSpec::new(service, clusters, precedence));
+        out.push(ServiceSpec::new(service, clusters, precedence).hashing(unhashable));
     }
 }
 
@@ -324,8 +367,11 @@ fn chain_services(
     match decode_filter(terminal) {
         Ok(NetFilter::Tcp(t)) => {
             let clusters = tcp_proxy_clusters(&t);
+            let unhashable = tcp_unhashable(&t);
             for vip in vips {
-                out.push(ServiceSpec::new(tcp(vip), clusters.clone(), precedence));
+                out.push(
+                    ServiceSpec::new(tcp(vip), clusters.clone(), precedence).hashing(unhashable),
+                );
             }
         }
         Ok(NetFilter::Http(h)) => {
@@ -371,5 +417,44 @@ fn chain_services(
             ));
         }
         Err(e) => ignored.push(format!("Listener {:?}: {e}", l.name)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sockmesh_proto::pb::envoy::config::route::v3::route_action::{
+        HashPolicy,
+        hash_policy::{ConnectionProperties, Cookie, Header, PolicySpecifier},
+    };
+
+    use super::*;
+
+    fn policy(p: PolicySpecifier) -> HashPolicy {
+        HashPolicy {
+            policy_specifier: Some(p),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn request_level_hash_keys_are_named_and_the_source_ip_is_honoured() {
+        let source_ip = policy(PolicySpecifier::ConnectionProperties(
+            ConnectionProperties { source_ip: true },
+        ));
+        let header = policy(PolicySpecifier::Header(Header {
+            header_name: "x-user".into(),
+            ..Default::default()
+        }));
+        let cookie = policy(PolicySpecifier::Cookie(Cookie {
+            name: "session".into(),
+            ..Default::default()
+        }));
+        assert_eq!(route_unhashable(&[]), None);
+        assert_eq!(route_unhashable(std::slice::from_ref(&source_ip)), None);
+        assert_eq!(
+            route_unhashable(&[source_ip.clone(), header.clone()]),
+            Some("a header")
+        );
+        assert_eq!(route_unhashable(&[cookie, header]), Some("a cookie"));
     }
 }
