@@ -17,8 +17,10 @@ pub(super) struct Installed {
     pub(super) id: u32,
     pub(super) generation: u8,
     pub(super) revision: u32,
-    /// Published slots: backend index per slot.
-    pub(super) slots: Vec<u32>,
+    /// Published slots: backend index per slot (indexes stay below twice
+    /// `MAX_BACKENDS_PER_SERVICE`, so a `u16` holds them: a 16,381-entry Maglev
+    /// table takes 32 KiB here).
+    pub(super) slots: Vec<u16>,
     /// Backend entries present in the map, by index.
     pub(super) backends: BTreeMap<u32, BackendInfo>,
     /// The kernel copy was found inconsistent on adoption: rewrite on next apply.
@@ -136,7 +138,7 @@ impl Mirror {
                     id: v.id,
                     generation: v.generation,
                     revision: v.revision,
-                    slots: vec![u32::MAX; v.slot_count as usize],
+                    slots: vec![u16::MAX; v.slot_count as usize],
                     backends: BTreeMap::new(),
                     dirty: false,
                     leftover: 0,
@@ -163,7 +165,8 @@ impl Mirror {
                         && inst.slot_map() == SlotMap::Slots
                         && usize::from(k.slot) < inst.slots.len() =>
                 {
-                    inst.slots[usize::from(k.slot)] = *index;
+                    // An index beyond u16 names no backend: the service is dirty.
+                    inst.slots[usize::from(k.slot)] = u16::try_from(*index).unwrap_or(u16::MAX);
                 }
                 _ => garbage.slots.push(*k),
             }
@@ -181,7 +184,7 @@ impl Mirror {
                     for (slot, &index) in
                         inst.slots[first..first + n].iter_mut().zip(&chunk.entries)
                     {
-                        *slot = u32::from(index);
+                        *slot = index;
                     }
                 }
                 _ => garbage.maglev.push(*k),
@@ -197,7 +200,7 @@ impl Mirror {
             inst.dirty = inst
                 .slots
                 .iter()
-                .any(|i| *i == u32::MAX || !inst.backends.contains_key(i));
+                .any(|&i| i == u16::MAX || !inst.backends.contains_key(&u32::from(i)));
         }
         (Self { services, next_id }, garbage)
     }
@@ -208,7 +211,7 @@ impl Mirror {
             let Some(service) = service_addr(key) else {
                 continue;
             };
-            let live: HashSet<u32> = inst.slots.iter().copied().collect();
+            let live: HashSet<u32> = inst.slots.iter().map(|&i| u32::from(i)).collect();
             let backends = inst
                 .backends
                 .iter()

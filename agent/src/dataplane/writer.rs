@@ -491,8 +491,8 @@ fn unknown_proto(key: &ServiceKey) -> StoreError {
 struct BackendPlan {
     /// Backend entries to hold after the update, by index.
     backends: BTreeMap<u32, BackendInfo>,
-    /// Slots to publish.
-    slots: Vec<u32>,
+    /// Slots to publish (backend index per slot).
+    slots: Vec<u16>,
     /// Policy to publish.
     policy: LbPolicy,
 }
@@ -558,14 +558,14 @@ fn plan_backends(current: &Installed, desired: &Service) -> BackendPlan {
             let keys: Vec<(MaglevKey, u32)> = named.iter().map(|&(k, _)| k).collect();
             maglev_table(&keys, table_size)
                 .into_iter()
-                .map(|pos| named[pos].1)
+                .map(|pos| slot_index(named[pos].1))
                 .collect()
         }
         LbPolicy::Random | LbPolicy::LeastConn { .. } => {
             let weights: Vec<u32> = active.iter().map(|&(_, b)| b.weight).collect();
             weighted_slots(&weights)
                 .into_iter()
-                .map(|pos| active[pos].0)
+                .map(|pos| slot_index(active[pos].0))
                 .collect()
         }
     };
@@ -574,6 +574,13 @@ fn plan_backends(current: &Installed, desired: &Service) -> BackendPlan {
         slots,
         policy: desired.policy,
     }
+}
+
+/// A backend index as a slot holds it. Indexes stay below 2 ×
+/// MAX_BACKENDS_PER_SERVICE (the lowest free index before and after an update),
+/// well within u16; u16::MAX, which names no backend, stands for anything else.
+fn slot_index(index: u32) -> u16 {
+    u16::try_from(index).unwrap_or(u16::MAX)
 }
 
 /// A backend's name in its Maglev permutation: address bytes and host-order port.
@@ -604,13 +611,13 @@ fn put_generation<S: MapStore>(
     map: SlotMap,
     id: u32,
     generation: u8,
-    slots: &[u32],
+    slots: &[u16],
     ops: &mut usize,
 ) -> Result<(), StoreError> {
     match map {
         SlotMap::Slots => {
             for (slot, &index) in slots.iter().enumerate() {
-                store.put_slot(&slot_key(id, generation, slot), index)?;
+                store.put_slot(&slot_key(id, generation, slot), u32::from(index))?;
                 *ops += 1;
             }
         }
@@ -619,10 +626,7 @@ fn put_generation<S: MapStore>(
                 let mut chunk = MaglevChunk {
                     entries: [0; MAGLEV_CHUNK],
                 };
-                for (e, &index) in chunk.entries.iter_mut().zip(part) {
-                    // Backend indexes stay below 2 × MAX_BACKENDS_PER_SERVICE.
-                    *e = index as u16;
-                }
+                chunk.entries[..part.len()].copy_from_slice(part);
                 store.put_maglev(&slot_key(id, generation, n), &chunk)?;
                 *ops += 1;
             }

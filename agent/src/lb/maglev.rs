@@ -51,19 +51,18 @@ pub fn maglev_table(backends: &[(MaglevKey, u32)], size: u32) -> Vec<usize> {
         return Vec::new();
     }
     struct Turn {
-        offset: u64,
+        /// The entry its permutation is at: `(offset + j × skip) mod m` for the
+        /// j-th step, advanced by adding `skip` (no division in the fill loop).
+        at: u64,
         skip: u64,
-        /// How far along its permutation the backend has looked.
-        next: u64,
         weight: u64,
         taken: u64,
     }
     let mut turns: Vec<Turn> = backends
         .iter()
         .map(|(key, weight)| Turn {
-            offset: hash(key, 0) % m,
+            at: hash(key, 0) % m,
             skip: hash(key, 1) % (m - 1) + 1,
-            next: 0,
             weight: u64::from((*weight).max(1)),
             taken: 0,
         })
@@ -85,8 +84,11 @@ pub fn maglev_table(backends: &[(MaglevKey, u32)], size: u32) -> Vec<usize> {
             // Its next free entry (the permutation visits every entry once, and
             // the table is not full, so this ends).
             let entry = loop {
-                let e = ((t.offset + t.next * t.skip) % m) as usize;
-                t.next += 1;
+                let e = t.at as usize;
+                t.at += t.skip;
+                if t.at >= m {
+                    t.at -= m;
+                }
                 if table[e] == FREE {
                     break e;
                 }
