@@ -148,45 +148,42 @@ fn connect_cost(probe: &Path) -> Value {
     let mut dp = install(&cgroup, &bpffs);
     let target = Backend::new(IpAddr::from([10, 10, 1, 11]), 9000);
     let mut table = filler_table(target);
+    use sockmesh::model::{LbPolicy, Service};
+    // One one-backend service per run and policy: weighted random (10.96.0.1, port
+    // +1000); least connections, Istio's default (10.96.0.3, +2000: two draws, the
+    // socket's storage and the count's atomic add on every connect, the release at
+    // close); Maglev (10.96.0.4, +3000: the netns cookie, its hash, one chunk).
+    let policies = [
+        (1, 1000, LbPolicy::Random),
+        (
+            3,
+            2000,
+            LbPolicy::LeastConn {
+                choices: LbPolicy::DEFAULT_CHOICES,
+            },
+        ),
+        (
+            4,
+            3000,
+            LbPolicy::Maglev {
+                table_size: sockmesh_common::DEFAULT_MAGLEV_TABLE_SIZE,
+            },
+        ),
+    ];
     for r in 0..runs {
-        table.insert(
-            ServiceAddr {
-                vip: IpAddr::from([10, 96, 0, 1]),
-                port: port(r) + 1000,
-                protocol: Protocol::Tcp,
-            },
-            vec![Backend::new(IpAddr::from([10, 10, 1, 11]), port(r))],
-        );
-        // The same under least connections (Istio's default policy): two draws,
-        // the socket's storage and the count's atomic add on every connect, the
-        // release at close.
-        table.insert(
-            ServiceAddr {
-                vip: IpAddr::from([10, 96, 0, 3]),
-                port: port(r) + 2000,
-                protocol: Protocol::Tcp,
-            },
-            sockmesh::model::Service::new(
-                vec![Backend::new(IpAddr::from([10, 10, 1, 11]), port(r))],
-                sockmesh::model::LbPolicy::LeastConn {
-                    choices: sockmesh::model::LbPolicy::DEFAULT_CHOICES,
+        for (vip, offset, policy) in policies {
+            table.insert(
+                ServiceAddr {
+                    vip: IpAddr::from([10, 96, 0, vip]),
+                    port: port(r) + offset,
+                    protocol: Protocol::Tcp,
                 },
-            ),
-        );
-        // And under Maglev: the netns cookie, its hash and one table chunk.
-        table.insert(
-            ServiceAddr {
-                vip: IpAddr::from([10, 96, 0, 4]),
-                port: port(r) + 3000,
-                protocol: Protocol::Tcp,
-            },
-            sockmesh::model::Service::new(
-                vec![Backend::new(IpAddr::from([10, 10, 1, 11]), port(r))],
-                sockmesh::model::LbPolicy::Maglev {
-                    table_size: sockmesh_common::DEFAULT_MAGLEV_TABLE_SIZE,
-                },
-            ),
-        );
+                Service::new(
+                    vec![Backend::new(IpAddr::from([10, 10, 1, 11]), port(r))],
+                    policy,
+                ),
+            );
+        }
     }
     if let Err(e) = dp.apply(&table) {
         say(&format!("connect_cost: apply failed: {e}"));
