@@ -411,6 +411,12 @@ pub fn config_dump(core: &Core) -> String {
             .iter()
             .map(ToString::to_string)
             .collect(),
+        hash_on_client: core
+            .state()
+            .unhashable()
+            .into_iter()
+            .map(|(s, what)| (s.to_string(), format!("hash policy on {what}")))
+            .collect(),
         dns: core
             .state()
             .dns_targets()

@@ -35,6 +35,12 @@ pub struct ConfigDump {
     /// field: empty.
     #[serde(default)]
     pub passthrough: Vec<String>,
+    /// Consistent-hash services whose route or tcp_proxy hash policy names what no
+    /// byte at connect() shows (a header, cookie, query parameter, filter state),
+    /// by display form: what it names. They hash the client instead. Absent from
+    /// an older agent: empty.
+    #[serde(default)]
+    pub hash_on_client: BTreeMap<String, String>,
     /// STRICT_DNS / LOGICAL_DNS clusters, by name: what their host names resolve
     /// to now and how resolution goes. Absent from an older agent: empty.
     #[serde(default)]
@@ -188,6 +194,10 @@ mod tests {
             ]),
             warming: vec!["10.96.0.30:80/tcp".into()],
             passthrough: vec!["10.96.0.40:443/tcp".into()],
+            hash_on_client: BTreeMap::from([(
+                "10.96.0.50:80/tcp".to_owned(),
+                "hash policy on a header".to_owned(),
+            )]),
             dns: BTreeMap::from([(
                 "outbound|443||api.example.com".to_owned(),
                 DnsDump {
@@ -251,6 +261,7 @@ mod tests {
             "xds": types,
             "warming": d.warming,
             "passthrough": d.passthrough,
+            "hash_on_client": d.hash_on_client,
             "dns": d.dns,
             "services": d.services,
         });

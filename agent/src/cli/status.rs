@@ -260,6 +260,7 @@ mod tests {
             )]),
             warming: vec![],
             passthrough: vec![],
+            hash_on_client: BTreeMap::new(),
             dns: BTreeMap::from([(
                 "outbound|443||api.example.com".to_owned(),
                 crate::admin_types::DnsDump {

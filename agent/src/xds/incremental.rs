@@ -113,6 +113,12 @@ impl Incremental {
         self.passthrough.iter()
     }
 
+    /// Consistent-hash services whose hash policy names what connect() cannot see,
+    /// and what (they hash the client instead).
+    pub fn unhashable(&self) -> impl Iterator<Item = (&ServiceAddr, &'static str)> {
+        self.unhashable.iter().map(|(s, what)| (s, *what))
+    }
+
     /// Whether `cluster` is a DNS cluster (STRICT_DNS, LOGICAL_DNS).
     pub fn is_dns_cluster(&self, cluster: &str) -> bool {
         self.clusters.get(cluster).is_some_and(|v| v.dns.is_some())

@@ -209,6 +209,12 @@ impl XdsState {
         self.inc.passthrough().copied().collect()
     }
 
+    /// Consistent-hash services hashing the client because their hash policy names
+    /// a header, cookie, query parameter or filter state (see `Incremental`).
+    pub fn unhashable(&self) -> Vec<(crate::model::ServiceAddr, &'static str)> {
+        self.inc.unhashable().map(|(s, w)| (*s, w)).collect()
+    }
+
     /// Unsupported features seen for the first time by the last update.
     pub fn take_new_ignored(&mut self) -> Vec<String> {
         let mut fresh = Vec::new();

@@ -1141,6 +1141,28 @@ fn cluster_lb_policy_becomes_the_services_kernel_policy() {
 }
 
 #[test]
+fn a_hash_on_what_connect_cannot_see_is_reported_for_consistent_hash_services_only() {
+    let s = svc("10.96.0.1", 80, Protocol::Tcp);
+    let route = "cluster: c, hash_policy: [ { filter_state: { key: io.istio.peer } } ]";
+    let mut st = XdsState::new();
+    st.apply(full(&policy_doc(&[("c", "lb_policy: MAGLEV")], route)))
+        .expect("maglev");
+    assert_eq!(st.unhashable(), [(s, "filter state")]);
+    // The same hash policy before a weighted-random cluster says nothing: there
+    // is no hash to follow.
+    st.apply(full(&policy_doc(&[("c", "lb_policy: RANDOM")], route)))
+        .expect("random");
+    assert!(st.unhashable().is_empty());
+    // source_ip is what a consistent hash at connect() keys on: honoured.
+    st.apply(full(&policy_doc(
+        &[("c", "lb_policy: RING_HASH")],
+        "cluster: c, hash_policy: [ { source_ip: {} } ]",
+    )))
+    .expect("ring hash on the source address");
+    assert!(st.unhashable().is_empty());
+}
+
+#[test]
 fn a_maglev_table_size_that_is_not_a_prime_or_too_large_is_nacked() {
     let mut st = XdsState::new();
     st.apply(full(&policy_doc(
