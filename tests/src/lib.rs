@@ -799,6 +799,20 @@ impl PodLab {
     pub fn client_command(&self, program: impl AsRef<OsStr>) -> Command {
         command_in(&self.client, Some(&self.cgroup), program)
     }
+
+    /// The service address the lab's tests balance: 10.96.0.10:80/TCP.
+    pub fn service() -> sockmesh::model::ServiceAddr {
+        sockmesh::model::ServiceAddr {
+            vip: std::net::IpAddr::from([10, 96, 0, 10]),
+            port: 80,
+            protocol: sockmesh::model::Protocol::Tcp,
+        }
+    }
+
+    /// Pod `i`'s backend (1-based): 10.10.1.(10 + i):8080.
+    pub fn pod(i: u8) -> sockmesh::model::Backend {
+        sockmesh::model::Backend::new(std::net::IpAddr::from([10, 10, 1, 10 + i]), 8080)
+    }
 }
 
 /// Runs `probe serve SPEC…` (see smprobe) inside `netns` until dropped, once it

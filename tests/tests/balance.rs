@@ -2,9 +2,9 @@
 //! honoured, and a service updated under a tight connect loop never fails a
 //! connection nor sends one to a removed backend after the update returns.
 
-use std::{collections::BTreeMap, net::IpAddr, process::Command};
+use std::{collections::BTreeMap, process::Command};
 
-use sockmesh::model::{Backend, Protocol, RoutingTable, ServiceAddr};
+use sockmesh::model::{Backend, RoutingTable, ServiceAddr};
 use sockmesh_tests::{Lines, PodLab, monotonic_ns, run, scaled};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -18,15 +18,11 @@ fn lab() -> Lab {
 }
 
 fn service() -> ServiceAddr {
-    ServiceAddr {
-        vip: IpAddr::from([10, 96, 0, 10]),
-        port: 80,
-        protocol: Protocol::Tcp,
-    }
+    PodLab::service()
 }
 
 fn backend(i: u8) -> Backend {
-    Backend::new(IpAddr::from([10, 10, 1, 10 + i]), 8080)
+    PodLab::pod(i)
 }
 
 fn table(backends: Vec<Backend>) -> RoutingTable {

@@ -17,15 +17,11 @@ fn lab() -> PodLab {
 }
 
 fn service() -> ServiceAddr {
-    ServiceAddr {
-        vip: IpAddr::from([10, 96, 0, 10]),
-        port: 80,
-        protocol: Protocol::Tcp,
-    }
+    PodLab::service()
 }
 
 fn backend(i: u8) -> Backend {
-    Backend::new(IpAddr::from([10, 10, 1, 10 + i]), 8080)
+    PodLab::pod(i)
 }
 
 fn endpoint(i: u8) -> Endpoint {

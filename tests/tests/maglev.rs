@@ -3,9 +3,9 @@
 //! move back when it returns), and a client is its bound source address or, for
 //! an unbound socket, its network namespace.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::collections::BTreeMap;
 
-use sockmesh::model::{Backend, LbPolicy, Protocol, RoutingTable, Service, ServiceAddr};
+use sockmesh::model::{LbPolicy, RoutingTable, Service};
 use sockmesh_tests::{Cgroup, NetNs, PodLab, add_addr, client_pod, command_in, run};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -20,17 +20,8 @@ const PER: u32 = 5;
 fn table(pods: impl IntoIterator<Item = u8>, policy: LbPolicy) -> RoutingTable {
     let mut t = RoutingTable::default();
     t.insert(
-        ServiceAddr {
-            vip: IpAddr::from([10, 96, 0, 10]),
-            port: 80,
-            protocol: Protocol::Tcp,
-        },
-        Service::new(
-            pods.into_iter()
-                .map(|i| Backend::new(IpAddr::from([10, 10, 1, 10 + i]), 8080))
-                .collect(),
-            policy,
-        ),
+        PodLab::service(),
+        Service::new(pods.into_iter().map(PodLab::pod).collect(), policy),
     );
     t
 }
