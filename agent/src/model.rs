@@ -326,11 +326,11 @@ pub enum ModelError {
         count: usize,
         limit: u32,
     },
-    #[error(
-        "service {service}: Maglev table size {size} must be a prime from 2 to {max}",
-        max = sockmesh_common::MAX_MAGLEV_TABLE_SIZE
-    )]
-    MaglevTableSize { service: ServiceAddr, size: u32 },
+    #[error("service {service}: Maglev table size {problem}")]
+    MaglevTableSize {
+        service: ServiceAddr,
+        problem: String,
+    },
     #[error("unknown protocol {0:?} (expected tcp or udp)")]
     UnknownProtocol(String),
 }
@@ -364,13 +364,9 @@ pub fn validate_service(service: &ServiceAddr, backends: &Service) -> Result<(),
         return Err(ModelError::ServicePortZero { service });
     }
     if let LbPolicy::Maglev { table_size } = backends.policy
-        && (table_size > sockmesh_common::MAX_MAGLEV_TABLE_SIZE
-            || !crate::lb::is_prime(u64::from(table_size)))
+        && let Some(problem) = crate::lb::table_size_problem(u64::from(table_size))
     {
-        return Err(ModelError::MaglevTableSize {
-            service,
-            size: table_size,
-        });
+        return Err(ModelError::MaglevTableSize { service, problem });
     }
     if backends.len() > MAX_BACKENDS_PER_SERVICE as usize {
         return Err(ModelError::TooManyBackends {
@@ -532,6 +528,24 @@ mod tests {
             err.to_string(),
             "service 10.96.0.1:80/tcp: backend[1] 10.0.0.2 port 0 is out of range"
         );
+    }
+
+    #[test]
+    fn a_maglev_table_size_must_be_a_prime_the_kernel_holds() {
+        let table = |table_size| {
+            let mut t = RoutingTable::default();
+            t.insert(
+                svc("10.96.0.1", 80),
+                Service::new(vec![be("10.0.0.1", 8080)], LbPolicy::Maglev { table_size }),
+            );
+            t.validate().map_err(|e| e.to_string())
+        };
+        assert_eq!(table(251), Ok(()));
+        assert_eq!(
+            table(1000),
+            Err("service 10.96.0.1:80/tcp: Maglev table size 1000 is not a prime (Maglev needs a prime table size)".into())
+        );
+        assert!(table(131_071).is_err_and(|e| e.contains("exceeds the largest")));
     }
 
     #[test]

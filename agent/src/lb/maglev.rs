@@ -35,6 +35,23 @@ pub fn is_prime(n: u64) -> bool {
     true
 }
 
+/// What is wrong with a Maglev table size, if anything: Envoy requires a prime;
+/// the kernel's tables hold up to `MAX_MAGLEV_TABLE_SIZE` entries.
+pub fn table_size_problem(size: u64) -> Option<String> {
+    let max = sockmesh_common::MAX_MAGLEV_TABLE_SIZE;
+    if size > u64::from(max) {
+        return Some(format!(
+            "{size} exceeds the largest Maglev table the kernel holds, {max} (Envoy's default size)"
+        ));
+    }
+    if !is_prime(size) {
+        return Some(format!(
+            "{size} is not a prime (Maglev needs a prime table size)"
+        ));
+    }
+    None
+}
+
 /// A backend's name for hashing: its address as the maps store it (16 bytes,
 /// IPv4-mapped for IPv4) and its port.
 pub type MaglevKey = ([u8; 16], u16);

@@ -507,29 +507,12 @@ fn least_conn(choice_count: Option<u32>) -> ClusterPolicy {
 fn maglev(table_size: Option<u64>, fallback: Option<&'static str>) -> ClusterPolicy {
     let table_size = table_size
         .and_then(|t| u32::try_from(t).ok())
-        .filter(|&t| maglev_table_size_problem(u64::from(t)).is_none())
+        .filter(|&t| crate::lb::table_size_problem(u64::from(t)).is_none())
         .unwrap_or(sockmesh_common::DEFAULT_MAGLEV_TABLE_SIZE);
     ClusterPolicy {
         policy: LbPolicy::Maglev { table_size },
         fallback,
     }
-}
-
-/// What is wrong with a Maglev `table_size`, if anything: Envoy requires a
-/// prime; the kernel's tables hold up to `MAX_MAGLEV_TABLE_SIZE` entries.
-pub fn maglev_table_size_problem(size: u64) -> Option<String> {
-    let max = sockmesh_common::MAX_MAGLEV_TABLE_SIZE;
-    if size > u64::from(max) {
-        return Some(format!(
-            "{size} exceeds the largest Maglev table the kernel holds, {max} (Envoy's default size)"
-        ));
-    }
-    if !crate::lb::is_prime(size) {
-        return Some(format!(
-            "{size} is not a prime (Maglev needs a prime table size)"
-        ));
-    }
-    None
 }
 
 /// The table size a cluster's Maglev config asks for, from `maglev_lb_config` or

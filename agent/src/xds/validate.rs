@@ -237,7 +237,7 @@ pub fn validate_cluster(c: &Cluster) -> Result<(), InvalidResource> {
     };
     if super::clusters::cluster_policy(c).policy.is_maglev()
         && let Some(size) = super::clusters::maglev_table_size(c)
-        && let Some(problem) = super::clusters::maglev_table_size_problem(size)
+        && let Some(problem) = crate::lb::table_size_problem(size)
     {
         let field = if matches!(c.lb_config, Some(cluster::LbConfig::MaglevLbConfig(_))) {
             "maglev_lb_config.table_size"
