@@ -57,6 +57,14 @@ fn counts(lab: &PodLab) -> BTreeMap<Endpoint, u64> {
         .collect()
 }
 
+/// Waits until the kernel holds no open-connection count in `lab`.
+fn wait_released(lab: &PodLab, what: &str) {
+    wait_until(what, scaled(Duration::from_secs(5)), || {
+        let c = counts(lab);
+        c.is_empty().then_some(()).ok_or(c)
+    });
+}
+
 /// A holder of `count` connections to `vip` from `client` in `cgroup`: their
 /// backends' names, and the process (closing its stdin makes it close them and
 /// exit).
@@ -126,14 +134,7 @@ fn least_connections_spreads_open_connections_and_every_count_returns_to_zero() 
 
     // The sockets close: every count goes back to zero.
     release(holder);
-    wait_until(
-        "every count released",
-        scaled(Duration::from_secs(5)),
-        || {
-            let c = counts(&lab);
-            c.is_empty().then_some(()).ok_or(c)
-        },
-    );
+    wait_released(&lab, "every count released");
 
     // Thousands of connects, a quarter of them to a backend that refuses them:
     // each socket is counted when placed and released when closed, a failed one
@@ -159,13 +160,9 @@ fn least_connections_spreads_open_connections_and_every_count_returns_to_zero() 
         refused > 0 && served > 0,
         "{refused} refused, {served} served"
     );
-    wait_until(
+    wait_released(
+        &lab,
         "every count released after failed and served connects",
-        scaled(Duration::from_secs(5)),
-        || {
-            let c = counts(&lab);
-            c.is_empty().then_some(()).ok_or(c)
-        },
     );
     // Idle entries of endpoints still in a service stay; those of endpoints gone
     // are swept, so the map does not fill with pods long dead.

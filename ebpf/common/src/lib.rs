@@ -57,18 +57,23 @@ pub mod map_names {
     ];
     /// The maps pinned under the connection-tracking directory.
     pub const CONNS: [&str; 2] = [BACKEND_CONNS, SOCK_CONNS];
-    /// Every map of the object.
-    pub const ALL: [&str; 9] = [
-        SERVICES,
-        SERVICE_STATS,
-        SLOTS,
-        BACKENDS,
-        REVERSE,
-        COUNTERS,
-        MAGLEV,
-        BACKEND_CONNS,
-        SOCK_CONNS,
-    ];
+    /// Every map of the object: the layout's, then the connection-tracking ones.
+    pub const ALL: [&str; 9] = join(LAYOUT, CONNS);
+
+    /// `a` followed by `b` (`C` = `A + B`, checked at compile time).
+    const fn join<const A: usize, const B: usize, const C: usize>(
+        a: [&'static str; A],
+        b: [&'static str; B],
+    ) -> [&'static str; C] {
+        assert!(A + B == C);
+        let mut out = [""; C];
+        let mut i = 0;
+        while i < C {
+            out[i] = if i < A { a[i] } else { b[i - A] };
+            i += 1;
+        }
+        out
+    }
 }
 
 /// Read-only globals the agent sets at load (`EbpfLoader::override_global`).
