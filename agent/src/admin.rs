@@ -109,6 +109,11 @@ pub fn route(admin: &Admin, path: &str) -> Response<Full<Bytes>> {
     } else {
         (Vec::new(), Vec::new(), Vec::new())
     };
+    let health = if path == "/metrics" || path == "/config_dump" {
+        crate::dataplane::read_health(&admin.bpffs).unwrap_or_default()
+    } else {
+        crate::dataplane::HealthReport::default()
+    };
     let Ok(core) = admin.core.lock() else {
         return reply(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -124,9 +129,13 @@ pub fn route(admin: &Admin, path: &str) -> Response<Full<Bytes>> {
         "/metrics" => reply(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics(&core, &counters, &services, &conns),
+            metrics(&core, &counters, &services, &conns, &health),
         ),
-        "/config_dump" => reply(StatusCode::OK, "application/json", config_dump(&core)),
+        "/config_dump" => reply(
+            StatusCode::OK,
+            "application/json",
+            config_dump(&core, &health),
+        ),
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
@@ -172,6 +181,7 @@ pub fn metrics(
     kernel: &[(&str, u64)],
     services: &[(crate::model::ServiceAddr, sockmesh_common::ServiceStats)],
     conns: &[(crate::model::Endpoint, u64)],
+    health: &crate::dataplane::HealthReport,
 ) -> String {
     use prometheus_client::{
         encoding::text::encode,
@@ -354,13 +364,56 @@ pub fn metrics(
         "Open connections the kernel placed on the backend for least-connections services (counted at connect, released when the socket closes)",
         open,
     );
+    let ejections: Family<Labels, Counter> = Family::default();
+    let ejected: Family<Labels, Gauge> = Family::default();
+    for e in &health.endpoints {
+        let labels = vec![
+            ("service".to_owned(), e.service.clone()),
+            ("backend".to_owned(), e.backend.clone()),
+        ];
+        ejections
+            .get_or_create(&labels)
+            .inc_by(u64::from(e.ejections));
+        ejected
+            .get_or_create(&labels)
+            .set(i64::from(e.ejected_for_ms.is_some()));
+    }
+    r.register(
+        "sockmesh_outlier_ejections",
+        "Times the kernel ejected the backend from the service after consecutive failed connects (outlier detection)",
+        ejections,
+    );
+    r.register(
+        "sockmesh_outlier_ejected",
+        "1 while the backend is ejected from the service",
+        ejected,
+    );
+    let overflow: Family<Labels, Counter> = Family::default();
+    let service_conns: Family<Labels, Gauge> = Family::default();
+    for s in &health.services {
+        let labels = vec![("service".to_owned(), s.service.to_string())];
+        overflow.get_or_create(&labels).inc_by(s.overflows);
+        service_conns
+            .get_or_create(&labels)
+            .set(i64::try_from(s.connections).unwrap_or(i64::MAX));
+    }
+    r.register(
+        "sockmesh_service_overflow",
+        "Connects refused (ECONNREFUSED) because the service had its circuit breaker's max_connections open",
+        overflow,
+    );
+    r.register(
+        "sockmesh_service_connections",
+        "Open connections of a circuit-breaking service, as the kernel counts them against max_connections",
+        service_conns,
+    );
     let mut out = String::new();
     let _ = encode(&mut out, &r);
     out
 }
 
 /// The routing table and per-type xDS state as JSON.
-pub fn config_dump(core: &Core) -> String {
+pub fn config_dump(core: &Core, health: &crate::dataplane::HealthReport) -> String {
     use crate::admin_types::{ConfigDump, DatapathDump, PushDump, TypeDump, micros};
     let kernel = core.kernel();
     ConfigDump {
@@ -411,6 +464,7 @@ pub fn config_dump(core: &Core) -> String {
             .iter()
             .map(ToString::to_string)
             .collect(),
+        outlier_ejected: health.ejected().cloned().collect(),
         hash_on_client: core
             .state()
             .unhashable()

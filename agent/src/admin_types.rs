@@ -41,6 +41,10 @@ pub struct ConfigDump {
     /// an older agent: empty.
     #[serde(default)]
     pub hash_on_client: BTreeMap<String, String>,
+    /// Backends the kernel has ejected now (outlier detection), with the time
+    /// left. Absent from an older agent: empty.
+    #[serde(default)]
+    pub outlier_ejected: Vec<crate::dataplane::EndpointHealthReport>,
     /// STRICT_DNS / LOGICAL_DNS clusters, by name: what their host names resolve
     /// to now and how resolution goes. Absent from an older agent: empty.
     #[serde(default)]
@@ -162,6 +166,13 @@ mod tests {
             source: "Connected".into(),
             source_errors: 1,
             source_last_error: Some("line 3: bad".into()),
+            outlier_ejected: vec![crate::dataplane::EndpointHealthReport {
+                service: "10.96.0.20:443/tcp".into(),
+                backend: "10.10.1.11:8443".into(),
+                failures: 0,
+                ejections: 2,
+                ejected_for_ms: Some(59_000),
+            }],
             synced: true,
             push: PushDump {
                 pushes: 4,
@@ -262,6 +273,8 @@ mod tests {
             "warming": d.warming,
             "passthrough": d.passthrough,
             "hash_on_client": d.hash_on_client,
+            // Added with outlier detection.
+            "outlier_ejected": d.outlier_ejected,
             "dns": d.dns,
             "services": d.services,
         });

@@ -215,6 +215,8 @@ impl Datapath {
             backends: take(map_names::BACKENDS)?,
             maglev: take(map_names::MAGLEV)?,
             stats: take(map_names::SERVICE_STATS)?,
+            policies: take(map_names::SERVICE_POLICY)?,
+            endpoint_health: take(map_names::ENDPOINT_HEALTH)?,
         })?;
         let limits = loader::pinned_limits(&layout)?;
         if limits != cfg.limits {
@@ -367,7 +369,7 @@ impl Datapath {
 pub fn read_table(bpffs: &Path) -> Result<RoutingTable, DataplaneError> {
     use store::MapStore as _;
     let layout = PinLayout::new(bpffs);
-    let maps = KernelMaps::open_pinned(&layout.maps)?;
+    let maps = KernelMaps::open_pinned(&layout)?;
     let snapshot = maps
         .snapshot()
         .map_err(|e| DataplaneError::Write(WriteError::Snapshot(e)))?;
@@ -377,7 +379,7 @@ pub fn read_table(bpffs: &Path) -> Result<RoutingTable, DataplaneError> {
 /// Opens the routing maps pinned under `bpffs` for reading single services
 /// ([`KernelMaps::reachable`]).
 pub fn open_pinned(bpffs: &Path) -> Result<KernelMaps, DataplaneError> {
-    KernelMaps::open_pinned(&PinLayout::new(bpffs).maps)
+    KernelMaps::open_pinned(&PinLayout::new(bpffs))
 }
 
 /// The datapath counters pinned under `bpffs`, summed over CPUs.
@@ -417,6 +419,96 @@ pub fn read_conns(bpffs: &Path) -> Result<Vec<(crate::model::Endpoint, u64)>, Da
         .collect();
     out.sort();
     Ok(out)
+}
+
+/// One backend endpoint's outlier state, as the kernel holds it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EndpointHealthReport {
+    /// The service, in display form (`10.96.0.10:80/tcp`).
+    pub service: String,
+    /// The backend, `address:port` (`[address]:port` for IPv6).
+    pub backend: String,
+    /// Connects that failed in a row.
+    pub failures: u64,
+    /// Times it was ejected since the kernel began tracking it.
+    pub ejections: u32,
+    /// Milliseconds of ejection left (`None`: not ejected).
+    pub ejected_for_ms: Option<u64>,
+}
+
+/// A circuit-breaking or outlier-detecting service's kernel state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceHealthReport {
+    pub service: crate::model::ServiceAddr,
+    /// Open connections counted against `max_connections`.
+    pub connections: u64,
+    /// Connects refused at `max_connections`.
+    pub overflows: u64,
+}
+
+/// The outlier detection and circuit breaking state pinned under `bpffs`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HealthReport {
+    pub endpoints: Vec<EndpointHealthReport>,
+    pub services: Vec<ServiceHealthReport>,
+}
+
+impl HealthReport {
+    /// The endpoints ejected now.
+    pub fn ejected(&self) -> impl Iterator<Item = &EndpointHealthReport> {
+        self.endpoints.iter().filter(|e| e.ejected_for_ms.is_some())
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of the kernel's ejection times.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(t.tv_nsec()).unwrap_or(0)
+    })
+}
+
+/// A backend endpoint in display form.
+pub fn backend_display(addr: std::net::IpAddr, port: u16) -> String {
+    std::net::SocketAddr::new(addr, port).to_string()
+}
+
+/// Reads the health maps pinned under `bpffs` (outlier ejections, open
+/// connections of circuit-breaking services), sorted by service and backend.
+pub fn read_health(bpffs: &Path) -> Result<HealthReport, DataplaneError> {
+    let (endpoints, services) = kernel::read_health(&loader::health_dir(bpffs))?;
+    let now = monotonic_ns();
+    let mut report = HealthReport {
+        endpoints: endpoints
+            .into_iter()
+            .filter_map(|(k, h)| {
+                let service = keys::service_addr(&k.service)?;
+                Some(EndpointHealthReport {
+                    service: service.to_string(),
+                    backend: backend_display(keys::words_to_ip(k.addr), keys::port_from_map(k.port)),
+                    failures: h.failures,
+                    ejections: h.ejections,
+                    ejected_for_ms: (h.ejected_until_ns > now)
+                        .then(|| (h.ejected_until_ns - now).div_ceil(1_000_000)),
+                })
+            })
+            .collect(),
+        services: services
+            .into_iter()
+            .filter_map(|(k, h)| {
+                Some(ServiceHealthReport {
+                    service: keys::service_addr(&k)?,
+                    connections: h.conns,
+                    overflows: h.overflows,
+                })
+            })
+            .collect(),
+    };
+    report
+        .endpoints
+        .sort_by(|a, b| (&a.service, &a.backend).cmp(&(&b.service, &b.backend)));
+    report.services.sort_by_key(|s| s.service);
+    Ok(report)
 }
 
 /// One program's pinned link, as the kernel reports it.
@@ -486,11 +578,18 @@ pub fn uninstall(bpffs: &Path, cgroup: Option<&Path>) -> Result<usize, Dataplane
     for layout in &layouts {
         removed += loader::remove_pins(layout)?;
     }
-    // The connection counts, shared by the layouts, go with the last of them.
-    let conns = loader::conns_dir(bpffs);
-    if conns.exists() {
-        for name in sockmesh_common::map_names::CONNS {
-            let pin = conns.join(name);
+    // The connection counts and health state, shared by the layouts, go with the
+    // last of them.
+    let shared = [
+        (loader::conns_dir(bpffs), &sockmesh_common::map_names::CONNS[..]),
+        (loader::health_dir(bpffs), &sockmesh_common::map_names::HEALTH[..]),
+    ];
+    for (dir, names) in shared {
+        if !dir.exists() {
+            continue;
+        }
+        for name in names {
+            let pin = dir.join(name);
             if pin.exists() {
                 std::fs::remove_file(&pin).map_err(|source| DataplaneError::Io {
                     path: pin.clone(),
@@ -499,8 +598,8 @@ pub fn uninstall(bpffs: &Path, cgroup: Option<&Path>) -> Result<usize, Dataplane
                 removed += 1;
             }
         }
-        std::fs::remove_dir(&conns).map_err(|source| DataplaneError::Io {
-            path: conns.clone(),
+        std::fs::remove_dir(&dir).map_err(|source| DataplaneError::Io {
+            path: dir.clone(),
             source,
         })?;
     }

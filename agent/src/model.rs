@@ -103,26 +103,141 @@ impl LbPolicy {
     }
 }
 
+/// Outlier detection of a service, from its cluster's `outlier_detection` as it
+/// applies to connect failures (see the README's translation table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outlier {
+    /// Failed connects in a row that eject a backend (≥ 1).
+    pub consecutive: u32,
+    /// Percent of detections that eject (0..=100).
+    pub enforcing: u8,
+    /// First ejection's length; the n-th in a row lasts n times as long.
+    pub base_ejection_ms: u32,
+    /// Longest ejection.
+    pub max_ejection_ms: u32,
+    /// Each interval a returned backend stays healthy takes one off its multiplier.
+    pub interval_ms: u32,
+    /// Most of the service's backends ejected at once, percent (one always may be).
+    pub max_ejection_percent: u8,
+    /// Below this healthy percentage ejections are ignored (Envoy's panic mode;
+    /// 0 disables it).
+    pub panic_percent: u8,
+}
+
+/// Outlier detection and circuit breaking of a service (both off by default).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier: Option<Outlier>,
+    /// Open connections the service may have on this node (`None`: unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+}
+
+impl Health {
+    pub fn is_off(&self) -> bool {
+        *self == Health::default()
+    }
+
+    /// The kernel's encoding for a service of `protocol` with `backends` active
+    /// backends: its [`sockmesh_common::ServiceValue::flags`] and its
+    /// `SM_SVC_POLICY` entry (`None` when both are off). Outlier detection watches
+    /// TCP connects only: a UDP service gets no ejection.
+    pub fn to_kernel(
+        &self,
+        protocol: Protocol,
+        backends: usize,
+    ) -> (u8, Option<sockmesh_common::ServicePolicy>) {
+        use sockmesh_common::service_flags;
+        let outlier = self.outlier.filter(|_| protocol == Protocol::Tcp);
+        let mut flags = 0;
+        if outlier.is_some() {
+            flags |= service_flags::OUTLIER;
+        }
+        if self.max_connections.is_some() {
+            flags |= service_flags::CIRCUIT;
+        }
+        if flags == 0 {
+            return (0, None);
+        }
+        let o = outlier.unwrap_or(Outlier {
+            consecutive: 0,
+            enforcing: 0,
+            base_ejection_ms: 0,
+            max_ejection_ms: 0,
+            interval_ms: 0,
+            max_ejection_percent: 0,
+            panic_percent: 0,
+        });
+        let policy = sockmesh_common::ServicePolicy {
+            consecutive: o.consecutive,
+            base_ejection_ms: o.base_ejection_ms,
+            max_ejection_ms: o.max_ejection_ms,
+            interval_ms: o.interval_ms,
+            // The kernel's 0 is unlimited, so a limit of 0 is taken as 1.
+            max_connections: self.max_connections.map_or(0, |m| m.max(1)),
+            backends: u32::try_from(backends).unwrap_or(u32::MAX),
+            max_ejection_percent: o.max_ejection_percent,
+            panic_percent: o.panic_percent,
+            enforcing: o.enforcing,
+            pad: 0,
+        };
+        (flags, Some(policy))
+    }
+
+    /// The settings a kernel entry encodes (the inverse of [`Health::to_kernel`]).
+    pub fn from_kernel(flags: u8, policy: Option<&sockmesh_common::ServicePolicy>) -> Self {
+        use sockmesh_common::service_flags;
+        let Some(p) = policy else {
+            return Health::default();
+        };
+        Health {
+            outlier: (flags & service_flags::OUTLIER != 0).then_some(Outlier {
+                consecutive: p.consecutive,
+                enforcing: p.enforcing,
+                base_ejection_ms: p.base_ejection_ms,
+                max_ejection_ms: p.max_ejection_ms,
+                interval_ms: p.interval_ms,
+                max_ejection_percent: p.max_ejection_percent,
+                panic_percent: p.panic_percent,
+            }),
+            max_connections: (flags & service_flags::CIRCUIT != 0).then_some(p.max_connections),
+        }
+    }
+}
+
 /// One service of the table: its backends and how connections are placed on them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Service {
     pub backends: Vec<Backend>,
     pub policy: LbPolicy,
+    pub health: Health,
 }
 
 impl Service {
     pub fn new(backends: Vec<Backend>, policy: LbPolicy) -> Self {
-        Self { backends, policy }
+        Self {
+            backends,
+            policy,
+            health: Health::default(),
+        }
+    }
+
+    /// The same service with outlier detection and circuit breaking `health`.
+    pub fn with_health(mut self, health: Health) -> Self {
+        self.health = health;
+        self
     }
 }
 
 impl From<Vec<Backend>> for Service {
     /// Backends under the default policy (weighted random).
     fn from(backends: Vec<Backend>) -> Self {
-        Self {
-            backends,
-            policy: LbPolicy::Random,
-        }
+        Self::new(backends, LbPolicy::Random)
     }
 }
 
@@ -426,6 +541,9 @@ pub struct ServiceJson {
     /// How connect() picks among the backends (omitted: weighted random).
     #[serde(default, skip_serializing_if = "is_random")]
     pub lb_policy: LbPolicy,
+    /// Outlier detection and circuit breaking (omitted: off).
+    #[serde(default, skip_serializing_if = "Health::is_off")]
+    pub health: Health,
 }
 
 fn is_random(p: &LbPolicy) -> bool {
@@ -468,6 +586,7 @@ impl RoutingTable {
                     backends: pick(BackendState::Active),
                     draining: pick(BackendState::Draining),
                     lb_policy: backends.policy,
+                    health: backends.health,
                 }
             })
             .collect()
@@ -493,7 +612,7 @@ impl RoutingTable {
             });
             table.insert(
                 key,
-                Service::new(active.chain(draining).collect(), s.lb_policy),
+                Service::new(active.chain(draining).collect(), s.lb_policy).with_health(s.health),
             );
         }
         table

@@ -9,6 +9,7 @@ pub mod dns;
 pub mod file;
 pub mod incremental;
 pub mod opaque;
+pub mod outlier;
 pub mod resources;
 pub mod rest;
 pub mod state;

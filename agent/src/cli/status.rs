@@ -233,6 +233,7 @@ mod tests {
             source: "Connected".into(),
             source_errors: 0,
             source_last_error: None,
+            outlier_ejected: Vec::new(),
             synced: true,
             push: PushDump::default(),
             datapath: DatapathDump {

@@ -49,6 +49,7 @@ fn the_object_has_exactly_the_programs_of_the_hook_table() {
             ProgramSection::CgroupSock { attach_type } => {
                 (ProgramType::CgroupSock, bpf_attach_type::from(*attach_type))
             }
+            ProgramSection::SockOps => (ProgramType::SockOps, bpf_attach_type::BPF_CGROUP_SOCK_OPS),
             other => panic!("{}: unexpected section {other:?}", hook.program),
         };
         assert_eq!(program_type, hook.program_type, "{}", hook.program);
@@ -66,6 +67,10 @@ fn the_table_numbers_are_the_kernel_headers() {
     assert_eq!(
         ProgramType::CgroupSock.number(),
         bpf_prog_type::BPF_PROG_TYPE_CGROUP_SOCK as u32
+    );
+    assert_eq!(
+        ProgramType::SockOps.number(),
+        bpf_prog_type::BPF_PROG_TYPE_SOCK_OPS as u32
     );
     for (ours, kernel) in [
         (
@@ -104,6 +109,7 @@ fn the_table_numbers_are_the_kernel_headers() {
             attach_type::CGROUP_INET_SOCK_RELEASE,
             at::BPF_CGROUP_INET_SOCK_RELEASE,
         ),
+        (attach_type::CGROUP_SOCK_OPS, at::BPF_CGROUP_SOCK_OPS),
     ] {
         assert_eq!(ours, kernel as u32, "{kernel:?}");
     }

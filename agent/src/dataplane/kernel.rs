@@ -7,8 +7,8 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use sockmesh_common::{
-    BackendInfo, BackendKey, ConnKey, MaglevChunk, ServiceKey, ServiceStats, ServiceValue, SlotKey,
-    counter, map_names,
+    BackendInfo, BackendKey, ConnKey, EndpointHealth, EndpointKey, MaglevChunk, ServiceHealth,
+    ServiceKey, ServicePolicy, ServiceStats, ServiceValue, SlotKey, counter, map_names,
     resolve::{RoutingMaps, TableMaps, backend_key, published_indices},
 };
 
@@ -27,6 +27,8 @@ pub struct KernelMaps {
     backends: HashMap<MapData, BackendKey, BackendInfo>,
     maglev: HashMap<MapData, SlotKey, MaglevChunk>,
     stats: PerCpuHashMap<MapData, ServiceKey, ServiceStats>,
+    policies: HashMap<MapData, ServiceKey, ServicePolicy>,
+    endpoint_health: HashMap<MapData, EndpointKey, EndpointHealth>,
     /// Possible CPUs: the number of values of a per-CPU entry.
     cpus: usize,
 }
@@ -38,6 +40,8 @@ pub struct WrittenMaps {
     pub backends: Map,
     pub maglev: Map,
     pub stats: Map,
+    pub policies: Map,
+    pub endpoint_health: Map,
 }
 
 impl KernelMaps {
@@ -56,13 +60,20 @@ impl KernelMaps {
             backends: HashMap::try_from(maps.backends).map_err(conv(map_names::BACKENDS))?,
             maglev: HashMap::try_from(maps.maglev).map_err(conv(map_names::MAGLEV))?,
             stats: PerCpuHashMap::try_from(maps.stats).map_err(conv(map_names::SERVICE_STATS))?,
+            policies: HashMap::try_from(maps.policies).map_err(conv(map_names::SERVICE_POLICY))?,
+            endpoint_health: HashMap::try_from(maps.endpoint_health)
+                .map_err(conv(map_names::ENDPOINT_HEALTH))?,
             cpus,
         })
     }
 
-    /// Opens the maps pinned under `maps_dir` (no program is loaded).
-    pub fn open_pinned(maps_dir: &Path) -> Result<Self, DataplaneError> {
+    /// Opens the maps pinned for `layout` (no program is loaded).
+    pub fn open_pinned(layout: &super::PinLayout) -> Result<Self, DataplaneError> {
+        let maps_dir = &layout.maps;
+        let health = &layout.health;
         Self::new(WrittenMaps {
+            policies: Map::HashMap(open_pin(health, map_names::SERVICE_POLICY)?),
+            endpoint_health: Map::HashMap(open_pin(health, map_names::ENDPOINT_HEALTH)?),
             services: Map::HashMap(open_pin(maps_dir, map_names::SERVICES)?),
             slots: Map::HashMap(open_pin(maps_dir, map_names::SLOTS)?),
             backends: Map::HashMap(open_pin(maps_dir, map_names::BACKENDS)?),
@@ -215,6 +226,17 @@ impl MapStore for KernelMaps {
     fn del_stats(&mut self, k: &ServiceKey) -> Result<(), StoreError> {
         absent_ok(self.stats.remove(k)).map_err(err(MapName::ServiceStats, "delete"))
     }
+    fn put_policy(&mut self, k: &ServiceKey, v: &ServicePolicy) -> Result<(), StoreError> {
+        self.policies
+            .insert(k, v, 0)
+            .map_err(err(MapName::ServicePolicy, "insert"))
+    }
+    fn del_policy(&mut self, k: &ServiceKey) -> Result<(), StoreError> {
+        absent_ok(self.policies.remove(k)).map_err(err(MapName::ServicePolicy, "delete"))
+    }
+    fn del_endpoint_health(&mut self, k: &EndpointKey) -> Result<(), StoreError> {
+        absent_ok(self.endpoint_health.remove(k)).map_err(err(MapName::EndpointHealth, "delete"))
+    }
     fn snapshot(&self) -> Result<Snapshot, StoreError> {
         Ok(Snapshot {
             services: self
@@ -242,6 +264,11 @@ impl MapStore for KernelMaps {
                 .keys()
                 .collect::<Result<_, _>>()
                 .map_err(err(MapName::ServiceStats, "iterate"))?,
+            policies: self
+                .policies
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(err(MapName::ServicePolicy, "iterate"))?,
         })
     }
 }
@@ -295,4 +322,34 @@ pub fn read_conns(conns_dir: &Path) -> Result<Vec<(ConnKey, u64)>, DataplaneErro
     let map: HashMap<MapData, ConnKey, u64> =
         HashMap::try_from(Map::HashMap(data)).map_err(conv)?;
     map.iter().map(|entry| entry.map_err(conv)).collect()
+}
+
+/// Every entry of the endpoint and the service health maps.
+pub type HealthEntries = (
+    Vec<(EndpointKey, EndpointHealth)>,
+    Vec<(ServiceKey, ServiceHealth)>,
+);
+
+/// The kernel's health state pinned in `health_dir`: every endpoint entry
+/// (`SM_EP_HEALTH`) and every service entry (`SM_SVC_HEALTH`).
+pub fn read_health(health_dir: &Path) -> Result<HealthEntries, DataplaneError> {
+    let endpoints = {
+        let name = map_names::ENDPOINT_HEALTH;
+        let conv = |source| DataplaneError::Map { name, source };
+        let map: HashMap<MapData, EndpointKey, EndpointHealth> =
+            HashMap::try_from(Map::HashMap(open_pin(health_dir, name)?)).map_err(conv)?;
+        map.iter()
+            .map(|entry| entry.map_err(conv))
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    let services = {
+        let name = map_names::SERVICE_HEALTH;
+        let conv = |source| DataplaneError::Map { name, source };
+        let map: HashMap<MapData, ServiceKey, ServiceHealth> =
+            HashMap::try_from(Map::HashMap(open_pin(health_dir, name)?)).map_err(conv)?;
+        map.iter()
+            .map(|entry| entry.map_err(conv))
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    Ok((endpoints, services))
 }

@@ -5,6 +5,8 @@
 //! <bpffs>/v<LAYOUT_VERSION>/maps/SM_SERVICES …   the maps (aya reuses them if present)
 //! <bpffs>/v<LAYOUT_VERSION>/links/cg<ID>/<prog>   one bpf_link per program; ID is the
 //!                                                 cgroup's id (its inode on cgroup2)
+//! <bpffs>/conns-v<CONNS_VERSION>/SM_…             open-connection counts (least connections)
+//! <bpffs>/health-v<HEALTH_VERSION>/SM_…           outlier detection, circuit breaking
 //! ```
 //! Pinned links keep the programs attached, and pinned maps keep the routing table,
 //! when the agent exits or is killed. A new agent loads the same object, reuses the
@@ -36,7 +38,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, SockOps,
         cgroup_sock_addr::CgroupSockAddrLink,
         links::{FdLink, PinnedLink},
     },
@@ -70,6 +72,9 @@ pub struct PinLayout {
     /// `<bpffs>/conns-v<CONNS_VERSION>`: the connection-tracking maps, shared by
     /// every layout (see `sockmesh_common::CONNS_VERSION`).
     pub conns: PathBuf,
+    /// `<bpffs>/health-v<HEALTH_VERSION>`: outlier detection and circuit breaking
+    /// state, shared by every layout (see `sockmesh_common::HEALTH_VERSION`).
+    pub health: PathBuf,
 }
 
 impl PinLayout {
@@ -85,6 +90,7 @@ impl PinLayout {
             maps: root.join("maps"),
             links: root.join("links"),
             conns: conns_dir(bpffs),
+            health: health_dir(bpffs),
             root,
         }
     }
@@ -98,6 +104,11 @@ impl PinLayout {
 /// Where the connection-tracking maps are pinned, apart from any layout.
 pub fn conns_dir(bpffs: &Path) -> PathBuf {
     bpffs.join(format!("conns-v{}", sockmesh_common::CONNS_VERSION))
+}
+
+/// Where the health maps are pinned, apart from any layout.
+pub fn health_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join(format!("health-v{}", sockmesh_common::HEALTH_VERSION))
 }
 
 /// How the programs came to be attached.
@@ -262,21 +273,33 @@ pub fn load(
     limits: &super::Limits,
     features: &super::features::Features,
 ) -> Result<Ebpf, DataplaneError> {
-    for dir in [&layout.maps, &layout.links, &layout.conns] {
+    for dir in [&layout.maps, &layout.links, &layout.conns, &layout.health] {
         fs::create_dir_all(dir).map_err(|source| DataplaneError::Io {
             path: dir.clone(),
             source,
         })?;
     }
-    let backend_conns = layout.conns.join(map_names::BACKEND_CONNS);
-    let sock_conns = layout.conns.join(map_names::SOCK_CONNS);
-    EbpfLoader::new()
-        .default_map_pin_directory(&layout.maps)
-        // Pinned apart from the layout: they outlive a migration (reused when
-        // present, as every pinned map is).
-        .map_pin_path(map_names::BACKEND_CONNS, backend_conns.as_path())
-        .map_pin_path(map_names::SOCK_CONNS, sock_conns.as_path())
+    let apart: Vec<(&str, PathBuf)> = map_names::CONNS
+        .iter()
+        .map(|name| (*name, layout.conns.join(name)))
+        .chain(
+            map_names::HEALTH
+                .iter()
+                .map(|name| (*name, layout.health.join(name))),
+        )
+        .collect();
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(&layout.maps);
+    // Pinned apart from the layout: they outlive a migration (reused when
+    // present, as every pinned map is).
+    for (name, pin) in &apart {
+        loader.map_pin_path(name, pin.as_path());
+    }
+    loader
         .map_max_entries(map_names::BACKEND_CONNS, limits.backends)
+        .map_max_entries(map_names::ENDPOINT_HEALTH, limits.backends)
+        .map_max_entries(map_names::SERVICE_POLICY, limits.services)
+        .map_max_entries(map_names::SERVICE_HEALTH, limits.services)
         .map_max_entries(map_names::SERVICES, limits.services)
         .map_max_entries(map_names::SERVICE_STATS, limits.services)
         .map_max_entries(map_names::BACKENDS, limits.backends)
@@ -309,6 +332,10 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
             }
             ProgramType::CgroupSock => {
                 let p: &mut CgroupSock = prog.try_into().map_err(perr)?;
+                p.load().map_err(perr)?;
+            }
+            ProgramType::SockOps => {
+                let p: &mut SockOps = prog.try_into().map_err(perr)?;
                 p.load().map_err(perr)?;
             }
         }
@@ -366,6 +393,15 @@ pub fn attach(
             }
             ProgramType::CgroupSock => {
                 let p: &mut CgroupSock = prog.try_into().map_err(perr)?;
+                if pin.exists() {
+                    replace_in_link(&pin, p.fd().map_err(perr)?.as_fd(), name)?;
+                    adopted += 1;
+                } else {
+                    attach_new!(p);
+                }
+            }
+            ProgramType::SockOps => {
+                let p: &mut SockOps = prog.try_into().map_err(perr)?;
                 if pin.exists() {
                     replace_in_link(&pin, p.fd().map_err(perr)?.as_fd(), name)?;
                     adopted += 1;

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use sockmesh_common::{BackendInfo, BackendKey, MAGLEV_CHUNK, ServiceKey, SlotKey};
+use sockmesh_common::{BackendInfo, BackendKey, MAGLEV_CHUNK, ServiceKey, ServicePolicy, SlotKey};
 
 use super::{
     keys::{port_from_map, service_addr, words_to_ip},
@@ -34,6 +34,10 @@ pub(super) struct Installed {
     pub(super) counters: bool,
     /// The published load-balancing policy.
     pub(super) policy: crate::model::LbPolicy,
+    /// The published [`sockmesh_common::ServiceValue::flags`].
+    pub(super) flags: u8,
+    /// The service's `SM_SVC_POLICY` entry, if it exists.
+    pub(super) health: Option<ServicePolicy>,
 }
 
 /// Where a service's slots are kept: the slot map, one entry per slot, or (a
@@ -93,6 +97,8 @@ impl Installed {
             leftover_in: SlotMap::Slots,
             counters: false,
             policy: crate::model::LbPolicy::Random,
+            flags: 0,
+            health: None,
         }
     }
 }
@@ -113,6 +119,8 @@ pub(super) struct Garbage {
     pub(super) maglev: Vec<SlotKey>,
     /// Counter entries of services that are not published.
     pub(super) counters: Vec<ServiceKey>,
+    /// Health settings of services that are not published.
+    pub(super) policies: Vec<ServiceKey>,
 }
 
 impl Garbage {
@@ -121,6 +129,7 @@ impl Garbage {
             && self.backends.is_empty()
             && self.maglev.is_empty()
             && self.counters.is_empty()
+            && self.policies.is_empty()
     }
 }
 
@@ -145,6 +154,8 @@ impl Mirror {
                     leftover_in: SlotMap::Slots,
                     counters: false,
                     policy: crate::model::LbPolicy::from_kernel(v),
+                    flags: v.flags,
+                    health: None,
                 },
             );
         }
@@ -196,6 +207,12 @@ impl Mirror {
                 None => garbage.counters.push(*key),
             }
         }
+        for (key, policy) in &snap.policies {
+            match services.get_mut(key) {
+                Some(inst) => inst.health = Some(*policy),
+                None => garbage.policies.push(*key),
+            }
+        }
         for inst in services.values_mut() {
             inst.dirty = inst
                 .slots
@@ -226,7 +243,11 @@ impl Mirror {
                     },
                 })
                 .collect();
-            table.insert(service, crate::model::Service::new(backends, inst.policy));
+            let health = crate::model::Health::from_kernel(inst.flags, inst.health.as_ref());
+            table.insert(
+                service,
+                crate::model::Service::new(backends, inst.policy).with_health(health),
+            );
         }
         table
     }

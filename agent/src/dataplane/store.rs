@@ -1,12 +1,13 @@
-//! Access to every map the agent writes (the three routing maps and the per-service
-//! counters), behind a trait so the writer's ordering can be unit-tested against an
+//! Access to every map the agent writes (the three routing maps, the per-service
+//! counters, the health settings), behind a trait so the writer's ordering can be unit-tested against an
 //! in-memory fake.
 
 #[cfg(any(test, feature = "testing"))]
 use std::collections::BTreeMap;
 
 use sockmesh_common::{
-    BackendInfo, BackendKey, MaglevChunk, ServiceKey, ServiceValue, SlotKey, map_names,
+    BackendInfo, BackendKey, EndpointKey, MaglevChunk, ServiceKey, ServicePolicy, ServiceValue,
+    SlotKey, map_names,
 };
 #[cfg(any(test, feature = "testing"))]
 use sockmesh_common::{
@@ -22,6 +23,8 @@ pub enum MapName {
     Backends,
     ServiceStats,
     Maglev,
+    ServicePolicy,
+    EndpointHealth,
 }
 
 impl MapName {
@@ -33,6 +36,8 @@ impl MapName {
             MapName::Backends => map_names::BACKENDS,
             MapName::ServiceStats => map_names::SERVICE_STATS,
             MapName::Maglev => map_names::MAGLEV,
+            MapName::ServicePolicy => map_names::SERVICE_POLICY,
+            MapName::EndpointHealth => map_names::ENDPOINT_HEALTH,
         }
     }
 }
@@ -58,6 +63,8 @@ pub struct Snapshot {
     /// Keys of the per-service counter entries (`SM_SERVICE_STATS`); their counts
     /// belong to the kernel programs and are not part of the table.
     pub stats: Vec<ServiceKey>,
+    /// Outlier detection and circuit breaking settings (`SM_SVC_POLICY`).
+    pub policies: Vec<(ServiceKey, ServicePolicy)>,
 }
 
 /// The maps the agent writes. Deleting an absent key is not an error.
@@ -75,6 +82,10 @@ pub trait MapStore {
     fn create_stats(&mut self, k: &ServiceKey) -> Result<(), StoreError>;
     /// Deletes `k`'s per-service counters.
     fn del_stats(&mut self, k: &ServiceKey) -> Result<(), StoreError>;
+    fn put_policy(&mut self, k: &ServiceKey, v: &ServicePolicy) -> Result<(), StoreError>;
+    fn del_policy(&mut self, k: &ServiceKey) -> Result<(), StoreError>;
+    /// Forgets an endpoint's health (the kernel's failure count and ejection).
+    fn del_endpoint_health(&mut self, k: &EndpointKey) -> Result<(), StoreError>;
     fn snapshot(&self) -> Result<Snapshot, StoreError>;
 }
 
@@ -92,6 +103,9 @@ pub enum Op {
     DelMaglev(SlotKey),
     CreateStats(ServiceKey),
     DelStats(ServiceKey),
+    PutPolicy(ServiceKey),
+    DelPolicy(ServiceKey),
+    DelEndpointHealth(EndpointKey),
 }
 
 /// A resolved backend: address words and port, as in the maps.
@@ -114,6 +128,9 @@ pub struct MemStore {
     pub maglev: BTreeMap<SlotKey, MaglevChunk>,
     /// Per-service counters (one value: the kernel's per-CPU values summed).
     pub stats: BTreeMap<ServiceKey, ServiceStats>,
+    pub policies: BTreeMap<ServiceKey, ServicePolicy>,
+    /// Endpoint health entries (the kernel creates them; tests seed them).
+    pub endpoint_health: std::collections::BTreeSet<EndpointKey>,
     pub log: Vec<Op>,
     /// Fail the write with this 0-based index (counted over all writes).
     pub fail_at: Option<usize>,
@@ -246,8 +263,27 @@ impl MapStore for MemStore {
         self.after();
         Ok(())
     }
+    fn put_policy(&mut self, k: &ServiceKey, v: &ServicePolicy) -> Result<(), StoreError> {
+        self.record(Op::PutPolicy(*k), MapName::ServicePolicy)?;
+        self.policies.insert(*k, *v);
+        self.after();
+        Ok(())
+    }
+    fn del_policy(&mut self, k: &ServiceKey) -> Result<(), StoreError> {
+        self.record(Op::DelPolicy(*k), MapName::ServicePolicy)?;
+        self.policies.remove(k);
+        self.after();
+        Ok(())
+    }
+    fn del_endpoint_health(&mut self, k: &EndpointKey) -> Result<(), StoreError> {
+        self.record(Op::DelEndpointHealth(*k), MapName::EndpointHealth)?;
+        self.endpoint_health.remove(k);
+        self.after();
+        Ok(())
+    }
     fn snapshot(&self) -> Result<Snapshot, StoreError> {
         Ok(Snapshot {
+            policies: self.policies.iter().map(|(k, v)| (*k, *v)).collect(),
             services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
             slots: self.slots.iter().map(|(k, v)| (*k, *v)).collect(),
             backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),

@@ -4,7 +4,9 @@
 //! [`RoutingTable`] into the difference, and writes it in an order that never shows
 //! a kernel program a half-written service (see `ebpf/programs/src/maps.rs`):
 //! backends → slots of the unpublished generation → service value (publish) →
-//! delete the old generation's slots → delete unreferenced backends.
+//! delete the old generation's slots → delete unreferenced backends. A service's
+//! health settings (`SM_SVC_POLICY`) are written before the value that names them
+//! and deleted after the last one that did.
 //!
 //! It also owns the lifecycle of each service's counter entry (`SM_SERVICE_STATS`):
 //! created, zeroed, before the service is first published, deleted once it is
@@ -14,8 +16,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use sockmesh_common::{
-    BackendInfo, BackendKey, MAGLEV_CHUNK, MaglevChunk, ServiceKey, ServiceValue, SlotKey,
-    backend_state,
+    BackendInfo, BackendKey, EndpointKey, MAGLEV_CHUNK, MaglevChunk, ServiceKey, ServicePolicy,
+    ServiceValue, SlotKey, backend_state,
 };
 use tracing::{debug, warn};
 
@@ -27,8 +29,8 @@ use super::{
 use crate::{
     lb::{MaglevKey, maglev_table, weighted_slots},
     model::{
-        BackendState, CapacityError, Changes, LbPolicy, Limits, ModelError, RoutingTable, Service,
-        ServiceAddr, Usage, write_order,
+        BackendState, CapacityError, Changes, LbPolicy, Limits, ModelError, Protocol, RoutingTable,
+        Service, ServiceAddr, Usage, write_order,
     },
 };
 
@@ -157,6 +159,9 @@ impl<S: MapStore> MapWriter<S> {
         for k in &garbage.maglev {
             store.del_maglev(k).map_err(WriteError::Snapshot)?;
         }
+        for k in &garbage.policies {
+            store.del_policy(k).map_err(WriteError::Snapshot)?;
+        }
         let mut counters = CounterBook::default();
         for k in &garbage.counters {
             counters.delete(&mut store, k);
@@ -167,6 +172,7 @@ impl<S: MapStore> MapWriter<S> {
                 backends = garbage.backends.len(),
                 maglev_chunks = garbage.maglev.len(),
                 counters = garbage.counters.len(),
+                health_settings = garbage.policies.len(),
                 "removed map entries left by an interrupted update"
             );
         }
@@ -281,7 +287,7 @@ impl<S: MapStore> MapWriter<S> {
             let key = service_key(service);
             let current = self.mirror.services.get_mut(&key);
             let same = current.is_some_and(|current| {
-                let same = !current.dirty && plan_backends(current, backends).is_noop(current);
+                let same = !current.dirty && plan_backends(current, service.protocol, backends).is_noop(current);
                 if same {
                     // A counter entry that failed to be created before is made now,
                     // without touching the routing maps.
@@ -384,7 +390,7 @@ impl<S: MapStore> MapWriter<S> {
         // Counters first: the programs count into an entry from the first connect().
         self.counters
             .create(&mut self.store, key, &mut installed.counters);
-        let plan = plan_backends(&installed, backends);
+        let plan = plan_backends(&installed, service.protocol, backends);
         let mut ops = 0;
         let result = write_and_publish(&mut self.store, key, &mut installed, plan, &mut ops);
         match result {
@@ -418,7 +424,7 @@ impl<S: MapStore> MapWriter<S> {
         };
         self.counters
             .create(&mut self.store, key, &mut current.counters);
-        let plan = plan_backends(current, backends);
+        let plan = plan_backends(current, service.protocol, backends);
         if !current.dirty && plan.is_noop(current) {
             return Ok(0);
         }
@@ -466,13 +472,22 @@ impl<S: MapStore> MapWriter<S> {
             .map_err(wrap)?;
             ops += 1;
         }
-        for &index in inst.backends.keys() {
+        for (&index, b) in &inst.backends {
             self.store
                 .del_backend(&BackendKey {
                     service_id: inst.id,
                     index,
                 })
                 .map_err(wrap)?;
+            if inst.health.is_some() {
+                self.store
+                    .del_endpoint_health(&endpoint_key(key, b))
+                    .map_err(wrap)?;
+            }
+            ops += 1;
+        }
+        if inst.health.is_some() {
+            self.store.del_policy(key).map_err(wrap)?;
             ops += 1;
         }
         Ok(ops)
@@ -495,6 +510,9 @@ struct BackendPlan {
     slots: Vec<u16>,
     /// Policy to publish.
     policy: LbPolicy,
+    /// Service flags to publish, and the `SM_SVC_POLICY` entry they need.
+    flags: u8,
+    health: Option<ServicePolicy>,
 }
 
 impl BackendPlan {
@@ -502,13 +520,15 @@ impl BackendPlan {
         self.slots == current.slots
             && self.backends == current.backends
             && self.policy == current.policy
+            && self.flags == current.flags
+            && self.health == current.health
             && current.leftover == 0
     }
 }
 
 /// Assigns backend indexes (a backend keeps its index; a new one takes the lowest
 /// index not in use before or after the update) and computes the slots.
-fn plan_backends(current: &Installed, desired: &Service) -> BackendPlan {
+fn plan_backends(current: &Installed, protocol: Protocol, desired: &Service) -> BackendPlan {
     let by_addr: HashMap<([u32; 4], u16), u32> = current
         .backends
         .iter()
@@ -569,10 +589,13 @@ fn plan_backends(current: &Installed, desired: &Service) -> BackendPlan {
                 .collect()
         }
     };
+    let (flags, health) = desired.health.to_kernel(protocol, active.len());
     BackendPlan {
         backends,
         slots,
         policy: desired.policy,
+        flags,
+        health,
     }
 }
 
@@ -686,7 +709,19 @@ fn write_and_publish<S: MapStore>(
     let old_entries = inst.slot_map().entries(inst.slots.len());
     let old_map = inst.slot_map();
     let new_map = SlotMap::of(plan.policy);
-    if plan.slots != inst.slots || inst.dirty || plan.policy != inst.policy {
+    // 2a. Health settings before a service value that names them.
+    if let Some(health) = plan.health
+        && inst.health != Some(health)
+    {
+        store.put_policy(key, &health)?;
+        inst.health = Some(health);
+        *ops += 1;
+    }
+    if plan.slots != inst.slots
+        || inst.dirty
+        || plan.policy != inst.policy
+        || plan.flags != inst.flags
+    {
         let generation = 1 - old_generation;
         let (policy, choices) = plan.policy.to_kernel();
         let value = ServiceValue {
@@ -695,7 +730,7 @@ fn write_and_publish<S: MapStore>(
             generation,
             policy,
             choices,
-            pad: 0,
+            flags: plan.flags,
             revision: inst.revision.wrapping_add(1),
         };
         // 2. Slots of the unpublished generation, then 3. publish. On failure the
@@ -715,6 +750,7 @@ fn write_and_publish<S: MapStore>(
         inst.generation = generation;
         inst.revision = value.revision;
         inst.policy = plan.policy;
+        inst.flags = plan.flags;
         inst.slots = plan.slots;
         inst.dirty = false;
         // 4. The old generation is unreachable now. Deleted from the end, so after a
@@ -739,10 +775,31 @@ fn write_and_publish<S: MapStore>(
             service_id: id,
             index,
         })?;
-        inst.backends.remove(&index);
+        if let Some(b) = inst.backends.remove(&index)
+            && inst.health.is_some()
+        {
+            // A backend that leaves starts afresh if it comes back (as in Envoy).
+            store.del_endpoint_health(&endpoint_key(key, &b))?;
+        }
+        *ops += 1;
+    }
+    // 6. Health settings no published value names any more.
+    if plan.health.is_none() && inst.health.is_some() {
+        store.del_policy(key)?;
+        inst.health = None;
         *ops += 1;
     }
     Ok(())
+}
+
+/// The health key of backend `b` of service `key`.
+fn endpoint_key(key: &ServiceKey, b: &BackendInfo) -> EndpointKey {
+    EndpointKey {
+        service: *key,
+        addr: b.addr,
+        port: b.port,
+        pad: 0,
+    }
 }
 
 /// Undoes the writes of a new service that was never published.

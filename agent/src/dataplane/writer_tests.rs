@@ -136,12 +136,21 @@ fn an_update_touches_only_its_service() {
     assert_eq!((r.updated, r.unchanged), (1, 1));
     for op in &w.store().log {
         let id = match op {
-            Op::PutService(k) | Op::DelService(k) | Op::CreateStats(k) | Op::DelStats(k) => {
+            Op::PutService(k)
+            | Op::DelService(k)
+            | Op::CreateStats(k)
+            | Op::DelStats(k)
+            | Op::PutPolicy(k)
+            | Op::DelPolicy(k) => {
                 assert_eq!(*k, service_key(&b));
                 b_id
             }
             Op::PutSlot(k) | Op::DelSlot(k) | Op::PutMaglev(k) | Op::DelMaglev(k) => k.service_id,
             Op::PutBackend(k) | Op::DelBackend(k) => k.service_id,
+            Op::DelEndpointHealth(k) => {
+                assert_eq!(k.service, service_key(&b));
+                b_id
+            }
         };
         assert_eq!(id, b_id, "{op:?} touched another service");
     }

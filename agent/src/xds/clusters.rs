@@ -23,7 +23,7 @@ use super::{
     resources::Resources,
     validate::{parse_host_port, parse_socket_address, socket_address_of},
 };
-use crate::model::{Backend, BackendState, LbPolicy, Service};
+use crate::model::{Backend, BackendState, Health, LbPolicy, Service};
 
 /// The c-ares resolver config (`typed_dns_resolver_config`), the only one Envoy
 /// ships on Linux.
@@ -433,7 +433,7 @@ pub enum ServiceBackends {
 /// disagree get weighted random (one backend list cannot follow two policies).
 pub fn service_backends<'a>(
     spec: &super::translate::ServiceSpec,
-    cluster: impl Fn(&str) -> Option<(&'a ClusterBackends, LbPolicy)>,
+    cluster: impl Fn(&str) -> Option<(&'a ClusterBackends, LbPolicy, Health)>,
 ) -> ServiceBackends {
     if spec.route_pending {
         return ServiceBackends::Warming;
@@ -442,15 +442,17 @@ pub fn service_backends<'a>(
     let mut parts: Vec<(u32, &Vec<Backend>)> = Vec::with_capacity(spec.clusters.len());
     let mut passthrough = 0;
     let mut policies = BTreeSet::new();
+    let mut healths = BTreeSet::new();
     for (name, weight) in &spec.clusters {
         match cluster(name) {
-            None | Some((ClusterBackends::Warming, _)) => return ServiceBackends::Warming,
-            Some((ClusterBackends::Passthrough, _)) => {
+            None | Some((ClusterBackends::Warming, ..)) => return ServiceBackends::Warming,
+            Some((ClusterBackends::Passthrough, ..)) => {
                 passthrough += 1;
                 parts.push((*weight, &original));
             }
-            Some((ClusterBackends::Backends(b), policy)) => {
+            Some((ClusterBackends::Backends(b), policy, health)) => {
                 policies.insert(policy);
+                healths.insert(health);
                 parts.push((*weight, b));
             }
         }
@@ -462,16 +464,24 @@ pub fn service_backends<'a>(
         (1, Some(p)) => *p,
         _ => LbPolicy::Random,
     };
-    ServiceBackends::Backends(Service::new(
-        combine(&parts, spec.service.vip.is_ipv4()),
-        policy,
-    ))
+    // Clusters that disagree on outlier detection or circuit breaking get neither
+    // (one service's backends have one set of ejection rules and one limit).
+    let health = match (healths.len(), healths.first()) {
+        (1, Some(h)) => *h,
+        _ => Health::default(),
+    };
+    ServiceBackends::Backends(
+        Service::new(combine(&parts, spec.service.vip.is_ipv4()), policy).with_health(health),
+    )
 }
 
 /// How a cluster asks connections to be placed, as the kernel can honour it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClusterPolicy {
     pub policy: LbPolicy,
+    /// Outlier detection and circuit breaking (validated before: a cluster out of
+    /// range is NACKed, so here it reads as off).
+    pub health: Health,
     /// Why the kernel does something else than the cluster asks (logged once per
     /// cluster; the README's translation table lists each case).
     pub fallback: Option<&'static str>,
@@ -493,6 +503,7 @@ const RING_HASH_AS_MAGLEV: &str = "RING_HASH is served by a Maglev table (the sa
 fn least_conn(choice_count: Option<u32>) -> ClusterPolicy {
     let n = choice_count.unwrap_or(u32::from(LbPolicy::DEFAULT_CHOICES));
     ClusterPolicy {
+        health: Health::default(),
         policy: LbPolicy::LeastConn {
             // Envoy requires at least 2; more than MAX_CHOICES draws cost more
             // than they balance, and are cut there.
@@ -510,6 +521,7 @@ fn maglev(table_size: Option<u64>, fallback: Option<&'static str>) -> ClusterPol
         .filter(|&t| crate::lb::table_size_problem(u64::from(t)).is_none())
         .unwrap_or(sockmesh_common::DEFAULT_MAGLEV_TABLE_SIZE);
     ClusterPolicy {
+        health: Health::default(),
         policy: LbPolicy::Maglev { table_size },
         fallback,
     }
@@ -539,6 +551,7 @@ fn typed_configs(c: &Cluster) -> impl Iterator<Item = &sockmesh_proto::pb::googl
 
 fn random() -> ClusterPolicy {
     ClusterPolicy {
+        health: Health::default(),
         policy: LbPolicy::Random,
         fallback: None,
     }
@@ -554,7 +567,16 @@ fn random() -> ClusterPolicy {
 ///   `DEFAULT_MAGLEV_TABLE_SIZE`), keyed by the client at connect();
 /// - `RING_HASH`: the same Maglev table (noted once: the ring's sizes do not apply);
 /// - `CLUSTER_PROVIDED`: the cluster's own choice (ORIGINAL_DST passes through).
+///
+/// With the cluster's outlier detection and circuit breaking (`outlier`).
 pub fn cluster_policy(c: &Cluster) -> ClusterPolicy {
+    ClusterPolicy {
+        health: super::outlier::cluster_health(c).unwrap_or_default(),
+        ..lb_policy(c)
+    }
+}
+
+fn lb_policy(c: &Cluster) -> ClusterPolicy {
     use cluster::LbPolicy as P;
     // Set, the typed form takes precedence over `lb_policy` (as in Envoy).
     if c.load_balancing_policy
@@ -596,6 +618,7 @@ fn typed_policy(c: &Cluster) -> ClusterPolicy {
         }
     }
     ClusterPolicy {
+        health: Health::default(),
         policy: LbPolicy::Random,
         fallback: Some(
             "no load_balancing_policy the kernel knows: connections are placed by weighted random",

@@ -652,7 +652,7 @@ resources:
             let dump = admin
                 .core
                 .lock()
-                .map(|c| crate::admin::config_dump(&c))
+                .map(|c| crate::admin::config_dump(&c, &Default::default()))
                 .unwrap_or_default();
             let _ = answer_tx.send((metrics, ready, dump));
         });

@@ -11,7 +11,7 @@ use super::{
     },
     translate::{Resources, listener_services},
 };
-use crate::model::{LbPolicy, RoutingTable, ServiceAddr};
+use crate::model::{Health, LbPolicy, RoutingTable, ServiceAddr};
 
 /// The result of translating [`Resources`].
 #[derive(Clone, Debug, Default)]
@@ -45,7 +45,7 @@ pub fn translate(res: &Resources, previous: &[&RoutingTable]) -> Translation {
     // Envoy's original-destination matching decides between listeners that name
     // the same service; among equals the first listener by name wins.
     specs.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-    let mut clusters: BTreeMap<String, (ClusterBackends, LbPolicy)> = BTreeMap::new();
+    let mut clusters: BTreeMap<String, (ClusterBackends, LbPolicy, Health)> = BTreeMap::new();
     for (name, c) in &res.clusters {
         let c = c.decode();
         match cluster_source(&c) {
@@ -60,6 +60,7 @@ pub fn translate(res: &Resources, previous: &[&RoutingTable]) -> Translation {
                     (
                         cluster_backends(name, &source, res),
                         cluster_policy(&c).policy,
+                        cluster_policy(&c).health,
                     ),
                 );
             }
@@ -70,6 +71,7 @@ pub fn translate(res: &Resources, previous: &[&RoutingTable]) -> Translation {
                     (
                         ClusterBackends::Backends(Vec::new()),
                         cluster_policy(&c).policy,
+                        cluster_policy(&c).health,
                     ),
                 );
             }
@@ -80,7 +82,7 @@ pub fn translate(res: &Resources, previous: &[&RoutingTable]) -> Translation {
         if !defined.insert(spec.service) {
             continue;
         }
-        match service_backends(&spec, |name| clusters.get(name).map(|(b, p)| (b, *p))) {
+        match service_backends(&spec, |name| clusters.get(name).map(|(b, p, h)| (b, *p, *h))) {
             ServiceBackends::Warming => {
                 t.warming.push(spec.service);
                 if let Some(old) = previous.iter().find_map(|t| t.services.get(&spec.service)) {

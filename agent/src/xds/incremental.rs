@@ -17,7 +17,7 @@ use super::{
     },
     translate::{Resources, ServiceSpec, listener_services},
 };
-use crate::model::{LbPolicy, RoutingTable, Service, ServiceAddr};
+use crate::model::{Health, LbPolicy, RoutingTable, Service, ServiceAddr};
 
 /// What one cluster contributes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,6 +28,7 @@ struct ClusterView {
     dns: Option<DnsTarget>,
     backends: ClusterBackends,
     policy: LbPolicy,
+    health: Health,
     /// Why the kernel places its connections otherwise than it asks.
     fallback: Option<&'static str>,
     ignored: Option<String>,
@@ -195,6 +196,7 @@ impl Incremental {
                 match cluster_source(&cluster) {
                     Ok(source) => ClusterView {
                         policy: policy.policy,
+                        health: policy.health,
                         fallback: policy.fallback,
                         eds: match &source {
                             ClusterSource::Eds(eds) => Some(eds.clone()),
@@ -209,6 +211,7 @@ impl Incremental {
                     },
                     Err(why) => ClusterView {
                         policy: policy.policy,
+                        health: policy.health,
                         fallback: policy.fallback,
                         eds: None,
                         dns: None,
@@ -322,7 +325,7 @@ impl Incremental {
                 Some(staged) => staged.as_ref(),
                 None => self.clusters.get(name),
             }
-            .map(|v| (&v.backends, v.policy))
+            .map(|v| (&v.backends, v.policy, v.health))
         };
         match service_backends(spec, view) {
             ServiceBackends::Warming => Resolved::Warming,

@@ -246,6 +246,9 @@ pub fn validate_cluster(c: &Cluster) -> Result<(), InvalidResource> {
         };
         return Err(bad(field, problem));
     }
+    if let Err((field, problem)) = super::outlier::cluster_health(c) {
+        return Err(bad(field, problem));
+    }
     if let Some(cla) = &c.load_assignment {
         let names = if dns.is_some() {
             Addresses::Hostnames

@@ -23,6 +23,8 @@ pub enum ProgramType {
     CgroupSockAddr,
     /// `BPF_PROG_TYPE_CGROUP_SOCK`: sock_release.
     CgroupSock,
+    /// `BPF_PROG_TYPE_SOCK_OPS`: TCP connect outcomes (outlier detection).
+    SockOps,
 }
 
 impl ProgramType {
@@ -31,6 +33,7 @@ impl ProgramType {
         match self {
             ProgramType::CgroupSock => 9,
             ProgramType::CgroupSockAddr => 18,
+            ProgramType::SockOps => 13,
         }
     }
 }
@@ -46,6 +49,7 @@ pub mod attach_type {
     pub const CGROUP_INET4_GETPEERNAME: u32 = 29;
     pub const CGROUP_INET6_GETPEERNAME: u32 = 30;
     pub const CGROUP_INET_SOCK_RELEASE: u32 = 34;
+    pub const CGROUP_SOCK_OPS: u32 = 3;
 }
 
 /// One program of the object.
@@ -76,7 +80,7 @@ const fn hook(
     }
 }
 
-use ProgramType::{CgroupSock, CgroupSockAddr};
+use ProgramType::{CgroupSock, CgroupSockAddr, SockOps};
 
 pub const CONNECT4: Hook = hook(
     "sm_connect4",
@@ -133,8 +137,16 @@ pub const SOCK_RELEASE: Hook = hook(
     attach_type::CGROUP_INET_SOCK_RELEASE,
 );
 
-/// Every program of the object, in attach order.
-pub const HOOKS: [Hook; 9] = [
+/// The sock_ops program (`#[sock_ops]` has no attach argument; its ELF section
+/// is `sockops`).
+pub const SOCK_OPS: Hook = hook("sm_sock_ops", SockOps, "sockops", attach_type::CGROUP_SOCK_OPS);
+
+/// Every program of the object, in attach order: sock_ops and sock_release
+/// before the hooks that place sockets, so every socket placed is watched and
+/// released.
+pub const HOOKS: [Hook; 10] = [
+    SOCK_RELEASE,
+    SOCK_OPS,
     CONNECT4,
     CONNECT6,
     SENDMSG4,
@@ -143,7 +155,6 @@ pub const HOOKS: [Hook; 9] = [
     RECVMSG6,
     GETPEERNAME4,
     GETPEERNAME6,
-    SOCK_RELEASE,
 ];
 
 /// Whether `hook` is the one named `program` attaching at `attach` (the kernel

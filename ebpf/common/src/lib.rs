@@ -55,10 +55,26 @@ pub mod map_names {
         COUNTERS,
         MAGLEV,
     ];
+    /// Outlier detection and circuit breaking settings of a service
+    /// ([`crate::ServiceKey`] → [`crate::ServicePolicy`]), written by the agent.
+    /// Pinned under `<bpffs>/health-v<HEALTH_VERSION>/` (see [`crate::HEALTH_VERSION`]).
+    pub const SERVICE_POLICY: &str = "SM_SVC_POLICY";
+    /// Health of each backend endpoint of a service ([`crate::EndpointKey`] →
+    /// [`crate::EndpointHealth`]): consecutive failed connects, ejection.
+    pub const ENDPOINT_HEALTH: &str = "SM_EP_HEALTH";
+    /// Per-service kernel state ([`crate::ServiceKey`] → [`crate::ServiceHealth`]):
+    /// open connections, overflows, active ejections.
+    pub const SERVICE_HEALTH: &str = "SM_SVC_HEALTH";
+    /// Socket storage: the service and endpoint a socket was placed on
+    /// ([`crate::SockHealth`]).
+    pub const SOCK_HEALTH: &str = "SM_SOCK_HEALTH";
     /// The maps pinned under the connection-tracking directory.
     pub const CONNS: [&str; 2] = [BACKEND_CONNS, SOCK_CONNS];
-    /// Every map of the object: the layout's, then the connection-tracking ones.
-    pub const ALL: [&str; 9] = join(LAYOUT, CONNS);
+    /// The maps pinned under the health directory.
+    pub const HEALTH: [&str; 4] = [SERVICE_POLICY, ENDPOINT_HEALTH, SERVICE_HEALTH, SOCK_HEALTH];
+    /// Every map of the object: the layout's, the connection-tracking ones, then
+    /// the health ones.
+    pub const ALL: [&str; 13] = join(join::<7, 2, 9>(LAYOUT, CONNS), HEALTH);
 
     /// `a` followed by `b` (`C` = `A + B`, checked at compile time).
     const fn join<const A: usize, const B: usize, const C: usize>(
@@ -118,6 +134,23 @@ pub const LAYOUT_VERSION: u32 = 3;
 /// layout migration (the new layout's programs keep counting and releasing the
 /// same sockets). Bump it when [`ConnKey`] or [`SockConn`] changes shape.
 pub const CONNS_VERSION: u32 = 1;
+
+/// Version of the health maps ([`map_names::HEALTH`]), pinned under
+/// `<bpffs>/health-v<HEALTH_VERSION>/` apart from the layout: ejections, open
+/// connections per service and the sockets' placements outlive an agent restart
+/// and a layout migration, as the connection counts do. Bump it when
+/// [`ServicePolicy`], [`EndpointKey`], [`EndpointHealth`], [`ServiceHealth`] or
+/// [`SockHealth`] changes shape.
+pub const HEALTH_VERSION: u32 = 1;
+
+/// Most backends of one service ejected at once (the active ejections
+/// [`ServiceHealth`] keeps to count a service's ejected share): a failure beyond
+/// them does not eject.
+pub const MAX_EJECTED: usize = 16;
+
+/// Random draws a connect() makes, after landing on an ejected backend, to find a
+/// backend that is not (when the healthy share is above the panic threshold).
+pub const EJECTED_REDRAWS: u32 = 16;
 
 /// Most services (VIP, port, protocol) the service map holds. Sized for a large
 /// cluster (Kubernetes' default service CIDR /12 is far larger, but 64 Ki ports on
@@ -214,6 +247,16 @@ pub mod lb_policy {
     pub const MAGLEV: u8 = 2;
 }
 
+/// Bits of [`ServiceValue::flags`].
+pub mod service_flags {
+    /// Outlier detection: connect() avoids ejected backends, sock_ops watches
+    /// each TCP connect's outcome.
+    pub const OUTLIER: u8 = 1;
+    /// Circuit breaking: connect() counts the service's open connections against
+    /// [`crate::ServicePolicy::max_connections`].
+    pub const CIRCUIT: u8 = 2;
+}
+
 /// Most random choices a least-connections pick draws (the loop's bound).
 pub const MAX_CHOICES: u8 = 8;
 
@@ -246,7 +289,7 @@ pub mod counter {
 
 /// Key of the service map: one (VIP, port, protocol).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
     /// IPv6 address or IPv4-mapped IPv6 address, network byte order.
     pub addr: [u32; 4],
@@ -276,8 +319,10 @@ pub struct ServiceValue {
     pub policy: u8,
     /// Random choices of a least-connections pick, 1..=[`MAX_CHOICES`] (0: 1).
     pub choices: u8,
-    /// Always 0.
-    pub pad: u8,
+    /// [`service_flags`]: which of the service's settings in `SM_SVC_POLICY`
+    /// connect() applies (0, none, is what an agent that predates them wrote in
+    /// this byte, which was padding).
+    pub flags: u8,
     /// Monotonic revision, bumped by every update of this service (diagnostics).
     pub revision: u32,
 }
@@ -389,10 +434,101 @@ pub struct SockConn {
     pub pad: [u8; 3],
 }
 
+/// Value of `SM_SVC_POLICY`: a service's outlier detection and circuit breaking
+/// settings, from its cluster (`outlier_detection`, `circuit_breakers`,
+/// `common_lb_config.healthy_panic_threshold`). Written by the agent before it
+/// publishes a service value whose [`ServiceValue::flags`] name it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServicePolicy {
+    /// Failed connects in a row that eject a backend (0: no ejection).
+    pub consecutive: u32,
+    /// Ejection time of a first ejection, milliseconds; the n-th ejection in a row
+    /// lasts n times as long.
+    pub base_ejection_ms: u32,
+    /// Longest ejection, milliseconds.
+    pub max_ejection_ms: u32,
+    /// Outlier detection interval, milliseconds: each interval a returned backend
+    /// stays healthy takes one off its ejection multiplier.
+    pub interval_ms: u32,
+    /// Open connections the service may have (0: unlimited).
+    pub max_connections: u32,
+    /// Active backends of the service (the whole of the ejected share).
+    pub backends: u32,
+    /// Most backends ejected at once, percent of `backends` (one is always allowed).
+    pub max_ejection_percent: u8,
+    /// Below this healthy (not ejected) percentage connect() ignores ejections
+    /// (Envoy's panic mode); 0 disables it.
+    pub panic_percent: u8,
+    /// Percent of detections that eject (Envoy's `enforcing_*`).
+    pub enforcing: u8,
+    /// Always 0.
+    pub pad: u8,
+}
+
+/// Key of `SM_EP_HEALTH`: one backend endpoint of one service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointKey {
+    pub service: ServiceKey,
+    /// IPv6 or IPv4-mapped address, network byte order.
+    pub addr: [u32; 4],
+    /// Port, network byte order.
+    pub port: u16,
+    /// Always 0.
+    pub pad: u16,
+}
+
+/// Value of `SM_EP_HEALTH`, written by the kernel programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointHealth {
+    /// Connects that failed in a row (reset by a success and by an ejection).
+    pub failures: u64,
+    /// Ejected until this `CLOCK_MONOTONIC` time, nanoseconds (0: never ejected).
+    pub ejected_until_ns: u64,
+    /// Ejection multiplier: ejections in a row, less one per healthy interval.
+    pub multiplier: u32,
+    /// Ejections since the entry was created.
+    pub ejections: u32,
+}
+
+/// Value of `SM_SVC_HEALTH`, written by the kernel programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceHealth {
+    /// Open connections placed on the service (circuit-breaking services).
+    pub conns: u64,
+    /// Connects refused because `conns` was at `max_connections`.
+    pub overflows: u64,
+    /// End times (`CLOCK_MONOTONIC` ns) of the service's ejections; those in the
+    /// future are the ones active.
+    pub ejected_until_ns: [u64; MAX_EJECTED],
+}
+
+/// Socket storage `SM_SOCK_HEALTH`: where connect() placed a socket of a service
+/// with outlier detection or circuit breaking.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockHealth {
+    pub endpoint: EndpointKey,
+    /// 1 until sock_ops sees the TCP connect's outcome.
+    pub watch: u8,
+    /// 1 while the socket holds one of its service's open connections.
+    pub counted: u8,
+    /// Always 0.
+    pub pad: [u8; 6],
+}
+
 const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 20);
     assert!(core::mem::size_of::<ConnKey>() == 20);
     assert!(core::mem::size_of::<SockConn>() == 24);
+    assert!(core::mem::size_of::<ServicePolicy>() == 28);
+    assert!(core::mem::size_of::<EndpointKey>() == 40);
+    assert!(core::mem::size_of::<EndpointHealth>() == 24);
+    assert!(core::mem::size_of::<ServiceHealth>() == 16 + 8 * MAX_EJECTED);
+    assert!(core::mem::size_of::<SockHealth>() == 48);
     assert!(MAX_CHOICES >= 1);
     assert!(core::mem::size_of::<ServiceValue>() == 16);
     assert!(core::mem::size_of::<SlotKey>() == 8);
@@ -413,8 +549,9 @@ const _: () = {
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        BackendInfo, BackendKey, ConnKey, MaglevChunk, ReverseKey, ReverseValue, ServiceKey,
-        ServiceStats, ServiceValue, SlotKey, SockConn,
+        BackendInfo, BackendKey, ConnKey, EndpointHealth, EndpointKey, MaglevChunk, ReverseKey,
+        ReverseValue, ServiceHealth, ServiceKey, ServicePolicy, ServiceStats, ServiceValue,
+        SlotKey, SockConn, SockHealth,
     };
 
     // SAFETY: all types are #[repr(C)], made only of integers, with every padding
@@ -440,6 +577,16 @@ mod pod {
     unsafe impl aya::Pod for SockConn {}
     // SAFETY: as above.
     unsafe impl aya::Pod for MaglevChunk {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ServicePolicy {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for EndpointKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for EndpointHealth {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ServiceHealth {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockHealth {}
 }
 
 #[cfg(test)]

@@ -10,7 +10,10 @@
 //! [`RoutingMaps`] over their maps and call the functions below, so the key layout
 //! is written once.
 
-use crate::{BackendKey, MAGLEV_CHUNK, ServiceKey, ServiceValue, SlotKey, lb_policy};
+use crate::{
+    BackendKey, EJECTED_REDRAWS, MAGLEV_CHUNK, ServiceKey, ServiceValue, SlotKey, lb_policy,
+    service_flags,
+};
 
 /// Read access to the three routing maps. Absent keys are `Ok(None)`; `Error` is
 /// whatever a lookup itself can fail with (`Infallible` in the kernel and in memory).
@@ -153,14 +156,19 @@ pub enum Picked<B> {
 
 /// How [`pick`] draws: `random` for a fresh random slot, `client` for the hash of
 /// the connecting client (a Maglev service's key), `load` for a backend's open
-/// connections. Each is called only when the service's policy needs it.
-pub struct Draw<R, C, L> {
+/// connections; for a service with outlier detection, `ejected` tells whether a
+/// backend is ejected and `panic` whether the service's healthy share is below
+/// its panic threshold. Each is called only when the service's policy needs it.
+pub struct Draw<R, C, L, E, P> {
     pub random: R,
     pub client: C,
     pub load: L,
+    pub ejected: E,
+    pub panic: P,
 }
 
-/// Looks `key` up and picks a backend. The draws are made only for a service
+/// Looks `key` up and picks a backend; returns the pick and the service's
+/// [`ServiceValue::flags`] (0 for an address that is not a service). The draws are made only for a service
 /// with active backends: a weighted-random service takes slot `random() %
 /// slot_count`; a least-connections one, when `least` allows it, draws
 /// [`ServiceValue::choices`] random slots and takes the backend with the smallest
@@ -168,35 +176,84 @@ pub struct Draw<R, C, L> {
 /// takes table entry `client() % slot_count`. Slots are weight-proportional (so
 /// are a Maglev table's entries), so a heavier backend is drawn more often: weights
 /// hold under every policy.
+///
+/// A service with outlier detection ([`service_flags::OUTLIER`]) whose pick is
+/// ejected draws up to [`EJECTED_REDRAWS`] random slots for a backend that is not,
+/// unless the service is in panic (too few healthy backends: then, as Envoy does,
+/// ejections are ignored and the first pick stands).
 #[inline(always)]
 pub fn pick<M: RoutingMaps>(
     maps: &M,
     key: &ServiceKey,
     least: bool,
-    draw_with: Draw<impl FnMut() -> u32, impl FnOnce() -> u32, impl FnMut(&M::Backend) -> u64>,
-) -> Result<Picked<M::Backend>, M::Error>
+    draw_with: Draw<
+        impl FnMut() -> u32,
+        impl FnOnce() -> u32,
+        impl FnMut(&M::Backend) -> u64,
+        impl FnMut(&M::Backend) -> bool,
+        impl FnOnce() -> bool,
+    >,
+) -> Result<(Picked<M::Backend>, u8), M::Error>
 where
     M::Backend: Copy,
 {
     let Draw {
         mut random,
         client,
-        mut load,
+        load,
+        mut ejected,
+        panic,
     } = draw_with;
     let Some(service) = maps.service(key)? else {
-        return Ok(Picked::NotService);
+        return Ok((Picked::NotService, 0));
     };
     if service.slot_count == 0 {
-        return Ok(Picked::NoBackend);
+        return Ok((Picked::NoBackend, service.flags));
     }
+    let picked = pick_by_policy(maps, &service, least, &mut random, client, load)?;
+    let flags = service.flags;
+    let (Picked::Backend(b) | Picked::Counted(b)) = picked else {
+        return Ok((picked, flags));
+    };
+    if flags & service_flags::OUTLIER == 0 || !ejected(&b) || panic() {
+        return Ok((picked, flags));
+    }
+    for _ in 0..EJECTED_REDRAWS {
+        let Some(other) = draw(maps, &service, random())? else {
+            return Ok((Picked::Raced, flags));
+        };
+        if !ejected(&other) {
+            let other = match picked {
+                Picked::Counted(_) => Picked::Counted(other),
+                _ => Picked::Backend(other),
+            };
+            return Ok((other, flags));
+        }
+    }
+    Ok((picked, flags))
+}
+
+/// The pick of `service`'s own policy (see [`pick`]).
+#[inline(always)]
+fn pick_by_policy<M: RoutingMaps>(
+    maps: &M,
+    service: &ServiceValue,
+    least: bool,
+    random: &mut impl FnMut() -> u32,
+    client: impl FnOnce() -> u32,
+    mut load: impl FnMut(&M::Backend) -> u64,
+) -> Result<Picked<M::Backend>, M::Error>
+where
+    M::Backend: Copy,
+{
     if service.policy == lb_policy::MAGLEV {
-        return Ok(match draw(maps, &service, client())? {
+        return Ok(match draw(maps, service, client())? {
             Some(b) => Picked::Backend(b),
             None => Picked::Raced,
         });
     }
     if !least || service.policy != lb_policy::LEAST_CONN {
-        return Ok(match draw(maps, &service, random())? {
+        return Ok(match draw(maps, service, random())? {
             Some(b) => Picked::Backend(b),
             None => Picked::Raced,
         });
@@ -207,7 +264,7 @@ where
         if i >= choices {
             break;
         }
-        let Some(b) = draw(maps, &service, random())? else {
+        let Some(b) = draw(maps, service, random())? else {
             return Ok(Picked::Raced);
         };
         let l = load(&b);
@@ -282,7 +339,7 @@ mod tests {
             generation: 1,
             policy: crate::lb_policy::RANDOM,
             choices: 0,
-            pad: 0,
+            flags: 0,
             revision: 1,
         };
         let mut m = Maps::default();
@@ -320,8 +377,11 @@ mod tests {
                 random,
                 client,
                 load,
+                ejected: |_: &u16| false,
+                panic: || false,
             },
         )
+        .map(|(p, _)| p)
     }
 
     fn picked(m: &Maps, r: u32) -> Picked<u16> {
@@ -447,8 +507,11 @@ mod tests {
                     random,
                     client,
                     load,
+                    ejected: |_: &u16| panic!("no ejection read without outlier detection"),
+                    panic: || false,
                 },
             )
+            .map(|(p, _)| p)
         };
         assert_eq!(hashed(&m, 299), Ok(Picked::Backend(600)));
         assert_eq!(hashed(&m, 599), Ok(Picked::Backend(600)));

@@ -8,10 +8,9 @@
 //! A connect that fails keeps its count until the socket is closed, which is when
 //! the application learns of the failure and closes it.
 //!
-//! Counts change with the BPF ISA's atomic add (`lock *(u64 *)(ptr) += v`, the one
-//! atomic `-mcpu=generic` has; core's atomics need compare-and-swap, which the
-//! target lacks); a subtraction never takes a count below 0, so a count an agent's
-//! garbage collection dropped cannot wrap.
+//! Counts change with the BPF ISA's atomic add (`atomic`); a subtraction never
+//! takes a count below 0, so a count an agent's garbage collection dropped cannot
+//! wrap.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST, helpers::generated::bpf_sk_storage_get, programs::SockAddrContext,
@@ -19,6 +18,7 @@ use aya_ebpf::{
 use sockmesh_common::{ConnKey, SockConn};
 
 use crate::{
+    atomic,
     maps::{BACKEND_CONNS, SOCK_CONNS},
     xlate::Addr,
 };
@@ -111,33 +111,15 @@ fn add(endpoint: &ConnKey) -> bool {
     }
 }
 
-/// `*n += v`, atomically (BPF_ATOMIC BPF_ADD, no fetch).
-#[inline(always)]
-fn atomic_add(n: *mut u64, v: u64) {
-    // SAFETY: `n` is a map value the caller looked up (u64-aligned, valid for the
-    // program's RCU read section); the instruction only adds to it.
-    unsafe {
-        core::arch::asm!(
-            "lock *(u64 *)({n} + 0) += {v}",
-            n = in(reg) n,
-            v = in(reg) v,
-            options(nostack),
-        );
-    }
-}
-
 #[inline(always)]
 fn increment(n: *mut u64) {
-    atomic_add(n, 1);
+    atomic::add(n, 1);
 }
 
 /// Subtracts one from `endpoint`'s count, unless it is 0 (or gone).
 #[inline(always)]
 fn sub(endpoint: &ConnKey) {
     if let Some(n) = BACKEND_CONNS.get_ptr_mut(endpoint) {
-        // SAFETY: as in `atomic_add`; read first so a count is never taken below 0.
-        if unsafe { core::ptr::read_volatile(n) } > 0 {
-            atomic_add(n, u64::MAX);
-        }
+        atomic::decrement(n);
     }
 }

@@ -6,10 +6,12 @@
 
 #![no_std]
 #![no_main]
-// BPF inline assembly (the atomic add of `conns`): nightly-only on this target.
+// BPF inline assembly (`atomic`): nightly-only on this target.
 #![feature(asm_experimental_arch)]
 
+mod atomic;
 mod conns;
+mod health;
 mod maps;
 mod sock_addr;
 mod xlate;

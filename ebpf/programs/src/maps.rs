@@ -25,9 +25,10 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use sockmesh_common::{
-    BackendInfo, BackendKey, ConnKey, MAX_BACKENDS_TOTAL, MAX_MAGLEV_SERVICES, MAX_REVERSE_ENTRIES,
-    MAX_SERVICES, MAX_SLOTS_TOTAL, MaglevChunk, ReverseKey, ReverseValue, ServiceKey, ServiceStats,
-    ServiceValue, SlotKey, SockConn, counter, maglev_map_entries, map_names,
+    BackendInfo, BackendKey, ConnKey, EndpointHealth, EndpointKey, MAX_BACKENDS_TOTAL,
+    MAX_MAGLEV_SERVICES, MAX_REVERSE_ENTRIES, MAX_SERVICES, MAX_SLOTS_TOTAL, MaglevChunk,
+    ReverseKey, ReverseValue, ServiceHealth, ServiceKey, ServicePolicy, ServiceStats, ServiceValue,
+    SlotKey, SockConn, SockHealth, counter, maglev_map_entries, map_names,
 };
 
 /// Defines a map named `$name`. `#[map(name = …)]` takes only a string literal, so
@@ -164,6 +165,71 @@ const _: () = assert!(
 ///   new programs still find the storage of sockets placed before
 #[btf_map(name = "SM_SOCK_CONNS")]
 pub static SOCK_CONNS: SkStorage<SockConn> = SkStorage::new();
+
+named_map! {
+    /// Outlier detection and circuit breaking settings of each service that has them.
+    /// - key: [`ServiceKey`]
+    /// - value: [`ServicePolicy`] (ejection threshold and times, ejection cap,
+    ///   panic threshold, enforcing percent, open-connection limit, backend count)
+    /// - writer: the agent, before it publishes a service value whose `flags` name
+    ///   it; deleted after the service (or its flags) goes
+    /// - reader: connect4/6 (circuit breaking, panic), sock_ops (ejection)
+    /// - pinned under `<bpffs>/health-v1/`
+    /// - capacity: as `SM_SERVICES` (`--max-services`); entries allocated on demand
+    "SM_SVC_POLICY" == map_names::SERVICE_POLICY;
+    pub static SERVICE_POLICY: HashMap<ServiceKey, ServicePolicy> =
+        HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+}
+
+named_map! {
+    /// Health of backend endpoints of outlier-detecting services.
+    /// - key: [`EndpointKey`] (service, endpoint address and port)
+    /// - value: [`EndpointHealth`] (failed connects in a row, ejected-until time,
+    ///   multiplier, ejections)
+    /// - writer: sock_ops creates an entry at an endpoint's first failed connect,
+    ///   counts failures (atomic fetch-add), resets them on a success and ejects;
+    ///   the agent deletes the entries of endpoints its service no longer has (an
+    ///   EDS removal resets the endpoint's state)
+    /// - reader: connect4/6 (is the pick ejected), the agent (`/config_dump`,
+    ///   `/metrics`, `sockmesh services`)
+    /// - pinned under `<bpffs>/health-v1/`
+    /// - capacity: as `SM_BACKENDS` (`--max-backends`); a failure that finds no
+    ///   room is not counted
+    "SM_EP_HEALTH" == map_names::ENDPOINT_HEALTH;
+    pub static ENDPOINT_HEALTH: HashMap<EndpointKey, EndpointHealth> =
+        HashMap::pinned(MAX_BACKENDS_TOTAL, BPF_F_NO_PREALLOC);
+}
+
+named_map! {
+    /// Per-service kernel state of services with outlier detection or circuit
+    /// breaking.
+    /// - key: [`ServiceKey`]
+    /// - value: [`ServiceHealth`] (open connections, overflows, active ejections)
+    /// - writer: connect4/6 create it and count open connections and overflows;
+    ///   sock_release releases a socket's connection; sock_ops records ejections;
+    ///   the agent deletes entries of services gone
+    /// - reader: connect4/6, sock_ops, the agent (`/metrics`)
+    /// - pinned under `<bpffs>/health-v1/`
+    /// - capacity: as `SM_SERVICES`
+    "SM_SVC_HEALTH" == map_names::SERVICE_HEALTH;
+    pub static SERVICE_HEALTH: HashMap<ServiceKey, ServiceHealth> =
+        HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+}
+
+const _: () = assert!(
+    sockmesh_common::str_eq("SM_SOCK_HEALTH", map_names::SOCK_HEALTH),
+    "map SM_SOCK_HEALTH is not named as in sockmesh_common::map_names"
+);
+/// Socket storage: where connect() placed a socket of a service with outlier
+/// detection or circuit breaking.
+/// - key: the socket (`BPF_MAP_TYPE_SK_STORAGE`); freed with the socket
+/// - value: [`SockHealth`] (service and endpoint; watching the connect's outcome;
+///   holding one of the service's open connections)
+/// - writer: connect4/6 create it; sock_ops clears `watch` at the outcome;
+///   sock_release clears `counted` when it releases the connection
+/// - pinned under `<bpffs>/health-v1/`
+#[btf_map(name = "SM_SOCK_HEALTH")]
+pub static SOCK_HEALTH: SkStorage<SockHealth> = SkStorage::new();
 
 /// Adds one to counter `index` on this CPU.
 #[inline(always)]

@@ -6,8 +6,8 @@
 use aya_ebpf::{
     EbpfContext, Global,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
-    macros::{cgroup_sock, cgroup_sock_addr},
-    programs::{SockAddrContext, SockContext},
+    macros::{cgroup_sock, cgroup_sock_addr, sock_ops},
+    programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use sockmesh_common::{
     PROTO_TCP, PROTO_UDP, V4_MAPPED_WORD, counter,
@@ -15,7 +15,7 @@ use sockmesh_common::{
 };
 
 use crate::{
-    conns,
+    conns, health,
     maps::count,
     xlate::{self, Addr, Forward, Pick},
 };
@@ -46,7 +46,8 @@ enum Family {
 /// What a forward hook decided.
 enum Verdict {
     Proceed,
-    /// Service without an active backend: fail with ECONNREFUSED.
+    /// Service without an active backend, or at its circuit breaker's
+    /// `max_connections`: fail with ECONNREFUSED.
     Refuse,
 }
 
@@ -66,6 +67,12 @@ macro_rules! hook {
         $(#[$doc])*
         #[cgroup_sock($attach)]
         pub fn $name($ctx: SockContext) -> i32 $body
+    };
+    (sock_ops $hook:path, $(#[$doc:meta])* fn $name:ident($ctx:ident) $body:block) => {
+        hook!(@check $hook, SockOps, $name, sockops);
+        $(#[$doc])*
+        #[sock_ops]
+        pub fn $name($ctx: SockOpsContext) -> u32 $body
     };
     (@check $hook:path, $type:ident, $name:ident, $attach:ident) => {
         const _: () = assert!(
@@ -112,14 +119,23 @@ hook!(sock_addr hooks::GETPEERNAME6, getpeername6, fn sm_getpeername6(ctx) {
     restore_vip(&ctx, Family::V6)
 });
 
+hook!(sock_ops hooks::SOCK_OPS,
+/// Watches the outcome of TCP connects placed on outlier-detecting services
+/// (`health`).
+fn sm_sock_ops(ctx) {
+    health::sock_ops(&ctx);
+    PROCEED as u32
+});
+
 hook!(sock hooks::SOCK_RELEASE, sock_release,
 /// Releases the closing socket's open-connection count (least-connections
 /// services), and drops its reverse entry for its connected peer, so the reverse
 /// map holds only live sockets (unconnected UDP peers are left to the LRU).
 fn sm_sock_release(ctx) {
     // First, whatever the socket's state: a failed connect may have cleared its
-    // peer, not its count.
+    // peer, not its counts.
     conns::release(ctx.sock);
+    health::release(ctx.sock);
     // SAFETY: ctx.sock is the program's context; the verifier checks each field read.
     let (family, proto, port) = unsafe {
         let sk = &*ctx.sock;
@@ -189,11 +205,24 @@ fn forward(ctx: &SockAddrContext, family: Family, per_socket: bool) -> Verdict {
             count(counter::NO_BACKEND);
             Verdict::Refuse
         }
-        Forward::Redirect { backend, counted } => {
+        Forward::Redirect {
+            service,
+            backend,
+            counted,
+            flags,
+        } => {
             // An IPv4 socket can only be sent to an IPv4 backend (the agent never
             // mixes families in one service; this guards the invariant).
             if !sa.set_dst(family, backend) {
                 count(counter::NO_BACKEND);
+                return Verdict::Refuse;
+            }
+            // Placements only: an unconnected UDP datagram is no connection.
+            if flags != 0
+                && !per_socket
+                && health::place(ctx, flags, proto, health::endpoint(&service, backend)).is_err()
+            {
+                // Counted in the service's `ServiceHealth::overflows`.
                 return Verdict::Refuse;
             }
             if counted {

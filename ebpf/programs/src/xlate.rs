@@ -9,7 +9,7 @@ use sockmesh_common::{
 };
 
 use crate::{
-    conns,
+    conns, health,
     maps::{BACKENDS, MAGLEV, REVERSE, SERVICES, SLOTS, count, count_service},
 };
 
@@ -26,8 +26,14 @@ pub enum Forward {
     /// Not a service address: leave the call alone.
     Pass,
     /// A service with an active backend: send there; `counted`: a
-    /// least-connections service, whose placements are counted (`conns`).
-    Redirect { backend: Addr, counted: bool },
+    /// least-connections service, whose placements are counted (`conns`);
+    /// `flags`: the service's [`sockmesh_common::service_flags`] (`health`).
+    Redirect {
+        service: ServiceKey,
+        backend: Addr,
+        counted: bool,
+        flags: u8,
+    },
     /// A service without an active backend: refuse the call.
     NoBackend,
 }
@@ -78,29 +84,33 @@ pub fn forward(dst: Addr, proto: u8, pick: Pick, client: &impl Fn() -> u64) -> F
     // Two attempts: the second only if an update deleted the slot we picked between
     // our service lookup and our slot lookup; by then the new generation is published.
     let verdict = match try_pick(&key, pick, client) {
-        Picked::Raced => {
+        (Picked::Raced, _) => {
             count(counter::SLOT_RETRY);
             try_pick(&key, pick, client)
         }
         done => done,
     };
     match verdict {
-        Picked::NotService => Forward::Pass,
-        Picked::Backend(backend) => {
+        (Picked::NotService, _) => Forward::Pass,
+        (Picked::Backend(backend), flags) => {
             count_service(&key, true);
             Forward::Redirect {
+                service: key,
                 backend,
                 counted: false,
+                flags,
             }
         }
-        Picked::Counted(backend) => {
+        (Picked::Counted(backend), flags) => {
             count_service(&key, true);
             Forward::Redirect {
+                service: key,
                 backend,
                 counted: true,
+                flags,
             }
         }
-        Picked::NoBackend | Picked::Raced => {
+        (Picked::NoBackend | Picked::Raced, _) => {
             count_service(&key, false);
             Forward::NoBackend
         }
@@ -108,15 +118,20 @@ pub fn forward(dst: Addr, proto: u8, pick: Pick, client: &impl Fn() -> u64) -> F
 }
 
 #[inline(always)]
-fn try_pick(key: &ServiceKey, pick: Pick, client: &impl Fn() -> u64) -> Picked<Addr> {
+fn try_pick(key: &ServiceKey, pick: Pick, client: &impl Fn() -> u64) -> (Picked<Addr>, u8) {
     // A least-connections pick only for a fresh placement: an unconnected UDP
     // socket's datagrams follow its hash, and are not connections to count.
     let least = matches!(pick, Pick::Random);
     let proto = key.proto;
+    // Read only by a service with outlier detection.
+    let now = health::now();
     let draw = Draw {
+        // A redraw away from an ejected backend is random even for a hashed pick.
         random: || pick.value(),
         client: || hash(client()),
         load: |b: &Addr| conns::load(&conns::key(*b, proto)),
+        ejected: |b: &Addr| health::ejected(&health::endpoint(key, *b), now),
+        panic: || health::panic(key, now),
     };
     match resolve::pick(&Maps, key, least, draw) {
         Ok(picked) => picked,

@@ -1,0 +1,370 @@
+//! Outlier detection and circuit breaking, in the kernel.
+//!
+//! connect() of a service with either setting records where it placed the socket
+//! in the socket's storage (`SM_SOCK_HEALTH`):
+//! - **circuit breaking**: it takes one of the service's open connections
+//!   (`ServiceHealth::conns`, a fetch-add, so exactly `max_connections` sockets
+//!   hold one) or refuses the connect; sock_release gives it back;
+//! - **outlier detection**: it marks the socket watched; the sock_ops program asks
+//!   for TCP state callbacks on it at `TCP_CONNECT_CB` and sees the outcome:
+//!   SYN_SENT → ESTABLISHED resets the endpoint's failures, SYN_SENT → CLOSE (RST,
+//!   ICMP error, SYN timeout, or the application giving up) counts one. The
+//!   failure that makes `consecutive` in a row ejects the endpoint until a time
+//!   (`base_ejection` × multiplier, capped), which connect() reads: the next
+//!   connect avoids it, with no round trip to userspace. It returns by itself when
+//!   its time is up.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_NOEXIST, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        BPF_TCP_ESTABLISHED, BPF_TCP_SYN_SENT, bpf_sock,
+    },
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, generated::bpf_sk_storage_get},
+    programs::{SockAddrContext, SockOpsContext},
+};
+use sockmesh_common::{
+    EndpointHealth, EndpointKey, MAX_EJECTED, PROTO_TCP, ServiceHealth, ServiceKey, ServicePolicy,
+    SockHealth, service_flags,
+};
+
+use crate::{
+    atomic,
+    maps::{ENDPOINT_HEALTH, SERVICE_HEALTH, SERVICE_POLICY, SOCK_HEALTH},
+    xlate::Addr,
+};
+
+const NS_PER_MS: u64 = 1_000_000;
+
+/// `CLOCK_MONOTONIC`, nanoseconds: the clock of every ejection time.
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// The health key of `backend` of `service`.
+#[inline(always)]
+pub fn endpoint(service: &ServiceKey, backend: Addr) -> EndpointKey {
+    EndpointKey {
+        service: *service,
+        addr: backend.ip,
+        port: backend.port,
+        pad: 0,
+    }
+}
+
+/// Whether `endpoint` is ejected at `now`.
+#[inline(always)]
+pub fn ejected(endpoint: &EndpointKey, now: u64) -> bool {
+    // SAFETY: NO_PREALLOC hash map: the value stays valid for this RCU read
+    // section; one field is copied at once.
+    unsafe { ENDPOINT_HEALTH.get(endpoint) }.is_some_and(|h| h.ejected_until_ns > now)
+}
+
+/// Whether `service` is in panic at `now`: fewer than its panic percentage of its
+/// backends are not ejected, so connect() ignores ejections, as Envoy does.
+#[inline(always)]
+pub fn panic(service: &ServiceKey, now: u64) -> bool {
+    // SAFETY: as in `ejected`; the fields are copied at once.
+    let Some((percent, backends)) = (unsafe { SERVICE_POLICY.get(service) })
+        .map(|p| (u64::from(p.panic_percent), u64::from(p.backends)))
+    else {
+        return false;
+    };
+    if percent == 0 {
+        return false;
+    }
+    // SAFETY: as above; read-only.
+    let active = match unsafe { SERVICE_HEALTH.get(service) } {
+        Some(h) => active_ejections(h, now),
+        None => 0,
+    };
+    backends.saturating_sub(active) * 100 < percent * backends
+}
+
+/// The service's ejections that are still running at `now`.
+#[inline(always)]
+fn active_ejections(h: &ServiceHealth, now: u64) -> u64 {
+    let mut active = 0;
+    for until in h.ejected_until_ns {
+        if until > now {
+            active += 1;
+        }
+    }
+    active
+}
+
+/// The service's kernel state, created (zeroed) on first use; `None` if the map
+/// has no room.
+#[inline(always)]
+fn service_health(service: &ServiceKey) -> Option<*mut ServiceHealth> {
+    if let Some(h) = SERVICE_HEALTH.get_ptr_mut(service) {
+        return Some(h);
+    }
+    let zero = ServiceHealth::default();
+    let _ = SERVICE_HEALTH.insert(service, &zero, u64::from(BPF_NOEXIST));
+    // Ours, or the one another CPU created meanwhile.
+    SERVICE_HEALTH.get_ptr_mut(service)
+}
+
+/// A connect refused by the service's circuit breaker (`max_connections`).
+pub struct Overflow;
+
+/// Records where connect() placed the socket of `ctx` (service `flags` name
+/// outlier detection or circuit breaking, or both), releasing the connection an
+/// earlier connect of the same socket held. With circuit breaking, takes one of
+/// the service's open connections, or fails with [`Overflow`] when none is left.
+#[inline(always)]
+pub fn place(
+    ctx: &SockAddrContext,
+    flags: u8,
+    proto: u8,
+    endpoint: EndpointKey,
+) -> Result<(), Overflow> {
+    let storage = SOCK_HEALTH.get_or_insert_ptr_mut(ctx, None);
+    if storage.is_null() {
+        // No storage (out of memory): placed, neither watched nor counted.
+        return Ok(());
+    }
+    // SAFETY: the socket's own storage, valid while the program runs; connect()
+    // holds the socket lock, so no other program of this socket runs meanwhile.
+    unsafe {
+        if (*storage).counted != 0 {
+            (*storage).counted = 0;
+            give_back(&(*storage).endpoint.service);
+        }
+        (*storage).watch = 0;
+        if flags & service_flags::CIRCUIT != 0 {
+            if !take(&endpoint.service) {
+                return Err(Overflow);
+            }
+            (*storage).counted = 1;
+        }
+        (*storage).endpoint = endpoint;
+        (*storage).watch = u8::from(flags & service_flags::OUTLIER != 0 && proto == PROTO_TCP);
+    }
+    Ok(())
+}
+
+/// Takes one of `service`'s open connections; false (and counted as an overflow)
+/// when it already has `max_connections`.
+#[inline(always)]
+fn take(service: &ServiceKey) -> bool {
+    // SAFETY: as in `ejected`.
+    let max = match unsafe { SERVICE_POLICY.get(service) } {
+        Some(p) if p.max_connections != 0 => u64::from(p.max_connections),
+        _ => return true,
+    };
+    let Some(h) = service_health(service) else {
+        // No room for the count: not limited.
+        return true;
+    };
+    // SAFETY: a map value looked up above; its fields are u64-aligned.
+    unsafe {
+        if atomic::fetch_add(&raw mut (*h).conns, 1) >= max {
+            atomic::decrement(&raw mut (*h).conns);
+            atomic::add(&raw mut (*h).overflows, 1);
+            return false;
+        }
+    }
+    true
+}
+
+/// Gives back one of `service`'s open connections.
+#[inline(always)]
+fn give_back(service: &ServiceKey) {
+    if let Some(h) = SERVICE_HEALTH.get_ptr_mut(service) {
+        // SAFETY: as in `take`.
+        atomic::decrement(unsafe { &raw mut (*h).conns });
+    }
+}
+
+/// The storage of socket `sk`, if connect() created one.
+#[inline(always)]
+fn storage_of(sk: *mut bpf_sock) -> *mut SockHealth {
+    // SAFETY: looks up (never creates) the storage of a socket the program was
+    // given; the helper takes the map and the socket pointer.
+    unsafe {
+        bpf_sk_storage_get(
+            (&raw const SOCK_HEALTH).cast_mut().cast(),
+            sk.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    }
+    .cast::<SockHealth>()
+}
+
+/// Socket going away: gives back the open connection it holds, if any.
+#[inline(always)]
+pub fn release(sk: *mut bpf_sock) {
+    let storage = storage_of(sk);
+    if storage.is_null() {
+        return;
+    }
+    // SAFETY: the socket's own storage, valid while the program runs.
+    unsafe {
+        if (*storage).counted != 0 {
+            (*storage).counted = 0;
+            give_back(&(*storage).endpoint.service);
+        }
+    }
+}
+
+/// The sock_ops program: asks for state callbacks on watched active opens, and
+/// turns the SYN_SENT → ESTABLISHED / CLOSE transition into a success or failure.
+#[inline(always)]
+pub fn sock_ops(ctx: &SockOpsContext) {
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        // SAFETY: reading the context's socket pointer (verifier-checked).
+        let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+        if sk.is_null() {
+            return;
+        }
+        let storage = storage_of(sk);
+        // SAFETY: the socket's own storage, valid while the program runs.
+        if !storage.is_null() && unsafe { (*storage).watch } != 0 {
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        }
+        return;
+    }
+    if op != aya_ebpf::bindings::BPF_SOCK_OPS_STATE_CB || ctx.arg(0) != BPF_TCP_SYN_SENT {
+        return;
+    }
+    let new_state = ctx.arg(1);
+    // SAFETY: as above.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return;
+    }
+    let storage = storage_of(sk);
+    // SAFETY: the socket's own storage, valid while the program runs; the state
+    // callback runs under the socket's lock.
+    unsafe {
+        if storage.is_null() || (*storage).watch == 0 {
+            return;
+        }
+        (*storage).watch = 0;
+        let endpoint = (*storage).endpoint;
+        if new_state == BPF_TCP_ESTABLISHED {
+            succeeded(&endpoint);
+            let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        } else if new_state == BPF_TCP_CLOSE {
+            failed(&endpoint, now());
+        }
+    }
+}
+
+/// A connect to `endpoint` succeeded: its failures in a row start again from 0.
+#[inline(always)]
+fn succeeded(endpoint: &EndpointKey) {
+    if let Some(h) = ENDPOINT_HEALTH.get_ptr_mut(endpoint) {
+        // SAFETY: a map value looked up above; a racing failure's count is lost
+        // either way (the success came after it).
+        unsafe {
+            if core::ptr::read_volatile(&raw const (*h).failures) != 0 {
+                core::ptr::write_volatile(&raw mut (*h).failures, 0);
+            }
+        }
+    }
+}
+
+/// A connect to `endpoint` failed at `now`: counts it, and ejects the endpoint at
+/// the service's threshold (once: the fetch-add gives the threshold to one CPU).
+#[inline(always)]
+fn failed(endpoint: &EndpointKey, now: u64) {
+    // SAFETY: as in `ejected`; copied at once.
+    let Some(policy) = (unsafe { SERVICE_POLICY.get(&endpoint.service) }).copied() else {
+        return;
+    };
+    if policy.consecutive == 0 {
+        return;
+    }
+    let Some(h) = endpoint_health(endpoint) else {
+        return;
+    };
+    // SAFETY: a map value looked up above; its fields are u64-aligned.
+    unsafe {
+        if core::ptr::read_volatile(&raw const (*h).ejected_until_ns) > now {
+            // Already ejected: connects in flight when it was ejected do not count.
+            return;
+        }
+        let failures = atomic::fetch_add(&raw mut (*h).failures, 1) + 1;
+        if failures != u64::from(policy.consecutive) {
+            return;
+        }
+        // This failure is the detection; counting starts again whatever follows.
+        core::ptr::write_volatile(&raw mut (*h).failures, 0);
+        // SAFETY (helper): no arguments.
+        if bpf_get_prandom_u32() % 100 >= u32::from(policy.enforcing) {
+            return;
+        }
+        eject(h, &endpoint.service, &policy, now);
+    }
+}
+
+/// The endpoint's health entry, created (zeroed) at its first failure.
+#[inline(always)]
+fn endpoint_health(endpoint: &EndpointKey) -> Option<*mut EndpointHealth> {
+    if let Some(h) = ENDPOINT_HEALTH.get_ptr_mut(endpoint) {
+        return Some(h);
+    }
+    let zero = EndpointHealth::default();
+    let _ = ENDPOINT_HEALTH.insert(endpoint, &zero, u64::from(BPF_NOEXIST));
+    ENDPOINT_HEALTH.get_ptr_mut(endpoint)
+}
+
+/// Ejects the endpoint of `h` from `service` at `now`, unless the service's
+/// ejected share would pass `max_ejection_percent` (one ejection is always
+/// allowed, as in Envoy) or it has [`MAX_EJECTED`] running.
+///
+/// # Safety
+/// `h` is a live value of `SM_EP_HEALTH`.
+#[inline(always)]
+unsafe fn eject(h: *mut EndpointHealth, service: &ServiceKey, policy: &ServicePolicy, now: u64) {
+    let Some(s) = service_health(service) else {
+        return;
+    };
+    let mut active = 0u64;
+    let mut free = MAX_EJECTED;
+    for i in 0..MAX_EJECTED {
+        // SAFETY: `s` is a map value looked up above; `i` is in bounds.
+        let until = unsafe { core::ptr::read_volatile(&raw const (*s).ejected_until_ns[i]) };
+        if until > now {
+            active += 1;
+        } else if free == MAX_EJECTED {
+            free = i;
+        }
+    }
+    let backends = u64::from(policy.backends);
+    if free == MAX_EJECTED
+        || (active > 0 && (active + 1) * 100 > u64::from(policy.max_ejection_percent) * backends)
+    {
+        return;
+    }
+    // SAFETY: the caller's contract for `h`.
+    let (multiplier, last_until) = unsafe {
+        (
+            u64::from((*h).multiplier),
+            core::ptr::read_volatile(&raw const (*h).ejected_until_ns),
+        )
+    };
+    // Each interval it stayed healthy since its last ejection takes one off.
+    let interval = u64::from(policy.interval_ms) * NS_PER_MS;
+    let healthy_intervals = match (last_until, interval) {
+        (0, _) | (_, 0) => 0,
+        (until, interval) => now.saturating_sub(until) / interval,
+    };
+    let multiplier = multiplier.saturating_sub(healthy_intervals) + 1;
+    let base = u64::from(policy.base_ejection_ms) * NS_PER_MS;
+    let cap = u64::from(policy.max_ejection_ms) * NS_PER_MS;
+    let until = now + (base * multiplier).min(cap.max(base));
+    // SAFETY: `s` as above, `free` in bounds; `h` by the caller's contract.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*s).ejected_until_ns[free], until);
+        core::ptr::write_volatile(&raw mut (*h).ejected_until_ns, until);
+        (*h).multiplier = multiplier as u32;
+        (*h).ejections = (*h).ejections.wrapping_add(1);
+    }
+}
