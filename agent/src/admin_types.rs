@@ -171,6 +171,7 @@ mod tests {
                 backend: "10.10.1.11:8443".into(),
                 failures: 0,
                 ejections: 2,
+                multiplier: 2,
                 ejected_for_ms: Some(59_000),
             }],
             synced: true,

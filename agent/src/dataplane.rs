@@ -363,6 +363,11 @@ impl Datapath {
     pub fn layout(&self) -> &PinLayout {
         &self.layout
     }
+
+    /// The kernel's outlier detection and circuit breaking state.
+    pub fn health(&self) -> Result<HealthReport, DataplaneError> {
+        health_report(&self.layout.health)
+    }
 }
 
 /// The routing table held by the maps pinned under `bpffs` (no agent needed).
@@ -432,6 +437,10 @@ pub struct EndpointHealthReport {
     pub failures: u64,
     /// Times it was ejected since the kernel began tracking it.
     pub ejections: u32,
+    /// Its ejection multiplier: the next ejection lasts this many times (plus
+    /// one) the base ejection time.
+    #[serde(default)]
+    pub multiplier: u32,
     /// Milliseconds of ejection left (`None`: not ejected).
     pub ejected_for_ms: Option<u64>,
 }
@@ -476,7 +485,11 @@ pub fn backend_display(addr: std::net::IpAddr, port: u16) -> String {
 /// Reads the health maps pinned under `bpffs` (outlier ejections, open
 /// connections of circuit-breaking services), sorted by service and backend.
 pub fn read_health(bpffs: &Path) -> Result<HealthReport, DataplaneError> {
-    let (endpoints, services) = kernel::read_health(&loader::health_dir(bpffs))?;
+    health_report(&loader::health_dir(bpffs))
+}
+
+fn health_report(health_dir: &Path) -> Result<HealthReport, DataplaneError> {
+    let (endpoints, services) = kernel::read_health(health_dir)?;
     let now = monotonic_ns();
     let mut report = HealthReport {
         endpoints: endpoints
@@ -485,9 +498,13 @@ pub fn read_health(bpffs: &Path) -> Result<HealthReport, DataplaneError> {
                 let service = keys::service_addr(&k.service)?;
                 Some(EndpointHealthReport {
                     service: service.to_string(),
-                    backend: backend_display(keys::words_to_ip(k.addr), keys::port_from_map(k.port)),
+                    backend: backend_display(
+                        keys::words_to_ip(k.addr),
+                        keys::port_from_map(k.port),
+                    ),
                     failures: h.failures,
                     ejections: h.ejections,
+                    multiplier: h.multiplier,
                     ejected_for_ms: (h.ejected_until_ns > now)
                         .then(|| (h.ejected_until_ns - now).div_ceil(1_000_000)),
                 })
@@ -581,8 +598,14 @@ pub fn uninstall(bpffs: &Path, cgroup: Option<&Path>) -> Result<usize, Dataplane
     // The connection counts and health state, shared by the layouts, go with the
     // last of them.
     let shared = [
-        (loader::conns_dir(bpffs), &sockmesh_common::map_names::CONNS[..]),
-        (loader::health_dir(bpffs), &sockmesh_common::map_names::HEALTH[..]),
+        (
+            loader::conns_dir(bpffs),
+            &sockmesh_common::map_names::CONNS[..],
+        ),
+        (
+            loader::health_dir(bpffs),
+            &sockmesh_common::map_names::HEALTH[..],
+        ),
     ];
     for (dir, names) in shared {
         if !dir.exists() {

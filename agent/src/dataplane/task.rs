@@ -13,7 +13,7 @@
 //! (the ADS client does, so an ACK follows the kernel write).
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     sync::mpsc,
     thread,
     time::{Duration, Instant},
@@ -92,6 +92,10 @@ pub trait TableSink: Send {
     fn sweep_conns(&mut self) -> Result<usize, SinkError> {
         Ok(0)
     }
+    /// The kernel's outlier state (`None`: a sink without a kernel).
+    fn health(&self) -> Option<super::HealthReport> {
+        None
+    }
 }
 
 impl TableSink for super::Datapath {
@@ -139,6 +143,10 @@ impl TableSink for super::Datapath {
 
     fn sweep_conns(&mut self) -> Result<usize, SinkError> {
         Ok(super::Datapath::sweep_conns(self)?)
+    }
+
+    fn health(&self) -> Option<super::HealthReport> {
+        super::Datapath::health(self).ok()
     }
 }
 
@@ -277,6 +285,7 @@ impl DatapathHandle {
             first_push: None,
             latency: latency.clone(),
             ticks: 0,
+            ejected: BTreeMap::new(),
         };
         let (status_tx, status) = watch::channel(task.status.clone());
         let (tx, rx) = mpsc::channel();
@@ -398,9 +407,43 @@ struct Task {
     latency: Histogram,
     /// Ticks handled (for the periodic sweep).
     ticks: u64,
+    /// Backends ejected at the last tick, by (service, backend): their ejections.
+    ejected: BTreeMap<(String, String), u32>,
 }
 
 impl Task {
+    /// Logs each ejection the kernel made, and each return, since the last tick.
+    fn log_ejections(&mut self) {
+        let Some(report) = self.sink.health() else {
+            return;
+        };
+        let now: BTreeMap<(String, String), u32> = report
+            .ejected()
+            .map(|e| ((e.service.clone(), e.backend.clone()), e.ejections))
+            .collect();
+        for ((service, backend), ejections) in &now {
+            if self.ejected.get(&(service.clone(), backend.clone())) != Some(ejections) {
+                let left = report
+                    .ejected()
+                    .find(|e| &e.service == service && &e.backend == backend)
+                    .and_then(|e| e.ejected_for_ms);
+                info!(
+                    %service,
+                    %backend,
+                    ejections,
+                    ejected_for_ms = left,
+                    "outlier detection: backend ejected after consecutive failed connects"
+                );
+            }
+        }
+        for (service, backend) in self.ejected.keys() {
+            if !now.contains_key(&(service.clone(), backend.clone())) {
+                info!(%service, %backend, "outlier detection: backend returned");
+            }
+        }
+        self.ejected = now;
+    }
+
     fn run(&mut self, rx: &mpsc::Receiver<Command>, status: &watch::Sender<KernelStatus>) {
         while let Ok(c) = rx.recv() {
             let done = match c {
@@ -417,6 +460,7 @@ impl Task {
                 }
                 Command::Tick { warming, now } => {
                     self.maybe_go_live(warming, now);
+                    self.log_ejections();
                     self.ticks += 1;
                     if self.ticks.is_multiple_of(CONN_SWEEP_TICKS) {
                         match self.sink.sweep_conns() {

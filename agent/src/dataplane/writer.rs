@@ -287,7 +287,8 @@ impl<S: MapStore> MapWriter<S> {
             let key = service_key(service);
             let current = self.mirror.services.get_mut(&key);
             let same = current.is_some_and(|current| {
-                let same = !current.dirty && plan_backends(current, service.protocol, backends).is_noop(current);
+                let same = !current.dirty
+                    && plan_backends(current, service.protocol, backends).is_noop(current);
                 if same {
                     // A counter entry that failed to be created before is made now,
                     // without touching the routing maps.

@@ -82,7 +82,9 @@ pub fn translate(res: &Resources, previous: &[&RoutingTable]) -> Translation {
         if !defined.insert(spec.service) {
             continue;
         }
-        match service_backends(&spec, |name| clusters.get(name).map(|(b, p, h)| (b, *p, *h))) {
+        match service_backends(&spec, |name| {
+            clusters.get(name).map(|(b, p, h)| (b, *p, *h))
+        }) {
             ServiceBackends::Warming => {
                 t.warming.push(spec.service);
                 if let Some(old) = previous.iter().find_map(|t| t.services.get(&spec.service)) {

@@ -137,7 +137,10 @@ fn millis(
         return Ok(u32::try_from(default.as_millis()).unwrap_or(u32::MAX));
     };
     if d.seconds < 0 || d.nanos < 0 || (d.seconds == 0 && d.nanos == 0) {
-        return Err((field, format!("{}s{}ns is not positive", d.seconds, d.nanos)));
+        return Err((
+            field,
+            format!("{}s{}ns is not positive", d.seconds, d.nanos),
+        ));
     }
     let ms = u64::try_from(d.seconds)
         .unwrap_or(0)
@@ -283,7 +286,10 @@ mod tests {
             ..Default::default()
         };
         let h = cluster_health(&cluster(Some(o.clone()))).map(|h| h.outlier);
-        assert_eq!(h.map(|o| o.map(|o| (o.consecutive, o.enforcing))), Ok(Some((2, 40))));
+        assert_eq!(
+            h.map(|o| o.map(|o| (o.consecutive, o.enforcing))),
+            Ok(Some((2, 40)))
+        );
         // Split: only the local-origin detector counts connect failures.
         let split = OutlierDetection {
             split_external_local_origin_errors: true,
@@ -291,7 +297,10 @@ mod tests {
             ..o
         };
         let h = cluster_health(&cluster(Some(split))).map(|h| h.outlier);
-        assert_eq!(h.map(|o| o.map(|o| (o.consecutive, o.enforcing))), Ok(Some((4, 100))));
+        assert_eq!(
+            h.map(|o| o.map(|o| (o.consecutive, o.enforcing))),
+            Ok(Some((4, 100)))
+        );
         // Nothing enforced: nothing ejects.
         let none = OutlierDetection {
             enforcing_consecutive_5xx: u32v(0),

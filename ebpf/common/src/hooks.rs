@@ -139,7 +139,12 @@ pub const SOCK_RELEASE: Hook = hook(
 
 /// The sock_ops program (`#[sock_ops]` has no attach argument; its ELF section
 /// is `sockops`).
-pub const SOCK_OPS: Hook = hook("sm_sock_ops", SockOps, "sockops", attach_type::CGROUP_SOCK_OPS);
+pub const SOCK_OPS: Hook = hook(
+    "sm_sock_ops",
+    SockOps,
+    "sockops",
+    attach_type::CGROUP_SOCK_OPS,
+);
 
 /// Every program of the object, in attach order: sock_ops and sock_release
 /// before the hooks that place sockets, so every socket placed is watched and

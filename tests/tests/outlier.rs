@@ -1,0 +1,203 @@
+//! Outlier detection and circuit breaking on real sockets: a backend whose
+//! connects fail is ejected by the kernel after `consecutive` failures in a row,
+//! returns by itself when its time is up (and is ejected for longer the next
+//! time), and a service's open connections stop at `max_connections`.
+
+use std::{collections::BTreeMap, io::Write as _, process::Stdio, time::Duration};
+
+use sockmesh::{
+    dataplane::{EndpointHealthReport, read_health},
+    model::{Health, LbPolicy, Outlier, RoutingTable, Service},
+};
+use sockmesh_tests::{Lines, PodLab, run, scaled, wait_until};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
+
+/// Pods 10.10.1.11..13:8080 serve `b1`..`b3`; 10.10.1.14 has no server: its
+/// connects are refused (RST), as a crashed pod's are.
+fn lab() -> PodLab {
+    PodLab::new(PROBE, 4, 3)
+}
+
+fn outlier(consecutive: u32, base_ejection_ms: u32) -> Outlier {
+    Outlier {
+        consecutive,
+        enforcing: 100,
+        base_ejection_ms,
+        max_ejection_ms: 300_000,
+        interval_ms: 10_000,
+        max_ejection_percent: 100,
+        panic_percent: 0,
+    }
+}
+
+fn table(pods: &[u8], health: Health) -> RoutingTable {
+    let mut t = RoutingTable::default();
+    t.insert(
+        PodLab::service(),
+        Service::new(
+            pods.iter().map(|&i| PodLab::pod(i)).collect(),
+            LbPolicy::Random,
+        )
+        .with_health(health),
+    );
+    t
+}
+
+/// `count` sequential connects from the lab's client: outcome (backend name or
+/// `E<errno>`) → how many.
+fn connects(lab: &PodLab, count: u32) -> BTreeMap<String, u32> {
+    let mut cmd = lab.client_command(PROBE);
+    cmd.args([
+        "connect",
+        "10.96.0.10:80",
+        &count.to_string(),
+        &scaled(Duration::from_secs(60)).as_millis().to_string(),
+    ]);
+    let out = run(cmd);
+    let mut seen = BTreeMap::new();
+    for line in out.lines() {
+        if let Some(what) = line.split_whitespace().nth(2) {
+            *seen.entry(what.to_owned()).or_default() += 1;
+        }
+    }
+    assert_eq!(
+        seen.values().sum::<u32>(),
+        count,
+        "not every connect ran: {out}"
+    );
+    seen
+}
+
+fn pod4(lab: &PodLab) -> Option<EndpointHealthReport> {
+    read_health(&lab.bpffs.0)
+        .expect("read the health maps")
+        .endpoints
+        .into_iter()
+        .find(|e| e.backend == "10.10.1.14:8080")
+}
+
+#[test]
+fn a_failing_backend_is_ejected_after_consecutive_failures_and_returns_by_itself() {
+    let mut lab = lab();
+    let health = Health {
+        outlier: Some(outlier(5, 5_000)),
+        max_connections: None,
+    };
+    lab.dp()
+        .apply(&table(&[1, 2, 3, 4], health))
+        .expect("apply");
+
+    // Sequential connects (none in flight when the fifth fails): each ejection
+    // takes exactly 5 refused connects, and while ejected the dead pod gets none.
+    // (A slow machine may see the 5-second ejection end during the run: then it
+    // is ejected again, after 5 more.)
+    let seen = connects(&lab, 200);
+    let refused = seen.get("E111").copied().unwrap_or(0);
+    let state = pod4(&lab).expect("pod 4 has a health entry");
+    assert!(state.ejections >= 1, "{state:?}");
+    assert_eq!(refused, 5 * state.ejections, "{seen:?} {state:?}");
+    // Ejections in a row: each one longer than the last.
+    assert_eq!(state.multiplier, state.ejections, "{state:?}");
+    assert!(
+        state
+            .ejected_for_ms
+            .is_none_or(|ms| ms <= 5_000 * u64::from(state.multiplier))
+    );
+    // The live pods are never ejected (their connects succeed).
+    let report = read_health(&lab.bpffs.0).expect("read");
+    assert!(
+        report
+            .endpoints
+            .iter()
+            .all(|e| e.backend == "10.10.1.14:8080"),
+        "{report:?}"
+    );
+
+    // Its time up, it returns by itself: the next 5 failures eject it again.
+    wait_until("pod 4 returns", scaled(Duration::from_secs(30)), || {
+        pod4(&lab)
+            .filter(|s| s.ejected_for_ms.is_none())
+            .ok_or("still ejected")
+    });
+    let before = state.ejections;
+    let seen = connects(&lab, 100);
+    let state = pod4(&lab).expect("pod 4");
+    let refused = seen.get("E111").copied().unwrap_or(0);
+    assert!(state.ejections > before, "{state:?}");
+    assert_eq!(
+        refused,
+        5 * (state.ejections - before),
+        "{seen:?} {state:?}"
+    );
+    assert_eq!(state.multiplier, state.ejections, "{state:?}");
+
+    // An EDS update that removes the backend forgets its state.
+    lab.dp().apply(&table(&[1, 2, 3], health)).expect("apply");
+    assert_eq!(pod4(&lab), None);
+    // Without outlier detection a failing backend keeps getting its share.
+    lab.dp()
+        .apply(&table(&[1, 2, 3, 4], Health::default()))
+        .expect("apply");
+    let seen = connects(&lab, 200);
+    let refused = seen.get("E111").copied().unwrap_or(0);
+    assert!(refused > 20, "{seen:?}");
+    assert_eq!(pod4(&lab), None, "no state without outlier detection");
+    eprintln!("outlier detection: 5 refused per ejection; without it {refused} of 200");
+}
+
+#[test]
+fn the_circuit_breaker_refuses_connects_over_max_connections() {
+    let mut lab = lab();
+    let health = Health {
+        outlier: None,
+        max_connections: Some(50),
+    };
+    lab.dp().apply(&table(&[1, 2, 3], health)).expect("apply");
+    let mut cmd = lab.client_command(PROBE);
+    cmd.args(["hold", "10.96.0.10:80", "80"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut holder = cmd.spawn().expect("spawn holder");
+    let lines = Lines::of(&mut holder);
+    let mut seen: BTreeMap<String, u32> = BTreeMap::new();
+    loop {
+        let line = lines.next("a held connection", scaled(Duration::from_secs(30)));
+        let line = line.trim();
+        if line == "held" {
+            break;
+        }
+        let what = if line.starts_with('b') {
+            "served"
+        } else {
+            line
+        };
+        *seen.entry(what.to_owned()).or_default() += 1;
+    }
+    assert_eq!(
+        seen,
+        BTreeMap::from([("E111".to_owned(), 30), ("served".to_owned(), 50)])
+    );
+    let service = |lab: &PodLab| {
+        read_health(&lab.bpffs.0)
+            .expect("read")
+            .services
+            .into_iter()
+            .find(|s| s.service == PodLab::service())
+            .map(|s| (s.connections, s.overflows))
+    };
+    assert_eq!(service(&lab), Some((50, 30)));
+    // Closing them gives every connection back.
+    if let Some(mut stdin) = holder.stdin.take() {
+        let _ = stdin.write_all(b"\n");
+    }
+    assert!(holder.wait().expect("holder exits").success());
+    wait_until(
+        "every connection given back",
+        scaled(Duration::from_secs(5)),
+        || {
+            let s = service(&lab);
+            (s == Some((0, 30))).then_some(()).ok_or(s)
+        },
+    );
+}
