@@ -525,6 +525,46 @@ mod tests {
     }
 
     #[test]
+    fn an_ejected_pick_draws_again_unless_the_service_is_in_panic() {
+        let mut m = maps();
+        let with = |m: &Maps, draws: &[u32], panic: bool| {
+            let mut draws = draws.iter().copied();
+            pick(
+                m,
+                &KEY,
+                true,
+                Draw {
+                    random: || draws.next().unwrap_or(0),
+                    client: || 0,
+                    load: |_: &u16| 0,
+                    // Backend 500 (slots 0 and 2) is ejected.
+                    ejected: |b: &u16| *b == 500,
+                    panic: || panic,
+                },
+            )
+            .map(|(p, _)| p)
+        };
+        // Without outlier detection the ejection is never read.
+        assert_eq!(with(&m, &[0, 1], false), Ok(Picked::Backend(500)));
+        if let Some(v) = m.services.get_mut(&KEY) {
+            v.flags = service_flags::OUTLIER;
+        }
+        // Slot 0 (500, ejected), then slot 2 (500 again), then slot 1 (600).
+        assert_eq!(with(&m, &[0, 2, 1], false), Ok(Picked::Backend(600)));
+        // In panic the first pick stands.
+        assert_eq!(with(&m, &[0, 1], true), Ok(Picked::Backend(500)));
+        // Every redraw ejected: the first pick stands (bounded work).
+        let all = [0u32; 1 + EJECTED_REDRAWS as usize];
+        assert_eq!(with(&m, &all, false), Ok(Picked::Backend(500)));
+        // A least-connections pick stays counted when it moves.
+        if let Some(v) = m.services.get_mut(&KEY) {
+            v.policy = crate::lb_policy::LEAST_CONN;
+            v.choices = 1;
+        }
+        assert_eq!(with(&m, &[0, 1], false), Ok(Picked::Counted(600)));
+    }
+
+    #[test]
     fn published_slots_stay_in_the_index_range() {
         let mut v = maps().services[&KEY];
         assert_eq!(published_slots(&v).collect::<Vec<_>>(), [0, 1, 2]);
