@@ -27,12 +27,29 @@ impl ServicesArgs {
             writeln!(out)?;
             return Ok(());
         }
-        write_text(&mut out, &services)?;
+        // Outlier ejections (none where the health maps are not pinned).
+        let ejected: Ejected = dataplane::read_health(&self.pins.bpffs)
+            .map(|h| {
+                h.ejected()
+                    .filter_map(|e| {
+                        Some(((e.service.clone(), e.backend.clone()), e.ejected_for_ms?))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        write_text(&mut out, &services, &ejected)?;
         Ok(())
     }
 }
 
-fn write_text(out: &mut impl io::Write, services: &[ServiceJson]) -> io::Result<()> {
+/// Ejected backends by (service, backend) display form: milliseconds left.
+type Ejected = std::collections::BTreeMap<(String, String), u64>;
+
+fn write_text(
+    out: &mut impl io::Write,
+    services: &[ServiceJson],
+    ejected: &Ejected,
+) -> io::Result<()> {
     writeln!(
         out,
         "{:<40} {:<5} {:<14} BACKENDS",
@@ -43,10 +60,26 @@ fn write_text(out: &mut impl io::Write, services: &[ServiceJson]) -> io::Result<
             std::net::IpAddr::V4(ip) => format!("{ip}:{}", s.port),
             std::net::IpAddr::V6(ip) => format!("[{ip}]:{}", s.port),
         };
+        let service = format!("{vip}/{}", s.protocol);
         let mut backends: Vec<String> = s
             .backends
             .iter()
-            .map(|b| format!("{}:{} (w{})", b.address, b.port, b.weight))
+            .map(|b| {
+                let key = (
+                    service.clone(),
+                    dataplane::backend_display(b.address, b.port),
+                );
+                match ejected.get(&key) {
+                    Some(ms) => format!(
+                        "{}:{} (w{}, ejected {}s)",
+                        b.address,
+                        b.port,
+                        b.weight,
+                        ms.div_ceil(1000)
+                    ),
+                    None => format!("{}:{} (w{})", b.address, b.port, b.weight),
+                }
+            })
             .collect();
         backends.extend(
             s.draining
@@ -87,7 +120,11 @@ mod tests {
         )
         .expect("table");
         let mut out = Vec::new();
-        write_text(&mut out, &services).expect("write");
+        let ejected = Ejected::from([(
+            ("10.96.0.1:80/tcp".to_owned(), "10.1.0.2:8080".to_owned()),
+            29_500,
+        )]);
+        write_text(&mut out, &services, &ejected).expect("write");
         let text = String::from_utf8(out).expect("utf-8");
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
@@ -95,7 +132,7 @@ mod tests {
             [
                 format!("{:<40} {:<5} {:<14} BACKENDS", "SERVICE", "PROTO", "POLICY"),
                 format!(
-                    "{:<40} {:<5} {:<14} 10.1.0.2:8080 (w2), 10.1.0.3:8080 (draining)",
+                    "{:<40} {:<5} {:<14} 10.1.0.2:8080 (w2, ejected 30s), 10.1.0.3:8080 (draining)",
                     "10.96.0.1:80", "tcp", "random"
                 ),
                 format!(
