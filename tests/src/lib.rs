@@ -855,3 +855,39 @@ pub fn wait_for_backends(bpffs: &Bpffs, what: &str, want: &[&str]) -> Duration {
     });
     started.elapsed()
 }
+
+/// A holder of `count` connections to `vip` from `client` in `cgroup`: their
+/// backends' names, and the process (closing its stdin makes it close them and
+/// exit).
+pub fn hold(
+    probe: impl AsRef<OsStr>,
+    client: &NetNs,
+    cgroup: &Cgroup,
+    vip: &str,
+    count: u32,
+) -> (std::collections::BTreeMap<String, u64>, std::process::Child) {
+    let mut cmd = command_in(client, Some(cgroup), probe);
+    cmd.args(["hold", vip, &count.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn holder");
+    let lines = Lines::of(&mut child);
+    let mut reached: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    loop {
+        let line = lines.next("a held connection", scaled(Duration::from_secs(20)));
+        let line = line.trim();
+        if line == "held" {
+            break;
+        }
+        *reached.entry(line.to_owned()).or_default() += 1;
+    }
+    (reached, child)
+}
+
+pub fn release(mut holder: std::process::Child) {
+    if let Some(mut stdin) = holder.stdin.take() {
+        let _ = std::io::Write::write_all(&mut stdin, b"\n");
+    }
+    let status = holder.wait().expect("holder exits");
+    assert!(status.success(), "holder failed: {status}");
+}

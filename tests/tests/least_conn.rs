@@ -3,10 +3,10 @@
 //! counts across an agent restart, and releases every count when the sockets go
 //! away, failed connects included.
 
-use std::{collections::BTreeMap, io::Write as _, net::IpAddr, process::Stdio, time::Duration};
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use sockmesh::model::{Backend, Endpoint, LbPolicy, Protocol, RoutingTable, Service, ServiceAddr};
-use sockmesh_tests::{Cgroup, Lines, NetNs, PodLab, command_in, install, run, scaled, wait_until};
+use sockmesh_tests::{PodLab, hold, install, release, run, scaled, wait_until};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
 
@@ -65,41 +65,6 @@ fn wait_released(lab: &PodLab, what: &str) {
     });
 }
 
-/// A holder of `count` connections to `vip` from `client` in `cgroup`: their
-/// backends' names, and the process (closing its stdin makes it close them and
-/// exit).
-fn hold(
-    client: &NetNs,
-    cgroup: &Cgroup,
-    vip: &str,
-    count: u32,
-) -> (BTreeMap<String, u64>, std::process::Child) {
-    let mut cmd = command_in(client, Some(cgroup), PROBE);
-    cmd.args(["hold", vip, &count.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn holder");
-    let lines = Lines::of(&mut child);
-    let mut reached: BTreeMap<String, u64> = BTreeMap::new();
-    loop {
-        let line = lines.next("a held connection", scaled(Duration::from_secs(20)));
-        let line = line.trim();
-        if line == "held" {
-            break;
-        }
-        *reached.entry(line.to_owned()).or_default() += 1;
-    }
-    (reached, child)
-}
-
-fn release(mut holder: std::process::Child) {
-    if let Some(mut stdin) = holder.stdin.take() {
-        let _ = stdin.write_all(b"\n");
-    }
-    let status = holder.wait().expect("holder exits");
-    assert!(status.success(), "holder failed: {status}");
-}
-
 #[test]
 fn least_connections_spreads_open_connections_and_every_count_returns_to_zero() {
     let mut lab = lab();
@@ -111,7 +76,7 @@ fn least_connections_spreads_open_connections_and_every_count_returns_to_zero() 
     // 60 connections held open: least connections keeps them even (20 each);
     // a random pick would leave a backend outside 15..=25 in about a third of
     // runs.
-    let (reached, holder) = hold(&lab.client, &lab.cgroup, "10.96.0.10:80", 60);
+    let (reached, holder) = hold(PROBE, &lab.client, &lab.cgroup, "10.96.0.10:80", 60);
     assert_eq!(
         reached.keys().collect::<Vec<_>>(),
         ["b1", "b2", "b3"],
@@ -278,7 +243,7 @@ fn istio_least_request_and_maglev_clusters_are_honoured_and_shown() {
     );
     // The consistent-hash service keeps this client (its network namespace) on
     // one pod.
-    let (reached, holder) = hold(&pods.client, &agent.cgroup, "10.96.0.31:80", 10);
+    let (reached, holder) = hold(PROBE, &pods.client, &agent.cgroup, "10.96.0.31:80", 10);
     assert_eq!(reached.len(), 1, "one client, one backend: {reached:?}");
     assert_eq!(reached.values().sum::<u64>(), 10, "{reached:?}");
     release(holder);
@@ -287,7 +252,7 @@ fn istio_least_request_and_maglev_clusters_are_honoured_and_shown() {
     // 2 pods: both draws land on the busier pod a quarter of the time, so not
     // exactly 5 and 5; all 10 on one pod has a chance of 4e-6), each counted, as
     // /metrics reports while they are open.
-    let (reached, holder) = hold(&pods.client, &agent.cgroup, "10.96.0.30:80", 10);
+    let (reached, holder) = hold(PROBE, &pods.client, &agent.cgroup, "10.96.0.30:80", 10);
     assert_eq!(reached.values().sum::<u64>(), 10, "{reached:?}");
     assert!(
         reached.len() == 2 && reached.values().all(|n| (1..=9).contains(n)),

@@ -3,13 +3,13 @@
 //! returns by itself when its time is up (and is ejected for longer the next
 //! time), and a service's open connections stop at `max_connections`.
 
-use std::{collections::BTreeMap, io::Write as _, process::Stdio, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use sockmesh::{
     dataplane::{EndpointHealthReport, read_health},
     model::{Health, LbPolicy, Outlier, RoutingTable, Service},
 };
-use sockmesh_tests::{Lines, PodLab, run, scaled, wait_until};
+use sockmesh_tests::{PodLab, hold, release, run, scaled, wait_until};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
 
@@ -154,25 +154,15 @@ fn the_circuit_breaker_refuses_connects_over_max_connections() {
         max_connections: Some(50),
     };
     lab.dp().apply(&table(&[1, 2, 3], health)).expect("apply");
-    let mut cmd = lab.client_command(PROBE);
-    cmd.args(["hold", "10.96.0.10:80", "80"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
-    let mut holder = cmd.spawn().expect("spawn holder");
-    let lines = Lines::of(&mut holder);
-    let mut seen: BTreeMap<String, u32> = BTreeMap::new();
-    loop {
-        let line = lines.next("a held connection", scaled(Duration::from_secs(30)));
-        let line = line.trim();
-        if line == "held" {
-            break;
-        }
-        let what = if line.starts_with('b') {
-            "served"
+    let (reached, holder) = hold(PROBE, &lab.client, &lab.cgroup, "10.96.0.10:80", 80);
+    let mut seen: BTreeMap<String, u64> = BTreeMap::new();
+    for (what, n) in reached {
+        let what = if what.starts_with('b') {
+            "served".to_owned()
         } else {
-            line
+            what
         };
-        *seen.entry(what.to_owned()).or_default() += 1;
+        *seen.entry(what).or_default() += n;
     }
     assert_eq!(
         seen,
@@ -188,10 +178,7 @@ fn the_circuit_breaker_refuses_connects_over_max_connections() {
     };
     assert_eq!(service(&lab), Some((50, 30)));
     // Closing them gives every connection back.
-    if let Some(mut stdin) = holder.stdin.take() {
-        let _ = stdin.write_all(b"\n");
-    }
-    assert!(holder.wait().expect("holder exits").success());
+    release(holder);
     wait_until(
         "every connection given back",
         scaled(Duration::from_secs(5)),

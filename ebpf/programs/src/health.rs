@@ -20,6 +20,7 @@ use aya_ebpf::{
         BPF_TCP_ESTABLISHED, BPF_TCP_SYN_SENT, bpf_sock,
     },
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, generated::bpf_sk_storage_get},
+    maps::HashMap,
     programs::{SockAddrContext, SockOpsContext},
 };
 use sockmesh_common::{
@@ -94,17 +95,22 @@ fn active_ejections(h: &ServiceHealth, now: u64) -> u64 {
     active
 }
 
-/// The service's kernel state, created (zeroed) on first use; `None` if the map
-/// has no room.
+/// `key`'s value in `map`, created (zeroed) on first use; `None` if the map has
+/// no room.
+#[inline(always)]
+fn get_or_create<K, V: Default>(map: &HashMap<K, V>, key: &K) -> Option<*mut V> {
+    if let Some(v) = map.get_ptr_mut(key) {
+        return Some(v);
+    }
+    let _ = map.insert(key, &V::default(), u64::from(BPF_NOEXIST));
+    // Ours, or the one another CPU created meanwhile.
+    map.get_ptr_mut(key)
+}
+
+/// The service's kernel state, created on first use.
 #[inline(always)]
 fn service_health(service: &ServiceKey) -> Option<*mut ServiceHealth> {
-    if let Some(h) = SERVICE_HEALTH.get_ptr_mut(service) {
-        return Some(h);
-    }
-    let zero = ServiceHealth::default();
-    let _ = SERVICE_HEALTH.insert(service, &zero, u64::from(BPF_NOEXIST));
-    // Ours, or the one another CPU created meanwhile.
-    SERVICE_HEALTH.get_ptr_mut(service)
+    get_or_create(&SERVICE_HEALTH, service)
 }
 
 /// A connect refused by the service's circuit breaker (`max_connections`).
@@ -304,15 +310,10 @@ fn failed(endpoint: &EndpointKey, now: u64) {
     }
 }
 
-/// The endpoint's health entry, created (zeroed) at its first failure.
+/// The endpoint's health entry, created at its first failure.
 #[inline(always)]
 fn endpoint_health(endpoint: &EndpointKey) -> Option<*mut EndpointHealth> {
-    if let Some(h) = ENDPOINT_HEALTH.get_ptr_mut(endpoint) {
-        return Some(h);
-    }
-    let zero = EndpointHealth::default();
-    let _ = ENDPOINT_HEALTH.insert(endpoint, &zero, u64::from(BPF_NOEXIST));
-    ENDPOINT_HEALTH.get_ptr_mut(endpoint)
+    get_or_create(&ENDPOINT_HEALTH, endpoint)
 }
 
 /// Ejects the endpoint of `h` from `service` at `now`, unless the service's
