@@ -20,6 +20,7 @@ use std::{
 pub mod churn;
 pub mod control_plane;
 pub mod corpus;
+pub mod death;
 pub mod dns;
 pub mod kubeproxy;
 pub mod mesh;
@@ -152,7 +153,7 @@ impl Lines {
     }
 }
 
-fn ip(args: &[&str]) {
+pub fn ip(args: &[&str]) {
     let st = Command::new("ip").args(args).status().expect("run ip");
     assert!(st.success(), "ip {args:?} failed");
 }

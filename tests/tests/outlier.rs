@@ -188,3 +188,46 @@ fn the_circuit_breaker_refuses_connects_over_max_connections() {
         },
     );
 }
+
+/// The abrupt-death scenario of the benchmark, bounded: a pod dies with no EDS
+/// change while a client opens connections at a fixed rate. With outlier
+/// detection, failures stop at the threshold (plus what was in flight); without,
+/// about a third fail until the end.
+#[test]
+fn an_abrupt_death_costs_the_threshold_and_what_was_in_flight() {
+    use sockmesh_tests::death::{Death, Lab, Run, scenario_outlier};
+    let mut lab = Lab::new(std::path::Path::new(PROBE));
+    // A slow kernel (the VM) runs a slower client.
+    let rate = (200.0 / sockmesh_tests::time_scale()).max(20.0) as u32;
+    let run = |port: u16, death: Death, on: bool| Run {
+        port,
+        outlier: on.then(scenario_outlier),
+        death,
+        rate,
+        millis: 5_000,
+        death_at_ms: 1_000,
+        revive_at_ms: None,
+        timeout_ms: scaled(Duration::from_secs(1)).as_millis() as u64,
+    };
+    for (port, death) in [(8100, Death::Killed), (8101, Death::Unreachable)] {
+        let o = lab.run(&run(port, death, true)).expect("run");
+        assert_eq!(o.failed_after_threshold, 0, "{death:?}: {o:?}");
+        assert!(
+            o.failed_after_death >= 5 && o.failed_after_death <= 5 + o.in_flight_at_threshold,
+            "{death:?}: {o:?}"
+        );
+        eprintln!(
+            "{death:?}, outlier detection: {} of {} failed ({} in flight at the fifth)",
+            o.failed_after_death, o.connects_after_death, o.in_flight_at_threshold
+        );
+    }
+    let o = lab.run(&run(8102, Death::Killed, false)).expect("run");
+    assert!(
+        o.failed_after_death * 5 >= o.connects_after_death,
+        "without outlier detection about a third fail: {o:?}"
+    );
+    eprintln!(
+        "Killed, no outlier detection: {} of {} failed",
+        o.failed_after_death, o.connects_after_death
+    );
+}

@@ -67,6 +67,9 @@ fn main() -> std::process::ExitCode {
     if only.is_none_or(|o| o == "maglev") {
         report.insert("maglev".into(), maglev_bench(&probe));
     }
+    if only.is_none_or(|o| o == "outlier") {
+        report.insert("outlier".into(), outlier_bench(&probe));
+    }
     let text = serde_json::to_string_pretty(&Value::Object(report)).unwrap_or_default();
     if let Some(dir) = report_path.parent() {
         let _ = std::fs::create_dir_all(dir);
@@ -129,7 +132,7 @@ const CONNECTS_PER_ROUND: u32 = 3_000;
 /// datapath's cgroup (no program runs), directly from inside it (the program runs
 /// and misses), and through a VIP (the program runs and rewrites).
 /// The paths [`connect_cost`] compares.
-const PATHS: usize = 6;
+const PATHS: usize = 7;
 
 fn connect_cost(probe: &Path) -> Value {
     let client = NetNs::new();
@@ -148,19 +151,35 @@ fn connect_cost(probe: &Path) -> Value {
     let mut dp = install(&cgroup, &bpffs);
     let target = Backend::new(IpAddr::from([10, 10, 1, 11]), 9000);
     let mut table = filler_table(target);
-    use sockmesh::model::{LbPolicy, Service};
+    use sockmesh::model::{Health, LbPolicy, Service};
     // One one-backend service per run and policy: weighted random (10.96.0.1, port
     // +1000); least connections, Istio's default (10.96.0.3, +2000: two draws, the
     // socket's storage and the count's atomic add on every connect, the release at
     // close); Maglev (10.96.0.4, +3000: the netns cookie, its hash, one chunk).
+    // Outlier detection (10.96.0.5, +4000: weighted random, plus the socket's
+    // storage at connect, the sock_ops state callbacks until established, and the
+    // ejection lookup).
+    let outlier = Health {
+        outlier: Some(sockmesh::model::Outlier {
+            consecutive: 5,
+            enforcing: 100,
+            base_ejection_ms: 30_000,
+            max_ejection_ms: 300_000,
+            interval_ms: 10_000,
+            max_ejection_percent: 100,
+            panic_percent: 50,
+        }),
+        max_connections: None,
+    };
     let policies = [
-        (1, 1000, LbPolicy::Random),
+        (1, 1000, LbPolicy::Random, Health::default()),
         (
             3,
             2000,
             LbPolicy::LeastConn {
                 choices: LbPolicy::DEFAULT_CHOICES,
             },
+            Health::default(),
         ),
         (
             4,
@@ -168,10 +187,12 @@ fn connect_cost(probe: &Path) -> Value {
             LbPolicy::Maglev {
                 table_size: sockmesh_common::DEFAULT_MAGLEV_TABLE_SIZE,
             },
+            Health::default(),
         ),
+        (5, 4000, LbPolicy::Random, outlier),
     ];
     for r in 0..runs {
-        for (vip, offset, policy) in policies {
+        for (vip, offset, policy, health) in policies {
             table.insert(
                 ServiceAddr {
                     vip: IpAddr::from([10, 96, 0, vip]),
@@ -181,7 +202,8 @@ fn connect_cost(probe: &Path) -> Value {
                 Service::new(
                     vec![Backend::new(IpAddr::from([10, 10, 1, 11]), port(r))],
                     policy,
-                ),
+                )
+                .with_health(health),
             );
         }
     }
@@ -209,13 +231,15 @@ fn connect_cost(probe: &Path) -> Value {
             return json!({"error": e});
         }
     };
-    let paths: [(&str, bool, &str); PATHS] = [
-        ("direct, no program", false, "10.10.1.11"),
-        ("direct, program (miss)", true, "10.10.1.11"),
-        ("VIP, sockmesh (rewrite)", true, "10.96.0.1"),
-        ("VIP, iptables DNAT", false, "10.96.0.2"),
-        ("VIP, sockmesh least conn", true, "10.96.0.3"),
-        ("VIP, sockmesh maglev", true, "10.96.0.4"),
+    // (name, in the cgroup, address, port offset of its services)
+    let paths: [(&str, bool, &str, u16); PATHS] = [
+        ("direct, no program", false, "10.10.1.11", 0),
+        ("direct, program (miss)", true, "10.10.1.11", 0),
+        ("VIP, sockmesh (rewrite)", true, "10.96.0.1", 1000),
+        ("VIP, iptables DNAT", false, "10.96.0.2", 0),
+        ("VIP, sockmesh least conn", true, "10.96.0.3", 2000),
+        ("VIP, sockmesh maglev", true, "10.96.0.4", 3000),
+        ("VIP, sockmesh outlier det.", true, "10.96.0.5", 4000),
     ];
     let mut means = vec![Vec::new(); paths.len()];
     let mut p50s = vec![Vec::new(); paths.len()];
@@ -227,14 +251,8 @@ fn connect_cost(probe: &Path) -> Value {
         // Rotate the order each round so no path always runs first.
         for k in 0..paths.len() {
             let i = (round + k) % paths.len();
-            let (_, in_cgroup, addr) = &paths[i];
-            let run_port = port(round * paths.len() + i)
-                + match i {
-                    2 => 1000,
-                    4 => 2000,
-                    5 => 3000,
-                    _ => 0,
-                };
+            let (_, in_cgroup, addr, offset) = &paths[i];
+            let run_port = port(round * paths.len() + i) + offset;
             // (the iptables path keeps the port: 10.96.0.2:P → 10.10.1.11:P)
             let ns = if i == 3 { &ipt_client } else { &client };
             let mut cmd = command_in(ns, in_cgroup.then_some(&cgroup), probe);
@@ -270,7 +288,7 @@ fn connect_cost(probe: &Path) -> Value {
         "path", "mean µs", "p50 µs", "p99 µs", "mean ratio", "p50 ratio"
     ));
     let mut rows = Vec::new();
-    for (i, (name, _, addr)) in paths.iter().enumerate() {
+    for (i, (name, _, addr, _)) in paths.iter().enumerate() {
         let mean = median(means[i].clone());
         let p50 = median(p50s[i].clone());
         let p99 = median(p99s[i].clone());
@@ -1137,4 +1155,147 @@ fn sysctl_in(ns: &NetNs, key: &str, value: &str) {
             &format!("{key}={value}"),
         ])
         .status();
+}
+
+/// New connections per second of the abrupt-death scenario (issue 14).
+const OD_RATE: u32 = 500;
+
+/// Abrupt death with no EDS change, outlier detection on and off, side by side:
+/// b3's server killed (RST) or its address gone (connects time out) at t = 2 s,
+/// failures counted for 10 s; the killed pod's return at t = 12 s (it is used
+/// again once its 30 s ejection is over); every pod dying (panic); and the
+/// circuit breaker (`max_connections: 50` against 80 held connections).
+fn outlier_bench(probe: &Path) -> Value {
+    use sockmesh_tests::death::{Death, Lab, Run, scenario_outlier};
+    let mut lab = Lab::new(probe);
+    say(&format!(
+        "\noutlier detection: 3 pods, {OD_RATE} new connections/s, one pod dies at t = 2 s with no EDS change; consecutive_5xx 5, base_ejection_time 30 s, max_ejection_percent 100; client connect timeout 1 s"
+    ));
+    say(
+        "| death | outlier detection | connects t = 2–12 s | failed | failed after the 5th failure | in flight at the 5th | 5th failure after |",
+    );
+    say("|---|---|---|---|---|---|---|");
+    let runs = [
+        ("killed (RST)", Death::Killed, true, 36_000, Some(12_000)),
+        ("killed (RST)", Death::Killed, false, 12_000, None),
+        (
+            "unreachable (timeout)",
+            Death::Unreachable,
+            true,
+            12_000,
+            None,
+        ),
+        (
+            "unreachable (timeout)",
+            Death::Unreachable,
+            false,
+            12_000,
+            None,
+        ),
+        ("every pod killed", Death::AllKilled, true, 6_000, None),
+    ];
+    let mut rows = Vec::new();
+    for (n, (label, death, on, millis, revive)) in runs.into_iter().enumerate() {
+        let run = Run {
+            port: 8000 + u16::try_from(n).unwrap_or(0),
+            outlier: on.then(scenario_outlier),
+            death,
+            rate: OD_RATE,
+            millis,
+            death_at_ms: 2_000,
+            revive_at_ms: revive,
+            timeout_ms: 1_000,
+        };
+        let o = match lab.run(&run) {
+            Ok(o) => o,
+            Err(e) => {
+                say(&format!("outlier: {label}: {e}"));
+                return json!({"error": e});
+            }
+        };
+        let pct = |a: u64, b: u64| {
+            if b == 0 {
+                0.0
+            } else {
+                100.0 * a as f64 / b as f64
+            }
+        };
+        say(&format!(
+            "| {label} | {} | {} | {} ({:.1} %) | {} | {} | {} |",
+            if on { "on" } else { "off" },
+            o.connects_after_death,
+            o.failed_after_death,
+            pct(o.failed_after_death, o.connects_after_death),
+            o.failed_after_threshold,
+            o.in_flight_at_threshold,
+            o.threshold_after_ms
+                .map_or("—".to_owned(), |ms| format!("{ms} ms")),
+        ));
+        if revive.is_some() {
+            say(&format!(
+                "  return at t = 12 s: {} connects after it, {} failed; b3 served {} of them, the first {} after its return (its 30 s ejection ends then)",
+                o.connects_after_revival,
+                o.failed_after_revival,
+                o.revived_served,
+                o.revived_first_after_ms
+                    .map_or("never".to_owned(), |ms| format!("{:.1} s", ms as f64 / 1e3)),
+            ));
+        }
+        if death == Death::AllKilled {
+            say(&format!(
+                "  every pod dead: the client sees {:?} (panic: with under 50 % healthy, connect() ignores ejections and spreads over all pods, as Envoy does)",
+                o.errors
+            ));
+        }
+        let mut row = o.to_json();
+        if let Some(obj) = row.as_object_mut() {
+            obj.insert("death".into(), json!(label));
+            obj.insert("outlier_detection".into(), json!(on));
+        }
+        rows.push(row);
+    }
+
+    // The circuit breaker: 80 connections held against max_connections 50.
+    let vip = ServiceAddr {
+        vip: IpAddr::from([10, 96, 0, 61]),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    let mut t = RoutingTable::default();
+    t.insert(
+        vip,
+        sockmesh::model::Service::new(
+            (1..=3u8)
+                .map(|i| Backend::new(IpAddr::from([10, 10, 1, 10 + i]), 8080))
+                .collect(),
+            sockmesh::model::LbPolicy::Random,
+        )
+        .with_health(sockmesh::model::Health {
+            outlier: None,
+            max_connections: Some(50),
+        }),
+    );
+    if let Err(e) = lab.dp.apply(&t) {
+        return json!({"error": e.to_string()});
+    }
+    let (held, holder) = sockmesh_tests::hold(probe, &lab.client, &lab.cgroup, "10.96.0.61:80", 80);
+    let refused = held.get("E111").copied().unwrap_or(0);
+    let served: u64 = held
+        .iter()
+        .filter(|(k, _)| k.starts_with('b'))
+        .map(|(_, n)| *n)
+        .sum();
+    let counted = sockmesh::dataplane::read_health(&lab.bpffs.0)
+        .ok()
+        .and_then(|h| h.services.into_iter().find(|s| s.service == vip))
+        .map(|s| (s.connections, s.overflows));
+    sockmesh_tests::release(holder);
+    say(&format!(
+        "circuit breaker, max_connections 50, 80 connections held: {served} served, {refused} refused (ECONNREFUSED); the kernel counted (open, overflows) = {counted:?}"
+    ));
+    json!({
+        "rate": OD_RATE, "runs": rows,
+        "circuit_breaker": {"max_connections": 50, "held": 80, "served": served,
+            "refused": refused, "kernel_open_overflows": counted},
+    })
 }

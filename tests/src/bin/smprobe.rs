@@ -53,6 +53,7 @@ fn main() -> ExitCode {
         Some("hold") => hold(&args[1..]),
         Some("clients") => clients(&args[1..]),
         Some("load") => load(&args[1..]),
+        Some("timeline") => timeline(&args[1..]),
         _ => Err("usage: smprobe serve|connect|udp|peer ...".to_owned()),
     };
     match result {
@@ -224,6 +225,56 @@ fn load(args: &[String]) -> Result<(), String> {
     }
     writeln!(out, "failed {}", t.1).map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// `timeline ADDR RATE MILLIS TIMEOUT_MS`: new connections at RATE per second
+/// (an open loop, a thread each, so a slow connect never delays the next) for
+/// MILLIS; each reads the server's name. Prints one line per connect when all are
+/// done, by start time: `t0 t1 what` (CLOCK_MONOTONIC ns; the backend's name or
+/// `E<errno>`, `E0` for a connect that timed out after TIMEOUT_MS).
+fn timeline(args: &[String]) -> Result<(), String> {
+    use std::sync::{Arc, Mutex};
+    let to = addr(args.first())?;
+    let rate = number(args.get(1), 100)?.max(1);
+    let limit = Duration::from_millis(number(args.get(2), 5_000)?);
+    let timeout = Duration::from_millis(number(args.get(3), 1_000)?.max(1));
+    let seen: Arc<Mutex<Vec<(u64, u64, String)>>> = Arc::default();
+    let started = Instant::now();
+    let gap = Duration::from_secs(1) / u32::try_from(rate).unwrap_or(u32::MAX);
+    let mut workers = Vec::new();
+    let mut next = started;
+    while started.elapsed() < limit {
+        let seen = seen.clone();
+        workers.push(thread::spawn(move || {
+            let t0 = monotonic_ns();
+            let what = TcpStream::connect_timeout(&to, timeout)
+                .and_then(|mut s| {
+                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    let mut name = String::new();
+                    s.read_to_string(&mut name)?;
+                    Ok(name)
+                })
+                .unwrap_or_else(|e| errno(&e));
+            let t1 = monotonic_ns();
+            if let Ok(mut v) = seen.lock() {
+                v.push((t0, t1, what));
+            }
+        }));
+        next += gap;
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            thread::sleep(wait);
+        }
+    }
+    for w in workers {
+        let _ = w.join();
+    }
+    let mut v = seen.lock().map_err(|_| "timeline poisoned".to_owned())?;
+    v.sort();
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    for (t0, t1, what) in v.iter() {
+        writeln!(out, "{t0} {t1} {what}").map_err(|e| e.to_string())?;
+    }
+    out.flush().map_err(|e| e.to_string())
 }
 
 fn hold(args: &[String]) -> Result<(), String> {
