@@ -231,3 +231,37 @@ fn an_abrupt_death_costs_the_threshold_and_what_was_in_flight() {
         o.failed_after_death, o.connects_after_death
     );
 }
+
+/// Envoy's panic mode: with fewer healthy backends than the panic threshold,
+/// connect() ignores ejections and spreads over every backend; without a
+/// threshold it keeps to the healthy ones.
+#[test]
+fn below_the_panic_threshold_ejections_are_ignored() {
+    // Only pod 1 serves; pods 2..4 refuse every connect.
+    let mut lab = PodLab::new(PROBE, 4, 1);
+    let run = |lab: &mut PodLab, panic_percent: u8| {
+        let health = Health {
+            outlier: Some(Outlier {
+                panic_percent,
+                ..outlier(3, 600_000)
+            }),
+            max_connections: None,
+        };
+        // Each run starts afresh: an EDS update that removes the pods resets them.
+        lab.dp().apply(&table(&[1], health)).expect("apply");
+        lab.dp()
+            .apply(&table(&[1, 2, 3, 4], health))
+            .expect("apply");
+        let seen = connects(lab, 300);
+        let ejected = read_health(&lab.bpffs.0).expect("read").ejected().count();
+        (seen.get("E111").copied().unwrap_or(0), ejected)
+    };
+    // No panic threshold: 3 failures eject each dead pod, then only b1 serves.
+    assert_eq!(run(&mut lab, 0), (9, 3));
+    // Threshold 50 %: the third ejection leaves 25 % healthy, and connect()
+    // goes back to all four pods (three quarters of connects refused).
+    let (refused, ejected) = run(&mut lab, 50);
+    assert_eq!(ejected, 3);
+    assert!(refused > 100, "{refused} of 300 refused in panic");
+    eprintln!("panic: {refused} of 300 refused; without a threshold 9");
+}

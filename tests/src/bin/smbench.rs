@@ -27,8 +27,10 @@ fn main() -> std::process::ExitCode {
     let probe = bin_dir.join("smprobe");
     let mut report = serde_json::Map::new();
     report.insert("kernel".into(), json!(uname()));
-    let only = args.get(1).map(String::as_str);
-    if only.is_none_or(|o| o == "propagation") {
+    // One scenario, or several separated by commas (one run: comparable figures).
+    let only: Option<Vec<&str>> = args.get(1).map(|s| s.split(',').collect());
+    let wants = |name: &str| only.as_ref().is_none_or(|o| o.contains(&name));
+    if wants("propagation") {
         report.insert(
             "propagation".into(),
             propagation(
@@ -46,28 +48,31 @@ fn main() -> std::process::ExitCode {
             ),
         );
     }
-    if only.is_none_or(|o| o == "http") {
+    if wants("http") {
         report.insert("http".into(), http_rps());
     }
-    if only.is_none_or(|o| o == "churn") {
+    if wants("churn") {
         report.insert("churn".into(), churn_bench(&bin_dir));
     }
-    if only.is_none_or(|o| o == "scale") {
+    if wants("scale") {
         report.insert("scale".into(), scale(&bin_dir));
     }
-    if only == Some("kubeproxy-check") {
+    if only
+        .as_ref()
+        .is_some_and(|o| o.contains(&"kubeproxy-check"))
+    {
         report.insert("kubeproxy_check".into(), kubeproxy_check());
     }
-    if only.is_none_or(|o| o == "connect") {
+    if wants("connect") {
         report.insert("connect_cost".into(), connect_cost(&probe));
     }
-    if only.is_none_or(|o| o == "least_conn") {
+    if wants("least_conn") {
         report.insert("least_conn".into(), least_conn_bench(&probe));
     }
-    if only.is_none_or(|o| o == "maglev") {
+    if wants("maglev") {
         report.insert("maglev".into(), maglev_bench(&probe));
     }
-    if only.is_none_or(|o| o == "outlier") {
+    if wants("outlier") {
         report.insert("outlier".into(), outlier_bench(&probe));
     }
     let text = serde_json::to_string_pretty(&Value::Object(report)).unwrap_or_default();
@@ -1293,9 +1298,78 @@ fn outlier_bench(probe: &Path) -> Value {
     say(&format!(
         "circuit breaker, max_connections 50, 80 connections held: {served} served, {refused} refused (ECONNREFUSED); the kernel counted (open, overflows) = {counted:?}"
     ));
+    let throughput = established_throughput(probe, &mut lab);
     json!({
-        "rate": OD_RATE, "runs": rows,
+        "rate": OD_RATE, "runs": rows, "established_throughput": throughput,
         "circuit_breaker": {"max_connections": 50, "held": 80, "served": served,
             "refused": refused, "kernel_open_overflows": counted},
     })
+}
+
+/// Rounds of the established-connection throughput comparison.
+const TP_ROUNDS: usize = 5;
+
+/// One established connection's throughput (a `blast` server sending zeros, read
+/// for 2 s), directly from outside the cgroup and through a VIP with outlier
+/// detection, in interleaved rounds: no sockmesh program runs per packet, so the
+/// two should match.
+fn established_throughput(probe: &Path, lab: &mut sockmesh_tests::death::Lab) -> Value {
+    use sockmesh::model::{Health, LbPolicy, Service};
+    let blast = {
+        let mut cmd = command_in(&lab.backend, None, probe);
+        cmd.args(["serve", "blast:10.10.1.13:9100"]);
+        Proc::server(cmd)
+    };
+    let mut t = RoutingTable::default();
+    t.insert(
+        ServiceAddr {
+            vip: IpAddr::from([10, 96, 0, 62]),
+            port: 80,
+            protocol: Protocol::Tcp,
+        },
+        Service::new(
+            vec![Backend::new(IpAddr::from([10, 10, 1, 13]), 9100)],
+            LbPolicy::Random,
+        )
+        .with_health(Health {
+            outlier: Some(sockmesh_tests::death::scenario_outlier()),
+            max_connections: None,
+        }),
+    );
+    if let Err(e) = lab.dp.apply(&t) {
+        return json!({"error": e.to_string()});
+    }
+    let paths = [
+        ("direct, no program", false, "10.10.1.13:9100"),
+        ("VIP, outlier detection", true, "10.96.0.62:80"),
+    ];
+    let mut rates = vec![Vec::new(); paths.len()];
+    for round in 0..TP_ROUNDS {
+        for k in 0..paths.len() {
+            let i = (round + k) % paths.len();
+            let (_, in_cgroup, to) = paths[i];
+            let mut cmd = command_in(&lab.client, in_cgroup.then_some(&lab.cgroup), probe);
+            cmd.args(["drain", to, "2000"]);
+            let out = run(cmd);
+            if let Some(mbit) = out
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<f64>().ok())
+            {
+                rates[i].push(mbit);
+            }
+        }
+    }
+    drop(blast);
+    let base = median(rates[0].clone());
+    let mut rows = Vec::new();
+    for (i, (name, _, _)) in paths.iter().enumerate() {
+        let m = median(rates[i].clone());
+        say(&format!(
+            "established throughput, {name}: {m:.0} Mbit/s (median of {TP_ROUNDS} rounds x 2 s), x{:.3} of direct",
+            m / base
+        ));
+        rows.push(json!({"path": name, "mbit_per_s": m, "ratio_to_direct": m / base}));
+    }
+    json!(rows)
 }

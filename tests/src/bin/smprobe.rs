@@ -54,6 +54,7 @@ fn main() -> ExitCode {
         Some("clients") => clients(&args[1..]),
         Some("load") => load(&args[1..]),
         Some("timeline") => timeline(&args[1..]),
+        Some("drain") => drain(&args[1..]),
         _ => Err("usage: smprobe serve|connect|udp|peer ...".to_owned()),
     };
     match result {
@@ -77,6 +78,10 @@ fn number(s: Option<&String>, default: u64) -> Result<u64, String> {
 fn serve(specs: &[String]) -> Result<(), String> {
     let mut handles = Vec::new();
     for spec in specs {
+        if let Some(at) = spec.strip_prefix("blast:") {
+            handles.push(blast(at)?);
+            continue;
+        }
         let (udp, spec) = match spec.strip_prefix("udp:") {
             Some(rest) => (true, rest),
             None => (false, spec.as_str()),
@@ -129,6 +134,47 @@ fn serve(specs: &[String]) -> Result<(), String> {
         let _ = h.join();
     }
     Ok(())
+}
+
+/// A server at `at` that sends zeros to every connection until the peer closes
+/// (`serve blast:ADDR:PORT`; the far end of `drain`).
+fn blast(at: &str) -> Result<thread::JoinHandle<()>, String> {
+    let at: SocketAddr = at.parse().map_err(|e| format!("{at}: {e}"))?;
+    let listener = listen(at).map_err(|e| format!("bind tcp {at}: {e}"))?;
+    Ok(thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            thread::spawn(move || {
+                let zeros = vec![0u8; 64 * 1024];
+                while conn.write_all(&zeros).is_ok() {}
+            });
+        }
+    }))
+}
+
+/// `drain ADDR MILLIS`: one connection to a `blast` server, read for MILLIS;
+/// prints `BYTES MBIT_PER_S`.
+fn drain(args: &[String]) -> Result<(), String> {
+    let to = addr(args.first())?;
+    let limit = Duration::from_millis(number(args.get(1), 2_000)?);
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2))
+        .map_err(|e| format!("connect {to}: {e}"))?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let started = Instant::now();
+    let mut bytes = 0u64;
+    while started.elapsed() < limit {
+        let n = s.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("the server closed".into());
+        }
+        bytes += n as u64;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    writeln!(
+        io::stdout(),
+        "{bytes} {:.0}",
+        bytes as f64 * 8.0 / secs / 1e6
+    )
+    .map_err(|e| e.to_string())
 }
 
 fn errno(e: &io::Error) -> String {
