@@ -365,13 +365,26 @@ pub fn attach(
             .ok_or(DataplaneError::MissingProgram { name })?;
         let perr = |source: ProgramError| DataplaneError::Program { name, source };
         let lerr = |source| DataplaneError::Link { name, source };
-        // The two program types share the attach steps but no trait; the macro keeps
+        // The program types share the attach steps but no trait; the macros keep
         // one copy.
         macro_rules! attach_new {
             ($p:expr) => {{
                 let id = $p.attach(cgroup, CgroupAttachMode::Single).map_err(perr)?;
                 let link: FdLink = $p.take_link(id).map_err(perr)?.try_into().map_err(lerr)?;
                 pin_link(link, &pin)?;
+            }};
+        }
+        // Adopts the pinned link with a raw BPF_LINK_UPDATE (aya has it only for
+        // sock_addr links), or attaches anew.
+        macro_rules! replace_or_attach {
+            ($ty:ty) => {{
+                let p: &mut $ty = prog.try_into().map_err(perr)?;
+                if pin.exists() {
+                    replace_in_link(&pin, p.fd().map_err(perr)?.as_fd(), name)?;
+                    adopted += 1;
+                } else {
+                    attach_new!(p);
+                }
             }};
         }
         match hook.program_type {
@@ -391,24 +404,8 @@ pub fn attach(
                     attach_new!(p);
                 }
             }
-            ProgramType::CgroupSock => {
-                let p: &mut CgroupSock = prog.try_into().map_err(perr)?;
-                if pin.exists() {
-                    replace_in_link(&pin, p.fd().map_err(perr)?.as_fd(), name)?;
-                    adopted += 1;
-                } else {
-                    attach_new!(p);
-                }
-            }
-            ProgramType::SockOps => {
-                let p: &mut SockOps = prog.try_into().map_err(perr)?;
-                if pin.exists() {
-                    replace_in_link(&pin, p.fd().map_err(perr)?.as_fd(), name)?;
-                    adopted += 1;
-                } else {
-                    attach_new!(p);
-                }
-            }
+            ProgramType::CgroupSock => replace_or_attach!(CgroupSock),
+            ProgramType::SockOps => replace_or_attach!(SockOps),
         }
         debug!(program = name, pin = %pin.display(), "attached");
     }

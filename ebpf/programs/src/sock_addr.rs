@@ -87,6 +87,26 @@ macro_rules! hook {
     };
 }
 
+/// The IPv4 and IPv6 fields `$ip4`, `$ip6` of `struct bpf_sock` `$sk`, as
+/// `(u32, [u32; 4])`. Every field is read unconditionally, for the caller to
+/// select by family: loads inside the family branches get merged by LLVM into one
+/// load at ctx + variable offset, which the verifier rejects. Use inside `unsafe`
+/// with a socket pointer the verifier knows is valid.
+macro_rules! sock_ip {
+    ($sk:expr, $ip4:ident, $ip6:ident) => {{
+        let sk = $sk;
+        (
+            core::ptr::read_volatile(&raw const (*sk).$ip4),
+            [
+                core::ptr::read_volatile(&raw const (*sk).$ip6[0]),
+                core::ptr::read_volatile(&raw const (*sk).$ip6[1]),
+                core::ptr::read_volatile(&raw const (*sk).$ip6[2]),
+                core::ptr::read_volatile(&raw const (*sk).$ip6[3]),
+            ],
+        )
+    }};
+}
+
 hook!(sock_addr hooks::CONNECT4, connect4, fn sm_connect4(ctx) {
     verdict(forward(&ctx, Family::V4, false))
 });
@@ -145,20 +165,8 @@ fn sm_sock_release(ctx) {
         return PROCEED;
     }
     let sk = ctx.sock;
-    // SAFETY: as above. Every field is read unconditionally, then selected: loads
-    // inside the family branches get merged by LLVM into one load at ctx + variable
-    // offset, which the verifier rejects.
-    let (v4, v6) = unsafe {
-        (
-            core::ptr::read_volatile(&raw const (*sk).dst_ip4),
-            [
-                core::ptr::read_volatile(&raw const (*sk).dst_ip6[0]),
-                core::ptr::read_volatile(&raw const (*sk).dst_ip6[1]),
-                core::ptr::read_volatile(&raw const (*sk).dst_ip6[2]),
-                core::ptr::read_volatile(&raw const (*sk).dst_ip6[3]),
-            ],
-        )
-    };
+    // SAFETY: as above (see `sock_ip!` on why both families are read).
+    let (v4, v6) = unsafe { sock_ip!(sk, dst_ip4, dst_ip6) };
     let ip = match family {
         AF_INET => mapped(v4),
         AF_INET6 => v6,
@@ -257,18 +265,10 @@ fn restore_vip(ctx: &SockAddrContext, family: Family) -> i32 {
 fn client_identity(ctx: &SockAddrContext, family: Family) -> u64 {
     // SAFETY: `sk` of a sock_addr context is a socket pointer the verifier knows
     // is valid (PTR_TO_SOCKET); each field is read unconditionally, then selected
-    // (see sm_sock_release on why).
+    // (see `sock_ip!`).
     let (v4, v6) = unsafe {
         let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
-        (
-            core::ptr::read_volatile(&raw const (*sk).src_ip4),
-            [
-                core::ptr::read_volatile(&raw const (*sk).src_ip6[0]),
-                core::ptr::read_volatile(&raw const (*sk).src_ip6[1]),
-                core::ptr::read_volatile(&raw const (*sk).src_ip6[2]),
-                core::ptr::read_volatile(&raw const (*sk).src_ip6[3]),
-            ],
-        )
+        sock_ip!(sk, src_ip4, src_ip6)
     };
     let bound = match family {
         Family::V4 => u64::from(v4),
