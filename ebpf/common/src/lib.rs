@@ -493,6 +493,37 @@ pub struct EndpointHealth {
     pub ejections: u32,
 }
 
+impl EndpointHealth {
+    pub const ZERO: Self = Self {
+        failures: 0,
+        ejected_until_ns: 0,
+        multiplier: 0,
+        ejections: 0,
+    };
+}
+
+/// One ejection a service counts toward its ejected share.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ejection {
+    /// End time (`CLOCK_MONOTONIC` ns).
+    pub until_ns: u64,
+    /// The ejected endpoint (IPv6 or IPv4-mapped address, port; network order).
+    pub addr: [u32; 4],
+    pub port: u16,
+    /// Always 0.
+    pub pad: [u8; 6],
+}
+
+impl Ejection {
+    pub const ZERO: Self = Self {
+        until_ns: 0,
+        addr: [0; 4],
+        port: 0,
+        pad: [0; 6],
+    };
+}
+
 /// Value of `SM_SVC_HEALTH`, written by the kernel programs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -501,9 +532,20 @@ pub struct ServiceHealth {
     pub conns: u64,
     /// Connects refused because `conns` was at `max_connections`.
     pub overflows: u64,
-    /// End times (`CLOCK_MONOTONIC` ns) of the service's ejections; those in the
-    /// future are the ones active.
-    pub ejected_until_ns: [u64; MAX_EJECTED],
+    /// The service's ejections. One is active while its time is in the future
+    /// and its endpoint's `SM_EP_HEALTH` entry still holds that time (an EDS
+    /// update that removed the endpoint deleted the entry: it no longer counts).
+    pub ejections: [Ejection; MAX_EJECTED],
+}
+
+impl ServiceHealth {
+    /// A new entry (the kernel inserts it from a static: at 528 bytes it does not
+    /// fit the BPF stack).
+    pub const ZERO: Self = Self {
+        conns: 0,
+        overflows: 0,
+        ejections: [Ejection::ZERO; MAX_EJECTED],
+    };
 }
 
 /// Socket storage `SM_SOCK_HEALTH`: where connect() placed a socket of a service
@@ -527,7 +569,9 @@ const _: () = {
     assert!(core::mem::size_of::<ServicePolicy>() == 28);
     assert!(core::mem::size_of::<EndpointKey>() == 40);
     assert!(core::mem::size_of::<EndpointHealth>() == 24);
-    assert!(core::mem::size_of::<ServiceHealth>() == 16 + 8 * MAX_EJECTED);
+    assert!(core::mem::size_of::<Ejection>() == 32);
+    assert!(MAX_EJECTED.is_power_of_two());
+    assert!(core::mem::size_of::<ServiceHealth>() == 16 + 32 * MAX_EJECTED);
     assert!(core::mem::size_of::<SockHealth>() == 48);
     assert!(MAX_CHOICES >= 1);
     assert!(core::mem::size_of::<ServiceValue>() == 16);
