@@ -149,8 +149,15 @@ pub const HEALTH_VERSION: u32 = 1;
 pub const MAX_EJECTED: usize = 16;
 
 /// Random draws a connect() makes, after landing on an ejected backend, to find a
-/// backend that is not (when the healthy share is above the panic threshold).
-pub const EJECTED_REDRAWS: u32 = 16;
+/// backend that is not (when the healthy share is above the panic threshold):
+/// they spread the ejected backend's share over the others.
+pub const EJECTED_REDRAWS: u32 = 4;
+
+/// Then consecutive slots it walks, from a random one, for a backend that is not
+/// ejected: every slot of a table of up to this many (an equal-weight service of
+/// up to 64 backends has one slot each), so the walk finds a healthy backend
+/// whenever one exists there, however few are left.
+pub const EJECTED_WALK: u32 = 64;
 
 /// Most services (VIP, port, protocol) the service map holds. Sized for a large
 /// cluster (Kubernetes' default service CIDR /12 is far larger, but 64 Ki ports on

@@ -11,8 +11,8 @@
 //! is written once.
 
 use crate::{
-    BackendKey, EJECTED_REDRAWS, MAGLEV_CHUNK, ServiceKey, ServiceValue, SlotKey, lb_policy,
-    service_flags,
+    BackendKey, EJECTED_REDRAWS, EJECTED_WALK, MAGLEV_CHUNK, ServiceKey, ServiceValue, SlotKey,
+    lb_policy, service_flags,
 };
 
 /// Read access to the three routing maps. Absent keys are `Ok(None)`; `Error` is
@@ -178,7 +178,8 @@ pub struct Draw<R, C, L, E, P> {
 /// hold under every policy.
 ///
 /// A service with outlier detection ([`service_flags::OUTLIER`]) whose pick is
-/// ejected draws up to [`EJECTED_REDRAWS`] random slots for a backend that is not,
+/// ejected draws up to [`EJECTED_REDRAWS`] random slots, then walks up to
+/// [`EJECTED_WALK`] consecutive ones, for a backend that is not,
 /// unless the service is in panic (too few healthy backends: then, as Envoy does,
 /// ejections are ignored and the first pick stands).
 #[inline(always)]
@@ -218,16 +219,30 @@ where
     if flags & service_flags::OUTLIER == 0 || !ejected(&b) || panic() {
         return Ok((picked, flags));
     }
+    let moved = |other| match picked {
+        Picked::Counted(_) => Picked::Counted(other),
+        _ => Picked::Backend(other),
+    };
     for _ in 0..EJECTED_REDRAWS {
         let Some(other) = draw(maps, &service, random())? else {
             return Ok((Picked::Raced, flags));
         };
         if !ejected(&other) {
-            let other = match picked {
-                Picked::Counted(_) => Picked::Counted(other),
-                _ => Picked::Backend(other),
-            };
-            return Ok((other, flags));
+            return Ok((moved(other), flags));
+        }
+    }
+    // The random draws found none (few healthy left): walk the table.
+    let start = random() % service.slot_count;
+    for k in 0..EJECTED_WALK {
+        if k >= service.slot_count {
+            break;
+        }
+        // `start + k` stays below 2 × slot_count: no overflow.
+        let Some(other) = draw(maps, &service, start + k)? else {
+            return Ok((Picked::Raced, flags));
+        };
+        if !ejected(&other) {
+            return Ok((moved(other), flags));
         }
     }
     Ok((picked, flags))
@@ -527,7 +542,7 @@ mod tests {
     #[test]
     fn an_ejected_pick_draws_again_unless_the_service_is_in_panic() {
         let mut m = maps();
-        let with = |m: &Maps, draws: &[u32], panic: bool| {
+        let with_ejected = |m: &Maps, draws: &[u32], panic: bool, out: &[u16]| {
             let mut draws = draws.iter().copied();
             pick(
                 m,
@@ -537,13 +552,14 @@ mod tests {
                     random: || draws.next().unwrap_or(0),
                     client: || 0,
                     load: |_: &u16| 0,
-                    // Backend 500 (slots 0 and 2) is ejected.
-                    ejected: |b: &u16| *b == 500,
+                    ejected: |b: &u16| out.contains(b),
                     panic: || panic,
                 },
             )
             .map(|(p, _)| p)
         };
+        // Backend 500 (slots 0 and 2) is ejected.
+        let with = |m: &Maps, draws: &[u32], panic: bool| with_ejected(m, draws, panic, &[500]);
         // Without outlier detection the ejection is never read.
         assert_eq!(with(&m, &[0, 1], false), Ok(Picked::Backend(500)));
         if let Some(v) = m.services.get_mut(&KEY) {
@@ -553,9 +569,15 @@ mod tests {
         assert_eq!(with(&m, &[0, 2, 1], false), Ok(Picked::Backend(600)));
         // In panic the first pick stands.
         assert_eq!(with(&m, &[0, 1], true), Ok(Picked::Backend(500)));
-        // Every redraw ejected: the first pick stands (bounded work).
-        let all = [0u32; 1 + EJECTED_REDRAWS as usize];
-        assert_eq!(with(&m, &all, false), Ok(Picked::Backend(500)));
+        // Every random redraw lands on 500: the walk of the table finds 600.
+        let zeros = [0u32; 2 + EJECTED_REDRAWS as usize];
+        assert_eq!(with(&m, &zeros, false), Ok(Picked::Backend(600)));
+        // Every backend ejected: the first pick stands (bounded work: the
+        // random draws, then one walk of the 3 slots).
+        assert_eq!(
+            with_ejected(&m, &zeros, false, &[500, 600]),
+            Ok(Picked::Backend(500))
+        );
         // A least-connections pick stays counted when it moves.
         if let Some(v) = m.services.get_mut(&KEY) {
             v.policy = crate::lb_policy::LEAST_CONN;
