@@ -33,7 +33,7 @@ impl fmt::Display for Release {
 }
 
 /// Each kernel feature the datapath relies on, with the release that added it.
-pub const REQUIRED: [(&str, Release); 6] = [
+pub const REQUIRED: [(&str, Release); 7] = [
     (
         "cgroup sock_addr programs attached through a bpf_link (BPF_LINK_CREATE)",
         Release(5, 7),
@@ -48,6 +48,10 @@ pub const REQUIRED: [(&str, Release); 6] = [
         Release(5, 9),
     ),
     ("the cgroup sock_release hook", Release(5, 9)),
+    (
+        "the BPF atomic fetch-add (outlier detection and circuit breaking cross a count once; not probed: the verifier refuses the programs without it)",
+        Release(5, 12),
+    ),
     (
         "bpf_set_retval in cgroup programs (ECONNREFUSED for a service without backends)",
         Release(5, 18),
@@ -93,6 +97,7 @@ fn attach_since(attach_type: u32) -> Release {
         CGROUP_UDP4_RECVMSG | CGROUP_UDP6_RECVMSG => Release(5, 2),
         CGROUP_INET4_GETPEERNAME | CGROUP_INET6_GETPEERNAME => Release(5, 8),
         CGROUP_INET_SOCK_RELEASE => Release(5, 9),
+        CGROUP_SOCK_OPS => Release(4, 13),
         _ => Release(6, 1),
     }
 }
@@ -146,7 +151,7 @@ pub fn probe() -> Result<Features, FeatureError> {
             return Err(missing(feature.to_owned(), since));
         }
     }
-    let (feature, since) = REQUIRED[5];
+    let (feature, since) = REQUIRED[6];
     let off = std::env::var(FEATURES_OFF).unwrap_or_default();
     let forced_off = off.split(',').any(|f| f.trim() == "set_retval");
     let retval = !forced_off
