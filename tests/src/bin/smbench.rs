@@ -165,15 +165,7 @@ fn connect_cost(probe: &Path) -> Value {
     // storage at connect, the sock_ops state callbacks until established, and the
     // ejection lookup).
     let outlier = Health {
-        outlier: Some(sockmesh::model::Outlier {
-            consecutive: 5,
-            enforcing: 100,
-            base_ejection_ms: 30_000,
-            max_ejection_ms: 300_000,
-            interval_ms: 10_000,
-            max_ejection_percent: 100,
-            panic_percent: 50,
-        }),
+        outlier: Some(sockmesh_tests::death::scenario_outlier()),
         max_connections: None,
     };
     let policies = [
