@@ -2,8 +2,11 @@
 //! .proto files as its Rust types) into OUT_DIR, so that `sockmesh-proto` can decode
 //! proto3 JSON/YAML of any Envoy type by reflection. `envoy-types` does not export
 //! the set, so its package directory is found through `cargo metadata`.
+//! The comments are left out (see below).
 
 use std::{env, fs, path::PathBuf, process::Command};
+
+use prost::Message;
 
 fn main() {
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -36,7 +39,16 @@ fn main() {
         .to_path_buf();
     let set = dir.join("src/generated/types.bin");
     let dest = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR")).join("envoy_descriptors.bin");
-    fs::copy(&set, &dest).unwrap_or_else(|e| panic!("copying {}: {e}", set.display()));
+    // Without source_code_info (the .proto files' comments and spans: two thirds of
+    // the set, and most of the time it takes to decode at start-up).
+    let bytes = fs::read(&set).unwrap_or_else(|e| panic!("reading {}: {e}", set.display()));
+    let mut files = prost_types::FileDescriptorSet::decode(bytes.as_slice())
+        .unwrap_or_else(|e| panic!("decoding {}: {e}", set.display()));
+    for file in &mut files.file {
+        file.source_code_info = None;
+    }
+    fs::write(&dest, files.encode_to_vec())
+        .unwrap_or_else(|e| panic!("writing {}: {e}", dest.display()));
     println!("cargo:rerun-if-changed={}", set.display());
     println!("cargo:rerun-if-changed=build.rs");
 }

@@ -121,8 +121,11 @@ pub struct AgentConfig {
 /// Runs the agent until SIGINT/SIGTERM.
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     let datapath = Datapath::install(&cfg.datapath)?;
-    // Decode the protobuf descriptors now, not inside the first update's latency.
-    let _ = sockmesh_proto::descriptor_pool();
+    // Decode the protobuf descriptors now, beside start-up, not inside the first
+    // update's latency (a decode that needs them waits for this one).
+    std::thread::spawn(|| {
+        let _ = sockmesh_proto::descriptor_pool();
+    });
     let terminate_removed = cfg.terminate_removed
         && match crate::dataplane::destroy::probe() {
             Ok(()) => {

@@ -560,6 +560,27 @@ impl Admin {
         ]
     }
 
+    /// Where the agent's log goes: a file beside the address file (its tail is in
+    /// the message when the admin server never comes up), or the test's own stderr
+    /// with `SM_AGENT_STDERR=1`.
+    pub fn log(&self) -> Stdio {
+        if std::env::var_os("SM_AGENT_STDERR").is_some() {
+            return Stdio::inherit();
+        }
+        fs::File::create(self.log_path()).map_or_else(|_| Stdio::null(), Stdio::from)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.file.with_extension("log")
+    }
+
+    /// The last lines the agent logged (for failure messages).
+    pub fn log_tail(&self) -> String {
+        let text = fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
     /// The bound address, once the agent has written it.
     pub fn addr(&self) -> std::net::SocketAddr {
         *self.addr.get_or_init(|| {
@@ -568,7 +589,7 @@ impl Admin {
                 Duration::from_secs(20),
                 || {
                     fs::read_to_string(&self.file)
-                        .map_err(|e| e.to_string())
+                        .map_err(|e| format!("{e}; the agent's log ends:\n{}", self.log_tail()))
                         .and_then(|t| {
                             t.trim()
                                 .parse::<std::net::SocketAddr>()
@@ -648,12 +669,7 @@ impl FileAgent {
             .args(admin.args())
             .args(extra)
             .stdout(Stdio::null())
-            // SM_AGENT_STDERR=1 shows the agent's log (debugging a test).
-            .stderr(if std::env::var_os("SM_AGENT_STDERR").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
+            .stderr(admin.log())
             .spawn()
             .expect("agent");
         Self {

@@ -42,7 +42,7 @@ fn sigkill_and_restart_under_traffic_lose_nothing() {
             .args(["--xds", &format!("grpc://{addr}")])
             .args(admin.args())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(admin.log())
             .spawn()
             .expect("agent")
     };

@@ -196,7 +196,7 @@ fn through_ads(protocol: &str) {
                 ])
                 .args(admin.args())
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(admin.log())
                 .spawn()
                 .expect("agent"),
         );

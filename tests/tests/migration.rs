@@ -100,7 +100,7 @@ fn layout_upgrade_builds_beside_the_old_datapath_and_swaps_without_loss() {
             .args(["--xds", &format!("grpc://{addr}")])
             .args(admin.args())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(admin.log())
             .spawn()
             .expect("new agent"),
     );

@@ -123,7 +123,7 @@ fn scenario(protocol: &str) {
         ])
         .args(admin.args())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(admin.log())
         .spawn()
         .expect("start agent");
     let mut agent = Proc(agent);
@@ -263,7 +263,7 @@ fn agent_follows_rest_json() {
         .args(["--xds", &format!("http://{addr}"), "--xds-refresh", "100ms"])
         .args(admin.args())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(admin.log())
         .spawn()
         .expect("start agent");
     let _agent = Proc(agent);

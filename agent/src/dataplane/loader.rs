@@ -325,6 +325,7 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
             .program_mut(name)
             .ok_or(DataplaneError::MissingProgram { name })?;
         let perr = |source: ProgramError| DataplaneError::Program { name, source };
+        let started = std::time::Instant::now();
         match hook.program_type {
             ProgramType::CgroupSockAddr => {
                 let p: &mut CgroupSockAddr = prog.try_into().map_err(perr)?;
@@ -339,6 +340,13 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
                 p.load().map_err(perr)?;
             }
         }
+        let verified_ms = started.elapsed().as_millis();
+        // What the verifier walked (kernels of 5.16 and later say).
+        let instructions = prog
+            .info()
+            .ok()
+            .and_then(|i| i.verified_instruction_count());
+        tracing::debug!(program = name, verified_ms, instructions, "program loaded");
     }
     Ok(())
 }

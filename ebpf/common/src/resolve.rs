@@ -223,12 +223,52 @@ where
         Picked::Counted(_) => Picked::Counted(other),
         _ => Picked::Backend(other),
     };
+    Ok(
+        match avoid_ejected(maps, &service, &mut random, &mut ejected)? {
+            WALK_NONE => (picked, flags),
+            WALK_RACED => (Picked::Raced, flags),
+            // The slot, resolved again (a lookup more, on this rare path only).
+            slot => match draw(maps, &service, slot)? {
+                Some(other) => (moved(other), flags),
+                None => (Picked::Raced, flags),
+            },
+        },
+    )
+}
+
+/// [`avoid_ejected`] found no backend that is not ejected.
+const WALK_NONE: u32 = u32::MAX;
+/// [`avoid_ejected`] met a slot that did not resolve (an update raced it).
+const WALK_RACED: u32 = u32::MAX - 1;
+
+/// A slot whose backend is not ejected: the first of [`EJECTED_REDRAWS`] random
+/// ones, else the first of up to [`EJECTED_WALK`] consecutive slots from a
+/// random one; or [`WALK_NONE`] / [`WALK_RACED`].
+///
+/// Not inlined: in the kernel this is a BPF subprogram. Its caller then sees one
+/// return whatever the draw that found the slot, so the verifier checks the rest
+/// of the program once, not once per draw (inlined, the 64-slot walk made
+/// connect4's verification 15 times longer: 410k instructions of the 1M limit).
+/// Slot numbers stay below `MAX_SLOTS_PER_SERVICE`, far from the markers.
+#[inline(never)]
+fn avoid_ejected<M: RoutingMaps>(
+    maps: &M,
+    service: &ServiceValue,
+    random: &mut impl FnMut() -> u32,
+    ejected: &mut impl FnMut(&M::Backend) -> bool,
+) -> Result<u32, M::Error> {
+    // Checked by the caller too; here it tells the compiler that no `%` below
+    // divides by zero (a panic path is no BPF program's end).
+    if service.slot_count == 0 {
+        return Ok(WALK_NONE);
+    }
     for _ in 0..EJECTED_REDRAWS {
-        let Some(other) = draw(maps, &service, random())? else {
-            return Ok((Picked::Raced, flags));
+        let slot = random() % service.slot_count;
+        let Some(other) = draw(maps, service, slot)? else {
+            return Ok(WALK_RACED);
         };
         if !ejected(&other) {
-            return Ok((moved(other), flags));
+            return Ok(slot);
         }
     }
     // The random draws found none (few healthy left): walk the table.
@@ -238,14 +278,15 @@ where
             break;
         }
         // `start + k` stays below 2 × slot_count: no overflow.
-        let Some(other) = draw(maps, &service, start + k)? else {
-            return Ok((Picked::Raced, flags));
+        let slot = start + k;
+        let Some(other) = draw(maps, service, slot)? else {
+            return Ok(WALK_RACED);
         };
         if !ejected(&other) {
-            return Ok((moved(other), flags));
+            return Ok(slot);
         }
     }
-    Ok((picked, flags))
+    Ok(WALK_NONE)
 }
 
 /// The pick of `service`'s own policy (see [`pick`]).

@@ -99,7 +99,10 @@ unsafe fn scan(h: *const ServiceHealth, service: &ServiceKey, now: u64) -> (u64,
         service: *service,
         ..EndpointKey::default()
     };
-    for i in 0..MAX_EJECTED {
+    // Downwards, so `free` ends at the lowest free slot with no comparison inside
+    // the loop: a comparison with a constant would make the verifier track every
+    // path's `free` exactly, and walk the loop once per combination.
+    for i in (0..MAX_EJECTED).rev() {
         // SAFETY: the caller's contract; `i` is in bounds; fields copied at once.
         let running = unsafe {
             let e = &raw const (*h).ejections[i];
@@ -115,7 +118,7 @@ unsafe fn scan(h: *const ServiceHealth, service: &ServiceKey, now: u64) -> (u64,
         };
         if running {
             active += 1;
-        } else if free == MAX_EJECTED {
+        } else {
             free = i;
         }
     }
@@ -362,9 +365,11 @@ unsafe fn eject(h: *mut EndpointHealth, endpoint: &EndpointKey, policy: &Service
     // SAFETY: a map value looked up above.
     let (active, free) = unsafe { scan(s, service, now) };
     let backends = u64::from(policy.backends);
-    if free == MAX_EJECTED
-        || (active > 0 && (active + 1) * 100 > u64::from(policy.max_ejection_percent) * backends)
-    {
+    // One more ejected must stay within max_ejection_percent, except the first,
+    // which is always allowed ((0 + 1) × 100 is within the floor of 100; any later
+    // one is at least 200). No comparison of `active` with a constant: see `scan`.
+    let within = u64::from(policy.max_ejection_percent) * backends;
+    if free == MAX_EJECTED || (active + 1) * 100 > within.max(100) {
         return;
     }
     // SAFETY: the caller's contract for `h`.
