@@ -555,6 +555,16 @@ pub fn pinned_limits(layout: &PinLayout) -> Result<super::Limits, DataplaneError
 /// Names of the sockmesh programs (`sm_*`) attached to `cgroup` now, asked of the
 /// kernel (`BPF_PROG_QUERY` at each hook's attach type), not read from pins.
 pub fn attached_programs(cgroup: &Path) -> Result<Vec<String>, DataplaneError> {
+    Ok(attached_program_work(cgroup)?
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect())
+}
+
+/// The sockmesh programs attached to `cgroup`, by name, each with the number of
+/// instructions the verifier processed to accept it (kernels of 5.16 and later
+/// report it; the limit is 1,000,000 per program).
+pub fn attached_program_work(cgroup: &Path) -> Result<Vec<(String, Option<u32>)>, DataplaneError> {
     let (dir, _) = open_cgroup(cgroup, true)?;
     let io = |source| DataplaneError::Io {
         path: cgroup.to_owned(),
@@ -564,16 +574,16 @@ pub fn attached_programs(cgroup: &Path) -> Result<Vec<String>, DataplaneError> {
     for hook in HOOKS {
         ids.extend(sys::prog_query(dir.as_fd(), hook.attach_type).map_err(io)?);
     }
-    let mut names = Vec::new();
+    let mut programs = Vec::new();
     for info in aya::programs::loaded_programs().flatten() {
         if ids.contains(&info.id())
             && let Some(name) = info.name_as_str().filter(|n| n.starts_with(PROGRAM_PREFIX))
         {
-            names.push(name.to_owned());
+            programs.push((name.to_owned(), info.verified_instruction_count()));
         }
     }
-    names.sort();
-    Ok(names)
+    programs.sort();
+    Ok(programs)
 }
 
 #[cfg(test)]
