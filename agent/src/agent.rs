@@ -123,9 +123,12 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let datapath = Datapath::install(&cfg.datapath)?;
     // Decode the protobuf descriptors now, beside start-up, not inside the first
     // update's latency (a decode that needs them waits for this one).
-    std::thread::spawn(|| {
-        let _ = sockmesh_proto::descriptor_pool();
-    });
+    // If the thread cannot start, the first decode builds the pool instead.
+    let _ = std::thread::Builder::new()
+        .name("descriptors".into())
+        .spawn(|| {
+            let _ = sockmesh_proto::descriptor_pool();
+        });
     let terminate_removed = cfg.terminate_removed
         && match crate::dataplane::destroy::probe() {
             Ok(()) => {
