@@ -377,15 +377,38 @@ pub fn sockmesh_bin() -> PathBuf {
 /// "previous release" of the layout-migration test.
 pub const LAYOUT_V1_COMMIT: &str = "5b0917009e2a78ce0bc9eeedcb793d04614a4b43";
 
-/// `sockmesh` as built from [`LAYOUT_V1_COMMIT`]: the source is taken from git
-/// (`git archive`) into `target/layout-v1/src` and built there with its own target
-/// directory, once; later calls reuse the binary.
+/// `sockmesh` as built from [`LAYOUT_V1_COMMIT`], at `target/layout-v1/target/debug/sockmesh`
+/// with the commit in `target/layout-v1/commit` (where the VM run finds both).
+/// Built once per machine: the source is taken from git (`git archive`) and
+/// built with its own target directory in the user's cache
+/// (`~/.cache/sockmesh/layout-v1-<commit>`, or `$XDG_CACHE_HOME`), keyed by the
+/// commit so never stale; a clean checkout copies the binary from there instead
+/// of spending minutes on a build of the old tree.
 pub fn layout_v1_bin() -> PathBuf {
     let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root")
         .to_owned();
-    let dir = workspace.join("target/layout-v1");
+    let out = workspace.join("target/layout-v1");
+    let out_bin = out.join("target/debug/sockmesh");
+    let out_stamp = out.join("commit");
+    if out_bin.exists() && fs::read_to_string(&out_stamp).is_ok_and(|c| c == LAYOUT_V1_COMMIT) {
+        return out_bin;
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| out.clone());
+    let dir = cache.join(format!("sockmesh/layout-v1-{LAYOUT_V1_COMMIT}"));
+    let bin = build_layout_v1(&workspace, &dir);
+    fs::create_dir_all(out_bin.parent().expect("bin dir")).expect("create target/layout-v1");
+    fs::copy(&bin, &out_bin).expect("copy the layout-v1 agent");
+    fs::write(&out_stamp, LAYOUT_V1_COMMIT).expect("stamp");
+    out_bin
+}
+
+/// Builds (once: a stamp says it is done) the layout-v1 agent in `dir`.
+fn build_layout_v1(workspace: &Path, dir: &Path) -> PathBuf {
     let bin = dir.join("target/debug/sockmesh");
     let stamp = dir.join("commit");
     if bin.exists() && fs::read_to_string(&stamp).is_ok_and(|c| c == LAYOUT_V1_COMMIT) {
@@ -396,7 +419,7 @@ pub fn layout_v1_bin() -> PathBuf {
     fs::create_dir_all(&src).expect("create layout-v1 dir");
     let has_commit = Command::new("git")
         .args(["-C"])
-        .arg(&workspace)
+        .arg(workspace)
         .args(["cat-file", "-e", &format!("{LAYOUT_V1_COMMIT}^{{commit}}")])
         .status()
         .is_ok_and(|s| s.success());
@@ -408,7 +431,7 @@ pub fn layout_v1_bin() -> PathBuf {
     let tarball = dir.join("src.tar");
     let status = Command::new("git")
         .arg("-C")
-        .arg(&workspace)
+        .arg(workspace)
         .args(["archive", "--format=tar", "-o"])
         .arg(&tarball)
         .arg(LAYOUT_V1_COMMIT)
