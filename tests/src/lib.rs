@@ -392,7 +392,7 @@ pub fn layout_v1_bin() -> PathBuf {
     let out = workspace.join("target/layout-v1");
     let out_bin = out.join("target/debug/sockmesh");
     let out_stamp = out.join("commit");
-    if out_bin.exists() && fs::read_to_string(&out_stamp).is_ok_and(|c| c == LAYOUT_V1_COMMIT) {
+    if built(&out_bin, &out_stamp) {
         return out_bin;
     }
     let cache = std::env::var_os("XDG_CACHE_HOME")
@@ -407,11 +407,16 @@ pub fn layout_v1_bin() -> PathBuf {
     out_bin
 }
 
+/// Whether `bin` is there and `stamp` says it is the layout-v1 commit's.
+fn built(bin: &Path, stamp: &Path) -> bool {
+    bin.exists() && fs::read_to_string(stamp).is_ok_and(|c| c == LAYOUT_V1_COMMIT)
+}
+
 /// Builds (once: a stamp says it is done) the layout-v1 agent in `dir`.
 fn build_layout_v1(workspace: &Path, dir: &Path) -> PathBuf {
     let bin = dir.join("target/debug/sockmesh");
     let stamp = dir.join("commit");
-    if bin.exists() && fs::read_to_string(&stamp).is_ok_and(|c| c == LAYOUT_V1_COMMIT) {
+    if built(&bin, &stamp) {
         return bin;
     }
     let src = dir.join("src");
