@@ -3,7 +3,9 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use sockmesh_common::{BackendInfo, BackendKey, MAGLEV_CHUNK, ServiceKey, ServicePolicy, SlotKey};
+use sockmesh_common::{
+    BackendInfo, BackendKey, MAGLEV_CHUNK, ServiceKey, ServicePolicy, SlotKey, service_flags,
+};
 
 use super::{
     keys::{port_from_map, service_addr, words_to_ip},
@@ -40,17 +42,22 @@ pub(super) struct Installed {
     pub(super) health: Option<ServicePolicy>,
 }
 
-/// Where a service's slots are kept: the slot map, one entry per slot, or (a
-/// Maglev table) the Maglev map, one chunk per `MAGLEV_CHUNK` entries.
+/// Where a service's slots are kept: the slot map, one entry per slot, (a
+/// Maglev table) the Maglev map, one chunk per `MAGLEV_CHUNK` entries, or nowhere
+/// (direct slots: slot `i` is backend index `i`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum SlotMap {
     Slots,
     Maglev,
+    Direct,
 }
 
 impl SlotMap {
-    pub(super) fn of(policy: crate::model::LbPolicy) -> Self {
-        if policy.is_maglev() {
+    /// Where a service published with `policy` and `flags` keeps its slots.
+    pub(super) fn of(policy: crate::model::LbPolicy, flags: u8) -> Self {
+        if flags & service_flags::DIRECT != 0 {
+            SlotMap::Direct
+        } else if policy.is_maglev() {
             SlotMap::Maglev
         } else {
             SlotMap::Slots
@@ -62,8 +69,24 @@ impl SlotMap {
         match self {
             SlotMap::Slots => slots,
             SlotMap::Maglev => slots.div_ceil(MAGLEV_CHUNK),
+            SlotMap::Direct => 0,
         }
     }
+}
+
+/// A backend index as a slot holds it. Indexes stay below 2 ×
+/// MAX_BACKENDS_PER_SERVICE (the lowest free index before and after an update),
+/// well within u16; u16::MAX, which names no backend, stands for anything else.
+pub(super) fn slot_index(index: u32) -> u16 {
+    u16::try_from(index).unwrap_or(u16::MAX)
+}
+
+/// Whether `slots` may be published as direct slots: slot `i` names backend `i`.
+pub(super) fn is_direct(slots: &[u16]) -> bool {
+    slots
+        .iter()
+        .enumerate()
+        .all(|(i, &index)| usize::from(index) == i)
 }
 
 impl Installed {
@@ -80,7 +103,7 @@ impl Installed {
 
     /// Where its published slots are kept.
     pub(super) fn slot_map(&self) -> SlotMap {
-        SlotMap::of(self.policy)
+        SlotMap::of(self.policy, self.flags)
     }
 
     /// A service about to be written for the first time.
@@ -147,7 +170,14 @@ impl Mirror {
                     id: v.id,
                     generation: v.generation,
                     revision: v.revision,
-                    slots: vec![u16::MAX; v.slot_count as usize],
+                    // Direct slots name their own index; the others are read below.
+                    slots: if v.flags & service_flags::DIRECT != 0 {
+                        (0..v.slot_count.min(u32::from(u16::MAX)))
+                            .map(slot_index)
+                            .collect()
+                    } else {
+                        vec![u16::MAX; v.slot_count as usize]
+                    },
                     backends: BTreeMap::new(),
                     dirty: false,
                     leftover: 0,

@@ -17,13 +17,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use sockmesh_common::{
     BackendInfo, BackendKey, EndpointKey, MAGLEV_CHUNK, MaglevChunk, ServiceKey, ServicePolicy,
-    ServiceValue, SlotKey, backend_state,
+    ServiceValue, SlotKey, backend_state, service_flags,
 };
 use tracing::{debug, warn};
 
 use super::{
     keys::{ip_to_words, port_to_map, service_addr, service_key},
-    mirror::{Installed, Mirror, SlotMap},
+    mirror::{Installed, Mirror, SlotMap, is_direct, slot_index},
     store::{MapStore, StoreError},
 };
 use crate::{
@@ -567,7 +567,7 @@ fn plan_backends(current: &Installed, protocol: Protocol, desired: &Service) -> 
         .filter(|(_, b)| b.state == backend_state::ACTIVE)
         .map(|(&i, b)| (i, b))
         .collect();
-    let slots = match desired.policy {
+    let slots: Vec<u16> = match desired.policy {
         LbPolicy::Maglev { table_size } => {
             // Sorted by address, so the same backends give the same table whatever
             // their order and indexes (a restarted agent rebuilds it identically).
@@ -590,7 +590,10 @@ fn plan_backends(current: &Installed, protocol: Protocol, desired: &Service) -> 
                 .collect()
         }
     };
-    let (flags, health) = desired.health.to_kernel(protocol, active.len());
+    let (mut flags, health) = desired.health.to_kernel(protocol, active.len());
+    if !desired.policy.is_maglev() && is_direct(&slots) {
+        flags |= service_flags::DIRECT;
+    }
     BackendPlan {
         backends,
         slots,
@@ -598,13 +601,6 @@ fn plan_backends(current: &Installed, protocol: Protocol, desired: &Service) -> 
         flags,
         health,
     }
-}
-
-/// A backend index as a slot holds it. Indexes stay below 2 ×
-/// MAX_BACKENDS_PER_SERVICE (the lowest free index before and after an update),
-/// well within u16; u16::MAX, which names no backend, stands for anything else.
-fn slot_index(index: u32) -> u16 {
-    u16::try_from(index).unwrap_or(u16::MAX)
 }
 
 /// A backend's name in its Maglev permutation: address bytes and host-order port.
@@ -655,6 +651,7 @@ fn put_generation<S: MapStore>(
                 *ops += 1;
             }
         }
+        SlotMap::Direct => {}
     }
     Ok(())
 }
@@ -671,6 +668,8 @@ fn del_entry<S: MapStore>(
     match map {
         SlotMap::Slots => store.del_slot(&key),
         SlotMap::Maglev => store.del_maglev(&key),
+        // Holds no entries (`SlotMap::entries` is 0): nothing calls this.
+        SlotMap::Direct => Ok(()),
     }
 }
 
@@ -709,7 +708,7 @@ fn write_and_publish<S: MapStore>(
     let old_generation = inst.generation;
     let old_entries = inst.slot_map().entries(inst.slots.len());
     let old_map = inst.slot_map();
-    let new_map = SlotMap::of(plan.policy);
+    let new_map = SlotMap::of(plan.policy, plan.flags);
     // 2a. Health settings before a service value that names them.
     if let Some(health) = plan.health
         && inst.health != Some(health)

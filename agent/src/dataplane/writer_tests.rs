@@ -154,8 +154,9 @@ fn an_update_touches_only_its_service() {
         };
         assert_eq!(id, b_id, "{op:?} touched another service");
     }
-    // put backend, put slot, publish, delete old slot, delete old backend.
-    assert_eq!(w.store().log.len(), 5);
+    // put backend, put slot (index 1 in slot 0: not direct), publish, delete old
+    // backend. The old generation was direct: no slot to delete.
+    assert_eq!(w.store().log.len(), 4);
 }
 
 #[test]
@@ -251,7 +252,7 @@ fn a_failed_write_keeps_the_service_on_a_consistent_set_and_recovers() {
         w.apply(&table(&[(s, new.clone())])).expect("new");
         w.store().log.len() - base
     };
-    assert!(writes >= 8, "the update makes {writes} writes");
+    assert!(writes >= 7, "the update makes {writes} writes");
     // Fail each write of the update in turn: every one of them fails the update.
     for fail in 0..writes {
         let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
@@ -352,19 +353,86 @@ fn adopt_takes_over_without_rewriting_and_collects_garbage() {
 
 #[test]
 fn adopt_marks_inconsistent_services_dirty() {
-    let s = svc("10.96.0.1", 80);
+    // A slot missing (weighted: slots in the map), and a backend missing (equal
+    // weights: direct slots, none in the map).
+    let weighted = svc("10.96.0.1", 80);
+    let equal = svc("10.96.0.2", 80);
+    let t = table(&[
+        (
+            weighted,
+            vec![be("10.0.0.1", 80), be("10.0.0.2", 80).weighted(2)],
+        ),
+        (equal, vec![be("10.0.1.1", 80), be("10.0.1.2", 80)]),
+    ]);
     let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
-    w.apply(&table(&[(s, vec![be("10.0.0.1", 80), be("10.0.0.2", 80)])]))
-        .expect("apply");
+    w.apply(&t).expect("apply");
     let mut store = std::mem::take(w.store_mut());
+    let ids: HashMap<ServiceKey, u32> = store.services.iter().map(|(k, v)| (*k, v.id)).collect();
+    assert!(
+        store
+            .slots
+            .keys()
+            .all(|k| k.service_id == ids[&service_key(&weighted)]),
+        "equal weights publish direct slots"
+    );
     let first = *store.slots.keys().next().expect("a slot");
     store.slots.remove(&first);
+    let backend = *store
+        .backends
+        .keys()
+        .find(|k| k.service_id == ids[&service_key(&equal)])
+        .expect("a backend");
+    store.backends.remove(&backend);
+    let mut w = MapWriter::adopt(store).expect("adopt");
+    let r = w.apply(&t).expect("repair");
+    assert_eq!(r.updated, 2);
+    assert_eq!(reachable(w.store(), &weighted).map(|s| s.len()), Some(2));
+    assert_eq!(reachable(w.store(), &equal).map(|s| s.len()), Some(2));
+}
+
+#[test]
+fn direct_slots_come_and_go_with_the_identity() {
+    let s = svc("10.96.0.1", 80);
+    let key = service_key(&s);
+    let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
+    let mut check = |w: &mut MapWriter<MemStore>, backends: Vec<Backend>, direct: bool| {
+        w.apply(&table(&[(s, backends.clone())])).expect("apply");
+        let st = w.store();
+        let value = st.services[&key];
+        assert_eq!(
+            value.flags & service_flags::DIRECT != 0,
+            direct,
+            "{backends:?}"
+        );
+        // Only the published generation's slots exist, and none when direct.
+        let expected = if direct { 0 } else { value.slot_count as usize };
+        assert_eq!(st.slots.len(), expected, "{backends:?}");
+        assert_eq!(reachable(st, &s), Some(set(&backends)));
+        assert_eq!(
+            table_from_snapshot(&st.snapshot().expect("snapshot")),
+            table(&[(s, backends)])
+        );
+    };
+    // Written in one go: slot i is backend i.
+    check(&mut w, vec![be("10.0.0.1", 80), be("10.0.0.2", 80)], true);
+    // The first backend goes: the second keeps index 1 in slot 0.
+    check(&mut w, vec![be("10.0.0.2", 80)], false);
+    // A newcomer takes index 0: slots [0, 1] again.
+    check(&mut w, vec![be("10.0.0.3", 80), be("10.0.0.2", 80)], true);
+    // Weights make slots that are not the identity.
+    check(
+        &mut w,
+        vec![be("10.0.0.3", 80).weighted(2), be("10.0.0.2", 80)],
+        false,
+    );
+    // A restarted agent adopts a direct service as it is: no rewrite.
+    check(&mut w, vec![be("10.0.0.3", 80), be("10.0.0.2", 80)], true);
+    let store = std::mem::take(w.store_mut());
     let mut w = MapWriter::adopt(store).expect("adopt");
     let r = w
-        .apply(&table(&[(s, vec![be("10.0.0.1", 80), be("10.0.0.2", 80)])]))
-        .expect("repair");
-    assert_eq!(r.updated, 1);
-    assert_eq!(reachable(w.store(), &s).map(|s| s.len()), Some(2));
+        .apply(&table(&[(s, vec![be("10.0.0.3", 80), be("10.0.0.2", 80)])]))
+        .expect("same");
+    assert_eq!((r.unchanged, r.map_ops), (1, 0));
 }
 
 fn services(n: u32) -> RoutingTable {
@@ -770,7 +838,8 @@ fn switching_to_and_from_maglev_leaves_nothing_behind() {
                     "{p:?}"
                 );
             }
-            _ => assert_eq!((slots, chunks), (2, 0), "{p:?}"),
+            // Two equal weights: direct slots, none in the map.
+            _ => assert_eq!((slots, chunks), (0, 0), "{p:?}"),
         }
         assert_eq!(reachable(st, &s), Some(set(&backends)), "{p:?}");
         assert_eq!(w.usage().maglev, usize::from(p.is_maglev()));

@@ -126,7 +126,9 @@ pub const fn str_eq(a: &str, b: &str) -> bool {
 /// - 1: services, slots, backends, reverse translation, per-CPU node counters.
 /// - 2: adds `SM_SERVICE_STATS`, per-service counters.
 /// - 3: adds `SM_MAGLEV`, the Maglev tables of consistent-hash services.
-pub const LAYOUT_VERSION: u32 = 3;
+/// - 4: [`service_flags::DIRECT`]: a service whose slot `i` is backend index `i`
+///   has no `SM_SLOTS` entries (a program of layout 3 would miss every slot).
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Version of the connection-tracking maps ([`map_names::CONNS`]). They are pinned
 /// under `<bpffs>/conns-v<CONNS_VERSION>/`, apart from the layout's directory,
@@ -262,6 +264,13 @@ pub mod service_flags {
     /// Circuit breaking: connect() counts the service's open connections against
     /// [`crate::ServicePolicy::max_connections`].
     pub const CIRCUIT: u8 = 2;
+    /// Direct slots: slot `i` of the service is backend index `i`, and the
+    /// service has no entries in `SM_SLOTS` (nor, for its published generation,
+    /// anything to flip but the service value). The agent publishes it when the
+    /// slot table is the identity, which is what equal weights give a service
+    /// written in one go (every initial load): half the map entries of a 10-endpoint
+    /// service. Never set on a Maglev service.
+    pub const DIRECT: u8 = 4;
 }
 
 /// Most random choices a least-connections pick draws (the loop's bound).

@@ -2,7 +2,9 @@
 //! service key → [`ServiceValue`] → [`SlotKey`] (id, published generation, slot) →
 //! backend index → [`BackendKey`] → backend. A Maglev service's slots are its
 //! table's entries, read from the table chunk that holds them
-//! ([`crate::MaglevChunk`], keyed by the chunk number in [`SlotKey::slot`]).
+//! ([`crate::MaglevChunk`], keyed by the chunk number in [`SlotKey::slot`]). A
+//! service published with [`service_flags::DIRECT`] skips the slot lookup: its
+//! slot `i` is backend index `i`.
 //!
 //! The kernel programs (`ebpf/programs/src/xlate.rs`) resolve one slot per
 //! connect(); the agent's in-memory fake (`MemStore`) and its reader of the pinned
@@ -74,7 +76,9 @@ pub fn resolve_slot<M: RoutingMaps>(
     slot: u32,
 ) -> Result<Slot<M::Backend>, M::Error> {
     let key = slot_key(service, slot);
-    let index = if service.policy == lb_policy::MAGLEV {
+    let index = if service.flags & service_flags::DIRECT != 0 {
+        Some(slot)
+    } else if service.policy == lb_policy::MAGLEV {
         maps.maglev(&key, slot as usize % MAGLEV_CHUNK)?
     } else {
         maps.slot(&key)?
@@ -126,6 +130,8 @@ pub fn published_indices<M: TableMaps>(
             let n = (count - first).min(MAGLEV_CHUNK);
             chunk.entries[..n].iter().for_each(|&i| f(u32::from(i)));
         }
+    } else if service.flags & service_flags::DIRECT != 0 {
+        published_slots(service).for_each(&mut f);
     } else {
         for slot in published_slots(service) {
             let key = slot_key(service, slot);

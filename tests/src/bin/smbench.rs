@@ -44,7 +44,10 @@ fn main() -> std::process::ExitCode {
                     .ok()
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(PROP_CHANGES),
-                PROP_MAGLEV,
+                std::env::var("SMBENCH_MAGLEV")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(PROP_MAGLEV),
             ),
         );
     }
@@ -495,7 +498,12 @@ fn propagation(bin_dir: &Path, services: u32, endpoints: u16, changes: u32, magl
         })
         .collect();
     drop(agent);
-    let _ = std::fs::remove_file(&log_path);
+    // SMBENCH_KEEP_LOG=1 keeps the agent's log for a look at its timeline.
+    if std::env::var("SMBENCH_KEEP_LOG").is_ok_and(|v| v == "1") {
+        detail(&format!("  agent log kept: {}", log_path.display()));
+    } else {
+        let _ = std::fs::remove_file(&log_path);
+    }
     e2e.sort_by(f64::total_cmp);
     e2e_maglev.sort_by(f64::total_cmp);
     agent_side.sort_by(f64::total_cmp);
