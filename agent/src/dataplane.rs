@@ -392,7 +392,7 @@ pub fn read_counters(bpffs: &Path) -> Result<Vec<(&'static str, u64)>, Dataplane
     kernel::read_counters(&PinLayout::new(bpffs).maps)
 }
 
-/// Per-service counters pinned under `bpffs`, summed over CPUs, by service.
+/// Per-service counters pinned under `bpffs`, by service.
 pub fn read_service_counters(
     bpffs: &Path,
 ) -> Result<Vec<(crate::model::ServiceAddr, sockmesh_common::ServiceStats)>, DataplaneError> {

@@ -38,7 +38,7 @@ struct ServiceStatsJson {
 }
 
 impl StatsArgs {
-    /// Prints the node counters and each service's, summed over CPUs.
+    /// Prints the node counters (summed over CPUs) and each service's.
     pub fn execute(self) -> Result<()> {
         let counters = dataplane::read_counters(&self.pins.bpffs)?;
         let services = dataplane::read_service_counters(&self.pins.bpffs)?;

@@ -5,7 +5,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
 use sockmesh_common::{
     BackendInfo, BackendKey, ConnKey, EndpointHealth, EndpointKey, MaglevChunk, ServiceHealth,
     ServiceKey, ServicePolicy, ServiceStats, ServiceValue, SlotKey, counter, map_names,
@@ -26,11 +26,9 @@ pub struct KernelMaps {
     slots: HashMap<MapData, SlotKey, u32>,
     backends: HashMap<MapData, BackendKey, BackendInfo>,
     maglev: HashMap<MapData, SlotKey, MaglevChunk>,
-    stats: PerCpuHashMap<MapData, ServiceKey, ServiceStats>,
+    stats: HashMap<MapData, ServiceKey, ServiceStats>,
     policies: HashMap<MapData, ServiceKey, ServicePolicy>,
     endpoint_health: HashMap<MapData, EndpointKey, EndpointHealth>,
-    /// Possible CPUs: the number of values of a per-CPU entry.
-    cpus: usize,
 }
 
 /// The maps [`KernelMaps`] holds, taken from a loaded object or opened from pins.
@@ -48,22 +46,15 @@ impl KernelMaps {
     /// Wraps maps taken from a loaded object.
     pub fn new(maps: WrittenMaps) -> Result<Self, DataplaneError> {
         let conv = |name: &'static str| move |source| DataplaneError::Map { name, source };
-        let cpus = aya::util::nr_cpus()
-            .map_err(|(path, source)| DataplaneError::Io {
-                path: path.into(),
-                source,
-            })?
-            .get() as usize;
         Ok(Self {
             services: HashMap::try_from(maps.services).map_err(conv(map_names::SERVICES))?,
             slots: HashMap::try_from(maps.slots).map_err(conv(map_names::SLOTS))?,
             backends: HashMap::try_from(maps.backends).map_err(conv(map_names::BACKENDS))?,
             maglev: HashMap::try_from(maps.maglev).map_err(conv(map_names::MAGLEV))?,
-            stats: PerCpuHashMap::try_from(maps.stats).map_err(conv(map_names::SERVICE_STATS))?,
+            stats: HashMap::try_from(maps.stats).map_err(conv(map_names::SERVICE_STATS))?,
             policies: HashMap::try_from(maps.policies).map_err(conv(map_names::SERVICE_POLICY))?,
             endpoint_health: HashMap::try_from(maps.endpoint_health)
                 .map_err(conv(map_names::ENDPOINT_HEALTH))?,
-            cpus,
         })
     }
 
@@ -78,7 +69,7 @@ impl KernelMaps {
             slots: Map::HashMap(open_pin(maps_dir, map_names::SLOTS)?),
             backends: Map::HashMap(open_pin(maps_dir, map_names::BACKENDS)?),
             maglev: Map::HashMap(open_pin(maps_dir, map_names::MAGLEV)?),
-            stats: Map::PerCpuHashMap(open_pin(maps_dir, map_names::SERVICE_STATS)?),
+            stats: Map::HashMap(open_pin(maps_dir, map_names::SERVICE_STATS)?),
         })
     }
 
@@ -207,16 +198,8 @@ impl MapStore for KernelMaps {
         absent_ok(self.maglev.remove(k)).map_err(err(MapName::Maglev, "delete"))
     }
     fn create_stats(&mut self, k: &ServiceKey) -> Result<(), StoreError> {
-        let zero =
-            PerCpuValues::try_from(vec![ServiceStats::default(); self.cpus]).map_err(|e| {
-                StoreError {
-                    map: MapName::ServiceStats,
-                    op: "insert",
-                    source: Box::new(e),
-                }
-            })?;
         let flags = u64::from(aya_obj::generated::BPF_NOEXIST);
-        let r = self.stats.insert(k, zero, flags);
+        let r = self.stats.insert(k, &ServiceStats::default(), flags);
         // Present already: its counts stay.
         if is_errno(&r, libc::EEXIST) {
             return Ok(());
@@ -290,28 +273,17 @@ pub fn read_counters(maps_dir: &Path) -> Result<Vec<(&'static str, u64)>, Datapl
     Ok(out)
 }
 
-/// Every service's counters pinned under `maps_dir` (`SM_SERVICE_STATS`), summed
-/// over CPUs. Only this map is opened: a scrape reads nothing else.
+/// Every service's counters pinned under `maps_dir` (`SM_SERVICE_STATS`). Only this
+/// map is opened: a scrape reads nothing else.
 pub fn read_service_stats(
     maps_dir: &Path,
 ) -> Result<Vec<(ServiceKey, ServiceStats)>, DataplaneError> {
     let name = map_names::SERVICE_STATS;
     let conv = |source| DataplaneError::Map { name, source };
     let data = open_pin(maps_dir, name)?;
-    let map: PerCpuHashMap<MapData, ServiceKey, ServiceStats> =
-        PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).map_err(conv)?;
-    let mut out = Vec::new();
-    for entry in map.iter() {
-        let (key, values) = entry.map_err(conv)?;
-        let sum = values
-            .iter()
-            .fold(ServiceStats::default(), |a, v| ServiceStats {
-                redirects: a.redirects + v.redirects,
-                no_backend: a.no_backend + v.no_backend,
-            });
-        out.push((key, sum));
-    }
-    Ok(out)
+    let map: HashMap<MapData, ServiceKey, ServiceStats> =
+        HashMap::try_from(Map::HashMap(data)).map_err(conv)?;
+    map.iter().collect::<Result<Vec<_>, _>>().map_err(conv)
 }
 
 /// The open-connection counts pinned in `conns_dir` (`SM_BACKEND_CONNS`).

@@ -126,7 +126,7 @@ pub struct MemStore {
     pub slots: BTreeMap<SlotKey, u32>,
     pub backends: BTreeMap<BackendKey, BackendInfo>,
     pub maglev: BTreeMap<SlotKey, MaglevChunk>,
-    /// Per-service counters (one value: the kernel's per-CPU values summed).
+    /// Per-service counters (as the kernel's entry holds them).
     pub stats: BTreeMap<ServiceKey, ServiceStats>,
     pub policies: BTreeMap<ServiceKey, ServicePolicy>,
     /// Endpoint health entries (the kernel creates them; tests seed them).

@@ -87,18 +87,6 @@ impl Resource {
         }
     }
 
-    /// The protobuf encoding of the resource.
-    pub fn encode(&self) -> Box<[u8]> {
-        use prost::Message as _;
-        match self {
-            Resource::Cluster(c) => c.encode_to_vec(),
-            Resource::Endpoint(e) => e.encode_to_vec(),
-            Resource::Listener(l) => l.encode_to_vec(),
-            Resource::Route(r) => r.encode_to_vec(),
-        }
-        .into_boxed_slice()
-    }
-
     pub fn kind(&self) -> Kind {
         match self {
             Resource::Cluster(_) => Kind::Cluster,

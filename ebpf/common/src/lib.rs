@@ -127,7 +127,9 @@ pub const fn str_eq(a: &str, b: &str) -> bool {
 /// - 2: adds `SM_SERVICE_STATS`, per-service counters.
 /// - 3: adds `SM_MAGLEV`, the Maglev tables of consistent-hash services.
 /// - 4: [`service_flags::DIRECT`]: a service whose slot `i` is backend index `i`
-///   has no `SM_SLOTS` entries (a program of layout 3 would miss every slot).
+///   has no `SM_SLOTS` entries (a program of layout 3 would miss every slot);
+///   `SM_SERVICE_STATS` is one entry per service with atomic adds, no longer per
+///   CPU.
 pub const LAYOUT_VERSION: u32 = 4;
 
 /// Version of the connection-tracking maps ([`map_names::CONNS`]). They are pinned
@@ -352,7 +354,8 @@ pub struct MaglevChunk {
     pub entries: [u16; MAGLEV_CHUNK],
 }
 
-/// Value of the per-service counter map (one per CPU), keyed by [`ServiceKey`].
+/// Value of the per-service counter map (one per service, added to atomically),
+/// keyed by [`ServiceKey`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceStats {
