@@ -159,18 +159,26 @@ pub fn assignment_with_health(name: &str, endpoints: &[(IpAddr, u16, bool)]) -> 
     )
 }
 
-/// `n` services `10.200.x.y:80`, each an EDS cluster `svc-i` with `per` endpoints
-/// `10.30.x.y:8080`.. (listeners, clusters, load assignments).
+/// The VIP of service `i` of [`services`]: 10.200.x.y for the first 65,536, then
+/// 10.201.x.y, and so on.
+pub fn service_vip(i: u32) -> IpAddr {
+    let [_, high, hi, lo] = i.to_be_bytes();
+    IpAddr::from([10, 200u8.saturating_add(high), hi, lo])
+}
+
+/// `n` services ([`service_vip`]`(i)`:80), each an EDS cluster `svc-i` with `per`
+/// endpoints `10.30.x.y:8080`.. (10.31.x.y past 65,536; listeners, clusters, load
+/// assignments).
 pub fn services(n: u32, per: u16) -> Vec<(String, Any)> {
     let mut out = Vec::with_capacity(n as usize * 3);
     for i in 0..n {
-        let [_, _, hi, lo] = i.to_be_bytes();
-        let vip = IpAddr::from([10, 200, hi, lo]);
+        let vip = service_vip(i);
         let name = format!("svc-{i}");
         out.push(tcp_listener(&name, vip, 80, &name));
         out.push(eds_cluster(&name));
+        let [_, high, hi, lo] = i.to_be_bytes();
         let eps: Vec<(IpAddr, u16)> = (0..per)
-            .map(|p| (IpAddr::from([10, 30, hi, lo]), 8080 + p))
+            .map(|p| (IpAddr::from([10, 30 + high, hi, lo]), 8080 + p))
             .collect();
         out.push(assignment(&name, &eps));
     }

@@ -527,9 +527,53 @@ impl BackendPlan {
     }
 }
 
-/// Assigns backend indexes (a backend keeps its index; a new one takes the lowest
-/// index not in use before or after the update) and computes the slots.
+/// Assigns backend indexes and computes the slots.
+///
+/// A backend keeps its index; a new one takes the lowest index not in use before
+/// or after the update, so no index a published slot names changes address before
+/// the new slots are published. One exception: a service published with direct
+/// slots where one endpoint is replaced by another (equal weights, the same count).
+/// The new endpoint takes the index the old one frees, that one entry is rewritten
+/// in place and nothing else is written: the write switches every slot from the
+/// old set to the new at once, as a publish does, and the update costs one map
+/// write instead of a whole slot table and its deletion.
 fn plan_backends(current: &Installed, protocol: Protocol, desired: &Service) -> BackendPlan {
+    let plan = plan_indexes(current, protocol, desired, false);
+    let direct_now = current.flags & service_flags::DIRECT != 0
+        && current.slot_map() == SlotMap::Direct
+        && !current.dirty
+        && current.leftover == 0;
+    if direct_now && plan.flags & service_flags::DIRECT == 0 {
+        let in_place = plan_indexes(current, protocol, desired, true);
+        // Exactly one index changes, and the slot count stays: one map write
+        // switches the service from the old set to the new, which is the publish
+        // protocol's guarantee.
+        let rewritten = in_place
+            .backends
+            .iter()
+            .filter(|&(i, b)| current.backends.get(i) != Some(b))
+            .count();
+        if in_place.flags & service_flags::DIRECT != 0
+            && in_place.backends.len() == current.backends.len()
+            && in_place.slots.len() == current.slots.len()
+            && in_place.policy == current.policy
+            && rewritten == 1
+        {
+            return in_place;
+        }
+    }
+    plan
+}
+
+/// [`plan_backends`]' assignment: new backends take the lowest free index, where an
+/// index is free unless a backend holds it after the update (`reuse`) or before or
+/// after it.
+fn plan_indexes(
+    current: &Installed,
+    protocol: Protocol,
+    desired: &Service,
+    reuse: bool,
+) -> BackendPlan {
     let by_addr: HashMap<([u32; 4], u16), u32> = current
         .backends
         .iter()
@@ -557,7 +601,7 @@ fn plan_backends(current: &Installed, protocol: Protocol, desired: &Service) -> 
     }
     let mut next = 0u32;
     for info in fresh {
-        while current.backends.contains_key(&next) || backends.contains_key(&next) {
+        while (!reuse && current.backends.contains_key(&next)) || backends.contains_key(&next) {
             next += 1;
         }
         backends.insert(next, info);
@@ -692,6 +736,9 @@ fn write_and_publish<S: MapStore>(
     }
     // 1. New and changed backend entries. An existing index keeps its address, so
     //    rewriting it (weight/state) never changes what a slot resolves to.
+    //    A direct service's replaced endpoint is the exception: its index is
+    //    rewritten in place (see `plan_backends`), and the endpoint it held starts
+    //    afresh if it comes back, as a removed one does in step 5.
     for (&index, info) in &plan.backends {
         if inst.backends.get(&index) != Some(info) {
             store.put_backend(
@@ -701,8 +748,14 @@ fn write_and_publish<S: MapStore>(
                 },
                 info,
             )?;
-            inst.backends.insert(index, *info);
             *ops += 1;
+            if let Some(old) = inst.backends.insert(index, *info)
+                && (old.addr, old.port) != (info.addr, info.port)
+                && inst.health.is_some()
+            {
+                store.del_endpoint_health(&endpoint_key(key, &old))?;
+                *ops += 1;
+            }
         }
     }
     let old_generation = inst.generation;

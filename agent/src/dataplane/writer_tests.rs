@@ -154,9 +154,9 @@ fn an_update_touches_only_its_service() {
         };
         assert_eq!(id, b_id, "{op:?} touched another service");
     }
-    // put backend, put slot (index 1 in slot 0: not direct), publish, delete old
-    // backend. The old generation was direct: no slot to delete.
-    assert_eq!(w.store().log.len(), 4);
+    // One endpoint replaced by another in a direct service: its index is rewritten
+    // in place, nothing else.
+    assert_eq!(w.store().log.len(), 1);
 }
 
 #[test]
@@ -395,7 +395,7 @@ fn direct_slots_come_and_go_with_the_identity() {
     let s = svc("10.96.0.1", 80);
     let key = service_key(&s);
     let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
-    let mut check = |w: &mut MapWriter<MemStore>, backends: Vec<Backend>, direct: bool| {
+    let check = |w: &mut MapWriter<MemStore>, backends: Vec<Backend>, direct: bool| {
         w.apply(&table(&[(s, backends.clone())])).expect("apply");
         let st = w.store();
         let value = st.services[&key];
@@ -892,4 +892,76 @@ fn a_failed_maglev_write_keeps_a_whole_table_and_recovers() {
             "fail at {fail}: no leftover chunk"
         );
     }
+}
+
+#[test]
+fn a_replaced_endpoint_of_a_direct_service_is_rewritten_in_place() {
+    let s = svc("10.96.0.1", 80);
+    let key = service_key(&s);
+    let outlier = crate::model::Outlier {
+        consecutive: 5,
+        enforcing: 100,
+        base_ejection_ms: 30_000,
+        max_ejection_ms: 300_000,
+        interval_ms: 10_000,
+        max_ejection_percent: 100,
+        panic_percent: 0,
+    };
+    let health = crate::model::Health {
+        outlier: Some(outlier),
+        max_connections: None,
+    };
+    let service = |backends: Vec<Backend>| {
+        let mut t = RoutingTable::default();
+        t.insert(
+            s,
+            Service::new(backends, LbPolicy::Random).with_health(health),
+        );
+        t
+    };
+    let old = vec![be("10.0.0.1", 80), be("10.0.0.2", 80), be("10.0.0.3", 80)];
+    let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
+    w.apply(&service(old)).expect("apply");
+    let value = w.store().services[&key];
+    assert_ne!(value.flags & service_flags::DIRECT, 0);
+    // The kernel has seen the endpoint that goes (it keeps health state for it).
+    let gone = be("10.0.0.2", 80);
+    let gone_key = EndpointKey {
+        service: key,
+        addr: crate::dataplane::keys::ip_to_words(gone.address),
+        port: crate::dataplane::keys::port_to_map(gone.port),
+        pad: 0,
+    };
+    w.store_mut().endpoint_health.insert(gone_key);
+    let base = w.store().log.len();
+    let new = vec![be("10.0.0.1", 80), be("10.0.0.4", 80), be("10.0.0.3", 80)];
+    w.apply(&service(new.clone())).expect("replace one");
+    let st = w.store();
+    // One write for the endpoint, one delete for the health of the one it replaced;
+    // no slot, no service value.
+    assert_eq!(
+        st.log[base..],
+        [
+            Op::PutBackend(BackendKey {
+                service_id: value.id,
+                index: 1
+            }),
+            Op::DelEndpointHealth(gone_key),
+        ]
+    );
+    assert_eq!(st.services[&key], value, "the published value stays");
+    assert!(st.slots.is_empty());
+    assert_eq!(reachable(st, &s), Some(set(&new)));
+    assert_eq!(
+        table_from_snapshot(&st.snapshot().expect("snapshot")),
+        service(new)
+    );
+    // A replacement that changes the count is not in place: it publishes slots.
+    let base = st.log.len();
+    let fewer = vec![be("10.0.0.1", 80), be("10.0.0.5", 80)];
+    w.apply(&service(fewer.clone()))
+        .expect("replace two by one");
+    let st = w.store();
+    assert!(st.log[base..].contains(&Op::PutService(key)));
+    assert_eq!(reachable(st, &s), Some(set(&fewer)));
 }

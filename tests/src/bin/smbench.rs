@@ -35,21 +35,19 @@ fn main() -> std::process::ExitCode {
             "propagation".into(),
             propagation(
                 &bin_dir,
-                std::env::var("SMBENCH_SERVICES")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(PROP_SERVICES),
-                PROP_ENDPOINTS,
-                std::env::var("SMBENCH_CHANGES")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(PROP_CHANGES),
-                std::env::var("SMBENCH_MAGLEV")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(PROP_MAGLEV),
+                Prop {
+                    services: env_or("SMBENCH_SERVICES", PROP_SERVICES),
+                    endpoints: env_or("SMBENCH_ENDPOINTS", PROP_ENDPOINTS),
+                    changes: env_or("SMBENCH_CHANGES", PROP_CHANGES),
+                    maglev: env_or("SMBENCH_MAGLEV", PROP_MAGLEV),
+                    churn_per_s: env_or("SMBENCH_CHURN", 0),
+                    throughput: false,
+                },
             ),
         );
+    }
+    if wants("pipeline") {
+        report.insert("pipeline".into(), pipeline(&bin_dir));
     }
     if wants("http") {
         report.insert("http".into(), http_rps());
@@ -88,6 +86,16 @@ fn main() -> std::process::ExitCode {
     }
     say(&format!("report: {}", report_path.display()));
     std::process::ExitCode::SUCCESS
+}
+
+/// The value of environment variable `name`, or `default` when unset or unparsable
+/// (the propagation scenario's sizes: SMBENCH_SERVICES, SMBENCH_ENDPOINTS,
+/// SMBENCH_CHANGES, SMBENCH_MAGLEV; SMBENCH_POLL_US).
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn say(line: &str) {
@@ -340,7 +348,37 @@ const PROP_MAGLEV: u32 = 1_000;
 /// kernel map: on `svc-0` (weighted random), and, when `maglev` services
 /// (`svc-1`..) are consistent-hash clusters with a Maglev table each, on `svc-1`
 /// too.
-fn propagation(bin_dir: &Path, services: u32, endpoints: u16, changes: u32, maglev: u32) -> Value {
+/// What one propagation run loads and measures.
+#[derive(Clone, Copy)]
+struct Prop {
+    services: u32,
+    endpoints: u16,
+    /// Endpoint changes of service 0 measured one at a time (and of service 1, a
+    /// Maglev service, when `maglev` > 0).
+    changes: u32,
+    /// Services 1..=maglev get MAGLEV clusters.
+    maglev: u32,
+    /// Background churn while the changes are measured: one endpoint of another
+    /// service changes this many times a second (0: none).
+    churn_per_s: u32,
+    /// Afterwards, batches of `THROUGHPUT_BATCH` changes, each published at once:
+    /// publish → the last of them in the kernel.
+    throughput: bool,
+}
+
+/// Changes per throughput batch, and batches.
+const THROUGHPUT_BATCH: u32 = 1_000;
+const THROUGHPUT_BATCHES: u32 = 10;
+
+fn propagation(bin_dir: &Path, run: Prop) -> Value {
+    let Prop {
+        services,
+        endpoints,
+        changes,
+        maglev,
+        churn_per_s,
+        throughput,
+    } = run;
     use sockmesh_tests::{control_plane::ControlPlane, mesh, sockmesh_bin_in, unique};
     let Ok(rt) = tokio::runtime::Runtime::new() else {
         return json!({"error": "no tokio runtime"});
@@ -368,6 +406,21 @@ fn propagation(bin_dir: &Path, services: u32, endpoints: u16, changes: u32, magl
     let Ok(log) = std::fs::File::create(&log_path) else {
         return json!({"error": "log file"});
     };
+    // Capacities raised past the defaults (65,536 services, 524,288 backends) when
+    // the table needs it, as an operator of a larger mesh would set them.
+    let entries = services * u32::from(endpoints);
+    let capacity = [
+        ("--max-services", services, sockmesh_common::MAX_SERVICES),
+        (
+            "--max-backends",
+            entries,
+            sockmesh_common::MAX_BACKENDS_TOTAL,
+        ),
+        ("--max-slots", entries, sockmesh_common::MAX_SLOTS_TOTAL),
+    ]
+    .into_iter()
+    .filter(|&(_, need, default)| need > default)
+    .flat_map(|(flag, need, _)| [flag.to_owned(), (need + need / 4).to_string()]);
     let started = std::time::Instant::now();
     let agent = agent_command(sockmesh_bin_in(bin_dir), &cgroup, &bpffs)
         .args([
@@ -376,6 +429,7 @@ fn propagation(bin_dir: &Path, services: u32, endpoints: u16, changes: u32, magl
             "--xds-protocol",
             "delta",
         ])
+        .args(capacity)
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn();
@@ -384,10 +438,7 @@ fn propagation(bin_dir: &Path, services: u32, endpoints: u16, changes: u32, magl
     };
     let agent = Proc(agent);
     let last = ServiceAddr {
-        vip: {
-            let [_, _, hi, lo] = (services - 1).to_be_bytes();
-            IpAddr::from([10, 200, hi, lo])
-        },
+        vip: mesh::service_vip(services - 1),
         port: 80,
         protocol: Protocol::Tcp,
     };
@@ -429,17 +480,11 @@ fn propagation(bin_dir: &Path, services: u32, endpoints: u16, changes: u32, magl
     let log_before = std::fs::read_to_string(&log_path)
         .map(|t| t.len())
         .unwrap_or(0);
-    let poll = std::time::Duration::from_micros(
-        std::env::var("SMBENCH_POLL_US")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(50),
-    );
+    let poll = std::time::Duration::from_micros(env_or("SMBENCH_POLL_US", 50));
     // `changes` endpoint changes of service `n`: publish → the kernel holds it.
     let measure = |n: u32| -> Result<Vec<f64>, String> {
-        let [_, _, hi, lo] = n.to_be_bytes();
         let target = ServiceAddr {
-            vip: IpAddr::from([10, 200, hi, lo]),
+            vip: mesh::service_vip(n),
             port: 80,
             protocol: Protocol::Tcp,
         };
@@ -472,17 +517,29 @@ fn propagation(bin_dir: &Path, services: u32, endpoints: u16, changes: u32, magl
         }
         Ok(e2e)
     };
-    let mut e2e = match measure(0) {
+    let churn = Churn::start(&cp, services, endpoints, churn_per_s);
+    let measured = measure(0).and_then(|e2e| {
+        let maglev = if maglev > 0 { measure(1)? } else { Vec::new() };
+        Ok((e2e, maglev))
+    });
+    let churned = churn.map(Churn::stop);
+    let (mut e2e, mut e2e_maglev) = match measured {
         Ok(v) => v,
         Err(e) => return json!({ "error": e }),
     };
-    let mut e2e_maglev = if maglev > 0 {
-        match measure(1) {
-            Ok(v) => v,
+    if let Some((published, secs)) = churned {
+        detail(&format!(
+            "  background churn: {published} endpoint changes of other services in {secs:.1} s ({:.0}/s)",
+            published as f64 / secs.max(1e-9)
+        ));
+    }
+    let batches = if throughput {
+        match throughput_batches(&cp, &reader, services, endpoints) {
+            Ok(v) => Some(v),
             Err(e) => return json!({ "error": e }),
         }
     } else {
-        Vec::new()
+        None
     };
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     let mut agent_side: Vec<f64> = log
@@ -525,7 +582,20 @@ fn propagation(bin_dir: &Path, services: u32, endpoints: u16, changes: u32, magl
         )
     });
     let agent_json = row("agent: response received -> maps written", &agent_side);
+    let throughput_json = batches.map(|mut b| {
+        b.sort_by(f64::total_cmp);
+        let p50 = percentile(&b, 0.5);
+        detail(&format!(
+            "  throughput: {THROUGHPUT_BATCHES} batches of {THROUGHPUT_BATCH} endpoint changes (one service each), publish -> the last in the kernel: p50 {:.1} ms, max {:.1} ms; {:.0} changes/s at the median",
+            p50 / 1e3,
+            b.last().copied().unwrap_or(0.0) / 1e3,
+            f64::from(THROUGHPUT_BATCH) / (p50 / 1e6).max(1e-9)
+        ));
+        json!({"batch": THROUGHPUT_BATCH, "batches": b.len(), "p50_us": p50, "max_us": b.last().copied().unwrap_or(0.0),
+               "changes_per_s": f64::from(THROUGHPUT_BATCH) / (p50 / 1e6).max(1e-9)})
+    });
     json!({
+        "churn_per_s": churn_per_s, "throughput": throughput_json,
         "services": services, "endpoints_per_service": endpoints, "changes": changes,
         "maglev_services": maglev,
         "initial_load_s": initial_load.as_secs_f64(), "agent_rss_kib": rss_kib,
@@ -687,9 +757,164 @@ fn scale(bin_dir: &Path) -> Value {
 }
 
 /// [`propagation`] without its printout.
+/// Service `i`'s endpoints as [`sockmesh_tests::mesh::services`] made them, with
+/// the first one's port moved by `turn` (one endpoint changes per turn).
+fn endpoints_of(i: u32, endpoints: u16, turn: u16) -> Vec<(IpAddr, u16)> {
+    let [_, high, hi, lo] = i.to_be_bytes();
+    (0..endpoints)
+        .map(|p| {
+            let port = 8080 + p + if p == 0 { 1000 * (turn % 2) } else { 0 };
+            (IpAddr::from([10, 30 + high, hi, lo]), port)
+        })
+        .collect()
+}
+
+/// A background of endpoint changes: a thread changes one endpoint of service
+/// 2, 3, … (never 0 or 1, the measured ones) `per_s` times a second, open loop.
+struct Churn {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, f64)>,
+}
+
+impl Churn {
+    fn start(
+        cp: &sockmesh_tests::control_plane::ControlPlane,
+        services: u32,
+        endpoints: u16,
+        per_s: u32,
+    ) -> Option<Self> {
+        if per_s == 0 || services < 3 {
+            return None;
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (cp, flag) = (cp.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let period = std::time::Duration::from_secs(1) / per_s;
+            let start = std::time::Instant::now();
+            let mut n: u64 = 0;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(wait) =
+                    (start + period * n as u32).checked_duration_since(std::time::Instant::now())
+                {
+                    std::thread::sleep(wait);
+                }
+                let others = u64::from(services - 2);
+                let i = 2 + (n % others) as u32;
+                let turn = (n / others) as u16 + 1;
+                let eps = endpoints_of(i, endpoints, turn);
+                cp.publish(
+                    &[sockmesh_tests::mesh::assignment(&format!("svc-{i}"), &eps)],
+                    false,
+                );
+                n += 1;
+            }
+            (n, start.elapsed().as_secs_f64())
+        });
+        Some(Self { stop, thread })
+    }
+
+    /// Stops the thread: (changes published, seconds).
+    fn stop(self) -> (u64, f64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or((0, 0.0))
+    }
+}
+
+/// `THROUGHPUT_BATCHES` batches of `THROUGHPUT_BATCH` endpoint changes, one per
+/// service (services 2.., a different set each batch), each batch published at
+/// once: µs from publish until the kernel holds the batch's last change.
+fn throughput_batches(
+    cp: &sockmesh_tests::control_plane::ControlPlane,
+    reader: &sockmesh::dataplane::KernelMaps,
+    services: u32,
+    endpoints: u16,
+) -> Result<Vec<f64>, String> {
+    let mut out = Vec::new();
+    let others = services.saturating_sub(2);
+    if others < THROUGHPUT_BATCH {
+        return Err(format!(
+            "throughput needs more than {THROUGHPUT_BATCH} services"
+        ));
+    }
+    for b in 0..THROUGHPUT_BATCHES {
+        let first = 2 + (b * THROUGHPUT_BATCH) % (others - THROUGHPUT_BATCH + 1);
+        // A turn the churn never reached for these services: a real change.
+        let turn = 7 + 2 * b as u16;
+        let batch: Vec<_> = (first..first + THROUGHPUT_BATCH)
+            .map(|i| {
+                sockmesh_tests::mesh::assignment(
+                    &format!("svc-{i}"),
+                    &endpoints_of(i, endpoints, turn),
+                )
+            })
+            .collect();
+        let last = first + THROUGHPUT_BATCH - 1;
+        let mut want = endpoints_of(last, endpoints, turn);
+        want.sort();
+        let target = ServiceAddr {
+            vip: sockmesh_tests::mesh::service_vip(last),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        let t0 = std::time::Instant::now();
+        cp.publish(&batch, false);
+        loop {
+            if reader
+                .reachable(&target)
+                .ok()
+                .flatten()
+                .is_some_and(|got| got == want)
+            {
+                break;
+            }
+            if t0.elapsed() > std::time::Duration::from_secs(30) {
+                return Err(format!("throughput batch {b} not in the kernel after 30 s"));
+            }
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+        out.push(t0.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok(out)
+}
+
+/// The update pipeline at 10k, 50k and 100k services × 10 endpoints (capacities
+/// raised past the defaults at 100k): initial load, agent RSS, one endpoint
+/// change's publish → kernel latency under a background churn of 1,000 endpoint
+/// changes/s, and batch throughput.
+fn pipeline(bin_dir: &Path) -> Value {
+    say("\npipeline: the update path at 10k / 50k / 100k services x 10 endpoints, churn 1,000/s");
+    let rows: Vec<Value> = [10_000, 50_000, 100_000]
+        .into_iter()
+        .map(|services| {
+            propagation(
+                bin_dir,
+                Prop {
+                    services,
+                    endpoints: 10,
+                    changes: 1_000,
+                    maglev: 0,
+                    churn_per_s: 1_000,
+                    throughput: true,
+                },
+            )
+        })
+        .collect();
+    json!(rows)
+}
+
 fn propagation_quiet(bin_dir: &Path, services: u32, endpoints: u16, changes: u32) -> Value {
     QUIET.store(true, std::sync::atomic::Ordering::Relaxed);
-    let v = propagation(bin_dir, services, endpoints, changes, 0);
+    let v = propagation(
+        bin_dir,
+        Prop {
+            services,
+            endpoints,
+            changes,
+            maglev: 0,
+            churn_per_s: 0,
+            throughput: false,
+        },
+    );
     QUIET.store(false, std::sync::atomic::Ordering::Relaxed);
     v
 }
