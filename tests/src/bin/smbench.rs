@@ -41,7 +41,7 @@ fn main() -> std::process::ExitCode {
                     changes: env_or("SMBENCH_CHANGES", PROP_CHANGES),
                     maglev: env_or("SMBENCH_MAGLEV", PROP_MAGLEV),
                     churn_per_s: env_or("SMBENCH_CHURN", 0),
-                    throughput: false,
+                    throughput: env_or("SMBENCH_THROUGHPUT", 0) == 1,
                 },
             ),
         );
@@ -90,7 +90,8 @@ fn main() -> std::process::ExitCode {
 
 /// The value of environment variable `name`, or `default` when unset or unparsable
 /// (the propagation scenario's sizes: SMBENCH_SERVICES, SMBENCH_ENDPOINTS,
-/// SMBENCH_CHANGES, SMBENCH_MAGLEV; SMBENCH_POLL_US).
+/// SMBENCH_CHANGES, SMBENCH_MAGLEV, SMBENCH_CHURN, SMBENCH_THROUGHPUT=1;
+/// SMBENCH_POLL_US).
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
