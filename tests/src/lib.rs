@@ -614,7 +614,10 @@ impl Admin {
         *self.addr.get_or_init(|| {
             wait_until(
                 "the admin server's address",
-                Duration::from_secs(20),
+                // The agent writes it after the verifier has checked its programs:
+                // under the CI's single-CPU TCG VM with traffic running that took
+                // over 200 s (the migration test, 2026-12-02).
+                Duration::from_secs(40),
                 || {
                     fs::read_to_string(&self.file)
                         .map_err(|e| format!("{e}; the agent's log ends:\n{}", self.log_tail()))

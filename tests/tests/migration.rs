@@ -99,6 +99,9 @@ fn layout_upgrade_builds_beside_the_old_datapath_and_swaps_without_loss() {
         agent_command(sockmesh_bin(), &cgroup, &bpffs)
             .args(["--xds", &format!("grpc://{addr}")])
             .args(admin.args())
+            // Each program's verification time in the log (and so in a failure
+            // message): start-up is what this test waits longest for in the VM.
+            .env("RUST_LOG", "info,sockmesh::dataplane::loader=debug")
             .stdout(Stdio::null())
             .stderr(admin.log())
             .spawn()
