@@ -267,11 +267,10 @@ pub mod service_flags {
     /// [`crate::ServicePolicy::max_connections`].
     pub const CIRCUIT: u8 = 2;
     /// Direct slots: slot `i` of the service is backend index `i`, and the
-    /// service has no entries in `SM_SLOTS` (nor, for its published generation,
-    /// anything to flip but the service value). The agent publishes it when the
-    /// slot table is the identity, which is what equal weights give a service
-    /// written in one go (every initial load): half the map entries of a 10-endpoint
-    /// service. Never set on a Maglev service.
+    /// service has no entries in `SM_SLOTS`. The agent publishes it when the slot
+    /// table is the identity, which is what equal weights give a service written
+    /// in one go (every initial load): 11 map entries instead of 21 for a
+    /// 10-endpoint service. Never set on a Maglev service.
     pub const DIRECT: u8 = 4;
 }
 

@@ -61,7 +61,8 @@ named_map! {
 named_map! {
     /// Per-service counters, one entry per service shared by every CPU (atomic
     /// adds). Layout 3 kept them per CPU; creating a per-CPU entry cost the agent
-    /// about ten times a plain one, a third of a 50,000-service initial load.
+    /// about ten times a plain one, a third of a 50,000-service initial load's
+    /// kernel writes.
     /// - key: [`ServiceKey`], as in `SM_SERVICES`
     /// - value: [`ServiceStats`] (redirects, calls refused for want of a backend)
     /// - writer: the agent creates a zeroed entry before it publishes a service and
