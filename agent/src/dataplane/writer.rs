@@ -539,10 +539,8 @@ impl BackendPlan {
 /// write instead of a whole slot table and its deletion.
 fn plan_backends(current: &Installed, protocol: Protocol, desired: &Service) -> BackendPlan {
     let plan = plan_indexes(current, protocol, desired, false);
-    let direct_now = current.flags & service_flags::DIRECT != 0
-        && current.slot_map() == SlotMap::Direct
-        && !current.dirty
-        && current.leftover == 0;
+    let direct_now =
+        current.slot_map() == SlotMap::Direct && !current.dirty && current.leftover == 0;
     if direct_now && plan.flags & service_flags::DIRECT == 0 {
         let in_place = plan_indexes(current, protocol, desired, true);
         // Exactly one index changes, and the slot count stays: one map write
