@@ -331,8 +331,8 @@ impl Accel {
 
     fn qemu_args(self) -> [&'static str; 6] {
         match self {
-            Accel::Kvm => ["-machine", "pc,accel=kvm", "-cpu", "host", "-smp", "2"],
-            Accel::Tcg => ["-machine", "pc,accel=tcg", "-cpu", "max", "-smp", "1"],
+            Accel::Kvm => ["-accel", "kvm", "-cpu", "host", "-smp", "2"],
+            Accel::Tcg => ["-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2"],
         }
     }
 

@@ -318,9 +318,16 @@ impl XdsState {
                     kind.map(|k| (k, a))
                 });
                 let decoded = decode_all(known.collect::<Vec<_>>().into_iter())?;
+                // As SotW per type: what the document no longer holds is removed;
+                // what it holds unchanged is neither undone nor re-translated (one
+                // edited resource of a large file costs one resource).
+                let sent: BTreeSet<(Kind, &str)> =
+                    decoded.iter().map(|r| (r.kind, r.name.as_str())).collect();
                 for kind in Kind::ALL {
                     for name in self.names(kind) {
-                        undo.push((kind, name.clone(), self.remove(kind, &name)));
+                        if !sent.contains(&(kind, name.as_str())) {
+                            undo.push((kind, name.clone(), self.remove(kind, &name)));
+                        }
                     }
                 }
                 for r in decoded {

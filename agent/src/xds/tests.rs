@@ -1261,3 +1261,37 @@ fn an_agent_restarted_during_a_dns_outage_keeps_the_kernels_backends() {
     assert_eq!(st.table().services[&ext], [be("192.0.2.7", 443, 2)]);
     assert!(!st.warming().contains(&ext));
 }
+
+#[test]
+fn a_file_sent_again_changes_nothing_and_one_edit_changes_one_service() {
+    let mut st = XdsState::new();
+    let first = st.apply(full(TCP_EDS)).expect("accepted");
+    assert!(first.table_changed);
+    let reviews = svc("10.96.0.10", 9080, Protocol::Tcp);
+    assert!(first.changes.contains_key(&reviews));
+
+    // The same document again (an editor's save without a change, a ConfigMap
+    // resync): nothing is re-translated, nothing reaches the kernel.
+    let again = st.apply(full(TCP_EDS)).expect("accepted");
+    assert!(!again.table_changed, "{again:?}");
+    assert!(again.changes.is_empty(), "{again:?}");
+
+    // One endpoint edited: that service, and only it, changes.
+    let edited = TCP_EDS.replace("10.1.0.1,", "10.1.0.5,");
+    assert_ne!(edited, TCP_EDS);
+    let one = st.apply(full(&edited)).expect("accepted");
+    assert_eq!(one.changes.keys().collect::<Vec<_>>(), [&reviews]);
+    let backends = &one.changes[&reviews]
+        .as_ref()
+        .expect("still there")
+        .backends;
+    assert!(backends.contains(&be("10.1.0.5", 8080, 6)), "{backends:?}");
+
+    // What the document no longer holds is removed: here the listener.
+    let cluster = edited
+        .find("- \"@type\": type.googleapis.com/envoy.config.cluster.v3.Cluster")
+        .expect("a cluster");
+    let without_listener = format!("version_info: \"2\"\nresources:\n{}", &edited[cluster..]);
+    let gone = st.apply(full(&without_listener)).expect("accepted");
+    assert_eq!(gone.changes.get(&reviews), Some(&None), "{gone:?}");
+}

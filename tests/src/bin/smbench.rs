@@ -49,6 +49,9 @@ fn main() -> std::process::ExitCode {
     if wants("pipeline") {
         report.insert("pipeline".into(), pipeline(&bin_dir));
     }
+    if wants("file") {
+        report.insert("file_source".into(), file_source(&bin_dir));
+    }
     if wants("http") {
         report.insert("http".into(), http_rps());
     }
@@ -407,21 +410,6 @@ fn propagation(bin_dir: &Path, run: Prop) -> Value {
     let Ok(log) = std::fs::File::create(&log_path) else {
         return json!({"error": "log file"});
     };
-    // Capacities raised past the defaults (65,536 services, 524,288 backends) when
-    // the table needs it, as an operator of a larger mesh would set them.
-    let entries = services * u32::from(endpoints);
-    let capacity = [
-        ("--max-services", services, sockmesh_common::MAX_SERVICES),
-        (
-            "--max-backends",
-            entries,
-            sockmesh_common::MAX_BACKENDS_TOTAL,
-        ),
-        ("--max-slots", entries, sockmesh_common::MAX_SLOTS_TOTAL),
-    ]
-    .into_iter()
-    .filter(|&(_, need, default)| need > default)
-    .flat_map(|(flag, need, _)| [flag.to_owned(), (need + need / 4).to_string()]);
     let started = std::time::Instant::now();
     let agent = agent_command(sockmesh_bin_in(bin_dir), &cgroup, &bpffs)
         .args([
@@ -430,7 +418,7 @@ fn propagation(bin_dir: &Path, run: Prop) -> Value {
             "--xds-protocol",
             "delta",
         ])
-        .args(capacity)
+        .args(capacity_flags(services, endpoints))
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn();
@@ -438,36 +426,12 @@ fn propagation(bin_dir: &Path, run: Prop) -> Value {
         return json!({"error": "agent did not start"});
     };
     let agent = Proc(agent);
-    let last = ServiceAddr {
-        vip: mesh::service_vip(services - 1),
-        port: 80,
-        protocol: Protocol::Tcp,
-    };
-    let reader = loop {
-        if let Ok(r) = sockmesh::dataplane::open_pinned(&bpffs.0)
-            && r.reachable(&last)
-                .ok()
-                .flatten()
-                .is_some_and(|b| b.len() == usize::from(endpoints))
-        {
-            break r;
-        }
-        if started.elapsed() > std::time::Duration::from_secs(120) {
-            return json!({"error": "initial load did not finish in 120 s"});
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
+    let reader = match wait_loaded(&bpffs, services, endpoints, started) {
+        Ok(r) => r,
+        Err(e) => return json!({ "error": e }),
     };
     let initial_load = started.elapsed();
-    let rss_kib = std::fs::read_to_string(format!("/proc/{}/status", agent.0.id()))
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse::<u64>().ok())
-            })
-        })
-        .unwrap_or(0);
+    let rss_kib = rss_kib(agent.0.id());
     detail(&format!(
         "  initial load (agent start -> all {services} services in the kernel): {:.2} s; agent RSS {} MiB",
         initial_load.as_secs_f64(),
@@ -901,6 +865,185 @@ fn pipeline(bin_dir: &Path) -> Value {
         })
         .collect();
     json!(rows)
+}
+
+/// `--max-services`, `--max-backends`, `--max-slots` raised past their defaults
+/// (65,536 services, 524,288 backends and slots) to need × 1.25 where `services` ×
+/// `endpoints` needs it, as an operator of a larger mesh would set them.
+fn capacity_flags(services: u32, endpoints: u16) -> Vec<String> {
+    let entries = services * u32::from(endpoints);
+    [
+        ("--max-services", services, sockmesh_common::MAX_SERVICES),
+        (
+            "--max-backends",
+            entries,
+            sockmesh_common::MAX_BACKENDS_TOTAL,
+        ),
+        ("--max-slots", entries, sockmesh_common::MAX_SLOTS_TOTAL),
+    ]
+    .into_iter()
+    .filter(|&(_, need, default)| need > default)
+    .flat_map(|(flag, need, _)| [flag.to_owned(), (need + need / 4).to_string()])
+    .collect()
+}
+
+/// Polls the pins in `bpffs` until the last of `services` ([`mesh::service_vip`])
+/// has its `endpoints` backends, for at most 120 s from `started`.
+fn wait_loaded(
+    bpffs: &Bpffs,
+    services: u32,
+    endpoints: u16,
+    started: std::time::Instant,
+) -> Result<sockmesh::dataplane::KernelMaps, String> {
+    let last = ServiceAddr {
+        vip: sockmesh_tests::mesh::service_vip(services - 1),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    loop {
+        if let Ok(r) = sockmesh::dataplane::open_pinned(&bpffs.0)
+            && r.reachable(&last)
+                .ok()
+                .flatten()
+                .is_some_and(|b| b.len() == usize::from(endpoints))
+        {
+            return Ok(r);
+        }
+        if started.elapsed() > std::time::Duration::from_secs(120) {
+            return Err(format!(
+                "{services} services not all in the kernel after 120 s"
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Resident memory of process `pid` (VmRSS), KiB; 0 when unreadable.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+        })
+        .unwrap_or(0)
+}
+
+/// Sizes of the file-source scenario (services × [`PROP_ENDPOINTS`]), and the
+/// edits measured at each.
+const FILE_SIZES: [u32; 2] = [10_000, 50_000];
+const FILE_EDITS: u8 = 5;
+
+/// `sockmesh agent --xds file://…` on one proto3-JSON `DiscoveryResponse` holding
+/// every Listener, Cluster and ClusterLoadAssignment of N services: agent start →
+/// all in the kernel, then [`FILE_EDITS`] edits of one service's endpoints (the
+/// whole file rewritten and renamed over the old, as an editor or a ConfigMap does)
+/// → the kernel holds the new endpoint; RSS after each phase. SMBENCH_SERVICES
+/// picks one size.
+fn file_source(bin_dir: &Path) -> Value {
+    let sizes: Vec<u32> = match std::env::var("SMBENCH_SERVICES") {
+        Ok(_) => vec![env_or("SMBENCH_SERVICES", FILE_SIZES[0])],
+        Err(_) => FILE_SIZES.to_vec(),
+    };
+    say(&format!(
+        "\nfile source: {sizes:?} services x {PROP_ENDPOINTS} endpoints in one JSON file"
+    ));
+    json!(
+        sizes
+            .into_iter()
+            .map(|n| file_source_run(bin_dir, n, PROP_ENDPOINTS)
+                .unwrap_or_else(|e| json!({"services": n, "error": e})))
+            .collect::<Vec<_>>()
+    )
+}
+
+fn file_source_run(bin_dir: &Path, services: u32, endpoints: u16) -> Result<Value, String> {
+    use sockmesh::xds::decode::discovery_response_to_json;
+    use sockmesh_proto::pb::envoy::service::discovery::v3::DiscoveryResponse;
+    use sockmesh_tests::{TempDir, mesh, sockmesh_bin_in};
+    let mut resources = mesh::services(services, endpoints);
+    let text = |version: String,
+                resources: &[(String, sockmesh_proto::pb::google::protobuf::Any)]| {
+        let resp = DiscoveryResponse {
+            version_info: version,
+            resources: resources.iter().map(|(_, any)| any.clone()).collect(),
+            ..Default::default()
+        };
+        discovery_response_to_json(&resp).map_err(|e| e.to_string())
+    };
+    let dir = TempDir::new("sockmesh-bench-file-");
+    let file = dir.0.join("mesh.json");
+    let first = text("1".into(), &resources)?;
+    let file_bytes = first.len();
+    std::fs::write(&file, first).map_err(|e| format!("{}: {e}", file.display()))?;
+    let cgroup = Cgroup::new();
+    let bpffs = Bpffs::new();
+    let started = std::time::Instant::now();
+    let agent = agent_command(sockmesh_bin_in(bin_dir), &cgroup, &bpffs)
+        .arg("--xds")
+        .arg(format!("file://{}", file.display()))
+        .args(capacity_flags(services, endpoints))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("agent: {e}"))?;
+    let agent = Proc(agent);
+    let reader = wait_loaded(&bpffs, services, endpoints, started)?;
+    let load = started.elapsed();
+    let rss_load = rss_kib(agent.0.id());
+    detail(&format!(
+        "  {services} services ({:.0} MB of JSON): agent start -> all in the kernel {:.2} s; RSS {} MiB",
+        file_bytes as f64 / 1e6,
+        load.as_secs_f64(),
+        rss_load / 1024
+    ));
+    // svc-0's ClusterLoadAssignment is the third resource (listener, cluster,
+    // assignment per service).
+    let svc0 = ServiceAddr {
+        vip: mesh::service_vip(0),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    let mut edits = Vec::new();
+    for e in 0..FILE_EDITS {
+        let ep = (IpAddr::from([10, 40, 0, e + 1]), 9000);
+        resources[2] = mesh::assignment("svc-0", &[ep]);
+        let edited = text(format!("{}", u32::from(e) + 2), &resources)?;
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, edited).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        let t0 = std::time::Instant::now();
+        std::fs::rename(&tmp, &file).map_err(|e| format!("{}: {e}", file.display()))?;
+        while !reader
+            .reachable(&svc0)
+            .ok()
+            .flatten()
+            .is_some_and(|b| b == [ep])
+        {
+            if t0.elapsed() > std::time::Duration::from_secs(60) {
+                return Err(format!("edit {e} not in the kernel after 60 s"));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        edits.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    let rss_edits = rss_kib(agent.0.id());
+    edits.sort_by(f64::total_cmp);
+    let median = percentile(&edits, 0.5);
+    detail(&format!(
+        "  one edited service -> kernel: median {median:.0} ms, max {:.0} ms (n={}); RSS after the edits {} MiB",
+        edits.last().copied().unwrap_or(0.0),
+        edits.len(),
+        rss_edits / 1024
+    ));
+    Ok(json!({
+        "services": services, "endpoints_per_service": endpoints, "file_bytes": file_bytes,
+        "load_s": load.as_secs_f64(), "rss_kib_after_load": rss_load,
+        "edit_ms": {"median": median, "max": edits.last().copied().unwrap_or(0.0), "n": edits.len()},
+        "rss_kib_after_edits": rss_edits,
+    }))
 }
 
 fn propagation_quiet(bin_dir: &Path, services: u32, endpoints: u16, changes: u32) -> Value {
