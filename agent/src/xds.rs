@@ -7,6 +7,7 @@ pub mod core;
 pub mod decode;
 pub mod dns;
 pub mod file;
+pub mod filedoc;
 pub mod incremental;
 pub mod opaque;
 pub mod outlier;

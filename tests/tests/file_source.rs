@@ -94,3 +94,93 @@ fn file_edits_apply_and_bad_files_change_nothing() {
     agent.replace(&config("4", &["10.10.1.14"], 8080));
     wait_for_backends(bpffs, "the fixed file", &["10.10.1.14"]);
 }
+
+/// One listener and one STATIC cluster per service, in proto3 JSON (the form large
+/// generated files take), one resource per line.
+fn json_config(version: &str, services: &[(&str, &str, &[&str])]) -> String {
+    let mut resources = Vec::new();
+    for (name, vip, backends) in services {
+        resources.push(format!(
+            r#"{{"@type":"type.googleapis.com/envoy.config.listener.v3.Listener","name":"{name}","address":{{"socketAddress":{{"address":"{vip}","portValue":443}}}},"filterChains":[{{"filters":[{{"name":"tcp","typedConfig":{{"@type":"type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy","statPrefix":"{name}","cluster":"{name}"}}}}]}}]}}"#
+        ));
+        let eps: Vec<String> = backends
+            .iter()
+            .map(|a| format!(r#"{{"endpoint":{{"address":{{"socketAddress":{{"address":"{a}","portValue":8080}}}}}}}}"#))
+            .collect();
+        resources.push(format!(
+            r#"{{"@type":"type.googleapis.com/envoy.config.cluster.v3.Cluster","name":"{name}","type":"STATIC","loadAssignment":{{"clusterName":"{name}","endpoints":[{{"lbEndpoints":[{}]}}]}}}}"#,
+            eps.join(",")
+        ));
+    }
+    format!(
+        "{{\"versionInfo\":\"{version}\",\"resources\":[\n{}\n]}}\n",
+        resources.join(",\n")
+    )
+}
+
+/// A JSON file is read resource by resource (only what changed is decoded): an
+/// edit of one service leaves the other as it was, a service dropped from the file
+/// goes, and a broken resource is reported with the file's own line.
+#[test]
+fn json_file_edits_touch_what_changed_and_errors_name_the_line() {
+    let api: &[&str] = &["10.10.2.11"];
+    let web: &[&str] = &["10.10.2.21"];
+    let agent = FileAgent::start(
+        "resources.json",
+        &json_config(
+            "1",
+            &[("api", "10.96.0.30", api), ("web", "10.96.0.31", web)],
+        ),
+        &[],
+    );
+    let (admin, bpffs) = (&agent.admin, &agent.bpffs);
+    wait_for_backends(bpffs, "the first file", &["10.10.2.11", "10.10.2.21"]);
+
+    let api2: &[&str] = &["10.10.2.12", "10.10.2.13"];
+    agent.replace(&json_config(
+        "2",
+        &[("api", "10.96.0.30", api2), ("web", "10.96.0.31", web)],
+    ));
+    wait_for_backends(
+        bpffs,
+        "api edited, web kept",
+        &["10.10.2.12", "10.10.2.13", "10.10.2.21"],
+    );
+
+    // Line 5 (web's cluster) carries an unknown field: the error names it and
+    // that line, and nothing changes.
+    let broken = json_config(
+        "3",
+        &[("api", "10.96.0.30", api), ("web", "10.96.0.31", web)],
+    )
+    .replacen("\"type\":\"STATIC\"", "\"type\":\"STATIC\",\"tipe\":1", 2)
+    .replacen("\"type\":\"STATIC\",\"tipe\":1", "\"type\":\"STATIC\"", 1);
+    agent.replace(&broken);
+    let error = wait_until(
+        "the JSON error to be reported",
+        Duration::from_secs(10),
+        || {
+            let dump = admin.dump();
+            if dump["source_errors"] == 1 {
+                Ok(dump["source_last_error"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned())
+            } else {
+                Err(dump["source_errors"].clone())
+            }
+        },
+    );
+    assert!(
+        error.contains("tipe") && error.contains("line 5"),
+        "field or line not named in: {error}"
+    );
+    assert_eq!(
+        sockmesh_tests::kernel_backends(bpffs),
+        ["10.10.2.12", "10.10.2.13", "10.10.2.21"]
+    );
+
+    // web dropped from the file: its service goes, api stays as it was.
+    agent.replace(&json_config("4", &[("api", "10.96.0.30", api2)]));
+    wait_for_backends(bpffs, "web removed", &["10.10.2.12", "10.10.2.13"]);
+}

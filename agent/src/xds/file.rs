@@ -18,7 +18,7 @@ use tracing::{error, info};
 
 use super::{
     core::{Core, SourceState, Written},
-    decode::discovery_response_with_opaque,
+    filedoc::{self, Known},
     state::{Nack, Update},
 };
 
@@ -47,46 +47,98 @@ pub enum LoadError {
     Poisoned,
 }
 
-/// Reads, decodes and applies the file once; returns the kernel write it handed
-/// to the datapath task.
-pub fn load_once(path: &Path, core: &Arc<Mutex<Core>>) -> Result<Written, LoadError> {
-    let received = Instant::now();
-    let parsed = std::fs::read_to_string(path)
-        .map_err(|source| LoadError::Read {
-            path: path.to_owned(),
-            source,
-        })
-        .and_then(|text| {
-            discovery_response_with_opaque(&text).map_err(|source| LoadError::Parse {
-                path: path.to_owned(),
-                source,
-            })
-        });
-    let mut c = core.lock().map_err(|_| LoadError::Poisoned)?;
-    let resp = c.document(parsed)?;
-    c.source = SourceState::Connected;
-    c.handle(
-        Update::Full {
-            version: resp.version_info,
-            resources: resp.resources,
-        },
-        received,
-    )
-    .map(|h| h.written)
-    .map_err(|source| LoadError::Rejected {
-        path: path.to_owned(),
-        source,
-    })
+/// What the source remembers of the last file it read: a hash of its text (the
+/// same text again is not re-applied) and the resources of the last accepted one
+/// (their texts, to decode only what changed).
+#[derive(Default)]
+struct Last {
+    text: Option<(u64, usize)>,
+    known: Known,
+    /// The read error last reported (reported once, not every 5 s).
+    unreadable: Option<String>,
 }
 
-/// Applies the file unless its text is `last`'s, and waits for the kernel write.
-async fn apply(path: &Path, last: &mut Option<String>, core: &Arc<Mutex<Core>>) {
-    let text = std::fs::read_to_string(path).ok();
-    if text.is_some() && text == *last {
+fn text_hash(text: &str) -> (u64, usize) {
+    let mut h = std::hash::DefaultHasher::new();
+    std::hash::Hasher::write(&mut h, text.as_bytes());
+    (std::hash::Hasher::finish(&h), text.len())
+}
+
+/// Reads, decodes (outside the agent's lock) and applies `text`; returns the
+/// kernel write it handed to the datapath task.
+fn load(
+    path: &Path,
+    text: &str,
+    known: &mut Known,
+    core: &Arc<Mutex<Core>>,
+) -> Result<Written, LoadError> {
+    let received = Instant::now();
+    let parsed = filedoc::read(text, known).map_err(|source| LoadError::Parse {
+        path: path.to_owned(),
+        source,
+    });
+    let mut c = core.lock().map_err(|_| LoadError::Poisoned)?;
+    let read = match parsed {
+        Ok(read) => read,
+        Err(e) => {
+            c.source_error(e.to_string());
+            return Err(e);
+        }
+    };
+    c.note_opaque(read.opaque);
+    c.source = SourceState::Connected;
+    let handled = c.handle(
+        Update::Full {
+            version: read.version,
+            resources: read.changed,
+            kept: read.kept,
+        },
+        received,
+    );
+    drop(c);
+    match handled {
+        Ok(h) => {
+            *known = read.next;
+            Ok(h.written)
+        }
+        Err(source) => Err(LoadError::Rejected {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Applies the file unless its text is the last one read, and waits for the
+/// kernel write.
+async fn apply(path: &Path, last: &mut Last, core: &Arc<Mutex<Core>>) {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(source) => {
+            let e = LoadError::Read {
+                path: path.to_owned(),
+                source,
+            };
+            let message = e.to_string();
+            if last.unreadable.as_ref() != Some(&message) {
+                error!(error = %crate::xds::core::chain(&e), "configuration file unreadable, keeping the previous state");
+                if let Ok(mut c) = core.lock() {
+                    c.source_error(message.clone());
+                }
+                last.unreadable = Some(message);
+            }
+            last.text = None;
+            return;
+        }
+    };
+    last.unreadable = None;
+    let hash = text_hash(&text);
+    if last.text == Some(hash) {
         return;
     }
-    last.clone_from(&text);
-    match load_once(path, core) {
+    last.text = Some(hash);
+    let result = load(path, &text, &mut last.known, core);
+    drop(text);
+    match result {
         Ok(written) => {
             written.wait().await;
             info!(file = %path.display(), "configuration file applied");
@@ -131,7 +183,7 @@ pub async fn run(
             std::io::Error::from(e).raw_os_error().unwrap_or(0),
         ))
     })?;
-    let mut last: Option<String> = None;
+    let mut last = Last::default();
     apply(&path, &mut last, &core).await;
     loop {
         tokio::select! {

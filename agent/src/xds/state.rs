@@ -33,10 +33,13 @@ pub enum Update {
         added: Vec<(String, String, Any)>,
         removed: Vec<String>,
     },
-    /// Everything at once (file source): replaces all four types.
+    /// Everything at once (file source): replaces all four types. `kept` names
+    /// resources the document holds exactly as last accepted (the file source
+    /// recognised their text), which stay as they are without being sent again.
     Full {
         version: String,
         resources: Vec<Any>,
+        kept: Vec<(Kind, String)>,
     },
 }
 
@@ -307,7 +310,9 @@ impl XdsState {
                     undo.push((*kind, name.clone(), self.remove(*kind, name)));
                 }
             }
-            Update::Full { resources, .. } => {
+            Update::Full {
+                resources, kept, ..
+            } => {
                 // Types sockmesh does not consume (secrets, runtime, ...) are skipped
                 // and counted, not an error.
                 let known = resources.iter().filter_map(|a| {
@@ -321,8 +326,17 @@ impl XdsState {
                 // As SotW per type: what the document no longer holds is removed;
                 // what it holds unchanged is neither undone nor re-translated (one
                 // edited resource of a large file costs one resource).
-                let sent: BTreeSet<(Kind, &str)> =
-                    decoded.iter().map(|r| (r.kind, r.name.as_str())).collect();
+                if let Some((kind, name)) = kept.iter().find(|(k, n)| !self.holds(*k, n)) {
+                    return Err(Nack(format!(
+                        "{} resource {name:?} was to be kept but is not held (resend the whole document)",
+                        kind.short()
+                    )));
+                }
+                let sent: BTreeSet<(Kind, &str)> = decoded
+                    .iter()
+                    .map(|r| (r.kind, r.name.as_str()))
+                    .chain(kept.iter().map(|(k, n)| (*k, n.as_str())))
+                    .collect();
                 for kind in Kind::ALL {
                     for name in self.names(kind) {
                         if !sent.contains(&(kind, name.as_str())) {
@@ -478,6 +492,16 @@ impl XdsState {
             Kind::Endpoint => r.endpoints.keys().cloned().collect(),
             Kind::Listener => r.listeners.keys().cloned().collect(),
             Kind::Route => r.routes.keys().cloned().collect(),
+        }
+    }
+
+    fn holds(&self, kind: Kind, name: &str) -> bool {
+        let r = &self.resources;
+        match kind {
+            Kind::Cluster => r.clusters.contains_key(name),
+            Kind::Endpoint => r.endpoints.contains_key(name),
+            Kind::Listener => r.listeners.contains_key(name),
+            Kind::Route => r.routes.contains_key(name),
         }
     }
 

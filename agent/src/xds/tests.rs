@@ -13,6 +13,7 @@ fn full(yaml: &str) -> Update {
     Update::Full {
         version: resp.version_info,
         resources: resp.resources,
+        kept: Vec::new(),
     }
 }
 
@@ -740,6 +741,7 @@ resources:
     st.apply(Update::Full {
         version: "1".into(),
         resources: resp.resources,
+        kept: Vec::new(),
     })
     .expect("accepted");
     let got = table_lines(st.table());
@@ -774,6 +776,7 @@ resources:
         .apply(Update::Full {
             version: "2".into(),
             resources: resp.resources,
+            kept: Vec::new(),
         })
         .expect_err("terminal filter of an unknown type");
     assert!(
@@ -1294,4 +1297,62 @@ fn a_file_sent_again_changes_nothing_and_one_edit_changes_one_service() {
     let without_listener = format!("version_info: \"2\"\nresources:\n{}", &edited[cluster..]);
     let gone = st.apply(full(&without_listener)).expect("accepted");
     assert_eq!(gone.changes.get(&reviews), Some(&None), "{gone:?}");
+}
+
+#[test]
+fn kept_resources_stay_unsent_and_a_kept_name_the_state_lacks_is_refused() {
+    let mut st = XdsState::new();
+    st.apply(full(TCP_EDS)).expect("accepted");
+    let reviews = svc("10.96.0.10", 9080, Protocol::Tcp);
+    let Update::Full { resources, .. } = full(TCP_EDS) else {
+        unreachable!("full() builds a full update")
+    };
+    let names: Vec<(Kind, String)> = resources
+        .iter()
+        .filter_map(|a| {
+            let kind = Kind::from_type_url(&a.type_url)?;
+            let r = super::decode::decode_any(a, kind).ok()?;
+            Some((kind, r.name().to_owned()))
+        })
+        .collect();
+    assert!(names.len() >= 3, "{names:?}");
+
+    // Everything kept, nothing sent: nothing is removed, nothing changes.
+    let all_kept = st
+        .apply(Update::Full {
+            version: "2".into(),
+            resources: Vec::new(),
+            kept: names.clone(),
+        })
+        .expect("accepted");
+    assert!(all_kept.changes.is_empty(), "{all_kept:?}");
+    assert!(st.table().services.contains_key(&reviews));
+
+    // The listener neither kept nor sent: removed, as from a whole document.
+    let without_listener: Vec<_> = names
+        .iter()
+        .filter(|(k, _)| *k != Kind::Listener)
+        .cloned()
+        .collect();
+    let gone = st
+        .apply(Update::Full {
+            version: "3".into(),
+            resources: Vec::new(),
+            kept: without_listener.clone(),
+        })
+        .expect("accepted");
+    assert_eq!(gone.changes.get(&reviews), Some(&None), "{gone:?}");
+
+    // A kept name the state does not hold (the listener just removed) is refused
+    // and changes nothing.
+    let before = st.table().clone();
+    let err = st
+        .apply(Update::Full {
+            version: "4".into(),
+            resources: Vec::new(),
+            kept: names,
+        })
+        .expect_err("the listener is not held");
+    assert!(err.0.contains("not held"), "{err}");
+    assert_eq!(*st.table(), before);
 }

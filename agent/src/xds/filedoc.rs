@@ -1,0 +1,383 @@
+//! A large configuration file, read resource by resource. The file source splits a
+//! proto3 JSON `DiscoveryResponse` into the texts of its resources, recognises the
+//! ones unchanged since the last accepted file by a hash of their text, and decodes
+//! only the others, on every core. One edited service of a 76 MB file then costs a
+//! scan of the file and the decode of that service, not a decode of the whole file.
+//!
+//! YAML, and any JSON document this split does not take apart (not an object, a
+//! key given twice, two resources with one name), is decoded whole as before. So is
+//! a document that fails to decode, so that its error names the file's own line and
+//! column.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    hash::{DefaultHasher, Hasher as _},
+};
+
+use serde::de::{Deserializer as _, MapAccess, Visitor};
+use serde_json::value::RawValue;
+use sockmesh_proto::pb::google::protobuf::Any;
+
+use super::{
+    decode::{DecodeError, Kind, discovery_response_with_opaque},
+    opaque::OpaqueTypes,
+};
+
+/// Resources below this count are decoded on one thread (a thread costs more than
+/// it saves).
+const PARALLEL_FROM: usize = 2_000;
+
+/// The text of one resource, by hash and length: equal texts decode to equal
+/// resources. (A 64-bit collision among the resources of one file is about as
+/// likely as 10⁻⁹ at 200,000 resources; the length must match too.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct TextHash(u64, usize);
+
+impl TextHash {
+    fn of(text: &str) -> Self {
+        let mut h = DefaultHasher::new();
+        h.write(text.as_bytes());
+        TextHash(h.finish(), text.len())
+    }
+}
+
+/// The resources of the last accepted file: the hash of each one's text, and the
+/// kind and name the agent's state holds it under.
+#[derive(Debug, Default)]
+pub struct Known(HashMap<TextHash, (Kind, String)>);
+
+impl Known {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// A document read against what was accepted last.
+#[derive(Debug)]
+pub struct Read {
+    pub version: String,
+    /// Resources to decode into the state: new or changed since the last accepted
+    /// file (all of them when the document was decoded whole).
+    pub changed: Vec<Any>,
+    /// Resources present with the text they were accepted with: the state keeps
+    /// them as they are.
+    pub kept: Vec<(Kind, String)>,
+    /// Nested `Any`s of types sockmesh does not know, in the decoded resources.
+    pub opaque: OpaqueTypes,
+    /// What [`Known`] becomes once this document is accepted.
+    pub next: Known,
+}
+
+/// Reads `text` (proto3 JSON or YAML of a `DiscoveryResponse`) against the
+/// resources of the last accepted file.
+pub fn read(text: &str, known: &Known) -> Result<Read, DecodeError> {
+    if !text.trim_start().starts_with('{') {
+        return whole(text);
+    }
+    match split(text, known) {
+        Some(Ok(read)) => Ok(read),
+        // The whole document again: its error (or, should the two decoders ever
+        // disagree, its result) is the reference one, with the file's positions.
+        Some(Err(_)) | None => whole(text),
+    }
+}
+
+fn whole(text: &str) -> Result<Read, DecodeError> {
+    let (resp, opaque) = discovery_response_with_opaque(text)?;
+    Ok(Read {
+        version: resp.version_info,
+        changed: resp.resources,
+        kept: Vec::new(),
+        opaque,
+        next: Known::default(),
+    })
+}
+
+/// `None`: a document this split does not take apart (decode it whole).
+fn split(text: &str, known: &Known) -> Option<Result<Read, DecodeError>> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let top = de.deserialize_map(TopLevel).ok()?;
+    de.end().ok()?;
+    let mut keys = HashSet::new();
+    if !top.iter().all(|(k, _)| keys.insert(k.as_str())) {
+        return None;
+    }
+    let mut resources: Vec<&RawValue> = Vec::new();
+    let mut rest = String::from("{");
+    for (key, value) in &top {
+        if key == "resources" {
+            resources = serde_json::from_str(value.get()).ok()?;
+        } else {
+            if rest.len() > 1 {
+                rest.push(',');
+            }
+            rest.push_str(&serde_json::to_string(key).ok()?);
+            rest.push(':');
+            rest.push_str(value.get());
+        }
+    }
+    rest.push('}');
+    // Everything but the resources, checked by the reference decoder (unknown
+    // fields, types): small.
+    let version = match discovery_response_with_opaque(&rest) {
+        Ok((resp, _)) => resp.version_info,
+        Err(e) => return Some(Err(e)),
+    };
+
+    let mut kept = Vec::new();
+    let mut next = HashMap::with_capacity(resources.len());
+    let mut to_decode: Vec<&RawValue> = Vec::new();
+    let mut names = HashSet::with_capacity(resources.len());
+    for raw in &resources {
+        let hash = TextHash::of(raw.get());
+        if let Some(entry) = known.0.get(&hash) {
+            if !names.insert(entry.clone()) {
+                return None;
+            }
+            kept.push(entry.clone());
+            next.insert(hash, entry.clone());
+            continue;
+        }
+        // New or changed: its name, to recognise it next time. A resource whose
+        // head does not read (no `@type`, a type sockmesh ignores) is decoded each
+        // time, and the decoder says what is wrong with it.
+        if let Some(entry) = head(raw.get()) {
+            if !names.insert(entry.clone()) {
+                return None;
+            }
+            next.insert(hash, entry);
+        }
+        to_decode.push(raw);
+    }
+
+    let decoded = match decode_parallel(&to_decode) {
+        Ok(d) => d,
+        Err(e) => return Some(Err(e)),
+    };
+    Some(Ok(Read {
+        version,
+        changed: decoded.0,
+        kept,
+        opaque: decoded.1,
+        next: Known(next),
+    }))
+}
+
+/// Decodes resource texts as the `resources` of a `DiscoveryResponse` (the reference
+/// decoder, unknown nested types included), in up to one chunk per core.
+fn decode_parallel(texts: &[&RawValue]) -> Result<(Vec<Any>, OpaqueTypes), DecodeError> {
+    if texts.is_empty() {
+        return Ok((Vec::new(), OpaqueTypes::new()));
+    }
+    let threads = if texts.len() < PARALLEL_FROM {
+        1
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+    };
+    let chunk = texts.len().div_ceil(threads);
+    let decode_chunk = |part: &[&RawValue]| {
+        let mut doc =
+            String::with_capacity(part.iter().map(|r| r.get().len() + 1).sum::<usize>() + 16);
+        doc.push_str("{\"resources\":[");
+        for (i, r) in part.iter().enumerate() {
+            if i > 0 {
+                doc.push(',');
+            }
+            doc.push_str(r.get());
+        }
+        doc.push_str("]}");
+        discovery_response_with_opaque(&doc).map(|(resp, opaque)| (resp.resources, opaque))
+    };
+    let results: Vec<Result<(Vec<Any>, OpaqueTypes), DecodeError>> = if threads == 1 {
+        vec![decode_chunk(texts)]
+    } else {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = texts
+                .chunks(chunk)
+                .map(|part| s.spawn(move || decode_chunk(part)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(DecodeError::Document("a decoding thread panicked".into()))
+                    })
+                })
+                .collect()
+        })
+    };
+    let mut resources = Vec::with_capacity(texts.len());
+    let mut opaque = OpaqueTypes::new();
+    for r in results {
+        let (part, found) = r?;
+        resources.extend(part);
+        for (type_url, n) in found {
+            *opaque.entry(type_url).or_insert(0) += n;
+        }
+    }
+    Ok((resources, opaque))
+}
+
+/// The kind and name of one resource's text, as the state keys it; `None` when the
+/// text does not read as a resource sockmesh consumes.
+fn head(text: &str) -> Option<(Kind, String)> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        #[serde(rename = "@type")]
+        type_url: String,
+        #[serde(default)]
+        name: String,
+        #[serde(default, rename = "clusterName", alias = "cluster_name")]
+        cluster_name: String,
+    }
+    let h: Head = serde_json::from_str(text).ok()?;
+    let kind = Kind::from_type_url(&h.type_url)?;
+    let name = match kind {
+        Kind::Endpoint => h.cluster_name,
+        Kind::Cluster | Kind::Listener | Kind::Route => h.name,
+    };
+    Some((kind, name))
+}
+
+/// The top-level object's keys with their values' texts, in order, repeats kept.
+struct TopLevel;
+
+impl<'de> Visitor<'de> for TopLevel {
+    type Value = Vec<(String, &'de RawValue)>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a DiscoveryResponse object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(entry) = map.next_entry::<String, &'de RawValue>()? {
+            out.push(entry);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cla(name: &str, port: u16) -> String {
+        format!(
+            r#"{{"@type":"type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment","clusterName":"{name}","endpoints":[{{"lbEndpoints":[{{"endpoint":{{"address":{{"socketAddress":{{"address":"10.1.0.1","portValue":{port}}}}}}}}}]}}]}}"#
+        )
+    }
+
+    fn cluster(name: &str) -> String {
+        format!(
+            r#"{{"@type":"type.googleapis.com/envoy.config.cluster.v3.Cluster","name":"{name}","type":"EDS","edsClusterConfig":{{"edsConfig":{{"ads":{{}}}}}}}}"#
+        )
+    }
+
+    fn doc(version: &str, resources: &[String]) -> String {
+        format!(
+            r#"{{"versionInfo":"{version}","resources":[{}]}}"#,
+            resources.join(",\n")
+        )
+    }
+
+    #[test]
+    fn an_unchanged_resource_is_kept_and_only_the_edited_one_is_decoded() {
+        let first = doc("1", &[cluster("a"), cla("a", 80), cla("b", 80)]);
+        let r1 = read(&first, &Known::default()).expect("first read");
+        assert_eq!(r1.version, "1");
+        assert_eq!(r1.changed.len(), 3);
+        assert!(r1.kept.is_empty());
+        assert_eq!(r1.next.len(), 3);
+
+        let second = doc("2", &[cluster("a"), cla("a", 81), cla("b", 80)]);
+        let r2 = read(&second, &r1.next).expect("second read");
+        assert_eq!(r2.version, "2");
+        assert_eq!(r2.changed.len(), 1, "only the edited CLA is decoded");
+        assert_eq!(
+            r2.kept,
+            vec![
+                (Kind::Cluster, "a".to_owned()),
+                (Kind::Endpoint, "b".to_owned())
+            ]
+        );
+        assert_eq!(r2.next.len(), 3);
+        // The decoded resource is the reference decoder's: the same bytes as a
+        // whole-document decode gives.
+        let reference = whole(&second).expect("whole");
+        assert_eq!(r2.changed[0], reference.changed[1]);
+    }
+
+    #[test]
+    fn the_split_decodes_what_the_whole_document_decodes() {
+        let text = doc("7", &[cluster("a"), cla("a", 80)]);
+        let split = read(&text, &Known::default()).expect("split");
+        let reference = whole(&text).expect("whole");
+        assert_eq!(split.changed, reference.changed);
+        assert_eq!(split.version, reference.version);
+    }
+
+    #[test]
+    fn a_bad_resource_fails_with_the_files_own_line() {
+        let good = doc("1", &[cluster("a"), cla("a", 80)]);
+        let known = read(&good, &Known::default()).expect("good").next;
+        let bad = doc(
+            "2",
+            &[cluster("a"), cla("a", 80).replace("portValue", "portVaIue")],
+        );
+        let err = read(&bad, &known).expect_err("unknown field").to_string();
+        let reference = whole(&bad).expect_err("whole fails too").to_string();
+        assert_eq!(err, reference);
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn unknown_top_level_fields_and_repeated_keys_are_the_reference_decoders_call() {
+        let unknown = r#"{"versionInfo":"1","resourcez":[]}"#;
+        assert!(read(unknown, &Known::default()).is_err());
+        let twice = format!(
+            r#"{{"versionInfo":"1","resources":[{}],"resources":[]}}"#,
+            cluster("a")
+        );
+        assert_eq!(
+            read(&twice, &Known::default()).ok().map(|r| r.changed),
+            whole(&twice).ok().map(|r| r.changed)
+        );
+    }
+
+    #[test]
+    fn two_resources_with_one_name_are_decoded_in_order_not_kept() {
+        let first = doc("1", &[cla("a", 80)]);
+        let known = read(&first, &Known::default()).expect("first").next;
+        // The accepted text first, a new one with the same name after it: the
+        // later one wins, as in a whole decode, so nothing may be kept.
+        let second = doc("2", &[cla("a", 80), cla("a", 81)]);
+        let r = read(&second, &known).expect("second");
+        assert!(r.kept.is_empty());
+        assert_eq!(r.changed.len(), 2);
+    }
+
+    #[test]
+    fn yaml_is_decoded_whole() {
+        let yaml = "version_info: \"3\"\nresources: []\n";
+        let r = read(yaml, &Known::default()).expect("yaml");
+        assert_eq!(r.version, "3");
+        assert!(r.next.is_empty());
+    }
+
+    #[test]
+    fn many_resources_decode_in_parallel_in_order() {
+        let resources: Vec<String> = (0..PARALLEL_FROM as u16 + 10)
+            .map(|i| cla(&format!("svc-{i}"), 1000 + i))
+            .collect();
+        let text = doc("1", &resources);
+        let split = read(&text, &Known::default()).expect("split");
+        let reference = whole(&text).expect("whole");
+        assert_eq!(split.changed, reference.changed);
+    }
+}
