@@ -18,7 +18,7 @@ use tracing::{error, info};
 
 use super::{
     core::{Core, SourceState, Written},
-    filedoc::{self, Known},
+    filedoc::{self, Known, TextHash},
     state::{Nack, Update},
 };
 
@@ -52,16 +52,31 @@ pub enum LoadError {
 /// (their texts, to decode only what changed).
 #[derive(Default)]
 struct Last {
-    text: Option<(u64, usize)>,
+    text: Option<TextHash>,
+    /// The file's identity and times when last read (the 5 s safety net reads
+    /// the file only when they changed).
+    stamp: Option<Stamp>,
     known: Known,
     /// The read error last reported (reported once, not every 5 s).
     unreadable: Option<String>,
 }
 
-fn text_hash(text: &str) -> (u64, usize) {
-    let mut h = std::hash::DefaultHasher::new();
-    std::hash::Hasher::write(&mut h, text.as_bytes());
-    (std::hash::Hasher::finish(&h), text.len())
+/// Device, inode, size, modification and change times (of the file a symlink
+/// leads to).
+type Stamp = (u64, u64, u64, i64, i64, i64, i64);
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some((
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    ))
 }
 
 /// Reads, decodes (outside the agent's lock) and applies `text`; returns the
@@ -77,6 +92,7 @@ fn load(
         path: path.to_owned(),
         source,
     });
+    let decoded = received.elapsed();
     let mut c = core.lock().map_err(|_| LoadError::Poisoned)?;
     let read = match parsed {
         Ok(read) => read,
@@ -87,6 +103,7 @@ fn load(
     };
     c.note_opaque(read.opaque);
     c.source = SourceState::Connected;
+    let (changed, kept) = (read.changed.len(), read.kept.len());
     let handled = c.handle(
         Update::Full {
             version: read.version,
@@ -99,6 +116,14 @@ fn load(
     match handled {
         Ok(h) => {
             *known = read.next;
+            info!(
+                file = %path.display(),
+                decoded = changed,
+                kept,
+                decode_ms = decoded.as_millis() as u64,
+                state_ms = (received.elapsed() - decoded).as_millis() as u64,
+                "configuration file accepted"
+            );
             Ok(h.written)
         }
         Err(source) => Err(LoadError::Rejected {
@@ -111,6 +136,7 @@ fn load(
 /// Applies the file unless its text is the last one read, and waits for the
 /// kernel write.
 async fn apply(path: &Path, last: &mut Last, core: &Arc<Mutex<Core>>) {
+    last.stamp = stamp(path);
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(source) => {
@@ -131,7 +157,7 @@ async fn apply(path: &Path, last: &mut Last, core: &Arc<Mutex<Core>>) {
         }
     };
     last.unreadable = None;
-    let hash = text_hash(&text);
+    let hash = TextHash::of(&text);
     if last.text == Some(hash) {
         return;
     }
@@ -140,8 +166,13 @@ async fn apply(path: &Path, last: &mut Last, core: &Arc<Mutex<Core>>) {
     drop(text);
     match result {
         Ok(written) => {
+            let started = Instant::now();
             written.wait().await;
-            info!(file = %path.display(), "configuration file applied");
+            info!(
+                file = %path.display(),
+                kernel_ms = started.elapsed().as_millis() as u64,
+                "configuration file applied"
+            );
         }
         Err(e) => error!(
             error = %crate::xds::core::chain(&e),
@@ -183,19 +214,31 @@ pub async fn run(
             std::io::Error::from(e).raw_os_error().unwrap_or(0),
         ))
     })?;
+    let file_name = path.file_name().map(std::ffi::OsStr::to_os_string);
     let mut last = Last::default();
     apply(&path, &mut last, &core).await;
     loop {
         tokio::select! {
             ready = fd.readable() => {
                 let Ok(mut guard) = ready else { continue };
-                // Drain the events; which file changed does not matter, the content does.
-                let _ = guard.get_inner().0.read_events();
+                let events = guard.get_inner().0.read_events().unwrap_or_default();
                 guard.clear_ready();
-                apply(&path, &mut last, &core).await;
+                // Events for the file itself, or for Kubernetes' `..data` swap (a
+                // ConfigMap's files are symlinks through it); an editor's or a
+                // writer's temporary file beside it is not read.
+                if events.iter().any(|e| e.name.as_deref().is_none_or(|n| {
+                    Some(n) == file_name.as_deref() || n.to_string_lossy().starts_with("..")
+                })) {
+                    apply(&path, &mut last, &core).await;
+                }
             }
-            // A slow safety net for filesystems without inotify events (NFS, FUSE).
-            () = tokio::time::sleep(Duration::from_secs(5)) => apply(&path, &mut last, &core).await,
+            // A slow safety net for filesystems without inotify events (NFS, FUSE):
+            // the file is read again only when its inode, size or times changed.
+            () = tokio::time::sleep(Duration::from_secs(5)) => {
+                if last.stamp.is_none() || stamp(&path) != last.stamp {
+                    apply(&path, &mut last, &core).await;
+                }
+            }
             _ = shutdown.changed() => return Ok(()),
         }
     }

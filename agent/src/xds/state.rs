@@ -6,7 +6,7 @@
 //! good table stays. Transport-agnostic: the ADS client (SotW and delta), the file
 //! source and the REST poller all feed [`XdsState::apply`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use sockmesh_proto::pb::google::protobuf::Any;
 
@@ -39,7 +39,7 @@ pub enum Update {
     Full {
         version: String,
         resources: Vec<Any>,
-        kept: Vec<(Kind, String)>,
+        kept: Vec<(Kind, std::sync::Arc<str>)>,
     },
 }
 
@@ -326,23 +326,32 @@ impl XdsState {
                 // As SotW per type: what the document no longer holds is removed;
                 // what it holds unchanged is neither undone nor re-translated (one
                 // edited resource of a large file costs one resource).
-                if let Some((kind, name)) = kept.iter().find(|(k, n)| !self.holds(*k, n)) {
-                    return Err(Nack(format!(
-                        "{} resource {name:?} was to be kept but is not held (resend the whole document)",
-                        kind.short()
-                    )));
-                }
-                let sent: BTreeSet<(Kind, &str)> = decoded
-                    .iter()
-                    .map(|r| (r.kind, r.name.as_str()))
-                    .chain(kept.iter().map(|(k, n)| (*k, n.as_str())))
-                    .collect();
+                // One pass over what the state holds: what is kept must be held
+                // (else nothing changes), what is neither kept nor sent goes.
+                let kept: HashSet<(Kind, &str)> = kept.iter().map(|(k, n)| (*k, &**n)).collect();
+                let sent: HashSet<(Kind, &str)> =
+                    decoded.iter().map(|r| (r.kind, r.name.as_str())).collect();
+                let mut held = 0;
+                let mut gone = Vec::new();
                 for kind in Kind::ALL {
-                    for name in self.names(kind) {
-                        if !sent.contains(&(kind, name.as_str())) {
-                            undo.push((kind, name.clone(), self.remove(kind, &name)));
+                    for name in self.held_names(kind) {
+                        if kept.contains(&(kind, name)) {
+                            held += 1;
+                        } else if !sent.contains(&(kind, name)) {
+                            gone.push((kind, name.to_owned()));
                         }
                     }
+                }
+                if held != kept.len() {
+                    return Err(Nack(format!(
+                        "{} of the {} resources to be kept are not held (resend the whole document)",
+                        kept.len() - held,
+                        kept.len()
+                    )));
+                }
+                for (kind, name) in gone {
+                    let old = self.remove(kind, &name);
+                    undo.push((kind, name, old));
                 }
                 for r in decoded {
                     if let Some(old) = self.put(&r) {
@@ -495,13 +504,13 @@ impl XdsState {
         }
     }
 
-    fn holds(&self, kind: Kind, name: &str) -> bool {
+    fn held_names(&self, kind: Kind) -> Box<dyn Iterator<Item = &str> + '_> {
         let r = &self.resources;
         match kind {
-            Kind::Cluster => r.clusters.contains_key(name),
-            Kind::Endpoint => r.endpoints.contains_key(name),
-            Kind::Listener => r.listeners.contains_key(name),
-            Kind::Route => r.routes.contains_key(name),
+            Kind::Cluster => Box::new(r.clusters.keys().map(String::as_str)),
+            Kind::Endpoint => Box::new(r.endpoints.keys().map(String::as_str)),
+            Kind::Listener => Box::new(r.listeners.keys().map(String::as_str)),
+            Kind::Route => Box::new(r.routes.keys().map(String::as_str)),
         }
     }
 

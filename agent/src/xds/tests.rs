@@ -1307,12 +1307,12 @@ fn kept_resources_stay_unsent_and_a_kept_name_the_state_lacks_is_refused() {
     let Update::Full { resources, .. } = full(TCP_EDS) else {
         unreachable!("full() builds a full update")
     };
-    let names: Vec<(Kind, String)> = resources
+    let names: Vec<(Kind, std::sync::Arc<str>)> = resources
         .iter()
         .filter_map(|a| {
             let kind = Kind::from_type_url(&a.type_url)?;
             let r = super::decode::decode_any(a, kind).ok()?;
-            Some((kind, r.name().to_owned()))
+            Some((kind, r.name().into()))
         })
         .collect();
     assert!(names.len() >= 3, "{names:?}");

@@ -960,6 +960,20 @@ fn file_source(bin_dir: &Path) -> Value {
     )
 }
 
+/// The agent's log: appended to the file SMBENCH_AGENT_LOG names (to see where an
+/// agent's time went), else discarded.
+fn agent_log() -> std::process::Stdio {
+    std::env::var_os("SMBENCH_AGENT_LOG")
+        .and_then(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .ok()
+        })
+        .map_or_else(std::process::Stdio::null, std::process::Stdio::from)
+}
+
 fn file_source_run(bin_dir: &Path, services: u32, endpoints: u16) -> Result<Value, String> {
     use sockmesh::xds::decode::discovery_response_to_json;
     use sockmesh_proto::pb::envoy::service::discovery::v3::DiscoveryResponse;
@@ -987,7 +1001,7 @@ fn file_source_run(bin_dir: &Path, services: u32, endpoints: u16) -> Result<Valu
         .arg(format!("file://{}", file.display()))
         .args(capacity_flags(services, endpoints))
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(agent_log())
         .spawn()
         .map_err(|e| format!("agent: {e}"))?;
     let agent = Proc(agent);
