@@ -25,6 +25,15 @@ pub fn descriptor_pool() -> &'static DescriptorPool {
     })
 }
 
+/// A pool of its own, decoded anew (not a handle on [`descriptor_pool`]'s), for a
+/// thread that decodes beside others: every message prost-reflect builds clones
+/// its descriptor's handle on the pool, an atomic reference count, and threads
+/// sharing one pool contend on that one count.
+pub fn descriptor_pool_copy() -> DescriptorPool {
+    #[expect(clippy::expect_used, reason = "build-time constant input")]
+    DescriptorPool::decode(DESCRIPTORS).expect("envoy-types descriptor set decodes")
+}
+
 /// Type URLs of the resources sockmesh consumes.
 pub mod type_url {
     pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";

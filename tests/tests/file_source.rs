@@ -28,6 +28,25 @@ resources:
     )
 }
 
+/// Waits until `/config_dump` counts `n` source errors; returns the last one.
+fn source_error(admin: &sockmesh_tests::Admin, n: u64, what: &str) -> String {
+    wait_until(
+        &format!("{what} to be reported"),
+        Duration::from_secs(10),
+        || {
+            let dump = admin.dump();
+            if dump["source_errors"] == n {
+                Ok(dump["source_last_error"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned())
+            } else {
+                Err(dump["source_errors"].clone())
+            }
+        },
+    )
+}
+
 #[test]
 fn file_edits_apply_and_bad_files_change_nothing() {
     let agent = FileAgent::start("resources.yaml", &config("1", &["10.10.1.11"], 8080), &[]);
@@ -41,21 +60,7 @@ fn file_edits_apply_and_bad_files_change_nothing() {
     // A syntax error: counted as a source error whose message has the line, and
     // nothing changes.
     agent.replace("resources: [\n  { name: \n");
-    let error = wait_until(
-        "the syntax error to be reported",
-        Duration::from_secs(10),
-        || {
-            let dump = admin.dump();
-            if dump["source_errors"] == 1 {
-                Ok(dump["source_last_error"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned())
-            } else {
-                Err(dump["source_errors"].clone())
-            }
-        },
-    );
+    let error = source_error(admin, 1, "the syntax error");
     // The flow sequence opened on line 1 is never closed: the YAML parser stops at
     // the end of the document, line 3.
     assert!(
@@ -156,21 +161,7 @@ fn json_file_edits_touch_what_changed_and_errors_name_the_line() {
     .replacen("\"type\":\"STATIC\"", "\"type\":\"STATIC\",\"tipe\":1", 2)
     .replacen("\"type\":\"STATIC\",\"tipe\":1", "\"type\":\"STATIC\"", 1);
     agent.replace(&broken);
-    let error = wait_until(
-        "the JSON error to be reported",
-        Duration::from_secs(10),
-        || {
-            let dump = admin.dump();
-            if dump["source_errors"] == 1 {
-                Ok(dump["source_last_error"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned())
-            } else {
-                Err(dump["source_errors"].clone())
-            }
-        },
-    );
+    let error = source_error(admin, 1, "the JSON error");
     assert!(
         error.contains("tipe") && error.contains("line 5"),
         "field or line not named in: {error}"

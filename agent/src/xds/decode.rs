@@ -194,7 +194,16 @@ pub fn message_from_text<M: prost::Message + Default>(
     full_name: &str,
     text: &str,
 ) -> Result<(M, OpaqueTypes), DecodeError> {
-    let base = descriptor_pool();
+    message_from_text_in(descriptor_pool(), full_name, text)
+}
+
+/// [`message_from_text`] against `base`, a pool of the same descriptors (see
+/// [`sockmesh_proto::descriptor_pool_copy`]).
+pub fn message_from_text_in<M: prost::Message + Default>(
+    base: &prost_reflect::DescriptorPool,
+    full_name: &str,
+    text: &str,
+) -> Result<(M, OpaqueTypes), DecodeError> {
     let unknown = opaque::unknown_types_in_text(text, base);
     let options = DeserializeOptions::new().deny_unknown_fields(true);
     let json = text.trim_start().starts_with('{');

@@ -17,10 +17,13 @@ use std::{
 
 use serde::de::{Deserializer as _, MapAccess, Visitor};
 use serde_json::value::RawValue;
-use sockmesh_proto::pb::google::protobuf::Any;
+use sockmesh_proto::{
+    descriptor_pool, descriptor_pool_copy,
+    pb::{envoy::service::discovery::v3::DiscoveryResponse, google::protobuf::Any},
+};
 
 use super::{
-    decode::{DecodeError, Kind, discovery_response_with_opaque},
+    decode::{DecodeError, Kind, discovery_response_with_opaque, message_from_text_in},
     opaque::OpaqueTypes,
 };
 
@@ -182,7 +185,7 @@ fn decode_parallel(texts: &[&RawValue]) -> Result<(Vec<Any>, OpaqueTypes), Decod
         std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
     };
     let chunk = texts.len().div_ceil(threads);
-    let decode_chunk = |part: &[&RawValue]| {
+    let decode_chunk = |part: &[&RawValue], pool: &prost_reflect::DescriptorPool| {
         let mut doc =
             String::with_capacity(part.iter().map(|r| r.get().len() + 1).sum::<usize>() + 16);
         doc.push_str("{\"resources\":[");
@@ -193,15 +196,20 @@ fn decode_parallel(texts: &[&RawValue]) -> Result<(Vec<Any>, OpaqueTypes), Decod
             doc.push_str(r.get());
         }
         doc.push_str("]}");
-        discovery_response_with_opaque(&doc).map(|(resp, opaque)| (resp.resources, opaque))
+        message_from_text_in::<DiscoveryResponse>(
+            pool,
+            "envoy.service.discovery.v3.DiscoveryResponse",
+            &doc,
+        )
+        .map(|(resp, opaque)| (resp.resources, opaque))
     };
     let results: Vec<Result<(Vec<Any>, OpaqueTypes), DecodeError>> = if threads == 1 {
-        vec![decode_chunk(texts)]
+        vec![decode_chunk(texts, descriptor_pool())]
     } else {
         std::thread::scope(|s| {
             let handles: Vec<_> = texts
                 .chunks(chunk)
-                .map(|part| s.spawn(move || decode_chunk(part)))
+                .map(|part| s.spawn(move || decode_chunk(part, &descriptor_pool_copy())))
                 .collect();
             handles
                 .into_iter()

@@ -1316,15 +1316,14 @@ fn kept_resources_stay_unsent_and_a_kept_name_the_state_lacks_is_refused() {
         })
         .collect();
     assert!(names.len() >= 3, "{names:?}");
+    let kept_only = |version: &str, kept| Update::Full {
+        version: version.into(),
+        resources: Vec::new(),
+        kept,
+    };
 
     // Everything kept, nothing sent: nothing is removed, nothing changes.
-    let all_kept = st
-        .apply(Update::Full {
-            version: "2".into(),
-            resources: Vec::new(),
-            kept: names.clone(),
-        })
-        .expect("accepted");
+    let all_kept = st.apply(kept_only("2", names.clone())).expect("accepted");
     assert!(all_kept.changes.is_empty(), "{all_kept:?}");
     assert!(st.table().services.contains_key(&reviews));
 
@@ -1335,11 +1334,7 @@ fn kept_resources_stay_unsent_and_a_kept_name_the_state_lacks_is_refused() {
         .cloned()
         .collect();
     let gone = st
-        .apply(Update::Full {
-            version: "3".into(),
-            resources: Vec::new(),
-            kept: without_listener.clone(),
-        })
+        .apply(kept_only("3", without_listener))
         .expect("accepted");
     assert_eq!(gone.changes.get(&reviews), Some(&None), "{gone:?}");
 
@@ -1347,11 +1342,7 @@ fn kept_resources_stay_unsent_and_a_kept_name_the_state_lacks_is_refused() {
     // and changes nothing.
     let before = st.table().clone();
     let err = st
-        .apply(Update::Full {
-            version: "4".into(),
-            resources: Vec::new(),
-            kept: names,
-        })
+        .apply(kept_only("4", names))
         .expect_err("the listener is not held");
     assert!(err.0.contains("not held"), "{err}");
     assert_eq!(*st.table(), before);
