@@ -1347,3 +1347,60 @@ fn kept_resources_stay_unsent_and_a_kept_name_the_state_lacks_is_refused() {
     assert!(err.0.contains("not held"), "{err}");
     assert_eq!(*st.table(), before);
 }
+
+#[test]
+fn a_large_update_decodes_on_every_core_and_reports_every_bad_resource_in_order() {
+    use prost::Message as _;
+    use sockmesh_proto::pb::{
+        envoy::config::endpoint::v3::ClusterLoadAssignment, google::protobuf::Any,
+    };
+    // Above the parallel threshold, with a bad resource in the first and in the
+    // last chunk.
+    let yaml = |name: &str, port: u32| {
+        format!(
+            "cluster_name: {name}\nendpoints:\n- lb_endpoints:\n  - endpoint: {{ address: {{ socket_address: {{ address: 10.1.0.1, port_value: {port} }} }} }}\n"
+        )
+    };
+    let any = |name: &str, port: u32| {
+        let (cla, _) = super::decode::message_from_text::<ClusterLoadAssignment>(
+            "envoy.config.endpoint.v3.ClusterLoadAssignment",
+            &yaml(name, port),
+        )
+        .expect("decodes");
+        Any {
+            type_url: Kind::Endpoint.type_url().into(),
+            value: cla.encode_to_vec(),
+        }
+    };
+    let n = 2_100;
+    let added = |bad: &[usize]| -> Vec<(String, String, Any)> {
+        (0..n)
+            .map(|i| {
+                let name = format!("svc-{i}");
+                let port = if bad.contains(&i) { 0 } else { 8080 };
+                let a = any(&name, port);
+                (name, "1".to_owned(), a)
+            })
+            .collect()
+    };
+    let mut st = XdsState::new();
+    let err = st
+        .apply(Update::Delta {
+            kind: Kind::Endpoint,
+            added: added(&[5, n - 5]),
+            removed: Vec::new(),
+        })
+        .expect_err("two bad ports");
+    let first = err.0.find("\"svc-5\"").expect("the first chunk's error");
+    let last = err
+        .0
+        .find(&format!("\"svc-{}\"", n - 5))
+        .expect("the last chunk's error");
+    assert!(first < last, "{err}");
+    st.apply(Update::Delta {
+        kind: Kind::Endpoint,
+        added: added(&[]),
+        removed: Vec::new(),
+    })
+    .expect("all good");
+}
