@@ -75,8 +75,14 @@ pub struct Outcome {
     pub connects_after_death: u64,
     /// Of them, those that failed.
     pub failed_after_death: u64,
-    /// Connects started after the `consecutive`-th failure had completed that
-    /// failed (outlier detection on: the kernel ejected the pod by then).
+    /// Of those failures, connections that were established and then reset
+    /// (ECONNRESET): placed on the pod while it still listened, cut by its death.
+    /// The kernel counts them as successful connects, as Envoy's outlier
+    /// detection does for tcp_proxy, so they are not among the `consecutive`.
+    pub reset_after_death: u64,
+    /// Connects started after the `consecutive`-th failed connect had completed
+    /// whose connect failed (outlier detection on: the kernel ejected the pod by
+    /// then).
     pub failed_after_threshold: u64,
     /// Connects in flight (started, not ended) when the `consecutive`-th failure
     /// completed: the most that can still fail after it.
@@ -99,6 +105,7 @@ impl Outcome {
         serde_json::json!({
             "connects_after_death": self.connects_after_death,
             "failed_after_death": self.failed_after_death,
+            "reset_after_death": self.reset_after_death,
             "failed_after_threshold": self.failed_after_threshold,
             "in_flight_at_threshold": self.in_flight_at_threshold,
             "threshold_after_ms": self.threshold_after_ms,
@@ -254,6 +261,10 @@ fn outcome(
     consecutive: usize,
 ) -> Outcome {
     let failed = |w: &str| w.starts_with('E');
+    // ECONNRESET comes after an established connect: what outlier detection
+    // counts is the connect's outcome.
+    let reset = |w: &str| w == "E104";
+    let connect_failed = |w: &str| failed(w) && !reset(w);
     let until = revival.unwrap_or(u64::MAX);
     let mut o = Outcome::default();
     let mut failures: Vec<u64> = Vec::new();
@@ -265,6 +276,11 @@ fn outcome(
             o.connects_after_death += 1;
             if failed(what) {
                 o.failed_after_death += 1;
+            }
+            if reset(what) {
+                o.reset_after_death += 1;
+            }
+            if connect_failed(what) {
                 failures.push(t1);
             }
         }
@@ -288,7 +304,7 @@ fn outcome(
             if t0 < threshold && t1 > threshold {
                 o.in_flight_at_threshold += 1;
             }
-            if t0 > threshold && t0 < until && failed(what) {
+            if t0 > threshold && t0 < until && connect_failed(what) {
                 o.failed_after_threshold += 1;
             }
         }
@@ -307,6 +323,9 @@ mod tests {
             (0, ms, "b1"),
             // Death at 10 ms; two failures, the second the threshold (2).
             (10 * ms, 11 * ms, "E111"),
+            // Established while the pod still listened, reset by its death: a
+            // failure the client sees, not a failed connect.
+            (10 * ms, 12 * ms, "E104"),
             (12 * ms, 30 * ms, "b2"),
             (13 * ms, 14 * ms, "E111"),
             (15 * ms, 16 * ms, "b1"),
@@ -315,8 +334,9 @@ mod tests {
             (41 * ms, 42 * ms, "b3"),
         ];
         let o = outcome(&lines, 10 * ms, Some(40 * ms), 2);
-        assert_eq!(o.connects_after_death, 5);
-        assert_eq!(o.failed_after_death, 3);
+        assert_eq!(o.connects_after_death, 6);
+        assert_eq!(o.failed_after_death, 4);
+        assert_eq!(o.reset_after_death, 1);
         assert_eq!(o.threshold_after_ms, Some(4));
         assert_eq!(o.in_flight_at_threshold, 1);
         assert_eq!(o.failed_after_threshold, 1);
