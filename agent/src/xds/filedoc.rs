@@ -179,12 +179,6 @@ fn decode_parallel(texts: &[&RawValue]) -> Result<(Vec<Any>, OpaqueTypes), Decod
     if texts.is_empty() {
         return Ok((Vec::new(), OpaqueTypes::new()));
     }
-    let threads = if texts.len() < PARALLEL_FROM {
-        1
-    } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
-    };
-    let chunk = texts.len().div_ceil(threads);
     let decode_chunk = |part: &[&RawValue], pool: &prost_reflect::DescriptorPool| {
         let mut doc =
             String::with_capacity(part.iter().map(|r| r.get().len() + 1).sum::<usize>() + 16);
@@ -203,24 +197,15 @@ fn decode_parallel(texts: &[&RawValue]) -> Result<(Vec<Any>, OpaqueTypes), Decod
         )
         .map(|(resp, opaque)| (resp.resources, opaque))
     };
-    let results: Vec<Result<(Vec<Any>, OpaqueTypes), DecodeError>> = if threads == 1 {
-        vec![decode_chunk(texts, descriptor_pool())]
-    } else {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = texts
-                .chunks(chunk)
-                .map(|part| s.spawn(move || decode_chunk(part, &descriptor_pool_copy())))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(DecodeError::Document("a decoding thread panicked".into()))
-                    })
-                })
-                .collect()
-        })
-    };
+    // One descriptor pool per thread; one thread uses the shared one.
+    let parallel = texts.len() >= PARALLEL_FROM;
+    let results = super::in_chunks(texts, PARALLEL_FROM, |part| {
+        if parallel {
+            decode_chunk(part, &descriptor_pool_copy())
+        } else {
+            decode_chunk(part, descriptor_pool())
+        }
+    });
     let mut resources = Vec::with_capacity(texts.len());
     let mut opaque = OpaqueTypes::new();
     for r in results {

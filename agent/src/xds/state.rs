@@ -573,30 +573,8 @@ impl XdsState {
 /// push of 10,000 services), and the allocator keeps such a peak as resident memory.
 fn decode_all<'a>(items: impl Iterator<Item = (Kind, &'a Any)>) -> Result<Vec<Checked>, Nack> {
     let items: Vec<(Kind, &Any)> = items.collect();
-    let threads = if items.len() < PARALLEL_DECODE_FROM {
-        1
-    } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
-    };
-    let parts: Vec<(Vec<Checked>, Vec<String>)> = if threads == 1 {
-        vec![decode_part(&items)]
-    } else {
-        // In order: a name sent twice keeps its last body, as decoded serially.
-        std::thread::scope(|s| {
-            let handles: Vec<_> = items
-                .chunks(items.len().div_ceil(threads))
-                .map(|part| s.spawn(move || decode_part(part)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        (Vec::new(), vec!["a decoding thread panicked".to_owned()])
-                    })
-                })
-                .collect()
-        })
-    };
+    // In order: a name sent twice keeps its last body, as decoded serially.
+    let parts = super::in_chunks(&items, PARALLEL_DECODE_FROM, decode_part);
     let mut out = Vec::with_capacity(items.len());
     let mut errors: Vec<String> = Vec::new();
     for (checked, errs) in parts {
