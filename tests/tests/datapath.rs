@@ -82,3 +82,83 @@ fn tcp_vip_redirects_reports_vip_refuses_empty_and_spares_outsiders() {
     let left = sockmesh::dataplane::read_service_counters(&bpffs.0).expect("service counters");
     assert_eq!(left.len(), 1, "{left:?}");
 }
+
+/// An initial load's many new services go through the kernel's batch writes
+/// (`BPF_MAP_UPDATE_BATCH`): every service lands whole, of every kind, with its
+/// counters, and the one with a live backend is reachable and counted.
+#[test]
+fn many_new_services_are_written_in_batches_and_each_lands_whole() {
+    use sockmesh::model::{LbPolicy, Service};
+    let client = NetNs::new();
+    let backend = NetNs::new();
+    veth(&client, "10.10.1.1/24", &backend, "10.10.1.2/24");
+    let mut serve = command_in(&backend, None, PROBE);
+    serve.args(["serve", "10.10.1.2:8080=b1"]);
+    let _server = Proc::server(serve);
+    let cgroup = Cgroup::new();
+    let bpffs = Bpffs::new();
+    let mut dp = install(&cgroup, &bpffs);
+    let vip = |i: u32| ServiceAddr {
+        vip: IpAddr::from([10, 96, (i >> 8) as u8, i as u8]),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    let live = Backend::new("10.10.1.2".parse().expect("ip"), 8080);
+    let mut table = RoutingTable::default();
+    for i in 0..300u32 {
+        let others = (1..=(i % 4) + 1)
+            .map(|j| Backend::new(IpAddr::from([10, 20, (i % 200) as u8, j as u8]), 8080));
+        let service = match i % 4 {
+            // The first service, and every fourth: direct slots, the live pod first.
+            0 => Service::new(
+                [live].into_iter().chain(others).collect(),
+                LbPolicy::Random,
+            ),
+            1 => Service::new(
+                others
+                    .map(|b| b.weighted(3))
+                    .chain([live])
+                    .collect(),
+                LbPolicy::Random,
+            ),
+            2 => Service::new(others.collect(), LbPolicy::Maglev { table_size: 1021 }),
+            _ => Service::new(others.collect(), LbPolicy::LeastConn { choices: 2 }),
+        };
+        table.insert(vip(i), service);
+    }
+    let report = dp.apply(&table).expect("apply");
+    assert_eq!(report.added, 300);
+    assert_eq!(
+        sockmesh::dataplane::read_table(&bpffs.0).expect("read pins"),
+        table
+    );
+    // Service 0 has one live backend among unreachable ones: connect until it
+    // is picked (each try is refused or reaches b1; no route hangs: the other
+    // backends' subnet is not routed, so connect() fails at once).
+    let only_live = {
+        let mut t = RoutingTable::default();
+        t.insert(vip(0), vec![live]);
+        t.services.into_iter().next().expect("one")
+    };
+    let mut changes = sockmesh::model::Changes::new();
+    changes.insert(only_live.0, Some(only_live.1));
+    dp.apply_changes(&changes)
+        .expect("narrow service 0 to the live pod");
+    let mut cmd = command_in(&client, Some(&cgroup), PROBE);
+    cmd.args(["peer", "10.96.0.0:80"]);
+    assert_eq!(run(cmd).trim(), "10.96.0.0:80 b1");
+    let redirects = |bpffs: &Bpffs| {
+        sockmesh::dataplane::read_service_counters(&bpffs.0)
+            .expect("service counters")
+            .into_iter()
+            .find(|(s, _)| *s == vip(0))
+            .map(|(_, c)| c.redirects)
+    };
+    assert_eq!(redirects(&bpffs), Some(1));
+    assert_eq!(
+        sockmesh::dataplane::read_service_counters(&bpffs.0)
+            .expect("service counters")
+            .len(),
+        300
+    );
+}

@@ -5,7 +5,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
+use std::os::fd::AsFd as _;
+
+use aya::maps::{HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray};
 use sockmesh_common::{
     BackendInfo, BackendKey, ConnKey, EndpointHealth, EndpointKey, MaglevChunk, ServiceHealth,
     ServiceKey, ServicePolicy, ServiceStats, ServiceValue, SlotKey, counter, map_names,
@@ -15,7 +17,8 @@ use sockmesh_common::{
 use super::{
     DataplaneError,
     keys::{port_from_map, service_key, words_to_ip},
-    store::{MapName, MapStore, Snapshot, StoreError},
+    store::{BatchError, MapName, MapStore, Snapshot, StoreError},
+    sys,
 };
 use crate::model::ServiceAddr;
 
@@ -164,7 +167,74 @@ fn absent_ok(r: Result<(), MapError>) -> Result<(), MapError> {
     r
 }
 
+/// The kernel's answer to a command it does not have (`ENOTSUPP`, 524: a map
+/// type without batch operations), or to a `bpf(2)` command number it does not
+/// know (`EINVAL`).
+const ENOTSUPP: i32 = 524;
+
+/// Writes `keys[i]` → `values[i]` into `map` with `flags` in batches; where the
+/// kernel refuses the batch command itself, one by one (which also names the
+/// entry an `EINVAL` was about).
+fn put_batch<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: MapName,
+    keys: &[K],
+    values: &[V],
+    flags: u64,
+) -> Result<(), BatchError> {
+    let fd = map.map().fd().as_fd();
+    let from = match sys::map_update_batch(fd, keys, values, flags) {
+        Ok(()) => return Ok(()),
+        Err(f)
+            if f.written == 0
+                && matches!(f.error.raw_os_error(), Some(libc::EINVAL | ENOTSUPP)) =>
+        {
+            0
+        }
+        Err(f) => {
+            return Err(BatchError {
+                written: f.written,
+                source: StoreError {
+                    map: name,
+                    op: "batch insert",
+                    source: Box::new(f.error),
+                },
+            });
+        }
+    };
+    for (i, (k, v)) in keys.iter().zip(values).enumerate().skip(from) {
+        map.insert(k, v, flags).map_err(|e| BatchError {
+            written: i,
+            source: err(name, "insert")(e),
+        })?;
+    }
+    Ok(())
+}
+
 impl MapStore for KernelMaps {
+    fn put_services(
+        &mut self,
+        keys: &[ServiceKey],
+        values: &[ServiceValue],
+    ) -> Result<(), BatchError> {
+        put_batch(&mut self.services, MapName::Services, keys, values, 0)
+    }
+    fn put_slots(&mut self, keys: &[SlotKey], values: &[u32]) -> Result<(), BatchError> {
+        put_batch(&mut self.slots, MapName::Slots, keys, values, 0)
+    }
+    fn put_backends(
+        &mut self,
+        keys: &[BackendKey],
+        values: &[BackendInfo],
+    ) -> Result<(), BatchError> {
+        put_batch(&mut self.backends, MapName::Backends, keys, values, 0)
+    }
+    fn zero_stats_many(&mut self, keys: &[ServiceKey]) -> Result<(), BatchError> {
+        // BPF_ANY: the kernel refuses BPF_NOEXIST in a batch (EINVAL on 6.18).
+        let zeros = vec![ServiceStats::default(); keys.len()];
+        put_batch(&mut self.stats, MapName::ServiceStats, keys, &zeros, 0)
+    }
+
     fn put_service(&mut self, k: &ServiceKey, v: &ServiceValue) -> Result<(), StoreError> {
         self.services
             .insert(k, v, 0)

@@ -52,6 +52,29 @@ pub struct StoreError {
     pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
+/// A bulk write that stopped: entries `..written` were written, the one at
+/// `written` failed, the rest were not tried.
+#[derive(Debug, thiserror::Error)]
+#[error("bulk write stopped after {written} entries")]
+pub struct BatchError {
+    pub written: usize,
+    #[source]
+    pub source: StoreError,
+}
+
+/// Writes `keys[i]` → `values[i]` one by one with `put` (what a store without
+/// batch writes does).
+fn one_by_one<K, V>(
+    keys: &[K],
+    values: &[V],
+    mut put: impl FnMut(&K, &V) -> Result<(), StoreError>,
+) -> Result<(), BatchError> {
+    for (written, (k, v)) in keys.iter().zip(values).enumerate() {
+        put(k, v).map_err(|source| BatchError { written, source })?;
+    }
+    Ok(())
+}
+
 /// Everything the routing maps hold, and which services have counters.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
@@ -87,6 +110,31 @@ pub trait MapStore {
     /// Forgets an endpoint's health (the kernel's failure count and ejection).
     fn del_endpoint_health(&mut self, k: &EndpointKey) -> Result<(), StoreError>;
     fn snapshot(&self) -> Result<Snapshot, StoreError>;
+
+    /// Writes many services' values at once (`keys[i]` → `values[i]`, in order).
+    /// The default writes them one by one; the kernel store batches them.
+    fn put_services(
+        &mut self,
+        keys: &[ServiceKey],
+        values: &[ServiceValue],
+    ) -> Result<(), BatchError> {
+        one_by_one(keys, values, |k, v| self.put_service(k, v))
+    }
+    /// Writes many slot entries at once, as [`MapStore::put_services`].
+    fn put_slots(&mut self, keys: &[SlotKey], values: &[u32]) -> Result<(), BatchError> {
+        one_by_one(keys, values, |k, v| self.put_slot(k, *v))
+    }
+    /// Writes many backend entries at once, as [`MapStore::put_services`].
+    fn put_backends(
+        &mut self,
+        keys: &[BackendKey],
+        values: &[BackendInfo],
+    ) -> Result<(), BatchError> {
+        one_by_one(keys, values, |k, v| self.put_backend(k, v))
+    }
+    /// Creates many services' counters at once, zeroed, whether or not they
+    /// exist (for services just added: they start at zero).
+    fn zero_stats_many(&mut self, keys: &[ServiceKey]) -> Result<(), BatchError>;
 }
 
 /// One write, as recorded by [`MemStore`].
@@ -134,6 +182,8 @@ pub struct MemStore {
     pub log: Vec<Op>,
     /// Fail the write with this 0-based index (counted over all writes).
     pub fail_at: Option<usize>,
+    /// Fail every write equal to this one (a failure that persists).
+    pub fail_op: Option<Op>,
     pub after_write: Option<AfterWrite>,
 }
 
@@ -145,6 +195,13 @@ impl MemStore {
             return Err(StoreError {
                 map,
                 op: "injected failure",
+                source: "injected".into(),
+            });
+        }
+        if self.fail_op.as_ref() == Some(&op) {
+            return Err(StoreError {
+                map,
+                op: "injected persistent failure",
                 source: "injected".into(),
             });
         }
@@ -280,6 +337,14 @@ impl MapStore for MemStore {
         self.endpoint_health.remove(k);
         self.after();
         Ok(())
+    }
+    fn zero_stats_many(&mut self, keys: &[ServiceKey]) -> Result<(), BatchError> {
+        one_by_one(keys, keys, |k, _| {
+            self.record(Op::CreateStats(*k), MapName::ServiceStats)?;
+            self.stats.insert(*k, ServiceStats::default());
+            self.after();
+            Ok(())
+        })
     }
     fn snapshot(&self) -> Result<Snapshot, StoreError> {
         Ok(Snapshot {

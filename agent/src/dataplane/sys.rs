@@ -13,6 +13,9 @@
 //! - `BPF_PROG_QUERY` of a cgroup for a sock_addr or sock attach type: aya's
 //!   queries are crate-private except for lirc, cgroup-device and TC programs, and
 //!   `loaded_links()` does not say which cgroup a link is attached to.
+//! - `BPF_MAP_UPDATE_BATCH` (write many entries of a map in one call): aya 0.16
+//!   has no batch map operations. A bulk load writes hundreds of thousands of
+//!   entries; one syscall each was most of its kernel time.
 //! - The feature probes of [`super::features`] that aya's `is_program_supported`
 //!   cannot make: a program load for a given *attach type* (aya probes a type with
 //!   one fixed attach type), and whether a command exists at all.
@@ -94,6 +97,60 @@ pub fn prog_query(target: BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<u3
     let n = unsafe { attr.query.__bindgen_anon_2.prog_cnt } as usize;
     Ok(ids[..n.min(ids.len())].to_vec())
 }
+
+/// A batch write that stopped: the entries before `written` are in the map, the
+/// one at `written` failed with `error`, the rest were not tried.
+#[derive(Debug)]
+pub struct BatchFailure {
+    pub written: usize,
+    pub error: io::Error,
+}
+
+/// `bpf(BPF_MAP_UPDATE_BATCH)`: writes `keys[i]` → `values[i]` into `map` with
+/// `elem_flags` (`BPF_ANY`, `BPF_NOEXIST`, `BPF_EXIST`), in order.
+///
+/// `K` and `V` must be the map's key and value types (their sizes the map's), as
+/// the typed aya map the descriptor comes from guarantees.
+pub fn map_update_batch<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+    elem_flags: u64,
+) -> Result<(), BatchFailure> {
+    let fail = |written, error| Err(BatchFailure { written, error });
+    if keys.len() != values.len() {
+        return fail(0, io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut done = 0;
+    // One call per chunk: the kernel loops over the entries (rescheduling between
+    // them) and says how many it wrote.
+    for (k, v) in keys.chunks(BATCH_CHUNK).zip(values.chunks(BATCH_CHUNK)) {
+        let mut attr = zeroed_attr();
+        attr.batch.map_fd = fd_u32(map);
+        attr.batch.keys = k.as_ptr() as u64;
+        attr.batch.values = v.as_ptr() as u64;
+        attr.batch.count = k.len() as u32; // ≤ BATCH_CHUNK
+        attr.batch.elem_flags = elem_flags;
+        // SAFETY: the batch member is filled in (no in/out batch cursor, no flags),
+        // the rest is zero; `keys` and `values` point at `count` entries of the
+        // map's key and value size each (the caller's contract) and outlive the call.
+        let rc = unsafe { sys_bpf(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut attr) };
+        if let Err(error) = rc {
+            // SAFETY: reading back the member the kernel answered in (plain integers).
+            let count = unsafe { attr.batch.count } as usize;
+            // The kernel writes the count back once it has started on the entries;
+            // a call refused before that leaves the count asked for.
+            let written = if count < k.len() { count } else { 0 };
+            return fail(done + written, error);
+        }
+        done += k.len();
+    }
+    Ok(())
+}
+
+/// Entries per `BPF_MAP_UPDATE_BATCH` call (the kernel holds no lock across a
+/// batch; this only bounds one call's duration).
+const BATCH_CHUNK: usize = 8192;
 
 /// `bpf(BPF_PROG_LOAD)` of the smallest valid program (`r0 = 1; exit`) as
 /// `prog_type` (`enum bpf_prog_type`) for `attach_type` (`enum bpf_attach_type`):

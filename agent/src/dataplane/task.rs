@@ -492,6 +492,7 @@ impl Task {
 
     fn write(&mut self, write: Write, removed: BTreeSet<Endpoint>, received: Instant) {
         let whole = matches!(write, Write::Table(_));
+        let started = Instant::now();
         let result = match &write {
             Write::Table(t) => self.sink.apply(t),
             Write::Changes(c) => self.sink.apply_changes(c),
@@ -537,6 +538,7 @@ impl Task {
             info!(
                 map_ops = ops,
                 latency_us = latency.as_micros(),
+                write_us = started.elapsed().as_micros(),
                 "routing table applied"
             );
         }

@@ -24,7 +24,7 @@ use tracing::{debug, warn};
 use super::{
     keys::{ip_to_words, port_to_map, service_addr, service_key},
     mirror::{Installed, Mirror, SlotMap, is_direct, slot_index},
-    store::{MapStore, StoreError},
+    store::{MapStore, Snapshot, StoreError},
 };
 use crate::{
     lb::{MaglevKey, maglev_table, weighted_slots},
@@ -343,7 +343,22 @@ impl<S: MapStore> MapWriter<S> {
         });
         let steps: Vec<(ServiceAddr, Option<&Service>)> =
             order.iter().map(|s| (*s.service, s.backends)).collect();
-        for (service, backends) in steps {
+        let mut next = 0;
+        while let Some(&(service, backends)) = steps.get(next) {
+            next += 1;
+            // A run of new services (an initial load) is written in bulk.
+            let adds: Vec<(ServiceAddr, &Service)> = steps[next - 1..]
+                .iter()
+                .map_while(|&(s, b)| {
+                    b.filter(|_| !self.mirror.services.contains_key(&service_key(&s)))
+                        .map(|b| (s, b))
+                })
+                .collect();
+            if adds.len() >= bulk::BULK_FROM {
+                next += adds.len() - 1;
+                self.add_bulk(&adds, &mut report)?;
+                continue;
+            }
             let key = service_key(&service);
             let Some(backends) = backends else {
                 let ops = self.counted(&key, |w| w.remove_service(&key))?;
@@ -862,6 +877,9 @@ fn rollback<S: MapStore>(store: &mut S, inst: &Installed, id: u32) {
         });
     }
 }
+
+#[path = "writer_bulk.rs"]
+mod bulk;
 
 #[cfg(test)]
 #[path = "writer_tests.rs"]

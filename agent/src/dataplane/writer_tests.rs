@@ -965,3 +965,206 @@ fn a_replaced_endpoint_of_a_direct_service_is_rewritten_in_place() {
     assert!(st.log[base..].contains(&Op::PutService(key)));
     assert_eq!(reachable(st, &s), Some(set(&fewer)));
 }
+
+/// `n` services of every kind the writer publishes, in turn: direct slots (equal
+/// weights), a slot table (weighted), a Maglev table, least connections with
+/// health settings, and no backends.
+fn mixed(n: u32) -> RoutingTable {
+    let health = crate::model::Health {
+        outlier: None,
+        max_connections: Some(50),
+    };
+    let mut t = RoutingTable::default();
+    for i in 0..n {
+        let s = ServiceAddr {
+            vip: IpAddr::from([10, 97, (i >> 8) as u8, i as u8]),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        let backends: Vec<Backend> = (0..=(i % 3))
+            .map(|j| be(&format!("10.3.{}.{}", i % 250, j + 1), 8080))
+            .collect();
+        let service = match i % 5 {
+            0 => Service::new(backends, LbPolicy::Random),
+            1 => Service::new(
+                backends
+                    .into_iter()
+                    .map(|b| b.weighted(2))
+                    .chain([be("10.4.0.1", 80)])
+                    .collect(),
+                LbPolicy::Random,
+            ),
+            2 => Service::new(backends, LbPolicy::Maglev { table_size: 251 }),
+            3 => Service::new(backends, LbPolicy::LeastConn { choices: 2 }).with_health(health),
+            _ => Service::new(vec![], LbPolicy::Random),
+        };
+        t.insert(s, service);
+    }
+    t
+}
+
+/// After every write: each published service resolves whole and has counters.
+fn check_published_whole(w: &mut MapWriter<MemStore>) {
+    w.store_mut().after_write = Some(Box::new(|st: &MemStore, op: &Op| {
+        for key in st.services.keys() {
+            let resolved = st.resolve(key).expect("published");
+            assert!(
+                resolved.is_ok(),
+                "after {op:?}: {key:?} is published half-written"
+            );
+        }
+    }));
+}
+
+/// Entries per map: (services, backends, slots, Maglev chunks, health settings).
+fn entry_counts(st: &MemStore) -> [usize; 5] {
+    [
+        st.services.len(),
+        st.backends.len(),
+        st.slots.len(),
+        st.maglev.len(),
+        st.policies.len(),
+    ]
+}
+
+#[test]
+fn many_new_services_are_written_map_by_map_and_each_is_published_whole() {
+    let t = mixed(100);
+    let mut bulk = MapWriter::adopt(MemStore::default()).expect("adopt");
+    check_published_whole(&mut bulk);
+    let r = bulk.apply(&t).expect("bulk");
+    assert_eq!((r.added, r.updated), (100, 0));
+    // The same services one at a time (runs too short for the bulk path).
+    let mut single = MapWriter::adopt(MemStore::default()).expect("adopt");
+    for (s, b) in &t.services {
+        let mut changes = Changes::new();
+        changes.insert(*s, Some(b.clone()));
+        single.apply_changes(&changes).expect("one");
+    }
+    let (a, b) = (bulk.store(), single.store());
+    assert_eq!(
+        sorted(table_from_snapshot(&a.snapshot().expect("snapshot"))),
+        sorted(t.clone())
+    );
+    assert_eq!(entry_counts(a), entry_counts(b));
+    assert_eq!(a.stats.len(), 100);
+    assert_eq!(
+        r.map_ops,
+        b.log
+            .iter()
+            .filter(|o| !matches!(o, Op::CreateStats(_)))
+            .count()
+    );
+    // It was the bulk path: no service value before the last backend entry.
+    let first_value = a.log.iter().position(|o| matches!(o, Op::PutService(_)));
+    let last_backend = a.log.iter().rposition(|o| matches!(o, Op::PutBackend(_)));
+    assert!(
+        first_value > last_backend,
+        "{first_value:?} {last_backend:?}"
+    );
+    assert_eq!(bulk.usage(), single.usage());
+    assert_eq!(bulk.apply(&t).expect("again").map_ops, 0);
+}
+
+#[test]
+fn a_failed_bulk_write_is_undone_and_the_services_go_one_by_one() {
+    let t = mixed(40);
+    let (log, counts) = {
+        let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
+        w.apply(&t).expect("apply");
+        (w.store().log.clone(), entry_counts(w.store()))
+    };
+    // Fail the first and last write of every map's batch, and every 9th write.
+    let kind = |o: &Op| std::mem::discriminant(o);
+    let fails: Vec<usize> = (0..log.len())
+        .filter(|&i| {
+            i % 9 == 0
+                || i + 1 == log.len()
+                || kind(&log[i]) != kind(&log[i + 1])
+                || (i > 0 && kind(&log[i]) != kind(&log[i - 1]))
+        })
+        .collect();
+    assert!(fails.len() >= 12, "{fails:?}");
+    for fail in fails {
+        let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
+        check_published_whole(&mut w);
+        w.store_mut().fail_at = Some(fail);
+        // The store fails once: the one-by-one path after the undo succeeds.
+        w.apply(&t)
+            .unwrap_or_else(|e| panic!("fail at {fail}: {e}"));
+        let st = w.store();
+        assert!(
+            st.fail_at.is_none(),
+            "fail at {fail}: the failure was not hit"
+        );
+        assert_eq!(
+            sorted(table_from_snapshot(&st.snapshot().expect("snapshot"))),
+            sorted(t.clone()),
+            "fail at {fail}"
+        );
+        assert_eq!(
+            entry_counts(st),
+            counts,
+            "fail at {fail}: nothing left behind"
+        );
+        assert_eq!(
+            sorted(w.table()),
+            sorted(t.clone()),
+            "fail at {fail}: the mirror"
+        );
+        // A counter entry that failed is created by the next apply.
+        w.apply(&t).expect("again");
+        assert_eq!(w.store().stats.len(), 40, "fail at {fail}");
+    }
+}
+
+#[test]
+fn a_bulk_failure_that_persists_is_reported_for_its_service() {
+    let t = mixed(40);
+    let target = *t.services.keys().nth(12).expect("40 services");
+    let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
+    check_published_whole(&mut w);
+    // Every write of the 13th service's value fails, in the batch and one by one.
+    w.store_mut().fail_op = Some(Op::PutService(service_key(&target)));
+    let err = w
+        .apply(&t)
+        .expect_err("the 13th service cannot be published");
+    assert!(
+        matches!(err, WriteError::Store { service, .. } if service == target),
+        "{err}"
+    );
+    // The mirror matches the maps; the services before the target are installed,
+    // the target and those after it left nothing behind.
+    let st = w.store();
+    let installed = table_from_snapshot(&st.snapshot().expect("snapshot"));
+    assert_eq!(sorted(installed.clone()), sorted(w.table()));
+    assert!(!installed.services.contains_key(&target));
+    let installed_ids: HashSet<u32> = st.services.values().map(|v| v.id).collect();
+    assert!(
+        st.backends
+            .keys()
+            .all(|k| installed_ids.contains(&k.service_id))
+    );
+    assert!(
+        st.slots
+            .keys()
+            .all(|k| installed_ids.contains(&k.service_id))
+    );
+    assert!(
+        st.maglev
+            .keys()
+            .all(|k| installed_ids.contains(&k.service_id))
+    );
+    assert_eq!(
+        st.policies.len(),
+        installed
+            .services
+            .values()
+            .filter(|s| !s.health.is_off())
+            .count()
+    );
+    // Once the failure stops, the next apply installs everything.
+    w.store_mut().fail_op = None;
+    w.apply(&t).expect("recovered");
+    assert_eq!(sorted(w.table()), sorted(t));
+}
