@@ -163,6 +163,21 @@ pub const MIGRATION_WARMING_TIMEOUT: Duration = Duration::from_secs(15);
 /// Ticks (about a second each) between sweeps of idle connection counts.
 const CONN_SWEEP_TICKS: u64 = 60;
 
+/// A kernel write of this many map operations (an initial load) leaves its
+/// planning buffers freed but held by the allocator: see [`release_freed_memory`].
+const LARGE_WRITE: usize = 10_000;
+
+/// Hands memory freed after a large update back to the kernel. glibc keeps freed
+/// heap in its arenas, so the transient peak of decoding and writing a
+/// 50,000-service push would otherwise stay resident for the agent's lifetime.
+pub(crate) fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own arenas; no Rust invariant involved.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Timing of the last kernel write, for logs, metrics and benchmarks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PushStats {
@@ -499,7 +514,12 @@ impl Task {
         };
         drop(write);
         let ops = match result {
-            Ok(ops) => ops,
+            Ok(ops) => {
+                if ops >= LARGE_WRITE {
+                    release_freed_memory();
+                }
+                ops
+            }
             Err(e) => {
                 // The update stays accepted (the control plane is not told
                 // "rejected" for the node's own trouble); the kernel lags, which

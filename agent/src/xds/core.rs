@@ -31,19 +31,8 @@ fn status_refused(dns: &mut BTreeMap<String, DnsStatus>, cluster: &str, why: &st
 
 /// An update with this many resources (an initial push, a full SotW of a big
 /// mesh) leaves megabytes freed but held by the allocator: see
-/// [`release_freed_memory`].
+/// [`crate::dataplane::task::release_freed_memory`].
 const LARGE_UPDATE: usize = 1_000;
-
-/// Hands memory freed after a large update back to the kernel. glibc keeps freed
-/// heap in its arenas, so the transient peak of decoding a 50,000-service push
-/// would otherwise stay resident for the agent's lifetime.
-pub(crate) fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks glibc's own arenas; no Rust invariant involved.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
 
 /// What an accepted update asks of its source.
 #[derive(Debug)]
@@ -271,7 +260,7 @@ impl Core {
         let size = update.resource_count();
         let result = self.handle_inner(update, received, kinds);
         if size >= LARGE_UPDATE {
-            release_freed_memory();
+            crate::dataplane::task::release_freed_memory();
         }
         result
     }
