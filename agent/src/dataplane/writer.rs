@@ -356,7 +356,11 @@ impl<S: MapStore> MapWriter<S> {
                 .collect();
             if adds.len() >= bulk::BULK_FROM {
                 next += adds.len() - 1;
-                self.add_bulk(&adds, &mut report)?;
+                // In chunks: the planning buffers stay small, and the first
+                // services are published before the last are planned.
+                for chunk in adds.chunks(bulk::BULK_CHUNK) {
+                    self.add_bulk(chunk, &mut report)?;
+                }
                 continue;
             }
             let key = service_key(&service);

@@ -29,6 +29,10 @@ use crate::model::{Service, ServiceAddr};
 /// the one-service path (a single change keeps its latency).
 pub(super) const BULK_FROM: usize = 32;
 
+/// New services planned and written together (at 10 endpoints, about 1.5 MB of
+/// planned entries).
+pub(super) const BULK_CHUNK: usize = 4096;
+
 /// The puts one or more new services need, map by map, with where each service's
 /// entries start.
 #[derive(Default)]
