@@ -110,15 +110,9 @@ fn many_new_services_are_written_in_batches_and_each_lands_whole() {
             .map(|j| Backend::new(IpAddr::from([10, 20, (i % 200) as u8, j as u8]), 8080));
         let service = match i % 4 {
             // The first service, and every fourth: direct slots, the live pod first.
-            0 => Service::new(
-                [live].into_iter().chain(others).collect(),
-                LbPolicy::Random,
-            ),
+            0 => Service::new([live].into_iter().chain(others).collect(), LbPolicy::Random),
             1 => Service::new(
-                others
-                    .map(|b| b.weighted(3))
-                    .chain([live])
-                    .collect(),
+                others.map(|b| b.weighted(3)).chain([live]).collect(),
                 LbPolicy::Random,
             ),
             2 => Service::new(others.collect(), LbPolicy::Maglev { table_size: 1021 }),
