@@ -8,16 +8,21 @@ use sockmesh_tests::{Bpffs, Cgroup, NetNs, Proc, command_in, install, run, veth}
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
 
-#[test]
-fn tcp_vip_redirects_reports_vip_refuses_empty_and_spares_outsiders() {
+/// A client namespace linked to a backend namespace whose pod 10.10.1.2:8080
+/// answers "b1"; a cgroup and bpffs directory for the datapath.
+fn one_pod() -> (NetNs, NetNs, Proc, Cgroup, Bpffs) {
     let client = NetNs::new();
     let backend = NetNs::new();
     veth(&client, "10.10.1.1/24", &backend, "10.10.1.2/24");
     let mut serve = command_in(&backend, None, PROBE);
     serve.args(["serve", "10.10.1.2:8080=b1"]);
-    let _server = Proc::server(serve);
-    let cgroup = Cgroup::new();
-    let bpffs = Bpffs::new();
+    let server = Proc::server(serve);
+    (client, backend, server, Cgroup::new(), Bpffs::new())
+}
+
+#[test]
+fn tcp_vip_redirects_reports_vip_refuses_empty_and_spares_outsiders() {
+    let (client, _backend, _server, cgroup, bpffs) = one_pod();
     let mut dp = install(&cgroup, &bpffs);
     let vip = |last: u8| ServiceAddr {
         vip: IpAddr::from([10, 96, 0, last]),
@@ -89,14 +94,7 @@ fn tcp_vip_redirects_reports_vip_refuses_empty_and_spares_outsiders() {
 #[test]
 fn many_new_services_are_written_in_batches_and_each_lands_whole() {
     use sockmesh::model::{LbPolicy, Service};
-    let client = NetNs::new();
-    let backend = NetNs::new();
-    veth(&client, "10.10.1.1/24", &backend, "10.10.1.2/24");
-    let mut serve = command_in(&backend, None, PROBE);
-    serve.args(["serve", "10.10.1.2:8080=b1"]);
-    let _server = Proc::server(serve);
-    let cgroup = Cgroup::new();
-    let bpffs = Bpffs::new();
+    let (client, _backend, _server, cgroup, bpffs) = one_pod();
     let mut dp = install(&cgroup, &bpffs);
     let vip = |i: u32| ServiceAddr {
         vip: IpAddr::from([10, 96, (i >> 8) as u8, i as u8]),
