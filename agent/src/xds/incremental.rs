@@ -43,6 +43,9 @@ pub struct Dirty {
     pub endpoints: BTreeSet<String>,
     /// Clusters whose DNS answers changed.
     pub dns: BTreeSet<String>,
+    /// The backends of the ClusterLoadAssignments the update changed, read when
+    /// they were validated (by EDS name).
+    pub assignments: BTreeMap<String, Vec<crate::model::Backend>>,
 }
 
 pub use crate::model::Changes;
@@ -189,7 +192,40 @@ impl Incremental {
                 clusters.extend(users.iter().cloned());
             }
         }
+        // An assignment this update changed was read when it was validated.
+        let backends_of = |c: &str, source: &ClusterSource<'_>| match source {
+            ClusterSource::Eds(eds) if res.endpoints.contains_key(eds) => {
+                dirty.assignments.get(eds).map_or_else(
+                    || cluster_backends(c, source, res),
+                    |b| ClusterBackends::Backends(b.clone()),
+                )
+            }
+            _ => cluster_backends(c, source, res),
+        };
         for c in &clusters {
+            // A cluster reached only through its ClusterLoadAssignment keeps what
+            // its own resource says (decoding the Cluster again took half of an
+            // EDS batch's staging): only its backends are read anew.
+            let eds_only = !dirty.clusters.contains(c) && !dirty.dns.contains(c);
+            if eds_only
+                && let Some(view) = self.clusters.get(c)
+                && let Some(eds) = &view.eds
+                && view.ignored.is_none()
+                && res.clusters.contains_key(c)
+            {
+                let backends = backends_of(c, &ClusterSource::Eds(eds.clone()));
+                let view = ClusterView {
+                    eds: view.eds.clone(),
+                    dns: None,
+                    backends,
+                    policy: view.policy,
+                    health: view.health,
+                    fallback: view.fallback,
+                    ignored: None,
+                };
+                st.clusters.insert(c.clone(), Some(view));
+                continue;
+            }
             let view = res.clusters.get(c).map(|cluster| {
                 let cluster = cluster.decode();
                 let policy = cluster_policy(&cluster);
@@ -206,7 +242,7 @@ impl Incremental {
                             ClusterSource::Dns { target, .. } => Some(target.clone()),
                             _ => None,
                         },
-                        backends: cluster_backends(c, &source, res),
+                        backends: backends_of(c, &source),
                         ignored: None,
                     },
                     Err(why) => ClusterView {

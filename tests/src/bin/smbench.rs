@@ -370,9 +370,11 @@ struct Prop {
     throughput: bool,
 }
 
-/// Changes per throughput batch, and batches.
+/// Changes per throughput batch, and batches (SMBENCH_BATCHES: more, to profile).
 const THROUGHPUT_BATCH: u32 = 1_000;
-const THROUGHPUT_BATCHES: u32 = 10;
+fn throughput_batches_n() -> u32 {
+    env_or("SMBENCH_BATCHES", 10)
+}
 
 fn propagation(bin_dir: &Path, run: Prop) -> Value {
     let Prop {
@@ -551,7 +553,8 @@ fn propagation(bin_dir: &Path, run: Prop) -> Value {
         b.sort_by(f64::total_cmp);
         let p50 = percentile(&b, 0.5);
         detail(&format!(
-            "  throughput: {THROUGHPUT_BATCHES} batches of {THROUGHPUT_BATCH} endpoint changes (one service each), publish -> the last in the kernel: p50 {:.1} ms, max {:.1} ms; {:.0} changes/s at the median",
+            "  throughput: {} batches of {THROUGHPUT_BATCH} endpoint changes (one service each), publish -> the last in the kernel: p50 {:.1} ms, max {:.1} ms; {:.0} changes/s at the median",
+            b.len(),
             p50 / 1e3,
             b.last().copied().unwrap_or(0.0) / 1e3,
             f64::from(THROUGHPUT_BATCH) / (p50 / 1e6).max(1e-9)
@@ -785,7 +788,7 @@ impl Churn {
     }
 }
 
-/// `THROUGHPUT_BATCHES` batches of `THROUGHPUT_BATCH` endpoint changes, one per
+/// [`throughput_batches_n`] batches of `THROUGHPUT_BATCH` endpoint changes, one per
 /// service (services 2.., a different set each batch), each batch published at
 /// once: µs from publish until the kernel holds the batch's last change.
 fn throughput_batches(
@@ -801,10 +804,12 @@ fn throughput_batches(
             "throughput needs more than {THROUGHPUT_BATCH} services"
         ));
     }
-    for b in 0..THROUGHPUT_BATCHES {
-        let first = 2 + (b * THROUGHPUT_BATCH) % (others - THROUGHPUT_BATCH + 1);
-        // A turn the churn never reached for these services: a real change.
-        let turn = 7 + 2 * b as u16;
+    for b in 0..throughput_batches_n() {
+        let span = others - THROUGHPUT_BATCH + 1;
+        let first = 2 + (b * THROUGHPUT_BATCH) % span;
+        // Each pass over the services flips their first endpoint's port, so a
+        // batch's last change is a real one however many batches run.
+        let turn = 7 + (b * THROUGHPUT_BATCH / span) as u16;
         let batch: Vec<_> = (first..first + THROUGHPUT_BATCH)
             .map(|i| {
                 sockmesh_tests::mesh::assignment(
