@@ -121,14 +121,18 @@ pub struct AgentConfig {
 /// Runs the agent until SIGINT/SIGTERM.
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     let datapath = Datapath::install(&cfg.datapath)?;
-    // Decode the protobuf descriptors now, beside start-up, not inside the first
-    // update's latency (a decode that needs them waits for this one).
-    // If the thread cannot start, the first decode builds the pool instead.
-    let _ = std::thread::Builder::new()
-        .name("descriptors".into())
-        .spawn(|| {
-            let _ = sockmesh_proto::descriptor_pool();
-        });
+    // A file or REST source reads proto3 JSON/YAML, which needs the protobuf
+    // descriptors: decode them now, beside start-up, not inside the first update's
+    // latency (a decode that needs them waits for this one; if the thread cannot
+    // start, the first decode builds the pool instead). ADS is protobuf throughout
+    // and never loads them (about 10 MiB).
+    if !matches!(cfg.source, Source::Grpc(_)) {
+        let _ = std::thread::Builder::new()
+            .name("descriptors".into())
+            .spawn(|| {
+                let _ = sockmesh_proto::descriptor_pool();
+            });
+    }
     let terminate_removed = cfg.terminate_removed
         && match crate::dataplane::destroy::probe() {
             Ok(()) => {

@@ -15,6 +15,7 @@ pub mod resources;
 pub mod rest;
 pub mod state;
 pub mod translate;
+pub mod users;
 pub mod validate;
 
 /// `f` over `items` in order: on one thread below `from` items, else in one chunk

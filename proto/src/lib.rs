@@ -25,6 +25,19 @@ pub fn descriptor_pool() -> &'static DescriptorPool {
     })
 }
 
+static MESSAGE_NAMES: &str = include_str!(concat!(env!("OUT_DIR"), "/message_names.txt"));
+
+/// Whether [`descriptor_pool`] has a message of this full name, without decoding
+/// the pool: decoded, it takes about 10 MiB of the agent's memory, which an agent on
+/// ADS (protobuf throughout) never needs for anything else.
+pub fn is_known_message(full_name: &str) -> bool {
+    static NAMES: OnceLock<Vec<&'static str>> = OnceLock::new();
+    NAMES
+        .get_or_init(|| MESSAGE_NAMES.lines().collect())
+        .binary_search(&full_name)
+        .is_ok()
+}
+
 /// A pool of its own, decoded anew (not a handle on [`descriptor_pool`]'s), for a
 /// thread that decodes beside others: every message prost-reflect builds clones
 /// its descriptor's handle on the pool, an atomic reference count, and threads
@@ -45,6 +58,25 @@ pub mod type_url {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The name list is the pool's messages, every one of them and nothing else.
+    #[test]
+    fn the_message_names_are_the_pools() {
+        let pool = descriptor_pool();
+        let mut from_pool: Vec<String> = pool
+            .all_messages()
+            .map(|m| m.full_name().to_owned())
+            .collect();
+        from_pool.sort();
+        let listed: Vec<&str> = MESSAGE_NAMES.lines().collect();
+        assert_eq!(listed, from_pool);
+        for name in &from_pool {
+            assert!(is_known_message(name), "{name}");
+        }
+        for unknown in ["", "stats.PluginConfig", "envoy.config.listener.v3", "zzz"] {
+            assert!(!is_known_message(unknown), "{unknown}");
+        }
+    }
 
     #[test]
     fn pool_knows_the_resource_types() {

@@ -16,6 +16,7 @@ use super::{
         cluster_policy, cluster_source, service_backends,
     },
     translate::{Resources, ServiceSpec, listener_services},
+    users::Users,
 };
 use crate::model::{Health, LbPolicy, RoutingTable, Service, ServiceAddr};
 
@@ -24,8 +25,9 @@ use crate::model::{Health, LbPolicy, RoutingTable, Service, ServiceAddr};
 struct ClusterView {
     /// The EDS name it subscribes to, if any.
     eds: Option<String>,
-    /// The names the agent resolves for it (STRICT_DNS, LOGICAL_DNS).
-    dns: Option<DnsTarget>,
+    /// The names the agent resolves for it (STRICT_DNS, LOGICAL_DNS); boxed, as
+    /// few clusters have one and every view would otherwise hold its size.
+    dns: Option<Box<DnsTarget>>,
     backends: ClusterBackends,
     policy: LbPolicy,
     health: Health,
@@ -77,11 +79,11 @@ pub struct Incremental {
     specs: BTreeMap<String, Vec<ServiceSpec>>,
     listener_routes: BTreeMap<String, BTreeSet<String>>,
     listener_ignored: BTreeMap<String, Vec<String>>,
-    route_users: BTreeMap<String, BTreeSet<String>>,
+    route_users: BTreeMap<String, Users<String>>,
     clusters: BTreeMap<String, ClusterView>,
-    eds_users: BTreeMap<String, BTreeSet<String>>,
-    owners: BTreeMap<ServiceAddr, BTreeSet<String>>,
-    cluster_users: BTreeMap<String, BTreeSet<ServiceAddr>>,
+    eds_users: BTreeMap<String, Users<String>>,
+    owners: BTreeMap<ServiceAddr, Users<String>>,
+    cluster_users: BTreeMap<String, Users<ServiceAddr>>,
     warming: BTreeSet<ServiceAddr>,
     passthrough: BTreeSet<ServiceAddr>,
     /// Consistent-hash services whose hash policy names what connect() cannot see
@@ -132,7 +134,7 @@ impl Incremental {
     pub fn dns_targets(&self) -> BTreeMap<String, DnsTarget> {
         self.clusters
             .iter()
-            .filter_map(|(name, v)| Some((name.clone(), v.dns.clone()?)))
+            .filter_map(|(name, v)| Some((name.clone(), DnsTarget::clone(v.dns.as_ref()?))))
             .collect()
     }
 
@@ -239,7 +241,7 @@ impl Incremental {
                             _ => None,
                         },
                         dns: match &source {
-                            ClusterSource::Dns { target, .. } => Some(target.clone()),
+                            ClusterSource::Dns { target, .. } => Some(Box::new(target.clone())),
                             _ => None,
                         },
                         backends: backends_of(c, &source),
@@ -379,7 +381,10 @@ impl Incremental {
         for l in st.removed_listeners.iter().chain(st.specs.keys()) {
             self.unindex_listener(l);
         }
-        for (l, (specs, routes, ignored)) in st.specs {
+        for (l, (mut specs, routes, ignored)) in st.specs {
+            // Kept for the listener's lifetime: most hold one service in a vector
+            // grown for four.
+            specs.shrink_to_fit();
             for spec in &specs {
                 self.owners
                     .entry(spec.service)

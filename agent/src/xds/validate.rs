@@ -137,9 +137,7 @@ fn validate_chain(chain: &FilterChain) -> Result<(), (String, String)> {
 /// Whether the descriptor pool has the message a type URL names.
 pub(crate) fn type_is_known(type_url: &str) -> bool {
     let name = type_url.rsplit_once('/').map_or(type_url, |(_, n)| n);
-    sockmesh_proto::descriptor_pool()
-        .get_message_by_name(name)
-        .is_some()
+    sockmesh_proto::is_known_message(name)
 }
 
 /// Checks a ClusterLoadAssignment: addresses are IPs, ports in 1-65535.
