@@ -29,7 +29,10 @@ use std::{
 pub use crate::model::Limits;
 use aya::Ebpf;
 pub use keys::service_key;
-pub use loader::{Attachment, PinLayout, attached_program_work, attached_programs, cgroup2_root};
+pub use loader::{
+    Attachment, PinLayout, attached_program_run_stats, attached_program_work, attached_programs,
+    cgroup2_root, enable_run_stats,
+};
 pub use mirror::table_from_snapshot;
 pub use sockmesh_common::hooks::HOOKS;
 use sockmesh_common::map_names;

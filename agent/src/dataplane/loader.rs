@@ -565,6 +565,48 @@ pub fn attached_programs(cgroup: &Path) -> Result<Vec<String>, DataplaneError> {
 /// instructions the verifier processed to accept it (kernels of 5.16 and later
 /// report it; the limit is 1,000,000 per program).
 pub fn attached_program_work(cgroup: &Path) -> Result<Vec<(String, Option<u32>)>, DataplaneError> {
+    let mut programs: Vec<_> = attached_infos(cgroup)?
+        .into_iter()
+        .map(|(name, info)| (name, info.verified_instruction_count()))
+        .collect();
+    programs.sort();
+    Ok(programs)
+}
+
+/// The kernel's accounting of the sockmesh programs attached to `cgroup`: by name,
+/// the nanoseconds spent in the program and its runs. The kernel counts only while
+/// run-time statistics are enabled ([`enable_run_stats`]). For benchmarks: what
+/// the programs themselves cost, apart from the noise of the calls around them.
+pub fn attached_program_run_stats(
+    cgroup: &Path,
+) -> Result<Vec<(String, u64, u64)>, DataplaneError> {
+    let io = |source| DataplaneError::Io {
+        path: cgroup.to_owned(),
+        source,
+    };
+    let mut programs = Vec::new();
+    for (name, info) in attached_infos(cgroup)? {
+        let fd = info.fd().map_err(|e| io(std::io::Error::other(e)))?;
+        let (ns, runs) = sys::prog_run_stats(fd.as_fd()).map_err(io)?;
+        programs.push((name, ns, runs));
+    }
+    programs.sort();
+    Ok(programs)
+}
+
+/// Turns the kernel's run-time statistics of BPF programs on until the returned
+/// descriptor is closed (`BPF_ENABLE_STATS`; they cost two clock reads per run).
+pub fn enable_run_stats() -> Result<std::os::fd::OwnedFd, DataplaneError> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| DataplaneError::Io {
+        path: PathBuf::from("BPF_ENABLE_STATS"),
+        source: std::io::Error::other(e),
+    })
+}
+
+/// The sockmesh programs attached to `cgroup`, by name.
+fn attached_infos(
+    cgroup: &Path,
+) -> Result<Vec<(String, aya::programs::ProgramInfo)>, DataplaneError> {
     let (dir, _) = open_cgroup(cgroup, true)?;
     let io = |source| DataplaneError::Io {
         path: cgroup.to_owned(),
@@ -579,10 +621,9 @@ pub fn attached_program_work(cgroup: &Path) -> Result<Vec<(String, Option<u32>)>
         if ids.contains(&info.id())
             && let Some(name) = info.name_as_str().filter(|n| n.starts_with(PROGRAM_PREFIX))
         {
-            programs.push((name.to_owned(), info.verified_instruction_count()));
+            programs.push((name.to_owned(), info));
         }
     }
-    programs.sort();
     Ok(programs)
 }
 

@@ -13,6 +13,8 @@
 //! - `BPF_PROG_QUERY` of a cgroup for a sock_addr or sock attach type: aya's
 //!   queries are crate-private except for lirc, cgroup-device and TC programs, and
 //!   `loaded_links()` does not say which cgroup a link is attached to.
+//! - `BPF_OBJ_GET_INFO_BY_FD` for a program's run time and run count (benchmarks):
+//!   aya's `ProgramInfo` has the rest of the record but not these.
 //! - `BPF_MAP_UPDATE_BATCH` (write many entries of a map in one call): aya 0.16
 //!   has no batch map operations. A bulk load writes hundreds of thousands of
 //!   entries; one syscall each was most of its kernel time.
@@ -70,6 +72,26 @@ pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()>
     // SAFETY: the BPF_LINK_UPDATE member is filled in (no flags, no expected old
     // program), the rest is zero.
     unsafe { sys_bpf(bpf_cmd::BPF_LINK_UPDATE, &mut attr) }.map(drop)
+}
+
+/// `bpf(BPF_OBJ_GET_INFO_BY_FD)` of a program: `(run_time_ns, run_cnt)`, the
+/// kernel's own accounting of the time spent in it while run-time statistics are
+/// enabled. aya 0.16's `ProgramInfo` keeps these two fields private.
+pub fn prog_run_stats(prog: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+    use aya_obj::generated::bpf_prog_info;
+    // SAFETY: bpf_prog_info is a C struct of integers (pointers travel as u64):
+    // the all-zero bit pattern is a valid value.
+    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut attr = zeroed_attr();
+    attr.info.bpf_fd = fd_u32(prog);
+    attr.info.info_len = u32::try_from(std::mem::size_of::<bpf_prog_info>())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    attr.info.info = std::ptr::from_mut(&mut info) as u64;
+    // SAFETY: the BPF_OBJ_GET_INFO_BY_FD member is filled in; it points at `info`,
+    // which outlives the call, with its true length, and the kernel writes at most
+    // that many bytes.
+    unsafe { sys_bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
+    Ok((info.run_time_ns, info.run_cnt))
 }
 
 /// `bpf(BPF_LINK_DETACH)`: detach a link's program now; the link object stays

@@ -256,6 +256,22 @@ fn connect_cost(probe: &Path) -> Value {
     let mut means = vec![Vec::new(); paths.len()];
     let mut p50s = vec![Vec::new(); paths.len()];
     let mut p99s = vec![Vec::new(); paths.len()];
+    // The programs' own time per connect, as the kernel accounts it (run_time_ns
+    // of every sockmesh program on the cgroup: connect, sock_ops, sock_release):
+    // what sockmesh adds, without the noise of the connect()+close() around it.
+    let stats = sockmesh::dataplane::enable_run_stats();
+    if let Err(e) = &stats {
+        say(&format!(
+            "connect_cost: no program run-time statistics: {e}"
+        ));
+    }
+    let program_stats = || -> Option<Vec<(String, u64, u64)>> {
+        stats.as_ref().ok()?;
+        sockmesh::dataplane::attached_program_run_stats(&cgroup.0).ok()
+    };
+    let mut prog_ns = vec![Vec::new(); paths.len()];
+    // Per path and program, over every measured round: (ns, runs).
+    let mut by_program = vec![std::collections::BTreeMap::<String, (u64, u64)>::new(); paths.len()];
     let mut failures = 0u64;
     // Round 0 warms up caches and is discarded; the paths alternate within a round,
     // in a rotating order, so that machine noise hits them alike.
@@ -273,7 +289,22 @@ fn connect_cost(probe: &Path) -> Value {
                 &format!("{addr}:{run_port}"),
                 &CONNECTS_PER_ROUND.to_string(),
             ]);
+            let before = in_cgroup.then(program_stats).flatten();
             let out = run(cmd);
+            let spent = before.and_then(|b| {
+                let after = program_stats()?;
+                let deltas: Vec<(String, u64, u64)> = after
+                    .into_iter()
+                    .map(|(name, ns, runs)| {
+                        let (ns0, runs0) = b
+                            .iter()
+                            .find(|(n, _, _)| *n == name)
+                            .map_or((0, 0), |(_, ns, runs)| (*ns, *runs));
+                        (name, ns.saturating_sub(ns0), runs.saturating_sub(runs0))
+                    })
+                    .collect();
+                Some(deltas)
+            });
             let f: Vec<u64> = out
                 .split_whitespace()
                 .filter_map(|x| x.parse().ok())
@@ -287,6 +318,15 @@ fn connect_cost(probe: &Path) -> Value {
                 means[i].push(mean as f64);
                 p50s[i].push(p50 as f64);
                 p99s[i].push(p99 as f64);
+                if let Some(deltas) = spent {
+                    let ns: u64 = deltas.iter().map(|(_, ns, _)| ns).sum();
+                    prog_ns[i].push(ns as f64 / f64::from(CONNECTS_PER_ROUND));
+                    for (name, ns, runs) in deltas {
+                        let e = by_program[i].entry(name).or_default();
+                        e.0 += ns;
+                        e.1 += runs;
+                    }
+                }
             }
         }
     }
@@ -296,8 +336,15 @@ fn connect_cost(probe: &Path) -> Value {
         "\nconnect()+close(), {ROUNDS} interleaved rounds x {CONNECTS_PER_ROUND}, {FILLER_SERVICES} services loaded in sockmesh and in iptables (median of round means)"
     ));
     say(&format!(
-        "{:<26} {:>10} {:>10} {:>10} {:>11} {:>10}",
-        "path", "mean µs", "p50 µs", "p99 µs", "mean ratio", "p50 ratio"
+        "{:<26} {:>10} {:>10} {:>10} {:>11} {:>10} {:>11} {:>12}",
+        "path",
+        "mean µs",
+        "p50 µs",
+        "p99 µs",
+        "mean ratio",
+        "p50 ratio",
+        "program ns",
+        "direct+prog"
     ));
     let mut rows = Vec::new();
     for (i, (name, _, addr, _)) in paths.iter().enumerate() {
@@ -306,21 +353,46 @@ fn connect_cost(probe: &Path) -> Value {
         let p99 = median(p99s[i].clone());
         let ratio = mean / base;
         let ratio_p50 = p50 / base_p50;
+        // Direct's connect()+close() plus this path's program time, over direct.
+        let prog = (!prog_ns[i].is_empty()).then(|| median(prog_ns[i].clone()));
+        let with_prog = prog.map(|ns| (base + ns) / base);
         say(&format!(
-            "{name:<26} {:>10.2} {:>10.2} {:>10.2} {:>11.3} {:>10.3}",
+            "{name:<26} {:>10.2} {:>10.2} {:>10.2} {:>11.3} {:>10.3} {:>11} {:>12}",
             mean / 1e3,
             p50 / 1e3,
             p99 / 1e3,
             ratio,
-            ratio_p50
+            ratio_p50,
+            prog.map_or_else(|| "-".to_owned(), |ns| format!("{ns:.0}")),
+            with_prog.map_or_else(|| "-".to_owned(), |r| format!("{r:.4}")),
         ));
         rows.push(json!({
             "path": name, "address": addr, "mean_ns": mean, "p50_ns": p50,
             "p99_ns": p99, "mean_ratio_to_direct": ratio, "p50_ratio_to_direct": ratio_p50,
+            "program_ns_per_connect": prog, "direct_plus_program_ratio": with_prog,
+            "programs": by_program[i].iter().filter(|(_, (_, runs))| *runs > 0).map(|(name, (ns, runs))| {
+                let connects = (CONNECTS_PER_ROUND as usize * ROUNDS) as f64;
+                json!({"program": name, "runs_per_connect": *runs as f64 / connects,
+                       "ns_per_run": *ns as f64 / (*runs).max(1) as f64})
+            }).collect::<Vec<_>>(),
         }));
     }
     say(&format!("failed connects: {failures}"));
+    // The datapath's own counters over the whole scenario (redirects, retries of a
+    // raced slot, misses, reverse lookups).
+    let counters: serde_json::Map<String, Value> = sockmesh::dataplane::read_counters(&bpffs.0)
+        .map(|c| {
+            c.into_iter()
+                .map(|(k, v)| (k.to_owned(), json!(v)))
+                .collect()
+        })
+        .unwrap_or_default();
+    detail(&format!(
+        "  kernel counters: {}",
+        Value::Object(counters.clone())
+    ));
     json!({
+        "kernel_counters": counters,
         "rounds": ROUNDS, "connects_per_round": CONNECTS_PER_ROUND,
         "services_loaded": FILLER_SERVICES + 1, "failures": failures, "paths": rows,
     })
