@@ -186,6 +186,27 @@ pub fn place(
     Ok(())
 }
 
+/// A placement on a service with neither outlier detection nor a circuit breaker:
+/// no storage is created (that cost about 0.9 µs per connect for every service
+/// with direct slots, whose flag the caller once took for a health flag). A socket
+/// placed before (connect() again after a failed one) gives back the connection
+/// its earlier placement holds and is no longer watched.
+#[inline(always)]
+pub fn unplace(ctx: &SockAddrContext) {
+    let storage = SOCK_HEALTH.get_ptr_mut(ctx);
+    if storage.is_null() {
+        return;
+    }
+    // SAFETY: as in `place`.
+    unsafe {
+        if (*storage).counted != 0 {
+            (*storage).counted = 0;
+            give_back(&(*storage).endpoint.service);
+        }
+        (*storage).watch = 0;
+    }
+}
+
 /// Takes one of `service`'s open connections; false (and counted as an overflow)
 /// when it already has `max_connections`.
 #[inline(always)]

@@ -12,6 +12,7 @@ use aya_ebpf::{
 use sockmesh_common::{
     PROTO_TCP, PROTO_UDP, V4_MAPPED_WORD, counter,
     hooks::{self, ProgramType},
+    service_flags,
 };
 
 use crate::{
@@ -226,12 +227,15 @@ fn forward(ctx: &SockAddrContext, family: Family, per_socket: bool) -> Verdict {
                 return Verdict::Refuse;
             }
             // Placements only: an unconnected UDP datagram is no connection.
-            if flags != 0
-                && !per_socket
-                && health::place(ctx, flags, proto, health::endpoint(&service, backend)).is_err()
-            {
-                // Counted in the service's `ServiceHealth::overflows`.
-                return Verdict::Refuse;
+            if !per_socket {
+                if flags & (service_flags::OUTLIER | service_flags::CIRCUIT) == 0 {
+                    health::unplace(ctx);
+                } else if health::place(ctx, flags, proto, health::endpoint(&service, backend))
+                    .is_err()
+                {
+                    // Counted in the service's `ServiceHealth::overflows`.
+                    return Verdict::Refuse;
+                }
             }
             if counted {
                 conns::place(ctx, conns::key(backend, proto));
