@@ -169,10 +169,7 @@ pub fn place(
     // SAFETY: the socket's own storage, valid while the program runs; connect()
     // holds the socket lock, so no other program of this socket runs meanwhile.
     unsafe {
-        if (*storage).counted != 0 {
-            (*storage).counted = 0;
-            give_back(&(*storage).endpoint.service);
-        }
+        give_back_held(storage);
         (*storage).watch = 0;
         if flags & service_flags::CIRCUIT != 0 {
             if !take(&endpoint.service) {
@@ -199,11 +196,24 @@ pub fn unplace(ctx: &SockAddrContext) {
     }
     // SAFETY: as in `place`.
     unsafe {
+        give_back_held(storage);
+        (*storage).watch = 0;
+    }
+}
+
+/// Gives back the open connection the placement recorded in `storage` holds, if
+/// any, and records that it holds none.
+///
+/// # Safety
+/// `storage` is a socket's own storage (not null), valid while the program runs.
+#[inline(always)]
+unsafe fn give_back_held(storage: *mut SockHealth) {
+    // SAFETY: the caller's contract.
+    unsafe {
         if (*storage).counted != 0 {
             (*storage).counted = 0;
             give_back(&(*storage).endpoint.service);
         }
-        (*storage).watch = 0;
     }
 }
 
@@ -264,12 +274,7 @@ pub fn release(sk: *mut bpf_sock) {
         return;
     }
     // SAFETY: the socket's own storage, valid while the program runs.
-    unsafe {
-        if (*storage).counted != 0 {
-            (*storage).counted = 0;
-            give_back(&(*storage).endpoint.service);
-        }
-    }
+    unsafe { give_back_held(storage) }
 }
 
 /// The sock_ops program: asks for state callbacks on watched active opens, and
