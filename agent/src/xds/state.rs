@@ -515,8 +515,6 @@ impl XdsState {
         }
     }
 
-    /// Stores `r`. Returns `None` if the same encoding was stored already (nothing
-    /// changed), else `Some(previous encoding, if any)`.
     /// [`Self::put`], recording what it replaced in `undo` and a changed
     /// assignment's backends in `fresh`.
     fn put_recorded(
@@ -533,6 +531,8 @@ impl XdsState {
         }
     }
 
+    /// Stores `r`. Returns `None` if the same encoding was stored already (nothing
+    /// changed), else `Some(previous encoding, if any)`.
     fn put(&mut self, r: &Checked) -> Option<Option<Box<[u8]>>> {
         fn put_in<T: prost::Message + Default>(
             map: &mut BTreeMap<String, Encoded<T>>,

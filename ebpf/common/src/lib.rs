@@ -272,6 +272,10 @@ pub mod service_flags {
     /// in one go (every initial load): 11 map entries instead of 21 for a
     /// 10-endpoint service. Never set on a Maglev service.
     pub const DIRECT: u8 = 4;
+    /// The flags whose connects are placed in the socket's health storage
+    /// (`SM_SOCK_HEALTH`). Not "any flag": a service with direct slots and
+    /// neither of these has nothing to record per socket.
+    pub const HEALTH: u8 = OUTLIER | CIRCUIT;
 }
 
 /// Most random choices a least-connections pick draws (the loop's bound).

@@ -228,7 +228,7 @@ fn forward(ctx: &SockAddrContext, family: Family, per_socket: bool) -> Verdict {
             }
             // Placements only: an unconnected UDP datagram is no connection.
             if !per_socket {
-                if flags & (service_flags::OUTLIER | service_flags::CIRCUIT) == 0 {
+                if flags & service_flags::HEALTH == 0 {
                     health::unplace(ctx);
                 } else if health::place(ctx, flags, proto, health::endpoint(&service, backend))
                     .is_err()
