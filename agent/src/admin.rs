@@ -249,6 +249,16 @@ pub fn metrics(
         "Documents the source could not read or parse (file syntax errors, REST bodies that are not proto3 JSON)",
         core.source_errors,
     );
+    let auth: Family<Labels, Counter> = Family::default();
+    for (reason, n) in &core.connection.auth_failures {
+        auth.get_or_create(&vec![("reason".to_owned(), reason.clone())])
+            .inc_by(*n);
+    }
+    r.register(
+        "sockmesh_xds_auth_failures",
+        "Failed authentications to the control plane, by reason (token_expired, token_audience, token_identity, token_unreadable, unauthenticated, permission_denied, unknown_ca, name_mismatch, certificate_time, ca_unreadable, tls)",
+        auth,
+    );
     let resolutions: Family<Labels, Counter> = Family::default();
     let failures: Family<Labels, Counter> = Family::default();
     for (cluster, status) in &core.dns {
@@ -421,6 +431,7 @@ pub fn config_dump(core: &Core, health: &crate::dataplane::HealthReport) -> Stri
         source_errors: core.source_errors,
         source_last_error: core.source_last_error.clone(),
         synced: core.synced(),
+        connection: core.connection.clone(),
         push: PushDump {
             pushes: kernel.push.pushes,
             last_map_ops: kernel.push.last_map_ops,

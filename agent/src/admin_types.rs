@@ -23,6 +23,10 @@ pub struct ConfigDump {
     pub source_last_error: Option<String>,
     /// LDS and CDS have been received (the table is the control plane's).
     pub synced: bool,
+    /// How the agent reaches its control plane and who it says it is. Absent
+    /// from an older agent: empty.
+    #[serde(default)]
+    pub connection: ConnectionDump,
     pub push: PushDump,
     pub datapath: DatapathDump,
     /// Per xDS type, by short name (`lds`, `rds`, `cds`, `eds`).
@@ -51,6 +55,26 @@ pub struct ConfigDump {
     pub dns: BTreeMap<String, DnsDump>,
     /// The routing table, as `sockmesh services --json` prints it.
     pub services: Vec<ServiceJson>,
+}
+
+/// The control-plane connection: where, how it is secured, the node identity
+/// sent, and authentication failures.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionDump {
+    /// The `--xds` URL.
+    pub url: String,
+    /// `tls`, `plaintext` (only with `--allow-plaintext-xds`) or `file`.
+    pub transport: String,
+    /// CA bundle, bearer-token file and TLS server name in use, if any.
+    pub ca: Option<String>,
+    pub token_file: Option<String>,
+    pub server_name: Option<String>,
+    /// The xDS `Node`: id, cluster, locality, metadata.
+    pub node: serde_json::Value,
+    /// Failed authentications by reason (`token_expired`, `unknown_ca`, …).
+    pub auth_failures: BTreeMap<String, u64>,
+    /// The last of them, as logged.
+    pub auth_last_error: Option<String>,
 }
 
 /// The last write of the table into the kernel, and write-side counters.
@@ -166,6 +190,14 @@ mod tests {
             source: "Connected".into(),
             source_errors: 1,
             source_last_error: Some("line 3: bad".into()),
+            connection: ConnectionDump {
+                url: "grpcs://istiod.istio-system.svc:15012".into(),
+                transport: "tls".into(),
+                token_file: Some("/var/run/secrets/tokens/istio-token".into()),
+                node: serde_json::json!({"id": "sidecar~10.0.0.5~a.b~b.svc.cluster.local"}),
+                auth_failures: [("token_expired".to_owned(), 2)].into(),
+                ..Default::default()
+            },
             outlier_ejected: vec![crate::dataplane::EndpointHealthReport {
                 service: "10.96.0.20:443/tcp".into(),
                 backend: "10.10.1.11:8443".into(),
@@ -271,6 +303,17 @@ mod tests {
                 },
             },
             "xds": types,
+            // Added with the secured control plane.
+            "connection": {
+                "url": d.connection.url,
+                "transport": d.connection.transport,
+                "ca": d.connection.ca,
+                "token_file": d.connection.token_file,
+                "server_name": d.connection.server_name,
+                "node": d.connection.node,
+                "auth_failures": d.connection.auth_failures,
+                "auth_last_error": d.connection.auth_last_error,
+            },
             "warming": d.warming,
             "passthrough": d.passthrough,
             "hash_on_client": d.hash_on_client,

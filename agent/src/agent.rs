@@ -3,17 +3,12 @@
 //! pinned when the agent exits.
 
 use std::{
-    collections::HashMap,
     path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
-use sockmesh_proto::pb::{
-    envoy::config::core::v3::Node,
-    google::protobuf::{Struct, Value, value::Kind as ValueKind},
-};
 use tokio::sync::watch;
 use tracing::info;
 
@@ -21,8 +16,11 @@ use crate::{
     dataplane::{Datapath, DatapathConfig},
     xds::{
         ads::{self, AdsConfig, TlsFiles, XdsProtocol},
+        auth::Credentials,
         core::{Core, DatapathHandle},
-        file, rest,
+        file,
+        node::NodeIdentity,
+        rest,
     },
 };
 
@@ -51,51 +49,29 @@ impl Source {
             bail!("--xds {url:?}: expected grpc://, grpcs://, http:// or file://")
         }
     }
-}
 
-/// The node identity sent to the control plane.
-#[derive(Clone, Debug, Default)]
-pub struct NodeArgs {
-    pub id: Option<String>,
-    pub cluster: String,
-    pub metadata: Vec<(String, String)>,
-}
+    /// A network source without TLS.
+    pub fn is_plaintext(&self) -> bool {
+        match self {
+            Source::Grpc(url) => url.starts_with("grpc://"),
+            Source::Rest(_) => true,
+            Source::File(_) => false,
+        }
+    }
 
-/// Istio's sidecar form, `sidecar~<POD_IP>~<POD_NAME>.<NAMESPACE>~<NAMESPACE>.svc.cluster.local`,
-/// from `INSTANCE_IP`/`POD_IP`, `POD_NAME` (or the host name) and `POD_NAMESPACE`.
-pub fn default_node_id(env: &HashMap<String, String>) -> String {
-    let get = |k: &str| env.get(k).filter(|v| !v.is_empty()).cloned();
-    let ip = get("INSTANCE_IP")
-        .or_else(|| get("POD_IP"))
-        .unwrap_or_else(|| "127.0.0.1".into());
-    let name = get("POD_NAME")
-        .or_else(|| get("HOSTNAME"))
-        .unwrap_or_else(|| "sockmesh".into());
-    let ns = get("POD_NAMESPACE").unwrap_or_else(|| "default".into());
-    format!("sidecar~{ip}~{name}.{ns}~{ns}.svc.cluster.local")
-}
+    /// What `/config_dump` shows as the connection's transport.
+    fn transport(&self) -> &'static str {
+        match self {
+            Source::File(_) => "file",
+            s if s.is_plaintext() => "plaintext",
+            _ => "tls",
+        }
+    }
 
-impl NodeArgs {
-    pub fn node(&self) -> Node {
-        let env: HashMap<String, String> = std::env::vars().collect();
-        let fields = self
-            .metadata
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.clone(),
-                    Value {
-                        kind: Some(ValueKind::StringValue(v.clone())),
-                    },
-                )
-            })
-            .collect();
-        Node {
-            id: self.id.clone().unwrap_or_else(|| default_node_id(&env)),
-            cluster: self.cluster.clone(),
-            metadata: (!self.metadata.is_empty()).then_some(Struct { fields }),
-            user_agent_name: "sockmesh".into(),
-            ..Default::default()
+    fn url(&self) -> String {
+        match self {
+            Source::Grpc(u) | Source::Rest(u) => u.clone(),
+            Source::File(p) => format!("file://{}", p.display()),
         }
     }
 }
@@ -106,7 +82,8 @@ pub struct AgentConfig {
     pub datapath: DatapathConfig,
     pub source: Source,
     pub protocol: XdsProtocol,
-    pub node: NodeArgs,
+    pub node: NodeIdentity,
+    pub credentials: Credentials,
     pub tls: TlsFiles,
     pub refresh: Duration,
     /// Abort sockets still connected to endpoints removed from a service.
@@ -174,7 +151,33 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         });
     }
     let node = cfg.node.node();
-    info!(node_id = %node.id, source = ?cfg.source, "agent starting");
+    if let Ok(mut c) = core.lock() {
+        c.connection = crate::admin_types::ConnectionDump {
+            url: cfg.source.url(),
+            transport: cfg.source.transport().to_owned(),
+            ca: cfg.tls.ca.as_ref().map(|p| p.display().to_string()),
+            token_file: cfg
+                .credentials
+                .token_file
+                .as_ref()
+                .map(|p| p.display().to_string()),
+            server_name: cfg.tls.server_name.clone(),
+            node: cfg.node.dump(),
+            ..Default::default()
+        };
+    }
+    if cfg.source.is_plaintext() {
+        tracing::warn!(
+            url = %cfg.source.url(),
+            "the control plane is reached without TLS (--allow-plaintext-xds): whoever answers there reprograms every pod's connections"
+        );
+    }
+    info!(
+        node_id = %node.id,
+        source = ?cfg.source,
+        metadata = %cfg.node.dump()["metadata"],
+        "agent starting"
+    );
     let task = match cfg.source.clone() {
         Source::Grpc(url) => {
             let ads_cfg = AdsConfig {
@@ -182,6 +185,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 protocol: cfg.protocol,
                 node,
                 tls: cfg.tls.clone(),
+                credentials: cfg.credentials.clone(),
                 backoff_base: Duration::from_millis(250),
                 backoff_max: Duration::from_secs(30),
             };
@@ -248,22 +252,6 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn node_id_in_istio_sidecar_form() {
-        let env: HashMap<String, String> = [
-            ("INSTANCE_IP", "10.1.2.3"),
-            ("POD_NAME", "sockmesh-abcde"),
-            ("POD_NAMESPACE", "kube-system"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
-        assert_eq!(
-            default_node_id(&env),
-            "sidecar~10.1.2.3~sockmesh-abcde.kube-system~kube-system.svc.cluster.local"
-        );
-    }
 
     #[test]
     fn sources_by_scheme() {

@@ -2,6 +2,7 @@
 //! and the sources that deliver them (ADS over gRPC, files, REST-JSON).
 
 pub mod ads;
+pub mod auth;
 pub mod clusters;
 pub mod core;
 pub mod decode;
@@ -9,6 +10,7 @@ pub mod dns;
 pub mod file;
 pub mod filedoc;
 pub mod incremental;
+pub mod node;
 pub mod opaque;
 pub mod outlier;
 pub mod resources;

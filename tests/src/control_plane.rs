@@ -33,6 +33,17 @@ pub struct Seen {
     pub names: Vec<String>,
     pub error: Option<String>,
     pub delta: bool,
+    /// The request's `node` (sent on a stream's first request).
+    pub node: Option<sockmesh_proto::pb::envoy::config::core::v3::Node>,
+}
+
+/// One stream a client opened: the gRPC metadata it authenticated with.
+#[derive(Clone, Debug)]
+pub struct Opened {
+    pub authorization: Option<String>,
+    pub cluster_id: Option<String>,
+    /// Whether the stream was refused (its token was not the one required).
+    pub refused: bool,
 }
 
 #[derive(Default)]
@@ -49,6 +60,10 @@ struct Store {
     published: BTreeMap<u64, Instant>,
     /// Names (type_url, name) each version touched.
     log: BTreeMap<u64, Vec<(String, String)>>,
+    /// Every stream opened.
+    opened: Vec<Opened>,
+    /// The bearer token a stream must present (`None`: no authentication).
+    token: Option<String>,
 }
 
 impl Store {
@@ -209,6 +224,72 @@ impl ControlPlane {
         (local, tx)
     }
 
+    /// From now on, a stream must present `Bearer <token>` (istiod's KubeJWT
+    /// authentication on its secured port, with the token review reduced to a
+    /// comparison), or is refused with UNAUTHENTICATED as istiod refuses it.
+    pub fn require_token(&self, token: &str) {
+        self.store.lock().expect("store").token = Some(token.to_owned());
+    }
+
+    /// Streams opened so far.
+    pub fn opened(&self) -> Vec<Opened> {
+        self.store.lock().expect("store").opened.clone()
+    }
+
+    fn authenticate(&self, md: &tonic::metadata::MetadataMap) -> Result<(), Status> {
+        let text = |k: &str| md.get(k).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let authorization = text("authorization");
+        let mut s = self.store.lock().expect("store");
+        let refused = s
+            .token
+            .as_ref()
+            .is_some_and(|t| authorization.as_deref() != Some(format!("Bearer {t}").as_str()));
+        s.opened.push(Opened {
+            authorization,
+            cluster_id: text("clusterid"),
+            refused,
+        });
+        if refused {
+            return Err(Status::unauthenticated(
+                "authentication failure: the token is not the one this test accepts",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Serves over TLS with `cert` and `key` (PEM) on `addr`, like [`Self::serve`].
+    pub async fn serve_tls(
+        &self,
+        addr: SocketAddr,
+        cert: &str,
+        key: &str,
+    ) -> (SocketAddr, oneshot::Sender<()>) {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .expect("bind control plane");
+        let local = listener.local_addr().expect("local addr");
+        let (tx, rx) = oneshot::channel::<()>();
+        let svc = AggregatedDiscoveryServiceServer::new(self.clone());
+        let tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(cert, key));
+        let server = tonic::transport::Server::builder()
+            .tls_config(tls)
+            .expect("TLS configuration");
+        tokio::spawn(async move {
+            let _ = server
+                .clone()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async {
+                        let _ = rx.await;
+                    },
+                )
+                .await;
+        });
+        (local, tx)
+    }
+
     fn record(&self, seen: Seen) {
         self.store.lock().expect("store").seen.push(seen);
     }
@@ -238,6 +319,7 @@ impl AggregatedDiscoveryService for ControlPlane {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        self.authenticate(request.metadata())?;
         let mut input = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let cp = self.clone();
@@ -280,6 +362,7 @@ impl AggregatedDiscoveryService for ControlPlane {
                             names: req.resource_names.clone(),
                             error: req.error_detail.as_ref().map(|e| e.message.clone()),
                             delta: false,
+                            node: req.node.clone(),
                         });
                         let names = if WILDCARD.contains(&req.type_url.as_str()) {
                             None
@@ -305,6 +388,7 @@ impl AggregatedDiscoveryService for ControlPlane {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        self.authenticate(request.metadata())?;
         let mut input = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let cp = self.clone();
@@ -395,6 +479,7 @@ impl AggregatedDiscoveryService for ControlPlane {
                             names: req.resource_names_subscribe.clone(),
                             error: req.error_detail.as_ref().map(|e| e.message.clone()),
                             delta: true,
+                            node: req.node.clone(),
                         });
                         let first = !subs.contains_key(&req.type_url);
                         let entry = subs.entry(req.type_url.clone()).or_insert_with(|| {
@@ -493,6 +578,7 @@ impl ControlPlane {
             names: req.resource_names.clone(),
             error: None,
             delta: false,
+            node: req.node.clone(),
         });
         let s = self.store.lock().expect("store");
         let tv = s.type_versions.get(&req.type_url).copied().unwrap_or(0);

@@ -22,8 +22,10 @@ pub mod control_plane;
 pub mod corpus;
 pub mod death;
 pub mod dns;
+pub mod envoy_lb;
 pub mod kubeproxy;
 pub mod mesh;
+pub mod pki;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -723,9 +725,13 @@ impl FileAgent {
 }
 
 /// `sockmesh agent --cgroup … --bpffs …` for `bin`; callers add the source and
-/// whatever else they test.
+/// whatever else they test. The test control planes listen on loopback without
+/// TLS, which the agent refuses unless allowed: the environment variable allows
+/// it (an older release, which has no such flag, ignores it); `xds_tls` tests the
+/// secured connection and the refusal.
 pub fn agent_command(bin: impl AsRef<OsStr>, cgroup: &Cgroup, bpffs: &Bpffs) -> Command {
     let mut cmd = Command::new(bin);
+    cmd.env("SOCKMESH_ALLOW_PLAINTEXT_XDS", "true");
     cmd.arg("agent")
         .arg("--cgroup")
         .arg(&cgroup.0)

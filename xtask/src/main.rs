@@ -380,7 +380,7 @@ fn vm_tests() -> Result<()> {
 /// (map writes, pins, redirects) the VM run's other tests cover on 6.1 too. Under TCG
 /// every test costs about 10× its host time, and these add 15 minutes to a CI run
 /// that must stay under 45. A new test file runs in the VM unless it is listed here.
-const HOST_ONLY: [(&str, &str); 7] = [
+const HOST_ONLY: [(&str, &str); 8] = [
     (
         "admin",
         "admin server; its kernel reads are the datapath test's",
@@ -400,6 +400,10 @@ const HOST_ONLY: [(&str, &str); 7] = [
     ("dns", "STRICT_DNS resolution in the agent"),
     ("file_source", "the file source"),
     ("xds", "ADS delta, SotW and REST protocols"),
+    (
+        "xds_tls",
+        "TLS and token authentication to the control plane",
+    ),
 ];
 
 /// The namespace test binaries (`cargo test --no-run`), built if needed.

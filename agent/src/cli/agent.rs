@@ -6,9 +6,89 @@ use anyhow::{Context as _, Result};
 
 use super::{DEFAULT_ADMIN, DatapathArgs};
 use crate::{
-    agent::{AgentConfig, NodeArgs, Source},
-    xds::ads::{TlsFiles, XdsProtocol},
+    agent::{AgentConfig, Source},
+    xds::{
+        ads::{TlsFiles, XdsProtocol},
+        auth::Credentials,
+        node::{DEFAULT_CLUSTER_ID, DEFAULT_ISTIO_VERSION, NodeIdentity, NodeLocality},
+    },
 };
+
+/// Who the node says it is (see `xds::node` for what istiod does with each).
+/// The DaemonSet fills the pod's fields from the downward API.
+#[derive(Debug, clap::Args)]
+pub struct NodeFlags {
+    /// Node id; default: Istio's sidecar form,
+    /// sidecar~IP~POD_NAME.NAMESPACE~NAMESPACE.svc.cluster.local.
+    #[arg(long, env = "SOCKMESH_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Node cluster (`Node.cluster`).
+    #[arg(long, default_value = "sockmesh", env = "SOCKMESH_NODE_CLUSTER")]
+    pub node_cluster: String,
+    /// The agent pod's name (default: the host name).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// The agent pod's namespace: istiod's config namespace for the node (whose
+    /// Sidecar scope and exportTo visibility it gets), checked against the token.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
+    /// The agent's service account, checked against the token.
+    #[arg(long, env = "SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
+    /// The Kubernetes node's name: istiod keeps only this node's endpoints of an
+    /// internalTrafficPolicy: Local service.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// The node's addresses, comma-separated (default: INSTANCE_IP or POD_IP).
+    #[arg(long, env = "INSTANCE_IPS", value_delimiter = ',')]
+    pub instance_ips: Vec<std::net::IpAddr>,
+    /// The cluster id istiod knows this cluster by (its CLUSTER_ID): endpoints of
+    /// cluster-local services (kubernetes.default, *.kube-system) come only for it.
+    #[arg(long, default_value = DEFAULT_CLUSTER_ID, env = "SOCKMESH_CLUSTER_ID")]
+    pub cluster_id: String,
+    /// The Istio version sent as ISTIO_VERSION (istiod's own, ideally).
+    #[arg(long, default_value = DEFAULT_ISTIO_VERSION, env = "SOCKMESH_ISTIO_VERSION")]
+    pub istio_version: String,
+    /// The node's locality, region/zone/subzone (`Node.locality`); istiod prefers
+    /// the zone of the Kubernetes node it finds the agent's pod on.
+    #[arg(long, env = "SOCKMESH_NODE_LOCALITY")]
+    pub node_locality: Option<String>,
+    /// A label of the node (LABELS), KEY=VALUE, repeatable.
+    #[arg(long = "node-label", value_parser = parse_key_value)]
+    pub node_labels: Vec<(String, String)>,
+    /// Node metadata, KEY=VALUE, repeatable; overrides the fields above (values
+    /// are sent as strings).
+    #[arg(long = "node-metadata", value_parser = parse_key_value)]
+    pub node_metadata: Vec<(String, String)>,
+}
+
+impl NodeFlags {
+    /// The identity, with the environment's fallbacks filled in and checked.
+    pub fn identity(self) -> Result<NodeIdentity> {
+        let env = std::env::vars().collect();
+        let node = NodeIdentity {
+            id: self.node_id,
+            cluster: self.node_cluster,
+            pod_name: self.pod_name,
+            namespace: self.pod_namespace,
+            service_account: self.service_account,
+            cluster_id: self.cluster_id,
+            node_name: self.node_name,
+            instance_ips: self.instance_ips,
+            istio_version: self.istio_version,
+            locality: self
+                .node_locality
+                .as_deref()
+                .map(NodeLocality::parse)
+                .transpose()?,
+            labels: self.node_labels.into_iter().collect(),
+            extra: self.node_metadata,
+        }
+        .from_env(&env);
+        node.validate()?;
+        Ok(node)
+    }
+}
 
 /// `sockmesh agent` flags.
 #[derive(Debug, clap::Args)]
@@ -22,16 +102,15 @@ pub struct AgentArgs {
     /// xDS protocol variant for grpc(s)://.
     #[arg(long, value_enum, default_value_t = XdsProtocol::Delta, env = "SOCKMESH_XDS_PROTOCOL")]
     pub xds_protocol: XdsProtocol,
-    /// Node id; default is Istio's sidecar form from INSTANCE_IP/POD_IP, POD_NAME, POD_NAMESPACE.
-    #[arg(long, env = "SOCKMESH_NODE_ID")]
-    pub node_id: Option<String>,
-    /// Node cluster.
-    #[arg(long, default_value = "sockmesh", env = "SOCKMESH_NODE_CLUSTER")]
-    pub node_cluster: String,
-    /// Node metadata, KEY=VALUE, repeatable.
-    #[arg(long = "node-metadata", value_parser = parse_key_value)]
-    pub node_metadata: Vec<(String, String)>,
-    /// CA bundle (PEM) to verify a grpcs:// control plane.
+    /// Allow a control plane without TLS (grpc://, http://): whoever answers on
+    /// that address reprograms every pod's connections. Logged as a warning at
+    /// start and shown in /config_dump.
+    #[arg(long, env = "SOCKMESH_ALLOW_PLAINTEXT_XDS")]
+    pub allow_plaintext_xds: bool,
+    #[command(flatten)]
+    pub node: NodeFlags,
+    /// CA bundle (PEM) to verify a grpcs:// control plane: istiod's mesh root, the
+    /// istio-ca-root-cert ConfigMap's root-cert.pem. Read at every connection.
     #[arg(long, env = "SOCKMESH_XDS_CA")]
     pub xds_ca: Option<PathBuf>,
     /// Client certificate (PEM) for mutual TLS.
@@ -43,6 +122,14 @@ pub struct AgentArgs {
     /// TLS server name to verify, if not the URL's host (e.g. istiod.istio-system.svc).
     #[arg(long, env = "SOCKMESH_XDS_SERVER_NAME")]
     pub xds_server_name: Option<String>,
+    /// Bearer token sent as `authorization: Bearer` on every ADS stream: a
+    /// projected ServiceAccount token, read again at every connection (the kubelet
+    /// rotates it).
+    #[arg(long, env = "SOCKMESH_XDS_TOKEN_FILE")]
+    pub xds_token_file: Option<PathBuf>,
+    /// The audience the token must carry (istiod's TOKEN_AUDIENCES).
+    #[arg(long, default_value = "istio-ca", env = "SOCKMESH_XDS_TOKEN_AUDIENCE")]
+    pub xds_token_audience: String,
     /// Close sockets still connected to an endpoint removed from a service (not one
     /// that is draining), in every network namespace, with inet_diag SOCK_DESTROY.
     #[arg(long, env = "SOCKMESH_TERMINATE_REMOVED_CONNECTIONS")]
@@ -73,15 +160,27 @@ impl AgentArgs {
     }
 
     fn config(self) -> Result<AgentConfig> {
+        let source = Source::parse(&self.xds)?;
+        if source.is_plaintext() && !self.allow_plaintext_xds {
+            anyhow::bail!(
+                "--xds {:?}: a control plane without TLS is refused (whoever answers there reprograms every pod's connections); use grpcs:// (istiod's secured port 15012) or pass --allow-plaintext-xds",
+                self.xds
+            );
+        }
+        let node = self.node.identity()?;
+        let credentials = Credentials {
+            token_file: self.xds_token_file,
+            audience: self.xds_token_audience,
+            cluster_id: Some(node.cluster_id.clone()),
+            namespace: Some(node.config_namespace().to_owned()),
+            service_account: node.service_account.clone(),
+        };
         Ok(AgentConfig {
             datapath: self.datapath.config(),
-            source: Source::parse(&self.xds)?,
+            source,
             protocol: self.xds_protocol,
-            node: NodeArgs {
-                id: self.node_id,
-                cluster: self.node_cluster,
-                metadata: self.node_metadata,
-            },
+            node,
+            credentials,
             tls: TlsFiles {
                 ca: self.xds_ca,
                 cert: self.xds_cert,
@@ -125,7 +224,51 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser as _;
+
     use super::*;
+
+    fn agent(args: &[&str]) -> Result<AgentConfig> {
+        let cli = crate::cli::Cli::try_parse_from(
+            ["sockmesh", "agent", "--cgroup", "/c"].iter().chain(args),
+        )?;
+        match cli.command {
+            crate::cli::Commands::Agent(a) => a.config(),
+            _ => anyhow::bail!("not the agent"),
+        }
+    }
+
+    #[test]
+    fn a_plaintext_control_plane_needs_the_flag() {
+        let e = agent(&["--xds", "grpc://istiod:15010"]).expect_err("refused");
+        assert!(e.to_string().contains("--allow-plaintext-xds"), "{e}");
+        assert!(agent(&["--xds", "http://cp:8080"]).is_err());
+        let cfg =
+            agent(&["--xds", "grpc://istiod:15010", "--allow-plaintext-xds"]).expect("allowed");
+        assert!(cfg.source.is_plaintext());
+        let cfg = agent(&["--xds", "grpcs://istiod:15012"]).expect("TLS");
+        assert!(!cfg.source.is_plaintext());
+        assert!(agent(&["--xds", "file:///etc/x.yaml"]).is_ok());
+    }
+
+    #[test]
+    fn the_node_identity_is_checked_at_start() {
+        let e = agent(&["--xds", "grpcs://i:1", "--istio-version", "latest"]).expect_err("bad");
+        assert!(e.to_string().contains("--istio-version"), "{e}");
+        let e = agent(&["--xds", "grpcs://i:1", "--node-locality", "a/b/c/d"]).expect_err("bad");
+        assert!(e.to_string().contains("--node-locality"), "{e}");
+        let cfg = agent(&[
+            "--xds",
+            "grpcs://i:1",
+            "--cluster-id",
+            "east",
+            "--node-name",
+            "n1",
+        ])
+        .expect("ok");
+        assert_eq!(cfg.credentials.cluster_id.as_deref(), Some("east"));
+        assert!(cfg.node.metadata().contains_key("NODE_NAME"));
+    }
 
     #[test]
     fn durations_and_metadata_parse() {

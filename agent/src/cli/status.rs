@@ -162,6 +162,23 @@ fn write_text(
         )?,
     }
     if let Some(dump) = &agent.dump {
+        let c = &dump.connection;
+        if !c.url.is_empty() {
+            writeln!(
+                out,
+                "xds:      {} ({}) as {}{}",
+                c.url,
+                c.transport,
+                c.node["id"].as_str().unwrap_or("?"),
+                c.auth_last_error
+                    .as_ref()
+                    .map(|e| format!(
+                        "; {} failed authentications, last: {e}",
+                        c.auth_failures.values().sum::<u64>()
+                    ))
+                    .unwrap_or_default()
+            )?;
+        }
         let d = &dump.datapath;
         writeln!(
             out,
@@ -233,6 +250,7 @@ mod tests {
             source: "Connected".into(),
             source_errors: 0,
             source_last_error: None,
+            connection: crate::admin_types::ConnectionDump::default(),
             outlier_ejected: Vec::new(),
             synced: true,
             push: PushDump::default(),

@@ -16,7 +16,7 @@ use std::{
     collections::BTreeSet,
     fs,
     net::IpAddr,
-    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
     path::Path,
 };
 
@@ -70,11 +70,20 @@ pub enum DestroyError {
         #[source]
         source: std::io::Error,
     },
-    /// The probe's own UDP socket was not aborted by SOCK_DESTROY.
+    /// The probe's own socket was not aborted by SOCK_DESTROY.
     #[error(
-        "inet_diag SOCK_DESTROY of a UDP socket did not abort it (socket error afterwards: {0:?})"
+        "inet_diag SOCK_DESTROY of a {0} socket did not abort it (socket error afterwards: {1:?})"
     )]
-    NotAborted(Option<std::io::Error>),
+    NotAborted(&'static str, Option<std::io::Error>),
+    /// sock_diag has no handler for the protocol: its module is neither built in
+    /// nor loaded, and the kernel could not autoload it.
+    #[error(
+        "the kernel has no inet_diag handler for {protocol} sockets: module {modules} not loaded (modprobe it, or build it in)"
+    )]
+    NoHandler {
+        protocol: &'static str,
+        modules: String,
+    },
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DestroyError {
@@ -167,14 +176,24 @@ fn ack(fd: &OwnedFd) -> Result<Result<(), std::io::Error>, DestroyError> {
 }
 
 /// Checks that SOCK_DESTROY works here, for both protocols the sweep dumps: a
-/// TCP request for a socket that does not exist must answer ENOENT (not
-/// EOPNOTSUPP), and a real connected UDP socket on loopback must be aborted. The
-/// TCP answer alone proves little: sock_diag also answers ENOENT when no handler
-/// for the family or protocol is loaded, and UDP needs its own (`udp_diag`, a
-/// module on Debian's kernels).
+/// connected socket of the agent's own on loopback, TCP and UDP, is destroyed by
+/// its id and must report ECONNABORTED afterwards. A request for a socket that does
+/// not exist would prove little: sock_diag answers ENOENT both for a missing socket
+/// and for a protocol whose handler is neither built in nor loaded (`tcp_diag`,
+/// `udp_diag`: modules on Debian's kernels, autoloaded on first use when modprobe
+/// works), so the probe names the module in that case.
 pub fn probe() -> Result<(), DestroyError> {
-    probe_tcp()?;
-    probe_udp()
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(io("probe: TCP bind"))?;
+    let server = listener
+        .local_addr()
+        .map_err(io("probe: TCP local address"))?;
+    let client = std::net::TcpStream::connect(server).map_err(io("probe: TCP connect"))?;
+    let _accepted = listener.accept().map_err(io("probe: TCP accept"))?;
+    probe_socket(client.as_fd(), Proto::Tcp, || client.take_error())?;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").map_err(io("probe: UDP bind"))?;
+    let local = sock.local_addr().map_err(io("probe: UDP local address"))?;
+    sock.connect(local).map_err(io("probe: UDP connect"))?;
+    probe_socket(sock.as_fd(), Proto::Udp, || sock.take_error())
 }
 
 /// Sends SOCK_DESTROY for the socket `id` (an `inet_diag_sockid`) and returns the
@@ -200,25 +219,68 @@ fn destroy_one(
     ack(fd)
 }
 
-fn probe_tcp() -> Result<(), DestroyError> {
-    let fd = netlink()?;
-    let mut id = [0u8; 48];
-    id[0..2].copy_from_slice(&1u16.to_be_bytes());
-    id[2..4].copy_from_slice(&1u16.to_be_bytes());
-    id[40..48].copy_from_slice(&[0xff; 8]); // INET_DIAG_NOCOOKIE
-    match destroy_one(&fd, libc::AF_INET as u8, libc::IPPROTO_TCP as u8, &id)? {
-        Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        Err(e) => Err(DestroyError::Unsupported(e)),
+/// A protocol the sweep dumps, with the modules sock_diag needs for it.
+#[derive(Clone, Copy)]
+enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    fn name(self) -> &'static str {
+        match self {
+            Proto::Tcp => "TCP",
+            Proto::Udp => "UDP",
+        }
+    }
+
+    fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => 6,
+            Proto::Udp => 17,
+        }
+    }
+
+    /// inet_diag itself, then the protocol's handler.
+    fn modules(self) -> [&'static str; 2] {
+        match self {
+            Proto::Tcp => ["inet_diag", "tcp_diag"],
+            Proto::Udp => ["inet_diag", "udp_diag"],
+        }
     }
 }
 
-/// Destroys a connected UDP socket of the agent's own on loopback by its id and
-/// checks that the kernel aborted it.
-fn probe_udp() -> Result<(), DestroyError> {
-    let sock = std::net::UdpSocket::bind("127.0.0.1:0").map_err(io("probe: UDP bind"))?;
-    let local = sock.local_addr().map_err(io("probe: UDP local address"))?;
-    sock.connect(local).map_err(io("probe: UDP connect"))?;
+/// An IPv4 address of `sock`, from getsockname(2) or getpeername(2).
+fn sock_addr_of(
+    sock: BorrowedFd<'_>,
+    get: unsafe extern "C" fn(
+        libc::c_int,
+        *mut libc::sockaddr,
+        *mut libc::socklen_t,
+    ) -> libc::c_int,
+) -> Result<libc::sockaddr_in, DestroyError> {
+    // SAFETY: a zeroed sockaddr_in is a valid value of the type.
+    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: `get` is getsockname or getpeername, which write at most `len` bytes
+    // into `sa`; `sock` is a valid descriptor for the call's duration.
+    let rc = unsafe { get(sock.as_raw_fd(), (&raw mut sa).cast(), &raw mut len) };
+    if rc == 0 {
+        Ok(sa)
+    } else {
+        Err(io("probe: socket address")(std::io::Error::last_os_error()))
+    }
+}
+
+/// Destroys a connected IPv4 loopback socket of the agent's own by its id and checks
+/// that the kernel aborted it (`take_error` reads its pending SO_ERROR).
+fn probe_socket(
+    sock: BorrowedFd<'_>,
+    proto: Proto,
+    take_error: impl FnOnce() -> std::io::Result<Option<std::io::Error>>,
+) -> Result<(), DestroyError> {
+    let local = sock_addr_of(sock, libc::getsockname)?;
+    let peer = sock_addr_of(sock, libc::getpeername)?;
     let mut cookie = 0u64;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: getsockopt(2) writes at most `len` bytes into `cookie`.
@@ -234,23 +296,42 @@ fn probe_udp() -> Result<(), DestroyError> {
     if rc != 0 {
         return Err(io("probe: SO_COOKIE")(std::io::Error::last_os_error()));
     }
+    // inet_diag_sockid: sport and dport, src[4] and dst[4] (all in network order,
+    // as the sockaddr holds them), the interface, the cookie.
     let mut id = [0u8; 48];
-    id[0..2].copy_from_slice(&local.port().to_be_bytes());
-    id[2..4].copy_from_slice(&local.port().to_be_bytes());
-    id[4..8].copy_from_slice(&[127, 0, 0, 1]);
-    id[20..24].copy_from_slice(&[127, 0, 0, 1]);
+    id[0..2].copy_from_slice(&local.sin_port.to_ne_bytes());
+    id[2..4].copy_from_slice(&peer.sin_port.to_ne_bytes());
+    id[4..8].copy_from_slice(&local.sin_addr.s_addr.to_ne_bytes());
+    id[20..24].copy_from_slice(&peer.sin_addr.s_addr.to_ne_bytes());
     #[expect(clippy::cast_possible_truncation, reason = "the cookie's two halves")]
     {
         id[40..44].copy_from_slice(&(cookie as u32).to_ne_bytes());
         id[44..48].copy_from_slice(&((cookie >> 32) as u32).to_ne_bytes());
     }
     let fd = netlink()?;
-    destroy_one(&fd, libc::AF_INET as u8, libc::IPPROTO_UDP as u8, &id)?
-        .map_err(DestroyError::Unsupported)?;
-    match sock.take_error() {
+    match destroy_one(&fd, libc::AF_INET as u8, proto.number(), &id)? {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            let missing: Vec<&str> = proto
+                .modules()
+                .into_iter()
+                .filter(|m| !Path::new("/sys/module").join(m).exists())
+                .collect();
+            return Err(DestroyError::NoHandler {
+                protocol: proto.name(),
+                modules: if missing.is_empty() {
+                    proto.modules().join(" or ")
+                } else {
+                    missing.join(" and ")
+                },
+            });
+        }
+        Err(e) => return Err(DestroyError::Unsupported(e)),
+    }
+    match take_error() {
         Ok(Some(e)) if e.raw_os_error() == Some(libc::ECONNABORTED) => Ok(()),
-        Ok(other) => Err(DestroyError::NotAborted(other)),
-        Err(e) => Err(DestroyError::NotAborted(Some(e))),
+        Ok(other) => Err(DestroyError::NotAborted(proto.name(), other)),
+        Err(e) => Err(DestroyError::NotAborted(proto.name(), Some(e))),
     }
 }
 

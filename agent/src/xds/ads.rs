@@ -5,7 +5,10 @@
 //!   state kept on NACK;
 //! - reconnect with exponential backoff and full jitter; while disconnected the
 //!   kernel keeps the last good table; on reconnect the known versions (SotW) or
-//!   resource versions (delta) are sent so the server can skip what we have.
+//!   resource versions (delta) are sent so the server can skip what we have;
+//! - on `grpcs://`, the CA bundle and the bearer token are read again for every
+//!   connection (see [`super::auth`]), so a rotated token or root is used on the
+//!   next one, and a failed authentication is named, counted and retried.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -31,6 +34,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tracing::{info, warn};
 
 use super::{
+    auth::{AuthFailure, AuthReason, Credentials, Token},
     core::{Core, Handled, SourceState, Written},
     decode::Kind,
     state::{Nack, Update},
@@ -62,6 +66,8 @@ pub struct AdsConfig {
     pub protocol: XdsProtocol,
     pub node: Node,
     pub tls: TlsFiles,
+    /// The bearer token and `clusterid` sent on every stream.
+    pub credentials: Credentials,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
 }
@@ -77,6 +83,14 @@ pub enum AdsError {
     },
     #[error("TLS configuration: {0}")]
     Tls(String),
+}
+
+impl AdsError {
+    /// A file the endpoint needs could not be read (now: it may appear later,
+    /// as a mounted ConfigMap does), as opposed to a configuration mistake.
+    fn is_unreadable_file(&self) -> bool {
+        matches!(self, AdsError::Read { .. })
+    }
 }
 
 fn endpoint(cfg: &AdsConfig) -> Result<Endpoint, AdsError> {
@@ -124,13 +138,35 @@ pub async fn run(
     core: Arc<Mutex<Core>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), AdsError> {
-    let ep = endpoint(&cfg)?;
+    // A configuration mistake (a bad URL, a certificate without its key) stops
+    // the agent at start; a file that cannot be read yet is retried below.
+    if let Err(e) = endpoint(&cfg)
+        && !e.is_unreadable_file()
+    {
+        return Err(e);
+    }
     let mut attempt: u32 = 0;
     loop {
         let started = Instant::now();
-        let result = tokio::select! {
-            r = session(&cfg, &ep, &core) => r,
-            _ = shutdown.changed() => return Ok(()),
+        // The CA bundle and the token are read for every connection: a rotated
+        // root or token is picked up without a restart.
+        let token = cfg.credentials.token(std::time::SystemTime::now());
+        let result = match (endpoint(&cfg), token) {
+            (Err(e), _) => Err(SessionError::Setup(AuthFailure {
+                reason: AuthReason::CaUnreadable,
+                detail: format!("xDS TLS: {e}"),
+            })),
+            (_, Err(f)) => Err(SessionError::Setup(f)),
+            (Ok(ep), Ok(token)) => {
+                let r = tokio::select! {
+                    r = session(&cfg, &ep, token.as_ref(), &core) => r,
+                    _ = shutdown.changed() => return Ok(()),
+                };
+                r.map_err(|e| match super::auth::classify(&e, token.as_ref()) {
+                    Some(f) => SessionError::Setup(f),
+                    None => e,
+                })
+            }
         };
         set_source(&core, SourceState::Disconnected);
         // A session that lasted a while resets the backoff.
@@ -143,16 +179,32 @@ pub async fn run(
             .min(cfg.backoff_max);
         let delay = ceiling.mul_f64(rand::rng().random_range(0.5..=1.0));
         attempt = attempt.saturating_add(1);
-        let error = match &result {
-            Err(e) => crate::xds::core::chain(e),
-            Ok(()) => "stream closed by the server".to_owned(),
-        };
-        warn!(
-            url = %cfg.url,
-            error,
-            retry_in_ms = delay.as_millis(),
-            "xDS disconnected; serving the last good state"
-        );
+        match &result {
+            Err(SessionError::Setup(f)) => {
+                if let Ok(mut c) = core.lock() {
+                    c.auth_failure(f);
+                }
+                warn!(
+                    url = %cfg.url,
+                    reason = f.reason.label(),
+                    retry_in_ms = delay.as_millis(),
+                    "xDS authentication failed: {}; serving the last good state",
+                    f.detail
+                );
+            }
+            other => {
+                let error = match other {
+                    Err(e) => crate::xds::core::chain(e),
+                    Ok(()) => "stream closed by the server".to_owned(),
+                };
+                warn!(
+                    url = %cfg.url,
+                    error,
+                    retry_in_ms = delay.as_millis(),
+                    "xDS disconnected; serving the last good state"
+                );
+            }
+        }
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             _ = shutdown.changed() => return Ok(()),
@@ -181,6 +233,9 @@ pub enum SessionError {
     Stream(#[from] tonic::Status),
     #[error("the request stream closed")]
     RequestsClosed,
+    /// The connection could not be secured or authenticated.
+    #[error("{0}")]
+    Setup(AuthFailure),
     #[error("agent state poisoned")]
     Poisoned,
 }
@@ -205,15 +260,38 @@ fn lock(core: &Arc<Mutex<Core>>) -> Result<std::sync::MutexGuard<'_, Core>, Sess
 async fn session(
     cfg: &AdsConfig,
     ep: &Endpoint,
+    token: Option<&Token>,
     core: &Arc<Mutex<Core>>,
 ) -> Result<(), SessionError> {
     let channel: Channel = ep.connect().await.map_err(SessionError::Connect)?;
     let mut client =
         AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
     info!(url = %cfg.url, protocol = ?cfg.protocol, "xDS connected");
+    let call = Call {
+        credentials: &cfg.credentials,
+        token,
+    };
     match cfg.protocol {
-        XdsProtocol::Sotw => sotw(cfg, &mut client, core).await,
-        XdsProtocol::Delta => delta(cfg, &mut client, core).await,
+        XdsProtocol::Sotw => sotw(cfg, &mut client, call, core).await,
+        XdsProtocol::Delta => delta(cfg, &mut client, call, core).await,
+    }
+}
+
+/// What every stream's request carries besides its messages.
+#[derive(Clone, Copy)]
+struct Call<'a> {
+    credentials: &'a Credentials,
+    token: Option<&'a Token>,
+}
+
+impl Call<'_> {
+    /// The streaming request, with the bearer token and `clusterid` metadata.
+    fn request<T>(self, stream: T) -> Result<tonic::Request<T>, SessionError> {
+        let mut req = tonic::Request::new(stream);
+        self.credentials
+            .apply(self.token, req.metadata_mut())
+            .map_err(SessionError::Setup)?;
+        Ok(req)
     }
 }
 
@@ -250,6 +328,7 @@ fn nack_status(message: String) -> Status {
 async fn sotw(
     cfg: &AdsConfig,
     client: &mut AggregatedDiscoveryServiceClient<Channel>,
+    call: Call<'_>,
     core: &Arc<Mutex<Core>>,
 ) -> Result<(), SessionError> {
     let (tx, rx) = mpsc::channel::<DiscoveryRequest>(64);
@@ -286,7 +365,7 @@ async fn sotw(
         }
     }
     let mut stream = client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .stream_aggregated_resources(call.request(ReceiverStream::new(rx))?)
         .await
         .map_err(|source| SessionError::Call {
             call: "StreamAggregatedResources",
@@ -342,6 +421,7 @@ async fn sotw(
 async fn delta(
     cfg: &AdsConfig,
     client: &mut AggregatedDiscoveryServiceClient<Channel>,
+    call: Call<'_>,
     core: &Arc<Mutex<Core>>,
 ) -> Result<(), SessionError> {
     let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
@@ -366,7 +446,7 @@ async fn delta(
         }
     }
     let mut stream = client
-        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .delta_aggregated_resources(call.request(ReceiverStream::new(rx))?)
         .await
         .map_err(|source| SessionError::Call {
             call: "DeltaAggregatedResources",

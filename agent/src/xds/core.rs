@@ -76,6 +76,8 @@ pub struct Core {
     pub opaque_types: super::opaque::OpaqueTypes,
     /// Resolution of the DNS clusters, by cluster name.
     pub dns: BTreeMap<String, DnsStatus>,
+    /// The control-plane connection, for `/config_dump` and `/metrics`.
+    pub connection: crate::admin_types::ConnectionDump,
     /// The DNS clusters to resolve, for the resolver task (see [`super::dns`]).
     dns_targets: watch::Sender<BTreeMap<String, DnsTarget>>,
 }
@@ -111,6 +113,7 @@ impl Core {
             source_last_error: None,
             opaque_types: super::opaque::OpaqueTypes::new(),
             dns: BTreeMap::new(),
+            connection: crate::admin_types::ConnectionDump::default(),
             dns_targets: watch::Sender::new(BTreeMap::new()),
         }
     }
@@ -164,6 +167,15 @@ impl Core {
             }
             *self.opaque_types.entry(type_url).or_insert(0) += n;
         }
+    }
+
+    /// Counts a failed authentication to the control plane (the source logs it).
+    pub fn auth_failure(&mut self, failure: &super::auth::AuthFailure) {
+        let c = &mut self.connection;
+        *c.auth_failures
+            .entry(failure.reason.label().to_owned())
+            .or_insert(0) += 1;
+        c.auth_last_error = Some(failure.detail.clone());
     }
 
     /// Records a document the source could not read or parse.

@@ -16,8 +16,11 @@ use super::{Accel, Job, Kernel, output, utf8};
 
 /// Loaded by the initramfs, with their dependencies from modules.dep: the virtio
 /// transport, the console ports and the 9p root, the overlay, and what every test's
-/// namespaces use. Anything else (dummy, netfilter, ...) the guest kernel autoloads.
-const MODULES: [&str; 7] = [
+/// namespaces use, and sock_diag's handlers for `--terminate-removed-connections`
+/// (autoloading them through modprobe over 9p failed now and then, and the agent
+/// then runs without the feature). Anything else (dummy, netfilter, ...) the guest
+/// kernel autoloads.
+const MODULES: [&str; 10] = [
     "virtio_pci",
     "virtio_console",
     "9pnet_virtio",
@@ -25,6 +28,9 @@ const MODULES: [&str; 7] = [
     "overlay",
     "veth",
     "bridge",
+    "inet_diag",
+    "tcp_diag",
+    "udp_diag",
 ];
 const INIT: &str = include_str!("../../vm/init.sh");
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
