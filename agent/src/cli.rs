@@ -110,6 +110,14 @@ pub struct DatapathArgs {
     /// Services that may have a Maglev table (MAGLEV and RING_HASH clusters).
     #[arg(long, env = "SOCKMESH_MAX_MAGLEV_SERVICES", default_value_t = sockmesh_common::MAX_MAGLEV_SERVICES)]
     pub max_maglev_services: u32,
+    /// Open client sockets redirected from a VIP the reverse map remembers
+    /// (getpeername() shows the VIP; --terminate-removed-connections finds them).
+    #[arg(long, env = "SOCKMESH_MAX_REVERSE", default_value_t = sockmesh_common::MAX_REVERSE_ENTRIES)]
+    pub max_reverse: u32,
+    /// Unconnected UDP sockets' peers the reverse LRU remembers (replies from a
+    /// DNS VIP's backend show the VIP).
+    #[arg(long, env = "SOCKMESH_MAX_REVERSE_UDP", default_value_t = sockmesh_common::MAX_REVERSE_UDP_ENTRIES)]
+    pub max_reverse_udp: u32,
 }
 
 impl DatapathArgs {
@@ -124,6 +132,8 @@ impl DatapathArgs {
                 backends: self.max_backends,
                 slots: self.max_slots,
                 maglev: self.max_maglev_services,
+                reverse: self.max_reverse,
+                reverse_udp: self.max_reverse_udp,
             },
         }
     }

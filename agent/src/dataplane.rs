@@ -220,6 +220,8 @@ impl Datapath {
             stats: take(map_names::SERVICE_STATS)?,
             policies: take(map_names::SERVICE_POLICY)?,
             endpoint_health: take(map_names::ENDPOINT_HEALTH)?,
+            service_health: take(map_names::SERVICE_HEALTH)?,
+            tiers: take(map_names::TIERS)?,
         })?;
         let limits = loader::pinned_limits(&layout)?;
         if limits != cfg.limits {

@@ -143,14 +143,16 @@ impl Health {
         *self == Health::default()
     }
 
-    /// The kernel's encoding for a service of `protocol` with `backends` active
-    /// backends: its [`sockmesh_common::ServiceValue::flags`] and its
+    /// The kernel's encoding for a service of `protocol` with `backends` hosts
+    /// (the whole of its ejected share) and the assignment's `overprovisioning`
+    /// factor: its [`sockmesh_common::ServiceValue::flags`] and its
     /// `SM_SVC_POLICY` entry (`None` when both are off). Outlier detection watches
     /// TCP connects only: a UDP service gets no ejection.
     pub fn to_kernel(
         &self,
         protocol: Protocol,
         backends: usize,
+        overprovisioning: u16,
     ) -> (u8, Option<sockmesh_common::ServicePolicy>) {
         use sockmesh_common::service_flags;
         let outlier = self.outlier.filter(|_| protocol == Protocol::Tcp);
@@ -185,6 +187,7 @@ impl Health {
             panic_percent: o.panic_percent,
             enforcing: o.enforcing,
             pad: 0,
+            overprovisioning: u32::from(overprovisioning),
         };
         (flags, Some(policy))
     }
@@ -216,6 +219,39 @@ pub struct Service {
     pub backends: Vec<Backend>,
     pub policy: LbPolicy,
     pub health: Health,
+    /// Envoy's priority levels, for a service whose levels' loads the kernel
+    /// computes at connect() (outlier detection can move them); `None`: one
+    /// weighted set, the active backends (see `lb::levels`).
+    pub levels: Option<Box<Levels>>,
+}
+
+/// A service's priority levels as the kernel serves them (`SM_TIERS`): for each
+/// level, its hosts in three weighted ranges and its host counts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Levels {
+    /// The assignment's `overprovisioning_factor`, percent.
+    pub overprovisioning: u32,
+    /// The cluster's panic threshold, percent (0: none).
+    pub panic_percent: u32,
+    /// By priority, at most `sockmesh_common::MAX_TIERS`.
+    pub levels: Vec<Level>,
+}
+
+/// One priority level: (position in [`Service::backends`], slot weight) of its
+/// healthy hosts (weighted by their locality's effective weight and their own),
+/// its degraded hosts (likewise), and all its hosts (by their own weight, for a
+/// panic), and its counts as Envoy counts them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Level {
+    pub healthy: Vec<(usize, u32)>,
+    pub degraded: Vec<(usize, u32)>,
+    pub all: Vec<(usize, u32)>,
+    /// Hosts, excluded (DRAINING) ones left out.
+    pub hosts: u32,
+    pub healthy_hosts: u32,
+    pub degraded_hosts: u32,
+    /// Every host.
+    pub total: u32,
 }
 
 impl Service {
@@ -224,7 +260,15 @@ impl Service {
             backends,
             policy,
             health: Health::default(),
+            levels: None,
         }
+    }
+
+    /// The same service served by priority levels.
+    #[must_use]
+    pub fn with_levels(mut self, levels: Option<Levels>) -> Self {
+        self.levels = levels.map(Box::new);
+        self
     }
 
     /// The same service with outlier detection and circuit breaking `health`.
@@ -340,18 +384,52 @@ impl fmt::Display for ServiceAddr {
     }
 }
 
-/// Whether a backend receives new connections.
+/// Whether a backend receives new connections, and (from its EDS health status)
+/// how Envoy's priority arithmetic counts it.
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum BackendState {
-    /// Receives new connections.
+    /// Receives new connections (EDS HEALTHY or UNKNOWN).
     #[default]
     Active,
-    /// Receives no new connections; established ones continue.
+    /// Receives no new connections; established ones continue (EDS DRAINING,
+    /// or a host the control plane's arithmetic gives no load).
     Draining,
+    /// EDS DEGRADED, in a service with priority levels: served by its level's
+    /// degraded load.
+    Degraded,
+    /// EDS UNHEALTHY or TIMEOUT, in a service with priority levels: served only
+    /// in its level's panic.
+    Unhealthy,
 }
+
+/// Where an endpoint sits in its load assignment, as Envoy's load balancer reads
+/// it: its priority, its locality (an index into the assignment's localities)
+/// and that locality's `load_balancing_weight` (0: unset), and the assignment's
+/// `overprovisioning_factor`. Read by `lb::levels`; not part of a service's JSON.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Placement {
+    pub priority: u8,
+    pub locality: u16,
+    pub locality_weight: u32,
+    pub overprovisioning: u16,
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Self {
+            priority: 0,
+            locality: 0,
+            locality_weight: 0,
+            overprovisioning: DEFAULT_OVERPROVISIONING,
+        }
+    }
+}
+
+/// Envoy's default `policy.overprovisioning_factor` (percent).
+pub const DEFAULT_OVERPROVISIONING: u16 = 140;
 
 /// One endpoint of a service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -363,6 +441,8 @@ pub struct Backend {
     pub weight: u32,
     #[serde(default, skip_serializing)]
     pub state: BackendState,
+    #[serde(skip)]
+    pub placement: Placement,
 }
 
 fn default_weight() -> u32 {
@@ -377,6 +457,7 @@ impl Backend {
             port,
             weight: 1,
             state: BackendState::Active,
+            placement: Placement::default(),
         }
     }
 
@@ -391,6 +472,20 @@ impl Backend {
     #[must_use]
     pub fn draining(mut self) -> Self {
         self.state = BackendState::Draining;
+        self
+    }
+
+    /// This backend in `state`.
+    #[must_use]
+    pub fn in_state(mut self, state: BackendState) -> Self {
+        self.state = state;
+        self
+    }
+
+    /// This backend at `placement`.
+    #[must_use]
+    pub fn placed(mut self, placement: Placement) -> Self {
+        self.placement = placement;
         self
     }
 }
@@ -538,6 +633,14 @@ pub struct ServiceJson {
     /// Backends that are known but receive no new connections.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub draining: Vec<BackendJson>,
+    /// A service with priority levels: its degraded and unhealthy backends, and
+    /// the levels as the kernel serves them (omitted: none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub degraded: Vec<BackendJson>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unhealthy: Vec<BackendJson>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub levels: Option<LevelsJson>,
     /// How connect() picks among the backends (omitted: weighted random).
     #[serde(default, skip_serializing_if = "is_random")]
     pub lb_policy: LbPolicy,
@@ -548,6 +651,36 @@ pub struct ServiceJson {
 
 fn is_random(p: &LbPolicy) -> bool {
     *p == LbPolicy::Random
+}
+
+/// A service's priority levels in JSON: each level's share of new connections
+/// with no host ejected (the kernel recomputes them as ejections come and go,
+/// `/config_dump` shows them as they are now), and each backend's share within
+/// the service.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LevelsJson {
+    pub overprovisioning: u32,
+    pub panic_percent: u32,
+    pub levels: Vec<LevelJson>,
+}
+
+impl Eq for LevelsJson {}
+
+/// One level in JSON.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LevelJson {
+    pub hosts: u32,
+    pub healthy_hosts: u32,
+    pub degraded_hosts: u32,
+    /// Percent of new connections to its healthy and degraded hosts.
+    pub healthy_load: u32,
+    pub degraded_load: u32,
+    /// Whether it serves all its hosts (panic).
+    pub panic: bool,
+    /// Each of its hosts' share of the service's new connections, percent.
+    pub shares: BTreeMap<String, f64>,
 }
 
 /// The JSON form of one backend.
@@ -585,6 +718,15 @@ impl RoutingTable {
                     protocol: s.protocol,
                     backends: pick(BackendState::Active),
                     draining: pick(BackendState::Draining),
+                    degraded: pick(BackendState::Degraded),
+                    unhealthy: pick(BackendState::Unhealthy),
+                    levels: backends.levels.as_deref().map(|l| {
+                        crate::lb::levels::to_json(
+                            backends,
+                            l,
+                            &[[0; 2]; sockmesh_common::MAX_TIERS],
+                        )
+                    }),
                     lb_policy: backends.policy,
                     health: backends.health,
                 }
@@ -610,6 +752,13 @@ impl RoutingTable {
                     .weighted(b.weight)
                     .draining()
             });
+            // A static table has no levels: its degraded and unhealthy backends
+            // receive no new connections.
+            let draining = draining.chain(s.degraded.iter().chain(&s.unhealthy).map(|b| {
+                Backend::new(b.address, b.port)
+                    .weighted(b.weight)
+                    .draining()
+            }));
             table.insert(
                 key,
                 Service::new(active.chain(draining).collect(), s.lb_policy).with_health(s.health),

@@ -10,7 +10,7 @@ use std::os::fd::AsFd as _;
 use aya::maps::{HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray};
 use sockmesh_common::{
     BackendInfo, BackendKey, ConnKey, EndpointHealth, EndpointKey, MaglevChunk, ServiceHealth,
-    ServiceKey, ServicePolicy, ServiceStats, ServiceValue, SlotKey, counter, map_names,
+    ServiceKey, ServicePolicy, ServiceStats, ServiceValue, SlotKey, Tiers, counter, map_names,
     resolve::{RoutingMaps, TableMaps, backend_key, published_indices},
 };
 
@@ -32,6 +32,12 @@ pub struct KernelMaps {
     stats: HashMap<MapData, ServiceKey, ServiceStats>,
     policies: HashMap<MapData, ServiceKey, ServicePolicy>,
     endpoint_health: HashMap<MapData, EndpointKey, EndpointHealth>,
+    service_health: HashMap<MapData, ServiceKey, ServiceHealth>,
+    tiers: HashMap<MapData, SlotKey, Tiers>,
+    /// The last epoch given to a service health entry. Starts at the wall clock's
+    /// nanoseconds, so an agent started later never repeats the epoch of an
+    /// entry pinned by an earlier one.
+    epoch: u64,
 }
 
 /// The maps [`KernelMaps`] holds, taken from a loaded object or opened from pins.
@@ -43,6 +49,8 @@ pub struct WrittenMaps {
     pub stats: Map,
     pub policies: Map,
     pub endpoint_health: Map,
+    pub service_health: Map,
+    pub tiers: Map,
 }
 
 impl KernelMaps {
@@ -58,6 +66,12 @@ impl KernelMaps {
             policies: HashMap::try_from(maps.policies).map_err(conv(map_names::SERVICE_POLICY))?,
             endpoint_health: HashMap::try_from(maps.endpoint_health)
                 .map_err(conv(map_names::ENDPOINT_HEALTH))?,
+            service_health: HashMap::try_from(maps.service_health)
+                .map_err(conv(map_names::SERVICE_HEALTH))?,
+            tiers: HashMap::try_from(maps.tiers).map_err(conv(map_names::TIERS))?,
+            epoch: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX / 2)),
         })
     }
 
@@ -68,6 +82,8 @@ impl KernelMaps {
         Self::new(WrittenMaps {
             policies: Map::HashMap(open_pin(health, map_names::SERVICE_POLICY)?),
             endpoint_health: Map::HashMap(open_pin(health, map_names::ENDPOINT_HEALTH)?),
+            service_health: Map::HashMap(open_pin(health, map_names::SERVICE_HEALTH)?),
+            tiers: Map::HashMap(open_pin(maps_dir, map_names::TIERS)?),
             services: Map::HashMap(open_pin(maps_dir, map_names::SERVICES)?),
             slots: Map::HashMap(open_pin(maps_dir, map_names::SLOTS)?),
             backends: Map::HashMap(open_pin(maps_dir, map_names::BACKENDS)?),
@@ -129,6 +145,13 @@ impl RoutingMaps for KernelMaps {
     }
     fn backend(&self, key: &BackendKey) -> Result<Option<BackendInfo>, MapError> {
         found(self.backends.get(key, 0))
+    }
+    fn with_tiers<R>(
+        &self,
+        key: &SlotKey,
+        f: impl FnOnce(&Tiers) -> R,
+    ) -> Result<Option<R>, MapError> {
+        Ok(found(self.tiers.get(key, 0))?.map(|t| f(&t)))
     }
 }
 
@@ -290,6 +313,31 @@ impl MapStore for KernelMaps {
     fn del_endpoint_health(&mut self, k: &EndpointKey) -> Result<(), StoreError> {
         absent_ok(self.endpoint_health.remove(k)).map_err(err(MapName::EndpointHealth, "delete"))
     }
+    fn create_service_health(&mut self, k: &ServiceKey) -> Result<(), StoreError> {
+        self.epoch += 1;
+        let entry = ServiceHealth {
+            epoch: self.epoch,
+            ..ServiceHealth::ZERO
+        };
+        let flags = u64::from(aya_obj::generated::BPF_NOEXIST);
+        let r = self.service_health.insert(k, &entry, flags);
+        // Present already (adopted): its counts and ejections stay.
+        if is_errno(&r, libc::EEXIST) {
+            return Ok(());
+        }
+        r.map_err(err(MapName::ServiceHealth, "insert"))
+    }
+    fn del_service_health(&mut self, k: &ServiceKey) -> Result<(), StoreError> {
+        absent_ok(self.service_health.remove(k)).map_err(err(MapName::ServiceHealth, "delete"))
+    }
+    fn put_tiers(&mut self, k: &SlotKey, v: &Tiers) -> Result<(), StoreError> {
+        self.tiers
+            .insert(k, v, 0)
+            .map_err(err(MapName::Tiers, "insert"))
+    }
+    fn del_tiers(&mut self, k: &SlotKey) -> Result<(), StoreError> {
+        absent_ok(self.tiers.remove(k)).map_err(err(MapName::Tiers, "delete"))
+    }
     fn snapshot(&self) -> Result<Snapshot, StoreError> {
         Ok(Snapshot {
             services: self
@@ -322,6 +370,16 @@ impl MapStore for KernelMaps {
                 .iter()
                 .collect::<Result<_, _>>()
                 .map_err(err(MapName::ServicePolicy, "iterate"))?,
+            tiers: self
+                .tiers
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(err(MapName::Tiers, "iterate"))?,
+            service_health: self
+                .service_health
+                .keys()
+                .collect::<Result<_, _>>()
+                .map_err(err(MapName::ServiceHealth, "iterate"))?,
         })
     }
 }

@@ -304,6 +304,9 @@ pub fn load(
         .map_max_entries(map_names::SERVICE_STATS, limits.services)
         .map_max_entries(map_names::BACKENDS, limits.backends)
         .map_max_entries(map_names::SLOTS, limits.slots)
+        .map_max_entries(map_names::TIERS, limits.services.saturating_mul(2))
+        .map_max_entries(map_names::REVERSE, limits.reverse)
+        .map_max_entries(map_names::REVERSE_UDP, limits.reverse_udp)
         .map_max_entries(
             map_names::MAGLEV,
             sockmesh_common::maglev_map_entries(limits.maglev),
@@ -549,6 +552,8 @@ pub fn pinned_limits(layout: &PinLayout) -> Result<super::Limits, DataplaneError
         // The map holds one table more than the limit (see maglev_map_entries).
         maglev: (size(map_names::MAGLEV)? / sockmesh_common::MAX_MAGLEV_CHUNKS_PER_TABLE)
             .saturating_sub(1),
+        reverse: size(map_names::REVERSE)?,
+        reverse_udp: size(map_names::REVERSE_UDP)?,
     })
 }
 

@@ -4,14 +4,15 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use sockmesh_common::{
-    BackendInfo, BackendKey, MAGLEV_CHUNK, ServiceKey, ServicePolicy, SlotKey, service_flags,
+    BackendInfo, BackendKey, MAGLEV_CHUNK, MAX_TIERS, ServiceKey, ServicePolicy, SlotKey,
+    SlotRange, Tiers, backend_state, service_flags,
 };
 
 use super::{
     keys::{port_from_map, service_addr, words_to_ip},
     store::Snapshot,
 };
-use crate::model::{Backend, BackendState, RoutingTable};
+use crate::model::{Backend, BackendState, Level, Levels, RoutingTable};
 
 /// A service as installed in the kernel.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,6 +41,10 @@ pub(super) struct Installed {
     pub(super) flags: u8,
     /// The service's `SM_SVC_POLICY` entry, if it exists.
     pub(super) health: Option<ServicePolicy>,
+    /// The published generation's priority levels (`SM_TIERS`), if it has them.
+    pub(super) tiers: Option<Tiers>,
+    /// The service's `SM_SVC_HEALTH` entry exists.
+    pub(super) service_health: bool,
 }
 
 /// Where a service's slots are kept: the slot map, one entry per slot, (a
@@ -122,6 +127,8 @@ impl Installed {
             policy: crate::model::LbPolicy::Random,
             flags: 0,
             health: None,
+            tiers: None,
+            service_health: false,
         }
     }
 }
@@ -144,6 +151,11 @@ pub(super) struct Garbage {
     pub(super) counters: Vec<ServiceKey>,
     /// Health settings of services that are not published.
     pub(super) policies: Vec<ServiceKey>,
+    /// Priority levels of generations that are not published.
+    pub(super) tiers: Vec<SlotKey>,
+    /// Kernel health entries of services that are not published with a health
+    /// flag.
+    pub(super) service_health: Vec<ServiceKey>,
 }
 
 impl Garbage {
@@ -153,6 +165,8 @@ impl Garbage {
             && self.maglev.is_empty()
             && self.counters.is_empty()
             && self.policies.is_empty()
+            && self.tiers.is_empty()
+            && self.service_health.is_empty()
     }
 }
 
@@ -186,6 +200,8 @@ impl Mirror {
                     policy: crate::model::LbPolicy::from_kernel(v),
                     flags: v.flags,
                     health: None,
+                    tiers: None,
+                    service_health: false,
                 },
             );
         }
@@ -243,11 +259,33 @@ impl Mirror {
                 None => garbage.policies.push(*key),
             }
         }
+        for (k, t) in &snap.tiers {
+            let inst = by_id.get(&k.service_id).and_then(|sk| services.get_mut(sk));
+            match inst {
+                Some(inst)
+                    if k.generation == inst.generation
+                        && inst.flags & service_flags::TIERS != 0 =>
+                {
+                    inst.tiers = Some(*t);
+                }
+                _ => garbage.tiers.push(*k),
+            }
+        }
+        for key in &snap.service_health {
+            match services.get_mut(key) {
+                Some(inst) if inst.flags & service_flags::HEALTH != 0 => {
+                    inst.service_health = true;
+                }
+                _ => garbage.service_health.push(*key),
+            }
+        }
         for inst in services.values_mut() {
             inst.dirty = inst
                 .slots
                 .iter()
-                .any(|&i| i == u16::MAX || !inst.backends.contains_key(&u32::from(i)));
+                .any(|&i| i == u16::MAX || !inst.backends.contains_key(&u32::from(i)))
+                || (inst.flags & service_flags::TIERS != 0 && inst.tiers.is_none())
+                || (inst.flags & service_flags::HEALTH != 0 && !inst.service_health);
         }
         (Self { services, next_id }, garbage)
     }
@@ -259,27 +297,77 @@ impl Mirror {
                 continue;
             };
             let live: HashSet<u32> = inst.slots.iter().map(|&i| u32::from(i)).collect();
-            let backends = inst
+            let backends: Vec<Backend> = inst
                 .backends
                 .iter()
-                .map(|(i, b)| Backend {
-                    address: words_to_ip(b.addr),
-                    port: port_from_map(b.port),
-                    weight: b.weight,
-                    state: if live.contains(i) {
-                        BackendState::Active
-                    } else {
-                        BackendState::Draining
-                    },
+                .map(|(i, b)| {
+                    let state = match b.state {
+                        _ if inst.tiers.is_none() && live.contains(i) => BackendState::Active,
+                        _ if inst.tiers.is_none() => BackendState::Draining,
+                        backend_state::ACTIVE => BackendState::Active,
+                        backend_state::DEGRADED => BackendState::Degraded,
+                        backend_state::UNHEALTHY => BackendState::Unhealthy,
+                        _ => BackendState::Draining,
+                    };
+                    Backend::new(words_to_ip(b.addr), port_from_map(b.port))
+                        .weighted(b.weight)
+                        .in_state(state)
                 })
                 .collect();
             let health = crate::model::Health::from_kernel(inst.flags, inst.health.as_ref());
+            let levels = inst.tiers.as_ref().map(|t| levels_of(inst, t));
             table.insert(
                 service,
-                crate::model::Service::new(backends, inst.policy).with_health(health),
+                crate::model::Service::new(backends, inst.policy)
+                    .with_health(health)
+                    .with_levels(levels),
             );
         }
         table
+    }
+}
+
+/// The levels a published generation serves, read back from its `SM_TIERS` value
+/// and its slots: each range's hosts weighted by the slots they hold (positions
+/// are the service's backends in index order, as [`Mirror::table`] lists them).
+fn levels_of(inst: &Installed, t: &Tiers) -> Levels {
+    let position: BTreeMap<u16, usize> = inst
+        .backends
+        .keys()
+        .enumerate()
+        .filter_map(|(pos, &i)| Some((u16::try_from(i).ok()?, pos)))
+        .collect();
+    let weights = |r: SlotRange| -> Vec<(usize, u32)> {
+        let mut held: BTreeMap<usize, u32> = BTreeMap::new();
+        let end = (usize::from(r.start) + usize::from(r.len)).min(inst.slots.len());
+        for index in inst
+            .slots
+            .get(usize::from(r.start)..end)
+            .unwrap_or_default()
+        {
+            if let Some(&pos) = position.get(index) {
+                *held.entry(pos).or_default() += 1;
+            }
+        }
+        held.into_iter().collect()
+    };
+    Levels {
+        overprovisioning: t.overprovisioning,
+        panic_percent: t.panic_percent,
+        levels: t
+            .tiers
+            .iter()
+            .take((t.count as usize).min(MAX_TIERS))
+            .map(|tier| Level {
+                healthy: weights(tier.healthy_slots),
+                degraded: weights(tier.degraded_slots),
+                all: weights(tier.all_slots),
+                hosts: tier.hosts,
+                healthy_hosts: tier.healthy,
+                degraded_hosts: tier.degraded,
+                total: tier.total,
+            })
+            .collect(),
     }
 }
 

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use sockmesh_common::{
     BackendInfo, BackendKey, EndpointKey, MaglevChunk, ServiceKey, ServicePolicy, ServiceValue,
-    SlotKey, map_names,
+    SlotKey, Tiers, map_names,
 };
 #[cfg(any(test, feature = "testing"))]
 use sockmesh_common::{
@@ -25,6 +25,8 @@ pub enum MapName {
     Maglev,
     ServicePolicy,
     EndpointHealth,
+    ServiceHealth,
+    Tiers,
 }
 
 impl MapName {
@@ -38,6 +40,8 @@ impl MapName {
             MapName::Maglev => map_names::MAGLEV,
             MapName::ServicePolicy => map_names::SERVICE_POLICY,
             MapName::EndpointHealth => map_names::ENDPOINT_HEALTH,
+            MapName::ServiceHealth => map_names::SERVICE_HEALTH,
+            MapName::Tiers => map_names::TIERS,
         }
     }
 }
@@ -88,6 +92,11 @@ pub struct Snapshot {
     pub stats: Vec<ServiceKey>,
     /// Outlier detection and circuit breaking settings (`SM_SVC_POLICY`).
     pub policies: Vec<(ServiceKey, ServicePolicy)>,
+    /// Priority levels of slot generations (`SM_TIERS`).
+    pub tiers: Vec<(SlotKey, Tiers)>,
+    /// Keys of the services' kernel health entries (`SM_SVC_HEALTH`); their
+    /// counts belong to the kernel programs.
+    pub service_health: Vec<ServiceKey>,
 }
 
 /// The maps the agent writes. Deleting an absent key is not an error.
@@ -109,6 +118,13 @@ pub trait MapStore {
     fn del_policy(&mut self, k: &ServiceKey) -> Result<(), StoreError>;
     /// Forgets an endpoint's health (the kernel's failure count and ejection).
     fn del_endpoint_health(&mut self, k: &EndpointKey) -> Result<(), StoreError>;
+    /// Creates `k`'s kernel health entry (zeroed, with an epoch no earlier
+    /// entry had) unless it exists (its counts stay).
+    fn create_service_health(&mut self, k: &ServiceKey) -> Result<(), StoreError>;
+    /// Deletes `k`'s kernel health entry.
+    fn del_service_health(&mut self, k: &ServiceKey) -> Result<(), StoreError>;
+    fn put_tiers(&mut self, k: &SlotKey, v: &Tiers) -> Result<(), StoreError>;
+    fn del_tiers(&mut self, k: &SlotKey) -> Result<(), StoreError>;
     fn snapshot(&self) -> Result<Snapshot, StoreError>;
 
     /// Writes many services' values at once (`keys[i]` → `values[i]`, in order).
@@ -154,6 +170,10 @@ pub enum Op {
     PutPolicy(ServiceKey),
     DelPolicy(ServiceKey),
     DelEndpointHealth(EndpointKey),
+    CreateServiceHealth(ServiceKey),
+    DelServiceHealth(ServiceKey),
+    PutTiers(SlotKey),
+    DelTiers(SlotKey),
 }
 
 /// A resolved backend: address words and port, as in the maps.
@@ -179,6 +199,11 @@ pub struct MemStore {
     pub policies: BTreeMap<ServiceKey, ServicePolicy>,
     /// Endpoint health entries (the kernel creates them; tests seed them).
     pub endpoint_health: std::collections::BTreeSet<EndpointKey>,
+    /// Service health entries, by their epoch.
+    pub service_health: BTreeMap<ServiceKey, u64>,
+    pub tiers: BTreeMap<SlotKey, Tiers>,
+    /// The last epoch handed out.
+    pub epoch: u64,
     pub log: Vec<Op>,
     /// Fail the write with this 0-based index (counted over all writes).
     pub fail_at: Option<usize>,
@@ -255,6 +280,13 @@ impl RoutingMaps for MemStore {
     }
     fn backend(&self, key: &BackendKey) -> Result<Option<BackendInfo>, Self::Error> {
         Ok(self.backends.get(key).copied())
+    }
+    fn with_tiers<R>(
+        &self,
+        key: &SlotKey,
+        f: impl FnOnce(&Tiers) -> R,
+    ) -> Result<Option<R>, Self::Error> {
+        Ok(self.tiers.get(key).map(f))
     }
 }
 
@@ -338,6 +370,33 @@ impl MapStore for MemStore {
         self.after();
         Ok(())
     }
+    fn create_service_health(&mut self, k: &ServiceKey) -> Result<(), StoreError> {
+        self.record(Op::CreateServiceHealth(*k), MapName::ServiceHealth)?;
+        if !self.service_health.contains_key(k) {
+            self.epoch += 1;
+            self.service_health.insert(*k, self.epoch);
+        }
+        self.after();
+        Ok(())
+    }
+    fn del_service_health(&mut self, k: &ServiceKey) -> Result<(), StoreError> {
+        self.record(Op::DelServiceHealth(*k), MapName::ServiceHealth)?;
+        self.service_health.remove(k);
+        self.after();
+        Ok(())
+    }
+    fn put_tiers(&mut self, k: &SlotKey, v: &Tiers) -> Result<(), StoreError> {
+        self.record(Op::PutTiers(*k), MapName::Tiers)?;
+        self.tiers.insert(*k, *v);
+        self.after();
+        Ok(())
+    }
+    fn del_tiers(&mut self, k: &SlotKey) -> Result<(), StoreError> {
+        self.record(Op::DelTiers(*k), MapName::Tiers)?;
+        self.tiers.remove(k);
+        self.after();
+        Ok(())
+    }
     fn zero_stats_many(&mut self, keys: &[ServiceKey]) -> Result<(), BatchError> {
         one_by_one(keys, keys, |k, _| {
             self.record(Op::CreateStats(*k), MapName::ServiceStats)?;
@@ -354,6 +413,8 @@ impl MapStore for MemStore {
             backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
             maglev: self.maglev.iter().map(|(k, v)| (*k, *v)).collect(),
             stats: self.stats.keys().copied().collect(),
+            tiers: self.tiers.iter().map(|(k, v)| (*k, *v)).collect(),
+            service_health: self.service_health.keys().copied().collect(),
         })
     }
 }

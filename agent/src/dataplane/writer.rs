@@ -3,10 +3,13 @@
 //! [`MapWriter`] keeps a mirror of what the kernel maps hold, turns a desired
 //! [`RoutingTable`] into the difference, and writes it in an order that never shows
 //! a kernel program a half-written service (see `ebpf/programs/src/maps.rs`):
-//! backends → slots of the unpublished generation → service value (publish) →
-//! delete the old generation's slots → delete unreferenced backends. A service's
-//! health settings (`SM_SVC_POLICY`) are written before the value that names them
-//! and deleted after the last one that did.
+//! backends → slots (and priority levels, `SM_TIERS`) of the unpublished
+//! generation → service value (publish) → delete the old generation's slots and
+//! levels → delete unreferenced backends. A service's health settings
+//! (`SM_SVC_POLICY`) and its kernel health entry (`SM_SVC_HEALTH`, created with a
+//! new epoch) are written before the value that names them and deleted after the
+//! last one that did; its endpoints' health (`SM_EP_HEALTH`) goes with an
+//! endpoint that leaves, and all of it when outlier detection is turned off.
 //!
 //! It also owns the lifecycle of each service's counter entry (`SM_SERVICE_STATS`):
 //! created, zeroed, before the service is first published, deleted once it is
@@ -17,7 +20,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use sockmesh_common::{
     BackendInfo, BackendKey, EndpointKey, MAGLEV_CHUNK, MaglevChunk, ServiceKey, ServicePolicy,
-    ServiceValue, SlotKey, backend_state, service_flags,
+    ServiceValue, SlotKey, Tiers, backend_state, service_flags,
 };
 use tracing::{debug, warn};
 
@@ -162,6 +165,12 @@ impl<S: MapStore> MapWriter<S> {
         for k in &garbage.policies {
             store.del_policy(k).map_err(WriteError::Snapshot)?;
         }
+        for k in &garbage.tiers {
+            store.del_tiers(k).map_err(WriteError::Snapshot)?;
+        }
+        for k in &garbage.service_health {
+            store.del_service_health(k).map_err(WriteError::Snapshot)?;
+        }
         let mut counters = CounterBook::default();
         for k in &garbage.counters {
             counters.delete(&mut store, k);
@@ -173,6 +182,8 @@ impl<S: MapStore> MapWriter<S> {
                 maglev_chunks = garbage.maglev.len(),
                 counters = garbage.counters.len(),
                 health_settings = garbage.policies.len(),
+                levels = garbage.tiers.len(),
+                health_entries = garbage.service_health.len(),
                 "removed map entries left by an interrupted update"
             );
         }
@@ -492,6 +503,12 @@ impl<S: MapStore> MapWriter<S> {
             .map_err(wrap)?;
             ops += 1;
         }
+        if inst.tiers.is_some() {
+            self.store
+                .del_tiers(&tiers_key(inst.id, inst.generation))
+                .map_err(wrap)?;
+            ops += 1;
+        }
         for (&index, b) in &inst.backends {
             self.store
                 .del_backend(&BackendKey {
@@ -510,7 +527,21 @@ impl<S: MapStore> MapWriter<S> {
             self.store.del_policy(key).map_err(wrap)?;
             ops += 1;
         }
+        if inst.service_health {
+            self.store.del_service_health(key).map_err(wrap)?;
+            ops += 1;
+        }
         Ok(ops)
+    }
+}
+
+/// The `SM_TIERS` key of a generation.
+fn tiers_key(service_id: u32, generation: u8) -> SlotKey {
+    SlotKey {
+        service_id,
+        generation,
+        pad: 0,
+        slot: 0,
     }
 }
 
@@ -533,6 +564,8 @@ struct BackendPlan {
     /// Service flags to publish, and the `SM_SVC_POLICY` entry they need.
     flags: u8,
     health: Option<ServicePolicy>,
+    /// Priority levels to publish with the slots (flag `TIERS`).
+    tiers: Option<Tiers>,
 }
 
 impl BackendPlan {
@@ -542,7 +575,13 @@ impl BackendPlan {
             && self.policy == current.policy
             && self.flags == current.flags
             && self.health == current.health
+            && self.tiers == current.tiers
             && current.leftover == 0
+    }
+
+    /// Whether the service needs its kernel health entry (`SM_SVC_HEALTH`).
+    fn needs_service_health(&self) -> bool {
+        self.flags & service_flags::HEALTH != 0
     }
 }
 
@@ -574,6 +613,7 @@ fn plan_backends(current: &Installed, protocol: Protocol, desired: &Service) -> 
             && in_place.backends.len() == current.backends.len()
             && in_place.slots.len() == current.slots.len()
             && in_place.policy == current.policy
+            && in_place.tiers.is_none()
             && rewritten == 1
         {
             return in_place;
@@ -598,38 +638,58 @@ fn plan_indexes(
         .collect();
     let mut backends = BTreeMap::new();
     let mut fresh = Vec::new();
-    for b in desired.iter() {
+    // The kernel index of each of `desired`'s backends, by position.
+    let mut index_of = vec![0u32; desired.len()];
+    let level_of = desired
+        .levels
+        .as_deref()
+        .map(crate::lb::levels::level_of_positions)
+        .unwrap_or_default();
+    for (pos, b) in desired.iter().enumerate() {
         let info = BackendInfo {
             addr: ip_to_words(b.address),
             port: port_to_map(b.port),
             state: match b.state {
                 BackendState::Active => backend_state::ACTIVE,
                 BackendState::Draining => backend_state::DRAINING,
+                BackendState::Degraded => backend_state::DEGRADED,
+                BackendState::Unhealthy => backend_state::UNHEALTHY,
             },
-            pad: 0,
+            level: level_of.get(pos).copied().unwrap_or(0),
             weight: b.weight,
         };
         match by_addr.get(&(info.addr, info.port)) {
             Some(&i) => {
                 backends.insert(i, info);
+                index_of[pos] = i;
             }
-            None => fresh.push(info),
+            None => fresh.push((pos, info)),
         }
     }
     let mut next = 0u32;
-    for info in fresh {
+    for (pos, info) in fresh {
         while (!reuse && current.backends.contains_key(&next)) || backends.contains_key(&next) {
             next += 1;
         }
         backends.insert(next, info);
+        index_of[pos] = next;
     }
     let active: Vec<(u32, &BackendInfo)> = backends
         .iter()
         .filter(|(_, b)| b.state == backend_state::ACTIVE)
         .map(|(&i, b)| (i, b))
         .collect();
-    let slots: Vec<u16> = match desired.policy {
-        LbPolicy::Maglev { table_size } => {
+    let mut tiers = None;
+    let slots: Vec<u16> = match (desired.levels.as_deref(), desired.policy) {
+        (Some(levels), _) => {
+            let (positions, t) = crate::lb::levels::layout(levels);
+            tiers = Some(t);
+            positions
+                .into_iter()
+                .map(|pos| slot_index(index_of[pos]))
+                .collect()
+        }
+        (None, LbPolicy::Maglev { table_size }) => {
             // Sorted by address, so the same backends give the same table whatever
             // their order and indexes (a restarted agent rebuilds it identically).
             let mut named: Vec<((MaglevKey, u32), u32)> = active
@@ -643,7 +703,7 @@ fn plan_indexes(
                 .map(|pos| slot_index(named[pos].1))
                 .collect()
         }
-        LbPolicy::Random | LbPolicy::LeastConn { .. } => {
+        (None, LbPolicy::Random | LbPolicy::LeastConn { .. }) => {
             let weights: Vec<u32> = active.iter().map(|&(_, b)| b.weight).collect();
             weighted_slots(&weights)
                 .into_iter()
@@ -651,8 +711,27 @@ fn plan_indexes(
                 .collect()
         }
     };
-    let (mut flags, health) = desired.health.to_kernel(protocol, active.len());
-    if !desired.policy.is_maglev() && is_direct(&slots) {
+    // The whole of the ejected share: the active backends, or every host of a
+    // service with levels (Envoy's outlier detector counts all of a cluster's).
+    let hosts = if desired.levels.is_some() {
+        desired.len()
+    } else {
+        active.len()
+    };
+    let overprovisioning = desired.levels.as_deref().map_or_else(
+        || {
+            desired
+                .first()
+                .map_or(crate::model::DEFAULT_OVERPROVISIONING, |b| {
+                    b.placement.overprovisioning
+                })
+        },
+        |l| u16::try_from(l.overprovisioning).unwrap_or(u16::MAX),
+    );
+    let (mut flags, health) = desired.health.to_kernel(protocol, hosts, overprovisioning);
+    if tiers.is_some() {
+        flags |= service_flags::TIERS;
+    } else if !desired.policy.is_maglev() && is_direct(&slots) {
         flags |= service_flags::DIRECT;
     }
     BackendPlan {
@@ -661,6 +740,7 @@ fn plan_indexes(
         policy: desired.policy,
         flags,
         health,
+        tiers,
     }
 }
 
@@ -778,8 +858,11 @@ fn write_and_publish<S: MapStore>(
     let old_generation = inst.generation;
     let old_entries = inst.slot_map().entries(inst.slots.len());
     let old_map = inst.slot_map();
+    let old_flags = inst.flags;
+    let needs_service_health = plan.needs_service_health();
     let new_map = SlotMap::of(plan.policy, plan.flags);
-    // 2a. Health settings before a service value that names them.
+    // 2a. Health settings, and the kernel's health entry, before a service value
+    //     that names them.
     if let Some(health) = plan.health
         && inst.health != Some(health)
     {
@@ -787,10 +870,16 @@ fn write_and_publish<S: MapStore>(
         inst.health = Some(health);
         *ops += 1;
     }
+    if needs_service_health && !inst.service_health {
+        store.create_service_health(key)?;
+        inst.service_health = true;
+        *ops += 1;
+    }
     if plan.slots != inst.slots
         || inst.dirty
         || plan.policy != inst.policy
         || plan.flags != inst.flags
+        || plan.tiers != inst.tiers
     {
         let generation = 1 - old_generation;
         let (policy, choices) = plan.policy.to_kernel();
@@ -803,10 +892,15 @@ fn write_and_publish<S: MapStore>(
             flags: plan.flags,
             revision: inst.revision.wrapping_add(1),
         };
-        // 2. Slots of the unpublished generation, then 3. publish. On failure the
-        //    old generation stays live and the partial new one is removed.
+        // 2. Slots (and levels) of the unpublished generation, then 3. publish. On
+        //    failure the old generation stays live and the partial new one is
+        //    removed.
         let mut publish = || -> Result<(), StoreError> {
             put_generation(store, new_map, id, generation, &plan.slots, ops)?;
+            if let Some(t) = &plan.tiers {
+                store.put_tiers(&tiers_key(id, generation), t)?;
+                *ops += 1;
+            }
             store.put_service(key, &value)?;
             *ops += 1;
             Ok(())
@@ -815,14 +909,25 @@ fn write_and_publish<S: MapStore>(
             for entry in 0..new_map.entries(plan.slots.len()) {
                 let _ = del_entry(store, new_map, id, generation, entry);
             }
+            if plan.tiers.is_some() {
+                let _ = store.del_tiers(&tiers_key(id, generation));
+            }
             return Err(e);
         }
+        let old_tiers = inst.tiers.take();
         inst.generation = generation;
         inst.revision = value.revision;
         inst.policy = plan.policy;
         inst.flags = plan.flags;
         inst.slots = plan.slots;
+        inst.tiers = plan.tiers;
         inst.dirty = false;
+        // The old generation's levels are unreachable now (a failed delete leaves
+        // an entry the next publish of that generation replaces).
+        if old_tiers.is_some() {
+            store.del_tiers(&tiers_key(id, old_generation))?;
+            *ops += 1;
+        }
         // 4. The old generation is unreachable now. Deleted from the end, so after a
         //    failure exactly `0..leftover` remain.
         inst.leftover = old_entries;
@@ -853,10 +958,26 @@ fn write_and_publish<S: MapStore>(
         }
         *ops += 1;
     }
-    // 6. Health settings no published value names any more.
+    // 6. Outlier detection turned off: its endpoints' health goes (a later
+    //    turn-on starts afresh, as in Envoy); then the health settings and the
+    //    kernel health entry no published value names any more.
+    if old_flags & service_flags::OUTLIER != 0
+        && inst.flags & service_flags::OUTLIER == 0
+        && inst.health.is_some()
+    {
+        for b in inst.backends.values() {
+            store.del_endpoint_health(&endpoint_key(key, b))?;
+            *ops += 1;
+        }
+    }
     if plan.health.is_none() && inst.health.is_some() {
         store.del_policy(key)?;
         inst.health = None;
+        *ops += 1;
+    }
+    if !needs_service_health && inst.service_health && inst.flags & service_flags::HEALTH == 0 {
+        store.del_service_health(key)?;
+        inst.service_health = false;
         *ops += 1;
     }
     Ok(())

@@ -14,7 +14,7 @@
 
 use sockmesh_common::{
     BackendInfo, BackendKey, EndpointKey, MaglevChunk, ServiceKey, ServicePolicy, ServiceValue,
-    SlotKey,
+    SlotKey, Tiers,
 };
 
 use super::{
@@ -43,6 +43,8 @@ struct Recorder {
     slot_values: Vec<u32>,
     maglev: Vec<(SlotKey, MaglevChunk)>,
     policies: Vec<(ServiceKey, ServicePolicy)>,
+    service_health: Vec<ServiceKey>,
+    tiers: Vec<(SlotKey, Tiers)>,
     service: Option<(ServiceKey, ServiceValue)>,
     /// The plan deleted something or published twice: not a new service's writes.
     unexpected: bool,
@@ -55,6 +57,8 @@ struct Marks {
     slots: usize,
     maglev: usize,
     policies: usize,
+    service_health: usize,
+    tiers: usize,
 }
 
 impl Recorder {
@@ -64,6 +68,8 @@ impl Recorder {
             slots: self.slot_keys.len(),
             maglev: self.maglev.len(),
             policies: self.policies.len(),
+            service_health: self.service_health.len(),
+            tiers: self.tiers.len(),
         }
     }
 
@@ -75,6 +81,8 @@ impl Recorder {
         self.slot_values.truncate(m.slots);
         self.maglev.truncate(m.maglev);
         self.policies.truncate(m.policies);
+        self.service_health.truncate(m.service_health);
+        self.tiers.truncate(m.tiers);
     }
 }
 
@@ -134,6 +142,22 @@ impl MapStore for Recorder {
         Ok(())
     }
     fn del_endpoint_health(&mut self, _: &EndpointKey) -> Result<(), StoreError> {
+        self.unexpected = true;
+        Ok(())
+    }
+    fn create_service_health(&mut self, k: &ServiceKey) -> Result<(), StoreError> {
+        self.service_health.push(*k);
+        Ok(())
+    }
+    fn del_service_health(&mut self, _: &ServiceKey) -> Result<(), StoreError> {
+        self.unexpected = true;
+        Ok(())
+    }
+    fn put_tiers(&mut self, k: &SlotKey, v: &Tiers) -> Result<(), StoreError> {
+        self.tiers.push((*k, *v));
+        Ok(())
+    }
+    fn del_tiers(&mut self, _: &SlotKey) -> Result<(), StoreError> {
         self.unexpected = true;
         Ok(())
     }
@@ -255,6 +279,12 @@ impl<S: MapStore> MapWriter<S> {
             for (k, v) in &rec.policies {
                 self.store.put_policy(k, v)?;
             }
+            for k in &rec.service_health {
+                self.store.create_service_health(k)?;
+            }
+            for (k, v) in &rec.tiers {
+                self.store.put_tiers(k, v)?;
+            }
             for (k, v) in &rec.maglev {
                 self.store.put_maglev(k, v)?;
             }
@@ -302,6 +332,12 @@ impl<S: MapStore> MapWriter<S> {
         let m = first.marks;
         for (k, _) in &rec.policies[m.policies..] {
             let _ = self.store.del_policy(k);
+        }
+        for k in &rec.service_health[m.service_health..] {
+            let _ = self.store.del_service_health(k);
+        }
+        for (k, _) in &rec.tiers[m.tiers..] {
+            let _ = self.store.del_tiers(k);
         }
         for (k, _) in &rec.maglev[m.maglev..] {
             let _ = self.store.del_maglev(k);

@@ -141,11 +141,18 @@ fn an_update_touches_only_its_service() {
             | Op::CreateStats(k)
             | Op::DelStats(k)
             | Op::PutPolicy(k)
-            | Op::DelPolicy(k) => {
+            | Op::DelPolicy(k)
+            | Op::CreateServiceHealth(k)
+            | Op::DelServiceHealth(k) => {
                 assert_eq!(*k, service_key(&b));
                 b_id
             }
-            Op::PutSlot(k) | Op::DelSlot(k) | Op::PutMaglev(k) | Op::DelMaglev(k) => k.service_id,
+            Op::PutSlot(k)
+            | Op::DelSlot(k)
+            | Op::PutMaglev(k)
+            | Op::DelMaglev(k)
+            | Op::PutTiers(k)
+            | Op::DelTiers(k) => k.service_id,
             Op::PutBackend(k) | Op::DelBackend(k) => k.service_id,
             Op::DelEndpointHealth(k) => {
                 assert_eq!(k.service, service_key(&b));

@@ -13,13 +13,18 @@ use sockmesh_common::MAX_SLOTS_PER_SERVICE;
 /// gets one slot and the remaining slots are shared by largest remainder, so the
 /// error per backend is below one slot in 16,384.
 pub fn weighted_slots(weights: &[u32]) -> Vec<usize> {
+    weighted_slots_capped(weights, MAX_SLOTS_PER_SERVICE as usize)
+}
+
+/// [`weighted_slots`] within `cap` slots (at least one per backend).
+pub fn weighted_slots_capped(weights: &[u32], cap: usize) -> Vec<usize> {
     if weights.is_empty() {
         return Vec::new();
     }
     let g = weights.iter().copied().fold(0u32, gcd).max(1);
     let reduced: Vec<u64> = weights.iter().map(|&w| u64::from(w.max(1) / g)).collect();
     let total: u64 = reduced.iter().sum();
-    let cap = u64::from(MAX_SLOTS_PER_SERVICE);
+    let cap = (cap as u64).max(weights.len() as u64);
     let counts: Vec<u64> = if total <= cap {
         reduced
     } else {

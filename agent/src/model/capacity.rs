@@ -5,7 +5,10 @@
 //! writer runs the same check again only as an assertion (a table that reaches
 //! it has passed).
 
-use sockmesh_common::{MAX_BACKENDS_TOTAL, MAX_MAGLEV_SERVICES, MAX_SERVICES, MAX_SLOTS_TOTAL};
+use sockmesh_common::{
+    MAX_BACKENDS_TOTAL, MAX_MAGLEV_SERVICES, MAX_REVERSE_ENTRIES, MAX_REVERSE_UDP_ENTRIES,
+    MAX_SERVICES, MAX_SLOTS_TOTAL,
+};
 
 use super::{Backend, BackendState, Changes, RoutingTable, Service};
 
@@ -19,6 +22,11 @@ pub struct Limits {
     /// Services that may have a Maglev table (the Maglev map holds that many
     /// tables of the largest size, plus one being rewritten).
     pub maglev: u32,
+    /// Open redirected sockets the reverse map holds (`--max-reverse`), and
+    /// unconnected UDP peers its LRU holds (`--max-reverse-udp`). The kernel
+    /// programs fill them; no update is checked against them.
+    pub reverse: u32,
+    pub reverse_udp: u32,
 }
 
 impl Default for Limits {
@@ -28,6 +36,8 @@ impl Default for Limits {
             backends: MAX_BACKENDS_TOTAL,
             slots: MAX_SLOTS_TOTAL,
             maglev: MAX_MAGLEV_SERVICES,
+            reverse: MAX_REVERSE_ENTRIES,
+            reverse_udp: MAX_REVERSE_UDP_ENTRIES,
         }
     }
 }
@@ -70,9 +80,17 @@ pub enum CapacityError {
     Maglev { count: usize, limit: u32 },
 }
 
-/// The selection slots a service's backends take (active ones only; see
-/// [`crate::lb::weighted_slots`]).
-pub fn slot_count(backends: &[Backend]) -> usize {
+/// The selection slots a service takes: its active backends' (see
+/// [`crate::lb::weighted_slots`]), or its priority levels' ranges.
+pub fn slot_count(service: &Service) -> usize {
+    if let Some(levels) = &service.levels {
+        return crate::lb::levels::layout(levels).0.len();
+    }
+    active_slot_count(&service.backends)
+}
+
+/// The selection slots of `backends`' active ones.
+pub fn active_slot_count(backends: &[Backend]) -> usize {
     crate::lb::slot_count(
         backends
             .iter()
@@ -311,6 +329,7 @@ mod tests {
             backends: 10,
             slots: 10,
             maglev: 1,
+            ..Limits::default()
         };
         let ok = Usage {
             services: 2,
@@ -378,8 +397,8 @@ mod tests {
             Backend::new([10, 1, 0, 1].into(), 80).weighted(100),
             Backend::new([10, 1, 0, 2].into(), 80).weighted(300),
         ];
-        assert_eq!(slot_count(&b), 4);
+        assert_eq!(active_slot_count(&b), 4);
         b[1].state = BackendState::Draining;
-        assert_eq!(slot_count(&b), 1);
+        assert_eq!(active_slot_count(&b), 1);
     }
 }

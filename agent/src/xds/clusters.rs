@@ -1,7 +1,8 @@
 //! Clusters → backends: where a cluster's endpoints come from (EDS, inline,
-//! resolved host names, or the original destination), Envoy's priority and health
-//! rules over a load assignment, and weighted clusters combined into one backend
-//! list.
+//! resolved host names, or the original destination), each endpoint with its EDS
+//! health and its place in the assignment (priority, locality), Envoy's priority
+//! and locality arithmetic over them (`lb::levels`), and weighted clusters
+//! combined into one backend list.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -23,7 +24,10 @@ use super::{
     resources::Resources,
     validate::{parse_host_port, parse_socket_address, socket_address_of},
 };
-use crate::model::{Backend, BackendState, Health, LbPolicy, Service};
+use crate::{
+    lb::levels::{LbSettings, plan},
+    model::{Backend, BackendState, Health, LbPolicy, Placement, Service},
+};
 
 /// The c-ares resolver config (`typed_dns_resolver_config`), the only one Envoy
 /// ships on Linux.
@@ -280,11 +284,11 @@ pub fn cluster_backends(
     }
 }
 
-/// The backends of a load assignment, by Envoy's rules: the lowest priority with a
-/// healthy (HEALTHY/UNKNOWN) endpoint wins; DEGRADED endpoints only when no priority
-/// has a healthy one; DRAINING/UNHEALTHY/TIMEOUT get no new connections (they are
-/// kept as draining so established connections continue). Weights are locality
-/// weight × endpoint weight.
+/// The endpoints of a load assignment, each with its EDS health class as its
+/// state (HEALTHY/UNKNOWN active, DEGRADED, UNHEALTHY/TIMEOUT unhealthy,
+/// DRAINING draining), its own `load_balancing_weight` and its placement;
+/// `lb::levels::plan` applies Envoy's arithmetic to them with the cluster's
+/// settings.
 pub fn assignment_backends(cla: &ClusterLoadAssignment) -> Vec<Backend> {
     backends_with(cla, |sa| {
         parse_socket_address(sa)
@@ -299,14 +303,47 @@ fn backends_with(
     cla: &ClusterLoadAssignment,
     addresses: impl Fn(&SocketAddress) -> Option<Vec<(IpAddr, u16)>>,
 ) -> Vec<Backend> {
-    let healthy = |s: i32| s == HealthStatus::Unknown as i32 || s == HealthStatus::Healthy as i32;
-    let degraded = |s: i32| s == HealthStatus::Degraded as i32;
-    let mut entries = Vec::new(); // (priority, status, backend)
+    let state = |s: i32| match HealthStatus::try_from(s) {
+        Ok(HealthStatus::Unknown | HealthStatus::Healthy) | Err(_) => BackendState::Active,
+        Ok(HealthStatus::Degraded) => BackendState::Degraded,
+        Ok(HealthStatus::Draining) => BackendState::Draining,
+        Ok(HealthStatus::Unhealthy | HealthStatus::Timeout) => BackendState::Unhealthy,
+    };
+    // Envoy's default overprovisioning factor is 140 (percent).
+    let overprovisioning = cla
+        .policy
+        .as_ref()
+        .and_then(|p| p.overprovisioning_factor.as_ref())
+        .map_or(crate::model::DEFAULT_OVERPROVISIONING, |f| {
+            u16::try_from(f.value).unwrap_or(u16::MAX)
+        });
+    // Entries of one priority with the same locality are one locality (Envoy
+    // merges them; the last weight set wins).
+    let mut localities: BTreeMap<(u32, String, String, String), (u16, u32)> = BTreeMap::new();
     for loc in &cla.endpoints {
-        let loc_weight = loc
-            .load_balancing_weight
-            .as_ref()
-            .map_or(1, |w| w.value.max(1));
+        let l = loc.locality.clone().unwrap_or_default();
+        let next = u16::try_from(localities.len()).unwrap_or(u16::MAX);
+        let entry = localities
+            .entry((loc.priority, l.region, l.zone, l.sub_zone))
+            .or_insert((next, 0));
+        if let Some(w) = &loc.load_balancing_weight {
+            entry.1 = w.value;
+        }
+    }
+    let mut out = Vec::new();
+    for loc in &cla.endpoints {
+        let l = loc.locality.clone().unwrap_or_default();
+        let (locality, locality_weight) = localities
+            .get(&(loc.priority, l.region, l.zone, l.sub_zone))
+            .copied()
+            .unwrap_or_default();
+        let placement = Placement {
+            // Priorities are at most 128 (Envoy's validation); a larger one sorts last.
+            priority: u8::try_from(loc.priority).unwrap_or(u8::MAX),
+            locality,
+            locality_weight,
+            overprovisioning,
+        };
         for lb in &loc.lb_endpoints {
             let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &lb.host_identifier else {
                 continue;
@@ -319,38 +356,20 @@ fn backends_with(
                 .as_ref()
                 .map_or(1, |w| w.value.max(1));
             for (ip, port) in addrs {
-                let b = Backend::new(ip, port).weighted(loc_weight.saturating_mul(weight));
-                entries.push((loc.priority, lb.health_status, b));
+                out.push(
+                    Backend::new(ip, port)
+                        .weighted(weight)
+                        .in_state(state(lb.health_status))
+                        .placed(placement),
+                );
             }
         }
     }
-    let chosen = entries
-        .iter()
-        .filter(|(_, s, _)| healthy(*s))
-        .map(|(p, _, _)| *p)
-        .min();
-    let use_degraded = chosen.is_none();
-    let degraded_priority = entries
-        .iter()
-        .filter(|(_, s, _)| degraded(*s))
-        .map(|(p, _, _)| *p)
-        .min();
-    let mut out: Vec<Backend> = Vec::new();
-    for (p, s, b) in &entries {
-        let active = match chosen {
-            Some(c) => *p == c && healthy(*s),
-            None => use_degraded && Some(*p) == degraded_priority && degraded(*s),
-        };
-        if active {
-            out.push(*b);
-        } else if !healthy(*s) && !degraded(*s) {
-            out.push(b.draining());
-        }
-    }
-    merge(out)
+    out
 }
 
-/// Merges duplicates (same address and port): active wins, weights add.
+/// Merges duplicates across weighted clusters (same address and port): active
+/// wins, weights add.
 fn merge(backends: Vec<Backend>) -> Vec<Backend> {
     let mut by: BTreeMap<(IpAddr, u16), Backend> = BTreeMap::new();
     for b in backends {
@@ -359,7 +378,7 @@ fn merge(backends: Vec<Backend>) -> Vec<Backend> {
                 (BackendState::Active, BackendState::Active) => {
                     e.weight = e.weight.saturating_add(b.weight)
                 }
-                (BackendState::Draining, BackendState::Active) => *e = b,
+                (_, BackendState::Active) => *e = b,
                 _ => {}
             })
             .or_insert(b);
@@ -372,9 +391,6 @@ fn merge(backends: Vec<Backend>) -> Vec<Backend> {
 /// of the other address family are left out.
 pub fn combine(parts: &[(u32, &Vec<Backend>)], v4: bool) -> Vec<Backend> {
     let same_family = |b: &&Backend| b.address.is_ipv4() == v4;
-    if let [(_, only)] = parts {
-        return merge(only.iter().filter(same_family).copied().collect());
-    }
     let active_parts: Vec<(f64, f64, &Vec<Backend>)> = parts
         .iter()
         .map(|(w, bs)| {
@@ -406,8 +422,8 @@ pub fn combine(parts: &[(u32, &Vec<Backend>)], v4: bool) -> Vec<Backend> {
                 )]
                 let weight = ((share * SCALE).round() as u32).max(1);
                 out.push(b.weighted(weight));
-            } else if b.state == BackendState::Draining {
-                out.push(*b);
+            } else if b.state != BackendState::Active {
+                out.push(b.draining());
             }
         }
     }
@@ -433,13 +449,13 @@ pub enum ServiceBackends {
 /// disagree get weighted random (one backend list cannot follow two policies).
 pub fn service_backends<'a>(
     spec: &super::translate::ServiceSpec,
-    cluster: impl Fn(&str) -> Option<(&'a ClusterBackends, LbPolicy, Health)>,
+    cluster: impl Fn(&str) -> Option<(&'a ClusterBackends, LbPolicy, Health, LbSettings)>,
 ) -> ServiceBackends {
     if spec.route_pending {
         return ServiceBackends::Warming;
     }
     let original = vec![Backend::new(spec.service.vip, spec.service.port)];
-    let mut parts: Vec<(u32, &Vec<Backend>)> = Vec::with_capacity(spec.clusters.len());
+    let mut parts: Vec<(u32, &Vec<Backend>, LbSettings)> = Vec::with_capacity(spec.clusters.len());
     let mut passthrough = 0;
     let mut policies = BTreeSet::new();
     let mut healths = BTreeSet::new();
@@ -448,12 +464,12 @@ pub fn service_backends<'a>(
             None | Some((ClusterBackends::Warming, ..)) => return ServiceBackends::Warming,
             Some((ClusterBackends::Passthrough, ..)) => {
                 passthrough += 1;
-                parts.push((*weight, &original));
+                parts.push((*weight, &original, LbSettings::default()));
             }
-            Some((ClusterBackends::Backends(b), policy, health)) => {
+            Some((ClusterBackends::Backends(b), policy, health, settings)) => {
                 policies.insert(policy);
                 healths.insert(health);
-                parts.push((*weight, b));
+                parts.push((*weight, b, settings));
             }
         }
     }
@@ -470,15 +486,42 @@ pub fn service_backends<'a>(
         (1, Some(h)) => *h,
         _ => Health::default(),
     };
-    ServiceBackends::Backends(
-        Service::new(combine(&parts, spec.service.vip.is_ipv4()), policy).with_health(health),
-    )
+    let v4 = spec.service.vip.is_ipv4();
+    let same_family = |b: &&Backend| b.address.is_ipv4() == v4;
+    if let [(_, only, settings)] = parts.as_slice() {
+        // One cluster: Envoy's arithmetic over its assignment. The kernel keeps its
+        // levels where health moves between updates (outlier detection watches TCP
+        // connects; a Maglev table is one set).
+        let dynamic = health.outlier.is_some()
+            && spec.service.protocol == crate::model::Protocol::Tcp
+            && !policy.is_maglev();
+        let family: Vec<Backend> = only.iter().filter(same_family).copied().collect();
+        let planned = plan(&family, *settings, dynamic);
+        return ServiceBackends::Backends(
+            Service::new(planned.backends, policy)
+                .with_health(health)
+                .with_levels(planned.levels),
+        );
+    }
+    // Weighted clusters: each cluster's static shares, then their weights (one
+    // backend list cannot follow two clusters' levels).
+    let planned: Vec<(u32, Vec<Backend>)> = parts
+        .iter()
+        .map(|(w, b, settings)| {
+            let family: Vec<Backend> = b.iter().filter(same_family).copied().collect();
+            (*w, plan(&family, *settings, false).backends)
+        })
+        .collect();
+    let refs: Vec<(u32, &Vec<Backend>)> = planned.iter().map(|(w, b)| (*w, b)).collect();
+    ServiceBackends::Backends(Service::new(combine(&refs, v4), policy).with_health(health))
 }
 
 /// How a cluster asks connections to be placed, as the kernel can honour it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClusterPolicy {
     pub policy: LbPolicy,
+    /// What Envoy's priority and locality arithmetic reads of the cluster.
+    pub settings: LbSettings,
     /// Outlier detection and circuit breaking (validated before: a cluster out of
     /// range is NACKed, so here it reads as off).
     pub health: Health,
@@ -503,6 +546,7 @@ const RING_HASH_AS_MAGLEV: &str = "RING_HASH is served by a Maglev table (the sa
 fn least_conn(choice_count: Option<u32>) -> ClusterPolicy {
     let n = choice_count.unwrap_or(u32::from(LbPolicy::DEFAULT_CHOICES));
     ClusterPolicy {
+        settings: LbSettings::default(),
         health: Health::default(),
         policy: LbPolicy::LeastConn {
             // Envoy requires at least 2; more than MAX_CHOICES draws cost more
@@ -521,6 +565,7 @@ fn maglev(table_size: Option<u64>, fallback: Option<&'static str>) -> ClusterPol
         .filter(|&t| crate::lb::table_size_problem(u64::from(t)).is_none())
         .unwrap_or(sockmesh_common::DEFAULT_MAGLEV_TABLE_SIZE);
     ClusterPolicy {
+        settings: LbSettings::default(),
         health: Health::default(),
         policy: LbPolicy::Maglev { table_size },
         fallback,
@@ -551,6 +596,7 @@ fn typed_configs(c: &Cluster) -> impl Iterator<Item = &sockmesh_proto::pb::googl
 
 fn random() -> ClusterPolicy {
     ClusterPolicy {
+        settings: LbSettings::default(),
         health: Health::default(),
         policy: LbPolicy::Random,
         fallback: None,
@@ -572,7 +618,25 @@ fn random() -> ClusterPolicy {
 pub fn cluster_policy(c: &Cluster) -> ClusterPolicy {
     ClusterPolicy {
         health: super::outlier::cluster_health(c).unwrap_or_default(),
+        settings: lb_settings(c),
         ..lb_policy(c)
+    }
+}
+
+/// `common_lb_config.locality_weighted_lb_config` and `healthy_panic_threshold`
+/// (validated before: an out-of-range threshold is NACKed, so here it reads as
+/// the default).
+pub fn lb_settings(c: &Cluster) -> LbSettings {
+    use sockmesh_proto::pb::envoy::config::cluster::v3::cluster::common_lb_config::LocalityConfigSpecifier;
+    let locality_weighted = c
+        .common_lb_config
+        .as_ref()
+        .and_then(|l| l.locality_config_specifier.as_ref())
+        .is_some_and(|s| matches!(s, LocalityConfigSpecifier::LocalityWeightedLbConfig(_)));
+    LbSettings {
+        locality_weighted,
+        panic_percent: super::outlier::panic_percent(c)
+            .unwrap_or(LbSettings::default().panic_percent),
     }
 }
 
@@ -619,6 +683,7 @@ fn typed_policy(c: &Cluster) -> ClusterPolicy {
     }
     ClusterPolicy {
         health: Health::default(),
+        settings: LbSettings::default(),
         policy: LbPolicy::Random,
         fallback: Some(
             "no load_balancing_policy the kernel knows: connections are placed by weighted random",

@@ -11,6 +11,7 @@ use super::{
     },
     translate::{Resources, listener_services},
 };
+use crate::lb::levels::LbSettings;
 use crate::model::{Health, LbPolicy, RoutingTable, ServiceAddr};
 
 /// The result of translating [`Resources`].
@@ -45,7 +46,8 @@ pub fn translate(res: &Resources, previous: &[&RoutingTable]) -> Translation {
     // Envoy's original-destination matching decides between listeners that name
     // the same service; among equals the first listener by name wins.
     specs.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-    let mut clusters: BTreeMap<String, (ClusterBackends, LbPolicy, Health)> = BTreeMap::new();
+    let mut clusters: BTreeMap<String, (ClusterBackends, LbPolicy, Health, LbSettings)> =
+        BTreeMap::new();
     for (name, c) in &res.clusters {
         let c = c.decode();
         match cluster_source(&c) {
@@ -61,6 +63,7 @@ pub fn translate(res: &Resources, previous: &[&RoutingTable]) -> Translation {
                         cluster_backends(name, &source, res),
                         cluster_policy(&c).policy,
                         cluster_policy(&c).health,
+                        cluster_policy(&c).settings,
                     ),
                 );
             }
@@ -72,6 +75,7 @@ pub fn translate(res: &Resources, previous: &[&RoutingTable]) -> Translation {
                         ClusterBackends::Backends(Vec::new()),
                         cluster_policy(&c).policy,
                         cluster_policy(&c).health,
+                        cluster_policy(&c).settings,
                     ),
                 );
             }
@@ -83,7 +87,7 @@ pub fn translate(res: &Resources, previous: &[&RoutingTable]) -> Translation {
             continue;
         }
         match service_backends(&spec, |name| {
-            clusters.get(name).map(|(b, p, h)| (b, *p, *h))
+            clusters.get(name).map(|(b, p, h, l)| (b, *p, *h, *l))
         }) {
             ServiceBackends::Warming => {
                 t.warming.push(spec.service);

@@ -31,6 +31,7 @@ struct ClusterView {
     backends: ClusterBackends,
     policy: LbPolicy,
     health: Health,
+    settings: crate::lb::levels::LbSettings,
     /// Why the kernel places its connections otherwise than it asks.
     fallback: Option<&'static str>,
     ignored: Option<String>,
@@ -222,6 +223,7 @@ impl Incremental {
                     backends,
                     policy: view.policy,
                     health: view.health,
+                    settings: view.settings,
                     fallback: view.fallback,
                     ignored: None,
                 };
@@ -235,6 +237,7 @@ impl Incremental {
                     Ok(source) => ClusterView {
                         policy: policy.policy,
                         health: policy.health,
+                        settings: policy.settings,
                         fallback: policy.fallback,
                         eds: match &source {
                             ClusterSource::Eds(eds) => Some(eds.clone()),
@@ -250,6 +253,7 @@ impl Incremental {
                     Err(why) => ClusterView {
                         policy: policy.policy,
                         health: policy.health,
+                        settings: policy.settings,
                         fallback: policy.fallback,
                         eds: None,
                         dns: None,
@@ -363,7 +367,7 @@ impl Incremental {
                 Some(staged) => staged.as_ref(),
                 None => self.clusters.get(name),
             }
-            .map(|v| (&v.backends, v.policy, v.health))
+            .map(|v| (&v.backends, v.policy, v.health, v.settings))
         };
         match service_backends(spec, view) {
             ServiceBackends::Warming => Resolved::Warming,

@@ -150,8 +150,10 @@ fn millis(
     u32::try_from(ms).map_err(|_| (field, format!("{ms} ms is more than {} ms", u32::MAX)))
 }
 
-/// `common_lb_config.healthy_panic_threshold`, percent (Envoy's default 50).
-fn panic_percent(c: &Cluster) -> Result<u8, Invalid> {
+/// `common_lb_config.healthy_panic_threshold`, percent (Envoy's default 50), as
+/// Envoy's `convertPercent` makes it an integer: `100 × (value / 100)`
+/// truncated (so 29 becomes 28, as in Envoy).
+pub(crate) fn panic_percent(c: &Cluster) -> Result<u8, Invalid> {
     let v = c
         .common_lb_config
         .as_ref()
@@ -163,8 +165,13 @@ fn panic_percent(c: &Cluster) -> Result<u8, Invalid> {
             format!("{v} is not a percentage (0 to 100)"),
         ));
     }
-    // Whole percents: the kernel compares integers.
-    Ok(v.round() as u8)
+    // Whole percents: the kernel compares integers, as Envoy's arithmetic does.
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "within 0..=100, truncated as Envoy truncates"
+    )]
+    Ok((100.0 * (v / 100.0)) as u8)
 }
 
 /// The DEFAULT priority's `max_connections`; unset, or Istio's u32::MAX, is

@@ -79,21 +79,56 @@ resources:
     - endpoint: { address: { socket_address: { address: 10.1.0.9, port_value: 8080 } } }
 "#;
 
+/// Each active backend's share of new connections, by address (a service
+/// without levels: its weights' shares).
+fn shares(service: &crate::model::Service) -> Vec<(String, f64)> {
+    let total: f64 = service
+        .iter()
+        .filter(|b| b.state == crate::model::BackendState::Active)
+        .map(|b| f64::from(b.weight))
+        .sum();
+    service
+        .iter()
+        .filter(|b| b.state == crate::model::BackendState::Active)
+        .map(|b| (b.address.to_string(), f64::from(b.weight) / total))
+        .collect()
+}
+
+fn assert_shares(service: &crate::model::Service, want: &[(&str, f64)], why: &str) {
+    let got = shares(service);
+    assert_eq!(got.len(), want.len(), "{why}: {got:?}");
+    for ((a, s), (wa, ws)) in got.iter().zip(want) {
+        assert_eq!(a, wa, "{why}: {got:?}");
+        assert!((s - ws).abs() < 1e-5, "{why}: {a} has {s}, Envoy gives {ws}: {got:?}");
+    }
+}
+
+/// Envoy's arithmetic (its "Priority levels" and "Overprovisioning factor"
+/// pages), without `locality_weighted_lb_config`, so locality weights are not
+/// read: priority 0 has 3 hosts that count (10.1.0.2 is DRAINING, excluded), 2
+/// of them healthy: health min(100, 140 × 2 / 3) = 93; priority 1 is healthy
+/// (100); the normalized total is 100, so priority 0 takes 93 % (shared 3:1 by
+/// endpoint weight) and priority 1 the other 7 %.
 #[test]
 fn tcp_proxy_over_eds_with_health_locality_and_priority() {
     let mut st = XdsState::new();
     st.apply(full(TCP_EDS)).expect("accepted");
     let backends = &st.table().services[&svc("10.96.0.10", 9080, Protocol::Tcp)];
-    assert_eq!(
+    assert_shares(
         backends,
-        &vec![
-            be("10.1.0.1", 8080, 6),
-            be("10.1.0.2", 8080, 2).draining(),
-            be("10.1.0.3", 8080, 2).draining(),
-            be("10.1.0.4", 8080, 1),
+        &[
+            ("10.1.0.1", 0.93 * 0.75),
+            ("10.1.0.4", 0.93 * 0.25),
+            ("10.1.0.9", 0.07),
         ],
-        "priority 1 unused while priority 0 is healthy; draining/unhealthy get no new connections"
+        "priority 0 at 93 % health spills 7 % to priority 1",
     );
+    let draining: Vec<String> = backends
+        .iter()
+        .filter(|b| b.state == crate::model::BackendState::Draining)
+        .map(|b| b.address.to_string())
+        .collect();
+    assert_eq!(draining, ["10.1.0.2", "10.1.0.3"], "kept for their connections");
     assert_eq!(st.wanted(Kind::Endpoint), ["reviews.default.svc"]);
 }
 
@@ -110,15 +145,13 @@ fn lower_priority_and_degraded_take_over_only_when_needed() {
         );
     let mut st = XdsState::new();
     st.apply(full(&yaml)).expect("accepted");
-    let active: Vec<_> = st.table().services[&svc("10.96.0.10", 9080, Protocol::Tcp)]
-        .iter()
-        .filter(|b| b.state == crate::model::BackendState::Active)
-        .map(|b| b.address.to_string())
-        .collect();
-    assert_eq!(
-        active,
-        ["10.1.0.9"],
-        "priority 1 healthy beats priority 0 degraded"
+    // Priority 0: no healthy host, 1 degraded of 3 (degraded availability 46);
+    // priority 1 healthy (100): the normalized total is 100 and the healthy loads
+    // come first, so priority 1 takes everything and no level is in panic.
+    assert_shares(
+        &st.table().services[&svc("10.96.0.10", 9080, Protocol::Tcp)],
+        &[("10.1.0.9", 1.0)],
+        "priority 1 healthy beats priority 0 degraded",
     );
 
     let yaml = yaml.replace("  - priority: 1\n", "  - priority: 1\n    lb_endpoints: []\n  - priority: 2\n").replace(
@@ -126,15 +159,21 @@ fn lower_priority_and_degraded_take_over_only_when_needed() {
         "    - endpoint: { address: { socket_address: { address: 10.1.0.9, port_value: 8080 } } }\n      health_status: TIMEOUT\n",
     );
     st.apply(full(&yaml)).expect("accepted");
-    let active: Vec<_> = st.table().services[&svc("10.96.0.10", 9080, Protocol::Tcp)]
-        .iter()
-        .filter(|b| b.state == crate::model::BackendState::Active)
-        .map(|b| b.address.to_string())
-        .collect();
-    assert_eq!(
-        active,
-        ["10.1.0.4"],
-        "degraded only when nothing healthy remains"
+    // Now only priority 0's degraded host is available (normalized total 46):
+    // every level is below the panic threshold of 50 % (priority 0: 1 of 3),
+    // so the loads follow the levels' host counts, excluded hosts included (4
+    // and 1: 80 % and 20 %), and each level's load goes to all its hosts by
+    // weight (Envoy's total panic): 10.1.0.1 (weight 3) 80 × 3 / 6.
+    assert_shares(
+        &st.table().services[&svc("10.96.0.10", 9080, Protocol::Tcp)],
+        &[
+            ("10.1.0.1", 0.40),
+            ("10.1.0.2", 0.8 / 6.0),
+            ("10.1.0.3", 0.8 / 6.0),
+            ("10.1.0.4", 0.8 / 6.0),
+            ("10.1.0.9", 0.20),
+        ],
+        "total panic",
     );
 }
 
@@ -659,7 +698,7 @@ resources:
     assert_eq!(
         got,
         [
-            "10.96.0.10:9080/tcp -> 10.244.1.5:9080 w2, 10.244.2.7:9080 w2",
+            "10.96.0.10:9080/tcp -> 10.244.1.5:9080 w1, 10.244.2.7:9080 w1",
             "10.96.0.20:3306/tcp -> 10.244.3.9:3306 w1",
             "10.96.0.30:6379/tcp -> 10.244.4.2:6379 w1",
         ]
@@ -916,7 +955,9 @@ fn dns_clusters_warm_until_resolved_then_follow_their_answers() {
         answers(&[("a.ext.example", &["192.0.2.2"]), ("b.ext.example", &[])]),
     )
     .expect("fits");
-    assert_eq!(st.table().services[&ext], [be("192.0.2.2", 443, 2)]);
+    // A lone backend's weight is its whole share: weights are kept as the
+    // smallest integers in the same ratios.
+    assert_eq!(st.table().services[&ext], [be("192.0.2.2", 443, 1)]);
 
     // Answers for a cluster that is not a DNS cluster are ignored.
     let other = st
@@ -1261,7 +1302,7 @@ fn an_agent_restarted_during_a_dns_outage_keeps_the_kernels_backends() {
         answers(&[("a.ext.example", &["192.0.2.7"]), ("b.ext.example", &[])]),
     )
     .expect("fits");
-    assert_eq!(st.table().services[&ext], [be("192.0.2.7", 443, 2)]);
+    assert_eq!(st.table().services[&ext], [be("192.0.2.7", 443, 1)]);
     assert!(!st.warming().contains(&ext));
 }
 
@@ -1288,7 +1329,10 @@ fn a_file_sent_again_changes_nothing_and_one_edit_changes_one_service() {
         .as_ref()
         .expect("still there")
         .backends;
-    assert!(backends.contains(&be("10.1.0.5", 8080, 6)), "{backends:?}");
+    assert!(
+        backends.iter().any(|b| b.address.to_string() == "10.1.0.5"),
+        "{backends:?}"
+    );
 
     // What the document no longer holds is removed: here the listener.
     let cluster = edited

@@ -18,6 +18,9 @@
 
 pub mod hooks;
 pub mod resolve;
+pub mod tiers;
+
+pub use tiers::{SlotRange, Tier, Tiers};
 
 /// Map names: the ELF symbols of the maps and their pin file names under
 /// `<bpffs>/v<LAYOUT_VERSION>/maps/`. `#[map(name = …)]` in `ebpf/programs` needs a
@@ -31,8 +34,15 @@ pub mod map_names {
     pub const SLOTS: &str = "SM_SLOTS";
     /// Backends ([`crate::BackendKey`] → [`crate::BackendInfo`]).
     pub const BACKENDS: &str = "SM_BACKENDS";
-    /// Reverse translation ([`crate::ReverseKey`] → [`crate::ReverseValue`]).
+    /// Reverse translation of connected sockets ([`crate::ReverseKey`] →
+    /// [`crate::ReverseValue`]).
     pub const REVERSE: &str = "SM_REVERSE";
+    /// Reverse translation of unconnected UDP sends (same key and value), an LRU
+    /// apart from [`REVERSE`] so they never evict a connected socket's entry.
+    pub const REVERSE_UDP: &str = "SM_REVERSE_UDP";
+    /// Priority levels of a service's slot generation ([`crate::SlotKey`] with
+    /// `slot` 0 → [`crate::Tiers`]).
+    pub const TIERS: &str = "SM_TIERS";
     /// Node counters, per CPU (index in [`crate::counter`] → count).
     pub const COUNTERS: &str = "SM_COUNTERS";
     /// Open connections per backend endpoint ([`crate::ConnKey`] → `u64`), for
@@ -46,14 +56,16 @@ pub mod map_names {
     /// ([`crate::SlotKey`] with the chunk number as `slot` → [`crate::MaglevChunk`]).
     pub const MAGLEV: &str = "SM_MAGLEV";
     /// The maps pinned under the layout directory.
-    pub const LAYOUT: [&str; 7] = [
+    pub const LAYOUT: [&str; 9] = [
         SERVICES,
         SERVICE_STATS,
         SLOTS,
         BACKENDS,
         REVERSE,
+        REVERSE_UDP,
         COUNTERS,
         MAGLEV,
+        TIERS,
     ];
     /// Outlier detection and circuit breaking settings of a service
     /// ([`crate::ServiceKey`] → [`crate::ServicePolicy`]), written by the agent.
@@ -74,7 +86,7 @@ pub mod map_names {
     pub const HEALTH: [&str; 4] = [SERVICE_POLICY, ENDPOINT_HEALTH, SERVICE_HEALTH, SOCK_HEALTH];
     /// Every map of the object: the layout's, the connection-tracking ones, then
     /// the health ones.
-    pub const ALL: [&str; 13] = join(join::<7, 2, 9>(LAYOUT, CONNS), HEALTH);
+    pub const ALL: [&str; 15] = join(join::<9, 2, 11>(LAYOUT, CONNS), HEALTH);
 
     /// `a` followed by `b` (`C` = `A + B`, checked at compile time).
     const fn join<const A: usize, const B: usize, const C: usize>(
@@ -130,7 +142,12 @@ pub const fn str_eq(a: &str, b: &str) -> bool {
 ///   has no `SM_SLOTS` entries (a program of layout 3 would miss every slot);
 ///   `SM_SERVICE_STATS` is one entry per service with atomic adds, no longer per
 ///   CPU.
-pub const LAYOUT_VERSION: u32 = 4;
+/// - 5: `SM_TIERS`, priority levels ([`service_flags::TIERS`]); reverse translation
+///   split in `SM_REVERSE` (connected sockets, deleted at close, never evicted)
+///   and `SM_REVERSE_UDP` (unconnected sends, LRU), both sized at install;
+///   [`BackendInfo::level`]; node counters for overflows, publish races and a
+///   full reverse map.
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Version of the connection-tracking maps ([`map_names::CONNS`]). They are pinned
 /// under `<bpffs>/conns-v<CONNS_VERSION>/`, apart from the layout's directory,
@@ -145,7 +162,18 @@ pub const CONNS_VERSION: u32 = 1;
 /// and a layout migration, as the connection counts do. Bump it when
 /// [`ServicePolicy`], [`EndpointKey`], [`EndpointHealth`], [`ServiceHealth`] or
 /// [`SockHealth`] changes shape.
-pub const HEALTH_VERSION: u32 = 1;
+///
+/// - 2: the agent creates and deletes a service's [`ServiceHealth`] (its
+///   `epoch` tells one life of the service from the next, so a socket of a
+///   removed service never gives its connection back to a new one); ejections
+///   are claimed under [`ServiceHealth::lock`] and record the host's level;
+///   [`ServicePolicy::overprovisioning`].
+pub const HEALTH_VERSION: u32 = 2;
+
+/// Most priority levels of one service the kernel chooses among ([`Tiers`]).
+/// Istio's locality failover makes at most five (same subzone, zone, region,
+/// elsewhere, a failover target); levels past this get no load.
+pub const MAX_TIERS: usize = 8;
 
 /// Most backends of one service ejected at once (the active ejections
 /// [`ServiceHealth`] keeps to count a service's ejected share): a failure beyond
@@ -219,9 +247,13 @@ pub const fn maglev_map_entries(services: u32) -> u32 {
         .saturating_mul(MAX_MAGLEV_CHUNKS_PER_TABLE)
 }
 
-/// Capacity of the reverse-translation LRU map: one entry per open client socket
-/// connected to a VIP (plus one per VIP an unconnected UDP socket talked to).
-pub const MAX_REVERSE_ENTRIES: u32 = 131_072;
+/// Capacity of `SM_REVERSE` by default (`--max-reverse`): one entry per open client
+/// socket connected to a VIP, allocated on demand.
+pub const MAX_REVERSE_ENTRIES: u32 = 1_048_576;
+
+/// Capacity of `SM_REVERSE_UDP` by default (`--max-reverse-udp`): one entry per
+/// (unconnected UDP socket, backend) pair recently used; an LRU, preallocated.
+pub const MAX_REVERSE_UDP_ENTRIES: u32 = 65_536;
 
 /// `IPPROTO_TCP`, as in the service key's `proto` field.
 pub const PROTO_TCP: u8 = 6;
@@ -234,11 +266,16 @@ pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 /// Backend state values in [`BackendInfo::state`].
 pub mod backend_state {
-    /// Receives new connections (holds slots).
+    /// Healthy (EDS HEALTHY or UNKNOWN): holds slots.
     pub const ACTIVE: u8 = 0;
-    /// Known but receives no new connections (DRAINING, or DEGRADED while healthy
-    /// backends exist); established connections keep working.
+    /// Receives no new connections outside a panic: EDS DRAINING (excluded from
+    /// Envoy's counts); established connections keep working.
     pub const DRAINING: u8 = 1;
+    /// EDS DEGRADED: served as Envoy serves degraded hosts (a level's degraded
+    /// load).
+    pub const DEGRADED: u8 = 2;
+    /// EDS UNHEALTHY or TIMEOUT: served only in a level's panic.
+    pub const UNHEALTHY: u8 = 3;
 }
 
 /// Load-balancing policies in [`ServiceValue::policy`]: how connect() picks among
@@ -276,6 +313,10 @@ pub mod service_flags {
     /// (`SM_SOCK_HEALTH`). Not "any flag": a service with direct slots and
     /// neither of these has nothing to record per socket.
     pub const HEALTH: u8 = OUTLIER | CIRCUIT;
+    /// Priority levels: the service's `SM_TIERS` entry of its published
+    /// generation says which slot range a connect() draws from (Envoy's priority
+    /// and degraded loads, moved by ejections).
+    pub const TIERS: u8 = 8;
 }
 
 /// Most random choices a least-connections pick draws (the loop's bound).
@@ -296,8 +337,17 @@ pub mod counter {
     pub const SLOT_RETRY: u32 = 3;
     /// Reverse translations performed (recvmsg/getpeername rewrote to the VIP).
     pub const REVERSE_HIT: u32 = 4;
+    /// Connects refused at a circuit breaker's `max_connections`.
+    pub const OVERFLOW: u32 = 5;
+    /// Calls refused because two updates of the service raced one lookup (the
+    /// service has backends; the caller may retry).
+    pub const RACED: u32 = 6;
+    /// Redirected sockets with no room in `SM_REVERSE` (`--max-reverse`): their
+    /// `getpeername()` shows the backend, and `--terminate-removed-connections`
+    /// cannot find them.
+    pub const REVERSE_FULL: u32 = 7;
     /// Number of counters.
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 8;
     /// Human names, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
         "redirects",
@@ -305,6 +355,9 @@ pub mod counter {
         "reverse_miss",
         "slot_retry",
         "reverse_hits",
+        "overflow",
+        "raced",
+        "reverse_full",
     ];
 }
 
@@ -399,8 +452,8 @@ pub struct BackendInfo {
     pub port: u16,
     /// One of [`backend_state`].
     pub state: u8,
-    /// Always 0.
-    pub pad: u8,
+    /// Its priority level (index in [`Tiers::tiers`]; 0 without levels).
+    pub level: u8,
     /// Configured weight (1..=u32::MAX). Only userspace reads it; the kernel selects
     /// by slots.
     pub weight: u32,
@@ -486,6 +539,10 @@ pub struct ServicePolicy {
     pub enforcing: u8,
     /// Always 0.
     pub pad: u8,
+    /// The assignment's `overprovisioning_factor`, percent: a service without
+    /// levels is in panic only while `overprovisioning × healthy < 100 × backends`
+    /// too (Envoy's normalized total below 100).
+    pub overprovisioning: u32,
 }
 
 /// Key of `SM_EP_HEALTH`: one backend endpoint of one service.
@@ -533,8 +590,12 @@ pub struct Ejection {
     /// The ejected endpoint (IPv6 or IPv4-mapped address, port; network order).
     pub addr: [u32; 4],
     pub port: u16,
+    /// The host's [`backend_state`] and level when it was ejected: which of its
+    /// level's counts the ejection takes one from.
+    pub state: u8,
+    pub level: u8,
     /// Always 0.
-    pub pad: [u8; 6],
+    pub pad: [u8; 4],
 }
 
 impl Ejection {
@@ -542,7 +603,9 @@ impl Ejection {
         until_ns: 0,
         addr: [0; 4],
         port: 0,
-        pad: [0; 6],
+        state: 0,
+        level: 0,
+        pad: [0; 4],
     };
 }
 
@@ -554,6 +617,14 @@ pub struct ServiceHealth {
     pub conns: u64,
     /// Connects refused because `conns` was at `max_connections`.
     pub overflows: u64,
+    /// Which life of the service this entry belongs to (the agent writes a new
+    /// one each time it creates the entry): a socket gives its connection back
+    /// only to the entry it took it from.
+    pub epoch: u64,
+    /// 0, or 1 while a CPU claims an ejection slot (compare-and-swap): two
+    /// endpoints failing at once on two CPUs never both pass
+    /// `max_ejection_percent` nor share a slot.
+    pub lock: u64,
     /// The service's ejections. One is active while its time is in the future
     /// and its endpoint's `SM_EP_HEALTH` entry still holds that time (an EDS
     /// update that removed the endpoint deleted the entry: it no longer counts).
@@ -566,6 +637,8 @@ impl ServiceHealth {
     pub const ZERO: Self = Self {
         conns: 0,
         overflows: 0,
+        epoch: 0,
+        lock: 0,
         ejections: [Ejection::ZERO; MAX_EJECTED],
     };
 }
@@ -580,21 +653,31 @@ pub struct SockHealth {
     pub watch: u8,
     /// 1 while the socket holds one of its service's open connections.
     pub counted: u8,
+    /// The endpoint's [`backend_state`] and level at placement (recorded with an
+    /// ejection).
+    pub state: u8,
+    pub level: u8,
     /// Always 0.
-    pub pad: [u8; 6],
+    pub pad: [u8; 4],
+    /// The [`ServiceHealth::epoch`] of the entry the connection was taken from.
+    pub epoch: u64,
 }
 
 const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 20);
     assert!(core::mem::size_of::<ConnKey>() == 20);
     assert!(core::mem::size_of::<SockConn>() == 24);
-    assert!(core::mem::size_of::<ServicePolicy>() == 28);
+    assert!(core::mem::size_of::<ServicePolicy>() == 32);
     assert!(core::mem::size_of::<EndpointKey>() == 40);
     assert!(core::mem::size_of::<EndpointHealth>() == 24);
     assert!(core::mem::size_of::<Ejection>() == 32);
     assert!(MAX_EJECTED.is_power_of_two());
-    assert!(core::mem::size_of::<ServiceHealth>() == 16 + 32 * MAX_EJECTED);
-    assert!(core::mem::size_of::<SockHealth>() == 48);
+    assert!(core::mem::size_of::<ServiceHealth>() == 32 + 32 * MAX_EJECTED);
+    assert!(core::mem::size_of::<SockHealth>() == 56);
+    assert!(core::mem::size_of::<Tier>() == 32);
+    assert!(core::mem::size_of::<Tiers>() == 16 + 32 * MAX_TIERS);
+    assert!(MAX_TIERS.is_power_of_two());
+    assert!(MAX_TIERS <= u8::MAX as usize);
     assert!(MAX_CHOICES >= 1);
     assert!(core::mem::size_of::<ServiceValue>() == 16);
     assert!(core::mem::size_of::<SlotKey>() == 8);
@@ -653,6 +736,8 @@ mod pod {
     unsafe impl aya::Pod for ServiceHealth {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SockHealth {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Tiers {}
 }
 
 #[cfg(test)]

@@ -14,7 +14,8 @@
 
 use crate::{
     BackendKey, EJECTED_REDRAWS, EJECTED_WALK, MAGLEV_CHUNK, ServiceKey, ServiceValue, SlotKey,
-    lb_policy, service_flags,
+    Tiers, lb_policy, service_flags,
+    tiers::{self, Ejected},
 };
 
 /// Read access to the three routing maps. Absent keys are `Ok(None)`; `Error` is
@@ -28,6 +29,24 @@ pub trait RoutingMaps {
     /// Entry `entry` (below [`MAGLEV_CHUNK`]) of the Maglev table chunk `key`.
     fn maglev(&self, key: &SlotKey, entry: usize) -> Result<Option<u32>, Self::Error>;
     fn backend(&self, key: &BackendKey) -> Result<Option<Self::Backend>, Self::Error>;
+    /// `f` of the priority levels of a generation ([`tiers_key`]), if present
+    /// (the kernel reads them in place: too large for its stack).
+    fn with_tiers<R>(
+        &self,
+        key: &SlotKey,
+        f: impl FnOnce(&Tiers) -> R,
+    ) -> Result<Option<R>, Self::Error>;
+}
+
+/// The `SM_TIERS` key of `service`'s published generation.
+#[inline(always)]
+pub fn tiers_key(service: &ServiceValue) -> SlotKey {
+    SlotKey {
+        service_id: service.id,
+        generation: service.generation,
+        pad: 0,
+        slot: 0,
+    }
 }
 
 /// Slot `slot` of `service`'s published generation (for a Maglev service, the
@@ -189,30 +208,38 @@ pub enum Picked<B> {
 /// How [`pick`] draws: `random` for a fresh random slot, `client` for the hash of
 /// the connecting client (a Maglev service's key), `load` for a backend's open
 /// connections; for a service with outlier detection, `ejected` tells whether a
-/// backend is ejected and `panic` whether the service's healthy share is below
-/// its panic threshold. Each is called only when the service's policy needs it.
-pub struct Draw<R, C, L, E, P> {
+/// backend is ejected, `panic` whether the service's healthy share is below its
+/// panic threshold (a service without levels), and `counts` how many hosts of
+/// each level are ejected now (a service with levels). Each is called only when
+/// the service's policy needs it.
+pub struct Draw<R, C, L, E, P, N> {
     pub random: R,
     pub client: C,
     pub load: L,
     pub ejected: E,
     pub panic: P,
+    pub counts: N,
 }
 
 /// Looks `key` up and picks a backend; returns the pick and the service's
-/// [`ServiceValue::flags`] (0 for an address that is not a service). The draws are made only for a service
-/// with active backends: a weighted-random service takes slot `random() %
-/// slot_count`; a least-connections one, when `least` allows it, draws
+/// [`ServiceValue::flags`] (0 for an address that is not a service). The draws
+/// are made only for a service with active backends.
+///
+/// First the slot range: all the service's slots, or, for a service with
+/// priority levels ([`service_flags::TIERS`]), the range [`tiers::choose`] gives
+/// for a random draw under the levels' loads with the hosts ejected now. Then,
+/// within the range, the service's policy: a weighted-random service takes a
+/// random slot; a least-connections one, when `least` allows it, draws
 /// [`ServiceValue::choices`] random slots and takes the backend with the smallest
 /// `load` (open connections; the first drawn among equals); a Maglev service
-/// takes table entry `client() % slot_count`. Slots are weight-proportional (so
-/// are a Maglev table's entries), so a heavier backend is drawn more often: weights
-/// hold under every policy.
+/// (never with levels) takes table entry `client() % slot_count`. Slots are
+/// weight-proportional (so are a Maglev table's entries), so a heavier backend is
+/// drawn more often: weights hold under every policy.
 ///
 /// A service with outlier detection ([`service_flags::OUTLIER`]) whose pick is
-/// ejected draws up to [`EJECTED_REDRAWS`] random slots, then walks up to
-/// [`EJECTED_WALK`] consecutive ones, for a backend that is not,
-/// unless the service is in panic (too few healthy backends: then, as Envoy does,
+/// ejected draws up to [`EJECTED_REDRAWS`] random slots of the range, then walks
+/// up to [`EJECTED_WALK`] consecutive ones, for a backend that is not, unless the
+/// range is served in panic (too few healthy hosts: then, as Envoy does,
 /// ejections are ignored and the first pick stands).
 #[inline(always)]
 pub fn pick<M: RoutingMaps>(
@@ -225,6 +252,7 @@ pub fn pick<M: RoutingMaps>(
         impl FnMut(&M::Backend) -> u64,
         impl FnMut(&M::Backend) -> bool,
         impl FnOnce() -> bool,
+        impl FnOnce() -> Ejected,
     >,
 ) -> Result<(Picked<M::Backend>, u8), M::Error>
 where
@@ -236,19 +264,47 @@ where
         load,
         mut ejected,
         panic,
+        counts,
     } = draw_with;
     let Some(service) = maps.service(key)? else {
         return Ok((Picked::NotService, 0));
     };
-    if service.slot_count == 0 {
-        return Ok((Picked::NoBackend, service.flags));
-    }
-    let picked = pick_by_policy(maps, &service, least, &mut random, client, load)?;
     let flags = service.flags;
+    if service.slot_count == 0 {
+        return Ok((Picked::NoBackend, flags));
+    }
+    let mut range = Span {
+        start: 0,
+        len: service.slot_count,
+    };
+    let mut in_panic = None;
+    if flags & service_flags::TIERS != 0 {
+        let ejected_now = if flags & service_flags::OUTLIER != 0 {
+            counts()
+        } else {
+            [[0; 2]; crate::MAX_TIERS]
+        };
+        let r = random() % 100;
+        let Some(choice) =
+            maps.with_tiers(&tiers_key(&service), |t| tier_choice(t, &ejected_now, r))?
+        else {
+            // Published together with the generation: a missing entry is a race.
+            return Ok((Picked::Raced, flags));
+        };
+        range = Span {
+            start: u32::from(choice as u16),
+            len: u32::from((choice >> 16) as u16),
+        };
+        if range.len == 0 {
+            return Ok((Picked::NoBackend, flags));
+        }
+        in_panic = Some(choice >> 32 != 0);
+    }
+    let picked = pick_by_policy(maps, &service, range, least, &mut random, client, load)?;
     let (Picked::Backend(b) | Picked::Counted(b)) = picked else {
         return Ok((picked, flags));
     };
-    if flags & service_flags::OUTLIER == 0 || !ejected(&b) || panic() {
+    if flags & service_flags::OUTLIER == 0 || !ejected(&b) || in_panic.unwrap_or_else(panic) {
         return Ok((picked, flags));
     }
     let moved = |other| match picked {
@@ -256,16 +312,28 @@ where
         _ => Picked::Backend(other),
     };
     Ok(
-        match avoid_ejected(maps, &service, &mut random, &mut ejected)? {
+        match avoid_ejected(maps, &service, range, &mut random, &mut ejected)? {
             WALK_NONE => (picked, flags),
             WALK_RACED => (Picked::Raced, flags),
             // The slot, resolved again (a lookup more, on this rare path only).
-            slot => match draw(maps, &service, slot)? {
+            slot => match draw(maps, &service, range, slot)? {
                 Some(other) => (moved(other), flags),
                 None => (Picked::Raced, flags),
             },
         },
     )
+}
+
+/// The slot range of a draw `r` (in `0..100`) among `t`'s levels with `ejected`
+/// hosts out, packed: start in bits 0..16, length in 16..32, panic in bit 32.
+///
+/// Not inlined: a BPF subprogram in the kernel programs, so the verifier checks
+/// the levels' arithmetic once and the rest of the program sees one scalar.
+#[inline(never)]
+pub fn tier_choice(t: &Tiers, ejected: &Ejected, r: u32) -> u64 {
+    let loads = tiers::loads(t, ejected);
+    let c = tiers::choose(t, &loads, r);
+    u64::from(c.range.start) | (u64::from(c.range.len) << 16) | (u64::from(c.panic) << 32)
 }
 
 /// [`avoid_ejected`] found no backend that is not ejected.
@@ -286,32 +354,34 @@ const WALK_RACED: u32 = u32::MAX - 1;
 fn avoid_ejected<M: RoutingMaps>(
     maps: &M,
     service: &ServiceValue,
+    range: Span,
     random: &mut impl FnMut() -> u32,
     ejected: &mut impl FnMut(&M::Backend) -> bool,
 ) -> Result<u32, M::Error> {
+    let len = span(service, range);
     // Checked by the caller too; here it tells the compiler that no `%` below
     // divides by zero (a panic path is no BPF program's end).
-    if service.slot_count == 0 {
+    if len == 0 {
         return Ok(WALK_NONE);
     }
     for _ in 0..EJECTED_REDRAWS {
-        let slot = random() % service.slot_count;
-        let Some(other) = draw(maps, service, slot)? else {
+        let slot = random() % len;
+        let Some(other) = draw(maps, service, range, slot)? else {
             return Ok(WALK_RACED);
         };
         if !ejected(&other) {
             return Ok(slot);
         }
     }
-    // The random draws found none (few healthy left): walk the table.
-    let start = random() % service.slot_count;
+    // The random draws found none (few healthy left): walk the range.
+    let start = random() % len;
     for k in 0..EJECTED_WALK {
-        if k >= service.slot_count {
+        if k >= len {
             break;
         }
-        // `start + k` stays below 2 × slot_count: no overflow.
+        // `start + k` stays below 2 × len: no overflow.
         let slot = start + k;
-        let Some(other) = draw(maps, service, slot)? else {
+        let Some(other) = draw(maps, service, range, slot)? else {
             return Ok(WALK_RACED);
         };
         if !ejected(&other) {
@@ -321,11 +391,12 @@ fn avoid_ejected<M: RoutingMaps>(
     Ok(WALK_NONE)
 }
 
-/// The pick of `service`'s own policy (see [`pick`]).
+/// The pick of `service`'s own policy within `range` (see [`pick`]).
 #[inline(always)]
 fn pick_by_policy<M: RoutingMaps>(
     maps: &M,
     service: &ServiceValue,
+    range: Span,
     least: bool,
     random: &mut impl FnMut() -> u32,
     client: impl FnOnce() -> u32,
@@ -335,13 +406,13 @@ where
     M::Backend: Copy,
 {
     if service.policy == lb_policy::MAGLEV {
-        return Ok(match draw(maps, service, client())? {
+        return Ok(match draw(maps, service, range, client())? {
             Some(b) => Picked::Backend(b),
             None => Picked::Raced,
         });
     }
     if !least || service.policy != lb_policy::LEAST_CONN {
-        return Ok(match draw(maps, service, random())? {
+        return Ok(match draw(maps, service, range, random())? {
             Some(b) => Picked::Backend(b),
             None => Picked::Raced,
         });
@@ -352,7 +423,7 @@ where
         if i >= choices {
             break;
         }
-        let Some(b) = draw(maps, service, random())? else {
+        let Some(b) = draw(maps, service, range, random())? else {
             return Ok(Picked::Raced);
         };
         let l = load(&b);
@@ -366,14 +437,38 @@ where
     })
 }
 
-/// The backend of slot `r % slot_count` (`None`: the slot did not resolve).
+/// Slots `start..start + len` of a generation: all of them, or a level's range.
+#[derive(Clone, Copy)]
+struct Span {
+    start: u32,
+    len: u32,
+}
+
+/// How many slots of `range` the service has: the range's length, cut at the
+/// published slots (a range that ends past them, written by something else, is
+/// read up to their end).
+#[inline(always)]
+fn span(service: &ServiceValue, range: Span) -> u32 {
+    range
+        .len
+        .min(service.slot_count.saturating_sub(range.start))
+}
+
+/// The backend of slot `range.start + r % len` (`None`: the slot did not
+/// resolve, or the range is empty).
 #[inline(always)]
 fn draw<M: RoutingMaps>(
     maps: &M,
     service: &ServiceValue,
+    range: Span,
     r: u32,
 ) -> Result<Option<M::Backend>, M::Error> {
-    Ok(match resolve_slot(maps, service, r % service.slot_count)? {
+    let len = span(service, range);
+    if len == 0 {
+        return Ok(None);
+    }
+    let slot = range.start + r % len;
+    Ok(match resolve_slot(maps, service, slot)? {
         Slot::Backend(b) => Some(b),
         Slot::Missing(_) => None,
     })
@@ -393,6 +488,7 @@ mod tests {
         slots: BTreeMap<SlotKey, u32>,
         backends: BTreeMap<BackendKey, u16>,
         maglev: BTreeMap<SlotKey, crate::MaglevChunk>,
+        tiers: BTreeMap<SlotKey, Tiers>,
     }
 
     impl RoutingMaps for Maps {
@@ -409,6 +505,13 @@ mod tests {
         }
         fn backend(&self, key: &BackendKey) -> Result<Option<u16>, Infallible> {
             Ok(self.backends.get(key).copied())
+        }
+        fn with_tiers<R>(
+            &self,
+            key: &SlotKey,
+            f: impl FnOnce(&Tiers) -> R,
+        ) -> Result<Option<R>, Infallible> {
+            Ok(self.tiers.get(key).map(f))
         }
     }
 
@@ -467,6 +570,7 @@ mod tests {
                 load,
                 ejected: |_: &u16| false,
                 panic: || false,
+                counts: || panic!("no levels"),
             },
         )
         .map(|(p, _)| p)
@@ -597,6 +701,7 @@ mod tests {
                     load,
                     ejected: |_: &u16| panic!("no ejection read without outlier detection"),
                     panic: || false,
+                    counts: || panic!("no levels"),
                 },
             )
             .map(|(p, _)| p)
@@ -627,6 +732,7 @@ mod tests {
                     load: |_: &u16| 0,
                     ejected: |b: &u16| out.contains(b),
                     panic: || panic,
+                    counts: || panic!("no levels"),
                 },
             )
             .map(|(p, _)| p)
@@ -657,6 +763,76 @@ mod tests {
             v.choices = 1;
         }
         assert_eq!(with(&m, &[0, 1], false), Ok(Picked::Counted(600)));
+    }
+
+    /// Two levels: slots 0..2 (backends 500, 600) are level 0, slots 2..4
+    /// (backends 700, 800) level 1. The levels' loads move with the ejected
+    /// counts the kernel reports, and the draw stays in the chosen level's range.
+    #[test]
+    fn a_service_with_levels_draws_in_the_level_its_loads_choose() {
+        use crate::{SlotRange, Tier};
+        let mut m = maps();
+        let v = {
+            let Some(v) = m.services.get_mut(&KEY) else {
+                panic!("service")
+            };
+            v.slot_count = 4;
+            v.flags = service_flags::TIERS | service_flags::OUTLIER;
+            *v
+        };
+        for (slot, index) in [(0, 5), (1, 6), (2, 7), (3, 8)] {
+            m.slots.insert(slot_key(&v, slot), index);
+        }
+        m.backends.insert(backend_key(&v, 7), 700);
+        m.backends.insert(backend_key(&v, 8), 800);
+        let level = |start| Tier {
+            healthy_slots: SlotRange { start, len: 2 },
+            all_slots: SlotRange { start, len: 2 },
+            hosts: 2,
+            healthy: 2,
+            total: 2,
+            ..Tier::default()
+        };
+        let mut t = Tiers {
+            count: 2,
+            overprovisioning: 140,
+            panic_percent: 50,
+            ..Tiers::default()
+        };
+        t.tiers[0] = level(0);
+        t.tiers[1] = level(2);
+        m.tiers.insert(tiers_key(&v), t);
+        let with = |m: &Maps, draws: &[u32], ejected_in_p0: u32| {
+            let mut draws = draws.iter().copied();
+            pick(
+                m,
+                &KEY,
+                true,
+                Draw {
+                    random: || draws.next().unwrap_or(0),
+                    client: || 0,
+                    load: |_: &u16| 0,
+                    ejected: |b: &u16| *b == 500 || (ejected_in_p0 == 2 && *b == 600),
+                    panic: || panic!("a service with levels panics by level"),
+                    counts: || {
+                        let mut c = [[0; 2]; crate::MAX_TIERS];
+                        c[0][0] = ejected_in_p0;
+                        c
+                    },
+                },
+            )
+            .map(|(p, _)| p)
+        };
+        // One of two level-0 hosts ejected: level 0 takes 70 %, level 1 30 %.
+        assert_eq!(with(&m, &[69, 1], 1), Ok(Picked::Backend(600)));
+        assert_eq!(with(&m, &[70, 0], 1), Ok(Picked::Backend(700)));
+        // The ejected host drawn in level 0: redrawn within level 0.
+        assert_eq!(with(&m, &[10, 0, 1], 1), Ok(Picked::Backend(600)));
+        // Both ejected: everything to level 1.
+        assert_eq!(with(&m, &[0, 1], 2), Ok(Picked::Backend(800)));
+        // The generation's levels missing: a race, as a missing slot is.
+        m.tiers.clear();
+        assert_eq!(with(&m, &[0, 0], 0), Ok(Picked::Raced));
     }
 
     #[test]

@@ -13,6 +13,14 @@
 //!   (`base_ejection` × multiplier, capped), which connect() reads: the next
 //!   connect avoids it, with no round trip to userspace. It returns by itself when
 //!   its time is up.
+//!
+//! A service's `SM_SVC_HEALTH` entry is the agent's to create and delete (with a
+//! new epoch each time); the programs only count in it. A socket gives its
+//! connection back only to the entry, the epoch, it took it from: a service
+//! removed and created again starts its count at 0, and the old sockets closing
+//! later do not take the new count down. An ejection is claimed under the
+//! entry's lock (compare-and-swap), so endpoints failing on several CPUs at once
+//! never pass `max_ejection_percent` together nor share a slot.
 
 use aya_ebpf::{
     bindings::{
@@ -24,14 +32,14 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext},
 };
 use sockmesh_common::{
-    EndpointHealth, EndpointKey, MAX_EJECTED, PROTO_TCP, ServiceHealth, ServiceKey, ServicePolicy,
-    SockHealth, service_flags,
+    EndpointHealth, EndpointKey, MAX_EJECTED, MAX_TIERS, PROTO_TCP, ServiceHealth, ServiceKey,
+    ServicePolicy, SockHealth, backend_state, service_flags, tiers::Ejected,
 };
 
 use crate::{
     atomic,
     maps::{ENDPOINT_HEALTH, SERVICE_HEALTH, SERVICE_POLICY, SOCK_HEALTH},
-    xlate::Addr,
+    xlate::{Addr, Target},
 };
 
 const NS_PER_MS: u64 = 1_000_000;
@@ -62,13 +70,21 @@ pub fn ejected(endpoint: &EndpointKey, now: u64) -> bool {
     unsafe { ENDPOINT_HEALTH.get(endpoint) }.is_some_and(|h| h.ejected_until_ns > now)
 }
 
-/// Whether `service` is in panic at `now`: fewer than its panic percentage of its
-/// backends are not ejected, so connect() ignores ejections, as Envoy does.
+/// Whether `service` (one level, all hosts healthy as configured) is in panic at
+/// `now`, as Envoy judges a priority level: its normalized total is below 100
+/// (`overprovisioning × healthy < 100 × backends`) and fewer than its panic
+/// percentage of its backends are not ejected. Then connect() ignores ejections.
 #[inline(always)]
 pub fn panic(service: &ServiceKey, now: u64) -> bool {
     // SAFETY: as in `ejected`; the fields are copied at once.
-    let Some((percent, backends)) = (unsafe { SERVICE_POLICY.get(service) })
-        .map(|p| (u64::from(p.panic_percent), u64::from(p.backends)))
+    let Some((percent, backends, overprovisioning)) =
+        (unsafe { SERVICE_POLICY.get(service) }).map(|p| {
+            (
+                u64::from(p.panic_percent),
+                u64::from(p.backends),
+                u64::from(p.overprovisioning),
+            )
+        })
     else {
         return false;
     };
@@ -80,7 +96,50 @@ pub fn panic(service: &ServiceKey, now: u64) -> bool {
     };
     // SAFETY: a map value looked up above.
     let (active, _) = unsafe { scan(h, service, now) };
-    backends.saturating_sub(active) * 100 < percent * backends
+    let healthy = backends.saturating_sub(active);
+    overprovisioning * healthy < 100 * backends && healthy * 100 < percent * backends
+}
+
+/// The hosts of each level of `service` ejected at `now`, healthy and degraded
+/// apart: what the levels' loads leave out (a service with levels).
+#[inline(always)]
+pub fn ejected_counts(service: &ServiceKey, now: u64) -> Ejected {
+    let mut out: Ejected = [[0; 2]; MAX_TIERS];
+    let Some(h) = SERVICE_HEALTH.get_ptr_mut(service) else {
+        return out;
+    };
+    let mut key = EndpointKey {
+        service: *service,
+        ..EndpointKey::default()
+    };
+    for i in 0..MAX_EJECTED {
+        // SAFETY: a map value looked up above; `i` in bounds; fields copied at
+        // once; the endpoint's entry validates the slot as in `scan`.
+        unsafe {
+            let e = &raw const (*h).ejections[i];
+            let until = core::ptr::read_volatile(&raw const (*e).until_ns);
+            if until <= now {
+                continue;
+            }
+            key.addr = core::ptr::read_volatile(&raw const (*e).addr);
+            key.port = core::ptr::read_volatile(&raw const (*e).port);
+            let state = core::ptr::read_volatile(&raw const (*e).state);
+            let level =
+                usize::from(core::ptr::read_volatile(&raw const (*e).level)) & (MAX_TIERS - 1);
+            if !ENDPOINT_HEALTH
+                .get(&key)
+                .is_some_and(|ep| ep.ejected_until_ns == until)
+            {
+                continue;
+            }
+            if state == backend_state::ACTIVE {
+                out[level][0] += 1;
+            } else if state == backend_state::DEGRADED {
+                out[level][1] += 1;
+            }
+        }
+    }
+    out
 }
 
 /// The service's ejections running at `now`, and the first slot free for a new
@@ -138,13 +197,13 @@ fn get_or_create<K, V>(map: &HashMap<K, V>, key: &K, new: &'static V) -> Option<
     map.get_ptr_mut(key)
 }
 
-static NEW_SERVICE_HEALTH: ServiceHealth = ServiceHealth::ZERO;
 static NEW_ENDPOINT_HEALTH: EndpointHealth = EndpointHealth::ZERO;
 
-/// The service's kernel state, created on first use.
+/// The service's kernel state, which the agent created before it published the
+/// service's flags (`None`: the map had no room, which the agent reports).
 #[inline(always)]
 fn service_health(service: &ServiceKey) -> Option<*mut ServiceHealth> {
-    get_or_create(&SERVICE_HEALTH, service, &NEW_SERVICE_HEALTH)
+    SERVICE_HEALTH.get_ptr_mut(service)
 }
 
 /// A connect refused by the service's circuit breaker (`max_connections`).
@@ -159,7 +218,8 @@ pub fn place(
     ctx: &SockAddrContext,
     flags: u8,
     proto: u8,
-    endpoint: EndpointKey,
+    service: &ServiceKey,
+    target: Target,
 ) -> Result<(), Overflow> {
     let storage = SOCK_HEALTH.get_or_insert_ptr_mut(ctx, None);
     if storage.is_null() {
@@ -172,12 +232,18 @@ pub fn place(
         give_back_held(storage);
         (*storage).watch = 0;
         if flags & service_flags::CIRCUIT != 0 {
-            if !take(&endpoint.service) {
-                return Err(Overflow);
+            match take(service) {
+                Taken::Overflow => return Err(Overflow),
+                Taken::Unlimited => {}
+                Taken::One(epoch) => {
+                    (*storage).counted = 1;
+                    (*storage).epoch = epoch;
+                }
             }
-            (*storage).counted = 1;
         }
-        (*storage).endpoint = endpoint;
+        (*storage).endpoint = endpoint(service, target.addr);
+        (*storage).state = target.state;
+        (*storage).level = target.level;
         (*storage).watch = u8::from(flags & service_flags::OUTLIER != 0 && proto == PROTO_TCP);
     }
     Ok(())
@@ -212,41 +278,54 @@ unsafe fn give_back_held(storage: *mut SockHealth) {
     unsafe {
         if (*storage).counted != 0 {
             (*storage).counted = 0;
-            give_back(&(*storage).endpoint.service);
+            give_back(&(*storage).endpoint.service, (*storage).epoch);
         }
     }
 }
 
-/// Takes one of `service`'s open connections; false (and counted as an overflow)
-/// when it already has `max_connections`.
+/// What [`take`] did.
+enum Taken {
+    /// One of the service's connections, from the entry of this epoch.
+    One(u64),
+    /// The service has no limit (or no entry to count in).
+    Unlimited,
+    /// The service is at `max_connections` (counted as an overflow).
+    Overflow,
+}
+
+/// Takes one of `service`'s open connections.
 #[inline(always)]
-fn take(service: &ServiceKey) -> bool {
+fn take(service: &ServiceKey) -> Taken {
     // SAFETY: as in `ejected`.
     let max = match unsafe { SERVICE_POLICY.get(service) } {
         Some(p) if p.max_connections != 0 => u64::from(p.max_connections),
-        _ => return true,
+        _ => return Taken::Unlimited,
     };
     let Some(h) = service_health(service) else {
-        // No room for the count: not limited.
-        return true;
+        return Taken::Unlimited;
     };
     // SAFETY: a map value looked up above; its fields are u64-aligned.
     unsafe {
         if atomic::fetch_add(&raw mut (*h).conns, 1) >= max {
             atomic::decrement(&raw mut (*h).conns);
             atomic::add(&raw mut (*h).overflows, 1);
-            return false;
+            return Taken::Overflow;
         }
+        Taken::One(core::ptr::read_volatile(&raw const (*h).epoch))
     }
-    true
 }
 
-/// Gives back one of `service`'s open connections.
+/// Gives back one of `service`'s open connections, to the entry of `epoch` only
+/// (a newer entry of a service created again never counted it).
 #[inline(always)]
-fn give_back(service: &ServiceKey) {
+fn give_back(service: &ServiceKey, epoch: u64) {
     if let Some(h) = SERVICE_HEALTH.get_ptr_mut(service) {
         // SAFETY: as in `take`.
-        atomic::decrement(unsafe { &raw mut (*h).conns });
+        unsafe {
+            if core::ptr::read_volatile(&raw const (*h).epoch) == epoch {
+                atomic::decrement(&raw mut (*h).conns);
+            }
+        }
     }
 }
 
@@ -317,7 +396,11 @@ pub fn sock_ops(ctx: &SockOpsContext) {
             succeeded(&endpoint);
             let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
         } else if new_state == BPF_TCP_CLOSE {
-            failed(&endpoint, now());
+            let host = Host {
+                state: (*storage).state,
+                level: (*storage).level,
+            };
+            failed(&endpoint, host, now());
         }
     }
 }
@@ -336,10 +419,17 @@ fn succeeded(endpoint: &EndpointKey) {
     }
 }
 
+/// The state and level of a host as connect() placed a socket on it.
+#[derive(Clone, Copy)]
+struct Host {
+    state: u8,
+    level: u8,
+}
+
 /// A connect to `endpoint` failed at `now`: counts it, and ejects the endpoint at
 /// the service's threshold (once: the fetch-add gives the threshold to one CPU).
 #[inline(always)]
-fn failed(endpoint: &EndpointKey, now: u64) {
+fn failed(endpoint: &EndpointKey, host: Host, now: u64) {
     // SAFETY: as in `ejected`; copied at once.
     let Some(policy) = (unsafe { SERVICE_POLICY.get(&endpoint.service) }).copied() else {
         return;
@@ -366,9 +456,17 @@ fn failed(endpoint: &EndpointKey, now: u64) {
         if bpf_get_prandom_u32() % 100 >= u32::from(policy.enforcing) {
             return;
         }
-        eject(h, endpoint, &policy, now);
+        if !eject(h, endpoint, host, &policy, now) {
+            // Another CPU held the service's ejection lock throughout: the next
+            // failure detects again.
+            core::ptr::write_volatile(&raw mut (*h).failures, u64::from(policy.consecutive) - 1);
+        }
     }
 }
+
+/// Attempts at the service's ejection lock: another CPU holds it for one scan
+/// of [`MAX_EJECTED`] slots.
+const LOCK_TRIES: u32 = 16;
 
 /// The endpoint's health entry, created at its first failure.
 #[inline(always)]
@@ -378,17 +476,59 @@ fn endpoint_health(endpoint: &EndpointKey) -> Option<*mut EndpointHealth> {
 
 /// Ejects the endpoint of `h` from `service` at `now`, unless the service's
 /// ejected share would pass `max_ejection_percent` (one ejection is always
-/// allowed, as in Envoy) or it has [`MAX_EJECTED`] running.
+/// allowed, as in Envoy) or it has [`MAX_EJECTED`] running. The scan and the
+/// claim of a slot happen under the service's lock; false when the lock stayed
+/// taken (nothing was done).
 ///
 /// # Safety
 /// `h` is a live value of `SM_EP_HEALTH`.
 #[inline(always)]
-unsafe fn eject(h: *mut EndpointHealth, endpoint: &EndpointKey, policy: &ServicePolicy, now: u64) {
+unsafe fn eject(
+    h: *mut EndpointHealth,
+    endpoint: &EndpointKey,
+    host: Host,
+    policy: &ServicePolicy,
+    now: u64,
+) -> bool {
     let service = &endpoint.service;
     let Some(s) = service_health(service) else {
-        return;
+        return true;
     };
-    // SAFETY: a map value looked up above.
+    // SAFETY: a map value looked up above; u64-aligned.
+    let lock = unsafe { &raw mut (*s).lock };
+    let mut locked = false;
+    for _ in 0..LOCK_TRIES {
+        if atomic::cmpxchg(lock, 0, 1) == 0 {
+            locked = true;
+            break;
+        }
+    }
+    if !locked {
+        return false;
+    }
+    // SAFETY: `s` as above, `h` by the caller's contract; the lock is ours.
+    unsafe { eject_locked(s, h, endpoint, host, policy, now) };
+    // Released with a full barrier: the slot's writes are visible first.
+    atomic::xchg(lock, 0);
+    true
+}
+
+/// [`eject`]'s work, under the service's lock.
+///
+/// # Safety
+/// `s` is a live value of `SM_SVC_HEALTH` whose lock the caller holds; `h` a
+/// live value of `SM_EP_HEALTH`.
+#[inline(always)]
+unsafe fn eject_locked(
+    s: *mut ServiceHealth,
+    h: *mut EndpointHealth,
+    endpoint: &EndpointKey,
+    host: Host,
+    policy: &ServicePolicy,
+    now: u64,
+) {
+    let service = &endpoint.service;
+    // SAFETY: the caller's contract.
     let (active, free) = unsafe { scan(s, service, now) };
     let backends = u64::from(policy.backends);
     // One more ejected must stay within max_ejection_percent, except the first,
@@ -415,9 +555,10 @@ unsafe fn eject(h: *mut EndpointHealth, endpoint: &EndpointKey, policy: &Service
     let base = u64::from(policy.base_ejection_ms) * NS_PER_MS;
     let cap = u64::from(policy.max_ejection_ms) * NS_PER_MS;
     let until = now + (base * multiplier).min(cap.max(base));
-    // SAFETY: `s` as above, `free` in bounds; `h` by the caller's contract. Field
-    // by field: a volatile write of the whole struct becomes a memcpy call, which
-    // the verifier rejects.
+    // SAFETY: `s` and `h` by the caller's contract, `free` in bounds. Field by
+    // field (a volatile write of the whole struct becomes a memcpy call, which
+    // the verifier rejects); the end time last, with a barrier, so a reader that
+    // sees it running sees the endpoint it names.
     unsafe {
         // The mask keeps the index provably in bounds (MAX_EJECTED is a power of
         // two; `free` is below it here): no panic path for the verifier to reject.
@@ -426,7 +567,9 @@ unsafe fn eject(h: *mut EndpointHealth, endpoint: &EndpointKey, policy: &Service
             core::ptr::write_volatile(&raw mut (*e).addr[w], *a);
         }
         core::ptr::write_volatile(&raw mut (*e).port, endpoint.port);
-        core::ptr::write_volatile(&raw mut (*e).until_ns, until);
+        core::ptr::write_volatile(&raw mut (*e).state, host.state);
+        core::ptr::write_volatile(&raw mut (*e).level, host.level);
+        atomic::xchg(&raw mut (*e).until_ns, until);
         core::ptr::write_volatile(&raw mut (*h).ejected_until_ns, until);
         (*h).multiplier = multiplier as u32;
         (*h).ejections = (*h).ejections.wrapping_add(1);

@@ -26,9 +26,10 @@ use aya_ebpf::{
 };
 use sockmesh_common::{
     BackendInfo, BackendKey, ConnKey, EndpointHealth, EndpointKey, MAX_BACKENDS_TOTAL,
-    MAX_MAGLEV_SERVICES, MAX_REVERSE_ENTRIES, MAX_SERVICES, MAX_SLOTS_TOTAL, MaglevChunk,
-    ReverseKey, ReverseValue, ServiceHealth, ServiceKey, ServicePolicy, ServiceStats, ServiceValue,
-    SlotKey, SockConn, SockHealth, counter, maglev_map_entries, map_names,
+    MAX_MAGLEV_SERVICES, MAX_REVERSE_ENTRIES, MAX_REVERSE_UDP_ENTRIES, MAX_SERVICES,
+    MAX_SLOTS_TOTAL, MaglevChunk, ReverseKey, ReverseValue, ServiceHealth, ServiceKey,
+    ServicePolicy, ServiceStats, ServiceValue, SlotKey, SockConn, SockHealth, Tiers, counter,
+    maglev_map_entries, map_names,
 };
 
 /// Defines a map named `$name`. `#[map(name = …)]` takes only a string literal, so
@@ -102,9 +103,25 @@ named_map! {
 }
 
 named_map! {
+    /// Priority levels of a service's slot generation (services published with
+    /// `service_flags::TIERS`): each level's slot ranges (healthy, degraded, all
+    /// hosts) and host counts, the overprovisioning factor and panic threshold.
+    /// - key: [`SlotKey`] (service id, generation 0/1, slot 0)
+    /// - value: [`Tiers`]
+    /// - writer: the agent, only into the unpublished generation, with its slots;
+    ///   deleted with the old generation
+    /// - reader: connect4/6, sendmsg4/6 (which range to draw from, `tiers.rs`)
+    /// - capacity: twice `SM_SERVICES` (`--max-services`): a service's two
+    ///   generations coexist while it is rewritten; entries allocated on demand
+    "SM_TIERS" == map_names::TIERS;
+    pub static TIERS: HashMap<SlotKey, Tiers> =
+        HashMap::pinned(2 * MAX_SERVICES, BPF_F_NO_PREALLOC);
+}
+
+named_map! {
     /// Backends of each service.
     /// - key: [`BackendKey`] (service id, backend index)
-    /// - value: [`BackendInfo`] (address, port, state, weight)
+    /// - value: [`BackendInfo`] (address, port, state, level, weight)
     /// - writer: the agent; an index is stable while the backend stays in the service
     /// - reader: connect4/6, sendmsg4/6 (address, port); `sockmesh services` (all fields)
     /// - capacity: `MAX_BACKENDS_TOTAL` (524,288) by default; `--max-backends` at install
@@ -114,16 +131,33 @@ named_map! {
 }
 
 named_map! {
-    /// Reverse translation: which VIP a socket asked for when it was sent to a backend.
+    /// Reverse translation of connected sockets: which VIP a socket asked for when
+    /// connect() sent it to a backend.
     /// - key: [`ReverseKey`] (socket cookie, backend address, backend port)
     /// - value: [`ReverseValue`] (VIP address and port)
-    /// - writer: connect4/6 and sendmsg4/6 insert; sock_release deletes the connected
-    ///   peer's entry; the LRU evicts what is left (unconnected UDP peers)
-    /// - reader: recvmsg4/6 (UDP reply source), getpeername4/6
-    /// - capacity: `MAX_REVERSE_ENTRIES` (one per open client socket to a VIP)
+    /// - writer: connect4/6 insert; sock_release deletes the socket's entry, so it
+    ///   holds exactly the open redirected sockets and nothing is ever evicted
+    ///   (`--terminate-removed-connections` finds every one)
+    /// - reader: recvmsg4/6 (connected UDP reply source), getpeername4/6, the
+    ///   agent's socket termination
+    /// - capacity: `MAX_REVERSE_ENTRIES` by default (`--max-reverse`); entries
+    ///   allocated on demand; a socket that finds no room is redirected all the
+    ///   same and counted (`counter::REVERSE_FULL`)
     "SM_REVERSE" == map_names::REVERSE;
-    pub static REVERSE: LruHashMap<ReverseKey, ReverseValue> =
-        LruHashMap::pinned(MAX_REVERSE_ENTRIES, 0);
+    pub static REVERSE: HashMap<ReverseKey, ReverseValue> =
+        HashMap::pinned(MAX_REVERSE_ENTRIES, BPF_F_NO_PREALLOC);
+}
+
+named_map! {
+    /// Reverse translation of unconnected UDP sends (a resolver sending to a DNS
+    /// VIP): the same key and value as `SM_REVERSE`, apart from it so these entries,
+    /// which no close removes, never evict a connected socket's.
+    /// - writer: sendmsg4/6 insert; the LRU evicts
+    /// - reader: recvmsg4/6 (reply source)
+    /// - capacity: `MAX_REVERSE_UDP_ENTRIES` by default (`--max-reverse-udp`)
+    "SM_REVERSE_UDP" == map_names::REVERSE_UDP;
+    pub static REVERSE_UDP: LruHashMap<ReverseKey, ReverseValue> =
+        LruHashMap::pinned(MAX_REVERSE_UDP_ENTRIES, 0);
 }
 
 named_map! {
@@ -177,7 +211,7 @@ named_map! {
     /// - writer: the agent, before it publishes a service value whose `flags` name
     ///   it; deleted after the service (or its flags) goes
     /// - reader: connect4/6 (circuit breaking, panic), sock_ops (ejection)
-    /// - pinned under `<bpffs>/health-v1/`
+    /// - pinned under `<bpffs>/health-v2/`
     /// - capacity: as `SM_SERVICES` (`--max-services`); entries allocated on demand
     "SM_SVC_POLICY" == map_names::SERVICE_POLICY;
     pub static SERVICE_POLICY: HashMap<ServiceKey, ServicePolicy> =
@@ -195,7 +229,7 @@ named_map! {
     ///   EDS removal resets the endpoint's state)
     /// - reader: connect4/6 (is the pick ejected), the agent (`/config_dump`,
     ///   `/metrics`, `sockmesh services`)
-    /// - pinned under `<bpffs>/health-v1/`
+    /// - pinned under `<bpffs>/health-v2/`
     /// - capacity: as `SM_BACKENDS` (`--max-backends`); a failure that finds no
     ///   room is not counted
     "SM_EP_HEALTH" == map_names::ENDPOINT_HEALTH;
@@ -207,13 +241,18 @@ named_map! {
     /// Per-service kernel state of services with outlier detection or circuit
     /// breaking.
     /// - key: [`ServiceKey`]
-    /// - value: [`ServiceHealth`] (open connections, overflows, active ejections)
-    /// - writer: connect4/6 create it and count open connections and overflows;
-    ///   sock_release releases a socket's connection; sock_ops records ejections;
-    ///   the agent deletes entries of services gone
+    /// - value: [`ServiceHealth`] (open connections, overflows, the entry's epoch,
+    ///   the ejection lock, active ejections)
+    /// - writer: the agent creates it (zeroed, with a new epoch) before it
+    ///   publishes a service value whose `flags` name outlier detection or a
+    ///   circuit breaker, and deletes it after the service or its flags go;
+    ///   connect4/6 count open connections and overflows in it; sock_release gives
+    ///   a socket's connection back (to the epoch it took it from); sock_ops claims
+    ///   ejection slots under its lock. No program creates it.
     /// - reader: connect4/6, sock_ops, the agent (`/metrics`)
-    /// - pinned under `<bpffs>/health-v1/`
-    /// - capacity: as `SM_SERVICES`
+    /// - pinned under `<bpffs>/health-v2/`
+    /// - capacity: as `SM_SERVICES` (`--max-services`), which bounds the services
+    ///   the agent publishes
     "SM_SVC_HEALTH" == map_names::SERVICE_HEALTH;
     pub static SERVICE_HEALTH: HashMap<ServiceKey, ServiceHealth> =
         HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
@@ -230,7 +269,7 @@ const _: () = assert!(
 ///   holding one of the service's open connections)
 /// - writer: connect4/6 create it; sock_ops clears `watch` at the outcome;
 ///   sock_release clears `counted` when it releases the connection
-/// - pinned under `<bpffs>/health-v1/`
+/// - pinned under `<bpffs>/health-v2/`
 #[btf_map(name = "SM_SOCK_HEALTH")]
 pub static SOCK_HEALTH: SkStorage<SockHealth> = SkStorage::new();
 

@@ -17,7 +17,7 @@ use sockmesh_common::{
 
 use crate::{
     conns, health,
-    maps::count,
+    maps::{count, count_service},
     xlate::{self, Addr, Forward, Pick},
 };
 
@@ -210,8 +210,13 @@ fn forward(ctx: &SockAddrContext, family: Family, per_socket: bool) -> Verdict {
     let client = || client_identity(ctx, family);
     match xlate::forward(vip, proto, pick, &client) {
         Forward::Pass => Verdict::Proceed,
-        Forward::NoBackend => {
+        Forward::NoBackend(service) => {
+            count_service(&service, false);
             count(counter::NO_BACKEND);
+            Verdict::Refuse
+        }
+        Forward::Raced => {
+            count(counter::RACED);
             Verdict::Refuse
         }
         Forward::Redirect {
@@ -222,7 +227,8 @@ fn forward(ctx: &SockAddrContext, family: Family, per_socket: bool) -> Verdict {
         } => {
             // An IPv4 socket can only be sent to an IPv4 backend (the agent never
             // mixes families in one service; this guards the invariant).
-            if !sa.set_dst(family, backend) {
+            if !sa.set_dst(family, backend.addr) {
+                count_service(&service, false);
                 count(counter::NO_BACKEND);
                 return Verdict::Refuse;
             }
@@ -230,17 +236,17 @@ fn forward(ctx: &SockAddrContext, family: Family, per_socket: bool) -> Verdict {
             if !per_socket {
                 if flags & service_flags::HEALTH == 0 {
                     health::unplace(ctx);
-                } else if health::place(ctx, flags, proto, health::endpoint(&service, backend))
-                    .is_err()
-                {
-                    // Counted in the service's `ServiceHealth::overflows`.
+                } else if health::place(ctx, flags, proto, &service, backend).is_err() {
+                    // Counted in the service's `ServiceHealth::overflows` too.
+                    count(counter::OVERFLOW);
                     return Verdict::Refuse;
                 }
             }
             if counted {
-                conns::place(ctx, conns::key(backend, proto));
+                conns::place(ctx, conns::key(backend.addr, proto));
             }
-            xlate::remember(cookie, backend, vip);
+            xlate::remember(cookie, backend.addr, vip, !per_socket);
+            count_service(&service, true);
             count(counter::REDIRECT);
             Verdict::Proceed
         }

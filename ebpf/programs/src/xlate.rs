@@ -4,13 +4,14 @@
 use core::convert::Infallible;
 
 use sockmesh_common::{
-    BackendKey, MAGLEV_CHUNK, ReverseKey, ReverseValue, ServiceKey, ServiceValue, SlotKey, counter,
+    BackendKey, MAGLEV_CHUNK, ReverseKey, ReverseValue, ServiceKey, ServiceValue, SlotKey, Tiers,
+    counter,
     resolve::{self, Draw, Picked, RoutingMaps},
 };
 
 use crate::{
     conns, health,
-    maps::{BACKENDS, MAGLEV, REVERSE, SERVICES, SLOTS, count, count_service},
+    maps::{BACKENDS, MAGLEV, REVERSE, REVERSE_UDP, SERVICES, SLOTS, TIERS, count},
 };
 
 /// A socket address in map form.
@@ -19,6 +20,15 @@ pub struct Addr {
     pub ip: [u32; 4],
     /// Network byte order.
     pub port: u16,
+}
+
+/// A backend as a pick sees it: where to send, and its state and level (which of
+/// its level's host counts an ejection of it takes one from).
+#[derive(Clone, Copy)]
+pub struct Target {
+    pub addr: Addr,
+    pub state: u8,
+    pub level: u8,
 }
 
 /// What a forward lookup decided.
@@ -30,12 +40,15 @@ pub enum Forward {
     /// `flags`: the service's [`sockmesh_common::service_flags`] (`health`).
     Redirect {
         service: ServiceKey,
-        backend: Addr,
+        backend: Target,
         counted: bool,
         flags: u8,
     },
     /// A service without an active backend: refuse the call.
-    NoBackend,
+    NoBackend(ServiceKey),
+    /// A service whose updates raced both lookups: refuse the call (it has
+    /// backends; a retry finds them).
+    Raced,
 }
 
 /// How a backend is picked among the service's slots.
@@ -92,33 +105,25 @@ pub fn forward(dst: Addr, proto: u8, pick: Pick, client: &impl Fn() -> u64) -> F
     };
     match verdict {
         (Picked::NotService, _) => Forward::Pass,
-        (Picked::Backend(backend), flags) => {
-            count_service(&key, true);
-            Forward::Redirect {
-                service: key,
-                backend,
-                counted: false,
-                flags,
-            }
-        }
-        (Picked::Counted(backend), flags) => {
-            count_service(&key, true);
-            Forward::Redirect {
-                service: key,
-                backend,
-                counted: true,
-                flags,
-            }
-        }
-        (Picked::NoBackend | Picked::Raced, _) => {
-            count_service(&key, false);
-            Forward::NoBackend
-        }
+        (Picked::Backend(backend), flags) => Forward::Redirect {
+            service: key,
+            backend,
+            counted: false,
+            flags,
+        },
+        (Picked::Counted(backend), flags) => Forward::Redirect {
+            service: key,
+            backend,
+            counted: true,
+            flags,
+        },
+        (Picked::NoBackend, _) => Forward::NoBackend(key),
+        (Picked::Raced, _) => Forward::Raced,
     }
 }
 
 #[inline(always)]
-fn try_pick(key: &ServiceKey, pick: Pick, client: &impl Fn() -> u64) -> (Picked<Addr>, u8) {
+fn try_pick(key: &ServiceKey, pick: Pick, client: &impl Fn() -> u64) -> (Picked<Target>, u8) {
     // A least-connections pick only for a fresh placement: an unconnected UDP
     // socket's datagrams follow its hash, and are not connections to count.
     let least = matches!(pick, Pick::Random);
@@ -129,9 +134,10 @@ fn try_pick(key: &ServiceKey, pick: Pick, client: &impl Fn() -> u64) -> (Picked<
         // A redraw away from an ejected backend is random even for a hashed pick.
         random: || pick.value(),
         client: || hash(client()),
-        load: |b: &Addr| conns::load(&conns::key(*b, proto)),
-        ejected: |b: &Addr| health::ejected(&health::endpoint(key, *b), now),
+        load: |b: &Target| conns::load(&conns::key(b.addr, proto)),
+        ejected: |b: &Target| health::ejected(&health::endpoint(key, b.addr), now),
         panic: || health::panic(key, now),
+        counts: || health::ejected_counts(key, now),
     };
     match resolve::pick(&Maps, key, least, draw) {
         Ok(picked) => picked,
@@ -143,7 +149,7 @@ fn try_pick(key: &ServiceKey, pick: Pick, client: &impl Fn() -> u64) -> (Picked<
 struct Maps;
 
 impl RoutingMaps for Maps {
-    type Backend = Addr;
+    type Backend = Target;
     type Error = Infallible;
 
     #[inline(always)]
@@ -167,41 +173,67 @@ impl RoutingMaps for Maps {
     }
 
     #[inline(always)]
-    fn backend(&self, key: &BackendKey) -> Result<Option<Addr>, Infallible> {
-        // SAFETY: as above; only address and port are copied out.
-        Ok(unsafe { BACKENDS.get(key) }.map(|b| Addr {
-            ip: b.addr,
-            port: b.port,
+    fn backend(&self, key: &BackendKey) -> Result<Option<Target>, Infallible> {
+        // SAFETY: as above; address, port, state and level are copied out.
+        Ok(unsafe { BACKENDS.get(key) }.map(|b| Target {
+            addr: Addr {
+                ip: b.addr,
+                port: b.port,
+            },
+            state: b.state,
+            level: b.level,
         }))
+    }
+
+    #[inline(always)]
+    fn with_tiers<R>(
+        &self,
+        key: &SlotKey,
+        f: impl FnOnce(&Tiers) -> R,
+    ) -> Result<Option<R>, Infallible> {
+        // SAFETY: as above; the value is read in place (too large to copy to the
+        // stack) for this RCU read section, and published before the service
+        // value that names its generation.
+        Ok(unsafe { TIERS.get(key) }.map(f))
     }
 }
 
-/// Remembers that socket `cookie` asked for `vip` and was sent to `backend`.
+/// Remembers that socket `cookie` asked for `vip` and was sent to `backend`: in
+/// `SM_REVERSE` for a connect (deleted when the socket closes), in the LRU
+/// `SM_REVERSE_UDP` for an unconnected send (nothing would delete it).
 #[inline(always)]
-pub fn remember(cookie: u64, backend: Addr, vip: Addr) {
+pub fn remember(cookie: u64, backend: Addr, vip: Addr, connected: bool) {
     let key = reverse_key(cookie, backend);
     let value = ReverseValue {
         addr: vip.ip,
         port: vip.port,
         pad: [0; 2],
     };
-    // Failure (map full of non-evictable entries cannot happen for an LRU map) only
-    // costs reverse translation for this socket; the connection itself proceeds.
-    let _ = REVERSE.insert(&key, &value, 0);
+    if !connected {
+        // An LRU insert makes room by evicting: it does not fail for want of it.
+        let _ = REVERSE_UDP.insert(&key, &value, 0);
+        return;
+    }
+    // A full map costs this socket its reverse translation (and its termination
+    // by `--terminate-removed-connections`); the connection itself proceeds.
+    if REVERSE.insert(&key, &value, 0).is_err() {
+        count(counter::REVERSE_FULL);
+    }
 }
 
 /// The VIP that socket `cookie` asked for when it reached `peer`, if any.
 #[inline(always)]
 pub fn reverse(cookie: u64, peer: Addr) -> Option<Addr> {
     let key = reverse_key(cookie, peer);
-    // SAFETY: value copied at once; an LRU reuse would at worst give a stale VIP.
-    unsafe { REVERSE.get(&key) }.map(|v| Addr {
+    // SAFETY: values copied at once; an LRU reuse would at worst give a stale VIP.
+    let v = unsafe { REVERSE.get(&key) }.or_else(|| unsafe { REVERSE_UDP.get(&key) })?;
+    Some(Addr {
         ip: v.addr,
         port: v.port,
     })
 }
 
-/// Forgets socket `cookie`'s entry for `peer` (socket closing).
+/// Forgets socket `cookie`'s `SM_REVERSE` entry for `peer` (socket closing).
 #[inline(always)]
 pub fn forget(cookie: u64, peer: Addr) {
     let _ = REVERSE.remove(&reverse_key(cookie, peer));
