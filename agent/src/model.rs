@@ -724,7 +724,7 @@ impl RoutingTable {
                         crate::lb::levels::to_json(
                             backends,
                             l,
-                            &[[0; 2]; sockmesh_common::MAX_TIERS],
+                            &sockmesh_common::tiers::Ejected::NONE,
                         )
                     }),
                     lb_policy: backends.policy,

@@ -289,6 +289,11 @@ pub fn load(
         )
         .collect();
     let mut loader = EbpfLoader::new();
+    // The verifier's whole output in a refused program's error (it can be
+    // megabytes, so only when asked).
+    if std::env::var_os("SOCKMESH_VERIFIER_LOG").is_some() {
+        loader.verifier_log_level(aya::VerifierLogLevel::DEBUG | aya::VerifierLogLevel::STATS);
+    }
     loader.default_map_pin_directory(&layout.maps);
     // Pinned apart from the layout: they outlive a migration (reused when
     // present, as every pinned map is).

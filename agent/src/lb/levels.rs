@@ -140,7 +140,7 @@ pub fn plan(endpoints: &[Backend], settings: LbSettings, dynamic: bool) -> Plann
             }
             w
         }
-        None => static_shares(&levels, hosts.len(), &[[0; 2]; MAX_TIERS])
+        None => static_shares(&levels, hosts.len(), &tiers::Ejected::NONE)
             .into_iter()
             .map(|share| if share > 0.0 { scaled(share).max(1) } else { 0 })
             .collect(),
@@ -172,7 +172,7 @@ fn gcd(a: u32, b: u32) -> u32 {
 /// The one range that takes all of `levels`' load with no host ejected, if one
 /// does.
 fn full_range(levels: &Levels) -> Option<&[(usize, u32)]> {
-    let loads = tiers::loads(&counts(levels), &[[0; 2]; MAX_TIERS]);
+    let loads = tiers::loads(&counts(levels), &tiers::Ejected::NONE);
     levels
         .levels
         .iter()

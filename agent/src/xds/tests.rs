@@ -99,7 +99,10 @@ fn assert_shares(service: &crate::model::Service, want: &[(&str, f64)], why: &st
     assert_eq!(got.len(), want.len(), "{why}: {got:?}");
     for ((a, s), (wa, ws)) in got.iter().zip(want) {
         assert_eq!(a, wa, "{why}: {got:?}");
-        assert!((s - ws).abs() < 1e-5, "{why}: {a} has {s}, Envoy gives {ws}: {got:?}");
+        assert!(
+            (s - ws).abs() < 1e-5,
+            "{why}: {a} has {s}, Envoy gives {ws}: {got:?}"
+        );
     }
 }
 
@@ -128,7 +131,11 @@ fn tcp_proxy_over_eds_with_health_locality_and_priority() {
         .filter(|b| b.state == crate::model::BackendState::Draining)
         .map(|b| b.address.to_string())
         .collect();
-    assert_eq!(draining, ["10.1.0.2", "10.1.0.3"], "kept for their connections");
+    assert_eq!(
+        draining,
+        ["10.1.0.2", "10.1.0.3"],
+        "kept for their connections"
+    );
     assert_eq!(st.wanted(Kind::Endpoint), ["reviews.default.svc"]);
 }
 

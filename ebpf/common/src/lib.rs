@@ -43,6 +43,12 @@ pub mod map_names {
     /// Priority levels of a service's slot generation ([`crate::SlotKey`] with
     /// `slot` 0 → [`crate::Tiers`]).
     pub const TIERS: &str = "SM_TIERS";
+    /// Events of the kernel programs for the agent (a ring buffer of
+    /// [`crate::Event`]s): ejections, which move the loads of a service's levels.
+    pub const EVENTS: &str = "SM_EVENTS";
+    /// One scratch word per CPU, the kernel programs' own (see `opaque` in
+    /// `ebpf/programs/src/maps.rs`).
+    pub const SCRATCH: &str = "SM_SCRATCH";
     /// Node counters, per CPU (index in [`crate::counter`] → count).
     pub const COUNTERS: &str = "SM_COUNTERS";
     /// Open connections per backend endpoint ([`crate::ConnKey`] → `u64`), for
@@ -56,7 +62,7 @@ pub mod map_names {
     /// ([`crate::SlotKey`] with the chunk number as `slot` → [`crate::MaglevChunk`]).
     pub const MAGLEV: &str = "SM_MAGLEV";
     /// The maps pinned under the layout directory.
-    pub const LAYOUT: [&str; 9] = [
+    pub const LAYOUT: [&str; 11] = [
         SERVICES,
         SERVICE_STATS,
         SLOTS,
@@ -66,6 +72,8 @@ pub mod map_names {
         COUNTERS,
         MAGLEV,
         TIERS,
+        EVENTS,
+        SCRATCH,
     ];
     /// Outlier detection and circuit breaking settings of a service
     /// ([`crate::ServiceKey`] → [`crate::ServicePolicy`]), written by the agent.
@@ -86,7 +94,7 @@ pub mod map_names {
     pub const HEALTH: [&str; 4] = [SERVICE_POLICY, ENDPOINT_HEALTH, SERVICE_HEALTH, SOCK_HEALTH];
     /// Every map of the object: the layout's, the connection-tracking ones, then
     /// the health ones.
-    pub const ALL: [&str; 15] = join(join::<9, 2, 11>(LAYOUT, CONNS), HEALTH);
+    pub const ALL: [&str; 17] = join(join::<11, 2, 13>(LAYOUT, CONNS), HEALTH);
 
     /// `a` followed by `b` (`C` = `A + B`, checked at compile time).
     const fn join<const A: usize, const B: usize, const C: usize>(
@@ -581,6 +589,32 @@ impl EndpointHealth {
     };
 }
 
+/// An event of the kernel programs for the agent, in `SM_EVENTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// One of [`event`].
+    pub kind: u32,
+    /// Always 0.
+    pub pad: u32,
+    /// The service it concerns.
+    pub service: ServiceKey,
+    /// Always 0.
+    pub pad2: u32,
+    /// For an ejection: until when (`CLOCK_MONOTONIC` ns).
+    pub until_ns: u64,
+}
+
+/// Kinds of [`Event`].
+pub mod event {
+    /// sock_ops ejected an endpoint of the service.
+    pub const EJECTED: u32 = 1;
+}
+
+/// Capacity of `SM_EVENTS`, bytes (a power of two and of the page size): 8,192
+/// events of 48 bytes (with their headers) between two reads of the agent.
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+
 /// One ejection a service counts toward its ejected share.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -674,8 +708,9 @@ const _: () = {
     assert!(MAX_EJECTED.is_power_of_two());
     assert!(core::mem::size_of::<ServiceHealth>() == 32 + 32 * MAX_EJECTED);
     assert!(core::mem::size_of::<SockHealth>() == 56);
+    assert!(core::mem::size_of::<Event>() == 40);
     assert!(core::mem::size_of::<Tier>() == 32);
-    assert!(core::mem::size_of::<Tiers>() == 16 + 32 * MAX_TIERS);
+    assert!(core::mem::size_of::<Tiers>() == 16 + 32 * MAX_TIERS + tiers::CHOICES);
     assert!(MAX_TIERS.is_power_of_two());
     assert!(MAX_TIERS <= u8::MAX as usize);
     assert!(MAX_CHOICES >= 1);
@@ -738,6 +773,8 @@ mod pod {
     unsafe impl aya::Pod for SockHealth {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Tiers {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Event {}
 }
 
 #[cfg(test)]

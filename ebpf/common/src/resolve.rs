@@ -14,8 +14,7 @@
 
 use crate::{
     BackendKey, EJECTED_REDRAWS, EJECTED_WALK, MAGLEV_CHUNK, ServiceKey, ServiceValue, SlotKey,
-    Tiers, lb_policy, service_flags,
-    tiers::{self, Ejected},
+    Tiers, lb_policy, service_flags, tiers,
 };
 
 /// Read access to the three routing maps. Absent keys are `Ok(None)`; `Error` is
@@ -29,6 +28,14 @@ pub trait RoutingMaps {
     /// Entry `entry` (below [`MAGLEV_CHUNK`]) of the Maglev table chunk `key`.
     fn maglev(&self, key: &SlotKey, entry: usize) -> Result<Option<u32>, Self::Error>;
     fn backend(&self, key: &BackendKey) -> Result<Option<Self::Backend>, Self::Error>;
+    /// `v`, as a value the reader knows nothing about. The kernel's verifier
+    /// follows every value it can through a program, and checks the rest of the
+    /// program once for each way a value was made (a range from a level's table,
+    /// or all the slots) unless it cannot tell them apart: the kernel passes `v`
+    /// through a map, whose contents it does not track. Elsewhere, `v`.
+    fn opaque(&self, v: u64) -> u64 {
+        v
+    }
     /// `f` of the priority levels of a generation ([`tiers_key`]), if present
     /// (the kernel reads them in place: too large for its stack).
     fn with_tiers<R>(
@@ -208,17 +215,15 @@ pub enum Picked<B> {
 /// How [`pick`] draws: `random` for a fresh random slot, `client` for the hash of
 /// the connecting client (a Maglev service's key), `load` for a backend's open
 /// connections; for a service with outlier detection, `ejected` tells whether a
-/// backend is ejected, `panic` whether the service's healthy share is below its
-/// panic threshold (a service without levels), and `counts` how many hosts of
-/// each level are ejected now (a service with levels). Each is called only when
-/// the service's policy needs it.
-pub struct Draw<R, C, L, E, P, N> {
+/// backend is ejected and `panic` whether the service's healthy share is below
+/// its panic threshold (a service without levels: a level says so itself).
+/// Each is called only when the service's policy needs it.
+pub struct Draw<R, C, L, E, P> {
     pub random: R,
     pub client: C,
     pub load: L,
     pub ejected: E,
     pub panic: P,
-    pub counts: N,
 }
 
 /// Looks `key` up and picks a backend; returns the pick and the service's
@@ -226,8 +231,9 @@ pub struct Draw<R, C, L, E, P, N> {
 /// are made only for a service with active backends.
 ///
 /// First the slot range: all the service's slots, or, for a service with
-/// priority levels ([`service_flags::TIERS`]), the range [`tiers::choose`] gives
-/// for a random draw under the levels' loads with the hosts ejected now. Then,
+/// priority levels ([`service_flags::TIERS`]), the range its generation's
+/// [`Tiers::choice`] names for a random percent (the agent keeps that table to
+/// the levels' loads with the hosts ejected now). Then,
 /// within the range, the service's policy: a weighted-random service takes a
 /// random slot; a least-connections one, when `least` allows it, draws
 /// [`ServiceValue::choices`] random slots and takes the backend with the smallest
@@ -252,7 +258,6 @@ pub fn pick<M: RoutingMaps>(
         impl FnMut(&M::Backend) -> u64,
         impl FnMut(&M::Backend) -> bool,
         impl FnOnce() -> bool,
-        impl FnOnce() -> Ejected,
     >,
 ) -> Result<(Picked<M::Backend>, u8), M::Error>
 where
@@ -264,7 +269,6 @@ where
         load,
         mut ejected,
         panic,
-        counts,
     } = draw_with;
     let Some(service) = maps.service(key)? else {
         return Ok((Picked::NotService, 0));
@@ -273,38 +277,39 @@ where
     if service.slot_count == 0 {
         return Ok((Picked::NoBackend, flags));
     }
-    let mut range = Span {
-        start: 0,
-        len: service.slot_count,
-    };
-    let mut in_panic = None;
-    if flags & service_flags::TIERS != 0 {
-        let ejected_now = if flags & service_flags::OUTLIER != 0 {
-            counts()
-        } else {
-            [[0; 2]; crate::MAX_TIERS]
-        };
-        let r = random() % 100;
-        let Some(choice) =
-            maps.with_tiers(&tiers_key(&service), |t| tier_choice(t, &ejected_now, r))?
-        else {
+    // The range, packed in one value whichever way it was found, and made
+    // opaque: the rest of the pick is then checked once by the verifier.
+    let choice = if flags & service_flags::TIERS != 0 {
+        match range_choice(maps, &service, random() % 100)? {
+            Some(c) => c,
             // Published together with the generation: a missing entry is a race.
-            return Ok((Picked::Raced, flags));
-        };
-        range = Span {
-            start: u32::from(choice as u16),
-            len: u32::from((choice >> 16) as u16),
-        };
-        if range.len == 0 {
-            return Ok((Picked::NoBackend, flags));
+            None => return Ok((Picked::Raced, flags)),
         }
-        in_panic = Some(choice >> 32 != 0);
+    } else {
+        u64::from(service.slot_count)
+    };
+    let choice = maps.opaque(choice);
+    let range = Span {
+        start: (choice >> 32) as u32 & 0xffff,
+        len: choice as u32,
+    };
+    if range.len == 0 {
+        return Ok((Picked::NoBackend, flags));
     }
     let picked = pick_by_policy(maps, &service, range, least, &mut random, client, load)?;
     let (Picked::Backend(b) | Picked::Counted(b)) = picked else {
         return Ok((picked, flags));
     };
-    if flags & service_flags::OUTLIER == 0 || !ejected(&b) || in_panic.unwrap_or_else(panic) {
+    if flags & service_flags::OUTLIER == 0 || !ejected(&b) {
+        return Ok((picked, flags));
+    }
+    // A level in panic serves all its hosts; a service without levels asks.
+    let in_panic = if choice & LEVEL != 0 {
+        choice & LEVEL_PANIC != 0
+    } else {
+        panic()
+    };
+    if in_panic {
         return Ok((picked, flags));
     }
     let moved = |other| match picked {
@@ -324,16 +329,36 @@ where
     )
 }
 
-/// The slot range of a draw `r` (in `0..100`) among `t`'s levels with `ejected`
-/// hosts out, packed: start in bits 0..16, length in 16..32, panic in bit 32.
-///
-/// Not inlined: a BPF subprogram in the kernel programs, so the verifier checks
-/// the levels' arithmetic once and the rest of the program sees one scalar.
-#[inline(never)]
-pub fn tier_choice(t: &Tiers, ejected: &Ejected, r: u32) -> u64 {
-    let loads = tiers::loads(t, ejected);
-    let c = tiers::choose(t, &loads, r);
-    u64::from(c.range.start) | (u64::from(c.range.len) << 16) | (u64::from(c.panic) << 32)
+/// Bit of a packed range: it is a level's.
+const LEVEL: u64 = 1 << 48;
+/// Bit of a packed range: the level is in panic.
+const LEVEL_PANIC: u64 = 1 << 49;
+
+/// The range of `service`'s levels a draw `r` (in `0..100`) takes, packed:
+/// length in bits 0..32 (0: nothing can serve), start in 32..48, [`LEVEL`], and
+/// [`LEVEL_PANIC`] for a level in panic. `None`: the generation's levels are
+/// missing (an update raced this lookup).
+#[inline(always)]
+fn range_choice<M: RoutingMaps>(
+    maps: &M,
+    service: &ServiceValue,
+    r: u32,
+) -> Result<Option<u64>, M::Error> {
+    // Read back through memory: the compiler then cannot drop the mask, which is
+    // the bound the kernel's verifier needs (it sees none in `% 100`).
+    // SAFETY: a read of a local.
+    let r = unsafe { core::ptr::read_volatile(&raw const r) } as usize & (tiers::CHOICES - 1);
+    maps.with_tiers(&tiers_key(service), |t| {
+        match tiers::range_of(t, t.choice[r]) {
+            Some((range, panic)) => {
+                u64::from(range.len)
+                    | (u64::from(range.start) << 32)
+                    | LEVEL
+                    | if panic { LEVEL_PANIC } else { 0 }
+            }
+            None => LEVEL,
+        }
+    })
 }
 
 /// [`avoid_ejected`] found no backend that is not ejected.
@@ -358,7 +383,7 @@ fn avoid_ejected<M: RoutingMaps>(
     random: &mut impl FnMut() -> u32,
     ejected: &mut impl FnMut(&M::Backend) -> bool,
 ) -> Result<u32, M::Error> {
-    let len = span(service, range);
+    let len = range.len;
     // Checked by the caller too; here it tells the compiler that no `%` below
     // divides by zero (a panic path is no BPF program's end).
     if len == 0 {
@@ -418,21 +443,30 @@ where
         });
     }
     let choices = service.choices.clamp(1, crate::MAX_CHOICES);
-    let mut best: Option<(M::Backend, u64)> = None;
+    // The best draw is kept as its random value, not its backend, and resolved
+    // again at the end (one lookup more): in the kernel a backend is a pointer
+    // into a map, and the verifier keeps apart the states of a loop that carry
+    // different pointers, where it merges those that carry different numbers.
+    // Both start defined: a value left undefined until the first draw is one it
+    // refuses to see spilled.
+    let mut best = u32::MAX;
+    let mut least = u64::MAX;
     for i in 0..crate::MAX_CHOICES {
         if i >= choices {
             break;
         }
-        let Some(b) = draw(maps, service, range, random())? else {
+        let r = random();
+        let Some(b) = draw(maps, service, range, r)? else {
             return Ok(Picked::Raced);
         };
         let l = load(&b);
-        if best.is_none_or(|(_, least)| l < least) {
-            best = Some((b, l));
+        if best == u32::MAX || l < least {
+            best = r;
+            least = l;
         }
     }
-    Ok(match best {
-        Some((b, _)) => Picked::Counted(b),
+    Ok(match draw(maps, service, range, best)? {
+        Some(b) => Picked::Counted(b),
         None => Picked::Raced,
     })
 }
@@ -444,18 +478,9 @@ struct Span {
     len: u32,
 }
 
-/// How many slots of `range` the service has: the range's length, cut at the
-/// published slots (a range that ends past them, written by something else, is
-/// read up to their end).
-#[inline(always)]
-fn span(service: &ServiceValue, range: Span) -> u32 {
-    range
-        .len
-        .min(service.slot_count.saturating_sub(range.start))
-}
-
-/// The backend of slot `range.start + r % len` (`None`: the slot did not
-/// resolve, or the range is empty).
+/// The backend of slot `range.start + r % range.len` (`None`: the slot did not
+/// resolve, or the range is empty). A range the agent wrote lies within the
+/// published slots; one that does not misses, as a race does.
 #[inline(always)]
 fn draw<M: RoutingMaps>(
     maps: &M,
@@ -463,11 +488,10 @@ fn draw<M: RoutingMaps>(
     range: Span,
     r: u32,
 ) -> Result<Option<M::Backend>, M::Error> {
-    let len = span(service, range);
-    if len == 0 {
+    if range.len == 0 {
         return Ok(None);
     }
-    let slot = range.start + r % len;
+    let slot = range.start + r % range.len;
     Ok(match resolve_slot(maps, service, slot)? {
         Slot::Backend(b) => Some(b),
         Slot::Missing(_) => None,
@@ -570,7 +594,6 @@ mod tests {
                 load,
                 ejected: |_: &u16| false,
                 panic: || false,
-                counts: || panic!("no levels"),
             },
         )
         .map(|(p, _)| p)
@@ -701,7 +724,6 @@ mod tests {
                     load,
                     ejected: |_: &u16| panic!("no ejection read without outlier detection"),
                     panic: || false,
-                    counts: || panic!("no levels"),
                 },
             )
             .map(|(p, _)| p)
@@ -732,7 +754,6 @@ mod tests {
                     load: |_: &u16| 0,
                     ejected: |b: &u16| out.contains(b),
                     panic: || panic,
-                    counts: || panic!("no levels"),
                 },
             )
             .map(|(p, _)| p)
@@ -766,11 +787,15 @@ mod tests {
     }
 
     /// Two levels: slots 0..2 (backends 500, 600) are level 0, slots 2..4
-    /// (backends 700, 800) level 1. The levels' loads move with the ejected
-    /// counts the kernel reports, and the draw stays in the chosen level's range.
+    /// (backends 700, 800) level 1. The generation's choice table says which
+    /// range a draw's percent takes (the agent rewrites it as ejections move the
+    /// loads), and the draw stays in that range.
     #[test]
-    fn a_service_with_levels_draws_in_the_level_its_loads_choose() {
-        use crate::{SlotRange, Tier};
+    fn a_service_with_levels_draws_in_the_range_its_choice_table_names() {
+        use crate::{
+            SlotRange, Tier,
+            tiers::{Ejected, choice_table, loads},
+        };
         let mut m = maps();
         let v = {
             let Some(v) = m.services.get_mut(&KEY) else {
@@ -801,8 +826,12 @@ mod tests {
         };
         t.tiers[0] = level(0);
         t.tiers[1] = level(2);
+        // One of two level-0 hosts ejected: level 0 takes 70 %, level 1 30 %.
+        let mut ejected = Ejected::NONE;
+        ejected.add(0, false);
+        t.choice = choice_table(&t, &loads(&t, &ejected));
         m.tiers.insert(tiers_key(&v), t);
-        let with = |m: &Maps, draws: &[u32], ejected_in_p0: u32| {
+        let with = |m: &Maps, draws: &[u32], out: &[u16]| {
             let mut draws = draws.iter().copied();
             pick(
                 m,
@@ -812,27 +841,25 @@ mod tests {
                     random: || draws.next().unwrap_or(0),
                     client: || 0,
                     load: |_: &u16| 0,
-                    ejected: |b: &u16| *b == 500 || (ejected_in_p0 == 2 && *b == 600),
+                    ejected: |b: &u16| out.contains(b),
                     panic: || panic!("a service with levels panics by level"),
-                    counts: || {
-                        let mut c = [[0; 2]; crate::MAX_TIERS];
-                        c[0][0] = ejected_in_p0;
-                        c
-                    },
                 },
             )
             .map(|(p, _)| p)
         };
-        // One of two level-0 hosts ejected: level 0 takes 70 %, level 1 30 %.
-        assert_eq!(with(&m, &[69, 1], 1), Ok(Picked::Backend(600)));
-        assert_eq!(with(&m, &[70, 0], 1), Ok(Picked::Backend(700)));
+        assert_eq!(with(&m, &[69, 1], &[500]), Ok(Picked::Backend(600)));
+        assert_eq!(with(&m, &[70, 0], &[500]), Ok(Picked::Backend(700)));
         // The ejected host drawn in level 0: redrawn within level 0.
-        assert_eq!(with(&m, &[10, 0, 1], 1), Ok(Picked::Backend(600)));
-        // Both ejected: everything to level 1.
-        assert_eq!(with(&m, &[0, 1], 2), Ok(Picked::Backend(800)));
+        assert_eq!(with(&m, &[10, 0, 1], &[500]), Ok(Picked::Backend(600)));
+        // Both ejected, the table rewritten: everything to level 1.
+        ejected.add(0, false);
+        if let Some(t) = m.tiers.get_mut(&tiers_key(&v)) {
+            t.choice = choice_table(t, &loads(t, &ejected));
+        }
+        assert_eq!(with(&m, &[0, 1], &[500, 600]), Ok(Picked::Backend(800)));
         // The generation's levels missing: a race, as a missing slot is.
         m.tiers.clear();
-        assert_eq!(with(&m, &[0, 0], 0), Ok(Picked::Raced));
+        assert_eq!(with(&m, &[0, 0], &[]), Ok(Picked::Raced));
     }
 
     #[test]

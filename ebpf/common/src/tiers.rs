@@ -1,11 +1,12 @@
-//! Envoy's priority levels, in the kernel: which part of a service's slots a
-//! connect() draws from, given each level's host counts and the ejections running
-//! now. The agent computes everything that depends only on the control plane's
-//! configuration (which hosts are in which level, their locality and host weights
-//! within a level: the slots of each [`Tier`]'s ranges); this computes what
-//! changes between two control-plane updates: the load of each level, which moves
-//! when outlier detection ejects hosts, exactly as Envoy recomputes it when a
-//! host's health changes.
+//! Envoy's priority levels: which part of a service's slots a connect() draws
+//! from. The agent lays a service's slots out in ranges, per level its healthy,
+//! degraded and all hosts (each range weighted within the level by locality and
+//! host weight), and computes the levels' loads from their host counts less the
+//! hosts ejected now: [`loads`], then [`choice_table`], which maps each percent
+//! of a connect()'s draw to a range. The kernel programs read one byte of that
+//! table per connect ([`Tiers::choice`]); the agent writes a new table when
+//! sock_ops reports an ejection (a ring buffer) and when one runs out, so a level
+//! whose hosts are ejected spills to the next as Envoy's does.
 //!
 //! The arithmetic is Envoy's (`recalculatePerPriorityState`, `distributeLoad`,
 //! `recalculatePerPriorityPanic`, `isHostSetInPanic`,
@@ -22,8 +23,8 @@
 //!   hosts, ejected and unhealthy ones too; if every level is in panic, the loads
 //!   follow the levels' total host counts instead.
 //!
-//! Kept small and branch-light: the kernel programs run it on every connect() of
-//! a service with levels, and the verifier walks it on both kernels CI tests.
+//! The arithmetic runs in the agent: in a kernel program the verifier walked
+//! every combination of its branches (over a million instructions for connect4).
 
 use crate::MAX_TIERS;
 
@@ -59,7 +60,7 @@ pub struct Tier {
 
 /// Value of `SM_TIERS`: a service's levels, for one slot generation.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Tiers {
     /// Levels in use, 1..=[`MAX_TIERS`], by priority.
     pub count: u32,
@@ -72,10 +73,76 @@ pub struct Tiers {
     /// Always 0.
     pub pad: u32,
     pub tiers: [Tier; MAX_TIERS],
+    /// For a draw `r` in `0..100`, the range a connect() takes: `3 × level +`
+    /// [`HEALTHY`], [`DEGRADED`] or [`ALL`] (a level in panic), or [`NO_RANGE`].
+    /// 128 entries, the last 28 unused: the kernel programs index it with
+    /// `r & 127`, a bound the verifier can see (it cannot see one in `r % 100`).
+    pub choice: [u8; CHOICES],
 }
 
-/// Hosts of a level ejected now: `[healthy, degraded]` per level.
-pub type Ejected = [[u32; 2]; MAX_TIERS];
+/// Entries of [`Tiers::choice`].
+pub const CHOICES: usize = 128;
+
+impl Default for Tiers {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            overprovisioning: 0,
+            panic_percent: 0,
+            pad: 0,
+            tiers: [Tier::default(); MAX_TIERS],
+            choice: [NO_RANGE; CHOICES],
+        }
+    }
+}
+
+/// A level's healthy range, in [`Tiers::choice`].
+pub const HEALTHY: u8 = 0;
+/// A level's degraded range.
+pub const DEGRADED: u8 = 1;
+/// All of a level's hosts: the level is in panic (ejections are ignored).
+pub const ALL: u8 = 2;
+/// No range: nothing can serve.
+pub const NO_RANGE: u8 = u8::MAX;
+
+/// Hosts of each level ejected now, healthy and degraded apart: 8 bits per
+/// level in one word each (at most `MAX_EJECTED`, 16, are ejected at once).
+/// Shifts, not an array: the kernel programs add to it at a level read from a
+/// map, and an index into the stack that the verifier must know exactly would
+/// make it walk every combination.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ejected {
+    pub healthy: u64,
+    pub degraded: u64,
+}
+
+impl Ejected {
+    pub const NONE: Self = Self {
+        healthy: 0,
+        degraded: 0,
+    };
+
+    /// One more ejected host of `level` (healthy, or `degraded`).
+    #[inline(always)]
+    pub fn add(&mut self, level: u8, degraded: bool) {
+        let one = 1u64 << ((u64::from(level) & (MAX_TIERS as u64 - 1)) * 8);
+        if degraded {
+            self.degraded += one;
+        } else {
+            self.healthy += one;
+        }
+    }
+
+    /// `[healthy, degraded]` ejected hosts of `level`.
+    #[inline(always)]
+    pub fn of(&self, level: usize) -> [u32; 2] {
+        let shift = (level & (MAX_TIERS - 1)) * 8;
+        [
+            ((self.healthy >> shift) & 0xff) as u32,
+            ((self.degraded >> shift) & 0xff) as u32,
+        ]
+    }
+}
 
 /// Every level's share of new connections, percent.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -108,8 +175,9 @@ pub fn loads(t: &Tiers, ejected: &Ejected) -> Loads {
         let tier = &t.tiers[i];
         let used = (i as u32) < t.count;
         let hosts = if used { u64::from(tier.hosts) } else { 0 };
-        let h = u64::from(tier.healthy.saturating_sub(ejected[i][0]));
-        let d = u64::from(tier.degraded.saturating_sub(ejected[i][1]));
+        let [eh, ed] = ejected.of(i);
+        let h = u64::from(tier.healthy.saturating_sub(eh));
+        let d = u64::from(tier.degraded.saturating_sub(ed));
         health[i] = ratio(opf, h, hosts);
         degraded[i] = ratio(opf, d, hosts);
         live[i] = h + d;
@@ -161,7 +229,11 @@ pub fn loads(t: &Tiers, ejected: &Ejected) -> Loads {
         }
         // No host at all: level 0.
         let first = if first == MAX_TIERS { 0 } else { first };
-        out.healthy[first & (MAX_TIERS - 1)] += left as u32;
+        for i in 0..MAX_TIERS {
+            if i == first {
+                out.healthy[i] += left as u32;
+            }
+        }
         out.panic = in_panic;
         return out;
     }
@@ -193,64 +265,77 @@ pub fn loads(t: &Tiers, ejected: &Ejected) -> Loads {
                 first_degraded = i;
             }
         }
-        if first_healthy < MAX_TIERS {
-            out.healthy[first_healthy & (MAX_TIERS - 1)] += left as u32;
-        } else {
-            out.degraded[first_degraded & (MAX_TIERS - 1)] += left as u32;
+        // Each level is looked at with a constant index (see [`Ejected`]).
+        for i in 0..MAX_TIERS {
+            if i == first_healthy {
+                out.healthy[i] += left as u32;
+            } else if first_healthy == MAX_TIERS && i == first_degraded {
+                out.degraded[i] += left as u32;
+            }
         }
     }
     out.panic = in_panic;
     out
 }
 
-/// Where a connect() draws: a slot range, and whether ejections are ignored there
-/// (a level in panic serves all its hosts).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Choice {
-    pub range: SlotRange,
-    pub panic: bool,
-}
-
-/// The range for a draw `r` (uniform in `0..100`) under `loads`: the healthy loads
-/// of every level in order, then the degraded ones (Envoy's `choosePriority`).
-#[inline(always)]
-pub fn choose(t: &Tiers, loads: &Loads, r: u32) -> Choice {
-    let mut r = r;
-    for i in 0..MAX_TIERS {
-        let l = loads.healthy[i];
-        if r < l {
-            return at(t, loads, i, false);
-        }
-        r -= l;
-    }
-    for i in 0..MAX_TIERS {
-        let l = loads.degraded[i];
-        if r < l {
-            return at(t, loads, i, true);
-        }
-        r -= l;
-    }
-    // Loads sum to 100: unreachable for r < 100; level 0's healthy hosts.
-    at(t, loads, 0, false)
-}
-
-#[inline(always)]
-fn at(t: &Tiers, loads: &Loads, i: usize, degraded: bool) -> Choice {
-    let tier = &t.tiers[i & (MAX_TIERS - 1)];
-    if loads.panic & (1 << i) != 0 {
-        return Choice {
-            range: tier.all_slots,
-            panic: true,
+/// The range for every draw `r` in `0..100` under `loads`, as [`Tiers::choice`]
+/// holds it: the healthy loads of every level in order, then the degraded ones
+/// (Envoy's `choosePriority`), a level in panic serving all its hosts.
+pub fn choice_table(t: &Tiers, loads: &Loads) -> [u8; CHOICES] {
+    let mut table = [NO_RANGE; CHOICES];
+    for (r, entry) in (0u32..).zip(table.iter_mut().take(100)) {
+        let (level, which) = choose_level(loads, r);
+        *entry = if (level as u32) < t.count {
+            (level * 3) as u8 + which
+        } else {
+            NO_RANGE
         };
     }
-    Choice {
-        range: if degraded {
-            tier.degraded_slots
-        } else {
-            tier.healthy_slots
-        },
-        panic: false,
+    table
+}
+
+/// The level and range a draw `r` falls in.
+fn choose_level(loads: &Loads, r: u32) -> (usize, u8) {
+    let mut r = r;
+    for i in 0..MAX_TIERS {
+        if r < loads.healthy[i] {
+            return (i, panic_or(loads, i, HEALTHY));
+        }
+        r -= loads.healthy[i];
     }
+    for i in 0..MAX_TIERS {
+        if r < loads.degraded[i] {
+            return (i, panic_or(loads, i, DEGRADED));
+        }
+        r -= loads.degraded[i];
+    }
+    (0, panic_or(loads, 0, HEALTHY))
+}
+
+fn panic_or(loads: &Loads, i: usize, which: u8) -> u8 {
+    if loads.panic & (1 << i) != 0 {
+        ALL
+    } else {
+        which
+    }
+}
+
+/// The range a [`Tiers::choice`] entry names, and whether it is served in panic
+/// (ejections ignored); `None` for [`NO_RANGE`] or a level past the table.
+/// Straight-line: the kernel programs run it on every connect() of a service
+/// with levels.
+#[inline(always)]
+pub fn range_of(t: &Tiers, code: u8) -> Option<(SlotRange, bool)> {
+    let level = usize::from(code / 3);
+    if level >= MAX_TIERS {
+        return None;
+    }
+    let tier = &t.tiers[level];
+    Some(match code % 3 {
+        HEALTHY => (tier.healthy_slots, false),
+        DEGRADED => (tier.degraded_slots, false),
+        _ => (tier.all_slots, true),
+    })
 }
 
 #[cfg(test)]
@@ -278,7 +363,7 @@ mod tests {
         t
     }
 
-    const NONE: Ejected = [[0; 2]; MAX_TIERS];
+    const NONE: Ejected = Ejected::NONE;
 
     /// Envoy's documented examples (the "Priority levels" page of its
     /// architecture overview), spelled as host counts.
@@ -308,14 +393,19 @@ mod tests {
         let t = tiers(&[level(2, 2, 0), level(2, 2, 0)], 50);
         assert_eq!(loads(&t, &NONE).healthy[..2], [100, 0]);
         let mut ej = NONE;
-        ej[0][0] = 1;
+        ej.add(0, false);
+        assert_eq!(ej.of(0), [1, 0]);
         assert_eq!(loads(&t, &ej).healthy[..2], [70, 30]);
-        ej[0][0] = 2;
+        ej.add(0, false);
         let l = loads(&t, &ej);
         assert_eq!(l.healthy[..2], [0, 100]);
         assert_eq!(l.panic, 0, "the normalized total is 100: no panic");
-        let c = choose(&t, &l, 5);
-        assert_eq!(c.range, t.tiers[1].healthy_slots);
+        let table = choice_table(&t, &l);
+        assert!(table[..100].iter().all(|&c| c == 3 + HEALTHY), "{table:?}");
+        assert_eq!(
+            range_of(&t, table[5]),
+            Some((t.tiers[1].healthy_slots, false))
+        );
     }
 
     #[test]
@@ -324,6 +414,10 @@ mod tests {
         let l = loads(&t, &NONE);
         assert_eq!(l.panic, 0b11);
         assert_eq!(l.healthy[..2], [25, 75]);
-        assert!(choose(&t, &l, 0).panic);
+        let table = choice_table(&t, &l);
+        assert_eq!(table[24], ALL);
+        assert_eq!(table[25], 3 + ALL);
+        assert!(range_of(&t, table[0]).is_some_and(|(_, panic)| panic));
+        assert_eq!(range_of(&t, NO_RANGE), None);
     }
 }

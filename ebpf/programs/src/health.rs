@@ -32,14 +32,14 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext},
 };
 use sockmesh_common::{
-    EndpointHealth, EndpointKey, MAX_EJECTED, MAX_TIERS, PROTO_TCP, ServiceHealth, ServiceKey,
-    ServicePolicy, SockHealth, backend_state, service_flags, tiers::Ejected,
+    EndpointHealth, EndpointKey, Event, MAX_EJECTED, PROTO_TCP, ServiceHealth, ServiceKey,
+    ServicePolicy, SockHealth, event, service_flags,
 };
 
 use crate::{
     atomic,
     maps::{ENDPOINT_HEALTH, SERVICE_HEALTH, SERVICE_POLICY, SOCK_HEALTH},
-    xlate::{Addr, Target},
+    xlate::{Addr, Chosen},
 };
 
 const NS_PER_MS: u64 = 1_000_000;
@@ -98,48 +98,6 @@ pub fn panic(service: &ServiceKey, now: u64) -> bool {
     let (active, _) = unsafe { scan(h, service, now) };
     let healthy = backends.saturating_sub(active);
     overprovisioning * healthy < 100 * backends && healthy * 100 < percent * backends
-}
-
-/// The hosts of each level of `service` ejected at `now`, healthy and degraded
-/// apart: what the levels' loads leave out (a service with levels).
-#[inline(always)]
-pub fn ejected_counts(service: &ServiceKey, now: u64) -> Ejected {
-    let mut out: Ejected = [[0; 2]; MAX_TIERS];
-    let Some(h) = SERVICE_HEALTH.get_ptr_mut(service) else {
-        return out;
-    };
-    let mut key = EndpointKey {
-        service: *service,
-        ..EndpointKey::default()
-    };
-    for i in 0..MAX_EJECTED {
-        // SAFETY: a map value looked up above; `i` in bounds; fields copied at
-        // once; the endpoint's entry validates the slot as in `scan`.
-        unsafe {
-            let e = &raw const (*h).ejections[i];
-            let until = core::ptr::read_volatile(&raw const (*e).until_ns);
-            if until <= now {
-                continue;
-            }
-            key.addr = core::ptr::read_volatile(&raw const (*e).addr);
-            key.port = core::ptr::read_volatile(&raw const (*e).port);
-            let state = core::ptr::read_volatile(&raw const (*e).state);
-            let level =
-                usize::from(core::ptr::read_volatile(&raw const (*e).level)) & (MAX_TIERS - 1);
-            if !ENDPOINT_HEALTH
-                .get(&key)
-                .is_some_and(|ep| ep.ejected_until_ns == until)
-            {
-                continue;
-            }
-            if state == backend_state::ACTIVE {
-                out[level][0] += 1;
-            } else if state == backend_state::DEGRADED {
-                out[level][1] += 1;
-            }
-        }
-    }
-    out
 }
 
 /// The service's ejections running at `now`, and the first slot free for a new
@@ -219,7 +177,7 @@ pub fn place(
     flags: u8,
     proto: u8,
     service: &ServiceKey,
-    target: Target,
+    target: Chosen,
 ) -> Result<(), Overflow> {
     let storage = SOCK_HEALTH.get_or_insert_ptr_mut(ctx, None);
     if storage.is_null() {
@@ -574,4 +532,16 @@ unsafe fn eject_locked(
         (*h).multiplier = multiplier as u32;
         (*h).ejections = (*h).ejections.wrapping_add(1);
     }
+    // The agent rewrites the loads of the service's levels (a dropped event is
+    // caught by its once-a-second reread).
+    let _ = crate::maps::EVENTS.output(
+        &Event {
+            kind: event::EJECTED,
+            pad: 0,
+            service: *service,
+            pad2: 0,
+            until_ns: until,
+        },
+        0,
+    );
 }

@@ -22,14 +22,14 @@ use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     btf_maps::SkStorage,
     macros::{btf_map, map},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use sockmesh_common::{
-    BackendInfo, BackendKey, ConnKey, EndpointHealth, EndpointKey, MAX_BACKENDS_TOTAL,
-    MAX_MAGLEV_SERVICES, MAX_REVERSE_ENTRIES, MAX_REVERSE_UDP_ENTRIES, MAX_SERVICES,
-    MAX_SLOTS_TOTAL, MaglevChunk, ReverseKey, ReverseValue, ServiceHealth, ServiceKey,
-    ServicePolicy, ServiceStats, ServiceValue, SlotKey, SockConn, SockHealth, Tiers, counter,
-    maglev_map_entries, map_names,
+    BackendInfo, BackendKey, ConnKey, EVENTS_BYTES, EndpointHealth, EndpointKey,
+    MAX_BACKENDS_TOTAL, MAX_MAGLEV_SERVICES, MAX_REVERSE_ENTRIES, MAX_REVERSE_UDP_ENTRIES,
+    MAX_SERVICES, MAX_SLOTS_TOTAL, MaglevChunk, ReverseKey, ReverseValue, ServiceHealth,
+    ServiceKey, ServicePolicy, ServiceStats, ServiceValue, SlotKey, SockConn, SockHealth, Tiers,
+    counter, maglev_map_entries, map_names,
 };
 
 /// Defines a map named `$name`. `#[map(name = …)]` takes only a string literal, so
@@ -158,6 +158,47 @@ named_map! {
     "SM_REVERSE_UDP" == map_names::REVERSE_UDP;
     pub static REVERSE_UDP: LruHashMap<ReverseKey, ReverseValue> =
         LruHashMap::pinned(MAX_REVERSE_UDP_ENTRIES, 0);
+}
+
+named_map! {
+    /// Events for the agent: each ejection (sock_ops), which moves the loads of the
+    /// service's priority levels; the agent rewrites the service's choice table
+    /// (`SM_TIERS`) on reading it.
+    /// - value: `sockmesh_common::Event`
+    /// - writer: sock_ops; reader: the agent (its datapath task), by epoll
+    /// - capacity: `EVENTS_BYTES`; an event that finds no room is dropped (the
+    ///   agent also rereads every ejection once a second)
+    "SM_EVENTS" == map_names::EVENTS;
+    pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+}
+
+named_map! {
+    /// One word per CPU that a program writes and reads back: a value read from a
+    /// map is unknown to the verifier (see `opaque`).
+    /// - key: `u32` 0
+    /// - value: `u64`
+    /// - writer and reader: connect4/6, sendmsg4/6; nobody else
+    "SM_SCRATCH" == map_names::SCRATCH;
+    pub static SCRATCH: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+}
+
+/// `v`, passed through this CPU's `SM_SCRATCH` word: the verifier tracks what a
+/// program computes but not what it reads from a map, so the rest of the program
+/// is checked once for all the values `v` could have come out as, not once per
+/// way it was made. Returns `v` (a program does not migrate CPUs while it runs,
+/// and no other program touches the word). The lookup of entry 0 of a one-entry
+/// array cannot fail; if it did, 0 (returning `v` there would hand the verifier
+/// every way of making `v` again).
+#[inline(always)]
+pub fn opaque(v: u64) -> u64 {
+    let Some(slot) = SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's value of a per-CPU array, valid while the program runs.
+    unsafe {
+        core::ptr::write_volatile(slot, v);
+        core::ptr::read_volatile(slot)
+    }
 }
 
 named_map! {

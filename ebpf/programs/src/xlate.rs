@@ -4,8 +4,8 @@
 use core::convert::Infallible;
 
 use sockmesh_common::{
-    BackendKey, MAGLEV_CHUNK, ReverseKey, ReverseValue, ServiceKey, ServiceValue, SlotKey, Tiers,
-    counter,
+    BackendInfo, BackendKey, MAGLEV_CHUNK, ReverseKey, ReverseValue, ServiceKey, ServiceValue,
+    SlotKey, Tiers, counter,
     resolve::{self, Draw, Picked, RoutingMaps},
 };
 
@@ -22,13 +22,57 @@ pub struct Addr {
     pub port: u16,
 }
 
-/// A backend as a pick sees it: where to send, and its state and level (which of
-/// its level's host counts an ejection of it takes one from).
+/// A backend as a pick sees it: its entry in `SM_BACKENDS`, read in place (valid
+/// for the program's RCU read section: the map is `BPF_F_NO_PREALLOC`, so a
+/// replaced entry is freed only after it). One pointer, never null: the
+/// `Option`s and enums that carry it through the pick are one register, with no
+/// undefined bytes for the verifier to refuse.
 #[derive(Clone, Copy)]
-pub struct Target {
+pub struct Target(&'static BackendInfo);
+
+impl Target {
+    /// Where to send.
+    #[inline(always)]
+    pub fn addr(self) -> Addr {
+        Addr {
+            ip: self.0.addr,
+            port: self.0.port,
+        }
+    }
+
+    /// Its state and level: which of its level's host counts an ejection of it
+    /// takes one from.
+    #[inline(always)]
+    pub fn state(self) -> u8 {
+        self.0.state
+    }
+
+    #[inline(always)]
+    pub fn level(self) -> u8 {
+        self.0.level
+    }
+}
+
+/// The backend a forward lookup chose, copied out of its map entry: the rest of
+/// the program carries numbers, not a pointer into the map (the verifier merges
+/// states that differ in numbers, not those that carry different pointers, and
+/// every draw of a pick looked its backend up anew).
+#[derive(Clone, Copy)]
+pub struct Chosen {
     pub addr: Addr,
     pub state: u8,
     pub level: u8,
+}
+
+impl Chosen {
+    #[inline(always)]
+    fn of(t: Target) -> Self {
+        Self {
+            addr: t.addr(),
+            state: t.state(),
+            level: t.level(),
+        }
+    }
 }
 
 /// What a forward lookup decided.
@@ -40,7 +84,7 @@ pub enum Forward {
     /// `flags`: the service's [`sockmesh_common::service_flags`] (`health`).
     Redirect {
         service: ServiceKey,
-        backend: Target,
+        backend: Chosen,
         counted: bool,
         flags: u8,
     },
@@ -107,13 +151,13 @@ pub fn forward(dst: Addr, proto: u8, pick: Pick, client: &impl Fn() -> u64) -> F
         (Picked::NotService, _) => Forward::Pass,
         (Picked::Backend(backend), flags) => Forward::Redirect {
             service: key,
-            backend,
+            backend: Chosen::of(backend),
             counted: false,
             flags,
         },
         (Picked::Counted(backend), flags) => Forward::Redirect {
             service: key,
-            backend,
+            backend: Chosen::of(backend),
             counted: true,
             flags,
         },
@@ -134,10 +178,9 @@ fn try_pick(key: &ServiceKey, pick: Pick, client: &impl Fn() -> u64) -> (Picked<
         // A redraw away from an ejected backend is random even for a hashed pick.
         random: || pick.value(),
         client: || hash(client()),
-        load: |b: &Target| conns::load(&conns::key(b.addr, proto)),
-        ejected: |b: &Target| health::ejected(&health::endpoint(key, b.addr), now),
+        load: |b: &Target| conns::load(&conns::key(b.addr(), proto)),
+        ejected: |b: &Target| health::ejected(&health::endpoint(key, b.addr()), now),
         panic: || health::panic(key, now),
-        counts: || health::ejected_counts(key, now),
     };
     match resolve::pick(&Maps, key, least, draw) {
         Ok(picked) => picked,
@@ -174,15 +217,14 @@ impl RoutingMaps for Maps {
 
     #[inline(always)]
     fn backend(&self, key: &BackendKey) -> Result<Option<Target>, Infallible> {
-        // SAFETY: as above; address, port, state and level are copied out.
-        Ok(unsafe { BACKENDS.get(key) }.map(|b| Target {
-            addr: Addr {
-                ip: b.addr,
-                port: b.port,
-            },
-            state: b.state,
-            level: b.level,
-        }))
+        // SAFETY: as above: the value stays valid, and unchanged (the agent
+        // replaces entries, never writes into them), for this RCU read section.
+        Ok(unsafe { BACKENDS.get(key) }.map(Target))
+    }
+
+    #[inline(always)]
+    fn opaque(&self, v: u64) -> u64 {
+        crate::maps::opaque(v)
     }
 
     #[inline(always)]
