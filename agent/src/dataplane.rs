@@ -10,6 +10,7 @@
 #[cfg(test)]
 mod contract;
 pub mod destroy;
+pub mod events;
 pub mod features;
 mod kernel;
 mod keys;
@@ -147,6 +148,8 @@ pub struct Datapath {
     pending: Option<Pending>,
     /// Layout versions this datapath detached and removed.
     retired: Vec<u32>,
+    /// The kernel programs' events, until the datapath task takes them.
+    events: Option<events::Events>,
 }
 
 /// A datapath built beside another layout's, not attached yet.
@@ -223,6 +226,12 @@ impl Datapath {
             service_health: take(map_names::SERVICE_HEALTH)?,
             tiers: take(map_names::TIERS)?,
         })?;
+        let events = take(map_names::EVENTS).and_then(|m| {
+            aya::maps::RingBuf::try_from(m).map_err(|source| DataplaneError::Map {
+                name: map_names::EVENTS,
+                source,
+            })
+        })?;
         let limits = loader::pinned_limits(&layout)?;
         if limits != cfg.limits {
             tracing::warn!(
@@ -247,6 +256,7 @@ impl Datapath {
             attachment,
             pending,
             retired,
+            events: Some(events::Events::new(events)),
         })
     }
 
@@ -277,6 +287,20 @@ impl Datapath {
             retired,
             pins_removed,
         }))
+    }
+
+    /// Rewrites the levels' choice tables to the ejections running (see
+    /// [`MapWriter::refresh_levels`]).
+    pub fn refresh_levels(
+        &mut self,
+        only: Option<&sockmesh_common::ServiceKey>,
+    ) -> Result<Option<u64>, WriteError> {
+        self.writer.refresh_levels(only)
+    }
+
+    /// The kernel programs' events, once.
+    pub fn take_events(&mut self) -> Option<events::Events> {
+        self.events.take()
     }
 
     /// Makes the kernel maps hold `table`, writing only the difference.
@@ -600,6 +624,9 @@ pub fn uninstall(bpffs: &Path, cgroup: Option<&Path>) -> Result<usize, Dataplane
     for layout in &layouts {
         removed += loader::remove_pins(layout)?;
     }
+    for dir in loader::other_health_dirs(bpffs) {
+        removed += loader::remove_dir_pins(&dir)?;
+    }
     // The connection counts and health state, shared by the layouts, go with the
     // last of them.
     let shared = [
@@ -634,11 +661,20 @@ pub fn uninstall(bpffs: &Path, cgroup: Option<&Path>) -> Result<usize, Dataplane
     Ok(removed)
 }
 
-/// Detaches and removes the pins of `layouts`; returns the pins removed.
+/// Detaches and removes the pins of `layouts`, then the health state of other
+/// health versions (only those layouts' programs read it); returns the pins
+/// removed.
 fn retire(layouts: &[(u32, PinLayout)]) -> Result<usize, DataplaneError> {
     let mut removed = 0;
+    let mut bpffs = None;
     for (_, layout) in layouts {
         removed += loader::remove_pins(layout)?;
+        bpffs = layout.root.parent().map(Path::to_path_buf);
+    }
+    if let Some(bpffs) = bpffs {
+        for dir in loader::other_health_dirs(&bpffs) {
+            removed += loader::remove_dir_pins(&dir)?;
+        }
     }
     Ok(removed)
 }

@@ -17,7 +17,7 @@ use sockmesh_common::{
 use super::{
     DataplaneError,
     keys::{port_from_map, service_key, words_to_ip},
-    store::{BatchError, MapName, MapStore, Snapshot, StoreError},
+    store::{BatchError, MapName, MapStore, Running, Snapshot, StoreError},
     sys,
 };
 use crate::model::ServiceAddr;
@@ -337,6 +337,35 @@ impl MapStore for KernelMaps {
     }
     fn del_tiers(&mut self, k: &SlotKey) -> Result<(), StoreError> {
         absent_ok(self.tiers.remove(k)).map_err(err(MapName::Tiers, "delete"))
+    }
+    fn running_ejections(&self, k: &ServiceKey, now_ns: u64) -> Result<Running, StoreError> {
+        let Some(h) =
+            found(self.service_health.get(k, 0)).map_err(err(MapName::ServiceHealth, "lookup"))?
+        else {
+            return Ok(Running::default());
+        };
+        let mut running = Running::default();
+        for e in h.ejections.iter().filter(|e| e.until_ns > now_ns) {
+            let key = EndpointKey {
+                service: *k,
+                addr: e.addr,
+                port: e.port,
+                pad: 0,
+            };
+            let holds = found(self.endpoint_health.get(&key, 0))
+                .map_err(err(MapName::EndpointHealth, "lookup"))?
+                .is_some_and(|ep| ep.ejected_until_ns == e.until_ns);
+            if !holds {
+                continue;
+            }
+            match e.state {
+                sockmesh_common::backend_state::ACTIVE => running.ejected.add(e.level, false),
+                sockmesh_common::backend_state::DEGRADED => running.ejected.add(e.level, true),
+                _ => {}
+            }
+            running.next_end = Some(running.next_end.map_or(e.until_ns, |n| n.min(e.until_ns)));
+        }
+        Ok(running)
     }
     fn snapshot(&self) -> Result<Snapshot, StoreError> {
         Ok(Snapshot {

@@ -111,6 +111,29 @@ pub fn health_dir(bpffs: &Path) -> PathBuf {
     bpffs.join(format!("health-v{}", sockmesh_common::HEALTH_VERSION))
 }
 
+/// The health directories of other health versions under `bpffs` (an earlier
+/// release's, which only its programs read).
+pub fn other_health_dirs(bpffs: &Path) -> Vec<PathBuf> {
+    let current = health_dir(bpffs);
+    fs::read_dir(bpffs)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p != &current
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("health-v"))
+        })
+        .collect()
+}
+
+/// Removes `dir` and every pin in it; returns the pins removed.
+pub fn remove_dir_pins(dir: &Path) -> Result<usize, DataplaneError> {
+    remove_tree(dir)
+}
+
 /// How the programs came to be attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attachment {

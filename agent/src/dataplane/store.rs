@@ -99,6 +99,15 @@ pub struct Snapshot {
     pub service_health: Vec<ServiceKey>,
 }
 
+/// The ejections of a service running at a time: how many hosts of each of its
+/// levels they take out, and when the first of them ends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Running {
+    pub ejected: sockmesh_common::tiers::Ejected,
+    /// `CLOCK_MONOTONIC` ns.
+    pub next_end: Option<u64>,
+}
+
 /// The maps the agent writes. Deleting an absent key is not an error.
 pub trait MapStore {
     fn put_service(&mut self, k: &ServiceKey, v: &ServiceValue) -> Result<(), StoreError>;
@@ -125,6 +134,10 @@ pub trait MapStore {
     fn del_service_health(&mut self, k: &ServiceKey) -> Result<(), StoreError>;
     fn put_tiers(&mut self, k: &SlotKey, v: &Tiers) -> Result<(), StoreError>;
     fn del_tiers(&mut self, k: &SlotKey) -> Result<(), StoreError>;
+    /// The ejections of `k` the kernel runs at `now_ns` (`CLOCK_MONOTONIC`), as
+    /// its programs count them: a slot of its `SM_SVC_HEALTH` entry whose end is
+    /// later and whose endpoint's `SM_EP_HEALTH` entry holds that end.
+    fn running_ejections(&self, k: &ServiceKey, now_ns: u64) -> Result<Running, StoreError>;
     fn snapshot(&self) -> Result<Snapshot, StoreError>;
 
     /// Writes many services' values at once (`keys[i]` → `values[i]`, in order).
@@ -204,6 +217,9 @@ pub struct MemStore {
     pub tiers: BTreeMap<SlotKey, Tiers>,
     /// The last epoch handed out.
     pub epoch: u64,
+    /// What [`MapStore::running_ejections`] answers (the kernel runs ejections;
+    /// tests set them).
+    pub running: BTreeMap<ServiceKey, Running>,
     pub log: Vec<Op>,
     /// Fail the write with this 0-based index (counted over all writes).
     pub fail_at: Option<usize>,
@@ -396,6 +412,9 @@ impl MapStore for MemStore {
         self.tiers.remove(k);
         self.after();
         Ok(())
+    }
+    fn running_ejections(&self, k: &ServiceKey, _now_ns: u64) -> Result<Running, StoreError> {
+        Ok(self.running.get(k).copied().unwrap_or_default())
     }
     fn zero_stats_many(&mut self, keys: &[ServiceKey]) -> Result<(), BatchError> {
         one_by_one(keys, keys, |k, _| {

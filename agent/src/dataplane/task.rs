@@ -96,6 +96,20 @@ pub trait TableSink: Send {
     fn health(&self) -> Option<super::HealthReport> {
         None
     }
+    /// Rewrites the choice tables of services with priority levels to the
+    /// ejections running now (all of them, or `only`); returns when the first
+    /// of those ejections ends (`CLOCK_MONOTONIC` ns).
+    fn refresh_levels(
+        &mut self,
+        _only: Option<&sockmesh_common::ServiceKey>,
+    ) -> Result<Option<u64>, SinkError> {
+        Ok(None)
+    }
+    /// The kernel programs' events (ejections), handed over once to the thread
+    /// that reads them.
+    fn take_events(&mut self) -> Option<super::events::Events> {
+        None
+    }
 }
 
 impl TableSink for super::Datapath {
@@ -147,6 +161,17 @@ impl TableSink for super::Datapath {
 
     fn health(&self) -> Option<super::HealthReport> {
         super::Datapath::health(self).ok()
+    }
+
+    fn refresh_levels(
+        &mut self,
+        only: Option<&sockmesh_common::ServiceKey>,
+    ) -> Result<Option<u64>, SinkError> {
+        Ok(super::Datapath::refresh_levels(self, only)?)
+    }
+
+    fn take_events(&mut self) -> Option<super::events::Events> {
+        super::Datapath::take_events(self)
     }
 }
 
@@ -236,6 +261,8 @@ enum Command {
     Tick { warming: usize, now: Instant },
     /// Answers once every earlier command is handled.
     Flush(oneshot::Sender<()>),
+    /// The kernel ejected an endpoint of this service (an event of `SM_EVENTS`).
+    Ejected(sockmesh_common::ServiceKey),
 }
 
 /// A write handed to the task; [`Written::wait`] returns once it is in the kernel
@@ -301,9 +328,19 @@ impl DatapathHandle {
             latency: latency.clone(),
             ticks: 0,
             ejected: BTreeMap::new(),
+            levels_due: None,
         };
         let (status_tx, status) = watch::channel(task.status.clone());
         let (tx, rx) = mpsc::channel();
+        if let Some(events) = task.sink.take_events() {
+            let tx = tx.clone();
+            let reader = thread::Builder::new()
+                .name("datapath-events".into())
+                .spawn(move || events.run(|service| tx.send(Command::Ejected(service)).is_ok()));
+            if let Err(e) = reader {
+                warn!(error = %e, "could not start the kernel events thread; levels follow ejections once a second");
+            }
+        }
         let thread = thread::Builder::new()
             .name("datapath".into())
             .spawn(move || task.run(&rx, &status_tx))
@@ -424,6 +461,9 @@ struct Task {
     ticks: u64,
     /// Backends ejected at the last tick, by (service, backend): their ejections.
     ejected: BTreeMap<(String, String), u32>,
+    /// When the first ejection running in a service with levels ends
+    /// (`CLOCK_MONOTONIC` ns): its levels' loads move then.
+    levels_due: Option<u64>,
 }
 
 impl Task {
@@ -459,8 +499,47 @@ impl Task {
         self.ejected = now;
     }
 
+    /// Rewrites the levels' choice tables to the ejections running (`only` one
+    /// service, or all) and notes when they move next.
+    fn refresh_levels(&mut self, only: Option<&sockmesh_common::ServiceKey>) {
+        match self.sink.refresh_levels(only) {
+            Ok(due) => {
+                self.levels_due = match (only, due, self.levels_due) {
+                    (Some(_), Some(d), Some(old)) => Some(d.min(old)),
+                    (Some(_), None, old) => old,
+                    (_, d, _) => d,
+                }
+            }
+            Err(e) => {
+                warn!(error = %chain(&e), "rewriting the levels' loads after ejections failed")
+            }
+        }
+    }
+
+    /// How long until the levels' loads move next (an ejection ends).
+    fn levels_wait(&self) -> Option<Duration> {
+        let due = self.levels_due?;
+        Some(Duration::from_nanos(
+            due.saturating_sub(super::writer::monotonic_ns()),
+        ))
+    }
+
     fn run(&mut self, rx: &mpsc::Receiver<Command>, status: &watch::Sender<KernelStatus>) {
-        while let Ok(c) = rx.recv() {
+        loop {
+            let c = match self.levels_wait() {
+                Some(wait) => match rx.recv_timeout(wait) {
+                    Ok(c) => c,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.refresh_levels(None);
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                },
+                None => match rx.recv() {
+                    Ok(c) => c,
+                    Err(_) => return,
+                },
+            };
             let done = match c {
                 Command::Write {
                     write,
@@ -471,11 +550,20 @@ impl Task {
                 } => {
                     self.write(write, removed, received);
                     self.maybe_go_live(warming, Instant::now());
+                    self.refresh_levels(None);
                     Some(done)
+                }
+                Command::Ejected(service) => {
+                    // Not one of the commands the handle counts (the events
+                    // thread sends it).
+                    self.refresh_levels(Some(&service));
+                    continue;
                 }
                 Command::Tick { warming, now } => {
                     self.maybe_go_live(warming, now);
                     self.log_ejections();
+                    // A safety net for events the ring buffer dropped.
+                    self.refresh_levels(None);
                     self.ticks += 1;
                     if self.ticks.is_multiple_of(CONN_SWEEP_TICKS) {
                         match self.sink.sweep_conns() {

@@ -320,6 +320,56 @@ impl<S: MapStore> MapWriter<S> {
         Ok(report)
     }
 
+    /// Rewrites the choice table of the services with priority levels and outlier
+    /// detection (all of them, or `only`) whose levels' loads the ejections
+    /// running now move: a level whose hosts are ejected spills to the next, and
+    /// its load comes back when they return, as Envoy's does. Returns when the
+    /// first of the running ejections ends (`CLOCK_MONOTONIC` ns), when the loads
+    /// move again.
+    pub fn refresh_levels(&mut self, only: Option<&ServiceKey>) -> Result<Option<u64>, WriteError> {
+        let now = monotonic_ns();
+        let keys: Vec<ServiceKey> = match only {
+            Some(k) => vec![*k],
+            None => self
+                .mirror
+                .services
+                .iter()
+                .filter(|(_, i)| i.tiers.is_some() && i.flags & service_flags::OUTLIER != 0)
+                .map(|(k, _)| *k)
+                .collect(),
+        };
+        let mut next: Option<u64> = None;
+        for key in keys {
+            let Some(inst) = self.mirror.services.get_mut(&key) else {
+                continue;
+            };
+            let Some(mut t) = inst.tiers else {
+                continue;
+            };
+            let wrap = |source| WriteError::Store {
+                service: service_addr(&key).unwrap_or(crate::model::ServiceAddr {
+                    vip: std::net::Ipv4Addr::UNSPECIFIED.into(),
+                    port: 0,
+                    protocol: crate::model::Protocol::Tcp,
+                }),
+                source,
+            };
+            let running = self.store.running_ejections(&key, now).map_err(wrap)?;
+            with_ejections(&mut t, &running);
+            if Some(t) != inst.tiers {
+                self.store
+                    .put_tiers(&tiers_key(inst.id, inst.generation), &t)
+                    .map_err(wrap)?;
+                inst.tiers = Some(t);
+                debug!(service = ?service_addr(&key), "levels' loads follow the ejections");
+            }
+            if let Some(end) = running.next_end {
+                next = Some(next.map_or(end, |n| n.min(end)));
+            }
+        }
+        Ok(next)
+    }
+
     /// Applies changes to some services (`None`: remove the service), leaving every
     /// other service untouched. Costs O(changed services) map work; the capacity
     /// check walks the mirror's counters only.
@@ -535,6 +585,35 @@ impl<S: MapStore> MapWriter<S> {
     }
 }
 
+/// Whether two generations' levels are the same apart from their choice tables,
+/// which follow the ejections running (see [`MapWriter::refresh_levels`]).
+fn same_levels(a: Option<&Tiers>, b: Option<&Tiers>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            Tiers {
+                choice: b.choice,
+                ..*a
+            } == *b
+        }
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+/// `t`'s choice table with `running` ejections out of its levels' counts.
+fn with_ejections(t: &mut Tiers, running: &super::store::Running) {
+    let loads = sockmesh_common::tiers::loads(t, &running.ejected);
+    t.choice = sockmesh_common::tiers::choice_table(t, &loads);
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of the kernel's ejection times.
+pub(super) fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(t.tv_nsec()).unwrap_or(0)
+    })
+}
+
 /// The `SM_TIERS` key of a generation.
 fn tiers_key(service_id: u32, generation: u8) -> SlotKey {
     SlotKey {
@@ -575,7 +654,7 @@ impl BackendPlan {
             && self.policy == current.policy
             && self.flags == current.flags
             && self.health == current.health
-            && self.tiers == current.tiers
+            && same_levels(self.tiers.as_ref(), current.tiers.as_ref())
             && current.leftover == 0
     }
 
@@ -879,7 +958,7 @@ fn write_and_publish<S: MapStore>(
         || inst.dirty
         || plan.policy != inst.policy
         || plan.flags != inst.flags
-        || plan.tiers != inst.tiers
+        || !same_levels(plan.tiers.as_ref(), inst.tiers.as_ref())
     {
         let generation = 1 - old_generation;
         let (policy, choices) = plan.policy.to_kernel();
@@ -895,9 +974,16 @@ fn write_and_publish<S: MapStore>(
         // 2. Slots (and levels) of the unpublished generation, then 3. publish. On
         //    failure the old generation stays live and the partial new one is
         //    removed.
+        // The levels' choice table with the ejections running now (the plan's
+        // has none).
+        let mut tiers = plan.tiers;
+        if let Some(t) = &mut tiers {
+            let running = store.running_ejections(key, monotonic_ns())?;
+            with_ejections(t, &running);
+        }
         let mut publish = || -> Result<(), StoreError> {
             put_generation(store, new_map, id, generation, &plan.slots, ops)?;
-            if let Some(t) = &plan.tiers {
+            if let Some(t) = &tiers {
                 store.put_tiers(&tiers_key(id, generation), t)?;
                 *ops += 1;
             }
@@ -920,7 +1006,7 @@ fn write_and_publish<S: MapStore>(
         inst.policy = plan.policy;
         inst.flags = plan.flags;
         inst.slots = plan.slots;
-        inst.tiers = plan.tiers;
+        inst.tiers = tiers;
         inst.dirty = false;
         // The old generation's levels are unreachable now (a failed delete leaves
         // an entry the next publish of that generation replaces).

@@ -161,6 +161,14 @@ impl MapStore for Recorder {
         self.unexpected = true;
         Ok(())
     }
+    fn running_ejections(
+        &self,
+        _: &ServiceKey,
+        _: u64,
+    ) -> Result<super::super::store::Running, StoreError> {
+        // A service being added has no ejection running.
+        Ok(super::super::store::Running::default())
+    }
     fn snapshot(&self) -> Result<Snapshot, StoreError> {
         // Planning a write never reads the maps.
         Ok(Snapshot::default())

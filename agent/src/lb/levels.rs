@@ -349,12 +349,12 @@ pub fn static_shares(levels: &Levels, hosts: usize, ejected: &tiers::Ejected) ->
 pub fn layout(levels: &Levels) -> (Vec<usize>, Tiers) {
     let mut t = counts(levels);
     // Ranges to lay out: (level, which: 0 healthy, 1 degraded, 2 all).
-    let mut ranges: Vec<(usize, usize, &[(usize, u32)])> = Vec::new();
+    let mut ranges: Vec<(usize, u8, &Range)> = Vec::new();
     for (i, l) in levels.levels.iter().enumerate().take(MAX_TIERS) {
-        ranges.push((i, 0, &l.healthy));
-        ranges.push((i, 1, &l.degraded));
+        ranges.push((i, tiers::HEALTHY, &l.healthy));
+        ranges.push((i, tiers::DEGRADED, &l.degraded));
         if !same_hosts(&l.all, &l.healthy) {
-            ranges.push((i, 2, &l.all));
+            ranges.push((i, tiers::ALL, &l.all));
         }
     }
     let total: usize = ranges.iter().map(|(_, _, r)| r.len()).sum();
@@ -378,14 +378,17 @@ pub fn layout(levels: &Levels) -> (Vec<usize>, Tiers) {
         };
         let tier = &mut t.tiers[i];
         match which {
-            0 => {
+            tiers::HEALTHY => {
                 tier.healthy_slots = range;
                 tier.all_slots = range;
             }
-            1 => tier.degraded_slots = range,
+            tiers::DEGRADED => tier.degraded_slots = range,
             _ => tier.all_slots = range,
         }
     }
+    // The loads with no host ejected; the writer recomputes them with the
+    // ejections running when it publishes, and as they come and go.
+    t.choice = tiers::choice_table(&t, &tiers::loads(&t, &tiers::Ejected::NONE));
     (slots, t)
 }
 
@@ -406,6 +409,9 @@ pub fn level_of_positions(levels: &Levels) -> Vec<u8> {
     }
     out
 }
+
+/// A range's hosts: (position in the service's backends, slot weight).
+type Range = Vec<(usize, u32)>;
 
 /// Whether two ranges name the same hosts with proportional weights.
 fn same_hosts(a: &[(usize, u32)], b: &[(usize, u32)]) -> bool {

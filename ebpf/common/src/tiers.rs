@@ -153,7 +153,6 @@ pub struct Loads {
     pub panic: u32,
 }
 
-#[inline(always)]
 fn ratio(overprovisioning: u64, part: u64, hosts: u64) -> u64 {
     if hosts == 0 {
         return 0;
@@ -163,118 +162,72 @@ fn ratio(overprovisioning: u64, part: u64, hosts: u64) -> u64 {
 
 /// The levels' loads with `ejected` hosts out of their healthy and degraded
 /// counts.
-#[inline(always)]
 pub fn loads(t: &Tiers, ejected: &Ejected) -> Loads {
     let mut out = Loads::default();
     let opf = u64::from(t.overprovisioning);
-    let mut health = [0u64; MAX_TIERS];
-    let mut degraded = [0u64; MAX_TIERS];
-    let mut live = [0u64; MAX_TIERS];
-    let mut sum = 0u64;
-    for i in 0..MAX_TIERS {
-        let tier = &t.tiers[i];
-        let used = (i as u32) < t.count;
-        let hosts = if used { u64::from(tier.hosts) } else { 0 };
+    let count = (t.count as usize).min(MAX_TIERS);
+    let levels = &t.tiers[..count];
+    // Per level: its health, its degraded availability, its hosts that are
+    // healthy or degraded now, and its hosts (excluded ones left out).
+    let mut state = [(0u64, 0u64, 0u64, 0u64); MAX_TIERS];
+    for ((i, tier), st) in levels.iter().enumerate().zip(state.iter_mut()) {
         let [eh, ed] = ejected.of(i);
+        let hosts = u64::from(tier.hosts);
         let h = u64::from(tier.healthy.saturating_sub(eh));
         let d = u64::from(tier.degraded.saturating_sub(ed));
-        health[i] = ratio(opf, h, hosts);
-        degraded[i] = ratio(opf, d, hosts);
-        live[i] = h + d;
-        sum += health[i] + degraded[i];
+        *st = (ratio(opf, h, hosts), ratio(opf, d, hosts), h + d, hosts);
     }
-    let normalized = sum.min(100);
-    // Panic, per level, only below a full normalized total.
+    let state = &state[..count];
+    let normalized = state.iter().map(|s| s.0 + s.1).sum::<u64>().min(100);
+    // Panic, per level, only below a full normalized total: Envoy's
+    // `100 × healthy / hosts + 100 × degraded / hosts < threshold`, an empty level
+    // counting as 0 %.
     let threshold = u64::from(t.panic_percent.min(100));
-    let mut in_panic = 0u32;
-    let mut all_panic = t.count > 0;
-    for i in 0..MAX_TIERS {
-        if (i as u32) >= t.count {
-            continue;
-        }
-        let hosts = u64::from(t.tiers[i].hosts);
-        // Envoy: (100 × healthy / hosts + 100 × degraded / hosts) < threshold,
-        // an empty level counting as 0 %.
-        let panic =
-            normalized < 100 && threshold > 0 && (hosts == 0 || 100 * live[i] < threshold * hosts);
-        if panic {
-            in_panic |= 1 << i;
-        } else {
-            all_panic = false;
+    for (i, &(_, _, live, hosts)) in state.iter().enumerate() {
+        if normalized < 100 && threshold > 0 && (hosts == 0 || 100 * live < threshold * hosts) {
+            out.panic |= 1 << i;
         }
     }
-    if all_panic {
+    if count > 0 && out.panic.count_ones() as usize == count {
         // Every level in panic: loads by the levels' host counts, excluded hosts
-        // included; what rounding leaves goes to the first level with hosts.
-        let total: u64 = (0..MAX_TIERS)
-            .filter(|&i| (i as u32) < t.count)
-            .map(|i| u64::from(t.tiers[i].total))
-            .sum();
-        let mut left = 100u64;
-        let mut first = MAX_TIERS;
-        for i in 0..MAX_TIERS {
-            let n = if (i as u32) < t.count {
-                u64::from(t.tiers[i].total)
-            } else {
-                0
-            };
-            if total > 0 {
-                let l = 100 * n / total;
-                out.healthy[i] = l as u32;
-                left -= l;
-            }
-            if n > 0 && first == MAX_TIERS {
-                first = i;
+        // included; what rounding leaves goes to the first level with hosts (or
+        // level 0 when no level has any).
+        let total: u64 = levels.iter().map(|l| u64::from(l.total)).sum();
+        let mut left = 100;
+        if let Some(total) = core::num::NonZeroU64::new(total) {
+            for (load, l) in out.healthy.iter_mut().zip(levels) {
+                let share = 100 * u64::from(l.total) / total;
+                *load = share as u32;
+                left -= share;
             }
         }
-        // No host at all: level 0.
-        let first = if first == MAX_TIERS { 0 } else { first };
-        for i in 0..MAX_TIERS {
-            if i == first {
-                out.healthy[i] += left as u32;
-            }
-        }
-        out.panic = in_panic;
+        let first = levels.iter().position(|l| l.total > 0).unwrap_or(0);
+        out.healthy[first] += left as u32;
         return out;
     }
     if normalized == 0 {
         // Nothing can serve (panic disabled, no healthy or degraded host): level 0.
         out.healthy[0] = 100;
-        out.panic = in_panic;
         return out;
     }
     let mut left = 100u64;
-    for i in 0..MAX_TIERS {
-        let l = (health[i] * 100 / normalized).min(left);
-        out.healthy[i] = l as u32;
+    for (load, s) in out.healthy.iter_mut().zip(state) {
+        let l = (s.0 * 100 / normalized).min(left);
+        *load = l as u32;
         left -= l;
     }
-    for i in 0..MAX_TIERS {
-        let l = (degraded[i] * 100 / normalized).min(left);
-        out.degraded[i] = l as u32;
+    for (load, s) in out.degraded.iter_mut().zip(state) {
+        let l = (s.1 * 100 / normalized).min(left);
+        *load = l as u32;
         left -= l;
     }
     if left > 0 {
-        let mut first_healthy = MAX_TIERS;
-        let mut first_degraded = MAX_TIERS;
-        for i in (0..MAX_TIERS).rev() {
-            if health[i] > 0 {
-                first_healthy = i;
-            }
-            if degraded[i] > 0 {
-                first_degraded = i;
-            }
-        }
-        // Each level is looked at with a constant index (see [`Ejected`]).
-        for i in 0..MAX_TIERS {
-            if i == first_healthy {
-                out.healthy[i] += left as u32;
-            } else if first_healthy == MAX_TIERS && i == first_degraded {
-                out.degraded[i] += left as u32;
-            }
+        if let Some(i) = state.iter().position(|s| s.0 > 0) {
+            out.healthy[i] += left as u32;
+        } else if let Some(i) = state.iter().position(|s| s.1 > 0) {
+            out.degraded[i] += left as u32;
         }
     }
-    out.panic = in_panic;
     out
 }
 
