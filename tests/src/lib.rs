@@ -269,6 +269,7 @@ pub fn install(cgroup: &Cgroup, bpffs: &Bpffs) -> sockmesh::dataplane::Datapath 
     sockmesh::dataplane::Datapath::install(&sockmesh::dataplane::DatapathConfig {
         bpffs: bpffs.0.clone(),
         cgroup: cgroup.0.clone(),
+        scope: sockmesh::dataplane::AttachScope::Cgroup,
         allow_root_cgroup: false,
         limits: sockmesh::dataplane::Limits::default(),
     })
