@@ -60,3 +60,70 @@ pub struct SidecarScopeDump {
     pub narrowing_hosts: Vec<String>,
     pub error: Option<String>,
 }
+
+/// The enrollment's series in `/metrics`.
+pub fn register_metrics(
+    r: &mut prometheus_client::registry::Registry,
+    dump: &EnrollmentDump,
+    latency: prometheus_client::metrics::histogram::Histogram,
+) {
+    use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
+    type Labels = Vec<(String, String)>;
+    let gauge = |n: usize| {
+        let g: Gauge = Gauge::default();
+        g.set(i64::try_from(n).unwrap_or(i64::MAX));
+        g
+    };
+    let attached = dump
+        .enrolled
+        .values()
+        .filter(|p| p.state == "attached")
+        .count();
+    r.register(
+        "sockmesh_enrolled_pods",
+        "Pods of this node served by sockmesh: enrolled, with the programs attached to their cgroup",
+        gauge(attached),
+    );
+    r.register(
+        "sockmesh_enrollment_waiting_pods",
+        "Enrolled pods not served yet: their cgroup does not exist yet, a layout migration is pending, or attaching failed (retried)",
+        gauge(dump.enrolled.len() - attached),
+    );
+    let skipped: Family<Labels, Gauge> = Family::default();
+    for reason in super::enroll::SkipReason::ALL {
+        let n = dump
+            .skipped
+            .values()
+            .filter(|r| r.as_str() == reason.as_str())
+            .count();
+        skipped
+            .get_or_create(&vec![("reason".to_owned(), reason.as_str().to_owned())])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    r.register(
+        "sockmesh_skipped_pods",
+        "Pods of this node left alone, by reason (sidecar, ambient, waypoint, host_network, not_enrolled, opted_out, invalid_label, finished)",
+        skipped,
+    );
+    r.register(
+        "sockmesh_enrollment_seconds",
+        "From the watch event that enrolled a pod to its programs attached",
+        latency,
+    );
+    let errors: Family<Labels, Counter> = Family::default();
+    for (resource, n) in &dump.watch_errors {
+        errors
+            .get_or_create(&vec![("resource".to_owned(), resource.clone())])
+            .inc_by(*n);
+    }
+    r.register(
+        "sockmesh_kube_watch_errors",
+        "Failures watching the Kubernetes API, by resource (pods, namespaces); the watcher retries with backoff",
+        errors,
+    );
+    r.register(
+        "sockmesh_istio_sidecar_narrowing",
+        "1 while an Istio Sidecar without workloadSelector narrows the egress hosts istiod sends the node",
+        gauge(usize::from(!dump.istio_sidecar.narrowing_hosts.is_empty())),
+    );
+}

@@ -19,7 +19,7 @@ use tokio_stream::StreamExt as _;
 use tracing::{info, warn};
 
 use super::{
-    K8sError, KubeConfig,
+    KubeConfig,
     dump::{EnrolledPodDump, EnrollmentDump, SidecarScopeDump},
     enroll::{CgroupDriver, Decision, ENROLL_LABEL, NamespaceFacts, PodFacts, QosClass, decide},
     watch::{Change, WatchError},
@@ -343,12 +343,12 @@ impl Enrollment {
 /// `stop`. `view` gets the enrollment after every change.
 pub async fn run(
     cfg: KubeConfig,
+    client: kube::Client,
     datapath: EnrollHandle,
     view: watch::Sender<EnrollmentDump>,
     latency: Histogram,
     mut stop: watch::Receiver<bool>,
-) -> Result<(), K8sError> {
-    let client = cfg.client()?;
+) {
     let mut pods = pin!(super::watch::pods(client.clone(), &cfg.node_name));
     let mut namespaces = pin!(super::watch::namespaces(client.clone()));
     let (istio_tx, mut istio_rx) = mpsc::channel(1);
@@ -388,7 +388,7 @@ pub async fn run(
                 state.set_istio(scope);
                 false
             }
-            _ = stop.changed() => return Ok(()),
+            _ = stop.changed() => return,
         };
         if reconcile {
             let (paths, prune) = state.desired();

@@ -229,7 +229,7 @@ mod tests {
             "2026-01-01T00:00:00Z",
             &json!({"workloadSelector": {"labels": {"app": "web"}}, "egress": [{"hosts": ["./*"]}]}),
         );
-        let (eff, hosts) = effective_scope(&[selected.clone()], &[]);
+        let (eff, hosts) = effective_scope(std::slice::from_ref(&selected), &[]);
         assert_eq!((eff, hosts), (None, Vec::new()));
         let (eff, _) = effective_scope(&[selected], &[narrow_default()]);
         assert_eq!(eff.as_deref(), Some("istio-system/default"));
