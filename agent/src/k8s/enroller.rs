@@ -402,3 +402,140 @@ pub async fn run(
         view.send_replace(state.dump());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UID_A: &str = "0d3b6a2e-1c2d-4e5f-8a9b-00000000000a";
+    const UID_B: &str = "0d3b6a2e-1c2d-4e5f-8a9b-00000000000b";
+
+    fn pod(uid: &str, ns: &str, labels: &[(&str, &str)]) -> PodFacts {
+        PodFacts {
+            namespace: ns.into(),
+            name: format!("p-{}", &uid[uid.len() - 1..]),
+            uid: uid.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            qos: Some(QosClass::Burstable),
+            ..PodFacts::default()
+        }
+    }
+
+    fn labelled_ns() -> NamespaceFacts {
+        NamespaceFacts {
+            labels: [(ENROLL_LABEL.to_owned(), "true".to_owned())].into(),
+        }
+    }
+
+    fn state() -> Enrollment {
+        Enrollment::new(
+            "node-a",
+            Path::new("/cg/kubepods"),
+            CgroupDriver::Cgroupfs,
+            Histogram::new(LATENCY_BUCKETS),
+        )
+    }
+
+    fn cgroup(uid: &str) -> PathBuf {
+        PathBuf::from(format!("/cg/kubepods/burstable/pod{uid}"))
+    }
+
+    #[test]
+    fn nothing_is_pruned_until_both_first_lists_are_in() {
+        let mut s = state();
+        let t = Instant::now();
+        s.pods_change(Change::Listing, t);
+        s.pods_change(
+            Change::Listed(UID_A.into(), pod(UID_A, "shop", &[(ENROLL_LABEL, "true")])),
+            t,
+        );
+        assert_eq!(
+            s.desired(),
+            (BTreeSet::new(), false),
+            "a list in progress is not applied"
+        );
+        assert!(s.pods_change(Change::ListDone, t));
+        assert_eq!(
+            s.desired(),
+            ([cgroup(UID_A)].into(), false),
+            "namespaces not listed yet"
+        );
+        s.namespaces_change(Change::Listing, t);
+        assert!(s.namespaces_change(Change::ListDone, t));
+        assert_eq!(s.desired(), ([cgroup(UID_A)].into(), true));
+    }
+
+    #[test]
+    fn a_relist_drops_what_went_unseen_and_a_namespace_label_enrolls_its_pods() {
+        let mut s = state();
+        let t = Instant::now();
+        for c in [
+            Change::Listing,
+            Change::Listed(UID_A.into(), pod(UID_A, "shop", &[])),
+            Change::Listed(UID_B.into(), pod(UID_B, "shop", &[])),
+            Change::ListDone,
+        ] {
+            s.pods_change(c, t);
+        }
+        s.namespaces_change(Change::ListDone, t);
+        assert_eq!(s.desired().0, BTreeSet::new());
+        assert!(s.namespaces_change(Change::Applied("shop".into(), labelled_ns()), t));
+        assert_eq!(s.desired().0, [cgroup(UID_A), cgroup(UID_B)].into());
+        // 410 Gone: the relist has only A; B was deleted while the watch was down.
+        s.pods_change(Change::Listing, t);
+        s.pods_change(Change::Listed(UID_A.into(), pod(UID_A, "shop", &[])), t);
+        assert_eq!(
+            s.desired().0.len(),
+            2,
+            "the old view holds until the list completes"
+        );
+        s.pods_change(Change::ListDone, t);
+        assert_eq!(s.desired().0, [cgroup(UID_A)].into());
+        // The same object again changes nothing.
+        assert!(!s.pods_change(Change::Applied(UID_A.into(), pod(UID_A, "shop", &[])), t));
+        assert!(s.pods_change(Change::Deleted(UID_A.into()), t));
+        assert!(s.desired().0.is_empty());
+    }
+
+    #[test]
+    fn the_report_gives_each_enrolled_pod_its_state_and_latency() {
+        let mut s = state();
+        let t0 = Instant::now();
+        s.namespaces_change(Change::ListDone, t0);
+        s.pods_change(Change::ListDone, t0);
+        s.pods_change(
+            Change::Applied(UID_A.into(), pod(UID_A, "shop", &[(ENROLL_LABEL, "true")])),
+            t0,
+        );
+        s.pods_change(
+            Change::Applied(UID_B.into(), pod(UID_B, "shop", &[(ENROLL_LABEL, "true")])),
+            t0,
+        );
+        let report = EnrollReport {
+            attached: [(cgroup(UID_A), 42)].into(),
+            newly_attached: vec![cgroup(UID_A)],
+            missing: vec![cgroup(UID_B)],
+            ..EnrollReport::default()
+        };
+        s.apply_report(&report, t0 + Duration::from_micros(700));
+        let dump = s.dump();
+        let a = &dump.enrolled["shop/p-a"];
+        assert_eq!(
+            (a.state.as_str(), a.cgroup_id, a.enrolled_after_us),
+            ("attached", Some(42), Some(700))
+        );
+        assert_eq!(dump.enrolled["shop/p-b"].state, "waiting");
+        assert!(s.incomplete());
+        // Unenrolled by its label: it leaves the enrolled list for the skipped one.
+        s.pods_change(
+            Change::Applied(UID_A.into(), pod(UID_A, "shop", &[(ENROLL_LABEL, "false")])),
+            t0,
+        );
+        let dump = s.dump();
+        assert_eq!(dump.skipped["shop/p-a"], "opted_out");
+        assert!(!dump.enrolled.contains_key("shop/p-a"));
+    }
+}
