@@ -589,6 +589,8 @@ fn health_report(health_dir: &Path) -> Result<HealthReport, DataplaneError> {
 pub struct PinnedLinkInfo {
     /// The pin's file name: the program's name (`sm_connect4`, …).
     pub program: String,
+    /// The id of the cgroup the link was made for (its pin directory's).
+    pub cgroup_id: u64,
     /// The kernel's id of the link: it stays while the link is adopted.
     pub link_id: u32,
     /// The id of the program the link runs now: it changes when an agent swaps its
@@ -606,6 +608,12 @@ pub fn pinned_links(bpffs: &Path) -> Result<Vec<PinnedLinkInfo>, DataplaneError>
     let mut out = Vec::new();
     for cgroup in fs::read_dir(&links).map_err(io(&links))?.flatten() {
         let dir = cgroup.path();
+        let cgroup_id = cgroup
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_prefix("cg"))
+            .and_then(|id| id.parse().ok())
+            .unwrap_or(0);
         for pin in fs::read_dir(&dir).map_err(io(&dir))?.flatten() {
             let path = pin.path();
             let program = pin.file_name().to_string_lossy().into_owned();
@@ -623,6 +631,7 @@ pub fn pinned_links(bpffs: &Path) -> Result<Vec<PinnedLinkInfo>, DataplaneError>
                 })?;
             out.push(PinnedLinkInfo {
                 program,
+                cgroup_id,
                 link_id: info.id(),
                 program_id: info.program_id(),
             });

@@ -23,6 +23,8 @@ pub mod corpus;
 pub mod death;
 pub mod dns;
 pub mod envoy_lb;
+pub mod kubeapi;
+pub mod kubelab;
 pub mod kubeproxy;
 pub mod mesh;
 pub mod pki;
@@ -225,6 +227,16 @@ impl Cgroup {
             .expect("no cgroup v2 mount in /proc/self/mountinfo");
         let path = root.join(unique("sockmesh-test-"));
         fs::create_dir(&path).expect("create cgroup");
+        Cgroup(path)
+    }
+}
+
+impl Cgroup {
+    /// A child cgroup `name` of this one (removed on drop, before this one must
+    /// be: drop it first).
+    pub fn child(&self, name: &str) -> Cgroup {
+        let path = self.0.join(name);
+        fs::create_dir(&path).expect("create child cgroup");
         Cgroup(path)
     }
 }
