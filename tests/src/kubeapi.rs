@@ -78,6 +78,8 @@ struct Store {
     generation: u64,
     /// Bookmarks to send: the revision of each.
     bookmarks: Vec<u64>,
+    /// Bookmarks written to a watch: (collection, revision).
+    delivered: Vec<(Kind, u64)>,
     requests: Vec<Logged>,
     /// Sidecars by namespace; `None`: the Sidecar CRD is not installed (404).
     sidecars: Option<BTreeMap<String, Vec<Value>>>,
@@ -226,6 +228,16 @@ impl KubeApi {
     /// The current revision.
     pub fn revision(&self) -> u64 {
         self.store.lock().expect("store").revision
+    }
+
+    /// The bookmarks written to watches of `kind` so far, by revision.
+    pub fn bookmarks_delivered(&self, kind: Kind) -> Vec<u64> {
+        let s = self.store.lock().expect("store");
+        s.delivered
+            .iter()
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, r)| *r)
+            .collect()
     }
 
     /// Every request so far.
@@ -463,8 +475,21 @@ impl Watch {
             notified.as_mut().enable();
             let (events, open) = self.pending(&store);
             for e in events {
+                let bookmark = (e["type"] == "BOOKMARK").then(|| {
+                    e["object"]["metadata"]["resourceVersion"]
+                        .as_str()
+                        .and_then(|r| r.parse::<u64>().ok())
+                        .unwrap_or_default()
+                });
                 if tx.send(line(e)).await.is_err() {
                     return;
+                }
+                if let Some(rev) = bookmark {
+                    store
+                        .lock()
+                        .expect("store")
+                        .delivered
+                        .push((self.kind, rev));
                 }
             }
             if !open {

@@ -293,6 +293,19 @@ fn enrolling_and_unenrolling_under_a_connection_loop_fails_nothing() {
             lab.pinned_cgroups().is_empty()
         });
     }
+    let (sum, count) = (
+        admin
+            .metric("sockmesh_enrollment_seconds_sum")
+            .unwrap_or_default(),
+        admin
+            .metric("sockmesh_enrollment_seconds_count")
+            .unwrap_or_default(),
+    );
+    eprintln!(
+        "watch event → programs attached: {count} enrollments, mean {:.0} µs",
+        sum / count.max(1.0) * 1e6
+    );
+    assert!(count >= 7.0, "every enrolling flip measured: {count}");
     api.delete(Kind::Pod, UID_B);
     wait_until("B's links unpinned", Duration::from_secs(10), || {
         lab.pinned_cgroups().is_empty()
@@ -300,4 +313,204 @@ fn enrolling_and_unenrolling_under_a_connection_loop_fails_nothing() {
     let attached = lab.attached(&[&cg_b]);
     assert!(attached.iter().all(|(_, p)| p.is_empty()), "{attached:?}");
     assert!(agent.terminate().success());
+}
+
+const UID_1: &str = "7a1e0c5f-0000-4000-8000-000000000001";
+const UID_2: &str = "7a1e0c5f-0000-4000-8000-000000000002";
+const UID_3: &str = "7a1e0c5f-0000-4000-8000-000000000003";
+const UID_4: &str = "7a1e0c5f-0000-4000-8000-000000000004";
+
+/// The pods watch requests the agent made so far: (lists, watches' revisions).
+fn pod_requests(api: &sockmesh_tests::kubeapi::KubeApi) -> (usize, Vec<Option<String>>) {
+    let reqs: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.kind == Kind::Pod)
+        .collect();
+    for r in &reqs {
+        assert_eq!(
+            r.field_selector.as_deref(),
+            Some("spec.nodeName=node-a"),
+            "{r:?}"
+        );
+    }
+    (
+        reqs.iter().filter(|r| !r.watch).count(),
+        reqs.iter()
+            .filter(|r| r.watch)
+            .map(|r| r.resource_version.clone())
+            .collect(),
+    )
+}
+
+/// The links pinned for the cgroup `id`: (program, link id, program id).
+fn links_of(lab: &KubeLab, id: u64) -> Vec<(String, u32, u32)> {
+    sockmesh::dataplane::pinned_links(&lab.bpffs.0)
+        .expect("pinned links")
+        .into_iter()
+        .filter(|l| l.cgroup_id == id)
+        .map(|l| (l.program, l.link_id, l.program_id))
+        .collect()
+}
+
+#[test]
+fn the_watch_resumes_relists_after_410_and_a_restarted_agent_adopts_and_prunes() {
+    let lab = KubeLab::new(Driver::Cgroupfs);
+    let api = &lab.api;
+    api.put(Kind::Namespace, namespace("shop", &[ENROLLED]));
+    // Istio installed, with a mesh-wide default narrowed to the own namespace.
+    api.set_sidecars("sockmesh-system", Vec::new());
+    api.set_sidecars(
+        "istio-system",
+        vec![serde_json::json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "Sidecar",
+            "metadata": {"name": "default", "namespace": "istio-system",
+                         "creationTimestamp": "2026-12-01T00:00:00Z"},
+            "spec": {"egress": [{"hosts": ["./*", "istio-system/*"]}]}})],
+    );
+    for (name, uid) in [("p1", UID_1), ("p2", UID_2), ("p3", UID_3)] {
+        put_pod(api, "shop", name, uid, &[], &[]);
+    }
+    let cg1 = lab.pod_cgroup(UID_1);
+    let cg2 = lab.pod_cgroup(UID_2);
+    let (mut agent, admin) = lab.agent();
+    wait_attached(&admin, "shop/p1");
+    wait_attached(&admin, "shop/p2");
+    let e = enrollment(&admin);
+    assert_eq!(e["cgroup_driver"], "cgroupfs");
+    assert_eq!(
+        e["enrolled"]["shop/p3"]["state"], "waiting",
+        "no cgroup yet: {e}"
+    );
+    assert_eq!(admin.metric("sockmesh_enrollment_waiting_pods"), Some(1.0));
+    wait_until("the Sidecar scope checked", Duration::from_secs(10), || {
+        let s = enrollment(&admin)["istio_sidecar"].clone();
+        (s["effective"] == "istio-system/default")
+            .then_some(())
+            .ok_or(s)
+    });
+    assert_eq!(
+        enrollment(&admin)["istio_sidecar"]["narrowing_hosts"],
+        serde_json::json!(["./*", "istio-system/*"])
+    );
+    assert_eq!(admin.metric("sockmesh_istio_sidecar_narrowing"), Some(1.0));
+
+    // The kubelet makes p3's cgroup: it is enrolled as soon as it appears.
+    let made = std::time::Instant::now();
+    let cg3 = lab.pod_cgroup(UID_3);
+    wait_attached(&admin, "shop/p3");
+    eprintln!(
+        "pod p3's cgroup made → attached (seen through /config_dump) in {:?}",
+        made.elapsed()
+    );
+    assert_eq!(lab.pinned_cgroups().len(), 3);
+
+    // A watch that ends resumes from the last revision seen: the bookmark's, newer
+    // than any event of this node's pods (a pod of another node moved it on).
+    let (lists, watches) = pod_requests(api);
+    assert_eq!(lists, 1, "{watches:?}");
+    api.put(
+        Kind::Pod,
+        sockmesh_tests::kubeapi::pod("shop", "x", UID_4, "node-b", &[], &[], false),
+    );
+    let mark = api.bookmark();
+    wait_until("the bookmark delivered", Duration::from_secs(10), || {
+        api.bookmarks_delivered(Kind::Pod).contains(&mark)
+    });
+    api.disconnect();
+    let resumed = wait_until("the pods watch resumed", Duration::from_secs(20), || {
+        let (_, w) = pod_requests(api);
+        (w.len() > watches.len())
+            .then(|| w.last().cloned().flatten())
+            .ok_or(w)
+    });
+    assert_eq!(resumed, Some(mark.to_string()), "resumed from the bookmark");
+    assert_eq!(pod_requests(api).0, 1, "resumed without a new list");
+
+    // p2 deleted while the watch is down and its history compacted: the resume is
+    // answered 410 Gone, the agent lists again, and p2's links go (its cgroup is
+    // still there: only the new list can tell the agent).
+    let id2 = cgroup_id(&cg2);
+    api.delete_unseen(Kind::Pod, UID_2);
+    wait_until(
+        "p2's links pruned after the relist",
+        Duration::from_secs(20),
+        || {
+            let pinned = lab.pinned_cgroups();
+            (!pinned.contains(&id2)).then_some(()).ok_or(pinned)
+        },
+    );
+    assert_eq!(pod_requests(api).0, 2, "listed again after 410");
+    assert!(
+        admin
+            .metric("sockmesh_kube_watch_errors_total{resource=\"pods\"}")
+            .is_some_and(|n| n >= 1.0)
+    );
+    assert!(enrollment(&admin)["enrolled"].get("shop/p2").is_none());
+    assert!(
+        sockmesh::dataplane::attached_programs(&cg2.0)
+            .expect("query")
+            .is_empty()
+    );
+    drop(cg2);
+
+    // A restarted agent: p3 stays enrolled (its links adopted, this agent's
+    // programs swapped in), p1 opted out meanwhile (pruned once the lists are
+    // in), p4 new.
+    let id1 = cgroup_id(&cg1);
+    let id3 = cgroup_id(&cg3);
+    let before = links_of(&lab, id3);
+    assert_eq!(before.len(), sockmesh::dataplane::HOOKS.len());
+    assert!(agent.terminate().success());
+    put_pod(
+        api,
+        "shop",
+        "p1",
+        UID_1,
+        &[("sockmesh.io/enrolled", "false")],
+        &[],
+    );
+    put_pod(api, "shop", "p4", UID_4, &[], &[]);
+    let cg4 = lab.pod_cgroup(UID_4);
+    let (mut agent, admin) = lab.agent();
+    wait_attached(&admin, "shop/p4");
+    wait_skipped(&admin, "shop/p1", "opted_out");
+    wait_until("p1's links pruned", Duration::from_secs(20), || {
+        let pinned = lab.pinned_cgroups();
+        (!pinned.contains(&id1)).then_some(()).ok_or(pinned)
+    });
+    assert_eq!(lab.pinned_cgroups(), {
+        let mut ids = vec![id3, cgroup_id(&cg4)];
+        ids.sort_unstable();
+        ids
+    });
+    let after = links_of(&lab, id3);
+    for ((prog, link, old_prog), (prog2, link2, new_prog)) in before.iter().zip(&after) {
+        assert_eq!(
+            (prog, link),
+            (prog2, link2),
+            "the link is adopted, not replaced"
+        );
+        assert_ne!(old_prog, new_prog, "{prog}: the new agent's program runs");
+    }
+    let attached: BTreeMap<_, _> = lab.attached(&[&cg1, &cg3, &cg4]).into_iter().collect();
+    assert!(attached[&cg1.0].is_empty(), "{attached:?}");
+    assert_eq!(
+        attached[&cg3.0].len(),
+        sockmesh::dataplane::HOOKS.len(),
+        "{attached:?}"
+    );
+
+    // Removed with sockmesh: uninstall --cgroup ROOT takes the pods' links too.
+    assert!(agent.terminate().success());
+    let mut cmd = std::process::Command::new(sockmesh_tests::sockmesh_bin());
+    cmd.arg("uninstall")
+        .arg("--bpffs")
+        .arg(&lab.bpffs.0)
+        .arg("--cgroup")
+        .arg(&lab.pods_root.0);
+    run(cmd);
+    assert!(lab.pinned_cgroups().is_empty());
+    let attached = lab.attached(&[&cg1, &cg3, &cg4]);
+    assert!(attached.iter().all(|(_, p)| p.is_empty()), "{attached:?}");
 }

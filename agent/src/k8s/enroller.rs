@@ -182,14 +182,18 @@ impl Enrollment {
             self.since.entry(uid.clone()).or_insert(at);
         }
         self.since.retain(|uid, _| enrolled.contains(uid));
-        let before = self.outcome.len();
-        self.outcome.retain(|uid, _| enrolled.contains(uid));
-        if self.outcome.len() < before {
-            info!(
-                enrolled = enrolled.len(),
-                "pods no longer enrolled (or gone): their programs are detached"
-            );
+        for uid in self.outcome.keys().filter(|u| !enrolled.contains(*u)) {
+            let why = self
+                .pods
+                .items
+                .get(uid)
+                .map_or("deleted", |p| match self.decision(p) {
+                    Decision::Skipped(r) => r.as_str(),
+                    Decision::Enrolled => "enrolled",
+                });
+            info!(uid = %uid, reason = why, "pod no longer enrolled: its programs are detached");
         }
+        self.outcome.retain(|uid, _| enrolled.contains(uid));
     }
 
     /// Where an enrolled pod's cgroup is. Without a QoS class yet, the one of the
