@@ -514,3 +514,52 @@ fn the_watch_resumes_relists_after_410_and_a_restarted_agent_adopts_and_prunes()
     let attached = lab.attached(&[&cg1, &cg3, &cg4]);
     assert!(attached.iter().all(|(_, p)| p.is_empty()), "{attached:?}");
 }
+
+#[test]
+fn an_agent_upgraded_from_serving_the_whole_pods_cgroup_hands_over_to_enrollment() {
+    let lab = KubeLab::new(Driver::Systemd);
+    let api = &lab.api;
+    api.put(Kind::Namespace, namespace("shop", &[]));
+    put_pod(api, "shop", "p1", UID_1, &[ENROLLED], &[]);
+    put_pod(api, "shop", "p2", UID_2, &[], &[]);
+    let cg1 = lab.pod_cgroup(UID_1);
+    let cg2 = lab.pod_cgroup(UID_2);
+    // The datapath as a release without enrollment left it: attached to the
+    // pods cgroup itself, serving every pod.
+    let table = lab.dir.0.join("table.json");
+    std::fs::write(
+        &table,
+        r#"[{"vip":"10.96.0.10","port":80,"protocol":"tcp","backends":[{"address":"10.10.1.11","port":8080,"weight":1}]}]"#,
+    )
+    .expect("table");
+    let mut cmd = std::process::Command::new(sockmesh_tests::sockmesh_bin());
+    cmd.arg("apply").arg("--cgroup").arg(&lab.pods_root.0);
+    cmd.arg("--bpffs")
+        .arg(&lab.bpffs.0)
+        .arg("--table")
+        .arg(&table);
+    run(cmd);
+    let root_id = cgroup_id(&lab.pods_root);
+    assert_eq!(lab.pinned_cgroups(), [root_id]);
+    let (mut agent, admin) = lab.agent();
+    wait_attached(&admin, "shop/p1");
+    wait_until(
+        "the pods cgroup's own links removed",
+        Duration::from_secs(20),
+        || {
+            let pinned = lab.pinned_cgroups();
+            (pinned == [cgroup_id(&cg1)]).then_some(()).ok_or(pinned)
+        },
+    );
+    let attached: BTreeMap<_, _> = lab.attached(&[&cg1, &cg2]).into_iter().collect();
+    assert!(attached[&lab.pods_root.0].is_empty(), "{attached:?}");
+    assert!(attached[&cg2.0].is_empty(), "{attached:?}");
+    assert_eq!(attached[&cg1.0].len(), sockmesh::dataplane::HOOKS.len());
+    // The maps were adopted: the agent's table replaces the old one in them.
+    sockmesh_tests::wait_for_backends(
+        &lab.bpffs,
+        "the agent's table",
+        &["10.10.1.11", "10.10.1.12"],
+    );
+    assert!(agent.terminate().success());
+}
