@@ -118,6 +118,18 @@ fn sidecar_ambient_and_enrolled_pods_side_by_side() {
     );
     assert_eq!(e["istio_sidecar"]["state"], "no_istio", "{e}");
     assert_eq!(admin.metric("sockmesh_enrolled_pods"), Some(1.0));
+    let mut cmd = std::process::Command::new(sockmesh_tests::sockmesh_bin());
+    cmd.arg("status")
+        .arg("--admin")
+        .arg(admin.addr().to_string());
+    cmd.arg("--bpffs").arg(&lab.bpffs.0);
+    let status = run(cmd);
+    eprintln!("sockmesh status:\n{status}");
+    assert!(status.contains("enrolled: shop/b attached"), "{status}");
+    assert!(
+        status.contains("2 skipped: host_network 1, sidecar 1"),
+        "{status}"
+    );
     assert_eq!(
         admin.metric("sockmesh_skipped_pods{reason=\"sidecar\"}"),
         Some(1.0)
@@ -174,6 +186,7 @@ fn sidecar_ambient_and_enrolled_pods_side_by_side() {
     );
     wait_skipped(&admin, "shop/a", "ambient");
     wait_skipped(&admin, "shop/b", "ambient");
+    eprintln!("ambient namespace: {}", enrollment(&admin)["skipped"]);
     assert_eq!(connect(&pod_a, &cg_a, 1), ["proxy"]);
     assert_eq!(
         captured.next("the ambient pod's connection", Duration::from_secs(5)),
