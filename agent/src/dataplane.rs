@@ -73,8 +73,6 @@ pub enum DataplaneError {
     OtherCgroup { pins: PathBuf, cgroup_id: u64 },
     #[error("this datapath serves one cgroup (--cgroup); it does not enroll pods")]
     NotEnrolling,
-    #[error("enrolling cgroup {}: {why}", path.display())]
-    Enroll { path: PathBuf, why: String },
     #[error("no sockmesh datapath is pinned at {} (is the agent installed with this --bpffs?)", path.display())]
     NotInstalled { path: PathBuf },
     #[error("{}", path.display())]

@@ -289,7 +289,9 @@ impl Datapath {
         Ok(report)
     }
 
-    /// Attaches a pending enrolling datapath to the cgroups it was last given.
+    /// Attaches a pending enrolling datapath to the cgroups it was last given. A
+    /// cgroup that fails is logged and left to the enroller's next try; the
+    /// others go live.
     pub(super) fn attach_enrolled(&mut self) -> Result<(), DataplaneError> {
         let desired = self
             .pods
@@ -299,12 +301,8 @@ impl Datapath {
         let pending = self.pending.take();
         let result = self.enroll(&desired, false);
         self.pending = pending;
-        let report = result?;
-        if let Some((path, why)) = report.failed.first() {
-            return Err(DataplaneError::Enroll {
-                path: path.clone(),
-                why: why.clone(),
-            });
+        for (path, why) in &result?.failed {
+            warn!(cgroup = %path.display(), error = %why, "attaching an enrolled pod's cgroup failed; retrying");
         }
         Ok(())
     }
