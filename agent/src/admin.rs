@@ -26,6 +26,16 @@ pub struct Admin {
     pub core: Arc<Mutex<Core>>,
     /// Where the maps are pinned (kernel counters are read from there).
     pub bpffs: PathBuf,
+    /// The pods' enrollment (`--kubernetes`; `None`: one cgroup is served).
+    pub enrollment: Option<EnrollmentView>,
+}
+
+/// The enroller's published state, read without a lock.
+#[derive(Clone)]
+pub struct EnrollmentView {
+    pub dump: watch::Receiver<crate::k8s::dump::EnrollmentDump>,
+    /// Watch event → the pod's programs attached.
+    pub latency: prometheus_client::metrics::histogram::Histogram,
 }
 
 /// `GET path` from an admin server (`sockmesh status`, tests): (status, body), or
@@ -57,6 +67,12 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
+    if !addr.ip().is_loopback() {
+        warn!(
+            %addr,
+            "the admin server listens beyond loopback: /config_dump shows the node's whole routing table and its pods to whoever reaches it; bind it to 127.0.0.1 unless something must scrape it from outside"
+        );
+    }
     if let Some(path) = address_file {
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, addr.to_string())?;
@@ -114,6 +130,7 @@ pub fn route(admin: &Admin, path: &str) -> Response<Full<Bytes>> {
     } else {
         crate::dataplane::HealthReport::default()
     };
+    let enrollment = admin.enrollment.as_ref().map(|e| e.dump.borrow().clone());
     let Ok(core) = admin.core.lock() else {
         return reply(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -123,18 +140,37 @@ pub fn route(admin: &Admin, path: &str) -> Response<Full<Bytes>> {
     };
     match path {
         "/readyz" => {
-            let (status, text) = readiness(&core);
+            let (status, text) = match &enrollment {
+                Some(e) if !e.synced => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: waiting for the first list of this node's pods and of the namespaces",
+                ),
+                _ => readiness(&core),
+            };
             reply(status, "text/plain", format!("{text}\n"))
         }
         "/metrics" => reply(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics(&core, &counters, &services, &conns, &health),
+            metrics_with(
+                &core,
+                &KernelReads {
+                    kernel: &counters,
+                    services: &services,
+                    conns: &conns,
+                    health: &health,
+                },
+                admin
+                    .enrollment
+                    .as_ref()
+                    .zip(enrollment.as_ref())
+                    .map(|(v, d)| (d, &v.latency)),
+            ),
         ),
         "/config_dump" => reply(
             StatusCode::OK,
             "application/json",
-            config_dump(&core, &health),
+            config_dump_with(&core, &health, enrollment),
         ),
         _ => reply(
             StatusCode::NOT_FOUND,
@@ -183,6 +219,41 @@ pub fn metrics(
     conns: &[(crate::model::Endpoint, u64)],
     health: &crate::dataplane::HealthReport,
 ) -> String {
+    metrics_with(
+        core,
+        &KernelReads {
+            kernel,
+            services,
+            conns,
+            health,
+        },
+        None,
+    )
+}
+
+/// What `/metrics` read from the pins before taking the core's lock.
+pub struct KernelReads<'a> {
+    pub kernel: &'a [(&'a str, u64)],
+    pub services: &'a [(crate::model::ServiceAddr, sockmesh_common::ServiceStats)],
+    pub conns: &'a [(crate::model::Endpoint, u64)],
+    pub health: &'a crate::dataplane::HealthReport,
+}
+
+/// [`metrics`], with the enrollment's series when pods are enrolled.
+pub fn metrics_with(
+    core: &Core,
+    reads: &KernelReads<'_>,
+    enrollment: Option<(
+        &crate::k8s::dump::EnrollmentDump,
+        &prometheus_client::metrics::histogram::Histogram,
+    )>,
+) -> String {
+    let KernelReads {
+        kernel,
+        services,
+        conns,
+        health,
+    } = *reads;
     use prometheus_client::{
         encoding::text::encode,
         metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -417,6 +488,9 @@ pub fn metrics(
         "Open connections of a circuit-breaking service, as the kernel counts them against max_connections",
         service_conns,
     );
+    if let Some((dump, latency)) = enrollment {
+        crate::k8s::dump::register_metrics(&mut r, dump, latency.clone());
+    }
     let mut out = String::new();
     let _ = encode(&mut out, &r);
     out
@@ -424,9 +498,19 @@ pub fn metrics(
 
 /// The routing table and per-type xDS state as JSON.
 pub fn config_dump(core: &Core, health: &crate::dataplane::HealthReport) -> String {
+    config_dump_with(core, health, None)
+}
+
+/// [`config_dump`], with the pods' enrollment.
+pub fn config_dump_with(
+    core: &Core,
+    health: &crate::dataplane::HealthReport,
+    enrollment: Option<crate::k8s::dump::EnrollmentDump>,
+) -> String {
     use crate::admin_types::{ConfigDump, DatapathDump, PushDump, TypeDump, micros};
     let kernel = core.kernel();
     ConfigDump {
+        enrollment,
         source: format!("{:?}", core.source),
         source_errors: core.source_errors,
         source_last_error: core.source_last_error.clone(),

@@ -53,6 +53,10 @@ pub struct ConfigDump {
     /// to now and how resolution goes. Absent from an older agent: empty.
     #[serde(default)]
     pub dns: BTreeMap<String, DnsDump>,
+    /// Which pods of the node are served (`--kubernetes`); absent when one
+    /// cgroup is served, and from an older agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment: Option<crate::k8s::dump::EnrollmentDump>,
     /// The routing table, as `sockmesh services --json` prints it.
     pub services: Vec<ServiceJson>,
 }
@@ -187,6 +191,7 @@ mod tests {
         )
         .expect("services");
         ConfigDump {
+            enrollment: None,
             source: "Connected".into(),
             source_errors: 1,
             source_last_error: Some("line 3: bad".into()),

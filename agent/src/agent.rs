@@ -93,10 +93,20 @@ pub struct AgentConfig {
     /// Where to write the admin server's bound address (Envoy's
     /// `--admin-address-path`), useful with port 0.
     pub admin_address_file: Option<PathBuf>,
+    /// Serve only the enrolled pods, followed through the Kubernetes API
+    /// (`--kubernetes`); `None`: every process of `datapath.cgroup`.
+    pub kubernetes: Option<crate::k8s::KubeConfig>,
 }
 
 /// Runs the agent until SIGINT/SIGTERM.
 pub async fn run(cfg: AgentConfig) -> Result<()> {
+    // The API client first: a wrong CA or URL stops the agent before it touches
+    // the kernel.
+    let kube_client = cfg
+        .kubernetes
+        .as_ref()
+        .map(crate::k8s::KubeConfig::client)
+        .transpose()?;
     let datapath = Datapath::install(&cfg.datapath)?;
     // A file or REST source reads proto3 JSON/YAML, which needs the protobuf
     // descriptors: decode them now, beside start-up, not inside the first update's
@@ -125,6 +135,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         };
     // The one owner of the kernel maps, on its own thread.
     let kernel = DatapathHandle::spawn(Box::new(datapath), terminate_removed);
+    let enroll_handle = kernel.enroller();
     let core = Core::new(kernel);
     let dns_targets = core.dns_targets();
     let core = Arc::new(Mutex::new(core));
@@ -135,10 +146,32 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         dns_targets,
         stop_rx.clone(),
     ));
+    let enrollment = match (cfg.kubernetes.clone(), kube_client) {
+        (Some(k8s), Some(client)) => {
+            let (view_tx, view) = watch::channel(crate::k8s::dump::EnrollmentDump::default());
+            let latency = prometheus_client::metrics::histogram::Histogram::new(
+                crate::k8s::enroller::LATENCY_BUCKETS,
+            );
+            tokio::spawn(crate::k8s::enroller::run(
+                k8s,
+                client,
+                enroll_handle,
+                view_tx,
+                latency.clone(),
+                stop_rx.clone(),
+            ));
+            Some(crate::admin::EnrollmentView {
+                dump: view,
+                latency,
+            })
+        }
+        _ => None,
+    };
     if let Some(addr) = cfg.admin {
         let admin = crate::admin::Admin {
             core: core.clone(),
             bpffs: cfg.datapath.bpffs.clone(),
+            enrollment,
         };
         // The admin server failing (say, its port is taken) must not take the
         // datapath's control loop down with it: it is logged and the agent goes on.

@@ -126,6 +126,7 @@ impl DatapathArgs {
         DatapathConfig {
             bpffs: self.pins.bpffs.clone(),
             cgroup: self.cgroup.clone(),
+            scope: crate::dataplane::AttachScope::Cgroup,
             allow_root_cgroup: self.allow_root_cgroup,
             limits: Limits {
                 services: self.max_services,

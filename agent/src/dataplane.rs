@@ -7,6 +7,7 @@
 //! what differs. [`read_table`], [`read_counters`] and [`uninstall`] work on the
 //! pins alone, without an agent.
 
+mod cgroups;
 #[cfg(test)]
 mod contract;
 pub mod destroy;
@@ -29,6 +30,7 @@ use std::{
 
 pub use crate::model::Limits;
 use aya::Ebpf;
+pub use cgroups::{AttachScope, EnrollReport};
 pub use keys::service_key;
 pub use loader::{
     Attachment, PinLayout, attached_program_run_stats, attached_program_work, attached_programs,
@@ -70,6 +72,8 @@ pub enum DataplaneError {
         pins.display()
     )]
     OtherCgroup { pins: PathBuf, cgroup_id: u64 },
+    #[error("this datapath serves one cgroup (--cgroup); it does not enroll pods")]
+    NotEnrolling,
     #[error("no sockmesh datapath is pinned at {} (is the agent installed with this --bpffs?)", path.display())]
     NotInstalled { path: PathBuf },
     #[error("{}", path.display())]
@@ -129,8 +133,12 @@ pub enum DataplaneError {
 pub struct DatapathConfig {
     /// A directory on bpffs; pins go under `<bpffs>/v<LAYOUT_VERSION>/`.
     pub bpffs: PathBuf,
-    /// The cgroup v2 directory whose processes are load balanced.
+    /// The cgroup v2 directory whose processes are load balanced
+    /// ([`AttachScope::Cgroup`]), or below which the enrolled pods' cgroups are
+    /// ([`AttachScope::EnrolledPods`]).
     pub cgroup: PathBuf,
+    /// Attach at `cgroup`, or to each enrolled pod's cgroup below it.
+    pub scope: AttachScope,
     /// Permit attaching to the root of the cgroup hierarchy (every process).
     pub allow_root_cgroup: bool,
     /// Map capacities for a fresh install (pinned maps keep theirs).
@@ -150,6 +158,10 @@ pub struct Datapath {
     retired: Vec<u32>,
     /// The kernel programs' events, until the datapath task takes them.
     events: Option<events::Events>,
+    /// The `--cgroup` directory.
+    root: PathBuf,
+    /// The enrolled pods' links ([`AttachScope::EnrolledPods`]; `None`: one cgroup).
+    pods: Option<cgroups::PodLinks>,
 }
 
 /// A datapath built beside another layout's, not attached yet.
@@ -179,18 +191,43 @@ impl Datapath {
         let (cgroup, cgroup_id) = loader::open_cgroup(&cfg.cgroup, cfg.allow_root_cgroup)?;
         let layout = PinLayout::new(&cfg.bpffs);
         let others = loader::other_layouts(&cfg.bpffs);
+        let enrolling = cfg.scope == AttachScope::EnrolledPods;
         for (_, other) in &others {
-            // Retiring a layout that serves another cgroup would take its datapath away.
-            loader::refuse_other_cgroups(other, cgroup_id)?;
+            // Retiring a layout that serves another cgroup would take its datapath
+            // away (an enrolling one serves many, below its root).
+            if enrolling {
+                cgroups::refuse_outside(other, &cfg.cgroup)?;
+            } else {
+                loader::refuse_other_cgroups(other, cgroup_id)?;
+            }
         }
         let mut ebpf = loader::load(&layout, &cfg.limits, &features)?;
         loader::load_programs(&mut ebpf)?;
         // Our links already pinned means an earlier run of this layout filled the maps
         // and attached (perhaps stopping before it retired the others).
         let mut retired = Vec::new();
-        let (attachment, pending) = if others.is_empty() || loader::links_pinned(&layout, cgroup_id)
-        {
-            let attachment = loader::attach(&mut ebpf, &layout, cgroup.as_fd(), cgroup_id)?;
+        let ours_pinned = if enrolling {
+            !cgroups::pinned_cgroups(&layout).is_empty()
+        } else {
+            loader::links_pinned(&layout, cgroup_id)
+        };
+        let mut pods = None;
+        let (attachment, pending) = if others.is_empty() || ours_pinned {
+            let attachment = if enrolling {
+                // Every enrolled cgroup's links get this build's programs now; the
+                // pods to attach and to prune come from the caller's enrollment.
+                let adopted = cgroups::adopt(&ebpf, &layout)?;
+                let attachment = if adopted.is_empty() {
+                    Attachment::Attached
+                } else {
+                    Attachment::Adopted
+                };
+                pods = Some(adopted);
+                attachment
+            } else {
+                loader::refuse_other_cgroups(&layout, cgroup_id)?;
+                loader::attach(&mut ebpf, &layout, cgroup.as_fd(), cgroup_id)?
+            };
             if !others.is_empty() {
                 let pins = retire(&others)?;
                 retired = others.iter().map(|(v, _)| *v).collect();
@@ -204,6 +241,9 @@ impl Datapath {
                 "another pin layout serves this cgroup: building this layout beside it; it \
                  attaches once filled from the control plane"
             );
+            if enrolling {
+                pods = Some(cgroups::PodLinks::default());
+            }
             let pending = Pending {
                 cgroup,
                 cgroup_id,
@@ -244,6 +284,7 @@ impl Datapath {
         let services = writer.table().services.len();
         info!(
             cgroup = %cfg.cgroup.display(),
+            scope = ?cfg.scope,
             pins = %layout.root.display(),
             ?attachment,
             services,
@@ -257,6 +298,8 @@ impl Datapath {
             pending,
             retired,
             events: Some(events::Events::new(events)),
+            root: cfg.cgroup.clone(),
+            pods,
         })
     }
 
@@ -277,7 +320,15 @@ impl Datapath {
         let Some(p) = self.pending.as_ref() else {
             return Ok(None);
         };
-        loader::attach(&mut self.ebpf, &self.layout, p.cgroup.as_fd(), p.cgroup_id)?;
+        if self.pods.is_some() {
+            self.attach_enrolled()?;
+        } else {
+            loader::refuse_other_cgroups(&self.layout, p.cgroup_id)?;
+            loader::attach(&mut self.ebpf, &self.layout, p.cgroup.as_fd(), p.cgroup_id)?;
+        }
+        let Some(p) = self.pending.as_ref() else {
+            return Ok(None);
+        };
         let pins_removed = retire(&p.others)?;
         let retired: Vec<u32> = p.others.iter().map(|(v, _)| *v).collect();
         self.retired.extend(&retired);
@@ -562,6 +613,8 @@ fn health_report(health_dir: &Path) -> Result<HealthReport, DataplaneError> {
 pub struct PinnedLinkInfo {
     /// The pin's file name: the program's name (`sm_connect4`, …).
     pub program: String,
+    /// The id of the cgroup the link was made for (its pin directory's).
+    pub cgroup_id: u64,
     /// The kernel's id of the link: it stays while the link is adopted.
     pub link_id: u32,
     /// The id of the program the link runs now: it changes when an agent swaps its
@@ -579,6 +632,12 @@ pub fn pinned_links(bpffs: &Path) -> Result<Vec<PinnedLinkInfo>, DataplaneError>
     let mut out = Vec::new();
     for cgroup in fs::read_dir(&links).map_err(io(&links))?.flatten() {
         let dir = cgroup.path();
+        let cgroup_id = cgroup
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_prefix("cg"))
+            .and_then(|id| id.parse().ok())
+            .unwrap_or(0);
         for pin in fs::read_dir(&dir).map_err(io(&dir))?.flatten() {
             let path = pin.path();
             let program = pin.file_name().to_string_lossy().into_owned();
@@ -596,6 +655,7 @@ pub fn pinned_links(bpffs: &Path) -> Result<Vec<PinnedLinkInfo>, DataplaneError>
                 })?;
             out.push(PinnedLinkInfo {
                 program,
+                cgroup_id,
                 link_id: info.id(),
                 program_id: info.program_id(),
             });
@@ -615,9 +675,10 @@ pub fn uninstall(bpffs: &Path, cgroup: Option<&Path>) -> Result<usize, Dataplane
         .collect();
     layouts.push(PinLayout::new(bpffs));
     if let Some(cgroup) = cgroup {
-        let (_, cgroup_id) = loader::open_cgroup(cgroup, true)?;
+        loader::open_cgroup(cgroup, true)?;
+        // The cgroup itself, or the enrolled pods' cgroups below it.
         for layout in &layouts {
-            loader::refuse_other_cgroups(layout, cgroup_id)?;
+            cgroups::refuse_outside(layout, cgroup)?;
         }
     }
     let mut removed = 0;

@@ -9,6 +9,7 @@ pub mod admin_types;
 pub mod agent;
 pub mod cli;
 pub mod dataplane;
+pub mod k8s;
 pub mod lb;
 pub mod model;
 pub mod xds;

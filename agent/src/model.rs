@@ -49,7 +49,7 @@ pub fn removed_endpoints(
 pub type Changes = BTreeMap<ServiceAddr, Option<Service>>;
 
 /// How connect() places a service's connections on its backends (from the
-/// cluster's `lb_policy`; see the README's translation table).
+/// cluster's `lb_policy`; see the translation table, docs/xds.md).
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]
@@ -104,7 +104,7 @@ impl LbPolicy {
 }
 
 /// Outlier detection of a service, from its cluster's `outlier_detection` as it
-/// applies to connect failures (see the README's translation table).
+/// applies to connect failures (see the translation table, docs/xds.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Outlier {

@@ -23,6 +23,8 @@ pub mod corpus;
 pub mod death;
 pub mod dns;
 pub mod envoy_lb;
+pub mod kubeapi;
+pub mod kubelab;
 pub mod kubeproxy;
 pub mod mesh;
 pub mod pki;
@@ -229,6 +231,16 @@ impl Cgroup {
     }
 }
 
+impl Cgroup {
+    /// A child cgroup `name` of this one (removed on drop, before this one must
+    /// be: drop it first).
+    pub fn child(&self, name: &str) -> Cgroup {
+        let path = self.0.join(name);
+        fs::create_dir(&path).expect("create child cgroup");
+        Cgroup(path)
+    }
+}
+
 impl Drop for Cgroup {
     fn drop(&mut self) {
         // Whatever a failed test left running in its own cgroup (an agent, a traffic
@@ -269,6 +281,7 @@ pub fn install(cgroup: &Cgroup, bpffs: &Bpffs) -> sockmesh::dataplane::Datapath 
     sockmesh::dataplane::Datapath::install(&sockmesh::dataplane::DatapathConfig {
         bpffs: bpffs.0.clone(),
         cgroup: cgroup.0.clone(),
+        scope: sockmesh::dataplane::AttachScope::Cgroup,
         allow_root_cgroup: false,
         limits: sockmesh::dataplane::Limits::default(),
     })

@@ -11,13 +11,16 @@ use clap::{Parser, Subcommand};
 mod vm;
 
 /// Packages bpf-linker needs to build against Debian's LLVM 22, plus runtime tools.
-const APT_PACKAGES: [&str; 7] = [
+const APT_PACKAGES: [&str; 8] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
     "iproute2",
     "bpftool",
+    // The enroll test's sidecar capture (REDIRECT) and kube-proxy stand-in (DNAT),
+    // inside its own namespaces.
+    "iptables",
     // The manifest checks' and the plots' Python tools go into a venv of the
     // project's (`python`): Debian's own Python refuses `pip install` (PEP 668).
     "python3-venv",

@@ -90,6 +90,36 @@ impl NodeFlags {
     }
 }
 
+/// Enrollment: which pods are served, followed through the Kubernetes API.
+#[derive(Debug, clap::Args)]
+pub struct KubeFlags {
+    /// Serve only this node's enrolled pods (label sockmesh.io/enrolled=true on
+    /// the namespace or the pod; pods with an Istio sidecar, ambient pods and
+    /// host-network pods are left alone), watched through the Kubernetes API:
+    /// the programs attach to each enrolled pod's own cgroup below --cgroup,
+    /// never to --cgroup itself. Needs --node-name.
+    #[arg(long, env = "SOCKMESH_KUBERNETES")]
+    pub kubernetes: bool,
+    /// The API server, https://HOST:PORT (default: the in-cluster
+    /// KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT).
+    #[arg(long, env = "SOCKMESH_KUBE_API")]
+    pub kube_api: Option<String>,
+    /// The CA bundle (PEM) of the API server's certificate.
+    #[arg(long, env = "SOCKMESH_KUBE_CA", default_value = crate::k8s::DEFAULT_CA_FILE)]
+    pub kube_ca: PathBuf,
+    /// The API token (a projected ServiceAccount token), re-read as it rotates.
+    #[arg(long, env = "SOCKMESH_KUBE_TOKEN_FILE", default_value = crate::k8s::DEFAULT_TOKEN_FILE)]
+    pub kube_token_file: PathBuf,
+    /// The kubelet's cgroup driver, which names pod cgroups (default: systemd if
+    /// --cgroup ends in .slice, else cgroupfs).
+    #[arg(long, value_enum, env = "SOCKMESH_CGROUP_DRIVER")]
+    pub cgroup_driver: Option<crate::k8s::CgroupDriver>,
+    /// Istio's root namespace, whose Sidecar without workloadSelector applies to
+    /// the agent's namespace when that has none of its own.
+    #[arg(long, env = "SOCKMESH_ISTIO_ROOT_NAMESPACE", default_value = crate::k8s::DEFAULT_ISTIO_ROOT_NAMESPACE)]
+    pub istio_root_namespace: String,
+}
+
 /// `sockmesh agent` flags.
 #[derive(Debug, clap::Args)]
 pub struct AgentArgs {
@@ -109,6 +139,8 @@ pub struct AgentArgs {
     pub allow_plaintext_xds: bool,
     #[command(flatten)]
     pub node: NodeFlags,
+    #[command(flatten)]
+    pub kube: KubeFlags,
     /// CA bundle (PEM) to verify a grpcs:// control plane: istiod's mesh root, the
     /// istio-ca-root-cert ConfigMap's root-cert.pem. Read at every connection.
     #[arg(long, env = "SOCKMESH_XDS_CA")]
@@ -175,8 +207,32 @@ impl AgentArgs {
             namespace: Some(node.config_namespace().to_owned()),
             service_account: node.service_account.clone(),
         };
+        let mut datapath = self.datapath.config();
+        let kubernetes = if self.kube.kubernetes {
+            let node_name = node
+                .node_name
+                .clone()
+                .ok_or(crate::k8s::K8sError::NoNodeName)?;
+            datapath.scope = crate::dataplane::AttachScope::EnrolledPods;
+            Some(crate::k8s::KubeConfig {
+                api: self.kube.kube_api,
+                ca: self.kube.kube_ca,
+                token_file: self.kube.kube_token_file,
+                node_name,
+                namespace: node.config_namespace().to_owned(),
+                istio_root_namespace: self.kube.istio_root_namespace,
+                driver: self
+                    .kube
+                    .cgroup_driver
+                    .unwrap_or_else(|| crate::k8s::CgroupDriver::detect(&datapath.cgroup)),
+                cgroup_root: datapath.cgroup.clone(),
+            })
+        } else {
+            None
+        };
         Ok(AgentConfig {
-            datapath: self.datapath.config(),
+            datapath,
+            kubernetes,
             source,
             protocol: self.xds_protocol,
             node,
@@ -268,6 +324,29 @@ mod tests {
         .expect("ok");
         assert_eq!(cfg.credentials.cluster_id.as_deref(), Some("east"));
         assert!(cfg.node.metadata().contains_key("NODE_NAME"));
+    }
+
+    #[test]
+    fn kubernetes_mode_enrolls_pods_below_the_cgroup_and_needs_the_node() {
+        let cfg = agent(&["--xds", "grpcs://i:1"]).expect("ok");
+        assert_eq!(cfg.datapath.scope, crate::dataplane::AttachScope::Cgroup);
+        assert!(cfg.kubernetes.is_none());
+        let e = agent(&["--xds", "grpcs://i:1", "--kubernetes"]).expect_err("no node");
+        assert!(e.to_string().contains("--node-name"), "{e}");
+        let cfg =
+            agent(&["--xds", "grpcs://i:1", "--kubernetes", "--node-name", "n1"]).expect("ok");
+        assert_eq!(
+            cfg.datapath.scope,
+            crate::dataplane::AttachScope::EnrolledPods
+        );
+        let k = cfg.kubernetes.expect("kubernetes");
+        assert_eq!(k.node_name, "n1");
+        assert_eq!(
+            k.driver,
+            crate::k8s::CgroupDriver::Cgroupfs,
+            "/c is no slice"
+        );
+        assert_eq!(k.istio_root_namespace, "istio-system");
     }
 
     #[test]

@@ -70,6 +70,9 @@ impl PinView {
 struct StatusJson<'a> {
     agent: AgentJson<'a>,
     xds: Option<&'a BTreeMap<String, TypeDump>>,
+    /// The enrolled and skipped pods (`agent --kubernetes`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    enrollment: Option<&'a crate::k8s::dump::EnrollmentDump>,
     datapath: PinsJson,
 }
 
@@ -132,6 +135,7 @@ fn status_json<'a>(agent: &'a AgentView, pins: &PinView) -> StatusJson<'a> {
             None => AgentJson::Absent { running: false },
         },
         xds: agent.dump.as_ref().map(|d| &d.xds),
+        enrollment: agent.dump.as_ref().and_then(|d| d.enrollment.as_ref()),
         datapath: match &pins.table {
             Ok(t) => PinsJson::Installed {
                 installed: true,
@@ -219,6 +223,9 @@ fn write_text(
                     .unwrap_or_default()
             )?;
         }
+        if let Some(e) = &dump.enrollment {
+            write_enrollment(out, e)?;
+        }
     }
     match &pins.table {
         Ok(t) => writeln!(
@@ -234,6 +241,59 @@ fn write_text(
                 .join(" ")
         )?,
         Err(e) => writeln!(out, "datapath: not installed ({e})")?,
+    }
+    Ok(())
+}
+
+/// The enrolled pods, one line each, and the skipped ones counted by reason.
+fn write_enrollment(
+    out: &mut impl io::Write,
+    e: &crate::k8s::dump::EnrollmentDump,
+) -> io::Result<()> {
+    let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
+    for reason in e.skipped.values() {
+        *reasons.entry(reason.as_str()).or_default() += 1;
+    }
+    writeln!(
+        out,
+        "pods:     {} enrolled on node {} ({}; label {}=true), {} skipped{}{}",
+        e.enrolled.len(),
+        e.node,
+        e.cgroup_driver,
+        e.label,
+        e.skipped.len(),
+        if reasons.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ": {}",
+                reasons
+                    .iter()
+                    .map(|(r, n)| format!("{r} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        },
+        if e.synced { "" } else { " (not synced yet)" }
+    )?;
+    for (pod, p) in &e.enrolled {
+        writeln!(
+            out,
+            "enrolled: {pod} {}{}",
+            p.state,
+            p.error
+                .as_ref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        )?;
+    }
+    if !e.istio_sidecar.narrowing_hosts.is_empty() {
+        writeln!(
+            out,
+            "warning:  Istio Sidecar {} narrows the node's view to {}",
+            e.istio_sidecar.effective.as_deref().unwrap_or("?"),
+            e.istio_sidecar.narrowing_hosts.join(", ")
+        )?;
     }
     Ok(())
 }
@@ -293,6 +353,25 @@ mod tests {
                     last_error: Some("timed out".into()),
                 },
             )]),
+            enrollment: Some(crate::k8s::dump::EnrollmentDump {
+                node: "node-a".into(),
+                cgroup_driver: "systemd".into(),
+                label: "sockmesh.io/enrolled".into(),
+                synced: true,
+                enrolled: BTreeMap::from([(
+                    "shop/web-1".to_owned(),
+                    crate::k8s::dump::EnrolledPodDump {
+                        state: "attached".into(),
+                        ..Default::default()
+                    },
+                )]),
+                skipped: BTreeMap::from([
+                    ("shop/cart-1".to_owned(), "sidecar".to_owned()),
+                    ("shop/cart-2".to_owned(), "sidecar".to_owned()),
+                    ("mesh/api-1".to_owned(), "ambient".to_owned()),
+                ]),
+                ..Default::default()
+            }),
             services: vec![],
         }
     }
@@ -329,6 +408,8 @@ mod tests {
                 "layout:   v2 (migrating: the previous layout serves until this one is filled); capacity 8 services, 16 backends",
                 r#"xds eds:  version "v\"2", accepted 1, rejected 1, last error: port 0"#,
                 "dns:      outbound|443||api.example.com: 1 host names, 1 addresses, 3 resolutions, 1 failed, last error: timed out",
+                "pods:     1 enrolled on node node-a (systemd; label sockmesh.io/enrolled=true), 3 skipped: ambient 1, sidecar 2",
+                "enrolled: shop/web-1 attached",
                 "datapath: not installed (no sockmesh datapath is pinned at /pins/v2/maps/SM_SERVICES (is the agent installed with this --bpffs?))",
             ]
         );
@@ -347,6 +428,11 @@ mod tests {
         assert_eq!(json["agent"]["datapath"]["layout_version"], 2);
         assert_eq!(json["xds"]["eds"]["rejected"], 1);
         assert_eq!(json["datapath"]["installed"], false);
+        assert_eq!(
+            json["enrollment"]["enrolled"]["shop/web-1"]["state"],
+            "attached"
+        );
+        assert_eq!(json["enrollment"]["skipped"]["mesh/api-1"], "ambient");
         let absent = AgentView {
             ready: None,
             dump: None,

@@ -383,13 +383,14 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
 }
 
 /// Attaches every (loaded) program to the cgroup, or adopts the links pinned for it.
+/// (A datapath for one cgroup checks [`refuse_other_cgroups`] first; an enrolling
+/// one attaches to many, see `super::cgroups`.)
 pub fn attach(
     ebpf: &mut Ebpf,
     layout: &PinLayout,
     cgroup: BorrowedFd<'_>,
     cgroup_id: u64,
 ) -> Result<Attachment, DataplaneError> {
-    refuse_other_cgroups(layout, cgroup_id)?;
     let dir = layout.cgroup_links(cgroup_id);
     fs::create_dir_all(&dir).map_err(|source| DataplaneError::Io {
         path: dir.clone(),
@@ -484,7 +485,7 @@ fn pin_link(link: FdLink, pin: &Path) -> Result<(), DataplaneError> {
 
 /// Swaps `prog` into the link pinned at `pin` (`BPF_LINK_UPDATE`, raw: aya has it
 /// only for sock_addr links; see [`super::sys`]).
-fn replace_in_link(
+pub(super) fn replace_in_link(
     pin: &Path,
     prog: BorrowedFd<'_>,
     name: &'static str,
@@ -515,7 +516,7 @@ pub fn remove_pins(layout: &PinLayout) -> Result<usize, DataplaneError> {
 }
 
 /// `BPF_LINK_DETACH` on every link pinned under `dir`.
-fn detach_tree(dir: &Path) -> Result<(), DataplaneError> {
+pub(super) fn detach_tree(dir: &Path) -> Result<(), DataplaneError> {
     let Ok(entries) = fs::read_dir(dir) else {
         return Ok(());
     };
@@ -539,7 +540,7 @@ fn detach_tree(dir: &Path) -> Result<(), DataplaneError> {
     Ok(())
 }
 
-fn remove_tree(dir: &Path) -> Result<usize, DataplaneError> {
+pub(super) fn remove_tree(dir: &Path) -> Result<usize, DataplaneError> {
     let io_err = |source| DataplaneError::Io {
         path: dir.to_owned(),
         source,

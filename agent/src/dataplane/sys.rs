@@ -94,6 +94,27 @@ pub fn prog_run_stats(prog: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     Ok((info.run_time_ns, info.run_cnt))
 }
 
+/// `bpf(BPF_OBJ_GET_INFO_BY_FD)` of a cgroup link: the id of the cgroup it is
+/// attached to, 0 once that cgroup was removed (the kernel detached the link)
+/// or the link was detached. aya 0.16's `LinkInfo` keeps the field private.
+pub fn link_cgroup_id(link: BorrowedFd<'_>) -> io::Result<u64> {
+    use aya_obj::generated::bpf_link_info;
+    // SAFETY: bpf_link_info is a C struct of integers and unions of them: the
+    // all-zero bit pattern is a valid value.
+    let mut info: bpf_link_info = unsafe { std::mem::zeroed() };
+    let mut attr = zeroed_attr();
+    attr.info.bpf_fd = fd_u32(link);
+    attr.info.info_len = u32::try_from(std::mem::size_of::<bpf_link_info>())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    attr.info.info = std::ptr::from_mut(&mut info) as u64;
+    // SAFETY: as in `prog_run_stats`: `info` outlives the call and its true length
+    // bounds what the kernel writes.
+    unsafe { sys_bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
+    // SAFETY: reading the cgroup member of the union, plain integers; for any
+    // other link type it reads other integers, which the caller does not ask for.
+    Ok(unsafe { info.__bindgen_anon_1.cgroup.cgroup_id })
+}
+
 /// `bpf(BPF_LINK_DETACH)`: detach a link's program now; the link object stays
 /// (defunct) until its last reference goes.
 pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {

@@ -14,6 +14,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
     sync::mpsc,
     thread,
     time::{Duration, Instant},
@@ -25,7 +26,7 @@ use tracing::{info, warn};
 
 use crate::model::{Changes, Endpoint, RoutingTable, Usage};
 
-use super::{Attachment, Limits};
+use super::{Attachment, EnrollReport, Limits};
 
 /// Why the datapath could not do what the core asked.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,8 @@ pub enum SinkError {
     Datapath(#[from] super::DataplaneError),
     #[error(transparent)]
     Destroy(#[from] super::destroy::DestroyError),
+    #[error("the datapath task has stopped")]
+    Stopped,
 }
 
 /// An error with its sources, `outer: inner: …`, for logs and `/config_dump`.
@@ -110,6 +113,15 @@ pub trait TableSink: Send {
     fn take_events(&mut self) -> Option<super::events::Events> {
         None
     }
+
+    /// Makes the enrolled cgroups `cgroups` (see [`super::Datapath::enroll`]).
+    fn enroll(
+        &mut self,
+        _cgroups: &BTreeSet<PathBuf>,
+        _prune: bool,
+    ) -> Result<EnrollReport, SinkError> {
+        Err(SinkError::Datapath(super::DataplaneError::NotEnrolling))
+    }
 }
 
 impl TableSink for super::Datapath {
@@ -173,6 +185,14 @@ impl TableSink for super::Datapath {
     fn take_events(&mut self) -> Option<super::events::Events> {
         super::Datapath::take_events(self)
     }
+
+    fn enroll(
+        &mut self,
+        cgroups: &BTreeSet<PathBuf>,
+        prune: bool,
+    ) -> Result<EnrollReport, SinkError> {
+        Ok(super::Datapath::enroll(self, cgroups, prune)?)
+    }
 }
 
 /// Buckets of the update → kernel latency histogram (seconds): 50 µs … 1 s.
@@ -232,6 +252,8 @@ pub struct KernelStatus {
     pub migrating: bool,
     /// Commands handled so far (see [`DatapathHandle::sent`]).
     pub handled: u64,
+    /// Enrolled cgroups with the programs attached (enrollment only).
+    pub enrolled_cgroups: usize,
 }
 
 /// What to write.
@@ -259,6 +281,13 @@ enum Command {
     },
     /// Periodic work: a pending datapath may go live.
     Tick { warming: usize, now: Instant },
+    /// Enrollment: attach to these cgroups (and, with `prune`, only these). Sent
+    /// by an [`EnrollHandle`], not counted in [`DatapathHandle::sent`].
+    Enroll {
+        cgroups: BTreeSet<PathBuf>,
+        prune: bool,
+        done: oneshot::Sender<Result<EnrollReport, SinkError>>,
+    },
     /// Answers once every earlier command is handled.
     Flush(oneshot::Sender<()>),
     /// The kernel ejected an endpoint of this service (an event of `SM_EVENTS`).
@@ -418,6 +447,14 @@ impl DatapathHandle {
         self.send(Command::Tick { warming, now });
     }
 
+    /// A sender of enrollments to the task, for the Kubernetes watcher (which
+    /// runs apart from the xDS core that owns this handle).
+    pub fn enroller(&self) -> EnrollHandle {
+        EnrollHandle {
+            tx: self.tx.clone(),
+        }
+    }
+
     /// Returns once every command sent before is handled.
     pub fn flush(&mut self) -> Written {
         let (done, rx) = oneshot::channel();
@@ -441,6 +478,34 @@ impl DatapathHandle {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Sends enrollments to the datapath task: the one owner of the programs and
+/// their links. An enrollment waits behind the writes sent before it (a large
+/// initial load holds it for the load's time).
+#[derive(Clone, Debug)]
+pub struct EnrollHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl EnrollHandle {
+    /// Makes the enrolled cgroups `cgroups` (with `prune`, only those); returns
+    /// what the datapath did, once it is done.
+    pub async fn enroll(
+        &self,
+        cgroups: BTreeSet<PathBuf>,
+        prune: bool,
+    ) -> Result<EnrollReport, SinkError> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Enroll {
+                cgroups,
+                prune,
+                done,
+            })
+            .map_err(|_| SinkError::Stopped)?;
+        rx.await.map_err(|_| SinkError::Stopped)?
     }
 }
 
@@ -580,6 +645,20 @@ impl Task {
                     None
                 }
                 Command::Flush(done) => Some(done),
+                Command::Enroll {
+                    cgroups,
+                    prune,
+                    done,
+                } => {
+                    let report = self.sink.enroll(&cgroups, prune);
+                    if let Ok(r) = &report {
+                        self.status.enrolled_cgroups = r.attached.len();
+                    }
+                    let _ = done.send(report);
+                    status.send_replace(self.status.clone());
+                    // Not one of the core's commands: `handled` counts only those.
+                    continue;
+                }
             };
             self.status.handled += 1;
             self.status.usage = self.sink.usage();

@@ -526,7 +526,7 @@ pub struct ClusterPolicy {
     /// range is NACKed, so here it reads as off).
     pub health: Health,
     /// Why the kernel does something else than the cluster asks (logged once per
-    /// cluster; the README's translation table lists each case).
+    /// cluster; the translation table, docs/xds.md lists each case).
     pub fallback: Option<&'static str>,
 }
 

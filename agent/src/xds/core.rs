@@ -647,6 +647,7 @@ resources:
         let admin = crate::admin::Admin {
             core: core.clone(),
             bpffs: "/nonexistent/sockmesh-test".into(),
+            enrollment: None,
         };
         let (answer_tx, answer) = std::sync::mpsc::channel();
         std::thread::spawn(move || {

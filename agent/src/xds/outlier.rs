@@ -1,5 +1,5 @@
 //! A cluster's outlier detection and circuit breaking, as the kernel honours them
-//! for connections (see the README's translation table).
+//! for connections (see the translation table, docs/xds.md).
 //!
 //! - `outlier_detection` ejects a backend after failed connects in a row. A connect
 //!   failure is a locally originated error: with `split_external_local_origin_errors`

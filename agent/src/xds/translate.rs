@@ -1,6 +1,6 @@
 //! Listeners → the services they ask for. Pure: no I/O, unit-tested without root.
 //!
-//! What becomes a service (README, "xDS: what becomes a service"):
+//! What becomes a service (docs/xds.md, "xDS: what becomes a service"):
 //! - a Listener on a specific IP whose filter chain ends in `tcp_proxy` (its cluster
 //!   or weighted clusters), `http_connection_manager` (the catch-all route of the
 //!   virtual host for that IP, or of `*`), or, for UDP, a `udp_proxy` listener

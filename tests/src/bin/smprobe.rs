@@ -28,6 +28,9 @@
 //! smprobe clients ADDR:PORT PER SRC|- [SRC ...]       per client, PER TCP connects
 //!     one after the other, bound to source address SRC (`-`: unbound, the
 //!     kernel picks); one line per client: SRC NAME|E<errno> ...
+//! smprobe capture ADDR:PORT NAME                      a sidecar's capture port: for
+//!     each connection iptables redirected to it, one line with its original
+//!     destination (SO_ORIGINAL_DST); answers NAME and closes
 //! ```
 
 use std::{
@@ -55,6 +58,7 @@ fn main() -> ExitCode {
         Some("load") => load(&args[1..]),
         Some("timeline") => timeline(&args[1..]),
         Some("drain") => drain(&args[1..]),
+        Some("capture") => capture(&args[1..]),
         _ => Err("usage: smprobe serve|connect|udp|peer ...".to_owned()),
     };
     match result {
@@ -601,6 +605,32 @@ fn udp_hold(args: &[String]) -> Result<(), String> {
             break;
         }
         thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Accepts the connections iptables `REDIRECT` sends here, as a sidecar proxy's
+/// outbound port does, and prints where each was going (`SO_ORIGINAL_DST`, the
+/// destination before the redirect): what a proxy would apply its policy to.
+fn capture(args: &[String]) -> Result<(), String> {
+    let listen = addr(args.first())?;
+    let name = args.get(1).cloned().unwrap_or_else(|| "proxy".to_owned());
+    let listener = TcpListener::bind(listen).map_err(|e| format!("bind {listen}: {e}"))?;
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "ready");
+    let _ = out.flush();
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        let original =
+            nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::OriginalDst)
+                .map(|sa| {
+                    let ip = std::net::Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
+                    format!("{ip}:{}", u16::from_be(sa.sin_port))
+                })
+                .unwrap_or_else(|e| format!("E{}", e as i32));
+        let _ = writeln!(out, "{original}");
+        let _ = out.flush();
+        let _ = stream.write_all(name.as_bytes());
     }
     Ok(())
 }
