@@ -156,7 +156,9 @@ fn catch_all_clusters(
             .clusters
             .iter()
             .filter_map(|c| {
-                let weight = c.weight.as_ref().map_or(1, |w| w.value);
+                // Unset is 0, as Envoy reads it (`PROTOBUF_GET_WRAPPED_REQUIRED`
+                // in `source/common/router/config_impl.cc`): never picked.
+                let weight = c.weight.as_ref().map_or(0, |w| w.value);
                 (weight > 0).then(|| (c.name.clone(), weight))
             })
             .collect(),
