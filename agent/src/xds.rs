@@ -1,6 +1,7 @@
 //! The xDS side: decoding Envoy resources, translating them into the routing table,
 //! and the sources that deliver them (ADS over gRPC, files, REST-JSON).
 
+pub mod accept;
 pub mod ads;
 pub mod auth;
 pub mod clusters;

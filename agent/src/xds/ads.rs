@@ -35,9 +35,9 @@ use tracing::{info, warn};
 
 use super::{
     auth::{AuthFailure, AuthReason, Credentials, Token},
-    core::{Core, Handled, SourceState, Written},
+    core::{Core, SourceState},
     decode::Kind,
-    state::{Nack, Update},
+    state::Update,
 };
 
 /// Which xDS protocol variant to speak.
@@ -309,14 +309,6 @@ fn consumed_kind(core: &Arc<Mutex<Core>>, type_url: &str) -> Result<Option<Kind>
     Ok(kind)
 }
 
-/// The kernel write of a handled update (none for a NACK).
-fn written(result: &mut Result<Handled, Nack>) -> Written {
-    result
-        .as_mut()
-        .map(|h| std::mem::take(&mut h.written))
-        .unwrap_or_default()
-}
-
 fn nack_status(message: String) -> Status {
     Status {
         code: tonic::Code::InvalidArgument as i32,
@@ -382,7 +374,7 @@ async fn sotw(
         let mut follow_ups = Vec::new();
         let written = {
             let mut c = lock(core)?;
-            let mut result = c.handle(
+            let handled = c.handle(
                 Update::SotW {
                     kind,
                     version: resp.version_info.clone(),
@@ -392,10 +384,10 @@ async fn sotw(
             );
             let names = sent.get(&kind).cloned().unwrap_or_default();
             let version = c.state().version(kind);
-            let error = result.as_ref().err().map(|n| nack_status(n.0.clone()));
+            let error = handled.nack.as_ref().map(|n| nack_status(n.0.clone()));
             follow_ups.push(request(kind, names, version, resp.nonce, error));
             // New RDS/EDS names: (re)subscribe.
-            let resubscribe = result.as_ref().is_ok_and(|a| a.subscriptions_changed);
+            let resubscribe = handled.subscriptions_changed;
             for k in [Kind::Endpoint, Kind::Route]
                 .into_iter()
                 .filter(|_| resubscribe)
@@ -407,7 +399,7 @@ async fn sotw(
                     follow_ups.push(request(k, wanted, c.state().version(k), nonce, None));
                 }
             }
-            written(&mut result)
+            handled.written
         };
         // The ACK (or NACK) follows the kernel write, as Envoy's follows applying.
         written.wait().await;
@@ -469,7 +461,7 @@ async fn delta(
                 .into_iter()
                 .filter_map(|r| r.resource.map(|any| (r.name, r.version, any)))
                 .collect();
-            let mut result = c.handle(
+            let handled = c.handle(
                 Update::Delta {
                     kind,
                     added,
@@ -480,10 +472,10 @@ async fn delta(
             follow_ups.push(DeltaDiscoveryRequest {
                 type_url: kind.type_url().to_owned(),
                 response_nonce: resp.nonce,
-                error_detail: result.as_ref().err().map(|n| nack_status(n.0.clone())),
+                error_detail: handled.nack.as_ref().map(|n| nack_status(n.0.clone())),
                 ..Default::default()
             });
-            let resubscribe = result.as_ref().is_ok_and(|a| a.subscriptions_changed);
+            let resubscribe = handled.subscriptions_changed;
             for k in [Kind::Endpoint, Kind::Route]
                 .into_iter()
                 .filter(|_| resubscribe)
@@ -500,7 +492,7 @@ async fn delta(
                     *had = wanted;
                 }
             }
-            written(&mut result)
+            handled.written
         };
         // The ACK (or NACK) follows the kernel write, as Envoy's follows applying.
         written.wait().await;

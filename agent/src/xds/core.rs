@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::{
+    accept::Refused,
     clusters::{DnsAnswers, DnsTarget},
     decode::Kind,
     dns::Round,
@@ -36,14 +37,29 @@ fn status_refused(dns: &mut BTreeMap<String, DnsStatus>, cluster: &str, why: &st
 /// spent 5 % of its time in `malloc_trim` for a few hundred KiB.
 const LARGE_UPDATE: usize = 10_000;
 
-/// What an accepted update asks of its source.
-#[derive(Debug)]
+/// What a handled update asks of its source.
+#[derive(Debug, Default)]
 pub struct Handled {
     /// RDS or EDS names to subscribe to changed.
     pub subscriptions_changed: bool,
     /// The kernel write, handed to the datapath task: an ADS client waits on it
-    /// before it ACKs.
+    /// before it ACKs (or NACKs).
     pub written: Written,
+    /// The NACK to send: the update refused whole, or some of its resources (the
+    /// others applied).
+    pub nack: Option<Nack>,
+    /// The resources refused alone.
+    pub refused: Vec<Refused>,
+}
+
+impl Handled {
+    /// Nothing refused: what was handled; else the NACK.
+    pub fn result(self) -> Result<Self, Nack> {
+        match &self.nack {
+            None => Ok(self),
+            Some(n) => Err(n.clone()),
+        }
+    }
 }
 
 /// Connection state of the control-plane source.
@@ -264,9 +280,9 @@ impl Core {
         self.synced.contains(&Kind::Listener) && self.synced.contains(&Kind::Cluster)
     }
 
-    /// Accepts or rejects one update; an accepted one that changed the table is
-    /// handed to the datapath task (see [`Handled::written`]).
-    pub fn handle(&mut self, update: Update, received: Instant) -> Result<Handled, Nack> {
+    /// Applies what of one update is valid; a change of the table is handed to the
+    /// datapath task (see [`Handled::written`]), what was refused is the NACK.
+    pub fn handle(&mut self, update: Update, received: Instant) -> Handled {
         let kinds: Vec<Kind> = match &update {
             Update::SotW { kind, .. } | Update::Delta { kind, .. } => vec![*kind],
             Update::Full { .. } => Kind::ALL.to_vec(),
@@ -338,31 +354,41 @@ impl Core {
             .write(write, accepted.removed, received, warming)
     }
 
-    fn handle_inner(
-        &mut self,
-        update: Update,
-        received: Instant,
-        kinds: Vec<Kind>,
-    ) -> Result<Handled, Nack> {
-        let accepted = match self.state.apply(update) {
-            Ok(a) => a,
-            Err(nack) => {
-                warn!(types = ?kinds, error = %nack, "update rejected (NACK); keeping the last good state");
-                return Err(nack);
+    fn handle_inner(&mut self, update: Update, received: Instant, kinds: Vec<Kind>) -> Handled {
+        let applied = self.state.apply(update);
+        let whole = applied.nack.is_some() && applied.refused.is_empty();
+        if let Some(nack) = &applied.nack {
+            if whole {
+                warn!(types = ?kinds, error = %nack, "update refused (NACK); keeping the last good state");
+            } else {
+                warn!(
+                    types = ?kinds,
+                    refused = applied.refused.len(),
+                    error = %nack,
+                    "update applied but for the refused resources (NACK), which keep their last good version"
+                );
             }
-        };
+        }
+        if whole {
+            return Handled {
+                nack: applied.nack,
+                ..Handled::default()
+            };
+        }
         for line in self.state.take_new_ignored() {
             warn!("ignored: {line}");
         }
         self.synced.extend(kinds.iter().copied());
         self.publish_dns_targets();
-        let subscriptions_changed = accepted.subscriptions_changed;
+        let subscriptions_changed = applied.accepted.subscriptions_changed;
         // A failed write is counted, shown and retried, not NACKed.
-        let written = self.write_kernel(accepted, received, &format!("{kinds:?}"));
-        Ok(Handled {
+        let written = self.write_kernel(applied.accepted, received, &format!("{kinds:?}"));
+        Handled {
             subscriptions_changed,
             written,
-        })
+            nack: applied.nack,
+            refused: applied.refused,
+        }
     }
 }
 
@@ -493,7 +519,7 @@ resources:
 
     /// Handles `update` and waits for its kernel write.
     fn handle(core: &mut Core, update: Update, t0: Instant) -> Result<(), Nack> {
-        core.handle(update, t0)?.written.wait_blocking();
+        core.handle(update, t0).result()?.written.wait_blocking();
         Ok(())
     }
 
@@ -637,6 +663,7 @@ resources:
             .lock()
             .expect("lock")
             .handle(eds(&["a", "b"]), t0)
+            .result()
             .expect("accepted")
             .written;
         entered

@@ -14,7 +14,7 @@ use std::{
 
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use tokio::{io::unix::AsyncFd, sync::watch};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::{
     core::{Core, SourceState, Written},
@@ -113,24 +113,35 @@ fn load(
         received,
     );
     drop(c);
-    match handled {
-        Ok(h) => {
-            *known = read.next;
-            info!(
-                file = %path.display(),
-                decoded = changed,
-                kept,
-                decode_ms = decoded.as_millis() as u64,
-                state_ms = (received.elapsed() - decoded).as_millis() as u64,
-                "configuration file accepted"
-            );
-            Ok(h.written)
-        }
-        Err(source) => Err(LoadError::Rejected {
+    if handled.nack.is_some() && handled.refused.is_empty() {
+        let source = handled.nack.unwrap_or_else(|| Nack(String::new()));
+        return Err(LoadError::Rejected {
             path: path.to_owned(),
             source,
-        }),
+        });
     }
+    // A refused resource's text is not remembered as accepted: the next read
+    // decodes it again (and refuses it again, or applies its fix).
+    let mut next = read.next;
+    next.forget(handled.refused.iter().map(|r| (r.kind, r.name.as_str())));
+    *known = next;
+    if let Some(nack) = &handled.nack {
+        warn!(
+            file = %path.display(),
+            refused = handled.refused.len(),
+            error = %nack,
+            "configuration file applied but for the refused resources, which keep their last good version"
+        );
+    }
+    info!(
+        file = %path.display(),
+        decoded = changed,
+        kept,
+        decode_ms = decoded.as_millis() as u64,
+        state_ms = (received.elapsed() - decoded).as_millis() as u64,
+        "configuration file accepted"
+    );
+    Ok(handled.written)
 }
 
 /// Applies the file unless its text is the last one read, and waits for the

@@ -60,6 +60,16 @@ impl Known {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// Forgets the texts of `names` (resources the state refused: their text is
+    /// not the one it holds).
+    pub fn forget<'a>(&mut self, names: impl Iterator<Item = (Kind, &'a str)>) {
+        let names: HashSet<(Kind, &str)> = names.collect();
+        if !names.is_empty() {
+            self.0
+                .retain(|_, (kind, name)| !names.contains(&(*kind, &**name)));
+        }
+    }
 }
 
 /// A document read against what was accepted last.

@@ -155,20 +155,18 @@ async fn poll(
         if resp.version_info == c.state().version(kind) && !resp.version_info.is_empty() {
             return Ok(());
         }
-        match c.handle(
+        let handled = c.handle(
             Update::SotW {
                 kind,
                 version: resp.version_info,
                 resources: resp.resources,
             },
             received,
-        ) {
-            Ok(handled) => handled.written,
-            Err(nack) => {
-                warn!(kind = kind.short(), error = %nack, "REST response rejected");
-                return Ok(());
-            }
+        );
+        if let Some(nack) = &handled.nack {
+            warn!(kind = kind.short(), error = %nack, "REST response refused in part or whole; the valid resources are applied");
         }
+        handled.written
     };
     // The next poll (which carries this version) follows the kernel write.
     written.wait().await;

@@ -1,19 +1,23 @@
 //! The accepted xDS state and the accept/reject decision for each update.
 //!
-//! An update is decoded and validated completely, applied to the resource set, and
-//! translated; if anything fails (a bad resource, a table beyond the datapath's
-//! limits) the resource set is rolled back and the update is NACKed, so the last
-//! good table stays. Transport-agnostic: the ADS client (SotW and delta), the file
-//! source and the REST poller all feed [`XdsState::apply`].
+//! An update is decoded and validated resource by resource (`super::accept`): the
+//! valid resources are applied and translated, each refused one keeps its last
+//! good version and is named in the NACK. A table beyond the datapath's limits
+//! rolls the resource set back and NACKs the update. Transport-agnostic: the ADS
+//! client (SotW and delta), the file source and the REST poller all feed
+//! [`XdsState::apply`].
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+mod updates;
+
+use std::collections::{BTreeMap, BTreeSet};
 
 use sockmesh_proto::pb::google::protobuf::Any;
 
 use super::{
-    decode::{DecodeError, Kind, Resource, decode_any},
+    accept::{Refused, nack_of},
+    decode::Kind,
     incremental::{Changes, Dirty, Incremental},
-    translate::{Encoded, Resources},
+    translate::Resources,
 };
 use crate::model::{Limits, RoutingTable, Usage, validate_service};
 
@@ -64,6 +68,29 @@ impl Update {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct Nack(pub String);
+
+/// What became of an update: what was applied, and what was refused.
+#[derive(Debug, Default)]
+#[must_use]
+pub struct Applied {
+    pub accepted: Accepted,
+    /// The NACK, if anything of the update was refused (the update whole, or some
+    /// of its resources).
+    pub nack: Option<Nack>,
+    /// The resources refused alone (the others applied).
+    pub refused: Vec<Refused>,
+}
+
+impl Applied {
+    /// What was applied when nothing was refused, else the NACK (what was valid is
+    /// applied either way).
+    pub fn result(self) -> Result<Accepted, Nack> {
+        match self.nack {
+            None => Ok(self.accepted),
+            Some(n) => Err(n),
+        }
+    }
+}
 
 /// Why a routing table was refused: a service the datapath cannot hold, or a
 /// table beyond the maps' capacities.
@@ -116,6 +143,9 @@ pub struct XdsState {
     pub ignored_resources: u64,
     /// Listeners or clusters changed since the last `take_new_ignored`.
     ignored_dirty: bool,
+    /// Resources refused (and holding their last good version, if any), by kind
+    /// and name: why.
+    refused: BTreeMap<Kind, BTreeMap<String, String>>,
     /// The datapath's capacities: an update beyond them is NACKed.
     limits: Limits,
     /// What `table` takes of the maps.
@@ -128,19 +158,12 @@ pub struct XdsState {
     seed: RoutingTable,
 }
 
-/// A resource that decoded and passed validation, as its encoding.
-struct Checked {
-    kind: Kind,
-    name: String,
-    bytes: Box<[u8]>,
-    /// A ClusterLoadAssignment's backends, read while it was decoded for
-    /// validation, so staging does not decode it a second time.
-    backends: Option<Vec<crate::model::Backend>>,
-}
+/// The most of one refused resource's error the state keeps (for `/config_dump`).
+const REFUSED_ERROR_BYTES: usize = 1_024;
 
 /// What an update replaced, to put back on a NACK: (kind, name, the previous
 /// encoding or `None` if the resource was absent).
-type Undo = Vec<(Kind, String, Option<Box<[u8]>>)>;
+type Undo = Vec<(Kind, String, super::resources::Previous)>;
 
 impl XdsState {
     pub fn new() -> Self {
@@ -236,156 +259,77 @@ impl XdsState {
         fresh
     }
 
-    /// Accepts or rejects `update`. On rejection nothing changes.
-    pub fn apply(&mut self, update: Update) -> Result<Accepted, Nack> {
+    /// Applies `update`: every valid resource, each refused one keeping its last
+    /// good version; an update refused whole changes nothing.
+    pub fn apply(&mut self, update: Update) -> Applied {
         for kind in update.kinds() {
             self.stats.entry(kind).or_default().received += 1;
         }
-        let result = self.try_apply(&update);
+        let (accepted, refused, whole) = match self.try_apply(&update) {
+            Ok((accepted, refused)) => (accepted, refused, None),
+            Err(nack) => (Accepted::default(), Vec::new(), Some(nack)),
+        };
         let version = match &update {
             Update::SotW { version, .. } | Update::Full { version, .. } => Some(version.clone()),
             Update::Delta { .. } => None,
         };
         for kind in update.kinds() {
+            let of_kind: Vec<Refused> =
+                refused.iter().filter(|r| r.kind == kind).cloned().collect();
+            let error = match &whole {
+                Some(n) => Some(n.0.clone()),
+                None => (!of_kind.is_empty()).then(|| nack_of(&of_kind).0),
+            };
             let s = self.stats.entry(kind).or_default();
-            match &result {
-                Ok(_) => {
+            match error {
+                None => {
                     s.accepted += 1;
                     s.last_error = None;
                     if let Some(v) = &version {
                         s.version.clone_from(v);
                     }
                 }
-                Err(e) => {
+                Some(e) => {
                     s.rejected += 1;
-                    s.last_error = Some(e.0.clone());
+                    s.last_error = Some(e);
                     s.rejected_version.clone_from(&version);
                 }
             }
         }
-        result
+        let nack = whole.or_else(|| (!refused.is_empty()).then(|| nack_of(&refused)));
+        Applied {
+            accepted,
+            nack,
+            refused,
+        }
     }
 
-    fn try_apply(&mut self, update: &Update) -> Result<Accepted, Nack> {
-        let mut undo: Undo = Vec::new();
-        let mut fresh = BTreeMap::new();
-        let mut versions: Vec<(Kind, String, Option<String>)> = Vec::new();
-        match update {
-            Update::SotW {
-                kind, resources, ..
-            } => {
-                let decoded = decode_all(resources.iter().map(|a| (*kind, a)))?;
-                let names: BTreeSet<String> = decoded.iter().map(|r| r.name.clone()).collect();
-                if kind.is_wildcard() {
-                    for name in self.names(*kind) {
-                        if !names.contains(&name) {
-                            undo.push((*kind, name.clone(), self.remove(*kind, &name)));
-                        }
-                    }
-                }
-                for r in decoded {
-                    // A resource sent again unchanged is neither undone nor re-translated.
-                    self.put_recorded(r, &mut undo, &mut fresh);
-                }
-            }
-            Update::Delta {
-                kind,
-                added,
-                removed,
-            } => {
-                let decoded = decode_all(added.iter().map(|(_, _, a)| (*kind, a)))?;
-                for ((sent_name, version, _), r) in added.iter().zip(decoded) {
-                    if !sent_name.is_empty() && *sent_name != r.name {
-                        return Err(Nack(format!(
-                            "{} resource {sent_name:?} carries the name {:?}",
-                            kind.short(),
-                            r.name
-                        )));
-                    }
-                    versions.push((*kind, r.name.clone(), Some(version.clone())));
-                    self.put_recorded(r, &mut undo, &mut fresh);
-                }
-                for name in removed {
-                    versions.push((*kind, name.clone(), None));
-                    undo.push((*kind, name.clone(), self.remove(*kind, name)));
-                }
-            }
-            Update::Full {
-                resources, kept, ..
-            } => {
-                // Types sockmesh does not consume (secrets, runtime, ...) are skipped
-                // and counted, not an error.
-                let known = resources.iter().filter_map(|a| {
-                    let kind = Kind::from_type_url(&a.type_url);
-                    if kind.is_none() {
-                        self.ignored_resources += 1;
-                    }
-                    kind.map(|k| (k, a))
-                });
-                let decoded = decode_all(known.collect::<Vec<_>>().into_iter())?;
-                // As SotW per type: what the document no longer holds is removed;
-                // what it holds unchanged is neither undone nor re-translated (one
-                // edited resource of a large file costs one resource).
-                // One pass over what the state holds: what is kept must be held
-                // (else nothing changes), what is neither kept nor sent goes.
-                let kept: HashSet<(Kind, &str)> = kept.iter().map(|(k, n)| (*k, &**n)).collect();
-                let sent: HashSet<(Kind, &str)> =
-                    decoded.iter().map(|r| (r.kind, r.name.as_str())).collect();
-                let mut held = 0;
-                let mut gone = Vec::new();
-                for kind in Kind::ALL {
-                    for name in self.held_names(kind) {
-                        if kept.contains(&(kind, name)) {
-                            held += 1;
-                        } else if !sent.contains(&(kind, name)) {
-                            gone.push((kind, name.to_owned()));
-                        }
-                    }
-                }
-                if held != kept.len() {
-                    return Err(Nack(format!(
-                        "{} of the {} resources to be kept are not held (resend the whole document)",
-                        kept.len() - held,
-                        kept.len()
-                    )));
-                }
-                for (kind, name) in gone {
-                    let old = self.remove(kind, &name);
-                    undo.push((kind, name, old));
-                }
-                for r in decoded {
-                    self.put_recorded(r, &mut undo, &mut fresh);
-                }
+    /// The resources refused now (each holding its last good version, if it had
+    /// one), by kind and name: why.
+    pub fn refused(&self) -> &BTreeMap<Kind, BTreeMap<String, String>> {
+        &self.refused
+    }
+
+    /// Records what an applied update did to each resource's standing: `accepted`
+    /// and `gone` names are no longer refused; `refused` ones are, until a later
+    /// version is accepted or they are removed.
+    fn note_refused<'a>(
+        &mut self,
+        accepted: impl Iterator<Item = (Kind, &'a str)>,
+        refused: &[Refused],
+    ) {
+        for (kind, name) in accepted {
+            if let Some(m) = self.refused.get_mut(&kind) {
+                m.remove(name);
             }
         }
-        let mut dirty = Dirty {
-            assignments: fresh,
-            ..Dirty::default()
-        };
-        for (kind, name, _) in &undo {
-            let set = match kind {
-                Kind::Listener => &mut dirty.listeners,
-                Kind::Route => &mut dirty.routes,
-                Kind::Cluster => &mut dirty.clusters,
-                Kind::Endpoint => &mut dirty.endpoints,
-            };
-            set.insert(name.clone());
+        for r in refused {
+            self.refused.entry(r.kind).or_default().insert(
+                r.name.clone(),
+                super::accept::truncate_to(&r.error, REFUSED_ERROR_BYTES),
+            );
         }
-        let accepted = match self.commit_dirty(&dirty, &update.kinds()) {
-            Ok(a) => a,
-            Err(e) => {
-                self.rollback(undo);
-                return Err(Nack(format!("the resulting routing table is refused: {e}")));
-            }
-        };
-        for (kind, name, version) in versions {
-            let map = self.resource_versions.entry(kind).or_default();
-            match version {
-                Some(v) => map.insert(name, v),
-                None => map.remove(&name),
-            };
-        }
-        Ok(accepted)
+        self.refused.retain(|_, m| !m.is_empty());
     }
 
     /// The last good answers of a DNS cluster.
@@ -485,166 +429,10 @@ impl XdsState {
     }
 
     fn rollback(&mut self, undo: Undo) {
-        for (kind, name, old) in undo.into_iter().rev() {
-            match old {
-                Some(bytes) => self.restore(kind, name, bytes),
-                None => {
-                    self.remove(kind, &name);
-                }
-            }
+        for (kind, name, previous) in undo.into_iter().rev() {
+            self.resources.restore(kind, name, previous);
         }
     }
-
-    fn names(&self, kind: Kind) -> Vec<String> {
-        let r = &self.resources;
-        match kind {
-            Kind::Cluster => r.clusters.keys().cloned().collect(),
-            Kind::Endpoint => r.endpoints.keys().cloned().collect(),
-            Kind::Listener => r.listeners.keys().cloned().collect(),
-            Kind::Route => r.routes.keys().cloned().collect(),
-        }
-    }
-
-    fn held_names(&self, kind: Kind) -> Box<dyn Iterator<Item = &str> + '_> {
-        let r = &self.resources;
-        match kind {
-            Kind::Cluster => Box::new(r.clusters.keys().map(String::as_str)),
-            Kind::Endpoint => Box::new(r.endpoints.keys().map(String::as_str)),
-            Kind::Listener => Box::new(r.listeners.keys().map(String::as_str)),
-            Kind::Route => Box::new(r.routes.keys().map(String::as_str)),
-        }
-    }
-
-    /// [`Self::put`], recording what it replaced in `undo` and a changed
-    /// assignment's backends in `fresh`.
-    fn put_recorded(
-        &mut self,
-        mut r: Checked,
-        undo: &mut Undo,
-        fresh: &mut BTreeMap<String, Vec<crate::model::Backend>>,
-    ) {
-        if let Some(old) = self.put(&r) {
-            if let Some(backends) = r.backends.take() {
-                fresh.insert(r.name.clone(), backends);
-            }
-            undo.push((r.kind, r.name, old));
-        }
-    }
-
-    /// Stores `r`. Returns `None` if the same encoding was stored already (nothing
-    /// changed), else `Some(previous encoding, if any)`.
-    fn put(&mut self, r: &Checked) -> Option<Option<Box<[u8]>>> {
-        fn put_in<T: prost::Message + Default>(
-            map: &mut BTreeMap<String, Encoded<T>>,
-            r: &Checked,
-        ) -> Option<Option<Box<[u8]>>> {
-            if map.get(&r.name).is_some_and(|old| old.bytes() == &*r.bytes) {
-                return None;
-            }
-            let new = Encoded::from_bytes(r.bytes.clone());
-            Some(map.insert(r.name.clone(), new).map(Encoded::into_bytes))
-        }
-        let res = &mut self.resources;
-        match r.kind {
-            Kind::Cluster => put_in(&mut res.clusters, r),
-            Kind::Endpoint => put_in(&mut res.endpoints, r),
-            Kind::Listener => put_in(&mut res.listeners, r),
-            Kind::Route => put_in(&mut res.routes, r),
-        }
-    }
-
-    /// Puts back an encoding an undo log kept.
-    fn restore(&mut self, kind: Kind, name: String, bytes: Box<[u8]>) {
-        let res = &mut self.resources;
-        match kind {
-            Kind::Cluster => {
-                res.clusters.insert(name, Encoded::from_bytes(bytes));
-            }
-            Kind::Endpoint => {
-                res.endpoints.insert(name, Encoded::from_bytes(bytes));
-            }
-            Kind::Listener => {
-                res.listeners.insert(name, Encoded::from_bytes(bytes));
-            }
-            Kind::Route => {
-                res.routes.insert(name, Encoded::from_bytes(bytes));
-            }
-        }
-    }
-
-    fn remove(&mut self, kind: Kind, name: &str) -> Option<Box<[u8]>> {
-        let res = &mut self.resources;
-        match kind {
-            Kind::Cluster => res.clusters.remove(name).map(Encoded::into_bytes),
-            Kind::Endpoint => res.endpoints.remove(name).map(Encoded::into_bytes),
-            Kind::Listener => res.listeners.remove(name).map(Encoded::into_bytes),
-            Kind::Route => res.routes.remove(name).map(Encoded::into_bytes),
-        }
-    }
-}
-
-/// Decodes every resource; all errors are reported together.
-///
-/// Each resource is kept only in its encoding once checked: decoding a whole update
-/// first would hold every decoded message at once (about 230 MiB for an initial
-/// push of 10,000 services), and the allocator keeps such a peak as resident memory.
-fn decode_all<'a>(items: impl Iterator<Item = (Kind, &'a Any)>) -> Result<Vec<Checked>, Nack> {
-    let items: Vec<(Kind, &Any)> = items.collect();
-    let read_backends = items.len() < READ_BACKENDS_BELOW;
-    // In order: a name sent twice keeps its last body, as decoded serially.
-    let parts = super::in_chunks(&items, PARALLEL_DECODE_FROM, |part| {
-        decode_part(part, read_backends)
-    });
-    let mut out = Vec::with_capacity(items.len());
-    let mut errors: Vec<String> = Vec::new();
-    for (checked, errs) in parts {
-        out.extend(checked);
-        errors.extend(errs);
-    }
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(Nack(errors.join("; ")))
-    }
-}
-
-/// Updates of at least this many resources are decoded on every core (protobuf
-/// decode and validation share nothing between resources).
-const PARALLEL_DECODE_FROM: usize = 2_000;
-
-/// Updates of fewer resources keep each assignment's backends from its validation
-/// decode (a batch of 1,000 endpoint changes then decodes each once). A larger one,
-/// an initial load, would hold them all at once: 50,000 assignments' backends took
-/// 30 MiB more of the agent's resident memory after the load, for no faster load.
-const READ_BACKENDS_BELOW: usize = 5_000;
-
-fn decode_part(items: &[(Kind, &Any)], read_backends: bool) -> (Vec<Checked>, Vec<String>) {
-    let mut out = Vec::with_capacity(items.len());
-    let mut errors: Vec<String> = Vec::new();
-    for &(kind, any) in items {
-        match decode_any(any, kind) {
-            Ok(r) => out.push(Checked {
-                kind: r.kind(),
-                name: r.name().to_owned(),
-                backends: match &r {
-                    Resource::Endpoint(e) if read_backends => {
-                        Some(super::clusters::assignment_backends(e))
-                    }
-                    _ => None,
-                },
-                // The bytes received: decoding them gives what was checked
-                // (re-encoding the decoded message cost a tenth of a large update).
-                bytes: any.value.clone().into_boxed_slice(),
-            }),
-            Err(DecodeError::WrongType { type_url, .. })
-                if Kind::from_type_url(&type_url).is_none() =>
-            {
-                errors.push(format!("resource type {type_url} is not supported"));
-            }
-            Err(e) => errors.push(e.to_string()),
-        }
-    }
-    (out, errors)
 }
 
 /// The datapath's rules, checked on the changed services only, and every map

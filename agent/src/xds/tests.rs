@@ -8,7 +8,9 @@ use super::{
 };
 use crate::model::{Backend, Protocol, ServiceAddr};
 
-fn full(yaml: &str) -> Update {
+mod acceptance;
+
+pub(super) fn full(yaml: &str) -> Update {
     let resp = discovery_response_from_text(yaml).expect("decodes");
     Update::Full {
         version: resp.version_info,
@@ -82,7 +84,7 @@ resources:
 #[test]
 fn tcp_proxy_over_eds_with_health_locality_and_priority() {
     let mut st = XdsState::new();
-    st.apply(full(TCP_EDS)).expect("accepted");
+    st.apply(full(TCP_EDS)).result().expect("accepted");
     let backends = &st.table().services[&svc("10.96.0.10", 9080, Protocol::Tcp)];
     assert_eq!(
         backends,
@@ -109,7 +111,7 @@ fn lower_priority_and_degraded_take_over_only_when_needed() {
             "      health_status: DEGRADED\n",
         );
     let mut st = XdsState::new();
-    st.apply(full(&yaml)).expect("accepted");
+    st.apply(full(&yaml)).result().expect("accepted");
     let active: Vec<_> = st.table().services[&svc("10.96.0.10", 9080, Protocol::Tcp)]
         .iter()
         .filter(|b| b.state == crate::model::BackendState::Active)
@@ -125,7 +127,7 @@ fn lower_priority_and_degraded_take_over_only_when_needed() {
         "    - endpoint: { address: { socket_address: { address: 10.1.0.9, port_value: 8080 } } }\n",
         "    - endpoint: { address: { socket_address: { address: 10.1.0.9, port_value: 8080 } } }\n      health_status: TIMEOUT\n",
     );
-    st.apply(full(&yaml)).expect("accepted");
+    st.apply(full(&yaml)).result().expect("accepted");
     let active: Vec<_> = st.table().services[&svc("10.96.0.10", 9080, Protocol::Tcp)]
         .iter()
         .filter(|b| b.state == crate::model::BackendState::Active)
@@ -168,7 +170,7 @@ resources:
       { endpoint: { address: { socket_address: { address: 10.1.2.1, port_value: 80 } } } } ] } ]
 "#;
     let mut st = XdsState::new();
-    st.apply(full(yaml)).expect("accepted");
+    st.apply(full(yaml)).result().expect("accepted");
     let b = &st.table().services[&svc("10.96.0.11", 80, Protocol::Tcp)];
     let w: Vec<u32> = b.iter().map(|b| b.weight).collect();
     assert_eq!(w, [450_000, 450_000, 100_000]);
@@ -230,7 +232,7 @@ resources:
     endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 10.1.3.1, port_value: 80 } } } } ] } ]
 "#;
     let mut st = XdsState::new();
-    st.apply(full(yaml)).expect("accepted");
+    st.apply(full(yaml)).result().expect("accepted");
     let keys: Vec<String> = st
         .table()
         .services
@@ -265,7 +267,9 @@ resources:
   address: { socket_address: { address: 10.96.0.12, port_value: 80 } }
   filter_chains: [ { filters: [ { name: tcp, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: c } } ] } ]
 "#;
-    st.apply(sotw(Kind::Listener, "1", listener)).expect("lds");
+    st.apply(sotw(Kind::Listener, "1", listener))
+        .result()
+        .expect("lds");
     assert!(
         st.table().services.is_empty(),
         "not published before its cluster warms"
@@ -275,7 +279,9 @@ resources:
 resources:
 - { "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster, name: c, type: EDS, eds_cluster_config: { eds_config: { ads: {} } } }
 "#;
-    st.apply(sotw(Kind::Cluster, "1", cds)).expect("cds");
+    st.apply(sotw(Kind::Cluster, "1", cds))
+        .result()
+        .expect("cds");
     assert!(
         st.table().services.is_empty(),
         "cluster known, endpoints not yet"
@@ -287,39 +293,18 @@ resources:
   cluster_name: c
   endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 10.1.4.1, port_value: 80 } } } } ] } ]
 "#;
-    st.apply(sotw(Kind::Endpoint, "1", eds)).expect("eds");
+    st.apply(sotw(Kind::Endpoint, "1", eds))
+        .result()
+        .expect("eds");
     assert_eq!(
         st.table().services[&svc("10.96.0.12", 80, Protocol::Tcp)],
         [be("10.1.4.1", 80, 1)]
     );
     // A new cluster version that is EDS again keeps the endpoints known.
-    st.apply(sotw(Kind::Cluster, "2", cds)).expect("cds again");
+    st.apply(sotw(Kind::Cluster, "2", cds))
+        .result()
+        .expect("cds again");
     assert_eq!(st.table().services.len(), 1);
-}
-
-#[test]
-fn invalid_resources_are_nacked_naming_resource_and_field_and_keep_state() {
-    let mut st = XdsState::new();
-    st.apply(full(TCP_EDS)).expect("accepted");
-    let before = st.table().clone();
-    let bad_port = TCP_EDS.replace(
-        "address: 10.1.0.4, port_value: 8080",
-        "address: 10.1.0.4, port_value: 70000",
-    );
-    let nack = st.apply(full(&bad_port)).expect_err("port out of range");
-    assert!(
-        nack.0.contains("ClusterLoadAssignment \"reviews.default.svc\": endpoints[1].lb_endpoints[0].endpoint.address.socket_address.port_value: 70000 is out of range"),
-        "{nack}"
-    );
-    let bad_addr = TCP_EDS.replace("address: 10.96.0.10,", "address: not-an-ip,");
-    let nack = st.apply(full(&bad_addr)).expect_err("bad address");
-    assert!(
-        nack.0.contains("Listener \"reviews\": address.socket_address.address: \"not-an-ip\" is not an IP address"),
-        "{nack}"
-    );
-    assert_eq!(st.table(), &before, "the last good table stays");
-    assert_eq!(st.version(Kind::Listener), "1");
-    assert_eq!(st.stats()[&Kind::Endpoint].rejected, 2);
 }
 
 #[test]
@@ -348,7 +333,7 @@ resources:
 {eps}"#
     );
     let mut st = XdsState::new();
-    let nack = st.apply(full(&yaml)).expect_err("over the limit");
+    let nack = st.apply(full(&yaml)).result().expect_err("over the limit");
     assert!(
         nack.0.contains("1025 backends exceed the limit of 1024"),
         "{nack}"
@@ -372,6 +357,7 @@ fn delta_adds_and_removes_and_remembers_versions() {
             added,
             removed: vec![],
         })
+        .result()
         .expect("delta");
     }
     assert_eq!(st.table().services.len(), 1);
@@ -381,6 +367,7 @@ fn delta_adds_and_removes_and_remembers_versions() {
         added: vec![],
         removed: vec!["reviews".into()],
     })
+    .result()
     .expect("removal");
     assert!(st.table().services.is_empty());
     assert!(st.resource_versions(Kind::Listener).is_empty());
@@ -513,7 +500,7 @@ fn incremental_translation_matches_full_translation() {
                 removed: vec![],
             }
         };
-        if st.apply(update).is_ok() {
+        if st.apply(update).result().is_ok() {
             accepted += 1;
             let full = translate(st.resources(), &[&before]);
             if st.table() != &full.table {
@@ -654,7 +641,7 @@ resources:
   endpoints: [ { lbEndpoints: [ { endpoint: { address: { socketAddress: { address: 10.244.4.2, portValue: 6379 } } } } ] } ]
 "#;
     let mut st = XdsState::new();
-    st.apply(full(yaml)).expect("accepted");
+    st.apply(full(yaml)).result().expect("accepted");
     let got = table_lines(st.table());
     assert_eq!(
         got,
@@ -743,6 +730,7 @@ resources:
         resources: resp.resources,
         kept: Vec::new(),
     })
+    .result()
     .expect("accepted");
     let got = table_lines(st.table());
     assert_eq!(
@@ -779,6 +767,7 @@ resources:
         resources: resp.resources,
         kept: Vec::new(),
     })
+    .result()
     .expect("a terminal filter of an unknown type is not an error");
     assert_eq!(table_lines(st.table()), got);
     assert!(st.passthrough().is_empty());
@@ -850,7 +839,7 @@ fn answers(pairs: &[(&str, &[&str])]) -> super::clusters::DnsAnswers {
 #[test]
 fn dns_clusters_warm_until_resolved_then_follow_their_answers() {
     let mut st = XdsState::new();
-    st.apply(full(DNS_CLUSTERS)).expect("accepted");
+    st.apply(full(DNS_CLUSTERS)).result().expect("accepted");
     let ext = svc("240.240.0.5", 443, Protocol::Tcp);
     let one = svc("240.240.0.6", 80, Protocol::Tcp);
     assert_eq!(st.warming(), [ext, one], "nothing resolved yet");
@@ -932,7 +921,7 @@ fn dns_answers_beyond_the_limits_are_refused_and_the_last_good_ones_stay() {
         backends: 4,
         ..crate::dataplane::Limits::default()
     });
-    st.apply(full(DNS_CLUSTERS)).expect("accepted");
+    st.apply(full(DNS_CLUSTERS)).result().expect("accepted");
     let good = answers(&[("a.ext.example", &["192.0.2.1"]), ("b.ext.example", &[])]);
     st.apply_dns("outbound|443||ext.example", good.clone())
         .expect("fits");
@@ -961,7 +950,7 @@ fn dns_answers_beyond_the_limits_are_refused_and_the_last_good_ones_stay() {
 #[test]
 fn a_cluster_that_stops_being_a_dns_cluster_forgets_its_answers() {
     let mut st = XdsState::new();
-    st.apply(full(DNS_CLUSTERS)).expect("accepted");
+    st.apply(full(DNS_CLUSTERS)).result().expect("accepted");
     st.apply_dns(
         "outbound|80||one.example",
         answers(&[("one.example", &["198.51.100.1"])]),
@@ -970,7 +959,7 @@ fn a_cluster_that_stops_being_a_dns_cluster_forgets_its_answers() {
     let static_cluster = DNS_CLUSTERS
         .replace("type: LOGICAL_DNS", "type: STATIC")
         .replace("address: one.example", "address: 198.51.100.7");
-    st.apply(full(&static_cluster)).expect("accepted");
+    st.apply(full(&static_cluster)).result().expect("accepted");
     assert!(!st.dns_targets().contains_key("outbound|80||one.example"));
     assert_eq!(st.dns_answers("outbound|80||one.example"), None);
     assert_eq!(
@@ -1012,14 +1001,19 @@ fn an_update_beyond_the_slot_map_is_nacked_by_the_state_and_nothing_changes() {
         weighted("a", "10.96.0.1", "10.1.0.2"),
         weighted("b", "10.96.0.2", "10.1.0.2")
     );
-    st.apply(full(&one)).expect("8 slots, added, fit in 11");
+    st.apply(full(&one))
+        .result()
+        .expect("8 slots, added, fit in 11");
     let before = table_lines(st.table());
     let two = format!(
         "resources:{}{}",
         weighted("a", "10.96.0.1", "10.1.0.3"),
         weighted("b", "10.96.0.2", "10.1.0.2")
     );
-    let nack = st.apply(full(&two)).expect_err("8 slots (+4) exceed 11");
+    let nack = st
+        .apply(full(&two))
+        .result()
+        .expect_err("8 slots (+4) exceed 11");
     assert!(
         nack.0.contains(
             "8 selection slots (+4 at the peak while services are rewritten) exceed the slot map's capacity of 11 (--max-slots)"
@@ -1058,7 +1052,7 @@ resources:
 
 fn policy_of(doc: &str) -> crate::model::LbPolicy {
     let mut st = XdsState::new();
-    st.apply(full(doc)).expect("accepted");
+    st.apply(full(doc)).result().expect("accepted");
     st.table().services[&svc("10.96.0.1", 80, Protocol::Tcp)].policy
 }
 
@@ -1148,11 +1142,13 @@ fn a_hash_on_what_connect_cannot_see_is_reported_for_consistent_hash_services_on
     let route = "cluster: c, hash_policy: [ { filter_state: { key: io.istio.peer } } ]";
     let mut st = XdsState::new();
     st.apply(full(&policy_doc(&[("c", "lb_policy: MAGLEV")], route)))
+        .result()
         .expect("maglev");
     assert_eq!(st.unhashable(), [(s, "filter state")]);
     // The same hash policy before a weighted-random cluster says nothing: there
     // is no hash to follow.
     st.apply(full(&policy_doc(&[("c", "lb_policy: RANDOM")], route)))
+        .result()
         .expect("random");
     assert!(st.unhashable().is_empty());
     // source_ip is what a consistent hash at connect() keys on: honoured.
@@ -1160,6 +1156,7 @@ fn a_hash_on_what_connect_cannot_see_is_reported_for_consistent_hash_services_on
         &[("c", "lb_policy: RING_HASH")],
         "cluster: c, hash_policy: [ { source_ip: {} } ]",
     )))
+    .result()
     .expect("ring hash on the source address");
     assert!(st.unhashable().is_empty());
 }
@@ -1174,6 +1171,7 @@ fn a_maglev_table_size_that_is_not_a_prime_is_nacked_one_beyond_the_kernel_is_ca
         )],
         "cluster: c",
     )))
+    .result()
     .expect("a prime");
     let before = st.table().clone();
     let doc = |size: &str| {
@@ -1185,7 +1183,7 @@ fn a_maglev_table_size_that_is_not_a_prime_is_nacked_one_beyond_the_kernel_is_ca
             "cluster: c",
         )
     };
-    let nack = st.apply(full(&doc("1000"))).expect_err("refused");
+    let nack = st.apply(full(&doc("1000"))).result().expect_err("refused");
     assert!(
         nack.0.contains(
             "Cluster \"c\": maglev_lb_config.table_size: 1000 is not a prime (Maglev needs a prime table size)"
@@ -1207,12 +1205,14 @@ fn a_policy_change_alone_is_a_change_of_the_service() {
         &[("c", "lb_policy: RANDOM")],
         "cluster: c",
     )))
+    .result()
     .expect("random");
     let accepted = st
         .apply(full(&policy_doc(
             &[("c", "lb_policy: LEAST_REQUEST")],
             "cluster: c",
         )))
+        .result()
         .expect("least request");
     let s = svc("10.96.0.1", 80, Protocol::Tcp);
     assert!(accepted.table_changed);
@@ -1230,7 +1230,7 @@ fn an_agent_restarted_during_a_dns_outage_keeps_the_kernels_backends() {
     let mut adopted = crate::model::RoutingTable::default();
     adopted.insert(ext, vec![be("192.0.2.1", 443, 2)]);
     let mut st = XdsState::with_previous(adopted);
-    st.apply(full(DNS_CLUSTERS)).expect("accepted");
+    st.apply(full(DNS_CLUSTERS)).result().expect("accepted");
     // Every host fails its first resolution: no answers at all.
     let outage = super::dns::Round {
         failed: [
@@ -1263,21 +1263,21 @@ fn an_agent_restarted_during_a_dns_outage_keeps_the_kernels_backends() {
 #[test]
 fn a_file_sent_again_changes_nothing_and_one_edit_changes_one_service() {
     let mut st = XdsState::new();
-    let first = st.apply(full(TCP_EDS)).expect("accepted");
+    let first = st.apply(full(TCP_EDS)).result().expect("accepted");
     assert!(first.table_changed);
     let reviews = svc("10.96.0.10", 9080, Protocol::Tcp);
     assert!(first.changes.contains_key(&reviews));
 
     // The same document again (an editor's save without a change, a ConfigMap
     // resync): nothing is re-translated, nothing reaches the kernel.
-    let again = st.apply(full(TCP_EDS)).expect("accepted");
+    let again = st.apply(full(TCP_EDS)).result().expect("accepted");
     assert!(!again.table_changed, "{again:?}");
     assert!(again.changes.is_empty(), "{again:?}");
 
     // One endpoint edited: that service, and only it, changes.
     let edited = TCP_EDS.replace("10.1.0.1,", "10.1.0.5,");
     assert_ne!(edited, TCP_EDS);
-    let one = st.apply(full(&edited)).expect("accepted");
+    let one = st.apply(full(&edited)).result().expect("accepted");
     assert_eq!(one.changes.keys().collect::<Vec<_>>(), [&reviews]);
     let backends = &one.changes[&reviews]
         .as_ref()
@@ -1290,14 +1290,17 @@ fn a_file_sent_again_changes_nothing_and_one_edit_changes_one_service() {
         .find("- \"@type\": type.googleapis.com/envoy.config.cluster.v3.Cluster")
         .expect("a cluster");
     let without_listener = format!("version_info: \"2\"\nresources:\n{}", &edited[cluster..]);
-    let gone = st.apply(full(&without_listener)).expect("accepted");
+    let gone = st
+        .apply(full(&without_listener))
+        .result()
+        .expect("accepted");
     assert_eq!(gone.changes.get(&reviews), Some(&None), "{gone:?}");
 }
 
 #[test]
 fn kept_resources_stay_unsent_and_a_kept_name_the_state_lacks_is_refused() {
     let mut st = XdsState::new();
-    st.apply(full(TCP_EDS)).expect("accepted");
+    st.apply(full(TCP_EDS)).result().expect("accepted");
     let reviews = svc("10.96.0.10", 9080, Protocol::Tcp);
     let Update::Full { resources, .. } = full(TCP_EDS) else {
         unreachable!("full() builds a full update")
@@ -1318,7 +1321,10 @@ fn kept_resources_stay_unsent_and_a_kept_name_the_state_lacks_is_refused() {
     };
 
     // Everything kept, nothing sent: nothing is removed, nothing changes.
-    let all_kept = st.apply(kept_only("2", names.clone())).expect("accepted");
+    let all_kept = st
+        .apply(kept_only("2", names.clone()))
+        .result()
+        .expect("accepted");
     assert!(all_kept.changes.is_empty(), "{all_kept:?}");
     assert!(st.table().services.contains_key(&reviews));
 
@@ -1330,6 +1336,7 @@ fn kept_resources_stay_unsent_and_a_kept_name_the_state_lacks_is_refused() {
         .collect();
     let gone = st
         .apply(kept_only("3", without_listener))
+        .result()
         .expect("accepted");
     assert_eq!(gone.changes.get(&reviews), Some(&None), "{gone:?}");
 
@@ -1338,6 +1345,7 @@ fn kept_resources_stay_unsent_and_a_kept_name_the_state_lacks_is_refused() {
     let before = st.table().clone();
     let err = st
         .apply(kept_only("4", names))
+        .result()
         .expect_err("the listener is not held");
     assert!(err.0.contains("not held"), "{err}");
     assert_eq!(*st.table(), before);
@@ -1385,6 +1393,7 @@ fn a_large_update_decodes_on_every_core_and_reports_every_bad_resource_in_order(
             added: added(&[5, n - 5]),
             removed: Vec::new(),
         })
+        .result()
         .expect_err("two bad ports");
     let first = err.0.find("\"svc-5\"").expect("the first chunk's error");
     let last = err
@@ -1397,5 +1406,6 @@ fn a_large_update_decodes_on_every_core_and_reports_every_bad_resource_in_order(
         added: added(&[]),
         removed: Vec::new(),
     })
+    .result()
     .expect("all good");
 }
