@@ -226,6 +226,28 @@ pub fn metrics(
         "xDS updates by type and result",
         updates,
     );
+    let refused: Family<Labels, Gauge> = Family::default();
+    for kind in crate::xds::decode::Kind::ALL {
+        let n = core
+            .state()
+            .refused()
+            .get(&kind)
+            .map_or(0, std::collections::BTreeMap::len);
+        refused
+            .get_or_create(&vec![("type".to_owned(), kind.short().to_owned())])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    r.register(
+        "sockmesh_xds_refused_resources",
+        "Resources refused (NACKed) that stand refused now, each keeping its last good version (listed in /config_dump)",
+        refused,
+    );
+    gauge(
+        &mut r,
+        "sockmesh_xds_not_interpreted_listeners",
+        "Listeners whose traffic sockmesh leaves alone because their terminal filter is not one it interprets (listed in /config_dump)",
+        core.state().left_alone().len(),
+    );
     counter(
         &mut r,
         "sockmesh_xds_ignored_responses",
@@ -501,6 +523,18 @@ pub fn config_dump(core: &Core, health: &crate::dataplane::HealthReport) -> Stri
                 };
                 (cluster, dump)
             })
+            .collect(),
+        refused: core
+            .state()
+            .refused()
+            .iter()
+            .map(|(k, m)| (k.short().to_owned(), m.clone()))
+            .collect(),
+        not_interpreted: core
+            .state()
+            .left_alone()
+            .into_iter()
+            .map(|(listener, why)| crate::admin_types::NotInterpretedDump { listener, why })
             .collect(),
         services: core.state().table().to_json(),
     }

@@ -53,8 +53,23 @@ pub struct ConfigDump {
     /// to now and how resolution goes. Absent from an older agent: empty.
     #[serde(default)]
     pub dns: BTreeMap<String, DnsDump>,
+    /// Resources refused and holding their last good version (if they had one),
+    /// by type (`lds`, `cds`, …) and name: why. Absent from an older agent: empty.
+    #[serde(default)]
+    pub refused: BTreeMap<String, BTreeMap<String, String>>,
+    /// Listeners whose traffic (some chain's, or all) sockmesh leaves alone: their
+    /// terminal filter is not one it interprets. Absent from an older agent: empty.
+    #[serde(default)]
+    pub not_interpreted: Vec<NotInterpretedDump>,
     /// The routing table, as `sockmesh services --json` prints it.
     pub services: Vec<ServiceJson>,
+}
+
+/// A listener sockmesh leaves alone, and why (one line per chain).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotInterpretedDump {
+    pub listener: String,
+    pub why: Vec<String>,
 }
 
 /// The control-plane connection: where, how it is secured, the node identity
@@ -255,6 +270,14 @@ mod tests {
                     last_error: Some("resolving \"api.example.com\": timed out".into()),
                 },
             )]),
+            refused: BTreeMap::from([(
+                "lds".to_owned(),
+                BTreeMap::from([("b".to_owned(), "Listener \"b\": name: bad".to_owned())]),
+            )]),
+            not_interpreted: vec![NotInterpretedDump {
+                listener: "240.240.0.3_20880".into(),
+                why: vec!["filter_chains[0]: a Dubbo proxy".into()],
+            }],
             services,
         }
     }
@@ -320,6 +343,9 @@ mod tests {
             // Added with outlier detection.
             "outlier_ejected": d.outlier_ejected,
             "dns": d.dns,
+            // Added with per-resource acceptance.
+            "refused": d.refused,
+            "not_interpreted": d.not_interpreted,
             "services": d.services,
         });
         serde_json::to_string_pretty(&dump).unwrap_or_default() + "\n"

@@ -252,6 +252,8 @@ mod tests {
             source_last_error: None,
             connection: crate::admin_types::ConnectionDump::default(),
             outlier_ejected: Vec::new(),
+            refused: BTreeMap::new(),
+            not_interpreted: Vec::new(),
             synced: true,
             push: PushDump::default(),
             datapath: DatapathDump {

@@ -16,7 +16,7 @@ use super::{
     clusters::{DnsAnswers, DnsTarget},
     decode::Kind,
     dns::Round,
-    state::{Accepted, Nack, Update, XdsState},
+    state::{Accepted, Nack, Note, Update, XdsState},
 };
 
 pub use crate::dataplane::task::{
@@ -375,8 +375,11 @@ impl Core {
                 ..Handled::default()
             };
         }
-        for line in self.state.take_new_ignored() {
-            warn!("ignored: {line}");
+        for note in self.state.take_new_notes() {
+            match note {
+                Note::Ignored(line) => warn!("ignored: {line}"),
+                Note::LeftAlone(line) => info!("not interpreted: {line}"),
+            }
         }
         self.synced.extend(kinds.iter().copied());
         self.publish_dns_targets();

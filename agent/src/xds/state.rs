@@ -115,6 +115,24 @@ pub struct Accepted {
     pub removed: std::collections::BTreeSet<crate::model::Endpoint>,
 }
 
+/// Something the translation noticed, logged once while it stands.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Note {
+    /// A feature sockmesh does not follow (the rest of the resource applies).
+    Ignored(String),
+    /// A chain whose traffic sockmesh leaves alone (its terminal filter is not
+    /// one it interprets).
+    LeftAlone(String),
+}
+
+impl Note {
+    pub fn text(&self) -> &str {
+        match self {
+            Note::Ignored(t) | Note::LeftAlone(t) => t,
+        }
+    }
+}
+
 /// Counters per type, for metrics and `config_dump`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TypeStats {
@@ -137,11 +155,12 @@ pub struct XdsState {
     inc: Incremental,
     table: RoutingTable,
     stats: BTreeMap<Kind, TypeStats>,
-    /// Lines about unsupported features, deduplicated, for logs.
-    ignored_seen: BTreeSet<String>,
+    /// The notes standing after the last update of listeners or clusters (see
+    /// [`XdsState::take_new_notes`]).
+    notes_seen: BTreeSet<Note>,
     /// Resources of types sockmesh does not consume, skipped.
     pub ignored_resources: u64,
-    /// Listeners or clusters changed since the last `take_new_ignored`.
+    /// Listeners or clusters changed since the last `take_new_notes`.
     ignored_dirty: bool,
     /// Resources refused (and holding their last good version, if any), by kind
     /// and name: why.
@@ -244,18 +263,37 @@ impl XdsState {
         self.inc.unhashable().map(|(s, w)| (*s, w)).collect()
     }
 
-    /// Unsupported features seen for the first time by the last update.
-    pub fn take_new_ignored(&mut self) -> Vec<String> {
-        let mut fresh = Vec::new();
-        // Only listeners and clusters produce such lines.
+    /// The listeners whose traffic (that of some chain, or all) sockmesh leaves
+    /// alone, and why, one line per chain.
+    pub fn left_alone(&self) -> Vec<(String, Vec<String>)> {
+        self.inc
+            .left_alone()
+            .map(|(l, why)| (l.clone(), why.clone()))
+            .collect()
+    }
+
+    /// Notes (features ignored, chains left alone) that appeared with the last
+    /// update of listeners or clusters: each is logged once while it stands.
+    pub fn take_new_notes(&mut self) -> Vec<Note> {
+        // Only listeners and clusters produce notes.
         if !std::mem::take(&mut self.ignored_dirty) {
-            return fresh;
+            return Vec::new();
         }
-        for line in self.inc.ignored() {
-            if self.ignored_seen.insert(line.clone()) {
-                fresh.push(line);
-            }
-        }
+        let current: BTreeSet<Note> = self
+            .inc
+            .ignored()
+            .into_iter()
+            .map(Note::Ignored)
+            .chain(
+                self.inc
+                    .left_alone()
+                    .flat_map(|(_, why)| why.iter().cloned().map(Note::LeftAlone)),
+            )
+            .collect();
+        let fresh = current.difference(&self.notes_seen).cloned().collect();
+        // Only what stands is remembered: the set is bounded by the resources
+        // held, and a note that returns after it went is logged again.
+        self.notes_seen = current;
         fresh
     }
 

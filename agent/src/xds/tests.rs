@@ -9,6 +9,8 @@ use super::{
 use crate::model::{Backend, Protocol, ServiceAddr};
 
 mod acceptance;
+mod dump;
+mod left_alone;
 
 pub(super) fn full(yaml: &str) -> Update {
     let resp = discovery_response_from_text(yaml).expect("decodes");
@@ -250,9 +252,9 @@ resources:
     );
     assert_eq!(st.wanted(Kind::Route), ["8080"]);
     assert!(
-        st.take_new_ignored()
+        st.take_new_notes()
             .iter()
-            .any(|l| l.contains("10.0.0.0/8")),
+            .any(|l| l.text().contains("10.0.0.0/8")),
         "a wide prefix range is reported, not expanded"
     );
 }
@@ -399,7 +401,7 @@ fn json_camel_case_and_malformed_documents() {
 
 /// The incremental translation equals the full one after every step of a long,
 /// seeded sequence of delta updates touching listeners (TCP, weighted, HTTP/RDS,
-/// overlapping VIPs), routes, clusters (EDS, STATIC) and endpoints.
+/// left alone, overlapping VIPs), routes, clusters (EDS, STATIC) and endpoints.
 #[test]
 fn incremental_translation_matches_full_translation() {
     use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
@@ -421,7 +423,7 @@ fn incremental_translation_matches_full_translation() {
             Kind::Listener => {
                 let i = rng.random_range(0..6);
                 let vip = rng.random_range(1..5);
-                let body = match rng.random_range(0..3) {
+                let body = match rng.random_range(0..4) {
                     0 => format!(
                         r#"{{ "@type": type.googleapis.com/envoy.config.listener.v3.Listener, name: l{i}, address: {{ socket_address: {{ address: 10.96.0.{vip}, port_value: 80 }} }}, filter_chains: [ {{ filters: [ {{ name: t, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: c{} }} }} ] }} ] }}"#,
                         rng.random_range(0..5)
@@ -431,6 +433,11 @@ fn incremental_translation_matches_full_translation() {
                         rng.random_range(0..5),
                         rng.random_range(1..5),
                         rng.random_range(0..5)
+                    ),
+                    // Bound to the VIP on the port the wildcard HTTP listener's
+                    // virtual hosts name: a Dubbo proxy shadows them.
+                    2 => format!(
+                        r#"{{ "@type": type.googleapis.com/envoy.config.listener.v3.Listener, name: l{i}, address: {{ socket_address: {{ address: 10.96.0.{vip}, port_value: 8080 }} }}, filter_chains: [ {{ filters: [ {{ name: d, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.network.dubbo_proxy.v3.DubboProxy, stat_prefix: d }} }} ] }} ] }}"#
                     ),
                     _ => format!(
                         r#"{{ "@type": type.googleapis.com/envoy.config.listener.v3.Listener, name: l{i}, address: {{ socket_address: {{ address: 0.0.0.0, port_value: 8080 }} }}, filter_chains: [ {{ filters: [ {{ name: h, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager, stat_prefix: h, rds: {{ route_config_name: r{}, config_source: {{ ads: {{}} }} }} }} }} ] }} ] }}"#,
@@ -653,9 +660,9 @@ resources:
     );
     // PassthroughCluster (ORIGINAL_DST) is understood, not ignored; the `*`
     // virtual host of a wildcard listener names no VIP.
-    let ignored = st.take_new_ignored();
+    let ignored = st.take_new_notes();
     assert!(
-        !ignored.iter().any(|l| l.contains("ORIGINAL_DST")),
+        !ignored.iter().any(|l| l.text().contains("ORIGINAL_DST")),
         "{ignored:?}"
     );
     assert!(st.passthrough().is_empty());
@@ -750,7 +757,7 @@ resources:
         ["10.96.0.50:16686/tcp"],
         "the RDS route is pending"
     );
-    let ignored = st.take_new_ignored();
+    let ignored = st.take_new_notes();
     assert!(ignored.is_empty(), "{ignored:?}");
 
     // An unknown type in the filter that decides the cluster is valid
@@ -770,7 +777,25 @@ resources:
     .result()
     .expect("a terminal filter of an unknown type is not an error");
     assert_eq!(table_lines(st.table()), got);
-    assert!(st.passthrough().is_empty());
+    assert!(
+        st.passthrough().is_empty(),
+        "left alone, not passed through"
+    );
+    let left = st.left_alone();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].0, "172.16.18.249_9093");
+    assert!(
+        left[0].1[0].contains(
+            "filter_chains[0]: left alone: its terminal filter \"mystery\" (type.googleapis.com/acme.Proxy)"
+        ),
+        "{left:?}"
+    );
+    let notes = st.take_new_notes();
+    assert!(
+        matches!(&notes[..], [super::state::Note::LeftAlone(_)]),
+        "logged once: {notes:?}"
+    );
+    assert!(st.take_new_notes().is_empty());
 }
 
 /// Each service as `VIP:port/proto -> addr:port wWEIGHT, …`.

@@ -191,14 +191,13 @@ pub(crate) fn parse_host_port(sa: &SocketAddress) -> Result<(String, u16), (&'st
 pub(crate) enum NetFilter {
     Tcp(Box<TcpProxy>),
     Http(Box<HttpConnectionManager>),
-    /// A filter sockmesh does not interpret: its type URL (or, without a typed
-    /// config, its name).
-    Other(String),
+    /// A filter sockmesh does not interpret.
+    Other,
 }
 
 pub(crate) fn decode_filter(f: &Filter) -> Result<NetFilter, String> {
     let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
-        return Ok(NetFilter::Other(f.name.clone()));
+        return Ok(NetFilter::Other);
     };
     match any.type_url.as_str() {
         TCP_PROXY => TcpProxy::decode(any.value.as_slice())
@@ -207,7 +206,7 @@ pub(crate) fn decode_filter(f: &Filter) -> Result<NetFilter, String> {
         HCM => HttpConnectionManager::decode(any.value.as_slice())
             .map(|h| NetFilter::Http(Box::new(h)))
             .map_err(|e| format!("HttpConnectionManager: {e}")),
-        other => Ok(NetFilter::Other(other.to_owned())),
+        _ => Ok(NetFilter::Other),
     }
 }
 

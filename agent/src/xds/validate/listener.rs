@@ -141,7 +141,7 @@ fn validate_chain(chain: &FilterChain) -> Result<(), Broken> {
         match decode_filter(f).map_err(|p| (field.clone(), p))? {
             NetFilter::Tcp(t) => tcp_proxy(&t).map_err(|(f, p)| (format!("{field}.{f}"), p))?,
             NetFilter::Http(h) => hcm(&h).map_err(|(f, p)| (format!("{field}.{f}"), p))?,
-            NetFilter::Other(_) => {}
+            NetFilter::Other => {}
         }
     }
     Ok(())

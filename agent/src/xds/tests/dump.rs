@@ -1,0 +1,99 @@
+//! What a user sees of refused resources and listeners left alone: `/config_dump`
+//! and `/metrics`, from a core over an in-memory sink.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use super::full;
+use crate::{
+    dataplane::task::{DatapathHandle, SinkError, TableSink},
+    model::{Changes, RoutingTable},
+    xds::core::Core,
+};
+
+/// A sink that holds what it is given.
+#[derive(Clone, Default)]
+pub(crate) struct Memory(pub Arc<Mutex<RoutingTable>>);
+
+impl TableSink for Memory {
+    fn apply(&mut self, table: &RoutingTable) -> Result<usize, SinkError> {
+        if let Ok(mut t) = self.0.lock() {
+            *t = table.clone();
+        }
+        Ok(1)
+    }
+    fn apply_changes(&mut self, changes: &Changes) -> Result<usize, SinkError> {
+        if let Ok(mut t) = self.0.lock() {
+            for (s, b) in changes {
+                match b {
+                    Some(b) => t.insert(*s, b.clone()),
+                    None => {
+                        t.services.remove(s);
+                    }
+                }
+            }
+        }
+        Ok(1)
+    }
+    fn table(&self) -> RoutingTable {
+        self.0.lock().map(|t| t.clone()).unwrap_or_default()
+    }
+}
+
+pub(crate) fn core() -> Core {
+    Core::new(DatapathHandle::spawn(Box::new(Memory::default()), false))
+}
+
+const DOC: &str = r#"
+version_info: "7"
+resources:
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: dubbo
+  address: { socket_address: { address: 240.240.0.3, port_value: 20880 } }
+  filter_chains: [ { filters: [ { name: d, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.dubbo_proxy.v3.DubboProxy, stat_prefix: d } } ] } ]
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: bad
+  address: { socket_address: { address: 10.96.0.2, port_value: 0 } }
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: web
+  address: { socket_address: { address: 10.96.0.1, port_value: 80 } }
+  filter_chains: [ { filters: [ { name: tcp, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: web } } ] } ]
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: web
+  load_assignment: { cluster_name: web, endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 10.244.1.5, port_value: 8080 } } } } ] } ] }
+"#;
+
+#[test]
+fn config_dump_and_metrics_list_refused_resources_and_listeners_left_alone() {
+    let mut core = core();
+    let handled = core.handle(full(DOC), Instant::now());
+    assert_eq!(handled.refused.len(), 1, "{:?}", handled.nack);
+    handled.written.wait_blocking();
+    let dump: serde_json::Value =
+        serde_json::from_str(&crate::admin::config_dump(&core, &Default::default())).expect("JSON");
+    assert_eq!(
+        dump["refused"]["lds"]["bad"],
+        "Listener \"bad\": address.socket_address.port_value: 0 is out of range (1-65535)",
+        "{dump}"
+    );
+    assert_eq!(dump["not_interpreted"][0]["listener"], "dubbo", "{dump}");
+    assert!(
+        dump["not_interpreted"][0]["why"][0]
+            .as_str()
+            .is_some_and(|w| w.contains("DubboProxy")),
+        "{dump}"
+    );
+    assert_eq!(dump["services"].as_array().map(Vec::len), Some(1), "{dump}");
+    let metrics = crate::admin::metrics(&core, &[], &[], &[], &Default::default());
+    for line in [
+        "sockmesh_xds_refused_resources{type=\"lds\"} 1",
+        "sockmesh_xds_refused_resources{type=\"cds\"} 0",
+        "sockmesh_xds_not_interpreted_listeners 1",
+        "sockmesh_xds_updates_total{type=\"lds\",result=\"rejected\"} 1",
+        "sockmesh_xds_updates_total{type=\"cds\",result=\"accepted\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+}
