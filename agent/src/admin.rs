@@ -265,6 +265,17 @@ pub fn metrics(
         "Nested typed configs of types sockmesh does not know, carried opaquely by the file and REST sources (never read)",
         opaque,
     );
+    let unknown: Family<Labels, Counter> = Family::default();
+    for (field, n) in &core.unknown_fields {
+        unknown
+            .get_or_create(&vec![("field".to_owned(), field.clone())])
+            .inc_by(*n);
+    }
+    r.register(
+        "sockmesh_xds_unknown_fields",
+        "Fields of JSON/YAML documents sockmesh does not know, ignored as Envoy ignores them in dynamic configuration, by Message.field",
+        unknown,
+    );
     counter(
         &mut r,
         "sockmesh_xds_source_errors",
@@ -524,6 +535,7 @@ pub fn config_dump(core: &Core, health: &crate::dataplane::HealthReport) -> Stri
                 (cluster, dump)
             })
             .collect(),
+        unknown_fields: core.unknown_fields.clone(),
         refused: core
             .state()
             .refused()

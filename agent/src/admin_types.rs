@@ -53,6 +53,10 @@ pub struct ConfigDump {
     /// to now and how resolution goes. Absent from an older agent: empty.
     #[serde(default)]
     pub dns: BTreeMap<String, DnsDump>,
+    /// Fields of text documents sockmesh does not know, ignored, by
+    /// `Message.field`: how often. Absent from an older agent: empty.
+    #[serde(default)]
+    pub unknown_fields: BTreeMap<String, u64>,
     /// Resources refused and holding their last good version (if they had one),
     /// by type (`lds`, `cds`, …) and name: why. Absent from an older agent: empty.
     #[serde(default)]
@@ -270,6 +274,10 @@ mod tests {
                     last_error: Some("resolving \"api.example.com\": timed out".into()),
                 },
             )]),
+            unknown_fields: BTreeMap::from([(
+                "envoy.config.cluster.v3.Cluster.new_knob".to_owned(),
+                3,
+            )]),
             refused: BTreeMap::from([(
                 "lds".to_owned(),
                 BTreeMap::from([("b".to_owned(), "Listener \"b\": name: bad".to_owned())]),
@@ -344,6 +352,7 @@ mod tests {
             "outlier_ejected": d.outlier_ejected,
             "dns": d.dns,
             // Added with per-resource acceptance.
+            "unknown_fields": d.unknown_fields,
             "refused": d.refused,
             "not_interpreted": d.not_interpreted,
             "services": d.services,

@@ -14,10 +14,12 @@ pub mod incremental;
 pub mod node;
 pub mod opaque;
 pub mod outlier;
+pub mod position;
 pub mod resources;
 pub mod rest;
 pub mod state;
 pub mod translate;
+pub mod unknown;
 pub mod users;
 pub mod validate;
 

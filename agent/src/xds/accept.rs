@@ -21,6 +21,7 @@ use sockmesh_proto::pb::google::protobuf::Any;
 
 use super::{
     decode::{DecodeError, Kind, Resource, decode_any},
+    position::Position,
     state::Nack,
 };
 use crate::model::Backend;
@@ -65,13 +66,8 @@ const READ_BACKENDS_BELOW: usize = 5_000;
 /// Each resource is kept only in its encoding once checked: decoding a whole update
 /// first would hold every decoded message at once (about 230 MiB for an initial
 /// push of 10,000 services), and the allocator keeps such a peak as resident memory.
-pub(super) fn decode_all<'a>(
-    items: impl Iterator<Item = (Kind, &'a str, &'a Any)>,
-) -> Result<Vec<Item>, Nack> {
-    let items: Vec<(usize, Kind, &str, &Any)> = items
-        .enumerate()
-        .map(|(i, (kind, name, any))| (i, kind, name, any))
-        .collect();
+pub(super) fn decode_all<'a>(items: impl Iterator<Item = Entry<'a>>) -> Result<Vec<Item>, Nack> {
+    let items: Vec<Entry<'a>> = items.collect();
     let read_backends = items.len() < READ_BACKENDS_BELOW;
     let parts = super::in_chunks(&items, PARALLEL_DECODE_FROM, |part| {
         decode_part(part, read_backends)
@@ -94,14 +90,34 @@ pub(super) fn decode_all<'a>(
     }
 }
 
-/// Decodes `items` (index in the update, kind, name sent beside it if any, body).
-fn decode_part(
-    items: &[(usize, Kind, &str, &Any)],
-    read_backends: bool,
-) -> (Vec<Item>, Vec<String>) {
+/// One resource of an update, as sent.
+#[derive(Clone, Copy)]
+pub(super) struct Entry<'a> {
+    /// Its place in the update's list.
+    pub(super) index: usize,
+    pub(super) kind: Kind,
+    /// The name sent beside it (delta), or empty.
+    pub(super) name: &'a str,
+    pub(super) any: &'a Any,
+    /// Where it is in its file (file source).
+    pub(super) at: Option<Position>,
+}
+
+impl Entry<'_> {
+    /// Where an error about it says it is: in a file, its line and column.
+    fn whereabouts(&self) -> String {
+        match self.at {
+            Some(at) => format!(" (resources[{}] at {at})", self.index),
+            None => String::new(),
+        }
+    }
+}
+
+fn decode_part(items: &[Entry<'_>], read_backends: bool) -> (Vec<Item>, Vec<String>) {
     let mut out = Vec::with_capacity(items.len());
     let mut undecodable: Vec<String> = Vec::new();
-    for &(index, kind, sent, any) in items {
+    for e in items {
+        let (index, kind, sent, any) = (e.index, e.kind, e.name, e.any);
         match decode_any(any, kind) {
             Ok(r) => out.push(Ok(Checked {
                 kind: r.kind(),
@@ -116,16 +132,18 @@ fn decode_part(
                 // (re-encoding the decoded message cost a tenth of a large update).
                 bytes: any.value.clone().into_boxed_slice(),
             })),
-            Err(DecodeError::Invalid(e)) => out.push(Err(Refused {
+            Err(DecodeError::Invalid(invalid)) => out.push(Err(Refused {
                 kind,
-                name: e.name.clone(),
-                error: e.to_string(),
+                name: invalid.name.clone(),
+                error: format!("{invalid}{}", e.whereabouts()),
             })),
-            Err(e) if sent.is_empty() => {
-                undecodable.push(format!("{} resources[{index}]: {e}", message(kind)));
-            }
-            Err(e) => undecodable.push(format!(
-                "{} {sent:?} (resources[{index}]): {e}",
+            Err(error) if sent.is_empty() => undecodable.push(format!(
+                "{} resources[{index}]{}: {error}",
+                message(kind),
+                e.at.map(|at| format!(" at {at}")).unwrap_or_default()
+            )),
+            Err(error) => undecodable.push(format!(
+                "{} {sent:?} (resources[{index}]): {error}",
                 message(kind)
             )),
         }

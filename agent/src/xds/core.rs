@@ -37,6 +37,13 @@ fn status_refused(dns: &mut BTreeMap<String, DnsStatus>, cluster: &str, why: &st
 /// spent 5 % of its time in `malloc_trim` for a few hundred KiB.
 const LARGE_UPDATE: usize = 10_000;
 
+/// Distinct unknown fields listed by name (in `/metrics` and `/config_dump`): a
+/// document may name any number of keys; beyond these they are counted together.
+pub const UNKNOWN_FIELDS_LISTED: usize = 256;
+
+/// Where the unknown fields beyond [`UNKNOWN_FIELDS_LISTED`] are counted.
+pub const OTHER_UNKNOWN_FIELDS: &str = "(other)";
+
 /// What a handled update asks of its source.
 #[derive(Debug, Default)]
 pub struct Handled {
@@ -90,6 +97,10 @@ pub struct Core {
     /// Nested `Any`s of types sockmesh does not know, carried opaquely by the text
     /// sources, by type URL (see [`super::opaque`]).
     pub opaque_types: super::opaque::OpaqueTypes,
+    /// Fields of text documents sockmesh does not know, ignored, by
+    /// `Message.field` (at most [`UNKNOWN_FIELDS_LISTED`], the rest counted under
+    /// [`OTHER_UNKNOWN_FIELDS`]).
+    pub unknown_fields: super::unknown::UnknownFields,
     /// Resolution of the DNS clusters, by cluster name.
     pub dns: BTreeMap<String, DnsStatus>,
     /// The control-plane connection, for `/config_dump` and `/metrics`.
@@ -128,6 +139,7 @@ impl Core {
             source_errors: 0,
             source_last_error: None,
             opaque_types: super::opaque::OpaqueTypes::new(),
+            unknown_fields: super::unknown::UnknownFields::new(),
             dns: BTreeMap::new(),
             connection: crate::admin_types::ConnectionDump::default(),
             dns_targets: watch::Sender::new(BTreeMap::new()),
@@ -171,10 +183,10 @@ impl Core {
         }
     }
 
-    /// Counts the opaque nested `Any`s of a document; a type seen for the first
-    /// time is logged.
-    pub fn note_opaque(&mut self, found: super::opaque::OpaqueTypes) {
-        for (type_url, n) in found {
+    /// Counts what a text document held that was not decoded: opaque nested
+    /// `Any`s and unknown fields, each type or field logged the first time.
+    pub fn note_text(&mut self, notes: super::decode::TextNotes) {
+        for (type_url, n) in notes.opaque {
             if !self.opaque_types.contains_key(&type_url) {
                 info!(
                     %type_url,
@@ -182,6 +194,22 @@ impl Core {
                 );
             }
             *self.opaque_types.entry(type_url).or_insert(0) += n;
+        }
+        for (field, n) in notes.unknown_fields {
+            let field = if self.unknown_fields.contains_key(&field)
+                || self.unknown_fields.len() < UNKNOWN_FIELDS_LISTED
+            {
+                field
+            } else {
+                OTHER_UNKNOWN_FIELDS.to_owned()
+            };
+            if !self.unknown_fields.contains_key(&field) {
+                warn!(
+                    %field,
+                    "ignoring a field sockmesh does not know (as Envoy ignores unknown fields in dynamic configuration)"
+                );
+            }
+            *self.unknown_fields.entry(field).or_insert(0) += n;
         }
     }
 
@@ -204,11 +232,11 @@ impl Core {
     /// recorded.
     pub fn document<E: std::fmt::Display>(
         &mut self,
-        parsed: Result<(DiscoveryResponse, super::opaque::OpaqueTypes), E>,
+        parsed: Result<(DiscoveryResponse, super::decode::TextNotes), E>,
     ) -> Result<DiscoveryResponse, E> {
         match parsed {
-            Ok((resp, opaque)) => {
-                self.note_opaque(opaque);
+            Ok((resp, notes)) => {
+                self.note_text(notes);
                 Ok(resp)
             }
             Err(e) => {

@@ -43,7 +43,7 @@ proptest! {
     fn mutated_protobuf_never_panics(which in 0usize..4, flips in prop::collection::vec((any::<usize>(), any::<u8>()), 1..8), truncate in any::<Option<usize>>()) {
         let resources = seed();
         let mut st = XdsState::new();
-        st.apply(Update::Full { version: "1".into(), resources: resources.clone(), kept: Vec::new() }).result().expect("seed accepted");
+        st.apply(Update::Full { version: "1".into(), resources: resources.clone(), kept: Vec::new(), positions: Vec::new() }).result().expect("seed accepted");
         let before = st.table().clone();
         let mut any = resources[which].clone();
         for (at, byte) in flips {
@@ -76,7 +76,7 @@ proptest! {
     #[test]
     fn random_text_never_panics(text in "\\PC{0,200}") {
         if let Ok(resp) = discovery_response_from_text(&text) {
-            let _ = XdsState::new().apply(Update::Full { version: resp.version_info, resources: resp.resources, kept: Vec::new() }).result();
+            let _ = XdsState::new().apply(Update::Full { version: resp.version_info, resources: resp.resources, kept: Vec::new(), positions: Vec::new() }).result();
         }
     }
 
@@ -87,7 +87,7 @@ proptest! {
             "resources:\n- {{ \"@type\": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment, cluster_name: c, endpoints: [ {{ priority: {prio}, lb_endpoints: [ {{ endpoint: {{ address: {{ socket_address: {{ address: \"{addr}\", port_value: {port} }} }} }}, load_balancing_weight: {weight} }} ] }} ] }}\n"
         );
         if let Ok(resp) = discovery_response_from_text(&yaml) {
-            let _ = XdsState::new().apply(Update::Full { version: String::new(), resources: resp.resources, kept: Vec::new() }).result();
+            let _ = XdsState::new().apply(Update::Full { version: String::new(), resources: resp.resources, kept: Vec::new(), positions: Vec::new() }).result();
         }
     }
 }
@@ -101,6 +101,7 @@ fn seed_is_a_complete_valid_mesh() {
         version: "1".into(),
         resources: seed(),
         kept: Vec::new(),
+        positions: Vec::new(),
     })
     .result()
     .expect("seed accepted");

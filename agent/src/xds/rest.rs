@@ -96,10 +96,10 @@ pub enum PollError {
     Body(#[from] hyper::Error),
     #[error("HTTP {status}: {body}")]
     Status { status: StatusCode, body: String },
-    #[error("{kind} response is not UTF-8: {source}")]
+    #[error("{kind} response: {source}")]
     Utf8 {
         kind: &'static str,
-        source: std::str::Utf8Error,
+        source: super::position::NotUtf8,
     },
     #[error("{kind} response: {source}")]
     Parse {
@@ -138,7 +138,7 @@ async fn poll(
     }
     let received = Instant::now();
     let kind_name = kind.short();
-    let parsed = std::str::from_utf8(&bytes)
+    let parsed = super::position::utf8(&bytes)
         .map_err(|source| PollError::Utf8 {
             kind: kind_name,
             source,

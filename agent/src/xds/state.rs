@@ -44,6 +44,8 @@ pub enum Update {
         version: String,
         resources: Vec<Any>,
         kept: Vec<(Kind, std::sync::Arc<str>)>,
+        /// Where each of `resources` is in its file, when known: errors name it.
+        positions: Vec<Option<super::position::Position>>,
     },
 }
 

@@ -9,6 +9,7 @@ use super::{
 use crate::model::{Backend, Protocol, ServiceAddr};
 
 mod acceptance;
+mod documents;
 mod dump;
 mod left_alone;
 
@@ -18,6 +19,7 @@ pub(super) fn full(yaml: &str) -> Update {
         version: resp.version_info,
         resources: resp.resources,
         kept: Vec::new(),
+        positions: Vec::new(),
     }
 }
 
@@ -382,9 +384,18 @@ fn json_camel_case_and_malformed_documents() {
     assert_eq!(resp.version_info, "7");
     assert_eq!(resp.resources.len(), 1);
 
-    let err = discovery_response_from_text("resources:\n- \"@type\": type.googleapis.com/envoy.config.cluster.v3.Cluster\n  name: c\n  bogus_field: 1\n")
-        .expect_err("unknown field");
-    assert!(err.to_string().contains("bogus_field"), "{err}");
+    // A field sockmesh does not know is ignored and counted, as Envoy's dynamic
+    // configuration ignores it.
+    let (resp, notes) = super::decode::discovery_response_with_opaque("resources:\n- \"@type\": type.googleapis.com/envoy.config.cluster.v3.Cluster\n  name: c\n  bogus_field: 1\n")
+        .expect("an unknown field is ignored");
+    assert_eq!(resp.resources.len(), 1);
+    assert_eq!(
+        notes.unknown_fields,
+        super::unknown::UnknownFields::from([(
+            "envoy.config.cluster.v3.Cluster.bogus_field".to_owned(),
+            1
+        )])
+    );
     // Errors point at the line and column.
     let err = discovery_response_from_text("resources: [\n  {name: }\n").expect_err("no @type");
     assert!(err.to_string().ends_with("at line 2 column 3"), "{err}");
@@ -730,12 +741,13 @@ resources:
 "#;
     let (resp, opaque) =
         super::decode::discovery_response_with_opaque(yaml).expect("istiod's types carried");
-    assert_eq!(opaque["type.googleapis.com/stats.PluginConfig"], 1);
+    assert_eq!(opaque.opaque["type.googleapis.com/stats.PluginConfig"], 1);
     let mut st = XdsState::new();
     st.apply(Update::Full {
         version: "1".into(),
         resources: resp.resources,
         kept: Vec::new(),
+        positions: Vec::new(),
     })
     .result()
     .expect("accepted");
@@ -773,6 +785,7 @@ resources:
         version: "2".into(),
         resources: resp.resources,
         kept: Vec::new(),
+        positions: Vec::new(),
     })
     .result()
     .expect("a terminal filter of an unknown type is not an error");
@@ -1343,6 +1356,7 @@ fn kept_resources_stay_unsent_and_a_kept_name_the_state_lacks_is_refused() {
         version: version.into(),
         resources: Vec::new(),
         kept,
+        positions: Vec::new(),
     };
 
     // Everything kept, nothing sent: nothing is removed, nothing changes.

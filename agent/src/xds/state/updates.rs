@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, HashSet};
 
 use super::{Accepted, Nack, Undo, Update, XdsState};
 use crate::xds::{
-    accept::{Checked, Item, Refused, check_delta_names, decode_all, message, refuse_repeats},
+    accept::{
+        Checked, Entry, Item, Refused, check_delta_names, decode_all, message, refuse_repeats,
+    },
     decode::Kind,
     incremental::Dirty,
 };
@@ -39,7 +41,13 @@ impl XdsState {
             Update::SotW {
                 kind, resources, ..
             } => {
-                let items = decode_all(resources.iter().map(|a| (*kind, "", a)))?;
+                let items = decode_all(resources.iter().enumerate().map(|(index, any)| Entry {
+                    index,
+                    kind: *kind,
+                    name: "",
+                    any,
+                    at: None,
+                }))?;
                 self.state_of_the_world(*kind, items, &mut st);
             }
             Update::Delta {
@@ -47,22 +55,44 @@ impl XdsState {
                 added,
                 removed,
             } => {
-                let items = decode_all(added.iter().map(|(n, _, a)| (*kind, n.as_str(), a)))?;
+                let items =
+                    decode_all(
+                        added
+                            .iter()
+                            .enumerate()
+                            .map(|(index, (name, _, any))| Entry {
+                                index,
+                                kind: *kind,
+                                name,
+                                any,
+                                at: None,
+                            }),
+                    )?;
                 self.delta(*kind, added, items, removed, &mut st)?;
             }
             Update::Full {
-                resources, kept, ..
+                resources,
+                kept,
+                positions,
+                ..
             } => {
                 // Types sockmesh does not consume (secrets, runtime, ...) are skipped
                 // and counted, not an error.
-                let known: Vec<(Kind, &str, _)> = resources
+                let known: Vec<Entry<'_>> = resources
                     .iter()
-                    .filter_map(|a| {
-                        let kind = Kind::from_type_url(&a.type_url);
+                    .enumerate()
+                    .filter_map(|(index, any)| {
+                        let kind = Kind::from_type_url(&any.type_url);
                         if kind.is_none() {
                             self.ignored_resources += 1;
                         }
-                        kind.map(|k| (k, "", a))
+                        Some(Entry {
+                            index,
+                            kind: kind?,
+                            name: "",
+                            any,
+                            at: positions.get(index).copied().flatten(),
+                        })
                     })
                     .collect();
                 let items = decode_all(known.into_iter())?;

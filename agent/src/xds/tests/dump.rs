@@ -96,4 +96,28 @@ fn config_dump_and_metrics_list_refused_resources_and_listeners_left_alone() {
     ] {
         assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
     }
+
+    // Unknown fields of text documents: counted by field, at most 256 listed.
+    let mut notes = crate::xds::decode::TextNotes::default();
+    for i in 0..300 {
+        notes
+            .unknown_fields
+            .insert(format!("envoy.config.cluster.v3.Cluster.knob_{i:03}"), 2);
+    }
+    core.note_text(notes);
+    assert_eq!(
+        core.unknown_fields.len(),
+        crate::xds::core::UNKNOWN_FIELDS_LISTED + 1
+    );
+    assert_eq!(
+        core.unknown_fields[crate::xds::core::OTHER_UNKNOWN_FIELDS],
+        88
+    );
+    let metrics = crate::admin::metrics(&core, &[], &[], &[], &Default::default());
+    let line =
+        "sockmesh_xds_unknown_fields_total{field=\"envoy.config.cluster.v3.Cluster.knob_000\"} 2";
+    assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    let dump: serde_json::Value =
+        serde_json::from_str(&crate::admin::config_dump(&core, &Default::default())).expect("JSON");
+    assert_eq!(dump["unknown_fields"]["(other)"], 88, "{dump}");
 }
