@@ -146,8 +146,29 @@ pub fn route(admin: &Admin, path: &str) -> Response<Full<Bytes>> {
 
 /// Ready once the control plane's LDS and CDS are in the kernel and the source is
 /// connected; a disconnected source after that, or kernel maps that lag the
-/// accepted configuration, is "degraded".
-pub fn readiness(core: &Core) -> (StatusCode, &'static str) {
+/// accepted configuration, is "degraded" (503). Services this node limits (more
+/// endpoints than a service may have, maps at capacity) are reported as
+/// "degraded" with 200: the node serves the control plane's configuration as far
+/// as its maps allow, and a node limit is the same on the next node and does not
+/// pass by waiting, so it must not stall a rolling update that gates on
+/// readiness; `sockmesh_services_limited` and `/config_dump` (`limited`) say which.
+pub fn readiness(core: &Core) -> (StatusCode, std::borrow::Cow<'static, str>) {
+    let (status, text) = readiness_state(core);
+    let limited = core.state().limited().len();
+    if status == StatusCode::OK && limited > 0 {
+        return (
+            status,
+            format!(
+                "ready, degraded: {limited} service{} limited by this node's maps (see /config_dump, limited)",
+                if limited == 1 { "" } else { "s" }
+            )
+            .into(),
+        );
+    }
+    (status, text.into())
+}
+
+fn readiness_state(core: &Core) -> (StatusCode, &'static str) {
     let kernel = core.kernel();
     if kernel.migrating {
         return (
@@ -353,6 +374,28 @@ pub fn metrics(
         "Used fraction of each map's capacity",
         fill,
     );
+    let limited: Family<Labels, Gauge> = Family::default();
+    for reason in [
+        crate::xds::fit::Limit::Endpoints,
+        crate::xds::fit::Limit::Room,
+        crate::xds::fit::Limit::Stale,
+        crate::xds::fit::Limit::LeftOut,
+    ] {
+        let n = core
+            .state()
+            .limited()
+            .values()
+            .filter(|l| l.limit == reason)
+            .count();
+        limited
+            .get_or_create(&vec![("reason".to_owned(), reason.label().to_owned())])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    r.register(
+        "sockmesh_services_limited",
+        "Services this node programs otherwise than the configuration asks, by why: endpoints_subset (more endpoints than one service may have), capacity_subset, capacity_stale, capacity_left_out (the maps' capacity)",
+        limited,
+    );
     counter(
         &mut r,
         "sockmesh_kernel_write_failures",
@@ -536,6 +579,18 @@ pub fn config_dump(core: &Core, health: &crate::dataplane::HealthReport) -> Stri
             })
             .collect(),
         unknown_fields: core.unknown_fields.clone(),
+        limited: core
+            .state()
+            .limited()
+            .iter()
+            .map(|(s, l)| crate::admin_types::LimitedDump {
+                service: s.to_string(),
+                reason: l.limit.label().to_owned(),
+                endpoints: l.endpoints,
+                programmed: l.programmed,
+                why: l.why.clone(),
+            })
+            .collect(),
         refused: core
             .state()
             .refused()

@@ -53,6 +53,11 @@ pub struct ConfigDump {
     /// to now and how resolution goes. Absent from an older agent: empty.
     #[serde(default)]
     pub dns: BTreeMap<String, DnsDump>,
+    /// Services this node programs otherwise than the configuration asks (a
+    /// subset of their endpoints, their previous version, or no entry), and why.
+    /// Absent from an older agent: empty.
+    #[serde(default)]
+    pub limited: Vec<LimitedDump>,
     /// Fields of text documents sockmesh does not know, ignored, by
     /// `Message.field`: how often. Absent from an older agent: empty.
     #[serde(default)]
@@ -67,6 +72,22 @@ pub struct ConfigDump {
     pub not_interpreted: Vec<NotInterpretedDump>,
     /// The routing table, as `sockmesh services --json` prints it.
     pub services: Vec<ServiceJson>,
+}
+
+/// A service limited by the node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitedDump {
+    /// `10.96.0.10:80/tcp`.
+    pub service: String,
+    /// `endpoints_subset`, `capacity_subset`, `capacity_stale`,
+    /// `capacity_left_out`.
+    pub reason: String,
+    /// Endpoints the configuration gives it.
+    pub endpoints: usize,
+    /// Endpoints programmed.
+    pub programmed: usize,
+    /// The map whose capacity was reached (empty for an endpoint subset).
+    pub why: String,
 }
 
 /// A listener sockmesh leaves alone, and why (one line per chain).
@@ -274,6 +295,13 @@ mod tests {
                     last_error: Some("resolving \"api.example.com\": timed out".into()),
                 },
             )]),
+            limited: vec![LimitedDump {
+                service: "10.96.0.60:80/tcp".into(),
+                reason: "endpoints_subset".into(),
+                endpoints: 20_000,
+                programmed: 16_384,
+                why: String::new(),
+            }],
             unknown_fields: BTreeMap::from([(
                 "envoy.config.cluster.v3.Cluster.new_knob".to_owned(),
                 3,
@@ -352,6 +380,7 @@ mod tests {
             "outlier_ejected": d.outlier_ejected,
             "dns": d.dns,
             // Added with per-resource acceptance.
+            "limited": d.limited,
             "unknown_fields": d.unknown_fields,
             "refused": d.refused,
             "not_interpreted": d.not_interpreted,

@@ -152,6 +152,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     }
     let node = cfg.node.node();
     if let Ok(mut c) = core.lock() {
+        c.set_node_id(&node.id);
         c.connection = crate::admin_types::ConnectionDump {
             url: cfg.source.url(),
             transport: cfg.source.transport().to_owned(),

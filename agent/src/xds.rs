@@ -10,6 +10,7 @@ pub mod decode;
 pub mod dns;
 pub mod file;
 pub mod filedoc;
+pub mod fit;
 pub mod incremental;
 pub mod node;
 pub mod opaque;

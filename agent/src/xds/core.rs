@@ -24,12 +24,6 @@ pub use crate::dataplane::task::{
     TableSink, Write, Written, chain,
 };
 
-fn status_refused(dns: &mut BTreeMap<String, DnsStatus>, cluster: &str, why: &str) {
-    let status = dns.entry(cluster.to_owned()).or_default();
-    status.refused += 1;
-    status.last_error = Some(format!("answers refused: {why}"));
-}
-
 /// An update with this many resources (an initial push, a full SotW of a big
 /// mesh) leaves megabytes freed but held by the allocator: see
 /// [`crate::dataplane::task::release_freed_memory`].
@@ -117,7 +111,8 @@ pub struct DnsStatus {
     /// Host-name resolutions that failed (timeouts, SERVFAIL, REFUSED, ...).
     pub failures: u64,
     pub last_error: Option<String>,
-    /// Answers refused because the table would break the datapath's limits.
+    /// Answers refused (none are since answers beyond the maps' room make the
+    /// service limited instead: kept for the dump's shape).
     pub refused: u64,
 }
 
@@ -146,6 +141,12 @@ impl Core {
         }
     }
 
+    /// This node's identity, which seeds the endpoint subsets of services with
+    /// more endpoints than one may have (see `fit::subset`).
+    pub fn set_node_id(&mut self, node_id: &str) {
+        self.state.set_subset_seed(node_id);
+    }
+
     /// The DNS clusters to resolve, as they change.
     pub fn dns_targets(&self) -> watch::Receiver<BTreeMap<String, DnsTarget>> {
         self.dns_targets.subscribe()
@@ -171,16 +172,9 @@ impl Core {
         status.resolutions += 1;
         status.failures += round.failed.len() as u64;
         status.last_error = round.failed.values().next().cloned();
-        match self.state.apply_dns(cluster, answers) {
-            Ok(accepted) => {
-                // Not waited on: the resolver goes on; the status shows a failure.
-                drop(self.write_kernel(accepted, received, "dns"));
-            }
-            Err(e) => {
-                status_refused(&mut self.dns, cluster, &e.to_string());
-                warn!(cluster, error = %e, "DNS answers refused; keeping the last good addresses");
-            }
-        }
+        let accepted = self.state.apply_dns(cluster, answers);
+        // Not waited on: the resolver goes on; the status shows a failure.
+        drop(self.write_kernel(accepted, received, "dns"));
     }
 
     /// Counts what a text document held that was not decoded: opaque nested
@@ -285,6 +279,13 @@ impl Core {
     /// what lags is written); a pending datapath goes live once its table is
     /// complete, or when the warming timeout runs out.
     pub fn tick(&mut self, now: Instant) {
+        // Services the maps had no room for are tried again.
+        if self.synced() {
+            let healed = self.state.heal();
+            if healed.table_changed {
+                drop(self.write_kernel(healed, now, "heal"));
+            }
+        }
         let warming = self.state.warming().len();
         // Only when the task is idle: a retry already queued is not doubled.
         if self.synced() && self.kernel.idle() && self.kernel.status().behind {

@@ -13,13 +13,14 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use sockmesh_proto::pb::google::protobuf::Any;
 
+use super::fit::{Limit, Limited};
 use super::{
     accept::{Refused, nack_of},
     decode::Kind,
     incremental::{Changes, Dirty, Incremental},
     translate::Resources,
 };
-use crate::model::{Limits, RoutingTable, Usage, validate_service};
+use crate::model::{Limits, RoutingTable, Usage};
 
 /// One update from a control plane.
 #[derive(Clone, Debug)]
@@ -94,16 +95,6 @@ impl Applied {
     }
 }
 
-/// Why a routing table was refused: a service the datapath cannot hold, or a
-/// table beyond the maps' capacities.
-#[derive(Debug, thiserror::Error)]
-pub enum TableRefused {
-    #[error(transparent)]
-    Service(#[from] crate::model::ModelError),
-    #[error(transparent)]
-    Capacity(#[from] crate::model::CapacityError),
-}
-
 /// What an accepted update changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Accepted {
@@ -167,8 +158,12 @@ pub struct XdsState {
     /// Resources refused (and holding their last good version, if any), by kind
     /// and name: why.
     refused: BTreeMap<Kind, BTreeMap<String, String>>,
-    /// The datapath's capacities: an update beyond them is NACKed.
+    /// The datapath's capacities: what does not fit waits (see `super::fit`).
     limits: Limits,
+    /// Services the node programs otherwise than the configuration asks.
+    limited: BTreeMap<crate::model::ServiceAddr, Limited>,
+    /// This node's rendezvous seed for endpoint subsets.
+    subset_seed: u64,
     /// What `table` takes of the maps.
     usage: Usage,
     /// Clusters changed since the last `take_dns_changed`: the DNS clusters may
@@ -181,10 +176,6 @@ pub struct XdsState {
 
 /// The most of one refused resource's error the state keeps (for `/config_dump`).
 const REFUSED_ERROR_BYTES: usize = 1_024;
-
-/// What an update replaced, to put back on a NACK: (kind, name, the previous
-/// encoding or `None` if the resource was absent).
-type Undo = Vec<(Kind, String, super::resources::Previous)>;
 
 impl XdsState {
     pub fn new() -> Self {
@@ -200,9 +191,30 @@ impl XdsState {
         }
     }
 
-    /// NACK updates that would not fit maps of these capacities.
+    /// Program what fits maps of these capacities (see `super::fit`).
     pub fn set_limits(&mut self, limits: Limits) {
         self.limits = limits;
+    }
+
+    /// This node's seed for the subsets of services with more endpoints than one
+    /// may have (each node keeps another subset: see `fit::subset`).
+    pub fn set_subset_seed(&mut self, node_id: &str) {
+        self.subset_seed = xxhash_rust::xxh3::xxh3_64(node_id.as_bytes());
+    }
+
+    /// Services the node programs otherwise than the configuration asks (a subset
+    /// of their endpoints, their previous version, or nothing), and how.
+    pub fn limited(&self) -> &BTreeMap<crate::model::ServiceAddr, Limited> {
+        &self.limited
+    }
+
+    /// Tries the services limited by the maps' room again (room may have returned
+    /// since: a write that failed then succeeded, a service that shrank).
+    pub fn heal(&mut self) -> Accepted {
+        if self.limited.values().all(|l| l.limit == Limit::Endpoints) {
+            return Accepted::default();
+        }
+        self.commit_dirty(&Dirty::default(), &[])
     }
 
     /// The routing table of the accepted state.
@@ -390,30 +402,20 @@ impl XdsState {
 
     /// New answers for a DNS cluster's host names, from the agent's resolver (not
     /// the control plane). A cluster that is no longer a DNS cluster is left
-    /// alone; answers that would break the datapath's limits are refused and
-    /// nothing changes.
-    pub fn apply_dns(
-        &mut self,
-        cluster: &str,
-        answers: super::clusters::DnsAnswers,
-    ) -> Result<Accepted, TableRefused> {
+    /// alone.
+    pub fn apply_dns(&mut self, cluster: &str, answers: super::clusters::DnsAnswers) -> Accepted {
         if !self.inc.is_dns_cluster(cluster) || self.resources.dns.get(cluster) == Some(&answers) {
-            return Ok(Accepted::default());
+            return Accepted::default();
         }
-        let previous = self.resources.dns.insert(cluster.to_owned(), answers);
+        self.resources.dns.insert(cluster.to_owned(), answers);
         let mut dirty = Dirty::default();
         dirty.dns.insert(cluster.to_owned());
-        let mut accepted = self.commit_dirty(&dirty, &[]).inspect_err(|_| {
-            match previous {
-                Some(p) => self.resources.dns.insert(cluster.to_owned(), p),
-                None => self.resources.dns.remove(cluster),
-            };
-        })?;
+        let mut accepted = self.commit_dirty(&dirty, &[]);
         // A name's addresses changing is not an endpoint removed by the control
         // plane: Envoy keeps connections to a host DNS no longer returns, and a
         // LOGICAL_DNS name behind round-robin DNS changes address every refresh.
         accepted.removed.clear();
-        Ok(accepted)
+        accepted
     }
 
     /// Forgets a DNS cluster's answers (its target changed); its services keep
@@ -428,27 +430,51 @@ impl XdsState {
         self.resources.dns.retain(|c, _| targets.contains_key(c));
     }
 
-    /// Re-translates what `dirty` touches, checks the result against the
-    /// datapath's rules and limits, and makes it the table. On an error nothing
-    /// of the state's indexes or table changed (the caller restores resources).
-    fn commit_dirty(&mut self, dirty: &Dirty, kinds: &[Kind]) -> Result<Accepted, TableRefused> {
-        let staged = self
+    /// Re-translates what `dirty` touches and makes what of it the maps take the
+    /// table (see `super::fit`).
+    fn commit_dirty(&mut self, dirty: &Dirty, kinds: &[Kind]) -> Accepted {
+        let mut staged = self
             .inc
             .stage(&self.resources, dirty, &self.table, &self.seed);
-        let usage = check_changes(&self.table, &staged.changes, &self.limits, &self.usage)?;
+        // Room may return when a service goes or shrinks (and on every tick).
+        let heal = dirty.listeners.is_empty()
+            && dirty.routes.is_empty()
+            && dirty.clusters.is_empty()
+            && dirty.endpoints.is_empty()
+            && dirty.dns.is_empty()
+            || staged.changes.iter().any(|(s, after)| {
+                self.table
+                    .services
+                    .get(s)
+                    .is_some_and(|before| after.as_ref().is_none_or(|a| a.len() < before.len()))
+            });
+        let before = self.limited.clone();
+        let fitted = super::fit::fit(
+            &super::fit::Maps {
+                table: &self.table,
+                usage: self.usage,
+                limits: self.limits,
+                seed: self.subset_seed,
+            },
+            std::mem::take(&mut staged.changes),
+            &mut self.limited,
+            heal,
+        );
+        self.log_limited(&before);
+        staged.changes = fitted.changes;
         // Only listeners and clusters decide what RDS/EDS names are wanted.
         self.ignored_dirty |= !dirty.listeners.is_empty() || !dirty.clusters.is_empty();
         let may_resubscribe =
             !dirty.listeners.is_empty() || !dirty.routes.is_empty() || !dirty.clusters.is_empty();
         let subscriptions = may_resubscribe.then(|| (self.inc.route_names(), self.inc.eds_names()));
         let changes = staged.changes.clone();
-        let mut removed = std::collections::BTreeSet::new();
+        let mut removed = BTreeSet::new();
         for (service, after) in &changes {
             if let Some(before) = self.table.services.get(service) {
                 crate::model::removed_endpoints(service, before, after.as_ref(), &mut removed);
             }
         }
-        self.usage = usage;
+        self.usage = fitted.usage;
         self.inc.commit(staged, &mut self.table);
         let accepted = Accepted {
             table_changed: !changes.is_empty(),
@@ -465,31 +491,25 @@ impl XdsState {
             self.prune_dns();
             self.dns_dirty = true;
         }
-        Ok(accepted)
+        accepted
     }
 
-    fn rollback(&mut self, undo: Undo) {
-        for (kind, name, previous) in undo.into_iter().rev() {
-            self.resources.restore(kind, name, previous);
+    /// Logs each service that became limited, changed how, or fits again.
+    fn log_limited(&self, before: &BTreeMap<crate::model::ServiceAddr, Limited>) {
+        for (s, l) in &self.limited {
+            if before.get(s).is_none_or(|b| b.limit != l.limit) {
+                tracing::warn!(
+                    service = %s,
+                    limit = l.limit.label(),
+                    endpoints = l.endpoints,
+                    programmed = l.programmed,
+                    why = %l.why,
+                    "service limited by this node (valid configuration; it heals when room returns)"
+                );
+            }
+        }
+        for s in before.keys().filter(|s| !self.limited.contains_key(s)) {
+            tracing::info!(service = %s, "service no longer limited by this node");
         }
     }
-}
-
-/// The datapath's rules, checked on the changed services only, and every map
-/// capacity (services, backends, slots), with the transient of a service being
-/// rewritten. Returns the table's usage after the changes.
-fn check_changes(
-    table: &RoutingTable,
-    changes: &Changes,
-    limits: &Limits,
-    usage: &Usage,
-) -> Result<Usage, TableRefused> {
-    for (service, after) in changes {
-        if let Some(b) = after {
-            validate_service(service, b)?;
-        }
-    }
-    let (after, transient) = usage.after(changes, |s| table.services.get(s).map(Usage::of_service));
-    limits.check(&after, &transient)?;
-    Ok(after)
 }

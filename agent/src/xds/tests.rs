@@ -10,8 +10,9 @@ use crate::model::{Backend, Protocol, ServiceAddr};
 
 mod acceptance;
 mod documents;
-mod dump;
+pub(crate) mod dump;
 mod left_alone;
+mod limits;
 
 pub(super) fn full(yaml: &str) -> Update {
     let resp = discovery_response_from_text(yaml).expect("decodes");
@@ -309,40 +310,6 @@ resources:
         .result()
         .expect("cds again");
     assert_eq!(st.table().services.len(), 1);
-}
-
-#[test]
-fn too_many_endpoints_is_nacked_with_the_limit() {
-    let mut eps = String::new();
-    for i in 0..1025u32 {
-        eps.push_str(&format!(
-            "      - endpoint: {{ address: {{ socket_address: {{ address: 10.2.{}.{}, port_value: 80 }} }} }}\n",
-            i / 256,
-            i % 256
-        ));
-    }
-    let yaml = format!(
-        r#"
-resources:
-- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
-  name: l
-  address: {{ socket_address: {{ address: 10.96.0.13, port_value: 80 }} }}
-  filter_chains: [ {{ filters: [ {{ name: tcp, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: big }} }} ] }} ]
-- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
-  name: big
-  load_assignment:
-    cluster_name: big
-    endpoints:
-    - lb_endpoints:
-{eps}"#
-    );
-    let mut st = XdsState::new();
-    let nack = st.apply(full(&yaml)).result().expect_err("over the limit");
-    assert!(
-        nack.0.contains("1025 backends exceed the limit of 1024"),
-        "{nack}"
-    );
-    assert!(st.table().services.is_empty());
 }
 
 #[test]
@@ -898,15 +865,13 @@ fn dns_clusters_warm_until_resolved_then_follow_their_answers() {
         "no resolvers of its own: the node's /etc/resolv.conf"
     );
 
-    let a = st
-        .apply_dns(
-            "outbound|443||ext.example",
-            answers(&[
-                ("a.ext.example", &["192.0.2.1", "192.0.2.2"]),
-                ("b.ext.example", &["192.0.2.9"]),
-            ]),
-        )
-        .expect("fits");
+    let a = st.apply_dns(
+        "outbound|443||ext.example",
+        answers(&[
+            ("a.ext.example", &["192.0.2.1", "192.0.2.2"]),
+            ("b.ext.example", &["192.0.2.9"]),
+        ]),
+    );
     assert!(a.table_changed);
     assert_eq!(
         st.table().services[&ext],
@@ -920,8 +885,7 @@ fn dns_clusters_warm_until_resolved_then_follow_their_answers() {
     st.apply_dns(
         "outbound|80||one.example",
         answers(&[("one.example", &["198.51.100.1", "198.51.100.2"])]),
-    )
-    .expect("fits");
+    );
     assert_eq!(
         st.table().services[&one],
         [be("198.51.100.1", 80, 1)],
@@ -930,29 +894,24 @@ fn dns_clusters_warm_until_resolved_then_follow_their_answers() {
     assert!(st.warming().is_empty());
 
     // The same answers again change nothing; a name that lost an address follows.
-    let same = st
-        .apply_dns(
-            "outbound|80||one.example",
-            answers(&[("one.example", &["198.51.100.1", "198.51.100.2"])]),
-        )
-        .expect("same");
+    let same = st.apply_dns(
+        "outbound|80||one.example",
+        answers(&[("one.example", &["198.51.100.1", "198.51.100.2"])]),
+    );
     assert!(!same.table_changed);
     st.apply_dns(
         "outbound|443||ext.example",
         answers(&[("a.ext.example", &["192.0.2.2"]), ("b.ext.example", &[])]),
-    )
-    .expect("fits");
+    );
     assert_eq!(st.table().services[&ext], [be("192.0.2.2", 443, 2)]);
 
     // Answers for a cluster that is not a DNS cluster are ignored.
-    let other = st
-        .apply_dns("reviews", answers(&[("x", &["10.0.0.1"])]))
-        .expect("ignored");
+    let other = st.apply_dns("reviews", answers(&[("x", &["10.0.0.1"])]));
     assert_eq!(other, super::state::Accepted::default());
 }
 
 #[test]
-fn dns_answers_beyond_the_limits_are_refused_and_the_last_good_ones_stay() {
+fn dns_answers_beyond_the_maps_room_are_accepted_and_the_service_limited_to_what_fits() {
     let mut st = XdsState::new();
     st.set_limits(crate::dataplane::Limits {
         services: 8,
@@ -961,9 +920,7 @@ fn dns_answers_beyond_the_limits_are_refused_and_the_last_good_ones_stay() {
     });
     st.apply(full(DNS_CLUSTERS)).result().expect("accepted");
     let good = answers(&[("a.ext.example", &["192.0.2.1"]), ("b.ext.example", &[])]);
-    st.apply_dns("outbound|443||ext.example", good.clone())
-        .expect("fits");
-    let before = table_lines(st.table());
+    st.apply_dns("outbound|443||ext.example", good);
     let many = answers(&[
         (
             "a.ext.example",
@@ -971,18 +928,22 @@ fn dns_answers_beyond_the_limits_are_refused_and_the_last_good_ones_stay() {
         ),
         ("b.ext.example", &["192.0.2.5"]),
     ]);
-    let err = st
-        .apply_dns("outbound|443||ext.example", many)
-        .expect_err("5 backends (+5 while rewritten) exceed 4");
-    assert!(
-        matches!(err, super::state::TableRefused::Capacity(_))
-            && err
-                .to_string()
-                .contains("exceed the backend map's capacity of 4"),
-        "{err}"
+    st.apply_dns("outbound|443||ext.example", many.clone());
+    assert_eq!(st.dns_answers("outbound|443||ext.example"), Some(&many));
+    // 1 backend in the kernel; 5 asked for; the new version is written beside the
+    // old one, so 3 fit in the 4 the map holds.
+    let ext = svc("240.240.0.5", 443, Protocol::Tcp);
+    assert_eq!(st.table().services[&ext].len(), 3, "{:?}", st.table());
+    let l = &st.limited()[&ext];
+    assert_eq!(
+        (l.limit.clone(), l.endpoints, l.programmed),
+        (super::fit::Limit::Room, 5, 3)
     );
-    assert_eq!(table_lines(st.table()), before);
-    assert_eq!(st.dns_answers("outbound|443||ext.example"), Some(&good));
+    assert!(
+        l.why.contains("exceed the backend map's capacity of 4"),
+        "{}",
+        l.why
+    );
 }
 
 #[test]
@@ -992,8 +953,7 @@ fn a_cluster_that_stops_being_a_dns_cluster_forgets_its_answers() {
     st.apply_dns(
         "outbound|80||one.example",
         answers(&[("one.example", &["198.51.100.1"])]),
-    )
-    .expect("fits");
+    );
     let static_cluster = DNS_CLUSTERS
         .replace("type: LOGICAL_DNS", "type: STATIC")
         .replace("address: one.example", "address: 198.51.100.7");
@@ -1004,61 +964,6 @@ fn a_cluster_that_stops_being_a_dns_cluster_forgets_its_answers() {
         st.table().services[&svc("240.240.0.6", 80, Protocol::Tcp)],
         [be("198.51.100.7", 80, 1)]
     );
-}
-
-#[test]
-fn an_update_beyond_the_slot_map_is_nacked_by_the_state_and_nothing_changes() {
-    let mut st = XdsState::new();
-    // 1:3 weights take 4 slots; two services 8 (each new, so no more at the
-    // peak), plus 4 while one of them is rewritten.
-    st.set_limits(crate::dataplane::Limits {
-        slots: 11,
-        ..crate::dataplane::Limits::default()
-    });
-    let weighted = |name: &str, vip: &str, second: &str| {
-        format!(
-            r#"
-- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
-  name: {name}
-  address: {{ socket_address: {{ address: {vip}, port_value: 80 }} }}
-  filter_chains: [ {{ filters: [ {{ name: tcp, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: {name} }} }} ] }} ]
-- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
-  name: {name}
-  type: STATIC
-  load_assignment:
-    cluster_name: {name}
-    endpoints:
-    - lb_endpoints:
-      - {{ endpoint: {{ address: {{ socket_address: {{ address: 10.1.0.1, port_value: 80 }} }} }}, load_balancing_weight: 1 }}
-      - {{ endpoint: {{ address: {{ socket_address: {{ address: {second}, port_value: 80 }} }} }}, load_balancing_weight: 3 }}
-"#
-        )
-    };
-    let one = format!(
-        "resources:{}{}",
-        weighted("a", "10.96.0.1", "10.1.0.2"),
-        weighted("b", "10.96.0.2", "10.1.0.2")
-    );
-    st.apply(full(&one))
-        .result()
-        .expect("8 slots, added, fit in 11");
-    let before = table_lines(st.table());
-    let two = format!(
-        "resources:{}{}",
-        weighted("a", "10.96.0.1", "10.1.0.3"),
-        weighted("b", "10.96.0.2", "10.1.0.2")
-    );
-    let nack = st
-        .apply(full(&two))
-        .result()
-        .expect_err("8 slots (+4) exceed 11");
-    assert!(
-        nack.0.contains(
-            "8 selection slots (+4 at the peak while services are rewritten) exceed the slot map's capacity of 11 (--max-slots)"
-        ),
-        "{nack}"
-    );
-    assert_eq!(table_lines(st.table()), before, "the last good table stays");
 }
 
 /// A listener on `vip`:80 to `cluster`, and `cluster` (STATIC, one endpoint)
@@ -1280,8 +1185,7 @@ fn an_agent_restarted_during_a_dns_outage_keeps_the_kernels_backends() {
     };
     let hosts = ["a.ext.example".to_owned(), "b.ext.example".to_owned()];
     let merged = outage.merge_into(&super::clusters::DnsAnswers::new(), &hosts);
-    st.apply_dns("outbound|443||ext.example", merged)
-        .expect("fits");
+    st.apply_dns("outbound|443||ext.example", merged);
     assert!(st.warming().contains(&ext), "still warming");
     assert_eq!(
         st.table().services[&ext],
@@ -1292,8 +1196,7 @@ fn an_agent_restarted_during_a_dns_outage_keeps_the_kernels_backends() {
     st.apply_dns(
         "outbound|443||ext.example",
         answers(&[("a.ext.example", &["192.0.2.7"]), ("b.ext.example", &[])]),
-    )
-    .expect("fits");
+    );
     assert_eq!(st.table().services[&ext], [be("192.0.2.7", 443, 2)]);
     assert!(!st.warming().contains(&ext));
 }

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use super::{Accepted, Nack, Undo, Update, XdsState};
+use super::{Accepted, Nack, Update, XdsState};
 use crate::xds::{
     accept::{
         Checked, Entry, Item, Refused, check_delta_names, decode_all, message, refuse_repeats,
@@ -16,7 +16,8 @@ use crate::xds::{
 /// What an update changes in the store before it is translated.
 #[derive(Default)]
 struct Staging {
-    undo: Undo,
+    /// What the update changed in the store, to translate again.
+    touched: Vec<(Kind, String)>,
     /// The backends of the assignments the update changed, by EDS name.
     fresh: BTreeMap<String, Vec<crate::model::Backend>>,
     /// Delta versions to record once the update is applied (`None`: forget).
@@ -34,7 +35,8 @@ fn name_of(item: &Item) -> (Kind, &str) {
 }
 
 impl XdsState {
-    /// Applies what of `update` is valid; `Err` refuses it whole (nothing changed).
+    /// Applies what of `update` is valid; `Err` refuses it whole (nothing changed:
+    /// every reason to refuse it whole is found before the store is touched).
     pub(super) fn try_apply(&mut self, update: &Update) -> Result<(Accepted, Vec<Refused>), Nack> {
         let mut st = Staging::default();
         match update {
@@ -103,7 +105,7 @@ impl XdsState {
             assignments: std::mem::take(&mut st.fresh),
             ..Dirty::default()
         };
-        for (kind, name, _) in &st.undo {
+        for (kind, name) in &st.touched {
             let set = match kind {
                 Kind::Listener => &mut dirty.listeners,
                 Kind::Route => &mut dirty.routes,
@@ -112,13 +114,7 @@ impl XdsState {
             };
             set.insert(name.clone());
         }
-        let accepted = match self.commit_dirty(&dirty, &update.kinds()) {
-            Ok(a) => a,
-            Err(e) => {
-                self.rollback(st.undo);
-                return Err(Nack(format!("the resulting routing table is refused: {e}")));
-            }
-        };
+        let accepted = self.commit_dirty(&dirty, &update.kinds());
         for (kind, name, version) in st.versions {
             let map = self.resource_versions.entry(kind).or_default();
             match version {
@@ -146,19 +142,19 @@ impl XdsState {
     /// Stores `r`, recording what it replaced and a changed assignment's backends.
     fn put(&mut self, mut r: Checked, st: &mut Staging) {
         st.cleared.push((r.kind, r.name.clone()));
-        // A resource sent again unchanged is neither undone nor re-translated.
-        if let Some(previous) = self.resources.put(r.kind, &r.name, &r.bytes) {
+        // A resource sent again unchanged is not translated again.
+        if self.resources.put(r.kind, &r.name, &r.bytes).is_some() {
             if let Some(backends) = r.backends.take() {
                 st.fresh.insert(r.name.clone(), backends);
             }
-            st.undo.push((r.kind, r.name, previous));
+            st.touched.push((r.kind, r.name));
         }
     }
 
     fn remove(&mut self, kind: Kind, name: &str, st: &mut Staging) {
-        let previous = self.resources.remove(kind, name);
+        self.resources.remove(kind, name);
         st.cleared.push((kind, name.to_owned()));
-        st.undo.push((kind, name.to_owned(), previous));
+        st.touched.push((kind, name.to_owned()));
     }
 
     /// State of the world for one type: for LDS and CDS the complete set, so what

@@ -13,9 +13,12 @@ use crate::{
     xds::core::Core,
 };
 
-/// A sink that holds what it is given.
+/// A sink that holds what it is given, in maps of `limits`.
 #[derive(Clone, Default)]
-pub(crate) struct Memory(pub Arc<Mutex<RoutingTable>>);
+pub(crate) struct Memory(
+    pub Arc<Mutex<RoutingTable>>,
+    pub Option<crate::model::Limits>,
+);
 
 impl TableSink for Memory {
     fn apply(&mut self, table: &RoutingTable) -> Result<usize, SinkError> {
@@ -39,6 +42,9 @@ impl TableSink for Memory {
     }
     fn table(&self) -> RoutingTable {
         self.0.lock().map(|t| t.clone()).unwrap_or_default()
+    }
+    fn limits(&self) -> crate::model::Limits {
+        self.1.unwrap_or_default()
     }
 }
 
@@ -120,4 +126,35 @@ fn config_dump_and_metrics_list_refused_resources_and_listeners_left_alone() {
     let dump: serde_json::Value =
         serde_json::from_str(&crate::admin::config_dump(&core, &Default::default())).expect("JSON");
     assert_eq!(dump["unknown_fields"]["(other)"], 88, "{dump}");
+}
+
+#[test]
+fn a_service_the_maps_leave_out_is_degraded_in_readyz_and_listed() {
+    let sink = Memory(
+        Arc::default(),
+        Some(crate::model::Limits {
+            services: 1,
+            ..crate::model::Limits::default()
+        }),
+    );
+    let mut core = Core::new(DatapathHandle::spawn(Box::new(sink.clone()), false));
+    let two = DOC.replace("name: bad\n  address: { socket_address: { address: 10.96.0.2, port_value: 0 } }", "name: b\n  address: { socket_address: { address: 10.96.0.2, port_value: 80 } }\n  filter_chains: [ { filters: [ { name: tcp, typed_config: { \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: web } } ] } ]");
+    let handled = core.handle(full(&two), Instant::now());
+    assert!(handled.nack.is_none(), "{:?}", handled.nack);
+    handled.written.wait_blocking();
+    core.source = crate::xds::core::SourceState::Connected;
+    assert_eq!(sink.table().services.len(), 1);
+    let (status, text) = crate::admin::readiness(&core);
+    assert_eq!(status.as_u16(), 200);
+    assert_eq!(
+        text,
+        "ready, degraded: 1 service limited by this node's maps (see /config_dump, limited)"
+    );
+    let metrics = crate::admin::metrics(&core, &[], &[], &[], &Default::default());
+    let line = "sockmesh_services_limited{reason=\"capacity_left_out\"} 1";
+    assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    let dump: serde_json::Value =
+        serde_json::from_str(&crate::admin::config_dump(&core, &Default::default())).expect("JSON");
+    assert_eq!(dump["limited"][0]["service"], "10.96.0.2:80/tcp", "{dump}");
+    assert_eq!(dump["limited"][0]["reason"], "capacity_left_out", "{dump}");
 }
