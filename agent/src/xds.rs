@@ -16,6 +16,7 @@ pub mod node;
 pub mod opaque;
 pub mod outlier;
 pub mod position;
+pub mod requests;
 pub mod resources;
 pub mod rest;
 pub mod state;

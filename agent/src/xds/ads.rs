@@ -416,8 +416,10 @@ async fn delta(
     call: Call<'_>,
     core: &Arc<Mutex<Core>>,
 ) -> Result<(), SessionError> {
-    let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
     let mut subscribed: BTreeMap<Kind, BTreeSet<String>> = BTreeMap::new();
+    // The stream's first requests: what is wanted now, and the versions held of
+    // it, split to stay within what the server receives (see `super::requests`).
+    let mut first = Vec::new();
     {
         let c = lock(core)?;
         for kind in Kind::ALL {
@@ -425,17 +427,19 @@ async fn delta(
             if !kind.is_wildcard() && names.is_empty() {
                 continue;
             }
-            let initial = c.state().resource_versions(kind);
-            subscribed.insert(kind, names.clone());
-            tx.try_send(DeltaDiscoveryRequest {
-                node: Some(cfg.node.clone()),
-                type_url: kind.type_url().to_owned(),
-                // Empty on a wildcard type: the legacy wildcard every server knows.
-                resource_names_subscribe: names.into_iter().collect(),
-                initial_resource_versions: initial.into_iter().collect(),
-                ..Default::default()
-            })?;
+            first.extend(super::requests::initial(
+                kind,
+                &cfg.node,
+                &names,
+                c.state().resource_versions(kind),
+                super::requests::MAX_REQUEST_BYTES,
+            ));
+            subscribed.insert(kind, names);
         }
+    }
+    let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(first.len().max(64));
+    for r in first {
+        tx.try_send(r)?;
     }
     let mut stream = client
         .delta_aggregated_resources(call.request(ReceiverStream::new(rx))?)
@@ -483,12 +487,12 @@ async fn delta(
                 let wanted: BTreeSet<String> = c.state().wanted(k).into_iter().collect();
                 let had = subscribed.entry(k).or_default();
                 if *had != wanted {
-                    follow_ups.push(DeltaDiscoveryRequest {
-                        type_url: k.type_url().to_owned(),
-                        resource_names_subscribe: wanted.difference(had).cloned().collect(),
-                        resource_names_unsubscribe: had.difference(&wanted).cloned().collect(),
-                        ..Default::default()
-                    });
+                    follow_ups.extend(super::requests::changes(
+                        k,
+                        wanted.difference(had).cloned().collect(),
+                        had.difference(&wanted).cloned().collect(),
+                        super::requests::MAX_REQUEST_BYTES,
+                    ));
                     *had = wanted;
                 }
             }

@@ -348,12 +348,43 @@ impl XdsState {
                 }
             }
         }
+        // A control plane's assignments and route configurations that no cluster or
+        // listener references any more are dropped (Envoy drops a resource with
+        // its last watch); a file's are what the file says.
+        if accepted.subscriptions_changed && !matches!(update, Update::Full { .. }) {
+            self.prune_unreferenced();
+        }
         let nack = whole.or_else(|| (!refused.is_empty()).then(|| nack_of(&refused)));
         Applied {
             accepted,
             nack,
             refused,
         }
+    }
+
+    /// Drops the assignments and route configurations nothing references, with
+    /// their versions and refusals: they are not sent as held on a reconnect and
+    /// take no memory.
+    fn prune_unreferenced(&mut self) {
+        for kind in [Kind::Endpoint, Kind::Route] {
+            let wanted: BTreeSet<String> = self.wanted(kind).into_iter().collect();
+            let gone: Vec<String> = self
+                .resources
+                .names(kind)
+                .filter(|n| !wanted.contains(*n))
+                .map(str::to_owned)
+                .collect();
+            for name in gone {
+                self.resources.remove(kind, &name);
+            }
+            if let Some(v) = self.resource_versions.get_mut(&kind) {
+                v.retain(|n, _| wanted.contains(n));
+            }
+            if let Some(r) = self.refused.get_mut(&kind) {
+                r.retain(|n, _| wanted.contains(n));
+            }
+        }
+        self.refused.retain(|_, m| !m.is_empty());
     }
 
     /// The resources refused now (each holding its last good version, if it had

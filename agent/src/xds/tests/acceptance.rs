@@ -311,3 +311,50 @@ fn an_undecodable_resource_refuses_the_update_whole() {
     assert!(applied.refused.is_empty());
     assert_eq!(lines(&st), before, "a is not applied either");
 }
+
+/// Assignments no cluster references any more are dropped with their versions,
+/// so a reconnect does not announce them (and istiod does not watch them again).
+#[test]
+fn assignments_nothing_references_are_pruned_with_their_versions() {
+    let mut st = XdsState::new();
+    let delta = |kind: Kind, parts: &[String]| {
+        let resp = discovery_response_from_text(&doc(parts)).expect("decodes");
+        Update::Delta {
+            kind,
+            added: resp
+                .resources
+                .into_iter()
+                .map(|a| (String::new(), "v1".to_owned(), a))
+                .collect(),
+            removed: vec![],
+        }
+    };
+    st.apply(delta(Kind::Cluster, &[cluster("a", ""), cluster("b", "")]))
+        .result()
+        .expect("clusters");
+    st.apply(delta(
+        Kind::Endpoint,
+        &[
+            assignment("a", "10.1.0.1", 80),
+            assignment("b", "10.1.0.2", 80),
+        ],
+    ))
+    .result()
+    .expect("endpoints");
+    assert_eq!(st.resource_versions(Kind::Endpoint).len(), 2);
+    st.apply(Update::Delta {
+        kind: Kind::Cluster,
+        added: vec![],
+        removed: vec!["b".into()],
+    })
+    .result()
+    .expect("b gone");
+    assert_eq!(st.wanted(Kind::Endpoint), ["a"]);
+    assert_eq!(
+        st.resource_versions(Kind::Endpoint)
+            .keys()
+            .collect::<Vec<_>>(),
+        ["a"]
+    );
+    assert!(!st.resources().endpoints.contains_key("b"));
+}
