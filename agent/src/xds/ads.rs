@@ -40,6 +40,12 @@ use super::{
     state::Update,
 };
 
+/// The largest xDS message accepted by default (`--xds-max-message-size`): a
+/// real istiod's responses fit (a full push of 100,000 services, the largest the
+/// project measures, fits; istiod itself puts no bound on what it sends), and a
+/// message beyond it ends the stream rather than the agent's memory.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 << 20;
+
 /// Which xDS protocol variant to speak.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum XdsProtocol {
@@ -70,6 +76,8 @@ pub struct AdsConfig {
     pub credentials: Credentials,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// The largest response accepted (`--xds-max-message-size`).
+    pub max_message_size: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -264,8 +272,7 @@ async fn session(
     core: &Arc<Mutex<Core>>,
 ) -> Result<(), SessionError> {
     let channel: Channel = ep.connect().await.map_err(SessionError::Connect)?;
-    let mut client =
-        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
+    let mut client = ads_client(channel, cfg.max_message_size);
     info!(url = %cfg.url, protocol = ?cfg.protocol, "xDS connected");
     let call = Call {
         credentials: &cfg.credentials,
@@ -275,6 +282,19 @@ async fn session(
         XdsProtocol::Sotw => sotw(cfg, &mut client, call, core).await,
         XdsProtocol::Delta => delta(cfg, &mut client, call, core).await,
     }
+}
+
+/// The ADS client over `channel`, accepting responses up to `max_message_size`
+/// bytes (a larger one ends the stream with OUT_OF_RANGE, and is retried).
+fn ads_client(
+    channel: Channel,
+    max_message_size: usize,
+) -> AggregatedDiscoveryServiceClient<Channel> {
+    AggregatedDiscoveryServiceClient::new(channel)
+        .max_decoding_message_size(max_message_size)
+        // Requests stay within `requests::MAX_REQUEST_BYTES`; a SotW request of
+        // every EDS name may not, and is the server's to refuse.
+        .max_encoding_message_size(usize::MAX)
 }
 
 /// What every stream's request carries besides its messages.
@@ -347,13 +367,9 @@ async fn sotw(
                 continue;
             }
             sent.insert(kind, names.clone());
-            tx.try_send(request(
-                kind,
-                names,
-                c.state().version(kind),
-                String::new(),
-                None,
-            ))?;
+            let r = request(kind, names, c.state().version(kind), String::new(), None);
+            warn_if_large(&r);
+            tx.try_send(r)?;
         }
     }
     let mut stream = client
@@ -404,10 +420,27 @@ async fn sotw(
         // The ACK (or NACK) follows the kernel write, as Envoy's follows applying.
         written.wait().await;
         for r in follow_ups {
+            warn_if_large(&r);
             tx.send(r).await?;
         }
     }
     Ok(())
+}
+
+/// A state-of-the-world request names every resource wanted at once, which the
+/// protocol cannot split: past what istiod receives (4 MiB) it is refused. Said
+/// once per request, with what to do.
+fn warn_if_large(r: &DiscoveryRequest) {
+    use prost::Message as _;
+    let bytes = r.encoded_len();
+    if bytes > super::requests::MAX_REQUEST_BYTES {
+        warn!(
+            type_url = %r.type_url,
+            names = r.resource_names.len(),
+            bytes,
+            "this state-of-the-world request may exceed the control plane's receive limit (istiod's is 4 MiB by default): use the delta protocol (--xds-protocol delta), which splits subscriptions, or raise the limit (ISTIO_GPRC_MAXRECVMSGSIZE)"
+        );
+    }
 }
 
 async fn delta(
@@ -505,4 +538,93 @@ async fn delta(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+
+    use sockmesh_proto::pb::envoy::service::discovery::v3::{
+        DeltaDiscoveryResponse, DiscoveryResponse,
+        aggregated_discovery_service_server::{
+            AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+        },
+    };
+    use tokio_stream::Stream;
+
+    use super::*;
+
+    /// A server whose delta stream sends one response of about `bytes` bytes.
+    #[derive(Clone)]
+    struct Big(usize);
+
+    type Out<T> = Pin<Box<dyn Stream<Item = Result<T, tonic::Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl AggregatedDiscoveryService for Big {
+        type StreamAggregatedResourcesStream = Out<DiscoveryResponse>;
+        type DeltaAggregatedResourcesStream = Out<DeltaDiscoveryResponse>;
+
+        async fn stream_aggregated_resources(
+            &self,
+            _: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
+        ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, tonic::Status> {
+            Err(tonic::Status::unimplemented("delta only"))
+        }
+
+        async fn delta_aggregated_resources(
+            &self,
+            _: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
+        ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
+            let resp = DeltaDiscoveryResponse {
+                system_version_info: "x".repeat(self.0),
+                ..Default::default()
+            };
+            Ok(tonic::Response::new(Box::pin(tokio_stream::iter([Ok(
+                resp,
+            )]))))
+        }
+    }
+
+    /// What the agent's client makes of a response of `bytes` with a limit of
+    /// `limit`: the size received, or the stream's error.
+    async fn receive(bytes: usize, limit: usize) -> Result<usize, tonic::Code> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let svc =
+            AggregatedDiscoveryServiceServer::new(Big(bytes)).max_encoding_message_size(usize::MAX);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        let mut client = ads_client(channel, limit);
+        let mut stream = client
+            .delta_aggregated_resources(tokio_stream::iter([DeltaDiscoveryRequest::default()]))
+            .await
+            .map_err(|s| s.code())?
+            .into_inner();
+        match stream.message().await {
+            Ok(Some(r)) => Ok(r.system_version_info.len()),
+            Ok(None) => Ok(0),
+            Err(s) => Err(s.code()),
+        }
+    }
+
+    #[test]
+    fn a_response_beyond_the_configured_size_ends_the_stream() {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        assert_eq!(rt.block_on(receive(2 << 20, 4 << 20)), Ok(2 << 20));
+        assert_eq!(
+            rt.block_on(receive(2 << 20, 1 << 20)),
+            Err(tonic::Code::OutOfRange)
+        );
+    }
 }
