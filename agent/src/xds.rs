@@ -61,3 +61,5 @@ mod tests;
 
 #[cfg(test)]
 mod fuzz;
+#[cfg(test)]
+mod fuzz_mesh;
