@@ -358,3 +358,25 @@ fn assignments_nothing_references_are_pruned_with_their_versions() {
     );
     assert!(!st.resources().endpoints.contains_key("b"));
 }
+
+/// What an update removed outright (for `--terminate-removed-connections`): an
+/// endpoint gone, not one that drains.
+#[test]
+fn an_endpoint_gone_is_removed_one_draining_is_not() {
+    let mut st = three();
+    let draining = "- \"@type\": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment\n  cluster_name: b\n  endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 10.1.0.2, port_value: 80 } } }, health_status: DRAINING } ] } ]\n".to_owned();
+    let accepted = st
+        .apply(sotw(
+            Kind::Endpoint,
+            "2",
+            &doc(&[assignment("a", "10.1.1.1", 80), draining]),
+        ))
+        .result()
+        .expect("accepted");
+    let removed: Vec<String> = accepted
+        .removed
+        .iter()
+        .map(|e| format!("{}:{}", e.addr, e.port))
+        .collect();
+    assert_eq!(removed, ["10.1.0.1:80"]);
+}
