@@ -143,7 +143,8 @@ pub fn route(admin: &Admin, path: &str) -> Response<Full<Bytes>> {
             let (status, text) = match &enrollment {
                 Some(e) if !e.synced => (
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready: waiting for the first list of this node's pods and of the namespaces",
+                    "not ready: waiting for the first list of this node's pods and of the namespaces"
+                        .into(),
                 ),
                 _ => readiness(&core),
             };
@@ -182,8 +183,29 @@ pub fn route(admin: &Admin, path: &str) -> Response<Full<Bytes>> {
 
 /// Ready once the control plane's LDS and CDS are in the kernel and the source is
 /// connected; a disconnected source after that, or kernel maps that lag the
-/// accepted configuration, is "degraded".
-pub fn readiness(core: &Core) -> (StatusCode, &'static str) {
+/// accepted configuration, is "degraded" (503). Services this node limits (more
+/// endpoints than a service may have, maps at capacity) are reported as
+/// "degraded" with 200: the node serves the control plane's configuration as far
+/// as its maps allow, and a node limit is the same on the next node and does not
+/// pass by waiting, so it must not stall a rolling update that gates on
+/// readiness; `sockmesh_services_limited` and `/config_dump` (`limited`) say which.
+pub fn readiness(core: &Core) -> (StatusCode, std::borrow::Cow<'static, str>) {
+    let (status, text) = readiness_state(core);
+    let limited = core.state().limited().len();
+    if status == StatusCode::OK && limited > 0 {
+        return (
+            status,
+            format!(
+                "ready, degraded: {limited} service{} limited by this node's maps (see /config_dump, limited)",
+                if limited == 1 { "" } else { "s" }
+            )
+            .into(),
+        );
+    }
+    (status, text.into())
+}
+
+fn readiness_state(core: &Core) -> (StatusCode, &'static str) {
     let kernel = core.kernel();
     if kernel.migrating {
         return (
@@ -297,6 +319,28 @@ pub fn metrics_with(
         "xDS updates by type and result",
         updates,
     );
+    let refused: Family<Labels, Gauge> = Family::default();
+    for kind in crate::xds::decode::Kind::ALL {
+        let n = core
+            .state()
+            .refused()
+            .get(&kind)
+            .map_or(0, std::collections::BTreeMap::len);
+        refused
+            .get_or_create(&vec![("type".to_owned(), kind.short().to_owned())])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    r.register(
+        "sockmesh_xds_refused_resources",
+        "Resources refused (NACKed) that stand refused now, each keeping its last good version (listed in /config_dump)",
+        refused,
+    );
+    gauge(
+        &mut r,
+        "sockmesh_xds_not_interpreted_listeners",
+        "Listeners whose traffic sockmesh leaves alone because their terminal filter is not one it interprets (listed in /config_dump)",
+        core.state().left_alone().len(),
+    );
     counter(
         &mut r,
         "sockmesh_xds_ignored_responses",
@@ -313,6 +357,17 @@ pub fn metrics_with(
         "sockmesh_xds_opaque_configs",
         "Nested typed configs of types sockmesh does not know, carried opaquely by the file and REST sources (never read)",
         opaque,
+    );
+    let unknown: Family<Labels, Counter> = Family::default();
+    for (field, n) in &core.unknown_fields {
+        unknown
+            .get_or_create(&vec![("field".to_owned(), field.clone())])
+            .inc_by(*n);
+    }
+    r.register(
+        "sockmesh_xds_unknown_fields",
+        "Fields of JSON/YAML documents sockmesh does not know, ignored as Envoy ignores them in dynamic configuration, by Message.field",
+        unknown,
     );
     counter(
         &mut r,
@@ -390,6 +445,28 @@ pub fn metrics_with(
         "sockmesh_map_fill_ratio",
         "Used fraction of each map's capacity",
         fill,
+    );
+    let limited: Family<Labels, Gauge> = Family::default();
+    for reason in [
+        crate::xds::fit::Limit::Endpoints,
+        crate::xds::fit::Limit::Room,
+        crate::xds::fit::Limit::Stale,
+        crate::xds::fit::Limit::LeftOut,
+    ] {
+        let n = core
+            .state()
+            .limited()
+            .values()
+            .filter(|l| l.limit == reason)
+            .count();
+        limited
+            .get_or_create(&vec![("reason".to_owned(), reason.label().to_owned())])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    r.register(
+        "sockmesh_services_limited",
+        "Services this node programs otherwise than the configuration asks, by why: endpoints_subset (more endpoints than one service may have), capacity_subset, capacity_stale, capacity_left_out (the maps' capacity)",
+        limited,
     );
     counter(
         &mut r,
@@ -585,6 +662,31 @@ pub fn config_dump_with(
                 };
                 (cluster, dump)
             })
+            .collect(),
+        unknown_fields: core.unknown_fields.clone(),
+        limited: core
+            .state()
+            .limited()
+            .iter()
+            .map(|(s, l)| crate::admin_types::LimitedDump {
+                service: s.to_string(),
+                reason: l.limit.label().to_owned(),
+                endpoints: l.endpoints,
+                programmed: l.programmed,
+                why: l.why.clone(),
+            })
+            .collect(),
+        refused: core
+            .state()
+            .refused()
+            .iter()
+            .map(|(k, m)| (k.short().to_owned(), m.clone()))
+            .collect(),
+        not_interpreted: core
+            .state()
+            .left_alone()
+            .into_iter()
+            .map(|(listener, why)| crate::admin_types::NotInterpretedDump { listener, why })
             .collect(),
         services: core.state().table().to_json(),
     }

@@ -57,8 +57,48 @@ pub struct ConfigDump {
     /// cgroup is served, and from an older agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enrollment: Option<crate::k8s::dump::EnrollmentDump>,
+    /// Services this node programs otherwise than the configuration asks (a
+    /// subset of their endpoints, their previous version, or no entry), and why.
+    /// Absent from an older agent: empty.
+    #[serde(default)]
+    pub limited: Vec<LimitedDump>,
+    /// Fields of text documents sockmesh does not know, ignored, by
+    /// `Message.field`: how often. Absent from an older agent: empty.
+    #[serde(default)]
+    pub unknown_fields: BTreeMap<String, u64>,
+    /// Resources refused and holding their last good version (if they had one),
+    /// by type (`lds`, `cds`, …) and name: why. Absent from an older agent: empty.
+    #[serde(default)]
+    pub refused: BTreeMap<String, BTreeMap<String, String>>,
+    /// Listeners whose traffic (some chain's, or all) sockmesh leaves alone: their
+    /// terminal filter is not one it interprets. Absent from an older agent: empty.
+    #[serde(default)]
+    pub not_interpreted: Vec<NotInterpretedDump>,
     /// The routing table, as `sockmesh services --json` prints it.
     pub services: Vec<ServiceJson>,
+}
+
+/// A service limited by the node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitedDump {
+    /// `10.96.0.10:80/tcp`.
+    pub service: String,
+    /// `endpoints_subset`, `capacity_subset`, `capacity_stale`,
+    /// `capacity_left_out`.
+    pub reason: String,
+    /// Endpoints the configuration gives it.
+    pub endpoints: usize,
+    /// Endpoints programmed.
+    pub programmed: usize,
+    /// The map whose capacity was reached (empty for an endpoint subset).
+    pub why: String,
+}
+
+/// A listener sockmesh leaves alone, and why (one line per chain).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotInterpretedDump {
+    pub listener: String,
+    pub why: Vec<String>,
 }
 
 /// The control-plane connection: where, how it is secured, the node identity
@@ -260,6 +300,25 @@ mod tests {
                     last_error: Some("resolving \"api.example.com\": timed out".into()),
                 },
             )]),
+            limited: vec![LimitedDump {
+                service: "10.96.0.60:80/tcp".into(),
+                reason: "endpoints_subset".into(),
+                endpoints: 20_000,
+                programmed: 16_384,
+                why: String::new(),
+            }],
+            unknown_fields: BTreeMap::from([(
+                "envoy.config.cluster.v3.Cluster.new_knob".to_owned(),
+                3,
+            )]),
+            refused: BTreeMap::from([(
+                "lds".to_owned(),
+                BTreeMap::from([("b".to_owned(), "Listener \"b\": name: bad".to_owned())]),
+            )]),
+            not_interpreted: vec![NotInterpretedDump {
+                listener: "240.240.0.3_20880".into(),
+                why: vec!["filter_chains[0]: a Dubbo proxy".into()],
+            }],
             services,
         }
     }
@@ -325,6 +384,11 @@ mod tests {
             // Added with outlier detection.
             "outlier_ejected": d.outlier_ejected,
             "dns": d.dns,
+            // Added with per-resource acceptance.
+            "limited": d.limited,
+            "unknown_fields": d.unknown_fields,
+            "refused": d.refused,
+            "not_interpreted": d.not_interpreted,
             "services": d.services,
         });
         serde_json::to_string_pretty(&dump).unwrap_or_default() + "\n"

@@ -86,6 +86,8 @@ pub struct AgentConfig {
     pub credentials: Credentials,
     pub tls: TlsFiles,
     pub refresh: Duration,
+    /// The largest xDS response accepted (ADS message, REST body).
+    pub max_message_size: usize,
     /// Abort sockets still connected to endpoints removed from a service.
     pub terminate_removed: bool,
     /// Admin HTTP address (`None`: no admin server).
@@ -185,6 +187,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     }
     let node = cfg.node.node();
     if let Ok(mut c) = core.lock() {
+        c.set_node_id(&node.id);
         c.connection = crate::admin_types::ConnectionDump {
             url: cfg.source.url(),
             transport: cfg.source.transport().to_owned(),
@@ -221,6 +224,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 credentials: cfg.credentials.clone(),
                 backoff_base: Duration::from_millis(250),
                 backoff_max: Duration::from_secs(30),
+                max_message_size: cfg.max_message_size,
             };
             let core = core.clone();
             tokio::spawn(async move {
@@ -240,8 +244,12 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         Source::Rest(base) => {
             let core = core.clone();
             let refresh = cfg.refresh;
+            let limits = rest::RestLimits {
+                body_bytes: cfg.max_message_size,
+                ..rest::RestLimits::default()
+            };
             tokio::spawn(async move {
-                rest::run(base, node, refresh, core, stop_rx).await;
+                rest::run(base, node, refresh, limits, core, stop_rx).await;
                 Ok(())
             })
         }

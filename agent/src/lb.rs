@@ -10,5 +10,5 @@ pub mod levels;
 mod maglev;
 mod slots;
 
-pub use maglev::{MaglevKey, maglev_table, table_size_problem};
+pub use maglev::{MaglevKey, is_prime, maglev_table, table_size_problem};
 pub use slots::{slot_count, weighted_slots, weighted_slots_capped};

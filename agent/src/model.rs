@@ -849,7 +849,8 @@ mod tests {
         t.insert(svc("10.96.0.1", 80), many);
         assert!(matches!(
             t.validate(),
-            Err(ModelError::TooManyBackends { count: 1025, .. })
+            Err(ModelError::TooManyBackends { count, .. })
+                if count == MAX_BACKENDS_PER_SERVICE as usize + 1
         ));
     }
 

@@ -1,6 +1,7 @@
 //! The xDS side: decoding Envoy resources, translating them into the routing table,
 //! and the sources that deliver them (ADS over gRPC, files, REST-JSON).
 
+pub mod accept;
 pub mod ads;
 pub mod auth;
 pub mod clusters;
@@ -9,14 +10,18 @@ pub mod decode;
 pub mod dns;
 pub mod file;
 pub mod filedoc;
+pub mod fit;
 pub mod incremental;
 pub mod node;
 pub mod opaque;
 pub mod outlier;
+pub mod position;
+pub mod requests;
 pub mod resources;
 pub mod rest;
 pub mod state;
 pub mod translate;
+pub mod unknown;
 pub mod users;
 pub mod validate;
 
@@ -56,3 +61,5 @@ mod tests;
 
 #[cfg(test)]
 mod fuzz;
+#[cfg(test)]
+mod fuzz_mesh;

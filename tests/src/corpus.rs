@@ -13,6 +13,11 @@
 //!   `*`; a socket-level balancer cannot see whether the application speaks HTTP,
 //!   so the HTTP chain is taken before the `default_filter_chain` (a raw TCP
 //!   client would get the latter: in Istio both name the same cluster);
+//! - a chain ending in any other filter (Dubbo, Thrift, Redis proxies, an
+//!   EnvoyFilter's own) handles its VIPs itself: a socket-level balancer has no
+//!   cluster to pick for them and leaves them alone (no entry), and, as Envoy
+//!   matches the listener bound to a VIP first, a wildcard listener's virtual
+//!   host naming such a VIP does not take it;
 //! - INBOUND listeners describe traffic to this pod, not from it; listeners
 //!   without a socket address are internal listeners;
 //! - an `ORIGINAL_DST` cluster forwards to the address the client asked for: the
@@ -41,9 +46,15 @@ pub fn corpus_dir() -> Option<PathBuf> {
 
 /// The config dumps in the corpus, by file name.
 pub fn corpus_files() -> Vec<PathBuf> {
-    let Some(dir) = corpus_dir() else {
-        return Vec::new();
-    };
+    corpus_dir().map(|d| dumps_in(&d)).unwrap_or_default()
+}
+
+/// The project's own hand-written dumps (`tests/corpus/`), always present.
+pub fn fixture_files() -> Vec<PathBuf> {
+    dumps_in(&Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus"))
+}
+
+fn dumps_in(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|d| {
             d.flatten()
@@ -68,6 +79,10 @@ pub struct Corpus {
 /// Clusters with their weights.
 type Clusters = Vec<(String, f64)>;
 
+/// What a listener's chain does with a VIP: send it to clusters, or handle it
+/// with a filter a socket balancer does not interpret (`None`).
+type Target = Option<Clusters>;
+
 /// One expected service: its backends (address, port) and each one's share of
 /// new connections.
 pub type Backends = BTreeMap<(IpAddr, u16), f64>;
@@ -81,6 +96,11 @@ pub struct Expected {
     pub passthrough: BTreeSet<String>,
     /// Services whose clusters or endpoints the dump does not hold.
     pub warming: BTreeSet<String>,
+    /// Services whose listener's filter a socket balancer does not interpret: no
+    /// entry, connections go where they were sent.
+    pub left_alone: BTreeSet<String>,
+    /// The listeners with such a chain.
+    pub not_interpreted: BTreeSet<String>,
 }
 
 impl Corpus {
@@ -157,9 +177,13 @@ impl Corpus {
 
     /// What Envoy would do (see the module documentation).
     pub fn expected(&self) -> Expected {
-        let mut chosen: BTreeMap<String, (u8, String, Clusters)> = BTreeMap::new();
+        let mut out = Expected::default();
+        let mut chosen: BTreeMap<String, (u8, String, Target)> = BTreeMap::new();
         for l in &self.listeners {
             let lname = l["name"].as_str().unwrap_or_default().to_owned();
+            if l["traffic_direction"] != "INBOUND" && leaves_a_chain_alone(l) {
+                out.not_interpreted.insert(lname.clone());
+            }
             for (service, precedence, clusters) in listener_candidates(l, &self.routes) {
                 let better = chosen
                     .get(&service)
@@ -169,8 +193,11 @@ impl Corpus {
                 }
             }
         }
-        let mut out = Expected::default();
-        for (service, (_, _, clusters)) in chosen {
+        for (service, (_, _, target)) in chosen {
+            let Some(clusters) = target else {
+                out.left_alone.insert(service);
+                continue;
+            };
             match self.backends_of(&clusters) {
                 Resolution::Warming => {
                     out.warming.insert(service);
@@ -288,10 +315,34 @@ fn healthy_endpoints(cla: &Value) -> BTreeMap<(IpAddr, u16), f64> {
     out
 }
 
-/// (service, precedence, clusters with weights) that one listener asks for.
+/// The type of a chain's terminal filter.
+fn terminal_type(chain: &Value) -> Option<&str> {
+    let terminal = chain["filters"].as_array().and_then(|f| f.last())?;
+    Some(
+        terminal["typed_config"]["@type"]
+            .as_str()
+            .unwrap_or_default(),
+    )
+}
+
+/// Whether some chain of a listener ends in a filter other than tcp_proxy and
+/// http_connection_manager.
+fn leaves_a_chain_alone(l: &Value) -> bool {
+    if l["address"]["socket_address"].is_null() {
+        return false;
+    }
+    let chains = l["filter_chains"].as_array().cloned().unwrap_or_default();
+    chains
+        .iter()
+        .chain(Some(&l["default_filter_chain"]).filter(|c| !c.is_null()))
+        .filter_map(terminal_type)
+        .any(|ty| !ty.ends_with(".TcpProxy") && !ty.ends_with(".HttpConnectionManager"))
+}
+
+/// (service, precedence, what handles it) that one listener asks for.
 /// Precedence: 0 the listener is bound to the VIP; 1 a wildcard listener's chain
 /// matching the VIP's prefix; 2 a wildcard listener's HTTP virtual host naming it.
-fn listener_candidates(l: &Value, routes: &[Value]) -> Vec<(String, u8, Clusters)> {
+fn listener_candidates(l: &Value, routes: &[Value]) -> Vec<(String, u8, Target)> {
     let mut out = Vec::new();
     if l["traffic_direction"] == "INBOUND" {
         return out;
@@ -335,21 +386,25 @@ fn listener_candidates(l: &Value, routes: &[Value]) -> Vec<(String, u8, Clusters
         };
         let config = &terminal["typed_config"];
         let ty = config["@type"].as_str().unwrap_or_default();
-        let mut add = |vip: IpAddr, precedence: u8, clusters: Vec<(String, f64)>| {
+        let mut add = |vip: IpAddr, precedence: u8, target: Target| {
             let service = match vip {
                 IpAddr::V4(v) => format!("{v}:{dport}/tcp"),
                 IpAddr::V6(v) => format!("[{v}]:{dport}/tcp"),
             };
-            if seen.insert(service.clone()) && !clusters.is_empty() {
-                out.push((service, precedence, clusters));
+            if seen.insert(service.clone()) && target.as_ref().is_none_or(|c| !c.is_empty()) {
+                out.push((service, precedence, target));
             }
         };
         if ty.ends_with(".TcpProxy") {
             let clusters = tcp_proxy_clusters(config);
             for vip in vips {
-                add(vip, precedence, clusters.clone());
+                add(vip, precedence, Some(clusters.clone()));
             }
-        } else if ty.ends_with(".HttpConnectionManager") {
+        } else if !ty.ends_with(".HttpConnectionManager") {
+            for vip in vips {
+                add(vip, precedence, None);
+            }
+        } else {
             let rc = match config["rds"]["route_config_name"].as_str() {
                 Some(name) => routes.iter().find(|r| r["name"] == name).cloned(),
                 None => Some(config["route_config"].clone()),
@@ -373,7 +428,7 @@ fn listener_candidates(l: &Value, routes: &[Value]) -> Vec<(String, u8, Clusters
                     })
                 });
                 if let Some(clusters) = vh.and_then(catch_all) {
-                    add(vip, precedence, clusters);
+                    add(vip, precedence, Some(clusters));
                 }
             }
             if wildcard && ranges.is_empty() {
@@ -387,7 +442,7 @@ fn listener_candidates(l: &Value, routes: &[Value]) -> Vec<(String, u8, Clusters
                                 .map(|sa| sa.ip())
                         });
                         if let (Some(ip), Some(clusters)) = (ip, catch_all(vh)) {
-                            add(ip, 2, clusters);
+                            add(ip, 2, Some(clusters));
                         }
                     }
                 }
@@ -426,7 +481,9 @@ fn catch_all(vh: &Value) -> Option<Vec<(String, f64)>> {
         .filter_map(|c| {
             Some((
                 c["name"].as_str()?.to_owned(),
-                c["weight"].as_f64().unwrap_or(1.0),
+                // Unset is 0 (`PROTOBUF_GET_WRAPPED_REQUIRED` in Envoy's
+                // config_impl.cc): never picked.
+                c["weight"].as_f64().unwrap_or(0.0),
             ))
         })
         .filter(|(_, w)| *w > 0.0)

@@ -48,7 +48,8 @@ fn admin_endpoints_answer_on_loopback() {
     assert_eq!(dump["services"][0]["vip"], "10.96.0.20");
     assert_eq!(dump["services"][0]["port"], 443);
 
-    // A rejected file shows up in the counters and the dump; the table stays.
+    // A refused resource shows up in the counters and the dump (by type and name,
+    // with its error); it keeps its last good version, so the table stays.
     agent.replace(&format!(
         "version_info: bad-port\n{}",
         CONFIG.replace("port_value: 8443", "port_value: 0")
@@ -58,21 +59,35 @@ fn admin_endpoints_answer_on_loopback() {
         Duration::from_secs(10),
         || {
             let dump = admin.dump();
-            (dump["xds"]["eds"]["rejected_version"] == "bad-port")
+            (dump["xds"]["cds"]["rejected_version"] == "bad-port")
                 .then_some(dump.clone())
                 .ok_or(dump)
         },
     );
-    let error = dump["xds"]["eds"]["last_error"]
+    let error = dump["xds"]["cds"]["last_error"]
         .as_str()
         .unwrap_or_default();
     assert!(error.contains("port_value: 0 is out of range"), "{dump}");
+    assert!(
+        dump["refused"]["cds"]["api"]
+            .as_str()
+            .is_some_and(|e| e.contains("port_value: 0 is out of range")),
+        "{dump}"
+    );
+    assert_eq!(
+        dump["xds"]["lds"]["rejected"], 0,
+        "the listener was valid: {dump}"
+    );
     assert_eq!(
         dump["services"][0]["backends"][0]["address"], "10.10.1.11",
         "table lost: {dump}"
     );
     assert_eq!(
-        admin.metric("sockmesh_xds_updates_total{type=\"eds\",result=\"rejected\"}"),
+        admin.metric("sockmesh_xds_updates_total{type=\"cds\",result=\"rejected\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        admin.metric("sockmesh_xds_refused_resources{type=\"cds\"}"),
         Some(1.0)
     );
     assert_eq!(admin.get("/nope").0, 404);
@@ -97,13 +112,15 @@ fn admin_endpoints_answer_on_loopback() {
     );
     assert_eq!(status["agent"]["datapath"]["migrating"], false, "{status}");
     assert_eq!(status["datapath"]["services"], 1, "{status}");
-    assert_eq!(status["xds"]["eds"]["rejected"], 1, "{status}");
+    assert_eq!(status["xds"]["cds"]["rejected"], 1, "{status}");
 }
 
-/// Map sizes are configurable; an update beyond them is NACKed naming the limit,
-/// counted, and the services already installed keep working.
+/// Map sizes are configurable; a configuration beyond them is not refused (a node
+/// limit is no fault of the control plane's): what does not fit waits outside the
+/// kernel, or gets a subset, listed with the limit named; the services already
+/// installed keep working; room returning heals it.
 #[test]
-fn capacity_limits_nack_and_keep_existing_services() {
+fn capacity_limits_leave_what_does_not_fit_out_listed_and_heal() {
     let svc = |i: u32, backends: &[u8]| {
         let eps: Vec<String> = backends
             .iter()
@@ -134,26 +151,28 @@ fn capacity_limits_nack_and_keep_existing_services() {
     let write = |version: &str, services: &[String]| agent.replace(&document(version, services));
     let services = || {
         sockmesh::dataplane::read_table(&bpffs.0)
-            .map(|t| t.services.len())
-            .unwrap_or(0)
+            .map(|t| {
+                t.services
+                    .keys()
+                    .map(|s| s.vip.to_string())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
     };
     wait_until("2 services in the kernel", Duration::from_secs(10), || {
-        services() == 2
+        services().len() == 2
     });
-    // Each bad file carries its own version, and the NACK of exactly that version
-    // is what the test waits for.
-    let error_of = |version: &str| {
+    // Each file carries its own version: what the test waits for is that
+    // version accepted, then the listing.
+    let accepted = |version: &str| {
         wait_until(
-            &format!("the NACK of {version}"),
+            &format!("{version} accepted"),
             Duration::from_secs(10),
             || {
                 let dump = admin.dump();
-                let lds = &dump["xds"]["lds"];
-                if lds["rejected_version"] == version {
-                    Ok(lds["last_error"].as_str().unwrap_or_default().to_owned())
-                } else {
-                    Err(lds.clone())
-                }
+                (dump["xds"]["lds"]["version"] == version)
+                    .then_some(dump.clone())
+                    .ok_or(dump)
             },
         )
     };
@@ -161,26 +180,61 @@ fn capacity_limits_nack_and_keep_existing_services() {
         "three-services",
         &[svc(1, &[11]), svc(2, &[13]), svc(3, &[14])],
     );
-    let e = error_of("three-services");
-    assert!(e.contains("3 services exceed the limit of 2"), "{e}");
-    assert_eq!(services(), 2, "existing services lost");
-    write("six-backends", &[svc(1, &[11, 12, 13]), svc(2, &[14, 15])]);
-    let e = error_of("six-backends");
+    let dump = accepted("three-services");
+    assert_eq!(
+        dump["xds"]["lds"]["rejected"], 0,
+        "a node limit is no NACK: {dump}"
+    );
+    assert_eq!(dump["limited"][0]["service"], "10.96.0.3:80/tcp", "{dump}");
+    assert_eq!(dump["limited"][0]["reason"], "capacity_left_out", "{dump}");
     assert!(
-        e.contains(
-            "5 backends (+1 at the peak while services are rewritten) exceed the backend map's capacity of 5"
-        ),
-        "{e}"
+        dump["limited"][0]["why"]
+            .as_str()
+            .is_some_and(|w| w.contains("3 services exceed the limit of 2 (--max-services)")),
+        "{dump}"
     );
     assert_eq!(
-        admin.metric("sockmesh_xds_updates_total{type=\"lds\",result=\"rejected\"}"),
-        Some(2.0)
+        services(),
+        ["10.96.0.1", "10.96.0.2"],
+        "existing services kept"
+    );
+    let (status, body) = admin.get("/readyz");
+    assert_eq!(status, 200);
+    assert!(
+        body.starts_with("ready, degraded: 1 service limited"),
+        "{body}"
+    );
+    assert_eq!(
+        admin.metric("sockmesh_services_limited{reason=\"capacity_left_out\"}"),
+        Some(1.0)
+    );
+    // Service 1 goes: room returns and service 3 takes it, by itself.
+    write("room", &[svc(2, &[13]), svc(3, &[14])]);
+    wait_until("service 3 programmed", Duration::from_secs(10), || {
+        services() == ["10.96.0.2", "10.96.0.3"]
+    });
+    let dump = accepted("room");
+    assert_eq!(dump["limited"], serde_json::json!([]), "{dump}");
+    assert_eq!(admin.get("/readyz"), (200, "ready\n".to_owned()));
+    // More backends than the map holds: service 2 keeps the subset that fits
+    // beside its old entries (5 - 2 held = 3 of its 4 new ones).
+    write("six-backends", &[svc(2, &[15, 16, 17, 18]), svc(3, &[14])]);
+    let dump = accepted("six-backends");
+    assert_eq!(dump["limited"][0]["reason"], "capacity_subset", "{dump}");
+    assert_eq!(dump["limited"][0]["programmed"], 3, "{dump}");
+    wait_until(
+        "3 of service 2's backends and 1 of service 3's in the kernel",
+        Duration::from_secs(10),
+        || {
+            sockmesh::dataplane::read_table(&bpffs.0)
+                .map(|t| t.backend_count())
+                .ok()
+                .filter(|n| *n == 4)
+        },
     );
     // Fill ratios are against the maps' real (configured) capacity.
     assert_eq!(
         admin.metric("sockmesh_map_fill_ratio{map=\"services\"}"),
         Some(1.0)
     );
-    let t = sockmesh::dataplane::read_table(&bpffs.0).expect("table");
-    assert_eq!(t.backend_count(), 3, "the last good table stays");
 }

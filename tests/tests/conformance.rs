@@ -1,10 +1,13 @@
 //! Real istiod output: the Istio sidecar config dumps in `../shared/xds-corpus/`
-//! (read from there, never copied into the project) replayed to `sockmesh agent`
-//! through the file source and through ADS (delta and SotW), and the kernel's table
-//! checked against what Envoy would do with the same resources
-//! (`sockmesh_tests::corpus`, an oracle over the dump's JSON that shares no code with
-//! sockmesh's translation): every service with its endpoints and weights, no entry
-//! for pass-through (ORIGINAL_DST) services, warming services reported as such.
+//! (read from there, never copied into the project), and the project's own
+//! hand-written dumps of shapes those lack (`tests/corpus/`: listeners whose
+//! filter sockmesh leaves alone), replayed to `sockmesh agent` through the file
+//! source and through ADS (delta and SotW), and the kernel's table checked against
+//! what Envoy would do with the same resources (`sockmesh_tests::corpus`, an
+//! oracle over the dump's JSON that shares no code with sockmesh's translation):
+//! every service with its endpoints and weights, no entry for pass-through
+//! (ORIGINAL_DST) services nor for services left alone, warming services and
+//! listeners left alone reported as such, nothing refused.
 
 use std::{collections::BTreeSet, process::Stdio, time::Duration};
 
@@ -12,20 +15,24 @@ use sockmesh::model::{BackendState, RoutingTable};
 use sockmesh_tests::{
     Admin, Bpffs, Cgroup, FileAgent, Proc, TempDir, agent_command,
     control_plane::ControlPlane,
-    corpus::{Corpus, Expected, corpus_dir, corpus_files},
+    corpus::{Corpus, Expected, corpus_dir, corpus_files, fixture_files},
     sockmesh_bin, wait_until,
 };
 
-/// The dumps, or `None` after saying why the test does not run.
+/// The project's dumps, and the shared corpus's where it is on this machine (said
+/// when it is not).
 fn corpora() -> Option<Vec<Corpus>> {
+    let mut files = fixture_files();
+    assert!(!files.is_empty(), "tests/corpus holds no dump");
     if corpus_dir().is_none() {
         eprintln!(
-            "SKIPPED: the xDS corpus (../shared/xds-corpus, or SOCKMESH_XDS_CORPUS) is not on this machine"
+            "SKIPPED (in part): the xDS corpus (../shared/xds-corpus, or SOCKMESH_XDS_CORPUS) is not on this machine; the project's own dumps run"
         );
-        return None;
+    } else {
+        let shared = corpus_files();
+        assert!(!shared.is_empty(), "the corpus folder holds no dump");
+        files.extend(shared);
     }
-    let files = corpus_files();
-    assert!(!files.is_empty(), "the corpus folder holds no dump");
     Some(files.iter().map(|f| Corpus::load(f)).collect())
 }
 
@@ -107,16 +114,33 @@ fn check(corpus: &Corpus, expected: &Expected, bpffs: &Bpffs, admin: &Admin) {
             if warming != expected.warming {
                 return Err(format!("warming {warming:?}, Envoy {:?}", expected.warming));
             }
+            let left: BTreeSet<String> = dump["not_interpreted"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|l| l["listener"].as_str().map(str::to_owned))
+                .collect();
+            if left != expected.not_interpreted {
+                return Err(format!(
+                    "left alone {left:?}, Envoy's listeners with filters a socket balancer cannot interpret {:?}",
+                    expected.not_interpreted
+                ));
+            }
+            if dump["refused"] != serde_json::json!({}) {
+                return Err(format!("refused {}", dump["refused"]));
+            }
             Ok(())
         },
     );
     eprintln!(
-        "{}: {} services as Envoy would route them ({} with no endpoint), {} passed through, {} warming",
+        "{}: {} services as Envoy would route them ({} with no endpoint), {} passed through, {} warming, {} left alone ({} listeners)",
         corpus.name,
         expected.services.len(),
         expected.services.values().filter(|b| b.is_empty()).count(),
         expected.passthrough.len(),
         expected.warming.len(),
+        expected.left_alone.len(),
+        expected.not_interpreted.len(),
     );
 }
 

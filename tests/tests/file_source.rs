@@ -1,5 +1,7 @@
 //! `sockmesh agent --xds file://...`: edits reach the kernel in milliseconds; a
-//! malformed or invalid file is reported (line / field) and changes nothing.
+//! malformed or content-free file is reported (line / what) and changes nothing;
+//! an invalid resource is refused alone (field named), keeping its last good
+//! version while the valid ones apply; an unknown field is ignored and counted.
 
 use std::time::Duration;
 
@@ -72,24 +74,42 @@ fn file_edits_apply_and_bad_files_change_nothing() {
         ["10.10.1.12", "10.10.1.13"]
     );
 
-    // An invalid port: NACKed with the field named, and nothing changes.
+    // Files with nothing in them (emptied, truncated to a comment): refused, as
+    // Envoy refuses them, never read as "remove every service".
+    agent.replace("");
+    let error = source_error(admin, 2, "the empty file");
+    assert!(error.contains("the document is empty: refused"), "{error}");
+    agent.replace("# resources: []\n---\n");
+    let error = source_error(admin, 3, "the comment-only file");
+    assert!(error.contains("only YAML comments"), "{error}");
+    assert_eq!(
+        sockmesh_tests::kernel_backends(bpffs),
+        ["10.10.1.12", "10.10.1.13"]
+    );
+
+    // An invalid port: the cluster is refused with the field named and keeps its
+    // last good version; the listener is applied.
     agent.replace(&config("bad-port", &["10.10.1.14"], 0));
     let error = wait_until(
         "the NACK of version bad-port",
         Duration::from_secs(10),
         || {
             let dump = admin.dump();
-            let eds = &dump["xds"]["eds"];
-            if eds["rejected_version"] == "bad-port" {
-                Ok(eds["last_error"].as_str().unwrap_or_default().to_owned())
+            let cds = &dump["xds"]["cds"];
+            if cds["rejected_version"] == "bad-port" {
+                Ok(dump["refused"]["cds"]["api"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned())
             } else {
-                Err(eds.clone())
+                Err(cds.clone())
             }
         },
     );
     assert!(
-        error.contains("load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.port_value: 0 is out of range"),
-        "field not named in: {error}"
+        error.contains("load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.port_value: 0 is out of range")
+            && error.contains("(resources[1] at line 7 column 1)"),
+        "field or place not named in: {error}"
     );
     assert_eq!(
         sockmesh_tests::kernel_backends(bpffs),
@@ -152,26 +172,76 @@ fn json_file_edits_touch_what_changed_and_errors_name_the_line() {
         &["10.10.2.12", "10.10.2.13", "10.10.2.21"],
     );
 
-    // Line 5 (web's cluster) carries an unknown field: the error names it and
-    // that line, and nothing changes.
+    // Line 5 (web's cluster) carries a port that is not a number: the error
+    // names that line, and nothing changes.
     let broken = json_config(
         "3",
         &[("api", "10.96.0.30", api), ("web", "10.96.0.31", web)],
     )
-    .replacen("\"type\":\"STATIC\"", "\"type\":\"STATIC\",\"tipe\":1", 2)
-    .replacen("\"type\":\"STATIC\",\"tipe\":1", "\"type\":\"STATIC\"", 1);
+    .replace(
+        "\"10.10.2.21\",\"portValue\":8080",
+        "\"10.10.2.21\",\"portValue\":\"http\"",
+    );
     agent.replace(&broken);
     let error = source_error(admin, 1, "the JSON error");
-    assert!(
-        error.contains("tipe") && error.contains("line 5"),
-        "field or line not named in: {error}"
-    );
+    assert!(error.contains("line 5"), "line not named in: {error}");
     assert_eq!(
         sockmesh_tests::kernel_backends(bpffs),
         ["10.10.2.12", "10.10.2.13", "10.10.2.21"]
     );
 
+    // A field sockmesh does not know (a newer control plane's): ignored and
+    // counted, as Envoy ignores it in dynamic configuration; the file applies.
+    let newer = json_config(
+        "3b",
+        &[("api", "10.96.0.30", api), ("web", "10.96.0.31", web)],
+    )
+    .replace(
+        "\"type\":\"STATIC\"",
+        "\"type\":\"STATIC\",\"futureKnob\":{\"x\":1}",
+    );
+    agent.replace(&newer);
+    wait_for_backends(bpffs, "the newer file", &["10.10.2.11", "10.10.2.21"]);
+    assert_eq!(
+        admin.metric(
+            "sockmesh_xds_unknown_fields_total{field=\"envoy.config.cluster.v3.Cluster.futureKnob\"}"
+        ),
+        Some(2.0)
+    );
+
     // web dropped from the file: its service goes, api stays as it was.
     agent.replace(&json_config("4", &[("api", "10.96.0.30", api2)]));
     wait_for_backends(bpffs, "web removed", &["10.10.2.12", "10.10.2.13"]);
+
+    // One bad listener among good ones: the good ones apply (db is new, api
+    // moves), the bad one is refused alone and named with its line.
+    let db: &[&str] = &["10.10.2.31"];
+    let mixed = json_config(
+        "5",
+        &[
+            ("api", "10.96.0.30", api),
+            ("bad", "10.96.0.32", web),
+            ("db", "10.96.0.33", db),
+        ],
+    )
+    .replace("\"address\":\"10.96.0.32\"", "\"address\":\"not-an-ip\"");
+    agent.replace(&mixed);
+    wait_for_backends(bpffs, "the good listeners", &["10.10.2.11", "10.10.2.31"]);
+    let dump = wait_until("bad refused", Duration::from_secs(10), || {
+        let dump = admin.dump();
+        (dump["xds"]["lds"]["rejected_version"] == "5")
+            .then_some(dump.clone())
+            .ok_or(dump)
+    });
+    let refused = dump["refused"]["lds"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect::<Vec<_>>())
+        .unwrap_or_default();
+    assert_eq!(refused, ["bad"], "{dump}");
+    assert!(
+        dump["refused"]["lds"]["bad"].as_str().is_some_and(|e| e
+            .contains("\"not-an-ip\" is not an IP address")
+            && e.contains("line 4")),
+        "{dump}"
+    );
 }

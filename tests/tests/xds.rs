@@ -175,6 +175,53 @@ fn scenario(protocol: &str) {
         || all_answered(&cp),
     );
 
+    // One bad listener among good ones: the good ones are applied (a second VIP
+    // for web appears in the kernel), the NACK names exactly the bad one.
+    let second = |vip: &str, name: &str| {
+        format!(
+            "resources:\n- \"@type\": type.googleapis.com/envoy.config.listener.v3.Listener\n  name: {name}\n  address: {{ socket_address: {{ address: {vip}, port_value: 80 }} }}\n  filter_chains: [ {{ filters: [ {{ name: tcp, typed_config: {{ \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: web }} }} ] }} ]\n"
+        )
+    };
+    let mut listeners = resources(&second("10.96.0.11", "web2"));
+    listeners.extend(resources(&second("not-an-ip", "bad")));
+    cp.publish(&listeners, false);
+    let nack = wait_until("the NACK of listener bad", Duration::from_secs(10), || {
+        cp.nacks().get(1).cloned()
+    });
+    assert!(
+        nack.starts_with("1 resource refused (the others are applied): Listener \"bad\": address.socket_address.address: \"not-an-ip\" is not an IP address"),
+        "{nack}"
+    );
+    let vips = || {
+        sockmesh::dataplane::read_table(&bpffs.0)
+            .map(|t| {
+                t.services
+                    .keys()
+                    .map(|s| s.vip.to_string())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    wait_until("web2 in the kernel", Duration::from_secs(10), || {
+        vips() == ["10.96.0.10", "10.96.0.11"]
+    });
+    // Both withdrawn: no listener refused any more (the assignment of port 70000
+    // stands refused: web.default keeps its last good version until a valid one
+    // comes), web alone again.
+    cp.remove(
+        "type.googleapis.com/envoy.config.listener.v3.Listener",
+        &["bad", "web2"],
+    );
+    wait_until("no listener refused", Duration::from_secs(10), || {
+        let refused = admin.dump()["refused"].clone();
+        (refused["lds"].is_null() && !refused["eds"]["web.default"].is_null())
+            .then_some(())
+            .ok_or(refused)
+    });
+    wait_until("web2 gone", Duration::from_secs(10), || {
+        vips() == ["10.96.0.10"]
+    });
+
     // Outage: the control plane goes away; the agent notices and keeps the table.
     let cut = Instant::now();
     cp.disconnect_all();
@@ -226,8 +273,8 @@ fn scenario(protocol: &str) {
     );
     assert_eq!(
         cp.nacks().len(),
-        1,
-        "only the bad update is NACKed: {:?}",
+        2,
+        "only the bad updates are NACKed: {:?}",
         cp.nacks()
     );
 

@@ -177,6 +177,10 @@ pub struct AgentArgs {
     /// Poll interval of the REST (http://) source, e.g. 1s, 500ms.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub xds_refresh: Duration,
+    /// The largest xDS response accepted, in bytes: an ADS message, or a REST
+    /// body. A larger one ends the stream (or the poll) and is retried.
+    #[arg(long, default_value_t = crate::xds::ads::DEFAULT_MAX_MESSAGE_BYTES, env = "SOCKMESH_XDS_MAX_MESSAGE_SIZE")]
+    pub xds_max_message_size: usize,
 }
 
 impl AgentArgs {
@@ -244,6 +248,7 @@ impl AgentArgs {
                 server_name: self.xds_server_name,
             },
             refresh: self.xds_refresh,
+            max_message_size: self.xds_max_message_size,
             terminate_removed: self.terminate_removed_connections,
             admin: match self.admin.as_str() {
                 "off" | "" => None,

@@ -312,6 +312,10 @@ mod tests {
             source_last_error: None,
             connection: crate::admin_types::ConnectionDump::default(),
             outlier_ejected: Vec::new(),
+            limited: Vec::new(),
+            unknown_fields: BTreeMap::new(),
+            refused: BTreeMap::new(),
+            not_interpreted: Vec::new(),
             synced: true,
             push: PushDump::default(),
             datapath: DatapathDump {

@@ -392,6 +392,43 @@ pub fn layout(levels: &Levels) -> (Vec<usize>, Tiers) {
     (slots, t)
 }
 
+/// `levels` of a service cut to the backends at positions `kept` (ascending) of
+/// the old list, which are `backends` of the new one: each range keeps its
+/// hosts that stay, renumbered, and each level counts the hosts it keeps.
+pub fn retain(levels: &Levels, kept: &[usize], backends: &[Backend]) -> Levels {
+    let new_pos = |old: usize| kept.binary_search(&old).ok();
+    let cut = |range: &Range| -> Range {
+        range
+            .iter()
+            .filter_map(|&(pos, w)| Some((new_pos(pos)?, w)))
+            .collect()
+    };
+    Levels {
+        levels: levels
+            .levels
+            .iter()
+            .map(|l| {
+                let all = cut(&l.all);
+                let count = |state: BackendState| {
+                    all.iter()
+                        .filter(|&&(p, _)| backends[p].state == state)
+                        .count() as u32
+                };
+                Level {
+                    healthy: cut(&l.healthy),
+                    degraded: cut(&l.degraded),
+                    hosts: all.len() as u32 - count(BackendState::Draining),
+                    healthy_hosts: count(BackendState::Active),
+                    degraded_hosts: count(BackendState::Degraded),
+                    total: all.len() as u32,
+                    all,
+                }
+            })
+            .collect(),
+        ..levels.clone()
+    }
+}
+
 /// The level of each position of a service's backends (0 for a position no level
 /// names), for `BackendInfo::level`.
 pub fn level_of_positions(levels: &Levels) -> Vec<u8> {

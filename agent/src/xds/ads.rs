@@ -35,10 +35,16 @@ use tracing::{info, warn};
 
 use super::{
     auth::{AuthFailure, AuthReason, Credentials, Token},
-    core::{Core, Handled, SourceState, Written},
+    core::{Core, SourceState},
     decode::Kind,
-    state::{Nack, Update},
+    state::Update,
 };
+
+/// The largest xDS message accepted by default (`--xds-max-message-size`): a
+/// real istiod's responses fit (a full push of 100,000 services, the largest the
+/// project measures, fits; istiod itself puts no bound on what it sends), and a
+/// message beyond it ends the stream rather than the agent's memory.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 << 20;
 
 /// Which xDS protocol variant to speak.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -70,6 +76,8 @@ pub struct AdsConfig {
     pub credentials: Credentials,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// The largest response accepted (`--xds-max-message-size`).
+    pub max_message_size: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -264,8 +272,7 @@ async fn session(
     core: &Arc<Mutex<Core>>,
 ) -> Result<(), SessionError> {
     let channel: Channel = ep.connect().await.map_err(SessionError::Connect)?;
-    let mut client =
-        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
+    let mut client = ads_client(channel, cfg.max_message_size);
     info!(url = %cfg.url, protocol = ?cfg.protocol, "xDS connected");
     let call = Call {
         credentials: &cfg.credentials,
@@ -275,6 +282,19 @@ async fn session(
         XdsProtocol::Sotw => sotw(cfg, &mut client, call, core).await,
         XdsProtocol::Delta => delta(cfg, &mut client, call, core).await,
     }
+}
+
+/// The ADS client over `channel`, accepting responses up to `max_message_size`
+/// bytes (a larger one ends the stream with OUT_OF_RANGE, and is retried).
+fn ads_client(
+    channel: Channel,
+    max_message_size: usize,
+) -> AggregatedDiscoveryServiceClient<Channel> {
+    AggregatedDiscoveryServiceClient::new(channel)
+        .max_decoding_message_size(max_message_size)
+        // Requests stay within `requests::MAX_REQUEST_BYTES`; a SotW request of
+        // every EDS name may not, and is the server's to refuse.
+        .max_encoding_message_size(usize::MAX)
 }
 
 /// What every stream's request carries besides its messages.
@@ -307,14 +327,6 @@ fn consumed_kind(core: &Arc<Mutex<Core>>, type_url: &str) -> Result<Option<Kind>
         lock(core)?.ignored_types += 1;
     }
     Ok(kind)
-}
-
-/// The kernel write of a handled update (none for a NACK).
-fn written(result: &mut Result<Handled, Nack>) -> Written {
-    result
-        .as_mut()
-        .map(|h| std::mem::take(&mut h.written))
-        .unwrap_or_default()
 }
 
 fn nack_status(message: String) -> Status {
@@ -355,13 +367,9 @@ async fn sotw(
                 continue;
             }
             sent.insert(kind, names.clone());
-            tx.try_send(request(
-                kind,
-                names,
-                c.state().version(kind),
-                String::new(),
-                None,
-            ))?;
+            let r = request(kind, names, c.state().version(kind), String::new(), None);
+            warn_if_large(&r);
+            tx.try_send(r)?;
         }
     }
     let mut stream = client
@@ -382,7 +390,7 @@ async fn sotw(
         let mut follow_ups = Vec::new();
         let written = {
             let mut c = lock(core)?;
-            let mut result = c.handle(
+            let handled = c.handle(
                 Update::SotW {
                     kind,
                     version: resp.version_info.clone(),
@@ -392,10 +400,10 @@ async fn sotw(
             );
             let names = sent.get(&kind).cloned().unwrap_or_default();
             let version = c.state().version(kind);
-            let error = result.as_ref().err().map(|n| nack_status(n.0.clone()));
+            let error = handled.nack.as_ref().map(|n| nack_status(n.0.clone()));
             follow_ups.push(request(kind, names, version, resp.nonce, error));
             // New RDS/EDS names: (re)subscribe.
-            let resubscribe = result.as_ref().is_ok_and(|a| a.subscriptions_changed);
+            let resubscribe = handled.subscriptions_changed;
             for k in [Kind::Endpoint, Kind::Route]
                 .into_iter()
                 .filter(|_| resubscribe)
@@ -407,15 +415,32 @@ async fn sotw(
                     follow_ups.push(request(k, wanted, c.state().version(k), nonce, None));
                 }
             }
-            written(&mut result)
+            handled.written
         };
         // The ACK (or NACK) follows the kernel write, as Envoy's follows applying.
         written.wait().await;
         for r in follow_ups {
+            warn_if_large(&r);
             tx.send(r).await?;
         }
     }
     Ok(())
+}
+
+/// A state-of-the-world request names every resource wanted at once, which the
+/// protocol cannot split: past what istiod receives (4 MiB) it is refused. Said
+/// once per request, with what to do.
+fn warn_if_large(r: &DiscoveryRequest) {
+    use prost::Message as _;
+    let bytes = r.encoded_len();
+    if bytes > super::requests::MAX_REQUEST_BYTES {
+        warn!(
+            type_url = %r.type_url,
+            names = r.resource_names.len(),
+            bytes,
+            "this state-of-the-world request may exceed the control plane's receive limit (istiod's is 4 MiB by default): use the delta protocol (--xds-protocol delta), which splits subscriptions, or raise the limit (ISTIO_GPRC_MAXRECVMSGSIZE)"
+        );
+    }
 }
 
 async fn delta(
@@ -424,8 +449,10 @@ async fn delta(
     call: Call<'_>,
     core: &Arc<Mutex<Core>>,
 ) -> Result<(), SessionError> {
-    let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
     let mut subscribed: BTreeMap<Kind, BTreeSet<String>> = BTreeMap::new();
+    // The stream's first requests: what is wanted now, and the versions held of
+    // it, split to stay within what the server receives (see `super::requests`).
+    let mut first = Vec::new();
     {
         let c = lock(core)?;
         for kind in Kind::ALL {
@@ -433,17 +460,19 @@ async fn delta(
             if !kind.is_wildcard() && names.is_empty() {
                 continue;
             }
-            let initial = c.state().resource_versions(kind);
-            subscribed.insert(kind, names.clone());
-            tx.try_send(DeltaDiscoveryRequest {
-                node: Some(cfg.node.clone()),
-                type_url: kind.type_url().to_owned(),
-                // Empty on a wildcard type: the legacy wildcard every server knows.
-                resource_names_subscribe: names.into_iter().collect(),
-                initial_resource_versions: initial.into_iter().collect(),
-                ..Default::default()
-            })?;
+            first.extend(super::requests::initial(
+                kind,
+                &cfg.node,
+                &names,
+                c.state().resource_versions(kind),
+                super::requests::MAX_REQUEST_BYTES,
+            ));
+            subscribed.insert(kind, names);
         }
+    }
+    let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(first.len().max(64));
+    for r in first {
+        tx.try_send(r)?;
     }
     let mut stream = client
         .delta_aggregated_resources(call.request(ReceiverStream::new(rx))?)
@@ -469,7 +498,7 @@ async fn delta(
                 .into_iter()
                 .filter_map(|r| r.resource.map(|any| (r.name, r.version, any)))
                 .collect();
-            let mut result = c.handle(
+            let handled = c.handle(
                 Update::Delta {
                     kind,
                     added,
@@ -480,10 +509,10 @@ async fn delta(
             follow_ups.push(DeltaDiscoveryRequest {
                 type_url: kind.type_url().to_owned(),
                 response_nonce: resp.nonce,
-                error_detail: result.as_ref().err().map(|n| nack_status(n.0.clone())),
+                error_detail: handled.nack.as_ref().map(|n| nack_status(n.0.clone())),
                 ..Default::default()
             });
-            let resubscribe = result.as_ref().is_ok_and(|a| a.subscriptions_changed);
+            let resubscribe = handled.subscriptions_changed;
             for k in [Kind::Endpoint, Kind::Route]
                 .into_iter()
                 .filter(|_| resubscribe)
@@ -491,16 +520,16 @@ async fn delta(
                 let wanted: BTreeSet<String> = c.state().wanted(k).into_iter().collect();
                 let had = subscribed.entry(k).or_default();
                 if *had != wanted {
-                    follow_ups.push(DeltaDiscoveryRequest {
-                        type_url: k.type_url().to_owned(),
-                        resource_names_subscribe: wanted.difference(had).cloned().collect(),
-                        resource_names_unsubscribe: had.difference(&wanted).cloned().collect(),
-                        ..Default::default()
-                    });
+                    follow_ups.extend(super::requests::changes(
+                        k,
+                        wanted.difference(had).cloned().collect(),
+                        had.difference(&wanted).cloned().collect(),
+                        super::requests::MAX_REQUEST_BYTES,
+                    ));
                     *had = wanted;
                 }
             }
-            written(&mut result)
+            handled.written
         };
         // The ACK (or NACK) follows the kernel write, as Envoy's follows applying.
         written.wait().await;
@@ -509,4 +538,93 @@ async fn delta(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+
+    use sockmesh_proto::pb::envoy::service::discovery::v3::{
+        DeltaDiscoveryResponse, DiscoveryResponse,
+        aggregated_discovery_service_server::{
+            AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+        },
+    };
+    use tokio_stream::Stream;
+
+    use super::*;
+
+    /// A server whose delta stream sends one response of about `bytes` bytes.
+    #[derive(Clone)]
+    struct Big(usize);
+
+    type Out<T> = Pin<Box<dyn Stream<Item = Result<T, tonic::Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl AggregatedDiscoveryService for Big {
+        type StreamAggregatedResourcesStream = Out<DiscoveryResponse>;
+        type DeltaAggregatedResourcesStream = Out<DeltaDiscoveryResponse>;
+
+        async fn stream_aggregated_resources(
+            &self,
+            _: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
+        ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, tonic::Status> {
+            Err(tonic::Status::unimplemented("delta only"))
+        }
+
+        async fn delta_aggregated_resources(
+            &self,
+            _: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
+        ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
+            let resp = DeltaDiscoveryResponse {
+                system_version_info: "x".repeat(self.0),
+                ..Default::default()
+            };
+            Ok(tonic::Response::new(Box::pin(tokio_stream::iter([Ok(
+                resp,
+            )]))))
+        }
+    }
+
+    /// What the agent's client makes of a response of `bytes` with a limit of
+    /// `limit`: the size received, or the stream's error.
+    async fn receive(bytes: usize, limit: usize) -> Result<usize, tonic::Code> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let svc =
+            AggregatedDiscoveryServiceServer::new(Big(bytes)).max_encoding_message_size(usize::MAX);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        let mut client = ads_client(channel, limit);
+        let mut stream = client
+            .delta_aggregated_resources(tokio_stream::iter([DeltaDiscoveryRequest::default()]))
+            .await
+            .map_err(|s| s.code())?
+            .into_inner();
+        match stream.message().await {
+            Ok(Some(r)) => Ok(r.system_version_info.len()),
+            Ok(None) => Ok(0),
+            Err(s) => Err(s.code()),
+        }
+    }
+
+    #[test]
+    fn a_response_beyond_the_configured_size_ends_the_stream() {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        assert_eq!(rt.block_on(receive(2 << 20, 4 << 20)), Ok(2 << 20));
+        assert_eq!(
+            rt.block_on(receive(2 << 20, 1 << 20)),
+            Err(tonic::Code::OutOfRange)
+        );
+    }
 }

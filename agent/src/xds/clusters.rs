@@ -541,6 +541,8 @@ const MAGLEV_EXT: &str =
 const RING_HASH_EXT: &str =
     "type.googleapis.com/envoy.extensions.load_balancing_policies.ring_hash.v3.RingHash";
 
+const MAGLEV_TABLE_CAPPED: &str = "maglev table_size exceeds the largest table the kernel holds (65,537 entries, MAX_MAGLEV_TABLE_SIZE): a table of 65,537 entries is used";
+
 const RING_HASH_AS_MAGLEV: &str = "RING_HASH is served by a Maglev table (the same consistent hashing of the client, with minimal disruption; the ring's sizes do not apply)";
 
 fn least_conn(choice_count: Option<u32>) -> ClusterPolicy {
@@ -560,10 +562,19 @@ fn least_conn(choice_count: Option<u32>) -> ClusterPolicy {
 /// Maglev with the cluster's table size (validated: a prime within
 /// `MAX_MAGLEV_TABLE_SIZE`), or the default.
 fn maglev(table_size: Option<u64>, fallback: Option<&'static str>) -> ClusterPolicy {
-    let table_size = table_size
-        .and_then(|t| u32::try_from(t).ok())
-        .filter(|&t| crate::lb::table_size_problem(u64::from(t)).is_none())
-        .unwrap_or(sockmesh_common::DEFAULT_MAGLEV_TABLE_SIZE);
+    // A prime beyond the kernel's largest table is valid configuration (validated:
+    // a prime within Envoy's bound): the node gives it the largest table it holds.
+    let max = sockmesh_common::MAX_MAGLEV_TABLE_SIZE;
+    let (table_size, fallback) = match table_size {
+        Some(t) if t > u64::from(max) => (max, Some(MAGLEV_TABLE_CAPPED)),
+        _ => (
+            table_size
+                .and_then(|t| u32::try_from(t).ok())
+                .filter(|&t| crate::lb::table_size_problem(u64::from(t)).is_none())
+                .unwrap_or(sockmesh_common::DEFAULT_MAGLEV_TABLE_SIZE),
+            fallback,
+        ),
+    };
     ClusterPolicy {
         settings: LbSettings::default(),
         health: Health::default(),

@@ -12,22 +12,17 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::{
+    accept::Refused,
     clusters::{DnsAnswers, DnsTarget},
     decode::Kind,
     dns::Round,
-    state::{Accepted, Nack, Update, XdsState},
+    state::{Accepted, Nack, Note, Update, XdsState},
 };
 
 pub use crate::dataplane::task::{
     DatapathHandle, KernelStatus, LATENCY_BUCKETS, MIGRATION_WARMING_TIMEOUT, PushStats, SinkError,
     TableSink, Write, Written, chain,
 };
-
-fn status_refused(dns: &mut BTreeMap<String, DnsStatus>, cluster: &str, why: &str) {
-    let status = dns.entry(cluster.to_owned()).or_default();
-    status.refused += 1;
-    status.last_error = Some(format!("answers refused: {why}"));
-}
 
 /// An update with this many resources (an initial push, a full SotW of a big
 /// mesh) leaves megabytes freed but held by the allocator: see
@@ -36,14 +31,36 @@ fn status_refused(dns: &mut BTreeMap<String, DnsStatus>, cluster: &str, why: &st
 /// spent 5 % of its time in `malloc_trim` for a few hundred KiB.
 const LARGE_UPDATE: usize = 10_000;
 
-/// What an accepted update asks of its source.
-#[derive(Debug)]
+/// Distinct unknown fields listed by name (in `/metrics` and `/config_dump`): a
+/// document may name any number of keys; beyond these they are counted together.
+pub const UNKNOWN_FIELDS_LISTED: usize = 256;
+
+/// Where the unknown fields beyond [`UNKNOWN_FIELDS_LISTED`] are counted.
+pub const OTHER_UNKNOWN_FIELDS: &str = "(other)";
+
+/// What a handled update asks of its source.
+#[derive(Debug, Default)]
 pub struct Handled {
     /// RDS or EDS names to subscribe to changed.
     pub subscriptions_changed: bool,
     /// The kernel write, handed to the datapath task: an ADS client waits on it
-    /// before it ACKs.
+    /// before it ACKs (or NACKs).
     pub written: Written,
+    /// The NACK to send: the update refused whole, or some of its resources (the
+    /// others applied).
+    pub nack: Option<Nack>,
+    /// The resources refused alone.
+    pub refused: Vec<Refused>,
+}
+
+impl Handled {
+    /// Nothing refused: what was handled; else the NACK.
+    pub fn result(self) -> Result<Self, Nack> {
+        match &self.nack {
+            None => Ok(self),
+            Some(n) => Err(n.clone()),
+        }
+    }
 }
 
 /// Connection state of the control-plane source.
@@ -74,6 +91,10 @@ pub struct Core {
     /// Nested `Any`s of types sockmesh does not know, carried opaquely by the text
     /// sources, by type URL (see [`super::opaque`]).
     pub opaque_types: super::opaque::OpaqueTypes,
+    /// Fields of text documents sockmesh does not know, ignored, by
+    /// `Message.field` (at most [`UNKNOWN_FIELDS_LISTED`], the rest counted under
+    /// [`OTHER_UNKNOWN_FIELDS`]).
+    pub unknown_fields: super::unknown::UnknownFields,
     /// Resolution of the DNS clusters, by cluster name.
     pub dns: BTreeMap<String, DnsStatus>,
     /// The control-plane connection, for `/config_dump` and `/metrics`.
@@ -90,7 +111,8 @@ pub struct DnsStatus {
     /// Host-name resolutions that failed (timeouts, SERVFAIL, REFUSED, ...).
     pub failures: u64,
     pub last_error: Option<String>,
-    /// Answers refused because the table would break the datapath's limits.
+    /// Answers refused (none are since answers beyond the maps' room make the
+    /// service limited instead: kept for the dump's shape).
     pub refused: u64,
 }
 
@@ -112,10 +134,17 @@ impl Core {
             source_errors: 0,
             source_last_error: None,
             opaque_types: super::opaque::OpaqueTypes::new(),
+            unknown_fields: super::unknown::UnknownFields::new(),
             dns: BTreeMap::new(),
             connection: crate::admin_types::ConnectionDump::default(),
             dns_targets: watch::Sender::new(BTreeMap::new()),
         }
+    }
+
+    /// This node's identity, which seeds the endpoint subsets of services with
+    /// more endpoints than one may have (see `fit::subset`).
+    pub fn set_node_id(&mut self, node_id: &str) {
+        self.state.set_subset_seed(node_id);
     }
 
     /// The DNS clusters to resolve, as they change.
@@ -143,22 +172,15 @@ impl Core {
         status.resolutions += 1;
         status.failures += round.failed.len() as u64;
         status.last_error = round.failed.values().next().cloned();
-        match self.state.apply_dns(cluster, answers) {
-            Ok(accepted) => {
-                // Not waited on: the resolver goes on; the status shows a failure.
-                drop(self.write_kernel(accepted, received, "dns"));
-            }
-            Err(e) => {
-                status_refused(&mut self.dns, cluster, &e.to_string());
-                warn!(cluster, error = %e, "DNS answers refused; keeping the last good addresses");
-            }
-        }
+        let accepted = self.state.apply_dns(cluster, answers);
+        // Not waited on: the resolver goes on; the status shows a failure.
+        drop(self.write_kernel(accepted, received, "dns"));
     }
 
-    /// Counts the opaque nested `Any`s of a document; a type seen for the first
-    /// time is logged.
-    pub fn note_opaque(&mut self, found: super::opaque::OpaqueTypes) {
-        for (type_url, n) in found {
+    /// Counts what a text document held that was not decoded: opaque nested
+    /// `Any`s and unknown fields, each type or field logged the first time.
+    pub fn note_text(&mut self, notes: super::decode::TextNotes) {
+        for (type_url, n) in notes.opaque {
             if !self.opaque_types.contains_key(&type_url) {
                 info!(
                     %type_url,
@@ -166,6 +188,22 @@ impl Core {
                 );
             }
             *self.opaque_types.entry(type_url).or_insert(0) += n;
+        }
+        for (field, n) in notes.unknown_fields {
+            let field = if self.unknown_fields.contains_key(&field)
+                || self.unknown_fields.len() < UNKNOWN_FIELDS_LISTED
+            {
+                field
+            } else {
+                OTHER_UNKNOWN_FIELDS.to_owned()
+            };
+            if !self.unknown_fields.contains_key(&field) {
+                warn!(
+                    %field,
+                    "ignoring a field sockmesh does not know (as Envoy ignores unknown fields in dynamic configuration)"
+                );
+            }
+            *self.unknown_fields.entry(field).or_insert(0) += n;
         }
     }
 
@@ -188,11 +226,11 @@ impl Core {
     /// recorded.
     pub fn document<E: std::fmt::Display>(
         &mut self,
-        parsed: Result<(DiscoveryResponse, super::opaque::OpaqueTypes), E>,
+        parsed: Result<(DiscoveryResponse, super::decode::TextNotes), E>,
     ) -> Result<DiscoveryResponse, E> {
         match parsed {
-            Ok((resp, opaque)) => {
-                self.note_opaque(opaque);
+            Ok((resp, notes)) => {
+                self.note_text(notes);
                 Ok(resp)
             }
             Err(e) => {
@@ -241,6 +279,13 @@ impl Core {
     /// what lags is written); a pending datapath goes live once its table is
     /// complete, or when the warming timeout runs out.
     pub fn tick(&mut self, now: Instant) {
+        // Services the maps had no room for are tried again.
+        if self.synced() {
+            let healed = self.state.heal();
+            if healed.table_changed {
+                drop(self.write_kernel(healed, now, "heal"));
+            }
+        }
         let warming = self.state.warming().len();
         // Only when the task is idle: a retry already queued is not doubled.
         if self.synced() && self.kernel.idle() && self.kernel.status().behind {
@@ -264,9 +309,9 @@ impl Core {
         self.synced.contains(&Kind::Listener) && self.synced.contains(&Kind::Cluster)
     }
 
-    /// Accepts or rejects one update; an accepted one that changed the table is
-    /// handed to the datapath task (see [`Handled::written`]).
-    pub fn handle(&mut self, update: Update, received: Instant) -> Result<Handled, Nack> {
+    /// Applies what of one update is valid; a change of the table is handed to the
+    /// datapath task (see [`Handled::written`]), what was refused is the NACK.
+    pub fn handle(&mut self, update: Update, received: Instant) -> Handled {
         let kinds: Vec<Kind> = match &update {
             Update::SotW { kind, .. } | Update::Delta { kind, .. } => vec![*kind],
             Update::Full { .. } => Kind::ALL.to_vec(),
@@ -338,31 +383,44 @@ impl Core {
             .write(write, accepted.removed, received, warming)
     }
 
-    fn handle_inner(
-        &mut self,
-        update: Update,
-        received: Instant,
-        kinds: Vec<Kind>,
-    ) -> Result<Handled, Nack> {
-        let accepted = match self.state.apply(update) {
-            Ok(a) => a,
-            Err(nack) => {
-                warn!(types = ?kinds, error = %nack, "update rejected (NACK); keeping the last good state");
-                return Err(nack);
+    fn handle_inner(&mut self, update: Update, received: Instant, kinds: Vec<Kind>) -> Handled {
+        let applied = self.state.apply(update);
+        let whole = applied.nack.is_some() && applied.refused.is_empty();
+        if let Some(nack) = &applied.nack {
+            if whole {
+                warn!(types = ?kinds, error = %nack, "update refused (NACK); keeping the last good state");
+            } else {
+                warn!(
+                    types = ?kinds,
+                    refused = applied.refused.len(),
+                    error = %nack,
+                    "update applied but for the refused resources (NACK), which keep their last good version"
+                );
             }
-        };
-        for line in self.state.take_new_ignored() {
-            warn!("ignored: {line}");
+        }
+        if whole {
+            return Handled {
+                nack: applied.nack,
+                ..Handled::default()
+            };
+        }
+        for note in self.state.take_new_notes() {
+            match note {
+                Note::Ignored(line) => warn!("ignored: {line}"),
+                Note::LeftAlone(line) => info!("not interpreted: {line}"),
+            }
         }
         self.synced.extend(kinds.iter().copied());
         self.publish_dns_targets();
-        let subscriptions_changed = accepted.subscriptions_changed;
+        let subscriptions_changed = applied.accepted.subscriptions_changed;
         // A failed write is counted, shown and retried, not NACKed.
-        let written = self.write_kernel(accepted, received, &format!("{kinds:?}"));
-        Ok(Handled {
+        let written = self.write_kernel(applied.accepted, received, &format!("{kinds:?}"));
+        Handled {
             subscriptions_changed,
             written,
-        })
+            nack: applied.nack,
+            refused: applied.refused,
+        }
     }
 }
 
@@ -493,7 +551,7 @@ resources:
 
     /// Handles `update` and waits for its kernel write.
     fn handle(core: &mut Core, update: Update, t0: Instant) -> Result<(), Nack> {
-        core.handle(update, t0)?.written.wait_blocking();
+        core.handle(update, t0).result()?.written.wait_blocking();
         Ok(())
     }
 
@@ -637,6 +695,7 @@ resources:
             .lock()
             .expect("lock")
             .handle(eds(&["a", "b"]), t0)
+            .result()
             .expect("accepted")
             .written;
         entered

@@ -14,7 +14,7 @@ use std::{
 
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use tokio::{io::unix::AsyncFd, sync::watch};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::{
     core::{Core, SourceState, Written},
@@ -35,6 +35,11 @@ pub enum LoadError {
     Read {
         path: PathBuf,
         source: std::io::Error,
+    },
+    #[error("{path}: {source}", path = path.display())]
+    NotUtf8 {
+        path: PathBuf,
+        source: super::position::NotUtf8,
     },
     #[error("{path}: {source}", path = path.display())]
     Parse {
@@ -101,7 +106,7 @@ fn load(
             return Err(e);
         }
     };
-    c.note_opaque(read.opaque);
+    c.note_text(read.notes);
     c.source = SourceState::Connected;
     let (changed, kept) = (read.changed.len(), read.kept.len());
     let handled = c.handle(
@@ -109,61 +114,98 @@ fn load(
             version: read.version,
             resources: read.changed,
             kept: read.kept,
+            positions: read.positions,
         },
         received,
     );
     drop(c);
-    match handled {
-        Ok(h) => {
-            *known = read.next;
-            info!(
-                file = %path.display(),
-                decoded = changed,
-                kept,
-                decode_ms = decoded.as_millis() as u64,
-                state_ms = (received.elapsed() - decoded).as_millis() as u64,
-                "configuration file accepted"
-            );
-            Ok(h.written)
-        }
-        Err(source) => Err(LoadError::Rejected {
+    if handled.nack.is_some() && handled.refused.is_empty() {
+        let source = handled.nack.unwrap_or_else(|| Nack(String::new()));
+        return Err(LoadError::Rejected {
             path: path.to_owned(),
             source,
-        }),
+        });
     }
+    // A refused resource's text is not remembered as accepted: the next read
+    // decodes it again (and refuses it again, or applies its fix).
+    let mut next = read.next;
+    next.forget(handled.refused.iter().map(|r| (r.kind, r.name.as_str())));
+    *known = next;
+    if let Some(nack) = &handled.nack {
+        warn!(
+            file = %path.display(),
+            refused = handled.refused.len(),
+            error = %nack,
+            "configuration file applied but for the refused resources, which keep their last good version"
+        );
+    }
+    info!(
+        file = %path.display(),
+        decoded = changed,
+        kept,
+        decode_ms = decoded.as_millis() as u64,
+        state_ms = (received.elapsed() - decoded).as_millis() as u64,
+        "configuration file accepted"
+    );
+    Ok(handled.written)
+}
+
+/// A document of at least this many bytes leaves megabytes freed but held by the
+/// allocator once decoded (a 20 MB file tripled the agent's resident memory for
+/// good): they are handed back (see `release_freed_memory`).
+const LARGE_DOCUMENT: usize = 1 << 20;
+
+/// Records and logs, once per distinct message, why the file was not read.
+fn unreadable(e: &LoadError, last: &mut Last, core: &Arc<Mutex<Core>>) {
+    let message = e.to_string();
+    if last.unreadable.as_ref() != Some(&message) {
+        error!(error = %crate::xds::core::chain(e), "configuration file unreadable, keeping the previous state");
+        if let Ok(mut c) = core.lock() {
+            c.source_error(message.clone());
+        }
+        last.unreadable = Some(message);
+    }
+    last.text = None;
 }
 
 /// Applies the file unless its text is the last one read, and waits for the
 /// kernel write.
 async fn apply(path: &Path, last: &mut Last, core: &Arc<Mutex<Core>>) {
     last.stamp = stamp(path);
-    let text = match std::fs::read_to_string(path) {
+    let bytes = match std::fs::read(path) {
         Ok(t) => t,
         Err(source) => {
             let e = LoadError::Read {
                 path: path.to_owned(),
                 source,
             };
-            let message = e.to_string();
-            if last.unreadable.as_ref() != Some(&message) {
-                error!(error = %crate::xds::core::chain(&e), "configuration file unreadable, keeping the previous state");
-                if let Ok(mut c) = core.lock() {
-                    c.source_error(message.clone());
-                }
-                last.unreadable = Some(message);
-            }
-            last.text = None;
+            unreadable(&e, last, core);
+            return;
+        }
+    };
+    let large = bytes.len() >= LARGE_DOCUMENT;
+    let text = match super::position::utf8(&bytes) {
+        Ok(t) => t,
+        Err(source) => {
+            let e = LoadError::NotUtf8 {
+                path: path.to_owned(),
+                source,
+            };
+            unreadable(&e, last, core);
             return;
         }
     };
     last.unreadable = None;
-    let hash = TextHash::of(&text);
+    let hash = TextHash::of(text);
     if last.text == Some(hash) {
         return;
     }
     last.text = Some(hash);
-    let result = load(path, &text, &mut last.known, core);
-    drop(text);
+    let result = load(path, text, &mut last.known, core);
+    drop(bytes);
+    if large {
+        crate::dataplane::task::release_freed_memory();
+    }
     match result {
         Ok(written) => {
             let started = Instant::now();

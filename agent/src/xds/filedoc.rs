@@ -23,8 +23,11 @@ use sockmesh_proto::{
 };
 
 use super::{
-    decode::{DecodeError, Kind, discovery_response_with_opaque, message_from_text_in},
-    opaque::OpaqueTypes,
+    decode::{
+        DecodeError, Kind, TextNotes, discovery_document, discovery_response_with_opaque,
+        message_from_text_in,
+    },
+    position::Position,
 };
 
 /// Resources below this count are decoded on one thread (a thread costs more than
@@ -60,6 +63,16 @@ impl Known {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// Forgets the texts of `names` (resources the state refused: their text is
+    /// not the one it holds).
+    pub fn forget<'a>(&mut self, names: impl Iterator<Item = (Kind, &'a str)>) {
+        let names: HashSet<(Kind, &str)> = names.collect();
+        if !names.is_empty() {
+            self.0
+                .retain(|_, (kind, name)| !names.contains(&(*kind, &**name)));
+        }
+    }
 }
 
 /// A document read against what was accepted last.
@@ -69,11 +82,14 @@ pub struct Read {
     /// Resources to decode into the state: new or changed since the last accepted
     /// file (all of them when the document was decoded whole).
     pub changed: Vec<Any>,
+    /// Where each of `changed` is in the file (when it could be told).
+    pub positions: Vec<Option<Position>>,
     /// Resources present with the text they were accepted with: the state keeps
     /// them as they are.
     pub kept: Vec<Named>,
-    /// Nested `Any`s of types sockmesh does not know, in the decoded resources.
-    pub opaque: OpaqueTypes,
+    /// Nested `Any`s of types sockmesh does not know and fields it does not know,
+    /// in what was decoded.
+    pub notes: TextNotes,
     /// What [`Known`] becomes once this document is accepted.
     pub next: Known,
 }
@@ -93,14 +109,37 @@ pub fn read(text: &str, known: &Known) -> Result<Read, DecodeError> {
 }
 
 fn whole(text: &str) -> Result<Read, DecodeError> {
-    let (resp, opaque) = discovery_response_with_opaque(text)?;
+    let (resp, notes) = discovery_document(text)?;
+    let positions = match super::position::resources(text) {
+        Some(p) if p.len() == resp.resources.len() => p.into_iter().map(Some).collect(),
+        _ => vec![None; resp.resources.len()],
+    };
     Ok(Read {
         version: resp.version_info,
+        positions,
         changed: resp.resources,
         kept: Vec::new(),
-        opaque,
+        notes,
         next: Known::default(),
     })
+}
+
+/// Where each element of the top-level `resources` list of a JSON document
+/// starts (byte offsets): `None` unless the document is one object with one
+/// `resources` list.
+pub fn resource_offsets(text: &str) -> Option<Vec<usize>> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let top = de.deserialize_map(TopLevel).ok()?;
+    de.end().ok()?;
+    let [resources] = &top.resources[..] else {
+        return None;
+    };
+    Some(resources.iter().map(|r| offset(text, r)).collect())
+}
+
+/// The byte offset of `raw`, a slice of `text`.
+fn offset(text: &str, raw: &RawValue) -> usize {
+    (raw.get().as_ptr() as usize).saturating_sub(text.as_ptr() as usize)
 }
 
 /// `None`: a document this split does not take apart (decode it whole).
@@ -110,7 +149,8 @@ fn split(text: &str, known: &Known) -> Option<Result<Read, DecodeError>> {
     let top = de.deserialize_map(TopLevel).ok()?;
     de.end().ok()?;
     let mut keys = HashSet::new();
-    if !top.others.iter().all(|(k, _)| keys.insert(k.as_str())) || top.resources.len() > 1 {
+    // No `resources` key, or two: the whole decode says what is wrong.
+    if !top.others.iter().all(|(k, _)| keys.insert(k.as_str())) || top.resources.len() != 1 {
         return None;
     }
     let resources = top.resources.into_iter().next().unwrap_or_default();
@@ -124,10 +164,10 @@ fn split(text: &str, known: &Known) -> Option<Result<Read, DecodeError>> {
         rest.push_str(value.get());
     }
     rest.push('}');
-    // Everything but the resources, checked by the reference decoder (unknown
-    // fields, types): small.
-    let version = match discovery_response_with_opaque(&rest) {
-        Ok((resp, _)) => resp.version_info,
+    // Everything but the resources, by the reference decoder (types, unknown
+    // fields): small.
+    let (version, mut notes) = match discovery_response_with_opaque(&rest) {
+        Ok((resp, notes)) => (resp.version_info, notes),
         Err(e) => return Some(Err(e)),
     };
 
@@ -164,20 +204,26 @@ fn split(text: &str, known: &Known) -> Option<Result<Read, DecodeError>> {
         Ok(d) => d,
         Err(e) => return Some(Err(e)),
     };
+    notes.add(decoded.1);
+    let positions = to_decode
+        .iter()
+        .map(|r| Some(super::position::at(text.as_bytes(), offset(text, r))))
+        .collect();
     Some(Ok(Read {
         version,
+        positions,
         changed: decoded.0,
         kept,
-        opaque: decoded.1,
+        notes,
         next: Known(next),
     }))
 }
 
 /// Decodes resource texts as the `resources` of a `DiscoveryResponse` (the reference
 /// decoder, unknown nested types included), in up to one chunk per core.
-fn decode_parallel(texts: &[&RawValue]) -> Result<(Vec<Any>, OpaqueTypes), DecodeError> {
+fn decode_parallel(texts: &[&RawValue]) -> Result<(Vec<Any>, TextNotes), DecodeError> {
     if texts.is_empty() {
-        return Ok((Vec::new(), OpaqueTypes::new()));
+        return Ok((Vec::new(), TextNotes::default()));
     }
     let decode_chunk = |part: &[&RawValue], pool: &prost_reflect::DescriptorPool| {
         let mut doc =
@@ -207,15 +253,13 @@ fn decode_parallel(texts: &[&RawValue]) -> Result<(Vec<Any>, OpaqueTypes), Decod
         }
     });
     let mut resources = Vec::with_capacity(texts.len());
-    let mut opaque = OpaqueTypes::new();
+    let mut notes = TextNotes::default();
     for r in results {
         let (part, found) = r?;
         resources.extend(part);
-        for (type_url, n) in found {
-            *opaque.entry(type_url).or_insert(0) += n;
-        }
+        notes.add(found);
     }
-    Ok((resources, opaque))
+    Ok((resources, notes))
 }
 
 /// The kind and name of one resource's text, as the state keys it; `None` when the
@@ -332,9 +376,12 @@ mod tests {
         let known = read(&good, &Known::default()).expect("good").next;
         let bad = doc(
             "2",
-            &[cluster("a"), cla("a", 80).replace("portValue", "portVaIue")],
+            &[
+                cluster("a"),
+                cla("a", 80).replace("\"portValue\":80", "\"portValue\":\"eighty\""),
+            ],
         );
-        let err = read(&bad, &known).expect_err("unknown field").to_string();
+        let err = read(&bad, &known).expect_err("not a number").to_string();
         let reference = whole(&bad).expect_err("whole fails too").to_string();
         assert_eq!(err, reference);
         assert!(err.contains("line 2"), "{err}");

@@ -38,10 +38,11 @@ pub fn translate(res: &Resources, previous: &[&RoutingTable]) -> Translation {
     let mut t = Translation::default();
     let mut specs = Vec::new();
     for (name, l) in &res.listeners {
-        for spec in listener_services(&l.decode(), &res.routes, &mut t.route_names, &mut t.ignored)
-        {
+        let mut notes = super::translate::Notes::default();
+        for spec in listener_services(&l.decode(), &res.routes, &mut t.route_names, &mut notes) {
             specs.push((spec.precedence, name.clone(), spec));
         }
+        t.ignored.extend(notes.ignored);
     }
     // Envoy's original-destination matching decides between listeners that name
     // the same service; among equals the first listener by name wins.
@@ -83,7 +84,7 @@ pub fn translate(res: &Resources, previous: &[&RoutingTable]) -> Translation {
     }
     let mut defined = BTreeSet::new();
     for (_, _, spec) in specs {
-        if !defined.insert(spec.service) {
+        if !defined.insert(spec.service) || spec.left_alone {
             continue;
         }
         match service_backends(&spec, |name| {

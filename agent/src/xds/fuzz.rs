@@ -43,7 +43,7 @@ proptest! {
     fn mutated_protobuf_never_panics(which in 0usize..4, flips in prop::collection::vec((any::<usize>(), any::<u8>()), 1..8), truncate in any::<Option<usize>>()) {
         let resources = seed();
         let mut st = XdsState::new();
-        st.apply(Update::Full { version: "1".into(), resources: resources.clone(), kept: Vec::new() }).expect("seed accepted");
+        st.apply(Update::Full { version: "1".into(), resources: resources.clone(), kept: Vec::new(), positions: Vec::new() }).result().expect("seed accepted");
         let before = st.table().clone();
         let mut any = resources[which].clone();
         for (at, byte) in flips {
@@ -57,7 +57,7 @@ proptest! {
             any.value.truncate(n);
         }
         let kind = Kind::from_type_url(&any.type_url).expect("known type");
-        let result = st.apply(Update::Delta { kind, added: vec![(String::new(), "2".into(), any)], removed: vec![] });
+        let result = st.apply(Update::Delta { kind, added: vec![(String::new(), "2".into(), any)], removed: vec![] }).result();
         if result.is_err() {
             prop_assert_eq!(st.table(), &before, "a NACK changed the table");
         }
@@ -69,14 +69,14 @@ proptest! {
         let kind = Kind::ALL[kind];
         let mut st = XdsState::new();
         let any = Any { type_url: kind.type_url().to_owned(), value };
-        let _ = st.apply(Update::SotW { kind, version: "x".into(), resources: vec![any] });
+        let _ = st.apply(Update::SotW { kind, version: "x".into(), resources: vec![any] }).result();
     }
 
     /// Arbitrary text as a file-source document: an error or a response, no panic.
     #[test]
     fn random_text_never_panics(text in "\\PC{0,200}") {
         if let Ok(resp) = discovery_response_from_text(&text) {
-            let _ = XdsState::new().apply(Update::Full { version: resp.version_info, resources: resp.resources, kept: Vec::new() });
+            let _ = XdsState::new().apply(Update::Full { version: resp.version_info, resources: resp.resources, kept: Vec::new(), positions: Vec::new() }).result();
         }
     }
 
@@ -87,7 +87,7 @@ proptest! {
             "resources:\n- {{ \"@type\": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment, cluster_name: c, endpoints: [ {{ priority: {prio}, lb_endpoints: [ {{ endpoint: {{ address: {{ socket_address: {{ address: \"{addr}\", port_value: {port} }} }} }}, load_balancing_weight: {weight} }} ] }} ] }}\n"
         );
         if let Ok(resp) = discovery_response_from_text(&yaml) {
-            let _ = XdsState::new().apply(Update::Full { version: String::new(), resources: resp.resources, kept: Vec::new() });
+            let _ = XdsState::new().apply(Update::Full { version: String::new(), resources: resp.resources, kept: Vec::new(), positions: Vec::new() }).result();
         }
     }
 }
@@ -101,7 +101,9 @@ fn seed_is_a_complete_valid_mesh() {
         version: "1".into(),
         resources: seed(),
         kept: Vec::new(),
+        positions: Vec::new(),
     })
+    .result()
     .expect("seed accepted");
     let services = &st.table().services;
     assert_eq!(services.len(), 1, "{services:?}");

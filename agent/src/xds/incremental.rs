@@ -15,7 +15,7 @@ use super::{
         ClusterBackends, ClusterSource, DnsTarget, ServiceBackends, cluster_backends,
         cluster_policy, cluster_source, service_backends,
     },
-    translate::{Resources, ServiceSpec, listener_services},
+    translate::{Notes, Resources, ServiceSpec, listener_services},
     users::Users,
 };
 use crate::model::{Health, LbPolicy, RoutingTable, Service, ServiceAddr};
@@ -54,8 +54,8 @@ pub struct Dirty {
 pub use crate::model::Changes;
 
 /// A listener's recomputed services, the routes it references, and what it
-/// ignored.
-type ListenerView = (Vec<ServiceSpec>, BTreeSet<String>, Vec<String>);
+/// ignored or left alone.
+type ListenerView = (Vec<ServiceSpec>, BTreeSet<String>, Notes);
 
 /// Recomputed pieces, not yet committed.
 #[derive(Default)]
@@ -79,7 +79,9 @@ pub struct Staged {
 pub struct Incremental {
     specs: BTreeMap<String, Vec<ServiceSpec>>,
     listener_routes: BTreeMap<String, BTreeSet<String>>,
-    listener_ignored: BTreeMap<String, Vec<String>>,
+    /// What each listener ignored or left alone (listeners with nothing to say
+    /// are absent).
+    listener_notes: BTreeMap<String, Notes>,
     route_users: BTreeMap<String, Users<String>>,
     clusters: BTreeMap<String, ClusterView>,
     eds_users: BTreeMap<String, Users<String>>,
@@ -149,9 +151,22 @@ impl Incremental {
 
     /// Unsupported features seen in the current resources.
     pub fn ignored(&self) -> Vec<String> {
-        let mut out: Vec<String> = self.listener_ignored.values().flatten().cloned().collect();
+        let mut out: Vec<String> = self
+            .listener_notes
+            .values()
+            .flat_map(|n| n.ignored.iter().cloned())
+            .collect();
         out.extend(self.clusters.values().filter_map(|c| c.ignored.clone()));
         out
+    }
+
+    /// The listeners whose traffic (some chain's, or all) sockmesh leaves alone,
+    /// and why, one line per chain.
+    pub fn left_alone(&self) -> impl Iterator<Item = (&String, &Vec<String>)> {
+        self.listener_notes
+            .iter()
+            .filter(|(_, n)| !n.left_alone.is_empty())
+            .map(|(l, n)| (l, &n.left_alone))
     }
 
     /// Recomputes what `dirty` touches against `res` (already updated). `table` is
@@ -174,14 +189,10 @@ impl Incremental {
             match res.listeners.get(l) {
                 Some(listener) => {
                     let mut routes = BTreeSet::new();
-                    let mut ignored = Vec::new();
-                    let specs = listener_services(
-                        &listener.decode(),
-                        &res.routes,
-                        &mut routes,
-                        &mut ignored,
-                    );
-                    st.specs.insert(l.clone(), (specs, routes, ignored));
+                    let mut notes = Notes::default();
+                    let specs =
+                        listener_services(&listener.decode(), &res.routes, &mut routes, &mut notes);
+                    st.specs.insert(l.clone(), (specs, routes, notes));
                 }
                 None => {
                     st.removed_listeners.insert(l.clone());
@@ -362,6 +373,11 @@ impl Incremental {
         let Some(spec) = spec else {
             return Resolved::Gone;
         };
+        // The listener Envoy would pick runs a filter sockmesh does not interpret:
+        // no entry, the connection goes where it was sent.
+        if spec.left_alone {
+            return Resolved::Gone;
+        }
         let view = |name: &str| {
             match st.clusters.get(name) {
                 Some(staged) => staged.as_ref(),
@@ -385,7 +401,7 @@ impl Incremental {
         for l in st.removed_listeners.iter().chain(st.specs.keys()) {
             self.unindex_listener(l);
         }
-        for (l, (mut specs, routes, ignored)) in st.specs {
+        for (l, (mut specs, routes, notes)) in st.specs {
             // Kept for the listener's lifetime: most hold one service in a vector
             // grown for four.
             specs.shrink_to_fit();
@@ -409,10 +425,10 @@ impl Incremental {
             }
             self.specs.insert(l.clone(), specs);
             self.listener_routes.insert(l.clone(), routes);
-            if ignored.is_empty() {
-                self.listener_ignored.remove(&l);
+            if notes.is_empty() {
+                self.listener_notes.remove(&l);
             } else {
-                self.listener_ignored.insert(l, ignored);
+                self.listener_notes.insert(l, notes);
             }
         }
         for (c, view) in st.clusters {
@@ -513,7 +529,7 @@ impl Incremental {
                 }
             }
         }
-        self.listener_ignored.remove(l);
+        self.listener_notes.remove(l);
     }
 }
 

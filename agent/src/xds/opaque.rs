@@ -12,6 +12,10 @@
 //!
 //! The top-level resources of a `DiscoveryResponse` are not nested: an unknown type
 //! there is an error that names it.
+//!
+//! A TypedStruct (`udpa.type.v1.TypedStruct`, `xds.type.v3.TypedStruct`: a config
+//! of another type, as a Struct) keeps its `type_url`, so what it wraps can be
+//! named (see `translate`'s notes on listeners left alone).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -19,7 +23,9 @@ use std::{
 };
 
 use prost_reflect::DescriptorPool;
-use prost_types::{DescriptorProto, FileDescriptorProto};
+use prost_types::{
+    DescriptorProto, FieldDescriptorProto, FileDescriptorProto, field_descriptor_proto,
+};
 
 /// Occurrences of each opaque type URL in one document.
 pub type OpaqueTypes = BTreeMap<String, u64>;
@@ -37,6 +43,11 @@ pub enum OpaqueError {
         #[source]
         source: prost_reflect::DescriptorError,
     },
+}
+
+/// Whether a message name is a TypedStruct's (udpa's or xds's).
+fn is_typed_struct(name: &str) -> bool {
+    matches!(name, "udpa.type.v1.TypedStruct" | "xds.type.v3.TypedStruct")
 }
 
 /// The message name of a type URL (`type.googleapis.com/a.b.C` → `a.b.C`).
@@ -113,7 +124,10 @@ fn scrub(value: &mut serde_json::Value, pool: &DescriptorPool, found: &mut Opaqu
                 .map(str::to_owned);
             match unknown {
                 Some(url) => {
-                    object.retain(|k, _| k == "@type");
+                    let typed_struct = is_typed_struct(message_name(&url));
+                    object.retain(|k, v| {
+                        k == "@type" || (typed_struct && k == "type_url" && v.is_string())
+                    });
                     *found.entry(url).or_default() += 1;
                 }
                 None => object.values_mut().for_each(|v| scrub(v, pool, found)),
@@ -160,6 +174,18 @@ pub fn pool_with_placeholders(
             package: (!package.is_empty()).then(|| package.to_owned()),
             message_type: vec![DescriptorProto {
                 name: Some(message.to_owned()),
+                field: if is_typed_struct(name) {
+                    vec![FieldDescriptorProto {
+                        name: Some("type_url".into()),
+                        number: Some(1),
+                        label: Some(field_descriptor_proto::Label::Optional as i32),
+                        r#type: Some(field_descriptor_proto::Type::String as i32),
+                        json_name: Some("typeUrl".into()),
+                        ..Default::default()
+                    }]
+                } else {
+                    Vec::new()
+                },
                 ..Default::default()
             }],
             syntax: Some("proto3".into()),

@@ -8,6 +8,8 @@ use sockmesh_proto::pb::envoy::config::{
     route::v3::RouteConfiguration,
 };
 
+use super::decode::Kind;
+
 /// The xDS resources currently accepted, by name, each kept in its protobuf
 /// encoding (see [`Encoded`]).
 #[derive(Clone, Debug, Default)]
@@ -68,5 +70,83 @@ impl<T: prost::Message + Default> Encoded<T> {
 impl<T> std::fmt::Debug for Encoded<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Encoded({} bytes)", self.bytes.len())
+    }
+}
+
+/// The encoding a resource had before an update changed it (`None`: it was
+/// absent), to put back if the update is undone.
+pub type Previous = Option<Box<[u8]>>;
+
+impl Resources {
+    /// The names held of `kind`.
+    pub fn names(&self, kind: Kind) -> Box<dyn Iterator<Item = &str> + '_> {
+        match kind {
+            Kind::Cluster => Box::new(self.clusters.keys().map(String::as_str)),
+            Kind::Endpoint => Box::new(self.endpoints.keys().map(String::as_str)),
+            Kind::Listener => Box::new(self.listeners.keys().map(String::as_str)),
+            Kind::Route => Box::new(self.routes.keys().map(String::as_str)),
+        }
+    }
+
+    pub fn contains(&self, kind: Kind, name: &str) -> bool {
+        match kind {
+            Kind::Cluster => self.clusters.contains_key(name),
+            Kind::Endpoint => self.endpoints.contains_key(name),
+            Kind::Listener => self.listeners.contains_key(name),
+            Kind::Route => self.routes.contains_key(name),
+        }
+    }
+
+    /// Stores `bytes` as `name`. `None` if the same encoding was stored already
+    /// (nothing changed), else `Some(previous)`.
+    pub fn put(&mut self, kind: Kind, name: &str, bytes: &[u8]) -> Option<Previous> {
+        fn put_in<T: prost::Message + Default>(
+            map: &mut BTreeMap<String, Encoded<T>>,
+            name: &str,
+            bytes: &[u8],
+        ) -> Option<Previous> {
+            if map.get(name).is_some_and(|old| old.bytes() == bytes) {
+                return None;
+            }
+            let new = Encoded::from_bytes(bytes.into());
+            Some(map.insert(name.to_owned(), new).map(Encoded::into_bytes))
+        }
+        match kind {
+            Kind::Cluster => put_in(&mut self.clusters, name, bytes),
+            Kind::Endpoint => put_in(&mut self.endpoints, name, bytes),
+            Kind::Listener => put_in(&mut self.listeners, name, bytes),
+            Kind::Route => put_in(&mut self.routes, name, bytes),
+        }
+    }
+
+    /// Puts back what [`Self::put`] or [`Self::remove`] replaced.
+    pub fn restore(&mut self, kind: Kind, name: String, previous: Previous) {
+        let Some(bytes) = previous else {
+            self.remove(kind, &name);
+            return;
+        };
+        match kind {
+            Kind::Cluster => {
+                self.clusters.insert(name, Encoded::from_bytes(bytes));
+            }
+            Kind::Endpoint => {
+                self.endpoints.insert(name, Encoded::from_bytes(bytes));
+            }
+            Kind::Listener => {
+                self.listeners.insert(name, Encoded::from_bytes(bytes));
+            }
+            Kind::Route => {
+                self.routes.insert(name, Encoded::from_bytes(bytes));
+            }
+        }
+    }
+
+    pub fn remove(&mut self, kind: Kind, name: &str) -> Previous {
+        match kind {
+            Kind::Cluster => self.clusters.remove(name).map(Encoded::into_bytes),
+            Kind::Endpoint => self.endpoints.remove(name).map(Encoded::into_bytes),
+            Kind::Listener => self.listeners.remove(name).map(Encoded::into_bytes),
+            Kind::Route => self.routes.remove(name).map(Encoded::into_bytes),
+        }
     }
 }

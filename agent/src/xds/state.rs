@@ -1,21 +1,26 @@
 //! The accepted xDS state and the accept/reject decision for each update.
 //!
-//! An update is decoded and validated completely, applied to the resource set, and
-//! translated; if anything fails (a bad resource, a table beyond the datapath's
-//! limits) the resource set is rolled back and the update is NACKed, so the last
-//! good table stays. Transport-agnostic: the ADS client (SotW and delta), the file
-//! source and the REST poller all feed [`XdsState::apply`].
+//! An update is decoded and validated resource by resource (`super::accept`): the
+//! valid resources are applied and translated, each refused one keeps its last
+//! good version and is named in the NACK. A table beyond the datapath's limits
+//! rolls the resource set back and NACKs the update. Transport-agnostic: the ADS
+//! client (SotW and delta), the file source and the REST poller all feed
+//! [`XdsState::apply`].
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+mod updates;
+
+use std::collections::{BTreeMap, BTreeSet};
 
 use sockmesh_proto::pb::google::protobuf::Any;
 
+use super::fit::{Limit, Limited};
 use super::{
-    decode::{DecodeError, Kind, Resource, decode_any},
+    accept::{Refused, nack_of},
+    decode::Kind,
     incremental::{Changes, Dirty, Incremental},
-    translate::{Encoded, Resources},
+    translate::Resources,
 };
-use crate::model::{Limits, RoutingTable, Usage, validate_service};
+use crate::model::{Limits, RoutingTable, Usage};
 
 /// One update from a control plane.
 #[derive(Clone, Debug)]
@@ -40,6 +45,8 @@ pub enum Update {
         version: String,
         resources: Vec<Any>,
         kept: Vec<(Kind, std::sync::Arc<str>)>,
+        /// Where each of `resources` is in its file, when known: errors name it.
+        positions: Vec<Option<super::position::Position>>,
     },
 }
 
@@ -65,14 +72,27 @@ impl Update {
 #[error("{0}")]
 pub struct Nack(pub String);
 
-/// Why a routing table was refused: a service the datapath cannot hold, or a
-/// table beyond the maps' capacities.
-#[derive(Debug, thiserror::Error)]
-pub enum TableRefused {
-    #[error(transparent)]
-    Service(#[from] crate::model::ModelError),
-    #[error(transparent)]
-    Capacity(#[from] crate::model::CapacityError),
+/// What became of an update: what was applied, and what was refused.
+#[derive(Debug, Default)]
+#[must_use]
+pub struct Applied {
+    pub accepted: Accepted,
+    /// The NACK, if anything of the update was refused (the update whole, or some
+    /// of its resources).
+    pub nack: Option<Nack>,
+    /// The resources refused alone (the others applied).
+    pub refused: Vec<Refused>,
+}
+
+impl Applied {
+    /// What was applied when nothing was refused, else the NACK (what was valid is
+    /// applied either way).
+    pub fn result(self) -> Result<Accepted, Nack> {
+        match self.nack {
+            None => Ok(self.accepted),
+            Some(n) => Err(n),
+        }
+    }
 }
 
 /// What an accepted update changed.
@@ -86,6 +106,24 @@ pub struct Accepted {
     pub subscriptions_changed: bool,
     /// Endpoints removed outright (not draining) from some service.
     pub removed: std::collections::BTreeSet<crate::model::Endpoint>,
+}
+
+/// Something the translation noticed, logged once while it stands.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Note {
+    /// A feature sockmesh does not follow (the rest of the resource applies).
+    Ignored(String),
+    /// A chain whose traffic sockmesh leaves alone (its terminal filter is not
+    /// one it interprets).
+    LeftAlone(String),
+}
+
+impl Note {
+    pub fn text(&self) -> &str {
+        match self {
+            Note::Ignored(t) | Note::LeftAlone(t) => t,
+        }
+    }
 }
 
 /// Counters per type, for metrics and `config_dump`.
@@ -110,14 +148,22 @@ pub struct XdsState {
     inc: Incremental,
     table: RoutingTable,
     stats: BTreeMap<Kind, TypeStats>,
-    /// Lines about unsupported features, deduplicated, for logs.
-    ignored_seen: BTreeSet<String>,
+    /// The notes standing after the last update of listeners or clusters (see
+    /// [`XdsState::take_new_notes`]).
+    notes_seen: BTreeSet<Note>,
     /// Resources of types sockmesh does not consume, skipped.
     pub ignored_resources: u64,
-    /// Listeners or clusters changed since the last `take_new_ignored`.
+    /// Listeners or clusters changed since the last `take_new_notes`.
     ignored_dirty: bool,
-    /// The datapath's capacities: an update beyond them is NACKed.
+    /// Resources refused (and holding their last good version, if any), by kind
+    /// and name: why.
+    refused: BTreeMap<Kind, BTreeMap<String, String>>,
+    /// The datapath's capacities: what does not fit waits (see `super::fit`).
     limits: Limits,
+    /// Services the node programs otherwise than the configuration asks.
+    limited: BTreeMap<crate::model::ServiceAddr, Limited>,
+    /// This node's rendezvous seed for endpoint subsets.
+    subset_seed: u64,
     /// What `table` takes of the maps.
     usage: Usage,
     /// Clusters changed since the last `take_dns_changed`: the DNS clusters may
@@ -128,19 +174,8 @@ pub struct XdsState {
     seed: RoutingTable,
 }
 
-/// A resource that decoded and passed validation, as its encoding.
-struct Checked {
-    kind: Kind,
-    name: String,
-    bytes: Box<[u8]>,
-    /// A ClusterLoadAssignment's backends, read while it was decoded for
-    /// validation, so staging does not decode it a second time.
-    backends: Option<Vec<crate::model::Backend>>,
-}
-
-/// What an update replaced, to put back on a NACK: (kind, name, the previous
-/// encoding or `None` if the resource was absent).
-type Undo = Vec<(Kind, String, Option<Box<[u8]>>)>;
+/// The most of one refused resource's error the state keeps (for `/config_dump`).
+const REFUSED_ERROR_BYTES: usize = 1_024;
 
 impl XdsState {
     pub fn new() -> Self {
@@ -156,9 +191,30 @@ impl XdsState {
         }
     }
 
-    /// NACK updates that would not fit maps of these capacities.
+    /// Program what fits maps of these capacities (see `super::fit`).
     pub fn set_limits(&mut self, limits: Limits) {
         self.limits = limits;
+    }
+
+    /// This node's seed for the subsets of services with more endpoints than one
+    /// may have (each node keeps another subset: see `fit::subset`).
+    pub fn set_subset_seed(&mut self, node_id: &str) {
+        self.subset_seed = xxhash_rust::xxh3::xxh3_64(node_id.as_bytes());
+    }
+
+    /// Services the node programs otherwise than the configuration asks (a subset
+    /// of their endpoints, their previous version, or nothing), and how.
+    pub fn limited(&self) -> &BTreeMap<crate::model::ServiceAddr, Limited> {
+        &self.limited
+    }
+
+    /// Tries the services limited by the maps' room again (room may have returned
+    /// since: a write that failed then succeeded, a service that shrank).
+    pub fn heal(&mut self) -> Accepted {
+        if self.limited.values().all(|l| l.limit == Limit::Endpoints) {
+            return Accepted::default();
+        }
+        self.commit_dirty(&Dirty::default(), &[])
     }
 
     /// The routing table of the accepted state.
@@ -221,171 +277,142 @@ impl XdsState {
         self.inc.unhashable().map(|(s, w)| (*s, w)).collect()
     }
 
-    /// Unsupported features seen for the first time by the last update.
-    pub fn take_new_ignored(&mut self) -> Vec<String> {
-        let mut fresh = Vec::new();
-        // Only listeners and clusters produce such lines.
+    /// The listeners whose traffic (that of some chain, or all) sockmesh leaves
+    /// alone, and why, one line per chain.
+    pub fn left_alone(&self) -> Vec<(String, Vec<String>)> {
+        self.inc
+            .left_alone()
+            .map(|(l, why)| (l.clone(), why.clone()))
+            .collect()
+    }
+
+    /// Notes (features ignored, chains left alone) that appeared with the last
+    /// update of listeners or clusters: each is logged once while it stands.
+    pub fn take_new_notes(&mut self) -> Vec<Note> {
+        // Only listeners and clusters produce notes.
         if !std::mem::take(&mut self.ignored_dirty) {
-            return fresh;
+            return Vec::new();
         }
-        for line in self.inc.ignored() {
-            if self.ignored_seen.insert(line.clone()) {
-                fresh.push(line);
-            }
-        }
+        let current: BTreeSet<Note> = self
+            .inc
+            .ignored()
+            .into_iter()
+            .map(Note::Ignored)
+            .chain(
+                self.inc
+                    .left_alone()
+                    .flat_map(|(_, why)| why.iter().cloned().map(Note::LeftAlone)),
+            )
+            .collect();
+        let fresh = current.difference(&self.notes_seen).cloned().collect();
+        // Only what stands is remembered: the set is bounded by the resources
+        // held, and a note that returns after it went is logged again.
+        self.notes_seen = current;
         fresh
     }
 
-    /// Accepts or rejects `update`. On rejection nothing changes.
-    pub fn apply(&mut self, update: Update) -> Result<Accepted, Nack> {
+    /// Applies `update`: every valid resource, each refused one keeping its last
+    /// good version; an update refused whole changes nothing.
+    pub fn apply(&mut self, update: Update) -> Applied {
         for kind in update.kinds() {
             self.stats.entry(kind).or_default().received += 1;
         }
-        let result = self.try_apply(&update);
+        let (accepted, refused, whole) = match self.try_apply(&update) {
+            Ok((accepted, refused)) => (accepted, refused, None),
+            Err(nack) => (Accepted::default(), Vec::new(), Some(nack)),
+        };
         let version = match &update {
             Update::SotW { version, .. } | Update::Full { version, .. } => Some(version.clone()),
             Update::Delta { .. } => None,
         };
         for kind in update.kinds() {
+            let of_kind: Vec<Refused> =
+                refused.iter().filter(|r| r.kind == kind).cloned().collect();
+            let error = match &whole {
+                Some(n) => Some(n.0.clone()),
+                None => (!of_kind.is_empty()).then(|| nack_of(&of_kind).0),
+            };
             let s = self.stats.entry(kind).or_default();
-            match &result {
-                Ok(_) => {
+            match error {
+                None => {
                     s.accepted += 1;
                     s.last_error = None;
                     if let Some(v) = &version {
                         s.version.clone_from(v);
                     }
                 }
-                Err(e) => {
+                Some(e) => {
                     s.rejected += 1;
-                    s.last_error = Some(e.0.clone());
+                    s.last_error = Some(e);
                     s.rejected_version.clone_from(&version);
                 }
             }
         }
-        result
+        // A control plane's assignments and route configurations that no cluster or
+        // listener references any more are dropped (Envoy drops a resource with
+        // its last watch); a file's are what the file says.
+        if accepted.subscriptions_changed && !matches!(update, Update::Full { .. }) {
+            self.prune_unreferenced();
+        }
+        let nack = whole.or_else(|| (!refused.is_empty()).then(|| nack_of(&refused)));
+        Applied {
+            accepted,
+            nack,
+            refused,
+        }
     }
 
-    fn try_apply(&mut self, update: &Update) -> Result<Accepted, Nack> {
-        let mut undo: Undo = Vec::new();
-        let mut fresh = BTreeMap::new();
-        let mut versions: Vec<(Kind, String, Option<String>)> = Vec::new();
-        match update {
-            Update::SotW {
-                kind, resources, ..
-            } => {
-                let decoded = decode_all(resources.iter().map(|a| (*kind, a)))?;
-                let names: BTreeSet<String> = decoded.iter().map(|r| r.name.clone()).collect();
-                if kind.is_wildcard() {
-                    for name in self.names(*kind) {
-                        if !names.contains(&name) {
-                            undo.push((*kind, name.clone(), self.remove(*kind, &name)));
-                        }
-                    }
-                }
-                for r in decoded {
-                    // A resource sent again unchanged is neither undone nor re-translated.
-                    self.put_recorded(r, &mut undo, &mut fresh);
-                }
+    /// Drops the assignments and route configurations nothing references, with
+    /// their versions and refusals: they are not sent as held on a reconnect and
+    /// take no memory.
+    fn prune_unreferenced(&mut self) {
+        for kind in [Kind::Endpoint, Kind::Route] {
+            let wanted: BTreeSet<String> = self.wanted(kind).into_iter().collect();
+            let gone: Vec<String> = self
+                .resources
+                .names(kind)
+                .filter(|n| !wanted.contains(*n))
+                .map(str::to_owned)
+                .collect();
+            for name in gone {
+                self.resources.remove(kind, &name);
             }
-            Update::Delta {
-                kind,
-                added,
-                removed,
-            } => {
-                let decoded = decode_all(added.iter().map(|(_, _, a)| (*kind, a)))?;
-                for ((sent_name, version, _), r) in added.iter().zip(decoded) {
-                    if !sent_name.is_empty() && *sent_name != r.name {
-                        return Err(Nack(format!(
-                            "{} resource {sent_name:?} carries the name {:?}",
-                            kind.short(),
-                            r.name
-                        )));
-                    }
-                    versions.push((*kind, r.name.clone(), Some(version.clone())));
-                    self.put_recorded(r, &mut undo, &mut fresh);
-                }
-                for name in removed {
-                    versions.push((*kind, name.clone(), None));
-                    undo.push((*kind, name.clone(), self.remove(*kind, name)));
-                }
+            if let Some(v) = self.resource_versions.get_mut(&kind) {
+                v.retain(|n, _| wanted.contains(n));
             }
-            Update::Full {
-                resources, kept, ..
-            } => {
-                // Types sockmesh does not consume (secrets, runtime, ...) are skipped
-                // and counted, not an error.
-                let known = resources.iter().filter_map(|a| {
-                    let kind = Kind::from_type_url(&a.type_url);
-                    if kind.is_none() {
-                        self.ignored_resources += 1;
-                    }
-                    kind.map(|k| (k, a))
-                });
-                let decoded = decode_all(known.collect::<Vec<_>>().into_iter())?;
-                // As SotW per type: what the document no longer holds is removed;
-                // what it holds unchanged is neither undone nor re-translated (one
-                // edited resource of a large file costs one resource).
-                // One pass over what the state holds: what is kept must be held
-                // (else nothing changes), what is neither kept nor sent goes.
-                let kept: HashSet<(Kind, &str)> = kept.iter().map(|(k, n)| (*k, &**n)).collect();
-                let sent: HashSet<(Kind, &str)> =
-                    decoded.iter().map(|r| (r.kind, r.name.as_str())).collect();
-                let mut held = 0;
-                let mut gone = Vec::new();
-                for kind in Kind::ALL {
-                    for name in self.held_names(kind) {
-                        if kept.contains(&(kind, name)) {
-                            held += 1;
-                        } else if !sent.contains(&(kind, name)) {
-                            gone.push((kind, name.to_owned()));
-                        }
-                    }
-                }
-                if held != kept.len() {
-                    return Err(Nack(format!(
-                        "{} of the {} resources to be kept are not held (resend the whole document)",
-                        kept.len() - held,
-                        kept.len()
-                    )));
-                }
-                for (kind, name) in gone {
-                    let old = self.remove(kind, &name);
-                    undo.push((kind, name, old));
-                }
-                for r in decoded {
-                    self.put_recorded(r, &mut undo, &mut fresh);
-                }
+            if let Some(r) = self.refused.get_mut(&kind) {
+                r.retain(|n, _| wanted.contains(n));
             }
         }
-        let mut dirty = Dirty {
-            assignments: fresh,
-            ..Dirty::default()
-        };
-        for (kind, name, _) in &undo {
-            let set = match kind {
-                Kind::Listener => &mut dirty.listeners,
-                Kind::Route => &mut dirty.routes,
-                Kind::Cluster => &mut dirty.clusters,
-                Kind::Endpoint => &mut dirty.endpoints,
-            };
-            set.insert(name.clone());
-        }
-        let accepted = match self.commit_dirty(&dirty, &update.kinds()) {
-            Ok(a) => a,
-            Err(e) => {
-                self.rollback(undo);
-                return Err(Nack(format!("the resulting routing table is refused: {e}")));
+        self.refused.retain(|_, m| !m.is_empty());
+    }
+
+    /// The resources refused now (each holding its last good version, if it had
+    /// one), by kind and name: why.
+    pub fn refused(&self) -> &BTreeMap<Kind, BTreeMap<String, String>> {
+        &self.refused
+    }
+
+    /// Records what an applied update did to each resource's standing: `accepted`
+    /// and `gone` names are no longer refused; `refused` ones are, until a later
+    /// version is accepted or they are removed.
+    fn note_refused<'a>(
+        &mut self,
+        accepted: impl Iterator<Item = (Kind, &'a str)>,
+        refused: &[Refused],
+    ) {
+        for (kind, name) in accepted {
+            if let Some(m) = self.refused.get_mut(&kind) {
+                m.remove(name);
             }
-        };
-        for (kind, name, version) in versions {
-            let map = self.resource_versions.entry(kind).or_default();
-            match version {
-                Some(v) => map.insert(name, v),
-                None => map.remove(&name),
-            };
         }
-        Ok(accepted)
+        for r in refused {
+            self.refused.entry(r.kind).or_default().insert(
+                r.name.clone(),
+                super::accept::truncate_to(&r.error, REFUSED_ERROR_BYTES),
+            );
+        }
+        self.refused.retain(|_, m| !m.is_empty());
     }
 
     /// The last good answers of a DNS cluster.
@@ -406,30 +433,20 @@ impl XdsState {
 
     /// New answers for a DNS cluster's host names, from the agent's resolver (not
     /// the control plane). A cluster that is no longer a DNS cluster is left
-    /// alone; answers that would break the datapath's limits are refused and
-    /// nothing changes.
-    pub fn apply_dns(
-        &mut self,
-        cluster: &str,
-        answers: super::clusters::DnsAnswers,
-    ) -> Result<Accepted, TableRefused> {
+    /// alone.
+    pub fn apply_dns(&mut self, cluster: &str, answers: super::clusters::DnsAnswers) -> Accepted {
         if !self.inc.is_dns_cluster(cluster) || self.resources.dns.get(cluster) == Some(&answers) {
-            return Ok(Accepted::default());
+            return Accepted::default();
         }
-        let previous = self.resources.dns.insert(cluster.to_owned(), answers);
+        self.resources.dns.insert(cluster.to_owned(), answers);
         let mut dirty = Dirty::default();
         dirty.dns.insert(cluster.to_owned());
-        let mut accepted = self.commit_dirty(&dirty, &[]).inspect_err(|_| {
-            match previous {
-                Some(p) => self.resources.dns.insert(cluster.to_owned(), p),
-                None => self.resources.dns.remove(cluster),
-            };
-        })?;
+        let mut accepted = self.commit_dirty(&dirty, &[]);
         // A name's addresses changing is not an endpoint removed by the control
         // plane: Envoy keeps connections to a host DNS no longer returns, and a
         // LOGICAL_DNS name behind round-robin DNS changes address every refresh.
         accepted.removed.clear();
-        Ok(accepted)
+        accepted
     }
 
     /// Forgets a DNS cluster's answers (its target changed); its services keep
@@ -444,27 +461,51 @@ impl XdsState {
         self.resources.dns.retain(|c, _| targets.contains_key(c));
     }
 
-    /// Re-translates what `dirty` touches, checks the result against the
-    /// datapath's rules and limits, and makes it the table. On an error nothing
-    /// of the state's indexes or table changed (the caller restores resources).
-    fn commit_dirty(&mut self, dirty: &Dirty, kinds: &[Kind]) -> Result<Accepted, TableRefused> {
-        let staged = self
+    /// Re-translates what `dirty` touches and makes what of it the maps take the
+    /// table (see `super::fit`).
+    fn commit_dirty(&mut self, dirty: &Dirty, kinds: &[Kind]) -> Accepted {
+        let mut staged = self
             .inc
             .stage(&self.resources, dirty, &self.table, &self.seed);
-        let usage = check_changes(&self.table, &staged.changes, &self.limits, &self.usage)?;
+        // Room may return when a service goes or shrinks (and on every tick).
+        let heal = dirty.listeners.is_empty()
+            && dirty.routes.is_empty()
+            && dirty.clusters.is_empty()
+            && dirty.endpoints.is_empty()
+            && dirty.dns.is_empty()
+            || staged.changes.iter().any(|(s, after)| {
+                self.table
+                    .services
+                    .get(s)
+                    .is_some_and(|before| after.as_ref().is_none_or(|a| a.len() < before.len()))
+            });
+        let before = self.limited.clone();
+        let fitted = super::fit::fit(
+            &super::fit::Maps {
+                table: &self.table,
+                usage: self.usage,
+                limits: self.limits,
+                seed: self.subset_seed,
+            },
+            std::mem::take(&mut staged.changes),
+            &mut self.limited,
+            heal,
+        );
+        self.log_limited(&before);
+        staged.changes = fitted.changes;
         // Only listeners and clusters decide what RDS/EDS names are wanted.
         self.ignored_dirty |= !dirty.listeners.is_empty() || !dirty.clusters.is_empty();
         let may_resubscribe =
             !dirty.listeners.is_empty() || !dirty.routes.is_empty() || !dirty.clusters.is_empty();
         let subscriptions = may_resubscribe.then(|| (self.inc.route_names(), self.inc.eds_names()));
         let changes = staged.changes.clone();
-        let mut removed = std::collections::BTreeSet::new();
+        let mut removed = BTreeSet::new();
         for (service, after) in &changes {
             if let Some(before) = self.table.services.get(service) {
-                crate::model::removed_endpoints(service, before, after.as_ref(), &mut removed);
+                removed_endpoints(service, before, after.as_ref(), &mut removed);
             }
         }
-        self.usage = usage;
+        self.usage = fitted.usage;
         self.inc.commit(staged, &mut self.table);
         let accepted = Accepted {
             table_changed: !changes.is_empty(),
@@ -481,187 +522,51 @@ impl XdsState {
             self.prune_dns();
             self.dns_dirty = true;
         }
-        Ok(accepted)
+        accepted
     }
 
-    fn rollback(&mut self, undo: Undo) {
-        for (kind, name, old) in undo.into_iter().rev() {
-            match old {
-                Some(bytes) => self.restore(kind, name, bytes),
-                None => {
-                    self.remove(kind, &name);
-                }
+    /// Logs each service that became limited, changed how, or fits again.
+    fn log_limited(&self, before: &BTreeMap<crate::model::ServiceAddr, Limited>) {
+        for (s, l) in &self.limited {
+            if before.get(s).is_none_or(|b| b.limit != l.limit) {
+                tracing::warn!(
+                    service = %s,
+                    limit = l.limit.label(),
+                    endpoints = l.endpoints,
+                    programmed = l.programmed,
+                    why = %l.why,
+                    "service limited by this node (valid configuration; it heals when room returns)"
+                );
             }
         }
-    }
-
-    fn names(&self, kind: Kind) -> Vec<String> {
-        let r = &self.resources;
-        match kind {
-            Kind::Cluster => r.clusters.keys().cloned().collect(),
-            Kind::Endpoint => r.endpoints.keys().cloned().collect(),
-            Kind::Listener => r.listeners.keys().cloned().collect(),
-            Kind::Route => r.routes.keys().cloned().collect(),
-        }
-    }
-
-    fn held_names(&self, kind: Kind) -> Box<dyn Iterator<Item = &str> + '_> {
-        let r = &self.resources;
-        match kind {
-            Kind::Cluster => Box::new(r.clusters.keys().map(String::as_str)),
-            Kind::Endpoint => Box::new(r.endpoints.keys().map(String::as_str)),
-            Kind::Listener => Box::new(r.listeners.keys().map(String::as_str)),
-            Kind::Route => Box::new(r.routes.keys().map(String::as_str)),
-        }
-    }
-
-    /// [`Self::put`], recording what it replaced in `undo` and a changed
-    /// assignment's backends in `fresh`.
-    fn put_recorded(
-        &mut self,
-        mut r: Checked,
-        undo: &mut Undo,
-        fresh: &mut BTreeMap<String, Vec<crate::model::Backend>>,
-    ) {
-        if let Some(old) = self.put(&r) {
-            if let Some(backends) = r.backends.take() {
-                fresh.insert(r.name.clone(), backends);
-            }
-            undo.push((r.kind, r.name, old));
-        }
-    }
-
-    /// Stores `r`. Returns `None` if the same encoding was stored already (nothing
-    /// changed), else `Some(previous encoding, if any)`.
-    fn put(&mut self, r: &Checked) -> Option<Option<Box<[u8]>>> {
-        fn put_in<T: prost::Message + Default>(
-            map: &mut BTreeMap<String, Encoded<T>>,
-            r: &Checked,
-        ) -> Option<Option<Box<[u8]>>> {
-            if map.get(&r.name).is_some_and(|old| old.bytes() == &*r.bytes) {
-                return None;
-            }
-            let new = Encoded::from_bytes(r.bytes.clone());
-            Some(map.insert(r.name.clone(), new).map(Encoded::into_bytes))
-        }
-        let res = &mut self.resources;
-        match r.kind {
-            Kind::Cluster => put_in(&mut res.clusters, r),
-            Kind::Endpoint => put_in(&mut res.endpoints, r),
-            Kind::Listener => put_in(&mut res.listeners, r),
-            Kind::Route => put_in(&mut res.routes, r),
-        }
-    }
-
-    /// Puts back an encoding an undo log kept.
-    fn restore(&mut self, kind: Kind, name: String, bytes: Box<[u8]>) {
-        let res = &mut self.resources;
-        match kind {
-            Kind::Cluster => {
-                res.clusters.insert(name, Encoded::from_bytes(bytes));
-            }
-            Kind::Endpoint => {
-                res.endpoints.insert(name, Encoded::from_bytes(bytes));
-            }
-            Kind::Listener => {
-                res.listeners.insert(name, Encoded::from_bytes(bytes));
-            }
-            Kind::Route => {
-                res.routes.insert(name, Encoded::from_bytes(bytes));
-            }
-        }
-    }
-
-    fn remove(&mut self, kind: Kind, name: &str) -> Option<Box<[u8]>> {
-        let res = &mut self.resources;
-        match kind {
-            Kind::Cluster => res.clusters.remove(name).map(Encoded::into_bytes),
-            Kind::Endpoint => res.endpoints.remove(name).map(Encoded::into_bytes),
-            Kind::Listener => res.listeners.remove(name).map(Encoded::into_bytes),
-            Kind::Route => res.routes.remove(name).map(Encoded::into_bytes),
+        for s in before.keys().filter(|s| !self.limited.contains_key(s)) {
+            tracing::info!(service = %s, "service no longer limited by this node");
         }
     }
 }
 
-/// Decodes every resource; all errors are reported together.
-///
-/// Each resource is kept only in its encoding once checked: decoding a whole update
-/// first would hold every decoded message at once (about 230 MiB for an initial
-/// push of 10,000 services), and the allocator keeps such a peak as resident memory.
-fn decode_all<'a>(items: impl Iterator<Item = (Kind, &'a Any)>) -> Result<Vec<Checked>, Nack> {
-    let items: Vec<(Kind, &Any)> = items.collect();
-    let read_backends = items.len() < READ_BACKENDS_BELOW;
-    // In order: a name sent twice keeps its last body, as decoded serially.
-    let parts = super::in_chunks(&items, PARALLEL_DECODE_FROM, |part| {
-        decode_part(part, read_backends)
-    });
-    let mut out = Vec::with_capacity(items.len());
-    let mut errors: Vec<String> = Vec::new();
-    for (checked, errs) in parts {
-        out.extend(checked);
-        errors.extend(errs);
-    }
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(Nack(errors.join("; ")))
-    }
-}
-
-/// Updates of at least this many resources are decoded on every core (protobuf
-/// decode and validation share nothing between resources).
-const PARALLEL_DECODE_FROM: usize = 2_000;
-
-/// Updates of fewer resources keep each assignment's backends from its validation
-/// decode (a batch of 1,000 endpoint changes then decodes each once). A larger one,
-/// an initial load, would hold them all at once: 50,000 assignments' backends took
-/// 30 MiB more of the agent's resident memory after the load, for no faster load.
-const READ_BACKENDS_BELOW: usize = 5_000;
-
-fn decode_part(items: &[(Kind, &Any)], read_backends: bool) -> (Vec<Checked>, Vec<String>) {
-    let mut out = Vec::with_capacity(items.len());
-    let mut errors: Vec<String> = Vec::new();
-    for &(kind, any) in items {
-        match decode_any(any, kind) {
-            Ok(r) => out.push(Checked {
-                kind: r.kind(),
-                name: r.name().to_owned(),
-                backends: match &r {
-                    Resource::Endpoint(e) if read_backends => {
-                        Some(super::clusters::assignment_backends(e))
-                    }
-                    _ => None,
-                },
-                // The bytes received: decoding them gives what was checked
-                // (re-encoding the decoded message cost a tenth of a large update).
-                bytes: any.value.clone().into_boxed_slice(),
+/// The endpoints of `service` in `before` and absent (in any state) from `after`:
+/// what a change removed outright (draining ones stay). In one pass over each
+/// list: a service may have 16,384 endpoints, and comparing each with each took
+/// seconds.
+fn removed_endpoints(
+    service: &crate::model::ServiceAddr,
+    before: &[crate::model::Backend],
+    after: Option<&crate::model::Service>,
+    out: &mut BTreeSet<crate::model::Endpoint>,
+) {
+    let kept: std::collections::HashSet<(std::net::IpAddr, u16)> = after
+        .into_iter()
+        .flat_map(|a| a.iter().map(|b| (b.address, b.port)))
+        .collect();
+    out.extend(
+        before
+            .iter()
+            .filter(|b| !kept.contains(&(b.address, b.port)))
+            .map(|b| crate::model::Endpoint {
+                addr: b.address,
+                port: b.port,
+                protocol: service.protocol,
             }),
-            Err(DecodeError::WrongType { type_url, .. })
-                if Kind::from_type_url(&type_url).is_none() =>
-            {
-                errors.push(format!("resource type {type_url} is not supported"));
-            }
-            Err(e) => errors.push(e.to_string()),
-        }
-    }
-    (out, errors)
-}
-
-/// The datapath's rules, checked on the changed services only, and every map
-/// capacity (services, backends, slots), with the transient of a service being
-/// rewritten. Returns the table's usage after the changes.
-fn check_changes(
-    table: &RoutingTable,
-    changes: &Changes,
-    limits: &Limits,
-    usage: &Usage,
-) -> Result<Usage, TableRefused> {
-    for (service, after) in changes {
-        if let Some(b) = after {
-            validate_service(service, b)?;
-        }
-    }
-    let (after, transient) = usage.after(changes, |s| table.services.get(s).map(Usage::of_service));
-    limits.check(&after, &transient)?;
-    Ok(after)
+    );
 }

@@ -8,12 +8,19 @@ use super::{
 };
 use crate::model::{Backend, Protocol, ServiceAddr};
 
-fn full(yaml: &str) -> Update {
+mod acceptance;
+mod documents;
+pub(crate) mod dump;
+mod left_alone;
+mod limits;
+
+pub(super) fn full(yaml: &str) -> Update {
     let resp = discovery_response_from_text(yaml).expect("decodes");
     Update::Full {
         version: resp.version_info,
         resources: resp.resources,
         kept: Vec::new(),
+        positions: Vec::new(),
     }
 }
 
@@ -115,7 +122,7 @@ fn assert_shares(service: &crate::model::Service, want: &[(&str, f64)], why: &st
 #[test]
 fn tcp_proxy_over_eds_with_health_locality_and_priority() {
     let mut st = XdsState::new();
-    st.apply(full(TCP_EDS)).expect("accepted");
+    st.apply(full(TCP_EDS)).result().expect("accepted");
     let backends = &st.table().services[&svc("10.96.0.10", 9080, Protocol::Tcp)];
     assert_shares(
         backends,
@@ -151,7 +158,7 @@ fn lower_priority_and_degraded_take_over_only_when_needed() {
             "      health_status: DEGRADED\n",
         );
     let mut st = XdsState::new();
-    st.apply(full(&yaml)).expect("accepted");
+    st.apply(full(&yaml)).result().expect("accepted");
     // Priority 0: no healthy host, 1 degraded of 3 (degraded availability 46);
     // priority 1 healthy (100): the normalized total is 100 and the healthy loads
     // come first, so priority 1 takes everything and no level is in panic.
@@ -165,7 +172,7 @@ fn lower_priority_and_degraded_take_over_only_when_needed() {
         "    - endpoint: { address: { socket_address: { address: 10.1.0.9, port_value: 8080 } } }\n",
         "    - endpoint: { address: { socket_address: { address: 10.1.0.9, port_value: 8080 } } }\n      health_status: TIMEOUT\n",
     );
-    st.apply(full(&yaml)).expect("accepted");
+    st.apply(full(&yaml)).result().expect("accepted");
     // Now only priority 0's degraded host is available (normalized total 46):
     // every level is below the panic threshold of 50 % (priority 0: 1 of 3),
     // so the loads follow the levels' host counts, excluded hosts included (4
@@ -214,7 +221,7 @@ resources:
       { endpoint: { address: { socket_address: { address: 10.1.2.1, port_value: 80 } } } } ] } ]
 "#;
     let mut st = XdsState::new();
-    st.apply(full(yaml)).expect("accepted");
+    st.apply(full(yaml)).result().expect("accepted");
     let b = &st.table().services[&svc("10.96.0.11", 80, Protocol::Tcp)];
     let w: Vec<u32> = b.iter().map(|b| b.weight).collect();
     assert_eq!(w, [450_000, 450_000, 100_000]);
@@ -276,7 +283,7 @@ resources:
     endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 10.1.3.1, port_value: 80 } } } } ] } ]
 "#;
     let mut st = XdsState::new();
-    st.apply(full(yaml)).expect("accepted");
+    st.apply(full(yaml)).result().expect("accepted");
     let keys: Vec<String> = st
         .table()
         .services
@@ -294,9 +301,9 @@ resources:
     );
     assert_eq!(st.wanted(Kind::Route), ["8080"]);
     assert!(
-        st.take_new_ignored()
+        st.take_new_notes()
             .iter()
-            .any(|l| l.contains("10.0.0.0/8")),
+            .any(|l| l.text().contains("10.0.0.0/8")),
         "a wide prefix range is reported, not expanded"
     );
 }
@@ -311,7 +318,9 @@ resources:
   address: { socket_address: { address: 10.96.0.12, port_value: 80 } }
   filter_chains: [ { filters: [ { name: tcp, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: c } } ] } ]
 "#;
-    st.apply(sotw(Kind::Listener, "1", listener)).expect("lds");
+    st.apply(sotw(Kind::Listener, "1", listener))
+        .result()
+        .expect("lds");
     assert!(
         st.table().services.is_empty(),
         "not published before its cluster warms"
@@ -321,7 +330,9 @@ resources:
 resources:
 - { "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster, name: c, type: EDS, eds_cluster_config: { eds_config: { ads: {} } } }
 "#;
-    st.apply(sotw(Kind::Cluster, "1", cds)).expect("cds");
+    st.apply(sotw(Kind::Cluster, "1", cds))
+        .result()
+        .expect("cds");
     assert!(
         st.table().services.is_empty(),
         "cluster known, endpoints not yet"
@@ -333,73 +344,18 @@ resources:
   cluster_name: c
   endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 10.1.4.1, port_value: 80 } } } } ] } ]
 "#;
-    st.apply(sotw(Kind::Endpoint, "1", eds)).expect("eds");
+    st.apply(sotw(Kind::Endpoint, "1", eds))
+        .result()
+        .expect("eds");
     assert_eq!(
         st.table().services[&svc("10.96.0.12", 80, Protocol::Tcp)],
         [be("10.1.4.1", 80, 1)]
     );
     // A new cluster version that is EDS again keeps the endpoints known.
-    st.apply(sotw(Kind::Cluster, "2", cds)).expect("cds again");
+    st.apply(sotw(Kind::Cluster, "2", cds))
+        .result()
+        .expect("cds again");
     assert_eq!(st.table().services.len(), 1);
-}
-
-#[test]
-fn invalid_resources_are_nacked_naming_resource_and_field_and_keep_state() {
-    let mut st = XdsState::new();
-    st.apply(full(TCP_EDS)).expect("accepted");
-    let before = st.table().clone();
-    let bad_port = TCP_EDS.replace(
-        "address: 10.1.0.4, port_value: 8080",
-        "address: 10.1.0.4, port_value: 70000",
-    );
-    let nack = st.apply(full(&bad_port)).expect_err("port out of range");
-    assert!(
-        nack.0.contains("ClusterLoadAssignment \"reviews.default.svc\": endpoints[1].lb_endpoints[0].endpoint.address.socket_address.port_value: 70000 is out of range"),
-        "{nack}"
-    );
-    let bad_addr = TCP_EDS.replace("address: 10.96.0.10,", "address: not-an-ip,");
-    let nack = st.apply(full(&bad_addr)).expect_err("bad address");
-    assert!(
-        nack.0.contains("Listener \"reviews\": address.socket_address.address: \"not-an-ip\" is not an IP address"),
-        "{nack}"
-    );
-    assert_eq!(st.table(), &before, "the last good table stays");
-    assert_eq!(st.version(Kind::Listener), "1");
-    assert_eq!(st.stats()[&Kind::Endpoint].rejected, 2);
-}
-
-#[test]
-fn too_many_endpoints_is_nacked_with_the_limit() {
-    let mut eps = String::new();
-    for i in 0..1025u32 {
-        eps.push_str(&format!(
-            "      - endpoint: {{ address: {{ socket_address: {{ address: 10.2.{}.{}, port_value: 80 }} }} }}\n",
-            i / 256,
-            i % 256
-        ));
-    }
-    let yaml = format!(
-        r#"
-resources:
-- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
-  name: l
-  address: {{ socket_address: {{ address: 10.96.0.13, port_value: 80 }} }}
-  filter_chains: [ {{ filters: [ {{ name: tcp, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: big }} }} ] }} ]
-- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
-  name: big
-  load_assignment:
-    cluster_name: big
-    endpoints:
-    - lb_endpoints:
-{eps}"#
-    );
-    let mut st = XdsState::new();
-    let nack = st.apply(full(&yaml)).expect_err("over the limit");
-    assert!(
-        nack.0.contains("1025 backends exceed the limit of 1024"),
-        "{nack}"
-    );
-    assert!(st.table().services.is_empty());
 }
 
 #[test]
@@ -418,6 +374,7 @@ fn delta_adds_and_removes_and_remembers_versions() {
             added,
             removed: vec![],
         })
+        .result()
         .expect("delta");
     }
     assert_eq!(st.table().services.len(), 1);
@@ -427,6 +384,7 @@ fn delta_adds_and_removes_and_remembers_versions() {
         added: vec![],
         removed: vec!["reviews".into()],
     })
+    .result()
     .expect("removal");
     assert!(st.table().services.is_empty());
     assert!(st.resource_versions(Kind::Listener).is_empty());
@@ -439,9 +397,18 @@ fn json_camel_case_and_malformed_documents() {
     assert_eq!(resp.version_info, "7");
     assert_eq!(resp.resources.len(), 1);
 
-    let err = discovery_response_from_text("resources:\n- \"@type\": type.googleapis.com/envoy.config.cluster.v3.Cluster\n  name: c\n  bogus_field: 1\n")
-        .expect_err("unknown field");
-    assert!(err.to_string().contains("bogus_field"), "{err}");
+    // A field sockmesh does not know is ignored and counted, as Envoy's dynamic
+    // configuration ignores it.
+    let (resp, notes) = super::decode::discovery_response_with_opaque("resources:\n- \"@type\": type.googleapis.com/envoy.config.cluster.v3.Cluster\n  name: c\n  bogus_field: 1\n")
+        .expect("an unknown field is ignored");
+    assert_eq!(resp.resources.len(), 1);
+    assert_eq!(
+        notes.unknown_fields,
+        super::unknown::UnknownFields::from([(
+            "envoy.config.cluster.v3.Cluster.bogus_field".to_owned(),
+            1
+        )])
+    );
     // Errors point at the line and column.
     let err = discovery_response_from_text("resources: [\n  {name: }\n").expect_err("no @type");
     assert!(err.to_string().ends_with("at line 2 column 3"), "{err}");
@@ -458,7 +425,7 @@ fn json_camel_case_and_malformed_documents() {
 
 /// The incremental translation equals the full one after every step of a long,
 /// seeded sequence of delta updates touching listeners (TCP, weighted, HTTP/RDS,
-/// overlapping VIPs), routes, clusters (EDS, STATIC) and endpoints.
+/// left alone, overlapping VIPs), routes, clusters (EDS, STATIC) and endpoints.
 #[test]
 fn incremental_translation_matches_full_translation() {
     use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
@@ -480,7 +447,7 @@ fn incremental_translation_matches_full_translation() {
             Kind::Listener => {
                 let i = rng.random_range(0..6);
                 let vip = rng.random_range(1..5);
-                let body = match rng.random_range(0..3) {
+                let body = match rng.random_range(0..4) {
                     0 => format!(
                         r#"{{ "@type": type.googleapis.com/envoy.config.listener.v3.Listener, name: l{i}, address: {{ socket_address: {{ address: 10.96.0.{vip}, port_value: 80 }} }}, filter_chains: [ {{ filters: [ {{ name: t, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: c{} }} }} ] }} ] }}"#,
                         rng.random_range(0..5)
@@ -490,6 +457,11 @@ fn incremental_translation_matches_full_translation() {
                         rng.random_range(0..5),
                         rng.random_range(1..5),
                         rng.random_range(0..5)
+                    ),
+                    // Bound to the VIP on the port the wildcard HTTP listener's
+                    // virtual hosts name: a Dubbo proxy shadows them.
+                    2 => format!(
+                        r#"{{ "@type": type.googleapis.com/envoy.config.listener.v3.Listener, name: l{i}, address: {{ socket_address: {{ address: 10.96.0.{vip}, port_value: 8080 }} }}, filter_chains: [ {{ filters: [ {{ name: d, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.network.dubbo_proxy.v3.DubboProxy, stat_prefix: d }} }} ] }} ] }}"#
                     ),
                     _ => format!(
                         r#"{{ "@type": type.googleapis.com/envoy.config.listener.v3.Listener, name: l{i}, address: {{ socket_address: {{ address: 0.0.0.0, port_value: 8080 }} }}, filter_chains: [ {{ filters: [ {{ name: h, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager, stat_prefix: h, rds: {{ route_config_name: r{}, config_source: {{ ads: {{}} }} }} }} }} ] }} ] }}"#,
@@ -559,7 +531,7 @@ fn incremental_translation_matches_full_translation() {
                 removed: vec![],
             }
         };
-        if st.apply(update).is_ok() {
+        if st.apply(update).result().is_ok() {
             accepted += 1;
             let full = translate(st.resources(), &[&before]);
             if st.table() != &full.table {
@@ -700,7 +672,7 @@ resources:
   endpoints: [ { lbEndpoints: [ { endpoint: { address: { socketAddress: { address: 10.244.4.2, portValue: 6379 } } } } ] } ]
 "#;
     let mut st = XdsState::new();
-    st.apply(full(yaml)).expect("accepted");
+    st.apply(full(yaml)).result().expect("accepted");
     let got = table_lines(st.table());
     assert_eq!(
         got,
@@ -712,9 +684,9 @@ resources:
     );
     // PassthroughCluster (ORIGINAL_DST) is understood, not ignored; the `*`
     // virtual host of a wildcard listener names no VIP.
-    let ignored = st.take_new_ignored();
+    let ignored = st.take_new_notes();
     assert!(
-        !ignored.iter().any(|l| l.contains("ORIGINAL_DST")),
+        !ignored.iter().any(|l| l.text().contains("ORIGINAL_DST")),
         "{ignored:?}"
     );
     assert!(st.passthrough().is_empty());
@@ -782,13 +754,15 @@ resources:
 "#;
     let (resp, opaque) =
         super::decode::discovery_response_with_opaque(yaml).expect("istiod's types carried");
-    assert_eq!(opaque["type.googleapis.com/stats.PluginConfig"], 1);
+    assert_eq!(opaque.opaque["type.googleapis.com/stats.PluginConfig"], 1);
     let mut st = XdsState::new();
     st.apply(Update::Full {
         version: "1".into(),
         resources: resp.resources,
         kept: Vec::new(),
+        positions: Vec::new(),
     })
+    .result()
     .expect("accepted");
     let got = table_lines(st.table());
     assert_eq!(
@@ -808,27 +782,46 @@ resources:
         ["10.96.0.50:16686/tcp"],
         "the RDS route is pending"
     );
-    let ignored = st.take_new_ignored();
+    let ignored = st.take_new_notes();
     assert!(ignored.is_empty(), "{ignored:?}");
 
-    // An unknown type in the filter that decides the cluster is an error naming it.
+    // An unknown type in the filter that decides the cluster is valid
+    // configuration that sockmesh leaves alone: the rest is applied.
     let bad = yaml.replace(
         "- { name: tcp, typed_config: { \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: \"outbound|9093||alertmanager-operated\" } }",
         "- { name: mystery, typed_config: { \"@type\": type.googleapis.com/acme.Proxy } }",
     );
     assert_ne!(bad, yaml);
     let (resp, _) = super::decode::discovery_response_with_opaque(&bad).expect("decodes");
-    let err = XdsState::new()
-        .apply(Update::Full {
-            version: "2".into(),
-            resources: resp.resources,
-            kept: Vec::new(),
-        })
-        .expect_err("terminal filter of an unknown type");
+    let mut st = XdsState::new();
+    st.apply(Update::Full {
+        version: "2".into(),
+        resources: resp.resources,
+        kept: Vec::new(),
+        positions: Vec::new(),
+    })
+    .result()
+    .expect("a terminal filter of an unknown type is not an error");
+    assert_eq!(table_lines(st.table()), got);
     assert!(
-        err.0.contains("Listener \"172.16.18.249_9093\": filter_chains[0].filters[1].typed_config: type type.googleapis.com/acme.Proxy of the terminal filter \"mystery\" is not known"),
-        "{err}"
+        st.passthrough().is_empty(),
+        "left alone, not passed through"
     );
+    let left = st.left_alone();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].0, "172.16.18.249_9093");
+    assert!(
+        left[0].1[0].contains(
+            "filter_chains[0]: left alone: its terminal filter \"mystery\" (type.googleapis.com/acme.Proxy)"
+        ),
+        "{left:?}"
+    );
+    let notes = st.take_new_notes();
+    assert!(
+        matches!(&notes[..], [super::state::Note::LeftAlone(_)]),
+        "logged once: {notes:?}"
+    );
+    assert!(st.take_new_notes().is_empty());
 }
 
 /// Each service as `VIP:port/proto -> addr:port wWEIGHT, …`.
@@ -897,7 +890,7 @@ fn answers(pairs: &[(&str, &[&str])]) -> super::clusters::DnsAnswers {
 #[test]
 fn dns_clusters_warm_until_resolved_then_follow_their_answers() {
     let mut st = XdsState::new();
-    st.apply(full(DNS_CLUSTERS)).expect("accepted");
+    st.apply(full(DNS_CLUSTERS)).result().expect("accepted");
     let ext = svc("240.240.0.5", 443, Protocol::Tcp);
     let one = svc("240.240.0.6", 80, Protocol::Tcp);
     assert_eq!(st.warming(), [ext, one], "nothing resolved yet");
@@ -918,15 +911,13 @@ fn dns_clusters_warm_until_resolved_then_follow_their_answers() {
         "no resolvers of its own: the node's /etc/resolv.conf"
     );
 
-    let a = st
-        .apply_dns(
-            "outbound|443||ext.example",
-            answers(&[
-                ("a.ext.example", &["192.0.2.1", "192.0.2.2"]),
-                ("b.ext.example", &["192.0.2.9"]),
-            ]),
-        )
-        .expect("fits");
+    let a = st.apply_dns(
+        "outbound|443||ext.example",
+        answers(&[
+            ("a.ext.example", &["192.0.2.1", "192.0.2.2"]),
+            ("b.ext.example", &["192.0.2.9"]),
+        ]),
+    );
     assert!(a.table_changed);
     assert_eq!(
         st.table().services[&ext],
@@ -940,8 +931,7 @@ fn dns_clusters_warm_until_resolved_then_follow_their_answers() {
     st.apply_dns(
         "outbound|80||one.example",
         answers(&[("one.example", &["198.51.100.1", "198.51.100.2"])]),
-    )
-    .expect("fits");
+    );
     assert_eq!(
         st.table().services[&one],
         [be("198.51.100.1", 80, 1)],
@@ -950,42 +940,35 @@ fn dns_clusters_warm_until_resolved_then_follow_their_answers() {
     assert!(st.warming().is_empty());
 
     // The same answers again change nothing; a name that lost an address follows.
-    let same = st
-        .apply_dns(
-            "outbound|80||one.example",
-            answers(&[("one.example", &["198.51.100.1", "198.51.100.2"])]),
-        )
-        .expect("same");
+    let same = st.apply_dns(
+        "outbound|80||one.example",
+        answers(&[("one.example", &["198.51.100.1", "198.51.100.2"])]),
+    );
     assert!(!same.table_changed);
     st.apply_dns(
         "outbound|443||ext.example",
         answers(&[("a.ext.example", &["192.0.2.2"]), ("b.ext.example", &[])]),
-    )
-    .expect("fits");
+    );
     // A lone backend's weight is its whole share: weights are kept as the
     // smallest integers in the same ratios.
     assert_eq!(st.table().services[&ext], [be("192.0.2.2", 443, 1)]);
 
     // Answers for a cluster that is not a DNS cluster are ignored.
-    let other = st
-        .apply_dns("reviews", answers(&[("x", &["10.0.0.1"])]))
-        .expect("ignored");
+    let other = st.apply_dns("reviews", answers(&[("x", &["10.0.0.1"])]));
     assert_eq!(other, super::state::Accepted::default());
 }
 
 #[test]
-fn dns_answers_beyond_the_limits_are_refused_and_the_last_good_ones_stay() {
+fn dns_answers_beyond_the_maps_room_are_accepted_and_the_service_limited_to_what_fits() {
     let mut st = XdsState::new();
     st.set_limits(crate::dataplane::Limits {
         services: 8,
         backends: 4,
         ..crate::dataplane::Limits::default()
     });
-    st.apply(full(DNS_CLUSTERS)).expect("accepted");
+    st.apply(full(DNS_CLUSTERS)).result().expect("accepted");
     let good = answers(&[("a.ext.example", &["192.0.2.1"]), ("b.ext.example", &[])]);
-    st.apply_dns("outbound|443||ext.example", good.clone())
-        .expect("fits");
-    let before = table_lines(st.table());
+    st.apply_dns("outbound|443||ext.example", good);
     let many = answers(&[
         (
             "a.ext.example",
@@ -993,89 +976,42 @@ fn dns_answers_beyond_the_limits_are_refused_and_the_last_good_ones_stay() {
         ),
         ("b.ext.example", &["192.0.2.5"]),
     ]);
-    let err = st
-        .apply_dns("outbound|443||ext.example", many)
-        .expect_err("5 backends (+5 while rewritten) exceed 4");
-    assert!(
-        matches!(err, super::state::TableRefused::Capacity(_))
-            && err
-                .to_string()
-                .contains("exceed the backend map's capacity of 4"),
-        "{err}"
+    st.apply_dns("outbound|443||ext.example", many.clone());
+    assert_eq!(st.dns_answers("outbound|443||ext.example"), Some(&many));
+    // 1 backend in the kernel; 5 asked for; the new version is written beside the
+    // old one, so 3 fit in the 4 the map holds.
+    let ext = svc("240.240.0.5", 443, Protocol::Tcp);
+    assert_eq!(st.table().services[&ext].len(), 3, "{:?}", st.table());
+    let l = &st.limited()[&ext];
+    assert_eq!(
+        (l.limit.clone(), l.endpoints, l.programmed),
+        (super::fit::Limit::Room, 5, 3)
     );
-    assert_eq!(table_lines(st.table()), before);
-    assert_eq!(st.dns_answers("outbound|443||ext.example"), Some(&good));
+    assert!(
+        l.why.contains("exceed the backend map's capacity of 4"),
+        "{}",
+        l.why
+    );
 }
 
 #[test]
 fn a_cluster_that_stops_being_a_dns_cluster_forgets_its_answers() {
     let mut st = XdsState::new();
-    st.apply(full(DNS_CLUSTERS)).expect("accepted");
+    st.apply(full(DNS_CLUSTERS)).result().expect("accepted");
     st.apply_dns(
         "outbound|80||one.example",
         answers(&[("one.example", &["198.51.100.1"])]),
-    )
-    .expect("fits");
+    );
     let static_cluster = DNS_CLUSTERS
         .replace("type: LOGICAL_DNS", "type: STATIC")
         .replace("address: one.example", "address: 198.51.100.7");
-    st.apply(full(&static_cluster)).expect("accepted");
+    st.apply(full(&static_cluster)).result().expect("accepted");
     assert!(!st.dns_targets().contains_key("outbound|80||one.example"));
     assert_eq!(st.dns_answers("outbound|80||one.example"), None);
     assert_eq!(
         st.table().services[&svc("240.240.0.6", 80, Protocol::Tcp)],
         [be("198.51.100.7", 80, 1)]
     );
-}
-
-#[test]
-fn an_update_beyond_the_slot_map_is_nacked_by_the_state_and_nothing_changes() {
-    let mut st = XdsState::new();
-    // 1:3 weights take 4 slots; two services 8 (each new, so no more at the
-    // peak), plus 4 while one of them is rewritten.
-    st.set_limits(crate::dataplane::Limits {
-        slots: 11,
-        ..crate::dataplane::Limits::default()
-    });
-    let weighted = |name: &str, vip: &str, second: &str| {
-        format!(
-            r#"
-- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
-  name: {name}
-  address: {{ socket_address: {{ address: {vip}, port_value: 80 }} }}
-  filter_chains: [ {{ filters: [ {{ name: tcp, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: {name} }} }} ] }} ]
-- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
-  name: {name}
-  type: STATIC
-  load_assignment:
-    cluster_name: {name}
-    endpoints:
-    - lb_endpoints:
-      - {{ endpoint: {{ address: {{ socket_address: {{ address: 10.1.0.1, port_value: 80 }} }} }}, load_balancing_weight: 1 }}
-      - {{ endpoint: {{ address: {{ socket_address: {{ address: {second}, port_value: 80 }} }} }}, load_balancing_weight: 3 }}
-"#
-        )
-    };
-    let one = format!(
-        "resources:{}{}",
-        weighted("a", "10.96.0.1", "10.1.0.2"),
-        weighted("b", "10.96.0.2", "10.1.0.2")
-    );
-    st.apply(full(&one)).expect("8 slots, added, fit in 11");
-    let before = table_lines(st.table());
-    let two = format!(
-        "resources:{}{}",
-        weighted("a", "10.96.0.1", "10.1.0.3"),
-        weighted("b", "10.96.0.2", "10.1.0.2")
-    );
-    let nack = st.apply(full(&two)).expect_err("8 slots (+4) exceed 11");
-    assert!(
-        nack.0.contains(
-            "8 selection slots (+4 at the peak while services are rewritten) exceed the slot map's capacity of 11 (--max-slots)"
-        ),
-        "{nack}"
-    );
-    assert_eq!(table_lines(st.table()), before, "the last good table stays");
 }
 
 /// A listener on `vip`:80 to `cluster`, and `cluster` (STATIC, one endpoint)
@@ -1107,7 +1043,7 @@ resources:
 
 fn policy_of(doc: &str) -> crate::model::LbPolicy {
     let mut st = XdsState::new();
-    st.apply(full(doc)).expect("accepted");
+    st.apply(full(doc)).result().expect("accepted");
     st.table().services[&svc("10.96.0.1", 80, Protocol::Tcp)].policy
 }
 
@@ -1197,11 +1133,13 @@ fn a_hash_on_what_connect_cannot_see_is_reported_for_consistent_hash_services_on
     let route = "cluster: c, hash_policy: [ { filter_state: { key: io.istio.peer } } ]";
     let mut st = XdsState::new();
     st.apply(full(&policy_doc(&[("c", "lb_policy: MAGLEV")], route)))
+        .result()
         .expect("maglev");
     assert_eq!(st.unhashable(), [(s, "filter state")]);
     // The same hash policy before a weighted-random cluster says nothing: there
     // is no hash to follow.
     st.apply(full(&policy_doc(&[("c", "lb_policy: RANDOM")], route)))
+        .result()
         .expect("random");
     assert!(st.unhashable().is_empty());
     // source_ip is what a consistent hash at connect() keys on: honoured.
@@ -1209,12 +1147,13 @@ fn a_hash_on_what_connect_cannot_see_is_reported_for_consistent_hash_services_on
         &[("c", "lb_policy: RING_HASH")],
         "cluster: c, hash_policy: [ { source_ip: {} } ]",
     )))
+    .result()
     .expect("ring hash on the source address");
     assert!(st.unhashable().is_empty());
 }
 
 #[test]
-fn a_maglev_table_size_that_is_not_a_prime_or_too_large_is_nacked() {
+fn a_maglev_table_size_that_is_not_a_prime_is_nacked_one_beyond_the_kernel_is_capped() {
     let mut st = XdsState::new();
     st.apply(full(&policy_doc(
         &[(
@@ -1223,34 +1162,31 @@ fn a_maglev_table_size_that_is_not_a_prime_or_too_large_is_nacked() {
         )],
         "cluster: c",
     )))
+    .result()
     .expect("a prime");
     let before = st.table().clone();
-    for (size, problem) in [
-        (
-            "1000",
-            "1000 is not a prime (Maglev needs a prime table size)",
-        ),
-        (
-            "65539",
-            "65539 exceeds the largest Maglev table the kernel holds, 65537 (Envoy's default size)",
-        ),
-    ] {
-        let doc = policy_doc(
+    let doc = |size: &str| {
+        policy_doc(
             &[(
                 "c",
                 &format!("lb_policy: MAGLEV\n  maglev_lb_config: {{ table_size: {size} }}"),
             )],
             "cluster: c",
-        );
-        let nack = st.apply(full(&doc)).expect_err("refused");
-        assert!(
-            nack.0.contains(&format!(
-                "Cluster \"c\": maglev_lb_config.table_size: {problem}"
-            )),
-            "{nack}"
-        );
-        assert_eq!(st.table(), &before, "the last good table stays");
-    }
+        )
+    };
+    let nack = st.apply(full(&doc("1000"))).result().expect_err("refused");
+    assert!(
+        nack.0.contains(
+            "Cluster \"c\": maglev_lb_config.table_size: 1000 is not a prime (Maglev needs a prime table size)"
+        ),
+        "{nack}"
+    );
+    assert_eq!(st.table(), &before, "the last good table stays");
+    // 65,539 is a prime Envoy accepts; the kernel's largest table is 65,537.
+    assert_eq!(
+        policy_of(&doc("65539")),
+        crate::model::LbPolicy::Maglev { table_size: 65_537 }
+    );
 }
 
 #[test]
@@ -1260,12 +1196,14 @@ fn a_policy_change_alone_is_a_change_of_the_service() {
         &[("c", "lb_policy: RANDOM")],
         "cluster: c",
     )))
+    .result()
     .expect("random");
     let accepted = st
         .apply(full(&policy_doc(
             &[("c", "lb_policy: LEAST_REQUEST")],
             "cluster: c",
         )))
+        .result()
         .expect("least request");
     let s = svc("10.96.0.1", 80, Protocol::Tcp);
     assert!(accepted.table_changed);
@@ -1283,7 +1221,7 @@ fn an_agent_restarted_during_a_dns_outage_keeps_the_kernels_backends() {
     let mut adopted = crate::model::RoutingTable::default();
     adopted.insert(ext, vec![be("192.0.2.1", 443, 2)]);
     let mut st = XdsState::with_previous(adopted);
-    st.apply(full(DNS_CLUSTERS)).expect("accepted");
+    st.apply(full(DNS_CLUSTERS)).result().expect("accepted");
     // Every host fails its first resolution: no answers at all.
     let outage = super::dns::Round {
         failed: [
@@ -1295,8 +1233,7 @@ fn an_agent_restarted_during_a_dns_outage_keeps_the_kernels_backends() {
     };
     let hosts = ["a.ext.example".to_owned(), "b.ext.example".to_owned()];
     let merged = outage.merge_into(&super::clusters::DnsAnswers::new(), &hosts);
-    st.apply_dns("outbound|443||ext.example", merged)
-        .expect("fits");
+    st.apply_dns("outbound|443||ext.example", merged);
     assert!(st.warming().contains(&ext), "still warming");
     assert_eq!(
         st.table().services[&ext],
@@ -1307,8 +1244,7 @@ fn an_agent_restarted_during_a_dns_outage_keeps_the_kernels_backends() {
     st.apply_dns(
         "outbound|443||ext.example",
         answers(&[("a.ext.example", &["192.0.2.7"]), ("b.ext.example", &[])]),
-    )
-    .expect("fits");
+    );
     assert_eq!(st.table().services[&ext], [be("192.0.2.7", 443, 1)]);
     assert!(!st.warming().contains(&ext));
 }
@@ -1316,21 +1252,21 @@ fn an_agent_restarted_during_a_dns_outage_keeps_the_kernels_backends() {
 #[test]
 fn a_file_sent_again_changes_nothing_and_one_edit_changes_one_service() {
     let mut st = XdsState::new();
-    let first = st.apply(full(TCP_EDS)).expect("accepted");
+    let first = st.apply(full(TCP_EDS)).result().expect("accepted");
     assert!(first.table_changed);
     let reviews = svc("10.96.0.10", 9080, Protocol::Tcp);
     assert!(first.changes.contains_key(&reviews));
 
     // The same document again (an editor's save without a change, a ConfigMap
     // resync): nothing is re-translated, nothing reaches the kernel.
-    let again = st.apply(full(TCP_EDS)).expect("accepted");
+    let again = st.apply(full(TCP_EDS)).result().expect("accepted");
     assert!(!again.table_changed, "{again:?}");
     assert!(again.changes.is_empty(), "{again:?}");
 
     // One endpoint edited: that service, and only it, changes.
     let edited = TCP_EDS.replace("10.1.0.1,", "10.1.0.5,");
     assert_ne!(edited, TCP_EDS);
-    let one = st.apply(full(&edited)).expect("accepted");
+    let one = st.apply(full(&edited)).result().expect("accepted");
     assert_eq!(one.changes.keys().collect::<Vec<_>>(), [&reviews]);
     let backends = &one.changes[&reviews]
         .as_ref()
@@ -1346,14 +1282,17 @@ fn a_file_sent_again_changes_nothing_and_one_edit_changes_one_service() {
         .find("- \"@type\": type.googleapis.com/envoy.config.cluster.v3.Cluster")
         .expect("a cluster");
     let without_listener = format!("version_info: \"2\"\nresources:\n{}", &edited[cluster..]);
-    let gone = st.apply(full(&without_listener)).expect("accepted");
+    let gone = st
+        .apply(full(&without_listener))
+        .result()
+        .expect("accepted");
     assert_eq!(gone.changes.get(&reviews), Some(&None), "{gone:?}");
 }
 
 #[test]
 fn kept_resources_stay_unsent_and_a_kept_name_the_state_lacks_is_refused() {
     let mut st = XdsState::new();
-    st.apply(full(TCP_EDS)).expect("accepted");
+    st.apply(full(TCP_EDS)).result().expect("accepted");
     let reviews = svc("10.96.0.10", 9080, Protocol::Tcp);
     let Update::Full { resources, .. } = full(TCP_EDS) else {
         unreachable!("full() builds a full update")
@@ -1371,10 +1310,14 @@ fn kept_resources_stay_unsent_and_a_kept_name_the_state_lacks_is_refused() {
         version: version.into(),
         resources: Vec::new(),
         kept,
+        positions: Vec::new(),
     };
 
     // Everything kept, nothing sent: nothing is removed, nothing changes.
-    let all_kept = st.apply(kept_only("2", names.clone())).expect("accepted");
+    let all_kept = st
+        .apply(kept_only("2", names.clone()))
+        .result()
+        .expect("accepted");
     assert!(all_kept.changes.is_empty(), "{all_kept:?}");
     assert!(st.table().services.contains_key(&reviews));
 
@@ -1386,6 +1329,7 @@ fn kept_resources_stay_unsent_and_a_kept_name_the_state_lacks_is_refused() {
         .collect();
     let gone = st
         .apply(kept_only("3", without_listener))
+        .result()
         .expect("accepted");
     assert_eq!(gone.changes.get(&reviews), Some(&None), "{gone:?}");
 
@@ -1394,6 +1338,7 @@ fn kept_resources_stay_unsent_and_a_kept_name_the_state_lacks_is_refused() {
     let before = st.table().clone();
     let err = st
         .apply(kept_only("4", names))
+        .result()
         .expect_err("the listener is not held");
     assert!(err.0.contains("not held"), "{err}");
     assert_eq!(*st.table(), before);
@@ -1441,6 +1386,7 @@ fn a_large_update_decodes_on_every_core_and_reports_every_bad_resource_in_order(
             added: added(&[5, n - 5]),
             removed: Vec::new(),
         })
+        .result()
         .expect_err("two bad ports");
     let first = err.0.find("\"svc-5\"").expect("the first chunk's error");
     let last = err
@@ -1453,5 +1399,6 @@ fn a_large_update_decodes_on_every_core_and_reports_every_bad_resource_in_order(
         added: added(&[]),
         removed: Vec::new(),
     })
+    .result()
     .expect("all good");
 }

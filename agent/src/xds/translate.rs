@@ -15,6 +15,14 @@
 //! INBOUND listeners (traffic to the workload itself) and internal listeners (no
 //! socket address) are left out.
 //!
+//! A chain whose terminal filter sockmesh does not interpret (a Dubbo, Thrift,
+//! Redis, Kafka or Mongo proxy, an EnvoyFilter's custom filter, a TypedStruct) is
+//! valid configuration whose traffic sockmesh leaves alone: its VIPs get no entry,
+//! so connections go where the application sent them, as for pass-through. It
+//! still claims its VIPs at its precedence, as Envoy's listener does, so a weaker
+//! claim (a wildcard listener's virtual host) does not take them over. Each such
+//! listener is noted (`Notes::left_alone`) for logs and `/config_dump`.
+//!
 //! Per-request HTTP routing (paths, headers) is out of scope for a socket-level load
 //! balancer: only the catch-all route (prefix `/`) of a virtual host is used. A
 //! chain that needs a route configuration not received yet makes its service
@@ -56,6 +64,48 @@ pub mod precedence {
     pub const VIRTUAL_HOST: u8 = 2;
 }
 
+/// What the translation of one listener noticed: features it ignores, and chains
+/// it leaves alone (why, one line each).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Notes {
+    pub ignored: Vec<String>,
+    pub left_alone: Vec<String>,
+}
+
+impl Notes {
+    pub fn is_empty(&self) -> bool {
+        self.ignored.is_empty() && self.left_alone.is_empty()
+    }
+}
+
+/// A TypedStruct (`udpa.type.v1.TypedStruct`, `xds.type.v3.TypedStruct`): a
+/// config of the type it names, as a Struct. Only its type is read.
+#[derive(Clone, PartialEq, prost::Message)]
+struct TypedStruct {
+    #[prost(string, tag = "1")]
+    type_url: String,
+}
+
+/// A terminal filter's kind as a note names it: its type, and for a TypedStruct
+/// the type it wraps.
+fn filter_kind(f: &sockmesh_proto::pb::envoy::config::listener::v3::Filter) -> String {
+    use prost::Message as _;
+    use sockmesh_proto::pb::envoy::config::listener::v3::filter::ConfigType;
+    let Some(ConfigType::TypedConfig(any)) = &f.config_type else {
+        return format!("{:?} (no typed_config)", f.name);
+    };
+    let wrapped = any
+        .type_url
+        .ends_with(".TypedStruct")
+        .then(|| TypedStruct::decode(any.value.as_slice()).ok())
+        .flatten()
+        .filter(|t| !t.type_url.is_empty());
+    match wrapped {
+        Some(t) => format!("{:?} ({} wrapping {})", f.name, any.type_url, t.type_url),
+        None => format!("{:?} ({})", f.name, any.type_url),
+    }
+}
+
 /// What one listener asks for: a service and the clusters (with weights) behind it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceSpec {
@@ -69,6 +119,9 @@ pub struct ServiceSpec {
     /// balancer cannot see it (a header, cookie, query parameter or filter state):
     /// a consistent-hash service hashes the client instead, and says so once.
     pub unhashable: Option<&'static str>,
+    /// The chain's terminal filter is not one sockmesh interprets: the service is
+    /// left alone (no entry), whatever weaker claims name it.
+    pub left_alone: bool,
 }
 
 impl ServiceSpec {
@@ -79,6 +132,15 @@ impl ServiceSpec {
             precedence,
             route_pending: false,
             unhashable: None,
+            left_alone: false,
+        }
+    }
+
+    /// A service the listener claims and sockmesh leaves alone.
+    fn left_alone(service: ServiceAddr, precedence: u8) -> Self {
+        Self {
+            left_alone: true,
+            ..Self::new(service, Vec::new(), precedence)
         }
     }
 
@@ -156,7 +218,9 @@ fn catch_all_clusters(
             .clusters
             .iter()
             .filter_map(|c| {
-                let weight = c.weight.as_ref().map_or(1, |w| w.value);
+                // Unset is 0, as Envoy reads it (`PROTOBUF_GET_WRAPPED_REQUIRED`
+                // in `source/common/router/config_impl.cc`): never picked.
+                let weight = c.weight.as_ref().map_or(0, |w| w.value);
                 (weight > 0).then(|| (c.name.clone(), weight))
             })
             .collect(),
@@ -225,13 +289,15 @@ fn http_services(
 }
 
 /// The services one listener asks for. `routes` resolves RDS names; the names used
-/// are added to `route_names`, unsupported features to `ignored`.
+/// are added to `route_names`, unsupported features and chains left alone to
+/// `notes`.
 pub fn listener_services(
     l: &Listener,
     routes: &BTreeMap<String, Encoded<RouteConfiguration>>,
     route_names: &mut BTreeSet<String>,
-    ignored: &mut Vec<String>,
+    notes: &mut Notes,
 ) -> Vec<ServiceSpec> {
+    let ignored = &mut notes.ignored;
     let mut out = Vec::new();
     if l.traffic_direction == TrafficDirection::Inbound as i32 {
         // Traffic to this workload, not from it: nothing to balance.
@@ -250,16 +316,28 @@ pub fn listener_services(
     };
     let wildcard = ip.is_unspecified();
     if protocol == Protocol::Udp || l.udp_listener_config.is_some() {
-        udp_service(l, ip, port, wildcard, ignored, &mut out);
+        udp_service(l, ip, port, wildcard, notes, &mut out);
         return out;
     }
     let chains = l
         .filter_chains
         .iter()
-        .chain(l.default_filter_chain.as_ref());
-    for chain in chains {
+        .enumerate()
+        .map(|(i, c)| (format!("filter_chains[{i}]"), c))
+        .chain(
+            l.default_filter_chain
+                .iter()
+                .map(|c| ("default_filter_chain".to_owned(), c)),
+        );
+    for (at, chain) in chains {
         let before = out.len();
-        chain_services(l, chain, ip, port, routes, route_names, ignored, &mut out);
+        let listener = Chain {
+            l,
+            at: &at,
+            ip,
+            port,
+        };
+        chain_services(&listener, chain, routes, route_names, notes, &mut out);
         // A VIP an earlier chain of this listener serves keeps that chain (the
         // default chain comes last: it serves what no other chain matches).
         let earlier: BTreeSet<ServiceAddr> = out[..before].iter().map(|s| s.service).collect();
@@ -275,15 +353,30 @@ pub fn listener_services(
     out
 }
 
+/// A UDP listener's service: its `udp_proxy` cluster on its IP. A UDP listener
+/// whose filters sockmesh does not interpret (a DNS filter, a custom one, a
+/// matcher-routed proxy) is left alone.
 fn udp_service(
     l: &Listener,
     ip: IpAddr,
     port: u16,
     wildcard: bool,
-    ignored: &mut Vec<String>,
+    notes: &mut Notes,
     out: &mut Vec<ServiceSpec>,
 ) {
-    let cluster = l
+    if wildcard {
+        notes.ignored.push(format!(
+            "Listener {:?}: a UDP listener on a wildcard address names no VIP",
+            l.name
+        ));
+        return;
+    }
+    let service = ServiceAddr {
+        vip: ip,
+        port,
+        protocol: Protocol::Udp,
+    };
+    let proxy = l
         .listener_filters
         .iter()
         .find_map(|f| match &f.config_type {
@@ -293,37 +386,55 @@ fn udp_service(
     // `cluster` is deprecated in favour of a matcher, but it is what a plain UDP
     // proxy to one cluster (and every control plane today) uses.
     #[expect(deprecated, reason = "the simple cluster form is still the common one")]
-    match cluster.and_then(|c| c.route_specifier) {
-        Some(udp_proxy_config::RouteSpecifier::Cluster(c)) if !wildcard => {
-            let service = ServiceAddr {
-                vip: ip,
-                port,
-                protocol: Protocol::Udp,
-            };
+    match proxy.and_then(|c| c.route_specifier) {
+        Some(udp_proxy_config::RouteSpecifier::Cluster(c)) => {
             out.push(ServiceSpec::new(service, vec![(c, 1)], precedence::BOUND));
         }
-        _ => ignored.push(format!(
-            "Listener {:?}: UDP listener without a udp_proxy cluster on a specific IP",
-            l.name
-        )),
+        route => {
+            let why = match route {
+                Some(_) => "its udp_proxy routes by a matcher".to_owned(),
+                None => {
+                    let kinds: Vec<String> = l
+                        .listener_filters
+                        .iter()
+                        .map(|f| match &f.config_type {
+                            Some(listener_filter::ConfigType::TypedConfig(any)) => {
+                                format!("{:?} ({})", f.name, any.type_url)
+                            }
+                            _ => format!("{:?}", f.name),
+                        })
+                        .collect();
+                    format!("no udp_proxy among its filters [{}]", kinds.join(", "))
+                }
+            };
+            notes.left_alone.push(format!(
+                "Listener {:?}: UDP listener left alone: {why}",
+                l.name
+            ));
+            out.push(ServiceSpec::left_alone(service, precedence::BOUND));
+        }
     }
 }
 
-/// The services one filter chain serves.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the listener's parts, passed down once"
-)]
-fn chain_services(
-    l: &Listener,
-    chain: &FilterChain,
+/// A chain's listener: the listener, where the chain is in it, its IP and port.
+struct Chain<'a> {
+    l: &'a Listener,
+    at: &'a str,
     ip: IpAddr,
     port: u16,
+}
+
+/// The services one filter chain serves.
+fn chain_services(
+    c: &Chain<'_>,
+    chain: &FilterChain,
     routes: &BTreeMap<String, Encoded<RouteConfiguration>>,
     route_names: &mut BTreeSet<String>,
-    ignored: &mut Vec<String>,
+    notes: &mut Notes,
     out: &mut Vec<ServiceSpec>,
 ) {
+    let (l, ip, port) = (c.l, c.ip, c.port);
+    let ignored = &mut notes.ignored;
     let wildcard = ip.is_unspecified();
     let m = chain.filter_chain_match.as_ref();
     let chain_port = m
@@ -394,10 +505,13 @@ fn chain_services(
                     Some(std::borrow::Cow::Borrowed(rc))
                 }
                 _ => {
-                    ignored.push(format!(
-                        "Listener {:?}: HTTP filter without RDS or inline routes",
-                        l.name
+                    notes.left_alone.push(format!(
+                        "Listener {:?}: {}: left alone: its http_connection_manager routes by scoped routes, which sockmesh does not interpret",
+                        l.name, c.at
                     ));
+                    for vip in &vips {
+                        out.push(ServiceSpec::left_alone(tcp(*vip), precedence));
+                    }
                     None
                 }
             };
@@ -410,13 +524,17 @@ fn chain_services(
                 }
             }
         }
-        Ok(NetFilter::Other(name)) => {
-            ignored.push(format!(
-                "Listener {:?}: terminal filter {name} is not supported",
-                l.name
+        Ok(NetFilter::Other) | Err(_) => {
+            notes.left_alone.push(format!(
+                "Listener {:?}: {}: left alone: its terminal filter {} is not one sockmesh interprets (tcp_proxy, http_connection_manager); its connections go where the application sent them",
+                l.name,
+                c.at,
+                filter_kind(terminal)
             ));
+            for vip in vips {
+                out.push(ServiceSpec::left_alone(tcp(vip), precedence));
+            }
         }
-        Err(e) => ignored.push(format!("Listener {:?}: {e}", l.name)),
     }
 }
 

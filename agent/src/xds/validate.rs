@@ -1,18 +1,26 @@
-//! Validation of Envoy resources, done when they arrive: what a NACK reports
-//! names the resource and the field (`ClusterLoadAssignment "web":
-//! endpoints[0].lb_endpoints[3].endpoint.address.socket_address.port_value: 70000
-//! is out of range (1-65535)`). Also the small decoders the translation shares:
-//! socket addresses and network filters.
+//! Validation of Envoy resources, done when they arrive, by Envoy's own rules: the
+//! `validate` annotations (protoc-gen-validate) of the fields sockmesh reads, and
+//! the rules Envoy applies when it builds a listener, cluster or route from them
+//! (each cited where it is checked). What a NACK reports names the resource and the
+//! field (`ClusterLoadAssignment "web": endpoints[0].lb_endpoints[3].endpoint.
+//! address.socket_address.port_value: 70000 is out of range (1-65535)`).
+//!
+//! Also the small decoders the translation shares: socket addresses and network
+//! filters.
+
+mod cluster;
+mod endpoints;
+mod listener;
+mod route;
+
+use std::net::IpAddr;
 
 use prost::Message as _;
 use sockmesh_proto::pb::{
     envoy::{
         config::{
-            cluster::v3::{Cluster, cluster},
             core::v3::{Address, SocketAddress, address, socket_address},
-            endpoint::v3::{ClusterLoadAssignment, lb_endpoint},
-            listener::v3::{Filter, FilterChain, Listener, filter},
-            route::v3::RouteConfiguration,
+            listener::v3::{Filter, filter},
         },
         extensions::filters::{
             network::{
@@ -21,11 +29,14 @@ use sockmesh_proto::pb::{
             udp::udp_proxy::v3::UdpProxyConfig,
         },
     },
-    google::protobuf::Any,
+    google::protobuf::{Any, Duration},
 };
 
+pub use self::{
+    cluster::validate_cluster, endpoints::validate_endpoints, listener::validate_listener,
+    route::validate_route,
+};
 use crate::model::Protocol;
-use std::net::IpAddr;
 
 pub(crate) const TCP_PROXY: &str =
     "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
@@ -59,230 +70,50 @@ impl InvalidResource {
     }
 }
 
-/// Checks a listener the way a NACK needs it: names resource and field.
-pub fn validate_listener(l: &Listener) -> Result<(), InvalidResource> {
-    let bad =
-        |field: &str, problem: String| InvalidResource::new("Listener", &l.name, field, problem);
-    if l.name.is_empty() {
-        return Err(bad("name", "must not be empty".into()));
-    }
-    if let Some(sa) = socket_address_of(l.address.as_ref()) {
-        parse_socket_address(sa)
-            .map_err(|(f, p)| bad(&format!("address.socket_address.{f}"), p))?;
-    }
-    let chains = l
-        .filter_chains
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (format!("filter_chains[{i}]"), c))
-        .chain(
-            l.default_filter_chain
-                .iter()
-                .map(|c| ("default_filter_chain".to_owned(), c)),
-        );
-    for (at, chain) in chains {
-        validate_chain(chain).map_err(|(field, problem)| bad(&format!("{at}.{field}"), problem))?;
-    }
-    Ok(())
-}
+/// A rule broken below some message: (field path from that message, problem). The
+/// caller prefixes the path and names the resource.
+type Broken = (String, String);
 
-/// One filter chain's match and filters: (field below the chain, problem).
-fn validate_chain(chain: &FilterChain) -> Result<(), (String, String)> {
-    if let Some(m) = &chain.filter_chain_match {
-        if let Some(port) = &m.destination_port
-            && (port.value == 0 || port.value > 65_535)
-        {
-            return Err((
-                "filter_chain_match.destination_port".into(),
-                format!("{} is out of range (1-65535)", port.value),
-            ));
-        }
-        for (j, r) in m.prefix_ranges.iter().enumerate() {
-            let field = format!("filter_chain_match.prefix_ranges[{j}]");
-            let ip: IpAddr = r.address_prefix.parse().map_err(|_| {
-                (
-                    format!("{field}.address_prefix"),
-                    format!("{:?} is not an IP address", r.address_prefix),
-                )
-            })?;
-            let max = if ip.is_ipv4() { 32 } else { 128 };
-            if r.prefix_len.as_ref().is_some_and(|p| p.value > max) {
-                return Err((format!("{field}.prefix_len"), format!("more than {max}")));
-            }
-        }
-    }
-    let last = chain.filters.len().saturating_sub(1);
-    for (j, f) in chain.filters.iter().enumerate() {
-        let field = format!("filters[{j}].typed_config");
-        decode_filter(f).map_err(|p| (field.clone(), p))?;
-        // The terminal filter decides where the connection goes: sockmesh must be
-        // able to read it. Filters before it (stats, metadata exchange, RBAC, …) may
-        // be of any type; they are carried without being read.
-        if j == last
-            && let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type
-            && !type_is_known(&any.type_url)
-        {
-            return Err((
-                field,
-                format!(
-                    "type {} of the terminal filter {:?} is not known to sockmesh (it decides the cluster)",
-                    any.type_url, f.name
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
+/// `u32::MAX`, the bound Envoy puts on sums of weights (4294967295).
+const WEIGHT_SUM_MAX: u64 = u32::MAX as u64;
 
 /// Whether the descriptor pool has the message a type URL names.
 pub(crate) fn type_is_known(type_url: &str) -> bool {
-    let name = type_url.rsplit_once('/').map_or(type_url, |(_, n)| n);
-    sockmesh_proto::is_known_message(name)
+    sockmesh_proto::is_known_message(message_name(type_url))
 }
 
-/// Checks a ClusterLoadAssignment: addresses are IPs, ports in 1-65535.
-pub fn validate_endpoints(cla: &ClusterLoadAssignment) -> Result<(), InvalidResource> {
-    check_endpoints(cla, Addresses::Ips)
+/// The message name of a type URL (`type.googleapis.com/a.b.C` → `a.b.C`).
+pub(crate) fn message_name(type_url: &str) -> &str {
+    type_url.rsplit_once('/').map_or(type_url, |(_, n)| n)
 }
 
-/// What an endpoint's `socket_address.address` may hold.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Addresses {
-    Ips,
-    /// A DNS cluster's: a host name (or an IP).
-    Hostnames,
+/// A protobuf duration in nanoseconds (seconds and nanos as sent, so a negative or
+/// malformed one compares as what it says).
+fn nanos(d: &Duration) -> i128 {
+    i128::from(d.seconds) * 1_000_000_000 + i128::from(d.nanos)
 }
 
-fn check_endpoints(cla: &ClusterLoadAssignment, names: Addresses) -> Result<(), InvalidResource> {
-    let name = &cla.cluster_name;
-    if name.is_empty() {
-        return Err(InvalidResource::new(
-            "ClusterLoadAssignment",
-            name,
-            "cluster_name",
-            "must not be empty",
-        ));
+/// A duration as Envoy prints it in proto3 JSON (`0.000001s`).
+fn show(d: &Duration) -> String {
+    let n = nanos(d);
+    let sign = if n < 0 { "-" } else { "" };
+    let n = n.unsigned_abs();
+    let (s, frac) = (n / 1_000_000_000, n % 1_000_000_000);
+    if frac == 0 {
+        format!("{sign}{s}s")
+    } else {
+        let digits = format!("{frac:09}");
+        format!("{sign}{s}.{}s", digits.trim_end_matches('0'))
     }
-    for (i, loc) in cla.endpoints.iter().enumerate() {
-        for (j, lb) in loc.lb_endpoints.iter().enumerate() {
-            // Named only when something is wrong (formatting it for every endpoint
-            // took a tenth of a large EDS update).
-            let field = || format!("endpoints[{i}].lb_endpoints[{j}]");
-            let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &lb.host_identifier else {
-                return Err(InvalidResource::new(
-                    "ClusterLoadAssignment",
-                    name,
-                    format!("{}.endpoint", field()),
-                    "missing (named endpoints are not supported)",
-                ));
-            };
-            let Some(sa) = socket_address_of(ep.address.as_ref()) else {
-                return Err(InvalidResource::new(
-                    "ClusterLoadAssignment",
-                    name,
-                    format!("{}.endpoint.address.socket_address", field()),
-                    "missing (pipe and internal addresses are not supported)",
-                ));
-            };
-            let parsed = match names {
-                Addresses::Ips => parse_socket_address(sa).map(drop),
-                Addresses::Hostnames => parse_host_port(sa).map(drop),
-            };
-            parsed.map_err(|(f, p)| {
-                InvalidResource::new(
-                    "ClusterLoadAssignment",
-                    name,
-                    format!("{}.endpoint.address.socket_address.{f}", field()),
-                    p,
-                )
-            })?;
-            if lb
-                .load_balancing_weight
-                .as_ref()
-                .is_some_and(|w| w.value == 0)
-            {
-                return Err(InvalidResource::new(
-                    "ClusterLoadAssignment",
-                    name,
-                    format!("{}.load_balancing_weight", field()),
-                    "must be at least 1",
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
-/// Checks a cluster (its inline load assignment, if any). STRICT_DNS and
-/// LOGICAL_DNS clusters name their endpoints by host name; a LOGICAL_DNS cluster
-/// has exactly one, as Envoy requires.
-pub fn validate_cluster(c: &Cluster) -> Result<(), InvalidResource> {
-    let bad =
-        |field: &str, problem: String| InvalidResource::new("Cluster", &c.name, field, problem);
-    if c.name.is_empty() {
-        return Err(bad("name", "must not be empty".into()));
+/// `(validate.rules).duration = {gt {nanos: 1000000}}`: more than one millisecond.
+fn above_one_ms(d: &Duration) -> Result<(), String> {
+    if nanos(d) > 1_000_000 {
+        Ok(())
+    } else {
+        Err(format!("{} must be greater than 1ms", show(d)))
     }
-    let dns = match &c.cluster_discovery_type {
-        Some(cluster::ClusterDiscoveryType::Type(t)) => {
-            let t = *t;
-            if t == cluster::DiscoveryType::LogicalDns as i32 {
-                Some(true)
-            } else if t == cluster::DiscoveryType::StrictDns as i32 {
-                Some(false)
-            } else {
-                None
-            }
-        }
-        _ => None,
-    };
-    if super::clusters::cluster_policy(c).policy.is_maglev()
-        && let Some(size) = super::clusters::maglev_table_size(c)
-        && let Some(problem) = crate::lb::table_size_problem(size)
-    {
-        let field = if matches!(c.lb_config, Some(cluster::LbConfig::MaglevLbConfig(_))) {
-            "maglev_lb_config.table_size"
-        } else {
-            "load_balancing_policy (Maglev).table_size"
-        };
-        return Err(bad(field, problem));
-    }
-    if let Err((field, problem)) = super::outlier::cluster_health(c) {
-        return Err(bad(field, problem));
-    }
-    if let Some(cla) = &c.load_assignment {
-        let names = if dns.is_some() {
-            Addresses::Hostnames
-        } else {
-            Addresses::Ips
-        };
-        check_endpoints(cla, names).map_err(|mut e| {
-            e.kind = "Cluster";
-            e.name = c.name.clone();
-            e.field = format!("load_assignment.{}", e.field);
-            e
-        })?;
-        let hosts: usize = cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum();
-        if dns == Some(true) && hosts != 1 {
-            return Err(bad(
-                "load_assignment",
-                format!("a LOGICAL_DNS cluster has exactly one endpoint, not {hosts}"),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Checks a route configuration (decodable; no further constraints).
-pub fn validate_route(r: &RouteConfiguration) -> Result<(), InvalidResource> {
-    if r.name.is_empty() {
-        return Err(InvalidResource::new(
-            "RouteConfiguration",
-            &r.name,
-            "name",
-            "must not be empty",
-        ));
-    }
-    Ok(())
 }
 
 pub(crate) fn socket_address_of(a: Option<&Address>) -> Option<&SocketAddress> {
@@ -301,12 +132,20 @@ pub(crate) fn parse_socket_address(
         .parse()
         .map_err(|_| ("address", format!("{:?} is not an IP address", sa.address)))?;
     let port = port_of(sa)?;
-    let protocol = if sa.protocol == socket_address::Protocol::Udp as i32 {
-        Protocol::Udp
-    } else {
-        Protocol::Tcp
-    };
+    let protocol = protocol_of(sa)?;
     Ok((ip, port, protocol))
+}
+
+/// `SocketAddress.protocol`, `(validate.rules).enum = {defined_only: true}`.
+fn protocol_of(sa: &SocketAddress) -> Result<Protocol, (&'static str, String)> {
+    match socket_address::Protocol::try_from(sa.protocol) {
+        Ok(socket_address::Protocol::Udp) => Ok(Protocol::Udp),
+        Ok(socket_address::Protocol::Tcp) => Ok(Protocol::Tcp),
+        Err(_) => Err((
+            "protocol",
+            format!("{} is not a defined SocketAddress.Protocol", sa.protocol),
+        )),
+    }
 }
 
 /// The port of a socket address (1-65535; named ports are not supported), or
@@ -344,6 +183,7 @@ pub(crate) fn parse_host_port(sa: &SocketAddress) -> Result<(String, u16), (&'st
         return Err(("address", format!("{:?} is not a host name", sa.address)));
     }
     let port = port_of(sa)?;
+    protocol_of(sa)?;
     Ok((host.to_owned(), port))
 }
 
@@ -351,12 +191,13 @@ pub(crate) fn parse_host_port(sa: &SocketAddress) -> Result<(String, u16), (&'st
 pub(crate) enum NetFilter {
     Tcp(Box<TcpProxy>),
     Http(Box<HttpConnectionManager>),
-    Other(String),
+    /// A filter sockmesh does not interpret.
+    Other,
 }
 
 pub(crate) fn decode_filter(f: &Filter) -> Result<NetFilter, String> {
     let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
-        return Ok(NetFilter::Other(f.name.clone()));
+        return Ok(NetFilter::Other);
     };
     match any.type_url.as_str() {
         TCP_PROXY => TcpProxy::decode(any.value.as_slice())
@@ -365,7 +206,7 @@ pub(crate) fn decode_filter(f: &Filter) -> Result<NetFilter, String> {
         HCM => HttpConnectionManager::decode(any.value.as_slice())
             .map(|h| NetFilter::Http(Box::new(h)))
             .map_err(|e| format!("HttpConnectionManager: {e}")),
-        other => Ok(NetFilter::Other(other.to_owned())),
+        _ => Ok(NetFilter::Other),
     }
 }
 
@@ -374,3 +215,6 @@ pub(crate) fn decode_udp_proxy(any: &Any) -> Option<UdpProxyConfig> {
         .then(|| UdpProxyConfig::decode(any.value.as_slice()).ok())
         .flatten()
 }
+
+#[cfg(test)]
+mod tests;

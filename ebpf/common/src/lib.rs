@@ -204,14 +204,19 @@ pub const EJECTED_WALK: u32 = 64;
 /// VIPs covers the biggest real meshes) while keeping the map at a few MiB.
 pub const MAX_SERVICES: u32 = 65_536;
 
-/// Most backends one service may have. Istio and Kubernetes EndpointSlices routinely
-/// reach hundreds; 1,024 leaves headroom and bounds one service's update cost.
-pub const MAX_BACKENDS_PER_SERVICE: u32 = 1_024;
+/// Most backends one service may have: Kubernetes services of several thousand
+/// pods exist. Bounded by the `u16` backend index a slot and a Maglev chunk entry
+/// hold (an update holds a service's old and new backends at once: twice this,
+/// asserted below) and by one slot each (`MAX_SLOTS_PER_SERVICE`). A service with
+/// more is programmed with a subset of this many (the agent's `xds::fit`).
+pub const MAX_BACKENDS_PER_SERVICE: u32 = 16_384;
 
 /// Most selection slots one service may use. Weighted random selection picks a
-/// uniformly random slot; a backend holds slots in proportion to its weight. 16 Ki
-/// slots give every one of 1,024 backends at least 16 slots, i.e. weights resolved to
-/// about 1/16,384 of the total, and fit the `u16` slot index.
+/// uniformly random slot; a backend holds slots in proportion to its weight, and
+/// at least one. 16 Ki slots resolve the weights of up to 1,024 backends to at
+/// least 16 slots each (about 1/16,384 of the total); a service of more backends
+/// has fewer per backend, down to one each (equal shares) at
+/// `MAX_BACKENDS_PER_SERVICE`. Within the `u16` slot index.
 pub const MAX_SLOTS_PER_SERVICE: u32 = 16_384;
 
 /// Capacity of the backend map, all services together (entries are allocated on
