@@ -31,7 +31,7 @@ use std::{
 pub use crate::model::Limits;
 use aya::Ebpf;
 pub use cgroups::{AttachScope, EnrollReport};
-pub use keys::service_key;
+pub use keys::{service_key, words_to_ip};
 pub use loader::{
     Attachment, PinLayout, attached_program_run_stats, attached_program_work, attached_programs,
     cgroup2_root, enable_run_stats,

@@ -383,7 +383,7 @@ fn vm_tests() -> Result<()> {
 /// (map writes, pins, redirects) the VM run's other tests cover on 6.1 too. Under TCG
 /// every test costs about 10× its host time, and these add 15 minutes to a CI run
 /// that must stay under 45. A new test file runs in the VM unless it is listed here.
-const HOST_ONLY: [(&str, &str); 8] = [
+const HOST_ONLY: [(&str, &str); 9] = [
     (
         "admin",
         "admin server; its kernel reads are the datapath test's",
@@ -402,6 +402,10 @@ const HOST_ONLY: [(&str, &str); 8] = [
     ),
     ("dns", "STRICT_DNS resolution in the agent"),
     ("file_source", "the file source"),
+    (
+        "lb_shares",
+        "Envoy's priority and locality arithmetic against the writer's maps, in memory",
+    ),
     ("xds", "ADS delta, SotW and REST protocols"),
     (
         "xds_tls",

@@ -292,6 +292,9 @@ enum Command {
     Flush(oneshot::Sender<()>),
     /// The kernel ejected an endpoint of this service (an event of `SM_EVENTS`).
     Ejected(sockmesh_common::ServiceKey),
+    /// Ends the task (other senders, the events thread and the enroller, may
+    /// still hold the channel open).
+    Stop,
 }
 
 /// A write handed to the task; [`Written::wait`] returns once it is in the kernel
@@ -472,7 +475,9 @@ impl DatapathHandle {
 
     /// Stops the task once it has handled what was sent, and waits for it.
     pub fn stop(&mut self) {
-        // A closed channel ends the task's loop.
+        // After everything sent before it; a closed channel would end the loop
+        // too, but the events thread and the enroller hold senders of their own.
+        let _ = self.tx.send(Command::Stop);
         let (tx, _) = mpsc::channel();
         drop(std::mem::replace(&mut self.tx, tx));
         if let Some(t) = self.thread.take() {
@@ -618,6 +623,7 @@ impl Task {
                     self.refresh_levels(None);
                     Some(done)
                 }
+                Command::Stop => return,
                 Command::Ejected(service) => {
                     // Not one of the commands the handle counts (the events
                     // thread sends it).

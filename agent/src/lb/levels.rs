@@ -58,9 +58,15 @@ impl Default for LbSettings {
 /// Slot weights stand for shares in units of 2^-20.
 const SHARE_SCALE: f64 = 1_048_576.0;
 
-/// Slots of all of a service's ranges together: slot indexes are `u16`, and a
-/// range's length is one too.
-pub const MAX_LEVEL_SLOTS: usize = u16::MAX as usize;
+/// Slots of a service served by levels, all its ranges together, unless its
+/// hosts need more (one slot each): as a weighted set's (`MAX_SLOTS_PER_SERVICE`),
+/// shared by the ranges in proportion to their hosts, at most [`RANGE_SLOTS`]
+/// each. Slot indexes and a range's length are `u16`.
+const LEVEL_SLOTS: usize = sockmesh_common::MAX_SLOTS_PER_SERVICE as usize;
+
+/// Most slots of one range beyond one per host: its hosts' shares to within
+/// 1/4,096 of the range's load.
+const RANGE_SLOTS: usize = 4096;
 
 /// What one assignment's endpoints become.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -345,7 +351,7 @@ pub fn static_shares(levels: &Levels, hosts: usize, ejected: &tiers::Ejected) ->
 /// The slots of a service served by `levels` (each slot names a position in the
 /// service's backends) and its `SM_TIERS` value: per level its healthy, degraded
 /// and all-hosts ranges, one after another (a level whose hosts are all healthy
-/// serves its panic from its healthy range), within [`MAX_LEVEL_SLOTS`].
+/// serves its panic from its healthy range), within its slot budget.
 pub fn layout(levels: &Levels) -> (Vec<usize>, Tiers) {
     let mut t = counts(levels);
     // Ranges to lay out: (level, which: 0 healthy, 1 degraded, 2 all).
@@ -360,7 +366,7 @@ pub fn layout(levels: &Levels) -> (Vec<usize>, Tiers) {
     let total: usize = ranges.iter().map(|(_, _, r)| r.len()).sum();
     let mut slots = Vec::new();
     for (i, which, members) in ranges {
-        let cap = MAX_LEVEL_SLOTS * members.len() / total.max(1);
+        let cap = (LEVEL_SLOTS * members.len() / total.max(1)).min(RANGE_SLOTS);
         let weights: Vec<u32> = members.iter().map(|&(_, w)| w).collect();
         let start = slots.len();
         slots.extend(
@@ -370,7 +376,7 @@ pub fn layout(levels: &Levels) -> (Vec<usize>, Tiers) {
         );
         #[expect(
             clippy::cast_possible_truncation,
-            reason = "within MAX_LEVEL_SLOTS, a u16"
+            reason = "within LEVEL_SLOTS (or one per host), a u16"
         )]
         let range = SlotRange {
             start: start as u16,

@@ -321,7 +321,7 @@ where
             WALK_NONE => (picked, flags),
             WALK_RACED => (Picked::Raced, flags),
             // The slot, resolved again (a lookup more, on this rare path only).
-            slot => match draw(maps, &service, range, slot)? {
+            slot => match draw(maps, &service, whole(&service), slot)? {
                 Some(other) => (moved(other), flags),
                 None => (Picked::Raced, flags),
             },
@@ -366,9 +366,10 @@ const WALK_NONE: u32 = u32::MAX;
 /// [`avoid_ejected`] met a slot that did not resolve (an update raced it).
 const WALK_RACED: u32 = u32::MAX - 1;
 
-/// A slot whose backend is not ejected: the first of [`EJECTED_REDRAWS`] random
-/// ones, else the first of up to [`EJECTED_WALK`] consecutive slots from a
-/// random one; or [`WALK_NONE`] / [`WALK_RACED`].
+/// A slot (of all the service's) whose backend is not ejected: the first of
+/// [`EJECTED_REDRAWS`] random ones of `range`, else the first of up to
+/// [`EJECTED_WALK`] consecutive slots from a random one of it; or [`WALK_NONE`]
+/// / [`WALK_RACED`].
 ///
 /// Not inlined: in the kernel this is a BPF subprogram. Its caller then sees one
 /// return whatever the draw that found the slot, so the verifier checks the rest
@@ -390,23 +391,32 @@ fn avoid_ejected<M: RoutingMaps>(
         return Ok(WALK_NONE);
     }
     for _ in 0..EJECTED_REDRAWS {
-        let slot = random() % len;
-        let Some(other) = draw(maps, service, range, slot)? else {
+        let slot = range.start + random() % len;
+        let Some(other) = draw(maps, service, whole(service), slot)? else {
             return Ok(WALK_RACED);
         };
         if !ejected(&other) {
             return Ok(slot);
         }
     }
-    // The random draws found none (few healthy left): walk the range.
+    // The random draws found none (few healthy left): walk the range; for a
+    // level's range, then on across the service's other slots, which hold the
+    // other levels' hosts: every host of the level ejected gives it no load,
+    // which the agent's choice table says a map write later (until then the
+    // walk finds the next level's hosts).
+    let span = if range.len == service.slot_count {
+        len
+    } else {
+        service.slot_count
+    };
     let start = random() % len;
     for k in 0..EJECTED_WALK {
-        if k >= len {
+        if k >= span {
             break;
         }
-        // `start + k` stays below 2 × len: no overflow.
-        let slot = start + k;
-        let Some(other) = draw(maps, service, range, slot)? else {
+        // Below 2 × slot_count: no overflow; `draw` takes it modulo the slots.
+        let slot = range.start + start + k;
+        let Some(other) = draw(maps, service, whole(service), slot)? else {
             return Ok(WALK_RACED);
         };
         if !ejected(&other) {
@@ -414,6 +424,15 @@ fn avoid_ejected<M: RoutingMaps>(
         }
     }
     Ok(WALK_NONE)
+}
+
+/// All of `service`'s slots.
+#[inline(always)]
+fn whole(service: &ServiceValue) -> Span {
+    Span {
+        start: 0,
+        len: service.slot_count,
+    }
 }
 
 /// The pick of `service`'s own policy within `range` (see [`pick`]).
@@ -851,7 +870,10 @@ mod tests {
         assert_eq!(with(&m, &[70, 0], &[500]), Ok(Picked::Backend(700)));
         // The ejected host drawn in level 0: redrawn within level 0.
         assert_eq!(with(&m, &[10, 0, 1], &[500]), Ok(Picked::Backend(600)));
-        // Both ejected, the table rewritten: everything to level 1.
+        // Both ejected before the table is rewritten: the walk goes on past the
+        // level's range and finds level 1's hosts.
+        assert_eq!(with(&m, &[10, 0], &[500, 600]), Ok(Picked::Backend(700)));
+        // The table rewritten: everything to level 1.
         ejected.add(0, false);
         if let Some(t) = m.tiers.get_mut(&tiers_key(&v)) {
             t.choice = choice_table(t, &loads(t, &ejected));
