@@ -8,6 +8,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+#[path = "../../tests/src/istiod_build.rs"]
+mod istiod_build;
 mod vm;
 
 /// Packages bpf-linker needs to build against Debian's LLVM 22, plus runtime tools.
@@ -156,12 +158,33 @@ fn bench() -> Result<()> {
     let python = python(&["matplotlib"], &["matplotlib"])?;
     require_root("the benchmarks")?;
     release_bins()?;
+    istiod_harness()?;
     let report = root().join("target/bench/report.json");
     with_bpffs(|| run(Command::new(root().join("target/release/smbench")).arg(&report)))?;
     run(Command::new(&python)
         .arg(root().join("docs/plot_bench.py"))
         .arg(&report)
         .arg(root().join("target/bench/change-latency.png")))
+}
+
+/// Builds the live-istiod suite's `sockmesh-istiod` (Go) unless the user's cache
+/// holds one for these sources (see `tests/src/istiod_build.rs`), before the
+/// privileged lock is taken: a cold build takes minutes.
+fn istiod_harness() -> Result<()> {
+    eprintln!(
+        "sockmesh-istiod: building {} unless cached (a cold Go build cache takes about 4.5 min on 2 cores)",
+        istiod_build::SOURCE_DIR
+    );
+    let h = istiod_build::harness(&root()).map_err(anyhow::Error::msg)?;
+    match h.built_in {
+        Some(t) => eprintln!(
+            "sockmesh-istiod: built in {:.0} s: {}",
+            t.as_secs_f64(),
+            h.binary.display()
+        ),
+        None => eprintln!("sockmesh-istiod: cached: {}", h.binary.display()),
+    }
+    Ok(())
 }
 
 /// Held while the namespace suite runs on the host (`flock(2)`; `flock(1)` on
@@ -295,6 +318,7 @@ fn test() -> Result<()> {
     // lock is taken.
     cargo(&["build", "-p", "sockmesh"])?;
     cargo(&["test", "-p", "sockmesh-tests", "--tests", "--no-run"])?;
+    istiod_harness()?;
     // One privileged suite at a time on a machine: a second run (another
     // checkout, a developer's own test) waits here instead of competing, and the
     // bpffs mount bookkeeping below happens under the same lock.
