@@ -308,6 +308,29 @@ impl Istiod {
             .collect()
     }
 
+    /// The ClusterLoadAssignment istiod generates for proxy `proxy` (`NAME.NAMESPACE`)
+    /// and `cluster`, as its `/debug/config_dump?include_eds` shows it (proto3
+    /// JSON, camelCase), if it has one.
+    pub fn load_assignment(&self, proxy: &str, cluster: &str) -> Option<serde_json::Value> {
+        let (code, body) = self.get(&format!("/debug/config_dump?proxyID={proxy}&include_eds"));
+        if code != 200 {
+            return None;
+        }
+        let dump: serde_json::Value = serde_json::from_str(&body).ok()?;
+        dump["configs"]
+            .as_array()?
+            .iter()
+            .filter(|c| {
+                c["@type"]
+                    .as_str()
+                    .is_some_and(|t| t.ends_with("EndpointsConfigDump"))
+            })
+            .flat_map(|c| c["dynamicEndpointConfigs"].as_array().into_iter().flatten())
+            .map(|e| &e["endpointConfig"])
+            .find(|cla| cla["clusterName"].as_str() == Some(cluster))
+            .cloned()
+    }
+
     /// Whether proxy `proxy` has ACKed everything istiod sent it (every type in
     /// `/syncz` has `acked` equal to `sent`), on one connection.
     pub fn acked_all(&self, proxy: &str) -> Result<(), String> {
