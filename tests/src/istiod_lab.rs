@@ -404,3 +404,40 @@ impl Resolver {
         }
     }
 }
+
+/// A service as the kernel holds it (read back from the pins): `vip:port/proto` →
+/// the service, with its policy and health rules.
+pub fn kernel_service(agent: &Agent, service: &str) -> Option<sockmesh::model::Service> {
+    let t = sockmesh::dataplane::read_table(&agent.bpffs.0).ok()?;
+    t.services
+        .into_iter()
+        .find(|(s, _)| s.to_string() == service)
+        .map(|(_, svc)| svc)
+}
+
+/// A pod per `(name, address, node)` of `app` in `ns`, and one EndpointSlice of
+/// Service `svc` with all of them on `ports` (name, target port).
+pub fn pods_and_slice(
+    ns: &str,
+    svc: &str,
+    app: &str,
+    pods: &[(&str, &str, &str)],
+    ports: &[(&str, u16)],
+) -> Vec<String> {
+    let mut out: Vec<String> = pods
+        .iter()
+        .map(|(n, ip, node)| kube::Pod::new(ns, n, ip, node, app).yaml())
+        .collect();
+    let eps: Vec<kube::Endpoint> = pods
+        .iter()
+        .map(|(n, ip, node)| kube::Endpoint::pod(ip, n, node))
+        .collect();
+    out.push(kube::endpoint_slice(
+        ns,
+        svc,
+        &format!("{svc}-1"),
+        &eps,
+        ports,
+    ));
+    out
+}
