@@ -331,6 +331,17 @@ impl Istiod {
             .cloned()
     }
 
+    /// When istiod last sent proxy `proxy` a response of `type_url` (`/syncz`'s
+    /// `sentTime`, istiod's wall clock, which is this machine's).
+    pub fn sent_time(&self, proxy: &str, type_url: &str) -> Option<SystemTime> {
+        let syncz = self.syncz();
+        let p = syncz
+            .as_array()?
+            .iter()
+            .find(|p| p["proxy"].as_str() == Some(proxy))?;
+        parse_rfc3339(p["resources"][type_url]["sentTime"].as_str()?)
+    }
+
     /// Whether proxy `proxy` has ACKed everything istiod sent it (every type in
     /// `/syncz` has `acked` equal to `sent`), on one connection.
     pub fn acked_all(&self, proxy: &str) -> Result<(), String> {
@@ -357,5 +368,69 @@ impl Istiod {
 impl Drop for Istiod {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// An RFC 3339 time as Go writes it (`2026-12-07T03:33:37.81583226Z`, or with an
+/// offset `+01:00`), to the nanosecond.
+pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    let (date, rest) = s.split_once('T')?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let (clock, offset_s) = if let Some(c) = rest.strip_suffix('Z') {
+        (c, 0)
+    } else {
+        let at = rest.rfind(['+', '-'])?;
+        let (c, off) = rest.split_at(at);
+        let sign = if off.starts_with('-') { -1 } else { 1 };
+        let (h, min) = off[1..].split_once(':')?;
+        (
+            c,
+            sign * (h.parse::<i64>().ok()? * 3600 + min.parse::<i64>().ok()? * 60),
+        )
+    };
+    let (hms, frac) = clock.split_once('.').unwrap_or((clock, ""));
+    let mut t = hms.split(':').map(|p| p.parse::<i64>().ok());
+    let (h, min, sec) = (t.next()??, t.next()??, t.next()??);
+    let nanos: u32 = format!("{frac:0<9}").get(..9)?.parse().ok()?;
+    // Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's
+    // days_from_civil).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + min * 60 + sec - offset_s;
+    let secs = u64::try_from(secs).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::new(secs, nanos))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn rfc3339_as_go_writes_it() {
+        let t =
+            |s| super::parse_rfc3339(s).and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok());
+        // `date -u -d 2026-12-07T03:33:37Z +%s`
+        assert_eq!(
+            t("2026-12-07T03:33:37Z"),
+            Some(Duration::from_secs(1_796_614_417))
+        );
+        assert_eq!(
+            t("2026-12-07T03:33:37.81583226Z"),
+            Some(Duration::new(1_796_614_417, 815_832_260))
+        );
+        assert_eq!(
+            t("2026-12-07T04:33:37.5+01:00"),
+            Some(Duration::new(1_796_614_417, 500_000_000))
+        );
+        assert_eq!(
+            t("2000-02-29T00:00:00Z"),
+            Some(Duration::from_secs(951_782_400))
+        );
+        assert_eq!(t("garbage"), None);
     }
 }

@@ -441,3 +441,77 @@ pub fn pods_and_slice(
     ));
     out
 }
+
+/// One request of a [`RequestLoop`]: when it started and ended
+/// (`CLOCK_MONOTONIC` ns, as [`crate::monotonic_ns`]) and what answered (a pod's
+/// name, or `E<errno>`).
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub answer: String,
+}
+
+/// `smprobe rate`: a fixed rate of requests to one address from the client
+/// namespace in an agent's cgroup, each on a new connection, until stopped
+/// (at most 5 minutes).
+pub struct RequestLoop {
+    proc: Proc,
+    lines: crate::Lines,
+    /// Requests read so far.
+    seen: Vec<Request>,
+}
+
+impl RequestLoop {
+    /// Starts the loop and waits for its first answer.
+    pub fn start(pods: &Pods, agent: &Agent, to: &str, rps: u32) -> Self {
+        let mut cmd = command_in(&pods.client, Some(&agent.cgroup), &pods.probe);
+        cmd.args(["rate", to, &rps.to_string(), "300000"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = cmd.spawn().expect("start the request loop");
+        let lines = crate::Lines::of(&mut child);
+        let proc = Proc(child);
+        let first = parse_request(&lines.next("the loop's first request", Duration::from_secs(10)));
+        Self {
+            proc,
+            lines,
+            seen: vec![first],
+        }
+    }
+
+    /// Waits until `count` requests that began at or after `since_ns`
+    /// (`CLOCK_MONOTONIC`) have been answered: the loop has run under a state.
+    pub fn wait_answers_since(&mut self, since_ns: u64, count: usize) {
+        while self.seen.iter().filter(|r| r.start_ns >= since_ns).count() < count {
+            let line = self
+                .lines
+                .next("the loop's next answer", Duration::from_secs(10));
+            self.seen.push(parse_request(&line));
+        }
+    }
+
+    /// Stops the loop (SIGKILL: a request in flight is not reported) and returns
+    /// every request it made.
+    pub fn stop(self) -> Vec<Request> {
+        let Self {
+            proc,
+            lines,
+            mut seen,
+        } = self;
+        drop(proc);
+        seen.extend(lines.rest().iter().map(|l| parse_request(l)));
+        seen
+    }
+}
+
+fn parse_request(line: &str) -> Request {
+    let mut f = line.split(' ');
+    let mut n = || f.next().unwrap_or_default().to_owned();
+    let (start, end, answer) = (n(), n(), n());
+    Request {
+        start_ns: start.parse().unwrap_or(0),
+        end_ns: end.parse().unwrap_or(0),
+        answer,
+    }
+}
