@@ -433,7 +433,7 @@ async fn delta(
             if !kind.is_wildcard() && names.is_empty() {
                 continue;
             }
-            let initial = c.state().resource_versions(kind);
+            let initial = c.state().reconnect_versions(kind);
             subscribed.insert(kind, names.clone());
             tx.try_send(DeltaDiscoveryRequest {
                 node: Some(cfg.node.clone()),

@@ -196,6 +196,21 @@ impl XdsState {
             .unwrap_or_default()
     }
 
+    /// The versions a delta reconnect announces (`initial_resource_versions`):
+    /// the resources held that are still wanted. A server takes every name there
+    /// as subscribed (istiod adds them to the stream's watches), so an
+    /// assignment or route configuration kept after its cluster or listener went
+    /// is left out, as Envoy leaves out what it has unsubscribed from.
+    pub fn reconnect_versions(&self, kind: Kind) -> BTreeMap<String, String> {
+        let mut versions = self.resource_versions(kind);
+        if !kind.is_wildcard() {
+            let wanted: std::collections::BTreeSet<String> =
+                self.wanted(kind).into_iter().collect();
+            versions.retain(|name, _| wanted.contains(name));
+        }
+        versions
+    }
+
     /// The last accepted version of a type (SotW `version_info`).
     pub fn version(&self, kind: Kind) -> String {
         self.stats
