@@ -255,3 +255,66 @@ fn sync(protocols: &[&'static str]) {
 fn istiod_sync_delta_and_sotw() {
     sync(&["delta", "sotw"]);
 }
+
+/// A mesh-wide default Sidecar in the root namespace, narrowed as many meshes
+/// narrow it (`./*` and `istio-system/*`), applies to the agent's namespace
+/// too: the node would see only istio-system's services. The Sidecar of
+/// `deploy/kubernetes/istio/sidecar.yaml`, in the agent's namespace, takes
+/// precedence there (istiod's `getSidecarScope`), and the node sees the whole
+/// mesh again.
+#[test]
+fn istiod_sidecar_yaml_gives_the_node_the_whole_mesh() {
+    let pods = Pods::new(PROBE, &served());
+    let specs = [AgentSpec::on_node_a("delta"), AgentSpec::on_node_a("sotw")];
+    let names: Vec<(&str, &str)> = specs.iter().map(|s| (s.pod.as_str(), s.node)).collect();
+    let mut objs = vec![cluster(&names)];
+    objs.push(kube::service(
+        "istio-system",
+        "tracing",
+        Some("10.96.0.40"),
+        Some("tracing"),
+        &[tcp("tcp-zipkin", 9411, 9411)],
+        "",
+    ));
+    objs.push(Pod::new("istio-system", "tracing-1", "10.10.1.51", NODE_A, "tracing").yaml());
+    objs.push(kube::endpoint_slice(
+        "istio-system",
+        "tracing",
+        "tracing-1",
+        &[Endpoint::pod("10.10.1.51", "tracing-1", NODE_A)],
+        &[("tcp-zipkin", 9411)],
+    ));
+    let narrow = "apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: default, namespace: istio-system}
+spec:
+  egress:
+  - hosts: [\"./*\", \"istio-system/*\"]
+";
+    let istiod = Istiod::start(&kube::docs(objs), narrow, &Options::default());
+    let agents: Vec<Agent> = specs
+        .into_iter()
+        .map(|s| Agent::start(&istiod, s))
+        .collect();
+    let tracing = ("10.96.0.40:9411/tcp", &["10.10.1.51:9411"][..]);
+    for agent in &agents {
+        agent.wait_table("only istio-system's services", &table(&[tracing]));
+        agent.assert_clean();
+    }
+    let sidecar = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/kubernetes/istio/sidecar.yaml"),
+    )
+    .expect("deploy/kubernetes/istio/sidecar.yaml");
+    istiod.apply_config(&sidecar);
+    // The whole mesh: the sync test's services (the ServiceEntry is not in this
+    // cluster) and istio-system's.
+    let mut want = expected(&[]);
+    want.remove("240.240.1.1:443/tcp");
+    want.insert(tracing.0.to_owned(), vec![tracing.1[0].to_owned()]);
+    for agent in &agents {
+        agent.wait_table("the whole mesh", &want);
+        agent.assert_clean();
+        assert_eq!(pods.reached(agent, "10.96.1.20:5432", 5), ["db-1"]);
+    }
+}
