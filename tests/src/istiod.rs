@@ -39,6 +39,8 @@ pub struct Options {
     pub max_connection_age: Option<(Duration, Duration)>,
     /// `--env KEY=VALUE`.
     pub env: Vec<String>,
+    /// How long it may take to load its files and serve (unset: 60 s, scaled).
+    pub ready_timeout: Option<Duration>,
 }
 
 fn go_duration(d: Duration) -> String {
@@ -60,6 +62,7 @@ pub struct Istiod {
     pub ads: SocketAddr,
     pub http: SocketAddr,
     args: Vec<OsString>,
+    ready_timeout: Duration,
     /// `kube/`, `config/`, the ready file and the log.
     pub dir: TempDir,
 }
@@ -96,6 +99,7 @@ impl Istiod {
             args.extend(["--env".into(), e.into()]);
         }
         let mut me = Self {
+            ready_timeout: opts.ready_timeout.unwrap_or(Duration::from_secs(60)),
             child: None,
             ads: SocketAddr::from(([127, 0, 0, 1], 0)),
             http: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -140,29 +144,24 @@ impl Istiod {
             .spawn()
             .expect("start sockmesh-istiod");
         self.child = Some(child);
-        let (ads, http) = wait_until(
-            "sockmesh-istiod's ready file",
-            Duration::from_secs(60),
-            || {
-                if let Some(status) = self
-                    .child
-                    .as_mut()
-                    .and_then(|c| c.try_wait().ok().flatten())
-                {
-                    panic!("sockmesh-istiod exited ({status}):\n{}", self.log_tail());
-                }
-                let text = fs::read_to_string(&ready).map_err(|e| e.to_string())?;
-                let v: serde_json::Value =
-                    serde_json::from_str(&text).map_err(|e| e.to_string())?;
-                let addr = |k: &str| -> Result<SocketAddr, String> {
-                    v[k].as_str()
-                        .ok_or(format!("no {k} in {text}"))?
-                        .parse()
-                        .map_err(|e| format!("{k}: {e}"))
-                };
-                Ok::<_, String>((addr("ads")?, addr("http")?))
-            },
-        );
+        let (ads, http) = wait_until("sockmesh-istiod's ready file", self.ready_timeout, || {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("sockmesh-istiod exited ({status}):\n{}", self.log_tail());
+            }
+            let text = fs::read_to_string(&ready).map_err(|e| e.to_string())?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+            let addr = |k: &str| -> Result<SocketAddr, String> {
+                v[k].as_str()
+                    .ok_or(format!("no {k} in {text}"))?
+                    .parse()
+                    .map_err(|e| format!("{k}: {e}"))
+            };
+            Ok::<_, String>((addr("ads")?, addr("http")?))
+        });
         self.ads = ads;
         self.http = http;
     }

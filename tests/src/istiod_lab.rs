@@ -144,6 +144,8 @@ pub struct AgentSpec {
     pub cluster_id: &'static str,
     /// More flags.
     pub extra: Vec<String>,
+    /// The `sockmesh` binary (unset: the debug build beside the tests).
+    pub bin: Option<PathBuf>,
 }
 
 impl AgentSpec {
@@ -156,6 +158,7 @@ impl AgentSpec {
             node: NODE_A,
             cluster_id: CLUSTER_ID,
             extra: Vec::new(),
+            bin: None,
         }
     }
 }
@@ -196,7 +199,8 @@ impl Agent {
         } else {
             NODE_B_IP
         };
-        let mut cmd = agent_command(sockmesh_bin(), &cgroup, &bpffs);
+        let bin = spec.bin.clone().unwrap_or_else(sockmesh_bin);
+        let mut cmd = agent_command(bin, &cgroup, &bpffs);
         cmd.args(["--xds", &format!("grpc://{}", istiod.ads)])
             .args(["--xds-protocol", spec.protocol])
             .args(["--pod-name", &spec.pod, "--pod-namespace", AGENT_NS])

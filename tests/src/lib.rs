@@ -24,6 +24,7 @@ pub mod death;
 pub mod dns;
 pub mod envoy_lb;
 pub mod istiod;
+pub mod istiod_bench;
 pub mod istiod_build;
 pub mod istiod_lab;
 pub mod kube;
