@@ -357,5 +357,6 @@ fn istiod_destination_rules_and_subsets() {
         outlier(&pods, agent);
         circuit_breaker(&pods, agent);
         subsets(&pods, agent);
+        agent.assert_clean();
     }
 }
