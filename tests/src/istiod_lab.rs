@@ -279,35 +279,6 @@ impl Agent {
         self.admin.metric(series).unwrap_or(0.0)
     }
 
-    /// Responses of every type the agent rejected (NACKed).
-    pub fn rejected(&self) -> f64 {
-        ["lds", "cds", "eds", "rds"]
-            .iter()
-            .map(|t| {
-                self.metric(&format!(
-                    "sockmesh_xds_updates_total{{type=\"{t}\",result=\"rejected\"}}"
-                ))
-            })
-            .sum()
-    }
-
-    /// Checks what istiod's output should leave: nothing NACKed, nothing
-    /// warming, everything synced; and the maps hold nothing more than the
-    /// table ([`Agent::audit`]). Call it when the table has settled.
-    pub fn assert_clean(&self) {
-        let dump = self.admin.dump();
-        assert_eq!(self.rejected(), 0.0, "NACKs: {}", dump["xds"]);
-        assert_eq!(
-            dump["warming"],
-            serde_json::json!([]),
-            "services left warming"
-        );
-        assert_eq!(dump["synced"], serde_json::json!(true), "{}", dump["xds"]);
-        self.audit();
-    }
-}
-
-impl Agent {
     /// The leak audit: the pinned maps hold exactly what the kernel's table
     /// implies, one `SM_SERVICES` and one `SM_SERVICE_STATS` entry per service
     /// and one `SM_BACKENDS` entry per backend of each, counted by bpftool (not
@@ -334,6 +305,33 @@ impl Agent {
         ] {
             assert_eq!(count(name), want, "{}: entries of {name}", self.proxy());
         }
+    }
+
+    /// Responses of every type the agent rejected (NACKed).
+    pub fn rejected(&self) -> f64 {
+        ["lds", "cds", "eds", "rds"]
+            .iter()
+            .map(|t| {
+                self.metric(&format!(
+                    "sockmesh_xds_updates_total{{type=\"{t}\",result=\"rejected\"}}"
+                ))
+            })
+            .sum()
+    }
+
+    /// Checks what istiod's output should leave: nothing NACKed, nothing
+    /// warming, everything synced; and the maps hold nothing more than the
+    /// table ([`Agent::audit`]). Call it when the table has settled.
+    pub fn assert_clean(&self) {
+        let dump = self.admin.dump();
+        assert_eq!(self.rejected(), 0.0, "NACKs: {}", dump["xds"]);
+        assert_eq!(
+            dump["warming"],
+            serde_json::json!([]),
+            "services left warming"
+        );
+        assert_eq!(dump["synced"], serde_json::json!(true), "{}", dump["xds"]);
+        self.audit();
     }
 }
 
