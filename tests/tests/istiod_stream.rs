@@ -212,11 +212,28 @@ fn istiod_max_connection_age_reconnects_with_what_is_wanted_now() {
             })
         })
         .collect();
+    let pushes = |a: &Agent| a.admin.dump()["push"]["pushes"].as_u64().unwrap_or(0);
+    let before: Vec<u64> = agents.iter().map(pushes).collect();
     let second: Vec<String> = agents
         .iter()
         .zip(&first)
         .map(|(a, old)| wait_reconnected(&istiod, a, old))
         .collect();
+    // istiod sends everything again on the new stream; the kernel is not
+    // rewritten for it (no kernel write at all: the table is the same).
+    for (a, n) in agents.iter().zip(&before) {
+        wait_until(
+            "istiod to see every response ACKed",
+            Duration::from_secs(10),
+            || istiod.acked_all(&a.proxy()),
+        );
+        assert_eq!(
+            pushes(a),
+            *n,
+            "{}: kernel writes after a reconnect",
+            a.proxy()
+        );
+    }
 
     // A service goes while connected: the agents drop its endpoints'
     // subscription and its backends.
