@@ -172,7 +172,7 @@ fn bench() -> Result<()> {
 /// privileged lock is taken: a cold build takes minutes.
 fn istiod_harness() -> Result<()> {
     eprintln!(
-        "sockmesh-istiod: building {} unless cached (a cold Go build cache takes about 4.5 min on 2 cores)",
+        "sockmesh-istiod: building {} unless cached (from an empty Go build cache: 4.5-6 min on 2 cores)",
         istiod_build::SOURCE_DIR
     );
     let h = istiod_build::harness(&root()).map_err(anyhow::Error::msg)?;
