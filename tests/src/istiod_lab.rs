@@ -37,9 +37,8 @@ pub const CLUSTER_ID: &str = "Kubernetes";
 pub const ISTIO_VERSION: &str = "1.31.0";
 
 /// The objects every cluster has: the namespaces, two nodes in two zones of one
-/// region, and a host-network agent Pod per name in `agents` (on node `NODE_A`,
-/// with the node's address), which istiod looks up by the node id's
-/// `NAME.NAMESPACE`.
+/// region, and a host-network agent Pod per (name, node) in `agents`, with its
+/// node's address, which istiod looks up by the node id's `NAME.NAMESPACE`.
 pub fn base_objects(agents: &[(&str, &str)]) -> Vec<String> {
     let mut out = vec![
         kube::namespace("istio-system", &[]),

@@ -150,7 +150,6 @@ pub struct Endpoint<'a> {
     /// server's, a node address), which istiod takes as it is.
     pub pod: Option<&'a str>,
     pub node: &'a str,
-    pub zone: Option<&'a str>,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -163,7 +162,6 @@ impl<'a> Endpoint<'a> {
             ip,
             pod: Some(pod),
             node,
-            zone: None,
             ready: true,
             serving: true,
             terminating: false,
@@ -183,11 +181,6 @@ impl<'a> Endpoint<'a> {
     pub fn terminating(mut self) -> Self {
         self.ready = false;
         self.terminating = true;
-        self
-    }
-
-    pub fn in_zone(mut self, zone: &'a str) -> Self {
-        self.zone = Some(zone);
         self
     }
 }
@@ -213,9 +206,6 @@ pub fn endpoint_slice(
             "- addresses: [{}]\n  conditions: {{ready: {}, serving: {}, terminating: {}}}\n  nodeName: {}",
             e.ip, e.ready, e.serving, e.terminating, e.node
         );
-        if let Some(zone) = e.zone {
-            let _ = writeln!(s, "  zone: {zone}");
-        }
         if let Some(pod) = e.pod {
             let _ = writeln!(
                 s,
