@@ -40,7 +40,13 @@ pub struct DnsServer {
 impl DnsServer {
     /// Listens on 127.0.0.1, a port the kernel picks; answers with `ttl`.
     pub fn start(ttl: u32) -> Self {
-        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind the test DNS server");
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), ttl)
+    }
+
+    /// Listens on `at` (a resolver named in a `resolv.conf`, which has no port,
+    /// listens on 53 of a loopback address of its own); answers with `ttl`.
+    pub fn start_on(at: SocketAddr, ttl: u32) -> Self {
+        let socket = UdpSocket::bind(at).expect("bind the test DNS server");
         socket
             .set_read_timeout(Some(Duration::from_millis(50)))
             .expect("read timeout");

@@ -17,16 +17,15 @@ use sockmesh::{
     model::{Health, LbPolicy, Outlier, Protocol, RoutingTable, Service, ServiceAddr},
 };
 use sockmesh_common::{
-    service_flags,
     resolve::{RoutingMaps, Slot, resolve_slot, tiers_key},
-    tiers,
+    service_flags, tiers,
 };
 use sockmesh_proto::pb::{
     envoy::config::{
         core::v3::{Address, HealthStatus, Locality, SocketAddress, address, socket_address},
         endpoint::v3::{
-            ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, cluster_load_assignment,
-            lb_endpoint,
+            ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
+            cluster_load_assignment, lb_endpoint,
         },
     },
     google::protobuf::UInt32Value,
@@ -87,7 +86,10 @@ fn case(rng: &mut StdRng) -> Case {
                     _ => envoy_lb::Health::Draining,
                 };
                 let w = rng.random_range(1..=5u32);
-                endpoints.push(envoy_lb::Endpoint { weight: w, health: h });
+                endpoints.push(envoy_lb::Endpoint {
+                    weight: w,
+                    health: h,
+                });
                 let ip: IpAddr = [10, 20, (n >> 8) as u8, n as u8].into();
                 la.push(ip);
                 lb.push(LbEndpoint {
@@ -232,7 +234,10 @@ fn check(c: &Case, outlier: bool, what: &str) {
     let want = oracle_shares(c);
     let keys: std::collections::BTreeSet<&IpAddr> = got.keys().chain(want.keys()).collect();
     for ip in keys {
-        let (g, e) = (got.get(ip).copied().unwrap_or(0.0), want.get(ip).copied().unwrap_or(0.0));
+        let (g, e) = (
+            got.get(ip).copied().unwrap_or(0.0),
+            want.get(ip).copied().unwrap_or(0.0),
+        );
         // Slot quantisation: a range's slots hold its hosts' weights to within one
         // of its (up to 4,096) slots; shares are rounded to 1/2^20.
         assert!(

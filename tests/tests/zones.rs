@@ -18,10 +18,13 @@ use sockmesh_tests::{
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
 const VIP: &str = "10.96.0.70:80";
 
-/// A listener on the VIP and a STATIC cluster whose assignment has `localities`
-/// (priority, locality weight, endpoints as (pod number, health status)), with
-/// `cluster_extra` lines added to the cluster.
-fn config(localities: &[(u32, u32, &[(u8, &str)])], cluster_extra: &str) -> String {
+/// A locality of an assignment: priority, locality weight, endpoints as (pod
+/// number, health status).
+type Locality<'a> = (u32, u32, &'a [(u8, &'a str)]);
+
+/// A listener on the VIP and a STATIC cluster whose assignment has `localities`,
+/// with `cluster_extra` lines added to the cluster.
+fn config(localities: &[Locality], cluster_extra: &str) -> String {
     let mut locs = String::new();
     for (i, (priority, weight, eps)) in localities.iter().enumerate() {
         locs.push_str(&format!(
@@ -85,7 +88,9 @@ fn two_zones_give_every_pod_one_twelfth() {
     let _servers = serve(
         &backend,
         PROBE,
-        pods.iter().zip(1..).map(|(ip, i)| format!("{ip}:8080=b{i}")),
+        pods.iter()
+            .zip(1..)
+            .map(|(ip, i)| format!("{ip}:8080=b{i}")),
     );
     let zone_a: Vec<(u8, &str)> = (1..=10).map(|i| (i, "HEALTHY")).collect();
     let zone_b: Vec<(u8, &str)> = vec![(11, "HEALTHY"), (12, "HEALTHY")];
@@ -101,7 +106,13 @@ fn two_zones_give_every_pod_one_twelfth() {
     let counts = spread(&agent, &client, n);
     for i in 1..=12 {
         let name = format!("b{i}");
-        within(&name, counts.get(&name).copied().unwrap_or(0), n, 1.0 / 12.0, &counts);
+        within(
+            &name,
+            counts.get(&name).copied().unwrap_or(0),
+            n,
+            1.0 / 12.0,
+            &counts,
+        );
     }
 }
 
@@ -116,16 +127,30 @@ fn a_half_unhealthy_priority_spills_thirty_percent_to_the_next() {
     let _servers = serve(
         &backend,
         PROBE,
-        pods.iter().zip(1..).map(|(ip, i)| format!("{ip}:8080=b{i}")),
+        pods.iter()
+            .zip(1..)
+            .map(|(ip, i)| format!("{ip}:8080=b{i}")),
     );
-    let p0: Vec<(u8, &str)> = vec![(1, "HEALTHY"), (2, "HEALTHY"), (3, "UNHEALTHY"), (4, "UNHEALTHY")];
+    let p0: Vec<(u8, &str)> = vec![
+        (1, "HEALTHY"),
+        (2, "HEALTHY"),
+        (3, "UNHEALTHY"),
+        (4, "UNHEALTHY"),
+    ];
     let p1: Vec<(u8, &str)> = vec![(5, "HEALTHY"), (6, "HEALTHY")];
     let agent = FileAgent::start("zones.yaml", &config(&[(0, 1, &p0), (1, 1, &p1)], ""), &[]);
     // (The unhealthy endpoints are in the maps, kept for their connections.)
     wait_for_backends(
         &agent.bpffs,
         "two priorities",
-        &["10.10.1.11", "10.10.1.12", "10.10.1.13", "10.10.1.14", "10.10.1.15", "10.10.1.16"],
+        &[
+            "10.10.1.11",
+            "10.10.1.12",
+            "10.10.1.13",
+            "10.10.1.14",
+            "10.10.1.15",
+            "10.10.1.16",
+        ],
     );
     let n = 4_000;
     let counts = spread(&agent, &client, n);
@@ -199,7 +224,11 @@ fn a_dead_zone_fails_over_after_its_thresholds_and_comes_back() {
             Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?, f.next()?))
         })
         .collect();
-    assert!(lines.len() > 600, "the client ran: {} connects", lines.len());
+    assert!(
+        lines.len() > 600,
+        "the client ran: {} connects",
+        lines.len()
+    );
     // A connect that failed (a RST: ECONNREFUSED), not one established and then
     // reset by the death (ECONNRESET), which outlier detection counts as a success.
     let failed = |w: &str| w.starts_with('E') && w != "E104";

@@ -1402,3 +1402,129 @@ fn a_large_update_decodes_on_every_core_and_reports_every_bad_resource_in_order(
     .result()
     .expect("all good");
 }
+
+/// Two TCP services as istiod sends them to a sidecar over delta ADS (listener
+/// `VIP_PORT`, cluster and assignment `outbound|PORT||HOST`).
+const ISTIOD_TWO_SERVICES: &str = r#"
+resources:
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: 10.96.1.10_80
+  address: { socket_address: { address: 10.96.1.10, port_value: 80 } }
+  traffic_direction: OUTBOUND
+  filter_chains:
+  - filters:
+    - name: envoy.filters.network.tcp_proxy
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+        stat_prefix: outbound|80||web.app.svc.cluster.local
+        cluster: outbound|80||web.app.svc.cluster.local
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: 10.96.1.30_80
+  address: { socket_address: { address: 10.96.1.30, port_value: 80 } }
+  traffic_direction: OUTBOUND
+  filter_chains:
+  - filters:
+    - name: envoy.filters.network.tcp_proxy
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+        stat_prefix: outbound|80||old.app.svc.cluster.local
+        cluster: outbound|80||old.app.svc.cluster.local
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: outbound|80||web.app.svc.cluster.local
+  type: EDS
+  eds_cluster_config: { service_name: outbound|80||web.app.svc.cluster.local, eds_config: { ads: {}, initial_fetch_timeout: 0s, resource_api_version: V3 } }
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: outbound|80||old.app.svc.cluster.local
+  type: EDS
+  eds_cluster_config: { service_name: outbound|80||old.app.svc.cluster.local, eds_config: { ads: {}, initial_fetch_timeout: 0s, resource_api_version: V3 } }
+- "@type": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment
+  cluster_name: outbound|80||web.app.svc.cluster.local
+  endpoints:
+  - locality: { region: region-1, zone: zone-a }
+    lb_endpoints:
+    - endpoint: { address: { socket_address: { address: 10.10.1.1, port_value: 8080 } } }
+      health_status: HEALTHY
+      load_balancing_weight: 1
+    load_balancing_weight: 1
+- "@type": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment
+  cluster_name: outbound|80||old.app.svc.cluster.local
+  endpoints:
+  - locality: { region: region-1, zone: zone-a }
+    lb_endpoints:
+    - endpoint: { address: { socket_address: { address: 10.10.3.1, port_value: 8080 } } }
+      health_status: HEALTHY
+      load_balancing_weight: 1
+    load_balancing_weight: 1
+"#;
+
+/// Found against a live istiod (`istiod_stream`): istiod takes every name of a
+/// delta reconnect's `initial_resource_versions` as subscribed, so an
+/// assignment kept after its cluster was removed must not be announced, or the
+/// new stream watches (and istiod pushes) endpoints nothing uses any more.
+#[test]
+fn a_delta_reconnect_announces_only_the_resources_still_wanted() {
+    let resp = discovery_response_from_text(ISTIOD_TWO_SERVICES).expect("decodes");
+    let mut st = XdsState::new();
+    for kind in Kind::ALL {
+        let added = resp
+            .resources
+            .iter()
+            .filter(|a| a.type_url == kind.type_url())
+            .map(|a| {
+                (
+                    String::new(),
+                    "2026-12-07T03:27:39Z/1".to_owned(),
+                    a.clone(),
+                )
+            })
+            .collect();
+        st.apply(Update::Delta {
+            kind,
+            added,
+            removed: vec![],
+        })
+        .result()
+        .expect("istiod's resources are accepted");
+    }
+    assert_eq!(st.table().services.len(), 2);
+    let web = "outbound|80||web.app.svc.cluster.local";
+    let old = "outbound|80||old.app.svc.cluster.local";
+    // What a stream's first request announces (`initial_resource_versions`).
+    let announced = |st: &XdsState, kind: Kind| {
+        let wanted = st.wanted(kind).into_iter().collect();
+        let first = super::requests::initial(
+            kind,
+            &Default::default(),
+            &wanted,
+            st.resource_versions(kind),
+            super::requests::MAX_REQUEST_BYTES,
+        );
+        first
+            .into_iter()
+            .flat_map(|r| r.initial_resource_versions.into_keys())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(announced(&st, Kind::Endpoint), [old, web]);
+    // The Service is deleted: istiod removes its listener and cluster (delta
+    // removals), and sends nothing for the assignment, whose subscription the
+    // agent ends.
+    for (kind, name) in [(Kind::Listener, "10.96.1.30_80"), (Kind::Cluster, old)] {
+        st.apply(Update::Delta {
+            kind,
+            added: vec![],
+            removed: vec![name.into()],
+        })
+        .result()
+        .expect("removal");
+    }
+    assert_eq!(st.wanted(Kind::Endpoint), [web]);
+    assert_eq!(announced(&st, Kind::Endpoint), [web]);
+    // Wildcard types announce what they hold.
+    assert_eq!(
+        announced(&st, Kind::Cluster),
+        st.resource_versions(Kind::Cluster)
+            .into_keys()
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(announced(&st, Kind::Listener), ["10.96.1.10_80"]);
+}

@@ -27,8 +27,15 @@ fn main() -> std::process::ExitCode {
     let probe = bin_dir.join("smprobe");
     let mut report = serde_json::Map::new();
     report.insert("kernel".into(), json!(uname()));
-    // One scenario, or several separated by commas (one run: comparable figures).
-    let only: Option<Vec<&str>> = args.get(1).map(|s| s.split(',').collect());
+    // One scenario, or several separated by commas (one run: comparable figures),
+    // as the second argument or in SMBENCH_ONLY (`SMBENCH_ONLY=istiod cargo xtask
+    // bench`).
+    let only_env = std::env::var("SMBENCH_ONLY").ok();
+    let only: Option<Vec<&str>> = args
+        .get(1)
+        .map(String::as_str)
+        .or(only_env.as_deref())
+        .map(|s| s.split(',').collect());
     let wants = |name: &str| only.as_ref().is_none_or(|o| o.contains(&name));
     if wants("propagation") {
         report.insert(
@@ -79,6 +86,19 @@ fn main() -> std::process::ExitCode {
     if wants("outlier") {
         report.insert("outlier".into(), outlier_bench(&probe));
     }
+    if wants("istiod") {
+        // Kubernetes change → kernel through a live istiod, beside the
+        // propagation scenario's control plane → kernel.
+        report.insert(
+            "istiod".into(),
+            sockmesh_tests::istiod_bench::kubernetes_to_kernel(
+                &bin_dir,
+                &ISTIOD_SIZES,
+                env_or("SMBENCH_ISTIOD_CHANGES", 50),
+                &detail,
+            ),
+        );
+    }
     let text = serde_json::to_string_pretty(&Value::Object(report)).unwrap_or_default();
     if let Some(dir) = report_path.parent() {
         let _ = std::fs::create_dir_all(dir);
@@ -90,6 +110,9 @@ fn main() -> std::process::ExitCode {
     say(&format!("report: {}", report_path.display()));
     std::process::ExitCode::SUCCESS
 }
+
+/// Services in the live-istiod scenario's clusters (10 endpoints each).
+const ISTIOD_SIZES: [u32; 2] = [1_000, 10_000];
 
 /// The value of environment variable `name`, or `default` when unset or unparsable
 /// (the propagation scenario's sizes: SMBENCH_SERVICES, SMBENCH_ENDPOINTS,
