@@ -143,6 +143,8 @@ pub struct DatapathConfig {
     pub allow_root_cgroup: bool,
     /// Map capacities for a fresh install (pinned maps keep theirs).
     pub limits: Limits,
+    /// Least-connections candidates drawn with replacement, as Envoy does.
+    pub envoy_draws: bool,
 }
 
 /// An installed datapath owned by this process.
@@ -280,7 +282,9 @@ impl Datapath {
                 "the pinned maps keep the capacities they were created with; uninstall to resize"
             );
         }
-        let writer = MapWriter::adopt(maps)?.with_limits(limits);
+        let writer = MapWriter::adopt(maps)?
+            .with_limits(limits)
+            .with_envoy_draws(cfg.envoy_draws);
         let services = writer.table().services.len();
         info!(
             cgroup = %cfg.cgroup.display(),
@@ -352,6 +356,12 @@ impl Datapath {
     /// The kernel programs' events, once.
     pub fn take_events(&mut self) -> Option<events::Events> {
         self.events.take()
+    }
+
+    /// Draws least-connections candidates with replacement, as Envoy does
+    /// (`--least-request-draws envoy`), from the next write on.
+    pub fn set_envoy_draws(&mut self, envoy_draws: bool) {
+        self.writer.set_envoy_draws(envoy_draws);
     }
 
     /// Makes the kernel maps hold `table`, writing only the difference.

@@ -289,6 +289,7 @@ pub fn install(cgroup: &Cgroup, bpffs: &Bpffs) -> sockmesh::dataplane::Datapath 
         scope: sockmesh::dataplane::AttachScope::Cgroup,
         allow_root_cgroup: false,
         limits: sockmesh::dataplane::Limits::default(),
+        envoy_draws: false,
     })
     .expect("install datapath")
 }

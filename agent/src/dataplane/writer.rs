@@ -85,6 +85,9 @@ pub struct MapWriter<S: MapStore> {
     ids: HashSet<u32>,
     limits: Limits,
     counters: CounterBook,
+    /// Least-connections services draw candidates as Envoy does, with
+    /// replacement (`--least-request-draws envoy`), instead of distinct ones.
+    envoy_draws: bool,
 }
 
 /// Bookkeeping of the per-service counter entries. They are not routing: a failed
@@ -194,6 +197,7 @@ impl<S: MapStore> MapWriter<S> {
             ids: HashSet::new(),
             limits: Limits::default(),
             counters,
+            envoy_draws: false,
         };
         // Every published service has its counters (an earlier create may have failed).
         for (key, inst) in &mut w.mirror.services {
@@ -209,6 +213,19 @@ impl<S: MapStore> MapWriter<S> {
     pub fn with_limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
         self
+    }
+
+    /// Draws least-connections candidates with replacement, as Envoy does
+    /// (every least-connections service is rewritten when this changes).
+    #[must_use]
+    pub fn with_envoy_draws(mut self, envoy_draws: bool) -> Self {
+        self.set_envoy_draws(envoy_draws);
+        self
+    }
+
+    /// [`Self::with_envoy_draws`], from the next apply on.
+    pub fn set_envoy_draws(&mut self, envoy_draws: bool) {
+        self.envoy_draws = envoy_draws;
     }
 
     pub fn limits(&self) -> Limits {
@@ -260,6 +277,12 @@ impl<S: MapStore> MapWriter<S> {
         &self.store
     }
 
+    /// The map store, for a writer that adopts it next (a restart, in tests).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn into_store(self) -> S {
+        self.store
+    }
+
     /// Mutable access to the map store (tests inject failures through it).
     pub fn store_mut(&mut self) -> &mut S {
         &mut self.store
@@ -299,7 +322,8 @@ impl<S: MapStore> MapWriter<S> {
             let current = self.mirror.services.get_mut(&key);
             let same = current.is_some_and(|current| {
                 let same = !current.dirty
-                    && plan_backends(current, service.protocol, backends).is_noop(current);
+                    && plan_backends(current, service.protocol, backends, self.envoy_draws)
+                        .is_noop(current);
                 if same {
                     // A counter entry that failed to be created before is made now,
                     // without touching the routing maps.
@@ -471,7 +495,7 @@ impl<S: MapStore> MapWriter<S> {
         // Counters first: the programs count into an entry from the first connect().
         self.counters
             .create(&mut self.store, key, &mut installed.counters);
-        let plan = plan_backends(&installed, service.protocol, backends);
+        let plan = plan_backends(&installed, service.protocol, backends, self.envoy_draws);
         let mut ops = 0;
         let result = write_and_publish(&mut self.store, key, &mut installed, plan, &mut ops);
         match result {
@@ -505,7 +529,7 @@ impl<S: MapStore> MapWriter<S> {
         };
         self.counters
             .create(&mut self.store, key, &mut current.counters);
-        let plan = plan_backends(current, service.protocol, backends);
+        let plan = plan_backends(current, service.protocol, backends, self.envoy_draws);
         if !current.dirty && plan.is_noop(current) {
             return Ok(0);
         }
@@ -674,7 +698,21 @@ impl BackendPlan {
 /// in place and nothing else is written: the write switches every slot from the
 /// old set to the new at once, as a publish does, and the update costs one map
 /// write instead of a whole slot table and its deletion.
-fn plan_backends(current: &Installed, protocol: Protocol, desired: &Service) -> BackendPlan {
+fn plan_backends(
+    current: &Installed,
+    protocol: Protocol,
+    desired: &Service,
+    envoy_draws: bool,
+) -> BackendPlan {
+    let mut plan = plan_of(current, protocol, desired);
+    if envoy_draws && matches!(desired.policy, LbPolicy::LeastConn { .. }) {
+        plan.flags |= service_flags::ENVOY_DRAWS;
+    }
+    plan
+}
+
+/// [`plan_backends`] but for the draw flag.
+fn plan_of(current: &Installed, protocol: Protocol, desired: &Service) -> BackendPlan {
     let plan = plan_indexes(current, protocol, desired, false);
     let direct_now =
         current.slot_map() == SlotMap::Direct && !current.dirty && current.leftover == 0;

@@ -206,7 +206,7 @@ impl<S: MapStore> MapWriter<S> {
         for &(service, backends) in adds {
             let key = service_key(&service);
             let mut installed = Installed::new(self.alloc_id());
-            let plan = plan_backends(&installed, service.protocol, backends);
+            let plan = plan_backends(&installed, service.protocol, backends, self.envoy_draws);
             let marks = rec.marks();
             let mut ops = 0;
             // The recorder never fails.

@@ -296,9 +296,13 @@ pub mod backend_state {
 pub mod lb_policy {
     /// One random slot (slots are weight-proportional): weighted random.
     pub const RANDOM: u8 = 0;
-    /// [`crate::ServiceValue::choices`] random slots, and of their backends the one
-    /// with the fewest open connections (power of N choices, as Envoy's
+    /// [`crate::ServiceValue::choices`] candidates, and of them the backend with
+    /// the fewest open connections (power of N choices, as Envoy's
     /// `LEAST_REQUEST`); placed connections are counted per backend endpoint.
+    /// Each candidate after the first is drawn from the slots other than the best
+    /// one's so far, so a backend of one slot (equal weights) is never compared
+    /// with itself; with [`crate::service_flags::ENVOY_DRAWS`], every candidate
+    /// is drawn from all the slots, with replacement, as Envoy does.
     pub const LEAST_CONN: u8 = 1;
     /// Maglev consistent hashing: the slots are the service's Maglev table (in
     /// `SM_MAGLEV`, [`crate::ServiceValue::slot_count`] entries), and connect()
@@ -330,9 +334,13 @@ pub mod service_flags {
     /// generation says which slot range a connect() draws from (Envoy's priority
     /// and degraded loads, moved by ejections).
     pub const TIERS: u8 = 8;
+    /// A least-connections service draws its `choices` candidates as Envoy does,
+    /// with replacement, so a backend can be compared with itself
+    /// (`--least-request-draws envoy`).
+    pub const ENVOY_DRAWS: u8 = 16;
 }
 
-/// Most random choices a least-connections pick draws (the loop's bound).
+/// Most candidates a least-connections pick compares.
 pub const MAX_CHOICES: u8 = 8;
 
 /// Indexes into the per-CPU counter array.

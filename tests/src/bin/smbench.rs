@@ -171,11 +171,17 @@ fn filler_table(target: Backend) -> RoutingTable {
 }
 const CONNECTS_PER_ROUND: u32 = 3_000;
 
+/// Backend port offsets of the two-priority service's other hosts: priority 0's
+/// second zone (unhealthy, never reached), priority 1's two zones.
+const LEVEL_P0B: u16 = 10_000;
+const LEVEL_P1A: u16 = 20_000;
+const LEVEL_P1B: u16 = 30_000;
+
 /// connect()+close() latency to one backend: directly from a process outside the
 /// datapath's cgroup (no program runs), directly from inside it (the program runs
 /// and misses), and through a VIP (the program runs and rewrites).
 /// The paths [`connect_cost`] compares.
-const PATHS: usize = 7;
+const PATHS: usize = 8;
 
 fn connect_cost(probe: &Path) -> Value {
     let client = NetNs::new();
@@ -188,6 +194,10 @@ fn connect_cost(probe: &Path) -> Value {
     let mut serve = command_in(&backend, None, probe);
     serve.arg("serve");
     serve.args((0..runs).map(|r| format!("10.10.1.11:{}=b1", port(r))));
+    // The priority-1 hosts of the two-priority service (see below).
+    serve.args((0..runs).flat_map(|r| {
+        [LEVEL_P1A, LEVEL_P1B].map(|extra| format!("10.10.1.11:{}=b1", port(r) + extra))
+    }));
     let _server = Proc::server(serve);
     let cgroup = Cgroup::new();
     let bpffs = Bpffs::new();
@@ -227,6 +237,50 @@ fn connect_cost(probe: &Path) -> Value {
         (5, 4000, LbPolicy::Random, outlier),
     ];
     for r in 0..runs {
+        // Two priorities of two localities each, as istiod writes a multi-zone
+        // cluster with locality failover (outlier detection on): priority 0's
+        // zone-b host unhealthy, so priority 0 takes 70 % (1.4 × 50 %) and
+        // priority 1 the rest; connect() reads the level table every time.
+        let host = |port, priority, locality, state| Backend {
+            state,
+            placement: sockmesh::model::Placement {
+                priority,
+                locality,
+                locality_weight: 1,
+                overprovisioning: 140,
+            },
+            ..Backend::new(IpAddr::from([10, 10, 1, 11]), port)
+        };
+        let active = sockmesh::model::BackendState::Active;
+        let hosts = [
+            host(port(r), 0, 0, active),
+            host(
+                port(r) + LEVEL_P0B,
+                0,
+                1,
+                sockmesh::model::BackendState::Unhealthy,
+            ),
+            host(port(r) + LEVEL_P1A, 1, 0, active),
+            host(port(r) + LEVEL_P1B, 1, 1, active),
+        ];
+        let planned = sockmesh::lb::levels::plan(
+            &hosts,
+            sockmesh::lb::levels::LbSettings {
+                locality_weighted: true,
+                panic_percent: 50,
+            },
+            true,
+        );
+        table.insert(
+            ServiceAddr {
+                vip: IpAddr::from([10, 96, 0, 6]),
+                port: port(r) + 5000,
+                protocol: Protocol::Tcp,
+            },
+            Service::new(planned.backends, LbPolicy::Random)
+                .with_health(outlier)
+                .with_levels(planned.levels),
+        );
         for (vip, offset, policy, health) in policies {
             table.insert(
                 ServiceAddr {
@@ -275,6 +329,7 @@ fn connect_cost(probe: &Path) -> Value {
         ("VIP, sockmesh least conn", true, "10.96.0.3", 2000),
         ("VIP, sockmesh maglev", true, "10.96.0.4", 3000),
         ("VIP, sockmesh outlier det.", true, "10.96.0.5", 4000),
+        ("VIP, 2 priorities x 2 zones", true, "10.96.0.6", 5000),
     ];
     let mut means = vec![Vec::new(); paths.len()];
     let mut p50s = vec![Vec::new(); paths.len()];
@@ -1300,8 +1355,9 @@ const LC_HOLD_MS: u32 = 20;
 
 /// Least connections under long-lived connections: 3 backends, one of which holds
 /// its connections 10× longer, the same open-loop load under weighted random and
-/// under least connections (Envoy's default `choice_count` 2), one after the
-/// other on one datapath. Reports each backend's share of new connections and its
+/// under least connections (`choice_count` 2, Envoy's default, and 3), with
+/// distinct candidates and with Envoy's draw, one after the other on one
+/// datapath. Reports each backend's share of new connections and its
 /// peak of open connections, and the peak spread (most / fewest).
 fn least_conn_bench(probe: &Path) -> Value {
     use sockmesh::model::{LbPolicy, Service};
@@ -1333,16 +1389,20 @@ fn least_conn_bench(probe: &Path) -> Value {
         "| policy | b1 (slow) share / peak open | b2 share / peak | b3 share / peak | peak spread (most ÷ fewest) | most ÷ even | failed |",
     );
     say("|---|---|---|---|---|---|---|");
-    for (label, policy) in [
-        ("random", LbPolicy::Random),
-        (
-            "least_conn",
-            LbPolicy::LeastConn {
-                choices: LbPolicy::DEFAULT_CHOICES,
-            },
-        ),
-        ("least_conn_3", LbPolicy::LeastConn { choices: 3 }),
+    let two = LbPolicy::LeastConn {
+        choices: LbPolicy::DEFAULT_CHOICES,
+    };
+    let three = LbPolicy::LeastConn { choices: 3 };
+    // Distinct candidates (the default) beside Envoy's draw, with replacement
+    // (`--least-request-draws envoy`), in the same run.
+    for (label, policy, envoy_draws) in [
+        ("random", LbPolicy::Random, false),
+        ("least_conn", two, false),
+        ("least_conn_envoy_draws", two, true),
+        ("least_conn_3", three, false),
+        ("least_conn_3_envoy_draws", three, true),
     ] {
+        dp.set_envoy_draws(envoy_draws);
         let mut t = RoutingTable::default();
         t.insert(
             vip,
