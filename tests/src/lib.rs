@@ -33,6 +33,7 @@ pub mod kubelab;
 pub mod kubeproxy;
 pub mod mesh;
 pub mod pki;
+pub mod zone_death;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -709,13 +710,18 @@ impl FileAgent {
     /// Writes `text` to `FILE_NAME` in a new directory and starts the agent on it,
     /// with `extra` flags.
     pub fn start(file_name: &str, text: &str, extra: &[&str]) -> Self {
+        Self::start_with(&sockmesh_bin(), file_name, text, extra)
+    }
+
+    /// [`Self::start`] with the agent binary `bin` (a benchmark's release build).
+    pub fn start_with(bin: &std::path::Path, file_name: &str, text: &str, extra: &[&str]) -> Self {
         let dir = TempDir::new("sockmesh-file-agent-");
         let file = dir.0.join(file_name);
         fs::write(&file, text).expect("write the configuration file");
         let cgroup = Cgroup::new();
         let bpffs = Bpffs::new();
         let admin = Admin::in_dir(&dir.0);
-        let agent = agent_command(sockmesh_bin(), &cgroup, &bpffs)
+        let agent = agent_command(bin, &cgroup, &bpffs)
             .arg("--xds")
             .arg(format!("file://{}", file.display()))
             .args(admin.args())

@@ -86,6 +86,9 @@ fn main() -> std::process::ExitCode {
     if wants("outlier") {
         report.insert("outlier".into(), outlier_bench(&probe));
     }
+    if wants("zones") {
+        report.insert("zone_death".into(), zone_death_bench(&bin_dir, &probe));
+    }
     if wants("istiod") {
         // Kubernetes change → kernel through a live istiod, beside the
         // propagation scenario's control plane → kernel.
@@ -1483,6 +1486,58 @@ fn least_conn_bench(probe: &Path) -> Value {
         "millis": LC_MILLIS,
         "hold_ms": {"b1": LC_HOLD_MS * 10, "b2": LC_HOLD_MS, "b3": LC_HOLD_MS},
         "policies": rows,
+    })
+}
+
+/// A whole zone dies with no EDS change (`sockmesh_tests::zone_death`: priority 0
+/// b1, b2 and priority 1 b3, b4; 100 new connections/s; `consecutive_5xx: 3`,
+/// 3 s ejections; zone a's servers killed at 1 s and back at 2.5 s): the failed
+/// connects, how long until the last of them and until zone b served, and how
+/// long after the ejections' end zone a served again.
+fn zone_death_bench(bin_dir: &Path, probe: &Path) -> Value {
+    let z = sockmesh_tests::zone_death::run(&bin_dir.join("sockmesh"), probe);
+    let ms = |ns: u64| ns as f64 / 1e6;
+    let failures = z.failures();
+    let Some(&last) = failures.last() else {
+        say("zone_death: no connect failed after the death (the scenario did not run as planned)");
+        return json!({"error": "no failure", "connects": z.connects.len()});
+    };
+    let in_flight = failures.get(5).map_or(0, |&sixth| z.in_flight(sixth));
+    // Zone b's first connect after the death that started after a failure.
+    let first_b = z
+        .connects
+        .iter()
+        .filter(|(t0, _, w)| *t0 > failures[0] && (w == "b3" || w == "b4"))
+        .map(|(t0, _, _)| *t0)
+        .min();
+    // The first pod's ejection ends 3 s after its third failure (the third
+    // failure of all is at the latest that one).
+    let ejection_end = failures.get(2).map(|t| t + 3_000_000_000);
+    let back = ejection_end.and_then(|e| z.zone_a_back_after(e).map(|t| t.saturating_sub(e)));
+    let after_last: Vec<&str> = z.outcomes(last, u64::MAX);
+    let failed_after = after_last
+        .iter()
+        .filter(|w| sockmesh_tests::zone_death::failed(w))
+        .count();
+    say(&format!(
+        "zone death: {} connects; {} failed after the death (bound 2 × 3 + {in_flight} in flight), the last {:.0} ms after it; zone b served from {}; zone a back {} after its first ejection ended; {failed_after} failed after the last failure",
+        z.connects.len(),
+        failures.len(),
+        ms(last.saturating_sub(z.death)),
+        first_b.map_or_else(
+            || "never".to_owned(),
+            |t| format!("{:.0} ms after the death", ms(t.saturating_sub(z.death)))
+        ),
+        back.map_or_else(|| "never".to_owned(), |t| format!("{:.0} ms", ms(t))),
+    ));
+    json!({
+        "connects": z.connects.len(),
+        "failed_after_death": failures.len(),
+        "in_flight_at_sixth": in_flight,
+        "last_failure_ms_after_death": ms(last.saturating_sub(z.death)),
+        "zone_b_first_ms_after_death": first_b.map(|t| ms(t.saturating_sub(z.death))),
+        "zone_a_back_ms_after_ejection_end": back.map(ms),
+        "failed_after_last_failure": failed_after,
     })
 }
 
