@@ -618,6 +618,50 @@ fn health_report(health_dir: &Path) -> Result<HealthReport, DataplaneError> {
     Ok(report)
 }
 
+/// One running or past ejection in a service's `SM_SVC_HEALTH` slots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EjectionSlot {
+    pub backend: std::net::SocketAddr,
+    /// `CLOCK_MONOTONIC` ns when it ends.
+    pub until_ns: u64,
+}
+
+/// A service's ejection slots (those ever written) and its slot lock, as the
+/// kernel holds them: what a reader checks for torn writes and for
+/// `max_ejection_percent`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceEjections {
+    pub service: crate::model::ServiceAddr,
+    pub lock: u64,
+    pub slots: Vec<EjectionSlot>,
+}
+
+/// Every service's ejection slots pinned under `bpffs`.
+pub fn read_ejection_slots(bpffs: &Path) -> Result<Vec<ServiceEjections>, DataplaneError> {
+    let (_, services) = kernel::read_health(&loader::health_dir(bpffs))?;
+    Ok(services
+        .into_iter()
+        .filter_map(|(k, h)| {
+            Some(ServiceEjections {
+                service: keys::service_addr(&k)?,
+                lock: h.lock,
+                slots: h
+                    .ejections
+                    .iter()
+                    .filter(|e| e.until_ns != 0)
+                    .map(|e| EjectionSlot {
+                        backend: std::net::SocketAddr::new(
+                            keys::words_to_ip(e.addr),
+                            keys::port_from_map(e.port),
+                        ),
+                        until_ns: e.until_ns,
+                    })
+                    .collect(),
+            })
+        })
+        .collect())
+}
+
 /// One program's pinned link, as the kernel reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PinnedLinkInfo {
