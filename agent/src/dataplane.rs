@@ -17,6 +17,8 @@ mod kernel;
 mod keys;
 mod loader;
 mod mirror;
+pub mod published;
+mod sink;
 pub mod store;
 mod sys;
 pub mod task;
@@ -347,6 +349,12 @@ impl Datapath {
         only: Option<&sockmesh_common::ServiceKey>,
     ) -> Result<Option<u64>, WriteError> {
         self.writer.refresh_levels(only)
+    }
+
+    /// The levels of the services that have them, as written (see
+    /// [`published`]).
+    pub fn published_levels(&self, previous: &published::PublishedMap) -> published::PublishedMap {
+        self.writer.published_levels(previous)
     }
 
     /// The kernel programs' events, once.

@@ -108,6 +108,14 @@ pub trait TableSink: Send {
     ) -> Result<Option<u64>, SinkError> {
         Ok(None)
     }
+    /// The levels of the services that have them, as written; entries of
+    /// `previous` still current are reused (see [`super::published`]).
+    fn published_levels(
+        &self,
+        _previous: &super::published::PublishedMap,
+    ) -> super::published::PublishedMap {
+        super::published::PublishedMap::new()
+    }
     /// The kernel programs' events (ejections), handed over once to the thread
     /// that reads them.
     fn take_events(&mut self) -> Option<super::events::Events> {
@@ -121,77 +129,6 @@ pub trait TableSink: Send {
         _prune: bool,
     ) -> Result<EnrollReport, SinkError> {
         Err(SinkError::Datapath(super::DataplaneError::NotEnrolling))
-    }
-}
-
-impl TableSink for super::Datapath {
-    fn apply(&mut self, table: &RoutingTable) -> Result<usize, SinkError> {
-        Ok(super::Datapath::apply(self, table)?.map_ops)
-    }
-
-    fn apply_changes(&mut self, changes: &Changes) -> Result<usize, SinkError> {
-        Ok(super::Datapath::apply_changes(self, changes)?.map_ops)
-    }
-
-    fn table(&self) -> RoutingTable {
-        super::Datapath::table(self)
-    }
-
-    fn limits(&self) -> Limits {
-        super::Datapath::limits(self)
-    }
-
-    fn usage(&self) -> Usage {
-        super::Datapath::usage(self)
-    }
-
-    fn terminate(&mut self, targets: &BTreeSet<Endpoint>) -> Result<usize, SinkError> {
-        Ok(super::Datapath::terminate(self, targets)?.destroyed)
-    }
-
-    fn pending(&self) -> bool {
-        self.is_pending()
-    }
-
-    fn activate(&mut self) -> Result<Vec<u32>, SinkError> {
-        Ok(super::Datapath::activate(self)?
-            .map(|m| m.retired)
-            .unwrap_or_default())
-    }
-
-    fn attachment(&self) -> Option<Attachment> {
-        Some(super::Datapath::attachment(self))
-    }
-
-    fn retired(&self) -> Vec<u32> {
-        super::Datapath::retired(self).to_vec()
-    }
-
-    fn sweep_conns(&mut self) -> Result<usize, SinkError> {
-        Ok(super::Datapath::sweep_conns(self)?)
-    }
-
-    fn health(&self) -> Option<super::HealthReport> {
-        super::Datapath::health(self).ok()
-    }
-
-    fn refresh_levels(
-        &mut self,
-        only: Option<&sockmesh_common::ServiceKey>,
-    ) -> Result<Option<u64>, SinkError> {
-        Ok(super::Datapath::refresh_levels(self, only)?)
-    }
-
-    fn take_events(&mut self) -> Option<super::events::Events> {
-        super::Datapath::take_events(self)
-    }
-
-    fn enroll(
-        &mut self,
-        cgroups: &BTreeSet<PathBuf>,
-        prune: bool,
-    ) -> Result<EnrollReport, SinkError> {
-        Ok(super::Datapath::enroll(self, cgroups, prune)?)
     }
 }
 
@@ -254,6 +191,9 @@ pub struct KernelStatus {
     pub handled: u64,
     /// Enrolled cgroups with the programs attached (enrollment only).
     pub enrolled_cgroups: usize,
+    /// The services with priority levels, as written: their choice tables follow
+    /// the ejections, so this is published after each rewrite too.
+    pub levels: std::sync::Arc<super::published::PublishedMap>,
 }
 
 /// What to write.
@@ -569,6 +509,29 @@ impl Task {
         self.ejected = now;
     }
 
+    /// Takes the levels as written into the status; whether they changed.
+    fn note_levels(&mut self) -> bool {
+        let now = self.sink.published_levels(&self.status.levels);
+        let changed = now != *self.status.levels;
+        if changed {
+            self.status.levels = std::sync::Arc::new(now);
+        }
+        changed
+    }
+
+    /// Rewrites the choice tables to the ejections running and publishes the
+    /// levels as written.
+    fn follow_ejections(
+        &mut self,
+        only: Option<&sockmesh_common::ServiceKey>,
+        status: &watch::Sender<KernelStatus>,
+    ) {
+        self.refresh_levels(only);
+        if self.note_levels() {
+            status.send_replace(self.status.clone());
+        }
+    }
+
     /// Rewrites the levels' choice tables to the ejections running (`only` one
     /// service, or all) and notes when they move next.
     fn refresh_levels(&mut self, only: Option<&sockmesh_common::ServiceKey>) {
@@ -600,7 +563,7 @@ impl Task {
                 Some(wait) => match rx.recv_timeout(wait) {
                     Ok(c) => c,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
-                        self.refresh_levels(None);
+                        self.follow_ejections(None, status);
                         continue;
                     }
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
@@ -627,7 +590,7 @@ impl Task {
                 Command::Ejected(service) => {
                     // Not one of the commands the handle counts (the events
                     // thread sends it).
-                    self.refresh_levels(Some(&service));
+                    self.follow_ejections(Some(&service), status);
                     continue;
                 }
                 Command::Tick { warming, now } => {
@@ -667,6 +630,7 @@ impl Task {
                 }
             };
             self.status.handled += 1;
+            self.note_levels();
             self.status.usage = self.sink.usage();
             self.status.migrating = self.sink.pending();
             self.status.attachment = self.sink.attachment();

@@ -27,6 +27,7 @@ use tracing::{debug, warn};
 use super::{
     keys::{ip_to_words, port_to_map, service_addr, service_key},
     mirror::{Installed, Mirror, SlotMap, is_direct, slot_index},
+    published::PublishedMap,
     store::{MapStore, Snapshot, StoreError},
 };
 use crate::{
@@ -253,6 +254,12 @@ impl<S: MapStore> MapWriter<S> {
     /// The installed table, as the kernel sees it.
     pub fn table(&self) -> RoutingTable {
         self.mirror.table()
+    }
+
+    /// The levels of the services that have them, as written (see
+    /// [`super::published`]); entries of `previous` still current are reused.
+    pub fn published_levels(&self, previous: &PublishedMap) -> PublishedMap {
+        super::published::published(&self.mirror, previous)
     }
 
     /// The map store (for tests and diagnostics).
