@@ -352,9 +352,13 @@ impl Datapath {
     }
 
     /// The levels of the services that have them, as written (see
-    /// [`published`]).
-    pub fn published_levels(&self, previous: &published::PublishedMap) -> published::PublishedMap {
-        self.writer.published_levels(previous)
+    /// [`MapWriter::published_levels`]).
+    pub fn published_levels(
+        &self,
+        only: Option<&std::collections::BTreeSet<crate::model::ServiceAddr>>,
+        previous: &published::PublishedMap,
+    ) -> published::PublishedMap {
+        self.writer.published_levels(only, previous)
     }
 
     /// The kernel programs' events, once.

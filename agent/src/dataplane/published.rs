@@ -5,12 +5,15 @@
 //! publishes it with its status; `/config_dump` turns it into each level's load
 //! and each endpoint's share.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use sockmesh_common::Tiers;
 
 use super::{
-    keys::{port_from_map, service_addr, words_to_ip},
+    keys::{port_from_map, service_addr, service_key, words_to_ip},
     mirror::{Installed, Mirror, levels_of, state_of},
 };
 use crate::model::{Backend, Levels, ServiceAddr};
@@ -46,33 +49,54 @@ impl PublishedLevels {
 /// Every service with levels, by service.
 pub type PublishedMap = BTreeMap<ServiceAddr, Arc<PublishedLevels>>;
 
-/// The levels `mirror` holds. Entries of `previous` whose publish is the same are
-/// reused (their choice table updated): counting a range's slots is done once per
-/// publish, not once per ejection.
-pub(super) fn published(mirror: &Mirror, previous: &PublishedMap) -> PublishedMap {
-    mirror
-        .services
-        .iter()
-        .filter_map(|(key, inst)| {
-            let tiers = inst.tiers.as_ref()?;
-            let service = service_addr(key)?;
-            let stamp = (inst.id, inst.generation, inst.revision);
-            let entry = match previous.get(&service) {
-                Some(p) if p.stamp == stamp && p.backends.len() == inst.backends.len() => {
-                    if p.tiers == *tiers {
-                        Arc::clone(p)
-                    } else {
-                        Arc::new(PublishedLevels {
-                            tiers: *tiers,
-                            ..PublishedLevels::clone(p)
-                        })
-                    }
+/// The levels `mirror` holds: of every service, or with `only`, `previous` with
+/// those services' entries brought up to date (added, replaced, removed). An
+/// entry whose publish is the same is reused (its choice table updated):
+/// counting a range's slots is done once per publish, not once per ejection.
+pub(super) fn published(
+    mirror: &Mirror,
+    only: Option<&BTreeSet<ServiceAddr>>,
+    previous: &PublishedMap,
+) -> PublishedMap {
+    let entry = |service: &ServiceAddr, inst: &Installed| {
+        let tiers = inst.tiers.as_ref()?;
+        let stamp = (inst.id, inst.generation, inst.revision);
+        Some(match previous.get(service) {
+            Some(p) if p.stamp == stamp && p.backends.len() == inst.backends.len() => {
+                if p.tiers == *tiers {
+                    Arc::clone(p)
+                } else {
+                    Arc::new(PublishedLevels {
+                        tiers: *tiers,
+                        ..PublishedLevels::clone(p)
+                    })
                 }
-                _ => Arc::new(of(inst, tiers, stamp)),
-            };
-            Some((service, entry))
+            }
+            _ => Arc::new(of(inst, tiers, stamp)),
         })
-        .collect()
+    };
+    let Some(only) = only else {
+        return mirror
+            .services
+            .iter()
+            .filter_map(|(key, inst)| {
+                let service = service_addr(key)?;
+                Some((service, entry(&service, inst)?))
+            })
+            .collect();
+    };
+    let mut out = previous.clone();
+    for service in only {
+        match mirror
+            .services
+            .get(&service_key(service))
+            .and_then(|inst| entry(service, inst))
+        {
+            Some(e) => out.insert(*service, e),
+            None => out.remove(service),
+        };
+    }
+    out
 }
 
 fn of(inst: &Installed, tiers: &Tiers, stamp: (u32, u8, u32)) -> PublishedLevels {
@@ -148,7 +172,7 @@ mod tests {
     fn the_published_levels_are_what_was_written_and_follow_its_choice_table() {
         let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
         w.apply(&table()).expect("written");
-        let first = w.published_levels(&PublishedMap::new());
+        let first = w.published_levels(None, &PublishedMap::new());
         let p = &first[&svc()];
         let written = *w.store().tiers.values().next().expect("SM_TIERS entry");
         assert_eq!(p.tiers, written);
@@ -160,21 +184,26 @@ mod tests {
             u32::from(p.tiers.tiers[0].healthy_slots.len),
             "{p:?}"
         );
-        // Nothing moved: the same entry.
-        let again = w.published_levels(&first);
+        // Nothing moved: the same entry, looked at alone or with all.
+        let only = BTreeSet::from([svc()]);
+        let again = w.published_levels(Some(&only), &first);
         assert!(Arc::ptr_eq(&again[&svc()], p));
+        assert!(Arc::ptr_eq(&w.published_levels(None, &first)[&svc()], p));
         // An ejection: the rewritten choice table, the same ranges.
         let mut running = crate::dataplane::store::Running::default();
         running.ejected.add(0, false);
         w.store_mut().running.insert(service_key(&svc()), running);
         w.refresh_levels(None).expect("refreshed");
-        let after = w.published_levels(&first);
+        let after = w.published_levels(Some(&only), &first);
         let q = &after[&svc()];
         assert_ne!(q.tiers.choice, p.tiers.choice);
         assert_eq!(q.tiers, *w.store().tiers.values().next().expect("entry"));
         assert_eq!(q.levels, p.levels);
-        // Gone from the maps, gone from the view.
+        // Gone from the maps, gone from the view; a service not looked at stays
+        // as it was.
         w.apply(&RoutingTable::default()).expect("removed");
-        assert!(w.published_levels(&after).is_empty());
+        assert_eq!(w.published_levels(Some(&BTreeSet::new()), &after), after);
+        assert!(w.published_levels(Some(&only), &after).is_empty());
+        assert!(w.published_levels(None, &after).is_empty());
     }
 }

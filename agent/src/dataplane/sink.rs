@@ -69,9 +69,10 @@ impl TableSink for super::Datapath {
 
     fn published_levels(
         &self,
+        only: Option<&BTreeSet<crate::model::ServiceAddr>>,
         previous: &super::published::PublishedMap,
     ) -> super::published::PublishedMap {
-        super::Datapath::published_levels(self, previous)
+        super::Datapath::published_levels(self, only, previous)
     }
 
     fn take_events(&mut self) -> Option<super::events::Events> {

@@ -108,10 +108,12 @@ pub trait TableSink: Send {
     ) -> Result<Option<u64>, SinkError> {
         Ok(None)
     }
-    /// The levels of the services that have them, as written; entries of
-    /// `previous` still current are reused (see [`super::published`]).
+    /// The levels of the services that have them, as written: of all, or
+    /// `previous` with `only` those services' brought up to date (see
+    /// [`super::published`]).
     fn published_levels(
         &self,
+        _only: Option<&BTreeSet<crate::model::ServiceAddr>>,
         _previous: &super::published::PublishedMap,
     ) -> super::published::PublishedMap {
         super::published::PublishedMap::new()
@@ -509,9 +511,19 @@ impl Task {
         self.ejected = now;
     }
 
-    /// Takes the levels as written into the status; whether they changed.
-    fn note_levels(&mut self) -> bool {
-        let now = self.sink.published_levels(&self.status.levels);
+    /// Takes the levels as written into the status; whether they changed. The
+    /// services with levels are looked at (a refresh may have rewritten their
+    /// choice tables), and those `written` (`None`: the whole table was): not
+    /// the whole mirror, on a write's path to its acknowledgement.
+    fn note_levels(&mut self, written: Option<&BTreeSet<crate::model::ServiceAddr>>) -> bool {
+        let only = written.map(|w| {
+            let mut only: BTreeSet<_> = self.status.levels.keys().copied().collect();
+            only.extend(w);
+            only
+        });
+        let now = self
+            .sink
+            .published_levels(only.as_ref(), &self.status.levels);
         let changed = now != *self.status.levels;
         if changed {
             self.status.levels = std::sync::Arc::new(now);
@@ -527,7 +539,7 @@ impl Task {
         status: &watch::Sender<KernelStatus>,
     ) {
         self.refresh_levels(only);
-        if self.note_levels() {
+        if self.note_levels(Some(&BTreeSet::new())) {
             status.send_replace(self.status.clone());
         }
     }
@@ -573,6 +585,8 @@ impl Task {
                     Err(_) => return,
                 },
             };
+            // The services this command wrote (`None`: all of them).
+            let mut written = Some(BTreeSet::new());
             let done = match c {
                 Command::Write {
                     write,
@@ -581,6 +595,10 @@ impl Task {
                     warming,
                     done,
                 } => {
+                    written = match &write {
+                        Write::Table(_) => None,
+                        Write::Changes(c) => Some(c.keys().copied().collect()),
+                    };
                     self.write(write, removed, received);
                     self.maybe_go_live(warming, Instant::now());
                     self.refresh_levels(None);
@@ -630,7 +648,7 @@ impl Task {
                 }
             };
             self.status.handled += 1;
-            self.note_levels();
+            self.note_levels(written.as_ref());
             self.status.usage = self.sink.usage();
             self.status.migrating = self.sink.pending();
             self.status.attachment = self.sink.attachment();

@@ -16,7 +16,7 @@
 //! unpublished, so the kernel programs never insert on the connect path and a
 //! service's counters exist exactly while the service does.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use sockmesh_common::{
     BackendInfo, BackendKey, EndpointKey, MAGLEV_CHUNK, MaglevChunk, ServiceKey, ServicePolicy,
@@ -256,10 +256,15 @@ impl<S: MapStore> MapWriter<S> {
         self.mirror.table()
     }
 
-    /// The levels of the services that have them, as written (see
-    /// [`super::published`]); entries of `previous` still current are reused.
-    pub fn published_levels(&self, previous: &PublishedMap) -> PublishedMap {
-        super::published::published(&self.mirror, previous)
+    /// The levels of the services that have them, as written: of all, or
+    /// `previous` with `only` those services' brought up to date (see
+    /// [`super::published`]).
+    pub fn published_levels(
+        &self,
+        only: Option<&BTreeSet<ServiceAddr>>,
+        previous: &PublishedMap,
+    ) -> PublishedMap {
+        super::published::published(&self.mirror, only, previous)
     }
 
     /// The map store (for tests and diagnostics).

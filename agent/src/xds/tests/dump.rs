@@ -179,6 +179,7 @@ impl TableSink for Published {
     }
     fn published_levels(
         &self,
+        _only: Option<&std::collections::BTreeSet<crate::model::ServiceAddr>>,
         _previous: &crate::dataplane::published::PublishedMap,
     ) -> crate::dataplane::published::PublishedMap {
         self.1.lock().map(|m| m.clone()).unwrap_or_default()
@@ -228,7 +229,7 @@ fn config_dump_shows_the_levels_as_the_kernel_applies_them() {
     let publish = |writer: &MapWriter<MemStore>, core: &mut Core| {
         let previous = sink.1.lock().map(|m| m.clone()).unwrap_or_default();
         if let Ok(mut m) = sink.1.lock() {
-            *m = writer.published_levels(&previous);
+            *m = writer.published_levels(None, &previous);
         }
         core.flush().wait_blocking();
     };
