@@ -292,6 +292,8 @@ impl DatapathHandle {
                 attachment: sink.attachment(),
                 retired: sink.retired(),
                 migrating: sink.pending(),
+                // Adopted from the pins: shown before the first write.
+                levels: std::sync::Arc::new(sink.published_levels(None, &Default::default())),
                 ..KernelStatus::default()
             },
             sink,

@@ -282,3 +282,29 @@ fn config_dump_shows_the_levels_as_the_kernel_applies_them() {
     assert_eq!(lb["endpoints"]["10.10.1.12:8080"]["share"], 70.0, "{lb}");
     assert_eq!(lb["endpoints"]["10.10.1.14:8080"]["share"], 15.0, "{lb}");
 }
+
+/// Levels adopted from the pins (an agent restarted) are in the status before
+/// the first write.
+#[test]
+fn adopted_levels_are_shown_before_the_first_write() {
+    use crate::dataplane::{MapWriter, store::MemStore};
+    let mut first = Core::new(DatapathHandle::spawn(Box::new(Memory::default()), false));
+    first
+        .handle(full(ZONES), Instant::now())
+        .written
+        .wait_blocking();
+    let mut writer = MapWriter::adopt(MemStore::default()).expect("adopt");
+    writer.apply(first.state().table()).expect("written");
+    let sink = Published::default();
+    if let Ok(mut m) = sink.1.lock() {
+        *m = writer.published_levels(None, &Default::default());
+    }
+    let core = Core::new(DatapathHandle::spawn(Box::new(sink), false));
+    let services: Vec<String> = core
+        .kernel()
+        .levels
+        .keys()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(services, ["10.96.0.70:80/tcp"]);
+}
