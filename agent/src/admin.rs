@@ -688,7 +688,33 @@ pub fn config_dump_with(
             .into_iter()
             .map(|(listener, why)| crate::admin_types::NotInterpretedDump { listener, why })
             .collect(),
+        load_balancing: load_balancing(core, &kernel.levels, health),
         services: core.state().table().to_json(),
     }
     .to_json()
+}
+
+/// The services with priority levels as the kernel applies them: the levels the
+/// datapath task published, the endpoints the kernel has ejected now, each
+/// endpoint labelled with its place in the service's assignment.
+fn load_balancing(
+    core: &Core,
+    levels: &crate::dataplane::published::PublishedMap,
+    health: &crate::dataplane::HealthReport,
+) -> std::collections::BTreeMap<String, crate::admin_levels::LevelsDump> {
+    levels
+        .iter()
+        .map(|(service, published)| {
+            let name = service.to_string();
+            let ejected = health
+                .ejected()
+                .filter(|e| e.service == name)
+                .filter_map(|e| e.backend.parse::<SocketAddr>().ok())
+                .map(|a| (a.ip(), a.port()))
+                .collect();
+            let places = core.state().places(service);
+            let dump = crate::admin_levels::dump(published, &ejected, places.as_ref());
+            (name, dump)
+        })
+        .collect()
 }

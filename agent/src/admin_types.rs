@@ -74,6 +74,12 @@ pub struct ConfigDump {
     /// terminal filter is not one it interprets. Absent from an older agent: empty.
     #[serde(default)]
     pub not_interpreted: Vec<NotInterpretedDump>,
+    /// Services served by priority levels, by display form: each level's load
+    /// and each endpoint's share as the kernel applies them now (the choice
+    /// table as written, the ejections running). Absent from an older agent:
+    /// empty.
+    #[serde(default)]
+    pub load_balancing: BTreeMap<String, crate::admin_levels::LevelsDump>,
     /// The routing table, as `sockmesh services --json` prints it.
     pub services: Vec<ServiceJson>,
 }
@@ -319,6 +325,31 @@ mod tests {
                 listener: "240.240.0.3_20880".into(),
                 why: vec!["filter_chains[0]: a Dubbo proxy".into()],
             }],
+            load_balancing: BTreeMap::from([(
+                "10.96.0.20:443/tcp".to_owned(),
+                crate::admin_levels::LevelsDump {
+                    overprovisioning_factor: 140,
+                    panic_threshold: 50,
+                    levels: vec![crate::admin_levels::LevelDump {
+                        priority: Some(0),
+                        hosts: 1,
+                        healthy: 1,
+                        total: 1,
+                        healthy_load: 100,
+                        ..Default::default()
+                    }],
+                    endpoints: BTreeMap::from([(
+                        "10.10.1.11:8443".to_owned(),
+                        crate::admin_levels::EndpointDump {
+                            health: "healthy".into(),
+                            share: 100.0,
+                            locality: Some("r/z/".into()),
+                            ..Default::default()
+                        },
+                    )]),
+                    ..Default::default()
+                },
+            )]),
             services,
         }
     }
@@ -389,6 +420,8 @@ mod tests {
             "unknown_fields": d.unknown_fields,
             "refused": d.refused,
             "not_interpreted": d.not_interpreted,
+            // Added with multi-zone services.
+            "load_balancing": d.load_balancing,
             "services": d.services,
         });
         serde_json::to_string_pretty(&dump).unwrap_or_default() + "\n"

@@ -17,6 +17,8 @@ mod kernel;
 mod keys;
 mod loader;
 mod mirror;
+pub mod published;
+mod sink;
 pub mod store;
 mod sys;
 pub mod task;
@@ -351,6 +353,16 @@ impl Datapath {
         only: Option<&sockmesh_common::ServiceKey>,
     ) -> Result<Option<u64>, WriteError> {
         self.writer.refresh_levels(only)
+    }
+
+    /// The levels of the services that have them, as written (see
+    /// [`MapWriter::published_levels`]).
+    pub fn published_levels(
+        &self,
+        only: Option<&std::collections::BTreeSet<crate::model::ServiceAddr>>,
+        previous: &published::PublishedMap,
+    ) -> published::PublishedMap {
+        self.writer.published_levels(only, previous)
     }
 
     /// The kernel programs' events, once.

@@ -33,6 +33,7 @@ pub mod kubelab;
 pub mod kubeproxy;
 pub mod mesh;
 pub mod pki;
+pub mod shares;
 pub mod zone_death;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);

@@ -180,7 +180,9 @@ fn a_dead_zone_fails_over_after_its_thresholds_and_comes_back() {
 /// Priority 0 (b1, b2), priority 1 (b3, b4), outlier detection `consecutive_5xx:
 /// 3` with 30 s ejections; b1 dies and is ejected. Envoy: priority 0 has 1 of 2
 /// hosts healthy, health min(100, 140 × 1 / 2) = 70: b2 takes 70 %, zone b 30 %
-/// (a redraw within priority 0 alone would give b2 everything).
+/// (a redraw within priority 0 alone would give b2 everything). `/config_dump`
+/// shows the loads the kernel applies before (100 / 0) and after (70 / 30, b1 at
+/// 0), and the node's locality.
 #[test]
 fn one_ejected_host_moves_its_levels_load_as_envoys_health_does() {
     let client = NetNs::new();
@@ -198,12 +200,25 @@ fn one_ejected_host_moves_its_levels_load_as_envoys_health_does() {
     let agent = FileAgent::start(
         "zones.yaml",
         &config(&[(0, 1, &p0), (1, 1, &p1)], outlier),
-        &[],
+        &["--node-locality", "r/z0"],
     );
     wait_for_backends(
         &agent.bpffs,
         "two zones",
         &["10.10.1.11", "10.10.1.12", "10.10.1.13", "10.10.1.14"],
+    );
+    let dump = agent.admin.dump();
+    assert_eq!(dump["connection"]["node"]["locality"], "r/z0/", "{dump}");
+    let lb = &dump["load_balancing"]["10.96.0.70:80/tcp"];
+    let loads = |lb: &serde_json::Value| {
+        let load = |i: usize| lb["levels"][i]["healthy_load"].as_u64();
+        (load(0), load(1))
+    };
+    assert_eq!(loads(lb), (Some(100), Some(0)), "{lb}");
+    assert_eq!(lb["endpoints"]["10.10.1.11:8080"]["share"], 50.0, "{lb}");
+    assert_eq!(
+        lb["endpoints"]["10.10.1.13:8080"]["locality"], "r/z1/",
+        "{lb}"
     );
     drop(b1);
     // Connects until the kernel has ejected b1 (its third failed connect).
@@ -215,6 +230,24 @@ fn one_ejected_host_moves_its_levels_load_as_envoys_health_does() {
             .is_some_and(|a| a.iter().any(|e| e["backend"] == "10.10.1.11:8080"));
         ejected.then_some(()).ok_or(dump["outlier_ejected"].clone())
     });
+    // What the kernel applies now, as /config_dump reports it: the choice table
+    // the agent rewrote when the kernel reported the ejection.
+    let lb = sockmesh_tests::wait_until(
+        "/config_dump to show b1's ejection in the loads",
+        Duration::from_secs(10),
+        || {
+            let dump = agent.admin.dump();
+            let lb = dump["load_balancing"]["10.96.0.70:80/tcp"].clone();
+            (loads(&lb) == (Some(70), Some(30)))
+                .then_some(lb.clone())
+                .ok_or(lb)
+        },
+    );
+    assert_eq!(lb["levels"][0]["ejected_healthy"], 1, "{lb}");
+    assert_eq!(lb["endpoints"]["10.10.1.11:8080"]["ejected"], true, "{lb}");
+    assert_eq!(lb["endpoints"]["10.10.1.11:8080"]["share"], 0.0, "{lb}");
+    assert_eq!(lb["endpoints"]["10.10.1.12:8080"]["share"], 70.0, "{lb}");
+    assert_eq!(lb["endpoints"]["10.10.1.14:8080"]["share"], 15.0, "{lb}");
     let n = 2_000;
     let counts = spread(&agent, &client, n);
     let b2 = counts.get("b2").copied().unwrap_or(0);

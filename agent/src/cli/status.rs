@@ -316,6 +316,7 @@ mod tests {
             unknown_fields: BTreeMap::new(),
             refused: BTreeMap::new(),
             not_interpreted: Vec::new(),
+            load_balancing: BTreeMap::new(),
             synced: true,
             push: PushDump::default(),
             datapath: DatapathDump {

@@ -304,10 +304,7 @@ impl Mirror {
                     let state = match b.state {
                         _ if inst.tiers.is_none() && live.contains(i) => BackendState::Active,
                         _ if inst.tiers.is_none() => BackendState::Draining,
-                        backend_state::ACTIVE => BackendState::Active,
-                        backend_state::DEGRADED => BackendState::Degraded,
-                        backend_state::UNHEALTHY => BackendState::Unhealthy,
-                        _ => BackendState::Draining,
+                        s => state_of(s),
                     };
                     Backend::new(words_to_ip(b.addr), port_from_map(b.port))
                         .weighted(b.weight)
@@ -327,10 +324,20 @@ impl Mirror {
     }
 }
 
+/// A backend's state in a service with levels, from its [`BackendInfo::state`].
+pub(super) fn state_of(state: u8) -> BackendState {
+    match state {
+        backend_state::ACTIVE => BackendState::Active,
+        backend_state::DEGRADED => BackendState::Degraded,
+        backend_state::UNHEALTHY => BackendState::Unhealthy,
+        _ => BackendState::Draining,
+    }
+}
+
 /// The levels a published generation serves, read back from its `SM_TIERS` value
 /// and its slots: each range's hosts weighted by the slots they hold (positions
 /// are the service's backends in index order, as [`Mirror::table`] lists them).
-fn levels_of(inst: &Installed, t: &Tiers) -> Levels {
+pub(super) fn levels_of(inst: &Installed, t: &Tiers) -> Levels {
     let position: BTreeMap<u16, usize> = inst
         .backends
         .keys()

@@ -108,6 +108,16 @@ pub trait TableSink: Send {
     ) -> Result<Option<u64>, SinkError> {
         Ok(None)
     }
+    /// The levels of the services that have them, as written: of all, or
+    /// `previous` with `only` those services' brought up to date (see
+    /// [`super::published`]).
+    fn published_levels(
+        &self,
+        _only: Option<&BTreeSet<crate::model::ServiceAddr>>,
+        _previous: &super::published::PublishedMap,
+    ) -> super::published::PublishedMap {
+        super::published::PublishedMap::new()
+    }
     /// The kernel programs' events (ejections), handed over once to the thread
     /// that reads them.
     fn take_events(&mut self) -> Option<super::events::Events> {
@@ -121,77 +131,6 @@ pub trait TableSink: Send {
         _prune: bool,
     ) -> Result<EnrollReport, SinkError> {
         Err(SinkError::Datapath(super::DataplaneError::NotEnrolling))
-    }
-}
-
-impl TableSink for super::Datapath {
-    fn apply(&mut self, table: &RoutingTable) -> Result<usize, SinkError> {
-        Ok(super::Datapath::apply(self, table)?.map_ops)
-    }
-
-    fn apply_changes(&mut self, changes: &Changes) -> Result<usize, SinkError> {
-        Ok(super::Datapath::apply_changes(self, changes)?.map_ops)
-    }
-
-    fn table(&self) -> RoutingTable {
-        super::Datapath::table(self)
-    }
-
-    fn limits(&self) -> Limits {
-        super::Datapath::limits(self)
-    }
-
-    fn usage(&self) -> Usage {
-        super::Datapath::usage(self)
-    }
-
-    fn terminate(&mut self, targets: &BTreeSet<Endpoint>) -> Result<usize, SinkError> {
-        Ok(super::Datapath::terminate(self, targets)?.destroyed)
-    }
-
-    fn pending(&self) -> bool {
-        self.is_pending()
-    }
-
-    fn activate(&mut self) -> Result<Vec<u32>, SinkError> {
-        Ok(super::Datapath::activate(self)?
-            .map(|m| m.retired)
-            .unwrap_or_default())
-    }
-
-    fn attachment(&self) -> Option<Attachment> {
-        Some(super::Datapath::attachment(self))
-    }
-
-    fn retired(&self) -> Vec<u32> {
-        super::Datapath::retired(self).to_vec()
-    }
-
-    fn sweep_conns(&mut self) -> Result<usize, SinkError> {
-        Ok(super::Datapath::sweep_conns(self)?)
-    }
-
-    fn health(&self) -> Option<super::HealthReport> {
-        super::Datapath::health(self).ok()
-    }
-
-    fn refresh_levels(
-        &mut self,
-        only: Option<&sockmesh_common::ServiceKey>,
-    ) -> Result<Option<u64>, SinkError> {
-        Ok(super::Datapath::refresh_levels(self, only)?)
-    }
-
-    fn take_events(&mut self) -> Option<super::events::Events> {
-        super::Datapath::take_events(self)
-    }
-
-    fn enroll(
-        &mut self,
-        cgroups: &BTreeSet<PathBuf>,
-        prune: bool,
-    ) -> Result<EnrollReport, SinkError> {
-        Ok(super::Datapath::enroll(self, cgroups, prune)?)
     }
 }
 
@@ -254,6 +193,9 @@ pub struct KernelStatus {
     pub handled: u64,
     /// Enrolled cgroups with the programs attached (enrollment only).
     pub enrolled_cgroups: usize,
+    /// The services with priority levels, as written: their choice tables follow
+    /// the ejections, so this is published after each rewrite too.
+    pub levels: std::sync::Arc<super::published::PublishedMap>,
 }
 
 /// What to write.
@@ -350,6 +292,8 @@ impl DatapathHandle {
                 attachment: sink.attachment(),
                 retired: sink.retired(),
                 migrating: sink.pending(),
+                // Adopted from the pins: shown before the first write.
+                levels: std::sync::Arc::new(sink.published_levels(None, &Default::default())),
                 ..KernelStatus::default()
             },
             sink,
@@ -569,6 +513,39 @@ impl Task {
         self.ejected = now;
     }
 
+    /// Takes the levels as written into the status; whether they changed. The
+    /// services with levels are looked at (a refresh may have rewritten their
+    /// choice tables), and those `written` (`None`: the whole table was): not
+    /// the whole mirror, on a write's path to its acknowledgement.
+    fn note_levels(&mut self, written: Option<&BTreeSet<crate::model::ServiceAddr>>) -> bool {
+        let only = written.map(|w| {
+            let mut only: BTreeSet<_> = self.status.levels.keys().copied().collect();
+            only.extend(w);
+            only
+        });
+        let now = self
+            .sink
+            .published_levels(only.as_ref(), &self.status.levels);
+        let changed = now != *self.status.levels;
+        if changed {
+            self.status.levels = std::sync::Arc::new(now);
+        }
+        changed
+    }
+
+    /// Rewrites the choice tables to the ejections running and publishes the
+    /// levels as written.
+    fn follow_ejections(
+        &mut self,
+        only: Option<&sockmesh_common::ServiceKey>,
+        status: &watch::Sender<KernelStatus>,
+    ) {
+        self.refresh_levels(only);
+        if self.note_levels(Some(&BTreeSet::new())) {
+            status.send_replace(self.status.clone());
+        }
+    }
+
     /// Rewrites the levels' choice tables to the ejections running (`only` one
     /// service, or all) and notes when they move next.
     fn refresh_levels(&mut self, only: Option<&sockmesh_common::ServiceKey>) {
@@ -600,7 +577,7 @@ impl Task {
                 Some(wait) => match rx.recv_timeout(wait) {
                     Ok(c) => c,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
-                        self.refresh_levels(None);
+                        self.follow_ejections(None, status);
                         continue;
                     }
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
@@ -610,6 +587,8 @@ impl Task {
                     Err(_) => return,
                 },
             };
+            // The services this command wrote (`None`: all of them).
+            let mut written = Some(BTreeSet::new());
             let done = match c {
                 Command::Write {
                     write,
@@ -618,6 +597,10 @@ impl Task {
                     warming,
                     done,
                 } => {
+                    written = match &write {
+                        Write::Table(_) => None,
+                        Write::Changes(c) => Some(c.keys().copied().collect()),
+                    };
                     self.write(write, removed, received);
                     self.maybe_go_live(warming, Instant::now());
                     self.refresh_levels(None);
@@ -627,7 +610,7 @@ impl Task {
                 Command::Ejected(service) => {
                     // Not one of the commands the handle counts (the events
                     // thread sends it).
-                    self.refresh_levels(Some(&service));
+                    self.follow_ejections(Some(&service), status);
                     continue;
                 }
                 Command::Tick { warming, now } => {
@@ -667,6 +650,7 @@ impl Task {
                 }
             };
             self.status.handled += 1;
+            self.note_levels(written.as_ref());
             self.status.usage = self.sink.usage();
             self.status.migrating = self.sink.pending();
             self.status.attachment = self.sink.attachment();

@@ -16,7 +16,7 @@
 //! unpublished, so the kernel programs never insert on the connect path and a
 //! service's counters exist exactly while the service does.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use sockmesh_common::{
     BackendInfo, BackendKey, EndpointKey, MAGLEV_CHUNK, MaglevChunk, ServiceKey, ServicePolicy,
@@ -27,6 +27,7 @@ use tracing::{debug, warn};
 use super::{
     keys::{ip_to_words, port_to_map, service_addr, service_key},
     mirror::{Installed, Mirror, SlotMap, is_direct, slot_index},
+    published::PublishedMap,
     store::{MapStore, Snapshot, StoreError},
 };
 use crate::{
@@ -270,6 +271,17 @@ impl<S: MapStore> MapWriter<S> {
     /// The installed table, as the kernel sees it.
     pub fn table(&self) -> RoutingTable {
         self.mirror.table()
+    }
+
+    /// The levels of the services that have them, as written: of all, or
+    /// `previous` with `only` those services' brought up to date (see
+    /// [`super::published`]).
+    pub fn published_levels(
+        &self,
+        only: Option<&BTreeSet<ServiceAddr>>,
+        previous: &PublishedMap,
+    ) -> PublishedMap {
+        super::published::published(&self.mirror, only, previous)
     }
 
     /// The map store (for tests and diagnostics).

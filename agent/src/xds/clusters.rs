@@ -297,6 +297,39 @@ pub fn assignment_backends(cla: &ClusterLoadAssignment) -> Vec<Backend> {
     })
 }
 
+/// Where an assignment places an endpoint: its priority and its locality,
+/// `region/zone/sub_zone` (as `/config_dump` shows the node's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Place {
+    pub priority: u32,
+    pub locality: String,
+}
+
+/// The place of each of an assignment's endpoints with an IP address, by
+/// address and port (the first entry of an address, as Envoy keeps it).
+pub fn endpoint_places(cla: &ClusterLoadAssignment) -> BTreeMap<(IpAddr, u16), Place> {
+    let mut out = BTreeMap::new();
+    for loc in &cla.endpoints {
+        let l = loc.locality.clone().unwrap_or_default();
+        let locality = format!("{}/{}/{}", l.region, l.zone, l.sub_zone);
+        for lb in &loc.lb_endpoints {
+            let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &lb.host_identifier else {
+                continue;
+            };
+            let Some((ip, port, _)) =
+                socket_address_of(ep.address.as_ref()).and_then(|sa| parse_socket_address(sa).ok())
+            else {
+                continue;
+            };
+            out.entry((ip, port)).or_insert_with(|| Place {
+                priority: loc.priority,
+                locality: locality.clone(),
+            });
+        }
+    }
+    out
+}
+
 /// [`assignment_backends`] with each endpoint's socket address turned into
 /// addresses by `addresses` (one for an IP; the resolved ones for a host name).
 fn backends_with(

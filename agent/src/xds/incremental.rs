@@ -169,6 +169,34 @@ impl Incremental {
             .map(|(l, n)| (l, &n.left_alone))
     }
 
+    /// Where the load assignment of service `s` places each endpoint, when `s`
+    /// takes its endpoints from one cluster with an assignment (EDS or inline):
+    /// the owner's spec as [`Incremental::stage`] resolves it, read from `res`.
+    pub fn places(
+        &self,
+        res: &Resources,
+        s: &ServiceAddr,
+    ) -> Option<BTreeMap<(std::net::IpAddr, u16), super::clusters::Place>> {
+        let spec = self
+            .owners
+            .get(s)?
+            .iter()
+            .filter_map(|l| {
+                let spec = self.specs.get(l)?.iter().find(|x| x.service == *s)?;
+                Some((spec.precedence, l, spec))
+            })
+            .min_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)))
+            .map(|(_, _, spec)| spec)?;
+        let [(cluster, _)] = spec.clusters.as_slice() else {
+            return None;
+        };
+        let cla = match &self.clusters.get(cluster)?.eds {
+            Some(eds) => res.endpoints.get(eds)?.decode(),
+            None => res.clusters.get(cluster)?.decode().load_assignment?,
+        };
+        Some(super::clusters::endpoint_places(&cla))
+    }
+
     /// Recomputes what `dirty` touches against `res` (already updated). `table` is
     /// the current table; `seed` the one adopted at start.
     pub fn stage(

@@ -227,6 +227,15 @@ impl XdsState {
         format!("{:#?}", self.inc)
     }
 
+    /// Where service `s`'s load assignment places each of its endpoints
+    /// (priority, locality), if it has one assignment.
+    pub fn places(
+        &self,
+        s: &crate::model::ServiceAddr,
+    ) -> Option<BTreeMap<(std::net::IpAddr, u16), super::clusters::Place>> {
+        self.inc.places(&self.resources, s)
+    }
+
     pub fn resources(&self) -> &Resources {
         &self.resources
     }
