@@ -28,6 +28,9 @@
 //! smprobe clients ADDR:PORT PER SRC|- [SRC ...]       per client, PER TCP connects
 //!     one after the other, bound to source address SRC (`-`: unbound, the
 //!     kernel picks); one line per client: SRC NAME|E<errno> ...
+//! smprobe each                                        one TCP connect to each ADDR:PORT
+//!     read from stdin (a line each), reading the name; prints `ok N failed M`
+//!     and the first failure's `ADDR:PORT E<errno>` if any
 //! smprobe capture ADDR:PORT NAME                      a sidecar's capture port: for
 //!     each connection iptables redirected to it, one line with its original
 //!     destination (SO_ORIGINAL_DST); answers NAME and closes
@@ -59,6 +62,7 @@ fn main() -> ExitCode {
         Some("timeline") => timeline(&args[1..]),
         Some("drain") => drain(&args[1..]),
         Some("capture") => capture(&args[1..]),
+        Some("each") => each(),
         _ => Err("usage: smprobe serve|connect|udp|peer ...".to_owned()),
     };
     match result {
@@ -214,6 +218,36 @@ fn connect(args: &[String]) -> Result<(), String> {
         }
     }
     out.flush().map_err(|e| e.to_string())
+}
+
+fn each() -> Result<(), String> {
+    let (mut ok, mut failed, mut first) = (0u64, 0u64, None);
+    for line in io::stdin().lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        let to: SocketAddr = line
+            .trim()
+            .parse()
+            .map_err(|e| format!("{line:?}: {e}"))?;
+        let result = TcpStream::connect_timeout(&to, Duration::from_secs(2)).and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let mut name = String::new();
+            s.read_to_string(&mut name)?;
+            Ok(name)
+        });
+        match result {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                failed += 1;
+                first.get_or_insert_with(|| format!("{to} {}", errno(&e)));
+            }
+        }
+    }
+    let mut out = io::stdout().lock();
+    writeln!(out, "ok {ok} failed {failed}").map_err(|e| e.to_string())?;
+    if let Some(f) = first {
+        writeln!(out, "{f}").map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 fn load(args: &[String]) -> Result<(), String> {
