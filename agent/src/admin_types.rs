@@ -74,6 +74,11 @@ pub struct ConfigDump {
     /// terminal filter is not one it interprets. Absent from an older agent: empty.
     #[serde(default)]
     pub not_interpreted: Vec<NotInterpretedDump>,
+    /// How many entries each of the agent's own collections holds (resources,
+    /// versions, the translation's indexes, …), for leak audits: each follows
+    /// the configuration held, not its history. Absent from an older agent.
+    #[serde(default)]
+    pub state: BTreeMap<String, usize>,
     /// The routing table, as `sockmesh services --json` prints it.
     pub services: Vec<ServiceJson>,
 }
@@ -151,6 +156,11 @@ pub struct DatapathDump {
     /// Another layout's datapath serves until this one is filled and attached.
     pub migrating: bool,
     pub limits: LimitsDump,
+    /// How full each map is: entries (the agent's own count of the maps it
+    /// writes, the kernel's of the others), capacity, the flag that sizes it.
+    /// Absent from an older agent: empty.
+    #[serde(default)]
+    pub maps: Vec<crate::dataplane::fill::MapFill>,
 }
 
 /// The maps' capacities.
@@ -266,6 +276,7 @@ mod tests {
                 retired_layouts: vec![1],
                 migrating: false,
                 limits: crate::dataplane::Limits::default().into(),
+                maps: Vec::new(),
             },
             xds: BTreeMap::from([
                 (
@@ -319,6 +330,7 @@ mod tests {
                 listener: "240.240.0.3_20880".into(),
                 why: vec!["filter_chains[0]: a Dubbo proxy".into()],
             }],
+            state: BTreeMap::from([("listeners".to_owned(), 1)]),
             services,
         }
     }
@@ -365,6 +377,8 @@ mod tests {
                     "slots": d.datapath.limits.slots,
                     "maglev_services": d.datapath.limits.maglev_services,
                 },
+                // Added with the maps' fill.
+                "maps": d.datapath.maps,
             },
             "xds": types,
             // Added with the secured control plane.
@@ -389,6 +403,8 @@ mod tests {
             "unknown_fields": d.unknown_fields,
             "refused": d.refused,
             "not_interpreted": d.not_interpreted,
+            // Added with the leak audit.
+            "state": d.state,
             "services": d.services,
         });
         serde_json::to_string_pretty(&dump).unwrap_or_default() + "\n"

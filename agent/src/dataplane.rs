@@ -13,6 +13,7 @@ mod contract;
 pub mod destroy;
 pub mod events;
 pub mod features;
+pub mod fill;
 mod kernel;
 mod keys;
 mod loader;
@@ -162,6 +163,8 @@ pub struct Datapath {
     root: PathBuf,
     /// The enrolled pods' links ([`AttachScope::EnrolledPods`]; `None`: one cgroup).
     pods: Option<cgroups::PodLinks>,
+    /// The maps' capacities, the kernel-filled maps' counts, which are full.
+    fill: fill::FillState,
 }
 
 /// A datapath built beside another layout's, not attached yet.
@@ -281,6 +284,7 @@ impl Datapath {
             );
         }
         let writer = MapWriter::adopt(maps)?.with_limits(limits);
+        let fill = fill::FillState::open(&layout, &limits)?;
         let services = writer.table().services.len();
         info!(
             cgroup = %cfg.cgroup.display(),
@@ -300,6 +304,7 @@ impl Datapath {
             events: Some(events::Events::new(events)),
             root: cfg.cgroup.clone(),
             pods,
+            fill,
         })
     }
 
@@ -432,6 +437,19 @@ impl Datapath {
     /// The maps' capacities.
     pub fn limits(&self) -> Limits {
         self.writer.limits()
+    }
+
+    /// How full each map is (see [`fill`]); with `recount`, the maps the kernel
+    /// programs fill are counted again if their turn has come. Logs a warning
+    /// when a map fills.
+    pub fn map_fill(&mut self, recount: bool) -> Vec<fill::MapFill> {
+        use store::MapStore as _;
+        self.fill.observe(
+            &self.writer.entries(),
+            &self.writer.store().refusals(),
+            recount,
+            std::time::Instant::now(),
+        )
     }
 
     /// Whether this process attached the programs or adopted pinned ones.

@@ -69,6 +69,11 @@ pub trait TableSink: Send {
     fn limits(&self) -> Limits {
         Limits::default()
     }
+    /// How full each map is; with `recount`, the maps the kernel programs fill
+    /// are counted again if their turn has come (the task's tick).
+    fn map_fill(&mut self, _recount: bool) -> Vec<super::fill::MapFill> {
+        super::fill::from_usage(&self.usage(), &self.limits())
+    }
     /// Aborts sockets redirected to removed endpoints; returns how many.
     fn terminate(&mut self, _targets: &BTreeSet<Endpoint>) -> Result<usize, SinkError> {
         Ok(0)
@@ -143,6 +148,10 @@ impl TableSink for super::Datapath {
 
     fn usage(&self) -> Usage {
         super::Datapath::usage(self)
+    }
+
+    fn map_fill(&mut self, recount: bool) -> Vec<super::fill::MapFill> {
+        super::Datapath::map_fill(self, recount)
     }
 
     fn terminate(&mut self, targets: &BTreeSet<Endpoint>) -> Result<usize, SinkError> {
@@ -246,6 +255,8 @@ pub struct KernelStatus {
     pub terminated: u64,
     /// What the maps hold, counted.
     pub usage: Usage,
+    /// How full each map is.
+    pub maps: Vec<super::fill::MapFill>,
     pub attachment: Option<Attachment>,
     pub retired: Vec<u32>,
     /// Built beside another layout's datapath, waiting to go live.
@@ -340,13 +351,14 @@ pub struct DatapathHandle {
 impl DatapathHandle {
     /// Starts the task over `sink`. With `terminate_removed`, the sockets of
     /// endpoints removed outright are aborted after each write.
-    pub fn spawn(sink: Box<dyn TableSink>, terminate_removed: bool) -> Self {
+    pub fn spawn(mut sink: Box<dyn TableSink>, terminate_removed: bool) -> Self {
         let limits = sink.limits();
         let adopted = sink.table();
         let latency = Histogram::new(LATENCY_BUCKETS);
         let mut task = Task {
             status: KernelStatus {
                 usage: sink.usage(),
+                maps: sink.map_fill(true),
                 attachment: sink.attachment(),
                 retired: sink.retired(),
                 migrating: sink.pending(),
@@ -610,6 +622,7 @@ impl Task {
                     Err(_) => return,
                 },
             };
+            let tick = matches!(c, Command::Tick { .. });
             let done = match c {
                 Command::Write {
                     write,
@@ -668,6 +681,7 @@ impl Task {
             };
             self.status.handled += 1;
             self.status.usage = self.sink.usage();
+            self.status.maps = self.sink.map_fill(tick);
             self.status.migrating = self.sink.pending();
             self.status.attachment = self.sink.attachment();
             self.status.retired = self.sink.retired();
