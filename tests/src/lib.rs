@@ -17,6 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod audit;
 pub mod churn;
 pub mod control_plane;
 pub mod corpus;
