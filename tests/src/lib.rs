@@ -623,6 +623,11 @@ impl Admin {
         self.file.with_extension("log")
     }
 
+    /// Everything the agent logged so far (empty with `SM_AGENT_STDERR=1`).
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
     /// The last lines the agent logged (for failure messages).
     pub fn log_tail(&self) -> String {
         let text = fs::read_to_string(self.log_path()).unwrap_or_default();
@@ -740,6 +745,19 @@ impl FileAgent {
         let tmp = self.file.with_extension("tmp");
         fs::write(&tmp, text).expect("write");
         fs::rename(&tmp, &self.file).expect("rename");
+    }
+
+    /// The leak audit of this agent's pins and state.
+    pub fn audit(&self) -> audit::Audit<'_> {
+        audit::Audit::agent(&self.bpffs.0, &self.admin)
+    }
+
+    /// Ends a scenario: the configuration emptied (`resources: []`), then
+    /// nothing may be left of it in the maps or the agent's state.
+    pub fn clear_and_audit(&self) {
+        self.replace("resources: []\n");
+        self.audit()
+            .assert_empty("the end, with the configuration emptied");
     }
 }
 
@@ -866,6 +884,21 @@ impl PodLab {
     /// The datapath.
     pub fn dp(&mut self) -> &mut sockmesh::dataplane::Datapath {
         self.dp.as_mut().expect("datapath installed")
+    }
+
+    /// The leak audit of the lab's pins.
+    pub fn audit(&self) -> audit::Audit<'_> {
+        audit::Audit::kernel(&self.bpffs.0)
+    }
+
+    /// Ends a scenario: the maps hold what `expect` says, and once every service
+    /// is removed, nothing.
+    pub fn finish(&mut self, expect: &audit::Expect) {
+        self.audit().assert("the end of the scenario", expect);
+        self.dp()
+            .apply(&sockmesh::model::RoutingTable::default())
+            .expect("remove every service");
+        self.audit().assert_empty("every service removed");
     }
 
     /// `program` in the client namespace and the cgroup.

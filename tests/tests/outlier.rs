@@ -9,7 +9,7 @@ use sockmesh::{
     dataplane::{EndpointHealthReport, read_health},
     model::{Health, LbPolicy, Outlier, RoutingTable, Service},
 };
-use sockmesh_tests::{PodLab, hold, release, run, scaled, wait_until};
+use sockmesh_tests::{PodLab, audit::Expect, hold, release, run, scaled, wait_until};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
 
@@ -135,6 +135,7 @@ fn a_failing_backend_is_ejected_after_consecutive_failures_and_returns_by_itself
     // An EDS update that removes the backend forgets its state.
     lab.dp().apply(&table(&[1, 2, 3], health)).expect("apply");
     assert_eq!(pod4(&lab), None);
+    lab.audit().assert("pod 4 removed", &Expect::services(1, 3));
     // Without outlier detection a failing backend keeps getting its share.
     lab.dp()
         .apply(&table(&[1, 2, 3, 4], Health::default()))
@@ -144,6 +145,7 @@ fn a_failing_backend_is_ejected_after_consecutive_failures_and_returns_by_itself
     assert!(refused > 20, "{seen:?}");
     assert_eq!(pod4(&lab), None, "no state without outlier detection");
     eprintln!("outlier detection: 5 refused per ejection; without it {refused} of 200");
+    lab.finish(&Expect::services(1, 4));
 }
 
 #[test]
@@ -177,6 +179,10 @@ fn the_circuit_breaker_refuses_connects_over_max_connections() {
             .map(|s| (s.connections, s.overflows))
     };
     assert_eq!(service(&lab), Some((50, 30)));
+    lab.audit().assert(
+        "50 connections held, 30 refused",
+        &Expect::services(1, 3).circuit(50).reverse(50),
+    );
     // Closing them gives every connection back.
     release(holder);
     wait_until(
@@ -187,6 +193,7 @@ fn the_circuit_breaker_refuses_connects_over_max_connections() {
             (s == Some((0, 30))).then_some(()).ok_or(s)
         },
     );
+    lab.finish(&Expect::services(1, 3));
 }
 
 /// The abrupt-death scenario of the benchmark, bounded: a pod dies with no EDS
@@ -220,6 +227,9 @@ fn an_abrupt_death_costs_the_threshold_and_what_was_in_flight() {
             (5..=5 + o.in_flight_at_threshold).contains(&failed_connects),
             "{death:?}: {o:?}"
         );
+        // The run's service alone: the last run's went with its endpoints' health.
+        lab.audit()
+            .assert(&format!("the {death:?} run"), &Expect::services(1, 3));
         eprintln!(
             "{death:?}, outlier detection: {} of {} failed ({} reset after connecting, {} in flight at the fifth)",
             o.failed_after_death,
@@ -237,6 +247,7 @@ fn an_abrupt_death_costs_the_threshold_and_what_was_in_flight() {
         "Killed, no outlier detection: {} of {} failed",
         o.failed_after_death, o.connects_after_death
     );
+    lab.finish(&Expect::services(1, 3));
 }
 
 /// Envoy's panic mode: with fewer healthy backends than the panic threshold,
@@ -261,6 +272,10 @@ fn below_the_panic_threshold_ejections_are_ignored() {
             .expect("apply");
         let seen = connects(lab, 300);
         let ejected = read_health(&lab.bpffs.0).expect("read").ejected().count();
+        lab.audit().assert(
+            &format!("the run with panic threshold {panic_percent}"),
+            &Expect::services(1, 4),
+        );
         (seen.get("E111").copied().unwrap_or(0), ejected)
     };
     // No panic threshold: 3 failures eject each dead pod, then only b1 serves.
@@ -271,4 +286,5 @@ fn below_the_panic_threshold_ejections_are_ignored() {
     assert_eq!(ejected, 3);
     assert!(refused > 100, "{refused} of 300 refused in panic");
     eprintln!("panic: {refused} of 300 refused; without a threshold 9");
+    lab.finish(&Expect::services(1, 4));
 }

@@ -4,7 +4,11 @@
 use std::{collections::BTreeSet, net::IpAddr};
 
 use sockmesh::model::{Backend, Protocol, RoutingTable, ServiceAddr};
-use sockmesh_tests::{Bpffs, Cgroup, NetNs, Proc, add_addr, command_in, install, run, veth};
+use sockmesh_tests::{
+    Bpffs, Cgroup, NetNs, Proc, add_addr,
+    audit::{Audit, Expect},
+    command_in, install, run, veth,
+};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
 
@@ -72,4 +76,10 @@ fn udp_reply_comes_from_vip_and_ipv6_vip_works() {
         probe(&["peer", "[fd00:96::1]:80"]).trim(),
         "[fd00:96::1]:80 v6-b1"
     );
+    // The clients are gone: no socket holds a reverse entry (the unconnected
+    // sends' LRU keeps its peers by design).
+    let audit = Audit::kernel(&bpffs.0);
+    audit.assert("both services, clients gone", &Expect::table(&table));
+    dp.apply(&RoutingTable::default()).expect("remove all");
+    audit.assert_empty("every service removed");
 }
