@@ -14,10 +14,10 @@
 //! Maps without entries to audit: `SM_COUNTERS` (counts that only grow),
 //! `SM_SCRATCH` (a scratch word), `SM_EVENTS` (a ring buffer the agent drains),
 //! `SM_REVERSE_UDP` (an LRU: its entries stay until evicted, by design), and the
-//! socket storages `SM_SOCK_CONNS` and `SM_SOCK_HEALTH` (freed with their
-//! sockets; what they hold is audited through the counts they release:
-//! `SM_BACKEND_CONNS` and `SM_SVC_HEALTH`'s open connections go back to the
-//! sockets still open).
+//! socket storages `SM_SOCK_CONNS`, `SM_SOCK_HEALTH` and `SM_SOCK_REVERSE`
+//! (freed with their sockets; what they hold is audited through what they
+//! release: `SM_BACKEND_CONNS` and `SM_SVC_HEALTH`'s open connections, and
+//! `SM_REVERSE` entries, go back to the sockets still open).
 
 use std::{
     collections::{BTreeMap, BTreeSet},

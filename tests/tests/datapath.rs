@@ -87,6 +87,17 @@ fn tcp_vip_redirects_reports_vip_refuses_empty_and_spares_outsiders() {
     );
     let audit = Audit::kernel(&bpffs.0);
     audit.assert("both services", &Expect::table(&table));
+    // A backend the client cannot route to: redirected, and the connect fails
+    // at once (ENETUNREACH), which leaves the socket without a peer.
+    let mut unroutable = table.clone();
+    unroutable.insert(
+        vip(3),
+        vec![Backend::new("10.20.0.1".parse().expect("ip"), 8080)],
+    );
+    dp.apply(&unroutable).expect("apply");
+    assert_eq!(probe(true, &["peer", "10.96.0.3:80"]).trim(), "- E101");
+    audit.assert("a failed connect closed", &Expect::table(&unroutable));
+    dp.apply(&table).expect("apply");
     // Removing a service removes its counters.
     table.services.remove(&vip(2));
     dp.apply(&table).expect("apply");

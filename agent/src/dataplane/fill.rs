@@ -146,7 +146,7 @@ pub const SIZED: [Sized; 12] = [
 ];
 
 /// The maps without a fill ratio, and why.
-pub const UNSIZED: [(&str, &str); 5] = [
+pub const UNSIZED: [(&str, &str); 6] = [
     (
         map_names::COUNTERS,
         "a per-CPU array of a fixed set of counters, all there from creation: it holds counts, not entries",
@@ -161,6 +161,10 @@ pub const UNSIZED: [(&str, &str); 5] = [
     ),
     (
         map_names::SOCK_CONNS,
+        "socket storage: one value per socket, created and freed with the socket; no capacity",
+    ),
+    (
+        map_names::SOCK_REVERSE,
         "socket storage: one value per socket, created and freed with the socket; no capacity",
     ),
     (
