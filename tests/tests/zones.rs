@@ -12,7 +12,8 @@
 use std::{collections::BTreeMap, process::Stdio, time::Duration};
 
 use sockmesh_tests::{
-    FileAgent, NetNs, command_in, monotonic_ns, pod_network, run, serve, wait_for_backends,
+    FileAgent, NetNs, audit::Expect, command_in, monotonic_ns, pod_network, run, serve,
+    wait_for_backends,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -114,6 +115,10 @@ fn two_zones_give_every_pod_one_twelfth() {
             &counts,
         );
     }
+    agent
+        .audit()
+        .assert("two zones", &Expect::services(1, 12).xds(1, 1, 0, 0));
+    agent.clear_and_audit();
 }
 
 /// Priority 0: 2 healthy and 2 unhealthy endpoints; priority 1: 2 healthy. Envoy:
@@ -160,6 +165,10 @@ fn a_half_unhealthy_priority_spills_thirty_percent_to_the_next() {
     for name in ["b3", "b4"] {
         assert_eq!(counts.get(name), None, "{name} is unhealthy: {counts:?}");
     }
+    agent
+        .audit()
+        .assert("two priorities", &Expect::services(1, 6).xds(1, 1, 0, 0));
+    agent.clear_and_audit();
 }
 
 /// Priority 0 (zone a: b1, b2) and priority 1 (zone b: b3, b4), outlier
@@ -283,6 +292,11 @@ fn a_dead_zone_fails_over_after_its_thresholds_and_comes_back() {
         "after the ejections, priority 0 serves again: {zone_a_served} of {} ({back:?})",
         back.len()
     );
+    // The ejected pods' health entries belong to the service; they go with it.
+    agent
+        .audit()
+        .assert("zone a back", &Expect::services(1, 4).xds(1, 1, 0, 0));
+    agent.clear_and_audit();
 }
 
 /// Priority 0 (b1, b2), priority 1 (b3, b4), outlier detection `consecutive_5xx:
@@ -330,4 +344,8 @@ fn one_ejected_host_moves_its_levels_load_as_envoys_health_does() {
     let zone_b = counts.get("b3").copied().unwrap_or(0) + counts.get("b4").copied().unwrap_or(0);
     within("zone b", zone_b, n, 0.30, &counts);
     assert_eq!(counts.get("b1"), None, "b1 is ejected: {counts:?}");
+    agent
+        .audit()
+        .assert("b1 ejected", &Expect::services(1, 4).xds(1, 1, 0, 0));
+    agent.clear_and_audit();
 }
