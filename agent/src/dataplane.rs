@@ -18,6 +18,7 @@ mod kernel;
 mod keys;
 mod loader;
 mod mirror;
+mod sink;
 pub mod store;
 mod sys;
 pub mod task;
@@ -427,6 +428,13 @@ impl Datapath {
             }
         }
         Ok(removed)
+    }
+
+    /// Deletes the health entries the kernel made for endpoints their service
+    /// no longer has (see [`MapWriter::sweep_endpoint_health`]); returns how
+    /// many.
+    pub fn sweep_endpoint_health(&mut self) -> Result<usize, WriteError> {
+        self.writer.sweep_endpoint_health()
     }
 
     /// What the kernel's maps hold (services, backends, slots).

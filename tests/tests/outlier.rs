@@ -288,3 +288,66 @@ fn below_the_panic_threshold_ejections_are_ignored() {
     eprintln!("panic: {refused} of 300 refused; without a threshold 9");
     lab.finish(&Expect::services(1, 4));
 }
+
+/// A connect in flight to an endpoint its service then drops: the connect fails
+/// after the removal (its address answers nobody, and the client gives up), and
+/// sock_ops counts the failure for an endpoint the service
+/// no longer has. That entry is nobody's: the agent's sweep deletes it, and
+/// nothing of the service's own health goes with it.
+#[test]
+fn a_failure_after_its_endpoint_left_the_service_leaves_no_entry() {
+    let mut lab = lab();
+    let health = Health {
+        outlier: Some(outlier(5, 5_000)),
+        max_connections: None,
+    };
+    let nobody = sockmesh::model::Backend::new(std::net::IpAddr::from([10, 10, 1, 30]), 8080);
+    let only = |b: sockmesh::model::Backend| {
+        let mut t = RoutingTable::default();
+        t.insert(
+            PodLab::service(),
+            Service::new(vec![b], LbPolicy::Random).with_health(health),
+        );
+        t
+    };
+    lab.dp().apply(&only(nobody)).expect("apply");
+    let mut client = lab.client_command(PROBE);
+    client
+        .args(["connect", "10.96.0.10:80", "1", "20000"])
+        .stdout(std::process::Stdio::piped());
+    let client = client.spawn().expect("client");
+    // The connect is placed (its reverse entry exists), then its endpoint goes.
+    wait_until("the connect in flight", Duration::from_secs(10), || {
+        sockmesh_tests::audit::read(&lab.bpffs.0).map(|m| m.reverse == 1)
+    });
+    lab.dp().apply(&only(PodLab::pod(1))).expect("apply");
+    let out = client.wait_with_output().expect("client");
+    let out = String::from_utf8_lossy(&out.stdout);
+    // Abandoned (the probe's connect timeout) or refused by the neighbour
+    // lookup: a failure either way.
+    assert!(
+        out.split_whitespace().nth(2).is_some_and(|w| w.starts_with('E')),
+        "{out}"
+    );
+    wait_until("the late failure's entry", Duration::from_secs(10), || {
+        read_health(&lab.bpffs.0)
+            .expect("read")
+            .endpoints
+            .iter()
+            .any(|e| e.backend == "10.10.1.30:8080")
+    });
+    // Pod 4 (refusing) joins: its failures are the service's own.
+    lab.dp().apply(&table(&[1, 4], health)).expect("apply");
+    wait_until("a failure of pod 4", Duration::from_secs(10), || {
+        let _ = connects(&lab, 4);
+        pod4(&lab).is_some()
+    });
+    let failures = lab.audit().failures(&Expect::services(1, 2));
+    assert!(
+        failures.len() == 1 && failures[0].contains("10.10.1.30:8080 of 10.96.0.10:80/tcp"),
+        "{failures:?}"
+    );
+    assert_eq!(lab.dp().sweep_endpoint_health().expect("sweep"), 1);
+    assert!(pod4(&lab).is_some(), "the service's own entry stays");
+    lab.finish(&Expect::services(1, 2));
+}

@@ -438,6 +438,12 @@ impl MapStore for KernelMaps {
     fn refusals(&self) -> Refusals {
         self.refused.clone()
     }
+    fn endpoint_health_keys(&self) -> Result<Vec<EndpointKey>, StoreError> {
+        self.endpoint_health
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(err(MapName::EndpointHealth, "iterate"))
+    }
     fn snapshot(&self) -> Result<Snapshot, StoreError> {
         Ok(Snapshot {
             services: self

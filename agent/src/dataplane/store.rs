@@ -190,6 +190,11 @@ pub trait MapStore {
     /// later and whose endpoint's `SM_EP_HEALTH` entry holds that end.
     fn running_ejections(&self, k: &ServiceKey, now_ns: u64) -> Result<Running, StoreError>;
     fn snapshot(&self) -> Result<Snapshot, StoreError>;
+    /// The keys of every `SM_EP_HEALTH` entry (the kernel creates them; a store
+    /// without them has none).
+    fn endpoint_health_keys(&self) -> Result<Vec<EndpointKey>, StoreError> {
+        Ok(Vec::new())
+    }
     /// Entries each map refused for want of room so far (a store that cannot
     /// run out of room refuses none).
     fn refusals(&self) -> Refusals {
@@ -486,6 +491,9 @@ impl MapStore for MemStore {
     }
     fn refusals(&self) -> Refusals {
         self.refused.clone()
+    }
+    fn endpoint_health_keys(&self) -> Result<Vec<EndpointKey>, StoreError> {
+        Ok(self.endpoint_health.iter().copied().collect())
     }
     fn zero_stats_many(&mut self, keys: &[ServiceKey]) -> Result<(), BatchError> {
         one_by_one(keys, keys, |k, _| {

@@ -1116,6 +1116,9 @@ fn rollback<S: MapStore>(store: &mut S, inst: &Installed, id: u32) {
 #[path = "writer_bulk.rs"]
 mod bulk;
 
+#[path = "writer_sweep.rs"]
+mod sweep;
+
 #[cfg(test)]
 #[path = "writer_tests.rs"]
 mod tests;
