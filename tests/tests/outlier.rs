@@ -326,7 +326,9 @@ fn a_failure_after_its_endpoint_left_the_service_leaves_no_entry() {
     // Abandoned (the probe's connect timeout) or refused by the neighbour
     // lookup: a failure either way.
     assert!(
-        out.split_whitespace().nth(2).is_some_and(|w| w.starts_with('E')),
+        out.split_whitespace()
+            .nth(2)
+            .is_some_and(|w| w.starts_with('E')),
         "{out}"
     );
     wait_until("the late failure's entry", Duration::from_secs(10), || {

@@ -55,7 +55,6 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 
 pub use super::sink::TableSink;
 
-
 /// Buckets of the update → kernel latency histogram (seconds): 50 µs … 1 s.
 pub const LATENCY_BUCKETS: [f64; 12] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0,
