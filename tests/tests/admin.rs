@@ -44,6 +44,14 @@ fn admin_endpoints_answer_on_loopback() {
             "missing {line:?} in:\n{metrics}"
         );
     }
+    // Every map with a capacity has its fill ratio (the kernel-filled ones once
+    // counted, on the agent's tick).
+    for m in sockmesh::dataplane::fill::SIZED {
+        let series = format!("sockmesh_map_fill_ratio{{map=\"{}\"}}", m.label);
+        wait_until(&series, Duration::from_secs(10), || {
+            admin.metric(&series).is_some()
+        });
+    }
     let (status, _) = admin.get("/config_dump");
     assert_eq!(status, 200);
     let dump = admin.dump();
