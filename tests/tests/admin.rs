@@ -252,6 +252,16 @@ fn capacity_limits_leave_what_does_not_fit_out_listed_and_heal() {
         admin.metric("sockmesh_map_fill_ratio{map=\"services\"}"),
         Some(1.0)
     );
+    // The service map has been full since the first file: one warning, naming
+    // the flag, however many updates found it full since.
+    let warned: Vec<String> = admin
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("map SM_SERVICES is full"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    assert!(warned[0].contains("raise --max-services"), "{warned:?}");
     agent.audit().assert(
         "service 2 limited to a subset",
         &Expect::services(2, 4).xds(2, 2, 0, 0),

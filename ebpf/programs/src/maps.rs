@@ -285,7 +285,8 @@ named_map! {
     /// - writer: sock_ops creates an entry at an endpoint's first failed connect,
     ///   counts failures (atomic fetch-add), resets them on a success and ejects;
     ///   the agent deletes the entries of endpoints its service no longer has (an
-    ///   EDS removal resets the endpoint's state)
+    ///   EDS removal resets the endpoint's state), and sweeps the ones a connect
+    ///   placed before the removal made when it failed after it
     /// - reader: connect4/6 (is the pick ejected), the agent (`/config_dump`,
     ///   `/metrics`, `sockmesh services`)
     /// - pinned under `<bpffs>/health-v2/`
