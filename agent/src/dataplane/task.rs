@@ -53,7 +53,86 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-pub use super::sink::TableSink;
+/// Where accepted tables go: the kernel datapath, or a fake in tests.
+pub trait TableSink: Send {
+    /// Makes the datapath hold `table`; returns the number of map operations.
+    fn apply(&mut self, table: &RoutingTable) -> Result<usize, SinkError>;
+    /// Changes some services only (`None`: remove).
+    fn apply_changes(&mut self, changes: &Changes) -> Result<usize, SinkError>;
+    /// What the datapath holds now (adopted from pins on restart).
+    fn table(&self) -> RoutingTable;
+    /// What the datapath's maps hold, counted (cheap: for gauges).
+    fn usage(&self) -> Usage {
+        Usage::of_table(&self.table())
+    }
+    /// The maps' capacities (updates beyond them are NACKed).
+    fn limits(&self) -> Limits {
+        Limits::default()
+    }
+    /// How full each map is; with `recount`, the maps the kernel programs fill
+    /// are counted again if their turn has come (the task's tick).
+    fn map_fill(&mut self, _recount: bool) -> Vec<super::fill::MapFill> {
+        super::fill::from_usage(&self.usage(), &self.limits())
+    }
+    /// Aborts sockets redirected to removed endpoints; returns how many.
+    fn terminate(&mut self, _targets: &BTreeSet<Endpoint>) -> Result<usize, SinkError> {
+        Ok(0)
+    }
+    /// Whether the datapath is built but not attached yet, because another pin
+    /// layout's datapath serves meanwhile (an upgrade that changed the map layout).
+    fn pending(&self) -> bool {
+        false
+    }
+    /// Attaches a pending datapath and removes the other layout's; returns the
+    /// layout versions retired.
+    fn activate(&mut self) -> Result<Vec<u32>, SinkError> {
+        Ok(Vec::new())
+    }
+    /// How the programs came to be attached (`None`: a sink without a kernel).
+    fn attachment(&self) -> Option<Attachment> {
+        None
+    }
+    /// The other pin layouts this datapath detached and removed.
+    fn retired(&self) -> Vec<u32> {
+        Vec::new()
+    }
+    /// Deletes idle open-connection counts of endpoints gone; returns how many.
+    fn sweep_conns(&mut self) -> Result<usize, SinkError> {
+        Ok(0)
+    }
+    /// Deletes health entries of endpoints their service no longer has; returns
+    /// how many.
+    fn sweep_endpoint_health(&mut self) -> Result<usize, SinkError> {
+        Ok(0)
+    }
+    /// The kernel's outlier state (`None`: a sink without a kernel).
+    fn health(&self) -> Option<super::HealthReport> {
+        None
+    }
+    /// Rewrites the choice tables of services with priority levels to the
+    /// ejections running now (all of them, or `only`); returns when the first
+    /// of those ejections ends (`CLOCK_MONOTONIC` ns).
+    fn refresh_levels(
+        &mut self,
+        _only: Option<&sockmesh_common::ServiceKey>,
+    ) -> Result<Option<u64>, SinkError> {
+        Ok(None)
+    }
+    /// The kernel programs' events (ejections), handed over once to the thread
+    /// that reads them.
+    fn take_events(&mut self) -> Option<super::events::Events> {
+        None
+    }
+
+    /// Makes the enrolled cgroups `cgroups` (see [`super::Datapath::enroll`]).
+    fn enroll(
+        &mut self,
+        _cgroups: &BTreeSet<PathBuf>,
+        _prune: bool,
+    ) -> Result<EnrollReport, SinkError> {
+        Err(SinkError::Datapath(super::DataplaneError::NotEnrolling))
+    }
+}
 
 /// Buckets of the update → kernel latency histogram (seconds): 50 µs … 1 s.
 pub const LATENCY_BUCKETS: [f64; 12] = [
