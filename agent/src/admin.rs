@@ -431,19 +431,14 @@ pub fn metrics_with(
         "1 while the kernel maps lag the accepted configuration (a write failed; retried every second)",
         usize::from(status.behind),
     );
-    let limits = core.limits();
     let fill: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>> = Family::default();
-    fill.get_or_create(&vec![("map".to_owned(), "services".to_owned())])
-        .set(held.services as f64 / f64::from(limits.services.max(1)));
-    fill.get_or_create(&vec![("map".to_owned(), "backends".to_owned())])
-        .set(held.backends as f64 / f64::from(limits.backends.max(1)));
-    fill.get_or_create(&vec![("map".to_owned(), "slots".to_owned())])
-        .set(held.slots as f64 / f64::from(limits.slots.max(1)));
-    fill.get_or_create(&vec![("map".to_owned(), "maglev".to_owned())])
-        .set(held.maglev as f64 / f64::from(limits.maglev.max(1)));
+    for m in &status.maps {
+        fill.get_or_create(&vec![("map".to_owned(), m.label.clone())])
+            .set(m.ratio());
+    }
     r.register(
         "sockmesh_map_fill_ratio",
-        "Used fraction of each map's capacity",
+        "Used fraction of each map's capacity (maglev: tables of --max-maglev-services); a map that fills is logged once, naming the flag that sizes it",
         fill,
     );
     let limited: Family<Labels, Gauge> = Family::default();
@@ -607,6 +602,7 @@ pub fn config_dump_with(
             retired_layouts: kernel.retired.clone(),
             migrating: kernel.migrating,
             limits: core.limits().into(),
+            maps: kernel.maps.clone(),
         },
         xds: core
             .state()
@@ -690,6 +686,11 @@ pub fn config_dump_with(
             .collect(),
         load_balancing: load_balancing(core, &kernel.levels, health),
         services: core.state().table().to_json(),
+        state: core
+            .state_sizes()
+            .into_iter()
+            .map(|(k, n)| (k.to_owned(), n))
+            .collect(),
     }
     .to_json()
 }

@@ -80,6 +80,11 @@ pub struct ConfigDump {
     /// empty.
     #[serde(default)]
     pub load_balancing: BTreeMap<String, crate::admin_levels::LevelsDump>,
+    /// How many entries each of the agent's own collections holds (resources,
+    /// versions, the translation's indexes, …), for leak audits: each follows
+    /// the configuration held, not its history. Absent from an older agent.
+    #[serde(default)]
+    pub state: BTreeMap<String, usize>,
     /// The routing table, as `sockmesh services --json` prints it.
     pub services: Vec<ServiceJson>,
 }
@@ -157,6 +162,11 @@ pub struct DatapathDump {
     /// Another layout's datapath serves until this one is filled and attached.
     pub migrating: bool,
     pub limits: LimitsDump,
+    /// How full each map is: entries (the agent's own count of the maps it
+    /// writes, the kernel's of the others), capacity, the flag that sizes it.
+    /// Absent from an older agent: empty.
+    #[serde(default)]
+    pub maps: Vec<crate::dataplane::fill::MapFill>,
 }
 
 /// The maps' capacities.
@@ -272,6 +282,7 @@ mod tests {
                 retired_layouts: vec![1],
                 migrating: false,
                 limits: crate::dataplane::Limits::default().into(),
+                maps: Vec::new(),
             },
             xds: BTreeMap::from([
                 (
@@ -350,6 +361,7 @@ mod tests {
                     ..Default::default()
                 },
             )]),
+            state: BTreeMap::from([("listeners".to_owned(), 1)]),
             services,
         }
     }
@@ -396,6 +408,8 @@ mod tests {
                     "slots": d.datapath.limits.slots,
                     "maglev_services": d.datapath.limits.maglev_services,
                 },
+                // Added with the maps' fill.
+                "maps": d.datapath.maps,
             },
             "xds": types,
             // Added with the secured control plane.
@@ -422,6 +436,8 @@ mod tests {
             "not_interpreted": d.not_interpreted,
             // Added with multi-zone services.
             "load_balancing": d.load_balancing,
+            // Added with the leak audit.
+            "state": d.state,
             "services": d.services,
         });
         serde_json::to_string_pretty(&dump).unwrap_or_default() + "\n"

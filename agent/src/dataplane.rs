@@ -13,6 +13,7 @@ mod contract;
 pub mod destroy;
 pub mod events;
 pub mod features;
+pub mod fill;
 mod kernel;
 mod keys;
 mod loader;
@@ -166,6 +167,8 @@ pub struct Datapath {
     root: PathBuf,
     /// The enrolled pods' links ([`AttachScope::EnrolledPods`]; `None`: one cgroup).
     pods: Option<cgroups::PodLinks>,
+    /// The maps' capacities, the kernel-filled maps' counts, which are full.
+    fill: fill::FillState,
 }
 
 /// A datapath built beside another layout's, not attached yet.
@@ -287,6 +290,7 @@ impl Datapath {
         let writer = MapWriter::adopt(maps)?
             .with_limits(limits)
             .with_envoy_draws(cfg.envoy_draws);
+        let fill = fill::FillState::open(&layout, &limits)?;
         let services = writer.table().services.len();
         info!(
             cgroup = %cfg.cgroup.display(),
@@ -306,6 +310,7 @@ impl Datapath {
             events: Some(events::Events::new(events)),
             root: cfg.cgroup.clone(),
             pods,
+            fill,
         })
     }
 
@@ -446,6 +451,13 @@ impl Datapath {
         Ok(removed)
     }
 
+    /// Deletes the health entries the kernel made for endpoints their service
+    /// no longer has (see [`MapWriter::sweep_endpoint_health`]); returns how
+    /// many.
+    pub fn sweep_endpoint_health(&mut self) -> Result<usize, WriteError> {
+        self.writer.sweep_endpoint_health()
+    }
+
     /// What the kernel's maps hold (services, backends, slots).
     pub fn usage(&self) -> crate::model::Usage {
         self.writer.usage()
@@ -454,6 +466,19 @@ impl Datapath {
     /// The maps' capacities.
     pub fn limits(&self) -> Limits {
         self.writer.limits()
+    }
+
+    /// How full each map is (see [`fill`]); with `recount`, the maps the kernel
+    /// programs fill are counted again if their turn has come. Logs a warning
+    /// when a map fills.
+    pub fn map_fill(&mut self, recount: bool) -> Vec<fill::MapFill> {
+        use store::MapStore as _;
+        self.fill.observe(
+            &self.writer.entries(),
+            &self.writer.store().refusals(),
+            recount,
+            std::time::Instant::now(),
+        )
     }
 
     /// Whether this process attached the programs or adopted pinned ones.

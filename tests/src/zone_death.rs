@@ -105,6 +105,12 @@ pub fn run(bin: &Path, probe: &Path) -> ZoneDeath {
     zone_a = Some(zone([1, 2]));
     let out = timeline.wait_with_output().expect("client");
     drop(zone_a);
+    // The ejected pods' health entries belong to the service; they go with it.
+    agent.audit().assert(
+        "zone a back",
+        &crate::audit::Expect::services(1, 4).xds(1, 1, 0, 0),
+    );
+    agent.clear_and_audit();
     let connects = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| {

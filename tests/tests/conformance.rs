@@ -16,6 +16,7 @@ use std::{collections::BTreeSet, net::IpAddr, process::Stdio, time::Duration};
 
 use sockmesh_tests::{
     Admin, Bpffs, Cgroup, FileAgent, Proc, TempDir, agent_command,
+    audit::{Audit, Expect},
     control_plane::ControlPlane,
     corpus::{Corpus, Expected, corpus_dir, corpus_files, fixture_files},
     shares::kernel_shares,
@@ -208,6 +209,12 @@ fn istio_dumps_through_the_file_source_route_as_envoy_would() {
                 corpus.name
             );
         }
+        // Every entry of the mesh's services belongs to one, and all of it goes
+        // with the mesh.
+        agent
+            .audit()
+            .assert(&format!("{} routed", corpus.name), &Expect::default());
+        agent.clear_and_audit();
     }
 }
 
@@ -266,6 +273,13 @@ fn through_ads(protocol: &str) {
             corpus.name,
             cp.nacks()
         );
+        let audit = Audit::agent(&bpffs.0, &admin);
+        audit.assert(&format!("{} routed", corpus.name), &Expect::default());
+        cp.remove_all();
+        audit.assert_empty(&format!(
+            "{}: the control plane's mesh removed",
+            corpus.name
+        ));
     }
 }
 

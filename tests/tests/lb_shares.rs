@@ -26,7 +26,10 @@ use sockmesh_proto::pb::{
     },
     google::protobuf::UInt32Value,
 };
-use sockmesh_tests::envoy_lb;
+use sockmesh_tests::{
+    audit::{Expect, assert_store},
+    envoy_lb,
+};
 
 /// A random assignment, as the oracle and as EDS see it.
 struct Case {
@@ -218,6 +221,10 @@ fn check(c: &Case, outlier: bool, what: &str) {
             c.oracle
         );
     }
+    // The maps hold the service's entries and no others, and none once it goes.
+    assert_store(what, w.store(), &Expect::table(&table));
+    w.apply(&RoutingTable::default()).expect("removed");
+    assert_store(&format!("{what}, removed"), w.store(), &Expect::empty());
 }
 
 #[test]

@@ -20,7 +20,9 @@ use sockmesh::model::{
     Backend, Health, LbPolicy, Outlier, Protocol, RoutingTable, Service, ServiceAddr,
 };
 use sockmesh_tests::{
-    Bpffs, Cgroup, NetNs, command_in, install, monotonic_ns, pod_network, serve, wait_until,
+    Bpffs, Cgroup, NetNs,
+    audit::{Audit, Expect},
+    command_in, install, monotonic_ns, pod_network, serve, wait_until,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -171,4 +173,9 @@ fn concurrent_deaths_and_updates_keep_the_kernel_state_exact() {
     for s in sockmesh::dataplane::read_ejection_slots(&bpffs.0).expect("slots") {
         assert_eq!(s.lock, 0, "the slot lock is free at rest: {s:?}");
     }
+    let audit = Audit::kernel(&bpffs.0);
+    audit.assert("after the storm", &Expect::services(1, 10));
+    dp.apply(&RoutingTable::default())
+        .expect("remove the service");
+    audit.assert_empty("the service removed");
 }

@@ -12,7 +12,9 @@
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use sockmesh_tests::{
-    FileAgent, NetNs, command_in, pod_network, run, serve, wait_for_backends,
+    FileAgent, NetNs,
+    audit::Expect,
+    command_in, pod_network, run, serve, wait_for_backends,
     zone_death::{self, VIP, config},
 };
 
@@ -78,6 +80,10 @@ fn two_zones_give_every_pod_one_twelfth() {
             &counts,
         );
     }
+    agent
+        .audit()
+        .assert("two zones", &Expect::services(1, 12).xds(1, 1, 0, 0));
+    agent.clear_and_audit();
 }
 
 /// Priority 0: 2 healthy and 2 unhealthy endpoints; priority 1: 2 healthy. Envoy:
@@ -124,6 +130,10 @@ fn a_half_unhealthy_priority_spills_thirty_percent_to_the_next() {
     for name in ["b3", "b4"] {
         assert_eq!(counts.get(name), None, "{name} is unhealthy: {counts:?}");
     }
+    agent
+        .audit()
+        .assert("two priorities", &Expect::services(1, 6).xds(1, 1, 0, 0));
+    agent.clear_and_audit();
 }
 
 /// Priority 0 (zone a: b1, b2) and priority 1 (zone b: b3, b4), outlier
@@ -255,4 +265,8 @@ fn one_ejected_host_moves_its_levels_load_as_envoys_health_does() {
     let zone_b = counts.get("b3").copied().unwrap_or(0) + counts.get("b4").copied().unwrap_or(0);
     within("zone b", zone_b, n, 0.30, &counts);
     assert_eq!(counts.get("b1"), None, "b1 is ejected: {counts:?}");
+    agent
+        .audit()
+        .assert("b1 ejected", &Expect::services(1, 4).xds(1, 1, 0, 0));
+    agent.clear_and_audit();
 }

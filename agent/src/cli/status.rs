@@ -317,6 +317,7 @@ mod tests {
             refused: BTreeMap::new(),
             not_interpreted: Vec::new(),
             load_balancing: BTreeMap::new(),
+            state: BTreeMap::new(),
             synced: true,
             push: PushDump::default(),
             datapath: DatapathDump {
@@ -330,6 +331,7 @@ mod tests {
                     slots: 32,
                     maglev_services: 4,
                 },
+                maps: Vec::new(),
             },
             xds: BTreeMap::from([(
                 "eds".to_owned(),

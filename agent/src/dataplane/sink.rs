@@ -30,6 +30,10 @@ impl TableSink for super::Datapath {
         super::Datapath::usage(self)
     }
 
+    fn map_fill(&mut self, recount: bool) -> Vec<super::fill::MapFill> {
+        super::Datapath::map_fill(self, recount)
+    }
+
     fn terminate(&mut self, targets: &BTreeSet<Endpoint>) -> Result<usize, SinkError> {
         Ok(super::Datapath::terminate(self, targets)?.destroyed)
     }
@@ -54,6 +58,10 @@ impl TableSink for super::Datapath {
 
     fn sweep_conns(&mut self) -> Result<usize, SinkError> {
         Ok(super::Datapath::sweep_conns(self)?)
+    }
+
+    fn sweep_endpoint_health(&mut self) -> Result<usize, SinkError> {
+        Ok(super::Datapath::sweep_endpoint_health(self)?)
     }
 
     fn health(&self) -> Option<super::HealthReport> {

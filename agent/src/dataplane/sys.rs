@@ -18,6 +18,8 @@
 //! - `BPF_MAP_UPDATE_BATCH` (write many entries of a map in one call): aya 0.16
 //!   has no batch map operations. A bulk load writes hundreds of thousands of
 //!   entries; one syscall each was most of its kernel time.
+//! - `BPF_MAP_LOOKUP_BATCH`, to count a map the kernel programs fill (the fill
+//!   ratio) a thousand entries a call; aya iterates key by key, typed.
 //! - The feature probes of [`super::features`] that aya's `is_program_supported`
 //!   cannot make: a program load for a given *attach type* (aya probes a type with
 //!   one fixed attach type), and whether a command exists at all.
@@ -189,6 +191,88 @@ pub fn map_update_batch<K: aya::Pod, V: aya::Pod>(
         done += k.len();
     }
     Ok(())
+}
+
+/// The entries of a hash map, counted by the kernel in batches
+/// (`BPF_MAP_LOOKUP_BATCH`, 5.6; about one call per thousand entries); where the
+/// kernel has no batch lookup for the map, key by key (`BPF_MAP_GET_NEXT_KEY`).
+/// `key_size` and `value_size` are the map's (from its `MapInfo`). Entries added
+/// or deleted meanwhile may be counted or not.
+pub fn map_count(map: BorrowedFd<'_>, key_size: usize, value_size: usize) -> io::Result<u64> {
+    let mut chunk = COUNT_CHUNK;
+    let mut keys = vec![0u8; chunk * key_size];
+    let mut values = vec![0u8; chunk * value_size];
+    // The kernel's cursor for a hash map is a bucket number (a `u32`); room for
+    // a larger one costs nothing.
+    let mut cursor = [0u64; 2];
+    let mut next = [0u64; 2];
+    let mut total = 0u64;
+    let mut first = true;
+    loop {
+        let mut attr = zeroed_attr();
+        attr.batch.map_fd = fd_u32(map);
+        attr.batch.in_batch = if first { 0 } else { cursor.as_ptr() as u64 };
+        attr.batch.out_batch = next.as_mut_ptr() as u64;
+        attr.batch.keys = keys.as_mut_ptr() as u64;
+        attr.batch.values = values.as_mut_ptr() as u64;
+        attr.batch.count = chunk as u32; // ≤ u32::MAX: it only doubles past COUNT_CHUNK on ENOSPC
+        // SAFETY: the batch member is filled in, the rest is zero; `keys` and
+        // `values` have room for `count` entries of the map's key and value size,
+        // the cursors for the kernel's, and all outlive the call.
+        let rc = unsafe { sys_bpf(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut attr) };
+        // SAFETY: reading back the member the kernel answered in (plain integers).
+        let got = u64::from(unsafe { attr.batch.count });
+        match rc {
+            Ok(_) => total += got,
+            // The last batch: what it found, and nothing after.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(total + got),
+            // One bucket holds more entries than a batch has room for.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && chunk < MAX_COUNT_CHUNK => {
+                chunk *= 2;
+                keys.resize(chunk * key_size, 0);
+                values.resize(chunk * value_size, 0);
+                continue;
+            }
+            Err(e) if first && matches!(e.raw_os_error(), Some(libc::EINVAL | ENOTSUPP)) => {
+                return map_count_keys(map, key_size);
+            }
+            Err(e) => return Err(e),
+        }
+        cursor = next;
+        first = false;
+    }
+}
+
+/// Entries per `BPF_MAP_LOOKUP_BATCH` call of [`map_count`], and the most it
+/// grows to for a bucket that holds more.
+const COUNT_CHUNK: usize = 1024;
+const MAX_COUNT_CHUNK: usize = 1 << 20;
+
+/// The kernel's answer to a command a map type does not have (`ENOTSUPP`).
+const ENOTSUPP: i32 = 524;
+
+/// [`map_count`] key by key, with `BPF_MAP_GET_NEXT_KEY`.
+fn map_count_keys(map: BorrowedFd<'_>, key_size: usize) -> io::Result<u64> {
+    let mut key = vec![0u8; key_size];
+    let mut next = vec![0u8; key_size];
+    let mut total = 0u64;
+    let mut first = true;
+    loop {
+        let mut attr = zeroed_attr();
+        attr.__bindgen_anon_2.map_fd = fd_u32(map);
+        // No key: the first one.
+        attr.__bindgen_anon_2.key = if first { 0 } else { key.as_ptr() as u64 };
+        attr.__bindgen_anon_2.__bindgen_anon_1.next_key = next.as_mut_ptr() as u64;
+        // SAFETY: the element member is filled in, the rest is zero; `key` and
+        // `next` are `key_size` bytes, the map's, and outlive the call.
+        match unsafe { sys_bpf(bpf_cmd::BPF_MAP_GET_NEXT_KEY, &mut attr) } {
+            Ok(_) => total += 1,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(total),
+            Err(e) => return Err(e),
+        }
+        std::mem::swap(&mut key, &mut next);
+        first = false;
+    }
 }
 
 /// Entries per `BPF_MAP_UPDATE_BATCH` call (the kernel holds no lock across a

@@ -69,6 +69,11 @@ pub trait TableSink: Send {
     fn limits(&self) -> Limits {
         Limits::default()
     }
+    /// How full each map is; with `recount`, the maps the kernel programs fill
+    /// are counted again if their turn has come (the task's tick).
+    fn map_fill(&mut self, _recount: bool) -> Vec<super::fill::MapFill> {
+        super::fill::from_usage(&self.usage(), &self.limits())
+    }
     /// Aborts sockets redirected to removed endpoints; returns how many.
     fn terminate(&mut self, _targets: &BTreeSet<Endpoint>) -> Result<usize, SinkError> {
         Ok(0)
@@ -93,6 +98,11 @@ pub trait TableSink: Send {
     }
     /// Deletes idle open-connection counts of endpoints gone; returns how many.
     fn sweep_conns(&mut self) -> Result<usize, SinkError> {
+        Ok(0)
+    }
+    /// Deletes health entries of endpoints their service no longer has; returns
+    /// how many.
+    fn sweep_endpoint_health(&mut self) -> Result<usize, SinkError> {
         Ok(0)
     }
     /// The kernel's outlier state (`None`: a sink without a kernel).
@@ -144,8 +154,9 @@ pub const LATENCY_BUCKETS: [f64; 12] = [
 /// `initial_fetch_timeout` (15 s) bounds its own warming.
 pub const MIGRATION_WARMING_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Ticks (about a second each) between sweeps of idle connection counts.
-const CONN_SWEEP_TICKS: u64 = 60;
+/// Ticks (about a second each) between sweeps of idle connection counts and of
+/// health entries of endpoints gone.
+const SWEEP_TICKS: u64 = 60;
 
 /// A kernel write of this many map operations (an initial load) leaves its
 /// planning buffers freed but held by the allocator: see [`release_freed_memory`].
@@ -185,6 +196,8 @@ pub struct KernelStatus {
     pub terminated: u64,
     /// What the maps hold, counted.
     pub usage: Usage,
+    /// How full each map is.
+    pub maps: Vec<super::fill::MapFill>,
     pub attachment: Option<Attachment>,
     pub retired: Vec<u32>,
     /// Built beside another layout's datapath, waiting to go live.
@@ -282,13 +295,14 @@ pub struct DatapathHandle {
 impl DatapathHandle {
     /// Starts the task over `sink`. With `terminate_removed`, the sockets of
     /// endpoints removed outright are aborted after each write.
-    pub fn spawn(sink: Box<dyn TableSink>, terminate_removed: bool) -> Self {
+    pub fn spawn(mut sink: Box<dyn TableSink>, terminate_removed: bool) -> Self {
         let limits = sink.limits();
         let adopted = sink.table();
         let latency = Histogram::new(LATENCY_BUCKETS);
         let mut task = Task {
             status: KernelStatus {
                 usage: sink.usage(),
+                maps: sink.map_fill(true),
                 attachment: sink.attachment(),
                 retired: sink.retired(),
                 migrating: sink.pending(),
@@ -563,6 +577,27 @@ impl Task {
         }
     }
 
+    /// Deletes what the kernel programs left of endpoints gone: idle connection
+    /// counts, and health entries a late connect failure made.
+    fn sweep(&mut self) {
+        match self.sink.sweep_conns() {
+            Ok(0) => {}
+            Ok(n) => info!(
+                entries = n,
+                "deleted idle connection counts of endpoints gone"
+            ),
+            Err(e) => warn!(error = %chain(&e), "sweeping idle connection counts failed"),
+        }
+        match self.sink.sweep_endpoint_health() {
+            Ok(0) => {}
+            Ok(n) => info!(
+                entries = n,
+                "deleted health entries of endpoints their service no longer has"
+            ),
+            Err(e) => warn!(error = %chain(&e), "sweeping endpoint health entries failed"),
+        }
+    }
+
     /// How long until the levels' loads move next (an ejection ends).
     fn levels_wait(&self) -> Option<Duration> {
         let due = self.levels_due?;
@@ -589,6 +624,7 @@ impl Task {
             };
             // The services this command wrote (`None`: all of them).
             let mut written = Some(BTreeSet::new());
+            let tick = matches!(c, Command::Tick { .. });
             let done = match c {
                 Command::Write {
                     write,
@@ -619,17 +655,8 @@ impl Task {
                     // A safety net for events the ring buffer dropped.
                     self.refresh_levels(None);
                     self.ticks += 1;
-                    if self.ticks.is_multiple_of(CONN_SWEEP_TICKS) {
-                        match self.sink.sweep_conns() {
-                            Ok(0) => {}
-                            Ok(n) => info!(
-                                entries = n,
-                                "deleted idle connection counts of endpoints gone"
-                            ),
-                            Err(e) => {
-                                warn!(error = %chain(&e), "sweeping idle connection counts failed")
-                            }
-                        }
+                    if self.ticks.is_multiple_of(SWEEP_TICKS) {
+                        self.sweep();
                     }
                     None
                 }
@@ -652,6 +679,7 @@ impl Task {
             self.status.handled += 1;
             self.note_levels(written.as_ref());
             self.status.usage = self.sink.usage();
+            self.status.maps = self.sink.map_fill(tick);
             self.status.migrating = self.sink.pending();
             self.status.attachment = self.sink.attachment();
             self.status.retired = self.sink.retired();

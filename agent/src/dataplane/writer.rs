@@ -26,7 +26,7 @@ use tracing::{debug, warn};
 
 use super::{
     keys::{ip_to_words, port_to_map, service_addr, service_key},
-    mirror::{Installed, Mirror, SlotMap, is_direct, slot_index},
+    mirror::{Installed, MapEntries, Mirror, SlotMap, is_direct, slot_index},
     published::PublishedMap,
     store::{MapStore, Snapshot, StoreError},
 };
@@ -81,6 +81,9 @@ pub struct MapWriter<S: MapStore> {
     /// Services, backend entries and slots of all services, kept current so that
     /// `apply_changes` checks capacity without walking every service.
     usage: Usage,
+    /// Entries of each map the agent writes, kept current as `usage` is (the
+    /// maps' fill ratio).
+    entries: MapEntries,
     /// Ids in use (and ids handed out during a full apply), so allocation does not
     /// walk every service.
     ids: HashSet<u32>,
@@ -132,6 +135,10 @@ impl CounterBook {
     }
 
     fn failed(&mut self, e: StoreError) {
+        // A full map is reported once, when it fills (see `super::fill`).
+        if e.is_full() {
+            return;
+        }
         self.failures += 1;
         self.first.get_or_insert(e);
     }
@@ -195,6 +202,7 @@ impl<S: MapStore> MapWriter<S> {
             store,
             mirror,
             usage: Usage::default(),
+            entries: MapEntries::default(),
             ids: HashSet::new(),
             limits: Limits::default(),
             counters,
@@ -241,13 +249,19 @@ impl<S: MapStore> MapWriter<S> {
             .values()
             .map(Installed::usage)
             .fold(Usage::default(), |a, b| a.plus(&b));
+        self.entries = self
+            .mirror
+            .services
+            .values()
+            .map(Installed::entries)
+            .fold(MapEntries::default(), MapEntries::plus);
     }
 
-    fn counts(&self, key: &ServiceKey) -> Usage {
+    fn counts(&self, key: &ServiceKey) -> (Usage, MapEntries) {
         self.mirror
             .services
             .get(key)
-            .map_or(Usage::default(), Installed::usage)
+            .map_or_else(Default::default, |i| (i.usage(), i.entries()))
     }
 
     /// Runs one service operation, keeping the totals current.
@@ -256,16 +270,26 @@ impl<S: MapStore> MapWriter<S> {
         key: &ServiceKey,
         op: impl FnOnce(&mut Self) -> Result<T, WriteError>,
     ) -> Result<T, WriteError> {
-        let before = self.counts(key);
+        let (usage, entries) = self.counts(key);
         let result = op(self);
-        let after = self.counts(key);
-        self.usage = self.usage.plus(&after).minus(&before);
+        let (usage_after, entries_after) = self.counts(key);
+        self.usage = self.usage.plus(&usage_after).minus(&usage);
+        self.entries = self.entries.plus(entries_after).minus(entries);
         result
     }
 
     /// What the installed table takes of the maps.
     pub fn usage(&self) -> Usage {
         self.usage
+    }
+
+    /// The entries of each map the agent writes, as its bookkeeping counts them:
+    /// the installed services' and the counter entries whose delete failed.
+    pub fn entries(&self) -> MapEntries {
+        MapEntries {
+            stats: self.entries.stats + self.counters.orphans.len(),
+            ..self.entries
+        }
     }
 
     /// The installed table, as the kernel sees it.
@@ -1141,6 +1165,9 @@ fn rollback<S: MapStore>(store: &mut S, inst: &Installed, id: u32) {
 
 #[path = "writer_bulk.rs"]
 mod bulk;
+
+#[path = "writer_sweep.rs"]
+mod sweep;
 
 #[cfg(test)]
 #[path = "writer_tests.rs"]

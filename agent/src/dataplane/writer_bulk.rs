@@ -236,6 +236,7 @@ impl<S: MapStore> MapWriter<S> {
         let rest = planned.split_off(published);
         for p in planned {
             self.usage = self.usage.plus(&p.installed.usage());
+            self.entries = self.entries.plus(p.installed.entries());
             self.mirror.services.insert(p.key, p.installed);
             report.added += 1;
             report.map_ops += p.ops;

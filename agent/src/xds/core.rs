@@ -299,6 +299,16 @@ impl Core {
         self.kernel.tick(warming, now);
     }
 
+    /// How many entries each of the agent's collections holds: the xDS state's
+    /// ([`XdsState::sizes`]) and the core's own per-name bookkeeping.
+    pub fn state_sizes(&self) -> BTreeMap<&'static str, usize> {
+        let mut out = self.state.sizes();
+        out.insert("dns_status", self.dns.len());
+        out.insert("opaque_types", self.opaque_types.len());
+        out.insert("unknown_fields", self.unknown_fields.len());
+        out
+    }
+
     pub fn state(&self) -> &XdsState {
         &self.state
     }

@@ -95,6 +95,23 @@ pub struct Incremental {
 }
 
 impl Incremental {
+    /// How many entries each cache and index holds (`/config_dump`'s `state`).
+    pub fn sizes(&self) -> [(&'static str, usize); 11] {
+        [
+            ("listener_specs", self.specs.len()),
+            ("listener_routes", self.listener_routes.len()),
+            ("listener_notes", self.listener_notes.len()),
+            ("route_users", self.route_users.len()),
+            ("cluster_views", self.clusters.len()),
+            ("eds_users", self.eds_users.len()),
+            ("service_owners", self.owners.len()),
+            ("cluster_users", self.cluster_users.len()),
+            ("warming", self.warming.len()),
+            ("passthrough", self.passthrough.len()),
+            ("unhashable", self.unhashable.len()),
+        ]
+    }
+
     /// Route names referenced by listeners (RDS subscription).
     pub fn route_names(&self) -> Vec<String> {
         self.route_users

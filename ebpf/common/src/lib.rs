@@ -58,17 +58,22 @@ pub mod map_names {
     /// Socket storage: the endpoint a socket was counted on ([`crate::SockConn`]),
     /// pinned beside [`BACKEND_CONNS`].
     pub const SOCK_CONNS: &str = "SM_SOCK_CONNS";
+    /// Socket storage: the peer a connected socket's [`REVERSE`] entry is keyed
+    /// by ([`crate::SockReverse`]), so the entry is found at close whatever the
+    /// socket's peer is by then.
+    pub const SOCK_REVERSE: &str = "SM_SOCK_REVERSE";
     /// Maglev lookup tables of consistent-hash services, in chunks
     /// ([`crate::SlotKey`] with the chunk number as `slot` → [`crate::MaglevChunk`]).
     pub const MAGLEV: &str = "SM_MAGLEV";
     /// The maps pinned under the layout directory.
-    pub const LAYOUT: [&str; 11] = [
+    pub const LAYOUT: [&str; 12] = [
         SERVICES,
         SERVICE_STATS,
         SLOTS,
         BACKENDS,
         REVERSE,
         REVERSE_UDP,
+        SOCK_REVERSE,
         COUNTERS,
         MAGLEV,
         TIERS,
@@ -94,7 +99,7 @@ pub mod map_names {
     pub const HEALTH: [&str; 4] = [SERVICE_POLICY, ENDPOINT_HEALTH, SERVICE_HEALTH, SOCK_HEALTH];
     /// Every map of the object: the layout's, the connection-tracking ones, then
     /// the health ones.
-    pub const ALL: [&str; 17] = join(join::<11, 2, 13>(LAYOUT, CONNS), HEALTH);
+    pub const ALL: [&str; 18] = join(join::<12, 2, 14>(LAYOUT, CONNS), HEALTH);
 
     /// `a` followed by `b` (`C` = `A + B`, checked at compile time).
     const fn join<const A: usize, const B: usize, const C: usize>(
@@ -530,6 +535,23 @@ pub struct SockConn {
     pub pad: [u8; 3],
 }
 
+/// Socket storage `SM_SOCK_REVERSE` of a connected socket connect() redirected:
+/// the backend its `SM_REVERSE` entry is keyed by. A socket's peer does not
+/// stay what connect() set: a connect that fails at once (no route), a UDP
+/// socket aborted or disconnected, clear it; sock_release, and a later connect
+/// of the same socket, delete the entry this names instead.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockReverse {
+    /// The backend's address (IPv6 or IPv4-mapped) and port, network order.
+    pub addr: [u32; 4],
+    pub port: u16,
+    /// 1 while the socket's `SM_REVERSE` entry for `addr`/`port` exists.
+    pub held: u8,
+    /// Always 0.
+    pub pad: u8,
+}
+
 /// Value of `SM_SVC_POLICY`: a service's outlier detection and circuit breaking
 /// settings, from its cluster (`outlier_detection`, `circuit_breakers`,
 /// `common_lb_config.healthy_panic_threshold`). Written by the agent before it
@@ -714,6 +736,7 @@ const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 20);
     assert!(core::mem::size_of::<ConnKey>() == 20);
     assert!(core::mem::size_of::<SockConn>() == 24);
+    assert!(core::mem::size_of::<SockReverse>() == 20);
     assert!(core::mem::size_of::<ServicePolicy>() == 32);
     assert!(core::mem::size_of::<EndpointKey>() == 40);
     assert!(core::mem::size_of::<EndpointHealth>() == 24);
@@ -748,7 +771,7 @@ mod pod {
     use super::{
         BackendInfo, BackendKey, ConnKey, EndpointHealth, EndpointKey, MaglevChunk, ReverseKey,
         ReverseValue, ServiceHealth, ServiceKey, ServicePolicy, ServiceStats, ServiceValue,
-        SlotKey, SockConn, SockHealth,
+        SlotKey, SockConn, SockHealth, SockReverse,
     };
 
     // SAFETY: all types are #[repr(C)], made only of integers, with every padding
@@ -772,6 +795,8 @@ mod pod {
     unsafe impl aya::Pod for ConnKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SockConn {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockReverse {}
     // SAFETY: as above.
     unsafe impl aya::Pod for MaglevChunk {}
     // SAFETY: as above.

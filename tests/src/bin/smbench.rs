@@ -1714,6 +1714,7 @@ fn churn_bench(bin_dir: &Path) -> Value {
         scale_steps: 100,
         step_every: std::time::Duration::from_millis(100),
         http: true,
+        audit_steps: false,
     });
     let _ = std::fs::remove_dir_all(&dir);
     match result {
