@@ -199,10 +199,11 @@ pub const MAX_EJECTED: usize = 16;
 pub const EJECTED_REDRAWS: u32 = 4;
 
 /// Then consecutive slots it walks, from a random one, for a backend that is not
-/// ejected: every slot of a table of up to this many (an equal-weight service of
-/// up to 64 backends has one slot each), so the walk finds a healthy backend
-/// whenever one exists there, however few are left.
-pub const EJECTED_WALK: u32 = 64;
+/// ejected: every slot of a smaller table, and in a larger one, at most
+/// [`MAX_EJECTED`] of these slots are ejected where each backend has one slot
+/// (equal weights), so the walk finds a backend that is not, however few are
+/// left. Each slot walked costs the verifier about 4,000 instructions.
+pub const EJECTED_WALK: u32 = 2 * MAX_EJECTED as u32;
 
 /// Most services (VIP, port, protocol) the service map holds. Sized for a large
 /// cluster (Kubernetes' default service CIDR /12 is far larger, but 64 Ki ports on

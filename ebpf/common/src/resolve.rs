@@ -376,7 +376,7 @@ const WALK_RACED: u32 = u32::MAX - 1;
 ///
 /// Not inlined: in the kernel this is a BPF subprogram. Its caller then sees one
 /// return whatever the draw that found the slot, so the verifier checks the rest
-/// of the program once, not once per draw (inlined, the 64-slot walk made
+/// of the program once, not once per draw (inlined, the walk made
 /// connect4's verification 15 times longer: 410k instructions of the 1M limit).
 /// Slot numbers stay below `MAX_SLOTS_PER_SERVICE`, far from the markers.
 #[inline(never)]
