@@ -37,6 +37,7 @@ mod layout_v1;
 pub mod mesh;
 pub mod pki;
 pub mod shares;
+pub mod soak;
 pub mod zone_death;
 
 pub use agent::{Admin, FileAgent, TempDir, agent_command};
@@ -91,9 +92,17 @@ impl<T> Outcome for Option<T> {
     }
 }
 
+/// `Ok` is done, whatever it holds: a condition that reads something fallibly
+/// and then decides says so with an `Option` (`.ok().filter(…)`). `Ok(false)`
+/// would end the wait at once, so a `Result<bool, _>` condition panics on its
+/// first poll instead of passing without waiting.
 impl<T, E: Debug> Outcome for Result<T, E> {
     type Value = T;
     fn into_result(self) -> Result<T, String> {
+        assert!(
+            std::any::type_name::<T>() != "bool",
+            "wait_until on Result<bool, _> ends at Ok(false): decide with .ok().filter(…) or `?`"
+        );
         self.map_err(|e| format!("{e:?}"))
     }
 }

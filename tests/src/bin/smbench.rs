@@ -89,6 +89,9 @@ fn main() -> std::process::ExitCode {
     if wants("zones") {
         report.insert("zone_death".into(), zone_death_bench(&bin_dir, &probe));
     }
+    if wants("soak") {
+        report.insert("soak".into(), soak_bench(&bin_dir, &probe));
+    }
     if wants("istiod") {
         // Kubernetes change → kernel through a live istiod, beside the
         // propagation scenario's control plane → kernel.
@@ -1494,6 +1497,59 @@ fn least_conn_bench(probe: &Path) -> Value {
 /// 3 s ejections; zone a's servers killed at 1 s and back at 2.5 s): the failed
 /// connects, how long until the last of them and until zone b served, and how
 /// long after the ejections' end zone a served again.
+/// The churn soak of `tests/tests/soak.rs` at node scale: 200,000 services with
+/// outlier detection and a circuit breaker in ten waves of 20,000 through maps
+/// that hold 32,768 (`SMBENCH_SOAK_WAVES`, `SMBENCH_SOAK_PER_WAVE`).
+fn soak_bench(bin_dir: &Path, probe: &Path) -> Value {
+    let size = sockmesh_tests::soak::Soak {
+        waves: env_or("SMBENCH_SOAK_WAVES", 10),
+        per_wave: env_or("SMBENCH_SOAK_PER_WAVE", 20_000),
+        max_services: 32_768,
+    };
+    let started = std::time::Instant::now();
+    let out = sockmesh_tests::soak::run(&bin_dir.join("sockmesh"), probe, size);
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let rss: Vec<f64> = out.waves.iter().map(|w| mib(w.rss_kib)).collect();
+    let applied: Vec<f64> = out
+        .waves
+        .iter()
+        .map(|w| w.applied.as_secs_f64() * 1e3)
+        .collect();
+    let reached: u64 = out.waves.iter().map(|w| w.reached).sum();
+    let failed: u64 = out.waves.iter().map(|w| w.failed).sum();
+    say(&format!(
+        "soak: {} services in {} waves of {} through {} slots in {:.0} s: {reached} connects reached, {failed} failed; leak audit clean after every wave; RSS per wave (MiB) {}; publish → kernel per wave (ms) {}; after: breaker refused {} of 3, dead endpoint ejected after {} refusals",
+        size.waves * size.per_wave,
+        size.waves,
+        size.per_wave,
+        size.max_services,
+        started.elapsed().as_secs_f64(),
+        rss.iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        applied
+            .iter()
+            .map(|a| format!("{a:.0}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        out.breaker_refused,
+        out.refused_before_ejection,
+    ));
+    json!({
+        "services": size.waves * size.per_wave,
+        "waves": size.waves,
+        "per_wave": size.per_wave,
+        "max_services": size.max_services,
+        "reached": reached,
+        "failed": failed,
+        "rss_mib": rss,
+        "applied_ms": applied,
+        "breaker_refused": out.breaker_refused,
+        "refused_before_ejection": out.refused_before_ejection,
+    })
+}
+
 fn zone_death_bench(bin_dir: &Path, probe: &Path) -> Value {
     let z = sockmesh_tests::zone_death::run(&bin_dir.join("sockmesh"), probe);
     let ms = |ns: u64| ns as f64 / 1e6;
