@@ -8,10 +8,10 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use sockmesh_tests::{
-    Cgroup, Lines, NetNs, Proc, add_addr, client_pod, command_in, ip,
+    Cgroup, Lines, NetNs, Proc, add_addr, client_pod, command_in, hold, ip,
     kubeapi::{Kind, namespace},
     kubelab::{Driver, KubeLab, VIP, cgroup_id, enrollment, put_pod, wait_attached, wait_skipped},
-    kubeproxy, pod_network, run, serve, wait_until,
+    kubeproxy, pod_network, release, run, serve, wait_until,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -306,7 +306,50 @@ fn enrolling_and_unenrolling_under_a_connection_loop_fails_nothing() {
         wait_until("B's links detached", Duration::from_secs(10), || {
             lab.pinned_cgroups().is_empty()
         });
+        put_pod(api, "shop", "b", UID_B, &[ENROLLED], &[]);
+        wait_attached(&admin, "shop/b");
     }
+    // A connection placed while B is enrolled and closed after B opts out: the
+    // placing programs go at once (a new connect meets kube-proxy's DNAT), the
+    // release program stays while B's processes run, so the close deletes the
+    // connection's reverse entry; B's links go once its last process has.
+    let reverse = || {
+        sockmesh_tests::audit::read(&lab.bpffs.0)
+            .map(|m| m.reverse)
+            .unwrap_or(usize::MAX)
+    };
+    let (held, holder) = hold(PROBE, &pod_b, &cg_b, VIP, 1);
+    assert!(
+        held.contains_key("b2") || held.contains_key("b1"),
+        "{held:?}"
+    );
+    assert_eq!(reverse(), 1, "the held connection's reverse entry");
+    put_pod(
+        api,
+        "shop",
+        "b",
+        UID_B,
+        &[("sockmesh.io/enrolled", "false")],
+        &[],
+    );
+    wait_skipped(&admin, "shop/b", "opted_out");
+    let mut cmd = command_in(&pod_b, Some(&cg_b), PROBE);
+    cmd.args(["connect", VIP, "20"]);
+    let after = run(cmd);
+    assert!(
+        after.lines().all(|l| l.ends_with(" b1")),
+        "an opted-out pod's connects are kube-proxy's: {after}"
+    );
+    assert!(!lab.pinned_cgroups().is_empty(), "B's release links stay");
+    release(holder);
+    wait_until(
+        "the held connection's reverse entry deleted at its close",
+        Duration::from_secs(10),
+        || (reverse() == 0).then_some(()).ok_or(reverse()),
+    );
+    wait_until("B's links detached", Duration::from_secs(10), || {
+        lab.pinned_cgroups().is_empty()
+    });
     let (sum, count) = (
         admin
             .metric("sockmesh_enrollment_seconds_sum")

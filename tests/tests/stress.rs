@@ -107,6 +107,7 @@ fn concurrent_deaths_and_updates_keep_the_kernel_state_exact() {
     let mut last_swap = Instant::now();
     let mut most_running = 0;
     let mut samples = 0;
+    let mut swaps = 0;
     while started.elapsed() < Duration::from_millis(3_500) {
         if victims.is_some() && started.elapsed() > Duration::from_millis(1_000) {
             // Four pods' servers killed at once: their connects get a RST.
@@ -117,6 +118,7 @@ fn concurrent_deaths_and_updates_keep_the_kernel_state_exact() {
             let members = if swapped { &with_11 } else { &with_1 };
             dp.apply(&service(&pods, members)).expect("apply");
             last_swap = Instant::now();
+            swaps += 1;
         }
         let now = monotonic_ns();
         for s in sockmesh::dataplane::read_ejection_slots(&bpffs.0).expect("read slots") {
@@ -141,18 +143,32 @@ fn concurrent_deaths_and_updates_keep_the_kernel_state_exact() {
         samples += 1;
         std::thread::sleep(Duration::from_millis(10));
     }
-    let mut opened = 0u64;
+    let (mut opened, mut failed, mut fewest) = (0u64, 0u64, u64::MAX);
     for c in clients {
         let out = c.wait_with_output().expect("client");
+        let mut served = 0;
         for line in String::from_utf8_lossy(&out.stdout).lines() {
-            if let [name, n, _] = line.split_whitespace().collect::<Vec<_>>()[..]
-                && name.starts_with('b')
-            {
-                opened += n.parse::<u64>().unwrap_or(0);
+            // `NAME OPENED PEAK` per backend, then `failed N`.
+            match line.split_whitespace().collect::<Vec<_>>()[..] {
+                ["failed", n] => failed += n.parse::<u64>().unwrap_or(0),
+                [name, n, _] if name.starts_with('b') => {
+                    served += n.parse::<u64>().unwrap_or(0);
+                }
+                _ => {}
             }
         }
+        opened += served;
+        fewest = fewest.min(served);
     }
-    assert!(opened > 1_000, "the clients connected: {opened}");
+    eprintln!(
+        "stress: {cpus} clients, {opened} connections served, {failed} failed; {swaps} endpoint swaps; kernel state read {samples} times, at most {most_running} of 10 hosts ejected at once"
+    );
+    // At most 300 a second each for 3 s: a slow machine (the VM under TCG) gets
+    // fewer, but every CPU's client must have been connecting throughout.
+    assert!(
+        fewest >= 100,
+        "every client connected through the storm: the fewest {fewest}, {opened} in all"
+    );
     assert!(samples > 50, "the kernel state was read {samples} times");
     assert_eq!(
         most_running,

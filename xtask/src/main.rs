@@ -285,6 +285,9 @@ fn setup_with(extra: &[&str]) -> Result<()> {
         "minimal",
         "--component",
         "rust-src,clippy,rustfmt",
+        // rustup otherwise checks for its own update, and fails where CARGO_HOME
+        // is not the directory rustup was installed in.
+        "--no-self-update",
     ]))?;
     let have_linker = Command::new("bpf-linker")
         .arg("--version")

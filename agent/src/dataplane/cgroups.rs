@@ -7,6 +7,13 @@
 //! and unpins the links of cgroups no longer given. A process outside every
 //! enrolled cgroup has no program on its path: its `connect()` is untouched.
 //!
+//! A pod that opts out while its processes run loses the programs that place
+//! sockets ([`PLACING`]: connect and sendmsg) at once; the others stay until the
+//! cgroup holds no process any more (`populated 0` in `cgroup.events`): its
+//! sockets placed while it was enrolled keep their VIP in `getpeername()` and
+//! in UDP replies, and their close still deletes their `SM_REVERSE` entry and
+//! their connection counts, which nothing else would.
+//!
 //! A restarted agent swaps its programs into every cgroup's pinned links at once
 //! ([`adopt`]), so pods enrolled before keep being served, then prunes what its
 //! first complete view of the node no longer enrolls. The kernel detaches a link
@@ -21,7 +28,7 @@ use std::{
 };
 
 use aya::Ebpf;
-use sockmesh_common::hooks::HOOKS;
+use sockmesh_common::hooks::{CONNECT4, CONNECT6, HOOKS, SENDMSG4, SENDMSG6};
 use tracing::{debug, info, warn};
 
 use super::{Attachment, Datapath, DataplaneError, PinLayout, loader, sys};
@@ -51,6 +58,10 @@ pub struct EnrollReport {
     pub failed: Vec<(PathBuf, String)>,
     /// cgroups whose links this call detached and unpinned, by id.
     pub detached: Vec<u64>,
+    /// cgroups no longer enrolled that still hold processes, by id: their
+    /// placing programs are detached, the rest stay until the processes are
+    /// gone (the caller calls again to find out).
+    pub draining: Vec<u64>,
     /// Nothing is attached while the datapath waits to go live (a layout
     /// migration): it attaches the last cgroups it was given then.
     pub pending: bool,
@@ -64,7 +75,20 @@ pub(super) struct PodLinks {
     attached: BTreeMap<u64, Option<PathBuf>>,
     /// The last cgroups asked for (a pending datapath attaches them on activation).
     desired: BTreeSet<PathBuf>,
+    /// cgroups no longer enrolled whose [`PLACING`] links are detached and whose
+    /// other links stay while processes run in them, by id: their path (`None`
+    /// until found).
+    draining: BTreeMap<u64, Option<PathBuf>>,
 }
+
+/// The programs that place sockets: detached as soon as a pod is no longer
+/// enrolled.
+pub const PLACING: [&str; 4] = [
+    CONNECT4.program,
+    CONNECT6.program,
+    SENDMSG4.program,
+    SENDMSG6.program,
+];
 
 /// The cgroup ids that have links pinned under `layout`, with how many.
 pub(super) fn pinned_cgroups(layout: &PinLayout) -> BTreeMap<u64, usize> {
@@ -147,6 +171,50 @@ pub(super) fn detach_cgroup(layout: &PinLayout, id: u64) -> Result<usize, Datapl
     }
     loader::detach_tree(&dir)?;
     loader::remove_tree(&dir)
+}
+
+/// Detaches and unpins the [`PLACING`] links of the cgroup `id` (those pinned).
+fn detach_placing(layout: &PinLayout, id: u64) -> Result<(), DataplaneError> {
+    let dir = layout.cgroup_links(id);
+    for name in PLACING {
+        let pin = dir.join(name);
+        if !pin.exists() {
+            continue;
+        }
+        loader::detach_pin(&pin)?;
+        fs::remove_file(&pin).map_err(|source| DataplaneError::Io { path: pin, source })?;
+    }
+    Ok(())
+}
+
+/// Whether a process runs in the cgroup at `path` or below (`populated 1` in its
+/// `cgroup.events`). An unreadable file counts as populated: the links stay
+/// rather than leave sockets without their release program.
+fn populated(path: &Path) -> bool {
+    fs::read_to_string(path.join("cgroup.events")).map_or(true, |e| {
+        e.lines()
+            .find_map(|l| l.strip_prefix("populated "))
+            .is_none_or(|v| v.trim() != "0")
+    })
+}
+
+/// The path of the cgroup `id` below `root`, if it exists.
+fn find_cgroup(root: &Path, id: u64) -> Option<PathBuf> {
+    let mut dirs = vec![root.to_owned()];
+    while let Some(dir) = dirs.pop() {
+        if fs::metadata(&dir).is_ok_and(|m| m.ino() == id) {
+            return Some(dir);
+        }
+        if let Ok(entries) = fs::read_dir(&dir) {
+            dirs.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    None
 }
 
 /// The ids of `root` and every cgroup below it (a cgroup's id is its inode).
@@ -262,27 +330,58 @@ impl Datapath {
                 }
             }
         }
+        for id in &keep {
+            pods.draining.remove(id);
+        }
         if prune {
-            let stale: Vec<u64> = pods
+            let stale: BTreeSet<u64> = pods
                 .attached
                 .keys()
+                .chain(pods.draining.keys())
                 .copied()
                 .chain(pinned_cgroups(&self.layout).into_keys())
                 .filter(|id| !keep.contains(id))
-                .collect::<BTreeSet<u64>>()
-                .into_iter()
                 .collect();
             for id in stale {
-                match detach_cgroup(&self.layout, id) {
-                    Ok(_) => {
-                        pods.attached.remove(&id);
-                        report.detached.push(id);
+                let path = pods
+                    .attached
+                    .get(&id)
+                    .cloned()
+                    .flatten()
+                    .or_else(|| pods.draining.get(&id).cloned().flatten())
+                    .filter(|p| fs::metadata(p).is_ok_and(|m| m.ino() == id))
+                    .or_else(|| find_cgroup(&self.root, id));
+                let was_draining = pods.draining.contains_key(&id);
+                let result = match path {
+                    Some(p) if populated(&p) => {
+                        if was_draining {
+                            Ok(())
+                        } else {
+                            detach_placing(&self.layout, id).map(|()| {
+                                debug!(cgroup_id = id, "detached the placing links of a cgroup no longer enrolled; the rest stay while its processes run");
+                                report.detached.push(id);
+                            })
+                        }
+                        .map(|()| {
+                            pods.attached.remove(&id);
+                            pods.draining.insert(id, Some(p));
+                            report.draining.push(id);
+                        })
                     }
-                    Err(e) => warn!(
+                    _ => detach_cgroup(&self.layout, id).map(|_| {
+                        pods.attached.remove(&id);
+                        pods.draining.remove(&id);
+                        if !was_draining {
+                            report.detached.push(id);
+                        }
+                    }),
+                };
+                if let Err(e) = result {
+                    warn!(
                         cgroup_id = id,
                         error = %super::task::chain(&e),
                         "detaching the links of a cgroup no longer enrolled failed; retrying"
-                    ),
+                    );
                 }
             }
         }

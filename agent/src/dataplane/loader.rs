@@ -530,18 +530,24 @@ pub(super) fn detach_tree(dir: &Path) -> Result<(), DataplaneError> {
             detach_tree(&path)?;
             continue;
         }
-        let io = |source| DataplaneError::Io {
-            path: path.clone(),
-            source,
-        };
-        let link = sys::obj_get(&path).map_err(io)?;
-        match sys::link_detach(link.as_fd()) {
-            // Already detached (its cgroup was removed): nothing to do.
-            Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {}
-            r => r.map_err(io)?,
-        }
+        detach_pin(&path)?;
     }
     Ok(())
+}
+
+/// Detaches the link pinned at `pin` (at once, even if another process holds
+/// it); the pin stays.
+pub(super) fn detach_pin(pin: &Path) -> Result<(), DataplaneError> {
+    let io = |source| DataplaneError::Io {
+        path: pin.to_owned(),
+        source,
+    };
+    let link = sys::obj_get(pin).map_err(io)?;
+    match sys::link_detach(link.as_fd()) {
+        // Already detached (its cgroup was removed): nothing to do.
+        Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => Ok(()),
+        r => r.map_err(io),
+    }
 }
 
 pub(super) fn remove_tree(dir: &Path) -> Result<usize, DataplaneError> {

@@ -103,6 +103,9 @@ pub struct Enrollment {
     last_watch_error: Option<String>,
     istio: SidecarScopeDump,
     latency: Histogram,
+    /// Pods no longer enrolled still hold processes (their release programs
+    /// stay): the datapath is asked again every second until they are gone.
+    draining: bool,
 }
 
 impl Enrollment {
@@ -119,6 +122,7 @@ impl Enrollment {
             last_watch_error: None,
             istio: SidecarScopeDump::default(),
             latency,
+            draining: false,
         }
     }
 
@@ -160,9 +164,11 @@ impl Enrollment {
 
     /// Some enrolled pod is not attached (its cgroup missing, or an attach failed).
     pub fn incomplete(&self) -> bool {
-        self.outcome
-            .values()
-            .any(|(o, _)| matches!(o, Outcome::Waiting | Outcome::Failed(_) | Outcome::Pending))
+        self.draining
+            || self
+                .outcome
+                .values()
+                .any(|(o, _)| matches!(o, Outcome::Waiting | Outcome::Failed(_) | Outcome::Pending))
     }
 
     fn decision(&self, pod: &PodFacts) -> Decision {
@@ -283,6 +289,7 @@ impl Enrollment {
             }
             self.outcome.insert(uid, (outcome, after));
         }
+        self.draining = !report.draining.is_empty();
         for id in &report.detached {
             info!(
                 cgroup_id = id,
