@@ -31,8 +31,10 @@ pub mod kube;
 pub mod kubeapi;
 pub mod kubelab;
 pub mod kubeproxy;
+pub mod load;
 pub mod mesh;
 pub mod pki;
+pub mod probes;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
