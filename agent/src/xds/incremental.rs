@@ -396,8 +396,9 @@ impl Incremental {
         }
     }
 
-    /// Makes the staged state current.
-    pub fn commit(&mut self, st: Staged, table: &mut RoutingTable) {
+    /// Makes the staged state current. The table is copied first if another
+    /// holder shares it (see `XdsState::shared_table`), and only when it changes.
+    pub fn commit(&mut self, st: Staged, table: &mut std::sync::Arc<RoutingTable>) {
         for l in st.removed_listeners.iter().chain(st.specs.keys()) {
             self.unindex_listener(l);
         }
@@ -477,6 +478,10 @@ impl Incremental {
                 );
             }
         }
+        if st.changes.is_empty() {
+            return;
+        }
+        let table = std::sync::Arc::make_mut(table);
         for (s, b) in st.changes {
             match b {
                 Some(b) => {

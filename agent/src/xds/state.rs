@@ -9,7 +9,10 @@
 
 mod updates;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use sockmesh_proto::pb::google::protobuf::Any;
 
@@ -146,7 +149,10 @@ pub struct XdsState {
     /// Per-resource versions (delta protocol; `initial_resource_versions`).
     resource_versions: BTreeMap<Kind, BTreeMap<String, String>>,
     inc: Incremental,
-    table: RoutingTable,
+    /// Shared with the admin server's published view (weakly) and with the
+    /// datapath task while it writes the whole table: a commit copies it only when
+    /// one of them still holds it (see [`XdsState::shared_table`]).
+    table: Arc<RoutingTable>,
     stats: BTreeMap<Kind, TypeStats>,
     /// The notes standing after the last update of listeners or clusters (see
     /// [`XdsState::take_new_notes`]).
@@ -219,6 +225,13 @@ impl XdsState {
 
     /// The routing table of the accepted state.
     pub fn table(&self) -> &RoutingTable {
+        &self.table
+    }
+
+    /// The routing table, shared: a reader holding it sees it as it is now while
+    /// the state goes on; the next commit then copies the table instead of
+    /// changing it in place.
+    pub fn shared_table(&self) -> &Arc<RoutingTable> {
         &self.table
     }
 
