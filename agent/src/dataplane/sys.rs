@@ -18,6 +18,9 @@
 //! - `BPF_MAP_UPDATE_BATCH` (write many entries of a map in one call): aya 0.16
 //!   has no batch map operations. A bulk load writes hundreds of thousands of
 //!   entries; one syscall each was most of its kernel time.
+//! - `BPF_MAP_LOOKUP_BATCH` (read a hash map's entries, thousands per call):
+//!   `/metrics` reads one counter entry per service, and aya's iterator takes two
+//!   calls per entry (next key, then lookup).
 //! - The feature probes of [`super::features`] that aya's `is_program_supported`
 //!   cannot make: a program load for a given *attach type* (aya probes a type with
 //!   one fixed attach type), and whether a command exists at all.
@@ -189,6 +192,72 @@ pub fn map_update_batch<K: aya::Pod, V: aya::Pod>(
         done += k.len();
     }
     Ok(())
+}
+
+/// `bpf(BPF_MAP_LOOKUP_BATCH)` of a hash map: every entry, `chunk` per call.
+/// Entries added or removed meanwhile may be missed or seen, as with any walk of
+/// a map that changes.
+///
+/// `K` and `V` must be the map's key and value types (their sizes the map's), as
+/// the typed aya map the descriptor comes from guarantees.
+pub fn map_lookup_batch<K: aya::Pod + Default, V: aya::Pod + Default>(
+    map: BorrowedFd<'_>,
+    chunk: usize,
+) -> io::Result<Vec<(K, V)>> {
+    let mut out = Vec::new();
+    let mut chunk = chunk.max(1);
+    let mut keys = vec![K::default(); chunk];
+    let mut values = vec![V::default(); chunk];
+    // The walk's position: a hash map's is a bucket index (`u32`); the buffer is
+    // as large as a key, as libbpf sizes it for every map type.
+    let mut cursor_in = vec![0u8; std::mem::size_of::<K>().max(8)];
+    let mut cursor_out = cursor_in.clone();
+    let mut first = true;
+    loop {
+        let mut attr = zeroed_attr();
+        attr.batch.map_fd = fd_u32(map);
+        attr.batch.in_batch = if first { 0 } else { cursor_in.as_ptr() as u64 };
+        attr.batch.out_batch = cursor_out.as_mut_ptr() as u64;
+        attr.batch.keys = keys.as_mut_ptr() as u64;
+        attr.batch.values = values.as_mut_ptr() as u64;
+        attr.batch.count = u32::try_from(chunk).unwrap_or(u32::MAX);
+        // SAFETY: the batch member is filled in (no flags), the rest is zero; the
+        // key and value buffers hold `count` entries of the map's key and value
+        // size (the caller's contract), the cursors are as large as the kernel
+        // reads and writes, and all outlive the call.
+        let rc = unsafe { sys_bpf(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut attr) };
+        // SAFETY: reading back the member the kernel answered in (plain integers).
+        let count = (unsafe { attr.batch.count } as usize).min(chunk);
+        match rc {
+            Ok(_) => {}
+            // The walk is over; the last entries came with it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                out.extend(
+                    keys[..count]
+                        .iter()
+                        .copied()
+                        .zip(values[..count].iter().copied()),
+                );
+                return Ok(out);
+            }
+            // One bucket holds more entries than a call may return.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && count == 0 => {
+                chunk *= 2;
+                keys.resize(chunk, K::default());
+                values.resize(chunk, V::default());
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        out.extend(
+            keys[..count]
+                .iter()
+                .copied()
+                .zip(values[..count].iter().copied()),
+        );
+        cursor_in.copy_from_slice(&cursor_out);
+        first = false;
+    }
 }
 
 /// Entries per `BPF_MAP_UPDATE_BATCH` call (the kernel holds no lock across a
