@@ -120,14 +120,23 @@ pub fn batches(
     for b in 0..count {
         let span = others - BATCH + 1;
         let first = 2 + (b * BATCH) % span;
-        // Each pass over the services flips their first endpoint's port, so a
-        // batch's last change is a real one however many batches run.
-        let turn = 7 + u16::try_from(b * BATCH / span).unwrap_or(u16::MAX);
+        // Each pass over the services moves their first endpoint's port between
+        // two values the background churn never sets (it moves it by 0 or
+        // 1,000), so a batch's last change is a real one however many batches and
+        // changes of churn ran before.
+        let pass = u16::try_from(b * BATCH / span).unwrap_or(u16::MAX);
+        let moved = |i: u32| {
+            let mut eps = endpoints_of(i, endpoints, 0);
+            if let Some(first) = eps.first_mut() {
+                first.1 += 2_000 + 1_000 * (pass % 2);
+            }
+            eps
+        };
         let batch: Vec<_> = (first..first + BATCH)
-            .map(|i| mesh::assignment(&format!("svc-{i}"), &endpoints_of(i, endpoints, turn)))
+            .map(|i| mesh::assignment(&format!("svc-{i}"), &moved(i)))
             .collect();
         let last = first + BATCH - 1;
-        let mut want = endpoints_of(last, endpoints, turn);
+        let mut want = moved(last);
         want.sort();
         let target = ServiceAddr {
             vip: mesh::service_vip(last),
