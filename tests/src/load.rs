@@ -61,10 +61,21 @@ pub fn wait_loaded(
 
 /// Resident memory of process `pid` (VmRSS), KiB; 0 when unreadable.
 pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// Of [`rss_kib`], the anonymous memory (heap, stacks) and the file pages (the
+/// binary's text), KiB.
+pub fn rss_parts_kib(pid: u32) -> (u64, u64) {
+    (status_kib(pid, "RssAnon:"), status_kib(pid, "RssFile:"))
+}
+
+/// A `/proc/PID/status` field in KiB; 0 when unreadable.
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+            s.lines().find(|l| l.starts_with(field)).and_then(|l| {
                 l.split_whitespace()
                     .nth(1)
                     .and_then(|v| v.parse::<u64>().ok())

@@ -7,6 +7,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
@@ -98,7 +99,8 @@ pub enum ClusterBackends {
     Warming,
     /// The original destination (ORIGINAL_DST).
     Passthrough,
-    Backends(Vec<Backend>),
+    /// An EDS cluster's are its assignment's, shared with the store.
+    Backends(Arc<[Backend]>),
 }
 
 /// Where a cluster's endpoints come from. Other discovery types (custom cluster
@@ -247,10 +249,10 @@ pub fn cluster_backends(
             .endpoints
             .get(eds)
             .map_or(ClusterBackends::Warming, |e| {
-                ClusterBackends::Backends(assignment_backends(&e.decode()))
+                ClusterBackends::Backends(e.backends.clone())
             }),
         ClusterSource::Static(cla) => {
-            ClusterBackends::Backends(cla.map(assignment_backends).unwrap_or_default())
+            ClusterBackends::Backends(cla.map(assignment_backends).unwrap_or_default().into())
         }
         ClusterSource::OriginalDst => ClusterBackends::Passthrough,
         ClusterSource::Dns {
@@ -279,7 +281,7 @@ pub fn cluster_backends(
                     Some(addrs.into_iter().take(take).map(|ip| (ip, port)).collect())
                 })
             });
-            ClusterBackends::Backends(backends)
+            ClusterBackends::Backends(backends.into())
         }
     }
 }
@@ -365,9 +367,6 @@ fn backends_with(
             }
         }
     }
-    // Kept for the cluster's lifetime: without the room pushing left over (10
-    // backends took the space of 16).
-    out.shrink_to_fit();
     out
 }
 
@@ -392,9 +391,9 @@ fn merge(backends: Vec<Backend>) -> Vec<Backend> {
 /// Combines weighted clusters into one backend list: a backend's weight is its
 /// cluster's share times its share within the cluster, scaled to integers. Backends
 /// of the other address family are left out.
-pub fn combine(parts: &[(u32, &Vec<Backend>)], v4: bool) -> Vec<Backend> {
+pub fn combine(parts: &[(u32, &[Backend])], v4: bool) -> Vec<Backend> {
     let same_family = |b: &&Backend| b.address.is_ipv4() == v4;
-    let active_parts: Vec<(f64, f64, &Vec<Backend>)> = parts
+    let active_parts: Vec<(f64, f64, &[Backend])> = parts
         .iter()
         .map(|(w, bs)| {
             let sum: u64 = bs
@@ -457,8 +456,8 @@ pub fn service_backends<'a>(
     if spec.route_pending {
         return ServiceBackends::Warming;
     }
-    let original = vec![Backend::new(spec.service.vip, spec.service.port)];
-    let mut parts: Vec<(u32, &Vec<Backend>, LbSettings)> = Vec::with_capacity(spec.clusters.len());
+    let original = [Backend::new(spec.service.vip, spec.service.port)];
+    let mut parts: Vec<(u32, &[Backend], LbSettings)> = Vec::with_capacity(spec.clusters.len());
     let mut passthrough = 0;
     let mut policies = BTreeSet::new();
     let mut healths = BTreeSet::new();
@@ -515,7 +514,7 @@ pub fn service_backends<'a>(
             (*w, plan(&family, *settings, false).backends)
         })
         .collect();
-    let refs: Vec<(u32, &Vec<Backend>)> = planned.iter().map(|(w, b)| (*w, b)).collect();
+    let refs: Vec<(u32, &[Backend])> = planned.iter().map(|(w, b)| (*w, b.as_slice())).collect();
     ServiceBackends::Backends(Service::new(combine(&refs, v4), policy).with_health(health))
 }
 

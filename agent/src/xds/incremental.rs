@@ -8,7 +8,10 @@
 //! is the same as the full translation (a unit test checks this after every step of
 //! a long update sequence).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use super::{
     clusters::{
@@ -46,9 +49,6 @@ pub struct Dirty {
     pub endpoints: BTreeSet<String>,
     /// Clusters whose DNS answers changed.
     pub dns: BTreeSet<String>,
-    /// The backends of the ClusterLoadAssignments the update changed, read when
-    /// they were validated (by EDS name).
-    pub assignments: BTreeMap<String, Vec<crate::model::Backend>>,
 }
 
 pub use crate::model::Changes;
@@ -206,16 +206,7 @@ impl Incremental {
                 clusters.extend(users.iter().cloned());
             }
         }
-        // An assignment this update changed was read when it was validated.
-        let backends_of = |c: &str, source: &ClusterSource<'_>| match source {
-            ClusterSource::Eds(eds) if res.endpoints.contains_key(eds) => {
-                dirty.assignments.get(eds).map_or_else(
-                    || cluster_backends(c, source, res),
-                    |b| ClusterBackends::Backends(b.clone()),
-                )
-            }
-            _ => cluster_backends(c, source, res),
-        };
+        let backends_of = |c: &str, source: &ClusterSource<'_>| cluster_backends(c, source, res);
         for c in &clusters {
             // A cluster reached only through its ClusterLoadAssignment keeps what
             // its own resource says (decoding the Cluster again took half of an
@@ -268,7 +259,7 @@ impl Incremental {
                         fallback: policy.fallback,
                         eds: None,
                         dns: None,
-                        backends: ClusterBackends::Backends(Vec::new()),
+                        backends: ClusterBackends::Backends(Arc::default()),
                         ignored: Some(format!("Cluster {c:?}: {why}")),
                     },
                 }

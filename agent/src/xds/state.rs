@@ -146,8 +146,6 @@ pub struct TypeStats {
 #[derive(Debug, Default)]
 pub struct XdsState {
     resources: Resources,
-    /// Per-resource versions (delta protocol; `initial_resource_versions`).
-    resource_versions: BTreeMap<Kind, BTreeMap<String, String>>,
     inc: Incremental,
     /// Shared with the admin server's published view (weakly) and with the
     /// datapath task while it writes the whole table: a commit copies it only when
@@ -259,10 +257,7 @@ impl XdsState {
 
     /// The versions of the resources held, for a delta reconnect.
     pub fn resource_versions(&self, kind: Kind) -> BTreeMap<String, String> {
-        self.resource_versions
-            .get(&kind)
-            .cloned()
-            .unwrap_or_default()
+        self.resources.versions(kind)
     }
 
     /// The last accepted version of a type (SotW `version_info`).
@@ -389,9 +384,6 @@ impl XdsState {
                 .collect();
             for name in gone {
                 self.resources.remove(kind, &name);
-            }
-            if let Some(v) = self.resource_versions.get_mut(&kind) {
-                v.retain(|n, _| wanted.contains(n));
             }
             if let Some(r) = self.refused.get_mut(&kind) {
                 r.retain(|n, _| wanted.contains(n));
