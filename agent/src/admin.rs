@@ -19,7 +19,7 @@ use crate::{
     model::RoutingTable,
     xds::{
         core::SourceState,
-        view::{View, Viewer},
+        view::{Places, View, Viewer},
     },
 };
 
@@ -461,19 +461,14 @@ pub fn metrics_with(
         "1 while the kernel maps lag the accepted configuration (a write failed; retried every second)",
         usize::from(status.behind),
     );
-    let limits = core.limits;
     let fill: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>> = Family::default();
-    fill.get_or_create(&vec![("map".to_owned(), "services".to_owned())])
-        .set(held.services as f64 / f64::from(limits.services.max(1)));
-    fill.get_or_create(&vec![("map".to_owned(), "backends".to_owned())])
-        .set(held.backends as f64 / f64::from(limits.backends.max(1)));
-    fill.get_or_create(&vec![("map".to_owned(), "slots".to_owned())])
-        .set(held.slots as f64 / f64::from(limits.slots.max(1)));
-    fill.get_or_create(&vec![("map".to_owned(), "maglev".to_owned())])
-        .set(held.maglev as f64 / f64::from(limits.maglev.max(1)));
+    for m in &status.maps {
+        fill.get_or_create(&vec![("map".to_owned(), m.label.clone())])
+            .set(m.ratio());
+    }
     r.register(
         "sockmesh_map_fill_ratio",
-        "Used fraction of each map's capacity",
+        "Used fraction of each map's capacity (maglev: tables of --max-maglev-services); a map that fills is logged once, naming the flag that sizes it",
         fill,
     );
     let limited: Family<Labels, Gauge> = Family::default();
@@ -634,6 +629,7 @@ pub fn config_dump_with(
             retired_layouts: kernel.retired.clone(),
             migrating: kernel.migrating,
             limits: core.limits.into(),
+            maps: kernel.maps.clone(),
         },
         xds: core
             .stats
@@ -688,7 +684,39 @@ pub fn config_dump_with(
                 why: why.clone(),
             })
             .collect(),
+        load_balancing: load_balancing(&core.places, &kernel.levels, health),
         services: table.to_json(),
+        state: core
+            .state_sizes
+            .iter()
+            .map(|(k, n)| ((*k).to_owned(), *n))
+            .collect(),
     }
     .to_json()
+}
+
+/// The services with priority levels as the kernel applies them: the levels the
+/// datapath task published, the endpoints the kernel has ejected now, each
+/// endpoint labelled with its place in the service's assignment (as the core
+/// published it).
+fn load_balancing(
+    places: &std::collections::BTreeMap<crate::model::ServiceAddr, std::sync::Arc<Places>>,
+    levels: &crate::dataplane::published::PublishedMap,
+    health: &crate::dataplane::HealthReport,
+) -> std::collections::BTreeMap<String, crate::admin_levels::LevelsDump> {
+    levels
+        .iter()
+        .map(|(service, published)| {
+            let name = service.to_string();
+            let ejected = health
+                .ejected()
+                .filter(|e| e.service == name)
+                .filter_map(|e| e.backend.parse::<SocketAddr>().ok())
+                .map(|a| (a.ip(), a.port()))
+                .collect();
+            let places = places.get(service).map(|p| &**p);
+            let dump = crate::admin_levels::dump(published, &ejected, places);
+            (name, dump)
+        })
+        .collect()
 }

@@ -74,6 +74,17 @@ pub struct ConfigDump {
     /// terminal filter is not one it interprets. Absent from an older agent: empty.
     #[serde(default)]
     pub not_interpreted: Vec<NotInterpretedDump>,
+    /// Services served by priority levels, by display form: each level's load
+    /// and each endpoint's share as the kernel applies them now (the choice
+    /// table as written, the ejections running). Absent from an older agent:
+    /// empty.
+    #[serde(default)]
+    pub load_balancing: BTreeMap<String, crate::admin_levels::LevelsDump>,
+    /// How many entries each of the agent's own collections holds (resources,
+    /// versions, the translation's indexes, …), for leak audits: each follows
+    /// the configuration held, not its history. Absent from an older agent.
+    #[serde(default)]
+    pub state: BTreeMap<String, usize>,
     /// The routing table, as `sockmesh services --json` prints it.
     pub services: Vec<ServiceJson>,
 }
@@ -151,6 +162,11 @@ pub struct DatapathDump {
     /// Another layout's datapath serves until this one is filled and attached.
     pub migrating: bool,
     pub limits: LimitsDump,
+    /// How full each map is: entries (the agent's own count of the maps it
+    /// writes, the kernel's of the others), capacity, the flag that sizes it.
+    /// Absent from an older agent: empty.
+    #[serde(default)]
+    pub maps: Vec<crate::dataplane::fill::MapFill>,
 }
 
 /// The maps' capacities.
@@ -266,6 +282,7 @@ mod tests {
                 retired_layouts: vec![1],
                 migrating: false,
                 limits: crate::dataplane::Limits::default().into(),
+                maps: Vec::new(),
             },
             xds: BTreeMap::from([
                 (
@@ -319,6 +336,32 @@ mod tests {
                 listener: "240.240.0.3_20880".into(),
                 why: vec!["filter_chains[0]: a Dubbo proxy".into()],
             }],
+            load_balancing: BTreeMap::from([(
+                "10.96.0.20:443/tcp".to_owned(),
+                crate::admin_levels::LevelsDump {
+                    overprovisioning_factor: 140,
+                    panic_threshold: 50,
+                    levels: vec![crate::admin_levels::LevelDump {
+                        priority: Some(0),
+                        hosts: 1,
+                        healthy: 1,
+                        total: 1,
+                        healthy_load: 100,
+                        ..Default::default()
+                    }],
+                    endpoints: BTreeMap::from([(
+                        "10.10.1.11:8443".to_owned(),
+                        crate::admin_levels::EndpointDump {
+                            health: "healthy".into(),
+                            share: 100.0,
+                            locality: Some("r/z/".into()),
+                            ..Default::default()
+                        },
+                    )]),
+                    ..Default::default()
+                },
+            )]),
+            state: BTreeMap::from([("listeners".to_owned(), 1)]),
             services,
         }
     }
@@ -365,6 +408,8 @@ mod tests {
                     "slots": d.datapath.limits.slots,
                     "maglev_services": d.datapath.limits.maglev_services,
                 },
+                // Added with the maps' fill.
+                "maps": d.datapath.maps,
             },
             "xds": types,
             // Added with the secured control plane.
@@ -389,6 +434,10 @@ mod tests {
             "unknown_fields": d.unknown_fields,
             "refused": d.refused,
             "not_interpreted": d.not_interpreted,
+            // Added with multi-zone services.
+            "load_balancing": d.load_balancing,
+            // Added with the leak audit.
+            "state": d.state,
             "services": d.services,
         });
         serde_json::to_string_pretty(&dump).unwrap_or_default() + "\n"

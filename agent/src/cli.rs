@@ -118,6 +118,18 @@ pub struct DatapathArgs {
     /// DNS VIP's backend show the VIP).
     #[arg(long, env = "SOCKMESH_MAX_REVERSE_UDP", default_value_t = sockmesh_common::MAX_REVERSE_UDP_ENTRIES)]
     pub max_reverse_udp: u32,
+    /// How a least-connections service (LEAST_REQUEST) draws its `choice_count`
+    /// candidates: `distinct` backends (weights honoured), or `envoy`, with
+    /// replacement as Envoy does, which can compare a backend with itself.
+    #[arg(long, env = "SOCKMESH_LEAST_REQUEST_DRAWS", value_enum, default_value_t = LeastRequestDraws::Distinct)]
+    pub least_request_draws: LeastRequestDraws,
+}
+
+/// `--least-request-draws`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LeastRequestDraws {
+    Distinct,
+    Envoy,
 }
 
 impl DatapathArgs {
@@ -136,6 +148,7 @@ impl DatapathArgs {
                 reverse: self.max_reverse,
                 reverse_udp: self.max_reverse_udp,
             },
+            envoy_draws: self.least_request_draws == LeastRequestDraws::Envoy,
         }
     }
 }

@@ -13,10 +13,13 @@ mod contract;
 pub mod destroy;
 pub mod events;
 pub mod features;
+pub mod fill;
 mod kernel;
 mod keys;
 mod loader;
 mod mirror;
+pub mod published;
+mod sink;
 pub mod store;
 mod sys;
 pub mod task;
@@ -143,6 +146,8 @@ pub struct DatapathConfig {
     pub allow_root_cgroup: bool,
     /// Map capacities for a fresh install (pinned maps keep theirs).
     pub limits: Limits,
+    /// Least-connections candidates drawn with replacement, as Envoy does.
+    pub envoy_draws: bool,
 }
 
 /// An installed datapath owned by this process.
@@ -162,6 +167,8 @@ pub struct Datapath {
     root: PathBuf,
     /// The enrolled pods' links ([`AttachScope::EnrolledPods`]; `None`: one cgroup).
     pods: Option<cgroups::PodLinks>,
+    /// The maps' capacities, the kernel-filled maps' counts, which are full.
+    fill: fill::FillState,
 }
 
 /// A datapath built beside another layout's, not attached yet.
@@ -280,7 +287,10 @@ impl Datapath {
                 "the pinned maps keep the capacities they were created with; uninstall to resize"
             );
         }
-        let writer = MapWriter::adopt(maps)?.with_limits(limits);
+        let writer = MapWriter::adopt(maps)?
+            .with_limits(limits)
+            .with_envoy_draws(cfg.envoy_draws);
+        let fill = fill::FillState::open(&layout, &limits)?;
         let services = writer.table().services.len();
         info!(
             cgroup = %cfg.cgroup.display(),
@@ -300,6 +310,7 @@ impl Datapath {
             events: Some(events::Events::new(events)),
             root: cfg.cgroup.clone(),
             pods,
+            fill,
         })
     }
 
@@ -349,9 +360,25 @@ impl Datapath {
         self.writer.refresh_levels(only)
     }
 
+    /// The levels of the services that have them, as written (see
+    /// [`MapWriter::published_levels`]).
+    pub fn published_levels(
+        &self,
+        only: Option<&std::collections::BTreeSet<crate::model::ServiceAddr>>,
+        previous: &published::PublishedMap,
+    ) -> published::PublishedMap {
+        self.writer.published_levels(only, previous)
+    }
+
     /// The kernel programs' events, once.
     pub fn take_events(&mut self) -> Option<events::Events> {
         self.events.take()
+    }
+
+    /// Draws least-connections candidates with replacement, as Envoy does
+    /// (`--least-request-draws envoy`), from the next write on.
+    pub fn set_envoy_draws(&mut self, envoy_draws: bool) {
+        self.writer.set_envoy_draws(envoy_draws);
     }
 
     /// Makes the kernel maps hold `table`, writing only the difference.
@@ -424,6 +451,13 @@ impl Datapath {
         Ok(removed)
     }
 
+    /// Deletes the health entries the kernel made for endpoints their service
+    /// no longer has (see [`MapWriter::sweep_endpoint_health`]); returns how
+    /// many.
+    pub fn sweep_endpoint_health(&mut self) -> Result<usize, WriteError> {
+        self.writer.sweep_endpoint_health()
+    }
+
     /// What the kernel's maps hold (services, backends, slots).
     pub fn usage(&self) -> crate::model::Usage {
         self.writer.usage()
@@ -432,6 +466,19 @@ impl Datapath {
     /// The maps' capacities.
     pub fn limits(&self) -> Limits {
         self.writer.limits()
+    }
+
+    /// How full each map is (see [`fill`]); with `recount`, the maps the kernel
+    /// programs fill are counted again if their turn has come. Logs a warning
+    /// when a map fills.
+    pub fn map_fill(&mut self, recount: bool) -> Vec<fill::MapFill> {
+        use store::MapStore as _;
+        self.fill.observe(
+            &self.writer.entries(),
+            &self.writer.store().refusals(),
+            recount,
+            std::time::Instant::now(),
+        )
     }
 
     /// Whether this process attached the programs or adopted pinned ones.
@@ -624,6 +671,50 @@ fn health_report(health_dir: &Path) -> Result<HealthReport, DataplaneError> {
         .sort_by(|a, b| (&a.service, &a.backend).cmp(&(&b.service, &b.backend)));
     report.services.sort_by_key(|s| s.service);
     Ok(report)
+}
+
+/// One running or past ejection in a service's `SM_SVC_HEALTH` slots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EjectionSlot {
+    pub backend: std::net::SocketAddr,
+    /// `CLOCK_MONOTONIC` ns when it ends.
+    pub until_ns: u64,
+}
+
+/// A service's ejection slots (those ever written) and its slot lock, as the
+/// kernel holds them: what a reader checks for torn writes and for
+/// `max_ejection_percent`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceEjections {
+    pub service: crate::model::ServiceAddr,
+    pub lock: u64,
+    pub slots: Vec<EjectionSlot>,
+}
+
+/// Every service's ejection slots pinned under `bpffs`.
+pub fn read_ejection_slots(bpffs: &Path) -> Result<Vec<ServiceEjections>, DataplaneError> {
+    let (_, services) = kernel::read_health(&loader::health_dir(bpffs))?;
+    Ok(services
+        .into_iter()
+        .filter_map(|(k, h)| {
+            Some(ServiceEjections {
+                service: keys::service_addr(&k)?,
+                lock: h.lock,
+                slots: h
+                    .ejections
+                    .iter()
+                    .filter(|e| e.until_ns != 0)
+                    .map(|e| EjectionSlot {
+                        backend: std::net::SocketAddr::new(
+                            keys::words_to_ip(e.addr),
+                            keys::port_from_map(e.port),
+                        ),
+                        until_ns: e.until_ns,
+                    })
+                    .collect(),
+            })
+        })
+        .collect())
 }
 
 /// One program's pinned link, as the kernel reports it.

@@ -5,6 +5,7 @@
 //! kernel maps → kernel programs (`ebpf/programs`).
 
 pub mod admin;
+pub mod admin_levels;
 pub mod admin_types;
 pub mod agent;
 pub mod cli;

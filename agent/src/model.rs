@@ -654,8 +654,8 @@ fn is_random(p: &LbPolicy) -> bool {
 }
 
 /// A service's priority levels in JSON: each level's share of new connections
-/// with no host ejected (the kernel recomputes them as ejections come and go,
-/// `/config_dump` shows them as they are now), and each backend's share within
+/// with no host ejected (the kernel's follow the ejections: `/config_dump`'s
+/// `load_balancing` shows them as they are now), and each backend's share within
 /// the service.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -31,6 +31,9 @@ pub struct Churn<'a> {
     pub scale_steps: u32,
     pub step_every: Duration,
     pub http: bool,
+    /// Run the leak audit after every step (the CI test; the benchmark times
+    /// its steps and does not).
+    pub audit_steps: bool,
 }
 
 /// The outcome.
@@ -131,15 +134,23 @@ pub fn run(c: &Churn<'_>) -> Result<ChurnResult, String> {
     let mut apply_us = Vec::new();
     let mut next_pod = 3usize;
     let n = c.pods.len();
-    let mut step =
-        |active: &mut BTreeSet<usize>, draining: &mut BTreeSet<usize>| -> Result<(), String> {
-            let t0 = Instant::now();
-            publish(c, active, draining);
-            let at = wait_applied(active)?;
-            apply_us.push(t0.elapsed().as_secs_f64() * 1e6);
-            history.push((at, active.clone()));
-            Ok(())
-        };
+    let mut step = |active: &mut BTreeSet<usize>,
+                    draining: &mut BTreeSet<usize>|
+     -> Result<(), String> {
+        let t0 = Instant::now();
+        publish(c, active, draining);
+        let at = wait_applied(active)?;
+        apply_us.push(t0.elapsed().as_secs_f64() * 1e6);
+        history.push((at, active.clone()));
+        if c.audit_steps {
+            // The service holds its active and draining pods, nothing more.
+            crate::audit::Audit::kernel(c.bpffs).assert(
+                &format!("churn step {}", history.len() - 1),
+                &crate::audit::Expect::services(1, active.len() + draining.len()).under_traffic(),
+            );
+        }
+        Ok(())
+    };
     for k in 0..steps {
         let tick = Instant::now();
         if k < c.rolling_steps {

@@ -179,6 +179,26 @@ impl ControlPlane {
         v
     }
 
+    /// Removes every resource of every type, as a control plane whose mesh is
+    /// gone (every service deleted) answers: empty lists.
+    pub fn remove_all(&self) -> u64 {
+        let mut s = self.store.lock().expect("store");
+        s.version += 1;
+        let v = s.version;
+        let types: Vec<String> = s.resources.keys().cloned().collect();
+        let mut touched = Vec::new();
+        for t in types {
+            let old = std::mem::take(s.resources.entry(t.clone()).or_default());
+            touched.extend(old.into_keys().map(|n| (t.clone(), n)));
+            s.type_versions.insert(t, v);
+        }
+        s.log.insert(v, touched);
+        s.published.insert(v, Instant::now());
+        drop(s);
+        self.changed.notify_waiters();
+        v
+    }
+
     /// Ends every open stream (the clients see the server go away).
     pub fn disconnect_all(&self) {
         self.cut.send_modify(|g| *g += 1);

@@ -22,9 +22,20 @@
 //!   without a socket address are internal listeners;
 //! - an `ORIGINAL_DST` cluster forwards to the address the client asked for: the
 //!   service gets no entry; an EDS cluster's endpoints are its load assignment's,
-//!   the lowest priority with a healthy (HEALTHY or UNKNOWN) endpoint,
-//!   weight = locality weight × endpoint weight; a STATIC cluster's come inline
-//!   (BlackHoleCluster has none: connections are refused).
+//!   a STATIC cluster's come inline (BlackHoleCluster has none: connections are
+//!   refused);
+//! - each endpoint's share of its cluster's new connections is Envoy's load
+//!   balancer's over priorities and localities ([`crate::envoy_lb`], written from
+//!   Envoy's documentation and source): the assignment's localities merged per
+//!   priority and locality as Envoy merges them (the last locality weight set
+//!   counts), `health_status` classified as Envoy classifies it (HEALTHY, UNKNOWN
+//!   or unset healthy; DEGRADED; UNHEALTHY and TIMEOUT unhealthy; DRAINING
+//!   excluded), the endpoint's `load_balancing_weight` (default 1), the
+//!   assignment's `policy.overprovisioning_factor` (default 140) and
+//!   `weighted_priority_health`, the cluster's
+//!   `common_lb_config.locality_weighted_lb_config` and `healthy_panic_threshold`
+//!   (default 50 %); among weighted clusters, a cluster's share times the
+//!   endpoint's share of it.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -238,10 +249,10 @@ impl Corpus {
                 Some(other) => panic!("the oracle does not resolve {other} clusters ({name})"),
             };
             all_passthrough = false;
-            let endpoints = healthy_endpoints(&cla);
-            let sum: f64 = endpoints.values().sum();
-            for (addr, w) in endpoints {
-                *out.entry(addr).or_default() += weight / total * w / sum;
+            for (addr, share) in envoy_shares(cluster, &cla) {
+                if share > 0.0 {
+                    *out.entry(addr).or_default() += weight / total * share;
+                }
             }
         }
         if all_passthrough {
@@ -277,39 +288,74 @@ fn port_of(v: &Value) -> Option<u16> {
     v.as_u64().and_then(|p| u16::try_from(p).ok())
 }
 
-/// The lowest priority that has a healthy endpoint: (address, port) → weight.
-fn healthy_endpoints(cla: &Value) -> BTreeMap<(IpAddr, u16), f64> {
-    let healthy = |e: &Value| {
-        matches!(
-            e["health_status"].as_str(),
-            None | Some("HEALTHY" | "UNKNOWN")
-        )
+/// Each endpoint of `cla` (the assignment of `cluster`) with its share of the
+/// cluster's new connections, by Envoy's arithmetic (see the module
+/// documentation).
+fn envoy_shares(cluster: &Value, cla: &Value) -> BTreeMap<(IpAddr, u16), f64> {
+    use crate::envoy_lb::{Cluster, Endpoint, Health, Locality};
+    let health = |e: &Value| match e["health_status"].as_str() {
+        None | Some("HEALTHY" | "UNKNOWN") => Health::Healthy,
+        Some("DEGRADED") => Health::Degraded,
+        Some("UNHEALTHY" | "TIMEOUT") => Health::Unhealthy,
+        Some("DRAINING") => Health::Draining,
+        Some(other) => panic!("the oracle does not know health_status {other}"),
     };
-    let localities = cla["endpoints"].as_array().cloned().unwrap_or_default();
-    let priority = |loc: &Value| loc["priority"].as_u64().unwrap_or(0);
-    let best = localities
-        .iter()
-        .filter(|loc| {
-            loc["lb_endpoints"]
-                .as_array()
-                .is_some_and(|e| e.iter().any(healthy))
-        })
-        .map(priority)
-        .min();
-    let mut out = BTreeMap::new();
-    for loc in localities.iter().filter(|loc| Some(priority(loc)) == best) {
-        let lw = loc["load_balancing_weight"].as_f64().unwrap_or(1.0);
-        for e in loc["lb_endpoints"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|e| healthy(e))
-        {
-            let Some((ip, port)) = ip_port(&e["endpoint"]["address"]["socket_address"]) else {
+    let weight = |v: &Value| v.as_u64().and_then(|w| u32::try_from(w).ok());
+    // Envoy's host sets: one per (priority, locality), in order of appearance,
+    // with their endpoints' addresses.
+    type Place = (u64, [String; 3]);
+    type Group = (Place, Locality, Vec<(IpAddr, u16)>);
+    let mut groups: Vec<Group> = Vec::new();
+    let mut seen = BTreeSet::new();
+    for loc in cla["endpoints"].as_array().into_iter().flatten() {
+        let priority = loc["priority"].as_u64().unwrap_or(0);
+        let part = |k: &str| loc["locality"][k].as_str().unwrap_or_default().to_owned();
+        let place = (priority, [part("region"), part("zone"), part("sub_zone")]);
+        let at = match groups.iter().position(|g| g.0 == place) {
+            Some(i) => i,
+            None => {
+                let l = Locality {
+                    priority: u32::try_from(priority).expect("priority"),
+                    weight: None,
+                    endpoints: Vec::new(),
+                };
+                groups.push((place, l, Vec::new()));
+                groups.len() - 1
+            }
+        };
+        let group = &mut groups[at];
+        if let Some(w) = weight(&loc["load_balancing_weight"]) {
+            group.1.weight = Some(w);
+        }
+        for e in loc["lb_endpoints"].as_array().into_iter().flatten() {
+            let Some(addr) = ip_port(&e["endpoint"]["address"]["socket_address"]) else {
                 continue;
             };
-            let w = e["load_balancing_weight"].as_f64().unwrap_or(1.0);
-            *out.entry((ip, port)).or_default() += lw * w;
+            assert!(
+                seen.insert(addr),
+                "the oracle does not model an address listed twice in one assignment: {addr:?}"
+            );
+            group.1.endpoints.push(Endpoint {
+                weight: weight(&e["load_balancing_weight"]).unwrap_or(1),
+                health: health(e),
+            });
+            group.2.push(addr);
+        }
+    }
+    let common = &cluster["common_lb_config"];
+    let mut c = Cluster::new(groups.iter().map(|g| g.1.clone()).collect());
+    c.locality_weighted = !common["locality_weighted_lb_config"].is_null();
+    if let Some(t) = common["healthy_panic_threshold"]["value"].as_f64() {
+        c.panic_threshold_percent = t;
+    }
+    if let Some(f) = weight(&cla["policy"]["overprovisioning_factor"]) {
+        c.overprovisioning_factor = f;
+    }
+    c.weighted_priority_health = cla["policy"]["weighted_priority_health"] == true;
+    let mut out = BTreeMap::new();
+    for (g, shares) in groups.iter().zip(crate::envoy_lb::shares(&c)) {
+        for (addr, share) in g.2.iter().zip(shares) {
+            out.insert(*addr, share);
         }
     }
     out
@@ -489,4 +535,62 @@ fn catch_all(vh: &Value) -> Option<Vec<(String, f64)>> {
         .filter(|(_, w)| *w > 0.0)
         .collect();
     (!weighted.is_empty()).then_some(weighted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn expected() -> Expected {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/istiod-multi-zone-config-dump.json");
+        Corpus::load(&path).expected()
+    }
+
+    /// The shares of `service`'s endpoints, in the order of their last octet.
+    fn shares(e: &Expected, service: &str) -> Vec<f64> {
+        let b = &e.services[service];
+        let mut v: Vec<(IpAddr, f64)> = b.iter().map(|((ip, _), s)| (*ip, *s)).collect();
+        v.sort_by_key(|(ip, _)| *ip);
+        v.into_iter()
+            .map(|(_, s)| (s * 1e4).round() / 1e4)
+            .collect()
+    }
+
+    /// The istiod-shaped multi-zone fixtures, by Envoy's arithmetic (each
+    /// endpoint with a share above 0; the shares sum to 1).
+    #[test]
+    fn multi_zone_fixtures_get_envoys_shares() {
+        let e = expected();
+        assert_eq!(e.services.len(), 8, "{e:?}");
+        for (s, b) in &e.services {
+            let sum: f64 = b.values().sum();
+            assert!((sum - 1.0).abs() < 1e-9, "{s}: {sum}");
+        }
+        // Zone weights 10 and 2 over 10 and 2 pods: 1/12 each, not 10/104 and 2/104.
+        assert_eq!(shares(&e, "10.96.20.1:9080/tcp"), vec![0.0833; 12]);
+        // Priority 0 half healthy: 70 % to its healthy pod, 30 % over priority 1's
+        // three, nothing to priority 2.
+        assert_eq!(shares(&e, "10.96.20.2:9080/tcp"), [0.7, 0.1, 0.1, 0.1]);
+        // distribute 80/20 over 3 + 1 pods.
+        assert_eq!(
+            shares(&e, "10.96.20.3:9080/tcp"),
+            [0.2667, 0.2667, 0.2667, 0.2]
+        );
+        // Both priorities 1 of 4 healthy: all in panic, loads by host count 50/50
+        // over all 8 hosts.
+        assert_eq!(shares(&e, "10.96.20.4:9080/tcp"), vec![0.125; 8]);
+        // A DRAINING pod is excluded: priority 0's 3 others are all its hosts.
+        assert_eq!(shares(&e, "10.96.20.5:27017/tcp"), [0.3333, 0.3333, 0.3333]);
+        // Endpoint weights 3 and 1, zone b with 2 of 3 unhealthy: by endpoint
+        // weight without locality weighting (3:1), by effective locality weight
+        // with it (3 : 3 × 1.4 / 3).
+        assert_eq!(shares(&e, "10.96.20.6:5432/tcp"), [0.75, 0.25]);
+        assert_eq!(shares(&e, "10.96.20.7:5432/tcp"), [0.6818, 0.3182]);
+        // Priority 0 1 of 4 healthy (health 35), priority 1 1 of 3 (46): the
+        // normalized total is 81. At the default threshold of 50 both would be in
+        // panic (58 / 42 over all 7 hosts); at 20 neither is: 35 × 100 / 81 = 43
+        // and 46 × 100 / 81 = 56, the rounding's 1 to priority 0.
+        assert_eq!(shares(&e, "10.96.20.8:8080/tcp"), [0.44, 0.56]);
+    }
 }

@@ -184,6 +184,21 @@ impl Lab {
         }
     }
 
+    /// The leak audit of the lab's pins.
+    pub fn audit(&self) -> crate::audit::Audit<'_> {
+        crate::audit::Audit::kernel(&self.bpffs.0)
+    }
+
+    /// Ends a scenario: the maps hold what `expect` says, and once every service
+    /// is removed, nothing.
+    pub fn finish(&mut self, expect: &crate::audit::Expect) {
+        self.audit().assert("the end of the scenario", expect);
+        self.dp
+            .apply(&RoutingTable::default())
+            .expect("remove every service");
+        self.audit().assert_empty("every service removed");
+    }
+
     /// Runs `r`: installs its service, starts the client, kills (and revives)
     /// at the set times, and returns what the client saw. The lab is whole again
     /// afterwards.

@@ -114,6 +114,33 @@ impl KubeLab {
         }
     }
 
+    /// The leak audit of the lab's pins and the agent at `admin`.
+    pub fn audit<'a>(&'a self, admin: &'a Admin) -> crate::audit::Audit<'a> {
+        crate::audit::Audit::agent(&self.bpffs.0, admin)
+    }
+
+    /// Ends a scenario while the agent at `admin` runs: the maps hold the one
+    /// service and the links of `link_cgroups` pods; once the agent's file is
+    /// emptied, nothing but those links.
+    pub fn finish(&self, admin: &Admin, link_cgroups: usize) {
+        use crate::audit::Expect;
+        let audit = self.audit(admin);
+        audit.assert(
+            "the end of the scenario",
+            &Expect::services(1, 2)
+                .xds(1, 1, 0, 0)
+                .link_cgroups(link_cgroups),
+        );
+        let file = self.dir.0.join("resources.yaml");
+        let tmp = file.with_extension("tmp");
+        fs::write(&tmp, "resources: []\n").expect("write");
+        fs::rename(&tmp, &file).expect("rename");
+        audit.assert(
+            "the end, with the configuration emptied",
+            &Expect::empty().link_cgroups(link_cgroups),
+        );
+    }
+
     /// Starts `sockmesh agent --kubernetes` for this node.
     pub fn agent(&self) -> (Proc, Admin) {
         let admin = Admin::in_dir(&self.dir.0);

@@ -7,7 +7,7 @@ use std::{
     fs,
     io::{BufRead as _, BufReader, Read},
     os::{fd::AsFd as _, unix::process::CommandExt as _},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicU32, Ordering},
@@ -17,6 +17,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod agent;
+pub mod audit;
 pub mod churn;
 pub mod control_plane;
 pub mod corpus;
@@ -31,10 +33,17 @@ pub mod kube;
 pub mod kubeapi;
 pub mod kubelab;
 pub mod kubeproxy;
+mod layout_v1;
 pub mod load;
 pub mod mesh;
 pub mod pki;
 pub mod probes;
+pub mod shares;
+pub mod soak;
+pub mod zone_death;
+
+pub use agent::{Admin, FileAgent, TempDir, agent_command};
+pub use layout_v1::{LAYOUT_V1_COMMIT, layout_v1_bin};
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -85,9 +94,17 @@ impl<T> Outcome for Option<T> {
     }
 }
 
+/// `Ok` is done, whatever it holds: a condition that reads something fallibly
+/// and then decides says so with an `Option` (`.ok().filter(…)`). `Ok(false)`
+/// would end the wait at once, so a `Result<bool, _>` condition panics on its
+/// first poll instead of passing without waiting.
 impl<T, E: Debug> Outcome for Result<T, E> {
     type Value = T;
     fn into_result(self) -> Result<T, String> {
+        assert!(
+            std::any::type_name::<T>() != "bool",
+            "wait_until on Result<bool, _> ends at Ok(false): decide with .ok().filter(…) or `?`"
+        );
         self.map_err(|e| format!("{e:?}"))
     }
 }
@@ -291,6 +308,7 @@ pub fn install(cgroup: &Cgroup, bpffs: &Bpffs) -> sockmesh::dataplane::Datapath 
         scope: sockmesh::dataplane::AttachScope::Cgroup,
         allow_root_cgroup: false,
         limits: sockmesh::dataplane::Limits::default(),
+        envoy_draws: false,
     })
     .expect("install datapath")
 }
@@ -395,104 +413,6 @@ pub fn sockmesh_bin() -> PathBuf {
     bin
 }
 
-/// The last commit whose agent pins map layout v1 (before `SM_SERVICE_STATS`): the
-/// "previous release" of the layout-migration test.
-pub const LAYOUT_V1_COMMIT: &str = "5b0917009e2a78ce0bc9eeedcb793d04614a4b43";
-
-/// `sockmesh` as built from [`LAYOUT_V1_COMMIT`], at `target/layout-v1/target/debug/sockmesh`
-/// with the commit in `target/layout-v1/commit` (where the VM run finds both).
-/// Built once per machine: the source is taken from git (`git archive`) and
-/// built with its own target directory in the user's cache
-/// (`~/.cache/sockmesh/layout-v1-<commit>`, or `$XDG_CACHE_HOME`), keyed by the
-/// commit so never stale; a clean checkout copies the binary from there instead
-/// of spending minutes on a build of the old tree.
-pub fn layout_v1_bin() -> PathBuf {
-    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_owned();
-    let out = workspace.join("target/layout-v1");
-    let out_bin = out.join("target/debug/sockmesh");
-    let out_stamp = out.join("commit");
-    if built(&out_bin, &out_stamp) {
-        return out_bin;
-    }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| out.clone());
-    let dir = cache.join(format!("sockmesh/layout-v1-{LAYOUT_V1_COMMIT}"));
-    let bin = build_layout_v1(&workspace, &dir);
-    fs::create_dir_all(out_bin.parent().expect("bin dir")).expect("create target/layout-v1");
-    fs::copy(&bin, &out_bin).expect("copy the layout-v1 agent");
-    fs::write(&out_stamp, LAYOUT_V1_COMMIT).expect("stamp");
-    out_bin
-}
-
-/// Whether `bin` is there and `stamp` says it is the layout-v1 commit's.
-fn built(bin: &Path, stamp: &Path) -> bool {
-    bin.exists() && fs::read_to_string(stamp).is_ok_and(|c| c == LAYOUT_V1_COMMIT)
-}
-
-/// Builds (once: a stamp says it is done) the layout-v1 agent in `dir`.
-fn build_layout_v1(workspace: &Path, dir: &Path) -> PathBuf {
-    let bin = dir.join("target/debug/sockmesh");
-    let stamp = dir.join("commit");
-    if built(&bin, &stamp) {
-        return bin;
-    }
-    let src = dir.join("src");
-    let _ = fs::remove_dir_all(&src);
-    fs::create_dir_all(&src).expect("create layout-v1 dir");
-    let has_commit = Command::new("git")
-        .args(["-C"])
-        .arg(workspace)
-        .args(["cat-file", "-e", &format!("{LAYOUT_V1_COMMIT}^{{commit}}")])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        has_commit,
-        "commit {LAYOUT_V1_COMMIT} (the layout-v1 release) is not in this git checkout; \
-         the migration test needs the repository's history (not a shallow clone)"
-    );
-    let tarball = dir.join("src.tar");
-    let status = Command::new("git")
-        .arg("-C")
-        .arg(workspace)
-        .args(["archive", "--format=tar", "-o"])
-        .arg(&tarball)
-        .arg(LAYOUT_V1_COMMIT)
-        .status()
-        .expect("git archive");
-    assert!(status.success(), "git archive {LAYOUT_V1_COMMIT}");
-    let status = Command::new("tar")
-        .arg("-xf")
-        .arg(&tarball)
-        .arg("-C")
-        .arg(&src)
-        .status()
-        .expect("tar");
-    assert!(status.success(), "extracting {LAYOUT_V1_COMMIT}");
-    let out = Command::new("cargo")
-        .args(["build", "--locked", "-p", "sockmesh", "--bin", "sockmesh"])
-        .current_dir(&src)
-        .env("CARGO_TARGET_DIR", dir.join("target"))
-        // This test's own toolchain choice must not leak into the old tree's build
-        // (it has its own rust-toolchain.toml).
-        .env_remove("RUSTUP_TOOLCHAIN")
-        .env_remove("CARGO")
-        .env_remove("RUSTC")
-        .output()
-        .expect("cargo build of the layout-v1 agent");
-    assert!(
-        out.status.success(),
-        "building the layout-v1 agent failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    fs::write(&stamp, LAYOUT_V1_COMMIT).expect("stamp");
-    bin
-}
-
 /// The `sockmesh` binary in `dir` (benchmarks and the demo use the release build).
 pub fn sockmesh_bin_in(dir: &std::path::Path) -> PathBuf {
     dir.join("sockmesh")
@@ -581,183 +501,6 @@ pub fn listening_ports(pid: u32) -> Vec<u16> {
     ports.sort_unstable();
     ports.dedup();
     ports
-}
-
-/// The admin server of an agent a test starts: the agent binds 127.0.0.1:0 and
-/// writes the address it got to a file (`--admin-address-file`), so no port is ever
-/// guessed.
-pub struct Admin {
-    file: PathBuf,
-    addr: std::cell::OnceCell<std::net::SocketAddr>,
-}
-
-impl Admin {
-    /// An admin server whose address will be written to `dir/admin.addr`.
-    pub fn in_dir(dir: &Path) -> Self {
-        Self {
-            file: dir.join(unique("admin-")),
-            addr: std::cell::OnceCell::new(),
-        }
-    }
-
-    /// The agent flags.
-    pub fn args(&self) -> Vec<std::ffi::OsString> {
-        vec![
-            "--admin".into(),
-            "127.0.0.1:0".into(),
-            "--admin-address-file".into(),
-            self.file.clone().into(),
-        ]
-    }
-
-    /// Where the agent's log goes: a file beside the address file (its tail is in
-    /// the message when the admin server never comes up), or the test's own stderr
-    /// with `SM_AGENT_STDERR=1`.
-    pub fn log(&self) -> Stdio {
-        if std::env::var_os("SM_AGENT_STDERR").is_some() {
-            return Stdio::inherit();
-        }
-        fs::File::create(self.log_path()).map_or_else(|_| Stdio::null(), Stdio::from)
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.file.with_extension("log")
-    }
-
-    /// The last lines the agent logged (for failure messages).
-    pub fn log_tail(&self) -> String {
-        let text = fs::read_to_string(self.log_path()).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-
-    /// The bound address, once the agent has written it.
-    pub fn addr(&self) -> std::net::SocketAddr {
-        *self.addr.get_or_init(|| {
-            wait_until(
-                "the admin server's address",
-                // The agent writes it after the verifier has checked its programs:
-                // under the CI's single-CPU TCG VM with traffic running that took
-                // over 200 s (the migration test, 2026-12-02).
-                Duration::from_secs(40),
-                || {
-                    fs::read_to_string(&self.file)
-                        .map_err(|e| format!("{e}; the agent's log ends:\n{}", self.log_tail()))
-                        .and_then(|t| {
-                            t.trim()
-                                .parse::<std::net::SocketAddr>()
-                                .map_err(|e| e.to_string())
-                        })
-                },
-            )
-        })
-    }
-
-    /// `GET path`: (status, body); status 0 if nothing answered.
-    pub fn get(&self, path: &str) -> (u16, String) {
-        sockmesh::admin::get(self.addr(), path).unwrap_or((0, String::new()))
-    }
-
-    /// `/config_dump` as JSON (`Null` if the agent did not answer).
-    pub fn dump(&self) -> serde_json::Value {
-        let (_, body) = self.get("/config_dump");
-        serde_json::from_str(&body).unwrap_or_default()
-    }
-
-    /// The value of one series of `/metrics`, by its exact name and labels, e.g.
-    /// `sockmesh_services` or `sockmesh_xds_updates_total{type="eds",result="rejected"}`.
-    pub fn metric(&self, series: &str) -> Option<f64> {
-        let (_, body) = self.get("/metrics");
-        body.lines().find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok()).flatten()
-        })
-    }
-}
-
-/// A temporary directory, removed with its contents on drop (also when a test
-/// fails).
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(prefix: &str) -> Self {
-        let path = std::env::temp_dir().join(unique(prefix));
-        fs::create_dir_all(&path).expect("create temp dir");
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// `sockmesh agent --xds file://…` on a file of its own, with its own cgroup,
-/// bpffs directory and admin server (port 0). Drop ends the agent first, then
-/// removes the cgroup, the pins and the directory.
-pub struct FileAgent {
-    pub agent: Proc,
-    pub admin: Admin,
-    /// The configuration file the agent watches.
-    pub file: PathBuf,
-    pub cgroup: Cgroup,
-    pub bpffs: Bpffs,
-    pub dir: TempDir,
-}
-
-impl FileAgent {
-    /// Writes `text` to `FILE_NAME` in a new directory and starts the agent on it,
-    /// with `extra` flags.
-    pub fn start(file_name: &str, text: &str, extra: &[&str]) -> Self {
-        let dir = TempDir::new("sockmesh-file-agent-");
-        let file = dir.0.join(file_name);
-        fs::write(&file, text).expect("write the configuration file");
-        let cgroup = Cgroup::new();
-        let bpffs = Bpffs::new();
-        let admin = Admin::in_dir(&dir.0);
-        let agent = agent_command(sockmesh_bin(), &cgroup, &bpffs)
-            .arg("--xds")
-            .arg(format!("file://{}", file.display()))
-            .args(admin.args())
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(admin.log())
-            .spawn()
-            .expect("agent");
-        Self {
-            agent: Proc(agent),
-            admin,
-            file,
-            cgroup,
-            bpffs,
-            dir,
-        }
-    }
-
-    /// Replaces the file as an editor or a ConfigMap update does: a new file
-    /// renamed over the old.
-    pub fn replace(&self, text: &str) {
-        let tmp = self.file.with_extension("tmp");
-        fs::write(&tmp, text).expect("write");
-        fs::rename(&tmp, &self.file).expect("rename");
-    }
-}
-
-/// `sockmesh agent --cgroup … --bpffs …` for `bin`; callers add the source and
-/// whatever else they test. The test control planes listen on loopback without
-/// TLS, which the agent refuses unless allowed: the environment variable allows
-/// it (an older release, which has no such flag, ignores it); `xds_tls` tests the
-/// secured connection and the refusal.
-pub fn agent_command(bin: impl AsRef<OsStr>, cgroup: &Cgroup, bpffs: &Bpffs) -> Command {
-    let mut cmd = Command::new(bin);
-    cmd.env("SOCKMESH_ALLOW_PLAINTEXT_XDS", "true");
-    cmd.arg("agent")
-        .arg("--cgroup")
-        .arg(&cgroup.0)
-        .arg("--bpffs")
-        .arg(&bpffs.0);
-    cmd
 }
 
 /// Links `client` (10.10.1.1) to `backend` over veth and gives `backend` the pod
@@ -867,6 +610,21 @@ impl PodLab {
     /// The datapath.
     pub fn dp(&mut self) -> &mut sockmesh::dataplane::Datapath {
         self.dp.as_mut().expect("datapath installed")
+    }
+
+    /// The leak audit of the lab's pins.
+    pub fn audit(&self) -> audit::Audit<'_> {
+        audit::Audit::kernel(&self.bpffs.0)
+    }
+
+    /// Ends a scenario: the maps hold what `expect` says, and once every service
+    /// is removed, nothing.
+    pub fn finish(&mut self, expect: &audit::Expect) {
+        self.audit().assert("the end of the scenario", expect);
+        self.dp()
+            .apply(&sockmesh::model::RoutingTable::default())
+            .expect("remove every service");
+        self.audit().assert_empty("every service removed");
     }
 
     /// `program` in the client namespace and the cgroup.

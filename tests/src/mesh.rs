@@ -89,6 +89,41 @@ fn eds(name: &str) -> Cluster {
     }
 }
 
+/// An EDS cluster over ADS with outlier detection (`consecutive_5xx`, 30 s
+/// ejections, `max_ejection_percent` 100) and a circuit breaker
+/// (`max_connections`), as a DestinationRule's `outlierDetection` and
+/// `connectionPool` make it.
+pub fn guarded_cluster(name: &str, consecutive: u32, max_connections: u32) -> (String, Any) {
+    use sockmesh_proto::pb::{
+        envoy::config::{
+            cluster::v3::{CircuitBreakers, OutlierDetection, circuit_breakers},
+            core::v3::RoutingPriority,
+        },
+        google::protobuf::{Duration, UInt32Value},
+    };
+    let mut c = eds(name);
+    c.outlier_detection = Some(OutlierDetection {
+        consecutive_5xx: Some(UInt32Value { value: consecutive }),
+        base_ejection_time: Some(Duration {
+            seconds: 30,
+            nanos: 0,
+        }),
+        max_ejection_percent: Some(UInt32Value { value: 100 }),
+        ..Default::default()
+    });
+    c.circuit_breakers = Some(CircuitBreakers {
+        thresholds: vec![circuit_breakers::Thresholds {
+            priority: RoutingPriority::Default as i32,
+            max_connections: Some(UInt32Value {
+                value: max_connections,
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    (name.to_owned(), any(sockmesh_proto::type_url::CLUSTER, &c))
+}
+
 /// An EDS cluster over ADS with a DestinationRule-style consistent hash:
 /// `lb_policy: MAGLEV`, with `maglev_lb_config.table_size` if given (else the
 /// size is the consumer's default).

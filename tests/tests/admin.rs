@@ -3,7 +3,9 @@
 
 use std::{process::Command, time::Duration};
 
-use sockmesh_tests::{FileAgent, sockmesh_bin, wait_until};
+use sockmesh_tests::{FileAgent, TwoPods, audit::Expect, hold, release, sockmesh_bin, wait_until};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
 
 const CONFIG: &str = r#"resources:
 - "@type": type.googleapis.com/envoy.config.listener.v3.Listener
@@ -41,6 +43,14 @@ fn admin_endpoints_answer_on_loopback() {
             metrics.lines().any(|l| l == line),
             "missing {line:?} in:\n{metrics}"
         );
+    }
+    // Every map with a capacity has its fill ratio (the kernel-filled ones once
+    // counted, on the agent's tick).
+    for m in sockmesh::dataplane::fill::SIZED {
+        let series = format!("sockmesh_map_fill_ratio{{map=\"{}\"}}", m.label);
+        wait_until(&series, Duration::from_secs(10), || {
+            admin.metric(&series).is_some()
+        });
     }
     let (status, _) = admin.get("/config_dump");
     assert_eq!(status, 200);
@@ -113,6 +123,11 @@ fn admin_endpoints_answer_on_loopback() {
     assert_eq!(status["agent"]["datapath"]["migrating"], false, "{status}");
     assert_eq!(status["datapath"]["services"], 1, "{status}");
     assert_eq!(status["xds"]["cds"]["rejected"], 1, "{status}");
+    // The refused cluster holds its last good version: one of each resource.
+    agent
+        .audit()
+        .assert("a refused cluster", &Expect::services(1, 1).xds(1, 1, 0, 0));
+    agent.clear_and_audit();
 }
 
 /// Map sizes are configurable; a configuration beyond them is not refused (a node
@@ -237,4 +252,113 @@ fn capacity_limits_leave_what_does_not_fit_out_listed_and_heal() {
         admin.metric("sockmesh_map_fill_ratio{map=\"services\"}"),
         Some(1.0)
     );
+    // The service map has been full since the first file: one warning, naming
+    // the flag, however many updates found it full since.
+    let warned: Vec<String> = admin
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("map SM_SERVICES is full"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    assert!(warned[0].contains("raise --max-services"), "{warned:?}");
+    agent.audit().assert(
+        "service 2 limited to a subset",
+        &Expect::services(2, 4).xds(2, 2, 0, 0),
+    );
+    agent.clear_and_audit();
+}
+
+/// A map filled to its limit: its fill ratio says 1, the agent warns once,
+/// naming the map and the flag that sizes it, and again only once the map had
+/// room and filled again. `SM_REVERSE` at `--max-reverse 4`: six connections
+/// through a VIP, four remembered, two counted as `reverse_full`.
+#[test]
+fn a_full_map_shows_in_its_fill_ratio_and_warns_once_each_time_it_fills() {
+    const ONE: &str = r#"resources:
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: api
+  address: { socket_address: { address: 10.96.0.20, port_value: 80 } }
+  filter_chains: [ { filters: [ { name: tcp, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: api, cluster: api } } ] } ]
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: api
+  type: STATIC
+  load_assignment: { cluster_name: api, endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 10.10.1.11, port_value: 8080 } } } } ] } ] }
+"#;
+    let pods = TwoPods::serving(PROBE, ["b1", "b2"]);
+    let agent = FileAgent::start("resources.yaml", ONE, &["--max-reverse", "4"]);
+    let admin = &agent.admin;
+    wait_until("the service in the kernel", Duration::from_secs(10), || {
+        sockmesh_tests::kernel_backends(&agent.bpffs) == ["10.10.1.11"]
+    });
+    let fill = || admin.metric("sockmesh_map_fill_ratio{map=\"reverse\"}");
+    assert_eq!(fill(), Some(0.0));
+    let warnings = || {
+        admin
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains("map SM_REVERSE is full"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    for round in 1..=2 {
+        let (reached, holder) = hold(PROBE, &pods.client, &agent.cgroup, "10.96.0.20:80", 6);
+        assert_eq!(reached.get("b1"), Some(&6), "{reached:?}");
+        wait_until("SM_REVERSE full", Duration::from_secs(10), || {
+            fill() == Some(1.0)
+        });
+        assert_eq!(
+            admin.metric("sockmesh_datapath_events_total{event=\"reverse_full\"}"),
+            Some(f64::from(2 * round))
+        );
+        let dump = admin.dump();
+        let reverse = dump["datapath"]["maps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["map"] == "SM_REVERSE")
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(
+            (
+                &reverse["entries"],
+                &reverse["capacity"],
+                &reverse["flag"],
+                &reverse["full"]
+            ),
+            (
+                &serde_json::json!(4),
+                &serde_json::json!(4),
+                &serde_json::json!("--max-reverse"),
+                &serde_json::json!(true)
+            ),
+            "{reverse}"
+        );
+        let warned = wait_until("the warning", Duration::from_secs(10), || {
+            let w = warnings();
+            (w.len() == round as usize).then_some(w.clone()).ok_or(w)
+        });
+        let last = warned.last().map(String::as_str).unwrap_or_default();
+        assert!(last.contains("--max-reverse"), "{last}");
+        // Open sockets hold their entries: the audit expects the four.
+        agent.audit().assert(
+            "four sockets remembered",
+            &Expect::services(1, 1).reverse(4),
+        );
+        release(holder);
+        wait_until("SM_REVERSE empty again", Duration::from_secs(10), || {
+            fill() == Some(0.0)
+        });
+        wait_until("the map has room again", Duration::from_secs(10), || {
+            admin
+                .log_text()
+                .lines()
+                .filter(|l| l.contains("map has room again") && l.contains("SM_REVERSE"))
+                .count()
+                == round as usize
+        });
+    }
+    // Two fillings, two warnings: none per refused entry.
+    assert_eq!(warnings().len(), 2, "{:?}", warnings());
+    agent.clear_and_audit();
 }

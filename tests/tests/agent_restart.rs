@@ -6,8 +6,11 @@
 use std::{process::Stdio, time::Duration};
 
 use sockmesh_tests::{
-    Admin, Bpffs, Cgroup, Lines, Proc, TempDir, TwoPods, agent_command, command_in,
-    control_plane::ControlPlane, mesh, sockmesh_bin, wait_until,
+    Admin, Bpffs, Cgroup, Lines, Proc, TempDir, TwoPods, agent_command,
+    audit::{Audit, Expect},
+    command_in,
+    control_plane::ControlPlane,
+    mesh, sockmesh_bin, wait_until,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -105,5 +108,14 @@ fn sigkill_and_restart_under_traffic_lose_nothing() {
         "{total} requests, 0 failed across kill -9 and restart; the restarted agent's first write: {} map operations, {} µs",
         dump["push"]["last_map_ops"], dump["push"]["last_latency_us"]
     );
+    // Nothing the first agent or the traffic left behind, and nothing after the
+    // mesh is gone.
+    let audit = Audit::agent(&bpffs.0, &admin);
+    audit.assert(
+        "the restarted agent's table",
+        &Expect::services(1, 2).xds(1, 1, 0, 1).link_cgroups(1),
+    );
+    cp.remove_all();
+    audit.assert_empty("the control plane's mesh removed");
     drop(second);
 }

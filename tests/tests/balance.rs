@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, process::Command};
 
 use sockmesh::model::{Backend, RoutingTable, ServiceAddr};
-use sockmesh_tests::{Lines, PodLab, monotonic_ns, run, scaled};
+use sockmesh_tests::{Lines, PodLab, audit::Expect, monotonic_ns, run, scaled};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
 
@@ -119,6 +119,7 @@ fn equal_weights_spread_evenly_and_weights_are_honoured() {
         chi < 28.37,
         "weights 1:3 not honoured {hist:?}, chi2 {chi:.2}"
     );
+    lab.finish(&Expect::services(1, 2));
 }
 
 #[test]
@@ -156,6 +157,11 @@ fn updates_under_a_tight_connect_loop_lose_nothing() {
             .apply(&table(set.iter().map(|&i| backend(i)).collect()))
             .expect("apply");
         applied.push((began, monotonic_ns(), names(set)));
+        // Each step leaves only its own set's entries (the client keeps going).
+        lab.audit().assert(
+            &format!("step {step}"),
+            &Expect::services(1, 3).under_traffic(),
+        );
         std::thread::sleep(std::time::Duration::from_millis(40));
     }
     out.extend(lines.rest());
@@ -205,4 +211,5 @@ fn updates_under_a_tight_connect_loop_lose_nothing() {
         stale.len(),
         &stale[..stale.len().min(5)]
     );
+    lab.finish(&Expect::services(1, 3));
 }

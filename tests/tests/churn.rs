@@ -5,8 +5,11 @@
 use std::{net::IpAddr, process::Stdio, time::Duration};
 
 use sockmesh_tests::{
-    Bpffs, Cgroup, NetNs, Proc, agent_command, churn, control_plane::ControlPlane, pod_network,
-    serve, sockmesh_bin,
+    Admin, Bpffs, Cgroup, NetNs, Proc, TempDir, agent_command,
+    audit::{Audit, Expect},
+    churn,
+    control_plane::ControlPlane,
+    pod_network, serve, sockmesh_bin,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -31,10 +34,13 @@ fn rolling_and_scaling_under_load_lose_nothing() {
     let cp = ControlPlane::new();
     let (addr, _stop) = rt.block_on(cp.serve("127.0.0.1:0".parse().expect("addr")));
     cp.publish(&churn::resources(), true);
+    let tmp = TempDir::new("sockmesh-churn-");
+    let admin = Admin::in_dir(&tmp.0);
     let agent = agent_command(sockmesh_bin(), &cgroup, &bpffs)
         .args(["--xds", &format!("grpc://{addr}")])
+        .args(admin.args())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(admin.log())
         .spawn()
         .expect("agent");
     let _agent = Proc(agent);
@@ -54,6 +60,7 @@ fn rolling_and_scaling_under_load_lose_nothing() {
         scale_steps: 20,
         step_every: Duration::from_millis(240),
         http: false,
+        audit_steps: true,
     })
     .expect("churn ran");
     eprintln!(
@@ -75,4 +82,14 @@ fn rolling_and_scaling_under_load_lose_nothing() {
         result.stale, 0,
         "requests reached DRAINING/removed endpoints"
     );
+    // The client is gone: one service, its last pods, one listener, cluster and
+    // assignment; then the mesh removed, nothing.
+    let audit = Audit::agent(&bpffs.0, &admin);
+    let backends = sockmesh_tests::kernel_backends(&bpffs).len();
+    audit.assert(
+        "the churn done",
+        &Expect::services(1, backends).xds(1, 1, 0, 1),
+    );
+    cp.remove_all();
+    audit.assert_empty("the control plane's mesh removed");
 }

@@ -1,21 +1,25 @@
 //! Real istiod output: the Istio sidecar config dumps in `../shared/xds-corpus/`
 //! (read from there, never copied into the project), and the project's own
 //! hand-written dumps of shapes those lack (`tests/corpus/`: listeners whose
-//! filter sockmesh leaves alone), replayed to `sockmesh agent` through the file
-//! source and through ADS (delta and SotW), and the kernel's table checked against
-//! what Envoy would do with the same resources (`sockmesh_tests::corpus`, an
-//! oracle over the dump's JSON that shares no code with sockmesh's translation):
-//! every service with its endpoints and weights, no entry for pass-through
-//! (ORIGINAL_DST) services nor for services left alone, warming services and
-//! listeners left alone reported as such, nothing refused.
+//! filter sockmesh leaves alone, multi-zone services as istiod writes them),
+//! replayed to `sockmesh agent` through the file source and through ADS (delta
+//! and SotW), and the kernel's table checked against what Envoy would do with the
+//! same resources (`sockmesh_tests::corpus`, an oracle over the dump's JSON that
+//! shares no code with sockmesh's translation): every service with its endpoints,
+//! each endpoint's share of new connections as a connect() reads it from the
+//! maps (priority levels' choice table, slots), the same shares in
+//! `/config_dump`'s `load_balancing`, no entry for pass-through (ORIGINAL_DST)
+//! services nor for services left alone, warming services and listeners left
+//! alone reported as such, nothing refused.
 
-use std::{collections::BTreeSet, process::Stdio, time::Duration};
+use std::{collections::BTreeSet, net::IpAddr, process::Stdio, time::Duration};
 
-use sockmesh::model::{BackendState, RoutingTable};
 use sockmesh_tests::{
     Admin, Bpffs, Cgroup, FileAgent, Proc, TempDir, agent_command,
+    audit::{Audit, Expect},
     control_plane::ControlPlane,
     corpus::{Corpus, Expected, corpus_dir, corpus_files, fixture_files},
+    shares::kernel_shares,
     sockmesh_bin, wait_until,
 };
 
@@ -36,8 +40,17 @@ fn corpora() -> Option<Vec<Corpus>> {
     Some(files.iter().map(|f| Corpus::load(f)).collect())
 }
 
-/// `Ok` if the kernel's table is what Envoy would do; else what differs.
-fn compare(table: &RoutingTable, expected: &Expected) -> Result<(), String> {
+/// How far a share read from the kernel may be from Envoy's: a slot range holds
+/// its hosts' weights to within one of its (up to 4,096) slots.
+const SHARE_TOLERANCE: f64 = 2e-3;
+
+/// `Ok` if the kernel's table is what Envoy would do: the same services, and each
+/// endpoint's share of its service's new connections read from the maps as a
+/// connect() resolves it (choice table, slots) within [`SHARE_TOLERANCE`] of
+/// Envoy's; else what differs.
+fn compare(bpffs: &Bpffs, expected: &Expected) -> Result<(), String> {
+    let table = sockmesh::dataplane::read_table(&bpffs.0).map_err(|e| e.to_string())?;
+    let maps = sockmesh::dataplane::open_pinned(&bpffs.0).map_err(|e| e.to_string())?;
     let mut problems = Vec::new();
     let got: BTreeSet<String> = table.services.keys().map(ToString::to_string).collect();
     let want: BTreeSet<String> = expected.services.keys().cloned().collect();
@@ -52,29 +65,22 @@ fn compare(table: &RoutingTable, expected: &Expected) -> Result<(), String> {
     for s in want.difference(&got) {
         problems.push(format!("missing service {s}"));
     }
-    for (service, backends) in &table.services {
+    for service in table.services.keys() {
         let Some(want) = expected.services.get(&service.to_string()) else {
             continue;
         };
-        let active: Vec<_> = backends
-            .iter()
-            .filter(|b| b.state == BackendState::Active)
-            .collect();
-        let total: f64 = active.iter().map(|b| f64::from(b.weight)).sum();
-        let got: BTreeSet<(std::net::IpAddr, u16)> =
-            active.iter().map(|b| (b.address, b.port)).collect();
-        let keys: BTreeSet<(std::net::IpAddr, u16)> = want.keys().copied().collect();
+        let shares = kernel_shares(&maps, service)?.unwrap_or_default();
+        let got: BTreeSet<(IpAddr, u16)> = shares.keys().copied().collect();
+        let keys: BTreeSet<(IpAddr, u16)> = want.keys().copied().collect();
         if got != keys {
             problems.push(format!("{service}: backends {got:?}, Envoy: {keys:?}"));
             continue;
         }
-        for b in active {
-            let share = f64::from(b.weight) / total;
-            let envoy = want[&(b.address, b.port)];
-            if (share - envoy).abs() > 1e-4 {
+        for ((ip, port), share) in shares {
+            let envoy = want[&(ip, port)];
+            if (share - envoy).abs() > SHARE_TOLERANCE {
                 problems.push(format!(
-                    "{service}: {}:{} gets {share:.4} of new connections, Envoy {envoy:.4}",
-                    b.address, b.port
+                    "{service}: {ip}:{port} gets {share:.4} of new connections, Envoy {envoy:.4}"
                 ));
             }
         }
@@ -84,6 +90,34 @@ fn compare(table: &RoutingTable, expected: &Expected) -> Result<(), String> {
     } else {
         Err(format!("{} differences: {problems:#?}", problems.len()))
     }
+}
+
+/// `Ok` if `/config_dump`'s `load_balancing` (what the kernel applies, as the agent
+/// reports it) gives each endpoint Envoy's share; how many services it lists.
+fn compare_dump(dump: &serde_json::Value, expected: &Expected) -> Result<usize, String> {
+    let listed = dump["load_balancing"]
+        .as_object()
+        .ok_or_else(|| format!("no load_balancing in {dump}"))?;
+    for (service, lb) in listed {
+        let want = expected
+            .services
+            .get(service)
+            .ok_or_else(|| format!("load_balancing lists {service}, which Envoy has not"))?;
+        let endpoints = lb["endpoints"].as_object().cloned().unwrap_or_default();
+        for (endpoint, e) in &endpoints {
+            let addr: std::net::SocketAddr = endpoint
+                .parse()
+                .map_err(|_| format!("{service}: endpoint {endpoint}"))?;
+            let envoy = want.get(&(addr.ip(), addr.port())).copied().unwrap_or(0.0);
+            let share = e["share"].as_f64().unwrap_or(-1.0) / 100.0;
+            if (share - envoy).abs() > SHARE_TOLERANCE {
+                return Err(format!(
+                    "{service}: /config_dump gives {endpoint} {share:.4}, Envoy {envoy:.4}: {lb}"
+                ));
+            }
+        }
+    }
+    Ok(listed.len())
 }
 
 /// Waits for the agent to hold `expected` in the kernel, then checks what it
@@ -97,13 +131,14 @@ fn check(corpus: &Corpus, expected: &Expected, bpffs: &Bpffs, admin: &Admin) {
             .filter_map(|s| s.as_str().map(str::to_owned))
             .collect()
     };
+    let mut levels_listed = 0;
     wait_until(
         &format!("{}: the agent to route as Envoy would", corpus.name),
         Duration::from_secs(30),
         || {
-            let table = sockmesh::dataplane::read_table(&bpffs.0).map_err(|e| e.to_string())?;
-            compare(&table, expected)?;
+            compare(bpffs, expected)?;
             let dump = admin.dump();
+            levels_listed = compare_dump(&dump, expected)?;
             let (passthrough, warming) = (listed(&dump, "passthrough"), listed(&dump, "warming"));
             if passthrough != expected.passthrough {
                 return Err(format!(
@@ -133,10 +168,11 @@ fn check(corpus: &Corpus, expected: &Expected, bpffs: &Bpffs, admin: &Admin) {
         },
     );
     eprintln!(
-        "{}: {} services as Envoy would route them ({} with no endpoint), {} passed through, {} warming, {} left alone ({} listeners)",
+        "{}: {} services as Envoy would route them ({} with no endpoint, {} served by priority levels), {} passed through, {} warming, {} left alone ({} listeners)",
         corpus.name,
         expected.services.len(),
         expected.services.values().filter(|b| b.is_empty()).count(),
+        levels_listed,
         expected.passthrough.len(),
         expected.warming.len(),
         expected.left_alone.len(),
@@ -173,6 +209,12 @@ fn istio_dumps_through_the_file_source_route_as_envoy_would() {
                 corpus.name
             );
         }
+        // Every entry of the mesh's services belongs to one, and all of it goes
+        // with the mesh.
+        agent
+            .audit()
+            .assert(&format!("{} routed", corpus.name), &Expect::default());
+        agent.clear_and_audit();
     }
 }
 
@@ -231,6 +273,13 @@ fn through_ads(protocol: &str) {
             corpus.name,
             cp.nacks()
         );
+        let audit = Audit::agent(&bpffs.0, &admin);
+        audit.assert(&format!("{} routed", corpus.name), &Expect::default());
+        cp.remove_all();
+        audit.assert_empty(&format!(
+            "{}: the control plane's mesh removed",
+            corpus.name
+        ));
     }
 }
 

@@ -4,7 +4,11 @@
 use std::net::IpAddr;
 
 use sockmesh::model::{Backend, Protocol, RoutingTable, ServiceAddr};
-use sockmesh_tests::{Bpffs, Cgroup, NetNs, Proc, command_in, install, run, veth};
+use sockmesh_tests::{
+    Bpffs, Cgroup, NetNs, Proc,
+    audit::{Audit, Expect},
+    command_in, install, run, veth,
+};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
 
@@ -81,11 +85,27 @@ fn tcp_vip_redirects_reports_vip_refuses_empty_and_spares_outsiders() {
         sockmesh::dataplane::read_table(&bpffs.0).expect("read pins"),
         table
     );
+    let audit = Audit::kernel(&bpffs.0);
+    audit.assert("both services", &Expect::table(&table));
+    // A backend the client cannot route to: redirected, and the connect fails
+    // at once (ENETUNREACH), which leaves the socket without a peer.
+    let mut unroutable = table.clone();
+    unroutable.insert(
+        vip(3),
+        vec![Backend::new("10.20.0.1".parse().expect("ip"), 8080)],
+    );
+    dp.apply(&unroutable).expect("apply");
+    assert_eq!(probe(true, &["peer", "10.96.0.3:80"]).trim(), "- E101");
+    audit.assert("a failed connect closed", &Expect::table(&unroutable));
+    dp.apply(&table).expect("apply");
     // Removing a service removes its counters.
     table.services.remove(&vip(2));
     dp.apply(&table).expect("apply");
     let left = sockmesh::dataplane::read_service_counters(&bpffs.0).expect("service counters");
     assert_eq!(left.len(), 1, "{left:?}");
+    audit.assert("one service removed", &Expect::services(1, 1));
+    dp.apply(&RoutingTable::default()).expect("remove all");
+    audit.assert_empty("every service removed");
 }
 
 /// An initial load's many new services go through the kernel's batch writes
@@ -132,6 +152,7 @@ fn many_new_services_are_written_in_batches_and_each_lands_whole() {
         t.insert(vip(0), vec![live]);
         t.services.into_iter().next().expect("one")
     };
+    let only_live_again = only_live.clone();
     let mut changes = sockmesh::model::Changes::new();
     changes.insert(only_live.0, Some(only_live.1));
     dp.apply_changes(&changes)
@@ -161,4 +182,10 @@ fn many_new_services_are_written_in_batches_and_each_lands_whole() {
     walked.dedup_by_key(|(k, _)| *k);
     assert_eq!((read, walked.len()), (300, 300));
     assert!(walked.iter().any(|(_, c)| c.redirects == 1));
+    let audit = Audit::kernel(&bpffs.0);
+    table.insert(only_live_again.0, only_live_again.1);
+    audit.assert("300 services written in bulk", &Expect::table(&table));
+    // Removed in bulk too: nothing of any kind of service stays.
+    dp.apply(&RoutingTable::default()).expect("remove all");
+    audit.assert_empty("every service removed");
 }

@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 use sockmesh_tests::{
-    Cgroup, FileAgent, NetNs, TwoPods, command_in,
+    Cgroup, FileAgent, NetNs, TwoPods,
+    audit::Expect,
+    command_in,
     dns::{DnsServer, Mode},
     kernel_backends, run, wait_for_backends, wait_until,
 };
@@ -116,4 +118,11 @@ fn strict_dns_cluster_follows_its_names_and_keeps_the_last_good_addresses() {
         &["10.10.1.11", "10.10.1.12"],
     );
     assert!(dns.queries() > 0);
+    // The cluster's answers and resolution status are the agent's only DNS
+    // state, and go with the cluster.
+    agent.audit().assert(
+        "both names resolved again",
+        &Expect::services(1, 2).xds(1, 1, 0, 0),
+    );
+    agent.clear_and_audit();
 }

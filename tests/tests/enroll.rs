@@ -218,6 +218,7 @@ fn sidecar_ambient_and_enrolled_pods_side_by_side() {
     let attached = lab.attached(&[&cg_b]);
     assert!(attached.iter().all(|(_, p)| p.is_empty()), "{attached:?}");
     assert_eq!(admin.metric("sockmesh_enrolled_pods"), Some(0.0));
+    lab.finish(&admin, 0);
     assert!(agent.terminate().success());
 }
 
@@ -325,6 +326,7 @@ fn enrolling_and_unenrolling_under_a_connection_loop_fails_nothing() {
     });
     let attached = lab.attached(&[&cg_b]);
     assert!(attached.iter().all(|(_, p)| p.is_empty()), "{attached:?}");
+    lab.finish(&admin, 0);
     assert!(agent.terminate().success());
 }
 
@@ -514,6 +516,7 @@ fn the_watch_resumes_relists_after_410_and_a_restarted_agent_adopts_and_prunes()
         "{attached:?}"
     );
 
+    lab.finish(&admin, 2);
     // Removed with sockmesh: uninstall --cgroup ROOT takes the pods' links too.
     assert!(agent.terminate().success());
     let mut cmd = std::process::Command::new(sockmesh_tests::sockmesh_bin());
@@ -526,6 +529,7 @@ fn the_watch_resumes_relists_after_410_and_a_restarted_agent_adopts_and_prunes()
     assert!(lab.pinned_cgroups().is_empty());
     let attached = lab.attached(&[&cg1, &cg3, &cg4]);
     assert!(attached.iter().all(|(_, p)| p.is_empty()), "{attached:?}");
+    sockmesh_tests::audit::Audit::kernel(&lab.bpffs.0).assert_empty("uninstalled");
 }
 
 #[test]
@@ -574,5 +578,6 @@ fn an_agent_upgraded_from_serving_the_whole_pods_cgroup_hands_over_to_enrollment
         "the agent's table",
         &["10.10.1.11", "10.10.1.12"],
     );
+    lab.finish(&admin, 1);
     assert!(agent.terminate().success());
 }

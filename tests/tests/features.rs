@@ -9,7 +9,11 @@ use std::{fs, process::Command};
 
 use sockmesh::dataplane::features;
 use sockmesh_common::hooks::{self, HOOKS, ProgramType};
-use sockmesh_tests::{Bpffs, Cgroup, TempDir, TwoPods, command_in, run, sockmesh_bin};
+use sockmesh_tests::{
+    Bpffs, Cgroup, TempDir, TwoPods,
+    audit::{Audit, Expect},
+    command_in, run, sockmesh_bin,
+};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
 
@@ -80,6 +84,30 @@ fn without_bpf_set_retval_an_empty_service_refuses_with_eperm() {
     // ... and a service without a backend is still refused by the program, with
     // the cgroup hooks' own errno (EPERM) instead of ECONNREFUSED.
     assert_eq!(peer("10.96.0.31:80"), "- E1");
+    let audit = Audit::kernel(&bpffs.0);
+    audit.assert(
+        "two services applied",
+        &Expect::services(2, 1).link_cgroups(1),
+    );
+    // An empty table applied: nothing of either stays.
+    fs::write(&table, "[]").expect("write table");
+    let out = Command::new(sockmesh_bin())
+        .env("SOCKMESH_FEATURES_OFF", "set_retval")
+        .arg("apply")
+        .arg("--cgroup")
+        .arg(&cgroup.0)
+        .arg("--bpffs")
+        .arg(&bpffs.0)
+        .arg("--table")
+        .arg(&table)
+        .output()
+        .expect("sockmesh apply");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    audit.assert("an empty table applied", &Expect::empty().link_cgroups(1));
 }
 
 /// The kernel verifies each program within this many processed instructions, a
@@ -93,6 +121,8 @@ fn every_program_verifies_well_within_the_kernel_limit() {
     let cgroup = Cgroup::new();
     let bpffs = Bpffs::new();
     let _dp = sockmesh_tests::install(&cgroup, &bpffs);
+    // A fresh install holds nothing but its links.
+    Audit::kernel(&bpffs.0).assert("installed", &Expect::empty().link_cgroups(1));
     let work = sockmesh::dataplane::attached_program_work(&cgroup.0).expect("query");
     assert_eq!(work.len(), HOOKS.len(), "{work:?}");
     for (name, instructions) in &work {

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use sockmesh_tests::{FileAgent, wait_for_backends, wait_until};
+use sockmesh_tests::{FileAgent, audit::Expect, wait_for_backends, wait_until};
 
 fn config(version: &str, backends: &[&str], port: u32) -> String {
     let eps: String = backends
@@ -118,6 +118,11 @@ fn file_edits_apply_and_bad_files_change_nothing() {
 
     agent.replace(&config("4", &["10.10.1.14"], 8080));
     wait_for_backends(bpffs, "the fixed file", &["10.10.1.14"]);
+    // The refusal is over: nothing of it, nor of the backends before, stays.
+    agent
+        .audit()
+        .assert("the fixed file", &Expect::services(1, 1).xds(1, 1, 0, 0));
+    agent.clear_and_audit();
 }
 
 /// One listener and one STATIC cluster per service, in proto3 JSON (the form large
@@ -244,4 +249,11 @@ fn json_file_edits_touch_what_changed_and_errors_name_the_line() {
             && e.contains("line 4")),
         "{dump}"
     );
+    // api and db: two listeners held (bad's is refused, with no version to
+    // keep), three clusters; web's service and backends gone.
+    agent.audit().assert(
+        "a bad listener refused",
+        &Expect::services(2, 2).xds(2, 3, 0, 0),
+    );
+    agent.clear_and_audit();
 }

@@ -146,6 +146,10 @@ fn write(
     for (l, (at, _)) in loops.iter_mut().zip(&applied) {
         l.wait_answers_since(*at, 5);
     }
+    // Each step leaves the maps holding the new set and nothing of the old.
+    for a in agents {
+        a.assert_clean_under_traffic();
+    }
     Step {
         changed: before != want.as_slice(),
         what: what.to_owned(),

@@ -282,13 +282,14 @@ fn istiod_max_connection_age_reconnects_with_what_is_wanted_now() {
             .collect();
         assert!(stale.is_empty(), "{}: {stale:?}", a.proxy());
         assert_eq!(a.table(), expected(&services), "{}", a.proxy());
-        a.assert_clean();
+        a.assert_clean_under_traffic();
     }
     for l in &mut loops {
         l.wait_answers_since(sockmesh_tests::monotonic_ns(), 5);
     }
     for (a, l) in agents.iter().zip(loops) {
         no_failures(a, &l.stop());
+        a.audit();
     }
 }
 
@@ -356,7 +357,7 @@ fn istiod_killed_and_restarted_the_table_is_kept_and_converges() {
             Duration::from_secs(10),
             || istiod.acked_all(&a.proxy()),
         );
-        a.assert_clean();
+        a.assert_clean_under_traffic();
         assert_eq!(pods.reached(a, "10.96.1.40:80", 30), ["fresh-1", "fresh-2"]);
         // The old service's VIP is no longer the kernel's: a connection to it goes
         // where it was sent (nowhere, in this namespace).
@@ -367,5 +368,6 @@ fn istiod_killed_and_restarted_the_table_is_kept_and_converges() {
     }
     for (a, l) in agents.iter().zip(loops) {
         no_failures(a, &l.stop());
+        a.audit();
     }
 }

@@ -12,13 +12,9 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use sockmesh::{
-    dataplane::{MapWriter, service_key, store::MemStore},
+    dataplane::{MapWriter, store::MemStore},
     lb::levels::{LbSettings, plan},
     model::{Health, LbPolicy, Outlier, Protocol, RoutingTable, Service, ServiceAddr},
-};
-use sockmesh_common::{
-    resolve::{RoutingMaps, Slot, resolve_slot, tiers_key},
-    service_flags, tiers,
 };
 use sockmesh_proto::pb::{
     envoy::config::{
@@ -30,7 +26,10 @@ use sockmesh_proto::pb::{
     },
     google::protobuf::UInt32Value,
 };
-use sockmesh_tests::envoy_lb;
+use sockmesh_tests::{
+    audit::{Expect, assert_store},
+    envoy_lb,
+};
 
 /// A random assignment, as the oracle and as EDS see it.
 struct Case {
@@ -156,38 +155,14 @@ fn svc() -> ServiceAddr {
 }
 
 /// The kernel's shares of `store`'s service, read from the maps as a connect()
-/// resolves them (the generation's choice table, then the slots of a range), by
-/// backend address.
+/// resolves them, by backend address.
 fn kernel_shares(store: &MemStore) -> BTreeMap<IpAddr, f64> {
-    let never = |e: std::convert::Infallible| -> ! { match e {} };
-    let value = store
-        .service(&service_key(&svc()))
-        .unwrap_or_else(|e| never(e))
-        .expect("service published");
-    let addr_of = |slot: u32| match resolve_slot(store, &value, slot).unwrap_or_else(|e| never(e)) {
-        Slot::Backend(b) => sockmesh::dataplane::words_to_ip(b.addr),
-        Slot::Missing(k) => panic!("slot {k:?} does not resolve"),
-    };
-    let mut out = BTreeMap::new();
-    let mut spread = |start: u32, len: u32, amount: f64| {
-        for s in start..start + len {
-            *out.entry(addr_of(s)).or_insert(0.0) += amount / f64::from(len);
-        }
-    };
-    if value.flags & service_flags::TIERS == 0 {
-        spread(0, value.slot_count, 1.0);
-        return out;
-    }
-    let t = store
-        .with_tiers(&tiers_key(&value), |t| *t)
-        .unwrap_or_else(|e| never(e))
-        .expect("levels published");
-    for r in 0..100 {
-        if let Some((range, _)) = tiers::range_of(&t, t.choice[r]) {
-            spread(u32::from(range.start), u32::from(range.len), 0.01);
-        }
-    }
-    out
+    sockmesh_tests::shares::kernel_shares(store, &svc())
+        .expect("resolves")
+        .expect("service published")
+        .into_iter()
+        .map(|((ip, _), share)| (ip, share))
+        .collect()
 }
 
 /// The oracle's shares, by address.
@@ -246,6 +221,10 @@ fn check(c: &Case, outlier: bool, what: &str) {
             c.oracle
         );
     }
+    // The maps hold the service's entries and no others, and none once it goes.
+    assert_store(what, w.store(), &Expect::table(&table));
+    w.apply(&RoutingTable::default()).expect("removed");
+    assert_store(&format!("{what}, removed"), w.store(), &Expect::empty());
 }
 
 #[test]

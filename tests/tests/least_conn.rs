@@ -6,7 +6,7 @@
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use sockmesh::model::{Backend, Endpoint, LbPolicy, Protocol, RoutingTable, Service, ServiceAddr};
-use sockmesh_tests::{PodLab, hold, install, release, run, scaled, wait_until};
+use sockmesh_tests::{PodLab, audit::Expect, hold, install, release, run, scaled, wait_until};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
 
@@ -90,16 +90,26 @@ fn least_connections_spreads_open_connections_and_every_count_returns_to_zero() 
         .map(|i| (endpoint(i), reached[&format!("b{i}")]))
         .collect();
     assert_eq!(counts(&lab), want);
+    lab.audit().assert(
+        "60 connections held",
+        &Expect::services(1, 3).least_conn(60).reverse(60),
+    );
 
     // An agent restart (the datapath dropped, installed again over its pins)
     // keeps the counts: they describe sockets, which outlive the agent.
     drop(lab.dp.take());
     lab.dp = Some(install(&lab.cgroup, &lab.bpffs));
     assert_eq!(counts(&lab), want, "counts lost across a restart");
+    lab.audit().assert(
+        "60 connections held across a restart",
+        &Expect::services(1, 3).least_conn(60).reverse(60),
+    );
 
     // The sockets close: every count goes back to zero.
     release(holder);
     wait_released(&lab, "every count released");
+    lab.audit()
+        .assert("the 60 connections closed", &Expect::services(1, 3));
 
     // Thousands of connects, a quarter of them to a backend that refuses them:
     // each socket is counted when placed and released when closed, a failed one
@@ -152,6 +162,7 @@ fn least_connections_spreads_open_connections_and_every_count_returns_to_zero() 
         "least connections: held 60 as {reached:?}; {} connects ({refused} refused), all counts back to 0",
         lines.len()
     );
+    lab.finish(&Expect::services(1, 1));
 }
 
 /// Istio's shapes: its default `LEAST_REQUEST` (with the locality-weighted
@@ -266,6 +277,11 @@ fn istio_least_request_and_maglev_clusters_are_honoured_and_shown() {
             "{series}"
         );
     }
+    let settled = Expect::services(2, 4).xds(2, 2, 0, 0);
+    agent.audit().assert(
+        "ten connections held",
+        &settled.clone().least_conn(10).reverse(10),
+    );
     release(holder);
     wait_until(
         "the gauges back to nothing",
@@ -276,4 +292,6 @@ fn istio_least_request_and_maglev_clusters_are_honoured_and_shown() {
                 .is_none()
         },
     );
+    agent.audit().assert("the connections closed", &settled);
+    agent.clear_and_audit();
 }

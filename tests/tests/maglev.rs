@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use sockmesh::model::{LbPolicy, RoutingTable, Service};
-use sockmesh_tests::{Cgroup, NetNs, PodLab, add_addr, client_pod, command_in, run};
+use sockmesh_tests::{Cgroup, NetNs, PodLab, add_addr, audit::Expect, client_pod, command_in, run};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
 const VIP: &str = "10.96.0.10:80";
@@ -122,6 +122,9 @@ fn maglev_keeps_each_client_on_one_backend_and_moves_only_the_removed_ones() {
         gone.len()
     );
     assert!(without.values().all(|b| b != "b5"));
+    // The old table's chunks and b5's entry are gone.
+    lab.audit()
+        .assert("b5 removed", &Expect::services(1, usize::from(PODS) - 1));
     let on_b5 = before.values().filter(|b| *b == "b5").count();
     eprintln!(
         "maglev: b5 removed: {} of {CLIENTS} clients moved ({on_b5} were on b5)",
@@ -138,6 +141,8 @@ fn maglev_keeps_each_client_on_one_backend_and_moves_only_the_removed_ones() {
         moved_back.len()
     );
     assert_eq!(back, before, "the same backends give the same table");
+    lab.audit()
+        .assert("b5 back", &Expect::services(1, usize::from(PODS)));
     eprintln!(
         "maglev: b5 back: {} of {CLIENTS} clients moved",
         moved_back.len()
@@ -154,6 +159,8 @@ fn maglev_keeps_each_client_on_one_backend_and_moves_only_the_removed_ones() {
         random.values().any(|r| r.iter().any(|b| b != &r[0])),
         "random placement showed affinity: {random:?}"
     );
+    // Maglev to random: no chunk of the table is left.
+    lab.finish(&Expect::services(1, usize::from(PODS)));
 }
 
 #[test]
@@ -186,4 +193,5 @@ fn unbound_sockets_hash_by_network_namespace() {
         seen.iter().any(|b| b != &seen[0]),
         "every pod on one backend: {seen:?}"
     );
+    lab.finish(&Expect::services(1, usize::from(PODS)));
 }

@@ -13,9 +13,11 @@ use std::{
 };
 
 use sockmesh_tests::{
-    Admin, Bpffs, Cgroup, Lines, NetNs, Proc, TempDir, agent_command, command_in,
-    control_plane::ControlPlane, layout_v1_bin, mesh, pod_network, run, scaled, serve,
-    sockmesh_bin, wait_until,
+    Admin, Bpffs, Cgroup, Lines, NetNs, Proc, TempDir, agent_command,
+    audit::{Audit, Expect},
+    command_in,
+    control_plane::ControlPlane,
+    layout_v1_bin, mesh, pod_network, run, scaled, serve, sockmesh_bin, wait_until,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -208,5 +210,13 @@ fn layout_upgrade_builds_beside_the_old_datapath_and_swaps_without_loss() {
         "{} requests, 0 failed; new live and v1 removed {swap_ms} ms after the control plane returned",
         seen.len()
     );
+    // Nothing of v1 is pinned, and the new layout holds the table alone.
+    let audit = Audit::agent(&bpffs.0, &admin);
+    audit.assert(
+        "the upgrade done",
+        &Expect::services(1, 2).xds(1, 1, 0, 1).link_cgroups(1),
+    );
+    cp.remove_all();
+    audit.assert_empty("the control plane's mesh removed");
     drop(new);
 }

@@ -9,7 +9,7 @@ use sockmesh::{
     dataplane::{EndpointHealthReport, read_health},
     model::{Health, LbPolicy, Outlier, RoutingTable, Service},
 };
-use sockmesh_tests::{PodLab, hold, release, run, scaled, wait_until};
+use sockmesh_tests::{PodLab, audit::Expect, hold, release, run, scaled, wait_until};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
 
@@ -135,6 +135,7 @@ fn a_failing_backend_is_ejected_after_consecutive_failures_and_returns_by_itself
     // An EDS update that removes the backend forgets its state.
     lab.dp().apply(&table(&[1, 2, 3], health)).expect("apply");
     assert_eq!(pod4(&lab), None);
+    lab.audit().assert("pod 4 removed", &Expect::services(1, 3));
     // Without outlier detection a failing backend keeps getting its share.
     lab.dp()
         .apply(&table(&[1, 2, 3, 4], Health::default()))
@@ -144,6 +145,7 @@ fn a_failing_backend_is_ejected_after_consecutive_failures_and_returns_by_itself
     assert!(refused > 20, "{seen:?}");
     assert_eq!(pod4(&lab), None, "no state without outlier detection");
     eprintln!("outlier detection: 5 refused per ejection; without it {refused} of 200");
+    lab.finish(&Expect::services(1, 4));
 }
 
 #[test]
@@ -177,6 +179,10 @@ fn the_circuit_breaker_refuses_connects_over_max_connections() {
             .map(|s| (s.connections, s.overflows))
     };
     assert_eq!(service(&lab), Some((50, 30)));
+    lab.audit().assert(
+        "50 connections held, 30 refused",
+        &Expect::services(1, 3).circuit(50).reverse(50),
+    );
     // Closing them gives every connection back.
     release(holder);
     wait_until(
@@ -187,6 +193,7 @@ fn the_circuit_breaker_refuses_connects_over_max_connections() {
             (s == Some((0, 30))).then_some(()).ok_or(s)
         },
     );
+    lab.finish(&Expect::services(1, 3));
 }
 
 /// The abrupt-death scenario of the benchmark, bounded: a pod dies with no EDS
@@ -220,6 +227,9 @@ fn an_abrupt_death_costs_the_threshold_and_what_was_in_flight() {
             (5..=5 + o.in_flight_at_threshold).contains(&failed_connects),
             "{death:?}: {o:?}"
         );
+        // The run's service alone: the last run's went with its endpoints' health.
+        lab.audit()
+            .assert(&format!("the {death:?} run"), &Expect::services(1, 3));
         eprintln!(
             "{death:?}, outlier detection: {} of {} failed ({} reset after connecting, {} in flight at the fifth)",
             o.failed_after_death,
@@ -237,6 +247,7 @@ fn an_abrupt_death_costs_the_threshold_and_what_was_in_flight() {
         "Killed, no outlier detection: {} of {} failed",
         o.failed_after_death, o.connects_after_death
     );
+    lab.finish(&Expect::services(1, 3));
 }
 
 /// Envoy's panic mode: with fewer healthy backends than the panic threshold,
@@ -261,6 +272,10 @@ fn below_the_panic_threshold_ejections_are_ignored() {
             .expect("apply");
         let seen = connects(lab, 300);
         let ejected = read_health(&lab.bpffs.0).expect("read").ejected().count();
+        lab.audit().assert(
+            &format!("the run with panic threshold {panic_percent}"),
+            &Expect::services(1, 4),
+        );
         (seen.get("E111").copied().unwrap_or(0), ejected)
     };
     // No panic threshold: 3 failures eject each dead pod, then only b1 serves.
@@ -271,4 +286,72 @@ fn below_the_panic_threshold_ejections_are_ignored() {
     assert_eq!(ejected, 3);
     assert!(refused > 100, "{refused} of 300 refused in panic");
     eprintln!("panic: {refused} of 300 refused; without a threshold 9");
+    lab.finish(&Expect::services(1, 4));
+}
+
+/// A connect in flight to an endpoint its service then drops: the connect fails
+/// after the removal (its address answers nobody, and the client gives up), and
+/// sock_ops counts the failure for an endpoint the service
+/// no longer has. That entry is nobody's: the agent's sweep deletes it, and
+/// nothing of the service's own health goes with it.
+#[test]
+fn a_failure_after_its_endpoint_left_the_service_leaves_no_entry() {
+    let mut lab = lab();
+    let health = Health {
+        outlier: Some(outlier(5, 5_000)),
+        max_connections: None,
+    };
+    let nobody = sockmesh::model::Backend::new(std::net::IpAddr::from([10, 10, 1, 30]), 8080);
+    let only = |b: sockmesh::model::Backend| {
+        let mut t = RoutingTable::default();
+        t.insert(
+            PodLab::service(),
+            Service::new(vec![b], LbPolicy::Random).with_health(health),
+        );
+        t
+    };
+    lab.dp().apply(&only(nobody)).expect("apply");
+    let mut client = lab.client_command(PROBE);
+    client
+        .args(["connect", "10.96.0.10:80", "1", "20000"])
+        .stdout(std::process::Stdio::piped());
+    let client = client.spawn().expect("client");
+    // The connect is placed (its reverse entry exists), then its endpoint goes.
+    wait_until("the connect in flight", Duration::from_secs(10), || {
+        sockmesh_tests::audit::read(&lab.bpffs.0)
+            .ok()
+            .filter(|m| m.reverse == 1)
+    });
+    lab.dp().apply(&only(PodLab::pod(1))).expect("apply");
+    let out = client.wait_with_output().expect("client");
+    let out = String::from_utf8_lossy(&out.stdout);
+    // Abandoned (the probe's connect timeout) or refused by the neighbour
+    // lookup: a failure either way.
+    assert!(
+        out.split_whitespace()
+            .nth(2)
+            .is_some_and(|w| w.starts_with('E')),
+        "{out}"
+    );
+    wait_until("the late failure's entry", Duration::from_secs(10), || {
+        read_health(&lab.bpffs.0)
+            .expect("read")
+            .endpoints
+            .iter()
+            .any(|e| e.backend == "10.10.1.30:8080")
+    });
+    // Pod 4 (refusing) joins: its failures are the service's own.
+    lab.dp().apply(&table(&[1, 4], health)).expect("apply");
+    wait_until("a failure of pod 4", Duration::from_secs(10), || {
+        let _ = connects(&lab, 4);
+        pod4(&lab).is_some()
+    });
+    let failures = lab.audit().failures(&Expect::services(1, 2));
+    assert!(
+        failures.len() == 1 && failures[0].contains("10.10.1.30:8080 of 10.96.0.10:80/tcp"),
+        "{failures:?}"
+    );
+    assert_eq!(lab.dp().sweep_endpoint_health().expect("sweep"), 1);
+    assert!(pod4(&lab).is_some(), "the service's own entry stays");
+    lab.finish(&Expect::services(1, 2));
 }

@@ -5,7 +5,9 @@
 use std::{fs, process::Command, time::Duration};
 
 use sockmesh_tests::{
-    Bpffs, Cgroup, NetNs, TwoPods, command_in, run, sockmesh_bin, unique, wait_until,
+    Bpffs, Cgroup, NetNs, TwoPods,
+    audit::{Audit, Expect},
+    command_in, run, sockmesh_bin, unique, wait_until,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -108,6 +110,12 @@ fn datapath_survives_sigkill_of_the_loader_and_is_adopted() {
         );
     }
     assert_eq!(reached(client, &cgroup), "b2");
+    // The first loader's backend and the probes' sockets left nothing behind.
+    let audit = Audit::kernel(&bpffs.0);
+    audit.assert(
+        "the second loader's table",
+        &Expect::services(1, 1).link_cgroups(1),
+    );
 
     // Naming another cgroup is refused, and nothing is removed.
     let other = Cgroup::new();
@@ -142,6 +150,7 @@ fn datapath_survives_sigkill_of_the_loader_and_is_adopted() {
     );
     let left: Vec<_> = walk(&bpffs.0);
     assert!(left.is_empty(), "pins left behind: {left:?}");
+    audit.assert_empty("uninstalled");
     // Nothing stays attached to the cgroup either.
     let attached = Command::new("bpftool")
         .args(["cgroup", "show"])

@@ -6,8 +6,9 @@
 use std::{fs, process::Stdio, time::Duration};
 
 use sockmesh_tests::{
-    Admin, Bpffs, Cgroup, Lines, NetNs, Proc, TempDir, agent_command, command_in, pod_network,
-    scaled, serve, sockmesh_bin, wait_until,
+    Admin, Bpffs, Cgroup, Lines, NetNs, Proc, TempDir, agent_command,
+    audit::{Audit, Expect},
+    command_in, pod_network, scaled, serve, sockmesh_bin, wait_until,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -108,4 +109,14 @@ fn removed_endpoint_sockets_are_aborted_and_others_kept() {
         "a socket sockmesh did not redirect was touched: {direct_out:?}\nagent log:\n{}",
         agent_log()
     );
+    // The aborted socket's reverse entry went with it.
+    let audit = Audit::agent(&bpffs.0, &admin);
+    audit.assert(
+        "the endpoint replaced",
+        &Expect::services(1, 1).xds(1, 1, 0, 0),
+    );
+    let tmp = dir.join("resources.tmp");
+    fs::write(&tmp, "resources: []\n").expect("write");
+    fs::rename(&tmp, &file).expect("rename");
+    audit.assert_empty("the configuration emptied");
 }

@@ -4,7 +4,11 @@
 use std::{collections::BTreeSet, net::IpAddr};
 
 use sockmesh::model::{Backend, Protocol, RoutingTable, ServiceAddr};
-use sockmesh_tests::{Bpffs, Cgroup, NetNs, Proc, add_addr, command_in, install, run, veth};
+use sockmesh_tests::{
+    Bpffs, Cgroup, NetNs, Proc, add_addr,
+    audit::{Audit, Expect},
+    command_in, install, run, veth,
+};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
 
@@ -72,4 +76,29 @@ fn udp_reply_comes_from_vip_and_ipv6_vip_works() {
         probe(&["peer", "[fd00:96::1]:80"]).trim(),
         "[fd00:96::1]:80 v6-b1"
     );
+    // One UDP socket connected to a VIP, then to another: each connect keeps
+    // one reverse entry, the socket's latest (the first goes with the second
+    // connect, the second with the socket).
+    let mut two = table.clone();
+    for (last, backend) in [(54, 2), (55, 3)] {
+        two.insert(
+            ServiceAddr {
+                vip: IpAddr::from([10, 96, 0, last]),
+                port: 53,
+                protocol: Protocol::Udp,
+            },
+            vec![Backend::new(IpAddr::from([10, 10, 1, backend]), 5353)],
+        );
+    }
+    dp.apply(&two).expect("apply");
+    let answers = probe(&["udp-reconnect", "10.96.0.54:53", "10.96.0.55:53"]);
+    assert_eq!(answers.trim(), "u1 u2");
+    Audit::kernel(&bpffs.0).assert("a UDP socket connected twice, closed", &Expect::table(&two));
+    dp.apply(&table).expect("apply");
+    // The clients are gone: no socket holds a reverse entry (the unconnected
+    // sends' LRU keeps its peers by design).
+    let audit = Audit::kernel(&bpffs.0);
+    audit.assert("both services, clients gone", &Expect::table(&table));
+    dp.apply(&RoutingTable::default()).expect("remove all");
+    audit.assert_empty("every service removed");
 }

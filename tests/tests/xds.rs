@@ -11,9 +11,11 @@ use std::{
 
 use sockmesh_proto::pb::google::protobuf::Any;
 use sockmesh_tests::{
-    Admin, Bpffs, Cgroup, NetNs, Proc, TempDir, agent_command, command_in,
-    control_plane::ControlPlane, pod_network, run, serve, sockmesh_bin, wait_for_backends,
-    wait_until,
+    Admin, Bpffs, Cgroup, NetNs, Proc, TempDir, agent_command,
+    audit::{Audit, Expect},
+    command_in,
+    control_plane::ControlPlane,
+    pod_network, run, serve, sockmesh_bin, wait_for_backends, wait_until,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
@@ -221,6 +223,13 @@ fn scenario(protocol: &str) {
     wait_until("web2 gone", Duration::from_secs(10), || {
         vips() == ["10.96.0.10"]
     });
+    // Nothing of web2 or of the refusals is left; the refused assignment keeps
+    // its last good version.
+    let audit = Audit::agent(&bpffs.0, &admin);
+    audit.assert(
+        "the listeners withdrawn",
+        &Expect::services(1, 2).xds(1, 1, 0, 1),
+    );
 
     // Outage: the control plane goes away; the agent notices and keeps the table.
     let cut = Instant::now();
@@ -277,11 +286,14 @@ fn scenario(protocol: &str) {
         "only the bad updates are NACKed: {:?}",
         cp.nacks()
     );
+    audit.assert("reconnected", &Expect::services(1, 1).xds(1, 1, 0, 1));
 
-    // SIGTERM: the agent exits cleanly, the datapath stays.
+    // SIGTERM: the agent exits cleanly, the datapath stays, and holds the last
+    // table and nothing else.
     let status = agent.terminate();
     assert!(status.success(), "agent exit {status}");
     assert_eq!(reach(10), ["b4"], "datapath gone with the agent");
+    Audit::kernel(&bpffs.0).assert("the agent gone", &Expect::services(1, 1));
 }
 
 #[test]
@@ -342,4 +354,11 @@ fn agent_follows_rest_json() {
     );
     // The poller sent its node and asked for the EDS name the cluster references.
     assert!(cp.seen().iter().any(|s| s.names == ["web.default"]));
+    let audit = Audit::agent(&bpffs.0, &admin);
+    audit.assert(
+        "a bad assignment rejected",
+        &Expect::services(1, 2).xds(1, 1, 0, 1),
+    );
+    cp.remove_all();
+    audit.assert_empty("the control plane's mesh removed");
 }

@@ -13,7 +13,9 @@ use std::{
 
 use sockmesh_proto::pb::google::protobuf::{Any, value::Kind};
 use sockmesh_tests::{
-    Admin, Bpffs, Cgroup, NetNs, Proc, TempDir, agent_command, command_in,
+    Admin, Bpffs, Cgroup, NetNs, Proc, TempDir, agent_command,
+    audit::{Audit, Expect},
+    command_in,
     control_plane::ControlPlane,
     mesh,
     pki::{TestCa, service_account_jwt},
@@ -226,6 +228,10 @@ fn agent_syncs_over_tls_with_a_rotating_token_and_names_each_refusal() {
         || (failures(&admin, "token_expired") >= 1.0).then_some(()),
     );
     assert_eq!(reach(), ["b2"]);
+    Audit::agent(&bpffs.0, &admin).assert(
+        "refused with the table kept",
+        &Expect::services(1, 1).xds(1, 1, 0, 1),
+    );
     assert!(agent.terminate().success());
 
     // A root that did not sign the server's certificate, and a certificate for
@@ -264,4 +270,6 @@ fn agent_syncs_over_tls_with_a_rotating_token_and_names_each_refusal() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Agents that never synced leave the last table as it was, and nothing else.
+    Audit::kernel(&bpffs.0).assert("every agent gone", &Expect::services(1, 1));
 }

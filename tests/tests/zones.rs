@@ -9,50 +9,16 @@
 //! Bounds are set for a false-failure rate below 1e-6: each count is binomial,
 //! and the band is 5.5 standard deviations.
 
-use std::{collections::BTreeMap, process::Stdio, time::Duration};
+use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use sockmesh_tests::{
-    FileAgent, NetNs, command_in, monotonic_ns, pod_network, run, serve, wait_for_backends,
+    FileAgent, NetNs,
+    audit::Expect,
+    command_in, pod_network, run, serve, wait_for_backends,
+    zone_death::{self, VIP, config},
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_smprobe");
-const VIP: &str = "10.96.0.70:80";
-
-/// A locality of an assignment: priority, locality weight, endpoints as (pod
-/// number, health status).
-type Locality<'a> = (u32, u32, &'a [(u8, &'a str)]);
-
-/// A listener on the VIP and a STATIC cluster whose assignment has `localities`,
-/// with `cluster_extra` lines added to the cluster.
-fn config(localities: &[Locality], cluster_extra: &str) -> String {
-    let mut locs = String::new();
-    for (i, (priority, weight, eps)) in localities.iter().enumerate() {
-        locs.push_str(&format!(
-            "    - priority: {priority}\n      locality: {{ region: r, zone: z{i} }}\n      load_balancing_weight: {weight}\n      lb_endpoints:\n"
-        ));
-        for (pod, health) in *eps {
-            locs.push_str(&format!(
-                "      - endpoint: {{ address: {{ socket_address: {{ address: 10.10.1.{}, port_value: 8080 }} }} }}\n        health_status: {health}\n",
-                10 + pod
-            ));
-        }
-    }
-    format!(
-        r#"version_info: "1"
-resources:
-- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
-  name: zones
-  address: {{ socket_address: {{ address: 10.96.0.70, port_value: 80 }} }}
-  filter_chains: [ {{ filters: [ {{ name: tcp, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: zones, cluster: zones }} }} ] }} ]
-- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
-  name: zones
-  type: STATIC
-{cluster_extra}  load_assignment:
-    cluster_name: zones
-    endpoints:
-{locs}"#
-    )
-}
 
 /// `n` sequential connects from `client` (in the agent's cgroup): how many each
 /// pod answered.
@@ -114,6 +80,10 @@ fn two_zones_give_every_pod_one_twelfth() {
             &counts,
         );
     }
+    agent
+        .audit()
+        .assert("two zones", &Expect::services(1, 12).xds(1, 1, 0, 0));
+    agent.clear_and_audit();
 }
 
 /// Priority 0: 2 healthy and 2 unhealthy endpoints; priority 1: 2 healthy. Envoy:
@@ -160,6 +130,10 @@ fn a_half_unhealthy_priority_spills_thirty_percent_to_the_next() {
     for name in ["b3", "b4"] {
         assert_eq!(counts.get(name), None, "{name} is unhealthy: {counts:?}");
     }
+    agent
+        .audit()
+        .assert("two priorities", &Expect::services(1, 6).xds(1, 1, 0, 0));
+    agent.clear_and_audit();
 }
 
 /// Priority 0 (zone a: b1, b2) and priority 1 (zone b: b3, b4), outlier
@@ -171,113 +145,41 @@ fn a_half_unhealthy_priority_spills_thirty_percent_to_the_next() {
 /// connects reach it again.
 #[test]
 fn a_dead_zone_fails_over_after_its_thresholds_and_comes_back() {
-    let client = NetNs::new();
-    let backend = NetNs::new();
-    let pods = pod_network(&client, &backend, 4);
-    let zone = |ids: [u8; 2]| {
-        serve(
-            &backend,
-            PROBE,
-            ids.map(|i| format!("{}:8080=b{i}", pods[usize::from(i) - 1])),
-        )
-    };
-    let mut zone_a = Some(zone([1, 2]));
-    let _zone_b = zone([3, 4]);
-    let p0: Vec<(u8, &str)> = vec![(1, "HEALTHY"), (2, "HEALTHY")];
-    let p1: Vec<(u8, &str)> = vec![(3, "HEALTHY"), (4, "HEALTHY")];
-    let outlier = "  outlier_detection: { consecutive_5xx: 3, base_ejection_time: 3s, max_ejection_percent: 100, interval: 10s }\n";
-    let agent = FileAgent::start(
-        "zones.yaml",
-        &config(&[(0, 1, &p0), (1, 1, &p1)], outlier),
-        &[],
-    );
-    wait_for_backends(
-        &agent.bpffs,
-        "two zones",
-        &["10.10.1.11", "10.10.1.12", "10.10.1.13", "10.10.1.14"],
-    );
-    let mut cmd = command_in(&client, Some(&agent.cgroup), PROBE);
-    cmd.args(["timeline", VIP, "100", "8000", "1000"])
-        .stdout(Stdio::piped());
-    let started = monotonic_ns();
-    let timeline = cmd.spawn().expect("client");
-    // The scenario's clock: a schedule, not a wait for an event.
-    let at = |ms: u64| {
-        let due = started + ms * 1_000_000;
-        let now = monotonic_ns();
-        if due > now {
-            std::thread::sleep(Duration::from_nanos(due - now));
-        }
-        monotonic_ns()
-    };
-    let death = at(1_000);
-    drop(zone_a.take());
-    let revival = at(2_500);
-    zone_a = Some(zone([1, 2]));
-    let out = timeline.wait_with_output().expect("client");
-    drop(zone_a);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<(u64, u64, &str)> = text
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?, f.next()?))
-        })
-        .collect();
+    let z = zone_death::run(&sockmesh_tests::sockmesh_bin(), Path::new(PROBE));
+    let lines = &z.connects;
+    let failed = zone_death::failed;
+    let revival = z.revival;
     assert!(
         lines.len() > 600,
         "the client ran: {} connects",
         lines.len()
     );
-    // A connect that failed (a RST: ECONNREFUSED), not one established and then
-    // reset by the death (ECONNRESET), which outlier detection counts as a success.
-    let failed = |w: &str| w.starts_with('E') && w != "E104";
-    let mut failures: Vec<u64> = lines
-        .iter()
-        .filter(|(t0, _, w)| *t0 >= death && failed(w))
-        .map(|(_, t1, _)| *t1)
-        .collect();
-    failures.sort_unstable();
+    let failures = z.failures();
     let sixth = *failures
         .get(5)
         .unwrap_or_else(|| panic!("fewer than 6 failed connects: {failures:?}"));
-    let in_flight = lines
-        .iter()
-        .filter(|(t0, t1, _)| *t0 < sixth && *t1 > sixth)
-        .count();
+    let in_flight = z.in_flight(sixth);
     assert!(
         failures.len() <= 6 + in_flight,
         "{} connects failed after the death; at most 2 × 3 + {in_flight} in flight",
         failures.len()
     );
-    let after: Vec<&str> = lines
-        .iter()
-        .filter(|(t0, _, _)| *t0 > sixth)
-        .map(|(_, _, w)| *w)
-        .collect();
+    let after = z.outcomes(sixth, u64::MAX);
     assert!(
         after.iter().all(|w| !failed(w)),
         "a connect failed after the sixth failure: {after:?}"
     );
     // Until the ejections end (3 s after each pod's third failure), zone b.
     let ejections_end = sixth + 3_000_000_000;
-    let before_end: Vec<&str> = lines
-        .iter()
-        .filter(|(t0, _, _)| *t0 > sixth && *t0 < ejections_end.min(revival + 500_000_000))
-        .map(|(_, _, w)| *w)
-        .collect();
+    let before_end = z.outcomes(sixth, ejections_end.min(revival + 500_000_000));
     assert!(
         !before_end.is_empty() && before_end.iter().all(|w| *w == "b3" || *w == "b4"),
         "zone a ejected: zone b serves: {before_end:?}"
     );
     // When the ejections end (the first of them 3 s after its third failure,
     // which came before the sixth), zone a serves again.
-    let back: Vec<&str> = lines
-        .iter()
-        .filter(|(t0, _, _)| *t0 > ejections_end + 200_000_000)
-        .map(|(_, _, w)| *w)
-        .collect();
-    let zone_a_served = back.iter().filter(|w| **w == "b1" || **w == "b2").count();
+    let back = z.outcomes(ejections_end + 200_000_000, u64::MAX);
+    let zone_a_served = back.iter().filter(|w| zone_death::in_zone_a(w)).count();
     assert!(
         back.len() > 50 && zone_a_served * 10 > back.len() * 8,
         "after the ejections, priority 0 serves again: {zone_a_served} of {} ({back:?})",
@@ -288,7 +190,9 @@ fn a_dead_zone_fails_over_after_its_thresholds_and_comes_back() {
 /// Priority 0 (b1, b2), priority 1 (b3, b4), outlier detection `consecutive_5xx:
 /// 3` with 30 s ejections; b1 dies and is ejected. Envoy: priority 0 has 1 of 2
 /// hosts healthy, health min(100, 140 × 1 / 2) = 70: b2 takes 70 %, zone b 30 %
-/// (a redraw within priority 0 alone would give b2 everything).
+/// (a redraw within priority 0 alone would give b2 everything). `/config_dump`
+/// shows the loads the kernel applies before (100 / 0) and after (70 / 30, b1 at
+/// 0), and the node's locality.
 #[test]
 fn one_ejected_host_moves_its_levels_load_as_envoys_health_does() {
     let client = NetNs::new();
@@ -306,12 +210,25 @@ fn one_ejected_host_moves_its_levels_load_as_envoys_health_does() {
     let agent = FileAgent::start(
         "zones.yaml",
         &config(&[(0, 1, &p0), (1, 1, &p1)], outlier),
-        &[],
+        &["--node-locality", "r/z0"],
     );
     wait_for_backends(
         &agent.bpffs,
         "two zones",
         &["10.10.1.11", "10.10.1.12", "10.10.1.13", "10.10.1.14"],
+    );
+    let dump = agent.admin.dump();
+    assert_eq!(dump["connection"]["node"]["locality"], "r/z0/", "{dump}");
+    let lb = &dump["load_balancing"]["10.96.0.70:80/tcp"];
+    let loads = |lb: &serde_json::Value| {
+        let load = |i: usize| lb["levels"][i]["healthy_load"].as_u64();
+        (load(0), load(1))
+    };
+    assert_eq!(loads(lb), (Some(100), Some(0)), "{lb}");
+    assert_eq!(lb["endpoints"]["10.10.1.11:8080"]["share"], 50.0, "{lb}");
+    assert_eq!(
+        lb["endpoints"]["10.10.1.13:8080"]["locality"], "r/z1/",
+        "{lb}"
     );
     drop(b1);
     // Connects until the kernel has ejected b1 (its third failed connect).
@@ -323,6 +240,24 @@ fn one_ejected_host_moves_its_levels_load_as_envoys_health_does() {
             .is_some_and(|a| a.iter().any(|e| e["backend"] == "10.10.1.11:8080"));
         ejected.then_some(()).ok_or(dump["outlier_ejected"].clone())
     });
+    // What the kernel applies now, as /config_dump reports it: the choice table
+    // the agent rewrote when the kernel reported the ejection.
+    let lb = sockmesh_tests::wait_until(
+        "/config_dump to show b1's ejection in the loads",
+        Duration::from_secs(10),
+        || {
+            let dump = agent.admin.dump();
+            let lb = dump["load_balancing"]["10.96.0.70:80/tcp"].clone();
+            (loads(&lb) == (Some(70), Some(30)))
+                .then_some(lb.clone())
+                .ok_or(lb)
+        },
+    );
+    assert_eq!(lb["levels"][0]["ejected_healthy"], 1, "{lb}");
+    assert_eq!(lb["endpoints"]["10.10.1.11:8080"]["ejected"], true, "{lb}");
+    assert_eq!(lb["endpoints"]["10.10.1.11:8080"]["share"], 0.0, "{lb}");
+    assert_eq!(lb["endpoints"]["10.10.1.12:8080"]["share"], 70.0, "{lb}");
+    assert_eq!(lb["endpoints"]["10.10.1.14:8080"]["share"], 15.0, "{lb}");
     let n = 2_000;
     let counts = spread(&agent, &client, n);
     let b2 = counts.get("b2").copied().unwrap_or(0);
@@ -330,4 +265,8 @@ fn one_ejected_host_moves_its_levels_load_as_envoys_health_does() {
     let zone_b = counts.get("b3").copied().unwrap_or(0) + counts.get("b4").copied().unwrap_or(0);
     within("zone b", zone_b, n, 0.30, &counts);
     assert_eq!(counts.get("b1"), None, "b1 is ejected: {counts:?}");
+    agent
+        .audit()
+        .assert("b1 ejected", &Expect::services(1, 4).xds(1, 1, 0, 0));
+    agent.clear_and_audit();
 }

@@ -316,6 +316,8 @@ mod tests {
             unknown_fields: BTreeMap::new(),
             refused: BTreeMap::new(),
             not_interpreted: Vec::new(),
+            load_balancing: BTreeMap::new(),
+            state: BTreeMap::new(),
             synced: true,
             push: PushDump::default(),
             datapath: DatapathDump {
@@ -329,6 +331,7 @@ mod tests {
                     slots: 32,
                     maglev_services: 4,
                 },
+                maps: Vec::new(),
             },
             xds: BTreeMap::from([(
                 "eds".to_owned(),

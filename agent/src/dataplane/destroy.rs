@@ -8,6 +8,9 @@
 //! reverse-translation map SM_REVERSE. Sockets that connected to the endpoint's
 //! address directly are left alone. UDP clients of a removed endpoint are the main
 //! users: a connected UDP socket has no handshake that would ever fail by itself.
+//! The socket's SM_REVERSE entry is deleted here, once it is destroyed: an aborted
+//! UDP socket is disconnected, so sock_release, which keys the entry by the
+//! socket's peer, no longer finds it when the socket closes.
 //!
 //! `bpf_sock_destroy()` from a socket iterator (6.5+) would do the same from a BPF
 //! program; aya-ebpf 0.3 has no kfunc call support, so the netlink path is used.
@@ -363,7 +366,7 @@ fn diag_words(family: u8, addr: IpAddr) -> Option<[u32; 4]> {
 /// Destroys, in the current network namespace, the sockets redirected to `targets`.
 fn sweep_here(
     targets: &BTreeSet<Endpoint>,
-    reverse: &BpfHashMap<MapData, ReverseKey, ReverseValue>,
+    reverse: &mut BpfHashMap<MapData, ReverseKey, ReverseValue>,
     report: &mut DestroyReport,
 ) -> Result<(), DestroyError> {
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
@@ -392,7 +395,7 @@ fn sweep_here(
                     &[0; 48],
                 ),
             )?;
-            let mut doomed: Vec<[u8; 48]> = Vec::new();
+            let mut doomed: Vec<([u8; 48], ReverseKey)> = Vec::new();
             let mut buf = vec![0u8; 64 * 1024];
             'dump: loop {
                 let n = recv(&fd, &mut buf)?;
@@ -445,7 +448,7 @@ fn sweep_here(
                             if redirected {
                                 let mut copy = [0u8; 48];
                                 copy.copy_from_slice(id);
-                                doomed.push(copy);
+                                doomed.push((copy, key));
                             } else {
                                 report.skipped += 1;
                             }
@@ -464,7 +467,7 @@ fn sweep_here(
                 skipped = report.skipped,
                 "dump done"
             );
-            for id in doomed {
+            for (id, key) in doomed {
                 let answer = destroy_one(&fd, family, proto, &id)?;
                 tracing::debug!(
                     family,
@@ -474,7 +477,11 @@ fn sweep_here(
                     "SOCK_DESTROY"
                 );
                 match answer {
-                    Ok(()) => report.destroyed += 1,
+                    Ok(()) => {
+                        report.destroyed += 1;
+                        // Gone already if the socket closed meanwhile.
+                        let _ = reverse.remove(&key);
+                    }
                     // Closed since the dump.
                     Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
                     Err(e) => return Err(DestroyError::Unsupported(e)),
@@ -536,8 +543,8 @@ pub fn destroy_everywhere(
     let name = map_names::REVERSE;
     let map_err = |source| DestroyError::Map { name, source };
     let data = MapData::from_pin(maps_dir.join(name)).map_err(map_err)?;
-    let reverse: BpfHashMap<MapData, ReverseKey, ReverseValue> =
-        BpfHashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(map_err)?;
+    let mut reverse: BpfHashMap<MapData, ReverseKey, ReverseValue> =
+        BpfHashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err)?;
     let namespaces = namespaces();
     report.namespaces = namespaces.len();
     // Each namespace is entered by a short-lived thread (setns changes only the
@@ -550,7 +557,7 @@ pub fn destroy_everywhere(
             for (inode, ns) in &namespaces {
                 let swept = nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
                     .map_err(|e| io("setns")(std::io::Error::from(e)))
-                    .and_then(|()| sweep_here(targets, &reverse, &mut r));
+                    .and_then(|()| sweep_here(targets, &mut reverse, &mut r));
                 if let Err(e) = swept {
                     tracing::warn!(netns = inode, error = %e, "sweeping a network namespace failed");
                     r.failed += 1;

@@ -17,7 +17,7 @@ use sockmesh_common::{
 use super::{
     DataplaneError,
     keys::{port_from_map, service_key, words_to_ip},
-    store::{BatchError, MapName, MapStore, Running, Snapshot, StoreError},
+    store::{BatchError, MapName, MapStore, Refusals, Running, Snapshot, StoreError},
     sys,
 };
 use crate::model::ServiceAddr;
@@ -38,6 +38,8 @@ pub struct KernelMaps {
     /// nanoseconds, so an agent started later never repeats the epoch of an
     /// entry pinned by an earlier one.
     epoch: u64,
+    /// Entries the maps refused for want of room.
+    refused: Refusals,
 }
 
 /// The maps [`KernelMaps`] holds, taken from a loaded object or opened from pins.
@@ -72,6 +74,7 @@ impl KernelMaps {
             epoch: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX / 2)),
+            refused: Refusals::default(),
         })
     }
 
@@ -177,6 +180,20 @@ fn err(map: MapName, op: &'static str) -> impl FnOnce(MapError) -> StoreError {
     }
 }
 
+/// [`err`] for a write that may add an entry: a refusal for want of room is
+/// counted in `refused`.
+fn put_err<'a>(
+    refused: &'a mut Refusals,
+    map: MapName,
+    op: &'static str,
+) -> impl FnOnce(MapError) -> StoreError + 'a {
+    move |e| {
+        let e = err(map, op)(e);
+        refused.note(&e);
+        e
+    }
+}
+
 /// Whether a failed map syscall failed with `errno`.
 fn is_errno(r: &Result<(), MapError>, errno: i32) -> bool {
     matches!(r, Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(errno))
@@ -199,6 +216,21 @@ const ENOTSUPP: i32 = 524;
 /// kernel refuses the batch command itself, one by one (which also names the
 /// entry an `EINVAL` was about).
 fn put_batch<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    refused: &mut Refusals,
+    name: MapName,
+    keys: &[K],
+    values: &[V],
+    flags: u64,
+) -> Result<(), BatchError> {
+    let r = put_batch_once(map, name, keys, values, flags);
+    if let Err(e) = &r {
+        refused.note(&e.source);
+    }
+    r
+}
+
+fn put_batch_once<K: aya::Pod, V: aya::Pod>(
     map: &mut HashMap<MapData, K, V>,
     name: MapName,
     keys: &[K],
@@ -240,44 +272,78 @@ impl MapStore for KernelMaps {
         keys: &[ServiceKey],
         values: &[ServiceValue],
     ) -> Result<(), BatchError> {
-        put_batch(&mut self.services, MapName::Services, keys, values, 0)
+        put_batch(
+            &mut self.services,
+            &mut self.refused,
+            MapName::Services,
+            keys,
+            values,
+            0,
+        )
     }
     fn put_slots(&mut self, keys: &[SlotKey], values: &[u32]) -> Result<(), BatchError> {
-        put_batch(&mut self.slots, MapName::Slots, keys, values, 0)
+        put_batch(
+            &mut self.slots,
+            &mut self.refused,
+            MapName::Slots,
+            keys,
+            values,
+            0,
+        )
     }
     fn put_backends(
         &mut self,
         keys: &[BackendKey],
         values: &[BackendInfo],
     ) -> Result<(), BatchError> {
-        put_batch(&mut self.backends, MapName::Backends, keys, values, 0)
+        put_batch(
+            &mut self.backends,
+            &mut self.refused,
+            MapName::Backends,
+            keys,
+            values,
+            0,
+        )
     }
     fn zero_stats_many(&mut self, keys: &[ServiceKey]) -> Result<(), BatchError> {
         // BPF_ANY: the kernel refuses BPF_NOEXIST in a batch (EINVAL on 6.18).
         let zeros = vec![ServiceStats::default(); keys.len()];
-        put_batch(&mut self.stats, MapName::ServiceStats, keys, &zeros, 0)
+        put_batch(
+            &mut self.stats,
+            &mut self.refused,
+            MapName::ServiceStats,
+            keys,
+            &zeros,
+            0,
+        )
     }
 
     fn put_service(&mut self, k: &ServiceKey, v: &ServiceValue) -> Result<(), StoreError> {
-        self.services
-            .insert(k, v, 0)
-            .map_err(err(MapName::Services, "insert"))
+        self.services.insert(k, v, 0).map_err(put_err(
+            &mut self.refused,
+            MapName::Services,
+            "insert",
+        ))
     }
     fn del_service(&mut self, k: &ServiceKey) -> Result<(), StoreError> {
         absent_ok(self.services.remove(k)).map_err(err(MapName::Services, "delete"))
     }
     fn put_slot(&mut self, k: &SlotKey, backend_index: u32) -> Result<(), StoreError> {
-        self.slots
-            .insert(k, &backend_index, 0)
-            .map_err(err(MapName::Slots, "insert"))
+        self.slots.insert(k, &backend_index, 0).map_err(put_err(
+            &mut self.refused,
+            MapName::Slots,
+            "insert",
+        ))
     }
     fn del_slot(&mut self, k: &SlotKey) -> Result<(), StoreError> {
         absent_ok(self.slots.remove(k)).map_err(err(MapName::Slots, "delete"))
     }
     fn put_backend(&mut self, k: &BackendKey, v: &BackendInfo) -> Result<(), StoreError> {
-        self.backends
-            .insert(k, v, 0)
-            .map_err(err(MapName::Backends, "insert"))
+        self.backends.insert(k, v, 0).map_err(put_err(
+            &mut self.refused,
+            MapName::Backends,
+            "insert",
+        ))
     }
     fn del_backend(&mut self, k: &BackendKey) -> Result<(), StoreError> {
         absent_ok(self.backends.remove(k)).map_err(err(MapName::Backends, "delete"))
@@ -285,7 +351,7 @@ impl MapStore for KernelMaps {
     fn put_maglev(&mut self, k: &SlotKey, v: &MaglevChunk) -> Result<(), StoreError> {
         self.maglev
             .insert(k, v, 0)
-            .map_err(err(MapName::Maglev, "insert"))
+            .map_err(put_err(&mut self.refused, MapName::Maglev, "insert"))
     }
     fn del_maglev(&mut self, k: &SlotKey) -> Result<(), StoreError> {
         absent_ok(self.maglev.remove(k)).map_err(err(MapName::Maglev, "delete"))
@@ -297,15 +363,17 @@ impl MapStore for KernelMaps {
         if is_errno(&r, libc::EEXIST) {
             return Ok(());
         }
-        r.map_err(err(MapName::ServiceStats, "insert"))
+        r.map_err(put_err(&mut self.refused, MapName::ServiceStats, "insert"))
     }
     fn del_stats(&mut self, k: &ServiceKey) -> Result<(), StoreError> {
         absent_ok(self.stats.remove(k)).map_err(err(MapName::ServiceStats, "delete"))
     }
     fn put_policy(&mut self, k: &ServiceKey, v: &ServicePolicy) -> Result<(), StoreError> {
-        self.policies
-            .insert(k, v, 0)
-            .map_err(err(MapName::ServicePolicy, "insert"))
+        self.policies.insert(k, v, 0).map_err(put_err(
+            &mut self.refused,
+            MapName::ServicePolicy,
+            "insert",
+        ))
     }
     fn del_policy(&mut self, k: &ServiceKey) -> Result<(), StoreError> {
         absent_ok(self.policies.remove(k)).map_err(err(MapName::ServicePolicy, "delete"))
@@ -325,7 +393,7 @@ impl MapStore for KernelMaps {
         if is_errno(&r, libc::EEXIST) {
             return Ok(());
         }
-        r.map_err(err(MapName::ServiceHealth, "insert"))
+        r.map_err(put_err(&mut self.refused, MapName::ServiceHealth, "insert"))
     }
     fn del_service_health(&mut self, k: &ServiceKey) -> Result<(), StoreError> {
         absent_ok(self.service_health.remove(k)).map_err(err(MapName::ServiceHealth, "delete"))
@@ -333,7 +401,7 @@ impl MapStore for KernelMaps {
     fn put_tiers(&mut self, k: &SlotKey, v: &Tiers) -> Result<(), StoreError> {
         self.tiers
             .insert(k, v, 0)
-            .map_err(err(MapName::Tiers, "insert"))
+            .map_err(put_err(&mut self.refused, MapName::Tiers, "insert"))
     }
     fn del_tiers(&mut self, k: &SlotKey) -> Result<(), StoreError> {
         absent_ok(self.tiers.remove(k)).map_err(err(MapName::Tiers, "delete"))
@@ -366,6 +434,15 @@ impl MapStore for KernelMaps {
             running.next_end = Some(running.next_end.map_or(e.until_ns, |n| n.min(e.until_ns)));
         }
         Ok(running)
+    }
+    fn refusals(&self) -> Refusals {
+        self.refused.clone()
+    }
+    fn endpoint_health_keys(&self) -> Result<Vec<EndpointKey>, StoreError> {
+        self.endpoint_health
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(err(MapName::EndpointHealth, "iterate"))
     }
     fn snapshot(&self) -> Result<Snapshot, StoreError> {
         Ok(Snapshot {
@@ -450,7 +527,7 @@ pub fn read_service_stats_chunked(
         HashMap::try_from(Map::HashMap(data)).map_err(conv)?;
     // In thousands of entries per call where the kernel has batch lookups (5.6),
     // else two calls per entry.
-    match sys::map_lookup_batch(map.map().fd().as_fd(), chunk) {
+    match sys::map_entries(map.map().fd().as_fd(), chunk) {
         Ok(entries) => Ok(entries),
         Err(_) => map.iter().collect::<Result<Vec<_>, _>>().map_err(conv),
     }

@@ -311,6 +311,7 @@ pub fn load(
                 .map(|name| (*name, layout.health.join(name))),
         )
         .collect();
+    let sock_reverse = layout.maps.join(map_names::SOCK_REVERSE);
     let mut loader = EbpfLoader::new();
     // The verifier's whole output in a refused program's error (it can be
     // megabytes, so only when asked).
@@ -323,6 +324,9 @@ pub fn load(
     for (name, pin) in &apart {
         loader.map_pin_path(name, pin.as_path());
     }
+    // A socket storage map has no pinning of its own: pinned, so a restarted
+    // agent's programs find the storage of sockets connected before.
+    loader.map_pin_path(map_names::SOCK_REVERSE, sock_reverse.as_path());
     loader
         .map_max_entries(map_names::BACKEND_CONNS, limits.backends)
         .map_max_entries(map_names::ENDPOINT_HEALTH, limits.backends)

@@ -107,6 +107,26 @@ impl Installed {
         }
     }
 
+    /// The entries it holds in each map the agent writes.
+    pub(super) fn entries(&self) -> MapEntries {
+        let published = self.slot_map().entries(self.slots.len());
+        let in_map = |map: SlotMap| {
+            usize::from(self.slot_map() == map) * published
+                + usize::from(self.leftover_in == map) * self.leftover
+        };
+        MapEntries {
+            services: 1,
+            stats: usize::from(self.counters),
+            slots: in_map(SlotMap::Slots),
+            maglev_chunks: in_map(SlotMap::Maglev),
+            maglev_tables: usize::from(self.policy.is_maglev()),
+            backends: self.backends.len(),
+            policies: usize::from(self.health.is_some()),
+            service_health: usize::from(self.service_health),
+            tiers: usize::from(self.tiers.is_some()),
+        }
+    }
+
     /// Where its published slots are kept.
     pub(super) fn slot_map(&self) -> SlotMap {
         SlotMap::of(self.policy, self.flags)
@@ -131,6 +151,54 @@ impl Installed {
             tiers: None,
             service_health: false,
         }
+    }
+}
+
+/// Entries of each map the agent writes, as its bookkeeping counts them (the
+/// fill ratio of `/metrics`; `SM_SERVICE_STATS` also holds the counter entries
+/// whose delete failed, which the writer counts apart).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapEntries {
+    pub services: usize,
+    pub stats: usize,
+    /// `SM_SLOTS` entries: published slots and the leftovers of failed deletes.
+    pub slots: usize,
+    /// `SM_MAGLEV` chunks, and the Maglev tables they make up (the capacity
+    /// `--max-maglev-services` counts tables).
+    pub maglev_chunks: usize,
+    pub maglev_tables: usize,
+    pub backends: usize,
+    /// `SM_SVC_POLICY` entries.
+    pub policies: usize,
+    /// `SM_SVC_HEALTH` entries.
+    pub service_health: usize,
+    /// `SM_TIERS` entries.
+    pub tiers: usize,
+}
+
+impl MapEntries {
+    fn zip(self, o: Self, f: impl Fn(usize, usize) -> usize) -> Self {
+        Self {
+            services: f(self.services, o.services),
+            stats: f(self.stats, o.stats),
+            slots: f(self.slots, o.slots),
+            maglev_chunks: f(self.maglev_chunks, o.maglev_chunks),
+            maglev_tables: f(self.maglev_tables, o.maglev_tables),
+            backends: f(self.backends, o.backends),
+            policies: f(self.policies, o.policies),
+            service_health: f(self.service_health, o.service_health),
+            tiers: f(self.tiers, o.tiers),
+        }
+    }
+
+    #[must_use]
+    pub fn plus(self, o: Self) -> Self {
+        self.zip(o, usize::saturating_add)
+    }
+
+    #[must_use]
+    pub fn minus(self, o: Self) -> Self {
+        self.zip(o, usize::saturating_sub)
     }
 }
 
@@ -305,10 +373,7 @@ impl Mirror {
                     let state = match b.state {
                         _ if inst.tiers.is_none() && live.contains(i) => BackendState::Active,
                         _ if inst.tiers.is_none() => BackendState::Draining,
-                        backend_state::ACTIVE => BackendState::Active,
-                        backend_state::DEGRADED => BackendState::Degraded,
-                        backend_state::UNHEALTHY => BackendState::Unhealthy,
-                        _ => BackendState::Draining,
+                        s => state_of(s),
                     };
                     Backend::new(words_to_ip(b.addr), port_from_map(b.port))
                         .weighted(b.weight)
@@ -328,10 +393,20 @@ impl Mirror {
     }
 }
 
+/// A backend's state in a service with levels, from its [`BackendInfo::state`].
+pub(super) fn state_of(state: u8) -> BackendState {
+    match state {
+        backend_state::ACTIVE => BackendState::Active,
+        backend_state::DEGRADED => BackendState::Degraded,
+        backend_state::UNHEALTHY => BackendState::Unhealthy,
+        _ => BackendState::Draining,
+    }
+}
+
 /// The levels a published generation serves, read back from its `SM_TIERS` value
 /// and its slots: each range's hosts weighted by the slots they hold (positions
 /// are the service's backends in index order, as [`Mirror::table`] lists them).
-fn levels_of(inst: &Installed, t: &Tiers) -> Levels {
+pub(super) fn levels_of(inst: &Installed, t: &Tiers) -> Levels {
     let position: BTreeMap<u16, usize> = inst
         .backends
         .keys()

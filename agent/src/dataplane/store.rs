@@ -2,7 +2,6 @@
 //! counters, the health settings), behind a trait so the writer's ordering can be unit-tested against an
 //! in-memory fake.
 
-#[cfg(any(test, feature = "testing"))]
 use std::collections::BTreeMap;
 
 use sockmesh_common::{
@@ -16,7 +15,7 @@ use sockmesh_common::{
 };
 
 /// Which map an operation touched.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum MapName {
     Services,
     Slots,
@@ -30,6 +29,19 @@ pub enum MapName {
 }
 
 impl MapName {
+    /// Every map the agent writes.
+    pub const ALL: [MapName; 9] = [
+        MapName::Services,
+        MapName::Slots,
+        MapName::Backends,
+        MapName::ServiceStats,
+        MapName::Maglev,
+        MapName::ServicePolicy,
+        MapName::EndpointHealth,
+        MapName::ServiceHealth,
+        MapName::Tiers,
+    ];
+
     /// The map's name in the ELF object and its pin file name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -54,6 +66,45 @@ pub struct StoreError {
     pub op: &'static str,
     #[source]
     pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl StoreError {
+    /// The errno the kernel answered, if a map syscall failed.
+    pub fn errno(&self) -> Option<i32> {
+        if let Some(aya::maps::MapError::SyscallError(e)) =
+            self.source.downcast_ref::<aya::maps::MapError>()
+        {
+            return e.io_error.raw_os_error();
+        }
+        self.source
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+    }
+
+    /// Whether the map refused the entry for want of room: a hash map at its
+    /// `max_entries` answers `E2BIG` to a new key.
+    pub fn is_full(&self) -> bool {
+        matches!(self.errno(), Some(libc::E2BIG | libc::ENOSPC))
+    }
+}
+
+/// Entries each map refused for want of room ([`StoreError::is_full`]) since the
+/// store was opened.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Refusals(BTreeMap<MapName, u64>);
+
+impl Refusals {
+    /// Counts `e` against its map if it is a refusal for want of room.
+    pub fn note(&mut self, e: &StoreError) {
+        if e.is_full() {
+            *self.0.entry(e.map).or_default() += 1;
+        }
+    }
+
+    /// Refusals of `map` so far.
+    pub fn of(&self, map: MapName) -> u64 {
+        self.0.get(&map).copied().unwrap_or(0)
+    }
 }
 
 /// A bulk write that stopped: entries `..written` were written, the one at
@@ -139,6 +190,16 @@ pub trait MapStore {
     /// later and whose endpoint's `SM_EP_HEALTH` entry holds that end.
     fn running_ejections(&self, k: &ServiceKey, now_ns: u64) -> Result<Running, StoreError>;
     fn snapshot(&self) -> Result<Snapshot, StoreError>;
+    /// The keys of every `SM_EP_HEALTH` entry (the kernel creates them; a store
+    /// without them has none).
+    fn endpoint_health_keys(&self) -> Result<Vec<EndpointKey>, StoreError> {
+        Ok(Vec::new())
+    }
+    /// Entries each map refused for want of room so far (a store that cannot
+    /// run out of room refuses none).
+    fn refusals(&self) -> Refusals {
+        Refusals::default()
+    }
 
     /// Writes many services' values at once (`keys[i]` → `values[i]`, in order).
     /// The default writes them one by one; the kernel store batches them.
@@ -225,26 +286,38 @@ pub struct MemStore {
     pub fail_at: Option<usize>,
     /// Fail every write equal to this one (a failure that persists).
     pub fail_op: Option<Op>,
+    /// Injected failures are the kernel's answer of a full map (`E2BIG`).
+    pub fail_full: bool,
+    /// Entries refused as a full map refuses them (injected with `fail_full`).
+    pub refused: Refusals,
     pub after_write: Option<AfterWrite>,
 }
 
 #[cfg(any(test, feature = "testing"))]
 impl MemStore {
     fn record(&mut self, op: Op, map: MapName) -> Result<(), StoreError> {
+        let injected = |what: &'static str, full: bool| {
+            let source: Box<dyn std::error::Error + Send + Sync> = if full {
+                Box::new(std::io::Error::from_raw_os_error(libc::E2BIG))
+            } else {
+                "injected".into()
+            };
+            StoreError {
+                map,
+                op: what,
+                source,
+            }
+        };
         if self.fail_at == Some(self.log.len()) {
             self.fail_at = None;
-            return Err(StoreError {
-                map,
-                op: "injected failure",
-                source: "injected".into(),
-            });
+            let e = injected("injected failure", self.fail_full);
+            self.refused.note(&e);
+            return Err(e);
         }
         if self.fail_op.as_ref() == Some(&op) {
-            return Err(StoreError {
-                map,
-                op: "injected persistent failure",
-                source: "injected".into(),
-            });
+            let e = injected("injected persistent failure", self.fail_full);
+            self.refused.note(&e);
+            return Err(e);
         }
         self.log.push(op);
         Ok(())
@@ -415,6 +488,12 @@ impl MapStore for MemStore {
     }
     fn running_ejections(&self, k: &ServiceKey, _now_ns: u64) -> Result<Running, StoreError> {
         Ok(self.running.get(k).copied().unwrap_or_default())
+    }
+    fn refusals(&self) -> Refusals {
+        self.refused.clone()
+    }
+    fn endpoint_health_keys(&self) -> Result<Vec<EndpointKey>, StoreError> {
+        Ok(self.endpoint_health.iter().copied().collect())
     }
     fn zero_stats_many(&mut self, keys: &[ServiceKey]) -> Result<(), BatchError> {
         one_by_one(keys, keys, |k, _| {

@@ -69,6 +69,11 @@ pub trait TableSink: Send {
     fn limits(&self) -> Limits {
         Limits::default()
     }
+    /// How full each map is; with `recount`, the maps the kernel programs fill
+    /// are counted again if their turn has come (the task's tick).
+    fn map_fill(&mut self, _recount: bool) -> Vec<super::fill::MapFill> {
+        super::fill::from_usage(&self.usage(), &self.limits())
+    }
     /// Aborts sockets redirected to removed endpoints; returns how many.
     fn terminate(&mut self, _targets: &BTreeSet<Endpoint>) -> Result<usize, SinkError> {
         Ok(0)
@@ -95,6 +100,11 @@ pub trait TableSink: Send {
     fn sweep_conns(&mut self) -> Result<usize, SinkError> {
         Ok(0)
     }
+    /// Deletes health entries of endpoints their service no longer has; returns
+    /// how many.
+    fn sweep_endpoint_health(&mut self) -> Result<usize, SinkError> {
+        Ok(0)
+    }
     /// The kernel's outlier state (`None`: a sink without a kernel).
     fn health(&self) -> Option<super::HealthReport> {
         None
@@ -107,6 +117,16 @@ pub trait TableSink: Send {
         _only: Option<&sockmesh_common::ServiceKey>,
     ) -> Result<Option<u64>, SinkError> {
         Ok(None)
+    }
+    /// The levels of the services that have them, as written: of all, or
+    /// `previous` with `only` those services' brought up to date (see
+    /// [`super::published`]).
+    fn published_levels(
+        &self,
+        _only: Option<&BTreeSet<crate::model::ServiceAddr>>,
+        _previous: &super::published::PublishedMap,
+    ) -> super::published::PublishedMap {
+        super::published::PublishedMap::new()
     }
     /// The kernel programs' events (ejections), handed over once to the thread
     /// that reads them.
@@ -124,77 +144,6 @@ pub trait TableSink: Send {
     }
 }
 
-impl TableSink for super::Datapath {
-    fn apply(&mut self, table: &RoutingTable) -> Result<usize, SinkError> {
-        Ok(super::Datapath::apply(self, table)?.map_ops)
-    }
-
-    fn apply_changes(&mut self, changes: &Changes) -> Result<usize, SinkError> {
-        Ok(super::Datapath::apply_changes(self, changes)?.map_ops)
-    }
-
-    fn table(&self) -> RoutingTable {
-        super::Datapath::table(self)
-    }
-
-    fn limits(&self) -> Limits {
-        super::Datapath::limits(self)
-    }
-
-    fn usage(&self) -> Usage {
-        super::Datapath::usage(self)
-    }
-
-    fn terminate(&mut self, targets: &BTreeSet<Endpoint>) -> Result<usize, SinkError> {
-        Ok(super::Datapath::terminate(self, targets)?.destroyed)
-    }
-
-    fn pending(&self) -> bool {
-        self.is_pending()
-    }
-
-    fn activate(&mut self) -> Result<Vec<u32>, SinkError> {
-        Ok(super::Datapath::activate(self)?
-            .map(|m| m.retired)
-            .unwrap_or_default())
-    }
-
-    fn attachment(&self) -> Option<Attachment> {
-        Some(super::Datapath::attachment(self))
-    }
-
-    fn retired(&self) -> Vec<u32> {
-        super::Datapath::retired(self).to_vec()
-    }
-
-    fn sweep_conns(&mut self) -> Result<usize, SinkError> {
-        Ok(super::Datapath::sweep_conns(self)?)
-    }
-
-    fn health(&self) -> Option<super::HealthReport> {
-        super::Datapath::health(self).ok()
-    }
-
-    fn refresh_levels(
-        &mut self,
-        only: Option<&sockmesh_common::ServiceKey>,
-    ) -> Result<Option<u64>, SinkError> {
-        Ok(super::Datapath::refresh_levels(self, only)?)
-    }
-
-    fn take_events(&mut self) -> Option<super::events::Events> {
-        super::Datapath::take_events(self)
-    }
-
-    fn enroll(
-        &mut self,
-        cgroups: &BTreeSet<PathBuf>,
-        prune: bool,
-    ) -> Result<EnrollReport, SinkError> {
-        Ok(super::Datapath::enroll(self, cgroups, prune)?)
-    }
-}
-
 /// Buckets of the update → kernel latency histogram (seconds): 50 µs … 1 s.
 pub const LATENCY_BUCKETS: [f64; 12] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0,
@@ -205,8 +154,9 @@ pub const LATENCY_BUCKETS: [f64; 12] = [
 /// `initial_fetch_timeout` (15 s) bounds its own warming.
 pub const MIGRATION_WARMING_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Ticks (about a second each) between sweeps of idle connection counts.
-const CONN_SWEEP_TICKS: u64 = 60;
+/// Ticks (about a second each) between sweeps of idle connection counts and of
+/// health entries of endpoints gone.
+const SWEEP_TICKS: u64 = 60;
 
 /// A kernel write of this many map operations (an initial load) leaves its
 /// planning buffers freed but held by the allocator: see [`release_freed_memory`].
@@ -246,6 +196,8 @@ pub struct KernelStatus {
     pub terminated: u64,
     /// What the maps hold, counted.
     pub usage: Usage,
+    /// How full each map is.
+    pub maps: Vec<super::fill::MapFill>,
     pub attachment: Option<Attachment>,
     pub retired: Vec<u32>,
     /// Built beside another layout's datapath, waiting to go live.
@@ -254,6 +206,9 @@ pub struct KernelStatus {
     pub handled: u64,
     /// Enrolled cgroups with the programs attached (enrollment only).
     pub enrolled_cgroups: usize,
+    /// The services with priority levels, as written: their choice tables follow
+    /// the ejections, so this is published after each rewrite too.
+    pub levels: std::sync::Arc<super::published::PublishedMap>,
 }
 
 /// What to write.
@@ -342,16 +297,19 @@ pub struct DatapathHandle {
 impl DatapathHandle {
     /// Starts the task over `sink`. With `terminate_removed`, the sockets of
     /// endpoints removed outright are aborted after each write.
-    pub fn spawn(sink: Box<dyn TableSink>, terminate_removed: bool) -> Self {
+    pub fn spawn(mut sink: Box<dyn TableSink>, terminate_removed: bool) -> Self {
         let limits = sink.limits();
         let adopted = sink.table();
         let latency = Histogram::new(LATENCY_BUCKETS);
         let mut task = Task {
             status: KernelStatus {
                 usage: sink.usage(),
+                maps: sink.map_fill(true),
                 attachment: sink.attachment(),
                 retired: sink.retired(),
                 migrating: sink.pending(),
+                // Adopted from the pins: shown before the first write.
+                levels: std::sync::Arc::new(sink.published_levels(None, &Default::default())),
                 ..KernelStatus::default()
             },
             sink,
@@ -571,6 +529,39 @@ impl Task {
         self.ejected = now;
     }
 
+    /// Takes the levels as written into the status; whether they changed. The
+    /// services with levels are looked at (a refresh may have rewritten their
+    /// choice tables), and those `written` (`None`: the whole table was): not
+    /// the whole mirror, on a write's path to its acknowledgement.
+    fn note_levels(&mut self, written: Option<&BTreeSet<crate::model::ServiceAddr>>) -> bool {
+        let only = written.map(|w| {
+            let mut only: BTreeSet<_> = self.status.levels.keys().copied().collect();
+            only.extend(w);
+            only
+        });
+        let now = self
+            .sink
+            .published_levels(only.as_ref(), &self.status.levels);
+        let changed = now != *self.status.levels;
+        if changed {
+            self.status.levels = std::sync::Arc::new(now);
+        }
+        changed
+    }
+
+    /// Rewrites the choice tables to the ejections running and publishes the
+    /// levels as written.
+    fn follow_ejections(
+        &mut self,
+        only: Option<&sockmesh_common::ServiceKey>,
+        status: &watch::Sender<KernelStatus>,
+    ) {
+        self.refresh_levels(only);
+        if self.note_levels(Some(&BTreeSet::new())) {
+            status.send_replace(self.status.clone());
+        }
+    }
+
     /// Rewrites the levels' choice tables to the ejections running (`only` one
     /// service, or all) and notes when they move next.
     fn refresh_levels(&mut self, only: Option<&sockmesh_common::ServiceKey>) {
@@ -588,6 +579,27 @@ impl Task {
         }
     }
 
+    /// Deletes what the kernel programs left of endpoints gone: idle connection
+    /// counts, and health entries a late connect failure made.
+    fn sweep(&mut self) {
+        match self.sink.sweep_conns() {
+            Ok(0) => {}
+            Ok(n) => info!(
+                entries = n,
+                "deleted idle connection counts of endpoints gone"
+            ),
+            Err(e) => warn!(error = %chain(&e), "sweeping idle connection counts failed"),
+        }
+        match self.sink.sweep_endpoint_health() {
+            Ok(0) => {}
+            Ok(n) => info!(
+                entries = n,
+                "deleted health entries of endpoints their service no longer has"
+            ),
+            Err(e) => warn!(error = %chain(&e), "sweeping endpoint health entries failed"),
+        }
+    }
+
     /// How long until the levels' loads move next (an ejection ends).
     fn levels_wait(&self) -> Option<Duration> {
         let due = self.levels_due?;
@@ -602,7 +614,7 @@ impl Task {
                 Some(wait) => match rx.recv_timeout(wait) {
                     Ok(c) => c,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
-                        self.refresh_levels(None);
+                        self.follow_ejections(None, status);
                         continue;
                     }
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
@@ -612,6 +624,9 @@ impl Task {
                     Err(_) => return,
                 },
             };
+            // The services this command wrote (`None`: all of them).
+            let mut written = Some(BTreeSet::new());
+            let tick = matches!(c, Command::Tick { .. });
             let done = match c {
                 Command::Write {
                     write,
@@ -620,6 +635,10 @@ impl Task {
                     warming,
                     done,
                 } => {
+                    written = match &write {
+                        Write::Table(_) => None,
+                        Write::Changes(c) => Some(c.keys().copied().collect()),
+                    };
                     self.write(write, removed, received);
                     self.maybe_go_live(warming, Instant::now());
                     self.refresh_levels(None);
@@ -629,7 +648,7 @@ impl Task {
                 Command::Ejected(service) => {
                     // Not one of the commands the handle counts (the events
                     // thread sends it).
-                    self.refresh_levels(Some(&service));
+                    self.follow_ejections(Some(&service), status);
                     continue;
                 }
                 Command::Tick { warming, now } => {
@@ -638,17 +657,8 @@ impl Task {
                     // A safety net for events the ring buffer dropped.
                     self.refresh_levels(None);
                     self.ticks += 1;
-                    if self.ticks.is_multiple_of(CONN_SWEEP_TICKS) {
-                        match self.sink.sweep_conns() {
-                            Ok(0) => {}
-                            Ok(n) => info!(
-                                entries = n,
-                                "deleted idle connection counts of endpoints gone"
-                            ),
-                            Err(e) => {
-                                warn!(error = %chain(&e), "sweeping idle connection counts failed")
-                            }
-                        }
+                    if self.ticks.is_multiple_of(SWEEP_TICKS) {
+                        self.sweep();
                     }
                     None
                 }
@@ -669,7 +679,9 @@ impl Task {
                 }
             };
             self.status.handled += 1;
+            self.note_levels(written.as_ref());
             self.status.usage = self.sink.usage();
+            self.status.maps = self.sink.map_fill(tick);
             self.status.migrating = self.sink.pending();
             self.status.attachment = self.sink.attachment();
             self.status.retired = self.sink.retired();

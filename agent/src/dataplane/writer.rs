@@ -16,7 +16,7 @@
 //! unpublished, so the kernel programs never insert on the connect path and a
 //! service's counters exist exactly while the service does.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use sockmesh_common::{
     BackendInfo, BackendKey, EndpointKey, MAGLEV_CHUNK, MaglevChunk, ServiceKey, ServicePolicy,
@@ -26,7 +26,8 @@ use tracing::{debug, warn};
 
 use super::{
     keys::{ip_to_words, port_to_map, service_addr, service_key},
-    mirror::{Installed, Mirror, SlotMap, is_direct, slot_index},
+    mirror::{Installed, MapEntries, Mirror, SlotMap, is_direct, slot_index},
+    published::PublishedMap,
     store::{MapStore, Snapshot, StoreError},
 };
 use crate::{
@@ -80,11 +81,17 @@ pub struct MapWriter<S: MapStore> {
     /// Services, backend entries and slots of all services, kept current so that
     /// `apply_changes` checks capacity without walking every service.
     usage: Usage,
+    /// Entries of each map the agent writes, kept current as `usage` is (the
+    /// maps' fill ratio).
+    entries: MapEntries,
     /// Ids in use (and ids handed out during a full apply), so allocation does not
     /// walk every service.
     ids: HashSet<u32>,
     limits: Limits,
     counters: CounterBook,
+    /// Least-connections services draw candidates as Envoy does, with
+    /// replacement (`--least-request-draws envoy`), instead of distinct ones.
+    envoy_draws: bool,
 }
 
 /// Bookkeeping of the per-service counter entries. They are not routing: a failed
@@ -128,6 +135,10 @@ impl CounterBook {
     }
 
     fn failed(&mut self, e: StoreError) {
+        // A full map is reported once, when it fills (see `super::fill`).
+        if e.is_full() {
+            return;
+        }
         self.failures += 1;
         self.first.get_or_insert(e);
     }
@@ -191,9 +202,11 @@ impl<S: MapStore> MapWriter<S> {
             store,
             mirror,
             usage: Usage::default(),
+            entries: MapEntries::default(),
             ids: HashSet::new(),
             limits: Limits::default(),
             counters,
+            envoy_draws: false,
         };
         // Every published service has its counters (an earlier create may have failed).
         for (key, inst) in &mut w.mirror.services {
@@ -211,6 +224,19 @@ impl<S: MapStore> MapWriter<S> {
         self
     }
 
+    /// Draws least-connections candidates with replacement, as Envoy does
+    /// (every least-connections service is rewritten when this changes).
+    #[must_use]
+    pub fn with_envoy_draws(mut self, envoy_draws: bool) -> Self {
+        self.set_envoy_draws(envoy_draws);
+        self
+    }
+
+    /// [`Self::with_envoy_draws`], from the next apply on.
+    pub fn set_envoy_draws(&mut self, envoy_draws: bool) {
+        self.envoy_draws = envoy_draws;
+    }
+
     pub fn limits(&self) -> Limits {
         self.limits
     }
@@ -223,13 +249,19 @@ impl<S: MapStore> MapWriter<S> {
             .values()
             .map(Installed::usage)
             .fold(Usage::default(), |a, b| a.plus(&b));
+        self.entries = self
+            .mirror
+            .services
+            .values()
+            .map(Installed::entries)
+            .fold(MapEntries::default(), MapEntries::plus);
     }
 
-    fn counts(&self, key: &ServiceKey) -> Usage {
+    fn counts(&self, key: &ServiceKey) -> (Usage, MapEntries) {
         self.mirror
             .services
             .get(key)
-            .map_or(Usage::default(), Installed::usage)
+            .map_or_else(Default::default, |i| (i.usage(), i.entries()))
     }
 
     /// Runs one service operation, keeping the totals current.
@@ -238,10 +270,11 @@ impl<S: MapStore> MapWriter<S> {
         key: &ServiceKey,
         op: impl FnOnce(&mut Self) -> Result<T, WriteError>,
     ) -> Result<T, WriteError> {
-        let before = self.counts(key);
+        let (usage, entries) = self.counts(key);
         let result = op(self);
-        let after = self.counts(key);
-        self.usage = self.usage.plus(&after).minus(&before);
+        let (usage_after, entries_after) = self.counts(key);
+        self.usage = self.usage.plus(&usage_after).minus(&usage);
+        self.entries = self.entries.plus(entries_after).minus(entries);
         result
     }
 
@@ -250,14 +283,40 @@ impl<S: MapStore> MapWriter<S> {
         self.usage
     }
 
+    /// The entries of each map the agent writes, as its bookkeeping counts them:
+    /// the installed services' and the counter entries whose delete failed.
+    pub fn entries(&self) -> MapEntries {
+        MapEntries {
+            stats: self.entries.stats + self.counters.orphans.len(),
+            ..self.entries
+        }
+    }
+
     /// The installed table, as the kernel sees it.
     pub fn table(&self) -> RoutingTable {
         self.mirror.table()
     }
 
+    /// The levels of the services that have them, as written: of all, or
+    /// `previous` with `only` those services' brought up to date (see
+    /// [`super::published`]).
+    pub fn published_levels(
+        &self,
+        only: Option<&BTreeSet<ServiceAddr>>,
+        previous: &PublishedMap,
+    ) -> PublishedMap {
+        super::published::published(&self.mirror, only, previous)
+    }
+
     /// The map store (for tests and diagnostics).
     pub fn store(&self) -> &S {
         &self.store
+    }
+
+    /// The map store, for a writer that adopts it next (a restart, in tests).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn into_store(self) -> S {
+        self.store
     }
 
     /// Mutable access to the map store (tests inject failures through it).
@@ -299,7 +358,8 @@ impl<S: MapStore> MapWriter<S> {
             let current = self.mirror.services.get_mut(&key);
             let same = current.is_some_and(|current| {
                 let same = !current.dirty
-                    && plan_backends(current, service.protocol, backends).is_noop(current);
+                    && plan_backends(current, service.protocol, backends, self.envoy_draws)
+                        .is_noop(current);
                 if same {
                     // A counter entry that failed to be created before is made now,
                     // without touching the routing maps.
@@ -471,7 +531,7 @@ impl<S: MapStore> MapWriter<S> {
         // Counters first: the programs count into an entry from the first connect().
         self.counters
             .create(&mut self.store, key, &mut installed.counters);
-        let plan = plan_backends(&installed, service.protocol, backends);
+        let plan = plan_backends(&installed, service.protocol, backends, self.envoy_draws);
         let mut ops = 0;
         let result = write_and_publish(&mut self.store, key, &mut installed, plan, &mut ops);
         match result {
@@ -505,7 +565,7 @@ impl<S: MapStore> MapWriter<S> {
         };
         self.counters
             .create(&mut self.store, key, &mut current.counters);
-        let plan = plan_backends(current, service.protocol, backends);
+        let plan = plan_backends(current, service.protocol, backends, self.envoy_draws);
         if !current.dirty && plan.is_noop(current) {
             return Ok(0);
         }
@@ -674,7 +734,21 @@ impl BackendPlan {
 /// in place and nothing else is written: the write switches every slot from the
 /// old set to the new at once, as a publish does, and the update costs one map
 /// write instead of a whole slot table and its deletion.
-fn plan_backends(current: &Installed, protocol: Protocol, desired: &Service) -> BackendPlan {
+fn plan_backends(
+    current: &Installed,
+    protocol: Protocol,
+    desired: &Service,
+    envoy_draws: bool,
+) -> BackendPlan {
+    let mut plan = plan_of(current, protocol, desired);
+    if envoy_draws && matches!(desired.policy, LbPolicy::LeastConn { .. }) {
+        plan.flags |= service_flags::ENVOY_DRAWS;
+    }
+    plan
+}
+
+/// [`plan_backends`] but for the draw flag.
+fn plan_of(current: &Installed, protocol: Protocol, desired: &Service) -> BackendPlan {
     let plan = plan_indexes(current, protocol, desired, false);
     let direct_now =
         current.slot_map() == SlotMap::Direct && !current.dirty && current.leftover == 0;
@@ -1091,6 +1165,9 @@ fn rollback<S: MapStore>(store: &mut S, inst: &Installed, id: u32) {
 
 #[path = "writer_bulk.rs"]
 mod bulk;
+
+#[path = "writer_sweep.rs"]
+mod sweep;
 
 #[cfg(test)]
 #[path = "writer_tests.rs"]

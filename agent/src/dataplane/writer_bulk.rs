@@ -206,7 +206,7 @@ impl<S: MapStore> MapWriter<S> {
         for &(service, backends) in adds {
             let key = service_key(&service);
             let mut installed = Installed::new(self.alloc_id());
-            let plan = plan_backends(&installed, service.protocol, backends);
+            let plan = plan_backends(&installed, service.protocol, backends, self.envoy_draws);
             let marks = rec.marks();
             let mut ops = 0;
             // The recorder never fails.
@@ -236,6 +236,7 @@ impl<S: MapStore> MapWriter<S> {
         let rest = planned.split_off(published);
         for p in planned {
             self.usage = self.usage.plus(&p.installed.usage());
+            self.entries = self.entries.plus(p.installed.entries());
             self.mirror.services.insert(p.key, p.installed);
             report.added += 1;
             report.map_ops += p.ops;

@@ -734,6 +734,39 @@ fn the_policy_is_published_with_the_service_and_a_policy_change_republishes() {
     assert_eq!(w.apply(&t2).expect("again").map_ops, 0, "then unchanged");
 }
 
+#[test]
+fn least_connections_draws_are_marked_per_service_and_follow_the_setting() {
+    use sockmesh_common::service_flags::ENVOY_DRAWS;
+
+    use crate::model::{LbPolicy, Service};
+    let least = svc("10.96.0.1", 80);
+    let random = svc("10.96.0.2", 80);
+    let backends = vec![be("10.1.0.1", 80), be("10.1.0.2", 80)];
+    let mut t = RoutingTable::default();
+    t.insert(
+        least,
+        Service::new(backends.clone(), LbPolicy::LeastConn { choices: 2 }),
+    );
+    t.insert(random, Service::new(backends, LbPolicy::Random));
+    let flags = |w: &MapWriter<MemStore>, s| w.store().services[&service_key(&s)].flags;
+    let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
+    w.apply(&t).expect("apply");
+    assert_eq!(flags(&w, least) & ENVOY_DRAWS, 0, "distinct by default");
+    // An agent restarted with `--least-request-draws envoy` rewrites the
+    // least-connections service alone, once.
+    let mut w = MapWriter::adopt(w.into_store())
+        .expect("adopt")
+        .with_envoy_draws(true);
+    assert_eq!(w.apply(&t).expect("apply").updated, 1);
+    assert_eq!(flags(&w, least) & ENVOY_DRAWS, ENVOY_DRAWS);
+    assert_eq!(flags(&w, random) & ENVOY_DRAWS, 0);
+    assert_eq!(w.apply(&t).expect("again").map_ops, 0, "then unchanged");
+    assert_eq!(
+        table_from_snapshot(&w.store().snapshot().expect("snapshot")),
+        t
+    );
+}
+
 fn maglev_table_of(backends: Vec<Backend>, table_size: u32) -> RoutingTable {
     use crate::model::{LbPolicy, Service};
     let mut t = RoutingTable::default();

@@ -119,6 +119,7 @@ fn decode_part<'a>(items: &[Entry<'a>]) -> (Vec<Item<'a>>, Vec<String>) {
                     Resource::Endpoint(e) => Incoming::Assignment {
                         digest: super::resources::digest(&any.value),
                         backends: super::clusters::assignment_backends(e).into(),
+                        localities: super::clusters::locality_names(e),
                     },
                     // The bytes received: decoding them gives what was checked
                     // (re-encoding the decoded message cost a tenth of a large

@@ -299,6 +299,73 @@ pub fn assignment_backends(cla: &ClusterLoadAssignment) -> Vec<Backend> {
     })
 }
 
+/// Where an assignment places an endpoint: its priority and its locality,
+/// `region/zone/sub_zone` (as `/config_dump` shows the node's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Place {
+    pub priority: u32,
+    pub locality: String,
+}
+
+/// The names (`region/zone/sub_zone`) of an assignment's localities, by the
+/// index its backends' [`Placement::locality`] gives (see [`localities`]);
+/// empty when none has a name.
+pub fn locality_names(cla: &ClusterLoadAssignment) -> Box<[Box<str>]> {
+    let localities = localities(cla);
+    if localities
+        .keys()
+        .all(|(_, r, z, s)| r.is_empty() && z.is_empty() && s.is_empty())
+    {
+        return Box::default();
+    }
+    let mut names: Vec<(u16, Box<str>)> = localities
+        .into_iter()
+        .map(|((_, r, z, s), (i, _))| (i, format!("{r}/{z}/{s}").into()))
+        .collect();
+    names.sort_unstable_by_key(|(i, _)| *i);
+    names.into_iter().map(|(_, n)| n).collect()
+}
+
+/// The place of each of an assignment's endpoints with an IP address, by
+/// address and port (the first entry of an address, as Envoy keeps it):
+/// `backends` as [`assignment_backends`] reads them, their localities named by
+/// `names` ([`locality_names`]).
+pub fn places(backends: &[Backend], names: &[Box<str>]) -> BTreeMap<(IpAddr, u16), Place> {
+    let mut out = BTreeMap::new();
+    for b in backends {
+        out.entry((b.address, b.port)).or_insert_with(|| Place {
+            priority: u32::from(b.placement.priority),
+            locality: names
+                .get(usize::from(b.placement.locality))
+                .map_or_else(|| "//".to_owned(), |n| n.to_string()),
+        });
+    }
+    out
+}
+
+/// [`places`] of an assignment read whole.
+pub fn endpoint_places(cla: &ClusterLoadAssignment) -> BTreeMap<(IpAddr, u16), Place> {
+    places(&assignment_backends(cla), &locality_names(cla))
+}
+
+/// An assignment's localities, each with its index (in the order first seen)
+/// and its `load_balancing_weight` (0: unset). Entries of one priority with the
+/// same locality are one locality (Envoy merges them; the last weight set wins).
+fn localities(cla: &ClusterLoadAssignment) -> BTreeMap<(u32, String, String, String), (u16, u32)> {
+    let mut localities: BTreeMap<(u32, String, String, String), (u16, u32)> = BTreeMap::new();
+    for loc in &cla.endpoints {
+        let l = loc.locality.clone().unwrap_or_default();
+        let next = u16::try_from(localities.len()).unwrap_or(u16::MAX);
+        let entry = localities
+            .entry((loc.priority, l.region, l.zone, l.sub_zone))
+            .or_insert((next, 0));
+        if let Some(w) = &loc.load_balancing_weight {
+            entry.1 = w.value;
+        }
+    }
+    localities
+}
+
 /// [`assignment_backends`] with each endpoint's socket address turned into
 /// addresses by `addresses` (one for an IP; the resolved ones for a host name).
 fn backends_with(
@@ -319,19 +386,7 @@ fn backends_with(
         .map_or(crate::model::DEFAULT_OVERPROVISIONING, |f| {
             u16::try_from(f.value).unwrap_or(u16::MAX)
         });
-    // Entries of one priority with the same locality are one locality (Envoy
-    // merges them; the last weight set wins).
-    let mut localities: BTreeMap<(u32, String, String, String), (u16, u32)> = BTreeMap::new();
-    for loc in &cla.endpoints {
-        let l = loc.locality.clone().unwrap_or_default();
-        let next = u16::try_from(localities.len()).unwrap_or(u16::MAX);
-        let entry = localities
-            .entry((loc.priority, l.region, l.zone, l.sub_zone))
-            .or_insert((next, 0));
-        if let Some(w) = &loc.load_balancing_weight {
-            entry.1 = w.value;
-        }
-    }
+    let localities = localities(cla);
     let mut out = Vec::new();
     for loc in &cla.endpoints {
         let l = loc.locality.clone().unwrap_or_default();

@@ -20,8 +20,9 @@ use super::{
     decode::Kind,
     dns::Round,
     state::{Accepted, Nack, Note, Update, XdsState},
-    view::{CoreView, View, Viewer},
+    view::{CoreView, Places, View, Viewer},
 };
+use crate::model::{Changes, ServiceAddr};
 
 pub use crate::dataplane::task::{
     DatapathHandle, KernelStatus, LATENCY_BUCKETS, MIGRATION_WARMING_TIMEOUT, PushStats, SinkError,
@@ -108,6 +109,9 @@ pub struct Core {
     /// What the admin server reads, published after every change (see
     /// [`super::view`]).
     view: watch::Sender<Arc<CoreView>>,
+    /// The places of the endpoints of the table's services with priority
+    /// levels, kept in step with the table (see [`Self::refresh_places`]).
+    places: Arc<BTreeMap<ServiceAddr, Arc<Places>>>,
 }
 
 /// Runs `f` on the core under its lock, without holding up the runtime's other
@@ -161,6 +165,7 @@ impl Core {
             connection: crate::admin_types::ConnectionDump::default(),
             dns_targets: watch::Sender::new(BTreeMap::new()),
             view: watch::Sender::new(Arc::default()),
+            places: Arc::default(),
         };
         core.publish();
         core
@@ -224,6 +229,8 @@ impl Core {
                 .collect(),
             limits: self.kernel.limits(),
             sent: self.kernel.sent(),
+            state_sizes: self.state_sizes(),
+            places: self.places.clone(),
             table: Arc::downgrade(state.shared_table()),
         }
     }
@@ -421,6 +428,58 @@ impl Core {
         self.publish();
     }
 
+    /// How many entries each of the agent's collections holds: the xDS state's
+    /// ([`XdsState::sizes`]) and the core's own per-name bookkeeping.
+    pub fn state_sizes(&self) -> BTreeMap<&'static str, usize> {
+        let mut out = self.state.sizes();
+        out.insert("dns_status", self.dns.len());
+        out.insert("opaque_types", self.opaque_types.len());
+        out.insert("unknown_fields", self.unknown_fields.len());
+        out.insert("places", self.places.len());
+        out
+    }
+
+    /// Keeps [`Self::places`] in step with the table: the services `changed`
+    /// names, or all of them (`None`). Only services with priority levels have
+    /// places: decoding an assignment for every service of a large mesh on every
+    /// update would cost more than the update.
+    fn refresh_places(&mut self, changed: Option<&Changes>) {
+        let table = self.state.table();
+        let levelled = |s: &ServiceAddr| {
+            table
+                .services
+                .get(s)
+                .is_some_and(|service| service.levels.is_some())
+        };
+        let Some(changes) = changed else {
+            let places = table
+                .services
+                .keys()
+                .filter(|s| levelled(s))
+                .filter_map(|s| Some((*s, Arc::new(self.state.places(s)?))))
+                .collect();
+            self.places = Arc::new(places);
+            return;
+        };
+        if !changes
+            .keys()
+            .any(|s| levelled(s) || self.places.contains_key(s))
+        {
+            return;
+        }
+        let places = Arc::make_mut(&mut self.places);
+        for s in changes.keys() {
+            match levelled(s).then(|| self.state.places(s)).flatten() {
+                Some(p) => {
+                    places.insert(*s, Arc::new(p));
+                }
+                None => {
+                    places.remove(s);
+                }
+            }
+        }
+    }
+
     pub fn state(&self) -> &XdsState {
         &self.state
     }
@@ -478,6 +537,9 @@ impl Core {
     /// Hands what an accepted update changed to the datapath task, once the table
     /// is the control plane's. `what` names the update for logs.
     fn write_kernel(&mut self, accepted: Accepted, received: Instant, what: &str) -> Written {
+        if accepted.table_changed {
+            self.refresh_places(Some(&accepted.changes));
+        }
         let behind = self.kernel.status().behind;
         if !self.synced() || !(accepted.table_changed || !self.sent_table || behind) {
             debug!(
@@ -490,6 +552,9 @@ impl Core {
         // The first write makes the kernel equal to the whole table (it may hold an
         // adopted one); later writes touch the changed services only, unless an
         // earlier write failed and the kernel has to catch up.
+        if !self.sent_table {
+            self.refresh_places(None);
+        }
         let write = if !self.sent_table || (behind && self.kernel.idle()) {
             Write::Table(self.state.shared_table().clone())
         } else {

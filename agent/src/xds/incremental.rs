@@ -95,6 +95,23 @@ pub struct Incremental {
 }
 
 impl Incremental {
+    /// How many entries each cache and index holds (`/config_dump`'s `state`).
+    pub fn sizes(&self) -> [(&'static str, usize); 11] {
+        [
+            ("listener_specs", self.specs.len()),
+            ("listener_routes", self.listener_routes.len()),
+            ("listener_notes", self.listener_notes.len()),
+            ("route_users", self.route_users.len()),
+            ("cluster_views", self.clusters.len()),
+            ("eds_users", self.eds_users.len()),
+            ("service_owners", self.owners.len()),
+            ("cluster_users", self.cluster_users.len()),
+            ("warming", self.warming.len()),
+            ("passthrough", self.passthrough.len()),
+            ("unhashable", self.unhashable.len()),
+        ]
+    }
+
     /// Route names referenced by listeners (RDS subscription).
     pub fn route_names(&self) -> Vec<String> {
         self.route_users
@@ -167,6 +184,38 @@ impl Incremental {
             .iter()
             .filter(|(_, n)| !n.left_alone.is_empty())
             .map(|(l, n)| (l, &n.left_alone))
+    }
+
+    /// Where the load assignment of service `s` places each endpoint, when `s`
+    /// takes its endpoints from one cluster with an assignment (EDS or inline):
+    /// the owner's spec as [`Incremental::stage`] resolves it, read from `res`.
+    pub fn places(
+        &self,
+        res: &Resources,
+        s: &ServiceAddr,
+    ) -> Option<BTreeMap<(std::net::IpAddr, u16), super::clusters::Place>> {
+        let spec = self
+            .owners
+            .get(s)?
+            .iter()
+            .filter_map(|l| {
+                let spec = self.specs.get(l)?.iter().find(|x| x.service == *s)?;
+                Some((spec.precedence, l, spec))
+            })
+            .min_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)))
+            .map(|(_, _, spec)| spec)?;
+        let [(cluster, _)] = spec.clusters.as_slice() else {
+            return None;
+        };
+        match &self.clusters.get(cluster)?.eds {
+            Some(eds) => {
+                let a = res.endpoints.get(eds)?;
+                Some(super::clusters::places(&a.backends, &a.localities))
+            }
+            None => Some(super::clusters::endpoint_places(
+                &res.clusters.get(cluster)?.decode().load_assignment?,
+            )),
+        }
     }
 
     /// Recomputes what `dirty` touches against `res` (already updated). `table` is

@@ -84,15 +84,21 @@ pub struct Assignment {
     /// XXH3-128 of the encoding received.
     digest: u128,
     pub backends: Arc<[Backend]>,
+    /// Its localities' names, by the index the backends' placement gives
+    /// (`clusters::locality_names`): what `/config_dump` labels their places
+    /// with.
+    pub localities: Box<[Box<str>]>,
     version: Option<Box<str>>,
 }
 
 impl Assignment {
-    /// An assignment whose encoding was `bytes`, read as `backends`.
-    pub fn new(bytes: &[u8], backends: Arc<[Backend]>) -> Self {
+    /// An assignment whose encoding was `bytes`, read as `backends` in
+    /// `localities`.
+    pub fn new(bytes: &[u8], backends: Arc<[Backend]>, localities: Box<[Box<str>]>) -> Self {
         Self {
             digest: digest(bytes),
             backends,
+            localities,
             version: None,
         }
     }
@@ -107,10 +113,12 @@ pub fn digest(bytes: &[u8]) -> u128 {
 pub enum Incoming<'a> {
     /// A listener, route configuration or cluster: its encoding.
     Encoded(&'a [u8]),
-    /// A ClusterLoadAssignment: the digest of its encoding and its backends.
+    /// A ClusterLoadAssignment: the digest of its encoding, its backends and
+    /// its localities' names.
     Assignment {
         digest: u128,
         backends: Arc<[Backend]>,
+        localities: Box<[Box<str>]>,
     },
 }
 
@@ -227,13 +235,21 @@ impl Resources {
                 encoded(&mut self.listeners, name, b, version)
             }
             (Kind::Route, Incoming::Encoded(b)) => encoded(&mut self.routes, name, b, version),
-            (Kind::Endpoint, Incoming::Assignment { digest, backends }) => put_in(
+            (
+                Kind::Endpoint,
+                Incoming::Assignment {
+                    digest,
+                    backends,
+                    localities,
+                },
+            ) => put_in(
                 &mut self.endpoints,
                 name,
                 |old| old.digest == digest,
                 || Assignment {
                     digest,
                     backends,
+                    localities,
                     version: None,
                 },
                 version,

@@ -221,6 +221,34 @@ impl XdsState {
         self.commit_dirty(&Dirty::default(), &[])
     }
 
+    /// How many entries each of the state's collections holds, by name: the
+    /// resources (their versions are stored with them), the translation's caches and indexes, the
+    /// bookkeeping of refused and limited resources. A leak audit compares them
+    /// with what the configuration implies (`/config_dump`'s `state`).
+    pub fn sizes(&self) -> BTreeMap<&'static str, usize> {
+        let r = &self.resources;
+        let mut out: BTreeMap<&'static str, usize> = [
+            ("listeners", r.listeners.len()),
+            ("routes", r.routes.len()),
+            ("clusters", r.clusters.len()),
+            ("endpoints", r.endpoints.len()),
+            ("dns_answers", r.dns.len()),
+            ("notes_seen", self.notes_seen.len()),
+            ("refused", self.refused.values().map(BTreeMap::len).sum()),
+            ("limited", self.limited.len()),
+            ("services", self.table.services.len()),
+            (
+                "backends",
+                self.table.services.values().map(|s| s.len()).sum(),
+            ),
+            ("seed_services", self.seed.services.len()),
+        ]
+        .into_iter()
+        .collect();
+        out.extend(self.inc.sizes());
+        out
+    }
+
     /// The routing table of the accepted state.
     pub fn table(&self) -> &RoutingTable {
         &self.table
@@ -236,6 +264,15 @@ impl XdsState {
     #[cfg(test)]
     pub fn debug_indexes(&self) -> String {
         format!("{:#?}", self.inc)
+    }
+
+    /// Where service `s`'s load assignment places each of its endpoints
+    /// (priority, locality), if it has one assignment.
+    pub fn places(
+        &self,
+        s: &crate::model::ServiceAddr,
+    ) -> Option<BTreeMap<(std::net::IpAddr, u16), super::clusters::Place>> {
+        self.inc.places(&self.resources, s)
     }
 
     pub fn resources(&self) -> &Resources {

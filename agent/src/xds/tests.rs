@@ -1499,10 +1499,13 @@ fn a_delta_reconnect_announces_only_the_resources_still_wanted() {
             st.resource_versions(kind),
             super::requests::MAX_REQUEST_BYTES,
         );
-        first
+        // A protobuf map: in no order.
+        let mut names = first
             .into_iter()
             .flat_map(|r| r.initial_resource_versions.into_keys())
-            .collect::<Vec<_>>()
+            .collect::<Vec<_>>();
+        names.sort();
+        names
     };
     assert_eq!(announced(&st, Kind::Endpoint), [old, web]);
     // The Service is deleted: istiod removes its listener and cluster (delta

@@ -12,6 +12,7 @@
 
 use std::{
     collections::BTreeMap,
+    net::IpAddr,
     sync::{Arc, Weak},
 };
 
@@ -19,7 +20,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::watch;
 
 use super::{
-    clusters::DnsAnswers,
+    clusters::{DnsAnswers, Place},
     core::{DnsStatus, SourceState},
     decode::Kind,
     state::TypeStats,
@@ -29,6 +30,9 @@ use crate::{
     dataplane::{Limits, task::KernelStatus},
     model::{RoutingTable, ServiceAddr},
 };
+
+/// Where a service's assignment places each endpoint, by address and port.
+pub type Places = BTreeMap<(IpAddr, u16), Place>;
 
 /// The core as of its last change.
 #[derive(Clone, Debug, Default)]
@@ -60,6 +64,12 @@ pub struct CoreView {
     pub limits: Limits,
     /// Writes handed to the datapath task so far (see [`View::writes_in_flight`]).
     pub sent: u64,
+    /// How many entries each of the agent's collections holds (for leak audits).
+    pub state_sizes: BTreeMap<&'static str, usize>,
+    /// The place of each endpoint of the services with priority levels, as their
+    /// assignments give it (what `/config_dump`'s `load_balancing` labels the
+    /// kernel's levels with).
+    pub places: Arc<BTreeMap<ServiceAddr, Arc<Places>>>,
     /// The accepted table (see the module's documentation).
     pub table: Weak<RoutingTable>,
 }

@@ -58,17 +58,22 @@ pub mod map_names {
     /// Socket storage: the endpoint a socket was counted on ([`crate::SockConn`]),
     /// pinned beside [`BACKEND_CONNS`].
     pub const SOCK_CONNS: &str = "SM_SOCK_CONNS";
+    /// Socket storage: the peer a connected socket's [`REVERSE`] entry is keyed
+    /// by ([`crate::SockReverse`]), so the entry is found at close whatever the
+    /// socket's peer is by then.
+    pub const SOCK_REVERSE: &str = "SM_SOCK_REVERSE";
     /// Maglev lookup tables of consistent-hash services, in chunks
     /// ([`crate::SlotKey`] with the chunk number as `slot` → [`crate::MaglevChunk`]).
     pub const MAGLEV: &str = "SM_MAGLEV";
     /// The maps pinned under the layout directory.
-    pub const LAYOUT: [&str; 11] = [
+    pub const LAYOUT: [&str; 12] = [
         SERVICES,
         SERVICE_STATS,
         SLOTS,
         BACKENDS,
         REVERSE,
         REVERSE_UDP,
+        SOCK_REVERSE,
         COUNTERS,
         MAGLEV,
         TIERS,
@@ -94,7 +99,7 @@ pub mod map_names {
     pub const HEALTH: [&str; 4] = [SERVICE_POLICY, ENDPOINT_HEALTH, SERVICE_HEALTH, SOCK_HEALTH];
     /// Every map of the object: the layout's, the connection-tracking ones, then
     /// the health ones.
-    pub const ALL: [&str; 17] = join(join::<11, 2, 13>(LAYOUT, CONNS), HEALTH);
+    pub const ALL: [&str; 18] = join(join::<12, 2, 14>(LAYOUT, CONNS), HEALTH);
 
     /// `a` followed by `b` (`C` = `A + B`, checked at compile time).
     const fn join<const A: usize, const B: usize, const C: usize>(
@@ -194,10 +199,11 @@ pub const MAX_EJECTED: usize = 16;
 pub const EJECTED_REDRAWS: u32 = 4;
 
 /// Then consecutive slots it walks, from a random one, for a backend that is not
-/// ejected: every slot of a table of up to this many (an equal-weight service of
-/// up to 64 backends has one slot each), so the walk finds a healthy backend
-/// whenever one exists there, however few are left.
-pub const EJECTED_WALK: u32 = 64;
+/// ejected: every slot of a smaller table, and in a larger one, at most
+/// [`MAX_EJECTED`] of these slots are ejected where each backend has one slot
+/// (equal weights), so the walk finds a backend that is not, however few are
+/// left. Each slot walked costs the verifier about 4,000 instructions.
+pub const EJECTED_WALK: u32 = 2 * MAX_EJECTED as u32;
 
 /// Most services (VIP, port, protocol) the service map holds. Sized for a large
 /// cluster (Kubernetes' default service CIDR /12 is far larger, but 64 Ki ports on
@@ -296,9 +302,13 @@ pub mod backend_state {
 pub mod lb_policy {
     /// One random slot (slots are weight-proportional): weighted random.
     pub const RANDOM: u8 = 0;
-    /// [`crate::ServiceValue::choices`] random slots, and of their backends the one
-    /// with the fewest open connections (power of N choices, as Envoy's
+    /// [`crate::ServiceValue::choices`] candidates, and of them the backend with
+    /// the fewest open connections (power of N choices, as Envoy's
     /// `LEAST_REQUEST`); placed connections are counted per backend endpoint.
+    /// Each candidate after the first is drawn from the slots other than the best
+    /// one's so far, so a backend of one slot (equal weights) is never compared
+    /// with itself; with [`crate::service_flags::ENVOY_DRAWS`], every candidate
+    /// is drawn from all the slots, with replacement, as Envoy does.
     pub const LEAST_CONN: u8 = 1;
     /// Maglev consistent hashing: the slots are the service's Maglev table (in
     /// `SM_MAGLEV`, [`crate::ServiceValue::slot_count`] entries), and connect()
@@ -330,9 +340,13 @@ pub mod service_flags {
     /// generation says which slot range a connect() draws from (Envoy's priority
     /// and degraded loads, moved by ejections).
     pub const TIERS: u8 = 8;
+    /// A least-connections service draws its `choices` candidates as Envoy does,
+    /// with replacement, so a backend can be compared with itself
+    /// (`--least-request-draws envoy`).
+    pub const ENVOY_DRAWS: u8 = 16;
 }
 
-/// Most random choices a least-connections pick draws (the loop's bound).
+/// Most candidates a least-connections pick compares.
 pub const MAX_CHOICES: u8 = 8;
 
 /// Indexes into the per-CPU counter array.
@@ -522,6 +536,23 @@ pub struct SockConn {
     pub pad: [u8; 3],
 }
 
+/// Socket storage `SM_SOCK_REVERSE` of a connected socket connect() redirected:
+/// the backend its `SM_REVERSE` entry is keyed by. A socket's peer does not
+/// stay what connect() set: a connect that fails at once (no route), a UDP
+/// socket aborted or disconnected, clear it; sock_release, and a later connect
+/// of the same socket, delete the entry this names instead.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockReverse {
+    /// The backend's address (IPv6 or IPv4-mapped) and port, network order.
+    pub addr: [u32; 4],
+    pub port: u16,
+    /// 1 while the socket's `SM_REVERSE` entry for `addr`/`port` exists.
+    pub held: u8,
+    /// Always 0.
+    pub pad: u8,
+}
+
 /// Value of `SM_SVC_POLICY`: a service's outlier detection and circuit breaking
 /// settings, from its cluster (`outlier_detection`, `circuit_breakers`,
 /// `common_lb_config.healthy_panic_threshold`). Written by the agent before it
@@ -706,6 +737,7 @@ const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 20);
     assert!(core::mem::size_of::<ConnKey>() == 20);
     assert!(core::mem::size_of::<SockConn>() == 24);
+    assert!(core::mem::size_of::<SockReverse>() == 20);
     assert!(core::mem::size_of::<ServicePolicy>() == 32);
     assert!(core::mem::size_of::<EndpointKey>() == 40);
     assert!(core::mem::size_of::<EndpointHealth>() == 24);
@@ -740,7 +772,7 @@ mod pod {
     use super::{
         BackendInfo, BackendKey, ConnKey, EndpointHealth, EndpointKey, MaglevChunk, ReverseKey,
         ReverseValue, ServiceHealth, ServiceKey, ServicePolicy, ServiceStats, ServiceValue,
-        SlotKey, SockConn, SockHealth,
+        SlotKey, SockConn, SockHealth, SockReverse,
     };
 
     // SAFETY: all types are #[repr(C)], made only of integers, with every padding
@@ -764,6 +796,8 @@ mod pod {
     unsafe impl aya::Pod for ConnKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SockConn {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockReverse {}
     // SAFETY: as above.
     unsafe impl aya::Pod for MaglevChunk {}
     // SAFETY: as above.

@@ -17,6 +17,9 @@ use crate::{
     Tiers, lb_policy, service_flags, tiers,
 };
 
+/// The bit of [`service_flags::ENVOY_DRAWS`].
+const ENVOY_DRAWS_SHIFT: u32 = service_flags::ENVOY_DRAWS.trailing_zeros();
+
 /// Read access to the three routing maps. Absent keys are `Ok(None)`; `Error` is
 /// whatever a lookup itself can fail with (`Infallible` in the kernel and in memory).
 pub trait RoutingMaps {
@@ -373,7 +376,7 @@ const WALK_RACED: u32 = u32::MAX - 1;
 ///
 /// Not inlined: in the kernel this is a BPF subprogram. Its caller then sees one
 /// return whatever the draw that found the slot, so the verifier checks the rest
-/// of the program once, not once per draw (inlined, the 64-slot walk made
+/// of the program once, not once per draw (inlined, the walk made
 /// connect4's verification 15 times longer: 410k instructions of the 1M limit).
 /// Slot numbers stay below `MAX_SLOTS_PER_SERVICE`, far from the markers.
 #[inline(never)]
@@ -462,25 +465,40 @@ where
         });
     }
     let choices = service.choices.clamp(1, crate::MAX_CHOICES);
-    // The best draw is kept as its random value, not its backend, and resolved
+    // 1 for distinct candidates, 0 for Envoy's draw, as a number: the draw
+    // below is then one computation for both, not two ways the verifier follows.
+    let distinct = u32::from(!service.flags) >> ENVOY_DRAWS_SHIFT & 1;
+    // The best candidate is kept as its slot, not its backend, and resolved
     // again at the end (one lookup more): in the kernel a backend is a pointer
     // into a map, and the verifier keeps apart the states of a loop that carry
     // different pointers, where it merges those that carry different numbers.
     // Both start defined: a value left undefined until the first draw is one it
     // refuses to see spilled.
-    let mut best = u32::MAX;
+    let mut best = 0u32;
     let mut least = u64::MAX;
     for i in 0..crate::MAX_CHOICES {
         if i >= choices {
             break;
         }
         let r = random();
-        let Some(b) = draw(maps, service, range, r)? else {
+        // After the first, a distinct candidate is one of the slots other than
+        // the best one's so far (it cannot win against itself; Envoy's draw,
+        // with replacement, compares it): `best + 1 + r % (len - 1)`, wrapped.
+        let slot = if i == 0 {
+            r
+        } else {
+            let others = range.len.saturating_sub(distinct).max(1);
+            (best * distinct + distinct).wrapping_add(r.checked_rem(others).unwrap_or(0))
+        };
+        let Some(slot) = slot.checked_rem(range.len) else {
+            return Ok(Picked::Raced);
+        };
+        let Some(b) = draw(maps, service, range, slot)? else {
             return Ok(Picked::Raced);
         };
         let l = load(&b);
-        if best == u32::MAX || l < least {
-            best = r;
+        if i == 0 || l < least {
+            best = slot;
             least = l;
         }
     }
@@ -677,25 +695,94 @@ mod tests {
     #[test]
     fn least_connections_draws_choices_and_takes_the_least_loaded() {
         let mut m = maps();
-        if let Some(v) = m.services.get_mut(&KEY) {
-            v.policy = crate::lb_policy::LEAST_CONN;
-            v.choices = 2;
-        }
-        // Slots 0 and 1: backends 500 (3 open) and 600 (1 open).
+        let with_flags = |m: &mut Maps, flags: u8, choices: u8| {
+            if let Some(v) = m.services.get_mut(&KEY) {
+                v.policy = crate::lb_policy::LEAST_CONN;
+                v.flags = flags;
+                v.choices = choices;
+            }
+        };
+        // Slots 0, 1, 2: backends 500 (3 open), 600 (1 open), 500.
         let load = |b: &u16| if *b == 500 { 3 } else { 1 };
-        let mut draws = [0u32, 1].into_iter();
-        let r = pick_random(&m, &KEY, true, || draws.next().unwrap_or(0), load);
-        assert_eq!(r, Ok(Picked::Counted(600)));
+        let pick_with = |m: &Maps, draws: &[u32], load: &dyn Fn(&u16) -> u64| {
+            let mut draws = draws.iter().copied();
+            pick_random(m, &KEY, true, || draws.next().unwrap_or(0), load)
+        };
+        // Envoy's draw: slots 0 and 1.
+        with_flags(&mut m, service_flags::ENVOY_DRAWS, 2);
+        assert_eq!(pick_with(&m, &[0, 1], &load), Ok(Picked::Counted(600)));
         // Equal loads: the first drawn.
-        let mut draws = [2u32, 1].into_iter();
-        let r = pick_random(&m, &KEY, true, || draws.next().unwrap_or(0), |_| 7);
-        assert_eq!(r, Ok(Picked::Counted(500)));
+        assert_eq!(pick_with(&m, &[2, 1], &|_| 7), Ok(Picked::Counted(500)));
+        // Distinct: the second draw is among the slots other than the first's,
+        // its value modulo their count (here 0 → the slot after slot 0).
+        with_flags(&mut m, 0, 2);
+        assert_eq!(pick_with(&m, &[0, 0], &load), Ok(Picked::Counted(600)));
+        assert_eq!(pick_with(&m, &[2, 1], &|_| 7), Ok(Picked::Counted(500)));
         // An unconnected UDP pick (`least` false) stays one hashed draw, uncounted.
         let r = pick_random(&m, &KEY, false, || 1, |_| panic!("no load read"));
         assert_eq!(r, Ok(Picked::Backend(600)));
-        // choices 0 means 1; more than MAX_CHOICES is cut at it.
-        let mut draws = |choices: u8| {
+    }
+
+    #[test]
+    fn distinct_candidates_never_compare_a_backend_with_itself() {
+        // Three backends of one slot each (equal weights: direct slots).
+        let value = ServiceValue {
+            id: 9,
+            slot_count: 3,
+            generation: 0,
+            policy: crate::lb_policy::LEAST_CONN,
+            choices: 2,
+            flags: service_flags::DIRECT,
+            revision: 1,
+        };
+        let mut m = Maps::default();
+        m.services.insert(KEY, value);
+        for (index, port) in [(0, 100), (1, 200), (2, 300)] {
+            m.backends.insert(backend_key(&value, index), port);
+        }
+        let compared = |m: &Maps, r1: u32, r2: u32| {
+            let mut draws = [r1, r2].into_iter();
+            let mut seen = std::vec::Vec::new();
+            let _ = pick_random(
+                m,
+                &KEY,
+                true,
+                || draws.next().unwrap_or(0),
+                |b| {
+                    seen.push(*b);
+                    0
+                },
+            );
+            seen
+        };
+        let mut selves = 0;
+        for r1 in 0..3 {
+            for r2 in 0..12 {
+                let seen = compared(&m, r1, r2);
+                assert_eq!(seen.len(), 2);
+                assert_ne!(seen[0], seen[1], "draws {r1}, {r2}");
+            }
+        }
+        // Envoy's draw compares a backend with itself a third of the time.
+        if let Some(v) = m.services.get_mut(&KEY) {
+            v.flags |= service_flags::ENVOY_DRAWS;
+        }
+        for r1 in 0..3 {
+            for r2 in 0..12 {
+                let seen = compared(&m, r1, r2);
+                selves += usize::from(seen[0] == seen[1]);
+            }
+        }
+        assert_eq!(selves, 12);
+    }
+
+    #[test]
+    fn least_connections_draws_are_bounded() {
+        let mut m = maps();
+        let mut draws = |flags: u8, choices: u8| {
             if let Some(v) = m.services.get_mut(&KEY) {
+                v.policy = crate::lb_policy::LEAST_CONN;
+                v.flags = flags;
                 v.choices = choices;
             }
             let mut n = 0u32;
@@ -706,8 +793,11 @@ mod tests {
             let _ = pick_random(&m, &KEY, true, count, |_| 0);
             n
         };
-        assert_eq!(draws(0), 1);
-        assert_eq!(draws(u8::MAX), u32::from(crate::MAX_CHOICES));
+        // choices 0 means 1; more than MAX_CHOICES is cut at it.
+        for flags in [0, service_flags::ENVOY_DRAWS] {
+            assert_eq!(draws(flags, 0), 1);
+            assert_eq!(draws(flags, u8::MAX), u32::from(crate::MAX_CHOICES));
+        }
     }
 
     #[test]

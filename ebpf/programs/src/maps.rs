@@ -28,8 +28,8 @@ use sockmesh_common::{
     BackendInfo, BackendKey, ConnKey, EVENTS_BYTES, EndpointHealth, EndpointKey,
     MAX_BACKENDS_TOTAL, MAX_MAGLEV_SERVICES, MAX_REVERSE_ENTRIES, MAX_REVERSE_UDP_ENTRIES,
     MAX_SERVICES, MAX_SLOTS_TOTAL, MaglevChunk, ReverseKey, ReverseValue, ServiceHealth,
-    ServiceKey, ServicePolicy, ServiceStats, ServiceValue, SlotKey, SockConn, SockHealth, Tiers,
-    counter, maglev_map_entries, map_names,
+    ServiceKey, ServicePolicy, ServiceStats, ServiceValue, SlotKey, SockConn, SockHealth,
+    SockReverse, Tiers, counter, maglev_map_entries, map_names,
 };
 
 /// Defines a map named `$name`. `#[map(name = …)]` takes only a string literal, so
@@ -135,9 +135,11 @@ named_map! {
     /// connect() sent it to a backend.
     /// - key: [`ReverseKey`] (socket cookie, backend address, backend port)
     /// - value: [`ReverseValue`] (VIP address and port)
-    /// - writer: connect4/6 insert; sock_release deletes the socket's entry, so it
-    ///   holds exactly the open redirected sockets and nothing is ever evicted
-    ///   (`--terminate-removed-connections` finds every one)
+    /// - writer: connect4/6 insert (deleting the socket's entry for an earlier
+    ///   peer first); sock_release deletes the socket's entry, found through its
+    ///   `SM_SOCK_REVERSE` storage, so it holds exactly the open redirected
+    ///   sockets and nothing is ever evicted (`--terminate-removed-connections`
+    ///   finds every one, and deletes the entries of those it destroys)
     /// - reader: recvmsg4/6 (connected UDP reply source), getpeername4/6, the
     ///   agent's socket termination
     /// - capacity: `MAX_REVERSE_ENTRIES` by default (`--max-reverse`); entries
@@ -147,6 +149,22 @@ named_map! {
     pub static REVERSE: HashMap<ReverseKey, ReverseValue> =
         HashMap::pinned(MAX_REVERSE_ENTRIES, BPF_F_NO_PREALLOC);
 }
+
+const _: () = assert!(
+    sockmesh_common::str_eq("SM_SOCK_REVERSE", map_names::SOCK_REVERSE),
+    "map SM_SOCK_REVERSE is not named as in sockmesh_common::map_names"
+);
+/// Socket storage: the peer a connected socket's `SM_REVERSE` entry is keyed by.
+/// - key: the socket (`BPF_MAP_TYPE_SK_STORAGE`); freed with the socket
+/// - value: [`SockReverse`] (backend address and port; whether the entry exists)
+/// - writer: connect4/6 (on every redirected connect); sock_release clears `held`
+///   when it deletes the entry
+/// - reader: sock_release and connect4/6: the socket's peer may be cleared by
+///   then (a connect that failed at once, a UDP socket aborted or disconnected),
+///   and a socket connected again has another
+/// - pinned beside `SM_REVERSE`, whose entries it names
+#[btf_map(name = "SM_SOCK_REVERSE")]
+pub static SOCK_REVERSE: SkStorage<SockReverse> = SkStorage::new();
 
 named_map! {
     /// Reverse translation of unconnected UDP sends (a resolver sending to a DNS
@@ -267,7 +285,8 @@ named_map! {
     /// - writer: sock_ops creates an entry at an endpoint's first failed connect,
     ///   counts failures (atomic fetch-add), resets them on a success and ejects;
     ///   the agent deletes the entries of endpoints its service no longer has (an
-    ///   EDS removal resets the endpoint's state)
+    ///   EDS removal resets the endpoint's state), and sweeps the ones a connect
+    ///   placed before the removal made when it failed after it
     /// - reader: connect4/6 (is the pick ejected), the agent (`/config_dump`,
     ///   `/metrics`, `sockmesh services`)
     /// - pinned under `<bpffs>/health-v2/`

@@ -5,19 +5,21 @@
 
 use aya_ebpf::{
     EbpfContext, Global,
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval, generated::bpf_sk_storage_get,
+    },
     macros::{cgroup_sock, cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use sockmesh_common::{
-    PROTO_TCP, PROTO_UDP, V4_MAPPED_WORD, counter,
+    PROTO_TCP, PROTO_UDP, SockReverse, V4_MAPPED_WORD, counter,
     hooks::{self, ProgramType},
     service_flags,
 };
 
 use crate::{
     conns, health,
-    maps::{count, count_service},
+    maps::{SOCK_REVERSE, count, count_service},
     xlate::{self, Addr, Forward, Pick},
 };
 
@@ -154,9 +156,26 @@ hook!(sock hooks::SOCK_RELEASE, sock_release,
 /// map holds only live sockets (unconnected UDP peers are left to the LRU).
 fn sm_sock_release(ctx) {
     // First, whatever the socket's state: a failed connect may have cleared its
-    // peer, not its counts.
+    // peer, not its counts, nor the reverse entry its storage names.
     conns::release(ctx.sock);
     health::release(ctx.sock);
+    // SAFETY: looks up (never creates) the storage of the context's socket; the
+    // helper takes the map and the socket pointer the program was given.
+    let held = unsafe {
+        bpf_sk_storage_get(
+            (&raw const SOCK_REVERSE).cast_mut().cast(),
+            ctx.sock.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    }
+    .cast::<SockReverse>();
+    if !held.is_null() {
+        xlate::forget_held(held, cookie(&ctx));
+        return PROCEED;
+    }
+    // A socket redirected before its storage existed (programs of an earlier
+    // build): its entry by its peer, if it still has one.
     // SAFETY: ctx.sock is the program's context; the verifier checks each field read.
     let (family, proto, port) = unsafe {
         let sk = &*ctx.sock;
@@ -245,7 +264,14 @@ fn forward(ctx: &SockAddrContext, family: Family, per_socket: bool) -> Verdict {
             if counted {
                 conns::place(ctx, conns::key(backend.addr, proto));
             }
-            xlate::remember(cookie, backend.addr, vip, !per_socket);
+            if per_socket {
+                xlate::remember_unconnected(cookie, backend.addr, vip);
+            } else {
+                // No storage (out of memory): the entry is deleted by the
+                // socket's peer at close, if it still has one.
+                let held = SOCK_REVERSE.get_or_insert_ptr_mut(ctx, None);
+                xlate::remember_connected(held, cookie, backend.addr, vip);
+            }
             count_service(&service, true);
             count(counter::REDIRECT);
             Verdict::Proceed

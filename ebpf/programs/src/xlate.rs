@@ -5,7 +5,7 @@ use core::convert::Infallible;
 
 use sockmesh_common::{
     BackendInfo, BackendKey, MAGLEV_CHUNK, ReverseKey, ReverseValue, ServiceKey, ServiceValue,
-    SlotKey, Tiers, counter,
+    SlotKey, SockReverse, Tiers, counter,
     resolve::{self, Draw, Picked, RoutingMaps},
 };
 
@@ -240,26 +240,68 @@ impl RoutingMaps for Maps {
     }
 }
 
-/// Remembers that socket `cookie` asked for `vip` and was sent to `backend`: in
-/// `SM_REVERSE` for a connect (deleted when the socket closes), in the LRU
-/// `SM_REVERSE_UDP` for an unconnected send (nothing would delete it).
+/// Remembers that the unconnected UDP socket `cookie` asked for `vip` and was
+/// sent to `backend`, in the LRU `SM_REVERSE_UDP` (nothing would delete it).
 #[inline(always)]
-pub fn remember(cookie: u64, backend: Addr, vip: Addr, connected: bool) {
-    let key = reverse_key(cookie, backend);
-    let value = ReverseValue {
-        addr: vip.ip,
-        port: vip.port,
-        pad: [0; 2],
-    };
-    if !connected {
-        // An LRU insert makes room by evicting: it does not fail for want of it.
-        let _ = REVERSE_UDP.insert(&key, &value, 0);
-        return;
+pub fn remember_unconnected(cookie: u64, backend: Addr, vip: Addr) {
+    // An LRU insert makes room by evicting: it does not fail for want of it.
+    let _ = REVERSE_UDP.insert(&reverse_key(cookie, backend), &reverse_value(vip), 0);
+}
+
+/// Remembers that the connecting socket `cookie` asked for `vip` and was sent to
+/// `backend`, in `SM_REVERSE`, and in its storage `held` (null: none could be
+/// made) which entry that is: the socket's entry for an earlier peer is deleted
+/// first, and sock_release finds this one whatever the socket's peer is then.
+#[inline(always)]
+pub fn remember_connected(held: *mut SockReverse, cookie: u64, backend: Addr, vip: Addr) {
+    if !held.is_null() {
+        forget_held(held, cookie);
     }
     // A full map costs this socket its reverse translation (and its termination
     // by `--terminate-removed-connections`); the connection itself proceeds.
-    if REVERSE.insert(&key, &value, 0).is_err() {
+    if REVERSE
+        .insert(&reverse_key(cookie, backend), &reverse_value(vip), 0)
+        .is_err()
+    {
         count(counter::REVERSE_FULL);
+        return;
+    }
+    if !held.is_null() {
+        // SAFETY: the socket's own storage, valid while the program runs; the
+        // socket is locked by connect(), so no other program of it runs meanwhile.
+        unsafe {
+            (*held).addr = backend.ip;
+            (*held).port = backend.port;
+            (*held).held = 1;
+        }
+    }
+}
+
+/// Deletes the `SM_REVERSE` entry of socket `cookie` its storage `held` names,
+/// if it holds one.
+#[inline(always)]
+pub fn forget_held(held: *mut SockReverse, cookie: u64) {
+    // SAFETY: as in `remember_connected`; sock_release runs once the socket is
+    // no longer used.
+    let peer = unsafe {
+        if (*held).held == 0 {
+            return;
+        }
+        (*held).held = 0;
+        Addr {
+            ip: (*held).addr,
+            port: (*held).port,
+        }
+    };
+    forget(cookie, peer);
+}
+
+#[inline(always)]
+fn reverse_value(vip: Addr) -> ReverseValue {
+    ReverseValue {
+        addr: vip.ip,
+        port: vip.port,
+        pad: [0; 2],
     }
 }
 
@@ -275,7 +317,7 @@ pub fn reverse(cookie: u64, peer: Addr) -> Option<Addr> {
     })
 }
 
-/// Forgets socket `cookie`'s `SM_REVERSE` entry for `peer` (socket closing).
+/// Forgets socket `cookie`'s `SM_REVERSE` entry for `peer`.
 #[inline(always)]
 pub fn forget(cookie: u64, peer: Addr) {
     let _ = REVERSE.remove(&reverse_key(cookie, peer));

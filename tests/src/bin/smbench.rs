@@ -107,6 +107,12 @@ fn main() -> std::process::ExitCode {
     if wants("outlier") {
         report.insert("outlier".into(), outlier_bench(&probe));
     }
+    if wants("zones") {
+        report.insert("zone_death".into(), zone_death_bench(&bin_dir, &probe));
+    }
+    if wants("soak") {
+        report.insert("soak".into(), soak_bench(&bin_dir, &probe));
+    }
     if wants("istiod") {
         // Kubernetes change → kernel through a live istiod, beside the
         // propagation scenario's control plane → kernel.
@@ -192,11 +198,17 @@ fn filler_table(target: Backend) -> RoutingTable {
 }
 const CONNECTS_PER_ROUND: u32 = 3_000;
 
+/// Backend port offsets of the two-priority service's other hosts: priority 0's
+/// second zone (unhealthy, never reached), priority 1's two zones.
+const LEVEL_P0B: u16 = 10_000;
+const LEVEL_P1A: u16 = 20_000;
+const LEVEL_P1B: u16 = 30_000;
+
 /// connect()+close() latency to one backend: directly from a process outside the
 /// datapath's cgroup (no program runs), directly from inside it (the program runs
 /// and misses), and through a VIP (the program runs and rewrites).
 /// The paths [`connect_cost`] compares.
-const PATHS: usize = 7;
+const PATHS: usize = 8;
 
 fn connect_cost(probe: &Path) -> Value {
     let client = NetNs::new();
@@ -209,6 +221,10 @@ fn connect_cost(probe: &Path) -> Value {
     let mut serve = command_in(&backend, None, probe);
     serve.arg("serve");
     serve.args((0..runs).map(|r| format!("10.10.1.11:{}=b1", port(r))));
+    // The priority-1 hosts of the two-priority service (see below).
+    serve.args((0..runs).flat_map(|r| {
+        [LEVEL_P1A, LEVEL_P1B].map(|extra| format!("10.10.1.11:{}=b1", port(r) + extra))
+    }));
     let _server = Proc::server(serve);
     let cgroup = Cgroup::new();
     let bpffs = Bpffs::new();
@@ -248,6 +264,50 @@ fn connect_cost(probe: &Path) -> Value {
         (5, 4000, LbPolicy::Random, outlier),
     ];
     for r in 0..runs {
+        // Two priorities of two localities each, as istiod writes a multi-zone
+        // cluster with locality failover (outlier detection on): priority 0's
+        // zone-b host unhealthy, so priority 0 takes 70 % (1.4 × 50 %) and
+        // priority 1 the rest; connect() reads the level table every time.
+        let host = |port, priority, locality, state| Backend {
+            state,
+            placement: sockmesh::model::Placement {
+                priority,
+                locality,
+                locality_weight: 1,
+                overprovisioning: 140,
+            },
+            ..Backend::new(IpAddr::from([10, 10, 1, 11]), port)
+        };
+        let active = sockmesh::model::BackendState::Active;
+        let hosts = [
+            host(port(r), 0, 0, active),
+            host(
+                port(r) + LEVEL_P0B,
+                0,
+                1,
+                sockmesh::model::BackendState::Unhealthy,
+            ),
+            host(port(r) + LEVEL_P1A, 1, 0, active),
+            host(port(r) + LEVEL_P1B, 1, 1, active),
+        ];
+        let planned = sockmesh::lb::levels::plan(
+            &hosts,
+            sockmesh::lb::levels::LbSettings {
+                locality_weighted: true,
+                panic_percent: 50,
+            },
+            true,
+        );
+        table.insert(
+            ServiceAddr {
+                vip: IpAddr::from([10, 96, 0, 6]),
+                port: port(r) + 5000,
+                protocol: Protocol::Tcp,
+            },
+            Service::new(planned.backends, LbPolicy::Random)
+                .with_health(outlier)
+                .with_levels(planned.levels),
+        );
         for (vip, offset, policy, health) in policies {
             table.insert(
                 ServiceAddr {
@@ -296,6 +356,7 @@ fn connect_cost(probe: &Path) -> Value {
         ("VIP, sockmesh least conn", true, "10.96.0.3", 2000),
         ("VIP, sockmesh maglev", true, "10.96.0.4", 3000),
         ("VIP, sockmesh outlier det.", true, "10.96.0.5", 4000),
+        ("VIP, 2 priorities x 2 zones", true, "10.96.0.6", 5000),
     ];
     let mut means = vec![Vec::new(); paths.len()];
     let mut p50s = vec![Vec::new(); paths.len()];
@@ -1192,8 +1253,9 @@ const LC_HOLD_MS: u32 = 20;
 
 /// Least connections under long-lived connections: 3 backends, one of which holds
 /// its connections 10× longer, the same open-loop load under weighted random and
-/// under least connections (Envoy's default `choice_count` 2), one after the
-/// other on one datapath. Reports each backend's share of new connections and its
+/// under least connections (`choice_count` 2, Envoy's default, and 3), with
+/// distinct candidates and with Envoy's draw, one after the other on one
+/// datapath. Reports each backend's share of new connections and its
 /// peak of open connections, and the peak spread (most / fewest).
 fn least_conn_bench(probe: &Path) -> Value {
     use sockmesh::model::{LbPolicy, Service};
@@ -1225,16 +1287,20 @@ fn least_conn_bench(probe: &Path) -> Value {
         "| policy | b1 (slow) share / peak open | b2 share / peak | b3 share / peak | peak spread (most ÷ fewest) | most ÷ even | failed |",
     );
     say("|---|---|---|---|---|---|---|");
-    for (label, policy) in [
-        ("random", LbPolicy::Random),
-        (
-            "least_conn",
-            LbPolicy::LeastConn {
-                choices: LbPolicy::DEFAULT_CHOICES,
-            },
-        ),
-        ("least_conn_3", LbPolicy::LeastConn { choices: 3 }),
+    let two = LbPolicy::LeastConn {
+        choices: LbPolicy::DEFAULT_CHOICES,
+    };
+    let three = LbPolicy::LeastConn { choices: 3 };
+    // Distinct candidates (the default) beside Envoy's draw, with replacement
+    // (`--least-request-draws envoy`), in the same run.
+    for (label, policy, envoy_draws) in [
+        ("random", LbPolicy::Random, false),
+        ("least_conn", two, false),
+        ("least_conn_envoy_draws", two, true),
+        ("least_conn_3", three, false),
+        ("least_conn_3_envoy_draws", three, true),
     ] {
+        dp.set_envoy_draws(envoy_draws);
         let mut t = RoutingTable::default();
         t.insert(
             vip,
@@ -1315,6 +1381,111 @@ fn least_conn_bench(probe: &Path) -> Value {
         "millis": LC_MILLIS,
         "hold_ms": {"b1": LC_HOLD_MS * 10, "b2": LC_HOLD_MS, "b3": LC_HOLD_MS},
         "policies": rows,
+    })
+}
+
+/// A whole zone dies with no EDS change (`sockmesh_tests::zone_death`: priority 0
+/// b1, b2 and priority 1 b3, b4; 100 new connections/s; `consecutive_5xx: 3`,
+/// 3 s ejections; zone a's servers killed at 1 s and back at 2.5 s): the failed
+/// connects, how long until the last of them and until zone b served, and how
+/// long after the ejections' end zone a served again.
+/// The churn soak of `tests/tests/soak.rs` at node scale: 200,000 services with
+/// outlier detection and a circuit breaker in ten waves of 20,000 through maps
+/// that hold 32,768 (`SMBENCH_SOAK_WAVES`, `SMBENCH_SOAK_PER_WAVE`).
+fn soak_bench(bin_dir: &Path, probe: &Path) -> Value {
+    let size = sockmesh_tests::soak::Soak {
+        waves: env_or("SMBENCH_SOAK_WAVES", 10),
+        per_wave: env_or("SMBENCH_SOAK_PER_WAVE", 20_000),
+        max_services: 32_768,
+    };
+    let started = std::time::Instant::now();
+    let out = sockmesh_tests::soak::run(&bin_dir.join("sockmesh"), probe, size);
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let rss: Vec<f64> = out.waves.iter().map(|w| mib(w.rss_kib)).collect();
+    let applied: Vec<f64> = out
+        .waves
+        .iter()
+        .map(|w| w.applied.as_secs_f64() * 1e3)
+        .collect();
+    let reached: u64 = out.waves.iter().map(|w| w.reached).sum();
+    let failed: u64 = out.waves.iter().map(|w| w.failed).sum();
+    say(&format!(
+        "soak: {} services in {} waves of {} through {} slots in {:.0} s: {reached} connects reached, {failed} failed; leak audit clean after every wave; RSS per wave (MiB) {}; publish → kernel per wave (ms) {}; after: breaker refused {} of 3, dead endpoint ejected after {} refusals",
+        size.waves * size.per_wave,
+        size.waves,
+        size.per_wave,
+        size.max_services,
+        started.elapsed().as_secs_f64(),
+        rss.iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        applied
+            .iter()
+            .map(|a| format!("{a:.0}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        out.breaker_refused,
+        out.refused_before_ejection,
+    ));
+    json!({
+        "services": size.waves * size.per_wave,
+        "waves": size.waves,
+        "per_wave": size.per_wave,
+        "max_services": size.max_services,
+        "reached": reached,
+        "failed": failed,
+        "rss_mib": rss,
+        "applied_ms": applied,
+        "breaker_refused": out.breaker_refused,
+        "refused_before_ejection": out.refused_before_ejection,
+    })
+}
+
+fn zone_death_bench(bin_dir: &Path, probe: &Path) -> Value {
+    let z = sockmesh_tests::zone_death::run(&bin_dir.join("sockmesh"), probe);
+    let ms = |ns: u64| ns as f64 / 1e6;
+    let failures = z.failures();
+    let Some(&last) = failures.last() else {
+        say("zone_death: no connect failed after the death (the scenario did not run as planned)");
+        return json!({"error": "no failure", "connects": z.connects.len()});
+    };
+    let in_flight = failures.get(5).map_or(0, |&sixth| z.in_flight(sixth));
+    // Zone b's first connect after the death that started after a failure.
+    let first_b = z
+        .connects
+        .iter()
+        .filter(|(t0, _, w)| *t0 > failures[0] && (w == "b3" || w == "b4"))
+        .map(|(t0, _, _)| *t0)
+        .min();
+    // The first pod's ejection ends 3 s after its third failure (the third
+    // failure of all is at the latest that one).
+    let ejection_end = failures.get(2).map(|t| t + 3_000_000_000);
+    let back = ejection_end.and_then(|e| z.zone_a_back_after(e).map(|t| t.saturating_sub(e)));
+    let after_last: Vec<&str> = z.outcomes(last, u64::MAX);
+    let failed_after = after_last
+        .iter()
+        .filter(|w| sockmesh_tests::zone_death::failed(w))
+        .count();
+    say(&format!(
+        "zone death: {} connects; {} failed after the death (bound 2 × 3 + {in_flight} in flight), the last {:.0} ms after it; zone b served from {}; zone a back {} after its first ejection ended; {failed_after} failed after the last failure",
+        z.connects.len(),
+        failures.len(),
+        ms(last.saturating_sub(z.death)),
+        first_b.map_or_else(
+            || "never".to_owned(),
+            |t| format!("{:.0} ms after the death", ms(t.saturating_sub(z.death)))
+        ),
+        back.map_or_else(|| "never".to_owned(), |t| format!("{:.0} ms", ms(t))),
+    ));
+    json!({
+        "connects": z.connects.len(),
+        "failed_after_death": failures.len(),
+        "in_flight_at_sixth": in_flight,
+        "last_failure_ms_after_death": ms(last.saturating_sub(z.death)),
+        "zone_b_first_ms_after_death": first_b.map(|t| ms(t.saturating_sub(z.death))),
+        "zone_a_back_ms_after_ejection_end": back.map(ms),
+        "failed_after_last_failure": failed_after,
     })
 }
 
@@ -1491,6 +1662,7 @@ fn churn_bench(bin_dir: &Path) -> Value {
         scale_steps: 100,
         step_every: std::time::Duration::from_millis(100),
         http: true,
+        audit_steps: false,
     });
     let _ = std::fs::remove_dir_all(&dir);
     match result {

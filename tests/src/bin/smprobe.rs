@@ -17,6 +17,8 @@
 //!     body is the name); one line each: START_NS END_NS NAME|E<errno>
 //! smprobe udp-hold ADDR:PORT MILLIS                   one connected UDP socket asking
 //!     every 50 ms until MILLIS pass or an error; one line each: NAME or E<errno>
+//! smprobe udp-reconnect ADDR:PORT ADDR:PORT          one UDP socket connected to
+//!     each address in turn, asking once each; one line: NAME|E<errno> per address
 //! smprobe cc ADDR:PORT COUNT                          COUNT connect()+close() (RST,
 //!     no TIME_WAIT); prints COUNT FAILED MEAN_NS P50_NS P99_NS
 //! smprobe load ADDR:PORT RATE MILLIS                  open loop: RATE connects/s for
@@ -28,6 +30,9 @@
 //! smprobe clients ADDR:PORT PER SRC|- [SRC ...]       per client, PER TCP connects
 //!     one after the other, bound to source address SRC (`-`: unbound, the
 //!     kernel picks); one line per client: SRC NAME|E<errno> ...
+//! smprobe each                                        one TCP connect to each ADDR:PORT
+//!     read from stdin (a line each), reading the name; prints `ok N failed M`
+//!     and the first failure's `ADDR:PORT E<errno>` if any
 //! smprobe capture ADDR:PORT NAME                      a sidecar's capture port: for
 //!     each connection iptables redirected to it, one line with its original
 //!     destination (SO_ORIGINAL_DST); answers NAME and closes
@@ -53,12 +58,14 @@ fn main() -> ExitCode {
         Some("cc") => connect_close(&args[1..]),
         Some("rate") => rate(&args[1..]),
         Some("udp-hold") => udp_hold(&args[1..]),
+        Some("udp-reconnect") => udp_reconnect(&args[1..]),
         Some("hold") => hold(&args[1..]),
         Some("clients") => clients(&args[1..]),
         Some("load") => load(&args[1..]),
         Some("timeline") => timeline(&args[1..]),
         Some("drain") => drain(&args[1..]),
         Some("capture") => capture(&args[1..]),
+        Some("each") => each(),
         _ => Err("usage: smprobe serve|connect|udp|peer ...".to_owned()),
     };
     match result {
@@ -214,6 +221,33 @@ fn connect(args: &[String]) -> Result<(), String> {
         }
     }
     out.flush().map_err(|e| e.to_string())
+}
+
+fn each() -> Result<(), String> {
+    let (mut ok, mut failed, mut first) = (0u64, 0u64, None);
+    for line in io::stdin().lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        let to: SocketAddr = line.trim().parse().map_err(|e| format!("{line:?}: {e}"))?;
+        let result = TcpStream::connect_timeout(&to, Duration::from_secs(2)).and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let mut name = String::new();
+            s.read_to_string(&mut name)?;
+            Ok(name)
+        });
+        match result {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                failed += 1;
+                first.get_or_insert_with(|| format!("{to} {}", errno(&e)));
+            }
+        }
+    }
+    let mut out = io::stdout().lock();
+    writeln!(out, "ok {ok} failed {failed}").map_err(|e| e.to_string())?;
+    if let Some(f) = first {
+        writeln!(out, "{f}").map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 fn load(args: &[String]) -> Result<(), String> {
@@ -606,6 +640,33 @@ fn udp_hold(args: &[String]) -> Result<(), String> {
         }
         thread::sleep(Duration::from_millis(50));
     }
+    Ok(())
+}
+
+fn udp_reconnect(args: &[String]) -> Result<(), String> {
+    let first = addr(args.first())?;
+    let any = if first.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let sock = UdpSocket::bind(any).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    let mut answers = Vec::new();
+    for to in [args.first(), args.get(1)] {
+        let to = addr(to)?;
+        let mut buf = [0u8; 512];
+        let answer = sock
+            .connect(to)
+            .and_then(|()| sock.send(b"q"))
+            .and_then(|_| sock.recv(&mut buf));
+        answers.push(match answer {
+            Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+            Err(e) => errno(&e),
+        });
+    }
+    println!("{}", answers.join(" "));
     Ok(())
 }
 

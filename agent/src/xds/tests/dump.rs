@@ -160,3 +160,153 @@ fn a_service_the_maps_leave_out_is_degraded_in_readyz_and_listed() {
     assert_eq!(dump["limited"][0]["service"], "10.96.0.2:80/tcp", "{dump}");
     assert_eq!(dump["limited"][0]["reason"], "capacity_left_out", "{dump}");
 }
+
+/// [`Memory`] that reports the levels a real writer (over in-memory maps)
+/// published.
+#[derive(Clone, Default)]
+struct Published(
+    Memory,
+    Arc<Mutex<crate::dataplane::published::PublishedMap>>,
+);
+
+impl TableSink for Published {
+    fn apply(&mut self, table: &RoutingTable) -> Result<usize, SinkError> {
+        self.0.apply(table)
+    }
+    fn apply_changes(&mut self, changes: &Changes) -> Result<usize, SinkError> {
+        self.0.apply_changes(changes)
+    }
+    fn table(&self) -> RoutingTable {
+        self.0.table()
+    }
+    fn published_levels(
+        &self,
+        _only: Option<&std::collections::BTreeSet<crate::model::ServiceAddr>>,
+        _previous: &crate::dataplane::published::PublishedMap,
+    ) -> crate::dataplane::published::PublishedMap {
+        self.1.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+}
+
+/// Priority 0 in zone a (b1, b2), priority 1 in zone b (b3, b4), outlier
+/// detection: the kernel serves it by levels.
+const ZONES: &str = r#"
+version_info: "1"
+resources:
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: zones
+  address: { socket_address: { address: 10.96.0.70, port_value: 80 } }
+  filter_chains: [ { filters: [ { name: tcp, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: zones } } ] } ]
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: zones
+  outlier_detection: { consecutive_5xx: 3 }
+  load_assignment:
+    cluster_name: zones
+    endpoints:
+    - priority: 0
+      locality: { region: r, zone: a }
+      lb_endpoints:
+      - endpoint: { address: { socket_address: { address: 10.10.1.11, port_value: 8080 } } }
+      - endpoint: { address: { socket_address: { address: 10.10.1.12, port_value: 8080 } } }
+    - priority: 1
+      locality: { region: r, zone: b }
+      lb_endpoints:
+      - endpoint: { address: { socket_address: { address: 10.10.1.13, port_value: 8080 } } }
+      - endpoint: { address: { socket_address: { address: 10.10.1.14, port_value: 8080 } } }
+"#;
+
+/// `/config_dump`'s `load_balancing` follows what the writer publishes: the
+/// loads of the choice table as written, with the running ejections, each
+/// endpoint labelled with its place in the assignment.
+#[test]
+fn config_dump_shows_the_levels_as_the_kernel_applies_them() {
+    use crate::dataplane::{MapWriter, service_key, store::MemStore};
+    let sink = Published::default();
+    let mut core = Core::new(DatapathHandle::spawn(Box::new(sink.clone()), false));
+    let handled = core.handle(full(ZONES), Instant::now());
+    assert!(handled.nack.is_none(), "{:?}", handled.nack);
+    handled.written.wait_blocking();
+    let mut writer = MapWriter::adopt(MemStore::default()).expect("adopt");
+    writer.apply(core.state().table()).expect("written");
+    let publish = |writer: &MapWriter<MemStore>, core: &mut Core| {
+        let previous = sink.1.lock().map(|m| m.clone()).unwrap_or_default();
+        if let Ok(mut m) = sink.1.lock() {
+            *m = writer.published_levels(None, &previous);
+        }
+        core.flush().wait_blocking();
+    };
+    publish(&writer, &mut core);
+    let dump = |core: &Core, health: &crate::dataplane::HealthReport| -> serde_json::Value {
+        let text = crate::admin::config_dump(&core.view(), core.state().table(), health);
+        serde_json::from_str(&text).expect("JSON")
+    };
+    let d = dump(&core, &Default::default());
+    let lb = &d["load_balancing"]["10.96.0.70:80/tcp"];
+    assert_eq!(lb["levels"][0]["healthy_load"], 100, "{lb}");
+    assert_eq!(lb["levels"][1]["healthy_load"], 0, "{lb}");
+    assert_eq!(lb["levels"][1]["priority"], 1, "{lb}");
+    assert_eq!(lb["endpoints"]["10.10.1.11:8080"]["share"], 50.0, "{lb}");
+    assert_eq!(
+        lb["endpoints"]["10.10.1.13:8080"]["locality"], "r/b/",
+        "{lb}"
+    );
+    assert_eq!(lb["levels"][0]["localities"]["r/a/"], 100.0, "{lb}");
+
+    // The kernel ejects b1: the writer rewrites the choice table with it.
+    let key = service_key(&crate::model::ServiceAddr {
+        vip: "10.96.0.70".parse().expect("ip"),
+        port: 80,
+        protocol: crate::model::Protocol::Tcp,
+    });
+    let mut running = crate::dataplane::store::Running::default();
+    running.ejected.add(0, false);
+    writer.store_mut().running.insert(key, running);
+    writer.refresh_levels(None).expect("refreshed");
+    publish(&writer, &mut core);
+    let health = crate::dataplane::HealthReport {
+        endpoints: vec![crate::dataplane::EndpointHealthReport {
+            service: "10.96.0.70:80/tcp".into(),
+            backend: "10.10.1.11:8080".into(),
+            failures: 0,
+            ejections: 1,
+            multiplier: 1,
+            ejected_for_ms: Some(30_000),
+        }],
+        services: Vec::new(),
+    };
+    let d = dump(&core, &health);
+    let lb = &d["load_balancing"]["10.96.0.70:80/tcp"];
+    assert_eq!(lb["levels"][0]["healthy_load"], 70, "{lb}");
+    assert_eq!(lb["levels"][0]["ejected_healthy"], 1, "{lb}");
+    assert_eq!(lb["levels"][1]["healthy_load"], 30, "{lb}");
+    assert_eq!(lb["endpoints"]["10.10.1.11:8080"]["ejected"], true, "{lb}");
+    assert_eq!(lb["endpoints"]["10.10.1.11:8080"]["share"], 0.0, "{lb}");
+    assert_eq!(lb["endpoints"]["10.10.1.12:8080"]["share"], 70.0, "{lb}");
+    assert_eq!(lb["endpoints"]["10.10.1.14:8080"]["share"], 15.0, "{lb}");
+}
+
+/// Levels adopted from the pins (an agent restarted) are in the status before
+/// the first write.
+#[test]
+fn adopted_levels_are_shown_before_the_first_write() {
+    use crate::dataplane::{MapWriter, store::MemStore};
+    let mut first = Core::new(DatapathHandle::spawn(Box::new(Memory::default()), false));
+    first
+        .handle(full(ZONES), Instant::now())
+        .written
+        .wait_blocking();
+    let mut writer = MapWriter::adopt(MemStore::default()).expect("adopt");
+    writer.apply(first.state().table()).expect("written");
+    let sink = Published::default();
+    if let Ok(mut m) = sink.1.lock() {
+        *m = writer.published_levels(None, &Default::default());
+    }
+    let core = Core::new(DatapathHandle::spawn(Box::new(sink), false));
+    let services: Vec<String> = core
+        .kernel()
+        .levels
+        .keys()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(services, ["10.96.0.70:80/tcp"]);
+}
