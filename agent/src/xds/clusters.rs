@@ -554,8 +554,21 @@ pub fn service_backends<'a>(
             && !policy.is_maglev();
         let family: Vec<Backend> = only.iter().filter(same_family).copied().collect();
         let planned = plan(&family, *settings, dynamic);
+        // Where the plan leaves the cluster's list as it is (one family, one
+        // level of active hosts in one locality: the usual case), the service
+        // holds the cluster's own list instead of a copy.
+        let own = match spec.clusters.as_slice() {
+            [(name, _)] => match cluster(name) {
+                Some((ClusterBackends::Backends(b), ..)) if **b == *planned.backends => {
+                    Some(b.clone())
+                }
+                _ => None,
+            },
+            _ => None,
+        };
+        let backends = own.unwrap_or_else(|| planned.backends.into());
         return ServiceBackends::Backends(
-            Service::new(planned.backends, policy)
+            Service::shared(backends, policy)
                 .with_health(health)
                 .with_levels(planned.levels),
         );
