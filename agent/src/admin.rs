@@ -5,12 +5,7 @@
 //! `/metrics` (Prometheus text) and `/config_dump` (routing table and xDS versions
 //! as JSON).
 
-use std::{
-    convert::Infallible,
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{Arc, Mutex},
-};
+use std::{convert::Infallible, net::SocketAddr, path::PathBuf};
 
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, service::service_fn};
@@ -18,12 +13,22 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::xds::core::{Core, SourceState};
+mod per_service;
 
-/// What the handlers read.
+use crate::{
+    model::RoutingTable,
+    xds::{
+        core::SourceState,
+        view::{Places, View, Viewer},
+    },
+};
+
+/// What the handlers read: the views the core and the datapath task publish
+/// (never the lock the configuration sources hold while they work), the pins,
+/// and the enrollment's view.
 #[derive(Clone)]
 pub struct Admin {
-    pub core: Arc<Mutex<Core>>,
+    pub viewer: Viewer,
     /// Where the maps are pinned (kernel counters are read from there).
     pub bpffs: PathBuf,
     /// The pods' enrollment (`--kubernetes`; `None`: one cgroup is served).
@@ -88,7 +93,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let admin = admin.clone();
-                async move { Ok::<_, Infallible>(route(&admin, req.uri().path())) }
+                async move { Ok::<_, Infallible>(route(&admin, req.uri().path()).await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -109,76 +114,100 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<
     r
 }
 
-/// Answers one request (pure apart from reading the shared state and the pins).
-pub fn route(admin: &Admin, path: &str) -> Response<Full<Bytes>> {
-    // Liveness needs nothing from the agent's state, and the pinned maps are read
-    // before the state is locked: a scrape never holds up an xDS update on I/O.
-    if path == "/healthz" {
-        return reply(StatusCode::OK, "text/plain", "ok\n".into());
-    }
-    let (counters, services, conns) = if path == "/metrics" {
-        (
-            crate::dataplane::read_counters(&admin.bpffs).unwrap_or_default(),
-            crate::dataplane::read_service_counters(&admin.bpffs).unwrap_or_default(),
-            crate::dataplane::read_conns(&admin.bpffs).unwrap_or_default(),
-        )
-    } else {
-        (Vec::new(), Vec::new(), Vec::new())
-    };
-    let health = if path == "/metrics" || path == "/config_dump" {
-        crate::dataplane::read_health(&admin.bpffs).unwrap_or_default()
-    } else {
-        crate::dataplane::HealthReport::default()
-    };
-    let enrollment = admin.enrollment.as_ref().map(|e| e.dump.borrow().clone());
-    let Ok(core) = admin.core.lock() else {
-        return reply(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "text/plain",
-            "state poisoned\n".into(),
-        );
-    };
+/// Answers one request. `/healthz` and `/readyz` read the published views;
+/// `/metrics` and `/config_dump` also read the pins and render (at 100,000
+/// services, megabytes), on a blocking thread, so neither holds up the other
+/// requests.
+pub async fn route(admin: &Admin, path: &str) -> Response<Full<Bytes>> {
     match path {
+        // Liveness needs nothing from the agent's state.
+        "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => {
+            let enrollment = admin.enrollment.as_ref().map(|e| e.dump.borrow().clone());
             let (status, text) = match &enrollment {
                 Some(e) if !e.synced => (
                     StatusCode::SERVICE_UNAVAILABLE,
                     "not ready: waiting for the first list of this node's pods and of the namespaces"
                         .into(),
                 ),
-                _ => readiness(&core),
+                _ => readiness(&admin.viewer.now()),
             };
             reply(status, "text/plain", format!("{text}\n"))
         }
-        "/metrics" => reply(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics_with(
-                &core,
-                &KernelReads {
-                    kernel: &counters,
-                    services: &services,
-                    conns: &conns,
-                    health: &health,
-                },
-                admin
-                    .enrollment
-                    .as_ref()
-                    .zip(enrollment.as_ref())
-                    .map(|(v, d)| (d, &v.latency)),
-            ),
-        ),
-        "/config_dump" => reply(
-            StatusCode::OK,
-            "application/json",
-            config_dump_with(&core, &health, enrollment),
-        ),
+        "/metrics" => {
+            let admin = admin.clone();
+            blocking(move || {
+                let view = admin.viewer.now();
+                let bpffs = &admin.bpffs;
+                let counters = crate::dataplane::read_counters(bpffs).unwrap_or_default();
+                let services =
+                    crate::dataplane::read_service_counters_unordered(bpffs).unwrap_or_default();
+                let conns = crate::dataplane::read_conns(bpffs).unwrap_or_default();
+                let health = crate::dataplane::read_health(bpffs).unwrap_or_default();
+                let enrollment = admin.enrollment.as_ref().map(|e| e.dump.borrow().clone());
+                let body = metrics_with(
+                    &view,
+                    &KernelReads {
+                        kernel: &counters,
+                        services: &services,
+                        conns: &conns,
+                        health: &health,
+                    },
+                    admin
+                        .enrollment
+                        .as_ref()
+                        .zip(enrollment.as_ref())
+                        .map(|(v, d)| (d, &v.latency)),
+                );
+                reply(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    body,
+                )
+            })
+            .await
+        }
+        "/config_dump" => {
+            let mut viewer = admin.viewer.clone();
+            let Some((view, table)) = viewer.with_table().await else {
+                return reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "the agent is stopping\n".into(),
+                );
+            };
+            let admin = admin.clone();
+            blocking(move || {
+                let health = crate::dataplane::read_health(&admin.bpffs).unwrap_or_default();
+                let enrollment = admin.enrollment.as_ref().map(|e| e.dump.borrow().clone());
+                reply(
+                    StatusCode::OK,
+                    "application/json",
+                    config_dump_with(&view, &table, &health, enrollment),
+                )
+            })
+            .await
+        }
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
             "endpoints: /healthz /readyz /metrics /config_dump\n".into(),
         ),
     }
+}
+
+/// `f` on the runtime's blocking threads (it reads the pins and renders a large
+/// page).
+async fn blocking(
+    f: impl FnOnce() -> Response<Full<Bytes>> + Send + 'static,
+) -> Response<Full<Bytes>> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("{e}\n"),
+        )
+    })
 }
 
 /// Ready once the control plane's LDS and CDS are in the kernel and the source is
@@ -189,9 +218,9 @@ pub fn route(admin: &Admin, path: &str) -> Response<Full<Bytes>> {
 /// as its maps allow, and a node limit is the same on the next node and does not
 /// pass by waiting, so it must not stall a rolling update that gates on
 /// readiness; `sockmesh_services_limited` and `/config_dump` (`limited`) say which.
-pub fn readiness(core: &Core) -> (StatusCode, std::borrow::Cow<'static, str>) {
-    let (status, text) = readiness_state(core);
-    let limited = core.state().limited().len();
+pub fn readiness(view: &View) -> (StatusCode, std::borrow::Cow<'static, str>) {
+    let (status, text) = readiness_state(view);
+    let limited = view.core.limited.len();
     if status == StatusCode::OK && limited > 0 {
         return (
             status,
@@ -205,21 +234,22 @@ pub fn readiness(core: &Core) -> (StatusCode, std::borrow::Cow<'static, str>) {
     (status, text.into())
 }
 
-fn readiness_state(core: &Core) -> (StatusCode, &'static str) {
-    let kernel = core.kernel();
+fn readiness_state(view: &View) -> (StatusCode, &'static str) {
+    let kernel = &view.kernel;
+    let core = &view.core;
     if kernel.migrating {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: migrating from another pin layout (the old datapath serves until this one is filled)",
         );
     }
-    if core.synced() && kernel.behind {
+    if core.synced && kernel.behind {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "degraded: the kernel maps lag the accepted configuration (a write failed; retrying every second)",
         );
     }
-    match (core.synced(), core.source) {
+    match (core.synced, core.source) {
         (true, SourceState::Connected) => (StatusCode::OK, "ready"),
         (true, _) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -235,14 +265,14 @@ fn readiness_state(core: &Core) -> (StatusCode, &'static str) {
 /// Prometheus (OpenMetrics text) exposition, built with `prometheus-client` from the
 /// agent's state at scrape time; the latency histogram is the one the agent fills.
 pub fn metrics(
-    core: &Core,
+    view: &View,
     kernel: &[(&str, u64)],
     services: &[(crate::model::ServiceAddr, sockmesh_common::ServiceStats)],
     conns: &[(crate::model::Endpoint, u64)],
     health: &crate::dataplane::HealthReport,
 ) -> String {
     metrics_with(
-        core,
+        view,
         &KernelReads {
             kernel,
             services,
@@ -253,7 +283,7 @@ pub fn metrics(
     )
 }
 
-/// What `/metrics` read from the pins before taking the core's lock.
+/// What `/metrics` read from the pins.
 pub struct KernelReads<'a> {
     pub kernel: &'a [(&'a str, u64)],
     pub services: &'a [(crate::model::ServiceAddr, sockmesh_common::ServiceStats)],
@@ -263,7 +293,7 @@ pub struct KernelReads<'a> {
 
 /// [`metrics`], with the enrollment's series when pods are enrolled.
 pub fn metrics_with(
-    core: &Core,
+    view: &View,
     reads: &KernelReads<'_>,
     enrollment: Option<(
         &crate::k8s::dump::EnrollmentDump,
@@ -276,6 +306,7 @@ pub fn metrics_with(
         conns,
         health,
     } = *reads;
+    let core = &view.core;
     use prometheus_client::{
         encoding::text::encode,
         metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -300,7 +331,7 @@ pub fn metrics_with(
         usize::from(core.source == SourceState::Connected),
     );
     let updates: Family<Labels, Counter> = Family::default();
-    for (kind, s) in core.state().stats() {
+    for (kind, s) in &core.stats {
         for (result, n) in [
             ("received", s.received),
             ("accepted", s.accepted),
@@ -322,8 +353,7 @@ pub fn metrics_with(
     let refused: Family<Labels, Gauge> = Family::default();
     for kind in crate::xds::decode::Kind::ALL {
         let n = core
-            .state()
-            .refused()
+            .refused
             .get(&kind)
             .map_or(0, std::collections::BTreeMap::len);
         refused
@@ -339,7 +369,7 @@ pub fn metrics_with(
         &mut r,
         "sockmesh_xds_not_interpreted_listeners",
         "Listeners whose traffic sockmesh leaves alone because their terminal filter is not one it interprets (listed in /config_dump)",
-        core.state().left_alone().len(),
+        core.left_alone.len(),
     );
     counter(
         &mut r,
@@ -387,7 +417,7 @@ pub fn metrics_with(
     );
     let resolutions: Family<Labels, Counter> = Family::default();
     let failures: Family<Labels, Counter> = Family::default();
-    for (cluster, status) in &core.dns {
+    for (cluster, status) in &core.dns_status {
         let labels = vec![("cluster".to_owned(), cluster.clone())];
         resolutions
             .get_or_create(&labels)
@@ -407,11 +437,11 @@ pub fn metrics_with(
     r.register(
         "sockmesh_update_to_kernel_seconds",
         "Time from an xDS update's arrival to the kernel maps holding it",
-        core.latency(),
+        view.latency.clone(),
     );
     // What the kernel holds, not what the state accepted (they differ while a
     // kernel write lags).
-    let status = core.kernel();
+    let status = &view.kernel;
     let held = status.usage;
     gauge(
         &mut r,
@@ -449,10 +479,9 @@ pub fn metrics_with(
         crate::xds::fit::Limit::LeftOut,
     ] {
         let n = core
-            .state()
-            .limited()
-            .values()
-            .filter(|l| l.limit == reason)
+            .limited
+            .iter()
+            .filter(|l| l.reason == reason.label())
             .count();
         limited
             .get_or_create(&vec![("reason".to_owned(), reason.label().to_owned())])
@@ -485,23 +514,6 @@ pub fn metrics_with(
         "sockmesh_datapath_events",
         "Kernel datapath counters, summed over CPUs",
         events,
-    );
-    let redirects: Family<Labels, Counter> = Family::default();
-    let refused: Family<Labels, Counter> = Family::default();
-    for (service, stats) in services {
-        let labels = vec![("service".to_owned(), service.to_string())];
-        redirects.get_or_create(&labels).inc_by(stats.redirects);
-        refused.get_or_create(&labels).inc_by(stats.no_backend);
-    }
-    r.register(
-        "sockmesh_service_redirects",
-        "Connections (and unconnected UDP sends) sent to one of the service's backends, from the kernel's per-CPU counters",
-        redirects,
-    );
-    r.register(
-        "sockmesh_service_no_backend",
-        "Calls to the service refused (ECONNREFUSED) because it had no active backend",
-        refused,
     );
     let open: Family<Labels, Gauge> = Family::default();
     for (e, n) in conns.iter().filter(|(_, n)| *n > 0) {
@@ -565,28 +577,43 @@ pub fn metrics_with(
     }
     let mut out = String::new();
     let _ = encode(&mut out, &r);
+    // One series per service and counter (200,000 at 100,000 services), written
+    // directly: through the registry's families they took most of a scrape.
+    let body = out.strip_suffix(EOF).map_or(out.len(), str::len);
+    out.truncate(body);
+    per_service::write_counters(&mut out, services);
+    out.push_str(EOF);
     out
 }
 
-/// The routing table and per-type xDS state as JSON.
-pub fn config_dump(core: &Core, health: &crate::dataplane::HealthReport) -> String {
-    config_dump_with(core, health, None)
+/// The line that ends an OpenMetrics exposition.
+const EOF: &str = "# EOF\n";
+
+/// The routing table and per-type xDS state as JSON: `view`, with `table`, the
+/// table it was published with.
+pub fn config_dump(
+    view: &View,
+    table: &RoutingTable,
+    health: &crate::dataplane::HealthReport,
+) -> String {
+    config_dump_with(view, table, health, None)
 }
 
 /// [`config_dump`], with the pods' enrollment.
 pub fn config_dump_with(
-    core: &Core,
+    view: &View,
+    table: &RoutingTable,
     health: &crate::dataplane::HealthReport,
     enrollment: Option<crate::k8s::dump::EnrollmentDump>,
 ) -> String {
     use crate::admin_types::{ConfigDump, DatapathDump, PushDump, TypeDump, micros};
-    let kernel = core.kernel();
+    let (core, kernel) = (&view.core, &view.kernel);
     ConfigDump {
         enrollment,
         source: format!("{:?}", core.source),
         source_errors: core.source_errors,
         source_last_error: core.source_last_error.clone(),
-        synced: core.synced(),
+        synced: core.synced,
         connection: core.connection.clone(),
         push: PushDump {
             pushes: kernel.push.pushes,
@@ -594,19 +621,18 @@ pub fn config_dump_with(
             last_latency_us: micros(kernel.push.last_latency),
             kernel_write_failures: kernel.write_failures,
             terminated_sockets: kernel.terminated,
-            writes_in_flight: core.writes_in_flight(),
+            writes_in_flight: view.writes_in_flight(),
         },
         datapath: DatapathDump {
             layout_version: sockmesh_common::LAYOUT_VERSION,
             attachment: kernel.attachment.map(|a| format!("{a:?}")),
             retired_layouts: kernel.retired.clone(),
             migrating: kernel.migrating,
-            limits: core.limits().into(),
+            limits: core.limits.into(),
             maps: kernel.maps.clone(),
         },
         xds: core
-            .state()
-            .stats()
+            .stats
             .iter()
             .map(|(k, s)| {
                 let dump = TypeDump {
@@ -620,76 +646,50 @@ pub fn config_dump_with(
                 (k.short().to_owned(), dump)
             })
             .collect(),
-        warming: core
-            .state()
-            .warming()
-            .iter()
-            .map(ToString::to_string)
-            .collect(),
-        passthrough: core
-            .state()
-            .passthrough()
-            .iter()
-            .map(ToString::to_string)
-            .collect(),
+        warming: core.warming.iter().map(ToString::to_string).collect(),
+        passthrough: core.passthrough.iter().map(ToString::to_string).collect(),
         outlier_ejected: health.ejected().cloned().collect(),
         hash_on_client: core
-            .state()
-            .unhashable()
-            .into_iter()
+            .unhashable
+            .iter()
             .map(|(s, what)| (s.to_string(), format!("hash policy on {what}")))
             .collect(),
         dns: core
-            .state()
-            .dns_targets()
-            .into_keys()
-            .map(|cluster| {
-                let status = core.dns.get(&cluster).cloned().unwrap_or_default();
+            .dns_answers
+            .iter()
+            .map(|(cluster, answers)| {
+                let status = core.dns_status.get(cluster).cloned().unwrap_or_default();
                 let dump = crate::admin_types::DnsDump {
-                    hosts: core
-                        .state()
-                        .dns_answers(&cluster)
-                        .cloned()
-                        .unwrap_or_default(),
+                    hosts: answers.clone().unwrap_or_default(),
                     resolutions: status.resolutions,
                     failures: status.failures,
                     refused: status.refused,
                     last_error: status.last_error,
                 };
-                (cluster, dump)
+                (cluster.clone(), dump)
             })
             .collect(),
         unknown_fields: core.unknown_fields.clone(),
-        limited: core
-            .state()
-            .limited()
-            .iter()
-            .map(|(s, l)| crate::admin_types::LimitedDump {
-                service: s.to_string(),
-                reason: l.limit.label().to_owned(),
-                endpoints: l.endpoints,
-                programmed: l.programmed,
-                why: l.why.clone(),
-            })
-            .collect(),
+        limited: core.limited.clone(),
         refused: core
-            .state()
-            .refused()
+            .refused
             .iter()
             .map(|(k, m)| (k.short().to_owned(), m.clone()))
             .collect(),
         not_interpreted: core
-            .state()
-            .left_alone()
-            .into_iter()
-            .map(|(listener, why)| crate::admin_types::NotInterpretedDump { listener, why })
+            .left_alone
+            .iter()
+            .map(|(listener, why)| crate::admin_types::NotInterpretedDump {
+                listener: listener.clone(),
+                why: why.clone(),
+            })
             .collect(),
-        load_balancing: load_balancing(core, &kernel.levels, health),
-        services: core.state().table().to_json(),
+        load_balancing: load_balancing(&core.places, &kernel.levels, health),
+        services: table.to_json(),
         state: core
-            .state_sizes()
-            .into_iter()
-            .map(|(k, n)| (k.to_owned(), n))
+            .state_sizes
+            .iter()
+            .map(|(k, n)| ((*k).to_owned(), *n))
             .collect(),
     }
     .to_json()
@@ -697,9 +697,10 @@ pub fn config_dump_with(
 
 /// The services with priority levels as the kernel applies them: the levels the
 /// datapath task published, the endpoints the kernel has ejected now, each
-/// endpoint labelled with its place in the service's assignment.
+/// endpoint labelled with its place in the service's assignment (as the core
+/// published it).
 fn load_balancing(
-    core: &Core,
+    places: &std::collections::BTreeMap<crate::model::ServiceAddr, std::sync::Arc<Places>>,
     levels: &crate::dataplane::published::PublishedMap,
     health: &crate::dataplane::HealthReport,
 ) -> std::collections::BTreeMap<String, crate::admin_levels::LevelsDump> {
@@ -713,8 +714,8 @@ fn load_balancing(
                 .filter_map(|e| e.backend.parse::<SocketAddr>().ok())
                 .map(|a| (a.ip(), a.port()))
                 .collect();
-            let places = core.state().places(service);
-            let dump = crate::admin_levels::dump(published, &ejected, places.as_ref());
+            let places = places.get(service).map(|p| &**p);
+            let dump = crate::admin_levels::dump(published, &ejected, places);
             (name, dump)
         })
         .collect()

@@ -171,7 +171,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     };
     if let Some(addr) = cfg.admin {
         let admin = crate::admin::Admin {
-            core: core.clone(),
+            viewer: core
+                .lock()
+                .map_err(|_| anyhow::anyhow!("agent state poisoned"))?
+                .viewer(),
             bpffs: cfg.datapath.bpffs.clone(),
             enrollment,
         };
@@ -188,7 +191,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let node = cfg.node.node();
     if let Ok(mut c) = core.lock() {
         c.set_node_id(&node.id);
-        c.connection = crate::admin_types::ConnectionDump {
+        c.set_connection(crate::admin_types::ConnectionDump {
             url: cfg.source.url(),
             transport: cfg.source.transport().to_owned(),
             ca: cfg.tls.ca.as_ref().map(|p| p.display().to_string()),
@@ -200,7 +203,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             server_name: cfg.tls.server_name.clone(),
             node: cfg.node.dump(),
             ..Default::default()
-        };
+        });
     }
     if cfg.source.is_plaintext() {
         tracing::warn!(

@@ -523,13 +523,31 @@ pub fn read_counters(bpffs: &Path) -> Result<Vec<(&'static str, u64)>, Dataplane
 pub fn read_service_counters(
     bpffs: &Path,
 ) -> Result<Vec<(crate::model::ServiceAddr, sockmesh_common::ServiceStats)>, DataplaneError> {
+    let mut out = read_service_counters_unordered(bpffs)?;
+    out.sort_unstable_by_key(|(s, _)| *s);
+    Ok(out)
+}
+
+/// The per-service counter entries pinned under `bpffs`, read `chunk` entries
+/// per batch call (tests walk a map in many calls).
+#[cfg(any(test, feature = "testing"))]
+pub fn read_service_stats_in_chunks(
+    bpffs: &Path,
+    chunk: usize,
+) -> Result<Vec<(sockmesh_common::ServiceKey, sockmesh_common::ServiceStats)>, DataplaneError> {
+    kernel::read_service_stats_chunked(&PinLayout::new(bpffs).maps, chunk)
+}
+
+/// [`read_service_counters`] in the map's order (`/metrics`, which needs none,
+/// reads 100,000 entries at every scrape).
+pub fn read_service_counters_unordered(
+    bpffs: &Path,
+) -> Result<Vec<(crate::model::ServiceAddr, sockmesh_common::ServiceStats)>, DataplaneError> {
     let entries = kernel::read_service_stats(&PinLayout::new(bpffs).maps)?;
-    let mut out: Vec<_> = entries
+    Ok(entries
         .into_iter()
         .filter_map(|(k, v)| Some((keys::service_addr(&k)?, v)))
-        .collect();
-    out.sort_by_key(|(s, _)| *s);
-    Ok(out)
+        .collect())
 }
 
 /// Open connections counted per backend endpoint (least-connections services),

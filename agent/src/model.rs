@@ -214,9 +214,11 @@ impl Health {
 }
 
 /// One service of the table: its backends and how connections are placed on them.
+/// The backends are shared: a service of one cluster whose backends are the
+/// cluster's as they are holds the cluster's own list.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Service {
-    pub backends: Vec<Backend>,
+    pub backends: std::sync::Arc<[Backend]>,
     pub policy: LbPolicy,
     pub health: Health,
     /// Envoy's priority levels, for a service whose levels' loads the kernel
@@ -256,6 +258,11 @@ pub struct Level {
 
 impl Service {
     pub fn new(backends: Vec<Backend>, policy: LbPolicy) -> Self {
+        Self::shared(backends.into(), policy)
+    }
+
+    /// A service over a backend list held elsewhere too.
+    pub fn shared(backends: std::sync::Arc<[Backend]>, policy: LbPolicy) -> Self {
         Self {
             backends,
             policy,
@@ -269,6 +276,11 @@ impl Service {
     pub fn with_levels(mut self, levels: Option<Levels>) -> Self {
         self.levels = levels.map(Box::new);
         self
+    }
+
+    /// Its backends, to change in place (copied first if they are shared).
+    pub fn backends_mut(&mut self) -> &mut [Backend] {
+        std::sync::Arc::make_mut(&mut self.backends)
     }
 
     /// The same service with outlier detection and circuit breaking `health`.
@@ -286,15 +298,9 @@ impl From<Vec<Backend>> for Service {
 }
 
 impl std::ops::Deref for Service {
-    type Target = Vec<Backend>;
-    fn deref(&self) -> &Vec<Backend> {
+    type Target = [Backend];
+    fn deref(&self) -> &[Backend] {
         &self.backends
-    }
-}
-
-impl std::ops::DerefMut for Service {
-    fn deref_mut(&mut self) -> &mut Vec<Backend> {
-        &mut self.backends
     }
 }
 
@@ -309,14 +315,14 @@ impl<'a> IntoIterator for &'a Service {
 /// A service compares equal to a list of backends when it holds them.
 impl PartialEq<Vec<Backend>> for Service {
     fn eq(&self, other: &Vec<Backend>) -> bool {
-        self.backends == *other
+        *self.backends == **other
     }
 }
 
 /// As above, for an array.
 impl<const N: usize> PartialEq<[Backend; N]> for Service {
     fn eq(&self, other: &[Backend; N]) -> bool {
-        self.backends == other
+        *self.backends == *other
     }
 }
 
@@ -875,11 +881,11 @@ mod tests {
         let back: Vec<ServiceJson> = serde_json::from_value(json).expect("parse");
         let mut again = RoutingTable::from_json(&back);
         for b in again.services.values_mut() {
-            b.sort();
+            b.backends_mut().sort();
         }
         let mut orig = t;
         for b in orig.services.values_mut() {
-            b.sort();
+            b.backends_mut().sort();
         }
         assert_eq!(again, orig);
     }

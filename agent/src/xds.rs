@@ -24,6 +24,7 @@ pub mod translate;
 pub mod unknown;
 pub mod users;
 pub mod validate;
+pub mod view;
 
 /// `f` over `items` in order: on one thread below `from` items, else in one chunk
 /// per core (at most 8), the results in the items' order. A panic on a chunk's

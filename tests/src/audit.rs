@@ -677,7 +677,6 @@ pub fn check_agent(dump: &serde_json::Value, maps: &Maps, expect: &Expect) -> Ve
         ("cluster_users", x.clusters, "clusters"),
         ("dns_answers", x.clusters, "clusters"),
         ("dns_status", x.clusters, "clusters"),
-        ("resource_versions", resources, "resources"),
         ("refused", resources, "resources"),
         ("notes_seen", resources, "resources"),
     ] {

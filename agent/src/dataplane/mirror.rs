@@ -41,8 +41,9 @@ pub(super) struct Installed {
     pub(super) flags: u8,
     /// The service's `SM_SVC_POLICY` entry, if it exists.
     pub(super) health: Option<ServicePolicy>,
-    /// The published generation's priority levels (`SM_TIERS`), if it has them.
-    pub(super) tiers: Option<Tiers>,
+    /// The published generation's priority levels (`SM_TIERS`), if it has them;
+    /// boxed: few services have levels, and the value is 400 bytes.
+    pub(super) tiers: Option<Box<Tiers>>,
     /// The service's `SM_SVC_HEALTH` entry exists.
     pub(super) service_health: bool,
 }
@@ -334,7 +335,7 @@ impl Mirror {
                     if k.generation == inst.generation
                         && inst.flags & service_flags::TIERS != 0 =>
                 {
-                    inst.tiers = Some(*t);
+                    inst.tiers = Some(Box::new(*t));
                 }
                 _ => garbage.tiers.push(*k),
             }

@@ -63,11 +63,11 @@ pub(super) fn published(
         let stamp = (inst.id, inst.generation, inst.revision);
         Some(match previous.get(service) {
             Some(p) if p.stamp == stamp && p.backends.len() == inst.backends.len() => {
-                if p.tiers == *tiers {
+                if p.tiers == **tiers {
                     Arc::clone(p)
                 } else {
                     Arc::new(PublishedLevels {
-                        tiers: *tiers,
+                        tiers: **tiers,
                         ..PublishedLevels::clone(p)
                     })
                 }

@@ -18,8 +18,10 @@
 //! - `BPF_MAP_UPDATE_BATCH` (write many entries of a map in one call): aya 0.16
 //!   has no batch map operations. A bulk load writes hundreds of thousands of
 //!   entries; one syscall each was most of its kernel time.
-//! - `BPF_MAP_LOOKUP_BATCH`, to count a map the kernel programs fill (the fill
-//!   ratio) a thousand entries a call; aya iterates key by key, typed.
+//! - `BPF_MAP_LOOKUP_BATCH` (read a hash map's entries, thousands per call):
+//!   `/metrics` reads one counter entry per service and the fill ratio counts
+//!   the maps the kernel programs fill; aya iterates key by key, two calls per
+//!   entry (next key, then lookup).
 //! - The feature probes of [`super::features`] that aya's `is_program_supported`
 //!   cannot make: a program load for a given *attach type* (aya probes a type with
 //!   one fixed attach type), and whether a command exists at all.
@@ -193,20 +195,29 @@ pub fn map_update_batch<K: aya::Pod, V: aya::Pod>(
     Ok(())
 }
 
-/// The entries of a hash map, counted by the kernel in batches
-/// (`BPF_MAP_LOOKUP_BATCH`, 5.6; about one call per thousand entries); where the
-/// kernel has no batch lookup for the map, key by key (`BPF_MAP_GET_NEXT_KEY`).
-/// `key_size` and `value_size` are the map's (from its `MapInfo`). Entries added
-/// or deleted meanwhile may be counted or not.
-pub fn map_count(map: BorrowedFd<'_>, key_size: usize, value_size: usize) -> io::Result<u64> {
-    let mut chunk = COUNT_CHUNK;
+/// `bpf(BPF_MAP_LOOKUP_BATCH)` over a hash map: every entry, handed to `each`
+/// one call's batch at a time as `(keys, values, count)`, `count` entries of
+/// `key_size` and `value_size` bytes laid end to end (the map's sizes, from its
+/// `MapInfo` or its typed aya map). `chunk` entries are asked for per call,
+/// more where one bucket holds more (up to [`MAX_LOOKUP_CHUNK`]). Entries added
+/// or deleted meanwhile may be seen or not, as with any walk of a map that
+/// changes. A kernel without batch lookups for the map (before 5.6, or a map
+/// type that has none) answers the first call with `EINVAL` or [`ENOTSUPP`],
+/// returned as is, `each` never called.
+pub fn map_lookup_batch(
+    map: BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+    chunk: usize,
+    mut each: impl FnMut(&[u8], &[u8], usize),
+) -> io::Result<()> {
+    let mut chunk = chunk.clamp(1, MAX_LOOKUP_CHUNK);
     let mut keys = vec![0u8; chunk * key_size];
     let mut values = vec![0u8; chunk * value_size];
     // The kernel's cursor for a hash map is a bucket number (a `u32`); room for
     // a larger one costs nothing.
     let mut cursor = [0u64; 2];
     let mut next = [0u64; 2];
-    let mut total = 0u64;
     let mut first = true;
     loop {
         let mut attr = zeroed_attr();
@@ -215,38 +226,108 @@ pub fn map_count(map: BorrowedFd<'_>, key_size: usize, value_size: usize) -> io:
         attr.batch.out_batch = next.as_mut_ptr() as u64;
         attr.batch.keys = keys.as_mut_ptr() as u64;
         attr.batch.values = values.as_mut_ptr() as u64;
-        attr.batch.count = chunk as u32; // ≤ u32::MAX: it only doubles past COUNT_CHUNK on ENOSPC
-        // SAFETY: the batch member is filled in, the rest is zero; `keys` and
-        // `values` have room for `count` entries of the map's key and value size,
-        // the cursors for the kernel's, and all outlive the call.
+        attr.batch.count = chunk as u32; // ≤ MAX_LOOKUP_CHUNK
+        // SAFETY: the batch member is filled in (no flags), the rest is zero;
+        // `keys` and `values` have room for `count` entries of the map's key and
+        // value size (the caller's contract), the cursors for the kernel's, and
+        // all outlive the call.
         let rc = unsafe { sys_bpf(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut attr) };
         // SAFETY: reading back the member the kernel answered in (plain integers).
-        let got = u64::from(unsafe { attr.batch.count });
+        let count = (unsafe { attr.batch.count } as usize).min(chunk);
         match rc {
-            Ok(_) => total += got,
+            Ok(_) => {}
             // The last batch: what it found, and nothing after.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(total + got),
-            // One bucket holds more entries than a batch has room for.
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && chunk < MAX_COUNT_CHUNK => {
-                chunk *= 2;
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                each(
+                    &keys[..count * key_size],
+                    &values[..count * value_size],
+                    count,
+                );
+                return Ok(());
+            }
+            // One bucket holds more entries than a call has room for (the kernel
+            // says so only when it returned none).
+            Err(e)
+                if e.raw_os_error() == Some(libc::ENOSPC)
+                    && count == 0
+                    && chunk < MAX_LOOKUP_CHUNK =>
+            {
+                chunk = (chunk * 2).min(MAX_LOOKUP_CHUNK);
                 keys.resize(chunk * key_size, 0);
                 values.resize(chunk * value_size, 0);
                 continue;
             }
-            Err(e) if first && matches!(e.raw_os_error(), Some(libc::EINVAL | ENOTSUPP)) => {
-                return map_count_keys(map, key_size);
-            }
             Err(e) => return Err(e),
         }
+        each(
+            &keys[..count * key_size],
+            &values[..count * value_size],
+            count,
+        );
         cursor = next;
         first = false;
     }
 }
 
-/// Entries per `BPF_MAP_LOOKUP_BATCH` call of [`map_count`], and the most it
-/// grows to for a bucket that holds more.
+/// Every entry of a hash map whose key and value types are `K` and `V`, with
+/// [`map_lookup_batch`], `chunk` per call.
+///
+/// `K` and `V` must be the map's key and value types (their sizes the map's), as
+/// the typed aya map the descriptor comes from guarantees.
+pub fn map_entries<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    chunk: usize,
+) -> io::Result<Vec<(K, V)>> {
+    let (key_size, value_size) = (size_of::<K>(), size_of::<V>());
+    let mut out = Vec::new();
+    map_lookup_batch(map, key_size, value_size, chunk, |keys, values, count| {
+        out.reserve(count);
+        for (k, v) in keys
+            .chunks_exact(key_size)
+            .zip(values.chunks_exact(value_size))
+        {
+            // SAFETY: each chunk is `size_of::<K>()` (`size_of::<V>()`) bytes the
+            // kernel copied from the map, and a `Pod` type is valid for any bit
+            // pattern; the reads are unaligned ones.
+            let entry = unsafe {
+                (
+                    k.as_ptr().cast::<K>().read_unaligned(),
+                    v.as_ptr().cast::<V>().read_unaligned(),
+                )
+            };
+            out.push(entry);
+        }
+    })?;
+    Ok(out)
+}
+
+/// The entries of a hash map, counted with [`map_lookup_batch`] (about one call
+/// per thousand entries); where the kernel has no batch lookup for the map, key
+/// by key (`BPF_MAP_GET_NEXT_KEY`). `key_size` and `value_size` are the map's
+/// (from its `MapInfo`). Entries added or deleted meanwhile may be counted or
+/// not.
+pub fn map_count(map: BorrowedFd<'_>, key_size: usize, value_size: usize) -> io::Result<u64> {
+    let mut total = 0u64;
+    let mut batches = 0u32;
+    let walk = map_lookup_batch(map, key_size, value_size, COUNT_CHUNK, |_, _, count| {
+        batches += 1;
+        total += count as u64;
+    });
+    match walk {
+        Ok(()) => Ok(total),
+        Err(e) if batches == 0 && matches!(e.raw_os_error(), Some(libc::EINVAL | ENOTSUPP)) => {
+            map_count_keys(map, key_size)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Entries per `BPF_MAP_LOOKUP_BATCH` call of [`map_count`].
 const COUNT_CHUNK: usize = 1024;
-const MAX_COUNT_CHUNK: usize = 1 << 20;
+
+/// The most entries a [`map_lookup_batch`] call asks for, however large a
+/// bucket.
+const MAX_LOOKUP_CHUNK: usize = 1 << 20;
 
 /// The kernel's answer to a command a map type does not have (`ENOTSUPP`).
 const ENOTSUPP: i32 = 524;

@@ -216,7 +216,9 @@ pub struct KernelStatus {
 pub enum Write {
     /// Make the maps hold this whole table (the first write, and the catch-up
     /// after a failed one; the writer diffs it against its mirror of the maps).
-    Table(RoutingTable),
+    /// Shared with the core's state, which copies it only if it changes the
+    /// table while the write runs.
+    Table(std::sync::Arc<RoutingTable>),
     /// Change these services only.
     Changes(Changes),
 }

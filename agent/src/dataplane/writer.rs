@@ -403,7 +403,7 @@ impl<S: MapStore> MapWriter<S> {
             let Some(inst) = self.mirror.services.get_mut(&key) else {
                 continue;
             };
-            let Some(mut t) = inst.tiers else {
+            let Some(mut t) = inst.tiers.as_deref().copied() else {
                 continue;
             };
             let wrap = |source| WriteError::Store {
@@ -416,11 +416,11 @@ impl<S: MapStore> MapWriter<S> {
             };
             let running = self.store.running_ejections(&key, now).map_err(wrap)?;
             with_ejections(&mut t, &running);
-            if Some(t) != inst.tiers {
+            if inst.tiers.as_deref() != Some(&t) {
                 self.store
                     .put_tiers(&tiers_key(inst.id, inst.generation), &t)
                     .map_err(wrap)?;
-                inst.tiers = Some(t);
+                inst.tiers = Some(Box::new(t));
                 debug!(service = ?service_addr(&key), "levels' loads follow the ejections");
             }
             if let Some(end) = running.next_end {
@@ -714,7 +714,7 @@ impl BackendPlan {
             && self.policy == current.policy
             && self.flags == current.flags
             && self.health == current.health
-            && same_levels(self.tiers.as_ref(), current.tiers.as_ref())
+            && same_levels(self.tiers.as_ref(), current.tiers.as_deref())
             && current.leftover == 0
     }
 
@@ -1032,7 +1032,7 @@ fn write_and_publish<S: MapStore>(
         || inst.dirty
         || plan.policy != inst.policy
         || plan.flags != inst.flags
-        || !same_levels(plan.tiers.as_ref(), inst.tiers.as_ref())
+        || !same_levels(plan.tiers.as_ref(), inst.tiers.as_deref())
     {
         let generation = 1 - old_generation;
         let (policy, choices) = plan.policy.to_kernel();
@@ -1080,7 +1080,7 @@ fn write_and_publish<S: MapStore>(
         inst.policy = plan.policy;
         inst.flags = plan.flags;
         inst.slots = plan.slots;
-        inst.tiers = tiers;
+        inst.tiers = tiers.map(Box::new);
         inst.dirty = false;
         // The old generation's levels are unreachable now (a failed delete leaves
         // an entry the next publish of that generation replaces).

@@ -57,7 +57,7 @@ fn set(backends: &[Backend]) -> BTreeSet<(IpAddr, u16)> {
 
 fn sorted(mut t: RoutingTable) -> RoutingTable {
     for b in t.services.values_mut() {
-        b.sort();
+        b.backends_mut().sort();
     }
     t
 }

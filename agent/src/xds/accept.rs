@@ -22,18 +22,18 @@ use sockmesh_proto::pb::google::protobuf::Any;
 use super::{
     decode::{DecodeError, Kind, Resource, decode_any},
     position::Position,
+    resources::Incoming,
     state::Nack,
 };
-use crate::model::Backend;
 
-/// A resource that decoded and passed validation, as its encoding.
-pub(super) struct Checked {
+/// A resource that decoded and passed validation, as the store takes it: the
+/// bytes received (decoding them gives what was checked), or for a
+/// ClusterLoadAssignment their digest and its backends, read while it was
+/// decoded for validation.
+pub(super) struct Checked<'a> {
     pub(super) kind: Kind,
     pub(super) name: String,
-    pub(super) bytes: Box<[u8]>,
-    /// A ClusterLoadAssignment's backends, read while it was decoded for
-    /// validation, so staging does not decode it a second time.
-    pub(super) backends: Option<Vec<Backend>>,
+    pub(super) content: Incoming<'a>,
 }
 
 /// A resource refused on its own: the rest of its update is applied.
@@ -47,17 +47,11 @@ pub struct Refused {
 }
 
 /// One resource of an update, decoded: accepted or refused alone.
-pub(super) type Item = Result<Checked, Refused>;
+pub(super) type Item<'a> = Result<Checked<'a>, Refused>;
 
 /// Updates of at least this many resources are decoded on every core (protobuf
 /// decode and validation share nothing between resources).
 const PARALLEL_DECODE_FROM: usize = 2_000;
-
-/// Updates of fewer resources keep each assignment's backends from its validation
-/// decode (a batch of 1,000 endpoint changes then decodes each once). A larger one,
-/// an initial load, would hold them all at once: 50,000 assignments' backends took
-/// 30 MiB more of the agent's resident memory after the load, for no faster load.
-const READ_BACKENDS_BELOW: usize = 5_000;
 
 /// Decodes and validates every resource, in order. `Err` when one cannot be
 /// decoded at all (the whole update is refused); each resource that decodes but
@@ -66,12 +60,11 @@ const READ_BACKENDS_BELOW: usize = 5_000;
 /// Each resource is kept only in its encoding once checked: decoding a whole update
 /// first would hold every decoded message at once (about 230 MiB for an initial
 /// push of 10,000 services), and the allocator keeps such a peak as resident memory.
-pub(super) fn decode_all<'a>(items: impl Iterator<Item = Entry<'a>>) -> Result<Vec<Item>, Nack> {
+pub(super) fn decode_all<'a>(
+    items: impl Iterator<Item = Entry<'a>>,
+) -> Result<Vec<Item<'a>>, Nack> {
     let items: Vec<Entry<'a>> = items.collect();
-    let read_backends = items.len() < READ_BACKENDS_BELOW;
-    let parts = super::in_chunks(&items, PARALLEL_DECODE_FROM, |part| {
-        decode_part(part, read_backends)
-    });
+    let parts = super::in_chunks(&items, PARALLEL_DECODE_FROM, decode_part);
     let mut out = Vec::with_capacity(items.len());
     let mut undecodable: Vec<String> = Vec::new();
     for (decoded, errors) in parts {
@@ -113,7 +106,7 @@ impl Entry<'_> {
     }
 }
 
-fn decode_part(items: &[Entry<'_>], read_backends: bool) -> (Vec<Item>, Vec<String>) {
+fn decode_part<'a>(items: &[Entry<'a>]) -> (Vec<Item<'a>>, Vec<String>) {
     let mut out = Vec::with_capacity(items.len());
     let mut undecodable: Vec<String> = Vec::new();
     for e in items {
@@ -122,15 +115,17 @@ fn decode_part(items: &[Entry<'_>], read_backends: bool) -> (Vec<Item>, Vec<Stri
             Ok(r) => out.push(Ok(Checked {
                 kind: r.kind(),
                 name: r.name().to_owned(),
-                backends: match &r {
-                    Resource::Endpoint(e) if read_backends => {
-                        Some(super::clusters::assignment_backends(e))
-                    }
-                    _ => None,
+                content: match &r {
+                    Resource::Endpoint(e) => Incoming::Assignment {
+                        digest: super::resources::digest(&any.value),
+                        backends: super::clusters::assignment_backends(e).into(),
+                        localities: super::clusters::locality_names(e),
+                    },
+                    // The bytes received: decoding them gives what was checked
+                    // (re-encoding the decoded message cost a tenth of a large
+                    // update).
+                    _ => Incoming::Encoded(&any.value),
                 },
-                // The bytes received: decoding them gives what was checked
-                // (re-encoding the decoded message cost a tenth of a large update).
-                bytes: any.value.clone().into_boxed_slice(),
             })),
             Err(DecodeError::Invalid(invalid)) => out.push(Err(Refused {
                 kind,

@@ -35,7 +35,7 @@ use tracing::{info, warn};
 
 use super::{
     auth::{AuthFailure, AuthReason, Credentials, Token},
-    core::{Core, SourceState},
+    core::{Core, SourceState, locked},
     decode::Kind,
     state::Update,
 };
@@ -222,7 +222,7 @@ pub async fn run(
 
 fn set_source(core: &Arc<Mutex<Core>>, s: SourceState) {
     if let Ok(mut c) = core.lock() {
-        c.source = s;
+        c.set_source(s);
     }
 }
 
@@ -262,6 +262,12 @@ impl<T> From<mpsc::error::TrySendError<T>> for SessionError {
 
 fn lock(core: &Arc<Mutex<Core>>) -> Result<std::sync::MutexGuard<'_, Core>, SessionError> {
     core.lock().map_err(|_| SessionError::Poisoned)
+}
+
+/// [`locked`] for a session: `f` on the core, the runtime's other tasks going
+/// on meanwhile.
+fn with_core<R>(core: &Mutex<Core>, f: impl FnOnce(&mut Core) -> R) -> Result<R, SessionError> {
+    locked(core, f).ok_or(SessionError::Poisoned)
 }
 
 /// One connection: returns when the stream ends (Ok(None)) or fails.
@@ -324,7 +330,7 @@ fn consumed_kind(core: &Arc<Mutex<Core>>, type_url: &str) -> Result<Option<Kind>
             type_url,
             "ignoring a response of a type sockmesh does not consume"
         );
-        lock(core)?.ignored_types += 1;
+        lock(core)?.ignored_type();
     }
     Ok(kind)
 }
@@ -388,8 +394,7 @@ async fn sotw(
         };
         nonces.insert(kind, resp.nonce.clone());
         let mut follow_ups = Vec::new();
-        let written = {
-            let mut c = lock(core)?;
+        let written = with_core(core, |c| {
             let handled = c.handle(
                 Update::SotW {
                     kind,
@@ -416,7 +421,7 @@ async fn sotw(
                 }
             }
             handled.written
-        };
+        })?;
         // The ACK (or NACK) follows the kernel write, as Envoy's follows applying.
         written.wait().await;
         for r in follow_ups {
@@ -489,8 +494,7 @@ async fn delta(
             continue;
         };
         let mut follow_ups = Vec::new();
-        let written = {
-            let mut c = lock(core)?;
+        let written = with_core(core, |c| {
             let mut removed = resp.removed_resources;
             removed.extend(resp.removed_resource_names.into_iter().map(|n| n.name));
             let added = resp
@@ -530,7 +534,7 @@ async fn delta(
                 }
             }
             handled.written
-        };
+        })?;
         // The ACK (or NACK) follows the kernel write, as Envoy's follows applying.
         written.wait().await;
         for r in follow_ups {

@@ -7,6 +7,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
@@ -98,7 +99,8 @@ pub enum ClusterBackends {
     Warming,
     /// The original destination (ORIGINAL_DST).
     Passthrough,
-    Backends(Vec<Backend>),
+    /// An EDS cluster's are its assignment's, shared with the store.
+    Backends(Arc<[Backend]>),
 }
 
 /// Where a cluster's endpoints come from. Other discovery types (custom cluster
@@ -247,10 +249,10 @@ pub fn cluster_backends(
             .endpoints
             .get(eds)
             .map_or(ClusterBackends::Warming, |e| {
-                ClusterBackends::Backends(assignment_backends(&e.decode()))
+                ClusterBackends::Backends(e.backends.clone())
             }),
         ClusterSource::Static(cla) => {
-            ClusterBackends::Backends(cla.map(assignment_backends).unwrap_or_default())
+            ClusterBackends::Backends(cla.map(assignment_backends).unwrap_or_default().into())
         }
         ClusterSource::OriginalDst => ClusterBackends::Passthrough,
         ClusterSource::Dns {
@@ -279,7 +281,7 @@ pub fn cluster_backends(
                     Some(addrs.into_iter().take(take).map(|ip| (ip, port)).collect())
                 })
             });
-            ClusterBackends::Backends(backends)
+            ClusterBackends::Backends(backends.into())
         }
     }
 }
@@ -305,29 +307,63 @@ pub struct Place {
     pub locality: String,
 }
 
+/// The names (`region/zone/sub_zone`) of an assignment's localities, by the
+/// index its backends' [`Placement::locality`] gives (see [`localities`]);
+/// empty when none has a name.
+pub fn locality_names(cla: &ClusterLoadAssignment) -> Box<[Box<str>]> {
+    let localities = localities(cla);
+    if localities
+        .keys()
+        .all(|(_, r, z, s)| r.is_empty() && z.is_empty() && s.is_empty())
+    {
+        return Box::default();
+    }
+    let mut names: Vec<(u16, Box<str>)> = localities
+        .into_iter()
+        .map(|((_, r, z, s), (i, _))| (i, format!("{r}/{z}/{s}").into()))
+        .collect();
+    names.sort_unstable_by_key(|(i, _)| *i);
+    names.into_iter().map(|(_, n)| n).collect()
+}
+
 /// The place of each of an assignment's endpoints with an IP address, by
-/// address and port (the first entry of an address, as Envoy keeps it).
-pub fn endpoint_places(cla: &ClusterLoadAssignment) -> BTreeMap<(IpAddr, u16), Place> {
+/// address and port (the first entry of an address, as Envoy keeps it):
+/// `backends` as [`assignment_backends`] reads them, their localities named by
+/// `names` ([`locality_names`]).
+pub fn places(backends: &[Backend], names: &[Box<str>]) -> BTreeMap<(IpAddr, u16), Place> {
     let mut out = BTreeMap::new();
-    for loc in &cla.endpoints {
-        let l = loc.locality.clone().unwrap_or_default();
-        let locality = format!("{}/{}/{}", l.region, l.zone, l.sub_zone);
-        for lb in &loc.lb_endpoints {
-            let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &lb.host_identifier else {
-                continue;
-            };
-            let Some((ip, port, _)) =
-                socket_address_of(ep.address.as_ref()).and_then(|sa| parse_socket_address(sa).ok())
-            else {
-                continue;
-            };
-            out.entry((ip, port)).or_insert_with(|| Place {
-                priority: loc.priority,
-                locality: locality.clone(),
-            });
-        }
+    for b in backends {
+        out.entry((b.address, b.port)).or_insert_with(|| Place {
+            priority: u32::from(b.placement.priority),
+            locality: names
+                .get(usize::from(b.placement.locality))
+                .map_or_else(|| "//".to_owned(), |n| n.to_string()),
+        });
     }
     out
+}
+
+/// [`places`] of an assignment read whole.
+pub fn endpoint_places(cla: &ClusterLoadAssignment) -> BTreeMap<(IpAddr, u16), Place> {
+    places(&assignment_backends(cla), &locality_names(cla))
+}
+
+/// An assignment's localities, each with its index (in the order first seen)
+/// and its `load_balancing_weight` (0: unset). Entries of one priority with the
+/// same locality are one locality (Envoy merges them; the last weight set wins).
+fn localities(cla: &ClusterLoadAssignment) -> BTreeMap<(u32, String, String, String), (u16, u32)> {
+    let mut localities: BTreeMap<(u32, String, String, String), (u16, u32)> = BTreeMap::new();
+    for loc in &cla.endpoints {
+        let l = loc.locality.clone().unwrap_or_default();
+        let next = u16::try_from(localities.len()).unwrap_or(u16::MAX);
+        let entry = localities
+            .entry((loc.priority, l.region, l.zone, l.sub_zone))
+            .or_insert((next, 0));
+        if let Some(w) = &loc.load_balancing_weight {
+            entry.1 = w.value;
+        }
+    }
+    localities
 }
 
 /// [`assignment_backends`] with each endpoint's socket address turned into
@@ -350,19 +386,7 @@ fn backends_with(
         .map_or(crate::model::DEFAULT_OVERPROVISIONING, |f| {
             u16::try_from(f.value).unwrap_or(u16::MAX)
         });
-    // Entries of one priority with the same locality are one locality (Envoy
-    // merges them; the last weight set wins).
-    let mut localities: BTreeMap<(u32, String, String, String), (u16, u32)> = BTreeMap::new();
-    for loc in &cla.endpoints {
-        let l = loc.locality.clone().unwrap_or_default();
-        let next = u16::try_from(localities.len()).unwrap_or(u16::MAX);
-        let entry = localities
-            .entry((loc.priority, l.region, l.zone, l.sub_zone))
-            .or_insert((next, 0));
-        if let Some(w) = &loc.load_balancing_weight {
-            entry.1 = w.value;
-        }
-    }
+    let localities = localities(cla);
     let mut out = Vec::new();
     for loc in &cla.endpoints {
         let l = loc.locality.clone().unwrap_or_default();
@@ -422,9 +446,9 @@ fn merge(backends: Vec<Backend>) -> Vec<Backend> {
 /// Combines weighted clusters into one backend list: a backend's weight is its
 /// cluster's share times its share within the cluster, scaled to integers. Backends
 /// of the other address family are left out.
-pub fn combine(parts: &[(u32, &Vec<Backend>)], v4: bool) -> Vec<Backend> {
+pub fn combine(parts: &[(u32, &[Backend])], v4: bool) -> Vec<Backend> {
     let same_family = |b: &&Backend| b.address.is_ipv4() == v4;
-    let active_parts: Vec<(f64, f64, &Vec<Backend>)> = parts
+    let active_parts: Vec<(f64, f64, &[Backend])> = parts
         .iter()
         .map(|(w, bs)| {
             let sum: u64 = bs
@@ -487,8 +511,8 @@ pub fn service_backends<'a>(
     if spec.route_pending {
         return ServiceBackends::Warming;
     }
-    let original = vec![Backend::new(spec.service.vip, spec.service.port)];
-    let mut parts: Vec<(u32, &Vec<Backend>, LbSettings)> = Vec::with_capacity(spec.clusters.len());
+    let original = [Backend::new(spec.service.vip, spec.service.port)];
+    let mut parts: Vec<(u32, &[Backend], LbSettings)> = Vec::with_capacity(spec.clusters.len());
     let mut passthrough = 0;
     let mut policies = BTreeSet::new();
     let mut healths = BTreeSet::new();
@@ -530,8 +554,21 @@ pub fn service_backends<'a>(
             && !policy.is_maglev();
         let family: Vec<Backend> = only.iter().filter(same_family).copied().collect();
         let planned = plan(&family, *settings, dynamic);
+        // Where the plan leaves the cluster's list as it is (one family, one
+        // level of active hosts in one locality: the usual case), the service
+        // holds the cluster's own list instead of a copy.
+        let own = match spec.clusters.as_slice() {
+            [(name, _)] => match cluster(name) {
+                Some((ClusterBackends::Backends(b), ..)) if **b == *planned.backends => {
+                    Some(b.clone())
+                }
+                _ => None,
+            },
+            _ => None,
+        };
+        let backends = own.unwrap_or_else(|| planned.backends.into());
         return ServiceBackends::Backends(
-            Service::new(planned.backends, policy)
+            Service::shared(backends, policy)
                 .with_health(health)
                 .with_levels(planned.levels),
         );
@@ -545,7 +582,7 @@ pub fn service_backends<'a>(
             (*w, plan(&family, *settings, false).backends)
         })
         .collect();
-    let refs: Vec<(u32, &Vec<Backend>)> = planned.iter().map(|(w, b)| (*w, b)).collect();
+    let refs: Vec<(u32, &[Backend])> = planned.iter().map(|(w, b)| (*w, b.as_slice())).collect();
     ServiceBackends::Backends(Service::new(combine(&refs, v4), policy).with_health(health))
 }
 

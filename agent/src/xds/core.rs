@@ -1,9 +1,12 @@
 //! The agent's core: the accepted xDS state and the datapath it drives. Every
-//! source calls [`Core::handle`]; it decides ACK or NACK and writes the kernel
-//! maps when the table changed.
+//! source calls [`Core::handle`] (through [`locked`]); it decides ACK or NACK and
+//! writes the kernel maps when the table changed. After every change the core
+//! publishes its view for the admin server (see [`super::view`]), which never
+//! takes the lock the sources hold while they work.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    sync::Arc,
     time::Instant,
 };
 
@@ -17,7 +20,9 @@ use super::{
     decode::Kind,
     dns::Round,
     state::{Accepted, Nack, Note, Update, XdsState},
+    view::{CoreView, Places, View, Viewer},
 };
+use crate::model::{Changes, ServiceAddr};
 
 pub use crate::dataplane::task::{
     DatapathHandle, KernelStatus, LATENCY_BUCKETS, MIGRATION_WARMING_TIMEOUT, PushStats, SinkError,
@@ -81,26 +86,47 @@ pub struct Core {
     /// The whole table has been handed to the datapath once (later writes are
     /// the changed services only).
     sent_table: bool,
-    pub source: SourceState,
+    source: SourceState,
     /// Responses of types sockmesh does not consume.
-    pub ignored_types: u64,
+    ignored_types: u64,
     /// Documents the source could not read or parse (a file with a syntax error, a
     /// REST body that is not JSON): nothing reached the state.
-    pub source_errors: u64,
-    pub source_last_error: Option<String>,
+    source_errors: u64,
+    source_last_error: Option<String>,
     /// Nested `Any`s of types sockmesh does not know, carried opaquely by the text
     /// sources, by type URL (see [`super::opaque`]).
-    pub opaque_types: super::opaque::OpaqueTypes,
+    opaque_types: super::opaque::OpaqueTypes,
     /// Fields of text documents sockmesh does not know, ignored, by
     /// `Message.field` (at most [`UNKNOWN_FIELDS_LISTED`], the rest counted under
     /// [`OTHER_UNKNOWN_FIELDS`]).
-    pub unknown_fields: super::unknown::UnknownFields,
+    unknown_fields: super::unknown::UnknownFields,
     /// Resolution of the DNS clusters, by cluster name.
-    pub dns: BTreeMap<String, DnsStatus>,
+    dns: BTreeMap<String, DnsStatus>,
     /// The control-plane connection, for `/config_dump` and `/metrics`.
-    pub connection: crate::admin_types::ConnectionDump,
+    connection: crate::admin_types::ConnectionDump,
     /// The DNS clusters to resolve, for the resolver task (see [`super::dns`]).
     dns_targets: watch::Sender<BTreeMap<String, DnsTarget>>,
+    /// What the admin server reads, published after every change (see
+    /// [`super::view`]).
+    view: watch::Sender<Arc<CoreView>>,
+    /// The places of the endpoints of the table's services with priority
+    /// levels, kept in step with the table (see [`Self::refresh_places`]).
+    places: Arc<BTreeMap<ServiceAddr, Arc<Places>>>,
+}
+
+/// Runs `f` on the core under its lock, without holding up the runtime's other
+/// tasks: on a worker of a multi-thread runtime the worker first hands its queue
+/// to another thread (`block_in_place`), since an update's decoding, validation
+/// and translation take seconds at 100,000 services. `None` if the lock is
+/// poisoned.
+pub fn locked<R>(core: &std::sync::Mutex<Core>, f: impl FnOnce(&mut Core) -> R) -> Option<R> {
+    let run = || core.lock().ok().map(|mut c| f(&mut c));
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(run)
+        }
+        _ => run(),
+    }
 }
 
 /// How one DNS cluster's resolution goes.
@@ -124,7 +150,7 @@ impl Core {
     pub fn new(mut kernel: DatapathHandle) -> Self {
         let mut state = XdsState::with_previous(kernel.take_adopted());
         state.set_limits(kernel.limits());
-        Self {
+        let core = Self {
             state,
             kernel,
             synced: BTreeSet::new(),
@@ -138,7 +164,105 @@ impl Core {
             dns: BTreeMap::new(),
             connection: crate::admin_types::ConnectionDump::default(),
             dns_targets: watch::Sender::new(BTreeMap::new()),
+            view: watch::Sender::new(Arc::default()),
+            places: Arc::default(),
+        };
+        core.publish();
+        core
+    }
+
+    /// The channels the admin server reads: this core's views and the datapath
+    /// task's status.
+    pub fn viewer(&self) -> Viewer {
+        Viewer::new(
+            self.view.subscribe(),
+            self.kernel.subscribe(),
+            self.kernel.latency(),
+        )
+    }
+
+    /// The view of the core as it is now (what [`Self::viewer`] receives after
+    /// this core's next change).
+    pub fn view(&self) -> View {
+        View {
+            core: Arc::new(self.core_view()),
+            kernel: self.kernel.status(),
+            latency: self.kernel.latency(),
         }
+    }
+
+    fn core_view(&self) -> CoreView {
+        let state = &self.state;
+        let dns_answers = self
+            .dns_targets
+            .borrow()
+            .keys()
+            .map(|c| (c.clone(), state.dns_answers(c).cloned()))
+            .collect();
+        CoreView {
+            source: self.source,
+            synced: self.synced(),
+            source_errors: self.source_errors,
+            source_last_error: self.source_last_error.clone(),
+            ignored_types: self.ignored_types,
+            opaque_types: self.opaque_types.clone(),
+            unknown_fields: self.unknown_fields.clone(),
+            connection: self.connection.clone(),
+            dns_status: self.dns.clone(),
+            dns_answers,
+            stats: state.stats().clone(),
+            refused: state.refused().clone(),
+            left_alone: state.left_alone(),
+            warming: state.warming(),
+            passthrough: state.passthrough(),
+            unhashable: state.unhashable(),
+            limited: state
+                .limited()
+                .iter()
+                .map(|(s, l)| crate::admin_types::LimitedDump {
+                    service: s.to_string(),
+                    reason: l.limit.label().to_owned(),
+                    endpoints: l.endpoints,
+                    programmed: l.programmed,
+                    why: l.why.clone(),
+                })
+                .collect(),
+            limits: self.kernel.limits(),
+            sent: self.kernel.sent(),
+            state_sizes: self.state_sizes(),
+            places: self.places.clone(),
+            table: Arc::downgrade(state.shared_table()),
+        }
+    }
+
+    /// Publishes the core's view for the admin server.
+    fn publish(&self) {
+        self.view.send_replace(Arc::new(self.core_view()));
+    }
+
+    /// The configuration source's connection changed.
+    pub fn set_source(&mut self, source: SourceState) {
+        if self.source != source {
+            self.source = source;
+            self.publish();
+        }
+    }
+
+    /// How the agent reaches its control plane, for `/config_dump`.
+    pub fn set_connection(&mut self, connection: crate::admin_types::ConnectionDump) {
+        self.connection = connection;
+        self.publish();
+    }
+
+    /// Counts a response of a type sockmesh does not consume.
+    pub fn ignored_type(&mut self) {
+        self.ignored_types += 1;
+        self.publish();
+    }
+
+    /// Fields of text documents ignored so far, by `Message.field`.
+    pub fn unknown_fields(&self) -> &super::unknown::UnknownFields {
+        &self.unknown_fields
     }
 
     /// This node's identity, which seeds the endpoint subsets of services with
@@ -175,6 +299,7 @@ impl Core {
         let accepted = self.state.apply_dns(cluster, answers);
         // Not waited on: the resolver goes on; the status shows a failure.
         drop(self.write_kernel(accepted, received, "dns"));
+        self.publish();
     }
 
     /// Counts what a text document held that was not decoded: opaque nested
@@ -205,6 +330,7 @@ impl Core {
             }
             *self.unknown_fields.entry(field).or_insert(0) += n;
         }
+        self.publish();
     }
 
     /// Counts a failed authentication to the control plane (the source logs it).
@@ -214,12 +340,14 @@ impl Core {
             .entry(failure.reason.label().to_owned())
             .or_insert(0) += 1;
         c.auth_last_error = Some(failure.detail.clone());
+        self.publish();
     }
 
     /// Records a document the source could not read or parse.
     pub fn source_error(&mut self, error: String) {
         self.source_errors += 1;
         self.source_last_error = Some(error);
+        self.publish();
     }
 
     /// A text source's parsed document: its opaque configs counted, or its error
@@ -290,13 +418,14 @@ impl Core {
         // Only when the task is idle: a retry already queued is not doubled.
         if self.synced() && self.kernel.idle() && self.kernel.status().behind {
             drop(self.kernel.write(
-                Write::Table(self.state.table().clone()),
+                Write::Table(self.state.shared_table().clone()),
                 BTreeSet::new(),
                 now,
                 warming,
             ));
         }
         self.kernel.tick(warming, now);
+        self.publish();
     }
 
     /// How many entries each of the agent's collections holds: the xDS state's
@@ -306,7 +435,49 @@ impl Core {
         out.insert("dns_status", self.dns.len());
         out.insert("opaque_types", self.opaque_types.len());
         out.insert("unknown_fields", self.unknown_fields.len());
+        out.insert("places", self.places.len());
         out
+    }
+
+    /// Keeps [`Self::places`] in step with the table: the services `changed`
+    /// names, or all of them (`None`). Only services with priority levels have
+    /// places: decoding an assignment for every service of a large mesh on every
+    /// update would cost more than the update.
+    fn refresh_places(&mut self, changed: Option<&Changes>) {
+        let table = self.state.table();
+        let levelled = |s: &ServiceAddr| {
+            table
+                .services
+                .get(s)
+                .is_some_and(|service| service.levels.is_some())
+        };
+        let Some(changes) = changed else {
+            let places = table
+                .services
+                .keys()
+                .filter(|s| levelled(s))
+                .filter_map(|s| Some((*s, Arc::new(self.state.places(s)?))))
+                .collect();
+            self.places = Arc::new(places);
+            return;
+        };
+        if !changes
+            .keys()
+            .any(|s| levelled(s) || self.places.contains_key(s))
+        {
+            return;
+        }
+        let places = Arc::make_mut(&mut self.places);
+        for s in changes.keys() {
+            match levelled(s).then(|| self.state.places(s)).flatten() {
+                Some(p) => {
+                    places.insert(*s, Arc::new(p));
+                }
+                None => {
+                    places.remove(s);
+                }
+            }
+        }
     }
 
     pub fn state(&self) -> &XdsState {
@@ -328,6 +499,7 @@ impl Core {
         };
         let size = update.resource_count();
         let result = self.handle_inner(update, received, kinds);
+        self.publish();
         if size >= LARGE_UPDATE {
             crate::dataplane::task::release_freed_memory();
         }
@@ -365,6 +537,9 @@ impl Core {
     /// Hands what an accepted update changed to the datapath task, once the table
     /// is the control plane's. `what` names the update for logs.
     fn write_kernel(&mut self, accepted: Accepted, received: Instant, what: &str) -> Written {
+        if accepted.table_changed {
+            self.refresh_places(Some(&accepted.changes));
+        }
         let behind = self.kernel.status().behind;
         if !self.synced() || !(accepted.table_changed || !self.sent_table || behind) {
             debug!(
@@ -377,8 +552,11 @@ impl Core {
         // The first write makes the kernel equal to the whole table (it may hold an
         // adopted one); later writes touch the changed services only, unless an
         // earlier write failed and the kernel has to catch up.
+        if !self.sent_table {
+            self.refresh_places(None);
+        }
         let write = if !self.sent_table || (behind && self.kernel.idle()) {
-            Write::Table(self.state.table().clone())
+            Write::Table(self.state.shared_table().clone())
         } else {
             Write::Changes(accepted.changes)
         };
@@ -435,368 +613,4 @@ impl Core {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::{Arc, Mutex};
-
-    use super::*;
-    use crate::model::{Backend, Changes, Protocol, RoutingTable, ServiceAddr};
-    use std::time::Duration;
-
-    #[derive(Clone, Default)]
-    struct Fake(Arc<Mutex<(RoutingTable, u32)>>);
-
-    impl TableSink for Fake {
-        fn apply(&mut self, table: &RoutingTable) -> Result<usize, SinkError> {
-            let mut g = self.0.lock().expect("lock");
-            g.0 = table.clone();
-            g.1 += 1;
-            Ok(1)
-        }
-        fn apply_changes(&mut self, changes: &Changes) -> Result<usize, SinkError> {
-            let mut g = self.0.lock().expect("lock");
-            for (s, b) in changes {
-                match b {
-                    Some(b) => g.0.insert(*s, b.clone()),
-                    None => {
-                        g.0.services.remove(s);
-                    }
-                }
-            }
-            g.1 += 1;
-            Ok(1)
-        }
-        fn table(&self) -> RoutingTable {
-            self.0.lock().map(|g| g.0.clone()).unwrap_or_default()
-        }
-    }
-
-    /// A sink whose writes fail while `failing` is set and which, if `migrating`,
-    /// stays pending (built beside another layout's datapath) until activated.
-    #[derive(Clone, Default)]
-    struct Scripted {
-        inner: Fake,
-        failing: Arc<Mutex<bool>>,
-        migrating: bool,
-        activated: Arc<Mutex<Option<RoutingTable>>>,
-    }
-
-    impl Scripted {
-        fn migrating() -> Self {
-            Self {
-                migrating: true,
-                ..Self::default()
-            }
-        }
-
-        fn check(&self) -> Result<(), SinkError> {
-            if *self.failing.lock().expect("lock") {
-                return Err(SinkError::Write(crate::dataplane::WriteError::Snapshot(
-                    crate::dataplane::store::StoreError {
-                        map: crate::dataplane::store::MapName::Services,
-                        op: "update",
-                        source: Box::new(std::io::Error::from_raw_os_error(libc::ENOMEM)),
-                    },
-                )));
-            }
-            Ok(())
-        }
-    }
-
-    impl TableSink for Scripted {
-        fn apply(&mut self, table: &RoutingTable) -> Result<usize, SinkError> {
-            self.check()?;
-            self.inner.apply(table)
-        }
-        fn apply_changes(&mut self, changes: &Changes) -> Result<usize, SinkError> {
-            self.check()?;
-            self.inner.apply_changes(changes)
-        }
-        fn table(&self) -> RoutingTable {
-            self.inner.table()
-        }
-        fn pending(&self) -> bool {
-            self.migrating && self.activated.lock().is_ok_and(|a| a.is_none())
-        }
-        fn activate(&mut self) -> Result<Vec<u32>, SinkError> {
-            *self.activated.lock().expect("lock") = Some(self.inner.table());
-            Ok(vec![1])
-        }
-    }
-
-    const LDS_TWO: &str = r#"
-resources:
-- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
-  name: a
-  address: { socket_address: { address: 10.96.0.1, port_value: 80 } }
-  filter_chains: [ { filters: [ { name: tcp, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: a } } ] } ]
-- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
-  name: b
-  address: { socket_address: { address: 10.96.0.2, port_value: 80 } }
-  filter_chains: [ { filters: [ { name: tcp, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: b } } ] } ]
-"#;
-    const CDS_TWO: &str = r#"
-resources:
-- { "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster, name: a, type: EDS, eds_cluster_config: { eds_config: { ads: {} } } }
-- { "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster, name: b, type: EDS, eds_cluster_config: { eds_config: { ads: {} } } }
-"#;
-    fn eds(names: &[&str]) -> Update {
-        let resources: String = names
-            .iter()
-            .map(|n| {
-                format!(
-                    r#"
-- "@type": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment
-  cluster_name: {n}
-  endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ socket_address: {{ address: 10.1.4.1, port_value: 80 }} }} }} }} ] }} ]
-"#
-                )
-            })
-            .collect();
-        sotw(Kind::Endpoint, &format!("resources:{resources}"))
-    }
-
-    fn core_over(sink: impl TableSink + 'static) -> Core {
-        Core::new(DatapathHandle::spawn(Box::new(sink), false))
-    }
-
-    /// Handles `update` and waits for its kernel write.
-    fn handle(core: &mut Core, update: Update, t0: Instant) -> Result<(), Nack> {
-        core.handle(update, t0).result()?.written.wait_blocking();
-        Ok(())
-    }
-
-    /// Ticks and waits for what the tick asked of the datapath task.
-    fn tick(core: &mut Core, now: Instant) {
-        core.tick(now);
-        core.flush().wait_blocking();
-    }
-
-    /// Services a and b (LDS, CDS), endpoints for a only: b is warming.
-    fn sync_only_a(core: &mut Core, t0: Instant) {
-        handle(core, sotw(Kind::Cluster, CDS_TWO), t0).expect("cds");
-        handle(core, sotw(Kind::Listener, LDS_TWO), t0).expect("lds");
-        handle(core, eds(&["a"]), t0).expect("eds a");
-    }
-
-    #[test]
-    fn a_migrating_datapath_goes_live_only_with_a_complete_table() {
-        let sink = Scripted::migrating();
-        let mut core = core_over(sink.clone());
-        let t0 = Instant::now();
-        sync_only_a(&mut core, t0);
-        // Service b is still warming: not live yet, even after a while.
-        tick(&mut core, t0 + Duration::from_secs(5));
-        assert!(core.kernel().migrating, "went live with a warming service");
-        handle(&mut core, eds(&["a", "b"]), t0).expect("eds a, b");
-        assert!(!core.kernel().migrating);
-        let live = sink
-            .activated
-            .lock()
-            .expect("lock")
-            .clone()
-            .expect("activated");
-        assert_eq!(live.services.len(), 2, "went live without b: {live:?}");
-    }
-
-    #[test]
-    fn a_migrating_datapath_goes_live_after_the_warming_timeout() {
-        let sink = Scripted::migrating();
-        let mut core = core_over(sink.clone());
-        let t0 = Instant::now();
-        tick(&mut core, t0 + MIGRATION_WARMING_TIMEOUT * 2);
-        assert!(
-            core.kernel().migrating,
-            "went live before the control plane was heard"
-        );
-        sync_only_a(&mut core, t0);
-        assert!(core.kernel().migrating);
-        tick(&mut core, Instant::now() + MIGRATION_WARMING_TIMEOUT);
-        assert!(
-            !core.kernel().migrating,
-            "b never arrives: live after the timeout"
-        );
-        let live = sink
-            .activated
-            .lock()
-            .expect("lock")
-            .clone()
-            .expect("activated");
-        assert_eq!(live.services.len(), 1);
-    }
-
-    #[test]
-    fn a_failed_kernel_write_is_accepted_shown_and_caught_up_on_the_next_tick() {
-        let sink = Scripted::default();
-        let mut core = core_over(sink.clone());
-        let t0 = Instant::now();
-        sync_only_a(&mut core, t0);
-        assert_eq!(sink.table().services.len(), 1);
-        *sink.failing.lock().expect("lock") = true;
-        handle(&mut core, eds(&["a", "b"]), t0)
-            .expect("valid configuration is accepted although the kernel write fails");
-        assert!(core.kernel().behind);
-        assert_eq!(
-            core.kernel().usage.services,
-            1,
-            "the gauges count what the kernel holds"
-        );
-        assert_eq!(core.state().table().services.len(), 2);
-        tick(&mut core, Instant::now());
-        // The write, and the tick's retry of the whole table.
-        assert_eq!(core.kernel().write_failures, 2);
-        assert_eq!(
-            sink.table().services.len(),
-            1,
-            "nothing written while failing"
-        );
-        *sink.failing.lock().expect("lock") = false;
-        tick(&mut core, Instant::now());
-        assert_eq!(
-            sink.table(),
-            *core.state().table(),
-            "the kernel caught up with the accepted table"
-        );
-        assert_eq!(sink.table().services.len(), 2);
-        assert!(!core.kernel().behind);
-    }
-
-    /// A sink whose change writes block until the test lets them go.
-    struct Gated {
-        inner: Fake,
-        armed: Arc<std::sync::atomic::AtomicBool>,
-        entered: std::sync::mpsc::Sender<()>,
-        permits: std::sync::mpsc::Receiver<()>,
-    }
-
-    impl TableSink for Gated {
-        fn apply(&mut self, table: &RoutingTable) -> Result<usize, SinkError> {
-            self.inner.apply(table)
-        }
-        fn apply_changes(&mut self, changes: &Changes) -> Result<usize, SinkError> {
-            if self.armed.load(std::sync::atomic::Ordering::SeqCst) {
-                let _ = self.entered.send(());
-                let _ = self.permits.recv_timeout(Duration::from_secs(30));
-            }
-            self.inner.apply_changes(changes)
-        }
-        fn table(&self) -> RoutingTable {
-            self.inner.table()
-        }
-    }
-
-    #[test]
-    fn an_admin_scrape_during_a_kernel_write_returns_while_the_write_runs() {
-        let (entered_tx, entered) = std::sync::mpsc::channel();
-        let (permit, permits) = std::sync::mpsc::channel();
-        let fake = Fake::default();
-        let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mut core = core_over(Gated {
-            inner: fake.clone(),
-            armed: armed.clone(),
-            entered: entered_tx,
-            permits,
-        });
-        let t0 = Instant::now();
-        sync_only_a(&mut core, t0);
-        core.source = SourceState::Connected;
-        armed.store(true, std::sync::atomic::Ordering::SeqCst);
-        let core = Arc::new(Mutex::new(core));
-        let written = core
-            .lock()
-            .expect("lock")
-            .handle(eds(&["a", "b"]), t0)
-            .result()
-            .expect("accepted")
-            .written;
-        entered
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the datapath task is inside the write");
-        // The scrape runs on another thread; with a lock held over the write it
-        // would wait for the write to end, which only the permit below allows.
-        let admin = crate::admin::Admin {
-            core: core.clone(),
-            bpffs: "/nonexistent/sockmesh-test".into(),
-            enrollment: None,
-        };
-        let (answer_tx, answer) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let metrics = crate::admin::route(&admin, "/metrics").status();
-            let ready = crate::admin::route(&admin, "/readyz").status();
-            let dump = admin
-                .core
-                .lock()
-                .map(|c| crate::admin::config_dump(&c, &Default::default()))
-                .unwrap_or_default();
-            let _ = answer_tx.send((metrics, ready, dump));
-        });
-        let (metrics, ready, dump) = answer
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the scrape returned while the kernel write runs");
-        assert_eq!((metrics.as_u16(), ready.as_u16()), (200, 200));
-        let dump: serde_json::Value = serde_json::from_str(&dump).expect("json");
-        assert_eq!(dump["push"]["writes_in_flight"], 1, "{dump}");
-        assert_eq!(
-            dump["services"].as_array().map(Vec::len),
-            Some(2),
-            "accepted"
-        );
-        assert_eq!(fake.table().services.len(), 1, "not written yet");
-        permit.send(()).expect("permit");
-        written.wait_blocking();
-        let core = core.lock().expect("lock");
-        assert_eq!(core.writes_in_flight(), 0);
-        assert_eq!(core.kernel().usage.services, 2);
-        assert_eq!(fake.table().services.len(), 2);
-    }
-
-    fn sotw(kind: Kind, yaml: &str) -> Update {
-        crate::xds::tests::sotw(kind, "1", yaml)
-    }
-
-    #[test]
-    fn adopted_table_is_kept_until_lds_and_cds_arrive_and_warming_keeps_it() {
-        let svc = ServiceAddr {
-            vip: "10.96.0.12".parse().expect("ip"),
-            port: 80,
-            protocol: Protocol::Tcp,
-        };
-        let old = Backend::new("10.1.9.9".parse().expect("ip"), 80);
-        let fake = Fake::default();
-        fake.0.lock().expect("lock").0.insert(svc, vec![old]);
-        let mut core = core_over(fake.clone());
-        let cds = r#"
-resources:
-- { "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster, name: c, type: EDS, eds_cluster_config: { eds_config: { ads: {} } } }
-"#;
-        handle(&mut core, sotw(Kind::Cluster, cds), Instant::now()).expect("cds");
-        assert_eq!(
-            fake.0.lock().expect("lock").1,
-            0,
-            "nothing written before LDS"
-        );
-        let lds = r#"
-resources:
-- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
-  name: l
-  address: { socket_address: { address: 10.96.0.12, port_value: 80 } }
-  filter_chains: [ { filters: [ { name: tcp, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: c } } ] } ]
-"#;
-        handle(&mut core, sotw(Kind::Listener, lds), Instant::now()).expect("lds");
-        assert_eq!(
-            fake.0.lock().expect("lock").0.services[&svc],
-            [old],
-            "service warming (no EDS yet) keeps the adopted backends"
-        );
-        let eds = r#"
-resources:
-- "@type": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment
-  cluster_name: c
-  endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 10.1.4.1, port_value: 80 } } } } ] } ]
-"#;
-        handle(&mut core, sotw(Kind::Endpoint, eds), Instant::now()).expect("eds");
-        assert_eq!(
-            fake.0.lock().expect("lock").0.services[&svc],
-            [Backend::new("10.1.4.1".parse().expect("ip"), 80)]
-        );
-    }
-}
+mod tests;

@@ -269,9 +269,18 @@ async fn follow(cluster: String, target: DnsTarget, core: Arc<Mutex<Core>>) {
 }
 
 fn report(core: &Mutex<Core>, cluster: &str, target: &DnsTarget, hosts: &[String], round: &Round) {
-    let Ok(mut core) = core.lock() else {
-        return;
-    };
+    crate::xds::core::locked(core, |core| {
+        report_locked(core, cluster, target, hosts, round);
+    });
+}
+
+fn report_locked(
+    core: &mut Core,
+    cluster: &str,
+    target: &DnsTarget,
+    hosts: &[String],
+    round: &Round,
+) {
     let previous = core
         .state()
         .dns_answers(cluster)

@@ -98,27 +98,29 @@ fn load(
         source,
     });
     let decoded = received.elapsed();
-    let mut c = core.lock().map_err(|_| LoadError::Poisoned)?;
-    let read = match parsed {
-        Ok(read) => read,
-        Err(e) => {
-            c.source_error(e.to_string());
-            return Err(e);
-        }
-    };
-    c.note_text(read.notes);
-    c.source = SourceState::Connected;
-    let (changed, kept) = (read.changed.len(), read.kept.len());
-    let handled = c.handle(
-        Update::Full {
-            version: read.version,
-            resources: read.changed,
-            kept: read.kept,
-            positions: read.positions,
-        },
-        received,
-    );
-    drop(c);
+    let (changed, kept, next, handled) = crate::xds::core::locked(core, |c| {
+        let read = match parsed {
+            Ok(read) => read,
+            Err(e) => {
+                c.source_error(e.to_string());
+                return Err(e);
+            }
+        };
+        c.note_text(read.notes);
+        c.set_source(SourceState::Connected);
+        let (changed, kept) = (read.changed.len(), read.kept.len());
+        let handled = c.handle(
+            Update::Full {
+                version: read.version,
+                resources: read.changed,
+                kept: read.kept,
+                positions: read.positions,
+            },
+            received,
+        );
+        Ok((changed, kept, read.next, handled))
+    })
+    .ok_or(LoadError::Poisoned)??;
     if handled.nack.is_some() && handled.refused.is_empty() {
         let source = handled.nack.unwrap_or_else(|| Nack(String::new()));
         return Err(LoadError::Rejected {
@@ -128,7 +130,7 @@ fn load(
     }
     // A refused resource's text is not remembered as accepted: the next read
     // decodes it again (and refuses it again, or applies its fix).
-    let mut next = read.next;
+    let mut next = next;
     next.forget(handled.refused.iter().map(|r| (r.kind, r.name.as_str())));
     *known = next;
     if let Some(nack) = &handled.nack {

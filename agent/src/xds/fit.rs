@@ -128,7 +128,7 @@ pub fn subset(service: &Service, keep: usize, seed: u64) -> Service {
         .as_deref()
         .map(|l| crate::lb::levels::retain(l, &kept, &backends));
     Service {
-        backends,
+        backends: backends.into(),
         ..service.clone()
     }
     .with_levels(levels)
@@ -391,14 +391,18 @@ mod tests {
         // A kept endpoint removed: exactly one other takes its place.
         let gone = *kept.iter().next().expect("one");
         let mut without = all.clone();
-        without.backends.retain(|b| *b != gone);
+        without.backends = all.iter().filter(|b| **b != gone).copied().collect();
         let after = subset(&without, 100, 7);
         let before = set(&kept);
         assert_eq!(before.difference(&set(&after)).count(), 1);
         assert_eq!(set(&after).difference(&before).count(), 1);
         // An endpoint added: in by at most one, out by at most one.
         let mut with = all.clone();
-        with.backends.push(Backend::new([10, 9, 9, 9].into(), 8080));
+        with.backends = all
+            .iter()
+            .copied()
+            .chain([Backend::new([10, 9, 9, 9].into(), 8080)])
+            .collect();
         let after = subset(&with, 100, 7);
         assert!(set(&after).difference(&before).count() <= 1);
         assert!(before.difference(&set(&after)).count() <= 1);

@@ -73,7 +73,7 @@ pub fn translate(res: &Resources, previous: &[&RoutingTable]) -> Translation {
                 clusters.insert(
                     name.clone(),
                     (
-                        ClusterBackends::Backends(Vec::new()),
+                        ClusterBackends::Backends(std::sync::Arc::default()),
                         cluster_policy(&c).policy,
                         cluster_policy(&c).health,
                         cluster_policy(&c).settings,

@@ -8,7 +8,10 @@
 //! is the same as the full translation (a unit test checks this after every step of
 //! a long update sequence).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use super::{
     clusters::{
@@ -46,9 +49,6 @@ pub struct Dirty {
     pub endpoints: BTreeSet<String>,
     /// Clusters whose DNS answers changed.
     pub dns: BTreeSet<String>,
-    /// The backends of the ClusterLoadAssignments the update changed, read when
-    /// they were validated (by EDS name).
-    pub assignments: BTreeMap<String, Vec<crate::model::Backend>>,
 }
 
 pub use crate::model::Changes;
@@ -207,11 +207,15 @@ impl Incremental {
         let [(cluster, _)] = spec.clusters.as_slice() else {
             return None;
         };
-        let cla = match &self.clusters.get(cluster)?.eds {
-            Some(eds) => res.endpoints.get(eds)?.decode(),
-            None => res.clusters.get(cluster)?.decode().load_assignment?,
-        };
-        Some(super::clusters::endpoint_places(&cla))
+        match &self.clusters.get(cluster)?.eds {
+            Some(eds) => {
+                let a = res.endpoints.get(eds)?;
+                Some(super::clusters::places(&a.backends, &a.localities))
+            }
+            None => Some(super::clusters::endpoint_places(
+                &res.clusters.get(cluster)?.decode().load_assignment?,
+            )),
+        }
     }
 
     /// Recomputes what `dirty` touches against `res` (already updated). `table` is
@@ -251,16 +255,7 @@ impl Incremental {
                 clusters.extend(users.iter().cloned());
             }
         }
-        // An assignment this update changed was read when it was validated.
-        let backends_of = |c: &str, source: &ClusterSource<'_>| match source {
-            ClusterSource::Eds(eds) if res.endpoints.contains_key(eds) => {
-                dirty.assignments.get(eds).map_or_else(
-                    || cluster_backends(c, source, res),
-                    |b| ClusterBackends::Backends(b.clone()),
-                )
-            }
-            _ => cluster_backends(c, source, res),
-        };
+        let backends_of = |c: &str, source: &ClusterSource<'_>| cluster_backends(c, source, res);
         for c in &clusters {
             // A cluster reached only through its ClusterLoadAssignment keeps what
             // its own resource says (decoding the Cluster again took half of an
@@ -313,7 +308,7 @@ impl Incremental {
                         fallback: policy.fallback,
                         eds: None,
                         dns: None,
-                        backends: ClusterBackends::Backends(Vec::new()),
+                        backends: ClusterBackends::Backends(Arc::default()),
                         ignored: Some(format!("Cluster {c:?}: {why}")),
                     },
                 }
@@ -441,8 +436,9 @@ impl Incremental {
         }
     }
 
-    /// Makes the staged state current.
-    pub fn commit(&mut self, st: Staged, table: &mut RoutingTable) {
+    /// Makes the staged state current. The table is copied first if another
+    /// holder shares it (see `XdsState::shared_table`), and only when it changes.
+    pub fn commit(&mut self, st: Staged, table: &mut std::sync::Arc<RoutingTable>) {
         for l in st.removed_listeners.iter().chain(st.specs.keys()) {
             self.unindex_listener(l);
         }
@@ -522,6 +518,10 @@ impl Incremental {
                 );
             }
         }
+        if st.changes.is_empty() {
+            return;
+        }
+        let table = std::sync::Arc::make_mut(table);
         for (s, b) in st.changes {
             match b {
                 Some(b) => {

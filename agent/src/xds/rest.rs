@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::{
-    core::{Core, SourceState},
+    core::{Core, SourceState, Written},
     decode::{Kind, discovery_request_to_json, discovery_response_with_opaque},
     state::Update,
 };
@@ -91,11 +91,11 @@ pub async fn run(
             }
         }
         if let Ok(mut c) = core.lock() {
-            c.source = if ok {
+            c.set_source(if ok {
                 SourceState::Connected
             } else {
                 SourceState::Disconnected
-            };
+            });
         }
         tokio::select! {
             () = tokio::time::sleep(refresh) => {}
@@ -199,11 +199,10 @@ async fn poll(
                 source,
             })
         });
-    let written = {
-        let mut c = core.lock().map_err(|_| PollError::Poisoned)?;
+    let written = crate::xds::core::locked(core, |c| -> Result<_, PollError> {
         let resp = c.document(parsed)?;
         if resp.version_info == c.state().version(kind) && !resp.version_info.is_empty() {
-            return Ok(());
+            return Ok(Written::none());
         }
         let handled = c.handle(
             Update::SotW {
@@ -216,8 +215,9 @@ async fn poll(
         if let Some(nack) = &handled.nack {
             warn!(kind = kind.short(), error = %nack, "REST response refused in part or whole; the valid resources are applied");
         }
-        handled.written
-    };
+        Ok(handled.written)
+    })
+    .ok_or(PollError::Poisoned)??;
     // The next poll (which carries this version) follows the kernel write.
     written.wait().await;
     Ok(())

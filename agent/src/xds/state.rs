@@ -9,7 +9,10 @@
 
 mod updates;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use sockmesh_proto::pb::google::protobuf::Any;
 
@@ -143,10 +146,11 @@ pub struct TypeStats {
 #[derive(Debug, Default)]
 pub struct XdsState {
     resources: Resources,
-    /// Per-resource versions (delta protocol; `initial_resource_versions`).
-    resource_versions: BTreeMap<Kind, BTreeMap<String, String>>,
     inc: Incremental,
-    table: RoutingTable,
+    /// Shared with the admin server's published view (weakly) and with the
+    /// datapath task while it writes the whole table: a commit copies it only when
+    /// one of them still holds it (see [`XdsState::shared_table`]).
+    table: Arc<RoutingTable>,
     stats: BTreeMap<Kind, TypeStats>,
     /// The notes standing after the last update of listeners or clusters (see
     /// [`XdsState::take_new_notes`]).
@@ -218,7 +222,7 @@ impl XdsState {
     }
 
     /// How many entries each of the state's collections holds, by name: the
-    /// resources, their versions, the translation's caches and indexes, the
+    /// resources (their versions are stored with them), the translation's caches and indexes, the
     /// bookkeeping of refused and limited resources. A leak audit compares them
     /// with what the configuration implies (`/config_dump`'s `state`).
     pub fn sizes(&self) -> BTreeMap<&'static str, usize> {
@@ -229,10 +233,6 @@ impl XdsState {
             ("clusters", r.clusters.len()),
             ("endpoints", r.endpoints.len()),
             ("dns_answers", r.dns.len()),
-            (
-                "resource_versions",
-                self.resource_versions.values().map(BTreeMap::len).sum(),
-            ),
             ("notes_seen", self.notes_seen.len()),
             ("refused", self.refused.values().map(BTreeMap::len).sum()),
             ("limited", self.limited.len()),
@@ -251,6 +251,13 @@ impl XdsState {
 
     /// The routing table of the accepted state.
     pub fn table(&self) -> &RoutingTable {
+        &self.table
+    }
+
+    /// The routing table, shared: a reader holding it sees it as it is now while
+    /// the state goes on; the next commit then copies the table instead of
+    /// changing it in place.
+    pub fn shared_table(&self) -> &Arc<RoutingTable> {
         &self.table
     }
 
@@ -287,10 +294,7 @@ impl XdsState {
 
     /// The versions of the resources held, for a delta reconnect.
     pub fn resource_versions(&self, kind: Kind) -> BTreeMap<String, String> {
-        self.resource_versions
-            .get(&kind)
-            .cloned()
-            .unwrap_or_default()
+        self.resources.versions(kind)
     }
 
     /// The last accepted version of a type (SotW `version_info`).
@@ -417,9 +421,6 @@ impl XdsState {
                 .collect();
             for name in gone {
                 self.resources.remove(kind, &name);
-            }
-            if let Some(v) = self.resource_versions.get_mut(&kind) {
-                v.retain(|n, _| wanted.contains(n));
             }
             if let Some(r) = self.refused.get_mut(&kind) {
                 r.retain(|n, _| wanted.contains(n));

@@ -13,6 +13,7 @@ mod documents;
 pub(crate) mod dump;
 mod left_alone;
 mod limits;
+mod shared;
 
 pub(super) fn full(yaml: &str) -> Update {
     let resp = discovery_response_from_text(yaml).expect("decodes");

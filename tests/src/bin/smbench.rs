@@ -12,7 +12,11 @@ use std::{
 
 use serde_json::{Value, json};
 use sockmesh::model::{Backend, Protocol, RoutingTable, ServiceAddr};
-use sockmesh_tests::{Bpffs, Cgroup, NetNs, Proc, agent_command, command_in, install, run, veth};
+use sockmesh_tests::{
+    Bpffs, Cgroup, NetNs, Proc, agent_command, command_in, install,
+    load::{self, capacity_flags, endpoints_of, percentile, rss_kib, wait_loaded},
+    run, veth,
+};
 
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -55,6 +59,23 @@ fn main() -> std::process::ExitCode {
     }
     if wants("pipeline") {
         report.insert("pipeline".into(), pipeline(&bin_dir));
+    }
+    if wants("probes") {
+        // /readyz and /metrics while the agent loads 100,000 services and takes
+        // batches of changes (SMBENCH_SERVICES, SMBENCH_BATCHES, SMBENCH_POLL_MS).
+        report.insert(
+            "admin_under_load".into(),
+            sockmesh_tests::probes::admin_under_load(
+                &bin_dir,
+                sockmesh_tests::probes::Load {
+                    services: env_or("SMBENCH_SERVICES", 100_000),
+                    endpoints: PROP_ENDPOINTS,
+                    batches: throughput_batches_n(),
+                    every: std::time::Duration::from_millis(env_or("SMBENCH_POLL_MS", 10)),
+                },
+                &say,
+            ),
+        );
     }
     if wants("file") {
         report.insert("file_source".into(), file_source(&bin_dir));
@@ -482,19 +503,6 @@ fn connect_cost(probe: &Path) -> Value {
     })
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    #[expect(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        reason = "index"
-    )]
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 const PROP_SERVICES: u32 = 10_000;
 const PROP_ENDPOINTS: u16 = 10;
 const PROP_CHANGES: u32 = 1_000;
@@ -527,7 +535,7 @@ struct Prop {
 }
 
 /// Changes per throughput batch, and batches (SMBENCH_BATCHES: more, to profile).
-const THROUGHPUT_BATCH: u32 = 1_000;
+const THROUGHPUT_BATCH: u32 = sockmesh_tests::load::BATCH;
 fn throughput_batches_n() -> u32 {
     env_or("SMBENCH_BATCHES", 10)
 }
@@ -590,10 +598,18 @@ fn propagation(bin_dir: &Path, run: Prop) -> Value {
     };
     let initial_load = started.elapsed();
     let rss_kib = rss_kib(agent.0.id());
+    // Issue 30's target reads the resident memory 2 s after the load, once the
+    // write's buffers are freed and handed back.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let rss_2s_kib = load::rss_kib(agent.0.id());
+    let (anon, file) = load::rss_parts_kib(agent.0.id());
     detail(&format!(
-        "  initial load (agent start -> all {services} services in the kernel): {:.2} s; agent RSS {} MiB",
+        "  initial load (agent start -> all {services} services in the kernel): {:.2} s; agent RSS {} MiB, 2 s later {} MiB ({} MiB anonymous, {} MiB file)",
         initial_load.as_secs_f64(),
-        rss_kib / 1024
+        rss_kib / 1024,
+        rss_2s_kib / 1024,
+        anon / 1024,
+        file / 1024
     ));
     // A 1 ns timer slack makes the 10 µs polling sleeps precise.
     // SAFETY: PR_SET_TIMERSLACK takes an integer and affects this thread only.
@@ -657,7 +673,13 @@ fn propagation(bin_dir: &Path, run: Prop) -> Value {
         ));
     }
     let batches = if throughput {
-        match throughput_batches(&cp, &reader, services, endpoints) {
+        match sockmesh_tests::load::batches(
+            &cp,
+            &reader,
+            services,
+            endpoints,
+            throughput_batches_n(),
+        ) {
             Ok(v) => Some(v),
             Err(e) => return json!({ "error": e }),
         }
@@ -723,6 +745,7 @@ fn propagation(bin_dir: &Path, run: Prop) -> Value {
         "services": services, "endpoints_per_service": endpoints, "changes": changes,
         "maglev_services": maglev,
         "initial_load_s": initial_load.as_secs_f64(), "agent_rss_kib": rss_kib,
+        "agent_rss_2s_kib": rss_2s_kib,
         "publish_to_map": e2e_json, "publish_to_map_maglev": maglev_json,
         "agent_receive_to_map": agent_json,
     })
@@ -880,19 +903,6 @@ fn scale(bin_dir: &Path) -> Value {
     Value::Array(rows)
 }
 
-/// [`propagation`] without its printout.
-/// Service `i`'s endpoints as [`sockmesh_tests::mesh::services`] made them, with
-/// the first one's port moved by `turn` (one endpoint changes per turn).
-fn endpoints_of(i: u32, endpoints: u16, turn: u16) -> Vec<(IpAddr, u16)> {
-    let [_, high, hi, lo] = i.to_be_bytes();
-    (0..endpoints)
-        .map(|p| {
-            let port = 8080 + p + if p == 0 { 1000 * (turn % 2) } else { 0 };
-            (IpAddr::from([10, 30 + high, hi, lo]), port)
-        })
-        .collect()
-}
-
 /// A background of endpoint changes: a thread changes one endpoint of service
 /// 2, 3, … (never 0 or 1, the measured ones) `per_s` times a second, open loop.
 struct Churn {
@@ -944,72 +954,19 @@ impl Churn {
     }
 }
 
-/// [`throughput_batches_n`] batches of `THROUGHPUT_BATCH` endpoint changes, one per
-/// service (services 2.., a different set each batch), each batch published at
-/// once: µs from publish until the kernel holds the batch's last change.
-fn throughput_batches(
-    cp: &sockmesh_tests::control_plane::ControlPlane,
-    reader: &sockmesh::dataplane::KernelMaps,
-    services: u32,
-    endpoints: u16,
-) -> Result<Vec<f64>, String> {
-    let mut out = Vec::new();
-    let others = services.saturating_sub(2);
-    if others < THROUGHPUT_BATCH {
-        return Err(format!(
-            "throughput needs more than {THROUGHPUT_BATCH} services"
-        ));
-    }
-    for b in 0..throughput_batches_n() {
-        let span = others - THROUGHPUT_BATCH + 1;
-        let first = 2 + (b * THROUGHPUT_BATCH) % span;
-        // Each pass over the services flips their first endpoint's port, so a
-        // batch's last change is a real one however many batches run.
-        let turn = 7 + (b * THROUGHPUT_BATCH / span) as u16;
-        let batch: Vec<_> = (first..first + THROUGHPUT_BATCH)
-            .map(|i| {
-                sockmesh_tests::mesh::assignment(
-                    &format!("svc-{i}"),
-                    &endpoints_of(i, endpoints, turn),
-                )
-            })
-            .collect();
-        let last = first + THROUGHPUT_BATCH - 1;
-        let mut want = endpoints_of(last, endpoints, turn);
-        want.sort();
-        let target = ServiceAddr {
-            vip: sockmesh_tests::mesh::service_vip(last),
-            port: 80,
-            protocol: Protocol::Tcp,
-        };
-        let t0 = std::time::Instant::now();
-        cp.publish(&batch, false);
-        loop {
-            if reader
-                .reachable(&target)
-                .ok()
-                .flatten()
-                .is_some_and(|got| got == want)
-            {
-                break;
-            }
-            if t0.elapsed() > std::time::Duration::from_secs(30) {
-                return Err(format!("throughput batch {b} not in the kernel after 30 s"));
-            }
-            std::thread::sleep(std::time::Duration::from_micros(100));
-        }
-        out.push(t0.elapsed().as_secs_f64() * 1e6);
-    }
-    Ok(out)
-}
-
 /// The update pipeline at 10k, 50k and 100k services × 10 endpoints (capacities
 /// raised past the defaults at 100k): initial load, agent RSS, one endpoint
 /// change's publish → kernel latency under a background churn of 1,000 endpoint
 /// changes/s, and batch throughput.
 fn pipeline(bin_dir: &Path) -> Value {
     say("\npipeline: the update path at 10k / 50k / 100k services x 10 endpoints, churn 1,000/s");
-    let rows: Vec<Value> = [10_000, 50_000, 100_000]
+    // SMBENCH_PIPELINE_SIZES=10000,100000 runs some sizes only.
+    let sizes: Vec<u32> = std::env::var("SMBENCH_PIPELINE_SIZES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .filter(|v: &Vec<u32>| !v.is_empty())
+        .unwrap_or_else(|| vec![10_000, 50_000, 100_000]);
+    let rows: Vec<Value> = sizes
         .into_iter()
         .map(|services| {
             propagation(
@@ -1026,71 +983,6 @@ fn pipeline(bin_dir: &Path) -> Value {
         })
         .collect();
     json!(rows)
-}
-
-/// `--max-services`, `--max-backends`, `--max-slots` raised past their defaults
-/// (65,536 services, 524,288 backends and slots) to need × 1.25 where `services` ×
-/// `endpoints` needs it, as an operator of a larger mesh would set them.
-fn capacity_flags(services: u32, endpoints: u16) -> Vec<String> {
-    let entries = services * u32::from(endpoints);
-    [
-        ("--max-services", services, sockmesh_common::MAX_SERVICES),
-        (
-            "--max-backends",
-            entries,
-            sockmesh_common::MAX_BACKENDS_TOTAL,
-        ),
-        ("--max-slots", entries, sockmesh_common::MAX_SLOTS_TOTAL),
-    ]
-    .into_iter()
-    .filter(|&(_, need, default)| need > default)
-    .flat_map(|(flag, need, _)| [flag.to_owned(), (need + need / 4).to_string()])
-    .collect()
-}
-
-/// Polls the pins in `bpffs` until the last of `services` ([`mesh::service_vip`])
-/// has its `endpoints` backends, for at most 120 s from `started`.
-fn wait_loaded(
-    bpffs: &Bpffs,
-    services: u32,
-    endpoints: u16,
-    started: std::time::Instant,
-) -> Result<sockmesh::dataplane::KernelMaps, String> {
-    let last = ServiceAddr {
-        vip: sockmesh_tests::mesh::service_vip(services - 1),
-        port: 80,
-        protocol: Protocol::Tcp,
-    };
-    loop {
-        if let Ok(r) = sockmesh::dataplane::open_pinned(&bpffs.0)
-            && r.reachable(&last)
-                .ok()
-                .flatten()
-                .is_some_and(|b| b.len() == usize::from(endpoints))
-        {
-            return Ok(r);
-        }
-        if started.elapsed() > std::time::Duration::from_secs(120) {
-            return Err(format!(
-                "{services} services not all in the kernel after 120 s"
-            ));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-}
-
-/// Resident memory of process `pid` (VmRSS), KiB; 0 when unreadable.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse::<u64>().ok())
-            })
-        })
-        .unwrap_or(0)
 }
 
 /// Sizes of the file-source scenario (services × [`PROP_ENDPOINTS`]), and the

@@ -2,7 +2,7 @@
 //! source's whole document, each by its protocol's rules of what is removed, and
 //! resource by resource (see `super::super::accept`).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
 use super::{Accepted, Nack, Update, XdsState};
 use crate::xds::{
@@ -18,16 +18,12 @@ use crate::xds::{
 struct Staging {
     /// What the update changed in the store, to translate again.
     touched: Vec<(Kind, String)>,
-    /// The backends of the assignments the update changed, by EDS name.
-    fresh: BTreeMap<String, Vec<crate::model::Backend>>,
-    /// Delta versions to record once the update is applied (`None`: forget).
-    versions: Vec<(Kind, String, Option<String>)>,
     /// Names accepted or removed: no longer refused.
     cleared: Vec<(Kind, String)>,
     refused: Vec<Refused>,
 }
 
-fn name_of(item: &Item) -> (Kind, &str) {
+fn name_of<'a>(item: &'a Item<'_>) -> (Kind, &'a str) {
     match item {
         Ok(c) => (c.kind, c.name.as_str()),
         Err(r) => (r.kind, r.name.as_str()),
@@ -101,10 +97,7 @@ impl XdsState {
                 self.whole_document(items, kept, &mut st)?;
             }
         }
-        let mut dirty = Dirty {
-            assignments: std::mem::take(&mut st.fresh),
-            ..Dirty::default()
-        };
+        let mut dirty = Dirty::default();
         for (kind, name) in &st.touched {
             let set = match kind {
                 Kind::Listener => &mut dirty.listeners,
@@ -115,13 +108,6 @@ impl XdsState {
             set.insert(name.clone());
         }
         let accepted = self.commit_dirty(&dirty, &update.kinds());
-        for (kind, name, version) in st.versions {
-            let map = self.resource_versions.entry(kind).or_default();
-            match version {
-                Some(v) => map.insert(name, v),
-                None => map.remove(&name),
-            };
-        }
         self.note_refused(
             st.cleared.iter().map(|(k, n)| (*k, n.as_str())),
             &st.refused,
@@ -129,24 +115,22 @@ impl XdsState {
         Ok((accepted, st.refused))
     }
 
-    /// [`Self::put`] of every accepted item; refused ones collected.
-    fn put_items(&mut self, items: Vec<Item>, st: &mut Staging) {
+    /// [`Self::put`] of every accepted item (state of the world: no version);
+    /// refused ones collected.
+    fn put_items(&mut self, items: Vec<Item<'_>>, st: &mut Staging) {
         for item in items {
             match item {
-                Ok(r) => self.put(r, st),
+                Ok(r) => self.put(r, None, st),
                 Err(r) => st.refused.push(r),
             }
         }
     }
 
-    /// Stores `r`, recording what it replaced and a changed assignment's backends.
-    fn put(&mut self, mut r: Checked, st: &mut Staging) {
+    /// Stores `r` with its delta `version`, recording what changed.
+    fn put(&mut self, r: Checked<'_>, version: Option<&str>, st: &mut Staging) {
         st.cleared.push((r.kind, r.name.clone()));
         // A resource sent again unchanged is not translated again.
-        if self.resources.put(r.kind, &r.name, &r.bytes).is_some() {
-            if let Some(backends) = r.backends.take() {
-                st.fresh.insert(r.name.clone(), backends);
-            }
+        if self.resources.put(r.kind, &r.name, r.content, version) {
             st.touched.push((r.kind, r.name));
         }
     }
@@ -160,7 +144,7 @@ impl XdsState {
     /// State of the world for one type: for LDS and CDS the complete set, so what
     /// the update does not name is removed (a refused resource is named: it keeps
     /// its last good version); for RDS and EDS the named resources sent.
-    fn state_of_the_world(&mut self, kind: Kind, mut items: Vec<Item>, st: &mut Staging) {
+    fn state_of_the_world(&mut self, kind: Kind, mut items: Vec<Item<'_>>, st: &mut Staging) {
         refuse_repeats(&mut items);
         if kind.is_wildcard() {
             let named: HashSet<&str> = items.iter().map(|i| name_of(i).1).collect();
@@ -193,7 +177,7 @@ impl XdsState {
         &mut self,
         kind: Kind,
         added: &[(String, String, sockmesh_proto::pb::google::protobuf::Any)],
-        items: Vec<Item>,
+        items: Vec<Item<'_>>,
         removed: &[String],
         st: &mut Staging,
     ) -> Result<(), Nack> {
@@ -221,11 +205,7 @@ impl XdsState {
                     ),
                     name: sent.clone(),
                 }),
-                Ok(r) => {
-                    st.versions
-                        .push((kind, r.name.clone(), Some(version.clone())));
-                    self.put(r, st);
-                }
+                Ok(r) => self.put(r, Some(version), st),
                 Err(mut r) => {
                     if !sent.is_empty() {
                         r.name.clone_from(sent);
@@ -236,7 +216,6 @@ impl XdsState {
         }
         for name in removed {
             self.remove(kind, name, st);
-            st.versions.push((kind, name.clone(), None));
         }
         Ok(())
     }
@@ -246,7 +225,7 @@ impl XdsState {
     /// which stay as they are without being sent again.
     fn whole_document(
         &mut self,
-        mut items: Vec<Item>,
+        mut items: Vec<Item<'_>>,
         kept: &[(Kind, std::sync::Arc<str>)],
         st: &mut Staging,
     ) -> Result<(), Nack> {

@@ -48,6 +48,11 @@ impl TableSink for Memory {
     }
 }
 
+/// `/config_dump` of `core` as it is now.
+pub(crate) fn dump_of(core: &Core) -> String {
+    crate::admin::config_dump(&core.view(), core.state().table(), &Default::default())
+}
+
 pub(crate) fn core() -> Core {
     Core::new(DatapathHandle::spawn(Box::new(Memory::default()), false))
 }
@@ -77,8 +82,7 @@ fn config_dump_and_metrics_list_refused_resources_and_listeners_left_alone() {
     let handled = core.handle(full(DOC), Instant::now());
     assert_eq!(handled.refused.len(), 1, "{:?}", handled.nack);
     handled.written.wait_blocking();
-    let dump: serde_json::Value =
-        serde_json::from_str(&crate::admin::config_dump(&core, &Default::default())).expect("JSON");
+    let dump: serde_json::Value = serde_json::from_str(&dump_of(&core)).expect("JSON");
     assert_eq!(
         dump["refused"]["lds"]["bad"],
         "Listener \"bad\": address.socket_address.port_value: 0 is out of range (1-65535)",
@@ -92,7 +96,7 @@ fn config_dump_and_metrics_list_refused_resources_and_listeners_left_alone() {
         "{dump}"
     );
     assert_eq!(dump["services"].as_array().map(Vec::len), Some(1), "{dump}");
-    let metrics = crate::admin::metrics(&core, &[], &[], &[], &Default::default());
+    let metrics = crate::admin::metrics(&core.view(), &[], &[], &[], &Default::default());
     for line in [
         "sockmesh_xds_refused_resources{type=\"lds\"} 1",
         "sockmesh_xds_refused_resources{type=\"cds\"} 0",
@@ -112,19 +116,18 @@ fn config_dump_and_metrics_list_refused_resources_and_listeners_left_alone() {
     }
     core.note_text(notes);
     assert_eq!(
-        core.unknown_fields.len(),
+        core.unknown_fields().len(),
         crate::xds::core::UNKNOWN_FIELDS_LISTED + 1
     );
     assert_eq!(
-        core.unknown_fields[crate::xds::core::OTHER_UNKNOWN_FIELDS],
+        core.unknown_fields()[crate::xds::core::OTHER_UNKNOWN_FIELDS],
         88
     );
-    let metrics = crate::admin::metrics(&core, &[], &[], &[], &Default::default());
+    let metrics = crate::admin::metrics(&core.view(), &[], &[], &[], &Default::default());
     let line =
         "sockmesh_xds_unknown_fields_total{field=\"envoy.config.cluster.v3.Cluster.knob_000\"} 2";
     assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
-    let dump: serde_json::Value =
-        serde_json::from_str(&crate::admin::config_dump(&core, &Default::default())).expect("JSON");
+    let dump: serde_json::Value = serde_json::from_str(&dump_of(&core)).expect("JSON");
     assert_eq!(dump["unknown_fields"]["(other)"], 88, "{dump}");
 }
 
@@ -142,19 +145,18 @@ fn a_service_the_maps_leave_out_is_degraded_in_readyz_and_listed() {
     let handled = core.handle(full(&two), Instant::now());
     assert!(handled.nack.is_none(), "{:?}", handled.nack);
     handled.written.wait_blocking();
-    core.source = crate::xds::core::SourceState::Connected;
+    core.set_source(crate::xds::core::SourceState::Connected);
     assert_eq!(sink.table().services.len(), 1);
-    let (status, text) = crate::admin::readiness(&core);
+    let (status, text) = crate::admin::readiness(&core.view());
     assert_eq!(status.as_u16(), 200);
     assert_eq!(
         text,
         "ready, degraded: 1 service limited by this node's maps (see /config_dump, limited)"
     );
-    let metrics = crate::admin::metrics(&core, &[], &[], &[], &Default::default());
+    let metrics = crate::admin::metrics(&core.view(), &[], &[], &[], &Default::default());
     let line = "sockmesh_services_limited{reason=\"capacity_left_out\"} 1";
     assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
-    let dump: serde_json::Value =
-        serde_json::from_str(&crate::admin::config_dump(&core, &Default::default())).expect("JSON");
+    let dump: serde_json::Value = serde_json::from_str(&dump_of(&core)).expect("JSON");
     assert_eq!(dump["limited"][0]["service"], "10.96.0.2:80/tcp", "{dump}");
     assert_eq!(dump["limited"][0]["reason"], "capacity_left_out", "{dump}");
 }
@@ -235,7 +237,7 @@ fn config_dump_shows_the_levels_as_the_kernel_applies_them() {
     };
     publish(&writer, &mut core);
     let dump = |core: &Core, health: &crate::dataplane::HealthReport| -> serde_json::Value {
-        let text = crate::admin::config_dump(core, health);
+        let text = crate::admin::config_dump(&core.view(), core.state().table(), health);
         serde_json::from_str(&text).expect("JSON")
     };
     let d = dump(&core, &Default::default());
