@@ -198,44 +198,36 @@ fn populated(path: &Path) -> bool {
     })
 }
 
-/// The path of the cgroup `id` below `root`, if it exists.
+/// The path of the cgroup `id` at or below `root`, if it exists.
 fn find_cgroup(root: &Path, id: u64) -> Option<PathBuf> {
-    let mut dirs = vec![root.to_owned()];
-    while let Some(dir) = dirs.pop() {
-        if fs::metadata(&dir).is_ok_and(|m| m.ino() == id) {
-            return Some(dir);
-        }
-        if let Ok(entries) = fs::read_dir(&dir) {
-            dirs.extend(
-                entries
-                    .flatten()
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .map(|e| e.path()),
-            );
-        }
-    }
-    None
+    cgroups_under(root).find_map(|(path, ino)| (ino == id).then_some(path))
 }
 
 /// The ids of `root` and every cgroup below it (a cgroup's id is its inode).
 pub(super) fn ids_under(root: &Path) -> BTreeSet<u64> {
-    let mut ids = BTreeSet::new();
+    cgroups_under(root).map(|(_, id)| id).collect()
+}
+
+/// `root` and every cgroup below it, each with its id, depth first.
+fn cgroups_under(root: &Path) -> impl Iterator<Item = (PathBuf, u64)> {
     let mut dirs = vec![root.to_owned()];
-    while let Some(dir) = dirs.pop() {
-        let Ok(meta) = fs::metadata(&dir) else {
-            continue;
-        };
-        ids.insert(meta.ino());
-        if let Ok(entries) = fs::read_dir(&dir) {
-            dirs.extend(
-                entries
-                    .flatten()
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .map(|e| e.path()),
-            );
+    std::iter::from_fn(move || {
+        while let Some(dir) = dirs.pop() {
+            let Ok(meta) = fs::metadata(&dir) else {
+                continue;
+            };
+            if let Ok(entries) = fs::read_dir(&dir) {
+                dirs.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
+            }
+            return Some((dir, meta.ino()));
         }
-    }
-    ids
+        None
+    })
 }
 
 /// Refuses when links under `layout` serve a live cgroup outside `root` (another
