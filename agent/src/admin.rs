@@ -250,6 +250,10 @@ fn readiness_state(view: &View) -> (StatusCode, &'static str) {
         );
     }
     match (core.synced, core.source) {
+        (true, SourceState::Connected) if kernel.handled < core.synced_write => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the first accepted state is being written to the kernel",
+        ),
         (true, SourceState::Connected) => (StatusCode::OK, "ready"),
         (true, _) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -719,4 +723,49 @@ fn load_balancing(
             (name, dump)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use prometheus_client::metrics::histogram::Histogram;
+
+    use super::*;
+    use crate::{
+        dataplane::task::{KernelStatus, LATENCY_BUCKETS},
+        xds::view::CoreView,
+    };
+
+    fn view(synced_write: u64, handled: u64) -> View {
+        View {
+            core: Arc::new(CoreView {
+                synced: true,
+                source: SourceState::Connected,
+                sent: synced_write,
+                synced_write,
+                ..CoreView::default()
+            }),
+            kernel: KernelStatus {
+                handled,
+                ..KernelStatus::default()
+            },
+            latency: Histogram::new(LATENCY_BUCKETS),
+        }
+    }
+
+    #[test]
+    fn ready_once_the_kernel_holds_the_first_accepted_state() {
+        // Synced and connected, the write that carries the table still in the
+        // datapath task: not ready; handled: ready.
+        assert_eq!(
+            readiness_state(&view(2, 1)).0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(readiness_state(&view(2, 2)).0, StatusCode::OK);
+        // Later writes in flight do not take readiness away.
+        let mut later = view(2, 2);
+        Arc::make_mut(&mut later.core).sent = 5;
+        assert_eq!(readiness_state(&later).0, StatusCode::OK);
+    }
 }

@@ -86,6 +86,10 @@ pub struct Core {
     /// The whole table has been handed to the datapath once (later writes are
     /// the changed services only).
     sent_table: bool,
+    /// The count of writes sent once the first that carried the control
+    /// plane's table was handed over (`None` before): ready when the kernel has
+    /// handled that many.
+    synced_write: Option<u64>,
     source: SourceState,
     /// Responses of types sockmesh does not consume.
     ignored_types: u64,
@@ -155,6 +159,7 @@ impl Core {
             kernel,
             synced: BTreeSet::new(),
             sent_table: false,
+            synced_write: None,
             source: SourceState::Connecting,
             ignored_types: 0,
             source_errors: 0,
@@ -229,6 +234,7 @@ impl Core {
                 .collect(),
             limits: self.kernel.limits(),
             sent: self.kernel.sent(),
+            synced_write: self.synced_write.unwrap_or(0),
             state_sizes: self.state_sizes(),
             places: self.places.clone(),
             table: Arc::downgrade(state.shared_table()),
@@ -603,6 +609,9 @@ impl Core {
         let subscriptions_changed = applied.accepted.subscriptions_changed;
         // A failed write is counted, shown and retried, not NACKed.
         let written = self.write_kernel(applied.accepted, received, &format!("{kinds:?}"));
+        if self.synced_write.is_none() && self.synced() {
+            self.synced_write = Some(self.kernel.sent());
+        }
         Handled {
             subscriptions_changed,
             written,

@@ -64,6 +64,9 @@ pub struct CoreView {
     pub limits: Limits,
     /// Writes handed to the datapath task so far (see [`View::writes_in_flight`]).
     pub sent: u64,
+    /// [`Self::sent`] once the first write of the control plane's table was
+    /// handed over (0 before): the node is ready when the kernel has handled it.
+    pub synced_write: u64,
     /// How many entries each of the agent's collections holds (for leak audits).
     pub state_sizes: BTreeMap<&'static str, usize>,
     /// The place of each endpoint of the services with priority levels, as their
