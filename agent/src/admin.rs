@@ -690,10 +690,17 @@ pub fn config_dump_with(
             .collect(),
         load_balancing: load_balancing(&core.places, &kernel.levels, health),
         services: table.to_json(),
+        // The table's backends are counted here, where the table is read: the
+        // core publishes its sizes after every update, and a walk of every
+        // service there cost each update O(services).
         state: core
             .state_sizes
             .iter()
             .map(|(k, n)| ((*k).to_owned(), *n))
+            .chain([(
+                "backends".to_owned(),
+                table.services.values().map(|s| s.len()).sum(),
+            )])
             .collect(),
     }
     .to_json()

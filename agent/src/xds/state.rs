@@ -237,10 +237,6 @@ impl XdsState {
             ("refused", self.refused.values().map(BTreeMap::len).sum()),
             ("limited", self.limited.len()),
             ("services", self.table.services.len()),
-            (
-                "backends",
-                self.table.services.values().map(|s| s.len()).sum(),
-            ),
             ("seed_services", self.seed.services.len()),
         ]
         .into_iter()
