@@ -162,8 +162,14 @@ fn layout_upgrade_builds_beside_the_old_datapath_and_swaps_without_loss() {
         sockmesh_common::hooks::HOOKS.len(),
         "old programs left attached: {attached:?}"
     );
-    let dump = admin.dump();
-    assert_eq!(dump["datapath"]["attachment"], "Migrated", "{dump}");
+    // The datapath task publishes its status once the swap's command is done,
+    // just after it removed v1's pins.
+    let dump = wait_until("the dump to say Migrated", Duration::from_secs(10), || {
+        let dump = admin.dump();
+        (dump["datapath"]["attachment"] == "Migrated")
+            .then_some(dump.clone())
+            .ok_or(dump)
+    });
     assert_eq!(
         dump["datapath"]["retired_layouts"],
         serde_json::json!([1]),
