@@ -107,6 +107,7 @@ fn concurrent_deaths_and_updates_keep_the_kernel_state_exact() {
     let mut last_swap = Instant::now();
     let mut most_running = 0;
     let mut samples = 0;
+    let mut samples_after_death = 0;
     let mut swaps = 0;
     while started.elapsed() < Duration::from_millis(3_500) {
         if victims.is_some() && started.elapsed() > Duration::from_millis(1_000) {
@@ -141,6 +142,9 @@ fn concurrent_deaths_and_updates_keep_the_kernel_state_exact() {
             "{ejected} of 10 hosts ejected at once (max_ejection_percent {MAX_EJECTION_PERCENT})"
         );
         samples += 1;
+        if victims.is_none() {
+            samples_after_death += 1;
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
     let (mut opened, mut failed, mut fewest) = (0u64, 0u64, u64::MAX);
@@ -169,7 +173,11 @@ fn concurrent_deaths_and_updates_keep_the_kernel_state_exact() {
         fewest >= 100,
         "every client connected through the storm: the fewest {fewest}, {opened} in all"
     );
-    assert!(samples > 50, "the kernel state was read {samples} times");
+    // Every 10 ms on the host; a read takes tens of ms in the VM under TCG.
+    assert!(
+        samples_after_death >= 10,
+        "the kernel state was read {samples_after_death} times after the deaths ({samples} in all)"
+    );
     assert_eq!(
         most_running,
         usize::from(MAX_EJECTION_PERCENT) / 10,
