@@ -58,22 +58,26 @@ fn without_bpf_set_retval_an_empty_service_refuses_with_eperm() {
     .expect("write table");
     let cgroup = Cgroup::new();
     let bpffs = Bpffs::new();
-    let out = Command::new(sockmesh_bin())
-        .env("SOCKMESH_FEATURES_OFF", "set_retval")
-        .arg("apply")
-        .arg("--cgroup")
-        .arg(&cgroup.0)
-        .arg("--bpffs")
-        .arg(&bpffs.0)
-        .arg("--table")
-        .arg(&table)
-        .output()
-        .expect("sockmesh apply");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // `sockmesh apply` of the table file, the helper turned off.
+    let apply = || {
+        let out = Command::new(sockmesh_bin())
+            .env("SOCKMESH_FEATURES_OFF", "set_retval")
+            .arg("apply")
+            .arg("--cgroup")
+            .arg(&cgroup.0)
+            .arg("--bpffs")
+            .arg(&bpffs.0)
+            .arg("--table")
+            .arg(&table)
+            .output()
+            .expect("sockmesh apply");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    apply();
     let peer = |vip: &str| {
         let mut cmd = command_in(&pods.client, Some(&cgroup), PROBE);
         cmd.args(["peer", vip]);
@@ -91,22 +95,7 @@ fn without_bpf_set_retval_an_empty_service_refuses_with_eperm() {
     );
     // An empty table applied: nothing of either stays.
     fs::write(&table, "[]").expect("write table");
-    let out = Command::new(sockmesh_bin())
-        .env("SOCKMESH_FEATURES_OFF", "set_retval")
-        .arg("apply")
-        .arg("--cgroup")
-        .arg(&cgroup.0)
-        .arg("--bpffs")
-        .arg(&bpffs.0)
-        .arg("--table")
-        .arg(&table)
-        .output()
-        .expect("sockmesh apply");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    apply();
     audit.assert("an empty table applied", &Expect::empty().link_cgroups(1));
 }
 
