@@ -345,14 +345,30 @@ mod tests {
         UNIX_EPOCH + std::time::Duration::from_secs(secs)
     }
 
-    fn tmp() -> PathBuf {
+    /// A scratch directory, removed when dropped (also when the test fails).
+    struct Scratch(PathBuf);
+
+    impl std::ops::Deref for Scratch {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn tmp() -> Scratch {
         let d = std::env::temp_dir().join(format!(
             "sockmesh-auth-{}-{}",
             std::process::id(),
             rand::random::<u32>()
         ));
         std::fs::create_dir_all(&d).expect("dir");
-        d
+        Scratch(d)
     }
 
     #[test]
