@@ -310,7 +310,7 @@ fn enrolling_and_unenrolling_under_a_connection_loop_fails_nothing() {
         wait_attached(&admin, "shop/b");
     }
     // A connection placed while B is enrolled and closed after B opts out: the
-    // placing programs go at once (a new connect meets kube-proxy's DNAT), the
+    // placing programs stand aside at once (a new connect meets kube-proxy's DNAT), the
     // release program stays while B's processes run, so the close deletes the
     // connection's reverse entry; B's links go once its last process has.
     let reverse = || {
@@ -340,7 +340,21 @@ fn enrolling_and_unenrolling_under_a_connection_loop_fails_nothing() {
         after.lines().all(|l| l.ends_with(" b1")),
         "an opted-out pod's connects are kube-proxy's: {after}"
     );
-    assert!(!lab.pinned_cgroups().is_empty(), "B's release links stay");
+    // The placing programs are swapped for stand-ins in the same links, not
+    // detached (a detach can flip the kernel's per-attach-type static key); the
+    // release programs stay.
+    let programs = &lab.attached(&[&cg_b])[3].1;
+    for (placing, off) in sockmesh_common::hooks::OPTED_OUT {
+        assert!(
+            programs.iter().any(|p| p == off.program)
+                && !programs.iter().any(|p| p == placing.program),
+            "{programs:?}"
+        );
+    }
+    assert!(
+        programs.iter().any(|p| p == "sm_sock_release"),
+        "B's release links stay: {programs:?}"
+    );
     release(holder);
     wait_until(
         "the held connection's reverse entry deleted at its close",

@@ -7,12 +7,18 @@
 //! and unpins the links of cgroups no longer given. A process outside every
 //! enrolled cgroup has no program on its path: its `connect()` is untouched.
 //!
-//! A pod that opts out while its processes run loses the programs that place
-//! sockets ([`PLACING`]: connect and sendmsg) at once; the others stay until the
-//! cgroup holds no process any more (`populated 0` in `cgroup.events`): its
-//! sockets placed while it was enrolled keep their VIP in `getpeername()` and
-//! in UDP replies, and their close still deletes their `SM_REVERSE` entry and
-//! their connection counts, which nothing else would.
+//! A pod that opts out while its processes run has the programs that place
+//! sockets (connect and sendmsg) swapped at once for stand-ins that let every
+//! call proceed ([`OPTED_OUT`], one `BPF_LINK_UPDATE` each); the others stay
+//! until the cgroup holds no process any more (`populated 0` in
+//! `cgroup.events`): its sockets placed while it was enrolled keep their VIP in
+//! `getpeername()` and in UDP replies, and their close still deletes their
+//! `SM_REVERSE` entry and their connection counts, which nothing else would.
+//! Opting back in swaps the placing programs back. Neither attaches nor
+//! detaches a program: the kernel keeps one static key per attach type, on
+//! while any cgroup has a program there, and flipping it patches kernel text on
+//! every CPU (under qemu's TCG, a vCPU running `connect()` through the patched
+//! site once spun there until the watchdog fired).
 //!
 //! A restarted agent swaps its programs into every cgroup's pinned links at once
 //! ([`adopt`]), so pods enrolled before keep being served, then prunes what its
@@ -23,12 +29,15 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
+    os::{
+        fd::{AsFd as _, BorrowedFd},
+        unix::fs::MetadataExt as _,
+    },
     path::{Path, PathBuf},
 };
 
 use aya::Ebpf;
-use sockmesh_common::hooks::{CONNECT4, CONNECT6, HOOKS, SENDMSG4, SENDMSG6};
+use sockmesh_common::hooks::{HOOKS, OPTED_OUT, OPTED_OUT_PREFIX};
 use tracing::{debug, info, warn};
 
 use super::{Attachment, Datapath, DataplaneError, PinLayout, loader, sys};
@@ -59,8 +68,8 @@ pub struct EnrollReport {
     /// cgroups whose links this call detached and unpinned, by id.
     pub detached: Vec<u64>,
     /// cgroups no longer enrolled that still hold processes, by id: their
-    /// placing programs are detached, the rest stay until the processes are
-    /// gone (the caller calls again to find out).
+    /// placing programs are swapped for the [`OPTED_OUT`] stand-ins, the rest
+    /// stay until the processes are gone (the caller calls again to find out).
     pub draining: Vec<u64>,
     /// Nothing is attached while the datapath waits to go live (a layout
     /// migration): it attaches the last cgroups it was given then.
@@ -75,20 +84,11 @@ pub(super) struct PodLinks {
     attached: BTreeMap<u64, Option<PathBuf>>,
     /// The last cgroups asked for (a pending datapath attaches them on activation).
     desired: BTreeSet<PathBuf>,
-    /// cgroups no longer enrolled whose [`PLACING`] links are detached and whose
-    /// other links stay while processes run in them, by id: their path (`None`
-    /// until found).
+    /// cgroups no longer enrolled whose placing links run the [`OPTED_OUT`]
+    /// stand-ins and whose other links stay while processes run in them, by id:
+    /// their path (`None` until found).
     draining: BTreeMap<u64, Option<PathBuf>>,
 }
-
-/// The programs that place sockets: detached as soon as a pod is no longer
-/// enrolled.
-pub const PLACING: [&str; 4] = [
-    CONNECT4.program,
-    CONNECT6.program,
-    SENDMSG4.program,
-    SENDMSG6.program,
-];
 
 /// The cgroup ids that have links pinned under `layout`, with how many.
 pub(super) fn pinned_cgroups(layout: &PinLayout) -> BTreeMap<u64, usize> {
@@ -112,6 +112,7 @@ pub(super) fn pinned_cgroups(layout: &PinLayout) -> BTreeMap<u64, usize> {
 /// Returns how the programs came to be attached, and what it adopted.
 pub(super) fn adopt(ebpf: &Ebpf, layout: &PinLayout) -> Result<PodLinks, DataplaneError> {
     let mut links = PodLinks::default();
+    let stand_ins = loaded_stand_ins();
     for (id, _) in pinned_cgroups(layout) {
         let dir = layout.cgroup_links(id);
         if !cgroup_alive(&dir)? {
@@ -122,26 +123,62 @@ pub(super) fn adopt(ebpf: &Ebpf, layout: &PinLayout) -> Result<PodLinks, Datapla
             );
             continue;
         }
+        // A pod opted out before the restart: its placing links run stand-ins,
+        // and get this agent's stand-ins.
+        let opted_out = OPTED_OUT.iter().any(|(placing, _)| {
+            link_program_id(&dir.join(placing.program)).is_some_and(|p| stand_ins.contains(&p))
+        });
         for hook in HOOKS {
-            let name = hook.program;
-            let pin = dir.join(name);
+            let pin = dir.join(hook.program);
             if !pin.exists() {
                 // Attached in part (an agent stopped while attaching): the next
                 // enrollment of its cgroup attaches the rest.
                 continue;
             }
-            let prog = ebpf
-                .program(name)
-                .ok_or(DataplaneError::MissingProgram { name })?;
-            let fd = prog
-                .fd()
-                .map_err(|source| DataplaneError::Program { name, source })?;
-            loader::replace_in_link(&pin, fd.as_fd(), name)?;
+            let name = match OPTED_OUT.iter().find(|(placing, _)| *placing == hook) {
+                Some((_, off)) if opted_out => off.program,
+                _ => hook.program,
+            };
+            loader::replace_in_link(&pin, program_fd(ebpf, name)?, name)?;
         }
-        debug!(cgroup_id = id, "adopted the cgroup's pinned links");
-        links.attached.insert(id, None);
+        if opted_out {
+            debug!(cgroup_id = id, "adopted the pinned links of a cgroup that opted out");
+            links.draining.insert(id, None);
+        } else {
+            debug!(cgroup_id = id, "adopted the cgroup's pinned links");
+            links.attached.insert(id, None);
+        }
     }
     Ok(links)
+}
+
+/// The loaded program `name`'s descriptor.
+fn program_fd<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<BorrowedFd<'a>, DataplaneError> {
+    let prog = ebpf
+        .program(name)
+        .ok_or(DataplaneError::MissingProgram { name })?;
+    prog.fd()
+        .map(|fd| fd.as_fd())
+        .map_err(|source| DataplaneError::Program { name, source })
+}
+
+/// The ids of every loaded [`OPTED_OUT`] stand-in (this agent's and a previous
+/// one's).
+fn loaded_stand_ins() -> BTreeSet<u32> {
+    aya::programs::loaded_programs()
+        .flatten()
+        .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with(OPTED_OUT_PREFIX)))
+        .map(|p| p.id())
+        .collect()
+}
+
+/// The id of the program the link pinned at `pin` runs (`None`: no such pin).
+fn link_program_id(pin: &Path) -> Option<u32> {
+    let link = aya::programs::links::PinnedLink::from_pin(pin).ok()?;
+    aya::programs::links::FdLink::from(link)
+        .info()
+        .ok()
+        .map(|i| i.program_id())
 }
 
 /// Whether the links pinned in `dir` are still attached to a live cgroup (the
@@ -173,16 +210,16 @@ pub(super) fn detach_cgroup(layout: &PinLayout, id: u64) -> Result<usize, Datapl
     loader::remove_tree(&dir)
 }
 
-/// Detaches and unpins the [`PLACING`] links of the cgroup `id` (those pinned).
-fn detach_placing(layout: &PinLayout, id: u64) -> Result<(), DataplaneError> {
+/// Swaps the [`OPTED_OUT`] stand-ins into the placing links of the cgroup `id`
+/// (those pinned): its connects and sends proceed untouched from now on.
+fn opt_out(ebpf: &Ebpf, layout: &PinLayout, id: u64) -> Result<(), DataplaneError> {
     let dir = layout.cgroup_links(id);
-    for name in PLACING {
-        let pin = dir.join(name);
+    for (placing, off) in OPTED_OUT {
+        let pin = dir.join(placing.program);
         if !pin.exists() {
             continue;
         }
-        loader::detach_pin(&pin)?;
-        fs::remove_file(&pin).map_err(|source| DataplaneError::Io { path: pin, source })?;
+        loader::replace_in_link(&pin, program_fd(ebpf, off.program)?, off.program)?;
     }
     Ok(())
 }
@@ -349,9 +386,8 @@ impl Datapath {
                         if was_draining {
                             Ok(())
                         } else {
-                            detach_placing(&self.layout, id).map(|()| {
-                                debug!(cgroup_id = id, "detached the placing links of a cgroup no longer enrolled; the rest stay while its processes run");
-                                report.detached.push(id);
+                            opt_out(&self.ebpf, &self.layout, id).map(|()| {
+                                debug!(cgroup_id = id, "swapped stand-ins into the placing links of a cgroup no longer enrolled; the rest stay while its processes run");
                             })
                         }
                         .map(|()| {

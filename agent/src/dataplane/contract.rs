@@ -11,7 +11,7 @@ use aya_obj::{
     generated::{bpf_attach_type, bpf_prog_type},
 };
 use sockmesh_common::{
-    hooks::{HOOKS, ProgramType, attach_type},
+    hooks::{PROGRAMS, ProgramType, attach_type},
     map_names,
 };
 
@@ -37,9 +37,9 @@ fn the_object_has_exactly_the_maps_of_map_names() {
 fn the_object_has_exactly_the_programs_of_the_hook_table() {
     let object = object();
     let found: BTreeSet<&str> = object.programs.keys().map(String::as_str).collect();
-    let listed: BTreeSet<&str> = HOOKS.iter().map(|h| h.program).collect();
+    let listed: BTreeSet<&str> = PROGRAMS.iter().map(|h| h.program).collect();
     assert_eq!(found, listed);
-    for hook in HOOKS {
+    for hook in PROGRAMS {
         let section = &object.programs[hook.program].section;
         let (program_type, attach) = match section {
             ProgramSection::CgroupSockAddr { attach_type } => (

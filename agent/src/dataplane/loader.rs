@@ -45,7 +45,7 @@ use aya::{
 };
 use sockmesh_common::{
     LAYOUT_VERSION,
-    hooks::{HOOKS, PROGRAM_PREFIX, ProgramType},
+    hooks::{HOOKS, PROGRAM_PREFIX, PROGRAMS, ProgramType},
     map_names,
 };
 use tracing::{debug, info};
@@ -352,9 +352,10 @@ pub fn load(
         .map_err(DataplaneError::Load)
 }
 
-/// Loads every program into the kernel (the verifier runs here), unattached.
+/// Loads every program into the kernel (the verifier runs here), unattached: the
+/// hooks and the opted-out stand-ins.
 pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
-    for hook in HOOKS {
+    for hook in PROGRAMS {
         let name = hook.program;
         let prog = ebpf
             .program_mut(name)

@@ -4,7 +4,7 @@
 //! The kernel programs (`ebpf/programs/src/sock_addr.rs`) are declared through a
 //! macro that checks at compile time that each function's name and attach point are
 //! the ones listed here; the agent loads, attaches, pins and queries programs only
-//! through [`HOOKS`], and a unit test (`agent/src/dataplane/contract.rs`) checks the
+//! through [`HOOKS`] and [`OPTED_OUT`], and a unit test (`agent/src/dataplane/contract.rs`) checks the
 //! built object against this table and the numbers below against the kernel headers'
 //! `enum bpf_prog_type` / `enum bpf_attach_type` (aya-obj's generated bindings).
 
@@ -162,6 +162,70 @@ pub const HOOKS: [Hook; 10] = [
     GETPEERNAME6,
 ];
 
+/// The programs that stand in for the placing hooks (connect, sendmsg) of a pod
+/// that opted out while its processes run: each lets the call proceed untouched.
+/// The agent swaps one into the placing hook's link (`BPF_LINK_UPDATE`, which
+/// keeps the attach type) instead of detaching it, so opting out and back in
+/// never attaches or detaches a program: the kernel's per-attach-type static
+/// keys, whose flip patches kernel text on every CPU, stay as they are.
+/// Each pair: the placing hook, its stand-in.
+pub const OPTED_OUT: [(Hook, Hook); 4] = [
+    (CONNECT4, OFF_CONNECT4),
+    (CONNECT6, OFF_CONNECT6),
+    (SENDMSG4, OFF_SENDMSG4),
+    (SENDMSG6, OFF_SENDMSG6),
+];
+
+/// [`CONNECT4`]'s stand-in in an opted-out pod's link (see [`OPTED_OUT`]).
+pub const OFF_CONNECT4: Hook = hook(
+    "sm_off_connect4",
+    CgroupSockAddr,
+    "connect4",
+    attach_type::CGROUP_INET4_CONNECT,
+);
+/// [`CONNECT6`]'s stand-in in an opted-out pod's link (see [`OPTED_OUT`]).
+pub const OFF_CONNECT6: Hook = hook(
+    "sm_off_connect6",
+    CgroupSockAddr,
+    "connect6",
+    attach_type::CGROUP_INET6_CONNECT,
+);
+/// [`SENDMSG4`]'s stand-in in an opted-out pod's link (see [`OPTED_OUT`]).
+pub const OFF_SENDMSG4: Hook = hook(
+    "sm_off_sendmsg4",
+    CgroupSockAddr,
+    "sendmsg4",
+    attach_type::CGROUP_UDP4_SENDMSG,
+);
+/// [`SENDMSG6`]'s stand-in in an opted-out pod's link (see [`OPTED_OUT`]).
+pub const OFF_SENDMSG6: Hook = hook(
+    "sm_off_sendmsg6",
+    CgroupSockAddr,
+    "sendmsg6",
+    attach_type::CGROUP_UDP6_SENDMSG,
+);
+
+/// Prefix of the [`OPTED_OUT`] stand-ins' names.
+pub const OPTED_OUT_PREFIX: &str = "sm_off_";
+
+/// Every program of the object: [`HOOKS`], then the [`OPTED_OUT`] stand-ins.
+pub const PROGRAMS: [Hook; 14] = [
+    HOOKS[0],
+    HOOKS[1],
+    HOOKS[2],
+    HOOKS[3],
+    HOOKS[4],
+    HOOKS[5],
+    HOOKS[6],
+    HOOKS[7],
+    HOOKS[8],
+    HOOKS[9],
+    OPTED_OUT[0].1,
+    OPTED_OUT[1].1,
+    OPTED_OUT[2].1,
+    OPTED_OUT[3].1,
+];
+
 /// Whether `hook` is the one named `program` attaching at `attach` (the kernel
 /// programs' compile-time check).
 pub const fn matches(hook: &Hook, program: &str, attach: &str) -> bool {
@@ -170,8 +234,22 @@ pub const fn matches(hook: &Hook, program: &str, attach: &str) -> bool {
 
 const _: () = {
     let mut i = 0;
-    while i < HOOKS.len() {
-        let name = HOOKS[i].program.as_bytes();
+    while i < OPTED_OUT.len() {
+        let (placing, off) = (&OPTED_OUT[i].0, &OPTED_OUT[i].1);
+        assert!(placing.attach_type == off.attach_type);
+        assert!(crate::str_eq(placing.attach, off.attach));
+        assert!(matches!(off.program_type, ProgramType::CgroupSockAddr));
+        let (name, prefix) = (off.program.as_bytes(), OPTED_OUT_PREFIX.as_bytes());
+        let mut j = 0;
+        while j < prefix.len() {
+            assert!(name[j] == prefix[j]);
+            j += 1;
+        }
+        i += 1;
+    }
+    let mut i = 0;
+    while i < PROGRAMS.len() {
+        let name = PROGRAMS[i].program.as_bytes();
         assert!(name.len() <= MAX_PROGRAM_NAME);
         let prefix = PROGRAM_PREFIX.as_bytes();
         let mut j = 0;

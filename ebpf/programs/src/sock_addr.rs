@@ -126,6 +126,26 @@ hook!(sock_addr hooks::SENDMSG6, sendmsg6, fn sm_sendmsg6(ctx) {
     verdict(forward(&ctx, Family::V6, true))
 });
 
+hook!(sock_addr hooks::OFF_CONNECT4, connect4, /// Stands in for `sm_connect4` in an opted-out pod's link: the call proceeds.
+fn sm_off_connect4(_ctx) {
+    PROCEED
+});
+
+hook!(sock_addr hooks::OFF_CONNECT6, connect6, /// Stands in for `sm_connect6` in an opted-out pod's link: the call proceeds.
+fn sm_off_connect6(_ctx) {
+    PROCEED
+});
+
+hook!(sock_addr hooks::OFF_SENDMSG4, sendmsg4, /// Stands in for `sm_sendmsg4` in an opted-out pod's link: the call proceeds.
+fn sm_off_sendmsg4(_ctx) {
+    PROCEED
+});
+
+hook!(sock_addr hooks::OFF_SENDMSG6, sendmsg6, /// Stands in for `sm_sendmsg6` in an opted-out pod's link: the call proceeds.
+fn sm_off_sendmsg6(_ctx) {
+    PROCEED
+});
+
 hook!(sock_addr hooks::RECVMSG4, recvmsg4, fn sm_recvmsg4(ctx) {
     restore_vip(&ctx, Family::V4)
 });
