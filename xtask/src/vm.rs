@@ -479,8 +479,11 @@ fn qemu_command(kernel: &Kernel, accel: Accel, dir: &Path) -> Result<Command> {
         .arg(kernel.dir.join("vmlinux"))
         .args(["-initrd", &format!("{dir_str}/initrd")])
         .arg("-append")
+        // A soft lockup panics (and so stops the guest at once, its stack in the
+        // console log: `loglevel=5` prints warnings) instead of hanging the run
+        // until its timeout.
         .arg(format!(
-            "console=ttyS0 quiet panic=-1 rdinit=/init {}",
+            "console=ttyS0 quiet loglevel=5 softlockup_panic=1 panic=-1 rdinit=/init {}",
             std::env::var(APPEND_ENV).unwrap_or_default()
         ))
         .args(["-serial", &format!("file:{dir_str}/console.log")])
