@@ -1532,3 +1532,57 @@ fn a_delta_reconnect_announces_only_the_resources_still_wanted() {
     );
     assert_eq!(announced(&st, Kind::Listener), ["10.96.1.10_80"]);
 }
+
+/// A state of the world applies what it no longer names first (its memory is
+/// reused by what it adds), as two commits reported as one: a listener renamed
+/// in one LDS response, same address and cluster, removes no endpoint (the
+/// first commit alone removed the service, the second put it back), while an
+/// LDS response without it removes every endpoint it had.
+#[test]
+fn a_listener_renamed_in_one_state_of_the_world_removes_no_endpoint() {
+    let of_kind = |yaml: &str, kind: Kind| -> Vec<sockmesh_proto::pb::google::protobuf::Any> {
+        discovery_response_from_text(yaml)
+            .expect("decodes")
+            .resources
+            .into_iter()
+            .filter(|a| a.type_url == kind.type_url())
+            .collect()
+    };
+    let sotw = |kind: Kind, version: &str, resources| Update::SotW {
+        kind,
+        version: version.into(),
+        resources,
+    };
+    let mut st = XdsState::new();
+    for kind in [Kind::Cluster, Kind::Endpoint, Kind::Listener] {
+        st.apply(sotw(kind, "1", of_kind(TCP_EDS, kind)))
+            .result()
+            .expect("accepted");
+    }
+    let s = svc("10.96.0.10", 9080, Protocol::Tcp);
+    let before = st.table().services[&s].clone();
+    let renamed = TCP_EDS.replacen(
+        "Listener\n  name: reviews\n",
+        "Listener\n  name: reviews-renamed\n",
+        1,
+    );
+    assert_ne!(renamed, TCP_EDS);
+    let accepted = st
+        .apply(sotw(Kind::Listener, "2", of_kind(&renamed, Kind::Listener)))
+        .result()
+        .expect("renamed");
+    assert!(accepted.removed.is_empty(), "{:?}", accepted.removed);
+    assert_eq!(st.table().services[&s], before);
+    let accepted = st
+        .apply(sotw(Kind::Listener, "3", Vec::new()))
+        .result()
+        .expect("emptied");
+    assert_eq!(accepted.changes.get(&s), Some(&None));
+    let removed: Vec<String> = accepted
+        .removed
+        .iter()
+        .map(|e| e.addr.to_string())
+        .collect();
+    assert!(removed.contains(&"10.1.0.1".to_owned()), "{removed:?}");
+    assert!(st.table().services.is_empty());
+}
