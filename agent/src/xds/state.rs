@@ -111,10 +111,6 @@ pub struct Accepted {
     pub removed: std::collections::BTreeSet<crate::model::Endpoint>,
 }
 
-/// Services as they were before an update's first commit changed them
-/// (`None`: absent).
-pub(super) type Originals = BTreeMap<crate::model::ServiceAddr, Option<crate::model::Service>>;
-
 /// Something the translation noticed, logged once while it stands.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Note {
@@ -222,7 +218,7 @@ impl XdsState {
         if self.limited.values().all(|l| l.limit == Limit::Endpoints) {
             return Accepted::default();
         }
-        self.commit_dirty(&Dirty::default(), &[], None)
+        self.commit_dirty(&Dirty::default(), &[])
     }
 
     /// How many entries each of the state's collections holds, by name: the
@@ -483,7 +479,7 @@ impl XdsState {
         self.resources.dns.insert(cluster.to_owned(), answers);
         let mut dirty = Dirty::default();
         dirty.dns.insert(cluster.to_owned());
-        let mut accepted = self.commit_dirty(&dirty, &[], None);
+        let mut accepted = self.commit_dirty(&dirty, &[]);
         // A name's addresses changing is not an endpoint removed by the control
         // plane: Envoy keeps connections to a host DNS no longer returns, and a
         // LOGICAL_DNS name behind round-robin DNS changes address every refresh.
@@ -504,14 +500,8 @@ impl XdsState {
     }
 
     /// Re-translates what `dirty` touches and makes what of it the maps take the
-    /// table (see `super::fit`). `originals`, when given, keeps each changed
-    /// service as it was before its first change (see [`Self::merge_commits`]).
-    fn commit_dirty(
-        &mut self,
-        dirty: &Dirty,
-        kinds: &[Kind],
-        mut originals: Option<&mut Originals>,
-    ) -> Accepted {
+    /// table (see `super::fit`).
+    fn commit_dirty(&mut self, dirty: &Dirty, kinds: &[Kind]) -> Accepted {
         let mut staged = self
             .inc
             .stage(&self.resources, dirty, &self.table, &self.seed);
@@ -549,11 +539,7 @@ impl XdsState {
         let changes = staged.changes.clone();
         let mut removed = BTreeSet::new();
         for (service, after) in &changes {
-            let before = self.table.services.get(service);
-            if let Some(o) = originals.as_deref_mut() {
-                o.entry(*service).or_insert_with(|| before.cloned());
-            }
-            if let Some(before) = before {
+            if let Some(before) = self.table.services.get(service) {
                 removed_endpoints(service, before, after.as_ref(), &mut removed);
             }
         }
@@ -575,36 +561,6 @@ impl XdsState {
             self.dns_dirty = true;
         }
         accepted
-    }
-
-    /// One update's two commits as one: its changes (the later's win) and the
-    /// endpoints removed between each service's original and its final state
-    /// (one removed by the first and added back by the second is not removed).
-    pub(super) fn merge_commits(
-        &self,
-        first: Accepted,
-        second: Accepted,
-        originals: &Originals,
-    ) -> Accepted {
-        let mut changes = first.changes;
-        changes.extend(second.changes);
-        let mut removed = BTreeSet::new();
-        for (service, before) in originals {
-            if let Some(before) = before {
-                removed_endpoints(
-                    service,
-                    before,
-                    self.table.services.get(service),
-                    &mut removed,
-                );
-            }
-        }
-        Accepted {
-            table_changed: !changes.is_empty(),
-            changes,
-            subscriptions_changed: first.subscriptions_changed || second.subscriptions_changed,
-            removed,
-        }
     }
 
     /// Logs each service that became limited, changed how, or fits again.

@@ -23,21 +23,6 @@ struct Staging {
     refused: Vec<Refused>,
 }
 
-/// The names `st` touched, by type: what to translate again.
-fn dirty_of(st: &Staging) -> Dirty {
-    let mut dirty = Dirty::default();
-    for (kind, name) in &st.touched {
-        let set = match kind {
-            Kind::Listener => &mut dirty.listeners,
-            Kind::Route => &mut dirty.routes,
-            Kind::Cluster => &mut dirty.clusters,
-            Kind::Endpoint => &mut dirty.endpoints,
-        };
-        set.insert(name.clone());
-    }
-    dirty
-}
-
 fn name_of<'a>(item: &'a Item<'_>) -> (Kind, &'a str) {
     match item {
         Ok(c) => (c.kind, c.name.as_str()),
@@ -54,39 +39,14 @@ impl XdsState {
             Update::SotW {
                 kind, resources, ..
             } => {
-                let mut items =
-                    decode_all(resources.iter().enumerate().map(|(index, any)| Entry {
-                        index,
-                        kind: *kind,
-                        name: "",
-                        any,
-                        at: None,
-                    }))?;
-                // What a state of the world no longer names goes first, and its
-                // translation with it, so what the update adds reuses the memory
-                // of what it removes: a wave of 20,000 services replacing the last
-                // otherwise held both at once, and glibc kept the peak (RSS +27 %
-                // over ten such waves, the live heap flat).
-                let mut removals = Staging::default();
-                if self.remove_unnamed(*kind, &mut items, &mut removals) {
-                    let mut originals = super::Originals::new();
-                    let first = self.commit_dirty(
-                        &dirty_of(&removals),
-                        &update.kinds(),
-                        Some(&mut originals),
-                    );
-                    self.put_items(items, &mut st);
-                    let second =
-                        self.commit_dirty(&dirty_of(&st), &update.kinds(), Some(&mut originals));
-                    let accepted = self.merge_commits(first, second, &originals);
-                    st.cleared.extend(removals.cleared);
-                    self.note_refused(
-                        st.cleared.iter().map(|(k, n)| (*k, n.as_str())),
-                        &st.refused,
-                    );
-                    return Ok((accepted, st.refused));
-                }
-                self.put_items(items, &mut st);
+                let items = decode_all(resources.iter().enumerate().map(|(index, any)| Entry {
+                    index,
+                    kind: *kind,
+                    name: "",
+                    any,
+                    at: None,
+                }))?;
+                self.state_of_the_world(*kind, items, &mut st);
             }
             Update::Delta {
                 kind,
@@ -137,7 +97,17 @@ impl XdsState {
                 self.whole_document(items, kept, &mut st)?;
             }
         }
-        let accepted = self.commit_dirty(&dirty_of(&st), &update.kinds(), None);
+        let mut dirty = Dirty::default();
+        for (kind, name) in &st.touched {
+            let set = match kind {
+                Kind::Listener => &mut dirty.listeners,
+                Kind::Route => &mut dirty.routes,
+                Kind::Cluster => &mut dirty.clusters,
+                Kind::Endpoint => &mut dirty.endpoints,
+            };
+            set.insert(name.clone());
+        }
+        let accepted = self.commit_dirty(&dirty, &update.kinds());
         self.note_refused(
             st.cleared.iter().map(|(k, n)| (*k, n.as_str())),
             &st.refused,
@@ -172,11 +142,10 @@ impl XdsState {
     }
 
     /// State of the world for one type: for LDS and CDS the complete set, so what
-    /// the update does not name is removed here (a refused resource is named: it
-    /// keeps its last good version); for RDS and EDS the named resources sent.
-    /// Whether anything was removed.
-    fn remove_unnamed(&mut self, kind: Kind, items: &mut Vec<Item<'_>>, st: &mut Staging) -> bool {
-        refuse_repeats(items);
+    /// the update does not name is removed (a refused resource is named: it keeps
+    /// its last good version); for RDS and EDS the named resources sent.
+    fn state_of_the_world(&mut self, kind: Kind, mut items: Vec<Item<'_>>, st: &mut Staging) {
+        refuse_repeats(&mut items);
         if kind.is_wildcard() {
             let named: HashSet<&str> = items.iter().map(|i| name_of(i).1).collect();
             let gone: Vec<String> = self
@@ -194,14 +163,12 @@ impl XdsState {
                 .filter(|n| !named.contains(n.as_str()))
                 .cloned()
                 .collect();
-            let removed = !gone.is_empty();
             for name in gone {
                 self.remove(kind, &name, st);
             }
             st.cleared.extend(forgotten.into_iter().map(|n| (kind, n)));
-            return removed;
         }
-        false
+        self.put_items(items, st);
     }
 
     /// Delta: resources added or changed, names removed. Names appear once among
