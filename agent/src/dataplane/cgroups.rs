@@ -142,7 +142,10 @@ pub(super) fn adopt(ebpf: &Ebpf, layout: &PinLayout) -> Result<PodLinks, Datapla
             loader::replace_in_link(&pin, program_fd(ebpf, name)?, name)?;
         }
         if opted_out {
-            debug!(cgroup_id = id, "adopted the pinned links of a cgroup that opted out");
+            debug!(
+                cgroup_id = id,
+                "adopted the pinned links of a cgroup that opted out"
+            );
             links.draining.insert(id, None);
         } else {
             debug!(cgroup_id = id, "adopted the cgroup's pinned links");
@@ -167,7 +170,10 @@ fn program_fd<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<BorrowedFd<'a>, 
 fn loaded_stand_ins() -> BTreeSet<u32> {
     aya::programs::loaded_programs()
         .flatten()
-        .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with(OPTED_OUT_PREFIX)))
+        .filter(|p| {
+            p.name_as_str()
+                .is_some_and(|n| n.starts_with(OPTED_OUT_PREFIX))
+        })
         .map(|p| p.id())
         .collect()
 }
