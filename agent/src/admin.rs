@@ -465,6 +465,20 @@ pub fn metrics_with(
         "1 while the kernel maps lag the accepted configuration (a write failed; retried every second)",
         usize::from(status.behind),
     );
+    if let Some((allocated, resident)) = crate::dataplane::task::heap_bytes() {
+        gauge(
+            &mut r,
+            "sockmesh_heap_allocated_bytes",
+            "Bytes the agent's allocator (jemalloc) has allocated to live objects",
+            allocated,
+        );
+        gauge(
+            &mut r,
+            "sockmesh_heap_resident_bytes",
+            "Bytes of the allocator's pages resident in memory (live objects, free space in their pages, metadata)",
+            resident,
+        );
+    }
     let fill: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>> = Family::default();
     for m in &status.maps {
         fill.get_or_create(&vec![("map".to_owned(), m.label.clone())])

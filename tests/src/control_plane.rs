@@ -234,7 +234,7 @@ impl ControlPlane {
             let _ = tonic::transport::Server::builder()
                 .add_service(svc)
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    no_delay(listener),
                     async {
                         let _ = rx.await;
                     },
@@ -300,7 +300,7 @@ impl ControlPlane {
                 .clone()
                 .add_service(svc)
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    no_delay(listener),
                     async {
                         let _ = rx.await;
                     },
@@ -613,4 +613,21 @@ impl ControlPlane {
             Err(e) => (hyper::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         }
     }
+}
+
+/// The accepted connections of `listener`, each with `TCP_NODELAY` as a real
+/// control plane sets it (Go's net package does by default, so istiod's sockets
+/// have it). tonic sets it only on listeners it binds itself: with Nagle on, a
+/// large response's last segment waited for the agent's delayed ACK, and one
+/// batch of 1,000 endpoint changes in two took 40 ms longer.
+fn no_delay(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt as _;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
+        accepted.and_then(|s| {
+            s.set_nodelay(true)?;
+            Ok(s)
+        })
+    })
 }

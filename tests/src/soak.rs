@@ -45,6 +45,9 @@ pub struct Wave {
     pub failed: u64,
     /// The agent's resident memory once the wave was audited, KiB.
     pub rss_kib: u64,
+    /// What its allocator had allocated to live objects then, bytes
+    /// (`sockmesh_heap_allocated_bytes`).
+    pub heap_allocated: f64,
 }
 
 /// The soak's outcome (every check that must hold has been asserted).
@@ -145,6 +148,9 @@ pub fn run(bin: &Path, probe: &Path, size: Soak) -> Outcome {
             reached,
             failed,
             rss_kib: rss_kib(agent.pid()),
+            heap_allocated: admin
+                .metric("sockmesh_heap_allocated_bytes")
+                .unwrap_or_default(),
         });
     }
 

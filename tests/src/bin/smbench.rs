@@ -1402,6 +1402,11 @@ fn soak_bench(bin_dir: &Path, probe: &Path) -> Value {
     let out = sockmesh_tests::soak::run(&bin_dir.join("sockmesh"), probe, size);
     let mib = |kib: u64| kib as f64 / 1024.0;
     let rss: Vec<f64> = out.waves.iter().map(|w| mib(w.rss_kib)).collect();
+    let heap: Vec<f64> = out
+        .waves
+        .iter()
+        .map(|w| w.heap_allocated / 1024.0 / 1024.0)
+        .collect();
     let applied: Vec<f64> = out
         .waves
         .iter()
@@ -1410,13 +1415,17 @@ fn soak_bench(bin_dir: &Path, probe: &Path) -> Value {
     let reached: u64 = out.waves.iter().map(|w| w.reached).sum();
     let failed: u64 = out.waves.iter().map(|w| w.failed).sum();
     say(&format!(
-        "soak: {} services in {} waves of {} through {} slots in {:.0} s: {reached} connects reached, {failed} failed; leak audit clean after every wave; RSS per wave (MiB) {}; publish → kernel per wave (ms) {}; after: breaker refused {} of 3, dead endpoint ejected after {} refusals",
+        "soak: {} services in {} waves of {} through {} slots in {:.0} s: {reached} connects reached, {failed} failed; leak audit clean after every wave; RSS per wave (MiB) {}; heap allocated per wave (MiB) {}; publish → kernel per wave (ms) {}; after: breaker refused {} of 3, dead endpoint ejected after {} refusals",
         size.waves * size.per_wave,
         size.waves,
         size.per_wave,
         size.max_services,
         started.elapsed().as_secs_f64(),
         rss.iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        heap.iter()
             .map(|r| format!("{r:.0}"))
             .collect::<Vec<_>>()
             .join(" "),
@@ -1436,6 +1445,7 @@ fn soak_bench(bin_dir: &Path, probe: &Path) -> Value {
         "reached": reached,
         "failed": failed,
         "rss_mib": rss,
+        "heap_allocated_mib": heap,
         "applied_ms": applied,
         "breaker_refused": out.breaker_refused,
         "refused_before_ejection": out.refused_before_ejection,
