@@ -233,12 +233,9 @@ impl ControlPlane {
         tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(svc)
-                .serve_with_incoming_shutdown(
-                    no_delay(listener),
-                    async {
-                        let _ = rx.await;
-                    },
-                )
+                .serve_with_incoming_shutdown(no_delay(listener), async {
+                    let _ = rx.await;
+                })
                 .await;
         });
         (local, tx)
@@ -299,12 +296,9 @@ impl ControlPlane {
             let _ = server
                 .clone()
                 .add_service(svc)
-                .serve_with_incoming_shutdown(
-                    no_delay(listener),
-                    async {
-                        let _ = rx.await;
-                    },
-                )
+                .serve_with_incoming_shutdown(no_delay(listener), async {
+                    let _ = rx.await;
+                })
                 .await;
         });
         (local, tx)
