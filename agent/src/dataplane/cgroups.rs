@@ -296,9 +296,9 @@ pub(super) fn refuse_outside(layout: &PinLayout, root: &Path) -> Result<(), Data
 }
 
 impl PodLinks {
-    /// Whether no cgroup's links were adopted.
+    /// Whether no cgroup's links were adopted (enrolled or opted out).
     pub(super) fn is_empty(&self) -> bool {
-        self.attached.is_empty()
+        self.attached.is_empty() && self.draining.is_empty()
     }
 }
 
