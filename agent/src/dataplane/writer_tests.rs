@@ -1208,3 +1208,43 @@ fn a_bulk_failure_that_persists_is_reported_for_its_service() {
     w.apply(&t).expect("recovered");
     assert_eq!(sorted(w.table()), sorted(t));
 }
+
+/// A wave of services replacing another holds both while it is written; once the
+/// old wave is gone the mirror gives back the room it took (a hash map keeps its
+/// largest capacity otherwise), and holds what a fresh writer of the new wave does.
+#[test]
+fn a_replaced_wave_leaves_no_spare_capacity_behind() {
+    let wave = |w: u32| -> Changes {
+        (0..3_000_u32)
+            .map(|i| {
+                let n = w * 3_000 + i;
+                let vip = std::net::Ipv4Addr::from(0x0a60_0000 + n);
+                (
+                    svc(&vip.to_string(), 80),
+                    Some(crate::model::Service::from(vec![be("10.0.0.1", 8080)])),
+                )
+            })
+            .collect()
+    };
+    let mut w = MapWriter::adopt(MemStore::default()).expect("adopt empty");
+    w.apply_changes(&wave(0)).expect("first wave");
+    let mut fresh = MapWriter::adopt(MemStore::default()).expect("adopt empty");
+    fresh
+        .apply_changes(&wave(1))
+        .expect("the second wave alone");
+    // Both at once, then the first removed.
+    w.apply_changes(&wave(1)).expect("second wave");
+    let gone: Changes = wave(0).into_keys().map(|s| (s, None)).collect();
+    w.apply_changes(&gone).expect("first wave removed");
+    assert_eq!(w.mirror.services.len(), 3_000);
+    assert!(
+        w.mirror.services.capacity() <= 2 * 3_000,
+        "{} for 3,000",
+        w.mirror.services.capacity()
+    );
+    assert_eq!(
+        w.mirror.services.capacity(),
+        fresh.mirror.services.capacity()
+    );
+    assert!(w.ids.capacity() <= 2 * 3_000, "{}", w.ids.capacity());
+}
