@@ -162,10 +162,11 @@ const SWEEP_TICKS: u64 = 60;
 /// planning buffers freed but held by the allocator: see [`release_freed_memory`].
 const LARGE_WRITE: usize = 10_000;
 
-/// Hands memory freed after a large update back to the kernel at once, rather
-/// than after jemalloc's decay time (the agent's allocator, `src/main.rs`): the
+/// Hands memory freed after a large update back to the kernel at once: the
 /// transient peak of decoding and writing a 50,000-service push does not stay
-/// resident. Without jemalloc (a test binary) it does nothing.
+/// resident. The agent's jemalloc options (`src/main.rs`) already return free
+/// pages at once; this covers a decay time set in `_RJEM_MALLOC_CONF`. In a
+/// binary not on jemalloc (a test) it purges jemalloc's unused arenas: nothing.
 pub(crate) fn release_freed_memory() {
     // `arena.<MALLCTL_ARENAS_ALL>.purge`: every arena's unused dirty pages.
     const PURGE_ALL: &[u8] = b"arena.4096.purge\0";
