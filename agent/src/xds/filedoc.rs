@@ -205,10 +205,11 @@ fn split(text: &str, known: &Known) -> Option<Result<Read, DecodeError>> {
         Err(e) => return Some(Err(e)),
     };
     notes.add(decoded.1);
-    let positions = to_decode
-        .iter()
-        .map(|r| Some(super::position::at(text.as_bytes(), offset(text, r))))
-        .collect();
+    let positions =
+        super::position::at_each(text.as_bytes(), to_decode.iter().map(|r| offset(text, r)))
+            .into_iter()
+            .map(Some)
+            .collect();
     Some(Ok(Read {
         version,
         positions,

@@ -34,6 +34,34 @@ pub fn at(bytes: &[u8], offset: usize) -> Position {
     Position { line, column }
 }
 
+/// The positions of `offsets` in `bytes`, in one pass over the document when the
+/// offsets ascend (a resource list's do): [`at`] for each would walk the
+/// document from its start every time, which for the 30,000 resources of a
+/// 15 MB file took minutes. An offset below the one before is found by [`at`].
+pub fn at_each(bytes: &[u8], offsets: impl IntoIterator<Item = usize>) -> Vec<Position> {
+    let (mut done, mut line, mut column) = (0, 1, 1);
+    offsets
+        .into_iter()
+        .map(|offset| {
+            let offset = offset.min(bytes.len());
+            if offset < done {
+                return at(bytes, offset);
+            }
+            for &b in &bytes[done..offset] {
+                if b == b'\n' {
+                    line += 1;
+                    column = 1;
+                } else if b & 0xc0 != 0x80 {
+                    // Characters, not bytes, as in `at`.
+                    column += 1;
+                }
+            }
+            done = offset;
+            Position { line, column }
+        })
+        .collect()
+}
+
 /// A document that is not UTF-8.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("not UTF-8 at {at} (byte {byte})")]
@@ -55,12 +83,7 @@ pub fn utf8(bytes: &[u8]) -> Result<&str, NotUtf8> {
 /// one `resources` list.
 pub fn json_resources(text: &str) -> Option<Vec<Position>> {
     let offsets = super::filedoc::resource_offsets(text)?;
-    Some(
-        offsets
-            .into_iter()
-            .map(|o| at(text.as_bytes(), o))
-            .collect(),
-    )
+    Some(at_each(text.as_bytes(), offsets))
 }
 
 /// Where each element of the top-level `resources` list of a YAML document
@@ -140,6 +163,21 @@ pub fn resources(text: &str) -> Option<Vec<Position>> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn at_each_gives_what_at_gives_for_every_offset() {
+        let text = "{\n  \"résumé\": [1,\n\n 2, \"ünï\"],\r\n\"x\": 3 }\n";
+        let bytes = text.as_bytes();
+        let all: Vec<usize> = (0..=bytes.len() + 2).collect();
+        let one_by_one: Vec<Position> = all.iter().map(|&o| at(bytes, o)).collect();
+        assert_eq!(at_each(bytes, all.iter().copied()), one_by_one);
+        // Offsets that go back are still right.
+        let mixed = [9, 3, 20, 20, 0, bytes.len()];
+        assert_eq!(
+            at_each(bytes, mixed),
+            mixed.iter().map(|&o| at(bytes, o)).collect::<Vec<_>>()
+        );
+    }
     use super::*;
 
     #[test]
