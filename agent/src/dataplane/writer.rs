@@ -337,8 +337,9 @@ impl<S: MapStore> MapWriter<S> {
 
     /// Gives back the mirror's spare capacity once it holds under half of it. A
     /// wave of services replacing another holds both while the write runs, and a
-    /// hash map keeps the capacity of its largest size for good: the churn soak's
-    /// live heap stepped up 5 MiB at its second wave of 20,000 and stayed there.
+    /// hash map otherwise keeps the capacity of its largest size for good. (The
+    /// churn soak's heap still steps up 5 MiB at its second wave with this: that
+    /// step is other room, not found yet.)
     fn shrink_spare(&mut self) {
         /// Below this many entries the spare room is not worth a rehash.
         const SMALL: usize = 1_024;
