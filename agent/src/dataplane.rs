@@ -355,7 +355,7 @@ impl Datapath {
     /// [`MapWriter::refresh_levels`]).
     pub fn refresh_levels(
         &mut self,
-        only: Option<&sockmesh_common::ServiceKey>,
+        only: Option<&[sockmesh_common::ServiceKey]>,
     ) -> Result<Option<u64>, WriteError> {
         self.writer.refresh_levels(only)
     }

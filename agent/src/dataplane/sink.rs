@@ -70,7 +70,7 @@ impl TableSink for super::Datapath {
 
     fn refresh_levels(
         &mut self,
-        only: Option<&sockmesh_common::ServiceKey>,
+        only: Option<&[sockmesh_common::ServiceKey]>,
     ) -> Result<Option<u64>, SinkError> {
         Ok(super::Datapath::refresh_levels(self, only)?)
     }

@@ -114,7 +114,7 @@ pub trait TableSink: Send {
     /// of those ejections ends (`CLOCK_MONOTONIC` ns).
     fn refresh_levels(
         &mut self,
-        _only: Option<&sockmesh_common::ServiceKey>,
+        _only: Option<&[sockmesh_common::ServiceKey]>,
     ) -> Result<Option<u64>, SinkError> {
         Ok(None)
     }
@@ -566,7 +566,7 @@ impl Task {
     /// levels as written.
     fn follow_ejections(
         &mut self,
-        only: Option<&sockmesh_common::ServiceKey>,
+        only: Option<&[sockmesh_common::ServiceKey]>,
         status: &watch::Sender<KernelStatus>,
     ) {
         self.refresh_levels(only);
@@ -575,9 +575,9 @@ impl Task {
         }
     }
 
-    /// Rewrites the levels' choice tables to the ejections running (`only` one
-    /// service, or all) and notes when they move next.
-    fn refresh_levels(&mut self, only: Option<&sockmesh_common::ServiceKey>) {
+    /// Rewrites the levels' choice tables to the ejections running (`only`
+    /// those services, or all) and notes when they move next.
+    fn refresh_levels(&mut self, only: Option<&[sockmesh_common::ServiceKey]>) {
         match self.sink.refresh_levels(only) {
             Ok(due) => {
                 self.levels_due = match (only, due, self.levels_due) {
@@ -654,14 +654,23 @@ impl Task {
                     };
                     self.write(write, removed, received);
                     self.maybe_go_live(warming, Instant::now());
-                    self.refresh_levels(None);
+                    // A write puts the levels' loads of the services it wrote as
+                    // the table has them: the ejections running move them again.
+                    // Only those: the other services' choice tables are as they
+                    // were, and a walk of the whole mirror on every write would
+                    // put each change behind the whole table (the tick's
+                    // refresh walks it).
+                    let keys: Option<Vec<_>> = written
+                        .as_ref()
+                        .map(|w| w.iter().map(super::keys::service_key).collect());
+                    self.refresh_levels(keys.as_deref());
                     Some(done)
                 }
                 Command::Stop => return,
                 Command::Ejected(service) => {
                     // Not one of the commands the handle counts (the events
                     // thread sends it).
-                    self.follow_ejections(Some(&service), status);
+                    self.follow_ejections(Some(std::slice::from_ref(&service)), status);
                     continue;
                 }
                 Command::Tick { warming, now } => {

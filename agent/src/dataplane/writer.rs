@@ -404,10 +404,13 @@ impl<S: MapStore> MapWriter<S> {
     /// its load comes back when they return, as Envoy's does. Returns when the
     /// first of the running ejections ends (`CLOCK_MONOTONIC` ns), when the loads
     /// move again.
-    pub fn refresh_levels(&mut self, only: Option<&ServiceKey>) -> Result<Option<u64>, WriteError> {
+    pub fn refresh_levels(
+        &mut self,
+        only: Option<&[ServiceKey]>,
+    ) -> Result<Option<u64>, WriteError> {
         let now = monotonic_ns();
         let keys: Vec<ServiceKey> = match only {
-            Some(k) => vec![*k],
+            Some(k) => k.to_vec(),
             None => self
                 .mirror
                 .services

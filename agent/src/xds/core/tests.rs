@@ -439,3 +439,69 @@ resources:
         [Backend::new("10.1.4.1".parse().expect("ip"), 80)]
     );
 }
+
+/// A sink that records the services each refresh of the levels' loads asked
+/// for (`None`: all of them).
+#[derive(Clone, Default)]
+struct Refreshes {
+    inner: Fake,
+    asked: Arc<Mutex<Vec<Option<Vec<sockmesh_common::ServiceKey>>>>>,
+}
+
+impl TableSink for Refreshes {
+    fn apply(&mut self, table: &RoutingTable) -> Result<usize, SinkError> {
+        self.inner.apply(table)
+    }
+    fn apply_changes(&mut self, changes: &Changes) -> Result<usize, SinkError> {
+        self.inner.apply_changes(changes)
+    }
+    fn table(&self) -> RoutingTable {
+        self.inner.table()
+    }
+    fn refresh_levels(
+        &mut self,
+        only: Option<&[sockmesh_common::ServiceKey]>,
+    ) -> Result<Option<u64>, SinkError> {
+        self.asked
+            .lock()
+            .expect("lock")
+            .push(only.map(<[_]>::to_vec));
+        Ok(None)
+    }
+}
+
+#[test]
+fn a_write_of_some_services_refreshes_the_levels_of_those_only() {
+    let sink = Refreshes::default();
+    let mut core = core_over(sink.clone());
+    let t0 = Instant::now();
+    handle(&mut core, sotw(Kind::Cluster, CDS_TWO), t0).expect("cds");
+    handle(&mut core, sotw(Kind::Listener, LDS_TWO), t0).expect("lds");
+    handle(&mut core, eds(&["a", "b"]), t0).expect("eds a, b");
+    sink.asked.lock().expect("lock").clear();
+    // One service's endpoints change: the write touches a only, and so does
+    // the refresh after it: a walk of every service on each write would put
+    // each change behind the whole table.
+    let update = sotw(
+        Kind::Endpoint,
+        r#"
+resources:
+- "@type": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment
+  cluster_name: a
+  endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 10.1.4.2, port_value: 80 } } } } ] } ]
+- "@type": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment
+  cluster_name: b
+  endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 10.1.4.1, port_value: 80 } } } } ] } ]
+"#,
+    );
+    handle(&mut core, update, t0).expect("eds a changed");
+    let a = crate::dataplane::service_key(&ServiceAddr {
+        vip: "10.96.0.1".parse().expect("vip"),
+        port: 80,
+        protocol: Protocol::Tcp,
+    });
+    assert_eq!(*sink.asked.lock().expect("lock"), vec![Some(vec![a])]);
+    // The tick's refresh stays the safety net over all of them.
+    tick(&mut core, t0);
+    assert_eq!(sink.asked.lock().expect("lock").last(), Some(&None));
+}
