@@ -591,7 +591,7 @@ pub fn validate_service(service: &ServiceAddr, backends: &Service) -> Result<(),
             limit: MAX_BACKENDS_PER_SERVICE,
         });
     }
-    let mut seen = std::collections::HashSet::with_capacity(backends.len());
+    let mut seen: foldhash::HashSet<_> = foldhash::HashSetExt::with_capacity(backends.len());
     for (index, b) in backends.iter().enumerate() {
         if b.port == 0 {
             return Err(ModelError::BackendPortZero {

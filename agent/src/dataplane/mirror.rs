@@ -1,7 +1,9 @@
 //! The writer's mirror of the kernel maps: what each installed service holds, built
 //! from a snapshot on adoption and turned back into a [`RoutingTable`].
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
+
+use foldhash::{HashMap, HashMapExt as _, HashSet};
 
 use sockmesh_common::{
     BackendInfo, BackendKey, MAGLEV_CHUNK, MAX_TIERS, ServiceKey, ServicePolicy, SlotKey,

@@ -16,7 +16,9 @@
 //! unpublished, so the kernel programs never insert on the connect path and a
 //! service's counters exist exactly while the service does.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
+
+use foldhash::{HashMap, HashSet, HashSetExt as _};
 
 use sockmesh_common::{
     BackendInfo, BackendKey, EndpointKey, MAGLEV_CHUNK, MaglevChunk, ServiceKey, ServicePolicy,
@@ -87,6 +89,9 @@ pub struct MapWriter<S: MapStore> {
     /// Ids in use (and ids handed out during a full apply), so allocation does not
     /// walk every service.
     ids: HashSet<u32>,
+    /// The most services the mirror and ids held since each last gave back
+    /// its spare room (see [`Self::shrink_spare`]).
+    peak: (usize, usize),
     limits: Limits,
     counters: CounterBook,
     /// Least-connections services draw candidates as Envoy does, with
@@ -204,6 +209,7 @@ impl<S: MapStore> MapWriter<S> {
             usage: Usage::default(),
             entries: MapEntries::default(),
             ids: HashSet::new(),
+            peak: (0, 0),
             limits: Limits::default(),
             counters,
             envoy_draws: false,
@@ -335,20 +341,27 @@ impl<S: MapStore> MapWriter<S> {
         result
     }
 
-    /// Gives back the mirror's spare capacity once it holds under half of it. A
-    /// wave of services replacing another holds both while the write runs, and a
-    /// hash map otherwise keeps the capacity of its largest size for good. (The
-    /// churn soak's heap still steps up 5 MiB at its second wave with this: that
-    /// step is other room, not found yet.)
+    /// Gives back the mirror's spare capacity once it holds half or less of the
+    /// most it held since the last time. A wave of services replacing another
+    /// holds both while the write runs, and a hash map otherwise keeps the
+    /// capacity of its largest size for good. Judged by the peak count, not by
+    /// `capacity()`: that is what the map takes without growing, which the
+    /// tombstones of removed entries lower while it still holds all its room.
+    /// (The churn soak's heap still steps up 5 MiB at its second wave with this:
+    /// that step is other room, not found yet.)
     fn shrink_spare(&mut self) {
         /// Below this many entries the spare room is not worth a rehash.
         const SMALL: usize = 1_024;
         let services = &mut self.mirror.services;
-        if services.capacity() > 2 * services.len().max(SMALL) {
+        self.peak.0 = self.peak.0.max(services.len());
+        if self.peak.0 >= 2 * services.len().max(SMALL) {
             services.shrink_to_fit();
+            self.peak.0 = services.len();
         }
-        if self.ids.capacity() > 2 * self.ids.len().max(SMALL) {
+        self.peak.1 = self.peak.1.max(self.ids.len());
+        if self.peak.1 >= 2 * self.ids.len().max(SMALL) {
             self.ids.shrink_to_fit();
+            self.peak.1 = self.ids.len();
         }
     }
 

@@ -27,7 +27,7 @@
 //! locality's effective weight; the two differ only while a locality has fewer
 //! than 1/overprovisioning (71 %) of its hosts healthy.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use sockmesh_common::{MAX_TIERS, SlotRange, Tier, Tiers, tiers};
 
@@ -83,7 +83,7 @@ pub struct Planned {
 /// changes between updates (outlier detection) and the service is not Maglev.
 pub fn plan(endpoints: &[Backend], settings: LbSettings, dynamic: bool) -> Planned {
     // Envoy keeps the first endpoint of an address.
-    let mut seen = HashSet::with_capacity(endpoints.len());
+    let mut seen: foldhash::HashSet<_> = foldhash::HashSetExt::with_capacity(endpoints.len());
     let hosts: Vec<Backend> = endpoints
         .iter()
         .filter(|b| seen.insert((b.address, b.port)))

@@ -593,7 +593,7 @@ fn removed_endpoints(
     after: Option<&crate::model::Service>,
     out: &mut BTreeSet<crate::model::Endpoint>,
 ) {
-    let kept: std::collections::HashSet<(std::net::IpAddr, u16)> = after
+    let kept: foldhash::HashSet<(std::net::IpAddr, u16)> = after
         .into_iter()
         .flat_map(|a| a.iter().map(|b| (b.address, b.port)))
         .collect();
