@@ -10,6 +10,7 @@ use tracing_subscriber::{EnvFilter, fmt};
 /// resident in pages it could not return (RSS 147 → 203 MiB over ten waves, the
 /// live heap flat), jemalloc's size-class slabs return it (79 → 92 MiB,
 /// `SMBENCH_ONLY=soak cargo xtask bench`).
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -20,6 +21,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 // SAFETY: jemalloc reads this symbol once, at its initialisation, as a
 // NUL-terminated C string; the static is that string's first byte, immutable and
 // alive for the whole process.
+#[cfg(not(feature = "system-allocator"))]
 #[unsafe(export_name = "_rjem_malloc_conf")]
 static MALLOC_CONF: &u8 = &b"background_thread:true,dirty_decay_ms:0,muzzy_decay_ms:0\0"[0];
 

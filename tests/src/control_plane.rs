@@ -64,6 +64,8 @@ struct Store {
     opened: Vec<Opened>,
     /// The bearer token a stream must present (`None`: no authentication).
     token: Option<String>,
+    /// When the first response of any stream was handed to gRPC.
+    first_response: Option<Instant>,
 }
 
 impl Store {
@@ -207,6 +209,17 @@ impl ControlPlane {
     /// When version `v` was published.
     pub fn published_at(&self, v: u64) -> Option<Instant> {
         self.store.lock().expect("store").published.get(&v).copied()
+    }
+
+    /// When the first response of any stream was handed to gRPC (the start of
+    /// an agent's initial load, its process start and verifier aside).
+    pub fn first_response_at(&self) -> Option<Instant> {
+        self.store.lock().expect("store").first_response
+    }
+
+    fn note_response(&self) {
+        let mut s = self.store.lock().expect("store");
+        s.first_response.get_or_insert_with(Instant::now);
     }
 
     /// Requests seen so far.
@@ -360,6 +373,7 @@ impl AggregatedDiscoveryService for ControlPlane {
                 };
                 for mut r in responses {
                     r.nonce = cp.next_nonce(&r.type_url);
+                    cp.note_response();
                     if tx.send(Ok(r)).await.is_err() {
                         return;
                     }
@@ -477,6 +491,7 @@ impl AggregatedDiscoveryService for ControlPlane {
                 };
                 for mut r in responses {
                     r.nonce = cp.next_nonce(&r.type_url);
+                    cp.note_response();
                     if tx.send(Ok(r)).await.is_err() {
                         return;
                     }

@@ -279,6 +279,12 @@ impl Written {
         Self(None)
     }
 
+    /// This write, then `later` (handed over after it): waiting for the later
+    /// one waits for both, the task writing in order.
+    pub fn then(self, later: Written) -> Self {
+        if later.0.is_some() { later } else { self }
+    }
+
     /// Waits for the write (from async code).
     pub async fn wait(self) {
         if let Some(rx) = self.0 {

@@ -36,6 +36,11 @@ pub use crate::dataplane::task::{
 /// spent 5 % of its time in `malloc_trim` for a few hundred KiB.
 const LARGE_UPDATE: usize = 10_000;
 
+/// An EDS update of more assignments than this is translated and written in
+/// parts of this many, each part's kernel write running while the next is
+/// translated (an initial push of 100,000 assignments: 13 parts).
+const EDS_PART: usize = 8_192;
+
 /// Distinct unknown fields listed by name (in `/metrics` and `/config_dump`): a
 /// document may name any number of keys; beyond these they are counted together.
 pub const UNKNOWN_FIELDS_LISTED: usize = 256;
@@ -116,6 +121,8 @@ pub struct Core {
     /// The places of the endpoints of the table's services with priority
     /// levels, kept in step with the table (see [`Self::refresh_places`]).
     places: Arc<BTreeMap<ServiceAddr, Arc<Places>>>,
+    /// See [`EDS_PART`].
+    eds_part: usize,
 }
 
 /// Runs `f` on the core under its lock, without holding up the runtime's other
@@ -171,9 +178,16 @@ impl Core {
             dns_targets: watch::Sender::new(BTreeMap::new()),
             view: watch::Sender::new(Arc::default()),
             places: Arc::default(),
+            eds_part: EDS_PART,
         };
         core.publish();
         core
+    }
+
+    /// Translates EDS updates in parts of `part` assignments (see [`EDS_PART`]).
+    #[cfg(test)]
+    pub fn set_eds_part(&mut self, part: usize) {
+        self.eds_part = part;
     }
 
     /// The channels the admin server reads: this core's views and the datapath
@@ -578,25 +592,43 @@ impl Core {
     }
 
     fn handle_inner(&mut self, update: Update, received: Instant, kinds: Vec<Kind>) -> Handled {
-        let applied = self.state.apply(update);
-        let whole = applied.nack.is_some() && applied.refused.is_empty();
-        if let Some(nack) = &applied.nack {
-            if whole {
-                warn!(types = ?kinds, error = %nack, "update refused (NACK); keeping the last good state");
-            } else {
-                warn!(
-                    types = ?kinds,
-                    refused = applied.refused.len(),
-                    error = %nack,
-                    "update applied but for the refused resources (NACK), which keep their last good version"
-                );
+        let what = format!("{kinds:?}");
+        let mut parts = match self.state.begin(&update, self.eds_part) {
+            Ok(parts) => parts,
+            Err(whole) => {
+                if let Some(nack) = &whole.nack {
+                    warn!(types = ?kinds, error = %nack, "update refused (NACK); keeping the last good state");
+                }
+                return Handled {
+                    nack: whole.nack,
+                    ..Handled::default()
+                };
+            }
+        };
+        // The parts of a large EDS update: each is handed to the datapath task
+        // while the next is translated, once the kernel follows the control
+        // plane's table. Until then (the first write is the whole table, and
+        // readiness waits for it) they are written together at the end.
+        let mut carried = Accepted::default();
+        let mut subscriptions_changed = false;
+        let mut written = Written::none();
+        while let Some(part) = self.state.next_part(&mut parts) {
+            subscriptions_changed |= part.subscriptions_changed;
+            carried.merge(part);
+            if parts.remaining() > 0 && self.sent_table && self.synced() {
+                let ahead = std::mem::take(&mut carried);
+                written = written.then(self.write_kernel(ahead, received, &what));
             }
         }
-        if whole {
-            return Handled {
-                nack: applied.nack,
-                ..Handled::default()
-            };
+        carried.subscriptions_changed = subscriptions_changed;
+        let applied = self.state.finish(&update, parts, carried);
+        if let Some(nack) = &applied.nack {
+            warn!(
+                types = ?kinds,
+                refused = applied.refused.len(),
+                error = %nack,
+                "update applied but for the refused resources (NACK), which keep their last good version"
+            );
         }
         for note in self.state.take_new_notes() {
             match note {
@@ -608,7 +640,7 @@ impl Core {
         self.publish_dns_targets();
         let subscriptions_changed = applied.accepted.subscriptions_changed;
         // A failed write is counted, shown and retried, not NACKed.
-        let written = self.write_kernel(applied.accepted, received, &format!("{kinds:?}"));
+        let written = written.then(self.write_kernel(applied.accepted, received, &what));
         if self.synced_write.is_none() && self.synced() {
             self.synced_write = Some(self.kernel.sent());
         }

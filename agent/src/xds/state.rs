@@ -111,6 +111,33 @@ pub struct Accepted {
     pub removed: std::collections::BTreeSet<crate::model::Endpoint>,
 }
 
+impl Accepted {
+    /// This, then `later` (a later part of the same update).
+    pub fn merge(&mut self, later: Accepted) {
+        // An endpoint one part removed and a later one gives a service again is
+        // not removed by the two together.
+        if !self.removed.is_empty() {
+            let back: BTreeSet<crate::model::Endpoint> = later
+                .changes
+                .iter()
+                .filter_map(|(s, after)| Some((s, after.as_ref()?)))
+                .flat_map(|(s, after)| {
+                    after.iter().map(|b| crate::model::Endpoint {
+                        addr: b.address,
+                        port: b.port,
+                        protocol: s.protocol,
+                    })
+                })
+                .collect();
+            self.removed.retain(|e| !back.contains(e));
+        }
+        self.changes.extend(later.changes);
+        self.table_changed |= later.table_changed;
+        self.subscriptions_changed |= later.subscriptions_changed;
+        self.removed.extend(later.removed);
+    }
+}
+
 /// Something the translation noticed, logged once while it stands.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Note {
@@ -355,14 +382,57 @@ impl XdsState {
     /// Applies `update`: every valid resource, each refused one keeping its last
     /// good version; an update refused whole changes nothing.
     pub fn apply(&mut self, update: Update) -> Applied {
+        let mut parts = match self.begin(&update, usize::MAX) {
+            Ok(parts) => parts,
+            Err(whole) => return whole,
+        };
+        let mut accepted = Accepted::default();
+        while let Some(part) = self.next_part(&mut parts) {
+            accepted.merge(part);
+        }
+        self.finish(&update, parts, accepted)
+    }
+
+    /// [`Self::apply`] in steps: the update's valid resources put in the store
+    /// (`Err`: refused whole, nothing changed), to be translated by
+    /// [`Self::next_part`] (an EDS delta of more than `part` assignments in
+    /// parts of `part`, so each part can be written to the kernel while the next
+    /// is translated) and closed by [`Self::finish`].
+    pub fn begin(&mut self, update: &Update, part: usize) -> Result<updates::Parts, Applied> {
         for kind in update.kinds() {
             self.stats.entry(kind).or_default().received += 1;
         }
-        let (accepted, refused, whole) = match self.try_apply(&update) {
-            Ok((accepted, refused)) => (accepted, refused, None),
-            Err(nack) => (Accepted::default(), Vec::new(), Some(nack)),
-        };
-        let version = match &update {
+        self.prepare(update, part)
+            .map_err(|nack| self.settled(update, Accepted::default(), Vec::new(), Some(nack)))
+    }
+
+    /// The next part of a begun update translated and committed: what it
+    /// changed; `None` once every part is.
+    pub fn next_part(&mut self, parts: &mut updates::Parts) -> Option<Accepted> {
+        self.commit_part(parts)
+    }
+
+    /// Closes a begun update whose parts are all committed: `accepted` is what
+    /// they changed together (the subscriptions changed if any part's did).
+    pub fn finish(
+        &mut self,
+        update: &Update,
+        parts: updates::Parts,
+        accepted: Accepted,
+    ) -> Applied {
+        let refused = self.settle(parts);
+        self.settled(update, accepted, refused, None)
+    }
+
+    /// The counters of an update's types, and what it asks of its source.
+    fn settled(
+        &mut self,
+        update: &Update,
+        accepted: Accepted,
+        refused: Vec<Refused>,
+        whole: Option<Nack>,
+    ) -> Applied {
+        let version = match update {
             Update::SotW { version, .. } | Update::Full { version, .. } => Some(version.clone()),
             Update::Delta { .. } => None,
         };

@@ -597,6 +597,11 @@ fn propagation(bin_dir: &Path, run: Prop) -> Value {
         Err(e) => return json!({ "error": e }),
     };
     let initial_load = started.elapsed();
+    // The load as issue 30 counts it: the first response sent → all in the
+    // kernel (the agent's start and its programs' verification apart).
+    let from_first_response = cp
+        .first_response_at()
+        .map(|t| started + initial_load - t.max(started));
     let rss_kib = rss_kib(agent.0.id());
     // Issue 30's target reads the resident memory 2 s after the load, once the
     // write's buffers are freed and handed back.
@@ -604,8 +609,9 @@ fn propagation(bin_dir: &Path, run: Prop) -> Value {
     let rss_2s_kib = load::rss_kib(agent.0.id());
     let (anon, file) = load::rss_parts_kib(agent.0.id());
     detail(&format!(
-        "  initial load (agent start -> all {services} services in the kernel): {:.2} s; agent RSS {} MiB, 2 s later {} MiB ({} MiB anonymous, {} MiB file)",
+        "  initial load (agent start -> all {services} services in the kernel): {:.2} s, {:.2} s of it from the first response sent; agent RSS {} MiB, 2 s later {} MiB ({} MiB anonymous, {} MiB file)",
         initial_load.as_secs_f64(),
+        from_first_response.map_or(f64::NAN, |d| d.as_secs_f64()),
         rss_kib / 1024,
         rss_2s_kib / 1024,
         anon / 1024,
@@ -744,7 +750,9 @@ fn propagation(bin_dir: &Path, run: Prop) -> Value {
         "churn_per_s": churn_per_s, "throughput": throughput_json,
         "services": services, "endpoints_per_service": endpoints, "changes": changes,
         "maglev_services": maglev,
-        "initial_load_s": initial_load.as_secs_f64(), "agent_rss_kib": rss_kib,
+        "initial_load_s": initial_load.as_secs_f64(),
+        "initial_load_from_first_response_s": from_first_response.map(|d| d.as_secs_f64()),
+        "agent_rss_kib": rss_kib,
         "agent_rss_2s_kib": rss_2s_kib,
         "publish_to_map": e2e_json, "publish_to_map_maglev": maglev_json,
         "agent_receive_to_map": agent_json,

@@ -505,3 +505,150 @@ resources:
     tick(&mut core, t0);
     assert_eq!(sink.asked.lock().expect("lock").last(), Some(&None));
 }
+
+/// A sink that records each write: the whole table (`None`) or the services
+/// a change wrote.
+#[derive(Clone, Default)]
+struct Writes {
+    inner: Fake,
+    log: Arc<Mutex<Vec<Option<usize>>>>,
+}
+
+impl TableSink for Writes {
+    fn apply(&mut self, table: &RoutingTable) -> Result<usize, SinkError> {
+        self.log.lock().expect("lock").push(None);
+        self.inner.apply(table)
+    }
+    fn apply_changes(&mut self, changes: &Changes) -> Result<usize, SinkError> {
+        self.log.lock().expect("lock").push(Some(changes.len()));
+        self.inner.apply_changes(changes)
+    }
+    fn table(&self) -> RoutingTable {
+        self.inner.table()
+    }
+}
+
+/// Listeners and clusters `c0` … `c{n-1}`, each listener on 10.96.1.i:80.
+fn six_services(n: usize) -> (Update, Update) {
+    let lds: String = (0..n)
+        .map(|i| {
+            format!(
+                r#"
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: l{i}
+  address: {{ socket_address: {{ address: 10.96.1.{i}, port_value: 80 }} }}
+  filter_chains: [ {{ filters: [ {{ name: tcp, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: c{i} }} }} ] }} ]
+"#
+            )
+        })
+        .collect();
+    let cds: String = (0..n)
+        .map(|i| format!("\n- {{ \"@type\": type.googleapis.com/envoy.config.cluster.v3.Cluster, name: c{i}, type: EDS, eds_cluster_config: {{ eds_config: {{ ads: {{}} }} }} }}"))
+        .collect();
+    (
+        sotw(Kind::Listener, &format!("resources:{lds}")),
+        sotw(Kind::Cluster, &format!("resources:{cds}")),
+    )
+}
+
+/// A delta of the assignments of `c0` … `c{n-1}` (one endpoint each, port
+/// `port`), and `extra` resources sent after them.
+fn eds_delta(
+    n: usize,
+    port: u16,
+    extra: Vec<(String, String, sockmesh_proto::pb::google::protobuf::Any)>,
+) -> Update {
+    let yaml: String = (0..n)
+        .map(|i| {
+            format!(
+                r#"
+- "@type": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment
+  cluster_name: c{i}
+  endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ socket_address: {{ address: 10.1.5.{i}, port_value: {port} }} }} }} }} ] }} ]
+"#
+            )
+        })
+        .collect();
+    let Update::SotW { resources, .. } = sotw(Kind::Endpoint, &format!("resources:{yaml}")) else {
+        unreachable!("sotw")
+    };
+    let mut added: Vec<_> = resources
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| (format!("c{i}"), "1".to_owned(), a))
+        .collect();
+    added.extend(extra);
+    Update::Delta {
+        kind: Kind::Endpoint,
+        added,
+        removed: Vec::new(),
+    }
+}
+
+#[test]
+fn a_large_eds_delta_is_written_in_parts_once_the_kernel_follows_the_table() {
+    let sink = Writes::default();
+    let mut core = core_over(sink.clone());
+    core.set_eds_part(2);
+    let t0 = Instant::now();
+    let (lds, cds) = six_services(6);
+    // Assignments before the listeners: the first write, the whole table, waits
+    // for LDS and CDS, so the parts are written together then.
+    handle(&mut core, cds, t0).expect("cds");
+    handle(&mut core, eds_delta(6, 80, Vec::new()), t0).expect("eds");
+    assert!(sink.log.lock().expect("lock").is_empty());
+    handle(&mut core, lds, t0).expect("lds");
+    assert_eq!(*sink.log.lock().expect("lock"), vec![None]);
+    assert_eq!(sink.table().services.len(), 6);
+    // Now each part is handed over as it is translated: three writes of two
+    // services, not one of six, and the update is counted once.
+    sink.log.lock().expect("lock").clear();
+    handle(&mut core, eds_delta(6, 81, Vec::new()), t0).expect("eds again");
+    assert_eq!(
+        *sink.log.lock().expect("lock"),
+        vec![Some(2), Some(2), Some(2)]
+    );
+    let table = sink.table();
+    assert!(
+        table
+            .services
+            .values()
+            .all(|s| s.iter().all(|b| b.port == 81)),
+        "{table:?}"
+    );
+    let stats = &core.state().stats()[&Kind::Endpoint];
+    assert_eq!((stats.received, stats.accepted), (2, 2));
+}
+
+#[test]
+fn an_undecodable_assignment_refuses_a_large_eds_delta_whole_parts_or_not() {
+    let sink = Writes::default();
+    let mut core = core_over(sink.clone());
+    core.set_eds_part(2);
+    let t0 = Instant::now();
+    let (lds, cds) = six_services(6);
+    handle(&mut core, cds, t0).expect("cds");
+    handle(&mut core, lds, t0).expect("lds");
+    handle(&mut core, eds_delta(6, 80, Vec::new()), t0).expect("eds");
+    sink.log.lock().expect("lock").clear();
+    // The last resource sent does not decode: Envoy refuses the response whole,
+    // so no part of it reaches the kernel.
+    let garbage = sockmesh_proto::pb::google::protobuf::Any {
+        type_url: Kind::Endpoint.type_url().to_owned(),
+        value: vec![0xff, 0xff, 0xff],
+    };
+    let nack = handle(
+        &mut core,
+        eds_delta(6, 81, vec![("c9".into(), "1".into(), garbage)]),
+        t0,
+    )
+    .expect_err("refused whole");
+    assert!(nack.0.contains("refused whole"), "{nack}");
+    assert!(sink.log.lock().expect("lock").is_empty());
+    assert!(
+        sink.table()
+            .services
+            .values()
+            .all(|s| s.iter().all(|b| b.port == 80))
+    );
+}

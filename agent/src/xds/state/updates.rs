@@ -13,6 +13,21 @@ use crate::xds::{
     incremental::Dirty,
 };
 
+/// An update put in the store, its translation committed part by part (see
+/// [`XdsState::prepare`]).
+pub struct Parts {
+    parts: std::vec::IntoIter<Dirty>,
+    kinds: Vec<super::Kind>,
+    st: Staging,
+}
+
+impl Parts {
+    /// Parts not committed yet.
+    pub fn remaining(&self) -> usize {
+        self.parts.len()
+    }
+}
+
 /// What an update changes in the store before it is translated.
 #[derive(Default)]
 struct Staging {
@@ -31,9 +46,12 @@ fn name_of<'a>(item: &'a Item<'_>) -> (Kind, &'a str) {
 }
 
 impl XdsState {
-    /// Applies what of `update` is valid; `Err` refuses it whole (nothing changed:
-    /// every reason to refuse it whole is found before the store is touched).
-    pub(super) fn try_apply(&mut self, update: &Update) -> Result<(Accepted, Vec<Refused>), Nack> {
+    /// Puts what of `update` is valid in the store; `Err` refuses it whole
+    /// (nothing changed: every reason to refuse it whole is found before the
+    /// store is touched). Its translation is committed by [`Self::commit_part`],
+    /// in one part, or for an EDS delta of more than `part` assignments, in parts
+    /// of `part`.
+    pub(super) fn prepare(&mut self, update: &Update, part: usize) -> Result<Parts, Nack> {
         let mut st = Staging::default();
         match update {
             Update::SotW {
@@ -107,12 +125,48 @@ impl XdsState {
             };
             set.insert(name.clone());
         }
-        let accepted = self.commit_dirty(&dirty, &update.kinds());
+        // Only assignments are split: a part of them changes the services of
+        // their clusters and nothing else, as a smaller response would, while a
+        // part of the listeners or clusters would recompute every subscription.
+        let parts = if matches!(update, Update::Delta { .. })
+            && dirty.endpoints.len() > part
+            && dirty.listeners.is_empty()
+            && dirty.routes.is_empty()
+            && dirty.clusters.is_empty()
+        {
+            let names: Vec<String> = std::mem::take(&mut dirty.endpoints).into_iter().collect();
+            names
+                .chunks(part.max(1))
+                .map(|c| Dirty {
+                    endpoints: c.iter().cloned().collect(),
+                    ..Dirty::default()
+                })
+                .collect()
+        } else {
+            vec![dirty]
+        };
+        Ok(Parts {
+            parts: parts.into_iter(),
+            kinds: update.kinds(),
+            st,
+        })
+    }
+
+    /// Translates and commits the next part of a prepared update; `None` once
+    /// every part is.
+    pub(super) fn commit_part(&mut self, parts: &mut Parts) -> Option<Accepted> {
+        let dirty = parts.parts.next()?;
+        Some(self.commit_dirty(&dirty, &parts.kinds))
+    }
+
+    /// The refusals of an update whose parts are all committed.
+    pub(super) fn settle(&mut self, parts: Parts) -> Vec<Refused> {
+        let Parts { st, .. } = parts;
         self.note_refused(
             st.cleared.iter().map(|(k, n)| (*k, n.as_str())),
             &st.refused,
         );
-        Ok((accepted, st.refused))
+        st.refused
     }
 
     /// [`Self::put`] of every accepted item (state of the world: no version);
