@@ -13,6 +13,8 @@ use std::{
     sync::Arc,
 };
 
+use foldhash::HashMap;
+
 use super::{
     clusters::{
         ClusterBackends, ClusterSource, DnsTarget, ServiceBackends, cluster_backends,
@@ -60,9 +62,9 @@ type ListenerView = (Vec<ServiceSpec>, BTreeSet<String>, Notes);
 /// Recomputed pieces, not yet committed.
 #[derive(Default)]
 pub struct Staged {
-    specs: BTreeMap<String, ListenerView>,
+    specs: HashMap<String, ListenerView>,
     removed_listeners: BTreeSet<String>,
-    clusters: BTreeMap<String, Option<ClusterView>>,
+    clusters: HashMap<String, Option<ClusterView>>,
     pub changes: Changes,
     /// Services defined by the re-staged listeners, and by which.
     staged_owners: BTreeMap<ServiceAddr, BTreeSet<String>>,
@@ -77,16 +79,19 @@ pub struct Staged {
 /// The caches and indexes.
 #[derive(Debug, Default)]
 pub struct Incremental {
-    specs: BTreeMap<String, Vec<ServiceSpec>>,
-    listener_routes: BTreeMap<String, BTreeSet<String>>,
+    // The maps looked up by name on every update are hash maps (a B-tree's
+    // descent compares whole names at each level: the largest cost of a batch's
+    // translation); what is listed in order is sorted when it is listed.
+    specs: HashMap<String, Vec<ServiceSpec>>,
+    listener_routes: HashMap<String, BTreeSet<String>>,
     /// What each listener ignored or left alone (listeners with nothing to say
     /// are absent).
     listener_notes: BTreeMap<String, Notes>,
-    route_users: BTreeMap<String, Users<String>>,
-    clusters: BTreeMap<String, ClusterView>,
-    eds_users: BTreeMap<String, Users<String>>,
-    owners: BTreeMap<ServiceAddr, Users<String>>,
-    cluster_users: BTreeMap<String, Users<ServiceAddr>>,
+    route_users: HashMap<String, Users<String>>,
+    clusters: HashMap<String, ClusterView>,
+    eds_users: HashMap<String, Users<String>>,
+    owners: HashMap<ServiceAddr, Users<String>>,
+    cluster_users: HashMap<String, Users<ServiceAddr>>,
     warming: BTreeSet<ServiceAddr>,
     passthrough: BTreeSet<ServiceAddr>,
     /// Consistent-hash services whose hash policy names what connect() cannot see
@@ -114,20 +119,26 @@ impl Incremental {
 
     /// Route names referenced by listeners (RDS subscription).
     pub fn route_names(&self) -> Vec<String> {
-        self.route_users
+        let mut names: Vec<String> = self
+            .route_users
             .iter()
             .filter(|(_, u)| !u.is_empty())
             .map(|(n, _)| n.clone())
-            .collect()
+            .collect();
+        names.sort_unstable();
+        names
     }
 
     /// EDS names referenced by clusters (EDS subscription).
     pub fn eds_names(&self) -> Vec<String> {
-        self.eds_users
+        let mut names: Vec<String> = self
+            .eds_users
             .iter()
             .filter(|(_, u)| !u.is_empty())
             .map(|(n, _)| n.clone())
-            .collect()
+            .collect();
+        names.sort_unstable();
+        names
     }
 
     pub fn warming(&self) -> impl Iterator<Item = &ServiceAddr> {
@@ -173,7 +184,13 @@ impl Incremental {
             .values()
             .flat_map(|n| n.ignored.iter().cloned())
             .collect();
-        out.extend(self.clusters.values().filter_map(|c| c.ignored.clone()));
+        let mut clusters: Vec<String> = self
+            .clusters
+            .values()
+            .filter_map(|c| c.ignored.clone())
+            .collect();
+        clusters.sort_unstable();
+        out.extend(clusters);
         out
     }
 
