@@ -6,6 +6,8 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
+use foldhash::HashMap;
+
 use sockmesh_proto::pb::envoy::config::{
     cluster::v3::Cluster, listener::v3::Listener, route::v3::RouteConfiguration,
 };
@@ -16,11 +18,13 @@ use crate::model::Backend;
 /// The xDS resources currently accepted, by name.
 #[derive(Clone, Debug, Default)]
 pub struct Resources {
-    pub listeners: BTreeMap<String, Encoded<Listener>>,
-    pub routes: BTreeMap<String, Encoded<RouteConfiguration>>,
-    pub clusters: BTreeMap<String, Encoded<Cluster>>,
+    // Hash maps: every update looks its resources up by name; what lists them
+    // (versions held, removals) does not depend on their order.
+    pub listeners: HashMap<String, Encoded<Listener>>,
+    pub routes: HashMap<String, Encoded<RouteConfiguration>>,
+    pub clusters: HashMap<String, Encoded<Cluster>>,
     /// ClusterLoadAssignments by `cluster_name` (the EDS service name).
-    pub endpoints: BTreeMap<String, Assignment>,
+    pub endpoints: HashMap<String, Assignment>,
     /// The last good DNS answers of each STRICT_DNS/LOGICAL_DNS cluster, by
     /// cluster name (the agent resolves them; see `xds::dns`).
     pub dns: BTreeMap<String, super::clusters::DnsAnswers>,
@@ -146,7 +150,7 @@ impl Stored for Assignment {
     }
 }
 
-fn versions_of<V: Stored>(map: &BTreeMap<String, V>) -> BTreeMap<String, String> {
+fn versions_of<V: Stored>(map: &HashMap<String, V>) -> BTreeMap<String, String> {
     map.iter()
         .filter_map(|(n, v)| Some((n.clone(), v.version()?.to_owned())))
         .collect()
@@ -194,7 +198,7 @@ impl Resources {
         version: Option<&str>,
     ) -> bool {
         fn put_in<V: Stored>(
-            map: &mut BTreeMap<String, V>,
+            map: &mut HashMap<String, V>,
             name: &str,
             same: impl FnOnce(&V) -> bool,
             new: impl FnOnce() -> V,
@@ -212,7 +216,7 @@ impl Resources {
             true
         }
         fn encoded<T>(
-            map: &mut BTreeMap<String, Encoded<T>>,
+            map: &mut HashMap<String, Encoded<T>>,
             name: &str,
             bytes: &[u8],
             version: Option<&str>,
