@@ -1532,3 +1532,38 @@ fn a_delta_reconnect_announces_only_the_resources_still_wanted() {
     );
     assert_eq!(announced(&st, Kind::Listener), ["10.96.1.10_80"]);
 }
+
+/// Two parts of one update merged: an endpoint the first removed and the
+/// second gives a service again is not removed (its sockets stay), one removed
+/// by either and given back by neither is.
+#[test]
+fn merged_parts_remove_only_what_neither_gives_back() {
+    use super::state::Accepted;
+    use crate::model::{Endpoint, Service};
+    let a = svc("10.96.0.1", 80, Protocol::Tcp);
+    let b = svc("10.96.0.2", 80, Protocol::Tcp);
+    let ep = |ip: &str| Endpoint {
+        addr: ip.parse().expect("ip"),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    let mut first = Accepted {
+        changes: [(a, Some(Service::from(vec![be("10.1.0.2", 80, 1)])))].into(),
+        table_changed: true,
+        subscriptions_changed: false,
+        removed: [ep("10.1.0.1"), ep("10.1.0.9")].into(),
+    };
+    let second = Accepted {
+        changes: [(b, Some(Service::from(vec![be("10.1.0.1", 80, 1)])))].into(),
+        table_changed: true,
+        subscriptions_changed: true,
+        removed: [ep("10.1.0.3")].into(),
+    };
+    first.merge(second);
+    assert_eq!(
+        first.removed,
+        [ep("10.1.0.9"), ep("10.1.0.3")].into_iter().collect()
+    );
+    assert_eq!(first.changes.len(), 2);
+    assert!(first.subscriptions_changed);
+}
