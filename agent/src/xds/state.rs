@@ -406,12 +406,6 @@ impl XdsState {
             .map_err(|nack| self.settled(update, Accepted::default(), Vec::new(), Some(nack)))
     }
 
-    /// The next part of a begun update translated and committed: what it
-    /// changed; `None` once every part is.
-    pub fn next_part(&mut self, parts: &mut updates::Parts) -> Option<Accepted> {
-        self.commit_part(parts)
-    }
-
     /// Closes a begun update whose parts are all committed: `accepted` is what
     /// they changed together (the subscriptions changed if any part's did).
     pub fn finish(

@@ -528,8 +528,17 @@ impl TableSink for Writes {
     }
 }
 
+/// A core whose EDS deltas go in parts of two assignments, over a sink that
+/// records its writes.
+fn in_parts_of_two() -> (Writes, Core) {
+    let sink = Writes::default();
+    let mut core = core_over(sink.clone());
+    core.set_eds_part(2);
+    (sink, core)
+}
+
 /// Listeners and clusters `c0` … `c{n-1}`, each listener on 10.96.1.i:80.
-fn six_services(n: usize) -> (Update, Update) {
+fn services(n: usize) -> (Update, Update) {
     let lds: String = (0..n)
         .map(|i| {
             format!(
@@ -587,11 +596,9 @@ fn eds_delta(
 
 #[test]
 fn a_large_eds_delta_is_written_in_parts_once_the_kernel_follows_the_table() {
-    let sink = Writes::default();
-    let mut core = core_over(sink.clone());
-    core.set_eds_part(2);
+    let (sink, mut core) = in_parts_of_two();
     let t0 = Instant::now();
-    let (lds, cds) = six_services(6);
+    let (lds, cds) = services(6);
     // Assignments before the listeners: the first write, the whole table, waits
     // for LDS and CDS, so the parts are written together then.
     handle(&mut core, cds, t0).expect("cds");
@@ -622,11 +629,9 @@ fn a_large_eds_delta_is_written_in_parts_once_the_kernel_follows_the_table() {
 
 #[test]
 fn an_undecodable_assignment_refuses_a_large_eds_delta_whole_parts_or_not() {
-    let sink = Writes::default();
-    let mut core = core_over(sink.clone());
-    core.set_eds_part(2);
+    let (sink, mut core) = in_parts_of_two();
     let t0 = Instant::now();
-    let (lds, cds) = six_services(6);
+    let (lds, cds) = services(6);
     handle(&mut core, cds, t0).expect("cds");
     handle(&mut core, lds, t0).expect("lds");
     handle(&mut core, eds_delta(6, 80, Vec::new()), t0).expect("eds");

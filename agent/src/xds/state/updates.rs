@@ -48,7 +48,7 @@ fn name_of<'a>(item: &'a Item<'_>) -> (Kind, &'a str) {
 impl XdsState {
     /// Puts what of `update` is valid in the store; `Err` refuses it whole
     /// (nothing changed: every reason to refuse it whole is found before the
-    /// store is touched). Its translation is committed by [`Self::commit_part`],
+    /// store is touched). Its translation is committed by [`Self::next_part`],
     /// in one part, or for an EDS delta of more than `part` assignments, in parts
     /// of `part`.
     pub(super) fn prepare(&mut self, update: &Update, part: usize) -> Result<Parts, Nack> {
@@ -152,9 +152,9 @@ impl XdsState {
         })
     }
 
-    /// Translates and commits the next part of a prepared update; `None` once
-    /// every part is.
-    pub(super) fn commit_part(&mut self, parts: &mut Parts) -> Option<Accepted> {
+    /// The next part of a begun update translated and committed: what it
+    /// changed; `None` once every part is.
+    pub fn next_part(&mut self, parts: &mut Parts) -> Option<Accepted> {
         let dirty = parts.parts.next()?;
         Some(self.commit_dirty(&dirty, &parts.kinds))
     }
