@@ -11,6 +11,7 @@ pub mod dns;
 pub mod file;
 pub mod filedoc;
 pub mod fit;
+pub mod grpc;
 pub mod incremental;
 pub mod node;
 pub mod opaque;

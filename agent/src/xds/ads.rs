@@ -22,8 +22,7 @@ use sockmesh_proto::pb::{
     envoy::{
         config::core::v3::Node,
         service::discovery::v3::{
-            DeltaDiscoveryRequest, DiscoveryRequest,
-            aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+            DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
         },
     },
     google::rpc::Status,
@@ -277,31 +276,22 @@ async fn session(
     token: Option<&Token>,
     core: &Arc<Mutex<Core>>,
 ) -> Result<(), SessionError> {
-    let channel: Channel = ep.connect().await.map_err(SessionError::Connect)?;
-    let mut client = ads_client(channel, cfg.max_message_size);
+    let mut channel: Channel = ep.connect().await.map_err(SessionError::Connect)?;
     info!(url = %cfg.url, protocol = ?cfg.protocol, "xDS connected");
     let call = Call {
         credentials: &cfg.credentials,
         token,
     };
     match cfg.protocol {
-        XdsProtocol::Sotw => sotw(cfg, &mut client, call, core).await,
-        XdsProtocol::Delta => delta(cfg, &mut client, call, core).await,
+        XdsProtocol::Sotw => sotw(cfg, &mut channel, call, core).await,
+        XdsProtocol::Delta => delta(cfg, &mut channel, call, core).await,
     }
 }
 
-/// The ADS client over `channel`, accepting responses up to `max_message_size`
-/// bytes (a larger one ends the stream with OUT_OF_RANGE, and is retried).
-fn ads_client(
-    channel: Channel,
-    max_message_size: usize,
-) -> AggregatedDiscoveryServiceClient<Channel> {
-    AggregatedDiscoveryServiceClient::new(channel)
-        .max_decoding_message_size(max_message_size)
-        // Requests stay within `requests::MAX_REQUEST_BYTES`; a SotW request of
-        // every EDS name may not, and is the server's to refuse.
-        .max_encoding_message_size(usize::MAX)
-}
+const SOTW_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+const DELTA_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 
 /// What every stream's request carries besides its messages.
 #[derive(Clone, Copy)]
@@ -311,13 +301,36 @@ struct Call<'a> {
 }
 
 impl Call<'_> {
-    /// The streaming request, with the bearer token and `clusterid` metadata.
-    fn request<T>(self, stream: T) -> Result<tonic::Request<T>, SessionError> {
-        let mut req = tonic::Request::new(stream);
+    /// Opens the call `path`, with the bearer token and `clusterid` metadata;
+    /// responses up to `--xds-max-message-size` (a larger one ends the stream
+    /// with OUT_OF_RANGE, and is retried).
+    async fn open<Req, Resp>(
+        self,
+        cfg: &AdsConfig,
+        channel: &mut Channel,
+        path: &'static str,
+        requests: mpsc::Receiver<Req>,
+    ) -> Result<super::grpc::Responses<Resp>, SessionError>
+    where
+        Req: prost::Message + 'static,
+        Resp: prost::Message + Default,
+    {
+        let mut metadata = tonic::metadata::MetadataMap::new();
         self.credentials
-            .apply(self.token, req.metadata_mut())
+            .apply(self.token, &mut metadata)
             .map_err(SessionError::Setup)?;
-        Ok(req)
+        super::grpc::call(
+            channel,
+            path,
+            metadata,
+            ReceiverStream::new(requests),
+            cfg.max_message_size,
+        )
+        .await
+        .map_err(|source| SessionError::Call {
+            call: path.rsplit('/').next().unwrap_or(path),
+            source,
+        })
     }
 }
 
@@ -345,7 +358,7 @@ fn nack_status(message: String) -> Status {
 
 async fn sotw(
     cfg: &AdsConfig,
-    client: &mut AggregatedDiscoveryServiceClient<Channel>,
+    channel: &mut Channel,
     call: Call<'_>,
     core: &Arc<Mutex<Core>>,
 ) -> Result<(), SessionError> {
@@ -378,14 +391,9 @@ async fn sotw(
             tx.try_send(r)?;
         }
     }
-    let mut stream = client
-        .stream_aggregated_resources(call.request(ReceiverStream::new(rx))?)
-        .await
-        .map_err(|source| SessionError::Call {
-            call: "StreamAggregatedResources",
-            source,
-        })?
-        .into_inner();
+    let mut stream = call
+        .open::<_, DiscoveryResponse>(cfg, channel, SOTW_PATH, rx)
+        .await?;
     set_source(core, SourceState::Connected);
     while let Some(resp) = stream.message().await? {
         let received = Instant::now();
@@ -450,7 +458,7 @@ fn warn_if_large(r: &DiscoveryRequest) {
 
 async fn delta(
     cfg: &AdsConfig,
-    client: &mut AggregatedDiscoveryServiceClient<Channel>,
+    channel: &mut Channel,
     call: Call<'_>,
     core: &Arc<Mutex<Core>>,
 ) -> Result<(), SessionError> {
@@ -479,14 +487,9 @@ async fn delta(
     for r in first {
         tx.try_send(r)?;
     }
-    let mut stream = client
-        .delta_aggregated_resources(call.request(ReceiverStream::new(rx))?)
-        .await
-        .map_err(|source| SessionError::Call {
-            call: "DeltaAggregatedResources",
-            source,
-        })?
-        .into_inner();
+    let mut stream = call
+        .open::<_, DeltaDiscoveryResponse>(cfg, channel, DELTA_PATH, rx)
+        .await?;
     set_source(core, SourceState::Connected);
     while let Some(resp) = stream.message().await? {
         let received = Instant::now();
@@ -604,17 +607,20 @@ mod tests {
                 .add_service(svc)
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
+        let mut channel = Endpoint::from_shared(format!("http://{addr}"))
             .expect("endpoint")
             .connect()
             .await
             .expect("connect");
-        let mut client = ads_client(channel, limit);
-        let mut stream = client
-            .delta_aggregated_resources(tokio_stream::iter([DeltaDiscoveryRequest::default()]))
-            .await
-            .map_err(|s| s.code())?
-            .into_inner();
+        let mut stream = crate::xds::grpc::call::<_, DeltaDiscoveryResponse>(
+            &mut channel,
+            DELTA_PATH,
+            Default::default(),
+            tokio_stream::iter([DeltaDiscoveryRequest::default()]),
+            limit,
+        )
+        .await
+        .map_err(|s| s.code())?;
         match stream.message().await {
             Ok(Some(r)) => Ok(r.system_version_info.len()),
             Ok(None) => Ok(0),
