@@ -11,6 +11,7 @@ mod cgroups;
 #[cfg(test)]
 mod contract;
 pub mod destroy;
+mod entries;
 pub mod events;
 pub mod features;
 pub mod fill;

@@ -6,11 +6,12 @@ use std::collections::BTreeMap;
 use foldhash::{HashMap, HashMapExt as _, HashSet};
 
 use sockmesh_common::{
-    BackendInfo, BackendKey, MAGLEV_CHUNK, MAX_TIERS, ServiceKey, ServicePolicy, SlotKey,
-    SlotRange, Tiers, backend_state, service_flags,
+    BackendKey, MAGLEV_CHUNK, MAX_TIERS, ServiceKey, ServicePolicy, SlotKey, SlotRange, Tiers,
+    backend_state, service_flags,
 };
 
 use super::{
+    entries::Entries,
     keys::{port_from_map, service_addr, words_to_ip},
     store::Snapshot,
 };
@@ -27,7 +28,7 @@ pub(super) struct Installed {
     /// table takes 32 KiB here).
     pub(super) slots: Vec<u16>,
     /// Backend entries present in the map, by index.
-    pub(super) backends: BTreeMap<u32, BackendInfo>,
+    pub(super) backends: Entries,
     /// The kernel copy was found inconsistent on adoption: rewrite on next apply.
     pub(super) dirty: bool,
     /// Entries `0..leftover` of the unpublished generation may still exist (a
@@ -141,7 +142,7 @@ impl Installed {
             generation: 1,
             revision: 0,
             slots: Vec::new(),
-            backends: BTreeMap::new(),
+            backends: Entries::default(),
             // Not published yet: the first write must publish even an empty service.
             dirty: true,
             leftover: 0,
@@ -263,7 +264,7 @@ impl Mirror {
                     } else {
                         vec![u16::MAX; v.slot_count as usize]
                     },
-                    backends: BTreeMap::new(),
+                    backends: Entries::default(),
                     dirty: false,
                     leftover: 0,
                     leftover_in: SlotMap::Slots,
@@ -354,7 +355,7 @@ impl Mirror {
             inst.dirty = inst
                 .slots
                 .iter()
-                .any(|&i| i == u16::MAX || !inst.backends.contains_key(&u32::from(i)))
+                .any(|&i| i == u16::MAX || !inst.backends.contains_key(u32::from(i)))
                 || (inst.flags & service_flags::TIERS != 0 && inst.tiers.is_none())
                 || (inst.flags & service_flags::HEALTH != 0 && !inst.service_health);
         }
@@ -373,7 +374,7 @@ impl Mirror {
                 .iter()
                 .map(|(i, b)| {
                     let state = match b.state {
-                        _ if inst.tiers.is_none() && live.contains(i) => BackendState::Active,
+                        _ if inst.tiers.is_none() && live.contains(&i) => BackendState::Active,
                         _ if inst.tiers.is_none() => BackendState::Draining,
                         s => state_of(s),
                     };
@@ -413,7 +414,7 @@ pub(super) fn levels_of(inst: &Installed, t: &Tiers) -> Levels {
         .backends
         .keys()
         .enumerate()
-        .filter_map(|(pos, &i)| Some((u16::try_from(i).ok()?, pos)))
+        .filter_map(|(pos, i)| Some((u16::try_from(i).ok()?, pos)))
         .collect();
     let weights = |r: SlotRange| -> Vec<(usize, u32)> {
         let mut held: BTreeMap<usize, u32> = BTreeMap::new();

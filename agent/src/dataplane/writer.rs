@@ -16,7 +16,10 @@
 //! unpublished, so the kernel programs never insert on the connect path and a
 //! service's counters exist exactly while the service does.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use foldhash::{HashMap, HashSet, HashSetExt as _};
 
@@ -27,7 +30,8 @@ use sockmesh_common::{
 use tracing::{debug, warn};
 
 use super::{
-    keys::{ip_to_words, port_to_map, service_addr, service_key},
+    entries::info_of,
+    keys::{service_addr, service_key},
     mirror::{Installed, MapEntries, Mirror, SlotMap, is_direct, slot_index},
     published::PublishedMap,
     store::{MapStore, Snapshot, StoreError},
@@ -35,8 +39,8 @@ use super::{
 use crate::{
     lb::{MaglevKey, maglev_table, weighted_slots},
     model::{
-        BackendState, CapacityError, Changes, LbPolicy, Limits, ModelError, Protocol, RoutingTable,
-        Service, ServiceAddr, Usage, write_order,
+        CapacityError, Changes, LbPolicy, Limits, ModelError, Protocol, RoutingTable, Service,
+        ServiceAddr, Usage, write_order,
     },
 };
 
@@ -654,7 +658,7 @@ impl<S: MapStore> MapWriter<S> {
                 .map_err(wrap)?;
             ops += 1;
         }
-        for (&index, b) in &inst.backends {
+        for (index, b) in inst.backends.iter() {
             self.store
                 .del_backend(&BackendKey {
                     service_id: inst.id,
@@ -663,7 +667,7 @@ impl<S: MapStore> MapWriter<S> {
                 .map_err(wrap)?;
             if inst.health.is_some() {
                 self.store
-                    .del_endpoint_health(&endpoint_key(key, b))
+                    .del_endpoint_health(&endpoint_key(key, &b))
                     .map_err(wrap)?;
             }
             ops += 1;
@@ -740,12 +744,16 @@ struct BackendPlan {
     health: Option<ServicePolicy>,
     /// Priority levels to publish with the slots (flag `TIERS`).
     tiers: Option<Tiers>,
+    /// The desired backend list and the index of each of its positions: what
+    /// the mirror keeps of the entries once they are written (a service without
+    /// levels; see `entries`).
+    list: Option<(Arc<[crate::model::Backend]>, Vec<u32>)>,
 }
 
 impl BackendPlan {
     fn is_noop(&self, current: &Installed) -> bool {
         self.slots == current.slots
-            && self.backends == current.backends
+            && current.backends.same_as(&self.backends)
             && self.policy == current.policy
             && self.flags == current.flags
             && self.health == current.health
@@ -795,7 +803,7 @@ fn plan_of(current: &Installed, protocol: Protocol, desired: &Service) -> Backen
         let rewritten = in_place
             .backends
             .iter()
-            .filter(|&(i, b)| current.backends.get(i) != Some(b))
+            .filter(|&(&i, &b)| current.backends.get(i) != Some(b))
             .count();
         if in_place.flags & service_flags::DIRECT != 0
             && in_place.backends.len() == current.backends.len()
@@ -822,7 +830,7 @@ fn plan_indexes(
     let by_addr: HashMap<([u32; 4], u16), u32> = current
         .backends
         .iter()
-        .map(|(&i, b)| ((b.addr, b.port), i))
+        .map(|(i, b)| ((b.addr, b.port), i))
         .collect();
     let mut backends = BTreeMap::new();
     let mut fresh = Vec::new();
@@ -834,18 +842,7 @@ fn plan_indexes(
         .map(crate::lb::levels::level_of_positions)
         .unwrap_or_default();
     for (pos, b) in desired.iter().enumerate() {
-        let info = BackendInfo {
-            addr: ip_to_words(b.address),
-            port: port_to_map(b.port),
-            state: match b.state {
-                BackendState::Active => backend_state::ACTIVE,
-                BackendState::Draining => backend_state::DRAINING,
-                BackendState::Degraded => backend_state::DEGRADED,
-                BackendState::Unhealthy => backend_state::UNHEALTHY,
-            },
-            level: level_of.get(pos).copied().unwrap_or(0),
-            weight: b.weight,
-        };
+        let info = info_of(b, level_of.get(pos).copied().unwrap_or(0));
         match by_addr.get(&(info.addr, info.port)) {
             Some(&i) => {
                 backends.insert(i, info);
@@ -856,7 +853,7 @@ fn plan_indexes(
     }
     let mut next = 0u32;
     for (pos, info) in fresh {
-        while (!reuse && current.backends.contains_key(&next)) || backends.contains_key(&next) {
+        while (!reuse && current.backends.contains_key(next)) || backends.contains_key(&next) {
             next += 1;
         }
         backends.insert(next, info);
@@ -928,6 +925,10 @@ fn plan_indexes(
         policy: desired.policy,
         flags,
         health,
+        list: desired
+            .levels
+            .is_none()
+            .then(|| (desired.backends.clone(), index_of)),
         tiers,
     }
 }
@@ -1025,7 +1026,7 @@ fn write_and_publish<S: MapStore>(
     //    rewritten in place (see `plan_backends`), and the endpoint it held starts
     //    afresh if it comes back, as a removed one does in step 5.
     for (&index, info) in &plan.backends {
-        if inst.backends.get(&index) != Some(info) {
+        if inst.backends.get(index) != Some(*info) {
             store.put_backend(
                 &BackendKey {
                     service_id: id,
@@ -1138,14 +1139,13 @@ fn write_and_publish<S: MapStore>(
         .backends
         .keys()
         .filter(|i| !plan.backends.contains_key(i))
-        .copied()
         .collect();
     for index in stale {
         store.del_backend(&BackendKey {
             service_id: id,
             index,
         })?;
-        if let Some(b) = inst.backends.remove(&index)
+        if let Some(b) = inst.backends.remove(index)
             && inst.health.is_some()
         {
             // A backend that leaves starts afresh if it comes back (as in Envoy).
@@ -1161,7 +1161,7 @@ fn write_and_publish<S: MapStore>(
         && inst.health.is_some()
     {
         for b in inst.backends.values() {
-            store.del_endpoint_health(&endpoint_key(key, b))?;
+            store.del_endpoint_health(&endpoint_key(key, &b))?;
             *ops += 1;
         }
     }
@@ -1174,6 +1174,10 @@ fn write_and_publish<S: MapStore>(
         store.del_service_health(key)?;
         inst.service_health = false;
         *ops += 1;
+    }
+    // 7. The entries written, kept as the desired list where they read as it.
+    if let Some((list, index_of)) = &plan.list {
+        inst.backends.share(list, index_of);
     }
     Ok(())
 }
@@ -1190,7 +1194,7 @@ fn endpoint_key(key: &ServiceKey, b: &BackendInfo) -> EndpointKey {
 
 /// Undoes the writes of a new service that was never published.
 fn rollback<S: MapStore>(store: &mut S, inst: &Installed, id: u32) {
-    for &index in inst.backends.keys() {
+    for index in inst.backends.keys() {
         let _ = store.del_backend(&BackendKey {
             service_id: id,
             index,

@@ -24,7 +24,7 @@ impl<S: MapStore> MapWriter<S> {
             .services
             .iter()
             .filter(|(_, inst)| inst.flags & service_flags::OUTLIER != 0)
-            .flat_map(|(key, inst)| inst.backends.values().map(|b| endpoint_key(key, b)))
+            .flat_map(|(key, inst)| inst.backends.values().map(|b| endpoint_key(key, &b)))
             .collect();
         let stale: Vec<EndpointKey> = self
             .store

@@ -14,6 +14,7 @@ use crate::{
         store::{MemStore, Op},
         table_from_snapshot,
     },
+    model::BackendState,
     model::{Backend, Protocol},
 };
 
@@ -1247,4 +1248,62 @@ fn a_replaced_wave_leaves_no_spare_capacity_behind() {
         fresh.mirror.services.capacity()
     );
     assert!(w.ids.capacity() <= 2 * 3_000, "{}", w.ids.capacity());
+}
+
+/// What the mirror holds of `s`'s entries: the table's own list, or entries of
+/// their own.
+fn shared_list(w: &MapWriter<MemStore>, s: &ServiceAddr) -> Option<Arc<[Backend]>> {
+    match &w.mirror.services.get(&service_key(s))?.backends {
+        crate::dataplane::entries::Entries::Shared { backends, .. } => Some(backends.clone()),
+        crate::dataplane::entries::Entries::Own(_) => None,
+    }
+}
+
+#[test]
+fn the_mirror_keeps_a_written_service_as_the_tables_own_list() {
+    let (a, b) = (svc("10.96.0.1", 80), svc("10.96.0.2", 80));
+    let leveled: Vec<Backend> = [("10.0.1.1", 0), ("10.0.1.2", 1)]
+        .into_iter()
+        .map(|(addr, priority)| {
+            be(addr, 80).placed(crate::model::Placement {
+                priority,
+                ..crate::model::Placement::default()
+            })
+        })
+        .collect();
+    let planned = crate::lb::levels::plan(&leveled, crate::lb::levels::LbSettings::default(), true);
+    let mut t = table(&[(a, vec![be("10.0.0.1", 80), be("10.0.0.2", 80)])]);
+    t.insert(
+        b,
+        Service::new(planned.backends, LbPolicy::Random).with_levels(planned.levels),
+    );
+    let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
+    w.apply(&t).expect("apply");
+    let list = shared_list(&w, &a).expect("a's entries are the table's list");
+    assert!(Arc::ptr_eq(&list, &t.services[&a].backends));
+    // Levels are entries of their own (each names its level).
+    assert!(t.services[&b].levels.is_some());
+    assert!(shared_list(&w, &b).is_none());
+
+    // A change: the entries are rewritten, then kept as the new list.
+    let t2 = table(&[(a, vec![be("10.0.0.2", 80).weighted(3), be("10.0.0.3", 80)])]);
+    w.apply(&t2).expect("change");
+    let list = shared_list(&w, &a).expect("shared again");
+    assert!(Arc::ptr_eq(&list, &t2.services[&a].backends));
+    assert_eq!(sorted(w.table()), sorted(t2.clone()));
+    // What the kernel holds is what the mirror reads as.
+    let id = w.mirror.services[&service_key(&a)].id;
+    let held: BTreeSet<(u32, [u32; 4], u16, u32)> = w
+        .store()
+        .backends
+        .iter()
+        .filter(|(k, _)| k.service_id == id)
+        .map(|(k, v)| (k.index, v.addr, v.port, v.weight))
+        .collect();
+    let mirrored: BTreeSet<(u32, [u32; 4], u16, u32)> = w.mirror.services[&service_key(&a)]
+        .backends
+        .iter()
+        .map(|(i, v)| (i, v.addr, v.port, v.weight))
+        .collect();
+    assert_eq!(held, mirrored);
 }

@@ -54,7 +54,7 @@ fn outlier(o: &OutlierDetection, panic_percent: u8) -> Result<Option<Outlier>, I
         u8::try_from(v)
             .ok()
             .filter(|p| *p <= 100)
-            .ok_or((field, format!("{v} is above 100 (percent)")))
+            .ok_or_else(|| (field, format!("{v} is above 100 (percent)")))
     };
     let enforcing_5xx = percent(
         "outlier_detection.enforcing_consecutive_5xx",

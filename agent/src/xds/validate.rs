@@ -164,7 +164,7 @@ fn port_of(sa: &SocketAddress) -> Result<u16, (&'static str, String)> {
     u16::try_from(port)
         .ok()
         .filter(|p| *p != 0)
-        .ok_or(("port_value", format!("{port} is out of range (1-65535)")))
+        .ok_or_else(|| ("port_value", format!("{port} is out of range (1-65535)")))
 }
 
 /// (host name, port) of a DNS cluster's endpoint, or (field, problem). The name is

@@ -576,6 +576,8 @@ fn propagation(bin_dir: &Path, run: Prop) -> Value {
     let Ok(log) = std::fs::File::create(&log_path) else {
         return json!({"error": "log file"});
     };
+    let admin_dir = sockmesh_tests::agent::TempDir::new("sockmesh-bench-admin-");
+    let admin = sockmesh_tests::agent::Admin::in_dir(&admin_dir.0);
     let started = std::time::Instant::now();
     let agent = agent_command(sockmesh_bin_in(bin_dir), &cgroup, &bpffs)
         .args([
@@ -585,6 +587,7 @@ fn propagation(bin_dir: &Path, run: Prop) -> Value {
             "delta",
         ])
         .args(capacity_flags(services, endpoints))
+        .args(admin.args())
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn();
@@ -608,8 +611,12 @@ fn propagation(bin_dir: &Path, run: Prop) -> Value {
     std::thread::sleep(std::time::Duration::from_secs(2));
     let rss_2s_kib = load::rss_kib(agent.0.id());
     let (anon, file) = load::rss_parts_kib(agent.0.id());
+    // What of the anonymous memory is live objects, and what the allocator keeps.
+    let mib = |series: &str| admin.metric(series).map_or(f64::NAN, |b| b / 1048576.0);
+    let heap = mib("sockmesh_heap_allocated_bytes");
+    let heap_resident = mib("sockmesh_heap_resident_bytes");
     detail(&format!(
-        "  initial load (agent start -> all {services} services in the kernel): {:.2} s, {:.2} s of it from the first response sent; agent RSS {} MiB, 2 s later {} MiB ({} MiB anonymous, {} MiB file)",
+        "  initial load (agent start -> all {services} services in the kernel): {:.2} s, {:.2} s of it from the first response sent; agent RSS {} MiB, 2 s later {} MiB ({} MiB anonymous, {} MiB file; heap {heap:.0} MiB live, {heap_resident:.0} MiB resident)",
         initial_load.as_secs_f64(),
         from_first_response.map_or(f64::NAN, |d| d.as_secs_f64()),
         rss_kib / 1024,
@@ -754,6 +761,7 @@ fn propagation(bin_dir: &Path, run: Prop) -> Value {
         "initial_load_from_first_response_s": from_first_response.map(|d| d.as_secs_f64()),
         "agent_rss_kib": rss_kib,
         "agent_rss_2s_kib": rss_2s_kib,
+        "heap_allocated_mib": heap, "heap_resident_mib": heap_resident,
         "publish_to_map": e2e_json, "publish_to_map_maglev": maglev_json,
         "agent_receive_to_map": agent_json,
     })
