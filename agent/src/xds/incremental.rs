@@ -251,14 +251,20 @@ impl Incremental {
                 listeners.extend(users.iter().cloned());
             }
         }
-        for l in &listeners {
-            match res.listeners.get(l) {
-                Some(listener) => {
-                    let mut routes = BTreeSet::new();
-                    let mut notes = Notes::default();
-                    let specs =
-                        listener_services(&listener.decode(), &res.routes, &mut routes, &mut notes);
-                    st.specs.insert(l.clone(), (specs, routes, notes));
+        let names: Vec<&String> = listeners.iter().collect();
+        let views = in_parallel(&names, |&l| {
+            res.listeners.get(l).map(|listener| {
+                let mut routes = BTreeSet::new();
+                let mut notes = Notes::default();
+                let specs =
+                    listener_services(&listener.decode(), &res.routes, &mut routes, &mut notes);
+                (specs, routes, notes)
+            })
+        });
+        for (l, view) in names.into_iter().zip(views) {
+            match view {
+                Some(view) => {
+                    st.specs.insert(l.clone(), view);
                 }
                 None => {
                     st.removed_listeners.insert(l.clone());
@@ -273,7 +279,8 @@ impl Incremental {
             }
         }
         let backends_of = |c: &str, source: &ClusterSource<'_>| cluster_backends(c, source, res);
-        for c in &clusters {
+        let names: Vec<&String> = clusters.iter().collect();
+        let views = in_parallel(&names, |&c| {
             // A cluster reached only through its ClusterLoadAssignment keeps what
             // its own resource says (decoding the Cluster again took half of an
             // EDS batch's staging): only its backends are read anew.
@@ -285,7 +292,7 @@ impl Incremental {
                 && res.clusters.contains_key(c)
             {
                 let backends = backends_of(c, &ClusterSource::Eds(eds.clone()));
-                let view = ClusterView {
+                return Some(ClusterView {
                     eds: view.eds.clone(),
                     dns: None,
                     backends,
@@ -294,11 +301,9 @@ impl Incremental {
                     settings: view.settings,
                     fallback: view.fallback,
                     ignored: None,
-                };
-                st.clusters.insert(c.clone(), Some(view));
-                continue;
+                });
             }
-            let view = res.clusters.get(c).map(|cluster| {
+            res.clusters.get(c).map(|cluster| {
                 let cluster = cluster.decode();
                 let policy = cluster_policy(&cluster);
                 match cluster_source(&cluster) {
@@ -329,7 +334,9 @@ impl Incremental {
                         ignored: Some(format!("Cluster {c:?}: {why}")),
                     },
                 }
-            });
+            })
+        });
+        for (c, view) in names.into_iter().zip(views) {
             st.clusters.insert(c.clone(), view);
         }
         for (l, (specs, _, _)) in &st.specs {
@@ -355,8 +362,10 @@ impl Incremental {
                 services.extend(users.iter().copied());
             }
         }
-        for s in services {
-            let new = match self.resolve(&st, &listeners, &s) {
+        let services: Vec<ServiceAddr> = services.into_iter().collect();
+        let resolved = in_parallel(&services, |s| self.resolve(&st, &listeners, s));
+        for (s, resolved) in services.into_iter().zip(resolved) {
+            let new = match resolved {
                 Resolved::Gone => {
                     st.not_warming.insert(s);
                     st.not_passthrough.insert(s);
@@ -593,6 +602,23 @@ impl Incremental {
         }
         self.listener_notes.remove(l);
     }
+}
+
+/// Updates of at least this many listeners, clusters or services are staged on
+/// every core (each one's view reads the committed state and the resources
+/// only). The unit tests stage everything so, and the translation's tests hold
+/// it to the full translation.
+const PARALLEL_STAGE_FROM: usize = if cfg!(test) { 2 } else { 1_024 };
+
+/// `f` of each of `items`, in their order: on every core from
+/// [`PARALLEL_STAGE_FROM`] items.
+fn in_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    super::in_chunks(items, PARALLEL_STAGE_FROM, |part| {
+        part.iter().map(&f).collect::<Vec<_>>()
+    })
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 enum Resolved {
