@@ -179,9 +179,15 @@ fn layout_upgrade_builds_beside_the_old_datapath_and_swaps_without_loss() {
         admin.get("/readyz").0 == 200
     });
 
-    // A few more responses after the swap, then the load stops.
-    for _ in 0..50 {
-        seen.push(lines.next("a response after the swap", Duration::from_secs(10)));
+    // 50 more requests started after the swap (the lines buffered meanwhile were
+    // started before it), then the load stops.
+    let swapped_at = sockmesh_tests::monotonic_ns();
+    let mut after_swap = 0;
+    while after_swap < 50 {
+        let line = lines.next("a response after the swap", Duration::from_secs(10));
+        let started_ns = line.split(' ').next().and_then(|t| t.parse::<u64>().ok());
+        after_swap += usize::from(started_ns.is_some_and(|t| t >= swapped_at));
+        seen.push(line);
     }
     let _ = traffic.kill();
     seen.extend(lines.rest());
@@ -190,7 +196,6 @@ fn layout_upgrade_builds_beside_the_old_datapath_and_swaps_without_loss() {
         .iter()
         .filter(|l| !(l.ends_with(" b1") || l.ends_with(" b2") || l.ends_with(" b3")))
         .collect();
-    assert!(seen.len() >= 100, "only {} requests", seen.len());
     assert!(
         failed.is_empty(),
         "{} of {} failed: {:?}",
