@@ -210,6 +210,22 @@ pub fn enrollment(admin: &Admin) -> Value {
     admin.dump()["enrollment"].clone()
 }
 
+/// Waits until the agent at `admin` is ready: its file's table is in the kernel.
+pub fn wait_ready(admin: &Admin) {
+    wait_until(
+        "the agent ready (/readyz 200)",
+        Duration::from_secs(20),
+        || {
+            let (code, body) = admin.get("/readyz");
+            if code == 200 {
+                Ok(())
+            } else {
+                Err(format!("{code} {body}"))
+            }
+        },
+    )
+}
+
 /// Waits until pod `ns/name` is enrolled with its programs attached; returns its
 /// entry.
 pub fn wait_attached(admin: &Admin, pod: &str) -> Value {

@@ -10,7 +10,10 @@ use std::{collections::BTreeMap, time::Duration};
 use sockmesh_tests::{
     Cgroup, Lines, NetNs, Proc, add_addr, client_pod, command_in, hold, ip,
     kubeapi::{Kind, namespace},
-    kubelab::{Driver, KubeLab, VIP, cgroup_id, enrollment, put_pod, wait_attached, wait_skipped},
+    kubelab::{
+        Driver, KubeLab, VIP, cgroup_id, enrollment, put_pod, wait_attached, wait_ready,
+        wait_skipped,
+    },
     kubeproxy, pod_network, release, run, serve, wait_until,
 };
 
@@ -106,6 +109,8 @@ fn sidecar_ambient_and_enrolled_pods_side_by_side() {
     let (_proxy, captured) = sidecar_capture(&pod_a);
 
     let (mut agent, admin) = lab.agent();
+    // The connections below count on the file's table being in the kernel.
+    wait_ready(&admin);
     let b = wait_attached(&admin, "shop/b");
     assert_eq!(b["cgroup_id"], cgroup_id(&cg_b), "{b}");
     wait_skipped(&admin, "shop/a", "sidecar");
