@@ -17,8 +17,10 @@ use sockmesh_common::{BackendInfo, backend_state};
 use super::keys::{ip_to_words, port_to_map};
 use crate::model::{Backend, BackendState};
 
-/// The most backends a shared list holds: a lookup scans at most this many
-/// indexes' worth of a binary search, and larger services are few.
+/// The most backends a shared list holds. A change to shared entries rebuilds
+/// all of them as a map, and the next share checks them all: for a large
+/// service under churn that would outweigh the write itself, and such services
+/// are few.
 const SHARED_MAX: usize = 256;
 
 /// What the kernel's entry for `b` holds, at priority level `level`.
