@@ -26,7 +26,7 @@ pub(super) struct Installed {
     /// Published slots: backend index per slot (indexes stay below twice
     /// `MAX_BACKENDS_PER_SERVICE`, so a `u16` holds them: a 16,381-entry Maglev
     /// table takes 32 KiB here).
-    pub(super) slots: Vec<u16>,
+    pub(super) slots: Box<[u16]>,
     /// Backend entries present in the map, by index.
     pub(super) backends: Entries,
     /// The kernel copy was found inconsistent on adoption: rewrite on next apply.
@@ -42,14 +42,19 @@ pub(super) struct Installed {
     pub(super) policy: crate::model::LbPolicy,
     /// The published [`sockmesh_common::ServiceValue::flags`].
     pub(super) flags: u8,
-    /// The service's `SM_SVC_POLICY` entry, if it exists.
-    pub(super) health: Option<ServicePolicy>,
+    /// The service's `SM_SVC_POLICY` entry, if it exists; boxed, as most
+    /// services have none.
+    pub(super) health: Option<Box<ServicePolicy>>,
     /// The published generation's priority levels (`SM_TIERS`), if it has them;
     /// boxed: few services have levels, and the value is 400 bytes.
     pub(super) tiers: Option<Box<Tiers>>,
     /// The service's `SM_SVC_HEALTH` entry exists.
     pub(super) service_health: bool,
 }
+
+// Kept per service: a larger entry is a larger table at every size (at
+// 100,000 services each 8 bytes here is a megabyte).
+const _: () = assert!(std::mem::size_of::<Installed>() <= 96);
 
 /// Where a service's slots are kept: the slot map, one entry per slot, (a
 /// Maglev table) the Maglev map, one chunk per `MAGLEV_CHUNK` entries, or nowhere
@@ -141,7 +146,7 @@ impl Installed {
             id,
             generation: 1,
             revision: 0,
-            slots: Vec::new(),
+            slots: Box::default(),
             backends: Entries::default(),
             // Not published yet: the first write must publish even an empty service.
             dirty: true,
@@ -262,7 +267,7 @@ impl Mirror {
                             .map(slot_index)
                             .collect()
                     } else {
-                        vec![u16::MAX; v.slot_count as usize]
+                        vec![u16::MAX; v.slot_count as usize].into()
                     },
                     backends: Entries::default(),
                     dirty: false,
@@ -327,7 +332,7 @@ impl Mirror {
         }
         for (key, policy) in &snap.policies {
             match services.get_mut(key) {
-                Some(inst) => inst.health = Some(*policy),
+                Some(inst) => inst.health = Some(Box::new(*policy)),
                 None => garbage.policies.push(*key),
             }
         }
@@ -383,7 +388,7 @@ impl Mirror {
                         .in_state(state)
                 })
                 .collect();
-            let health = crate::model::Health::from_kernel(inst.flags, inst.health.as_ref());
+            let health = crate::model::Health::from_kernel(inst.flags, inst.health.as_deref());
             let levels = inst.tiers.as_ref().map(|t| levels_of(inst, t));
             table.insert(
                 service,

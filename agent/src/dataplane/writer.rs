@@ -752,11 +752,11 @@ struct BackendPlan {
 
 impl BackendPlan {
     fn is_noop(&self, current: &Installed) -> bool {
-        self.slots == current.slots
+        *self.slots == *current.slots
             && current.backends.same_as(&self.backends)
             && self.policy == current.policy
             && self.flags == current.flags
-            && self.health == current.health
+            && self.health.as_ref() == current.health.as_deref()
             && same_levels(self.tiers.as_ref(), current.tiers.as_deref())
             && current.leftover == 0
     }
@@ -1053,10 +1053,10 @@ fn write_and_publish<S: MapStore>(
     // 2a. Health settings, and the kernel's health entry, before a service value
     //     that names them.
     if let Some(health) = plan.health
-        && inst.health != Some(health)
+        && inst.health.as_deref() != Some(&health)
     {
         store.put_policy(key, &health)?;
-        inst.health = Some(health);
+        inst.health = Some(Box::new(health));
         *ops += 1;
     }
     if needs_service_health && !inst.service_health {
@@ -1064,7 +1064,7 @@ fn write_and_publish<S: MapStore>(
         inst.service_health = true;
         *ops += 1;
     }
-    if plan.slots != inst.slots
+    if *plan.slots != *inst.slots
         || inst.dirty
         || plan.policy != inst.policy
         || plan.flags != inst.flags
@@ -1115,7 +1115,7 @@ fn write_and_publish<S: MapStore>(
         inst.revision = value.revision;
         inst.policy = plan.policy;
         inst.flags = plan.flags;
-        inst.slots = plan.slots;
+        inst.slots = plan.slots.into_boxed_slice();
         inst.tiers = tiers.map(Box::new);
         inst.dirty = false;
         // The old generation's levels are unreachable now (a failed delete leaves
