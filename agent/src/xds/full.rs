@@ -37,7 +37,7 @@ pub struct Translation {
 pub fn translate(res: &Resources, previous: &[&RoutingTable]) -> Translation {
     let mut t = Translation::default();
     let mut specs = Vec::new();
-    for (name, l) in &res.listeners {
+    for (name, l) in res.listeners.iter() {
         let mut notes = super::translate::Notes::default();
         for spec in listener_services(&l.decode(), &res.routes, &mut t.route_names, &mut notes) {
             specs.push((spec.precedence, name.clone(), spec));
@@ -49,7 +49,7 @@ pub fn translate(res: &Resources, previous: &[&RoutingTable]) -> Translation {
     specs.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
     let mut clusters: BTreeMap<String, (ClusterBackends, LbPolicy, Health, LbSettings)> =
         BTreeMap::new();
-    for (name, c) in &res.clusters {
+    for (name, c) in res.clusters.iter() {
         let c = c.decode();
         match cluster_source(&c) {
             Ok(source) => {
@@ -59,7 +59,7 @@ pub fn translate(res: &Resources, previous: &[&RoutingTable]) -> Translation {
                     t.eds_names.insert(eds.clone());
                 }
                 clusters.insert(
-                    name.clone(),
+                    name.to_owned(),
                     (
                         cluster_backends(name, &source, res),
                         cluster_policy(&c).policy,
@@ -71,7 +71,7 @@ pub fn translate(res: &Resources, previous: &[&RoutingTable]) -> Translation {
             Err(why) => {
                 t.ignored.push(format!("Cluster {name:?}: {why}"));
                 clusters.insert(
-                    name.clone(),
+                    name.to_owned(),
                     (
                         ClusterBackends::Backends(std::sync::Arc::default()),
                         cluster_policy(&c).policy,

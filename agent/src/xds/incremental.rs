@@ -192,7 +192,9 @@ impl Incremental {
 
     /// Whether `cluster` is a DNS cluster (STRICT_DNS, LOGICAL_DNS).
     pub fn is_dns_cluster(&self, cluster: &str) -> bool {
-        self.clusters.get(cluster).is_some_and(|v| v.rest().dns.is_some())
+        self.clusters
+            .get(cluster)
+            .is_some_and(|v| v.rest().dns.is_some())
     }
 
     /// The DNS clusters and what to resolve for each.
@@ -581,6 +583,15 @@ impl Incremental {
             return;
         }
         let table = std::sync::Arc::make_mut(table);
+        // Many changes at once (an initial load) build the table anew, in order:
+        // a B-tree built from sorted entries has full nodes, where one grown by
+        // inserts in order leaves each node it splits half empty (at 100,000
+        // services, 15 MiB instead of 8).
+        if st.changes.len() >= table.services.len() / REBUILD_FROM {
+            let old = std::mem::take(&mut table.services);
+            table.services = merged(old, st.changes).collect();
+            return;
+        }
         for (s, b) in st.changes {
             match b {
                 Some(b) => {
@@ -637,6 +648,35 @@ impl Incremental {
     }
 }
 
+/// Changes to at least 1/`REBUILD_FROM` of the table's services rebuild it.
+const REBUILD_FROM: usize = 4;
+
+/// The services of `table` with `changes` applied, in order.
+fn merged(
+    table: BTreeMap<ServiceAddr, Service>,
+    changes: crate::model::Changes,
+) -> impl Iterator<Item = (ServiceAddr, Service)> {
+    let mut table = table.into_iter().peekable();
+    let mut changes = changes.into_iter().peekable();
+    std::iter::from_fn(move || {
+        loop {
+            let next = match (table.peek(), changes.peek()) {
+                (None, None) => return None,
+                (Some(_), None) => table.next(),
+                (Some((t, _)), Some((c, _))) if t < c => table.next(),
+                (Some((t, _)), Some((c, _))) if t == c => {
+                    table.next();
+                    changes.next().and_then(|(s, b)| Some((s, b?)))
+                }
+                _ => changes.next().and_then(|(s, b)| Some((s, b?))),
+            };
+            if next.is_some() {
+                return next;
+            }
+        }
+    })
+}
+
 /// Updates of at least this many listeners, clusters or services are staged on
 /// every core (each one's view reads the committed state and the resources
 /// only). The unit tests stage everything so, and the translation's tests hold
@@ -661,4 +701,52 @@ enum Resolved {
     /// The backends, and what the hash policy names that a consistent hash at
     /// connect() cannot follow.
     Backends(Service, Option<&'static str>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Backend, Protocol};
+    use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
+
+    /// Against the changes applied one by one, over seeded tables and changes of
+    /// every relative size: additions, replacements, removals of present and
+    /// absent services, at either end and between.
+    #[test]
+    fn a_rebuilt_table_equals_the_changes_applied_one_by_one() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let addr = |i: u16| ServiceAddr {
+            vip: std::net::IpAddr::from([10, 0, 0, 1]),
+            port: i,
+            protocol: Protocol::Tcp,
+        };
+        let service = |n: u16| {
+            Service::new(
+                vec![Backend::new(std::net::IpAddr::from([10, 1, 0, 1]), n)],
+                LbPolicy::Random,
+            )
+        };
+        for round in 0..200 {
+            let span = 1 + round % 40;
+            let mut table = BTreeMap::new();
+            for _ in 0..rng.random_range(0..span) {
+                table.insert(addr(rng.random_range(1..=span)), service(round));
+            }
+            let mut changes = crate::model::Changes::new();
+            for _ in 0..rng.random_range(0..span) {
+                let s = rng.random_range(1..=span);
+                let b = rng.random_range(0..2) == 0;
+                changes.insert(addr(s), b.then(|| service(1000 + s)));
+            }
+            let mut want = table.clone();
+            for (s, b) in changes.clone() {
+                match b {
+                    Some(b) => want.insert(s, b),
+                    None => want.remove(&s),
+                };
+            }
+            let got: BTreeMap<_, _> = merged(table, changes).collect();
+            assert_eq!(got, want, "round {round}");
+        }
+    }
 }
