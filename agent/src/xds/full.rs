@@ -40,7 +40,7 @@ pub fn translate(res: &Resources, previous: &[&RoutingTable]) -> Translation {
     for (name, l) in res.listeners.iter() {
         let mut notes = super::translate::Notes::default();
         for spec in listener_services(&l.decode(), &res.routes, &mut t.route_names, &mut notes) {
-            specs.push((spec.precedence, name.clone(), spec));
+            specs.push((spec.precedence, name, spec));
         }
         t.ignored.extend(notes.ignored);
     }

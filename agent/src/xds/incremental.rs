@@ -209,7 +209,7 @@ impl Incremental {
     pub fn pending_routes<'a>(&'a self, res: &'a Resources) -> impl Iterator<Item = &'a String> {
         self.route_users
             .iter()
-            .filter(|(name, users)| !users.is_empty() && !res.routes.contains_key(*name))
+            .filter(|(name, users)| !users.is_empty() && !res.routes.contains_key(name))
             .map(|(name, _)| name)
     }
 
