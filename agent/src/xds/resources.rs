@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use foldhash::{HashMap, HashSet};
+use foldhash::HashSet;
 
 use sockmesh_proto::pb::envoy::config::{
     cluster::v3::Cluster, listener::v3::Listener, route::v3::RouteConfiguration,
@@ -20,107 +20,71 @@ use crate::model::Backend;
 pub struct Resources {
     // Hash maps: every update looks its resources up by name; what lists them
     // (versions held, removals) does not depend on their order.
-    pub listeners: Store<Listener>,
-    pub routes: Store<RouteConfiguration>,
-    pub clusters: Store<Cluster>,
+    pub listeners: Store<Encoding<Listener>>,
+    pub routes: Store<Encoding<RouteConfiguration>>,
+    pub clusters: Store<Encoding<Cluster>>,
     /// ClusterLoadAssignments by `cluster_name` (the EDS service name).
-    pub endpoints: HashMap<String, Assignment>,
+    pub endpoints: Store<Assigned>,
     /// The last good DNS answers of each STRICT_DNS/LOGICAL_DNS cluster, by
     /// cluster name (the agent resolves them; see `xds::dns`).
     pub dns: BTreeMap<String, super::clusters::DnsAnswers>,
 }
 
-/// Resources of one type, by name. Each is one allocation holding its name, the
-/// version a delta control plane sent it with, and its encoding: at 100,000
-/// listeners and as many clusters, a map of names to encodings with a version
-/// apart took 40 bytes more per resource in its table and two allocations more
-/// beside it.
-pub struct Store<T> {
-    entries: HashSet<Encoded<T>>,
+/// Resources of one type, by name. Each entry is one allocation of its name, the
+/// version a delta control plane sent it with and (listeners, routes, clusters)
+/// its encoding, beside what the type keeps read ([`Assignment`]): at 100,000
+/// services, names, versions and encodings held apart took 40 bytes more per
+/// resource in each table and two allocations more beside it.
+pub struct Store<V> {
+    entries: HashSet<Entry<V>>,
 }
 
-impl<T> Default for Store<T> {
-    fn default() -> Self {
-        Self {
-            entries: HashSet::default(),
-        }
-    }
-}
-
-impl<T> Clone for Store<T> {
-    fn clone(&self) -> Self {
-        Self {
-            entries: self.entries.clone(),
-        }
-    }
-}
-
-impl<T> std::fmt::Debug for Store<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_map().entries(self.iter()).finish()
-    }
-}
-
-impl<T> Store<T> {
-    pub fn get(&self, name: &str) -> Option<&Encoded<T>> {
-        self.entries.get(name.as_bytes())
-    }
-
-    pub fn contains_key(&self, name: &str) -> bool {
-        self.entries.contains(name.as_bytes())
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// The resources and their names, in no order.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &Encoded<T>)> {
-        self.entries.iter().map(|e| (e.name(), e))
-    }
-
-    pub fn keys(&self) -> impl Iterator<Item = &str> {
-        self.entries.iter().map(Encoded::name)
-    }
-
-    fn remove(&mut self, name: &str) -> bool {
-        self.entries.remove(name.as_bytes())
-    }
-
-    /// Stores `bytes` as `name` with `version`; whether the encoding changed (a
-    /// resource sent again unchanged only has its version recorded).
-    fn put(&mut self, name: &str, bytes: &[u8], version: Option<&str>) -> bool {
-        let changed = self
-            .entries
-            .get(name.as_bytes())
-            .is_none_or(|old| old.bytes() != bytes);
-        let unchanged_version = self
-            .entries
-            .get(name.as_bytes())
-            .is_some_and(|old| old.version() == version);
-        if changed || !unchanged_version {
-            self.entries.replace(Encoded::with(name, version, bytes));
-        }
-        changed
-    }
-}
-
-/// One stored resource: `[name length: u32][version: u32, 0 for none, else its
-/// length + 1][name][version][encoding]`, all in one allocation.
-pub struct Encoded<T> {
+/// One stored resource: `raw` is `[name length: u32][version: u32, 0 for none,
+/// else its length + 1][name][version][encoding]`; `value` what is kept read.
+pub struct Entry<V> {
     raw: Box<[u8]>,
-    kind: std::marker::PhantomData<fn() -> T>,
+    value: V,
 }
 
-/// Bytes of [`Encoded`]'s header.
+/// A listener, route configuration or cluster: its encoding, decoded only when a
+/// change needs it.
+pub type Encoded<T> = Entry<Encoding<T>>;
+
+/// What an [`Encoded`] keeps besides its bytes: nothing but the type.
+pub struct Encoding<T>(std::marker::PhantomData<fn() -> T>);
+
+impl<T> Clone for Encoding<T> {
+    fn clone(&self) -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+/// An accepted ClusterLoadAssignment: what its endpoints read as, shared with
+/// the clusters that use it, and a digest of its encoding, which tells a
+/// resource sent again unchanged. The assignment is never decoded again: its
+/// backends are everything the translation reads of it.
+pub type Assignment = Entry<Assigned>;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Assigned {
+    /// XXH3-128 of the encoding received (as two words: a `u128`'s alignment
+    /// would pad every entry of the table).
+    digest: [u64; 2],
+    pub backends: Arc<[Backend]>,
+    /// Its localities' names, by the index the backends' placement gives
+    /// (`clusters::locality_names`): what `/config_dump` labels their places
+    /// with.
+    pub localities: Box<[Box<str>]>,
+}
+
+// Kept per resource: a larger entry is a larger table at every size.
+const _: () = assert!(std::mem::size_of::<Assignment>() <= 64);
+
+/// Bytes of an [`Entry`]'s header.
 const HEADER: usize = 8;
 
-impl<T> Encoded<T> {
-    fn with(name: &str, version: Option<&str>, bytes: &[u8]) -> Self {
+impl<V> Entry<V> {
+    fn with(name: &str, version: Option<&str>, bytes: &[u8], value: V) -> Self {
         let len = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         let version_field = version.map_or(0, |v| len(v.len()).saturating_add(1));
         let mut raw =
@@ -132,7 +96,7 @@ impl<T> Encoded<T> {
         raw.extend_from_slice(bytes);
         Self {
             raw: raw.into_boxed_slice(),
-            kind: std::marker::PhantomData,
+            value,
         }
     }
 
@@ -143,7 +107,7 @@ impl<T> Encoded<T> {
             .map_or(0, |b| u32::from_le_bytes(b) as usize)
     }
 
-    /// Where the name, the version and the encoding end.
+    /// Where the name and the version end.
     fn ends(&self) -> (usize, usize) {
         let name_end = HEADER + self.field(0);
         (name_end, name_end + self.field(4).saturating_sub(1))
@@ -166,6 +130,7 @@ impl<T> Encoded<T> {
             .flatten()
     }
 
+    /// The encoding it was stored with (empty for an [`Assignment`]).
     pub fn bytes(&self) -> &[u8] {
         self.raw.get(self.ends().1..).unwrap_or_default()
     }
@@ -183,75 +148,163 @@ impl<T: prost::Message + Default> Encoded<T> {
     }
 }
 
-impl<T> Clone for Encoded<T> {
+impl<V> std::ops::Deref for Entry<V> {
+    type Target = V;
+    fn deref(&self) -> &V {
+        &self.value
+    }
+}
+
+impl<V: Clone> Clone for Entry<V> {
     fn clone(&self) -> Self {
         Self {
             raw: self.raw.clone(),
-            kind: std::marker::PhantomData,
+            value: self.value.clone(),
         }
     }
 }
 
 // A store looks its resources up by name: an entry hashes and compares as its
 // name's bytes.
-impl<T> std::hash::Hash for Encoded<T> {
+impl<V> std::hash::Hash for Entry<V> {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         self.name_bytes().hash(state);
     }
 }
 
-impl<T> PartialEq for Encoded<T> {
+impl<V> PartialEq for Entry<V> {
     fn eq(&self, other: &Self) -> bool {
         self.name_bytes() == other.name_bytes()
     }
 }
 
-impl<T> Eq for Encoded<T> {}
+impl<V> Eq for Entry<V> {}
 
-impl<T> std::borrow::Borrow<[u8]> for Encoded<T> {
+impl<V> std::borrow::Borrow<[u8]> for Entry<V> {
     fn borrow(&self) -> &[u8] {
         self.name_bytes()
     }
 }
 
-impl<T> std::fmt::Debug for Encoded<T> {
+impl<V> std::fmt::Debug for Entry<V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Encoded({} bytes)", self.bytes().len())
+        write!(
+            f,
+            "Entry({:?}, {} bytes)",
+            self.version(),
+            self.bytes().len()
+        )
     }
 }
 
-/// An accepted ClusterLoadAssignment: what its endpoints read as, shared with
-/// the clusters that use it, and a digest of its encoding, which tells a
-/// resource sent again unchanged. The assignment is never decoded again: its
-/// backends are everything the translation reads of it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Assignment {
-    /// XXH3-128 of the encoding received.
-    digest: u128,
-    pub backends: Arc<[Backend]>,
-    /// Its localities' names, by the index the backends' placement gives
-    /// (`clusters::locality_names`): what `/config_dump` labels their places
-    /// with.
-    pub localities: Box<[Box<str>]>,
-    version: Option<Box<str>>,
+impl<V> Default for Store<V> {
+    fn default() -> Self {
+        Self {
+            entries: HashSet::default(),
+        }
+    }
 }
 
-impl Assignment {
-    /// An assignment whose encoding was `bytes`, read as `backends` in
-    /// `localities`.
-    pub fn new(bytes: &[u8], backends: Arc<[Backend]>, localities: Box<[Box<str>]>) -> Self {
+impl<V: Clone> Clone for Store<V> {
+    fn clone(&self) -> Self {
         Self {
-            digest: digest(bytes),
-            backends,
-            localities,
-            version: None,
+            entries: self.entries.clone(),
         }
+    }
+}
+
+impl<V> std::fmt::Debug for Store<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl<V> Store<V> {
+    pub fn get(&self, name: &str) -> Option<&Entry<V>> {
+        self.entries.get(name.as_bytes())
+    }
+
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.entries.contains(name.as_bytes())
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The resources and their names, in no order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Entry<V>)> {
+        self.entries.iter().map(|e| (e.name(), e))
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(Entry::name)
+    }
+
+    fn remove(&mut self, name: &str) -> bool {
+        self.entries.remove(name.as_bytes())
+    }
+
+    /// The versions held, by name.
+    fn versions(&self) -> BTreeMap<String, String> {
+        self.iter()
+            .filter_map(|(n, e)| Some((n.to_owned(), e.version()?.to_owned())))
+            .collect()
+    }
+
+    /// Stores `name` with `version`, its encoding `bytes` and `value`, unless the
+    /// entry held is `same`: then only its version is recorded. Whether it
+    /// changed.
+    fn put(
+        &mut self,
+        name: &str,
+        version: Option<&str>,
+        bytes: &[u8],
+        same: impl FnOnce(&Entry<V>) -> bool,
+        value: impl FnOnce() -> V,
+    ) -> bool {
+        match self.entries.take(name.as_bytes()) {
+            Some(old) if same(&old) => {
+                let old = if old.version() == version {
+                    old
+                } else {
+                    Entry::with(name, version, bytes, old.value)
+                };
+                self.entries.insert(old);
+                false
+            }
+            _ => {
+                self.entries
+                    .insert(Entry::with(name, version, bytes, value()));
+                true
+            }
+        }
+    }
+}
+
+impl<T> Store<Encoding<T>> {
+    fn put_encoded(&mut self, name: &str, bytes: &[u8], version: Option<&str>) -> bool {
+        self.put(
+            name,
+            version,
+            bytes,
+            |old| old.bytes() == bytes,
+            || Encoding(std::marker::PhantomData),
+        )
     }
 }
 
 /// The digest an [`Assignment`] keeps of its encoding.
 pub fn digest(bytes: &[u8]) -> u128 {
     xxhash_rust::xxh3::xxh3_128(bytes)
+}
+
+fn words(digest: u128) -> [u64; 2] {
+    [(digest >> 64) as u64, digest as u64]
 }
 
 /// One resource of an update as the store takes it.
@@ -267,36 +320,12 @@ pub enum Incoming<'a> {
     },
 }
 
-/// What a stored resource keeps besides its content.
-trait Stored {
-    fn version(&self) -> Option<&str>;
-    fn set_version(&mut self, version: Option<&str>);
-}
-
-impl Stored for Assignment {
-    fn version(&self) -> Option<&str> {
-        self.version.as_deref()
-    }
-    fn set_version(&mut self, version: Option<&str>) {
-        self.version = version.map(Box::from);
-    }
-}
-
-fn versions_of<'a, V: 'a>(
-    entries: impl Iterator<Item = (&'a str, &'a V)>,
-    version: impl Fn(&V) -> Option<&str>,
-) -> BTreeMap<String, String> {
-    entries
-        .filter_map(|(n, v)| Some((n.to_owned(), version(v)?.to_owned())))
-        .collect()
-}
-
 impl Resources {
     /// The names held of `kind`.
     pub fn names(&self, kind: Kind) -> Box<dyn Iterator<Item = &str> + '_> {
         match kind {
             Kind::Cluster => Box::new(self.clusters.keys()),
-            Kind::Endpoint => Box::new(self.endpoints.keys().map(String::as_str)),
+            Kind::Endpoint => Box::new(self.endpoints.keys()),
             Kind::Listener => Box::new(self.listeners.keys()),
             Kind::Route => Box::new(self.routes.keys()),
         }
@@ -315,13 +344,10 @@ impl Resources {
     /// (those sent by state of the world have none), by name.
     pub fn versions(&self, kind: Kind) -> BTreeMap<String, String> {
         match kind {
-            Kind::Cluster => versions_of(self.clusters.iter(), Encoded::version),
-            Kind::Endpoint => versions_of(
-                self.endpoints.iter().map(|(n, a)| (n.as_str(), a)),
-                Stored::version,
-            ),
-            Kind::Listener => versions_of(self.listeners.iter(), Encoded::version),
-            Kind::Route => versions_of(self.routes.iter(), Encoded::version),
+            Kind::Cluster => self.clusters.versions(),
+            Kind::Endpoint => self.endpoints.versions(),
+            Kind::Listener => self.listeners.versions(),
+            Kind::Route => self.routes.versions(),
         }
     }
 
@@ -335,28 +361,10 @@ impl Resources {
         incoming: Incoming<'_>,
         version: Option<&str>,
     ) -> bool {
-        fn put_in<V: Stored>(
-            map: &mut HashMap<String, V>,
-            name: &str,
-            same: impl FnOnce(&V) -> bool,
-            new: impl FnOnce() -> V,
-            version: Option<&str>,
-        ) -> bool {
-            if let Some(old) = map.get_mut(name)
-                && same(old)
-            {
-                old.set_version(version);
-                return false;
-            }
-            let mut v = new();
-            v.set_version(version);
-            map.insert(name.to_owned(), v);
-            true
-        }
         match (kind, incoming) {
-            (Kind::Cluster, Incoming::Encoded(b)) => self.clusters.put(name, b, version),
-            (Kind::Listener, Incoming::Encoded(b)) => self.listeners.put(name, b, version),
-            (Kind::Route, Incoming::Encoded(b)) => self.routes.put(name, b, version),
+            (Kind::Cluster, Incoming::Encoded(b)) => self.clusters.put_encoded(name, b, version),
+            (Kind::Listener, Incoming::Encoded(b)) => self.listeners.put_encoded(name, b, version),
+            (Kind::Route, Incoming::Encoded(b)) => self.routes.put_encoded(name, b, version),
             (
                 Kind::Endpoint,
                 Incoming::Assignment {
@@ -364,17 +372,16 @@ impl Resources {
                     backends,
                     localities,
                 },
-            ) => put_in(
-                &mut self.endpoints,
+            ) => self.endpoints.put(
                 name,
-                |old| old.digest == digest,
-                || Assignment {
-                    digest,
+                version,
+                &[],
+                |old| old.digest == words(digest),
+                || Assigned {
+                    digest: words(digest),
                     backends,
                     localities,
-                    version: None,
                 },
-                version,
             ),
             // A checked assignment always comes read (see `accept::Checked`); any
             // other pairing is a resource of another kind than it says.
@@ -393,7 +400,7 @@ impl Resources {
     pub fn remove(&mut self, kind: Kind, name: &str) -> bool {
         match kind {
             Kind::Cluster => self.clusters.remove(name),
-            Kind::Endpoint => self.endpoints.remove(name).is_some(),
+            Kind::Endpoint => self.endpoints.remove(name),
             Kind::Listener => self.listeners.remove(name),
             Kind::Route => self.routes.remove(name),
         }
@@ -410,7 +417,7 @@ mod tests {
     /// kept; the others are untouched.
     #[test]
     fn a_store_keeps_each_name_version_and_encoding() {
-        let mut store: Store<Listener> = Store::default();
+        let mut store: Store<Encoding<Listener>> = Store::default();
         let cases: Vec<(String, Option<String>, Vec<u8>)> = (0..300usize)
             .map(|i| {
                 let name = "n".repeat(i % 7) + &i.to_string();
@@ -427,7 +434,10 @@ mod tests {
             })
             .collect();
         for (name, version, bytes) in &cases {
-            assert!(store.put(name, bytes, version.as_deref()), "{name} is new");
+            assert!(
+                store.put_encoded(name, bytes, version.as_deref()),
+                "{name} is new"
+            );
         }
         assert_eq!(store.len(), cases.len());
         for (name, version, bytes) in &cases {
@@ -438,9 +448,9 @@ mod tests {
             );
         }
         let (name, _, bytes) = &cases[5];
-        assert!(!store.put(name, bytes, Some("again")), "unchanged");
+        assert!(!store.put_encoded(name, bytes, Some("again")), "unchanged");
         assert_eq!(store.get(name).and_then(Encoded::version), Some("again"));
-        assert!(store.put(name, b"other", None), "changed");
+        assert!(store.put_encoded(name, b"other", None), "changed");
         assert_eq!(store.get(name).map(Encoded::bytes), Some(&b"other"[..]));
         assert!(store.remove(name) && !store.contains_key(name));
         assert!(!store.remove(name));
@@ -460,5 +470,30 @@ mod tests {
             .collect();
         want.sort_unstable();
         assert_eq!(names, want);
+    }
+
+    /// An assignment sent again with the same digest keeps what it read as (the
+    /// clusters share its backends) and takes the new version; another digest
+    /// replaces it.
+    #[test]
+    fn an_assignment_sent_again_keeps_its_backends() {
+        let mut res = Resources::default();
+        let backends: Arc<[Backend]> =
+            vec![Backend::new(std::net::IpAddr::from([10, 0, 0, 1]), 80)].into();
+        let incoming = |digest, backends: &Arc<[Backend]>| Incoming::Assignment {
+            digest,
+            backends: backends.clone(),
+            localities: Box::default(),
+        };
+        assert!(res.put(Kind::Endpoint, "e", incoming(1, &backends), Some("1")));
+        let again: Arc<[Backend]> = backends.to_vec().into();
+        assert!(!res.put(Kind::Endpoint, "e", incoming(1, &again), Some("2")));
+        let held = res.endpoints.get("e").expect("held");
+        assert!(Arc::ptr_eq(&held.backends, &backends));
+        assert_eq!(held.version(), Some("2"));
+        assert!(res.put(Kind::Endpoint, "e", incoming(2, &again), None));
+        let held = res.endpoints.get("e").expect("held");
+        assert!(Arc::ptr_eq(&held.backends, &again));
+        assert_eq!(res.versions(Kind::Endpoint), BTreeMap::new());
     }
 }

@@ -293,7 +293,7 @@ fn http_services(
 /// `notes`.
 pub fn listener_services(
     l: &Listener,
-    routes: &super::resources::Store<RouteConfiguration>,
+    routes: &super::resources::Store<super::resources::Encoding<RouteConfiguration>>,
     route_names: &mut BTreeSet<String>,
     notes: &mut Notes,
 ) -> Vec<ServiceSpec> {
@@ -428,7 +428,7 @@ struct Chain<'a> {
 fn chain_services(
     c: &Chain<'_>,
     chain: &FilterChain,
-    routes: &super::resources::Store<RouteConfiguration>,
+    routes: &super::resources::Store<super::resources::Encoding<RouteConfiguration>>,
     route_names: &mut BTreeSet<String>,
     notes: &mut Notes,
     out: &mut Vec<ServiceSpec>,

@@ -24,7 +24,12 @@ use crate::{model::Protocol, xds::state::XdsState};
 fn a_service_of_one_cluster_holds_its_assignments_backend_list() {
     let mut st = XdsState::new();
     st.apply(full(&one_level(""))).result().expect("accepted");
-    let stored = &st.resources().endpoints["reviews.default.svc"].backends;
+    let stored = &st
+        .resources()
+        .endpoints
+        .get("reviews.default.svc")
+        .expect("stored")
+        .backends;
     let service = &st.table().services[&svc("10.96.0.10", 9080, Protocol::Tcp)];
     assert!(!stored.is_empty());
     assert!(
@@ -45,7 +50,12 @@ fn a_service_whose_plan_changes_the_list_holds_its_own() {
     );
     let mut st = XdsState::new();
     st.apply(full(&yaml)).result().expect("accepted");
-    let stored = &st.resources().endpoints["reviews.default.svc"].backends;
+    let stored = &st
+        .resources()
+        .endpoints
+        .get("reviews.default.svc")
+        .expect("stored")
+        .backends;
     let service = &st.table().services[&svc("10.96.0.10", 9080, Protocol::Tcp)];
     assert_eq!(stored.len(), service.backends.len(), "{service:?}");
     assert!(!Arc::ptr_eq(stored, &service.backends));
