@@ -5,7 +5,8 @@
 //! at the index the writer gave it: once a write of such a service has
 //! completed, its entries are kept as that list (shared with the table, the
 //! cluster view and the assignment) and the index of each position, 4 bytes a
-//! backend instead of a B-tree entry of 28. An entry is derived from its backend
+//! backend instead of a B-tree entry of 28, or none where each backend is at its
+//! position's index, as a service written anew is. An entry is derived from its backend
 //! as the writer derives it ([`info_of`]), and the list is taken only after
 //! checking that it derives to exactly the entries held. Any change goes back to
 //! entries of their own first.
@@ -44,7 +45,9 @@ pub(super) fn info_of(b: &Backend, level: u8) -> BackendInfo {
 pub(super) enum Entries {
     Own(BTreeMap<u32, BackendInfo>),
     /// `backends[pos]` at index `index`, for each `(index, pos)`, in index
-    /// order; every entry at level 0.
+    /// order; every entry at level 0. No indexes: `backends[i]` at index `i`,
+    /// how the writer places a service written anew (so most services keep
+    /// none).
     Shared {
         backends: Arc<[Backend]>,
         by_index: Box<[(u16, u16)]>,
@@ -61,6 +64,7 @@ impl Entries {
     pub(super) fn len(&self) -> usize {
         match self {
             Entries::Own(m) => m.len(),
+            Entries::Shared { backends, by_index } if by_index.is_empty() => backends.len(),
             Entries::Shared { by_index, .. } => by_index.len(),
         }
     }
@@ -68,6 +72,9 @@ impl Entries {
     pub(super) fn get(&self, index: u32) -> Option<BackendInfo> {
         match self {
             Entries::Own(m) => m.get(&index).copied(),
+            Entries::Shared { backends, by_index } if by_index.is_empty() => {
+                backends.get(index as usize).map(|b| info_of(b, 0))
+            }
             Entries::Shared { backends, by_index } => {
                 let index = u16::try_from(index).ok()?;
                 let at = by_index.binary_search_by_key(&index, |&(i, _)| i).ok()?;
@@ -80,6 +87,9 @@ impl Entries {
     pub(super) fn contains_key(&self, index: u32) -> bool {
         match self {
             Entries::Own(m) => m.contains_key(&index),
+            Entries::Shared { backends, by_index } if by_index.is_empty() => {
+                (index as usize) < backends.len()
+            }
             Entries::Shared { by_index, .. } => u16::try_from(index)
                 .is_ok_and(|i| by_index.binary_search_by_key(&i, |&(i, _)| i).is_ok()),
         }
@@ -89,6 +99,9 @@ impl Entries {
     pub(super) fn iter(&self) -> Iter<'_> {
         match self {
             Entries::Own(m) => Iter::Own(m.iter()),
+            Entries::Shared { backends, by_index } if by_index.is_empty() => {
+                Iter::Direct(backends.iter().enumerate())
+            }
             Entries::Shared { backends, by_index } => Iter::Shared {
                 backends,
                 by_index: by_index.iter(),
@@ -145,6 +158,9 @@ impl Entries {
         if by_index.windows(2).any(|w| w[0].0 == w[1].0) {
             return;
         }
+        if by_index.iter().all(|&(i, p)| i == p) {
+            by_index.clear();
+        }
         let shared = Entries::Shared {
             backends: backends.clone(),
             by_index: by_index.into_boxed_slice(),
@@ -176,6 +192,7 @@ pub(super) enum Iter<'a> {
         backends: &'a [Backend],
         by_index: std::slice::Iter<'a, (u16, u16)>,
     },
+    Direct(std::iter::Enumerate<std::slice::Iter<'a, Backend>>),
 }
 
 impl Iterator for Iter<'_> {
@@ -188,6 +205,10 @@ impl Iterator for Iter<'_> {
                 let &(index, pos) = by_index.next()?;
                 let b = backends.get(usize::from(pos))?;
                 Some((u32::from(index), info_of(b, 0)))
+            }
+            Iter::Direct(it) => {
+                let (index, b) = it.next()?;
+                Some((u32::try_from(index).ok()?, info_of(b, 0)))
             }
         }
     }
@@ -246,6 +267,24 @@ mod tests {
         }
         leveled.share(&list, &index_of);
         assert!(matches!(leveled, Entries::Own(_)));
+
+        // Each backend at its own position's index keeps no indexes, and reads
+        // the same; one index short of that (a gap at the end) keeps them.
+        for (index_of, direct) in [(vec![0, 1, 2], true), (vec![0, 1, 3], false)] {
+            let mut e = written(&list, &index_of);
+            let before = e.clone();
+            e.share(&list, &index_of);
+            assert!(
+                matches!(&e, Entries::Shared { by_index, .. } if by_index.is_empty() == direct),
+                "{index_of:?}"
+            );
+            assert_eq!(e, before);
+            assert_eq!(e.len(), 3);
+            for i in 0..5 {
+                assert_eq!(e.get(i), before.get(i), "{index_of:?} {i}");
+                assert_eq!(e.contains_key(i), before.contains_key(i));
+            }
+        }
     }
 
     #[test]
