@@ -215,7 +215,7 @@ const ENOTSUPP: i32 = 524;
 /// Writes `keys[i]` → `values[i]` into `map` with `flags` in batches; where the
 /// kernel refuses the batch command itself, one by one (which also names the
 /// entry an `EINVAL` was about).
-fn put_batch<K: aya::Pod, V: aya::Pod>(
+fn put_batch<K: aya::Pod + Sync, V: aya::Pod + Sync>(
     map: &mut HashMap<MapData, K, V>,
     refused: &mut Refusals,
     name: MapName,
@@ -230,7 +230,7 @@ fn put_batch<K: aya::Pod, V: aya::Pod>(
     r
 }
 
-fn put_batch_once<K: aya::Pod, V: aya::Pod>(
+fn put_batch_once<K: aya::Pod + Sync, V: aya::Pod + Sync>(
     map: &mut HashMap<MapData, K, V>,
     name: MapName,
     keys: &[K],
@@ -238,7 +238,16 @@ fn put_batch_once<K: aya::Pod, V: aya::Pod>(
     flags: u64,
 ) -> Result<(), BatchError> {
     let fd = map.map().fd().as_fd();
-    let from = match sys::map_update_batch(fd, keys, values, flags) {
+    // A bulk write's backend and slot entries are reached only once their
+    // service is published, after them: they are written on two threads. The
+    // services and their counters are written in order (what is written of them
+    // is told by the entries before the first failure).
+    let written = if matches!(name, MapName::Backends | MapName::Slots) {
+        sys::map_update_batch_split(fd, keys, values, flags)
+    } else {
+        sys::map_update_batch(fd, keys, values, flags)
+    };
+    let from = match written {
         Ok(()) => return Ok(()),
         Err(f)
             if f.written == 0

@@ -195,6 +195,46 @@ pub fn map_update_batch<K: aya::Pod, V: aya::Pod>(
     Ok(())
 }
 
+/// [`map_update_batch`] with the second half of the entries written by another
+/// thread at the same time, from [`SPLIT_FROM`] entries: a hash map's update
+/// takes only its bucket's lock, so two cores write it in about half the time
+/// (an initial load's backend entries were its write's largest part). On failure
+/// the entries before `written` are in the map, as with [`map_update_batch`], but
+/// some after it may be too: only for entries nothing reaches until a later
+/// write publishes them.
+pub fn map_update_batch_split<K: aya::Pod + Sync, V: aya::Pod + Sync>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+    elem_flags: u64,
+) -> Result<(), BatchFailure> {
+    if keys.len() < SPLIT_FROM || keys.len() != values.len() {
+        return map_update_batch(map, keys, values, elem_flags);
+    }
+    let half = keys.len() / 2;
+    let ((k1, k2), (v1, v2)) = (keys.split_at(half), values.split_at(half));
+    let (first, second) = std::thread::scope(|s| {
+        let second = s.spawn(|| map_update_batch(map, k2, v2, elem_flags));
+        (map_update_batch(map, k1, v1, elem_flags), second.join())
+    });
+    match (first, second) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Ok(Ok(()))) => Ok(()),
+        (Ok(()), Ok(Err(e))) => Err(BatchFailure {
+            written: half + e.written,
+            error: e.error,
+        }),
+        (Ok(()), Err(_)) => Err(BatchFailure {
+            written: half,
+            error: io::Error::other("the thread writing the second half panicked"),
+        }),
+    }
+}
+
+/// Entries from which [`map_update_batch_split`] writes on two threads (below,
+/// starting a thread costs more than it saves).
+const SPLIT_FROM: usize = 4096;
+
 /// `bpf(BPF_MAP_LOOKUP_BATCH)` over a hash map: every entry, handed to `each`
 /// one call's batch at a time as `(keys, values, count)`, `count` entries of
 /// `key_size` and `value_size` bytes laid end to end (the map's sizes, from its
