@@ -792,10 +792,14 @@ fn plan_backends(
 
 /// [`plan_backends`] but for the draw flag.
 fn plan_of(current: &Installed, protocol: Protocol, desired: &Service) -> BackendPlan {
-    let plan = plan_indexes(current, protocol, desired, false);
     let direct_now =
         current.slot_map() == SlotMap::Direct && !current.dirty && current.leftover == 0;
-    if direct_now && plan.flags & service_flags::DIRECT == 0 {
+    // Tried first: it is the common endpoint change of a direct service. Where it
+    // applies to a new backend in the slots, the plan below is not direct (that
+    // backend takes an index none held before, which no direct slot has); where
+    // its one change is to a backend outside the slots, either plan is a valid
+    // write.
+    if direct_now {
         let in_place = plan_indexes(current, protocol, desired, true);
         // Exactly one index changes, and the slot count stays: one map write
         // switches the service from the old set to the new, which is the publish
@@ -815,7 +819,7 @@ fn plan_of(current: &Installed, protocol: Protocol, desired: &Service) -> Backen
             return in_place;
         }
     }
-    plan
+    plan_indexes(current, protocol, desired, false)
 }
 
 /// [`plan_backends`]' assignment: new backends take the lowest free index, where an
@@ -827,11 +831,14 @@ fn plan_indexes(
     desired: &Service,
     reuse: bool,
 ) -> BackendPlan {
-    let by_addr: HashMap<([u32; 4], u16), u32> = current
+    // Sorted and searched: most services hold a few backends, for which a
+    // hash map's allocation and hashing cost more.
+    let mut by_addr: Vec<(([u32; 4], u16), u32)> = current
         .backends
         .iter()
         .map(|(i, b)| ((b.addr, b.port), i))
         .collect();
+    by_addr.sort_unstable();
     let mut backends = BTreeMap::new();
     let mut fresh = Vec::new();
     // The kernel index of each of `desired`'s backends, by position.
@@ -843,8 +850,12 @@ fn plan_indexes(
         .unwrap_or_default();
     for (pos, b) in desired.iter().enumerate() {
         let info = info_of(b, level_of.get(pos).copied().unwrap_or(0));
-        match by_addr.get(&(info.addr, info.port)) {
-            Some(&i) => {
+        match by_addr
+            .binary_search_by_key(&(info.addr, info.port), |&(a, _)| a)
+            .ok()
+            .map(|at| by_addr[at].1)
+        {
+            Some(i) => {
                 backends.insert(i, info);
                 index_of[pos] = i;
             }

@@ -534,15 +534,29 @@ impl Incremental {
             }
         }
         for (c, view) in st.clusters {
-            let old = self.clusters.remove(&c);
+            // Replaced in place: an EDS update changes most views' backends only.
+            let old = match view {
+                Some(view) => match self.clusters.get_mut(&c) {
+                    Some(held) => Some(std::mem::replace(held, view)),
+                    None => {
+                        self.clusters.insert(c.clone(), view);
+                        None
+                    }
+                },
+                None => self.clusters.remove(&c),
+            };
+            let new = self.clusters.get(&c);
             // A policy fallback is logged when it starts, not on every EDS update.
-            if let Some(why) = view.as_ref().and_then(|v| v.rest().fallback)
+            if let Some(why) = new.and_then(|v| v.rest().fallback)
                 && old.as_ref().and_then(|o| o.rest().fallback) != Some(why)
             {
                 tracing::info!(cluster = %c, "load-balancing policy: {why}");
             }
-            if let Some(old) = old
-                && let Some(e) = old.eds
+            let new_eds = new.and_then(|v| v.eds.as_deref());
+            if old.as_ref().and_then(|o| o.eds.as_deref()) == new_eds {
+                continue;
+            }
+            if let Some(e) = old.and_then(|o| o.eds)
                 && let Some(users) = self.eds_users.get_mut(&*e)
             {
                 users.remove(&c);
@@ -550,14 +564,8 @@ impl Incremental {
                     self.eds_users.remove(&*e);
                 }
             }
-            if let Some(view) = view {
-                if let Some(e) = &view.eds {
-                    self.eds_users
-                        .entry(e.to_string())
-                        .or_default()
-                        .insert(c.clone());
-                }
-                self.clusters.insert(c, view);
+            if let Some(e) = self.clusters.get(&c).and_then(|v| v.eds.as_deref()) {
+                self.eds_users.entry(e.to_owned()).or_default().insert(c);
             }
         }
         for s in st.not_warming {

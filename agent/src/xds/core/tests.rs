@@ -627,6 +627,27 @@ fn a_large_eds_delta_is_written_in_parts_once_the_kernel_follows_the_table() {
     assert_eq!((stats.received, stats.accepted), (2, 2));
 }
 
+/// A delta smaller than a part goes in quarters of at least 128 assignments,
+/// each handed to the kernel while the next is translated; below twice that it
+/// goes whole.
+#[test]
+fn a_smaller_eds_delta_is_written_in_quarters() {
+    let sink = Writes::default();
+    let mut core = core_over(sink.clone());
+    let t0 = Instant::now();
+    let (lds, cds) = services(200);
+    handle(&mut core, cds, t0).expect("cds");
+    handle(&mut core, lds, t0).expect("lds");
+    handle(&mut core, eds_delta(200, 80, Vec::new()), t0).expect("eds");
+    sink.log.lock().expect("lock").clear();
+    handle(&mut core, eds_delta(200, 81, Vec::new()), t0).expect("eds again");
+    assert_eq!(*sink.log.lock().expect("lock"), vec![Some(128), Some(72)]);
+    sink.log.lock().expect("lock").clear();
+    handle(&mut core, eds_delta(100, 82, Vec::new()), t0).expect("a small one");
+    assert_eq!(*sink.log.lock().expect("lock"), vec![Some(100)]);
+    assert_eq!(sink.table().services.len(), 200);
+}
+
 #[test]
 fn an_undecodable_assignment_refuses_a_large_eds_delta_whole_parts_or_not() {
     let (sink, mut core) = in_parts_of_two();

@@ -13,6 +13,9 @@ use crate::xds::{
     incremental::Dirty,
 };
 
+/// The smallest part an EDS delta is split into (see [`XdsState::prepare`]).
+const MIN_PART: usize = 128;
+
 /// An update put in the store, its translation committed part by part (see
 /// [`XdsState::prepare`]).
 pub struct Parts {
@@ -49,8 +52,8 @@ impl XdsState {
     /// Puts what of `update` is valid in the store; `Err` refuses it whole
     /// (nothing changed: every reason to refuse it whole is found before the
     /// store is touched). Its translation is committed by [`Self::next_part`],
-    /// in one part, or for an EDS delta of more than `part` assignments, in parts
-    /// of `part`.
+    /// in one part, or for an EDS delta, in parts of at most `part` assignments:
+    /// quarters of a smaller delta, of at least [`MIN_PART`].
     pub(super) fn prepare(&mut self, update: &Update, part: usize) -> Result<Parts, Nack> {
         let mut st = Staging::default();
         match update {
@@ -128,6 +131,9 @@ impl XdsState {
         // Only assignments are split: a part of them changes the services of
         // their clusters and nothing else, as a smaller response would, while a
         // part of the listeners or clusters would recompute every subscription.
+        // A delta of fewer is split in quarters (of at least `MIN_PART`): a
+        // batch's first quarter reaches the kernel while the rest is translated.
+        let part = part.min((dirty.endpoints.len() / 4).max(MIN_PART));
         let parts = if matches!(update, Update::Delta { .. })
             && dirty.endpoints.len() > part
             && dirty.listeners.is_empty()
