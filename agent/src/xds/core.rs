@@ -39,7 +39,7 @@ const LARGE_UPDATE: usize = 10_000;
 /// An EDS update of more assignments than this is translated and written in
 /// parts of this many, each part's kernel write running while the next is
 /// translated (an initial push of 100,000 assignments: 13 parts); a smaller one
-/// in quarters (see `XdsState::prepare`).
+/// in eighths (see `XdsState::prepare`).
 const EDS_PART: usize = 8_192;
 
 /// Distinct unknown fields listed by name (in `/metrics` and `/config_dump`): a

@@ -627,11 +627,11 @@ fn a_large_eds_delta_is_written_in_parts_once_the_kernel_follows_the_table() {
     assert_eq!((stats.received, stats.accepted), (2, 2));
 }
 
-/// A delta smaller than a part goes in quarters of at least 128 assignments,
+/// A delta smaller than a part goes in eighths of at least 128 assignments,
 /// each handed to the kernel while the next is translated; below twice that it
 /// goes whole.
 #[test]
-fn a_smaller_eds_delta_is_written_in_quarters() {
+fn a_smaller_eds_delta_is_written_in_eighths() {
     let sink = Writes::default();
     let mut core = core_over(sink.clone());
     let t0 = Instant::now();
