@@ -82,6 +82,12 @@ pub struct Planned {
 /// own, their placement where the assignment puts them). `dynamic`: health
 /// changes between updates (outlier detection) and the service is not Maglev.
 pub fn plan(endpoints: &[Backend], settings: LbSettings, dynamic: bool) -> Planned {
+    plan_as_they_are(endpoints, settings)
+        .unwrap_or_else(|| plan_whole(endpoints, settings, dynamic))
+}
+
+/// [`plan`], step by step.
+fn plan_whole(endpoints: &[Backend], settings: LbSettings, dynamic: bool) -> Planned {
     // Envoy keeps the first endpoint of an address.
     let mut seen: foldhash::HashSet<_> = foldhash::HashSetExt::with_capacity(endpoints.len());
     let hosts: Vec<Backend> = endpoints
@@ -169,6 +175,39 @@ pub fn plan(endpoints: &[Backend], settings: LbSettings, dynamic: bool) -> Plann
         levels: None,
         dropped_levels,
     }
+}
+
+/// [`plan_whole`] of the usual assignment, which it leaves as it is: distinct
+/// addresses, every host active in one locality at priority 0 (no placement
+/// but the overprovisioning factor, at least 100, so the level takes all the
+/// load), no locality weighting, and weights with no common factor. `None`
+/// otherwise. It is most of a batch's staging: a service's endpoint change
+/// plans its whole list again.
+fn plan_as_they_are(endpoints: &[Backend], settings: LbSettings) -> Option<Planned> {
+    /// Distinct addresses are checked pairwise up to this many hosts.
+    const PAIRWISE: usize = 32;
+    let first = endpoints.first()?;
+    let placement = Placement {
+        overprovisioning: first.placement.overprovisioning,
+        ..Placement::default()
+    };
+    let usual = !settings.locality_weighted
+        && endpoints.len() <= PAIRWISE
+        && placement.overprovisioning >= 100
+        && endpoints
+            .iter()
+            .all(|b| b.state == BackendState::Active && b.placement == placement)
+        && endpoints.iter().map(|b| b.weight).fold(0, gcd) == 1
+        && endpoints.iter().enumerate().all(|(i, a)| {
+            endpoints[..i]
+                .iter()
+                .all(|b| (b.address, b.port) != (a.address, a.port))
+        });
+    usual.then(|| Planned {
+        backends: endpoints.to_vec(),
+        levels: None,
+        dropped_levels: 0,
+    })
 }
 
 fn gcd(a: u32, b: u32) -> u32 {
@@ -502,6 +541,62 @@ pub fn to_json(service: &Service, levels: &Levels, ejected: &tiers::Ejected) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The shortcut agrees with the whole plan wherever it applies, over seeded
+    /// assignments near the usual one (a duplicate address, a draining host, a
+    /// second priority or locality, locality weighting, shared weight factors, a
+    /// low overprovisioning factor), and applies to the usual one.
+    #[test]
+    fn the_usual_assignment_plans_as_it_is() {
+        use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
+        let mut rng = StdRng::seed_from_u64(11);
+        let mut applied = 0;
+        for round in 0..3_000 {
+            let n = rng.random_range(1..=40);
+            let overprovisioning = if rng.random_range(0..10) == 0 {
+                50
+            } else {
+                140
+            };
+            let mut hosts: Vec<Backend> = (0..n)
+                .map(|i| {
+                    Backend::new(std::net::IpAddr::from([10, 0, 0, i as u8]), 80)
+                        .weighted(if rng.random_range(0..4) == 0 { 2 } else { 1 })
+                        .placed(Placement {
+                            overprovisioning,
+                            ..Placement::default()
+                        })
+                })
+                .collect();
+            match rng.random_range(0..8) {
+                0 => hosts[rng.random_range(0..n)].address = hosts[0].address,
+                1 => hosts[rng.random_range(0..n)].state = BackendState::Draining,
+                2 => hosts[rng.random_range(0..n)].placement.priority = 1,
+                3 => hosts[rng.random_range(0..n)].placement.locality = 1,
+                4 => hosts.iter_mut().for_each(|b| b.weight *= 3),
+                _ => {}
+            }
+            let settings = LbSettings {
+                locality_weighted: rng.random_range(0..10) == 0,
+                ..LbSettings::default()
+            };
+            let dynamic = rng.random_range(0..2) == 0;
+            if let Some(short) = plan_as_they_are(&hosts, settings) {
+                applied += 1;
+                assert_eq!(
+                    short,
+                    plan_whole(&hosts, settings, dynamic),
+                    "round {round}"
+                );
+                assert_eq!(short.backends, hosts, "round {round}");
+            }
+        }
+        assert!(applied > 500, "the shortcut applied {applied} times");
+        let usual: Vec<Backend> = (0..10u8)
+            .map(|i| Backend::new(std::net::IpAddr::from([10, 0, 1, i]), 80))
+            .collect();
+        assert!(plan_as_they_are(&usual, LbSettings::default()).is_some());
+    }
 
     fn host(i: u8, priority: u8, locality: u16, locality_weight: u32) -> Backend {
         Backend::new(format!("10.0.{priority}.{i}").parse().expect("ip"), 80).placed(Placement {
