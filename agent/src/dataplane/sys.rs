@@ -198,7 +198,7 @@ pub fn map_update_batch<K: aya::Pod, V: aya::Pod>(
 /// [`map_update_batch`] with the second half of the entries written by another
 /// thread at the same time, from [`SPLIT_FROM`] entries: a hash map's update
 /// takes only its bucket's lock, so two cores write it in about half the time
-/// (an initial load's backend entries were its write's largest part). On failure
+/// (an initial load's backend entries are its write's largest part). On failure
 /// the entries before `written` are in the map, as with [`map_update_batch`], but
 /// some after it may be too: only for entries nothing reaches until a later
 /// write publishes them.

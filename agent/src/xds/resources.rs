@@ -32,9 +32,9 @@ pub struct Resources {
 
 /// Resources of one type, by name. Each entry is one allocation of its name, the
 /// version a delta control plane sent it with and (listeners, routes, clusters)
-/// its encoding, beside what the type keeps read ([`Assignment`]): at 100,000
-/// services, names, versions and encodings held apart took 40 bytes more per
-/// resource in each table and two allocations more beside it.
+/// its encoding, beside what the type keeps read ([`Assignment`]): held apart,
+/// they would take 40 bytes more per resource in each table and two
+/// allocations more beside it (8 MiB a type at 100,000 services).
 pub struct Store<V> {
     entries: HashSet<Entry<V>>,
 }

@@ -133,8 +133,7 @@ impl XdsState {
         // part of the listeners or clusters would recompute every subscription.
         // A delta of fewer is split in eighths (of at least `MIN_PART`): a
         // batch's first eighth reaches the kernel while the rest is translated
-        // (1,000 changes at 100,000 services: p50 17 → 10 ms, against 11–13 ms
-        // in quarters and no better in sixteenths).
+        // (eighths against quarters and sixteenths: docs/benchmarks.md §18).
         let part = part.min((dirty.endpoints.len() / 8).max(MIN_PART));
         let parts = if matches!(update, Update::Delta { .. })
             && dirty.endpoints.len() > part
