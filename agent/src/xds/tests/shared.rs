@@ -20,16 +20,20 @@ fn one_level(more: &str) -> String {
 }
 use crate::{model::Protocol, xds::state::XdsState};
 
+/// The backends the store holds for the assignment of `reviews.default.svc`.
+fn stored_backends(st: &XdsState) -> &Arc<[crate::model::Backend]> {
+    &st.resources()
+        .endpoints
+        .get("reviews.default.svc")
+        .expect("stored")
+        .backends
+}
+
 #[test]
 fn a_service_of_one_cluster_holds_its_assignments_backend_list() {
     let mut st = XdsState::new();
     st.apply(full(&one_level(""))).result().expect("accepted");
-    let stored = &st
-        .resources()
-        .endpoints
-        .get("reviews.default.svc")
-        .expect("stored")
-        .backends;
+    let stored = stored_backends(&st);
     let service = &st.table().services[&svc("10.96.0.10", 9080, Protocol::Tcp)];
     assert!(!stored.is_empty());
     assert!(
@@ -50,12 +54,7 @@ fn a_service_whose_plan_changes_the_list_holds_its_own() {
     );
     let mut st = XdsState::new();
     st.apply(full(&yaml)).result().expect("accepted");
-    let stored = &st
-        .resources()
-        .endpoints
-        .get("reviews.default.svc")
-        .expect("stored")
-        .backends;
+    let stored = stored_backends(&st);
     let service = &st.table().services[&svc("10.96.0.10", 9080, Protocol::Tcp)];
     assert_eq!(stored.len(), service.backends.len(), "{service:?}");
     assert!(!Arc::ptr_eq(stored, &service.backends));
