@@ -267,14 +267,17 @@ impl<V> Store<V> {
         same: impl FnOnce(&Entry<V>) -> bool,
         value: impl FnOnce() -> V,
     ) -> bool {
+        // A resource sent again unchanged (every one of a state-of-the-world
+        // push that did not change) is left where it is.
+        let held = self.entries.get(name.as_bytes());
+        let held_same = held.is_some_and(same);
+        if held_same && held.is_some_and(|old| old.version() == version) {
+            return false;
+        }
         match self.entries.take(name.as_bytes()) {
-            Some(old) if same(&old) => {
-                let old = if old.version() == version {
-                    old
-                } else {
-                    Entry::with(name, version, bytes, old.value)
-                };
-                self.entries.insert(old);
+            Some(old) if held_same => {
+                self.entries
+                    .insert(Entry::with(name, version, bytes, old.value));
                 false
             }
             _ => {
