@@ -142,8 +142,9 @@ pub async fn route(admin: &Admin, path: &str) -> Response<Full<Bytes>> {
                 let counters = crate::dataplane::read_counters(bpffs).unwrap_or_default();
                 let services =
                     crate::dataplane::read_service_counters_unordered(bpffs).unwrap_or_default();
-                let conns = crate::dataplane::read_conns(bpffs).unwrap_or_default();
-                let health = crate::dataplane::read_health(bpffs).unwrap_or_default();
+                let maps = &view.kernel.maps;
+                let conns = crate::dataplane::read_conns_in(bpffs, maps).unwrap_or_default();
+                let health = crate::dataplane::read_health_in(bpffs, maps).unwrap_or_default();
                 let enrollment = admin.enrollment.as_ref().map(|e| e.dump.borrow().clone());
                 let body = metrics_with(
                     &view,
@@ -178,7 +179,8 @@ pub async fn route(admin: &Admin, path: &str) -> Response<Full<Bytes>> {
             };
             let admin = admin.clone();
             blocking(move || {
-                let health = crate::dataplane::read_health(&admin.bpffs).unwrap_or_default();
+                let health = crate::dataplane::read_health_in(&admin.bpffs, &view.kernel.maps)
+                    .unwrap_or_default();
                 let enrollment = admin.enrollment.as_ref().map(|e| e.dump.borrow().clone());
                 reply(
                     StatusCode::OK,

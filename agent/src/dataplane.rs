@@ -415,6 +415,28 @@ impl Datapath {
     /// racing the delete can lose one count of an endpoint no service holds; its
     /// release then finds no entry, and nothing goes below zero.)
     pub fn sweep_conns(&mut self) -> Result<usize, DataplaneError> {
+        let name = sockmesh_common::map_names::BACKEND_CONNS;
+        if !self.fill.may_hold(name) {
+            return Ok(0);
+        }
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::MissingMap { name })?;
+        let conv = |source| DataplaneError::Map { name, source };
+        let mut conns: aya::maps::HashMap<&mut aya::maps::MapData, sockmesh_common::ConnKey, u64> =
+            aya::maps::HashMap::try_from(map).map_err(conv)?;
+        let idle: Vec<sockmesh_common::ConnKey> = conns
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, n)| *n == 0)
+            .map(|(k, _)| k)
+            .collect();
+        if idle.is_empty() {
+            return Ok(0);
+        }
+        // The endpoints of every service (a million at 100,000 services): only
+        // when there are idle counts to look up.
         let live: std::collections::HashSet<sockmesh_common::ConnKey> = self
             .writer
             .table()
@@ -429,22 +451,8 @@ impl Datapath {
                 })
             })
             .collect();
-        let name = sockmesh_common::map_names::BACKEND_CONNS;
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(DataplaneError::MissingMap { name })?;
-        let conv = |source| DataplaneError::Map { name, source };
-        let mut conns: aya::maps::HashMap<&mut aya::maps::MapData, sockmesh_common::ConnKey, u64> =
-            aya::maps::HashMap::try_from(map).map_err(conv)?;
-        let idle: Vec<sockmesh_common::ConnKey> = conns
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, n)| *n == 0 && !live.contains(k))
-            .map(|(k, _)| k)
-            .collect();
         let mut removed = 0;
-        for k in idle {
+        for k in idle.into_iter().filter(|k| !live.contains(k)) {
             if conns.remove(&k).is_ok() {
                 removed += 1;
             }
@@ -456,6 +464,12 @@ impl Datapath {
     /// no longer has (see [`MapWriter::sweep_endpoint_health`]); returns how
     /// many.
     pub fn sweep_endpoint_health(&mut self) -> Result<usize, WriteError> {
+        if !self
+            .fill
+            .may_hold(sockmesh_common::map_names::ENDPOINT_HEALTH)
+        {
+            return Ok(0);
+        }
         self.writer.sweep_endpoint_health()
     }
 
@@ -492,9 +506,15 @@ impl Datapath {
         &self.layout
     }
 
-    /// The kernel's outlier detection and circuit breaking state.
+    /// The kernel's outlier detection and circuit breaking state (read at
+    /// every tick: a map that holds no entries is not walked).
     pub fn health(&self) -> Result<HealthReport, DataplaneError> {
-        health_report(&self.layout.health)
+        health_report(
+            &self.layout.health,
+            self.fill
+                .may_hold(sockmesh_common::map_names::ENDPOINT_HEALTH),
+            self.writer.entries().service_health > 0,
+        )
     }
 }
 
@@ -554,6 +574,28 @@ pub fn read_service_counters_unordered(
 /// Open connections counted per backend endpoint (least-connections services),
 /// by endpoint; an endpoint at 0 may be listed.
 pub fn read_conns(bpffs: &Path) -> Result<Vec<(crate::model::Endpoint, u64)>, DataplaneError> {
+    conns_report(bpffs, true)
+}
+
+/// [`read_conns`], empty without a walk where `maps` says `SM_BACKEND_CONNS`
+/// holds no entries (as [`read_health_in`]).
+pub fn read_conns_in(
+    bpffs: &Path,
+    maps: &[fill::MapFill],
+) -> Result<Vec<(crate::model::Endpoint, u64)>, DataplaneError> {
+    conns_report(
+        bpffs,
+        fill::may_hold(maps, sockmesh_common::map_names::BACKEND_CONNS),
+    )
+}
+
+fn conns_report(
+    bpffs: &Path,
+    walk: bool,
+) -> Result<Vec<(crate::model::Endpoint, u64)>, DataplaneError> {
+    if !walk {
+        return Ok(Vec::new());
+    }
     let entries = kernel::read_conns(&loader::conns_dir(bpffs))?;
     let mut out: Vec<_> = entries
         .into_iter()
@@ -631,11 +673,30 @@ pub fn backend_display(addr: std::net::IpAddr, port: u16) -> String {
 /// Reads the health maps pinned under `bpffs` (outlier ejections, open
 /// connections of circuit-breaking services), sorted by service and backend.
 pub fn read_health(bpffs: &Path) -> Result<HealthReport, DataplaneError> {
-    health_report(&loader::health_dir(bpffs))
+    health_report(&loader::health_dir(bpffs), true, true)
 }
 
-fn health_report(health_dir: &Path) -> Result<HealthReport, DataplaneError> {
-    let (endpoints, services) = kernel::read_health(health_dir)?;
+/// [`read_health`], walking only the maps that `maps` (the datapath's last
+/// [`fill::MapFill`]s) says may hold entries: the rest read as empty. Each map
+/// is sized for every backend or service of the node, and a walk of an empty
+/// one still visits all its buckets (milliseconds at 100,000 services).
+pub fn read_health_in(
+    bpffs: &Path,
+    maps: &[fill::MapFill],
+) -> Result<HealthReport, DataplaneError> {
+    health_report(
+        &loader::health_dir(bpffs),
+        fill::may_hold(maps, sockmesh_common::map_names::ENDPOINT_HEALTH),
+        fill::may_hold(maps, sockmesh_common::map_names::SERVICE_HEALTH),
+    )
+}
+
+fn health_report(
+    health_dir: &Path,
+    endpoints: bool,
+    services: bool,
+) -> Result<HealthReport, DataplaneError> {
+    let (endpoints, services) = kernel::read_health(health_dir, endpoints, services)?;
     let now = monotonic_ns();
     let mut report = HealthReport {
         endpoints: endpoints
@@ -694,7 +755,7 @@ pub struct ServiceEjections {
 
 /// Every service's ejection slots pinned under `bpffs`.
 pub fn read_ejection_slots(bpffs: &Path) -> Result<Vec<ServiceEjections>, DataplaneError> {
-    let (_, services) = kernel::read_health(&loader::health_dir(bpffs))?;
+    let (_, services) = kernel::read_health(&loader::health_dir(bpffs), false, true)?;
     Ok(services
         .into_iter()
         .filter_map(|(k, h)| {

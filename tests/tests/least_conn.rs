@@ -282,6 +282,40 @@ fn istio_least_request_and_maglev_clusters_are_honoured_and_shown() {
         "ten connections held",
         &settled.clone().least_conn(10).reverse(10),
     );
+    // The service turns random while they are open: no service is counted any
+    // more, and the counts of the connections still open are still reported
+    // (the agent stops walking the count map only once it is empty).
+    agent.replace(&istio_clusters().replace("lb_policy: LEAST_REQUEST", "lb_policy: RANDOM"));
+    wait_until(
+        "the service random in the kernel, and the datapath's status after it",
+        Duration::from_secs(15),
+        || {
+            policy("10.96.0.30") == Some(LbPolicy::Random)
+                && admin.dump()["push"]["writes_in_flight"] == 0
+        },
+    );
+    let reported = || {
+        for (pod, name) in [("10.10.1.11", "r1"), ("10.10.1.12", "r2")] {
+            let series = format!("sockmesh_backend_connections{{backend=\"{pod}:8080/tcp\"}}");
+            assert_eq!(
+                admin.metric(&series),
+                Some(reached[name] as f64),
+                "{series}, no least-connections service installed"
+            );
+        }
+    };
+    reported();
+    // Still, after two counts of the kernel-filled maps: each time, five more
+    // connections held (to the other service) move the reverse map's count up.
+    let reverse = || admin.metric("sockmesh_map_fill_ratio{map=\"reverse\"}");
+    let mut extra = Vec::new();
+    for round in ["a count", "another count"] {
+        let before = reverse();
+        extra.push(hold(PROBE, &pods.client, &agent.cgroup, "10.96.0.31:80", 5).1);
+        wait_until(round, Duration::from_secs(10), || reverse() > before);
+    }
+    extra.into_iter().for_each(release);
+    reported();
     release(holder);
     wait_until(
         "the gauges back to nothing",

@@ -12,7 +12,11 @@
 //!   under 1 % of a CPU (a count that took 10 ms waits 1 s for the next). The
 //!   programs keep no count of their own to read instead: they insert and delete
 //!   without one (an atomic on every connect and close to save one syscall per
-//!   thousand entries a second).
+//!   thousand entries a second). `SM_EP_HEALTH` and `SM_BACKEND_CONNS`, which
+//!   the programs fill only for some services, are neither counted nor walked
+//!   by `/metrics` once known empty with no such service installed
+//!   ([`Feeding`]): sized for every backend of the node, each walk visits a
+//!   million buckets.
 //!
 //! A map is full when it holds its capacity, or when it refused an entry since
 //! the last look: an agent write answered `E2BIG`, or the kernel programs'
@@ -193,6 +197,11 @@ pub struct MapFill {
     pub capacity: u64,
     /// Full since it last had room (see [`ROOM_AGAIN`]).
     pub full: bool,
+    /// It may hold entries now, so a reader of its entries must walk it (see
+    /// [`Feeding`]); an empty map sized for a million entries costs a walk of
+    /// its million buckets all the same. Not in `/config_dump`.
+    #[serde(skip)]
+    pub may_hold: bool,
 }
 
 impl MapFill {
@@ -271,6 +280,7 @@ impl FullWatch {
 pub fn fills(
     entries: &MapEntries,
     counted: &BTreeMap<&'static str, u64>,
+    feeding: &BTreeMap<&'static str, Feeding>,
     capacity: &BTreeMap<&'static str, u64>,
     refused: &BTreeMap<&'static str, u64>,
     watch: &mut FullWatch,
@@ -300,6 +310,10 @@ pub fn fills(
                 }
                 None => {}
             }
+            let may_hold = match m.filled_by {
+                FilledBy::Agent => entries > 0,
+                FilledBy::Kernel => feeding.get(m.map).is_none_or(Feeding::may_hold),
+            };
             MapFill {
                 map: m.map.to_owned(),
                 label: m.label.to_owned(),
@@ -307,9 +321,67 @@ pub fn fills(
                 entries,
                 capacity,
                 full: watch.is_full(m.map),
+                may_hold,
             }
         })
         .collect()
+}
+
+/// Whether a kernel-filled map the programs fill only for some services may
+/// hold entries, without walking it at every look: `SM_EP_HEALTH` (an entry at
+/// an endpoint's first failed connect, for a service with an `SM_SVC_POLICY`
+/// entry that detects outliers) and `SM_BACKEND_CONNS` (a count at each connect
+/// of a least-connections service). It may while such a service is installed;
+/// after the last one goes, until two counts in a row found it empty: an entry
+/// made by a program that read the service's policy before it went is in the
+/// map before the second count (a program runs for microseconds, the counts
+/// are a second or more apart), and entries left with open connections or
+/// awaiting the sweep keep it counted non-empty.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Feeding {
+    /// Entries at the last count (`None`: not counted yet).
+    counted: Option<u64>,
+    /// Such a service was installed since the last count.
+    fed_since: bool,
+    /// Such a service was installed between the two last counts.
+    fed_before: bool,
+}
+
+impl Feeding {
+    /// A look at the agent's bookkeeping: `fed` if such a service is installed.
+    pub fn looked(&mut self, fed: bool) {
+        self.fed_since |= fed;
+    }
+
+    /// A count of the map found `entries`, with such a service installed now
+    /// if `fed`.
+    pub fn counted(&mut self, entries: u64, fed: bool) {
+        self.fed_before = self.fed_since;
+        self.fed_since = fed;
+        self.counted = Some(entries);
+    }
+
+    /// Whether the map may hold entries.
+    pub fn may_hold(&self) -> bool {
+        self.counted.is_none_or(|n| n > 0) || self.fed_since || self.fed_before
+    }
+}
+
+/// Whether map `name` may hold entries, by `maps` (a map not among them may).
+pub fn may_hold(maps: &[MapFill], name: &str) -> bool {
+    maps.iter()
+        .find(|m| m.map == name)
+        .is_none_or(|m| m.may_hold)
+}
+
+/// Whether the programs fill kernel-filled `map` now, for the maps they fill
+/// only for some services (see [`Feeding`]).
+fn fed(map: &str, entries: &MapEntries) -> Option<bool> {
+    match map {
+        map_names::ENDPOINT_HEALTH => Some(entries.policies > 0),
+        map_names::BACKEND_CONNS => Some(entries.least_conn > 0),
+        _ => None,
+    }
 }
 
 /// The writer's count of an agent-written map's entries.
@@ -338,6 +410,7 @@ pub fn from_usage(usage: &crate::model::Usage, limits: &Limits) -> Vec<MapFill> 
         entries: entries as u64,
         capacity: u64::from(capacity),
         full: false,
+        may_hold: entries > 0,
     };
     vec![
         row(
@@ -385,6 +458,7 @@ pub struct FillState {
     capacity: BTreeMap<&'static str, u64>,
     kernel: Vec<Counted>,
     counted: BTreeMap<&'static str, u64>,
+    feeding: BTreeMap<&'static str, Feeding>,
     counters: PerCpuArray<MapData, u64>,
     /// When the kernel-filled maps may be counted next.
     next_count: Option<Instant>,
@@ -439,10 +513,16 @@ impl FillState {
             capacity,
             kernel,
             counted: BTreeMap::new(),
+            feeding: BTreeMap::new(),
             counters,
             next_count: None,
             watch: FullWatch::default(),
         })
+    }
+
+    /// Whether kernel-filled map `map` may hold entries (see [`Feeding`]).
+    pub fn may_hold(&self, map: &str) -> bool {
+        self.feeding.get(map).is_none_or(Feeding::may_hold)
     }
 
     /// Every map's fill, with the agent's maps' entries and refusals given;
@@ -455,12 +535,24 @@ impl FillState {
         recount: bool,
         now: Instant,
     ) -> Vec<MapFill> {
+        for m in &self.kernel {
+            if let Some(fed) = fed(m.map, entries) {
+                self.feeding.entry(m.map).or_default().looked(fed);
+            }
+        }
         if recount && self.next_count.is_none_or(|t| now >= t) {
             let started = Instant::now();
             for m in &self.kernel {
+                // Known empty, and nothing fills it: its count stays 0.
+                if !self.feeding.get(m.map).is_none_or(Feeding::may_hold) {
+                    continue;
+                }
                 match sys::map_count(m.data.fd().as_fd(), m.key_size, m.value_size) {
                     Ok(n) => {
                         self.counted.insert(m.map, n);
+                        if let Some(fed) = fed(m.map, entries) {
+                            self.feeding.entry(m.map).or_default().counted(n, fed);
+                        }
                     }
                     Err(e) => debug!(map = m.map, error = %e, "counting the map's entries failed"),
                 }
@@ -481,6 +573,7 @@ impl FillState {
         fills(
             entries,
             &self.counted,
+            &self.feeding,
             &self.capacity,
             &refused,
             &mut self.watch,

@@ -70,7 +70,7 @@ fn backends(n: u8, weight: u32) -> Vec<Backend> {
 }
 
 /// Services of every kind: weighted slots, direct slots, Maglev, outlier
-/// detection with priority levels, a circuit breaker.
+/// detection with priority levels, a circuit breaker, least connections.
 fn mixed() -> RoutingTable {
     let mut t = RoutingTable::default();
     t.insert(svc(1), backends(3, 1));
@@ -127,7 +127,22 @@ fn mixed() -> RoutingTable {
         svc(6),
         Service::new(backends(2, 1), LbPolicy::Random).with_health(breaker),
     );
+    t.insert(
+        svc(8),
+        Service::new(backends(3, 1), LbPolicy::LeastConn { choices: 2 }),
+    );
     t
+}
+
+/// The writer's count of least-connections services, and the table's.
+fn least_conn(w: &MapWriter<MemStore>) -> (usize, usize) {
+    let installed = w
+        .table()
+        .services
+        .values()
+        .filter(|s| matches!(s.policy, LbPolicy::LeastConn { .. }))
+        .count();
+    (w.entries().least_conn, installed)
 }
 
 /// What the in-memory maps really hold, by map.
@@ -153,6 +168,7 @@ fn reported(w: &MapWriter<MemStore>) -> BTreeMap<&'static str, u64> {
     let capacity: BTreeMap<&'static str, u64> = SIZED.iter().map(|m| (m.map, 1 << 30)).collect();
     fills(
         &w.entries(),
+        &BTreeMap::new(),
         &BTreeMap::new(),
         &capacity,
         &BTreeMap::new(),
@@ -188,20 +204,35 @@ fn the_writers_count_is_what_the_maps_hold_through_adds_updates_and_removals() {
     );
     assert_eq!(held(w.store())[map_names::TIERS], 1);
     assert_eq!(held(w.store())[map_names::SERVICE_HEALTH], 2);
+    assert_eq!(least_conn(&w), (1, 1));
     // One service at a time: grow, switch policy, drop health, remove.
     let mut changes = crate::model::Changes::new();
     changes.insert(svc(1), Some(backends(6, 2).into()));
     changes.insert(svc(4), Some(backends(2, 1).into()));
     changes.insert(svc(6), Some(backends(2, 1).into()));
     changes.insert(svc(2), None);
+    changes.insert(
+        svc(9),
+        Some(Service::new(
+            backends(2, 1),
+            LbPolicy::LeastConn { choices: 3 },
+        )),
+    );
     w.apply_changes(&changes).expect("changes");
     assert_eq!(reported(&w), held(w.store()));
+    assert_eq!(least_conn(&w), (2, 2));
+    let mut changes = crate::model::Changes::new();
+    changes.insert(svc(8), Some(backends(3, 1).into()));
+    w.apply_changes(&changes).expect("changes");
+    assert_eq!(least_conn(&w), (1, 1));
     t.services.remove(&svc(5));
     t.services.remove(&svc(3));
     w.apply(&t).expect("apply");
     assert_eq!(reported(&w), held(w.store()));
+    assert_eq!(least_conn(&w), (1, 1));
     w.apply(&RoutingTable::default()).expect("empty");
     assert_eq!(reported(&w), held(w.store()));
+    assert_eq!(least_conn(&w), (0, 0));
     assert!(reported(&w).values().all(|&n| n == 0), "{:?}", reported(&w));
 }
 
@@ -216,12 +247,12 @@ fn a_failed_counter_delete_is_still_counted_until_it_is_retried() {
     w.apply_changes(&changes)
         .expect("the routing maps are written regardless");
     assert_eq!(reported(&w), held(w.store()));
-    assert_eq!(held(w.store())[map_names::SERVICE_STATS], 6);
+    assert_eq!(held(w.store())[map_names::SERVICE_STATS], 7);
     w.store_mut().fail_op = None;
     w.apply_changes(&crate::model::Changes::new())
         .expect("the retry");
     assert_eq!(reported(&w), held(w.store()));
-    assert_eq!(held(w.store())[map_names::SERVICE_STATS], 5);
+    assert_eq!(held(w.store())[map_names::SERVICE_STATS], 6);
 }
 
 #[test]
@@ -247,11 +278,18 @@ fn a_write_refused_for_want_of_room_fills_its_map_once() {
             .iter()
             .map(|m| (m.as_str(), w.store().refusals().of(*m)))
             .collect();
-        fills(&w.entries(), &BTreeMap::new(), &capacity, &refused, watch)
-            .into_iter()
-            .filter(|f| f.full)
-            .map(|f| f.map)
-            .collect::<Vec<_>>()
+        fills(
+            &w.entries(),
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            &capacity,
+            &refused,
+            watch,
+        )
+        .into_iter()
+        .filter(|f| f.full)
+        .map(|f| f.map)
+        .collect::<Vec<_>>()
     };
     assert!(look(&w, &mut watch).is_empty());
     let e = w.apply(&t).expect_err("the health entry is refused");
@@ -306,4 +344,41 @@ fn without_kernel_maps_the_routing_maps_fill_from_the_tables_usage() {
         ]
         .into()
     );
+}
+
+#[test]
+fn a_map_the_programs_fill_for_some_services_is_walked_until_two_counts_find_it_empty() {
+    let mut f = Feeding::default();
+    // Never counted: it may hold anything (pins adopted from an earlier agent).
+    assert!(f.may_hold());
+    f.looked(false);
+    assert!(f.may_hold());
+    // Counted empty with no service that fills it: not walked.
+    f.counted(0, false);
+    assert!(!f.may_hold());
+    // A service that fills it is installed: walked at once, before any count.
+    f.looked(true);
+    assert!(f.may_hold());
+    // It goes again before the next count, which finds it empty: a program that
+    // read the service's policy before it went may add an entry after that
+    // count, so the map is walked until the count after.
+    f.looked(false);
+    f.counted(0, false);
+    assert!(f.may_hold());
+    f.looked(false);
+    assert!(f.may_hold());
+    f.counted(0, false);
+    assert!(!f.may_hold());
+    // Entries left behind (open connections, awaiting the sweep) keep it walked
+    // with no service filling it, until a count finds them gone.
+    f.counted(3, false);
+    assert!(f.may_hold());
+    f.counted(3, false);
+    assert!(f.may_hold());
+    f.counted(0, false);
+    assert!(!f.may_hold());
+    // A service filling it at the count keeps it walked, even counted empty.
+    f.counted(0, true);
+    f.counted(0, true);
+    assert!(f.may_hold());
 }

@@ -548,12 +548,7 @@ const STATS_READ_CHUNK: usize = 16_384;
 
 /// The open-connection counts pinned in `conns_dir` (`SM_BACKEND_CONNS`).
 pub fn read_conns(conns_dir: &Path) -> Result<Vec<(ConnKey, u64)>, DataplaneError> {
-    let name = map_names::BACKEND_CONNS;
-    let conv = |source| DataplaneError::Map { name, source };
-    let data = open_pin(conns_dir, name)?;
-    let map: HashMap<MapData, ConnKey, u64> =
-        HashMap::try_from(Map::HashMap(data)).map_err(conv)?;
-    map.iter().map(|entry| entry.map_err(conv)).collect()
+    read_all(conns_dir, map_names::BACKEND_CONNS)
 }
 
 /// Every entry of the endpoint and the service health maps.
@@ -563,25 +558,35 @@ pub type HealthEntries = (
 );
 
 /// The kernel's health state pinned in `health_dir`: every endpoint entry
-/// (`SM_EP_HEALTH`) and every service entry (`SM_SVC_HEALTH`).
-pub fn read_health(health_dir: &Path) -> Result<HealthEntries, DataplaneError> {
-    let endpoints = {
-        let name = map_names::ENDPOINT_HEALTH;
-        let conv = |source| DataplaneError::Map { name, source };
-        let map: HashMap<MapData, EndpointKey, EndpointHealth> =
-            HashMap::try_from(Map::HashMap(open_pin(health_dir, name)?)).map_err(conv)?;
-        map.iter()
-            .map(|entry| entry.map_err(conv))
-            .collect::<Result<Vec<_>, _>>()?
+/// (`SM_EP_HEALTH`) and every service entry (`SM_SVC_HEALTH`), each only if
+/// asked for (empty if not).
+pub fn read_health(
+    health_dir: &Path,
+    endpoints: bool,
+    services: bool,
+) -> Result<HealthEntries, DataplaneError> {
+    let endpoints = if endpoints {
+        read_all::<EndpointKey, EndpointHealth>(health_dir, map_names::ENDPOINT_HEALTH)?
+    } else {
+        Vec::new()
     };
-    let services = {
-        let name = map_names::SERVICE_HEALTH;
-        let conv = |source| DataplaneError::Map { name, source };
-        let map: HashMap<MapData, ServiceKey, ServiceHealth> =
-            HashMap::try_from(Map::HashMap(open_pin(health_dir, name)?)).map_err(conv)?;
-        map.iter()
-            .map(|entry| entry.map_err(conv))
-            .collect::<Result<Vec<_>, _>>()?
+    let services = if services {
+        read_all::<ServiceKey, ServiceHealth>(health_dir, map_names::SERVICE_HEALTH)?
+    } else {
+        Vec::new()
     };
     Ok((endpoints, services))
+}
+
+/// Every entry of hash map `name` pinned in `dir`.
+fn read_all<K: aya::Pod, V: aya::Pod>(
+    dir: &Path,
+    name: &'static str,
+) -> Result<Vec<(K, V)>, DataplaneError> {
+    let conv = |source| DataplaneError::Map { name, source };
+    let map: HashMap<MapData, K, V> =
+        HashMap::try_from(Map::HashMap(open_pin(dir, name)?)).map_err(conv)?;
+    map.iter()
+        .map(|entry| entry.map_err(conv))
+        .collect::<Result<Vec<_>, _>>()
 }

@@ -132,6 +132,10 @@ impl Installed {
             policies: usize::from(self.health.is_some()),
             service_health: usize::from(self.service_health),
             tiers: usize::from(self.tiers.is_some()),
+            least_conn: usize::from(matches!(
+                self.policy,
+                crate::model::LbPolicy::LeastConn { .. }
+            )),
         }
     }
 
@@ -182,6 +186,9 @@ pub struct MapEntries {
     pub service_health: usize,
     /// `SM_TIERS` entries.
     pub tiers: usize,
+    /// Services published with least connections: the programs count their
+    /// backends' connections in `SM_BACKEND_CONNS` (not a map of their own).
+    pub least_conn: usize,
 }
 
 impl MapEntries {
@@ -196,6 +203,7 @@ impl MapEntries {
             policies: f(self.policies, o.policies),
             service_health: f(self.service_health, o.service_health),
             tiers: f(self.tiers, o.tiers),
+            least_conn: f(self.least_conn, o.least_conn),
         }
     }
 
