@@ -140,8 +140,11 @@ pub async fn route(admin: &Admin, path: &str) -> Response<Full<Bytes>> {
                 let view = admin.viewer.now();
                 let bpffs = &admin.bpffs;
                 let counters = crate::dataplane::read_counters(bpffs).unwrap_or_default();
-                let services =
-                    crate::dataplane::read_service_counters_unordered(bpffs).unwrap_or_default();
+                let services = crate::dataplane::read_service_counters_unordered(
+                    bpffs,
+                    view.kernel.usage.services,
+                )
+                .unwrap_or_default();
                 let maps = &view.kernel.maps;
                 let conns = crate::dataplane::read_conns_in(bpffs, maps).unwrap_or_default();
                 let health = crate::dataplane::read_health_in(bpffs, maps).unwrap_or_default();

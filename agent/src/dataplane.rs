@@ -544,7 +544,7 @@ pub fn read_counters(bpffs: &Path) -> Result<Vec<(&'static str, u64)>, Dataplane
 pub fn read_service_counters(
     bpffs: &Path,
 ) -> Result<Vec<(crate::model::ServiceAddr, sockmesh_common::ServiceStats)>, DataplaneError> {
-    let mut out = read_service_counters_unordered(bpffs)?;
+    let mut out = read_service_counters_unordered(bpffs, 0)?;
     out.sort_unstable_by_key(|(s, _)| *s);
     Ok(out)
 }
@@ -556,19 +556,21 @@ pub fn read_service_stats_in_chunks(
     bpffs: &Path,
     chunk: usize,
 ) -> Result<Vec<(sockmesh_common::ServiceKey, sockmesh_common::ServiceStats)>, DataplaneError> {
-    kernel::read_service_stats_chunked(&PinLayout::new(bpffs).maps, chunk)
+    kernel::read_service_stats_as(&PinLayout::new(bpffs).maps, chunk, 0, |k, v| Some((k, v)))
 }
 
 /// [`read_service_counters`] in the map's order (`/metrics`, which needs none,
-/// reads 100,000 entries at every scrape).
+/// reads 100,000 entries at every scrape), in a list with room for `expected`.
 pub fn read_service_counters_unordered(
     bpffs: &Path,
+    expected: usize,
 ) -> Result<Vec<(crate::model::ServiceAddr, sockmesh_common::ServiceStats)>, DataplaneError> {
-    let entries = kernel::read_service_stats(&PinLayout::new(bpffs).maps)?;
-    Ok(entries
-        .into_iter()
-        .filter_map(|(k, v)| Some((keys::service_addr(&k)?, v)))
-        .collect())
+    kernel::read_service_stats_as(
+        &PinLayout::new(bpffs).maps,
+        kernel::STATS_READ_CHUNK,
+        expected,
+        |k, v| Some((keys::service_addr(&k)?, v)),
+    )
 }
 
 /// Open connections counted per backend endpoint (least-connections services),

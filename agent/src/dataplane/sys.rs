@@ -309,19 +309,18 @@ pub fn map_lookup_batch(
     }
 }
 
-/// Every entry of a hash map whose key and value types are `K` and `V`, with
-/// [`map_lookup_batch`], `chunk` per call.
+/// Every entry of a hash map whose key and value types are `K` and `V`, handed
+/// to `f` as it is read, with [`map_lookup_batch`], `chunk` per call.
 ///
 /// `K` and `V` must be the map's key and value types (their sizes the map's), as
 /// the typed aya map the descriptor comes from guarantees.
-pub fn map_entries<K: aya::Pod, V: aya::Pod>(
+pub fn map_for_each<K: aya::Pod, V: aya::Pod>(
     map: BorrowedFd<'_>,
     chunk: usize,
-) -> io::Result<Vec<(K, V)>> {
+    mut f: impl FnMut(K, V),
+) -> io::Result<()> {
     let (key_size, value_size) = (size_of::<K>(), size_of::<V>());
-    let mut out = Vec::new();
-    map_lookup_batch(map, key_size, value_size, chunk, |keys, values, count| {
-        out.reserve(count);
+    map_lookup_batch(map, key_size, value_size, chunk, |keys, values, _| {
         for (k, v) in keys
             .chunks_exact(key_size)
             .zip(values.chunks_exact(value_size))
@@ -329,16 +328,15 @@ pub fn map_entries<K: aya::Pod, V: aya::Pod>(
             // SAFETY: each chunk is `size_of::<K>()` (`size_of::<V>()`) bytes the
             // kernel copied from the map, and a `Pod` type is valid for any bit
             // pattern; the reads are unaligned ones.
-            let entry = unsafe {
+            let (k, v) = unsafe {
                 (
                     k.as_ptr().cast::<K>().read_unaligned(),
                     v.as_ptr().cast::<V>().read_unaligned(),
                 )
             };
-            out.push(entry);
+            f(k, v);
         }
-    })?;
-    Ok(out)
+    })
 }
 
 /// The entries of a hash map, counted with [`map_lookup_batch`] (about one call
