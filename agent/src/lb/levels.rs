@@ -82,8 +82,14 @@ pub struct Planned {
 /// own, their placement where the assignment puts them). `dynamic`: health
 /// changes between updates (outlier detection) and the service is not Maglev.
 pub fn plan(endpoints: &[Backend], settings: LbSettings, dynamic: bool) -> Planned {
-    plan_as_they_are(endpoints, settings)
-        .unwrap_or_else(|| plan_whole(endpoints, settings, dynamic))
+    if as_they_are(endpoints, settings) {
+        return Planned {
+            backends: endpoints.to_vec(),
+            levels: None,
+            dropped_levels: 0,
+        };
+    }
+    plan_whole(endpoints, settings, dynamic)
 }
 
 /// [`plan`], step by step.
@@ -177,21 +183,24 @@ fn plan_whole(endpoints: &[Backend], settings: LbSettings, dynamic: bool) -> Pla
     }
 }
 
-/// [`plan_whole`] of the usual assignment, which it leaves as it is: distinct
-/// addresses, every host active in one locality at priority 0 (no placement
-/// but the overprovisioning factor, at least 100, so the level takes all the
-/// load), no locality weighting, and weights with no common factor. `None`
-/// otherwise. It is most of a batch's staging: a service's endpoint change
-/// plans its whole list again.
-fn plan_as_they_are(endpoints: &[Backend], settings: LbSettings) -> Option<Planned> {
+/// Whether [`plan`] leaves `endpoints` as they are, with no levels: the usual
+/// assignment, with distinct addresses, every host active in one locality at
+/// priority 0 (no placement but the overprovisioning factor, at least 100, so
+/// the level takes all the load), no locality weighting, and weights with no
+/// common factor. It is most of a batch's staging: a service's endpoint change
+/// plans its whole list again, and a service of one cluster so planned holds
+/// the cluster's own list.
+pub fn as_they_are(endpoints: &[Backend], settings: LbSettings) -> bool {
     /// Distinct addresses are checked pairwise up to this many hosts.
     const PAIRWISE: usize = 32;
-    let first = endpoints.first()?;
+    let Some(first) = endpoints.first() else {
+        return false;
+    };
     let placement = Placement {
         overprovisioning: first.placement.overprovisioning,
         ..Placement::default()
     };
-    let usual = !settings.locality_weighted
+    !settings.locality_weighted
         && endpoints.len() <= PAIRWISE
         && placement.overprovisioning >= 100
         && endpoints
@@ -202,12 +211,7 @@ fn plan_as_they_are(endpoints: &[Backend], settings: LbSettings) -> Option<Plann
             endpoints[..i]
                 .iter()
                 .all(|b| (b.address, b.port) != (a.address, a.port))
-        });
-    usual.then(|| Planned {
-        backends: endpoints.to_vec(),
-        levels: None,
-        dropped_levels: 0,
-    })
+        })
 }
 
 fn gcd(a: u32, b: u32) -> u32 {
@@ -581,21 +585,20 @@ mod tests {
                 ..LbSettings::default()
             };
             let dynamic = rng.random_range(0..2) == 0;
-            if let Some(short) = plan_as_they_are(&hosts, settings) {
+            if as_they_are(&hosts, settings) {
                 applied += 1;
-                assert_eq!(
-                    short,
-                    plan_whole(&hosts, settings, dynamic),
-                    "round {round}"
-                );
-                assert_eq!(short.backends, hosts, "round {round}");
+                let whole = plan_whole(&hosts, settings, dynamic);
+                assert_eq!(whole.backends, hosts, "round {round}");
+                assert_eq!(whole.levels, None, "round {round}");
+                assert_eq!(whole.dropped_levels, 0, "round {round}");
+                assert_eq!(plan(&hosts, settings, dynamic), whole, "round {round}");
             }
         }
         assert!(applied > 500, "the shortcut applied {applied} times");
         let usual: Vec<Backend> = (0..10u8)
             .map(|i| Backend::new(std::net::IpAddr::from([10, 0, 1, i]), 80))
             .collect();
-        assert!(plan_as_they_are(&usual, LbSettings::default()).is_some());
+        assert!(as_they_are(&usual, LbSettings::default()));
     }
 
     fn host(i: u8, priority: u8, locality: u16, locality_weight: u32) -> Backend {

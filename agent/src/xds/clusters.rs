@@ -552,10 +552,21 @@ pub fn service_backends<'a>(
         let dynamic = health.outlier.is_some()
             && spec.service.protocol == crate::model::Protocol::Tcp
             && !policy.is_maglev();
+        // The usual case (one family, one level of active hosts in one
+        // locality): the plan leaves the list as it is, and the service holds
+        // the cluster's own list, neither copied nor planned.
+        if let [(name, _)] = spec.clusters.as_slice()
+            && let Some((ClusterBackends::Backends(b), ..)) = cluster(name)
+            && b.iter().all(|h| same_family(&h))
+            && crate::lb::levels::as_they_are(b, *settings)
+        {
+            return ServiceBackends::Backends(
+                Service::shared(b.clone(), policy).with_health(health),
+            );
+        }
         let family: Vec<Backend> = only.iter().filter(same_family).copied().collect();
         let planned = plan(&family, *settings, dynamic);
-        // Where the plan leaves the cluster's list as it is (one family, one
-        // level of active hosts in one locality: the usual case), the service
+        // Where the plan still leaves the cluster's list as it is, the service
         // holds the cluster's own list instead of a copy.
         let own = match spec.clusters.as_slice() {
             [(name, _)] => match cluster(name) {
