@@ -269,14 +269,17 @@ fn istio_least_request_and_maglev_clusters_are_honoured_and_shown() {
         reached.len() == 2 && reached.values().all(|n| (1..=9).contains(n)),
         "{reached:?}"
     );
-    for (pod, name) in [("10.10.1.11", "r1"), ("10.10.1.12", "r2")] {
-        let series = format!("sockmesh_backend_connections{{backend=\"{pod}:8080/tcp\"}}");
-        assert_eq!(
-            admin.metric(&series),
-            Some(reached[name] as f64),
-            "{series}"
-        );
-    }
+    let reported = |when: &str| {
+        for (pod, name) in [("10.10.1.11", "r1"), ("10.10.1.12", "r2")] {
+            let series = format!("sockmesh_backend_connections{{backend=\"{pod}:8080/tcp\"}}");
+            assert_eq!(
+                admin.metric(&series),
+                Some(reached[name] as f64),
+                "{series}, {when}"
+            );
+        }
+    };
+    reported("held");
     let settled = Expect::services(2, 4).xds(2, 2, 0, 0);
     agent.audit().assert(
         "ten connections held",
@@ -294,17 +297,7 @@ fn istio_least_request_and_maglev_clusters_are_honoured_and_shown() {
                 && admin.dump()["push"]["writes_in_flight"] == 0
         },
     );
-    let reported = || {
-        for (pod, name) in [("10.10.1.11", "r1"), ("10.10.1.12", "r2")] {
-            let series = format!("sockmesh_backend_connections{{backend=\"{pod}:8080/tcp\"}}");
-            assert_eq!(
-                admin.metric(&series),
-                Some(reached[name] as f64),
-                "{series}, no least-connections service installed"
-            );
-        }
-    };
-    reported();
+    reported("no least-connections service installed");
     // Still, after two counts of the kernel-filled maps: each time, five more
     // connections held (to the other service) move the reverse map's count up.
     let reverse = || admin.metric("sockmesh_map_fill_ratio{map=\"reverse\"}");
@@ -315,7 +308,7 @@ fn istio_least_request_and_maglev_clusters_are_honoured_and_shown() {
         wait_until(round, Duration::from_secs(10), || reverse() > before);
     }
     extra.into_iter().for_each(release);
-    reported();
+    reported("no least-connections service installed, two counts later");
     release(holder);
     wait_until(
         "the gauges back to nothing",
