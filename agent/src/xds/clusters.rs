@@ -499,6 +499,10 @@ pub enum ServiceBackends {
     Backends(Service),
 }
 
+/// One cluster of a service: its weight, backends, shared list (`None` for the
+/// original destination) and settings.
+type Part<'b> = (u32, &'b [Backend], Option<&'b Arc<[Backend]>>, LbSettings);
+
 /// The backends of `spec`, given each cluster's backends and policy (`None`: the
 /// cluster is unknown). A pass-through cluster among weighted ones contributes
 /// the original destination, the service address itself, with its cluster's
@@ -512,7 +516,7 @@ pub fn service_backends<'a>(
         return ServiceBackends::Warming;
     }
     let original = [Backend::new(spec.service.vip, spec.service.port)];
-    let mut parts: Vec<(u32, &[Backend], LbSettings)> = Vec::with_capacity(spec.clusters.len());
+    let mut parts: Vec<Part<'_>> = Vec::with_capacity(spec.clusters.len());
     let mut passthrough = 0;
     let mut policies = BTreeSet::new();
     let mut healths = BTreeSet::new();
@@ -521,12 +525,12 @@ pub fn service_backends<'a>(
             None | Some((ClusterBackends::Warming, ..)) => return ServiceBackends::Warming,
             Some((ClusterBackends::Passthrough, ..)) => {
                 passthrough += 1;
-                parts.push((*weight, &original, LbSettings::default()));
+                parts.push((*weight, &original, None, LbSettings::default()));
             }
             Some((ClusterBackends::Backends(b), policy, health, settings)) => {
                 policies.insert(policy);
                 healths.insert(health);
-                parts.push((*weight, b, settings));
+                parts.push((*weight, b, Some(b), settings));
             }
         }
     }
@@ -545,7 +549,7 @@ pub fn service_backends<'a>(
     };
     let v4 = spec.service.vip.is_ipv4();
     let same_family = |b: &&Backend| b.address.is_ipv4() == v4;
-    if let [(_, only, settings)] = parts.as_slice() {
+    if let [(_, only, shared, settings)] = parts.as_slice() {
         // One cluster: Envoy's arithmetic over its assignment. The kernel keeps its
         // levels where health moves between updates (outlier detection watches TCP
         // connects; a Maglev table is one set).
@@ -555,29 +559,22 @@ pub fn service_backends<'a>(
         // The usual case (one family, one level of active hosts in one
         // locality): the plan leaves the list as it is, and the service holds
         // the cluster's own list, neither copied nor planned.
-        if let [(name, _)] = spec.clusters.as_slice()
-            && let Some((ClusterBackends::Backends(b), ..)) = cluster(name)
-            && b.iter().all(|h| same_family(&h))
-            && crate::lb::levels::as_they_are(b, *settings)
+        if let Some(list) = shared
+            && only.iter().all(|h| same_family(&h))
+            && crate::lb::levels::as_they_are(only, *settings)
         {
             return ServiceBackends::Backends(
-                Service::shared(b.clone(), policy).with_health(health),
+                Service::shared(Arc::clone(list), policy).with_health(health),
             );
         }
         let family: Vec<Backend> = only.iter().filter(same_family).copied().collect();
         let planned = plan(&family, *settings, dynamic);
         // Where the plan still leaves the cluster's list as it is, the service
         // holds the cluster's own list instead of a copy.
-        let own = match spec.clusters.as_slice() {
-            [(name, _)] => match cluster(name) {
-                Some((ClusterBackends::Backends(b), ..)) if **b == *planned.backends => {
-                    Some(b.clone())
-                }
-                _ => None,
-            },
-            _ => None,
+        let backends = match shared {
+            Some(list) if ***list == *planned.backends => Arc::clone(list),
+            _ => planned.backends.into(),
         };
-        let backends = own.unwrap_or_else(|| planned.backends.into());
         return ServiceBackends::Backends(
             Service::shared(backends, policy)
                 .with_health(health)
@@ -588,7 +585,7 @@ pub fn service_backends<'a>(
     // backend list cannot follow two clusters' levels).
     let planned: Vec<(u32, Vec<Backend>)> = parts
         .iter()
-        .map(|(w, b, settings)| {
+        .map(|(w, b, _, settings)| {
             let family: Vec<Backend> = b.iter().filter(same_family).copied().collect();
             (*w, plan(&family, *settings, false).backends)
         })

@@ -564,7 +564,7 @@ impl Incremental {
                     self.eds_users.remove(&*e);
                 }
             }
-            if let Some(e) = self.clusters.get(&c).and_then(|v| v.eds.as_deref()) {
+            if let Some(e) = new_eds {
                 self.eds_users.entry(e.to_owned()).or_default().insert(c);
             }
         }

@@ -274,18 +274,18 @@ impl<V> Store<V> {
         if held_same && held.is_some_and(|old| old.version() == version) {
             return false;
         }
-        match self.entries.take(name.as_bytes()) {
-            Some(old) if held_same => {
+        if held_same {
+            // The same resource under another version: its value moves over.
+            if let Some(old) = self.entries.take(name.as_bytes()) {
                 self.entries
                     .insert(Entry::with(name, version, bytes, old.value));
-                false
             }
-            _ => {
-                self.entries
-                    .insert(Entry::with(name, version, bytes, value()));
-                true
-            }
+            return false;
         }
+        // New or changed: one lookup replaces what was held.
+        self.entries
+            .replace(Entry::with(name, version, bytes, value()));
+        true
     }
 }
 

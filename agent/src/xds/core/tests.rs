@@ -537,6 +537,16 @@ fn in_parts_of_two() -> (Writes, Core) {
     (sink, core)
 }
 
+/// Listeners, clusters and assignments of `n` services handled, and the
+/// sink's log of writes cleared.
+fn serving(core: &mut Core, sink: &Writes, n: usize, t0: Instant) {
+    let (lds, cds) = services(n);
+    handle(core, cds, t0).expect("cds");
+    handle(core, lds, t0).expect("lds");
+    handle(core, eds_delta(n, 80, Vec::new()), t0).expect("eds");
+    sink.log.lock().expect("lock").clear();
+}
+
 /// Listeners and clusters `c0` … `c{n-1}`, each listener on 10.96.1.i:80.
 fn services(n: usize) -> (Update, Update) {
     let lds: String = (0..n)
@@ -635,11 +645,7 @@ fn a_smaller_eds_delta_is_written_in_eighths() {
     let sink = Writes::default();
     let mut core = core_over(sink.clone());
     let t0 = Instant::now();
-    let (lds, cds) = services(200);
-    handle(&mut core, cds, t0).expect("cds");
-    handle(&mut core, lds, t0).expect("lds");
-    handle(&mut core, eds_delta(200, 80, Vec::new()), t0).expect("eds");
-    sink.log.lock().expect("lock").clear();
+    serving(&mut core, &sink, 200, t0);
     handle(&mut core, eds_delta(200, 81, Vec::new()), t0).expect("eds again");
     assert_eq!(*sink.log.lock().expect("lock"), vec![Some(128), Some(72)]);
     sink.log.lock().expect("lock").clear();
@@ -652,11 +658,7 @@ fn a_smaller_eds_delta_is_written_in_eighths() {
 fn an_undecodable_assignment_refuses_a_large_eds_delta_whole_parts_or_not() {
     let (sink, mut core) = in_parts_of_two();
     let t0 = Instant::now();
-    let (lds, cds) = services(6);
-    handle(&mut core, cds, t0).expect("cds");
-    handle(&mut core, lds, t0).expect("lds");
-    handle(&mut core, eds_delta(6, 80, Vec::new()), t0).expect("eds");
-    sink.log.lock().expect("lock").clear();
+    serving(&mut core, &sink, 6, t0);
     // The last resource sent does not decode: Envoy refuses the response whole,
     // so no part of it reaches the kernel.
     let garbage = sockmesh_proto::pb::google::protobuf::Any {
