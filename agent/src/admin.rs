@@ -276,7 +276,7 @@ fn readiness_state(view: &View) -> (StatusCode, &'static str) {
 pub fn metrics(
     view: &View,
     kernel: &[(&str, u64)],
-    services: &[(crate::model::ServiceAddr, sockmesh_common::ServiceStats)],
+    services: &[(crate::model::ServiceAddr, crate::dataplane::ServiceCounts)],
     conns: &[(crate::model::Endpoint, u64)],
     health: &crate::dataplane::HealthReport,
 ) -> String {
@@ -295,7 +295,7 @@ pub fn metrics(
 /// What `/metrics` read from the pins.
 pub struct KernelReads<'a> {
     pub kernel: &'a [(&'a str, u64)],
-    pub services: &'a [(crate::model::ServiceAddr, sockmesh_common::ServiceStats)],
+    pub services: &'a [(crate::model::ServiceAddr, crate::dataplane::ServiceCounts)],
     pub conns: &'a [(crate::model::Endpoint, u64)],
     pub health: &'a crate::dataplane::HealthReport,
 }

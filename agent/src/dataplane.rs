@@ -10,6 +10,7 @@
 mod cgroups;
 #[cfg(test)]
 mod contract;
+mod counters;
 pub mod destroy;
 mod entries;
 pub mod events;
@@ -24,6 +25,7 @@ mod sink;
 pub mod store;
 mod sys;
 pub mod task;
+pub use counters::Counts as ServiceCounts;
 mod writer;
 
 use std::{
@@ -543,34 +545,30 @@ pub fn read_counters(bpffs: &Path) -> Result<Vec<(&'static str, u64)>, Dataplane
 /// Per-service counters pinned under `bpffs`, by service.
 pub fn read_service_counters(
     bpffs: &Path,
-) -> Result<Vec<(crate::model::ServiceAddr, sockmesh_common::ServiceStats)>, DataplaneError> {
+) -> Result<Vec<(crate::model::ServiceAddr, ServiceCounts)>, DataplaneError> {
     let mut out = read_service_counters_unordered(bpffs, 0)?;
     out.sort_unstable_by_key(|(s, _)| *s);
     Ok(out)
 }
 
-/// The per-service counter entries pinned under `bpffs`, read `chunk` entries
-/// per batch call (tests walk a map in many calls).
-#[cfg(any(test, feature = "testing"))]
-pub fn read_service_stats_in_chunks(
-    bpffs: &Path,
-    chunk: usize,
-) -> Result<Vec<(sockmesh_common::ServiceKey, sockmesh_common::ServiceStats)>, DataplaneError> {
-    kernel::read_service_stats_as(&PinLayout::new(bpffs).maps, chunk, 0, |k, v| Some((k, v)))
-}
-
-/// [`read_service_counters`] in the map's order (`/metrics`, which needs none,
-/// reads 100,000 entries at every scrape), in a list with room for `expected`.
+/// [`read_service_counters`] in the array's order (`/metrics`, which needs none,
+/// reads 100,000 slots at every scrape), in a list with room for `expected`.
 pub fn read_service_counters_unordered(
     bpffs: &Path,
     expected: usize,
-) -> Result<Vec<(crate::model::ServiceAddr, sockmesh_common::ServiceStats)>, DataplaneError> {
-    kernel::read_service_stats_as(
-        &PinLayout::new(bpffs).maps,
-        kernel::STATS_READ_CHUNK,
-        expected,
-        |k, v| Some((keys::service_addr(&k)?, v)),
-    )
+) -> Result<Vec<(crate::model::ServiceAddr, ServiceCounts)>, DataplaneError> {
+    kernel::read_service_stats_as(&PinLayout::new(bpffs).maps, expected, |_, k, v| {
+        Some((keys::service_addr(&k)?, v))
+    })
+}
+
+/// The claimed counter slots pinned under `bpffs` (`SM_SERVICE_STATS`): each
+/// slot, the service it names and its counts, in slot order.
+#[cfg(any(test, feature = "testing"))]
+pub fn read_counter_slots(
+    bpffs: &Path,
+) -> Result<Vec<(u32, sockmesh_common::ServiceKey, ServiceCounts)>, DataplaneError> {
+    kernel::read_service_stats_as(&PinLayout::new(bpffs).maps, 0, |s, k, v| Some((s, k, v)))
 }
 
 /// Open connections counted per backend endpoint (least-connections services),

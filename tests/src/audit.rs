@@ -30,8 +30,8 @@ use std::{
 use aya::maps::{HashMap, Map, MapData};
 use sockmesh_common::{
     BackendInfo, BackendKey, ConnKey, EndpointHealth, EndpointKey, MAGLEV_CHUNK, MaglevChunk,
-    ReverseKey, ReverseValue, ServiceHealth, ServiceKey, ServicePolicy, ServiceStats, ServiceValue,
-    SlotKey, Tiers, lb_policy, map_names, service_flags,
+    ReverseKey, ReverseValue, ServiceHealth, ServiceKey, ServicePolicy, ServiceValue, SlotKey,
+    Tiers, lb_policy, map_names, service_flags,
 };
 
 use crate::{Admin, wait_until};
@@ -40,7 +40,8 @@ use crate::{Admin, wait_until};
 #[derive(Clone, Debug, Default)]
 pub struct Maps {
     pub services: Vec<(ServiceKey, ServiceValue)>,
-    pub stats: Vec<ServiceKey>,
+    /// Claimed counter slots and the service each names.
+    pub stats: Vec<(u32, ServiceKey)>,
     pub slots: Vec<SlotKey>,
     pub maglev: Vec<SlotKey>,
     pub tiers: Vec<SlotKey>,
@@ -179,7 +180,11 @@ pub fn read(bpffs: &Path) -> Result<Maps, String> {
     let m = |name: &str| layout.maps.join(name);
     let h = |name: &str| layout.health.join(name);
     maps.services = entries(&m(map_names::SERVICES))?;
-    maps.stats = keys::<ServiceKey, ServiceStats>(&m(map_names::SERVICE_STATS))?;
+    maps.stats = sockmesh::dataplane::read_counter_slots(bpffs)
+        .map_err(|e| format!("{}: {e:#}", map_names::SERVICE_STATS))?
+        .into_iter()
+        .map(|(slot, k, _)| (slot, k))
+        .collect();
     maps.slots = keys::<SlotKey, u32>(&m(map_names::SLOTS))?;
     maps.maglev = keys::<SlotKey, MaglevChunk>(&m(map_names::MAGLEV))?;
     maps.tiers = keys::<SlotKey, Tiers>(&m(map_names::TIERS))?;
@@ -259,7 +264,7 @@ fn entries<K: aya::Pod, V: aya::Pod>(path: &Path) -> Result<Vec<(K, V)>, String>
 pub fn of_store(st: &sockmesh::dataplane::store::MemStore) -> Maps {
     Maps {
         services: st.services.iter().map(|(k, v)| (*k, *v)).collect(),
-        stats: st.stats.keys().copied().collect(),
+        stats: st.stats.iter().map(|(s, k)| (*s, *k)).collect(),
         slots: st.slots.keys().copied().collect(),
         maglev: st.maglev.keys().copied().collect(),
         tiers: st.tiers.keys().copied().collect(),
@@ -340,7 +345,6 @@ pub fn check(maps: &Maps, expect: &Expect) -> Vec<String> {
     let mut out = Vec::new();
     let by_id: BTreeMap<u32, (&ServiceKey, &ServiceValue)> =
         maps.services.iter().map(|(k, v)| (v.id, (k, v))).collect();
-    let keys: BTreeSet<ServiceKey> = maps.services.iter().map(|(k, _)| *k).collect();
     if let Some(want) = expect.services {
         count(
             &mut out,
@@ -351,12 +355,14 @@ pub fn check(maps: &Maps, expect: &Expect) -> Vec<String> {
             &[],
         );
     }
-    // Per-service counters: one per service.
+    // Per-service counters: one claimed slot per service, the one its value names.
+    let named: BTreeMap<&ServiceKey, u32> =
+        maps.services.iter().map(|(k, v)| (k, v.stats)).collect();
     let stray: Vec<String> = maps
         .stats
         .iter()
-        .filter(|k| !keys.contains(k))
-        .map(service_name)
+        .filter(|(slot, k)| named.get(k) != Some(slot))
+        .map(|(_, k)| service_name(k))
         .collect();
     count(
         &mut out,

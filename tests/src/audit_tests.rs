@@ -98,7 +98,7 @@ fn an_entry_no_published_service_reaches_is_named_with_its_map() {
         slot: 0,
     });
     let gone = service_key(&svc(9));
-    maps.stats.push(gone);
+    maps.stats.push((999, gone));
     maps.service_health.push((gone, ServiceHealth::ZERO));
     maps.backends.push((
         sockmesh_common::BackendKey {

@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 
-use sockmesh_common::ServiceStats;
+use crate::dataplane::ServiceCounts;
 
 use crate::model::ServiceAddr;
 
@@ -13,7 +13,7 @@ use crate::model::ServiceAddr;
 struct Family {
     name: &'static str,
     help: &'static str,
-    value: fn(&ServiceStats) -> u64,
+    value: fn(&ServiceCounts) -> u64,
 }
 
 const FAMILIES: [Family; 2] = [
@@ -33,7 +33,7 @@ const FAMILIES: [Family; 2] = [
 /// families (descriptor, then one `_total` series per service) to `out`, as
 /// prometheus-client renders a registered counter family: nothing without a
 /// service.
-pub fn write_counters(out: &mut String, services: &[(ServiceAddr, ServiceStats)]) {
+pub fn write_counters(out: &mut String, services: &[(ServiceAddr, ServiceCounts)]) {
     if services.is_empty() {
         return;
     }
@@ -116,7 +116,7 @@ mod tests {
 
     /// The families as prometheus-client renders them (the library is the
     /// oracle of the format).
-    fn rendered_by_the_library(services: &[(ServiceAddr, ServiceStats)]) -> String {
+    fn rendered_by_the_library(services: &[(ServiceAddr, ServiceCounts)]) -> String {
         type Labels = Vec<(String, String)>;
         let mut r = Registry::default();
         for family in &FAMILIES {
@@ -159,7 +159,7 @@ mod tests {
                     port: 443,
                     protocol: crate::model::Protocol::Tcp,
                 },
-                ServiceStats {
+                ServiceCounts {
                     redirects: 7,
                     no_backend: 0,
                 },
@@ -170,7 +170,7 @@ mod tests {
                     port: 53,
                     protocol: crate::model::Protocol::Udp,
                 },
-                ServiceStats {
+                ServiceCounts {
                     redirects: 0,
                     no_backend: 12_345_678_901,
                 },

@@ -5,9 +5,9 @@ use std::{
     io::{self, Write as _},
 };
 
+use crate::dataplane::ServiceCounts;
 use anyhow::Result;
 use serde::Serialize;
-use sockmesh_common::ServiceStats;
 
 use super::PinArgs;
 use crate::{dataplane, model::ServiceAddr};
@@ -68,7 +68,7 @@ impl StatsArgs {
 fn write_text(
     out: &mut impl io::Write,
     counters: &[(&str, u64)],
-    services: &[(ServiceAddr, ServiceStats)],
+    services: &[(ServiceAddr, ServiceCounts)],
 ) -> io::Result<()> {
     for (name, value) in counters {
         writeln!(out, "{name:<16} {value}")?;

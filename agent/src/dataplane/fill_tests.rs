@@ -237,11 +237,12 @@ fn the_writers_count_is_what_the_maps_hold_through_adds_updates_and_removals() {
 }
 
 #[test]
-fn a_failed_counter_delete_is_still_counted_until_it_is_retried() {
+fn a_failed_counter_release_is_still_counted_until_it_is_retried() {
     let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
     w.apply(&mixed()).expect("apply");
     let key = crate::dataplane::service_key(&svc(1));
-    w.store_mut().fail_op = Some(Op::DelStats(key));
+    let slot = w.store().services[&key].stats;
+    w.store_mut().fail_op = Some(Op::ReleaseStats(slot));
     let mut changes = crate::model::Changes::new();
     changes.insert(svc(1), None);
     w.apply_changes(&changes)

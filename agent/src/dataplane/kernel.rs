@@ -7,7 +7,7 @@ use std::{
 
 use std::os::fd::AsFd as _;
 
-use aya::maps::{HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray};
 use sockmesh_common::{
     BackendInfo, BackendKey, ConnKey, EndpointHealth, EndpointKey, MaglevChunk, ServiceHealth,
     ServiceKey, ServicePolicy, ServiceStats, ServiceValue, SlotKey, Tiers, counter, map_names,
@@ -16,6 +16,7 @@ use sockmesh_common::{
 
 use super::{
     DataplaneError,
+    counters::{CounterArray, Counts},
     keys::{port_from_map, service_key, words_to_ip},
     store::{BatchError, MapName, MapStore, Refusals, Running, Snapshot, StoreError},
     sys,
@@ -29,7 +30,9 @@ pub struct KernelMaps {
     slots: HashMap<MapData, SlotKey, u32>,
     backends: HashMap<MapData, BackendKey, BackendInfo>,
     maglev: HashMap<MapData, SlotKey, MaglevChunk>,
-    stats: HashMap<MapData, ServiceKey, ServiceStats>,
+    stats: Array<MapData, ServiceStats>,
+    /// `stats` mapped writable, once a slot is claimed or released.
+    counter_array: Option<CounterArray>,
     policies: HashMap<MapData, ServiceKey, ServicePolicy>,
     endpoint_health: HashMap<MapData, EndpointKey, EndpointHealth>,
     service_health: HashMap<MapData, ServiceKey, ServiceHealth>,
@@ -64,7 +67,8 @@ impl KernelMaps {
             slots: HashMap::try_from(maps.slots).map_err(conv(map_names::SLOTS))?,
             backends: HashMap::try_from(maps.backends).map_err(conv(map_names::BACKENDS))?,
             maglev: HashMap::try_from(maps.maglev).map_err(conv(map_names::MAGLEV))?,
-            stats: HashMap::try_from(maps.stats).map_err(conv(map_names::SERVICE_STATS))?,
+            stats: Array::try_from(maps.stats).map_err(conv(map_names::SERVICE_STATS))?,
+            counter_array: None,
             policies: HashMap::try_from(maps.policies).map_err(conv(map_names::SERVICE_POLICY))?,
             endpoint_health: HashMap::try_from(maps.endpoint_health)
                 .map_err(conv(map_names::ENDPOINT_HEALTH))?,
@@ -91,7 +95,7 @@ impl KernelMaps {
             slots: Map::HashMap(open_pin(maps_dir, map_names::SLOTS)?),
             backends: Map::HashMap(open_pin(maps_dir, map_names::BACKENDS)?),
             maglev: Map::HashMap(open_pin(maps_dir, map_names::MAGLEV)?),
-            stats: Map::HashMap(open_pin(maps_dir, map_names::SERVICE_STATS)?),
+            stats: Map::Array(open_pin(maps_dir, map_names::SERVICE_STATS)?),
         })
     }
 
@@ -122,6 +126,32 @@ impl KernelMaps {
         out.dedup();
         Ok(Some(out))
     }
+}
+
+impl KernelMaps {
+    /// The counter array, mapped writable on first use.
+    fn counter_array(&mut self) -> Result<&CounterArray, StoreError> {
+        if self.counter_array.is_none() {
+            self.counter_array = Some(map_counters(&self.stats, true)?);
+        }
+        self.counter_array.as_ref().ok_or_else(|| StoreError {
+            map: MapName::ServiceStats,
+            op: "mmap",
+            source: "no mapping".into(),
+        })
+    }
+}
+
+/// Maps the counter array `stats` into memory, writable if `writable`.
+fn map_counters(
+    stats: &Array<MapData, ServiceStats>,
+    writable: bool,
+) -> Result<CounterArray, StoreError> {
+    CounterArray::map(stats.map().fd().as_fd(), stats.len(), writable).map_err(|e| StoreError {
+        map: MapName::ServiceStats,
+        op: "mmap",
+        source: Box::new(e),
+    })
 }
 
 /// An absent key is `None`.
@@ -314,18 +344,6 @@ impl MapStore for KernelMaps {
             0,
         )
     }
-    fn zero_stats_many(&mut self, keys: &[ServiceKey]) -> Result<(), BatchError> {
-        // BPF_ANY: the kernel refuses BPF_NOEXIST in a batch (EINVAL on 6.18).
-        let zeros = vec![ServiceStats::default(); keys.len()];
-        put_batch(
-            &mut self.stats,
-            &mut self.refused,
-            MapName::ServiceStats,
-            keys,
-            &zeros,
-            0,
-        )
-    }
 
     fn put_service(&mut self, k: &ServiceKey, v: &ServiceValue) -> Result<(), StoreError> {
         self.services.insert(k, v, 0).map_err(put_err(
@@ -365,17 +383,23 @@ impl MapStore for KernelMaps {
     fn del_maglev(&mut self, k: &SlotKey) -> Result<(), StoreError> {
         absent_ok(self.maglev.remove(k)).map_err(err(MapName::Maglev, "delete"))
     }
-    fn create_stats(&mut self, k: &ServiceKey) -> Result<(), StoreError> {
-        let flags = u64::from(aya_obj::generated::BPF_NOEXIST);
-        let r = self.stats.insert(k, &ServiceStats::default(), flags);
-        // Present already: its counts stay.
-        if is_errno(&r, libc::EEXIST) {
-            return Ok(());
+    fn claim_stats(&mut self, slot: u32, k: &ServiceKey) -> Result<(), StoreError> {
+        if self.counter_array()?.claim(slot, k) {
+            Ok(())
+        } else {
+            Err(StoreError {
+                map: MapName::ServiceStats,
+                op: "claim",
+                source: Box::new(std::io::Error::from_raw_os_error(libc::E2BIG)),
+            })
         }
-        r.map_err(put_err(&mut self.refused, MapName::ServiceStats, "insert"))
     }
-    fn del_stats(&mut self, k: &ServiceKey) -> Result<(), StoreError> {
-        absent_ok(self.stats.remove(k)).map_err(err(MapName::ServiceStats, "delete"))
+    fn release_stats(&mut self, slot: u32) -> Result<(), StoreError> {
+        self.counter_array()?.release(slot);
+        Ok(())
+    }
+    fn stats_slots(&self) -> u32 {
+        self.stats.len()
     }
     fn put_policy(&mut self, k: &ServiceKey, v: &ServicePolicy) -> Result<(), StoreError> {
         self.policies.insert(k, v, 0).map_err(put_err(
@@ -475,11 +499,19 @@ impl MapStore for KernelMaps {
                 .iter()
                 .collect::<Result<_, _>>()
                 .map_err(err(MapName::Maglev, "iterate"))?,
-            stats: self
-                .stats
-                .keys()
-                .collect::<Result<_, _>>()
-                .map_err(err(MapName::ServiceStats, "iterate"))?,
+            stats: {
+                let mut claimed = Vec::new();
+                let mapped;
+                let array = match &self.counter_array {
+                    Some(a) => a,
+                    None => {
+                        mapped = map_counters(&self.stats, false)?;
+                        &mapped
+                    }
+                };
+                array.for_each(|slot, k, _| claimed.push((slot, k)));
+                claimed
+            },
             policies: self
                 .policies
                 .iter()
@@ -516,41 +548,32 @@ pub fn read_counters(maps_dir: &Path) -> Result<Vec<(&'static str, u64)>, Datapl
     Ok(out)
 }
 
-/// Every service's counters pinned under `maps_dir` (`SM_SERVICE_STATS`), as
-/// `f` turns each entry (`None`: left out), `chunk`
-/// entries per batch call, into a list with room for `expected` from the start
-/// (no entry list is built to convert afterwards: at 100,000 services, 4 MiB).
-/// Only this map is opened: a scrape reads nothing else.
+/// Every service's counters pinned under `maps_dir` (`SM_SERVICE_STATS`, mapped
+/// read-only and read slot by slot), as `f` turns each claimed slot (its index,
+/// service and counts; `None`: left out), into a list with room for `expected` from the start. Only this
+/// map is opened: a scrape reads nothing else.
 pub fn read_service_stats_as<T>(
     maps_dir: &Path,
-    chunk: usize,
     expected: usize,
-    mut f: impl FnMut(ServiceKey, ServiceStats) -> Option<T>,
+    mut f: impl FnMut(u32, ServiceKey, Counts) -> Option<T>,
 ) -> Result<Vec<T>, DataplaneError> {
     let name = map_names::SERVICE_STATS;
     let conv = |source| DataplaneError::Map { name, source };
     let data = open_pin(maps_dir, name)?;
-    let map: HashMap<MapData, ServiceKey, ServiceStats> =
-        HashMap::try_from(Map::HashMap(data)).map_err(conv)?;
-    let mut out = Vec::with_capacity(expected);
-    // In thousands of entries per call where the kernel has batch lookups (5.6),
-    // else two calls per entry.
-    let batched = sys::map_for_each(map.map().fd().as_fd(), chunk, |k, v| {
-        out.extend(f(k, v));
-    });
-    if batched.is_err() {
-        out.clear();
-        for entry in map.iter() {
-            let (k, v) = entry.map_err(conv)?;
-            out.extend(f(k, v));
+    let map: Array<MapData, ServiceStats> = Array::try_from(Map::Array(data)).map_err(conv)?;
+    let array = CounterArray::map(map.map().fd().as_fd(), map.len(), false).map_err(|e| {
+        DataplaneError::Map {
+            name,
+            source: MapError::SyscallError(aya::sys::SyscallError {
+                call: "mmap",
+                io_error: e,
+            }),
         }
-    }
+    })?;
+    let mut out = Vec::with_capacity(expected);
+    array.for_each(|slot, k, counts| out.extend(f(slot, k, counts)));
     Ok(out)
 }
-
-/// Counter entries read per `BPF_MAP_LOOKUP_BATCH` call (640 KiB of keys and
-/// values at most).
-pub(crate) const STATS_READ_CHUNK: usize = 16_384;
 
 /// The open-connection counts pinned in `conns_dir` (`SM_BACKEND_CONNS`).
 pub fn read_conns(conns_dir: &Path) -> Result<Vec<(ConnKey, u64)>, DataplaneError> {
@@ -584,7 +607,8 @@ pub fn read_health(
     Ok((endpoints, services))
 }
 
-/// Every entry of hash map `name` pinned in `dir`.
+/// Every entry of hash map `name` pinned in `dir`, thousands per batch call
+/// where the kernel has batch lookups (5.6), else two calls per entry.
 fn read_all<K: aya::Pod, V: aya::Pod>(
     dir: &Path,
     name: &'static str,
@@ -592,7 +616,15 @@ fn read_all<K: aya::Pod, V: aya::Pod>(
     let conv = |source| DataplaneError::Map { name, source };
     let map: HashMap<MapData, K, V> =
         HashMap::try_from(Map::HashMap(open_pin(dir, name)?)).map_err(conv)?;
+    let mut out = Vec::new();
+    let batched = sys::map_for_each(map.map().fd().as_fd(), READ_CHUNK, |k, v| out.push((k, v)));
+    if batched.is_ok() {
+        return Ok(out);
+    }
     map.iter()
         .map(|entry| entry.map_err(conv))
         .collect::<Result<Vec<_>, _>>()
 }
+
+/// Entries read per `BPF_MAP_LOOKUP_BATCH` call.
+const READ_CHUNK: usize = 16_384;

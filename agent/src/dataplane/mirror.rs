@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use foldhash::{HashMap, HashMapExt as _, HashSet};
 
 use sockmesh_common::{
-    BackendKey, MAGLEV_CHUNK, MAX_TIERS, ServiceKey, ServicePolicy, SlotKey, SlotRange, Tiers,
-    backend_state, service_flags,
+    BackendKey, MAGLEV_CHUNK, MAX_TIERS, NO_STATS, ServiceKey, ServicePolicy, SlotKey, SlotRange,
+    Tiers, backend_state, service_flags,
 };
 
 use super::{
@@ -34,10 +34,11 @@ pub(super) struct Installed {
     /// Entries `0..leftover` of the unpublished generation may still exist (a
     /// delete failed after publishing), in `leftover_in`; the next write of this
     /// service removes them.
-    pub(super) leftover: usize,
+    pub(super) leftover: u32,
     pub(super) leftover_in: SlotMap,
-    /// The service's entry in `SM_SERVICE_STATS` exists.
-    pub(super) counters: bool,
+    /// The service's counter slot in `SM_SERVICE_STATS`, claimed for it
+    /// (`NO_STATS`: none).
+    pub(super) stats: u32,
     /// The published load-balancing policy.
     pub(super) policy: crate::model::LbPolicy,
     /// The published [`sockmesh_common::ServiceValue::flags`].
@@ -120,11 +121,11 @@ impl Installed {
         let published = self.slot_map().entries(self.slots.len());
         let in_map = |map: SlotMap| {
             usize::from(self.slot_map() == map) * published
-                + usize::from(self.leftover_in == map) * self.leftover
+                + usize::from(self.leftover_in == map) * self.leftover as usize
         };
         MapEntries {
             services: 1,
-            stats: usize::from(self.counters),
+            stats: usize::from(self.stats != NO_STATS),
             slots: in_map(SlotMap::Slots),
             maglev_chunks: in_map(SlotMap::Maglev),
             maglev_tables: usize::from(self.policy.is_maglev()),
@@ -156,7 +157,7 @@ impl Installed {
             dirty: true,
             leftover: 0,
             leftover_in: SlotMap::Slots,
-            counters: false,
+            stats: NO_STATS,
             policy: crate::model::LbPolicy::Random,
             flags: 0,
             health: None,
@@ -167,11 +168,11 @@ impl Installed {
 }
 
 /// Entries of each map the agent writes, as its bookkeeping counts them (the
-/// fill ratio of `/metrics`; `SM_SERVICE_STATS` also holds the counter entries
-/// whose delete failed, which the writer counts apart).
+/// fill ratio of `/metrics`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MapEntries {
     pub services: usize,
+    /// Claimed counter slots of `SM_SERVICE_STATS`.
     pub stats: usize,
     /// `SM_SLOTS` entries: published slots and the leftovers of failed deletes.
     pub slots: usize,
@@ -232,8 +233,8 @@ pub(super) struct Garbage {
     pub(super) slots: Vec<SlotKey>,
     pub(super) backends: Vec<BackendKey>,
     pub(super) maglev: Vec<SlotKey>,
-    /// Counter entries of services that are not published.
-    pub(super) counters: Vec<ServiceKey>,
+    /// Claimed counter slots no published service holds.
+    pub(super) counters: Vec<u32>,
     /// Health settings of services that are not published.
     pub(super) policies: Vec<ServiceKey>,
     /// Priority levels of generations that are not published.
@@ -281,7 +282,7 @@ impl Mirror {
                     dirty: false,
                     leftover: 0,
                     leftover_in: SlotMap::Slots,
-                    counters: false,
+                    stats: v.stats,
                     policy: crate::model::LbPolicy::from_kernel(v),
                     flags: v.flags,
                     health: None,
@@ -332,12 +333,24 @@ impl Mirror {
                 _ => garbage.maglev.push(*k),
             }
         }
-        for key in &snap.stats {
-            match services.get_mut(key) {
-                Some(inst) => inst.counters = true,
-                None => garbage.counters.push(*key),
+        // A service keeps the slot its value names if the slot is claimed in its
+        // name; any other claimed slot is released, and a service without one
+        // claims a new slot (and is published again with it).
+        let mut kept: HashSet<u32> = HashSet::default();
+        let owners: HashMap<u32, ServiceKey> = snap.stats.iter().copied().collect();
+        for (key, inst) in &mut services {
+            if owners.get(&inst.stats) == Some(key) {
+                kept.insert(inst.stats);
+            } else {
+                inst.stats = NO_STATS;
             }
         }
+        garbage.counters = snap
+            .stats
+            .iter()
+            .map(|&(slot, _)| slot)
+            .filter(|s| !kept.contains(s))
+            .collect();
         for (key, policy) in &snap.policies {
             match services.get_mut(key) {
                 Some(inst) => inst.health = Some(Box::new(*policy)),

@@ -4,14 +4,11 @@
 
 use std::collections::BTreeMap;
 
+#[cfg(any(test, feature = "testing"))]
+use sockmesh_common::resolve::{RoutingMaps, Slot, published_slots, resolve_slot};
 use sockmesh_common::{
     BackendInfo, BackendKey, EndpointKey, MaglevChunk, ServiceKey, ServicePolicy, ServiceValue,
     SlotKey, Tiers, map_names,
-};
-#[cfg(any(test, feature = "testing"))]
-use sockmesh_common::{
-    ServiceStats,
-    resolve::{RoutingMaps, Slot, published_slots, resolve_slot},
 };
 
 /// Which map an operation touched.
@@ -138,9 +135,10 @@ pub struct Snapshot {
     pub backends: Vec<(BackendKey, BackendInfo)>,
     /// Maglev table chunks (the chunk number in the key's `slot`).
     pub maglev: Vec<(SlotKey, MaglevChunk)>,
-    /// Keys of the per-service counter entries (`SM_SERVICE_STATS`); their counts
-    /// belong to the kernel programs and are not part of the table.
-    pub stats: Vec<ServiceKey>,
+    /// The claimed counter slots of `SM_SERVICE_STATS` and the service each
+    /// names; their counts belong to the kernel programs and are not part of
+    /// the table.
+    pub stats: Vec<(u32, ServiceKey)>,
     /// Outlier detection and circuit breaking settings (`SM_SVC_POLICY`).
     pub policies: Vec<(ServiceKey, ServicePolicy)>,
     /// Priority levels of slot generations (`SM_TIERS`).
@@ -169,11 +167,12 @@ pub trait MapStore {
     fn del_backend(&mut self, k: &BackendKey) -> Result<(), StoreError>;
     fn put_maglev(&mut self, k: &SlotKey, v: &MaglevChunk) -> Result<(), StoreError>;
     fn del_maglev(&mut self, k: &SlotKey) -> Result<(), StoreError>;
-    /// Creates `k`'s per-service counters, zeroed, unless they exist (existing
-    /// counts stay).
-    fn create_stats(&mut self, k: &ServiceKey) -> Result<(), StoreError>;
-    /// Deletes `k`'s per-service counters.
-    fn del_stats(&mut self, k: &ServiceKey) -> Result<(), StoreError>;
+    /// Gives counter slot `slot` to `k`, its counts zeroed.
+    fn claim_stats(&mut self, slot: u32, k: &ServiceKey) -> Result<(), StoreError>;
+    /// Gives counter slot `slot` back.
+    fn release_stats(&mut self, slot: u32) -> Result<(), StoreError>;
+    /// Counter slots the array holds.
+    fn stats_slots(&self) -> u32;
     fn put_policy(&mut self, k: &ServiceKey, v: &ServicePolicy) -> Result<(), StoreError>;
     fn del_policy(&mut self, k: &ServiceKey) -> Result<(), StoreError>;
     /// Forgets an endpoint's health (the kernel's failure count and ejection).
@@ -222,9 +221,6 @@ pub trait MapStore {
     ) -> Result<(), BatchError> {
         one_by_one(keys, values, |k, v| self.put_backend(k, v))
     }
-    /// Creates many services' counters at once, zeroed, whether or not they
-    /// exist (for services just added: they start at zero).
-    fn zero_stats_many(&mut self, keys: &[ServiceKey]) -> Result<(), BatchError>;
 }
 
 /// One write, as recorded by [`MemStore`].
@@ -239,8 +235,8 @@ pub enum Op {
     DelBackend(BackendKey),
     PutMaglev(SlotKey),
     DelMaglev(SlotKey),
-    CreateStats(ServiceKey),
-    DelStats(ServiceKey),
+    ClaimStats(u32, ServiceKey),
+    ReleaseStats(u32),
     PutPolicy(ServiceKey),
     DelPolicy(ServiceKey),
     DelEndpointHealth(EndpointKey),
@@ -268,8 +264,10 @@ pub struct MemStore {
     pub slots: BTreeMap<SlotKey, u32>,
     pub backends: BTreeMap<BackendKey, BackendInfo>,
     pub maglev: BTreeMap<SlotKey, MaglevChunk>,
-    /// Per-service counters (as the kernel's entry holds them).
-    pub stats: BTreeMap<ServiceKey, ServiceStats>,
+    /// Claimed counter slots, and the service each names.
+    pub stats: BTreeMap<u32, ServiceKey>,
+    /// Counter slots the array holds (`None`: as many as asked for).
+    pub stats_slots: Option<u32>,
     pub policies: BTreeMap<ServiceKey, ServicePolicy>,
     /// Endpoint health entries (the kernel creates them; tests seed them).
     pub endpoint_health: std::collections::BTreeSet<EndpointKey>,
@@ -429,17 +427,20 @@ impl MapStore for MemStore {
         self.after();
         Ok(())
     }
-    fn create_stats(&mut self, k: &ServiceKey) -> Result<(), StoreError> {
-        self.record(Op::CreateStats(*k), MapName::ServiceStats)?;
-        self.stats.entry(*k).or_default();
+    fn claim_stats(&mut self, slot: u32, k: &ServiceKey) -> Result<(), StoreError> {
+        self.record(Op::ClaimStats(slot, *k), MapName::ServiceStats)?;
+        self.stats.insert(slot, *k);
         self.after();
         Ok(())
     }
-    fn del_stats(&mut self, k: &ServiceKey) -> Result<(), StoreError> {
-        self.record(Op::DelStats(*k), MapName::ServiceStats)?;
-        self.stats.remove(k);
+    fn release_stats(&mut self, slot: u32) -> Result<(), StoreError> {
+        self.record(Op::ReleaseStats(slot), MapName::ServiceStats)?;
+        self.stats.remove(&slot);
         self.after();
         Ok(())
+    }
+    fn stats_slots(&self) -> u32 {
+        self.stats_slots.unwrap_or(u32::MAX - 1)
     }
     fn put_policy(&mut self, k: &ServiceKey, v: &ServicePolicy) -> Result<(), StoreError> {
         self.record(Op::PutPolicy(*k), MapName::ServicePolicy)?;
@@ -495,14 +496,6 @@ impl MapStore for MemStore {
     fn endpoint_health_keys(&self) -> Result<Vec<EndpointKey>, StoreError> {
         Ok(self.endpoint_health.iter().copied().collect())
     }
-    fn zero_stats_many(&mut self, keys: &[ServiceKey]) -> Result<(), BatchError> {
-        one_by_one(keys, keys, |k, _| {
-            self.record(Op::CreateStats(*k), MapName::ServiceStats)?;
-            self.stats.insert(*k, ServiceStats::default());
-            self.after();
-            Ok(())
-        })
-    }
     fn snapshot(&self) -> Result<Snapshot, StoreError> {
         Ok(Snapshot {
             policies: self.policies.iter().map(|(k, v)| (*k, *v)).collect(),
@@ -510,7 +503,7 @@ impl MapStore for MemStore {
             slots: self.slots.iter().map(|(k, v)| (*k, *v)).collect(),
             backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
             maglev: self.maglev.iter().map(|(k, v)| (*k, *v)).collect(),
-            stats: self.stats.keys().copied().collect(),
+            stats: self.stats.iter().map(|(s, k)| (*s, *k)).collect(),
             tiers: self.tiers.iter().map(|(k, v)| (*k, *v)).collect(),
             service_health: self.service_health.keys().copied().collect(),
         })

@@ -19,7 +19,7 @@
 //!   has no batch map operations. A bulk load writes hundreds of thousands of
 //!   entries; one syscall each was most of its kernel time.
 //! - `BPF_MAP_LOOKUP_BATCH` (read a hash map's entries, thousands per call):
-//!   `/metrics` reads one counter entry per service and the fill ratio counts
+//!   `/metrics` reads the health and connection maps and the fill ratio counts
 //!   the maps the kernel programs fill; aya iterates key by key, two calls per
 //!   entry (next key, then lookup).
 //! - The feature probes of [`super::features`] that aya's `is_program_supported`

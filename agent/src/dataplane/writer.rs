@@ -11,10 +11,11 @@
 //! last one that did; its endpoints' health (`SM_EP_HEALTH`) goes with an
 //! endpoint that leaves, and all of it when outlier detection is turned off.
 //!
-//! It also owns the lifecycle of each service's counter entry (`SM_SERVICE_STATS`):
-//! created, zeroed, before the service is first published, deleted once it is
-//! unpublished, so the kernel programs never insert on the connect path and a
-//! service's counters exist exactly while the service does.
+//! It also owns each service's counter slot in `SM_SERVICE_STATS`: claimed,
+//! zeroed and named after the service, before the first value that names it is
+//! published, released once the service is unpublished, so the kernel programs
+//! only add on the connect path and a service's counters exist exactly while the
+//! service does.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -24,8 +25,8 @@ use std::{
 use foldhash::{HashMap, HashSet, HashSetExt as _};
 
 use sockmesh_common::{
-    BackendInfo, BackendKey, EndpointKey, MAGLEV_CHUNK, MaglevChunk, ServiceKey, ServicePolicy,
-    ServiceValue, SlotKey, Tiers, backend_state, service_flags,
+    BackendInfo, BackendKey, EndpointKey, MAGLEV_CHUNK, MaglevChunk, NO_STATS, ServiceKey,
+    ServicePolicy, ServiceValue, SlotKey, Tiers, backend_state, service_flags,
 };
 use tracing::{debug, warn};
 
@@ -103,64 +104,113 @@ pub struct MapWriter<S: MapStore> {
     envoy_draws: bool,
 }
 
-/// Bookkeeping of the per-service counter entries. They are not routing: a failed
-/// create or delete (say, the map is full) does not fail the update. Failures are
-/// logged once per apply; a missing entry is created by the service's next write,
-/// a failed delete is retried by the next apply.
+/// The counter slots of `SM_SERVICE_STATS`: which are free, and the failures to
+/// report. Counters are not routing: a failed claim (say, the array could not be
+/// mapped) does not fail the update; the service is published without counters
+/// and claims a slot with its next write. Failures are logged once per apply.
 #[derive(Debug, Default)]
 struct CounterBook {
-    /// Entries whose service is gone but whose delete failed.
-    orphans: HashSet<ServiceKey>,
+    /// Released slots, handed out lowest first.
+    free: BTreeSet<u32>,
+    /// Slots released during this apply: a program that read the removed
+    /// service's value may still add to them, so they are handed out from the
+    /// next apply on (or now, if no other slot is left).
+    cooling: Vec<u32>,
+    /// No slot from here up was ever handed out.
+    next: u32,
+    /// Slots whose release failed: still claimed in a removed service's name,
+    /// released again by the next apply.
+    unreleased: Vec<u32>,
     /// Failures since the last report, and the first of them.
     failures: usize,
     first: Option<StoreError>,
 }
 
 impl CounterBook {
-    /// Creates `key`'s entry unless `present` says it exists.
-    fn create<S: MapStore>(&mut self, store: &mut S, key: &ServiceKey, present: &mut bool) {
-        if *present {
+    /// The book of maps whose claimed slots are `used` (the rest are free).
+    fn with_used(used: impl IntoIterator<Item = u32>) -> Self {
+        let used: BTreeSet<u32> = used.into_iter().collect();
+        let next = used.last().map_or(0, |&s| s + 1);
+        Self {
+            free: (0..next).filter(|s| !used.contains(s)).collect(),
+            next,
+            ..Self::default()
+        }
+    }
+
+    /// Claims a slot for `key` unless `slot` holds one; true if it claimed.
+    fn claim<S: MapStore>(&mut self, store: &mut S, key: &ServiceKey, slot: &mut u32) -> bool {
+        if *slot != NO_STATS {
+            return false;
+        }
+        let taken = if let Some(s) = self.free.pop_first() {
+            s
+        } else if self.next < store.stats_slots() {
+            self.next += 1;
+            self.next - 1
+        } else if let Some(s) = self.cooling.pop() {
+            s
+        } else {
+            // More services than slots: the array is sized as the service map,
+            // so the state's capacity check keeps this from happening.
+            self.failures += 1;
+            return false;
+        };
+        match store.claim_stats(taken, key) {
+            Ok(()) => {
+                *slot = taken;
+                true
+            }
+            Err(e) => {
+                self.free.insert(taken);
+                self.failed(e);
+                false
+            }
+        }
+    }
+
+    /// Releases `slot`, if it holds one.
+    fn release<S: MapStore>(&mut self, store: &mut S, slot: &mut u32) {
+        let s = std::mem::replace(slot, NO_STATS);
+        if s == NO_STATS {
             return;
         }
-        self.orphans.remove(key);
-        match store.create_stats(key) {
-            Ok(()) => *present = true,
-            Err(e) => self.failed(e),
+        self.give_back(store, s);
+    }
+
+    fn give_back<S: MapStore>(&mut self, store: &mut S, slot: u32) {
+        match store.release_stats(slot) {
+            Ok(()) => self.cooling.push(slot),
+            Err(e) => {
+                self.unreleased.push(slot);
+                self.failed(e);
+            }
         }
     }
 
-    fn delete<S: MapStore>(&mut self, store: &mut S, key: &ServiceKey) {
-        if let Err(e) = store.del_stats(key) {
-            self.orphans.insert(*key);
-            self.failed(e);
-        }
-    }
-
-    /// Retries the deletes that failed.
-    fn sweep<S: MapStore>(&mut self, store: &mut S) {
-        for key in std::mem::take(&mut self.orphans) {
-            self.delete(store, &key);
+    /// Starts an apply: the slots released by the last one may be handed out,
+    /// and the releases that failed are tried again.
+    fn settle<S: MapStore>(&mut self, store: &mut S) {
+        self.free.extend(self.cooling.drain(..));
+        for slot in std::mem::take(&mut self.unreleased) {
+            self.give_back(store, slot);
         }
     }
 
     fn failed(&mut self, e: StoreError) {
-        // A full map is reported once, when it fills (see `super::fill`).
-        if e.is_full() {
-            return;
-        }
         self.failures += 1;
         self.first.get_or_insert(e);
     }
 
     /// Logs the failures since the last report.
     fn report(&mut self) {
-        if let Some(e) = self.first.take() {
+        if self.failures > 0 {
+            let first = self.first.take();
             warn!(
                 map = sockmesh_common::map_names::SERVICE_STATS,
                 failures = self.failures,
-                error = %e,
-                cause = %e.source,
-                "keeping the per-service counter entries; the routing maps were written regardless"
+                error = first.as_ref().map(|e| format!("{e}: {}", e.source)),
+                "services published without per-service counters; the routing maps were written regardless"
             );
             self.failures = 0;
         }
@@ -191,10 +241,16 @@ impl<S: MapStore> MapWriter<S> {
         for k in &garbage.service_health {
             store.del_service_health(k).map_err(WriteError::Snapshot)?;
         }
-        let mut counters = CounterBook::default();
-        for k in &garbage.counters {
-            counters.delete(&mut store, k);
+        for &slot in &garbage.counters {
+            store.release_stats(slot).map_err(WriteError::Snapshot)?;
         }
+        let counters = CounterBook::with_used(
+            mirror
+                .services
+                .values()
+                .map(|inst| inst.stats)
+                .filter(|&s| s != NO_STATS),
+        );
         if !garbage.is_empty() {
             warn!(
                 slots = garbage.slots.len(),
@@ -218,9 +274,13 @@ impl<S: MapStore> MapWriter<S> {
             counters,
             envoy_draws: false,
         };
-        // Every published service has its counters (an earlier create may have failed).
+        // Every published service has its counters (an earlier claim may have
+        // failed, or the slot was not the service's): a new slot is published with
+        // the service's next write.
         for (key, inst) in &mut w.mirror.services {
-            w.counters.create(&mut w.store, key, &mut inst.counters);
+            if w.counters.claim(&mut w.store, key, &mut inst.stats) {
+                inst.dirty = true;
+            }
         }
         w.counters.report();
         w.recount();
@@ -294,10 +354,11 @@ impl<S: MapStore> MapWriter<S> {
     }
 
     /// The entries of each map the agent writes, as its bookkeeping counts them:
-    /// the installed services' and the counter entries whose delete failed.
+    /// `stats`, the installed services' counter slots and those whose release
+    /// failed.
     pub fn entries(&self) -> MapEntries {
         MapEntries {
-            stats: self.entries.stats + self.counters.orphans.len(),
+            stats: self.entries.stats + self.counters.unreleased.len(),
             ..self.entries
         }
     }
@@ -392,16 +453,16 @@ impl<S: MapStore> MapWriter<S> {
             let key = service_key(service);
             let current = self.mirror.services.get_mut(&key);
             let same = current.is_some_and(|current| {
-                let same = !current.dirty
-                    && plan_backends(current, service.protocol, backends, self.envoy_draws)
-                        .is_noop(current);
-                if same {
-                    // A counter entry that failed to be created before is made now,
-                    // without touching the routing maps.
-                    self.counters
-                        .create(&mut self.store, &key, &mut current.counters);
+                // A service without counters claims a slot and is published again.
+                if self
+                    .counters
+                    .claim(&mut self.store, &key, &mut current.stats)
+                {
+                    current.dirty = true;
                 }
-                same
+                !current.dirty
+                    && plan_backends(current, service.protocol, backends, self.envoy_draws)
+                        .is_noop(current)
             });
             if same {
                 unchanged += 1;
@@ -491,7 +552,7 @@ impl<S: MapStore> MapWriter<S> {
                 .map(Installed::usage)
         });
         self.limits.check(&usage, &transient)?;
-        self.counters.sweep(&mut self.store);
+        self.counters.settle(&mut self.store);
         let mut report = ApplyReport::default();
         // The order the state's capacity check simulated (removals, then shrinking
         // services, then growing ones), so the maps never go above its peak.
@@ -567,9 +628,9 @@ impl<S: MapStore> MapWriter<S> {
     ) -> Result<usize, WriteError> {
         let id = self.alloc_id();
         let mut installed = Installed::new(id);
-        // Counters first: the programs count into an entry from the first connect().
+        // Counters first: the programs count into the slot from the first connect().
         self.counters
-            .create(&mut self.store, key, &mut installed.counters);
+            .claim(&mut self.store, key, &mut installed.stats);
         let plan = plan_backends(&installed, service.protocol, backends, self.envoy_draws);
         let mut ops = 0;
         let result = write_and_publish(&mut self.store, key, &mut installed, plan, &mut ops);
@@ -581,9 +642,7 @@ impl<S: MapStore> MapWriter<S> {
             Err(source) => {
                 // Nothing was published; remove what was written.
                 rollback(&mut self.store, &installed, id);
-                if installed.counters {
-                    self.counters.delete(&mut self.store, key);
-                }
+                self.counters.release(&mut self.store, &mut installed.stats);
                 Err(WriteError::Store {
                     service: *service,
                     source,
@@ -602,8 +661,12 @@ impl<S: MapStore> MapWriter<S> {
         let Some(current) = self.mirror.services.get_mut(key) else {
             return Ok(0);
         };
-        self.counters
-            .create(&mut self.store, key, &mut current.counters);
+        if self
+            .counters
+            .claim(&mut self.store, key, &mut current.stats)
+        {
+            current.dirty = true;
+        }
         let plan = plan_backends(current, service.protocol, backends, self.envoy_draws);
         if !current.dirty && plan.is_noop(current) {
             return Ok(0);
@@ -622,7 +685,7 @@ impl<S: MapStore> MapWriter<S> {
     }
 
     fn remove_service(&mut self, key: &ServiceKey) -> Result<usize, WriteError> {
-        let Some(inst) = self.mirror.services.get(key).cloned() else {
+        let Some(mut inst) = self.mirror.services.get(key).cloned() else {
             return Ok(0);
         };
         let service = service_addr(key).ok_or_else(|| WriteError::Snapshot(unknown_proto(key)))?;
@@ -632,16 +695,14 @@ impl<S: MapStore> MapWriter<S> {
         self.store.del_service(key).map_err(wrap)?;
         self.mirror.services.remove(key);
         self.ids.remove(&inst.id);
-        if inst.counters {
-            self.counters.delete(&mut self.store, key);
-        }
+        self.counters.release(&mut self.store, &mut inst.stats);
         let mut ops = 1;
         let published = inst.slot_map();
         for entry in 0..published.entries(inst.slots.len()) {
             del_entry(&mut self.store, published, inst.id, inst.generation, entry).map_err(wrap)?;
             ops += 1;
         }
-        for entry in 0..inst.leftover {
+        for entry in 0..inst.leftover as usize {
             del_entry(
                 &mut self.store,
                 inst.leftover_in,
@@ -1026,7 +1087,7 @@ fn write_and_publish<S: MapStore>(
     let id = inst.id;
     // 0. Remove what an earlier failed delete left in the unpublished generation.
     while inst.leftover > 0 {
-        let entry = inst.leftover - 1;
+        let entry = inst.leftover as usize - 1;
         del_entry(store, inst.leftover_in, id, 1 - inst.generation, entry)?;
         inst.leftover -= 1;
         *ops += 1;
@@ -1091,6 +1152,7 @@ fn write_and_publish<S: MapStore>(
             choices,
             flags: plan.flags,
             revision: inst.revision.wrapping_add(1),
+            stats: inst.stats,
         };
         // 2. Slots (and levels) of the unpublished generation, then 3. publish. On
         //    failure the old generation stays live and the partial new one is
@@ -1137,10 +1199,17 @@ fn write_and_publish<S: MapStore>(
         }
         // 4. The old generation is unreachable now. Deleted from the end, so after a
         //    failure exactly `0..leftover` remain.
-        inst.leftover = old_entries;
+        // A service's slot entries number at most MAX_SLOTS_PER_SERVICE.
+        inst.leftover = u32::try_from(old_entries).unwrap_or(u32::MAX);
         inst.leftover_in = old_map;
         while inst.leftover > 0 {
-            del_entry(store, old_map, id, old_generation, inst.leftover - 1)?;
+            del_entry(
+                store,
+                old_map,
+                id,
+                old_generation,
+                inst.leftover as usize - 1,
+            )?;
             inst.leftover -= 1;
             *ops += 1;
         }

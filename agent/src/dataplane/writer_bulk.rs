@@ -109,13 +109,12 @@ impl MapStore for Recorder {
         self.policies.push((*k, *v));
         Ok(())
     }
-    fn create_stats(&mut self, _: &ServiceKey) -> Result<(), StoreError> {
+    fn claim_stats(&mut self, _: u32, _: &ServiceKey) -> Result<(), StoreError> {
         self.unexpected = true;
         Ok(())
     }
-    fn zero_stats_many(&mut self, _: &[ServiceKey]) -> Result<(), super::super::store::BatchError> {
-        self.unexpected = true;
-        Ok(())
+    fn stats_slots(&self) -> u32 {
+        0
     }
     fn del_service(&mut self, _: &ServiceKey) -> Result<(), StoreError> {
         self.unexpected = true;
@@ -133,7 +132,7 @@ impl MapStore for Recorder {
         self.unexpected = true;
         Ok(())
     }
-    fn del_stats(&mut self, _: &ServiceKey) -> Result<(), StoreError> {
+    fn release_stats(&mut self, _: u32) -> Result<(), StoreError> {
         self.unexpected = true;
         Ok(())
     }
@@ -206,6 +205,10 @@ impl<S: MapStore> MapWriter<S> {
         for &(service, backends) in adds {
             let key = service_key(&service);
             let mut installed = Installed::new(self.alloc_id());
+            // Counters first: the programs count into the slot from the first
+            // connect(), and the value names it.
+            self.counters
+                .claim(&mut self.store, &key, &mut installed.stats);
             let plan = plan_backends(&installed, service.protocol, backends, self.envoy_draws);
             let marks = rec.marks();
             let mut ops = 0;
@@ -215,6 +218,7 @@ impl<S: MapStore> MapWriter<S> {
                 rec.truncate(marks);
                 rec.service = None;
                 self.ids.remove(&installed.id);
+                self.counters.release(&mut self.store, &mut installed.stats);
                 one_by_one.push((service, backends));
                 continue;
             }
@@ -266,24 +270,6 @@ impl<S: MapStore> MapWriter<S> {
         values: &[(ServiceKey, ServiceValue)],
         planned: &mut [Planned<'_>],
     ) -> usize {
-        // Counters first: the programs count into an entry from the first connect().
-        // A new service's start at zero; one whose delete had failed (an orphan) is
-        // reused, so it is no orphan any more.
-        let keys: Vec<ServiceKey> = planned.iter().map(|p| p.key).collect();
-        for k in &keys {
-            self.counters.orphans.remove(k);
-        }
-        match self.store.zero_stats_many(&keys) {
-            Ok(()) => planned.iter_mut().for_each(|p| p.installed.counters = true),
-            Err(e) => {
-                // Not routing: the services before the failure have theirs, the
-                // others get them with their next write (as `CounterBook` does).
-                for p in &mut planned[..e.written] {
-                    p.installed.counters = true;
-                }
-                self.counters.failed(e.source);
-            }
-        }
         let written = (|| -> Result<(), StoreError> {
             for (k, v) in &rec.policies {
                 self.store.put_policy(k, v)?;
@@ -334,7 +320,7 @@ impl<S: MapStore> MapWriter<S> {
 
     /// Deletes the entries and counters of `planned[published..]` (never
     /// published, so nothing can reach them).
-    fn undo(&mut self, rec: &Recorder, planned: &[Planned<'_>], published: usize) {
+    fn undo(&mut self, rec: &Recorder, planned: &mut [Planned<'_>], published: usize) {
         let Some(first) = planned.get(published) else {
             return;
         };
@@ -357,10 +343,9 @@ impl<S: MapStore> MapWriter<S> {
         for k in &rec.backend_keys[m.backends..] {
             let _ = self.store.del_backend(k);
         }
-        for p in &planned[published..] {
-            if p.installed.counters {
-                self.counters.delete(&mut self.store, &p.key);
-            }
+        for p in &mut planned[published..] {
+            self.counters
+                .release(&mut self.store, &mut p.installed.stats);
         }
     }
 }

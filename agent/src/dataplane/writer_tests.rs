@@ -139,8 +139,7 @@ fn an_update_touches_only_its_service() {
         let id = match op {
             Op::PutService(k)
             | Op::DelService(k)
-            | Op::CreateStats(k)
-            | Op::DelStats(k)
+            | Op::ClaimStats(_, k)
             | Op::PutPolicy(k)
             | Op::DelPolicy(k)
             | Op::CreateServiceHealth(k)
@@ -159,6 +158,7 @@ fn an_update_touches_only_its_service() {
                 assert_eq!(k.service, service_key(&b));
                 b_id
             }
+            Op::ReleaseStats(slot) => panic!("an update released counter slot {slot}"),
         };
         assert_eq!(id, b_id, "{op:?} touched another service");
     }
@@ -529,8 +529,15 @@ fn apply_changes_touches_only_the_changed_services_and_checks_limits() {
     assert_eq!(w.store().log.len(), log_before);
 }
 
-/// Per-service counters exist exactly while the service is published: created
-/// before the first publish, deleted once it is unpublished.
+/// The counter slot a service's value names, and the service the slot names.
+fn counter_slot(st: &MemStore, s: &ServiceAddr) -> (u32, Option<sockmesh_common::ServiceKey>) {
+    let slot = st.services[&service_key(s)].stats;
+    (slot, st.stats.get(&slot).copied())
+}
+
+/// Per-service counters exist exactly while the service is published: a slot
+/// claimed in its name before the first value that names it is published,
+/// released once it is unpublished.
 #[test]
 fn counters_exist_exactly_while_the_service_is_published() {
     let (a, b, c) = (
@@ -540,10 +547,11 @@ fn counters_exist_exactly_while_the_service_is_published() {
     );
     let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
     w.store_mut().after_write = Some(Box::new(|st: &MemStore, op: &Op| {
-        for key in st.services.keys() {
-            assert!(
-                st.stats.contains_key(key),
-                "after {op:?}: {key:?} has no counters"
+        for (key, value) in &st.services {
+            assert_eq!(
+                st.stats.get(&value.stats),
+                Some(key),
+                "after {op:?}: the counter slot {key:?}'s value names is not its own"
             );
         }
     }));
@@ -552,37 +560,52 @@ fn counters_exist_exactly_while_the_service_is_published() {
         (b, vec![be("10.1.0.2", 80)]),
     ]))
     .expect("apply");
+    let (slot_b, _) = counter_slot(w.store(), &b);
     let mut changes = BTreeMap::new();
     changes.insert(b, None);
     changes.insert(c, Some(vec![be("10.1.0.3", 80)].into()));
     w.apply_changes(&changes).expect("changes");
     let st = w.store();
-    let keys: Vec<_> = st.stats.keys().copied().collect();
-    assert_eq!(keys, [service_key(&a), service_key(&c)]);
+    let named: Vec<_> = st.stats.values().copied().collect();
+    assert_eq!(named, [service_key(&a), service_key(&c)]);
+    let (slot_c, _) = counter_slot(st, &c);
+    assert_ne!(
+        slot_c, slot_b,
+        "a slot released in this apply is not handed out in it"
+    );
     let at = |op: Op| st.log.iter().position(|o| *o == op).expect("logged");
-    assert!(at(Op::CreateStats(service_key(&c))) < at(Op::PutService(service_key(&c))));
-    assert!(at(Op::DelService(service_key(&b))) < at(Op::DelStats(service_key(&b))));
+    assert!(at(Op::ClaimStats(slot_c, service_key(&c))) < at(Op::PutService(service_key(&c))));
+    assert!(at(Op::DelService(service_key(&b))) < at(Op::ReleaseStats(slot_b)));
+    // From the next apply on, the lowest free slot is handed out again.
+    let d = svc("10.96.0.4", 80);
+    let mut changes = BTreeMap::new();
+    changes.insert(d, Some(vec![be("10.1.0.4", 80)].into()));
+    w.apply_changes(&changes).expect("d");
+    assert_eq!(counter_slot(w.store(), &d), (slot_b, Some(service_key(&d))));
     w.apply(&RoutingTable::default()).expect("remove all");
     assert!(w.store().stats.is_empty());
 }
 
 #[test]
-fn counts_survive_updates_and_counter_failures_do_not_fail_the_table() {
+fn a_slot_stays_with_its_service_and_counter_failures_do_not_fail_the_table() {
     let (a, c) = (svc("10.96.0.1", 80), svc("10.96.0.3", 80));
     let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
     w.apply(&table(&[(a, vec![be("10.1.0.1", 80)])]))
         .expect("apply");
-    if let Some(s) = w.store_mut().stats.get_mut(&service_key(&a)) {
-        s.redirects = 5;
-    }
+    let before = counter_slot(w.store(), &a);
+    w.store_mut().log.clear();
     w.apply(&table(&[(a, vec![be("10.1.0.2", 80)])]))
         .expect("update");
-    assert_eq!(
-        w.store().stats[&service_key(&a)].redirects,
-        5,
-        "counts stay"
+    assert_eq!(counter_slot(w.store(), &a), before, "the counts stay");
+    assert!(
+        !w.store()
+            .log
+            .iter()
+            .any(|o| matches!(o, Op::ClaimStats(..) | Op::ReleaseStats(_))),
+        "{:?}",
+        w.store().log
     );
-    // The first write of a new service is its counter entry: fail it.
+    // The first write of a new service is its counter slot's claim: fail it.
     let base = w.store().log.len();
     w.store_mut().fail_at = Some(base);
     let t = table(&[(a, vec![be("10.1.0.2", 80)]), (c, vec![be("10.1.0.3", 80)])]);
@@ -591,60 +614,76 @@ fn counts_survive_updates_and_counter_failures_do_not_fail_the_table() {
         .expect("a counter failure does not fail the apply");
     assert_eq!((r.added, r.unchanged), (1, 1));
     assert_eq!(reachable(w.store(), &c), Some(set(&[be("10.1.0.3", 80)])));
-    assert!(!w.store().stats.contains_key(&service_key(&c)));
-    // The next apply creates the missing entry without touching the routing maps.
+    assert_eq!(counter_slot(w.store(), &c), (NO_STATS, None));
+    // The next apply claims a slot and publishes the service again, naming it.
     let r = w.apply(&t).expect("again");
-    assert_eq!((r.unchanged, r.map_ops), (2, 0));
-    assert!(w.store().stats.contains_key(&service_key(&c)));
+    assert_eq!((r.updated, r.unchanged), (1, 1));
+    let (slot, named) = counter_slot(w.store(), &c);
+    assert_ne!(slot, NO_STATS);
+    assert_eq!(named, Some(service_key(&c)));
+    assert_eq!(reachable(w.store(), &c), Some(set(&[be("10.1.0.3", 80)])));
 
-    // A failed delete is retried by the next apply.
-    let base = w.store().log.len();
+    // A failed release is retried by the next apply.
     let mut changes = BTreeMap::new();
     changes.insert(c, None);
-    let del = {
-        let mut probe = MapWriter::adopt(MemStore::default()).expect("adopt");
-        probe.apply(&t).expect("apply");
-        let before = probe.store().log.len();
-        probe.apply_changes(&changes).expect("remove");
-        let log = &probe.store().log[before..];
-        log.iter()
-            .position(|o| *o == Op::DelStats(service_key(&c)))
-            .expect("deleted")
-    };
-    w.store_mut().fail_at = Some(base + del);
+    w.store_mut().fail_op = Some(Op::ReleaseStats(slot));
     w.apply_changes(&changes).expect("removed anyway");
     assert_eq!(reachable(w.store(), &c), None);
-    assert!(
-        w.store().stats.contains_key(&service_key(&c)),
-        "delete failed"
-    );
+    assert!(w.store().stats.contains_key(&slot), "release failed");
+    w.store_mut().fail_op = None;
     w.apply_changes(&BTreeMap::new())
         .expect("nothing to change");
-    assert!(!w.store().stats.contains_key(&service_key(&c)), "retried");
+    assert!(!w.store().stats.contains_key(&slot), "retried");
 }
 
 #[test]
-fn adopt_deletes_orphan_counters_and_creates_missing_ones() {
-    let (a, b) = (svc("10.96.0.1", 80), svc("10.96.0.2", 80));
-    let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
-    w.apply(&table(&[(a, vec![be("10.1.0.1", 80)]), (b, vec![])]))
-        .expect("apply");
-    let mut store = std::mem::take(w.store_mut());
-    // An agent stopped between creating a service's counters and publishing it, and
-    // another one's counters were lost.
-    let orphan = service_key(&svc("10.96.0.9", 80));
-    store
-        .stats
-        .insert(orphan, sockmesh_common::ServiceStats::default());
-    store.stats.remove(&service_key(&b));
-    store.log.clear();
-    let w = MapWriter::adopt(store).expect("adopt again");
-    let keys: Vec<_> = w.store().stats.keys().copied().collect();
-    assert_eq!(keys, [service_key(&a), service_key(&b)]);
-    assert_eq!(
-        w.store().log,
-        [Op::DelStats(orphan), Op::CreateStats(service_key(&b))]
+fn adopt_releases_slots_no_service_holds_and_claims_missing_ones() {
+    let (a, b, c) = (
+        svc("10.96.0.1", 80),
+        svc("10.96.0.2", 80),
+        svc("10.96.0.3", 80),
     );
+    let mut w = MapWriter::adopt(MemStore::default()).expect("adopt");
+    w.apply(&table(&[
+        (a, vec![be("10.1.0.1", 80)]),
+        (b, vec![]),
+        (c, vec![be("10.1.0.3", 80)]),
+    ]))
+    .expect("apply");
+    let mut store = std::mem::take(w.store_mut());
+    let slot = |s: &ServiceAddr| store.services[&service_key(s)].stats;
+    let (slot_a, slot_b, slot_c) = (slot(&a), slot(&b), slot(&c));
+    // An agent stopped between claiming a slot and publishing its service;
+    // another service's slot was lost; a third's is named after another service.
+    let orphan = service_key(&svc("10.96.0.9", 80));
+    store.stats.insert(999, orphan);
+    store.stats.remove(&slot_b);
+    store.stats.insert(slot_c, orphan);
+    store.log.clear();
+    let mut w = MapWriter::adopt(store).expect("adopt again");
+    let mut log = w.store().log.clone();
+    log.sort_by_key(|o| format!("{o:?}"));
+    assert_eq!(
+        log,
+        [
+            Op::ClaimStats(slot_b, service_key(&b)),
+            Op::ClaimStats(slot_c, service_key(&c)),
+            Op::ReleaseStats(slot_c),
+            Op::ReleaseStats(999),
+        ]
+    );
+    // The services whose slot changed hands are published again naming it.
+    w.apply(&table(&[
+        (a, vec![be("10.1.0.1", 80)]),
+        (b, vec![]),
+        (c, vec![be("10.1.0.3", 80)]),
+    ]))
+    .expect("apply");
+    for s in [a, b, c] {
+        let (slot, named) = counter_slot(w.store(), &s);
+        assert_eq!(named, Some(service_key(&s)), "{s}: slot {slot}");
+    }
+    assert_eq!(counter_slot(w.store(), &a).0, slot_a);
 }
 
 #[test]
@@ -1093,7 +1132,7 @@ fn many_new_services_are_written_map_by_map_and_each_is_published_whole() {
         r.map_ops,
         b.log
             .iter()
-            .filter(|o| !matches!(o, Op::CreateStats(_)))
+            .filter(|o| !matches!(o, Op::ClaimStats(..)))
             .count()
     );
     // It was the bulk path: no service value before the last backend entry.

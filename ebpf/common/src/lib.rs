@@ -28,7 +28,8 @@ pub use tiers::{SlotRange, Tier, Tiers};
 pub mod map_names {
     /// Services ([`crate::ServiceKey`] → [`crate::ServiceValue`]).
     pub const SERVICES: &str = "SM_SERVICES";
-    /// Per-service counters, per CPU ([`crate::ServiceKey`] → [`crate::ServiceStats`]).
+    /// Per-service counters, an array (counter slot, [`crate::ServiceValue::stats`]
+    /// → [`crate::ServiceStats`]).
     pub const SERVICE_STATS: &str = "SM_SERVICE_STATS";
     /// Selection slots ([`crate::SlotKey`] → backend index).
     pub const SLOTS: &str = "SM_SLOTS";
@@ -160,7 +161,11 @@ pub const fn str_eq(a: &str, b: &str) -> bool {
 ///   and `SM_REVERSE_UDP` (unconnected sends, LRU), both sized at install;
 ///   [`BackendInfo::level`]; node counters for overflows, publish races and a
 ///   full reverse map.
-pub const LAYOUT_VERSION: u32 = 5;
+/// - 6: `SM_SERVICE_STATS` is an array (`BPF_F_MMAPABLE`) of counter slots, one
+///   claimed per service and named in [`ServiceValue::stats`], each naming its
+///   service ([`ServiceStats::service`]): a reader copies one contiguous array
+///   instead of walking a hash table.
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Version of the connection-tracking maps ([`map_names::CONNS`]). They are pinned
 /// under `<bpffs>/conns-v<CONNS_VERSION>/`, apart from the layout's directory,
@@ -426,7 +431,14 @@ pub struct ServiceValue {
     pub flags: u8,
     /// Monotonic revision, bumped by every update of this service (diagnostics).
     pub revision: u32,
+    /// The service's counter slot: its index in `SM_SERVICE_STATS`
+    /// ([`NO_STATS`]: none, nothing is counted).
+    pub stats: u32,
 }
+
+/// [`ServiceValue::stats`] of a service without a counter slot (past any
+/// array's end: the programs' lookup finds nothing).
+pub const NO_STATS: u32 = u32::MAX;
 
 /// Value of the Maglev map: entries `chunk * MAGLEV_CHUNK ..` of a service's Maglev
 /// table, each the index of a backend (key of the backend map). Entries past the
@@ -437,8 +449,14 @@ pub struct MaglevChunk {
     pub entries: [u16; MAGLEV_CHUNK],
 }
 
-/// Value of the per-service counter map (one per service, added to atomically),
-/// keyed by [`ServiceKey`].
+/// Value of the per-service counter array `SM_SERVICE_STATS`, one slot per
+/// service ([`ServiceValue::stats`]). The programs only add to the counts,
+/// atomically (every CPU counts into the same slot). The agent alone writes the
+/// rest, into the array mapped in its memory, as a sequence lock: `seq` is odd
+/// while the slot belongs to `service`, and each claim or release of the slot
+/// moves it on. A claim zeroes the counts and writes `service` before `seq`
+/// turns odd; a reader that finds the same odd `seq` before and after reading
+/// the slot has read one service's slot whole.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceStats {
@@ -446,6 +464,10 @@ pub struct ServiceStats {
     pub redirects: u64,
     /// Calls refused because the service had no active backend.
     pub no_backend: u64,
+    /// The service counted here, while `seq` is odd.
+    pub service: ServiceKey,
+    /// Odd while the slot is claimed; moved on by every claim and release.
+    pub seq: u32,
 }
 
 /// Key of the slot map: slot `slot` of generation `generation` of service `service_id`.
@@ -751,9 +773,9 @@ const _: () = {
     assert!(MAX_TIERS.is_power_of_two());
     assert!(MAX_TIERS <= u8::MAX as usize);
     assert!(MAX_CHOICES >= 1);
-    assert!(core::mem::size_of::<ServiceValue>() == 16);
+    assert!(core::mem::size_of::<ServiceValue>() == 20);
     assert!(core::mem::size_of::<SlotKey>() == 8);
-    assert!(core::mem::size_of::<ServiceStats>() == 16);
+    assert!(core::mem::size_of::<ServiceStats>() == 40);
     assert!(core::mem::size_of::<BackendKey>() == 8);
     assert!(core::mem::size_of::<BackendInfo>() == 24);
     assert!(core::mem::size_of::<ReverseKey>() == 32);

@@ -215,6 +215,22 @@ pub enum Picked<B> {
     Raced,
 }
 
+/// What [`pick`] read of the service besides the pick: its
+/// [`ServiceValue::flags`] and its counter slot ([`ServiceValue::stats`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub flags: u8,
+    pub stats: u32,
+}
+
+impl Seen {
+    /// What an address that is not a service shows.
+    pub const NONE: Seen = Seen {
+        flags: 0,
+        stats: crate::NO_STATS,
+    };
+}
+
 /// How [`pick`] draws: `random` for a fresh random slot, `client` for the hash of
 /// the connecting client (a Maglev service's key), `load` for a backend's open
 /// connections; for a service with outlier detection, `ejected` tells whether a
@@ -229,8 +245,8 @@ pub struct Draw<R, C, L, E, P> {
     pub panic: P,
 }
 
-/// Looks `key` up and picks a backend; returns the pick and the service's
-/// [`ServiceValue::flags`] (0 for an address that is not a service). The draws
+/// Looks `key` up and picks a backend; returns the pick and what it [`Seen`] of
+/// the service ([`Seen::NONE`] for an address that is not a service). The draws
 /// are made only for a service with active backends.
 ///
 /// First the slot range: all the service's slots, or, for a service with
@@ -262,7 +278,7 @@ pub fn pick<M: RoutingMaps>(
         impl FnMut(&M::Backend) -> bool,
         impl FnOnce() -> bool,
     >,
-) -> Result<(Picked<M::Backend>, u8), M::Error>
+) -> Result<(Picked<M::Backend>, Seen), M::Error>
 where
     M::Backend: Copy,
 {
@@ -274,11 +290,15 @@ where
         panic,
     } = draw_with;
     let Some(service) = maps.service(key)? else {
-        return Ok((Picked::NotService, 0));
+        return Ok((Picked::NotService, Seen::NONE));
     };
     let flags = service.flags;
+    let seen = Seen {
+        flags,
+        stats: service.stats,
+    };
     if service.slot_count == 0 {
-        return Ok((Picked::NoBackend, flags));
+        return Ok((Picked::NoBackend, seen));
     }
     // The range, packed in one value whichever way it was found, and made
     // opaque: the rest of the pick is then checked once by the verifier.
@@ -286,7 +306,7 @@ where
         match range_choice(maps, &service, random() % 100)? {
             Some(c) => c,
             // Published together with the generation: a missing entry is a race.
-            None => return Ok((Picked::Raced, flags)),
+            None => return Ok((Picked::Raced, seen)),
         }
     } else {
         u64::from(service.slot_count)
@@ -297,14 +317,14 @@ where
         len: choice as u32,
     };
     if range.len == 0 {
-        return Ok((Picked::NoBackend, flags));
+        return Ok((Picked::NoBackend, seen));
     }
     let picked = pick_by_policy(maps, &service, range, least, &mut random, client, load)?;
     let (Picked::Backend(b) | Picked::Counted(b)) = picked else {
-        return Ok((picked, flags));
+        return Ok((picked, seen));
     };
     if flags & service_flags::OUTLIER == 0 || !ejected(&b) {
-        return Ok((picked, flags));
+        return Ok((picked, seen));
     }
     // A level in panic serves all its hosts; a service without levels asks.
     let in_panic = if choice & LEVEL != 0 {
@@ -313,7 +333,7 @@ where
         panic()
     };
     if in_panic {
-        return Ok((picked, flags));
+        return Ok((picked, seen));
     }
     let moved = |other| match picked {
         Picked::Counted(_) => Picked::Counted(other),
@@ -321,12 +341,12 @@ where
     };
     Ok(
         match avoid_ejected(maps, &service, range, &mut random, &mut ejected)? {
-            WALK_NONE => (picked, flags),
-            WALK_RACED => (Picked::Raced, flags),
+            WALK_NONE => (picked, seen),
+            WALK_RACED => (Picked::Raced, seen),
             // The slot, resolved again (a lookup more, on this rare path only).
             slot => match draw(maps, &service, whole(&service), slot)? {
-                Some(other) => (moved(other), flags),
-                None => (Picked::Raced, flags),
+                Some(other) => (moved(other), seen),
+                None => (Picked::Raced, seen),
             },
         },
     )
@@ -593,6 +613,7 @@ mod tests {
             choices: 0,
             flags: 0,
             revision: 1,
+            stats: 4,
         };
         let mut m = Maps::default();
         m.services.insert(KEY, value);
@@ -641,6 +662,36 @@ mod tests {
             Ok(p) => p,
             Err(never) => match never {},
         }
+    }
+
+    #[test]
+    fn a_pick_shows_the_services_counter_slot_and_flags() {
+        let m = maps();
+        let draw = Draw {
+            random: || 0,
+            client: || 0,
+            load: |_: &u16| 0,
+            ejected: |_: &u16| false,
+            panic: || false,
+        };
+        let seen = match pick(&m, &KEY, false, draw) {
+            Ok((_, seen)) => seen,
+            Err(never) => match never {},
+        };
+        assert_eq!(seen, Seen { flags: 0, stats: 4 });
+        let other = ServiceKey { port: 81, ..KEY };
+        let draw = Draw {
+            random: || 0,
+            client: || 0,
+            load: |_: &u16| 0,
+            ejected: |_: &u16| false,
+            panic: || false,
+        };
+        let seen = match pick(&m, &other, false, draw) {
+            Ok((_, seen)) => seen,
+            Err(never) => match never {},
+        };
+        assert_eq!(seen, Seen::NONE);
     }
 
     #[test]
@@ -734,6 +785,7 @@ mod tests {
             choices: 2,
             flags: service_flags::DIRECT,
             revision: 1,
+            stats: crate::NO_STATS,
         };
         let mut m = Maps::default();
         m.services.insert(KEY, value);

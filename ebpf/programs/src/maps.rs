@@ -19,10 +19,10 @@
 //! to an old value never sees it reused for another key.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     btf_maps::SkStorage,
     macros::{btf_map, map},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use sockmesh_common::{
     BackendInfo, BackendKey, ConnKey, EVENTS_BYTES, EndpointHealth, EndpointKey,
@@ -60,20 +60,21 @@ named_map! {
 }
 
 named_map! {
-    /// Per-service counters, one entry per service shared by every CPU (atomic
-    /// adds). Layout 3 kept them per CPU; creating a per-CPU entry cost the agent
-    /// about ten times a plain one, a third of a 50,000-service initial load's
-    /// kernel writes.
-    /// - key: [`ServiceKey`], as in `SM_SERVICES`
-    /// - value: [`ServiceStats`] (redirects, calls refused for want of a backend)
-    /// - writer: the agent creates a zeroed entry before it publishes a service and
-    ///   deletes it after removing the service; connect4/6 and sendmsg4/6 only add to
-    ///   an existing entry (no insert on the hot path)
+    /// Per-service counters: an array of counter slots, one per service, shared by
+    /// every CPU (atomic adds), mapped into the agent's memory (`BPF_F_MMAPABLE`)
+    /// so a scrape reads it as one contiguous block.
+    /// - key: a counter slot, [`sockmesh_common::ServiceValue::stats`]
+    /// - value: [`ServiceStats`] (redirects, calls refused for want of a backend,
+    ///   and the service that holds the slot, under a sequence number)
+    /// - writer: the agent claims a slot (zeroed counts, the service's key) before it
+    ///   publishes a service that names it and releases it after removing the
+    ///   service; connect4/6 and sendmsg4/6 only add to the counts of the slot the
+    ///   service value they read names
     /// - reader: `sockmesh stats`, the agent's `/metrics`
-    /// - capacity: as `SM_SERVICES` (`--max-services`); entries allocated on demand
+    /// - capacity: as `SM_SERVICES` (`--max-services`); allocated whole at load
     "SM_SERVICE_STATS" == map_names::SERVICE_STATS;
-    pub static SERVICE_STATS: HashMap<ServiceKey, ServiceStats> =
-        HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+    pub static SERVICE_STATS: Array<ServiceStats> =
+        Array::pinned(MAX_SERVICES, BPF_F_MMAPABLE);
 }
 
 named_map! {
@@ -342,13 +343,15 @@ pub fn count(index: u32) {
     }
 }
 
-/// Adds one to `service`'s redirect (`redirected`) or no-backend count on this CPU.
+/// Adds one to the redirect (`redirected`) or no-backend count of counter slot
+/// `slot` (a service's [`sockmesh_common::ServiceValue::stats`]; past the
+/// array's end, as `NO_STATS` is, nothing is counted).
 #[inline(always)]
-pub fn count_service(service: &ServiceKey, redirected: bool) {
-    if let Some(stats) = SERVICE_STATS.get_ptr_mut(service) {
-        // SAFETY: an entry the agent created; NO_PREALLOC keeps a concurrently deleted
-        // entry's memory valid until the program returns. Only field addresses are
-        // taken here; the add is atomic (other CPUs count into the same entry).
+pub fn count_service(slot: u32, redirected: bool) {
+    if let Some(stats) = SERVICE_STATS.get_ptr_mut(slot) {
+        // SAFETY: an array element, valid for the map's life. Only field addresses
+        // are taken here; the add is atomic (other CPUs, and the agent when it
+        // claims the slot, write the same element).
         let counter = unsafe {
             if redirected {
                 core::ptr::addr_of_mut!((*stats).redirects)

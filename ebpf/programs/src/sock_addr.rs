@@ -249,8 +249,8 @@ fn forward(ctx: &SockAddrContext, family: Family, per_socket: bool) -> Verdict {
     let client = || client_identity(ctx, family);
     match xlate::forward(vip, proto, pick, &client) {
         Forward::Pass => Verdict::Proceed,
-        Forward::NoBackend(service) => {
-            count_service(&service, false);
+        Forward::NoBackend(stats) => {
+            count_service(stats, false);
             count(counter::NO_BACKEND);
             Verdict::Refuse
         }
@@ -263,11 +263,12 @@ fn forward(ctx: &SockAddrContext, family: Family, per_socket: bool) -> Verdict {
             backend,
             counted,
             flags,
+            stats,
         } => {
             // An IPv4 socket can only be sent to an IPv4 backend (the agent never
             // mixes families in one service; this guards the invariant).
             if !sa.set_dst(family, backend.addr) {
-                count_service(&service, false);
+                count_service(stats, false);
                 count(counter::NO_BACKEND);
                 return Verdict::Refuse;
             }
@@ -292,7 +293,7 @@ fn forward(ctx: &SockAddrContext, family: Family, per_socket: bool) -> Verdict {
                 let held = SOCK_REVERSE.get_or_insert_ptr_mut(ctx, None);
                 xlate::remember_connected(held, cookie, backend.addr, vip);
             }
-            count_service(&service, true);
+            count_service(stats, true);
             count(counter::REDIRECT);
             Verdict::Proceed
         }

@@ -6,7 +6,7 @@ use core::convert::Infallible;
 use sockmesh_common::{
     BackendInfo, BackendKey, MAGLEV_CHUNK, ReverseKey, ReverseValue, ServiceKey, ServiceValue,
     SlotKey, SockReverse, Tiers, counter,
-    resolve::{self, Draw, Picked, RoutingMaps},
+    resolve::{self, Draw, Picked, RoutingMaps, Seen},
 };
 
 use crate::{
@@ -81,15 +81,17 @@ pub enum Forward {
     Pass,
     /// A service with an active backend: send there; `counted`: a
     /// least-connections service, whose placements are counted (`conns`);
-    /// `flags`: the service's [`sockmesh_common::service_flags`] (`health`).
+    /// `flags`: the service's [`sockmesh_common::service_flags`] (`health`);
+    /// `stats`: its counter slot.
     Redirect {
         service: ServiceKey,
         backend: Chosen,
         counted: bool,
         flags: u8,
+        stats: u32,
     },
-    /// A service without an active backend: refuse the call.
-    NoBackend(ServiceKey),
+    /// A service without an active backend (its counter slot): refuse the call.
+    NoBackend(u32),
     /// A service whose updates raced both lookups: refuse the call (it has
     /// backends; a retry finds them).
     Raced,
@@ -149,25 +151,27 @@ pub fn forward(dst: Addr, proto: u8, pick: Pick, client: &impl Fn() -> u64) -> F
     };
     match verdict {
         (Picked::NotService, _) => Forward::Pass,
-        (Picked::Backend(backend), flags) => Forward::Redirect {
+        (Picked::Backend(backend), seen) => Forward::Redirect {
             service: key,
             backend: Chosen::of(backend),
             counted: false,
-            flags,
+            flags: seen.flags,
+            stats: seen.stats,
         },
-        (Picked::Counted(backend), flags) => Forward::Redirect {
+        (Picked::Counted(backend), seen) => Forward::Redirect {
             service: key,
             backend: Chosen::of(backend),
             counted: true,
-            flags,
+            flags: seen.flags,
+            stats: seen.stats,
         },
-        (Picked::NoBackend, _) => Forward::NoBackend(key),
+        (Picked::NoBackend, seen) => Forward::NoBackend(seen.stats),
         (Picked::Raced, _) => Forward::Raced,
     }
 }
 
 #[inline(always)]
-fn try_pick(key: &ServiceKey, pick: Pick, client: &impl Fn() -> u64) -> (Picked<Target>, u8) {
+fn try_pick(key: &ServiceKey, pick: Pick, client: &impl Fn() -> u64) -> (Picked<Target>, Seen) {
     // A least-connections pick only for a fresh placement: an unconnected UDP
     // socket's datagrams follow its hash, and are not connections to count.
     let least = matches!(pick, Pick::Random);
