@@ -5,10 +5,20 @@
 //! `/metrics` (Prometheus text) and `/config_dump` (routing table and xDS versions
 //! as JSON).
 
-use std::{convert::Infallible, net::SocketAddr, path::PathBuf};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::PathBuf,
+    pin::Pin,
+    task::{Context, Poll},
+};
 
-use http_body_util::Full;
-use hyper::{Request, Response, StatusCode, body::Bytes, service::service_fn};
+use http_body_util::{Either, Full};
+use hyper::{
+    Request, Response, StatusCode,
+    body::{Bytes, Frame},
+    service::service_fn,
+};
 use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -58,8 +68,32 @@ pub fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut reply = String::new();
     s.read_to_string(&mut reply).ok()?;
     let code = reply.split_whitespace().nth(1)?.parse().ok()?;
-    let body = reply.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    let (head, body) = reply.split_once("\r\n\r\n")?;
+    let chunked = head
+        .lines()
+        .any(|l| l.eq_ignore_ascii_case("transfer-encoding: chunked"));
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_owned()
+    };
     Some((code, body))
+}
+
+/// The body of a chunked transfer coding (`/metrics` is streamed); `None` if
+/// it is cut short.
+fn dechunk(mut rest: &str) -> Option<String> {
+    let mut out = String::with_capacity(rest.len());
+    loop {
+        let (size, after) = rest.split_once("\r\n")?;
+        // A chunk extension (`;name=value`) may follow the size.
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(out);
+        }
+        out.push_str(after.get(..size)?);
+        rest = after.get(size..)?.strip_prefix("\r\n")?;
+    }
 }
 
 /// Serves until `shutdown`. With `address_file`, the bound address is written there
@@ -114,11 +148,96 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<
     r
 }
 
+/// A response's body: one buffer, or the chunks a rendering thread sends
+/// (`/metrics`).
+pub type Body = Either<Full<Bytes>, Chunks>;
+
+/// A body of the chunks a renderer sends, ending when it drops its sender.
+pub struct Chunks(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.get_mut()
+            .0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
+    }
+}
+
 /// Answers one request. `/healthz` and `/readyz` read the published views;
 /// `/metrics` and `/config_dump` also read the pins and render (at 100,000
 /// services, megabytes), on a blocking thread, so neither holds up the other
 /// requests.
-pub async fn route(admin: &Admin, path: &str) -> Response<Full<Bytes>> {
+pub async fn route(admin: &Admin, path: &str) -> Response<Body> {
+    if path == "/metrics" {
+        return metrics_response(admin);
+    }
+    route_whole(admin, path).await.map(Either::Left)
+}
+
+/// `/metrics`: the page streamed as a blocking thread renders it (the
+/// per-service series as it walks the counter array, in chunks).
+fn metrics_response(admin: &Admin) -> Response<Body> {
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let admin = admin.clone();
+    tokio::task::spawn_blocking(move || render_metrics(&admin, &tx));
+    let mut r = Response::new(Either::Right(Chunks(rx)));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(OPENMETRICS),
+    );
+    r
+}
+
+/// The content type of `/metrics`.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Renders `/metrics` into `tx`, until the page ends or the reader goes.
+fn render_metrics(admin: &Admin, tx: &tokio::sync::mpsc::Sender<Bytes>) {
+    let view = admin.viewer.now();
+    let bpffs = &admin.bpffs;
+    let counters = crate::dataplane::read_counters(bpffs).unwrap_or_default();
+    let maps = &view.kernel.maps;
+    let conns = crate::dataplane::read_conns_in(bpffs, maps).unwrap_or_default();
+    let health = crate::dataplane::read_health_in(bpffs, maps).unwrap_or_default();
+    let enrollment = admin.enrollment.as_ref().map(|e| e.dump.borrow().clone());
+    let head = metrics_head(
+        &view,
+        &KernelReads {
+            kernel: &counters,
+            services: &[],
+            conns: &conns,
+            health: &health,
+        },
+        admin
+            .enrollment
+            .as_ref()
+            .zip(enrollment.as_ref())
+            .map(|(v, d)| (d, &v.latency)),
+    );
+    if tx.blocking_send(Bytes::from(head)).is_err() {
+        return;
+    }
+    if let Ok(services) = crate::dataplane::ServiceCounters::open(bpffs) {
+        let mut gone = false;
+        per_service::stream(|f| services.for_each(f), &mut |chunk| {
+            gone = tx.blocking_send(chunk).is_err();
+            !gone
+        });
+        if gone {
+            return;
+        }
+    }
+    let _ = tx.blocking_send(Bytes::from_static(EOF.as_bytes()));
+}
+
+async fn route_whole(admin: &Admin, path: &str) -> Response<Full<Bytes>> {
     match path {
         // Liveness needs nothing from the agent's state.
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
@@ -133,43 +252,6 @@ pub async fn route(admin: &Admin, path: &str) -> Response<Full<Bytes>> {
                 _ => readiness(&admin.viewer.now()),
             };
             reply(status, "text/plain", format!("{text}\n"))
-        }
-        "/metrics" => {
-            let admin = admin.clone();
-            blocking(move || {
-                let view = admin.viewer.now();
-                let bpffs = &admin.bpffs;
-                let counters = crate::dataplane::read_counters(bpffs).unwrap_or_default();
-                let services = crate::dataplane::read_service_counters_unordered(
-                    bpffs,
-                    view.kernel.usage.services,
-                )
-                .unwrap_or_default();
-                let maps = &view.kernel.maps;
-                let conns = crate::dataplane::read_conns_in(bpffs, maps).unwrap_or_default();
-                let health = crate::dataplane::read_health_in(bpffs, maps).unwrap_or_default();
-                let enrollment = admin.enrollment.as_ref().map(|e| e.dump.borrow().clone());
-                let body = metrics_with(
-                    &view,
-                    &KernelReads {
-                        kernel: &counters,
-                        services: &services,
-                        conns: &conns,
-                        health: &health,
-                    },
-                    admin
-                        .enrollment
-                        .as_ref()
-                        .zip(enrollment.as_ref())
-                        .map(|(v, d)| (d, &v.latency)),
-                );
-                reply(
-                    StatusCode::OK,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    body,
-                )
-            })
-            .await
         }
         "/config_dump" => {
             let mut viewer = admin.viewer.clone();
@@ -309,9 +391,26 @@ pub fn metrics_with(
         &prometheus_client::metrics::histogram::Histogram,
     )>,
 ) -> String {
+    let mut out = metrics_head(view, reads, enrollment);
+    // One series per service and counter (200,000 at 100,000 services), written
+    // directly: through the registry's families they took most of a scrape.
+    per_service::write_counters(&mut out, reads.services);
+    out.push_str(EOF);
+    out
+}
+
+/// Every family but the per-service ones, without the `# EOF` line.
+fn metrics_head(
+    view: &View,
+    reads: &KernelReads<'_>,
+    enrollment: Option<(
+        &crate::k8s::dump::EnrollmentDump,
+        &prometheus_client::metrics::histogram::Histogram,
+    )>,
+) -> String {
     let KernelReads {
         kernel,
-        services,
+        services: _,
         conns,
         health,
     } = *reads;
@@ -600,12 +699,8 @@ pub fn metrics_with(
     }
     let mut out = String::new();
     let _ = encode(&mut out, &r);
-    // One series per service and counter (200,000 at 100,000 services), written
-    // directly: through the registry's families they took most of a scrape.
     let body = out.strip_suffix(EOF).map_or(out.len(), str::len);
     out.truncate(body);
-    per_service::write_counters(&mut out, services);
-    out.push_str(EOF);
     out
 }
 
@@ -793,5 +888,14 @@ mod tests {
         let mut later = view(2, 2);
         Arc::make_mut(&mut later.core).sent = 5;
         assert_eq!(readiness_state(&later).0, StatusCode::OK);
+    }
+
+    #[test]
+    fn a_chunked_body_reads_as_its_chunks_joined() {
+        let body = "5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\n\r\n";
+        assert_eq!(super::dechunk(body).as_deref(), Some("hello, world"));
+        // Cut short: no body rather than part of one.
+        assert_eq!(super::dechunk("5\r\nhel"), None);
+        assert_eq!(super::dechunk("5\r\nhello\r\n"), None);
     }
 }

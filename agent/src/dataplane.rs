@@ -551,8 +551,8 @@ pub fn read_service_counters(
     Ok(out)
 }
 
-/// [`read_service_counters`] in the array's order (`/metrics`, which needs none,
-/// reads 100,000 slots at every scrape), in a list with room for `expected`.
+/// [`read_service_counters`] in the array's order, in a list with room for
+/// `expected`.
 pub fn read_service_counters_unordered(
     bpffs: &Path,
     expected: usize,
@@ -560,6 +560,26 @@ pub fn read_service_counters_unordered(
     kernel::read_service_stats_as(&PinLayout::new(bpffs).maps, expected, |_, k, v| {
         Some((keys::service_addr(&k)?, v))
     })
+}
+
+/// The per-service counters pinned under `bpffs` (`SM_SERVICE_STATS`), mapped
+/// read-only, for a reader that walks them without a list (`/metrics`, which
+/// reads 100,000 slots at every scrape).
+pub struct ServiceCounters(counters::CounterArray);
+
+impl ServiceCounters {
+    pub fn open(bpffs: &Path) -> Result<Self, DataplaneError> {
+        kernel::open_counter_array(&PinLayout::new(bpffs).maps).map(Self)
+    }
+
+    /// Every service with counters and its counts, in slot order.
+    pub fn for_each(&self, f: &mut dyn FnMut(&crate::model::ServiceAddr, &ServiceCounts)) {
+        self.0.for_each(|_, k, counts| {
+            if let Some(service) = keys::service_addr(&k) {
+                f(&service, &counts);
+            }
+        });
+    }
 }
 
 /// The claimed counter slots pinned under `bpffs` (`SM_SERVICE_STATS`): each

@@ -548,28 +548,30 @@ pub fn read_counters(maps_dir: &Path) -> Result<Vec<(&'static str, u64)>, Datapl
     Ok(out)
 }
 
-/// Every service's counters pinned under `maps_dir` (`SM_SERVICE_STATS`, mapped
-/// read-only and read slot by slot), as `f` turns each claimed slot (its index,
-/// service and counts; `None`: left out), into a list with room for `expected` from the start. Only this
-/// map is opened: a scrape reads nothing else.
+/// The counter array pinned under `maps_dir` (`SM_SERVICE_STATS`), mapped
+/// read-only. Only this map is opened: a scrape reads nothing else.
+pub fn open_counter_array(maps_dir: &Path) -> Result<CounterArray, DataplaneError> {
+    let name = map_names::SERVICE_STATS;
+    let conv = |source| DataplaneError::Map { name, source };
+    let data = open_pin(maps_dir, name)?;
+    let map: Array<MapData, ServiceStats> = Array::try_from(Map::Array(data)).map_err(conv)?;
+    CounterArray::map(map.map().fd().as_fd(), map.len(), false).map_err(|e| {
+        conv(MapError::SyscallError(aya::sys::SyscallError {
+            call: "mmap",
+            io_error: e,
+        }))
+    })
+}
+
+/// Every claimed slot of the counter array pinned under `maps_dir`, as `f`
+/// turns it (its index, service and counts; `None`: left out), into a list
+/// with room for `expected` from the start.
 pub fn read_service_stats_as<T>(
     maps_dir: &Path,
     expected: usize,
     mut f: impl FnMut(u32, ServiceKey, Counts) -> Option<T>,
 ) -> Result<Vec<T>, DataplaneError> {
-    let name = map_names::SERVICE_STATS;
-    let conv = |source| DataplaneError::Map { name, source };
-    let data = open_pin(maps_dir, name)?;
-    let map: Array<MapData, ServiceStats> = Array::try_from(Map::Array(data)).map_err(conv)?;
-    let array = CounterArray::map(map.map().fd().as_fd(), map.len(), false).map_err(|e| {
-        DataplaneError::Map {
-            name,
-            source: MapError::SyscallError(aya::sys::SyscallError {
-                call: "mmap",
-                io_error: e,
-            }),
-        }
-    })?;
+    let array = open_counter_array(maps_dir)?;
     let mut out = Vec::with_capacity(expected);
     array.for_each(|slot, k, counts| out.extend(f(slot, k, counts)));
     Ok(out)
