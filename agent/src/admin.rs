@@ -382,15 +382,14 @@ pub struct KernelReads<'a> {
     pub health: &'a crate::dataplane::HealthReport,
 }
 
+/// The pods' enrollment and its latency histogram, when pods are enrolled.
+pub type Enrolled<'a> = Option<(
+    &'a crate::k8s::dump::EnrollmentDump,
+    &'a prometheus_client::metrics::histogram::Histogram,
+)>;
+
 /// [`metrics`], with the enrollment's series when pods are enrolled.
-pub fn metrics_with(
-    view: &View,
-    reads: &KernelReads<'_>,
-    enrollment: Option<(
-        &crate::k8s::dump::EnrollmentDump,
-        &prometheus_client::metrics::histogram::Histogram,
-    )>,
-) -> String {
+pub fn metrics_with(view: &View, reads: &KernelReads<'_>, enrollment: Enrolled<'_>) -> String {
     let mut out = metrics_head(view, reads, enrollment);
     // One series per service and counter (200,000 at 100,000 services), written
     // directly: through the registry's families they took most of a scrape.
@@ -400,14 +399,7 @@ pub fn metrics_with(
 }
 
 /// Every family but the per-service ones, without the `# EOF` line.
-fn metrics_head(
-    view: &View,
-    reads: &KernelReads<'_>,
-    enrollment: Option<(
-        &crate::k8s::dump::EnrollmentDump,
-        &prometheus_client::metrics::histogram::Histogram,
-    )>,
-) -> String {
+fn metrics_head(view: &View, reads: &KernelReads<'_>, enrollment: Enrolled<'_>) -> String {
     let KernelReads {
         kernel,
         services: _,

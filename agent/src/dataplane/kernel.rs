@@ -31,7 +31,8 @@ pub struct KernelMaps {
     backends: HashMap<MapData, BackendKey, BackendInfo>,
     maglev: HashMap<MapData, SlotKey, MaglevChunk>,
     stats: Array<MapData, ServiceStats>,
-    /// `stats` mapped writable, once a slot is claimed or released.
+    /// `stats` mapped writable, from the first slot claimed or released in an
+    /// apply to its end ([`MapStore::rest`]).
     counter_array: Option<CounterArray>,
     policies: HashMap<MapData, ServiceKey, ServicePolicy>,
     endpoint_health: HashMap<MapData, EndpointKey, EndpointHealth>,
@@ -400,6 +401,9 @@ impl MapStore for KernelMaps {
     }
     fn stats_slots(&self) -> u32 {
         self.stats.len()
+    }
+    fn rest(&mut self) {
+        self.counter_array = None;
     }
     fn put_policy(&mut self, k: &ServiceKey, v: &ServicePolicy) -> Result<(), StoreError> {
         self.policies.insert(k, v, 0).map_err(put_err(

@@ -284,6 +284,7 @@ impl<S: MapStore> MapWriter<S> {
         }
         w.counters.report();
         w.recount();
+        w.store.rest();
         Ok(w)
     }
 
@@ -403,6 +404,7 @@ impl<S: MapStore> MapWriter<S> {
         self.recount();
         self.counters.report();
         self.shrink_spare();
+        self.store.rest();
         result
     }
 
@@ -536,6 +538,7 @@ impl<S: MapStore> MapWriter<S> {
         let result = self.apply_changed(changes);
         self.counters.report();
         self.shrink_spare();
+        self.store.rest();
         result
     }
 

@@ -664,34 +664,26 @@ mod tests {
         }
     }
 
+    /// What a pick of `key` saw of the service.
+    fn seen(m: &Maps, key: &ServiceKey) -> Seen {
+        let draw = Draw {
+            random: || 0,
+            client: || 0,
+            load: |_: &u16| 0,
+            ejected: |_: &u16| false,
+            panic: || false,
+        };
+        match pick(m, key, false, draw) {
+            Ok((_, seen)) => seen,
+            Err(never) => match never {},
+        }
+    }
+
     #[test]
     fn a_pick_shows_the_services_counter_slot_and_flags() {
         let m = maps();
-        let draw = Draw {
-            random: || 0,
-            client: || 0,
-            load: |_: &u16| 0,
-            ejected: |_: &u16| false,
-            panic: || false,
-        };
-        let seen = match pick(&m, &KEY, false, draw) {
-            Ok((_, seen)) => seen,
-            Err(never) => match never {},
-        };
-        assert_eq!(seen, Seen { flags: 0, stats: 4 });
-        let other = ServiceKey { port: 81, ..KEY };
-        let draw = Draw {
-            random: || 0,
-            client: || 0,
-            load: |_: &u16| 0,
-            ejected: |_: &u16| false,
-            panic: || false,
-        };
-        let seen = match pick(&m, &other, false, draw) {
-            Ok((_, seen)) => seen,
-            Err(never) => match never {},
-        };
-        assert_eq!(seen, Seen::NONE);
+        assert_eq!(seen(&m, &KEY), Seen { flags: 0, stats: 4 });
+        assert_eq!(seen(&m, &ServiceKey { port: 81, ..KEY }), Seen::NONE);
     }
 
     #[test]
