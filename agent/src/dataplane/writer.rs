@@ -241,16 +241,19 @@ impl<S: MapStore> MapWriter<S> {
         for k in &garbage.service_health {
             store.del_service_health(k).map_err(WriteError::Snapshot)?;
         }
-        for &slot in &garbage.counters {
-            store.release_stats(slot).map_err(WriteError::Snapshot)?;
-        }
-        let counters = CounterBook::with_used(
+        // The slots no service holds are released like a removed service's
+        // (a failed release is retried by the next apply).
+        let mut counters = CounterBook::with_used(
             mirror
                 .services
                 .values()
                 .map(|inst| inst.stats)
-                .filter(|&s| s != NO_STATS),
+                .filter(|&s| s != NO_STATS)
+                .chain(garbage.counters.iter().copied()),
         );
+        for &slot in &garbage.counters {
+            counters.give_back(&mut store, slot);
+        }
         if !garbage.is_empty() {
             warn!(
                 slots = garbage.slots.len(),

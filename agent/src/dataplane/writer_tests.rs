@@ -661,17 +661,30 @@ fn adopt_releases_slots_no_service_holds_and_claims_missing_ones() {
     store.stats.insert(slot_c, orphan);
     store.log.clear();
     let mut w = MapWriter::adopt(store).expect("adopt again");
-    let mut log = w.store().log.clone();
-    log.sort_by_key(|o| format!("{o:?}"));
-    assert_eq!(
-        log,
-        [
-            Op::ClaimStats(slot_b, service_key(&b)),
-            Op::ClaimStats(slot_c, service_key(&c)),
-            Op::ReleaseStats(slot_c),
-            Op::ReleaseStats(999),
-        ]
-    );
+    let log = &w.store().log;
+    let released: BTreeSet<u32> = log
+        .iter()
+        .filter_map(|o| match o {
+            Op::ReleaseStats(s) => Some(*s),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(released, BTreeSet::from([slot_c, 999]));
+    let claimed: Vec<(u32, sockmesh_common::ServiceKey)> = log
+        .iter()
+        .filter_map(|o| match o {
+            Op::ClaimStats(s, k) => Some((*s, *k)),
+            _ => None,
+        })
+        .collect();
+    // b and c claim a slot each (in the mirror's order); a slot released on
+    // adoption is not handed out in the same apply, nor is a held one.
+    let named: BTreeSet<_> = claimed.iter().map(|(_, k)| *k).collect();
+    assert_eq!(named, BTreeSet::from([service_key(&b), service_key(&c)]));
+    assert_ne!(claimed[0].0, claimed[1].0, "{log:?}");
+    for (slot, _) in &claimed {
+        assert!(![slot_a, slot_c, 999].contains(slot), "{log:?}");
+    }
     // The services whose slot changed hands are published again naming it.
     w.apply(&table(&[
         (a, vec![be("10.1.0.1", 80)]),
@@ -679,9 +692,23 @@ fn adopt_releases_slots_no_service_holds_and_claims_missing_ones() {
         (c, vec![be("10.1.0.3", 80)]),
     ]))
     .expect("apply");
-    for s in [a, b, c] {
+    // A service added afterwards gets a slot of its own.
+    let d = svc("10.96.0.4", 80);
+    w.apply(&table(&[
+        (a, vec![be("10.1.0.1", 80)]),
+        (b, vec![]),
+        (c, vec![be("10.1.0.3", 80)]),
+        (d, vec![be("10.1.0.4", 80)]),
+    ]))
+    .expect("apply with d");
+    let mut slots = BTreeSet::new();
+    for s in [a, b, c, d] {
         let (slot, named) = counter_slot(w.store(), &s);
         assert_eq!(named, Some(service_key(&s)), "{s}: slot {slot}");
+        assert!(
+            slots.insert(slot),
+            "{s}: slot {slot} is another service's too"
+        );
     }
     assert_eq!(counter_slot(w.store(), &a).0, slot_a);
 }
