@@ -76,8 +76,8 @@ pub struct ApplyReport {
     pub updated: usize,
     pub removed: usize,
     pub unchanged: usize,
-    /// Routing-map writes and deletes performed (the counter entries' creation and
-    /// deletion, bookkeeping, are not counted).
+    /// Routing-map writes and deletes performed (claiming and releasing counter
+    /// slots, bookkeeping, are not counted).
     pub map_ops: usize,
 }
 

@@ -2,9 +2,9 @@
 //! map writes.
 //!
 //! Each service's writes are planned exactly as the one-service path plans them
-//! ([`write_and_publish`] against a [`Recorder`] instead of the maps), then issued
-//! map by map: every counter entry, then every health setting, Maglev chunk, slot
-//! and backend entry, then every service value. No service is published before
+//! ([`write_and_publish`] against a [`Recorder`] instead of the maps), with its
+//! counter slot claimed as it is planned, then issued map by map: every health
+//! setting, Maglev chunk, slot and backend entry, then every service value. No service is published before
 //! everything it names is written, which is all the publish order asks of a new
 //! service; the batches only drop the per-entry syscall.
 //!

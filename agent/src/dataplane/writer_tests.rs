@@ -1219,7 +1219,7 @@ fn a_failed_bulk_write_is_undone_and_the_services_go_one_by_one() {
             sorted(t.clone()),
             "fail at {fail}: the mirror"
         );
-        // A counter entry that failed is created by the next apply.
+        // A counter slot whose claim failed is claimed by the next apply.
         w.apply(&t).expect("again");
         assert_eq!(w.store().stats.len(), 40, "fail at {fail}");
     }
