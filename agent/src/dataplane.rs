@@ -546,20 +546,11 @@ pub fn read_counters(bpffs: &Path) -> Result<Vec<(&'static str, u64)>, Dataplane
 pub fn read_service_counters(
     bpffs: &Path,
 ) -> Result<Vec<(crate::model::ServiceAddr, ServiceCounts)>, DataplaneError> {
-    let mut out = read_service_counters_unordered(bpffs, 0)?;
+    let mut out = kernel::read_service_stats_as(&PinLayout::new(bpffs).maps, |_, k, v| {
+        Some((keys::service_addr(&k)?, v))
+    })?;
     out.sort_unstable_by_key(|(s, _)| *s);
     Ok(out)
-}
-
-/// [`read_service_counters`] in the array's order, in a list with room for
-/// `expected`.
-pub fn read_service_counters_unordered(
-    bpffs: &Path,
-    expected: usize,
-) -> Result<Vec<(crate::model::ServiceAddr, ServiceCounts)>, DataplaneError> {
-    kernel::read_service_stats_as(&PinLayout::new(bpffs).maps, expected, |_, k, v| {
-        Some((keys::service_addr(&k)?, v))
-    })
 }
 
 /// The per-service counters pinned under `bpffs` (`SM_SERVICE_STATS`), mapped
@@ -588,7 +579,7 @@ impl ServiceCounters {
 pub fn read_counter_slots(
     bpffs: &Path,
 ) -> Result<Vec<(u32, sockmesh_common::ServiceKey, ServiceCounts)>, DataplaneError> {
-    kernel::read_service_stats_as(&PinLayout::new(bpffs).maps, 0, |s, k, v| Some((s, k, v)))
+    kernel::read_service_stats_as(&PinLayout::new(bpffs).maps, |s, k, v| Some((s, k, v)))
 }
 
 /// Open connections counted per backend endpoint (least-connections services),

@@ -38,6 +38,11 @@ const _: () =
 const _: () =
     assert!(SEQ.is_multiple_of(4) && REDIRECTS.is_multiple_of(8) && NO_BACKEND.is_multiple_of(8));
 
+/// The atomic integers a slot's fields are read and written as.
+trait Word {}
+impl Word for AtomicU32 {}
+impl Word for AtomicU64 {}
+
 /// One slot's counts, as a reader found them whole.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counts {
@@ -122,32 +127,32 @@ impl CounterArray {
 
     /// The 32-bit word at byte `offset` of slot `slot`.
     fn word(&self, slot: u32, offset: usize) -> &AtomicU32 {
-        debug_assert!(slot < self.slots && offset.is_multiple_of(4) && offset < SLOT);
-        // SAFETY: `slot < self.slots` (callers check it) and `offset` is a field's
-        // 4-aligned offset within the 40-byte slot, so the address lies in the
-        // mapping, which lives as long as `self`, 4-aligned (the mapping is
-        // page-aligned, the heap block 8-aligned). The memory is shared with the
-        // kernel and other threads, so it is only ever accessed atomically.
-        unsafe {
-            &*self
-                .base
-                .as_ptr()
-                .add(slot as usize * SLOT + offset)
-                .cast::<AtomicU32>()
-        }
+        self.field(slot, offset)
     }
 
     /// The 64-bit count at byte `offset` of slot `slot`.
     fn word64(&self, slot: u32, offset: usize) -> &AtomicU64 {
-        debug_assert!(slot < self.slots && offset.is_multiple_of(8) && offset < SLOT);
-        // SAFETY: as in `word`, with an 8-aligned offset (the counts'), so the
-        // address is 8-aligned.
+        self.field(slot, offset)
+    }
+
+    /// The atomic field at byte `offset` of slot `slot`.
+    fn field<W: Word>(&self, slot: u32, offset: usize) -> &W {
+        let size = std::mem::size_of::<W>();
+        debug_assert!(slot < self.slots && offset.is_multiple_of(size) && offset + size <= SLOT);
+        // SAFETY: `slot < self.slots` (callers check it) and `offset` is a
+        // field's offset within the 40-byte slot, aligned to the field's size
+        // (the offsets are checked at compile time above), so the address lies
+        // in the mapping, which lives as long as `self`, and is aligned for `W`
+        // (the mapping is page-aligned, the heap block 8-aligned, and a slot is
+        // a multiple of 8 bytes). `W` is an atomic integer, valid for any bit
+        // pattern; the memory is shared with the kernel and other threads, so it
+        // is only ever accessed atomically.
         unsafe {
             &*self
                 .base
                 .as_ptr()
                 .add(slot as usize * SLOT + offset)
-                .cast::<AtomicU64>()
+                .cast::<W>()
         }
     }
 

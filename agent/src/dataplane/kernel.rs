@@ -568,15 +568,13 @@ pub fn open_counter_array(maps_dir: &Path) -> Result<CounterArray, DataplaneErro
 }
 
 /// Every claimed slot of the counter array pinned under `maps_dir`, as `f`
-/// turns it (its index, service and counts; `None`: left out), into a list
-/// with room for `expected` from the start.
+/// turns it (its index, service and counts; `None`: left out).
 pub fn read_service_stats_as<T>(
     maps_dir: &Path,
-    expected: usize,
     mut f: impl FnMut(u32, ServiceKey, Counts) -> Option<T>,
 ) -> Result<Vec<T>, DataplaneError> {
     let array = open_counter_array(maps_dir)?;
-    let mut out = Vec::with_capacity(expected);
+    let mut out = Vec::new();
     array.for_each(|slot, k, counts| out.extend(f(slot, k, counts)));
     Ok(out)
 }
