@@ -13,6 +13,7 @@ pub mod filedoc;
 pub mod fit;
 pub mod grpc;
 pub mod incremental;
+pub mod json_wire;
 pub mod node;
 pub mod opaque;
 pub mod outlier;

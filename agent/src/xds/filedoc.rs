@@ -27,6 +27,7 @@ use super::{
         DecodeError, Kind, TextNotes, discovery_document, discovery_response_with_opaque,
         message_from_text_in,
     },
+    json_wire,
     position::Position,
 };
 
@@ -220,38 +221,43 @@ fn split(text: &str, known: &Known) -> Option<Result<Read, DecodeError>> {
     }))
 }
 
-/// Decodes resource texts as the `resources` of a `DiscoveryResponse` (the reference
-/// decoder, unknown nested types included), in up to one chunk per core.
+/// Decodes resource texts as the `resources` of a `DiscoveryResponse`, in up to one
+/// chunk per core: each by the fast decoder ([`json_wire`]) where it can, the rest
+/// by the reference decoder (unknown nested types included), which also reports
+/// what is wrong with a text.
 fn decode_parallel(texts: &[&RawValue]) -> Result<(Vec<Any>, TextNotes), DecodeError> {
     if texts.is_empty() {
         return Ok((Vec::new(), TextNotes::default()));
     }
-    let decode_chunk = |part: &[&RawValue], pool: &prost_reflect::DescriptorPool| {
-        let mut doc =
-            String::with_capacity(part.iter().map(|r| r.get().len() + 1).sum::<usize>() + 16);
-        doc.push_str("{\"resources\":[");
-        for (i, r) in part.iter().enumerate() {
-            if i > 0 {
-                doc.push(',');
-            }
-            doc.push_str(r.get());
-        }
-        doc.push_str("]}");
-        message_from_text_in::<DiscoveryResponse>(
-            pool,
-            "envoy.service.discovery.v3.DiscoveryResponse",
-            &doc,
-        )
-        .map(|(resp, opaque)| (resp.resources, opaque))
-    };
-    // One descriptor pool per thread; one thread uses the shared one.
     let parallel = texts.len() >= PARALLEL_FROM;
-    let results = super::in_chunks(texts, PARALLEL_FROM, |part| {
-        if parallel {
-            decode_chunk(part, &descriptor_pool_copy())
-        } else {
-            decode_chunk(part, descriptor_pool())
+    let results = super::in_chunks(texts, PARALLEL_FROM, |part| -> Result<_, DecodeError> {
+        let mut schema = json_wire::Schema::new(descriptor_pool());
+        let mut fast: Vec<Option<Any>> = part
+            .iter()
+            .map(|r| json_wire::any(&mut schema, r.get()))
+            .collect();
+        let rest: Vec<&RawValue> = part
+            .iter()
+            .zip(&fast)
+            .filter_map(|(r, f)| f.is_none().then_some(*r))
+            .collect();
+        if rest.is_empty() {
+            return Ok((
+                fast.into_iter().flatten().collect::<Vec<_>>(),
+                TextNotes::default(),
+            ));
         }
+        // One descriptor pool per thread; one thread uses the shared one.
+        let (decoded, notes) = if parallel {
+            reference_chunk(&rest, &descriptor_pool_copy())?
+        } else {
+            reference_chunk(&rest, descriptor_pool())?
+        };
+        let mut decoded = decoded.into_iter();
+        for slot in fast.iter_mut().filter(|f| f.is_none()) {
+            *slot = decoded.next();
+        }
+        Ok((fast.into_iter().flatten().collect(), notes))
     });
     let mut resources = Vec::with_capacity(texts.len());
     let mut notes = TextNotes::default();
@@ -261,6 +267,29 @@ fn decode_parallel(texts: &[&RawValue]) -> Result<(Vec<Any>, TextNotes), DecodeE
         notes.add(found);
     }
     Ok((resources, notes))
+}
+
+/// The reference decoder over resource texts, as the `resources` of one
+/// `DiscoveryResponse`.
+fn reference_chunk(
+    part: &[&RawValue],
+    pool: &prost_reflect::DescriptorPool,
+) -> Result<(Vec<Any>, TextNotes), DecodeError> {
+    let mut doc = String::with_capacity(part.iter().map(|r| r.get().len() + 1).sum::<usize>() + 16);
+    doc.push_str("{\"resources\":[");
+    for (i, r) in part.iter().enumerate() {
+        if i > 0 {
+            doc.push(',');
+        }
+        doc.push_str(r.get());
+    }
+    doc.push_str("]}");
+    message_from_text_in::<DiscoveryResponse>(
+        pool,
+        "envoy.service.discovery.v3.DiscoveryResponse",
+        &doc,
+    )
+    .map(|(resp, opaque)| (resp.resources, opaque))
 }
 
 /// The kind and name of one resource's text, as the state keys it; `None` when the
