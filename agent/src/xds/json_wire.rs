@@ -33,15 +33,19 @@ type Names<V> = HashMap<Box<str>, V, foldhash::fast::RandomState>;
 /// decoder takes (the reference then decodes it, and reports what is wrong).
 pub fn any(schema: &mut Schema<'_>, text: &str) -> Option<Any> {
     let mut de = serde_json::Deserializer::from_str(text);
-    let mut value = Vec::with_capacity(text.len() / 2);
-    let type_url = de
-        .deserialize_map(AnyBody {
-            s: schema,
-            out: &mut value,
-        })
-        .ok()?;
-    de.end().ok()?;
-    Some(Any { type_url, value })
+    // Written into the schema's buffer, then copied once at its size: the
+    // resources live as long as the state takes to read them, and a buffer grown
+    // in steps would hold up to twice the bytes.
+    let mut out = std::mem::take(&mut schema.scratch);
+    out.clear();
+    let type_url = de.deserialize_map(AnyBody {
+        s: schema,
+        out: &mut out,
+    });
+    let read = type_url.ok().filter(|_| de.end().is_ok());
+    let value = out.as_slice().to_vec();
+    schema.scratch = out;
+    read.map(|type_url| Any { type_url, value })
 }
 
 /// The message types met so far, compiled from a descriptor pool as they are met:
@@ -53,6 +57,8 @@ pub struct Schema<'p> {
     message_ids: Names<u32>,
     enums: Vec<Names<i32>>,
     enum_ids: Names<u32>,
+    /// The encoding of the resource being decoded.
+    scratch: Vec<u8>,
 }
 
 struct Message {
@@ -134,6 +140,7 @@ impl<'p> Schema<'p> {
             message_ids: Names::default(),
             enums: Vec::new(),
             enum_ids: Names::default(),
+            scratch: Vec::new(),
         }
     }
 
