@@ -28,6 +28,7 @@ use super::{
         message_from_text_in,
     },
     json_wire,
+    opaque::OpaqueTypes,
     position::Position,
 };
 
@@ -232,10 +233,15 @@ fn decode_parallel(texts: &[&RawValue]) -> Result<(Vec<Any>, TextNotes), DecodeE
     let parallel = texts.len() >= PARALLEL_FROM;
     let results = super::in_chunks(texts, PARALLEL_FROM, |part| -> Result<_, DecodeError> {
         let mut schema = json_wire::Schema::new(descriptor_pool());
+        let mut opaque = OpaqueTypes::new();
         let mut fast: Vec<Option<Any>> = part
             .iter()
-            .map(|r| json_wire::any(&mut schema, r.get()))
+            .map(|r| json_wire::any(&mut schema, r.get(), &mut opaque))
             .collect();
+        let fast_notes = TextNotes {
+            opaque,
+            ..TextNotes::default()
+        };
         let rest: Vec<&RawValue> = part
             .iter()
             .zip(&fast)
@@ -248,7 +254,7 @@ fn decode_parallel(texts: &[&RawValue]) -> Result<(Vec<Any>, TextNotes), DecodeE
             ));
         }
         // One descriptor pool per thread; one thread uses the shared one.
-        let (decoded, notes) = if parallel {
+        let (decoded, mut notes) = if parallel {
             reference_chunk(&rest, &descriptor_pool_copy())?
         } else {
             reference_chunk(&rest, descriptor_pool())?
@@ -257,6 +263,7 @@ fn decode_parallel(texts: &[&RawValue]) -> Result<(Vec<Any>, TextNotes), DecodeE
         for slot in fast.iter_mut().filter(|f| f.is_none()) {
             *slot = decoded.next();
         }
+        notes.add(fast_notes);
         Ok((fast.into_iter().flatten().collect(), notes))
     });
     let mut resources = Vec::with_capacity(texts.len());

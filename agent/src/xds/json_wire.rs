@@ -26,12 +26,16 @@ use prost_reflect::{DescriptorPool, FieldDescriptor, MessageDescriptor};
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use sockmesh_proto::pb::google::protobuf::Any;
 
+use super::opaque::OpaqueTypes;
+
 type Names<V> = HashMap<Box<str>, V, foldhash::fast::RandomState>;
 
 /// Decodes one resource text (a JSON object with its `@type`) as the `Any` the
-/// reference decoder would make of it; `None` when the text is outside what this
-/// decoder takes (the reference then decodes it, and reports what is wrong).
-pub fn any(schema: &mut Schema<'_>, text: &str) -> Option<Any> {
+/// reference decoder would make of it, and adds the nested `Any`s it carries
+/// opaquely to `opaque`; `None` (and nothing added) when the text is outside what
+/// this decoder takes (the reference then decodes it, and reports what is wrong).
+pub fn any(schema: &mut Schema<'_>, text: &str, opaque: &mut OpaqueTypes) -> Option<Any> {
+    schema.opaque.clear();
     let mut de = serde_json::Deserializer::from_str(text);
     // Written into the schema's buffer, then copied once at its size: the
     // resources live as long as the state takes to read them, and a buffer grown
@@ -41,11 +45,84 @@ pub fn any(schema: &mut Schema<'_>, text: &str) -> Option<Any> {
     let type_url = de.deserialize_map(AnyBody {
         s: schema,
         out: &mut out,
+        nested: false,
     });
     let read = type_url.ok().filter(|_| de.end().is_ok());
     let value = out.as_slice().to_vec();
     schema.scratch = out;
-    read.map(|type_url| Any { type_url, value })
+    let type_url = read?;
+    for (url, n) in std::mem::take(&mut schema.opaque) {
+        *opaque.entry(url).or_default() += n;
+    }
+    Some(Any { type_url, value })
+}
+
+/// Checks this decoder's contract on one resource text: where [`any`] returns a
+/// resource, the reference decoder accepts the text, notes no unknown field and
+/// the same opaque types, and gives the same message. Messages are compared as canonical
+/// JSON (nested `Any`s decoded, defaults left out), so that two encodings of one
+/// message compare equal. `Err`: how the two disagree. For tests over real
+/// configurations.
+pub fn check_against_reference(text: &str) -> Result<Taken, String> {
+    use prost::Message as _;
+    let pool = sockmesh_proto::descriptor_pool();
+    let mut opaque = OpaqueTypes::new();
+    let fast = any(&mut Schema::new(pool), text, &mut opaque);
+    let doc = format!("{{\"resources\":[{text}]}}");
+    let reference = super::decode::message_from_text_in::<
+        sockmesh_proto::pb::envoy::service::discovery::v3::DiscoveryResponse,
+    >(pool, "envoy.service.discovery.v3.DiscoveryResponse", &doc);
+    let Some(fast) = fast else {
+        return Ok(match reference {
+            Ok((_, notes)) if notes.unknown_fields.is_empty() => Taken::ReferenceClean,
+            _ => Taken::ReferenceNotes,
+        });
+    };
+    let (resp, notes) =
+        reference.map_err(|e| format!("taken here, refused by the reference: {e}"))?;
+    if !notes.unknown_fields.is_empty() {
+        return Err("taken here, the reference notes unknown fields".into());
+    }
+    if notes.opaque != opaque {
+        return Err(format!(
+            "opaque types: {opaque:?} here, {:?} by the reference",
+            notes.opaque
+        ));
+    }
+    let [reference] = &resp.resources[..] else {
+        return Err(format!(
+            "the reference read {} resources",
+            resp.resources.len()
+        ));
+    };
+    // Opaque `Any`s read back as the empty messages the reference registers.
+    let types = opaque.keys().cloned().collect();
+    let pool = &super::opaque::pool_with_placeholders(pool, &types).map_err(|e| e.to_string())?;
+    let canonical = |resource: &Any| {
+        let desc = pool
+            .get_message_by_name("google.protobuf.Any")
+            .ok_or("no google.protobuf.Any in the pool")?;
+        let m = prost_reflect::DynamicMessage::decode(desc, resource.encode_to_vec().as_slice())
+            .map_err(|e| e.to_string())?;
+        serde_json::to_value(&m).map_err(|e| format!("{resource:?} does not read back: {e}"))
+    };
+    let (f, r) = (canonical(&fast)?, canonical(reference)?);
+    if fast.type_url != reference.type_url || f != r {
+        return Err(format!("this decoder: {f}\nthe reference: {r}"));
+    }
+    Ok(Taken::Here)
+}
+
+/// Which decoder decodes a text, as [`check_against_reference`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Taken {
+    /// This one, with the reference's result.
+    Here,
+    /// The reference, which refuses the text or notes unknown fields in it.
+    ReferenceNotes,
+    /// The reference, which accepts the text with no unknown field: a shape this
+    /// decoder leaves to it.
+    ReferenceClean,
 }
 
 /// The message types met so far, compiled from a descriptor pool as they are met:
@@ -59,6 +136,12 @@ pub struct Schema<'p> {
     enum_ids: Names<u32>,
     /// The encoding of the resource being decoded.
     scratch: Vec<u8>,
+    /// The opaque `Any`s of the resource being decoded.
+    opaque: OpaqueTypes,
+    /// Type URLs the pool lacks, by whether the reference can carry them (it
+    /// registers an empty message of that name, which a malformed name or one
+    /// that clashes with the pool's refuses).
+    placeholders: Names<bool>,
 }
 
 struct Message {
@@ -141,7 +224,19 @@ impl<'p> Schema<'p> {
             enums: Vec::new(),
             enum_ids: Names::default(),
             scratch: Vec::new(),
+            opaque: OpaqueTypes::new(),
+            placeholders: Names::default(),
         }
+    }
+
+    fn placeholder_ok(&mut self, type_url: &str) -> bool {
+        if let Some(ok) = self.placeholders.get(type_url) {
+            return *ok;
+        }
+        let one = std::iter::once(type_url.to_owned()).collect();
+        let ok = super::opaque::pool_with_placeholders(self.pool, &one).is_ok();
+        self.placeholders.insert(type_url.into(), ok);
+        ok
     }
 
     /// The id of the message type `full_name`, if the pool has it.
@@ -541,7 +636,11 @@ fn message_body<'de, D: Deserializer<'de>>(
         Special::Plain => d.deserialize_map(Body { s, out, id }),
         Special::Any => {
             let start = open(out, 2);
-            let type_url = d.deserialize_map(AnyBody { s, out })?;
+            let type_url = d.deserialize_map(AnyBody {
+                s,
+                out,
+                nested: true,
+            })?;
             close(out, start);
             string(out, 1, &type_url);
             Ok(())
@@ -768,10 +867,13 @@ impl<'de> Visitor<'de> for MapOf<'_, '_> {
 }
 
 /// An `Any`: `@type` first, then its message's fields. Writes the message's body
-/// and returns the type URL.
+/// and returns the type URL. A nested one of a type the pool lacks is carried
+/// opaquely, as the reference carries it (`opaque::scrub_document`): the type URL
+/// kept, the contents dropped, the type counted.
 struct AnyBody<'a, 'p> {
     s: &'a mut Schema<'p>,
     out: &'a mut Vec<u8>,
+    nested: bool,
 }
 
 impl<'de> Visitor<'de> for AnyBody<'_, '_> {
@@ -787,7 +889,31 @@ impl<'de> Visitor<'de> for AnyBody<'_, '_> {
         }
         let type_url = map.next_value_seed(Str)?.into_owned();
         let (_, name) = type_url.rsplit_once('/').ok_or_else(outside::<A::Error>)?;
-        let id = self.s.message_id(name).ok_or_else(outside::<A::Error>)?;
+        let Some(id) = self.s.message_id(name) else {
+            if !self.nested || !self.s.placeholder_ok(&type_url) {
+                return Err(outside());
+            }
+            // A TypedStruct the pool lacks keeps its own `type_url` (field 1).
+            let typed_struct =
+                matches!(name, "udpa.type.v1.TypedStruct" | "xds.type.v3.TypedStruct");
+            let mut kept = false;
+            while let Some(key) = map.next_key_seed(Str)? {
+                if typed_struct && key == "type_url" {
+                    let value: serde_json::Value = map.next_value()?;
+                    match value.as_str() {
+                        Some(inner) if !kept => string(self.out, 1, inner),
+                        // Twice: the reference keeps the last, if a string.
+                        _ if kept => return Err(outside()),
+                        _ => {}
+                    }
+                    kept = true;
+                } else {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+            *self.s.opaque.entry(type_url.clone()).or_default() += 1;
+            return Ok(type_url);
+        };
         if self.s.special(id) != Special::Plain {
             return Err(outside());
         }
@@ -810,6 +936,11 @@ impl<'de> Visitor<'de> for StructV<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         while let Some(key) = map.next_key_seed(Str)? {
+            // The reference scrubs any object whose `@type` the pool lacks, a
+            // Struct's too.
+            if key == "@type" {
+                return Err(outside());
+            }
             let entry = open(self.out, 1);
             string(self.out, 1, &key);
             let value = open(self.out, 2);
