@@ -176,6 +176,28 @@ pub(crate) fn release_freed_memory() {
     }
 }
 
+/// Drops `garbage` on a thread of its own at the lowest priority, then hands the
+/// freed pages back to the kernel.
+fn free_apart(garbage: Box<dyn Send>) {
+    let freed = move || {
+        // SAFETY: `setpriority` reads its plain integer arguments only; `gettid`
+        // names this thread. A failure leaves the thread at its priority.
+        unsafe {
+            libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
+        }
+        drop(garbage);
+        release_freed_memory();
+    };
+    // A thread that cannot start drops the closure, and with it the garbage, here.
+    if std::thread::Builder::new()
+        .name("sockmesh-free".into())
+        .spawn(freed)
+        .is_err()
+    {
+        release_freed_memory();
+    }
+}
+
 /// The allocator's bytes allocated to the agent and resident (what the RSS holds
 /// of the heap), when the agent runs on jemalloc.
 pub fn heap_bytes() -> Option<(usize, usize)> {
@@ -262,6 +284,9 @@ enum Command {
     Flush(oneshot::Sender<()>),
     /// The kernel ejected an endpoint of this service (an event of `SM_EVENTS`).
     Ejected(sockmesh_common::ServiceKey),
+    /// Frees this (see [`DatapathHandle::free_after_writes`]); not counted in
+    /// [`DatapathHandle::sent`].
+    Free(Box<dyn Send>),
     /// Ends the task (other senders, the events thread and the enroller, may
     /// still hold the channel open).
     Stop,
@@ -434,6 +459,18 @@ impl DatapathHandle {
     pub fn enroller(&self) -> EnrollHandle {
         EnrollHandle {
             tx: self.tx.clone(),
+        }
+    }
+
+    /// Frees `garbage` (a large update's resources) once the task has handled
+    /// every write sent before, on a thread of its own at the lowest priority,
+    /// then hands the freed pages back (see [`release_freed_memory`]): the
+    /// deallocations and page returns neither hold up the update's source nor
+    /// take the cores from the kernel write.
+    pub fn free_after_writes(&self, garbage: Box<dyn Send>) {
+        if let Err(mpsc::SendError(c)) = self.tx.send(Command::Free(garbage)) {
+            drop(c);
+            release_freed_memory();
         }
     }
 
@@ -673,6 +710,10 @@ impl Task {
                     Some(done)
                 }
                 Command::Stop => return,
+                Command::Free(garbage) => {
+                    free_apart(garbage);
+                    continue;
+                }
                 Command::Ejected(service) => {
                     // Not one of the commands the handle counts (the events
                     // thread sends it).

@@ -522,7 +522,10 @@ impl Core {
         let result = self.handle_inner(&update, received, kinds);
         self.publish();
         if size >= LARGE_UPDATE {
-            free_apart(update);
+            // Freeing a 150,000-resource push is hundreds of thousands of
+            // deallocations and page returns (80–175 ms of the 50k file's load
+            // when the source waited for it): after the kernel write, apart.
+            self.kernel.free_after_writes(Box::new(update));
         }
         result
     }
@@ -651,32 +654,6 @@ impl Core {
             nack: applied.nack,
             refused: applied.refused,
         }
-    }
-}
-
-/// Frees a large update's resources on a thread of their own, at the lowest
-/// priority, then hands the freed pages back to the kernel (see
-/// `release_freed_memory`). Freeing a 150,000-resource push is hundreds of
-/// thousands of deallocations and page returns, 80–175 ms of the 50k file's load
-/// when the source waited for it; at a normal priority the thread takes that time
-/// from the kernel write that follows.
-fn free_apart(update: Update) {
-    let freed = move || {
-        // SAFETY: `setpriority` reads its plain integer arguments only; `gettid`
-        // names this thread. A failure leaves the thread at its priority.
-        unsafe {
-            libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
-        }
-        drop(update);
-        crate::dataplane::task::release_freed_memory();
-    };
-    // A thread that cannot start drops the closure, and with it the update, here.
-    if std::thread::Builder::new()
-        .name("sockmesh-free".into())
-        .spawn(freed)
-        .is_err()
-    {
-        crate::dataplane::task::release_freed_memory();
     }
 }
 
