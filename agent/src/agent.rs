@@ -109,6 +109,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .as_ref()
         .map(crate::k8s::KubeConfig::client)
         .transpose()?;
+    // A file's first read and decode run beside the datapath's load.
+    let ahead = match &cfg.source {
+        Source::File(path) => file::ReadAhead::start(path),
+        _ => None,
+    };
     let datapath = Datapath::install(&cfg.datapath)?;
     // A file or REST source reads proto3 JSON/YAML, which needs the protobuf
     // descriptors: decode them now, beside start-up, not inside the first update's
@@ -239,7 +244,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         Source::File(path) => {
             let core = core.clone();
             tokio::spawn(async move {
-                file::run(path, core, stop_rx)
+                file::run(path, core, stop_rx, ahead)
                     .await
                     .map_err(anyhow::Error::from)
             })
