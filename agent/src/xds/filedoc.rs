@@ -248,10 +248,7 @@ fn decode_parallel(texts: &[&RawValue]) -> Result<(Vec<Any>, TextNotes), DecodeE
             .filter_map(|(r, f)| f.is_none().then_some(*r))
             .collect();
         if rest.is_empty() {
-            return Ok((
-                fast.into_iter().flatten().collect::<Vec<_>>(),
-                TextNotes::default(),
-            ));
+            return Ok((fast.into_iter().flatten().collect::<Vec<_>>(), fast_notes));
         }
         // One descriptor pool per thread; one thread uses the shared one.
         let (decoded, mut notes) = if parallel {
@@ -396,6 +393,33 @@ mod tests {
         // whole-document decode gives.
         let reference = whole(&second).expect("whole");
         assert_eq!(r2.changed[0], reference.changed[1]);
+    }
+
+    /// Nested `Any`s of types the pool lacks are counted as the whole-document
+    /// decode counts them, whichever decoder takes the resource (the second
+    /// listener's unknown field leaves it to the reference).
+    #[test]
+    fn opaque_types_are_counted_as_the_whole_document_counts_them() {
+        let listener = |name: &str, extra: &str| {
+            format!(
+                r#"{{"@type":"type.googleapis.com/envoy.config.listener.v3.Listener","name":"{name}"{extra},"filterChains":[{{"filters":[{{"name":"istio.stats","typedConfig":{{"@type":"type.googleapis.com/stats.PluginConfig","a":1}}}}]}}]}}"#
+            )
+        };
+        let text = doc(
+            "1",
+            &[listener("a", ""), listener("b", r#","unknownField":1"#)],
+        );
+        let split = read(&text, &Known::default()).expect("split");
+        let reference = whole(&text).expect("whole");
+        assert_eq!(
+            split
+                .notes
+                .opaque
+                .get("type.googleapis.com/stats.PluginConfig"),
+            Some(&2)
+        );
+        assert_eq!(split.notes, reference.notes);
+        assert_eq!(split.changed, reference.changed);
     }
 
     #[test]

@@ -641,7 +641,13 @@ fn message_body<'de, D: Deserializer<'de>>(
                 out,
                 nested: true,
             })?;
-            close(out, start);
+            if out.len() == start {
+                // An empty value (an opaque one's) is left out, as the reference
+                // leaves it out: its tag and placeholder go.
+                out.truncate(start - 2);
+            } else {
+                close(out, start);
+            }
             string(out, 1, &type_url);
             Ok(())
         }
