@@ -176,9 +176,11 @@ pub(crate) fn release_freed_memory() {
     }
 }
 
-/// Drops `garbage` on a thread of its own at the lowest priority, then hands the
-/// freed pages back to the kernel.
-fn free_apart(garbage: Box<dyn Send>) {
+/// Drops `garbage` (a large update's resources) on a thread of its own at the
+/// lowest priority, then hands the freed pages back to the kernel (see
+/// [`release_freed_memory`]): the deallocations and page returns do not hold up
+/// the update's source, and yield the cores to the work that follows.
+pub(crate) fn free_apart(garbage: Box<dyn Send>) {
     let freed = move || {
         // SAFETY: `setpriority` reads its plain integer arguments only; `gettid`
         // names this thread. A failure leaves the thread at its priority.
@@ -284,9 +286,6 @@ enum Command {
     Flush(oneshot::Sender<()>),
     /// The kernel ejected an endpoint of this service (an event of `SM_EVENTS`).
     Ejected(sockmesh_common::ServiceKey),
-    /// Frees this (see [`DatapathHandle::free_after_writes`]); not counted in
-    /// [`DatapathHandle::sent`].
-    Free(Box<dyn Send>),
     /// Ends the task (other senders, the events thread and the enroller, may
     /// still hold the channel open).
     Stop,
@@ -459,18 +458,6 @@ impl DatapathHandle {
     pub fn enroller(&self) -> EnrollHandle {
         EnrollHandle {
             tx: self.tx.clone(),
-        }
-    }
-
-    /// Frees `garbage` (a large update's resources) once the task has handled
-    /// every write sent before, on a thread of its own at the lowest priority,
-    /// then hands the freed pages back (see [`release_freed_memory`]): the
-    /// deallocations and page returns neither hold up the update's source nor
-    /// take the cores from the kernel write.
-    pub fn free_after_writes(&self, garbage: Box<dyn Send>) {
-        if let Err(mpsc::SendError(c)) = self.tx.send(Command::Free(garbage)) {
-            drop(c);
-            release_freed_memory();
         }
     }
 
@@ -710,10 +697,6 @@ impl Task {
                     Some(done)
                 }
                 Command::Stop => return,
-                Command::Free(garbage) => {
-                    free_apart(garbage);
-                    continue;
-                }
                 Command::Ejected(service) => {
                     // Not one of the commands the handle counts (the events
                     // thread sends it).

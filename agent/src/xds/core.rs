@@ -524,8 +524,9 @@ impl Core {
         if size >= LARGE_UPDATE {
             // Freeing a 150,000-resource push is hundreds of thousands of
             // deallocations and page returns (80–175 ms of the 50k file's load
-            // when the source waited for it): after the kernel write, apart.
-            self.kernel.free_after_writes(Box::new(update));
+            // when the source waited for it). Not after the kernel write: that
+            // would hold every part of an initial load until its one write.
+            crate::dataplane::task::free_apart(Box::new(update));
         }
         result
     }
