@@ -109,7 +109,13 @@ fn concurrent_deaths_and_updates_keep_the_kernel_state_exact() {
     let mut samples = 0;
     let mut samples_after_death = 0;
     let mut swaps = 0;
-    while started.elapsed() < Duration::from_millis(3_500) {
+    // The storm's 3.5 s, and on until the state has been read ten times after the
+    // deaths: in the VM under TCG a read and an apply take a few hundred ms, and a
+    // slow minute there left eight reads in the 2.5 s after the deaths.
+    let read_enough = |after: usize| after >= 10;
+    while started.elapsed() < Duration::from_millis(3_500)
+        || (!read_enough(samples_after_death) && started.elapsed() < Duration::from_secs(60))
+    {
         if victims.is_some() && started.elapsed() > Duration::from_millis(1_000) {
             // Four pods' servers killed at once: their connects get a RST.
             victims = None;
@@ -173,9 +179,9 @@ fn concurrent_deaths_and_updates_keep_the_kernel_state_exact() {
         fewest >= 100,
         "every client connected through the storm: the fewest {fewest}, {opened} in all"
     );
-    // Every 10 ms on the host; a read takes tens of ms in the VM under TCG.
+    // Every 10 ms on the host; the loop above goes on until there are enough.
     assert!(
-        samples_after_death >= 10,
+        read_enough(samples_after_death),
         "the kernel state was read {samples_after_death} times after the deaths ({samples} in all)"
     );
     assert_eq!(
