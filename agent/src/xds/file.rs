@@ -254,7 +254,6 @@ struct Early {
     stamp: Stamp,
     hash: TextHash,
     large: bool,
-    received: Instant,
     decoded: Duration,
     parsed: Result<filedoc::Read, super::decode::DecodeError>,
 }
@@ -276,7 +275,6 @@ impl ReadAhead {
                 stamp,
                 hash: TextHash::of(text),
                 large: bytes.len() >= LARGE_DOCUMENT,
-                received,
                 decoded: received.elapsed(),
                 parsed,
             })
@@ -307,10 +305,15 @@ async fn apply_ahead(
     last.stamp = Some(early.stamp);
     last.unreadable = None;
     last.text = Some(early.hash);
+    // The update's latency (received → in the kernel) counts the decode, as a
+    // later read's does, not the start-up the decode ran beside.
+    let received = Instant::now()
+        .checked_sub(early.decoded)
+        .unwrap_or_else(Instant::now);
     let result = commit(
         path,
         early.parsed,
-        early.received,
+        received,
         early.decoded,
         &mut last.known,
         core,
