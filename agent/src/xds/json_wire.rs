@@ -6,14 +6,15 @@
 //! This one takes the part of the JSON mapping a configuration file uses, and
 //! decodes it as the reference does: field names as `jsonName` or as declared, the
 //! scalars (numbers, or decimal strings for the integers), enum names and numbers,
-//! nested messages and `Any`s, lists, maps, and the well-known types `Duration`,
-//! `Struct`, `Value`, `ListValue`, `Empty` and the wrappers. Anything else, and
-//! everything the reference would refuse or take leniently, makes it give up
-//! ([`any`] returns `None`) and the caller decodes that resource with the
+//! nested messages and `Any`s (those of types the pool lacks carried opaquely, as
+//! the reference carries them), lists, maps, and the well-known types
+//! `Duration`, `Struct`, `Value`, `ListValue`, `Empty` and the wrappers. Anything
+//! else, and everything the reference would refuse or take leniently, makes it
+//! give up ([`any`] returns `None`) and the caller decodes that resource with the
 //! reference: a key given twice, two members of one oneof, a `null`, an unknown
-//! field or enum name, an `Any` whose `@type` is not its first key or names a type
-//! the pool lacks, `bytes`, a `Timestamp` or a `FieldMask`, an integer written as a
-//! fraction. Errors, unknown fields and unknown types are so always the reference
+//! field or enum name, an `Any` whose `@type` is not its first key, a resource of
+//! a type the pool lacks, `bytes`, a `Timestamp` or a `FieldMask`, an integer
+//! written as a fraction. Errors and unknown fields are so always the reference
 //! decoder's to report.
 //!
 //! Each message is written once: its length is a one-byte placeholder, widened in
@@ -59,10 +60,10 @@ pub fn any(schema: &mut Schema<'_>, text: &str, opaque: &mut OpaqueTypes) -> Opt
 
 /// Checks this decoder's contract on one resource text: where [`any`] returns a
 /// resource, the reference decoder accepts the text, notes no unknown field and
-/// the same opaque types, and gives the same message. Messages are compared as canonical
-/// JSON (nested `Any`s decoded, defaults left out), so that two encodings of one
-/// message compare equal. `Err`: how the two disagree. For tests over real
-/// configurations.
+/// the same opaque types, and gives the same message. Messages are compared as
+/// canonical JSON (nested `Any`s decoded, defaults left out), so that two
+/// encodings of one message compare equal. `Err`: how the two disagree. For
+/// tests over real configurations.
 pub fn check_against_reference(text: &str) -> Result<Taken, String> {
     use prost::Message as _;
     let pool = sockmesh_proto::descriptor_pool();
