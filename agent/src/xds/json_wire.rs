@@ -662,7 +662,6 @@ fn message_body<'de, D: Deserializer<'de>>(
             scalar(out, 2, Kind::Int32, Scalar::I32(v.nanos));
             Ok(())
         }
-        Special::Wrapper(Kind::String) => value(d, s, out, 1, Kind::String),
         Special::Wrapper(kind) => value(d, s, out, 1, kind),
         Special::Struct => d.deserialize_map(StructV { out }),
         Special::Value => d.deserialize_any(ValueV { out }),
